@@ -1,0 +1,68 @@
+"""Small pytree helpers over ``torch.utils._pytree`` (states are dicts of tensors or pytrees)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+__all__ = [
+    "tree_map", "tree_flatten", "tree_unflatten", "tree_leaves", "tree_dot", "tree_axpy",
+    "tree_scale", "tree_zeros_like", "tree_all_finite", "tree_detach", "tree_clone",
+    "tree_numel", "tree_to",
+]
+
+
+def tree_leaves(tree: Any) -> list[torch.Tensor]:
+    return tree_flatten(tree)[0]
+
+
+def tree_dot(a: Any, b: Any) -> torch.Tensor:
+    """Σ_leaves ⟨a, b⟩ as a 0-d tensor (works under vmap/jvp)."""
+    la, lb = tree_leaves(a), tree_leaves(b)
+    if len(la) != len(lb):
+        raise ValueError("tree_dot: trees have different structures")
+    out = (la[0] * lb[0]).sum()
+    for x, y in zip(la[1:], lb[1:]):
+        out = out + (x * y).sum()
+    return out
+
+
+def tree_axpy(alpha: Any, x: Any, y: Any) -> Any:
+    """alpha·x + y leaf-wise."""
+    return tree_map(lambda u, v: alpha * u + v, x, y)
+
+
+def tree_scale(alpha: Any, x: Any) -> Any:
+    return tree_map(lambda u: alpha * u, x)
+
+
+def tree_zeros_like(x: Any) -> Any:
+    return tree_map(torch.zeros_like, x)
+
+
+def tree_detach(x: Any) -> Any:
+    return tree_map(lambda u: u.detach(), x)
+
+
+def tree_clone(x: Any) -> Any:
+    return tree_map(lambda u: u.detach().clone(), x)
+
+
+def tree_to(x: Any, device=None, dtype=None) -> Any:
+    return tree_map(lambda u: u.to(device=device, dtype=dtype if u.is_floating_point() else None), x)
+
+
+def tree_numel(x: Any) -> int:
+    return sum(u.numel() for u in tree_leaves(x))
+
+
+def tree_all_finite(x: Any) -> bool:
+    """True when every entry of every leaf is finite (one device sync)."""
+    leaves = tree_leaves(x)
+    if not leaves:
+        return True
+    flags = torch.stack([torch.isfinite(u).all() for u in leaves])
+    return bool(flags.all())
+
+

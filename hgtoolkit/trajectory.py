@@ -1,0 +1,119 @@
+r"""One training step Φ_t as a pure function, and the training run it unrolls into.
+
+``make_step(problem, dynamics)`` returns ``step(s, η, t) -> (s', L_t)`` with
+s' = Φ_t(s, η) = dynamics.step(s, ∇L_t(w), η, t) and L_t the minibatch loss at w (the aux
+output). Every exact and online method differentiates this one function:
+
+- ``torch.func.vjp`` of it gives (λ_t, ∂f/∂η_t) from λ_{t+1} (reverse mode);
+- ``torch.func.jvp`` of it with tangent (z, ζ) gives A_t z + B_t ζ (forward mode, online).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch.func import grad_and_value, jvp
+
+from . import dynamics as _dynamics
+from ._tree import tree_all_finite
+from .errors import DivergenceError
+
+__all__ = ["make_step", "tangent_step", "train", "TrainResult", "check_lrs", "check_finite",
+           "progress_bar"]
+
+StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
+
+
+def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
+    """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)``."""
+    grad_loss = grad_and_value(problem.train_loss)
+    params = dynamics.params
+
+    def step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
+        g, loss = grad_loss(params(state), t)
+        return dynamics.step(state, g, lr, t), loss
+
+    return step
+
+
+def tangent_step(step: StepFn, state: dict, lr: torch.Tensor, t: int, z: Any, dlr: Any):
+    r"""One ``torch.func.jvp`` of Φ_t: returns (s_{t+1}, A_t z + B_t·dlr, L_t).
+
+    ``z`` is a state-shaped tangent and ``dlr`` the tangent of η_t (a 0-d tensor).
+    """
+    return jvp(lambda s, lr_: step(s, lr_, t), (state, lr), (z, dlr), has_aux=True)
+
+
+def check_finite(loss: torch.Tensor, t: int, state: Any = None) -> None:
+    """Raise :class:`DivergenceError` at step ``t`` when ``loss`` (or ``state``) is NaN/inf."""
+    if not bool(torch.isfinite(loss).all()):
+        raise DivergenceError(t, "training loss", float(loss.detach().reshape(-1)[0]))
+    if state is not None and not tree_all_finite(state):
+        raise DivergenceError(t, "parameters after the step")
+
+
+def progress_bar(iterable, enabled: bool, **kwargs):
+    """tqdm over ``iterable`` when ``enabled`` (it writes to stderr), else the iterable."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, **kwargs)
+
+
+def check_lrs(lrs: Any, problem, argname: str = "lrs", allow_negative: bool = False) -> torch.Tensor:
+    """Validate a schedule and return it as a 1-D tensor on the problem's device and dtype."""
+    if isinstance(lrs, torch.Tensor):
+        if lrs.device != problem.device:
+            raise ValueError(f"{argname} is on {lrs.device} but the problem's parameters are on "
+                             f"{problem.device}; move one of them")
+        if lrs.is_complex() or not (lrs.is_floating_point() or lrs.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{argname} must be real numbers, got dtype {lrs.dtype}")
+        out = lrs.detach().to(problem.dtype)
+    elif isinstance(lrs, (str, bytes)) or not hasattr(lrs, "__len__"):
+        raise TypeError(f"{argname} must be a 1-D tensor, array or sequence of learning rates, "
+                        f"got {type(lrs).__name__}")
+    else:
+        try:
+            out = torch.as_tensor(lrs, dtype=problem.dtype, device=problem.device)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{argname} must contain numbers: {exc}") from None
+    if out.dim() != 1:
+        raise ValueError(f"{argname} must be 1-D (one learning rate per step), got shape {tuple(out.shape)}")
+    if out.numel() == 0:
+        raise ValueError(f"{argname} is empty: the schedule needs at least one step")
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"{argname} contains NaN or inf at steps "
+                         f"{torch.nonzero(~torch.isfinite(out)).flatten().tolist()[:10]}")
+    if not allow_negative and bool((out < 0).any()):
+        raise ValueError(f"{argname} must be ≥ 0; negative at steps "
+                         f"{torch.nonzero(out < 0).flatten().tolist()[:10]}")
+    return out
+
+
+@dataclass
+class TrainResult:
+    """A training run: final state and parameters, per-step minibatch losses, final value E(w_T)."""
+
+    state: dict
+    params: Any
+    train_losses: torch.Tensor
+    value: torch.Tensor
+
+
+def train(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
+          progress: bool = False, validate: bool = True) -> TrainResult:
+    """Run T = len(lrs) steps s_{t+1} = Φ_t(s_t, η_t) from ``problem.params0``; no graph kept."""
+    dyn = _dynamics.get(optimizer)
+    lrs = check_lrs(lrs, problem) if validate else lrs
+    step = make_step(problem, dyn)
+    state = dyn.init(problem.params0)
+    losses = []
+    with torch.no_grad():
+        for t in progress_bar(range(len(lrs)), progress, desc="train", leave=False):
+            state, loss = step(state, lrs[t], t)
+            check_finite(loss, t)
+            losses.append(loss)
+        value = problem.val_loss(dyn.params(state))
+    check_finite(value, len(lrs) - 1, dyn.params(state))
+    return TrainResult(state, dyn.params(state), torch.stack(losses), value)
