@@ -219,13 +219,17 @@ def directional_derivative(problem, lrs: Any, direction: Any,
 
 
 def finite_difference(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
-                      eps: float = 1e-6, steps: Any = None) -> torch.Tensor:
+                      eps: float | None = None, steps: Any = None) -> torch.Tensor:
     """Central differences ∂f/∂η_t ≈ (f(η + ε e_t) − f(η − ε e_t)) / 2ε for t in ``steps`` (all by default).
 
-    Entries not in ``steps`` are NaN. Costs 2 training runs per entry: a reference for tests.
+    ``eps=None`` scales ε to the schedule: 1e-5·mean|η| (1e-8 for an all-zero schedule), since
+    an absolute ε comparable to a small LR would be all truncation error. Entries not in
+    ``steps`` are NaN. Costs 2 training runs per entry: a reference for tests.
     """
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
+    if eps is None:
+        eps = 1e-5 * float(lrs.abs().mean()) or 1e-8
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     idx = range(len(lrs)) if steps is None else list(steps)

@@ -243,11 +243,12 @@ def synthetic_classification(n_train: int = 64, n_val: int = 32, dim: int = 5, c
     """A tiny MLP on Gaussian blobs (one blob per class): fast and smooth enough for tests."""
     device = _resolve_device(device)
     gen = torch.Generator().manual_seed(seed)
-    centres = 2.0 * torch.randn(classes, dim, generator=gen, dtype=dtype)
+    centres = 2.0 * torch.randn(classes, dim, generator=gen, dtype=torch.float64)
 
-    def sample(n):
+    def sample(n):  # drawn in float64 so that every dtype sees the same data
         y = torch.randint(classes, (n,), generator=gen)
-        return (centres[y] + torch.randn(n, dim, generator=gen, dtype=dtype)).to(device), y.to(device)
+        x = centres[y] + torch.randn(n, dim, generator=gen, dtype=torch.float64)
+        return x.to(device=device, dtype=dtype), y.to(device)
 
     (xt, yt), (xv, yv) = sample(n_train), sample(n_val)
     return classification_mlp(xt, yt, xv, yv, hidden=hidden, batch_size=batch_size, seed=seed,

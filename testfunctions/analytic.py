@@ -114,7 +114,7 @@ class TestFunction:
     def _split(xy: Tensor) -> tuple[Tensor, Tensor]:
         if not isinstance(xy, Tensor):
             xy = torch.as_tensor(xy)
-        if not (xy.is_floating_point() or xy.is_complex()):
+        if not xy.is_floating_point():
             xy = xy.to(torch.get_default_dtype())
         if xy.ndim == 0 or xy.shape[-1] != 2:
             raise ValueError(

@@ -1,0 +1,86 @@
+"""The pure step functions reproduce torch.optim exactly, and validate their hyperparameters."""
+import pytest
+import torch
+
+from hgtoolkit import dynamics
+
+CASES = [
+    (dynamics.sgd(), lambda p: torch.optim.SGD(p, lr=0.1)),
+    (dynamics.sgd(weight_decay=0.01), lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.01)),
+    (dynamics.momentum(0.9), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+    (dynamics.nesterov(0.8), lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.8, nesterov=True)),
+    (dynamics.adam((0.8, 0.99), eps=1e-6), lambda p: torch.optim.Adam(p, lr=0.1, betas=(0.8, 0.99), eps=1e-6)),
+    (dynamics.adagrad(), lambda p: torch.optim.Adagrad(p, lr=0.1)),
+    (dynamics.rmsprop(0.9), lambda p: torch.optim.RMSprop(p, lr=0.1, alpha=0.9)),
+]
+
+
+@pytest.mark.parametrize("dyn, make", CASES, ids=lambda c: getattr(c, "name", ""))
+def test_matches_torch_optim(dyn, make):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(32, generator=gen, dtype=torch.float64)
+    w0 = {"a": torch.randn(4, generator=gen, dtype=torch.float64), "c": torch.zeros((), dtype=torch.float64)}
+    loss = lambda p, i: ((torch.tanh(X[i] @ p["a"]) + p["c"] - y[i]) ** 2).mean()
+    mods = {k: torch.nn.Parameter(v.clone()) for k, v in w0.items()}
+    opt = make(list(mods.values()))
+    state = dyn.init(w0)
+    for t in range(6):
+        idx = slice(4 * t, 4 * t + 8)
+        opt.zero_grad()
+        loss(mods, idx).backward()
+        opt.step()
+        g = torch.func.grad(loss)(dyn.params(state), idx)
+        state = dyn.step(state, g, torch.tensor(0.1, dtype=torch.float64), t)
+        for k in w0:
+            torch.testing.assert_close(state["w"][k], mods[k].detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_hyperparameters_are_differentiable_inputs():
+    dyn = dynamics.adam()
+    w = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    g = torch.tensor([0.3, 0.1], dtype=torch.float64)
+    state = dyn.init(w)
+    state = dyn.step(state, g, 0.1, 0)
+
+    def final_w(beta1):
+        return dyn.step(state, g, 0.1, 1, beta1=beta1)["w"].sum()
+
+    b1 = torch.tensor(0.9, dtype=torch.float64)
+    d = torch.func.grad(final_w)(b1)
+    fd = (final_w(b1 + 1e-6) - final_w(b1 - 1e-6)) / 2e-6
+    assert abs(float(d - fd)) < 1e-7 and float(d) != 0
+    with pytest.raises(TypeError, match="unknown hyperparameter"):
+        dyn.step(state, g, 0.1, 1, momentum=0.5)
+
+
+def test_zero_gradient_entries_do_not_produce_nan_tangents():
+    """Dead units give g = 0 exactly; √v there must not poison jvp/vjp with ∞·0."""
+    dyn = dynamics.adam()
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    state = dyn.init(w)
+    g = torch.tensor([0.0, 0.5], dtype=torch.float64)
+    _, tangent = torch.func.jvp(lambda lr: dyn.step(state, g, lr, 0)["w"], (torch.tensor(0.1, dtype=torch.float64),),
+                                (torch.tensor(1.0, dtype=torch.float64),))
+    assert torch.isfinite(tangent).all()
+    assert float(tangent[0]) == 0.0
+
+
+@pytest.mark.parametrize("factory, kwargs, word", [
+    (dynamics.sgd, {"momentum": 1.0}, "momentum"),
+    (dynamics.sgd, {"momentum": -0.1}, "momentum"),
+    (dynamics.sgd, {"nesterov": True}, "nesterov"),
+    (dynamics.adam, {"betas": (1.0, 0.9)}, "beta1"),
+    (dynamics.adam, {"eps": -1.0}, "eps"),
+    (dynamics.rmsprop, {"alpha": 1.5}, "alpha"),
+])
+def test_invalid_hyperparameters(factory, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        factory(**kwargs)
+
+
+def test_get_by_name():
+    assert dynamics.get("nesterov") == dynamics.nesterov()
+    assert dynamics.get("SGD").name == "sgd"
+    with pytest.raises(ValueError, match="optimizer"):
+        dynamics.get("lion")
