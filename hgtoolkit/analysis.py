@@ -1,0 +1,518 @@
+r"""How far is an online hypergradient estimate from the exact hypergradients?
+
+An online method (HD, RTHO, MARTHE — ``hgtoolkit.online``) runs the recursion of METHODS.md,
+"Online methods: one recursion", once: at step t it uses η_t, takes the step
+s_{t+1} = Φ_t(s_t, η_t), and forms the estimate
+
+    h_{t+1} = ∇E(w_{t+1}) · z_{t+1},    z_{t+1} = μ·A_t z_t + B_t,    z_0 = 0,
+
+which decides the next learning rate η_{t+1} = max(η_t − β h_{t+1}, 0). This module replays
+the SAME trajectory (the schedule η_0 … η_{T−1} held fixed, steps Φ_t of
+``trajectory.make_step``) with the exact engine and computes, for every t = 0 … T−1:
+
+- one-step reference (HD horizon, μ = 0):
+  d⁽¹⁾_t = ∂E(w_{t+1})/∂η_t = ∇E(w_{t+1}) · B_t;
+- constant-LR reference (RTHO horizon, μ = 1):
+  d⁽ᶜ⁾_t = Σ_{s≤t} ∂E(w_{t+1})/∂η_s = ∇E(w_{t+1}) · ζ_{t+1},  ζ_{t+1} = A_t ζ_t + B_t, ζ_0 = 0
+  (the derivative of E(w_{t+1}) w.r.t. a learning rate shared by steps 0 … t);
+- full-horizon hypergradient (what LRS-OPT descends): g_t = ∂f/∂η_t = ∂E(w_T)/∂η_t.
+
+Both per-step references come from one forward pass: ``torch.func.jvp`` of Φ_t with two
+tangent columns (``vmap``): column 0 is restarted at 0 before every step (it becomes B_t),
+column 1 is carried over (it becomes ζ_{t+1}); both take LR tangent 1. g comes from one
+reverse pass (:func:`hgtoolkit.exact.hypergradient`). Identities that tie them together (and
+are tested): d⁽¹⁾_{T−1} = g_{T−1} and d⁽ᶜ⁾_{T−1} = Σ_t g_t.
+
+Alignment convention
+--------------------
+``estimates[t]`` is compared with the references at index t, i.e. with derivatives w.r.t. η_t
+evaluated at w_{t+1}. With ``alignment="after_step"`` (the default) ``estimates[t]`` must be
+h_{t+1}: the estimate formed right after step t (which used η_t), the one that sets η_{t+1}.
+With ``alignment="before_step"`` ``estimates[t]`` is h_t: the estimate available before step t
+(formed after step t−1); then ``estimates[0]`` is ignored and step T−1 has no estimate (NaN
+in the per-step arrays, left out of the summary).
+
+E is ``problem.val_loss`` throughout. An online method that uses another objective (HD with
+the next minibatch's training loss) is compared with these references as it is: the
+difference is part of its approximation error.
+
+Metrics (per step t, estimate h, reference d)
+---------------------------------------------
+- sign agreement: sign(h) = sign(d) (``numpy.sign``; an exact 0 only agrees with 0);
+- relative error |h − d| / |d|, defined as 0 when h = d = 0 and +inf when d = 0 ≠ h;
+- ratio h / d (NaN when d = 0).
+Summary over t: cosine similarity h·d / (‖h‖‖d‖), Pearson and Spearman correlation, fraction of
+sign agreement, median relative error, median ratio and norm ratio ‖h‖/‖d‖. Undefined values
+(a zero vector's cosine, a constant vector's correlation) are NaN, never an exception.
+
+"How far is the online LR *update* from LRS-OPT's?": the online updates Δη_t = η_{t+1} − η_t,
+t = 0 … T−2 (= −β h_{t+1} where the LR was not clipped) are compared with −g_t over the same t:
+``summary["lr_update"]`` holds their cosine (NaN for a constant schedule) and the sign
+agreement over the ``n_moved`` steps where the LR changed (an unchanged LR has no direction).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import grad_and_value, vmap
+
+from . import dynamics as _dynamics
+from . import records
+from ._tree import tree_dot, tree_map
+from .exact import hypergradient
+from .trajectory import check_finite, check_lrs, make_step, progress_bar, tangent_step
+
+__all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
+           "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
+           "relative_error", "ratio", "pearson", "spearman", "plot_approximation",
+           "REFERENCES", "ALIGNMENTS"]
+
+ALIGNMENTS = ("after_step", "before_step")
+REFERENCES = ("one_step", "constant_lr", "full_horizon")
+REFERENCE_LABELS = {
+    "one_step": "one-step d⁽¹⁾ (HD horizon)",
+    "constant_lr": "constant-LR d⁽ᶜ⁾ (RTHO horizon)",
+    "full_horizon": "full horizon g (LRS-OPT)",
+}
+
+
+# ----------------------------------------------------------------------------- exact references
+
+@dataclass
+class ExactReferences:
+    r"""Exact derivatives along one fixed trajectory, each of shape (T,), index t ↔ η_t.
+
+    ``one_step[t]`` = ∂E(w_{t+1})/∂η_t; ``constant_lr[t]`` = Σ_{s≤t} ∂E(w_{t+1})/∂η_s;
+    ``full_horizon[t]`` = ∂E(w_T)/∂η_t; ``val_losses[t]`` = E(w_{t+1});
+    ``train_losses[t]`` = L_t(w_t); ``value`` = E(w_T).
+    """
+
+    lrs: torch.Tensor
+    one_step: torch.Tensor
+    constant_lr: torch.Tensor
+    full_horizon: torch.Tensor
+    val_losses: torch.Tensor
+    train_losses: torch.Tensor
+    value: torch.Tensor
+    optimizer: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in REFERENCES}
+
+
+def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
+                     checkpoint_every: int | None = None, progress: bool = False) -> ExactReferences:
+    r"""d⁽¹⁾_t, d⁽ᶜ⁾_t and g_t for every t along the trajectory of the fixed schedule ``lrs``.
+
+    Forward pass (one jvp of Φ_t per step, two tangent columns under ``vmap``):
+    [B_t, ζ_{t+1}] = [A_t·0 + B_t, A_t ζ_t + B_t], then d_t = ∇E(w_{t+1}) · (column)_w.
+    Reverse pass: g = ``hypergradient(problem, lrs, optimizer, mode="reverse")``.
+    """
+    dyn = _dynamics.get(optimizer)
+    lrs = check_lrs(lrs, problem)
+    T = len(lrs)
+    step = make_step(problem, dyn)
+    grad_E = grad_and_value(problem.val_loss)
+    state = dyn.init(problem.params0)
+    # column 0: B_t (restarted each step, μ = 0); column 1: ζ_t (carried, μ = 1)
+    Z = tree_map(lambda x: x.new_zeros((2, *x.shape)), state)
+    dlr = torch.ones(2, dtype=lrs.dtype, device=lrs.device)
+    keep = torch.tensor([0.0, 1.0], dtype=lrs.dtype, device=lrs.device)
+    one_step, constant_lr = torch.empty_like(lrs), torch.empty_like(lrs)
+    val_losses, train_losses = torch.empty_like(lrs), torch.empty_like(lrs)
+    for t in progress_bar(range(T), progress, desc="exact references", leave=False):
+        Z = tree_map(lambda z: z * keep.view(2, *([1] * (z.dim() - 1))), Z)
+        fn = lambda z, d, t=t, s=state: tangent_step(step, s, lrs[t], t, z, d)
+        state, Z, loss = vmap(fn, in_dims=(0, 0), out_dims=(None, 0, None))(Z, dlr)
+        check_finite(loss, t)
+        gE, E = grad_E(dyn.params(state))
+        check_finite(E, t, dyn.params(state))
+        d = vmap(lambda z: tree_dot(gE, dyn.params(z)))(Z)
+        one_step[t], constant_lr[t] = d[0], d[1]
+        val_losses[t], train_losses[t] = E.detach(), loss.detach()
+    if not bool(torch.isfinite(one_step).all() and torch.isfinite(constant_lr).all()):
+        raise FloatingPointError("the one-step/constant-LR derivatives have non-finite entries "
+                                 "although training stayed finite")
+    full = hypergradient(problem, lrs, dyn, mode="reverse", checkpoint_every=checkpoint_every,
+                         progress=progress)
+    return ExactReferences(lrs, one_step.detach(), constant_lr.detach(), full.grad, val_losses,
+                           train_losses, full.value, dyn.config())
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _as_vector(x: Any, argname: str, allow_nonfinite: bool = False) -> np.ndarray:
+    """``x`` as a 1-D float64 numpy array; ValueError/TypeError naming ``argname``."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_complex():
+            raise TypeError(f"{argname} must be real, got dtype {x.dtype}")
+        x = x.to(torch.float64).numpy()
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{argname} must be a 1-D array of numbers: {exc}") from None
+    if arr.ndim != 1:
+        raise ValueError(f"{argname} must be 1-D (one value per step), got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{argname} is empty")
+    if not allow_nonfinite and not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr))
+        raise ValueError(f"{argname} contains NaN or inf at steps {bad[:10].tolist()}")
+    return arr
+
+
+def _pair(estimate: Any, reference: Any, names=("estimate", "reference")) -> tuple[np.ndarray, np.ndarray]:
+    h, d = _as_vector(estimate, names[0]), _as_vector(reference, names[1])
+    if h.shape != d.shape:
+        raise ValueError(f"{names[0]} has shape {h.shape} but {names[1]} has shape {d.shape}; "
+                         "they must hold one value per step for the same steps")
+    return h, d
+
+
+def cosine_similarity(a: Any, b: Any) -> float:
+    """a·b / (‖a‖‖b‖) over steps; NaN when either vector is zero."""
+    a, b = _pair(a, b, ("a", "b"))
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return math.nan
+    return float(np.clip(a @ b / (na * nb), -1.0, 1.0))
+
+
+def sign_agreement(estimate: Any, reference: Any) -> np.ndarray:
+    """Per step: sign(h) == sign(d) (bool); an exact zero agrees only with zero."""
+    h, d = _pair(estimate, reference)
+    return np.sign(h) == np.sign(d)
+
+
+def relative_error(estimate: Any, reference: Any) -> np.ndarray:
+    """Per step |h − d| / |d|; 0 where h = d = 0, +inf where d = 0 ≠ h."""
+    h, d = _pair(estimate, reference)
+    err = np.abs(h - d)
+    out = np.full_like(err, np.inf)
+    nz = d != 0
+    out[nz] = err[nz] / np.abs(d[nz])
+    out[~nz & (err == 0)] = 0.0
+    return out
+
+
+def ratio(estimate: Any, reference: Any) -> np.ndarray:
+    """Per step h / d; NaN where d = 0."""
+    h, d = _pair(estimate, reference)
+    out = np.full_like(h, np.nan)
+    nz = d != 0
+    out[nz] = h[nz] / d[nz]
+    return out
+
+
+def pearson(a: Any, b: Any) -> float:
+    """Pearson correlation over steps; NaN when either vector is constant or has < 2 entries."""
+    a, b = _pair(a, b, ("a", "b"))
+    if a.size < 2:
+        return math.nan
+    a, b = a - a.mean(), b - b.mean()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return math.nan
+    return float(np.clip(a @ b / (na * nb), -1.0, 1.0))
+
+
+def spearman(a: Any, b: Any) -> float:
+    """Spearman rank correlation (Pearson of average ranks); NaN when either is constant."""
+    from scipy.stats import rankdata
+    a, b = _pair(a, b, ("a", "b"))
+    return pearson(rankdata(a), rankdata(b))
+
+
+def compare(estimate: Any, reference: Any) -> dict[str, np.ndarray]:
+    """Per-step comparison: ``sign_agree`` (0/1), ``rel_err`` and ``ratio`` (see module doc)."""
+    return {"sign_agree": sign_agreement(estimate, reference).astype(np.float64),
+            "rel_err": relative_error(estimate, reference),
+            "ratio": ratio(estimate, reference)}
+
+
+def summarise(estimate: Any, reference: Any) -> dict[str, float]:
+    """Summary over steps: cosine, pearson, spearman, sign_agreement (fraction),
+    median_rel_err, median_ratio (over steps with d ≠ 0), norm_ratio ‖h‖/‖d‖, n_steps."""
+    h, d = _pair(estimate, reference)
+    r = ratio(h, d)
+    nd = np.linalg.norm(d)
+    return {
+        "cosine": cosine_similarity(h, d),
+        "pearson": pearson(h, d),
+        "spearman": spearman(h, d),
+        "sign_agreement": float(sign_agreement(h, d).mean()),
+        "median_rel_err": float(np.median(relative_error(h, d))),
+        "median_ratio": float(np.median(r[np.isfinite(r)])) if np.isfinite(r).any() else math.nan,
+        "norm_ratio": float(np.linalg.norm(h) / nd) if nd > 0 else math.nan,
+        "n_steps": int(h.size),
+    }
+
+
+def _align(estimates: np.ndarray, T: int, alignment: str) -> np.ndarray:
+    """Return a (T,) array whose entry t estimates the derivative w.r.t. η_t (NaN = none)."""
+    if not isinstance(alignment, str) or alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {ALIGNMENTS}, got {alignment!r}")
+    if estimates.shape != (T,):
+        raise ValueError(f"estimates has shape {estimates.shape} but lrs has {T} steps; "
+                         f"estimates must have shape ({T},) (one per step, alignment={alignment!r})")
+    if alignment == "after_step":
+        used = estimates
+    else:
+        used = estimates[1:]
+    if not np.isfinite(used).all():
+        bad = np.flatnonzero(~np.isfinite(estimates))
+        bad = bad[bad > 0] if alignment == "before_step" else bad
+        raise ValueError(f"estimates contains NaN or inf at steps {bad[:10].tolist()}")
+    if alignment == "after_step":
+        return estimates.copy()
+    out = np.full(T, np.nan)
+    out[:-1] = estimates[1:]
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+_ARRAYS = ("lrs", "estimates", "one_step", "constant_lr", "full_horizon", "val_losses",
+           "train_losses")
+
+
+@dataclass
+class ApproximationReport:
+    r"""An online estimate against the exact references along the same trajectory.
+
+    Arrays (numpy, shape (T,), index t ↔ η_t — see the module's alignment convention):
+    ``lrs`` η_t; ``estimates`` the aligned estimate of ∂/∂η_t (NaN where there is none);
+    ``one_step`` d⁽¹⁾_t; ``constant_lr`` d⁽ᶜ⁾_t; ``full_horizon`` g_t; ``val_losses`` E(w_{t+1});
+    ``train_losses`` L_t(w_t). ``per_step[ref]`` holds ``sign_agree``, ``rel_err``, ``ratio``
+    against reference ``ref`` ∈ ``REFERENCES`` (NaN where there is no estimate).
+    ``summary[ref]`` is :func:`summarise` of the estimate against ``ref``;
+    ``summary["horizons"][ref]`` compares the exact one-step and constant-LR references with g
+    (the part of the error due to the horizon alone); ``summary["lr_update"]`` compares the
+    online updates Δη_t = η_{t+1} − η_t with −g_t. ``info``: problem, optimizer, alignment,
+    label, T, final value E(w_T).
+    """
+
+    lrs: np.ndarray
+    estimates: np.ndarray
+    one_step: np.ndarray
+    constant_lr: np.ndarray
+    full_horizon: np.ndarray
+    val_losses: np.ndarray
+    train_losses: np.ndarray
+    per_step: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def references(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in REFERENCES}
+
+    @property
+    def label(self) -> str:
+        return str(self.info.get("label") or "online estimate")
+
+    # -- persistence -----------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (JSON: info, summary and arrays, non-finite numbers as null) and the
+        exact arrays beside it as ``<path stem>.npz``. Returns the JSON path."""
+        path = Path(path)
+        arrays = {k: getattr(self, k) for k in _ARRAYS}
+        for ref, metrics in self.per_step.items():
+            for name, arr in metrics.items():
+                arrays[f"per_step.{ref}.{name}"] = arr
+        records.save_arrays(path.with_suffix(".npz"), **arrays)
+        records.atomic_write_json(path, {"kind": "ApproximationReport", "info": self.info,
+                                         "summary": self.summary,
+                                         "arrays": {k: getattr(self, k) for k in _ARRAYS},
+                                         "per_step": self.per_step})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ApproximationReport":
+        """Read what :meth:`save` wrote (arrays from the ``.npz`` when present, else the JSON)."""
+        path = Path(path)
+        doc = records.read_json(path)
+        if not isinstance(doc, dict) or doc.get("kind") != "ApproximationReport":
+            raise ValueError(f"{path} is not a saved ApproximationReport")
+        npz = path.with_suffix(".npz")
+        if npz.exists():
+            raw = records.load_arrays(npz)
+            arrays = {k: raw[k] for k in _ARRAYS}
+            per_step: dict = {}
+            for key, arr in raw.items():
+                if key.startswith("per_step."):
+                    _, ref, name = key.split(".", 2)
+                    per_step.setdefault(ref, {})[name] = arr
+        else:
+            nan = lambda v: np.array([np.nan if x is None else x for x in v], dtype=np.float64)
+            arrays = {k: nan(v) for k, v in doc["arrays"].items()}
+            per_step = {r: {n: nan(v) for n, v in m.items()} for r, m in doc["per_step"].items()}
+        return cls(**arrays, per_step=per_step, summary=_none_to_nan(doc["summary"]), info=doc["info"])
+
+    # -- presentation ----------------------------------------------------------------
+    def table(self, digits: int = 3) -> str:
+        """The summary as a Markdown table (one row per reference) plus the horizon and
+        LR-update comparisons."""
+        fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (
+            f"{v:.{digits}g}" if isinstance(v, float) else str(v))
+        cols = [("cosine", "cosine"), ("pearson", "Pearson"), ("spearman", "Spearman"),
+                ("sign_agreement", "sign agree"), ("median_rel_err", "median rel. err"),
+                ("median_ratio", "median h/d"), ("norm_ratio", "‖h‖/‖d‖")]
+        head = "| " + " | ".join(["reference"] + [c for _, c in cols]) + " |"
+        rule = "|" + "---|" * (len(cols) + 1)
+        lines = [f"**{self.label}** on {self.info.get('problem', {}).get('name', '?')} "
+                 f"({self.info.get('optimizer', {}).get('name', '?')}, T = {self.info.get('T')}, "
+                 f"E(w_T) = {fmt(self.info.get('value'))}), alignment `{self.info.get('alignment')}`",
+                 "", head, rule]
+        for ref in REFERENCES:
+            s = self.summary[ref]
+            lines.append("| " + " | ".join([f"estimate vs {REFERENCE_LABELS[ref]}"]
+                                           + [fmt(s[k]) for k, _ in cols]) + " |")
+        for ref in ("one_step", "constant_lr"):
+            s = self.summary["horizons"][ref]
+            lines.append("| " + " | ".join([f"exact {REFERENCE_LABELS[ref].split(' (')[0]} vs g"]
+                                           + [fmt(s[k]) for k, _ in cols]) + " |")
+        u = self.summary["lr_update"]
+        lines += ["", f"Online LR updates Δη_t = η_(t+1) − η_t vs LRS-OPT direction −g_t: "
+                      f"cosine {fmt(u['cosine'])}, sign agreement {fmt(u['sign_agreement'])} "
+                      f"(over the {u['n_moved']} of {u['n_steps']} steps where η changed)."]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        s = self.summary.get("full_horizon", {})
+        return (f"ApproximationReport(label={self.label!r}, T={len(self.lrs)}, "
+                f"cos_vs_full_horizon={s.get('cosine', math.nan):.4g}, "
+                f"sign_agree_vs_full_horizon={s.get('sign_agreement', math.nan):.4g})")
+
+
+def _none_to_nan(x: Any) -> Any:
+    if x is None:
+        return math.nan
+    if isinstance(x, dict):
+        return {k: _none_to_nan(v) for k, v in x.items()}
+    return x
+
+
+def _build_report(refs: ExactReferences, estimates: np.ndarray, info: dict) -> ApproximationReport:
+    np_refs = {k: v.detach().cpu().to(torch.float64).numpy() for k, v in refs.as_dict().items()}
+    mask = np.isfinite(estimates)
+    per_step, summary = {}, {}
+    for ref, d in np_refs.items():
+        metrics = {k: np.full(len(estimates), np.nan) for k in ("sign_agree", "rel_err", "ratio")}
+        for k, v in compare(estimates[mask], d[mask]).items():
+            metrics[k][mask] = v
+        per_step[ref] = metrics
+        summary[ref] = summarise(estimates[mask], d[mask])
+    g = np_refs["full_horizon"]
+    summary["horizons"] = {ref: summarise(np_refs[ref], g) for ref in ("one_step", "constant_lr")}
+    lrs = refs.lrs.detach().cpu().to(torch.float64).numpy()
+    if len(lrs) >= 2:
+        upd = np.diff(lrs)
+        moved = upd != 0
+        agree = sign_agreement(upd, -g[:-1])[moved]
+        summary["lr_update"] = {"cosine": cosine_similarity(upd, -g[:-1]),
+                                "sign_agreement": float(agree.mean()) if agree.size else math.nan,
+                                "n_steps": int(upd.size), "n_moved": int(moved.sum())}
+    else:
+        summary["lr_update"] = {"cosine": math.nan, "sign_agreement": math.nan, "n_steps": 0,
+                                "n_moved": 0}
+    to_np = lambda v: v.detach().cpu().to(torch.float64).numpy()
+    info = {**info, "T": len(lrs), "value": float(refs.value), "optimizer": refs.optimizer}
+    return ApproximationReport(lrs=lrs, estimates=estimates, **np_refs,
+                               val_losses=to_np(refs.val_losses), train_losses=to_np(refs.train_losses),
+                               per_step=per_step, summary=summary, info=info)
+
+
+def analyse(problem, lrs: Any, estimates: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
+            alignment: str = "after_step", label: str | None = None, info: dict | None = None,
+            checkpoint_every: int | None = None, progress: bool = False) -> ApproximationReport:
+    r"""Compare ``estimates`` (an online method's h) with d⁽¹⁾, d⁽ᶜ⁾ and g along ``lrs``.
+
+    ``lrs`` (T,) is the schedule actually used (η_t at step t); ``estimates`` (T,) follows
+    ``alignment`` (module docstring): by default ``estimates[t]`` = h_{t+1}, the estimate
+    formed after step t. ``info`` (e.g. the online method's configuration) is copied into the
+    report. Costs one forward pass with a 2-column jvp per step and one reverse pass.
+
+    >>> import hgtoolkit, torch
+    >>> from hgtoolkit.analysis import analyse, exact_references
+    >>> p = hgtoolkit.problems.from_function("beale")
+    >>> lrs = torch.full((30,), 1e-3, dtype=torch.float64)
+    >>> hd_like = exact_references(p, lrs).one_step          # what HD (μ = 0) would estimate
+    >>> analyse(p, lrs, hd_like).summary["one_step"]["cosine"]
+    1.0
+    """
+    lrs = check_lrs(lrs, problem)
+    est = _as_vector(estimates, "estimates", allow_nonfinite=True)
+    est = _align(est, len(lrs), alignment)
+    refs = exact_references(problem, lrs, optimizer, checkpoint_every=checkpoint_every,
+                            progress=progress)
+    meta = {"label": label, "alignment": alignment, "problem": problem.describe(), **(info or {})}
+    return _build_report(refs, est, meta)
+
+
+def analyse_online(result: Any, problem, **kwargs: Any) -> ApproximationReport:
+    """Compare an ``hgtoolkit.online.OnlineResult`` with the exact references (see :func:`analyse`)."""
+    raise NotImplementedError("analyse_online needs hgtoolkit.online (not written yet)")
+
+
+# ----------------------------------------------------------------------------- plotting
+
+def plot_approximation(report: ApproximationReport, axes: Any = None):
+    """Three panels over step t: the estimate and the three exact references (symlog y), the
+    per-step relative error against each (log y), and the schedule η_t. Returns the figure.
+
+    ``axes``: a sequence of three matplotlib Axes, or None for a new figure.
+    """
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True, constrained_layout=True)
+    else:
+        axes = list(axes)
+        if len(axes) != 3:
+            raise ValueError(f"axes must be three matplotlib Axes, got {len(axes)}")
+        fig = axes[0].figure
+    t = np.arange(len(report.lrs))
+    colours = {"one_step": "tab:blue", "constant_lr": "tab:orange", "full_horizon": "tab:green"}
+    ax = axes[0]
+    for ref in REFERENCES:
+        ax.plot(t, report.references[ref], color=colours[ref], lw=1.2, label=REFERENCE_LABELS[ref])
+    ax.plot(t, report.estimates, "k--", lw=1.0, label=f"{report.label} h")
+    finite = np.concatenate([np.abs(v[np.isfinite(v)]) for v in
+                             (report.estimates, *report.references.values())])
+    finite = finite[finite > 0]
+    if finite.size:
+        ax.set_yscale("symlog", linthresh=float(np.quantile(finite, 0.1)))
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set_ylabel("∂E/∂η_t")
+    ax.set_title("hypergradient estimate vs exact references")
+    ax.legend(fontsize="small")
+
+    ax = axes[1]
+    for ref in REFERENCES:
+        err = report.per_step[ref]["rel_err"].copy()
+        err[~np.isfinite(err) | (err <= 0)] = np.nan
+        ax.plot(t, err, color=colours[ref], lw=1.0, label=f"vs {REFERENCE_LABELS[ref]}")
+    if np.isfinite(np.concatenate([report.per_step[r]["rel_err"] for r in REFERENCES])).any():
+        ax.set_yscale("log")
+    ax.set_ylabel("|h − d| / |d|")
+    ax.set_title("relative error per step (exact zeros not shown)")
+    ax.legend(fontsize="small")
+
+    ax = axes[2]
+    ax.plot(t, report.lrs, color="tab:red")
+    ax.set_ylabel("η_t")
+    ax.set_xlabel("step t")
+    ax.set_title("learning-rate schedule")
+    prob = report.info.get("problem", {})
+    src = prob.get("data")
+    fig.suptitle(f"{report.label} — {prob.get('name', 'problem')}"
+                 + (f" ({src})" if src else "")
+                 + f", {report.info.get('optimizer', {}).get('name', '')}")
+    return fig

@@ -1,0 +1,491 @@
+r"""LRS-OPT: optimise a whole LR schedule η = (η_0 … η_{T−1}) by projected gradient descent on
+f(η) = E(w_T), with the exact hypergradient ∇f(η) of :func:`hgtoolkit.exact.hypergradient`.
+
+One outer step k (k = 1 … K) with outer step size α and outer update rule U:
+
+    η^(k) = Π( U(η^(k−1), ∇f(η^(k−1))) ),   Π(η) = min(max(η, 0), η_max)   (element-wise)
+
+- ``outer_optimizer="sgd"``:  U = η − α g.
+- ``outer_optimizer="adam"``: m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²;
+  U = η − α m̂/(√v̂ + ε) with m̂ = m/(1−β1^k), v̂ = v/(1−β2^k) (Kingma & Ba), on the vector η.
+- ``outer_optimizer="lbfgsb"``: ``scipy.optimize.minimize(method="L-BFGS-B")`` with the value
+  and the exact gradient and bounds 0 ≤ η_t ≤ η_max, in the rescaled variable x = η/s with
+  s = max_t η^(0)_t, so that L-BFGS-B's first trial step (length 1 in x) changes η by a
+  fraction of its own size rather than by an absolute 1.
+
+Every schedule in the history is evaluated: ``history[k]`` = f(η^(k)), k = 0 … K (K+1
+hypergradient evaluations for K outer steps). With ``resample_batches=True`` (the MARTHE
+paper's LRS-OPT) evaluation k trains on ``problem.resample(seed_k)``, a new minibatch order,
+where seed_k is derived from (``seed``, k) alone, so that a resumed run sees the same orders.
+
+Divergence (GD/Adam): when training with a proposed schedule diverges (NaN/inf,
+:class:`hgtoolkit.DivergenceError`), the proposal is discarded, the outer step size is halved
+*for the rest of the run* (``lr_scale`` in the result) and the step is retried from the last
+good schedule; every halving is recorded in ``events``. After ``max_backtracks`` successive
+halvings the run stops with a :class:`RuntimeWarning` and ``status`` saying so; the result (best
+schedule so far) is returned. With L-BFGS-B a diverging trial point stops the run the same
+way (its line search cannot recover from an infinite value).
+
+Checkpoints (``checkpoint_path``): every ``checkpoint_interval`` outer steps, at the end, and
+when the run is interrupted (KeyboardInterrupt), the whole outer state (schedule, gradient,
+outer-optimizer moments, step counter, step-size scale, history) is written atomically.
+``resume=True`` continues from it; GD/Adam then reproduce an uninterrupted run bit for bit.
+L-BFGS-B checkpoints are best-effort: a resumed run restarts L-BFGS-B from the checkpointed
+schedule with an empty curvature memory, so it does not reproduce an uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import dynamics as _dynamics
+from . import records
+from .exact import MODES, hypergradient
+from .trajectory import check_lrs, progress_bar
+
+__all__ = ["ScheduleResult", "optimize_schedule", "OUTER_OPTIMIZERS", "adam_update", "sgd_update",
+           "project"]
+
+OUTER_OPTIMIZERS = ("adam", "sgd", "lbfgsb")
+_OUTER_DEFAULTS = {"adam": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}, "sgd": {}, "lbfgsb": {}}
+_CHECKPOINT_FORMAT = "hgtoolkit.lrsopt/1"
+# Settings that change speed, memory or bookkeeping but not the numbers: may differ on resume.
+_NOT_COMPARED = ("outer_steps", "checkpoint_every", "chunk_size", "checkpoint_path",
+                 "checkpoint_interval", "progress", "snapshot_every")
+
+
+# ----------------------------------------------------------------------------- update rules
+
+def sgd_update(eta: torch.Tensor, g: torch.Tensor, state: dict, lr: float) -> tuple[torch.Tensor, dict]:
+    """η − α g (no state)."""
+    return eta - lr * g, state
+
+
+def adam_update(eta: torch.Tensor, g: torch.Tensor, state: dict, lr: float, *, beta1: float = 0.9,
+                beta2: float = 0.999, eps: float = 1e-8) -> tuple[torch.Tensor, dict]:
+    """One Adam step on the vector η: returns (η − α m̂/(√v̂ + ε), {m, v, n}); ``state`` is not modified."""
+    n = state.get("n", 0) + 1
+    m = beta1 * state.get("m", torch.zeros_like(eta)) + (1 - beta1) * g
+    v = beta2 * state.get("v", torch.zeros_like(eta)) + (1 - beta2) * g * g
+    m_hat = m / (1 - beta1 ** n)
+    v_hat = v / (1 - beta2 ** n)
+    return eta - lr * m_hat / (v_hat.sqrt() + eps), {"m": m, "v": v, "n": n}
+
+
+_UPDATES = {"sgd": sgd_update, "adam": adam_update}
+
+
+def project(eta: torch.Tensor, lr_max: float | None = None) -> torch.Tensor:
+    """Π(η) = min(max(η, 0), η_max) element-wise."""
+    return eta.clamp(min=0.0, max=lr_max)
+
+
+# ----------------------------------------------------------------------------- the record
+
+@dataclass
+class ScheduleResult:
+    """The outcome of :func:`optimize_schedule` (arrays are numpy; schedules have length T).
+
+    ``history[k]`` = f(η^(k)) for k = 0 … ``outer_steps_done`` (index 0: the initial schedule),
+    ``grad_norms[k]`` = ‖∇f(η^(k))‖, ``metrics[k]`` = ``problem.metrics(w_T)`` or None,
+    ``batch_seeds[k]`` = the minibatch order of evaluation k (−1 without resampling).
+    ``snapshots[i]`` = η^(``snapshot_steps[i]``). ``outer_state`` = the outer optimizer's state
+    after the last step (Adam: m, v, n) and ``lr_scale`` (1 unless divergence halved it).
+    ``events`` lists backtracking steps; ``status`` says why the run ended.
+    """
+
+    initial_lrs: np.ndarray
+    final_lrs: np.ndarray
+    best_lrs: np.ndarray
+    best_value: float
+    best_step: int
+    history: np.ndarray
+    grad_norms: np.ndarray
+    snapshot_steps: np.ndarray
+    snapshots: np.ndarray
+    outer_state: dict
+    n_evaluations: int
+    outer_steps_done: int
+    wall_time: float
+    status: str
+    config: dict
+    problem: dict
+    metrics: list = field(default_factory=list)
+    batch_seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    events: list = field(default_factory=list)
+
+    _ARRAYS = ("initial_lrs", "final_lrs", "best_lrs", "history", "grad_norms", "snapshot_steps",
+               "snapshots", "batch_seeds")
+
+    def __repr__(self) -> str:
+        return (f"ScheduleResult(T={len(self.final_lrs)}, outer_steps_done={self.outer_steps_done}, "
+                f"f: {self.history[0]:.6g} -> final {self.history[-1]:.6g}, best {self.best_value:.6g} "
+                f"(step {self.best_step}), status={self.status!r})")
+
+    @staticmethod
+    def _stem(path: str | Path) -> Path:
+        path = Path(path)
+        return path.with_suffix("") if path.suffix in (".json", ".npz") else path
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``<path>.json`` (everything, readable) and ``<path>.npz`` (the arrays, exact)."""
+        stem = self._stem(path)
+        arrays = {k: getattr(self, k) for k in self._ARRAYS}
+        arrays.update({f"outer_state.{k}": np.asarray(v) for k, v in self.outer_state.items()})
+        meta = {k: getattr(self, k) for k in ("best_value", "best_step", "n_evaluations",
+                                              "outer_steps_done", "wall_time", "status", "config",
+                                              "problem", "metrics", "events")}
+        meta.update(history=self.history, grad_norms=self.grad_norms,
+                    initial_lrs=self.initial_lrs, best_lrs=self.best_lrs, final_lrs=self.final_lrs,
+                    format="hgtoolkit.ScheduleResult/1")
+        npz = records.save_arrays(stem.with_name(stem.name + ".npz"), **arrays)
+        js = records.atomic_write_json(stem.with_name(stem.name + ".json"), meta)
+        return js, npz
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ScheduleResult":
+        """Read what :meth:`save` wrote (arrays from the npz, bit-exact)."""
+        stem = cls._stem(path)
+        meta = records.read_json(stem.with_name(stem.name + ".json"))
+        arrays = records.load_arrays(stem.with_name(stem.name + ".npz"))
+        outer = {k.split(".", 1)[1]: (v.item() if v.ndim == 0 else v)
+                 for k, v in arrays.items() if k.startswith("outer_state.")}
+        kw = {k: arrays[k] for k in cls._ARRAYS}
+        kw.update({k: meta[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
+                                        "wall_time", "status", "config", "problem", "metrics", "events")})
+        return cls(outer_state=outer, **kw)
+
+
+# ----------------------------------------------------------------------------- the outer loop
+
+def _batch_seed(seed: int, k: int) -> int:
+    """Minibatch-order seed of evaluation k: a function of (seed, k) only (no RNG state to carry)."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class _Evaluator:
+    """η ↦ (f(η), ∇f(η), metrics) on the (possibly resampled) problem; counts evaluations."""
+
+    def __init__(self, problem, dyn, mode, checkpoint_every, chunk_size, resample, seed):
+        self.problem, self.dyn, self.mode = problem, dyn, mode
+        self.kw = {"checkpoint_every": checkpoint_every, "chunk_size": chunk_size}
+        self.resample, self.seed, self.count = resample, seed, 0
+
+    def __call__(self, eta: torch.Tensor, k: int):
+        bseed = _batch_seed(self.seed, k) if self.resample else -1
+        prob = self.problem.resample(bseed) if self.resample else self.problem
+        self.count += 1
+        r = hypergradient(prob, eta, self.dyn, self.mode, **self.kw)
+        metrics = prob.metrics(r.params) if prob.metrics is not None else None
+        return float(r.value), r.grad, metrics, bseed
+
+
+def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches,
+              lr_max, outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
+              snapshot_every, callback):
+    if not isinstance(outer_optimizer, str) or outer_optimizer.lower() not in OUTER_OPTIMIZERS:
+        raise ValueError(f"unknown outer_optimizer {outer_optimizer!r}; choose one of {OUTER_OPTIMIZERS}")
+    outer_optimizer = outer_optimizer.lower()
+    if isinstance(outer_steps, bool) or not isinstance(outer_steps, (int, np.integer)):
+        raise TypeError(f"outer_steps must be an int, got {outer_steps!r}")
+    if outer_steps < 1:
+        raise ValueError(f"outer_steps must be ≥ 1, got {outer_steps}")
+    if outer_optimizer != "lbfgsb" or outer_lr is not None:
+        if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float, np.floating)):
+            raise TypeError(f"outer_lr must be a number > 0, got {outer_lr!r}")
+        if not (math.isfinite(outer_lr) and outer_lr > 0):
+            raise ValueError(f"outer_lr must be > 0 and finite, got {outer_lr}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if resample_batches and problem.resample is None:
+        raise ValueError("resample_batches=True needs a problem with a resample(seed) method; "
+                         f"problem {problem.name!r} has none")
+    if resample_batches and outer_optimizer == "lbfgsb":
+        raise ValueError("resample_batches=True is not supported with outer_optimizer='lbfgsb': "
+                         "L-BFGS-B needs the same objective at every evaluation")
+    if lr_max is not None and not (isinstance(lr_max, (int, float)) and lr_max > 0):
+        raise ValueError(f"lr_max must be None or > 0, got {lr_max!r}")
+    opts = dict(outer_options or {})
+    if outer_optimizer != "lbfgsb":
+        unknown = set(opts) - set(_OUTER_DEFAULTS[outer_optimizer])
+        if unknown:
+            raise ValueError(f"outer_options has unknown key(s) {sorted(unknown)} for outer_optimizer="
+                             f"{outer_optimizer!r}; known: {sorted(_OUTER_DEFAULTS[outer_optimizer])}")
+        opts = {**_OUTER_DEFAULTS[outer_optimizer], **opts}
+    for name, val, lo in (("max_backtracks", max_backtracks, 0), ("checkpoint_interval", checkpoint_interval, 1)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+            raise ValueError(f"{name} must be an int ≥ {lo}, got {val!r}")
+    if snapshot_every is not None and (isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int)
+                                       or snapshot_every < 1):
+        raise ValueError(f"snapshot_every must be None or an int ≥ 1, got {snapshot_every!r}")
+    if resume and checkpoint_path is None:
+        raise ValueError("resume=True needs checkpoint_path")
+    if callback is not None and not callable(callback):
+        raise TypeError("callback must be callable as callback(step, lrs, value, grad)")
+    eta0 = check_lrs(lrs0, problem, argname="lrs0")
+    if lr_max is not None and bool((eta0 > lr_max).any()):
+        raise ValueError(f"lrs0 exceeds lr_max={lr_max} (max {float(eta0.max())})")
+    return outer_optimizer, opts, eta0
+
+
+def _config_mismatch(saved: dict, current: dict) -> list[str]:
+    a, b = records.to_jsonable(saved), records.to_jsonable(current)
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _load_checkpoint(path: Path, config: dict, eta0: torch.Tensor, device) -> dict | None:
+    if not path.exists():
+        return None
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint_path {str(path)!r} is not an LRS-OPT checkpoint")
+    diff = _config_mismatch(ckpt["config"], config)
+    if not torch.equal(ckpt["lrs0"], eta0):
+        diff.insert(0, "lrs0")
+    if diff:
+        first = diff[0]
+        detail = ("" if first == "lrs0" else
+                  f" (checkpoint: {ckpt['config'].get(first)!r}, this call: {config.get(first)!r})")
+        raise ValueError(f"checkpoint {str(path)!r} was written with different arguments: "
+                         f"{', '.join(diff)} differ{detail}; pass the same arguments, resume=False "
+                         "to start afresh, or another checkpoint_path")
+    return ckpt["state"]
+
+
+class _Run:
+    """The mutable bookkeeping of one LRS-OPT run (everything a checkpoint holds)."""
+
+    def __init__(self, state: dict):
+        self.s = state
+
+    @classmethod
+    def fresh(cls, eta0, value, grad, metrics, bseed) -> "_Run":
+        return cls({"k": 0, "eta": eta0, "value": value, "grad": grad, "opt": {}, "lr_scale": 1.0,
+                    "history": [value], "grad_norms": [float(grad.norm())], "metrics": [metrics],
+                    "batch_seeds": [bseed], "snapshot_steps": [0], "snapshots": [eta0],
+                    "best": {"value": value, "step": 0, "eta": eta0}, "events": [],
+                    "n_evaluations": 1, "wall_time": 0.0, "status": "running"})
+
+    def accept(self, k, eta, value, grad, metrics, bseed, opt, lr_scale, snapshot_every):
+        s = self.s
+        s.update(k=k, eta=eta, value=value, grad=grad, opt=opt, lr_scale=lr_scale)
+        s["history"].append(value)
+        s["grad_norms"].append(float(grad.norm()))
+        s["metrics"].append(metrics)
+        s["batch_seeds"].append(bseed)
+        if snapshot_every is not None and k % snapshot_every == 0:
+            s["snapshot_steps"].append(k)
+            s["snapshots"].append(eta)
+        if value < s["best"]["value"]:
+            s["best"] = {"value": value, "step": k, "eta": eta}
+
+    def save(self, path, config, eta0, started):
+        state = dict(self.s, wall_time=self.s["wall_time"] + (time.perf_counter() - started))
+        records.atomic_torch_save({"format": _CHECKPOINT_FORMAT, "config": records.to_jsonable(config),
+                                   "lrs0": eta0, "state": state}, path)
+
+    def result(self, eta0, config, problem, started) -> ScheduleResult:
+        s = self.s
+        np_ = lambda x: x.detach().cpu().numpy()
+        if s["snapshot_steps"][-1] != s["k"]:  # always keep the final schedule among the snapshots
+            s["snapshot_steps"].append(s["k"])
+            s["snapshots"].append(s["eta"])
+        outer = {k: (np_(v) if isinstance(v, torch.Tensor) else v) for k, v in s["opt"].items()}
+        outer["lr_scale"] = s["lr_scale"]
+        return ScheduleResult(
+            initial_lrs=np_(eta0), final_lrs=np_(s["eta"]), best_lrs=np_(s["best"]["eta"]),
+            best_value=s["best"]["value"], best_step=s["best"]["step"],
+            history=np.asarray(s["history"], dtype=np.float64),
+            grad_norms=np.asarray(s["grad_norms"], dtype=np.float64),
+            snapshot_steps=np.asarray(s["snapshot_steps"], dtype=np.int64),
+            snapshots=np.stack([np_(e) for e in s["snapshots"]]),
+            outer_state=outer, n_evaluations=s["n_evaluations"], outer_steps_done=s["k"],
+            wall_time=s["wall_time"] + (time.perf_counter() - started), status=s["status"],
+            config=records.to_jsonable(config), problem=problem.describe(), metrics=s["metrics"],
+            batch_seeds=np.asarray(s["batch_seeds"], dtype=np.int64), events=s["events"])
+
+
+def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | None = None,
+                      outer_optimizer: str = "adam", *,
+                      optimizer: "str | _dynamics.Dynamics" = "sgd", mode: str = "reverse",
+                      checkpoint_every: int | None = None, chunk_size: int | None = None,
+                      resample_batches: bool = False, seed: int = 0, lr_max: float | None = None,
+                      outer_options: dict | None = None, max_backtracks: int = 10,
+                      snapshot_every: int | None = None,
+                      checkpoint_path: str | Path | None = None, checkpoint_interval: int = 10,
+                      resume: bool = False, progress: bool = True,
+                      callback: Callable[..., Any] | None = None) -> ScheduleResult:
+    r"""LRS-OPT: K = ``outer_steps`` projected steps η^(k) = Π(U(η^(k−1), ∇f(η^(k−1)))) from η^(0) = ``lrs0``.
+
+    ``optimizer`` is the inner dynamics Φ_t (``"sgd"``, ``"adam"``, … or a Dynamics);
+    ``mode``/``checkpoint_every``/``chunk_size`` are passed to :func:`hgtoolkit.hypergradient`.
+    ``outer_lr`` = α (unused by ``"lbfgsb"``); ``outer_options`` = Adam's ``beta1``, ``beta2``,
+    ``eps``, or extra ``options`` for scipy's L-BFGS-B (e.g. ``{"ftol": 0, "gtol": 0}``).
+    ``lr_max`` = η_max (None: no upper bound). ``snapshot_every=k`` keeps η^(k), η^(2k), …
+    (η^(0) and the final schedule are always kept).
+
+    ``callback(step, lrs, value, grad)`` runs after every accepted outer step; returning True
+    stops the run (``status="stopped by callback"``). ``checkpoint_path`` + ``resume=True``:
+    continue a run from its checkpoint (a missing file starts afresh; a checkpoint written with
+    other arguments raises ValueError naming them; ``outer_steps`` may be raised to run longer).
+
+    >>> import hgtoolkit, torch
+    >>> p = hgtoolkit.problems.from_function("beale")
+    >>> r = optimize_schedule(p, torch.full((20,), 1e-3), 5, 1e-4, progress=False)
+    >>> r.history[-1] < r.history[0]
+    True
+    """
+    outer_optimizer, opts, eta0 = _validate(
+        problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,
+        outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
+        snapshot_every, callback)
+    dyn = _dynamics.get(optimizer)
+    config = {"T": len(eta0), "outer_optimizer": outer_optimizer, "outer_lr": outer_lr,
+              "outer_options": opts, "optimizer": dyn.config(), "mode": mode,
+              "resample_batches": bool(resample_batches), "seed": seed, "lr_max": lr_max,
+              "max_backtracks": max_backtracks, "problem": problem.describe()}
+    evaluate = _Evaluator(problem, dyn, mode, checkpoint_every, chunk_size, resample_batches, seed)
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    started = time.perf_counter()
+
+    saved = _load_checkpoint(path, config, eta0, problem.device) if resume else None
+    if saved is not None:
+        run = _Run(saved)
+        if run.s["k"] > outer_steps:
+            raise ValueError(f"outer_steps={outer_steps} but the checkpoint already holds "
+                             f"{run.s['k']} outer steps; ask for at least that many")
+    else:
+        try:
+            run = _Run.fresh(eta0, *evaluate(eta0, 0))
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"LRS-OPT cannot start: training with lrs0 diverges ({exc}); "
+                                     "start from smaller learning rates") from exc
+    run.s["status"] = "running"
+    save = (lambda: run.save(path, config, eta0, started)) if path is not None else (lambda: None)
+
+    try:
+        if outer_optimizer == "lbfgsb":
+            _run_lbfgsb(run, evaluate, outer_steps, opts, lr_max, snapshot_every, save,
+                        checkpoint_interval, progress, callback, eta0)
+        else:
+            _run_gradient(run, evaluate, outer_steps, outer_lr, _UPDATES[outer_optimizer], opts, lr_max,
+                          max_backtracks, snapshot_every, save, checkpoint_interval, progress, callback)
+    except KeyboardInterrupt:
+        save()  # the last accepted step: resume=True continues from here
+        raise
+    if run.s["status"] == "running":
+        run.s["status"] = "completed"
+    save()
+    return run.result(eta0, config, problem, started)
+
+
+def _notify(callback, run) -> bool:
+    s = run.s
+    return bool(callback is not None and callback(s["k"], s["eta"], s["value"], s["grad"]))
+
+
+def _run_gradient(run, evaluate, outer_steps, outer_lr, update, opts, lr_max, max_backtracks,
+                  snapshot_every, save, checkpoint_interval, progress, callback):
+    """Projected GD/Adam steps k = run.k+1 … outer_steps, halving α on divergence."""
+    s = run.s
+    bar = progress_bar(range(s["k"] + 1, outer_steps + 1), progress, desc="LRS-OPT",
+                       initial=s["k"], total=outer_steps)
+    for k in bar:
+        lr_scale = s["lr_scale"]
+        for _ in range(max_backtracks + 1):
+            proposal, opt = update(s["eta"], s["grad"], s["opt"], outer_lr * lr_scale, **opts)
+            proposal = project(proposal, lr_max)
+            try:
+                value, grad, metrics, bseed = evaluate(proposal, k)
+                break
+            except FloatingPointError as exc:
+                lr_scale /= 2
+                s["n_evaluations"] += 1
+                s["events"].append({"step": k, "lr_scale": lr_scale, "error": str(exc)})
+        else:
+            s["status"] = (f"diverged: training diverged at outer step {k} even after {max_backtracks} "
+                           f"halvings of the outer step size (scale {lr_scale:g}); the result holds "
+                           "the schedules up to the last good step")
+            warnings.warn(f"LRS-OPT stopped: {s['status']}", RuntimeWarning, stacklevel=3)
+            break
+        s["n_evaluations"] += 1
+        run.accept(k, proposal, value, grad, metrics, bseed, opt, lr_scale, snapshot_every)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(f=f"{value:.4g}", best=f"{s['best']['value']:.4g}")
+        if k % checkpoint_interval == 0:
+            save()
+        if _notify(callback, run):
+            s["status"] = "stopped by callback"
+            break
+    if hasattr(bar, "close"):
+        bar.close()
+
+
+class _StopLBFGSB(Exception):
+    pass
+
+
+def _run_lbfgsb(run, evaluate, outer_steps, opts, lr_max, snapshot_every, save, checkpoint_interval,
+                progress, callback, eta0):
+    """L-BFGS-B in x = η/s (s = max η^(0)); each of its iterations is one outer step."""
+    from scipy.optimize import minimize
+    s = run.s
+    scale = float(eta0.max()) or 1.0
+    to_eta = lambda x: torch.as_tensor(x * scale, dtype=eta0.dtype, device=eta0.device)
+    last: dict[bytes, tuple] = {}  # x -> evaluation, for the iteration callback
+
+    def fun(x):
+        key = x.tobytes()
+        if key not in last:
+            try:
+                out = evaluate(to_eta(x), s["k"] + 1)
+            except FloatingPointError as exc:
+                s["n_evaluations"] += 1
+                s["status"] = (f"diverged: an L-BFGS-B trial schedule diverged at outer step "
+                               f"{s['k'] + 1} ({exc}); the result holds the schedules up to the last good step")
+                raise _StopLBFGSB from exc
+            s["n_evaluations"] += 1
+            last.clear()
+            last[key] = out
+        value, grad = last[key][:2]
+        return value, grad.detach().cpu().to(torch.float64).numpy() * scale
+
+    bar = progress_bar(range(outer_steps), progress, desc="LRS-OPT (L-BFGS-B)", initial=s["k"],
+                       total=outer_steps)
+
+    def on_iteration(intermediate_result):
+        x = intermediate_result.x
+        value, grad, metrics, bseed = last.get(x.tobytes()) or evaluate(to_eta(x), s["k"] + 1)
+        run.accept(s["k"] + 1, to_eta(x), value, grad, metrics, bseed, {}, 1.0, snapshot_every)
+        if hasattr(bar, "update"):
+            bar.update()
+            bar.set_postfix(f=f"{value:.4g}")
+        if s["k"] % checkpoint_interval == 0:
+            save()
+        if _notify(callback, run):
+            s["status"] = "stopped by callback"
+            raise StopIteration
+        if s["k"] >= outer_steps:
+            raise StopIteration
+
+    if s["k"] < outer_steps:
+        x0 = s["eta"].detach().cpu().to(torch.float64).numpy() / scale
+        bound = None if lr_max is None else lr_max / scale
+        last[x0.tobytes()] = (s["value"], s["grad"], None, -1)  # already evaluated
+        options = {"maxiter": outer_steps - s["k"], **opts}
+        try:
+            res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=[(0.0, bound)] * len(x0),
+                           callback=on_iteration, options=options)
+            if s["status"] == "running" and s["k"] < outer_steps:
+                s["status"] = f"L-BFGS-B stopped after {s['k']} outer steps: {res.message}"
+        except _StopLBFGSB:
+            warnings.warn(f"LRS-OPT stopped: {s['status']}", RuntimeWarning, stacklevel=3)
+    if hasattr(bar, "close"):
+        bar.close()
