@@ -278,6 +278,7 @@ def _align(estimates: np.ndarray, T: int, alignment: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- report
 
+_FORMAT = "hgtoolkit.ApproximationReport/1"
 _ARRAYS = ("lrs", "estimates", "one_step", "constant_lr", "full_horizon", "val_losses",
            "train_losses")
 
@@ -318,29 +319,34 @@ class ApproximationReport:
         return str(self.info.get("label") or "online estimate")
 
     # -- persistence -----------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write ``path`` (JSON: info, summary and arrays, non-finite numbers as null) and the
-        exact arrays beside it as ``<path stem>.npz``. Returns the JSON path."""
+    @staticmethod
+    def _stem(path: str | Path) -> Path:
         path = Path(path)
+        return path.with_suffix("") if path.suffix in (".json", ".npz") else path
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``<path>.json`` (info, summary and arrays, readable; non-finite numbers as
+        null) and ``<path>.npz`` (the arrays, exact). A ``.json``/``.npz`` suffix is optional."""
+        stem = self._stem(path)
         arrays = {k: getattr(self, k) for k in _ARRAYS}
         for ref, metrics in self.per_step.items():
             for name, arr in metrics.items():
                 arrays[f"per_step.{ref}.{name}"] = arr
-        records.save_arrays(path.with_suffix(".npz"), **arrays)
-        records.atomic_write_json(path, {"kind": "ApproximationReport", "info": self.info,
-                                         "summary": self.summary,
-                                         "arrays": {k: getattr(self, k) for k in _ARRAYS},
-                                         "per_step": self.per_step})
-        return path
+        npz = records.save_arrays(stem.with_name(stem.name + ".npz"), **arrays)
+        js = records.atomic_write_json(stem.with_name(stem.name + ".json"), {
+            "format": _FORMAT, "info": self.info, "summary": self.summary,
+            "arrays": {k: getattr(self, k) for k in _ARRAYS}, "per_step": self.per_step})
+        return js, npz
 
     @classmethod
     def load(cls, path: str | Path) -> "ApproximationReport":
         """Read what :meth:`save` wrote (arrays from the ``.npz`` when present, else the JSON)."""
-        path = Path(path)
-        doc = records.read_json(path)
-        if not isinstance(doc, dict) or doc.get("kind") != "ApproximationReport":
-            raise ValueError(f"{path} is not a saved ApproximationReport")
-        npz = path.with_suffix(".npz")
+        stem = cls._stem(path)
+        js = stem.with_name(stem.name + ".json")
+        doc = records.read_json(js)
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise ValueError(f"{js} is not a saved ApproximationReport (format {_FORMAT})")
+        npz = stem.with_name(stem.name + ".npz")
         if npz.exists():
             raw = records.load_arrays(npz)
             arrays = {k: raw[k] for k in _ARRAYS}
@@ -456,63 +462,72 @@ def analyse(problem, lrs: Any, estimates: Any, optimizer: "str | _dynamics.Dynam
     return _build_report(refs, est, meta)
 
 
-def analyse_online(result: Any, problem, **kwargs: Any) -> ApproximationReport:
-    """Compare an ``hgtoolkit.online.OnlineResult`` with the exact references (see :func:`analyse`)."""
-    raise NotImplementedError("analyse_online needs hgtoolkit.online (not written yet)")
+def _online_label(config: dict) -> str:
+    method = str(config.get("method", "online"))
+    bits = [method.upper() if method in ("hd", "rtho") else method.capitalize() if method == "marthe" else method]
+    if method == "marthe":
+        bits.append(f"μ={config.get('mu')}")
+    beta = config.get("beta")
+    bits.append(f"β={beta:g}" if isinstance(beta, (int, float)) else f"β={beta}")
+    bits.append(f"objective={config.get('objective', 'val')}")
+    return " ".join(bits)
+
+
+def analyse_online(result: Any, problem, *, label: str | None = None, check_trajectory: bool = True,
+                   checkpoint_every: int | None = None, progress: bool = False) -> ApproximationReport:
+    r"""Compare an :class:`hgtoolkit.online.OnlineResult` with the exact references.
+
+    ``result.hypergrads[t]`` is h_{t+1} (the estimate formed after step t), so the alignment is
+    ``"after_step"``; the schedule is ``result.lrs`` and the optimizer ``result.config["optimizer"]``.
+    ``problem`` must be the problem the run was given (for a run with ``seed``, it is resampled
+    the same way). A run that diverged is analysed up to its last step with a finite estimate.
+    With ``check_trajectory`` the replayed minibatch losses L_t(w_t) must match the run's
+    (ValueError otherwise: wrong problem, or a run not replayable from its record).
+
+    For HD (μ ≡ 0) with objective "val", h equals d⁽¹⁾; for RTHO (μ ≡ 1), h equals d⁽ᶜ⁾ — for
+    any β, because both recursions are evaluated along the run's own schedule. What the report
+    measures for them is the horizon error (their reference against g); MARTHE's μ ∈ (0, 1)
+    and HD's training-loss objective add their own.
+    """
+    from .online import OnlineResult  # the record this function reads
+    if not isinstance(result, OnlineResult):
+        raise TypeError(f"result must be an hgtoolkit.online.OnlineResult, got {type(result).__name__}")
+    config = result.config
+    recorded = config.get("problem", {}).get("name")
+    if recorded is not None and recorded != problem.name:
+        raise ValueError(f"problem is {problem.name!r} but the online run was on {recorded!r}")
+    seed = config.get("seed")
+    if seed is not None and problem.resample is not None:
+        problem = problem.resample(seed)
+    optimizer = _dynamics.from_config(config["optimizer"])
+    lrs = np.asarray(result.lrs, dtype=np.float64)
+    h = np.asarray(result.hypergrads, dtype=np.float64)
+    usable = np.isfinite(h) & np.isfinite(lrs)
+    n = len(lrs) if usable.all() else int(np.argmin(usable))
+    if n == 0:
+        raise ValueError(f"result has no step with a finite estimate to analyse "
+                         f"(diverged_at={result.diverged_at})")
+    info = {"online": {k: v for k, v in config.items() if k != "problem"},
+            "steps_analysed": n, "steps_run": len(lrs), "diverged_at": result.diverged_at}
+    report = analyse(problem, lrs[:n], h[:n], optimizer, alignment="after_step",
+                     label=label or _online_label(config), info=info,
+                     checkpoint_every=checkpoint_every, progress=progress)
+    if check_trajectory:
+        ran = np.asarray(result.train_losses[:n], dtype=np.float64)
+        tol = 1e-8 if problem.dtype == torch.float64 else 1e-4
+        gap = np.abs(report.train_losses - ran)
+        bad = np.flatnonzero(gap > tol * (1.0 + np.abs(ran)))
+        if bad.size:
+            t = int(bad[0])
+            raise ValueError(f"the replayed trajectory differs from the online run's from step {t} "
+                             f"(L_t = {report.train_losses[t]:.10g} vs {ran[t]:.10g} recorded): is "
+                             f"problem the one the run used ({config.get('problem')})?")
+    return report
 
 
 # ----------------------------------------------------------------------------- plotting
 
 def plot_approximation(report: ApproximationReport, axes: Any = None):
-    """Three panels over step t: the estimate and the three exact references (symlog y), the
-    per-step relative error against each (log y), and the schedule η_t. Returns the figure.
-
-    ``axes``: a sequence of three matplotlib Axes, or None for a new figure.
-    """
-    import matplotlib.pyplot as plt
-
-    if axes is None:
-        fig, axes = plt.subplots(3, 1, figsize=(8, 9), sharex=True, constrained_layout=True)
-    else:
-        axes = list(axes)
-        if len(axes) != 3:
-            raise ValueError(f"axes must be three matplotlib Axes, got {len(axes)}")
-        fig = axes[0].figure
-    t = np.arange(len(report.lrs))
-    colours = {"one_step": "tab:blue", "constant_lr": "tab:orange", "full_horizon": "tab:green"}
-    ax = axes[0]
-    for ref in REFERENCES:
-        ax.plot(t, report.references[ref], color=colours[ref], lw=1.2, label=REFERENCE_LABELS[ref])
-    ax.plot(t, report.estimates, "k--", lw=1.0, label=f"{report.label} h")
-    finite = np.concatenate([np.abs(v[np.isfinite(v)]) for v in
-                             (report.estimates, *report.references.values())])
-    finite = finite[finite > 0]
-    if finite.size:
-        ax.set_yscale("symlog", linthresh=float(np.quantile(finite, 0.1)))
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set_ylabel("∂E/∂η_t")
-    ax.set_title("hypergradient estimate vs exact references")
-    ax.legend(fontsize="small")
-
-    ax = axes[1]
-    for ref in REFERENCES:
-        err = report.per_step[ref]["rel_err"].copy()
-        err[~np.isfinite(err) | (err <= 0)] = np.nan
-        ax.plot(t, err, color=colours[ref], lw=1.0, label=f"vs {REFERENCE_LABELS[ref]}")
-    if np.isfinite(np.concatenate([report.per_step[r]["rel_err"] for r in REFERENCES])).any():
-        ax.set_yscale("log")
-    ax.set_ylabel("|h − d| / |d|")
-    ax.set_title("relative error per step (exact zeros not shown)")
-    ax.legend(fontsize="small")
-
-    ax = axes[2]
-    ax.plot(t, report.lrs, color="tab:red")
-    ax.set_ylabel("η_t")
-    ax.set_xlabel("step t")
-    ax.set_title("learning-rate schedule")
-    prob = report.info.get("problem", {})
-    src = prob.get("data")
-    fig.suptitle(f"{report.label} — {prob.get('name', 'problem')}"
-                 + (f" ({src})" if src else "")
-                 + f", {report.info.get('optimizer', {}).get('name', '')}")
-    return fig
+    """Draw a report (three panels); see :func:`hgtoolkit.plotting.plot_approximation`."""
+    from .plotting import plot_approximation as plot
+    return plot(report, axes)

@@ -243,3 +243,12 @@ def get(optimizer: "str | Dynamics", argname: str = "optimizer") -> Dynamics:
         return NAMES[key]()
     raise TypeError(f"{argname} must be a name or a hgtoolkit.dynamics.Dynamics, "
                     f"got {type(optimizer).__name__}")
+
+
+def from_config(config: dict) -> Dynamics:
+    """Rebuild a Dynamics from its :meth:`Dynamics.config` dict (as stored in result records)."""
+    if not isinstance(config, dict) or "name" not in config:
+        raise TypeError(f"config must be a dict from Dynamics.config() with a 'name', got {config!r}")
+    base = get(config["name"], argname="config['name']")
+    names = {f.name for f in dataclasses.fields(base)}
+    return dataclasses.replace(base, **{k: v for k, v in config.items() if k in names})

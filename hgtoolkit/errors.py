@@ -17,3 +17,11 @@ class DivergenceError(FloatingPointError):
         if value is not None:
             msg += f" ({value})"
         super().__init__(msg)
+
+
+class DivergenceWarning(RuntimeWarning):
+    """An online run stopped because it diverged (non-finite values or an exploding LR).
+
+    The run's record says where (``result.diverged_at``); pass ``raise_on_divergence=True``
+    to get a :class:`DivergenceError` instead.
+    """

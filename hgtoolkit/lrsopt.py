@@ -56,9 +56,6 @@ __all__ = ["ScheduleResult", "optimize_schedule", "OUTER_OPTIMIZERS", "adam_upda
 OUTER_OPTIMIZERS = ("adam", "sgd", "lbfgsb")
 _OUTER_DEFAULTS = {"adam": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}, "sgd": {}, "lbfgsb": {}}
 _CHECKPOINT_FORMAT = "hgtoolkit.lrsopt/1"
-# Settings that change speed, memory or bookkeeping but not the numbers: may differ on resume.
-_NOT_COMPARED = ("outer_steps", "checkpoint_every", "chunk_size", "checkpoint_path",
-                 "checkpoint_interval", "progress", "snapshot_every")
 
 
 # ----------------------------------------------------------------------------- update rules
@@ -388,7 +385,8 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
 
 def _notify(callback, run) -> bool:
     s = run.s
-    return bool(callback is not None and callback(s["k"], s["eta"], s["value"], s["grad"]))
+    return bool(callback is not None
+                and callback(s["k"], s["eta"].clone(), s["value"], s["grad"].clone()))
 
 
 def _run_gradient(run, evaluate, outer_steps, outer_lr, update, opts, lr_max, max_backtracks,
@@ -398,7 +396,7 @@ def _run_gradient(run, evaluate, outer_steps, outer_lr, update, opts, lr_max, ma
     bar = progress_bar(range(s["k"] + 1, outer_steps + 1), progress, desc="LRS-OPT",
                        initial=s["k"], total=outer_steps)
     for k in bar:
-        lr_scale = s["lr_scale"]
+        lr_scale, events = s["lr_scale"], []  # committed only with the step (a resume redoes it)
         for _ in range(max_backtracks + 1):
             proposal, opt = update(s["eta"], s["grad"], s["opt"], outer_lr * lr_scale, **opts)
             proposal = project(proposal, lr_max)
@@ -407,15 +405,15 @@ def _run_gradient(run, evaluate, outer_steps, outer_lr, update, opts, lr_max, ma
                 break
             except FloatingPointError as exc:
                 lr_scale /= 2
-                s["n_evaluations"] += 1
-                s["events"].append({"step": k, "lr_scale": lr_scale, "error": str(exc)})
-        else:
+                events.append({"step": k, "lr_scale": lr_scale, "error": str(exc)})
+        s["n_evaluations"] += len(events) + (len(events) <= max_backtracks)
+        s["events"].extend(events)
+        if len(events) > max_backtracks:
             s["status"] = (f"diverged: training diverged at outer step {k} even after {max_backtracks} "
                            f"halvings of the outer step size (scale {lr_scale:g}); the result holds "
                            "the schedules up to the last good step")
             warnings.warn(f"LRS-OPT stopped: {s['status']}", RuntimeWarning, stacklevel=3)
             break
-        s["n_evaluations"] += 1
         run.accept(k, proposal, value, grad, metrics, bseed, opt, lr_scale, snapshot_every)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(f=f"{value:.4g}", best=f"{s['best']['value']:.4g}")
@@ -462,7 +460,8 @@ def _run_lbfgsb(run, evaluate, outer_steps, opts, lr_max, snapshot_every, save, 
 
     def on_iteration(intermediate_result):
         x = intermediate_result.x
-        value, grad, metrics, bseed = last.get(x.tobytes()) or evaluate(to_eta(x), s["k"] + 1)
+        fun(x)  # normally cached: L-BFGS-B's iterate is its last evaluated point
+        value, grad, metrics, bseed = last[x.tobytes()]
         run.accept(s["k"] + 1, to_eta(x), value, grad, metrics, bseed, {}, 1.0, snapshot_every)
         if hasattr(bar, "update"):
             bar.update()

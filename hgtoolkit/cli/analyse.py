@@ -1,0 +1,156 @@
+"""Command ``analyse``: how far an online method's hypergradient estimate is from the exact ones.
+
+    # run HD and RTHO on Beale, then compare each estimate with d⁽¹⁾, d⁽ᶜ⁾ and g
+    python -m hgtoolkit analyse --problem beale --method hd rtho --beta 1e-6 1e-8 \\
+        --lr0 1e-3 --steps 200 --out results/analyse
+    # or analyse a saved online run (its problem rebuilt from --problem/--problem-arg)
+    python -m hgtoolkit analyse --run results/online/hd.json --out results/analyse
+
+Writes, per analysed run ``<tag>`` (the method name, numbered when repeated):
+``<out>/analyse_<tag>.json`` + ``.npz`` (the :class:`~hgtoolkit.analysis.ApproximationReport`),
+``<out>/analyse_<tag>.png`` + ``.pdf`` (its figure), ``<out>/online_<tag>.json`` + ``.npz`` (the
+online run, when this command ran it); and ``<out>/analyse.md`` (every summary table) and
+``<out>/analyse.json`` (every summary).
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+__all__ = ["register_analyse"]
+
+
+def _beta(text: str):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0 or 'auto', got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text}")
+    return value
+
+
+def register_analyse(sub) -> None:
+    from ..dynamics import NAMES
+    from ..online import METHODS, OBJECTIVES
+    from .exact import _key_value, _positive_float, _positive_int
+
+    p = sub.add_parser(
+        "analyse", help="online hypergradient estimates vs the exact ones (one-step, constant-LR, full horizon)",
+        description="Run online methods (or load a saved run) and compare their estimates h_{t+1} with the "
+                    "exact derivatives along the same trajectory: d1_t = dE(w_{t+1})/deta_t (HD horizon), "
+                    "dc_t = sum_{s<=t} dE(w_{t+1})/deta_s (RTHO horizon) and g_t = dE(w_T)/deta_t (LRS-OPT). "
+                    "Writes JSON/npz reports, a Markdown table and PNG/PDF figures.")
+    src = p.add_argument_group("what to analyse")
+    src.add_argument("--run", metavar="FILE", action="append", default=[],
+                     help="a saved OnlineResult (.json written by OnlineResult.save), repeatable; "
+                          "replaces running --method")
+    src.add_argument("--method", nargs="+", choices=METHODS, default=["hd", "rtho"],
+                     help="online methods to run and analyse (default: hd rtho)")
+    src.add_argument("--beta", nargs="+", type=_beta, default=None,
+                     help="hyper-learning rate β, one value for all methods or one per method "
+                          "(default: 1e-6 for hd, 1e-8 for rtho, auto for marthe)")
+    src.add_argument("--mu", default=None, help="MARTHE's μ: a number in [0, 1] or 'auto' (default auto)")
+    src.add_argument("--kappa", type=float, default=1e-6, help="MARTHE's β step size κ (default 1e-6)")
+    src.add_argument("--objective", choices=OBJECTIVES, default="val",
+                     help="the online estimate's objective (default val; the references always use "
+                          "the validation loss E)")
+    src.add_argument("--lr0", type=_positive_float, default=1e-3, help="η_0 (default 1e-3)")
+    src.add_argument("--steps", type=_positive_int, default=200, help="T (default 200)")
+    src.add_argument("--optimizer", default="sgd", choices=sorted(NAMES), help="inner dynamics (default sgd)")
+    src.add_argument("--seed", type=int, default=None, help="minibatch-order seed of the online run")
+    g = p.add_argument_group("problem")
+    g.add_argument("--problem", default=None,
+                   help="problem name (default: beale, or the saved run's problem)")
+    g.add_argument("--problem-arg", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
+                   help="extra keyword for the problem constructor, repeatable")
+    g.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                   help="floating-point type (default: the problem's, or the saved run's)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
+                   help="checkpoint interval of the reverse pass for g (memory O(T/k + k))")
+    p.add_argument("--out", default="results/analyse", help="output folder (default results/analyse)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_analyse)
+
+
+_DEFAULT_BETA = {"hd": 1e-6, "rtho": 1e-8, "marthe": "auto"}
+
+
+def _make_problem(args, recorded: dict | None):
+    import torch
+
+    from .. import problems
+    name = args.problem or (recorded or {}).get("name") or "beale"
+    kwargs = dict(args.problem_arg)
+    dtype = args.dtype or ((recorded or {}).get("dtype", "").replace("torch.", "") or None)
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    kwargs["device"] = args.device
+    return problems.get(name, **kwargs)
+
+
+def _tags(names: list[str]) -> list[str]:
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
+def run_analyse(args) -> int:
+    from .. import online, plotting
+    from ..analysis import analyse_online
+    from ..records import atomic_write_bytes, atomic_write_json
+    from .exact import _settings
+
+    out = Path(args.out)
+    runs = []  # (tag, OnlineResult, problem)
+    if args.run:
+        results = []
+        for path in args.run:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"--run file {path!r} does not exist")
+            results.append(online.OnlineResult.load(path))
+        for tag, res in zip(_tags([r.method for r in results]), results):
+            runs.append((tag, res, _make_problem(args, res.config.get("problem"))))
+    else:
+        betas = args.beta or [_DEFAULT_BETA[m] for m in args.method]
+        if len(betas) == 1:
+            betas = betas * len(args.method)
+        if len(betas) != len(args.method):
+            raise ValueError(f"--beta takes one value or one per method ({len(args.method)}), got {len(betas)}")
+        problem = _make_problem(args, None)
+        mu = args.mu
+        if mu is not None and mu != "auto":
+            mu = float(mu)
+        for tag, method, beta in zip(_tags(args.method), args.method, betas):
+            if method != "marthe" and beta == "auto":
+                raise ValueError(f"--beta auto is MARTHE's rule; give a number for {method}")
+            kw = {"mu": mu, "kappa": args.kappa} if method == "marthe" else {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", online.DivergenceWarning)
+                res = online.run(problem, method, args.optimizer, lr0=args.lr0, steps=args.steps,
+                                 beta=beta, objective=args.objective, seed=args.seed,
+                                 progress=not args.no_progress, **kw)
+            res.config["cli"] = _settings(args)
+            res.save(out / f"online_{tag}")
+            runs.append((tag, res, problem))
+
+    tables, summaries, written = [], {}, []
+    for tag, res, problem in runs:
+        if res.diverged:
+            print(f"note: {tag} diverged at step {res.diverged_at}; analysing the steps before it")
+        report = analyse_online(res, problem, checkpoint_every=args.checkpoint_every,
+                                progress=not args.no_progress)
+        json_path, _ = report.save(out / f"analyse_{tag}")
+        fig = plotting.plot_approximation(report)
+        pngs = plotting.savefig(fig, out / f"analyse_{tag}", close=True)
+        tables.append(report.table())
+        summaries[tag] = {"label": report.label, "summary": report.summary, "info": report.info}
+        written += [json_path, pngs[0]]
+    md = atomic_write_bytes(out / "analyse.md", ("\n\n".join(tables) + "\n").encode())
+    js = atomic_write_json(out / "analyse.json", {"command": "analyse", "runs": summaries,
+                                                  "settings": _settings(args)})
+    print("\n\n".join(tables))
+    print(f"\nwrote {md}, {js}, " + ", ".join(str(w) for w in written))
+    return 0

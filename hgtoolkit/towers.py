@@ -1,0 +1,1005 @@
+r"""Hyperoptimizer towers (Chandra et al., "Gradient Descent: The Ultimate Optimizer").
+
+A tower stacks optimizers: level 0 trains the parameters w, level 1 learns level 0's
+hyperparameters (its LR, momentum, Adam β1/β2, RMSProp α), level 2 learns level 1's, and so
+on; the top level's hyperparameters stay fixed::
+
+    from hgtoolkit import towers
+    tower = towers.SGD(lr=0.01, momentum=0.9,
+                       hyper=towers.Adam(lr=1e-3, hyper=towers.SGD(lr=1e-4)))   # height 3
+
+Notation (METHODS.md, "Hyperoptimizer towers"). Level k holds a variable x_k (x_0 = w; for
+k ≥ 1, x_k = the raw coordinates of level k−1's tuned hyperparameters, one entry per name) and
+the state of its optimizer O_k (a pure :mod:`hgtoolkit.dynamics` step). The value of a tuned
+hyperparameter is φ(x): φ = identity for learning rates, kept ≥ 0 by projecting x onto
+[0, ∞) after each update; φ = σ (logistic sigmoid) for momentum, β1, β2 and α, so the value
+stays in (0, 1) (x is also kept in [−36, 36], where σ(x) < 1 in float64). Hyperparameter
+coordinates are float64 whatever the model's dtype.
+
+One training step t, given g_t = ∇L_t(w_t):
+
+1. bottom-up, the hypergradient of every level: G⁰_t = g_t and
+
+       Gᵏ_t = ∂L_t(w_t)/∂x_k = ⟨G^{k−1}_t, ∂x_{k−1}/∂x_k⟩   (k ≥ 1),
+
+   the derivative of the current loss through exactly ONE previous step of the level below
+   (everything else of that step held fixed): one ``torch.func.vjp`` of level k−1's previous
+   update w.r.t. its hyperparameters, recomputed from that update's stored inputs, applied to
+   G^{k−1}_t (times φ'(x)). For the SGD learning rate ∂w_t/∂η = −g_{t−1}, so
+   G¹_t = −g_t·g_{t−1}: exactly HD (Baydin et al.). At t = 0 every Gᵏ_0 = 0.
+2. top-down, every level's update, each using the values just produced by the level above:
+
+       x_k ← O_k(x_k, Gᵏ_t; hyperparameters φ(x_{k+1}))   (projected for k ≥ 1).
+
+   The base update of w comes last, so (as in HD) a learning rate is updated *before* the
+   step that uses it.
+
+Only the previous update's inputs are kept (level 0: its gradient and moments; w too when
+weight decay is on): no autograd graph outlives a step, and memory does not grow with the
+number of steps. (Reverse mode over a recomputed step: forward-mode jvps were ~10× slower
+than the step itself here.)
+
+Three ways to use a tower:
+
+- functional core: ``state = tower.init(params)``, ``state = tower.step(state, grad, t)``
+  (pure functions over pytrees; :func:`init`, :func:`step`);
+- foundation dynamics: ``tower.dynamics()`` is a :class:`hgtoolkit.dynamics.Dynamics`, so
+  ``trajectory.train(problem, torch.ones(T), tower.dynamics())`` runs it and
+  ``exact.hypergradient(problem, torch.ones(T), tower.dynamics())`` differentiates through
+  the whole adaptive run; the schedule entry c_t multiplies the base LR (c_t = 1: the tower
+  as specified). :func:`run` does the same and records every hyperparameter;
+  ``result.replay()`` is the base optimizer with the learnt schedules held fixed, for the
+  exact analysis of the learnt LR trajectory (:func:`analyse`);
+- drop-in ``torch.optim.Optimizer``: ``opt = tower.optimizer(model.parameters())``, then the
+  usual ``loss.backward(); opt.step(); opt.zero_grad()`` (:class:`TowerOptimizer`).
+
+A tower whose hyper-levels all have learning rate 0 is the base optimizer, bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+from torch.func import vjp
+
+from . import dynamics as _dynamics
+from ._tree import tree_leaves, tree_map, tree_zeros_like
+from .errors import DivergenceError
+
+__all__ = ["Level", "SGD", "Adam", "AdaGrad", "RMSProp", "parse", "init", "step",
+           "hyperparameters", "TowerDynamics", "Scheduled", "History", "TowerResult", "run",
+           "analyse", "TowerOptimizer", "plot_history", "UNIT_INTERVAL"]
+
+#: Hyperparameters kept in (0, 1) through the sigmoid φ = σ; all others are learning rates.
+UNIT_INTERVAL = ("momentum", "beta1", "beta2", "alpha")
+
+
+def _raw_bound(dtype: torch.dtype) -> float:
+    """|x| bound for sigmoid coordinates: σ(x) stays strictly inside (0, 1) in ``dtype``."""
+    return 36.0 if dtype == torch.float64 else 15.0
+
+
+def _hyper_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+# ----------------------------------------------------------------------------- specification
+
+def _real(owner: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be finite, got {value}")
+    return value
+
+
+@dataclass(frozen=True, repr=False)
+class Level:
+    """One optimizer of a tower; ``hyper`` (another Level) learns its hyperparameters.
+
+    ``tune`` names the hyperparameters that ``hyper`` learns (default: the LR plus every
+    momentum/β/α that is > 0, i.e. all of them); the others stay fixed. Subclasses:
+    :class:`SGD`, :class:`Adam`, :class:`AdaGrad`, :class:`RMSProp`.
+    """
+
+    hyper: "Level | None" = field(default=None, kw_only=True)
+    tune: "tuple[str, ...] | None" = field(default=None, kw_only=True)
+
+    tunable: ClassVar[tuple[str, ...]] = ("lr",)
+    kind: ClassVar[str] = "level"
+
+    def __post_init__(self) -> None:
+        owner = f"towers.{type(self).__name__}"
+        for f in dataclasses.fields(self):
+            if f.name in ("hyper", "tune") or f.type in ("bool",):
+                continue
+            value = _real(owner, f.name, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+            if value < 0:
+                raise ValueError(f"{owner}: {f.name} must be ≥ 0, got {value}")
+            if f.name in UNIT_INTERVAL and value >= 1:
+                raise ValueError(f"{owner}: {f.name} must be in [0, 1), got {value}")
+        if self.hyper is not None and not isinstance(self.hyper, Level):
+            hint = (" (a hgtoolkit.dynamics object is a fixed optimizer; use the towers classes)"
+                    if isinstance(self.hyper, _dynamics.Dynamics) else "")
+            raise TypeError(f"{owner}: hyper must be a towers optimizer such as "
+                            f"towers.SGD(lr=1e-4), or None; got {type(self.hyper).__name__}{hint}")
+        object.__setattr__(self, "tune", self._check_tune(owner))
+
+    def _check_tune(self, owner: str) -> "tuple[str, ...] | None":
+        tune = self.tune
+        if tune is None:
+            return None
+        if isinstance(tune, str):
+            tune = (tune,)
+        try:
+            tune = tuple(tune)
+        except TypeError:
+            raise TypeError(f"{owner}: tune must be a name or a sequence of names, got "
+                            f"{type(self.tune).__name__}") from None
+        if not all(isinstance(n, str) for n in tune):
+            raise TypeError(f"{owner}: tune must contain hyperparameter names (str), got {tune!r}")
+        if self.hyper is None:
+            raise ValueError(f"{owner}: tune={tune!r} needs a hyper-optimizer (hyper=...) to learn them")
+        if not tune:
+            raise ValueError(f"{owner}: tune is empty; give at least one of {self.tunable} "
+                             "or drop hyper=")
+        for n in tune:
+            if n not in self.tunable:
+                raise ValueError(f"{owner}: tune names unknown hyperparameter {n!r}; "
+                                 f"tunable: {self.tunable}")
+            if n in UNIT_INTERVAL and getattr(self, n) == 0:
+                raise ValueError(f"{owner}: {n}=0 cannot be tuned (it is learnt through a sigmoid "
+                                 f"and needs a start in (0, 1)); set {n} > 0 or leave it out of tune")
+        if len(set(tune)) != len(tune):
+            raise ValueError(f"{owner}: tune lists a hyperparameter twice: {tune!r}")
+        return tuple(n for n in self.tunable if n in tune)  # canonical order
+
+    # -- structure
+    @property
+    def levels(self) -> tuple["Level", ...]:
+        """(level 0 = self, level 1 = self.hyper, …, top)."""
+        out, lvl = [], self
+        while lvl is not None:
+            out.append(lvl)
+            lvl = lvl.hyper
+        return tuple(out)
+
+    @property
+    def height(self) -> int:
+        return len(self.levels)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """This optimizer's hyperparameters (the LR first; a zero momentum has none)."""
+        return tuple(n for n in self.tunable if n == "lr" or getattr(self, n) > 0)
+
+    @property
+    def tuned(self) -> tuple[str, ...]:
+        """Hyperparameters learnt by ``hyper`` (empty at the top)."""
+        if self.hyper is None:
+            return ()
+        if self.tune is not None:
+            return self.tune
+        return self.names
+
+    def values(self) -> dict[str, float]:
+        """The hyperparameters as specified (initial values of the learnt ones)."""
+        return {n: getattr(self, n) for n in self.names}
+
+    @functools.cached_property
+    def base(self) -> _dynamics.Dynamics:
+        """The pure step O_k of this level (a :mod:`hgtoolkit.dynamics` object)."""
+        return self._base()
+
+    def _base(self) -> _dynamics.Dynamics:
+        raise NotImplementedError
+
+    # -- the three uses
+    def init(self, params: Any) -> dict:
+        return init(self, params)
+
+    def step(self, state: dict, grad: Any, t: int, lr_scale: Any = None) -> dict:
+        return step(self, state, grad, t, lr_scale)
+
+    def dynamics(self) -> "TowerDynamics":
+        """This tower as a :class:`hgtoolkit.dynamics.Dynamics` (see :class:`TowerDynamics`)."""
+        return TowerDynamics(self)
+
+    def optimizer(self, params: Any, **kwargs: Any) -> "TowerOptimizer":
+        """A drop-in ``torch.optim.Optimizer`` running this tower on ``params``."""
+        return TowerOptimizer(params, self, **kwargs)
+
+    # -- descriptions
+    def _fields_str(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name not in ("hyper", "tune")
+                 and (f.name == "lr" or getattr(self, f.name) != f.default)]
+        if self.tune is not None:
+            parts.append("tune=" + "+".join(self.tune))
+        return f"{self.kind}({', '.join(parts)})"
+
+    def __repr__(self) -> str:
+        """``SGD(lr=0.01, momentum=0.9, hyper=Adam(lr=0.001))``: the non-default fields."""
+        parts = [f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                 if f.name not in ("hyper", "tune")
+                 and (f.name == "lr" or getattr(self, f.name) != f.default)]
+        if self.tune is not None:
+            parts.append(f"tune={self.tune!r}")
+        if self.hyper is not None:
+            parts.append(f"hyper={self.hyper!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __str__(self) -> str:
+        """``sgd(lr=0.01, momentum=0.9) / adam(lr=0.001) / sgd(lr=0.0001)``; :func:`parse` reads it back."""
+        return " / ".join(lvl._fields_str() for lvl in self.levels)
+
+    def config(self) -> dict:
+        """JSON-serialisable description of the whole tower."""
+        levels = []
+        for lvl in self.levels:
+            d = {f.name: getattr(lvl, f.name) for f in dataclasses.fields(lvl)
+                 if f.name not in ("hyper", "tune")}
+            levels.append({"optimizer": lvl.kind, **d, "tuned_by_next_level": list(lvl.tuned)})
+        return {"spec": str(self), "height": self.height, "levels": levels}
+
+
+@dataclass(frozen=True, repr=False)
+class SGD(Level):
+    """SGD with optional (Nesterov) momentum: :class:`hgtoolkit.dynamics.SGD`. Tunable: lr, momentum."""
+
+    lr: float = 0.01
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    tunable: ClassVar[tuple[str, ...]] = ("lr", "momentum")
+    kind: ClassVar[str] = "sgd"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"towers.SGD: nesterov must be a bool, got {type(self.nesterov).__name__}")
+        super().__post_init__()
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("towers.SGD: nesterov=True needs momentum > 0")
+
+    def _base(self) -> _dynamics.Dynamics:
+        return _dynamics.SGD(momentum=self.momentum, nesterov=self.nesterov,
+                             weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True, repr=False)
+class Adam(Level):
+    """Adam with bias correction: :class:`hgtoolkit.dynamics.Adam`. Tunable: lr, beta1, beta2."""
+
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    tunable: ClassVar[tuple[str, ...]] = ("lr", "beta1", "beta2")
+    kind: ClassVar[str] = "adam"
+
+    def _base(self) -> _dynamics.Dynamics:
+        return _dynamics.Adam(beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                              weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True, repr=False)
+class AdaGrad(Level):
+    """AdaGrad: :class:`hgtoolkit.dynamics.AdaGrad`. Tunable: lr."""
+
+    lr: float = 0.01
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+    kind: ClassVar[str] = "adagrad"
+
+    def _base(self) -> _dynamics.Dynamics:
+        return _dynamics.AdaGrad(eps=self.eps, weight_decay=self.weight_decay)
+
+
+@dataclass(frozen=True, repr=False)
+class RMSProp(Level):
+    """RMSProp: :class:`hgtoolkit.dynamics.RMSProp`. Tunable: lr, alpha."""
+
+    lr: float = 0.01
+    alpha: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    tunable: ClassVar[tuple[str, ...]] = ("lr", "alpha")
+    kind: ClassVar[str] = "rmsprop"
+
+    def _base(self) -> _dynamics.Dynamics:
+        return _dynamics.RMSProp(alpha=self.alpha, eps=self.eps, weight_decay=self.weight_decay)
+
+
+KINDS = {cls.kind: cls for cls in (SGD, Adam, AdaGrad, RMSProp)}
+_PART = re.compile(r"^\s*([A-Za-z_]\w*)\s*(?:\((.*)\))?\s*$")
+
+
+def parse(spec: str) -> Level:
+    """A tower from text: ``"sgd(lr=0.01, momentum=0.9) / adam(lr=1e-3) / sgd(lr=1e-4)"``.
+
+    Levels from the base up, separated by ``/``; keyword values are numbers, ``true``/``false``
+    or, for ``tune``, names joined by ``+`` (``tune=lr+momentum``). ``str(tower)`` gives it back.
+    """
+    if isinstance(spec, Level):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"tower must be a string such as 'sgd(lr=0.01) / sgd(lr=1e-4)' or a "
+                        f"towers optimizer, got {type(spec).__name__}")
+    parts = spec.split("/")
+    kwargs_per_level = []
+    for part in parts:
+        m = _PART.match(part)
+        if not m:
+            raise ValueError(f"tower: cannot read {part.strip()!r}; write e.g. 'sgd(lr=0.01, momentum=0.9)'")
+        kind, args = m.group(1).lower(), (m.group(2) or "").strip()
+        if kind not in KINDS:
+            raise ValueError(f"tower: unknown optimizer {m.group(1)!r}; choose one of {sorted(KINDS)}")
+        kw: dict[str, Any] = {}
+        for item in filter(None, (a.strip() for a in args.split(","))):
+            if "=" not in item:
+                raise ValueError(f"tower: expected key=value in {part.strip()!r}, got {item!r}")
+            key, val = (s.strip() for s in item.split("=", 1))
+            if key == "tune":
+                kw[key] = tuple(v.strip() for v in val.split("+") if v.strip())
+            elif val.lower() in ("true", "false"):
+                kw[key] = val.lower() == "true"
+            else:
+                try:
+                    kw[key] = float(val)
+                except ValueError:
+                    raise ValueError(f"tower: {key}={val!r} in {part.strip()!r} is not a number") from None
+        kwargs_per_level.append((KINDS[kind], kw))
+    tower = None
+    for cls, kw in reversed(kwargs_per_level):
+        try:
+            tower = cls(**kw, hyper=tower)
+        except TypeError as exc:
+            if "unexpected keyword" in str(exc):
+                names = [f.name for f in dataclasses.fields(cls) if f.name != "hyper"]
+                raise ValueError(f"tower: {cls.kind} takes {names}; got {sorted(kw)}") from None
+            raise
+    return tower
+
+
+# ----------------------------------------------------------------------------- functional core
+
+def _check_tower(tower: Any, argname: str = "tower") -> Level:
+    if not isinstance(tower, Level):
+        raise TypeError(f"{argname} must be a towers optimizer (towers.SGD/Adam/AdaGrad/RMSProp), "
+                        f"got {type(tower).__name__}")
+    return tower
+
+
+def _unit_mask(level: Level, device) -> torch.Tensor:
+    return torch.tensor([n in UNIT_INTERVAL for n in level.tuned], device=device)
+
+
+def init(tower: Level, params: Any) -> dict:
+    """Initial tower state for ``params`` (a tensor or pytree of tensors).
+
+    ``{"w": params, "moments": [level k's optimizer state without its variable x_k],
+    "raw": [x_{k+1}: (m_k,) raw coordinates of level k's tuned hyperparameters],
+    "values": [φ(x_{k+1}): their values], "prev": [level k's last update inputs],
+    "hypergrads": [G^{k+1} of the last step]}``, lists indexed by level k.
+    """
+    tower = _check_tower(tower)
+    leaves = tree_leaves(params)
+    if not leaves or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
+        raise TypeError("params must be a floating-point tensor or a pytree of them")
+    device = leaves[0].device
+    hdt = _hyper_dtype(device)
+    levels = tower.levels
+    moments, raws, values, prevs, hypergrads = [], [], [], [], []
+    x = params
+    for k, lvl in enumerate(levels):
+        s = dict(lvl.base.init(x))
+        s.pop("w")
+        moments.append(s)
+        if k == len(levels) - 1:
+            break
+        prevs.append(_prev(lvl, k, x, s, tree_zeros_like(x), torch.ones((), dtype=hdt, device=device)))
+        v = torch.tensor([getattr(lvl, n) for n in lvl.tuned], dtype=hdt, device=device)
+        raw = torch.where(_unit_mask(lvl, device), torch.log(v) - torch.log1p(-v), v)
+        raws.append(raw)
+        values.append(v)
+        hypergrads.append(torch.zeros_like(v))
+        x = raw
+    return {"w": params, "moments": moments, "raw": raws, "values": values, "prev": prevs,
+            "hypergrads": hypergrads}
+
+
+def _prev(level: Level, k: int, x: Any, moments: dict, grad: Any, scale: Any) -> dict:
+    """What the next step needs to differentiate this update again: its inputs. Level 0 keeps
+    no copy of w unless weight decay makes the update direction depend on it (for every
+    dynamics w' = w − η·d with d independent of w otherwise, so ∂w'/∂h needs no w)."""
+    out = {"moments": moments, "grad": grad}
+    if k > 0 or getattr(level, "weight_decay", 0.0) != 0:
+        out["x"] = x
+    if k == 0:
+        out["scale"] = scale
+    return out
+
+
+def _update(level: Level, state: dict, grad: Any, t: int, hp: dict, lr_scale: Any,
+            bounds: "tuple[torch.Tensor, torch.Tensor] | None") -> dict:
+    """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto ``bounds``)."""
+    hp = dict(hp)
+    lr = hp.pop("lr", level.lr)
+    if lr_scale is not None:
+        lr = lr * lr_scale
+    out = dict(level.base.step(state, grad, lr, t, **hp))
+    if bounds is not None:
+        lo, hi = bounds
+        out["w"] = torch.minimum(torch.maximum(out["w"], lo), hi)
+    return out
+
+
+def _bounds(level: Level, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection box for the raw coordinates of ``level``'s tuned hyperparameters."""
+    unit = _unit_mask(level, raw.device)
+    b = _raw_bound(raw.dtype)
+    lo = torch.where(unit, torch.full_like(raw, -b), torch.zeros_like(raw))
+    hi = torch.where(unit, torch.full_like(raw, b), torch.full_like(raw, math.inf))
+    return lo, hi
+
+
+def _dphi(level: Level, v: torch.Tensor) -> torch.Tensor:
+    """dφ/dx at the current values: 1 for LRs, σ'(x) = v(1 − v) for sigmoid coordinates."""
+    return torch.where(_unit_mask(level, v.device), v * (1 - v), torch.ones_like(v))
+
+
+def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int) -> torch.Tensor:
+    r"""G^{k+1}_t = ⟨Gᵏ_t, ∂x_k/∂x_{k+1}⟩: the vjp, w.r.t. level k's hyperparameters, of level k's
+    previous update x_k ← O_k(x_k, Gᵏ_{t−1}; φ(x_{k+1})), recomputed from its stored inputs
+    (everything but the hyperparameters held fixed), applied to the cotangent Gᵏ_t."""
+    v = state["values"][k]
+    if t == 0:
+        return torch.zeros_like(v)
+    lvl, prev = levels[k], state["prev"][k]
+    x_prev = prev.get("x", state["w"] if k == 0 else None)
+    s_prev = {"w": x_prev, **prev["moments"]}
+    bounds = _bounds(levels[k - 1], x_prev) if k > 0 else None
+    scale = prev.get("scale")
+
+    def update(vv):
+        hp = {name: vv[i] for i, name in enumerate(lvl.tuned)}
+        return _update(lvl, s_prev, prev["grad"], t - 1, hp, scale, bounds)["w"]
+
+    _, pullback = vjp(update, v)
+    (dv,) = pullback(cot)
+    return dv.to(v.dtype) * _dphi(lvl, v)
+
+
+def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None) -> dict:
+    r"""One tower step (module docstring): Gᵏ_t bottom-up (one vjp of each level's previous
+    update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
+
+    ``grad`` = g_t = ∇L_t(w_t) (same structure as w); ``t`` = 0-based step index; ``lr_scale``
+    (optional) multiplies the base LR used at this step.
+    """
+    levels = tower.levels
+    n = len(levels)
+    xs = [state["w"], *state["raw"]]
+    G = [grad]
+    for k in range(n - 1):
+        G.append(_hypergrad(levels, k, state, G[k], t))
+    new_x: list[Any] = [None] * n
+    new_m: list[Any] = [None] * n
+    new_v: list[Any] = [None] * (n - 1)
+    new_prev: list[Any] = [None] * (n - 1)
+    for k in reversed(range(n)):
+        lvl = levels[k]
+        scale = lr_scale if k == 0 else None
+        bounds = _bounds(levels[k - 1], xs[k]) if k > 0 else None
+        hp = {name: new_v[k][i] for i, name in enumerate(lvl.tuned)} if k < n - 1 else {}
+        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], t, hp, scale, bounds)
+        new_x[k] = out.pop("w")
+        new_m[k] = out
+        if k < n - 1:
+            if scale is None and k == 0:
+                scale = state["prev"][0]["scale"]
+            new_prev[k] = _prev(lvl, k, xs[k], state["moments"][k], G[k], scale)
+        if k > 0:
+            # φ: identity for LRs; σ for unit-interval names, recomputed only where x moved, so a
+            # hyperparameter that is never moved keeps its given value bit for bit.
+            x_old, x_new, v_old = xs[k], new_x[k], state["values"][k - 1]
+            unit = _unit_mask(levels[k - 1], x_new.device)
+            new_v[k - 1] = torch.where(unit, torch.where(x_new == x_old, v_old, torch.sigmoid(x_new)),
+                                       x_new)
+    return {"w": new_x[0], "moments": new_m, "raw": new_x[1:], "values": new_v,
+            "prev": new_prev, "hypergrads": G[1:]}
+
+
+def hyperparameters(tower: Level, state: dict) -> list[dict[str, float]]:
+    """Current value of every hyperparameter, one dict per level (the top level's are fixed)."""
+    out = []
+    for k, lvl in enumerate(tower.levels):
+        d = lvl.values()
+        if k < len(state["values"]):
+            d.update(zip(lvl.tuned, state["values"][k].tolist()))
+        out.append(d)
+    return out
+
+
+def _check_state(tower: Level, state: dict, t: int) -> None:
+    """Raise DivergenceError when a hyperparameter or hypergradient became NaN/inf (one sync)."""
+    if not state["values"]:
+        return
+    flat = torch.cat([*state["values"], *state["hypergrads"]])
+    if bool(torch.isfinite(flat).all()):
+        return
+    levels = tower.levels
+    for k in range(len(state["values"])):
+        for what, vec in (("hyperparameter", state["values"][k]), ("hypergradient", state["hypergrads"][k])):
+            bad = ~torch.isfinite(vec)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0])
+                raise DivergenceError(t, f"level-{k} {what} {levels[k].tuned[i]!r} ({levels[k].kind})",
+                                      float(vec[i]))
+
+
+# ----------------------------------------------------------------------------- foundation dynamics
+
+@dataclass(frozen=True)
+class TowerDynamics(_dynamics.Dynamics):
+    r"""A tower as a :class:`hgtoolkit.dynamics.Dynamics`: the state carries the hyperparameters.
+
+    ``step(state, g_t, c_t, t)`` is :func:`step` with the base LR multiplied by c_t, so with
+    the schedule c = (1, …, 1) ``trajectory.train`` runs the tower as specified, and
+    ``exact.hypergradient(problem, torch.ones(T), tower.dynamics())`` gives
+    ∂E(w_T)/∂c_t: the effect of nudging the learnt LR at step t, *including* how the tower
+    reacts afterwards (reverse mode differentiates through the tower's own vjps).
+    """
+
+    tower: Level = None  # type: ignore[assignment]
+    name: ClassVar[str] = "tower"
+
+    def __post_init__(self) -> None:
+        _check_tower(self.tower)
+
+    def init(self, params: Any) -> dict:
+        return init(self.tower, params)
+
+    def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
+        if hyper:
+            raise TypeError(f"TowerDynamics.step got hyperparameter(s) {sorted(hyper)}: a tower "
+                            "learns its own; only the LR multiplier can be passed")
+        return step(self.tower, state, grad, t, lr_scale=lr)
+
+    def config(self) -> dict:
+        return {"name": "tower", **self.tower.config()}
+
+
+@dataclass(frozen=True, eq=False)
+class Scheduled(_dynamics.Dynamics):
+    """``base`` with per-step schedules for its non-LR hyperparameters: step t uses
+    ``schedules[name][t]`` (e.g. a momentum learnt by a tower, replayed as fixed)."""
+
+    base: _dynamics.Dynamics = None  # type: ignore[assignment]
+    schedules: dict = field(default_factory=dict)
+    name: ClassVar[str] = "scheduled"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, _dynamics.Dynamics):
+            raise TypeError(f"base must be a hgtoolkit.dynamics object, got {type(self.base).__name__}")
+        for k, v in self.schedules.items():
+            if k not in self.base.hyperparameters:
+                raise ValueError(f"schedules: {type(self.base).__name__} has no hyperparameter {k!r}")
+            if not isinstance(v, torch.Tensor) or v.dim() != 1:
+                raise TypeError(f"schedules[{k!r}] must be a 1-D tensor (one value per step)")
+
+    def init(self, params: Any) -> dict:
+        return self.base.init(params)
+
+    def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
+        h = {k: v[t] for k, v in self.schedules.items()}
+        h.update(hyper)
+        return self.base.step(state, grad, lr, t, **h)
+
+    def config(self) -> dict:
+        return {"name": f"{self.base.name}+schedules", "base": self.base.config(),
+                "scheduled": sorted(self.schedules)}
+
+
+# ----------------------------------------------------------------------------- records
+
+class History:
+    """Per-step record of every hyperparameter at every level (the value used at step t) and
+    of every hypergradient Gᵏ_t (w.r.t. the raw coordinate x: for an LR, ∂L_t/∂η; for a
+    sigmoid-mapped β, ∂L_t/∂x = ∂L_t/∂β · β(1−β)).
+
+    ``values(k)`` / ``hypergrads(k)`` → {name: array (T,)}; ``lrs`` = base LRs η_t.
+    """
+
+    def __init__(self, tower: Level):
+        self.tower = _check_tower(tower)
+        self._rows: list[np.ndarray] = []
+        self._cache: np.ndarray | None = None
+        self._columns: list[tuple[str, int, str]] = []
+        for k, lvl in enumerate(tower.levels):
+            self._columns += [("value", k, n) for n in lvl.names]
+        for k, lvl in enumerate(tower.levels):
+            self._columns += [("hypergrad", k, n) for n in lvl.tuned]
+        self._fixed = [lvl.values() for lvl in tower.levels]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def height(self) -> int:
+        return self.tower.height
+
+    def append(self, state: dict) -> None:
+        """Record the state after one step (one device sync)."""
+        levels = self.tower.levels
+        learnt = {}
+        if state["values"]:
+            flat = torch.cat([*state["values"], *state["hypergrads"]]).detach().to("cpu", torch.float64).numpy()
+            i = 0
+            for k in range(len(state["values"])):
+                for n in levels[k].tuned:
+                    learnt[("value", k, n)] = flat[i]
+                    i += 1
+            for k in range(len(state["hypergrads"])):
+                for n in levels[k].tuned:
+                    learnt[("hypergrad", k, n)] = flat[i]
+                    i += 1
+        row = np.array([learnt.get(c, self._fixed[c[1]].get(c[2], np.nan)) for c in self._columns])
+        self._rows.append(row)
+        self._cache = None
+
+    def _table(self) -> np.ndarray:
+        if self._cache is None:
+            self._cache = (np.stack(self._rows) if self._rows
+                           else np.zeros((0, len(self._columns))))
+        return self._cache
+
+    def _select(self, kind: str, level: int) -> dict[str, np.ndarray]:
+        if not isinstance(level, int) or not 0 <= level < self.height:
+            raise ValueError(f"level must be an int in [0, {self.height - 1}], got {level!r}")
+        tab = self._table()
+        return {c[2]: tab[:, i].copy() for i, c in enumerate(self._columns)
+                if c[0] == kind and c[1] == level}
+
+    def values(self, level: int = 0) -> dict[str, np.ndarray]:
+        """{name: value used at each step} for level ``level``'s hyperparameters."""
+        return self._select("value", level)
+
+    def hypergrads(self, level: int = 0) -> dict[str, np.ndarray]:
+        """{name: Gᵏ⁺¹_t} for the hyperparameters of level ``level`` that are learnt."""
+        return self._select("hypergrad", level)
+
+    def learnt(self, level: int) -> tuple[str, ...]:
+        return self.tower.levels[level].tuned
+
+    @property
+    def lrs(self) -> np.ndarray:
+        """η_t: the base learning rate used at step t."""
+        return self.values(0)["lr"]
+
+    def to_dict(self) -> dict:
+        levels = []
+        for k, lvl in enumerate(self.tower.levels):
+            levels.append({"level": k, "optimizer": lvl.kind, "learnt": list(lvl.tuned),
+                           "values": self.values(k), "hypergrads": self.hypergrads(k)})
+        return {"tower": str(self.tower), "steps": len(self), "levels": levels}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        h = cls(parse(d["tower"]))
+        T = int(d["steps"])
+        cols = {}
+        for lev in d["levels"]:
+            for kind in ("values", "hypergrads"):
+                for n, arr in lev[kind].items():
+                    cols[("value" if kind == "values" else "hypergrad", lev["level"], n)] = arr
+        tab = np.array([[np.nan if v is None else v for v in cols[c]] for c in h._columns],
+                       dtype=np.float64).reshape(len(h._columns), T).T
+        h._rows = list(tab)
+        return h
+
+    def __repr__(self) -> str:
+        return f"History({str(self.tower)!r}, steps={len(self)})"
+
+
+@dataclass
+class TowerResult:
+    """A tower run (:func:`run`): the record of every hyperparameter, per-step training losses,
+    final validation loss E(w_T), validation metrics and final parameters."""
+
+    tower: Level
+    history: History
+    train_losses: np.ndarray
+    value: float
+    params: Any = None
+    metrics: dict | None = None
+    problem: dict = field(default_factory=dict)
+
+    @property
+    def lrs(self) -> torch.Tensor:
+        """The learnt base LR schedule η_0 … η_{T−1} (float64)."""
+        return torch.as_tensor(self.history.lrs, dtype=torch.float64)
+
+    def replay(self) -> _dynamics.Dynamics:
+        """The base optimizer with every learnt non-LR hyperparameter replayed as a fixed schedule;
+        ``trajectory.train(problem, result.lrs, result.replay())`` reproduces the run, and
+        ``exact.hypergradient(problem, result.lrs, result.replay())`` gives the exact
+        full-horizon hypergradient of the learnt LR schedule."""
+        base_level = self.tower.levels[0]
+        vals = self.history.values(0)
+        sched = {n: torch.as_tensor(vals[n], dtype=torch.float64) for n in base_level.tuned if n != "lr"}
+        return Scheduled(base_level.base, sched) if sched else base_level.base
+
+    def to_dict(self) -> dict:
+        return {"kind": "towers", "tower": self.tower.config(), "problem": self.problem,
+                "steps": len(self.history), "value": self.value, "metrics": self.metrics,
+                "train_losses": self.train_losses, "history": self.history.to_dict()}
+
+    def save(self, path: str | Path) -> Path:
+        from .records import atomic_write_json, to_jsonable
+        return atomic_write_json(path, to_jsonable(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TowerResult":
+        from .records import read_json
+        d = read_json(path)
+        hist = History.from_dict(d["history"])
+        losses = np.array([np.nan if v is None else v for v in d["train_losses"]], dtype=np.float64)
+        return cls(hist.tower, hist, losses, d["value"], None, d.get("metrics"), d.get("problem", {}))
+
+    def __repr__(self) -> str:
+        return (f"TowerResult({str(self.tower)!r}, steps={len(self.history)}, value={self.value:.6g}, "
+                f"final lr={self.history.lrs[-1] if len(self.history) else float('nan'):.4g})")
+
+
+def run(problem, tower: "Level | str", steps: int, *, progress: bool = False) -> TowerResult:
+    """Train ``problem`` for ``steps`` steps with ``tower`` (through ``trajectory.make_step`` of
+    ``tower.dynamics()``), recording every hyperparameter at every level.
+
+    >>> from hgtoolkit import problems, towers
+    >>> r = towers.run(problems.from_function("beale"), "sgd(lr=1e-3) / sgd(lr=1e-5)", steps=20)
+    >>> len(r.history.lrs)
+    20
+    """
+    from .trajectory import check_finite, make_step, progress_bar
+    tower = parse(tower)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be ≥ 1, got {steps}")
+    dyn = tower.dynamics()
+    one_step = make_step(problem, dyn)
+    state = dyn.init(problem.params0)
+    history = History(tower)
+    one = torch.ones((), dtype=problem.dtype, device=problem.device)
+    losses = []
+    with torch.no_grad():
+        for t in progress_bar(range(steps), progress, desc=f"tower h={tower.height}", leave=False):
+            state, loss = one_step(state, one, t)
+            check_finite(loss, t)
+            _check_state(tower, state, t)
+            history.append(state)
+            losses.append(loss)
+        params = dyn.params(state)
+        value = problem.val_loss(params)
+    check_finite(value, steps - 1, params)
+    metrics = problem.metrics(params) if problem.metrics is not None else None
+    return TowerResult(tower, history, torch.stack(losses).detach().cpu().double().numpy(),
+                       float(value), params, metrics, problem.describe())
+
+
+def analyse(result: TowerResult, problem, **kwargs: Any):
+    """Compare the tower's online LR hypergradients G¹_t (the HD-like one-step estimates it used)
+    with the exact references along the learnt schedule (:func:`hgtoolkit.analysis.analyse`,
+    ``alignment="before_step"``: G¹_t is formed before step t). Returns an ApproximationReport."""
+    from . import analysis
+    if "lr" not in result.history.learnt(0):
+        raise ValueError("analyse: the tower does not learn the base LR (no hypergradient to compare)")
+    kwargs.setdefault("label", f"tower {result.tower}")
+    kwargs.setdefault("alignment", "before_step")
+    info = {"tower": result.tower.config(), **kwargs.pop("info", {})}
+    return analysis.analyse(problem, result.lrs, result.history.hypergrads(0)["lr"],
+                            result.replay(), info=info, **kwargs)
+
+
+# ----------------------------------------------------------------------------- drop-in optimizer
+
+class TowerOptimizer(torch.optim.Optimizer):
+    """A tower as a ``torch.optim.Optimizer``: reads ``p.grad`` from the usual ``loss.backward()``.
+
+    ::
+
+        opt = towers.SGD(lr=0.01, hyper=towers.SGD(lr=1e-4)).optimizer(model.parameters())
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()      # no create_graph needed
+            opt.step()
+        opt.history.lrs                           # the learnt base LR, step by step
+
+    Each parameter group runs its own tower (``{"params": ..., "tower": towers.Adam(...)}``;
+    default: the ``tower`` argument); hyperparameters are shared by a group's parameters. A
+    parameter whose ``.grad`` is None is treated as having gradient 0 (torch.optim skips it).
+    The state holds no autograd graph, only the previous update's inputs; ``record=False``
+    skips the per-step history (and its device sync). ``state_dict()`` / ``load_state_dict()``
+    save and restore the tower states, step counters and histories.
+    """
+
+    def __init__(self, params: Any, tower: "Level | str", *, record: bool = True,
+                 check_finite: bool = True):
+        tower = parse(tower)
+        self.record = bool(record)
+        self.check_finite = bool(check_finite)
+        self._tower_state: dict[int, dict] = {}
+        self._steps: dict[int, int] = {}
+        self.histories: dict[int, History] = {}
+        super().__init__(params, {"tower": tower})
+
+    def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict) and "tower" in param_group:
+            param_group = {**param_group, "tower": parse(param_group["tower"])}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
+        i = len(self.param_groups) - 1
+        self.histories[i] = History(group["tower"])
+
+    @property
+    def history(self) -> History:
+        """The record of the first parameter group (``histories[i]`` for group i)."""
+        return self.histories[0]
+
+    def hyperparameters(self, group: int = 0) -> list[dict[str, float]]:
+        """Current hyperparameter values of group ``group``, one dict per level."""
+        tower = self.param_groups[group]["tower"]
+        st = self._tower_state.get(group)
+        return [lvl.values() for lvl in tower.levels] if st is None else hyperparameters(tower, st)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for i, group in enumerate(self.param_groups):
+            params, tower = group["params"], group["tower"]
+            grads = []
+            for p in params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError("TowerOptimizer does not support sparse gradients")
+                # a copy: the next step differentiates this update again, and zero_grad() may
+                # zero p.grad in place
+                grads.append(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+            keep_w = tower.height > 1 and tower.weight_decay != 0  # see _prev
+            w = [p.detach().clone() if keep_w else p.detach() for p in params]
+            st = self._tower_state.get(i)
+            st = init(tower, w) if st is None else {**st, "w": w}
+            t = self._steps.get(i, 0)
+            new = step(tower, st, grads, t)
+            if self.check_finite:
+                _check_state(tower, new, t)
+            for p, nw in zip(params, new["w"]):
+                p.copy_(nw)
+            new["w"] = None  # the parameters themselves are the level-0 variable
+            self._tower_state[i] = new
+            self._steps[i] = t + 1
+            if self.record:
+                self.histories[i].append(new)
+        return loss
+
+    def state_dict(self) -> dict:
+        """``{"state": {group: tower state without w}, "param_groups": [{"params": [ids],
+        "tower": spec}], "steps": {...}, "histories": {...}}`` (tensors are immutable snapshots:
+        the optimizer never writes into them)."""
+        groups, ids, start = [], {}, 0
+        for group in self.param_groups:
+            idx = list(range(start, start + len(group["params"])))
+            start += len(idx)
+            groups.append({"params": idx, "tower": str(group["tower"])})
+        return {"format": "hgtoolkit.towers/1",
+                "state": {i: {k: v for k, v in st.items() if k != "w"}
+                          for i, st in self._tower_state.items()},
+                "param_groups": groups, "steps": dict(self._steps),
+                "histories": {i: h.to_dict() for i, h in self.histories.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or state_dict.get("format") != "hgtoolkit.towers/1":
+            raise ValueError("state_dict: not a TowerOptimizer state (format 'hgtoolkit.towers/1')")
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} parameter groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict: group {i} has {len(saved['params'])} parameters, "
+                                 f"this optimizer {len(group['params'])}")
+            if parse(saved["tower"]) != group["tower"]:
+                raise ValueError(f"state_dict: group {i} was saved with tower {saved['tower']!r}, "
+                                 f"this optimizer runs {str(group['tower'])!r}")
+        self._tower_state, self._steps = {}, {}
+        for key, st in state_dict["state"].items():
+            i = int(key)
+            device = self.param_groups[i]["params"][0].device
+            st = tree_map(lambda x: x.to(device).clone() if isinstance(x, torch.Tensor) else x, st)
+            for p, gl in zip(self.param_groups[i]["params"], tree_leaves(st["prev"][:1])):
+                if gl.shape != p.shape:
+                    raise ValueError(f"state_dict: group {i} parameter shapes differ from the saved ones")
+            self._tower_state[i] = {**st, "w": None}
+        self._steps = {int(k): int(v) for k, v in state_dict.get("steps", {}).items()}
+        for key, h in state_dict.get("histories", {}).items():
+            self.histories[int(key)] = History.from_dict(h)
+
+    def __repr__(self) -> str:
+        return "TowerOptimizer(" + "; ".join(str(g["tower"]) for g in self.param_groups) + ")"
+
+
+# ----------------------------------------------------------------------------- plotting
+
+def _panels(history: History, include_fixed: bool) -> list[tuple[int, str, list[str]]]:
+    panels = []
+    for k, lvl in enumerate(history.tower.levels):
+        names = list(lvl.names) if include_fixed else list(lvl.tuned)
+        lrs = [n for n in names if n not in UNIT_INTERVAL]
+        units = [n for n in names if n in UNIT_INTERVAL]
+        if lrs:
+            panels.append((k, "lr", lrs))
+        if units:
+            panels.append((k, "unit", units))
+    return panels
+
+
+def plot_history(history: "History | TowerResult", ax: Any = None, *, include_fixed: bool = False):
+    """Plot every learnt hyperparameter against the step: one panel per level and kind (learning
+    rates on a log axis; momentum/β/α as 1 − value on a log axis). ``ax``: None (new figure),
+    one Axes (everything on it) or a sequence with one Axes per panel. Returns the Axes list.
+    """
+    import matplotlib.pyplot as plt
+    if isinstance(history, TowerResult):
+        history = history.history
+    if not isinstance(history, History):
+        raise TypeError(f"history must be a towers.History or TowerResult, got {type(history).__name__}")
+    panels = _panels(history, include_fixed)
+    if not panels:
+        panels = _panels(history, True)  # height 1: show the fixed values
+    if ax is None:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels) + 0.6),
+                                 sharex=True, squeeze=False)
+        axes = list(axes[:, 0])
+        fig.suptitle(f"tower: {history.tower}", fontsize=9)
+    elif hasattr(ax, "plot"):
+        axes = [ax] * len(panels)
+    else:
+        axes = list(ax)
+        if len(axes) != len(panels):
+            raise ValueError(f"ax: need {len(panels)} Axes (one per panel), got {len(axes)}")
+    steps = np.arange(len(history))
+    for a, (k, kind, names) in zip(axes, panels):
+        lvl = history.tower.levels[k]
+        vals = history.values(k)
+        positive = False
+        for n in names:
+            y = vals[n] if kind == "lr" else 1.0 - vals[n]
+            label = f"level {k} ({lvl.kind}) " + (n if kind == "lr" else f"1 − {n}")
+            if n not in lvl.tuned:
+                label += " (fixed)"
+            a.plot(steps, y, label=label)
+            positive = positive or bool(np.any(y > 0))
+        if positive:
+            a.set_yscale("log")
+        a.set_ylabel("learning rate" if kind == "lr" else "1 − value")
+        a.legend(fontsize=8, loc="best")
+        a.grid(True, which="both", alpha=0.3)
+    axes[-1].set_xlabel("step t")
+    return axes
