@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", default=str(HERE / "grids" / "mnist_quick.yaml"))
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--overhead-cells", type=int, default=60)
+    ap.add_argument("--overhead-cells", type=int, default=200)
     ap.add_argument("--json", default=str(HERE / "results" / "sweep.json"))
     args = ap.parse_args(argv)
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         out["local_trivial"] = timed_sweep(trivial, tmp / "local_trivial")
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=args.workers, include_dashboard=False, logging_level=logging.ERROR,
+        ray.init("local", num_cpus=args.workers, include_dashboard=False, logging_level=logging.ERROR,
                  log_to_driver=False)
         out["ray_init_s"] = time.perf_counter() - t0
         try:

@@ -1,16 +1,23 @@
 """hgtoolkit: learning-rate schedules through hypergradients.
 
-Exact hypergradients of a whole schedule (reverse and forward mode), LRS-OPT, online
-approximations (HD, RTHO, MARTHE), hyperoptimizer towers, and the analysis of how far the
-online estimates are from the exact ones.
+- exact hypergradients of a whole schedule: :func:`hypergradient` (reverse / forward / autograd),
+  :func:`directional_derivative`, :func:`finite_difference`; schedule optimisation in
+  :mod:`hgtoolkit.lrsopt` (LRS-OPT);
+- online approximations HD, RTHO and MARTHE: :mod:`hgtoolkit.online` (functional engine),
+  :mod:`hgtoolkit.optim` (drop-in ``torch.optim`` optimizers), :mod:`hgtoolkit.marthe`;
+- hyperoptimizer towers: :mod:`hgtoolkit.towers`;
+- how far an online estimate is from the exact one: :mod:`hgtoolkit.analysis`,
+  :mod:`hgtoolkit.testing`.
 """
-from . import dynamics, problems
-from .errors import DivergenceError
+from . import analysis, dynamics, lrsopt, marthe, online, optim, problems, testing, towers
+from .errors import DivergenceError, DivergenceWarning
 from .exact import HypergradResult, directional_derivative, finite_difference, hypergradient
+from .online import OnlineResult
 from .problems import Problem
 from .trajectory import train
 
 __version__ = "0.1.0"
 
 __all__ = ["Problem", "hypergradient", "directional_derivative", "finite_difference", "train",
-           "HypergradResult", "DivergenceError", "dynamics", "problems"]
+           "HypergradResult", "OnlineResult", "DivergenceError", "DivergenceWarning", "analysis",
+           "dynamics", "lrsopt", "marthe", "online", "optim", "problems", "testing", "towers"]

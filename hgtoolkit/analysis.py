@@ -30,7 +30,8 @@ evaluated at w_{t+1}. With ``alignment="after_step"`` (the default) ``estimates[
 h_{t+1}: the estimate formed right after step t (which used η_t), the one that sets η_{t+1}.
 With ``alignment="before_step"`` ``estimates[t]`` is h_t: the estimate available before step t
 (formed after step t−1); then ``estimates[0]`` is ignored and step T−1 has no estimate (NaN
-in the per-step arrays, left out of the summary).
+in the per-step arrays, left out of the summary). ``OnlineResult.hypergrads`` is "after_step"
+(:func:`analyse_online` passes it as such).
 
 E is ``problem.val_loss`` throughout. An online method that uses another objective (HD with
 the next minibatch's training loss) is compared with these references as it is: the
@@ -464,7 +465,7 @@ def analyse(problem, lrs: Any, estimates: Any, optimizer: "str | _dynamics.Dynam
 
 def _online_label(config: dict) -> str:
     method = str(config.get("method", "online"))
-    bits = [method.upper() if method in ("hd", "rtho") else method.capitalize() if method == "marthe" else method]
+    bits = [method.upper()]
     if method == "marthe":
         bits.append(f"μ={config.get('mu')}")
     beta = config.get("beta")

@@ -64,8 +64,8 @@ from torch import nn
 
 from . import dynamics as _dynamics
 from . import records
-from ._tree import tree_flatten, tree_unflatten
-from .errors import DivergenceError
+from ._tree import tree_clone, tree_flatten, tree_map, tree_unflatten
+from .errors import DivergenceError, DivergenceWarning
 from .problems import Problem
 from .trajectory import check_finite, check_lrs, make_step, progress_bar
 
@@ -148,14 +148,16 @@ def cosine_warm_restarts(lr0: float, T: int, T0: int, T_mult: int = 1, eta_min: 
 
 @dataclass
 class PeerResult:
-    """One peer's training run.
+    """One peer's training run (field names as :class:`hgtoolkit.online.OnlineResult`).
 
     ``lrs[t]`` is the (effective) LR of step t and ``train_losses[t]`` = L_t(w_t), for the
-    steps run; ``val_losses[i]`` = E(w_s) and ``val_accuracy[i]`` (NaN when the problem has no
-    accuracy metric) at s = ``eval_steps[i]`` completed steps (0 and T included).
-    ``diverged_at`` is the step whose loss or resulting parameters were NaN/inf (the run
-    stopped there; the arrays hold what came before), else None. ``config`` says which peer
-    with which settings on which problem; ``wall_time`` is in seconds.
+    steps run; ``val_losses[i]`` = E(w_k) and ``val_accuracy[i]`` at k = ``eval_steps[i]``
+    steps taken (0 and the last step included); ``val_accuracy`` is None when the problem has
+    no ``metrics``. ``diverged_at``: the step t whose loss L_t or resulting parameters w_{t+1}
+    were NaN/inf (the run stopped there; the arrays hold the steps before it), else None;
+    ``divergence`` says what. ``final_params``: the parameters the last evaluation saw (for
+    Schedule-Free the average x_T), or None. ``config``: which peer with which settings on which
+    problem (``problem.describe()``); ``wall_time`` in seconds.
     """
 
     config: dict
@@ -163,80 +165,113 @@ class PeerResult:
     train_losses: np.ndarray
     eval_steps: np.ndarray
     val_losses: np.ndarray
-    val_accuracy: np.ndarray
+    val_accuracy: np.ndarray | None = None
     diverged_at: int | None = None
+    divergence: str | None = None
     wall_time: float = 0.0
+    final_params: Any = None
 
     _ARRAYS = ("lrs", "train_losses", "eval_steps", "val_losses", "val_accuracy")
 
-    def _final(self, values: np.ndarray) -> float:
-        done = len(self.eval_steps) and self.eval_steps[-1] == self.config.get("steps", self.eval_steps[-1])
-        return float(values[-1]) if done and self.diverged_at is None else math.nan
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "?")
+
+    @property
+    def steps_run(self) -> int:
+        return int(len(self.lrs))
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    @property
+    def best_val_loss(self) -> float:
+        """min_k E(w_k) over the evaluations (NaN if there is none)."""
+        return float(self.val_losses.min()) if len(self.val_losses) else math.nan
 
     @property
     def final_val_loss(self) -> float:
-        """E(w_T); NaN when the run stopped before step T."""
-        return self._final(self.val_losses)
+        """E at the last evaluation (E(w_T) when the run completed)."""
+        return float(self.val_losses[-1]) if len(self.val_losses) else math.nan
 
     @property
     def final_val_accuracy(self) -> float:
-        """Validation accuracy at w_T; NaN when the run stopped before step T (or no metric)."""
-        return self._final(self.val_accuracy)
+        if self.val_accuracy is None or not len(self.val_accuracy):
+            return math.nan
+        return float(self.val_accuracy[-1])
 
     def __repr__(self) -> str:
-        status = f"diverged at step {self.diverged_at}" if self.diverged_at is not None else "ok"
-        return (f"PeerResult({self.config.get('method')!r}, steps={len(self.train_losses)}, "
-                f"final val loss {self.final_val_loss:.4g}, accuracy {self.final_val_accuracy:.4g}, "
-                f"{status}, {self.wall_time:.1f} s)")
+        div = f", diverged_at={self.diverged_at}" if self.diverged else ""
+        return (f"PeerResult(method={self.method!r}, steps={self.steps_run}{div}, "
+                f"final_val_loss={self.final_val_loss:.6g}, "
+                f"final_val_accuracy={self.final_val_accuracy:.4g}, wall_time={self.wall_time:.1f}s)")
 
     @staticmethod
-    def _stem(path: str | Path) -> Path:
+    def _paths(path: str | Path) -> tuple[Path, Path, Path]:
         path = Path(path)
-        return path.with_suffix("") if path.suffix in (".json", ".npz") else path
+        stem = path.with_suffix("") if path.suffix in (".json", ".npz") else path
+        return (stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".npz"),
+                stem.with_name(stem.name + ".params.pt"))
 
-    def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``<path>.json`` (everything, readable) and ``<path>.npz`` (the arrays, exact)."""
-        stem = self._stem(path)
-        arrays = {k: getattr(self, k) for k in self._ARRAYS}
-        meta = {"format": _FORMAT, "config": self.config, "diverged_at": self.diverged_at,
-                "wall_time": self.wall_time, **arrays}
-        npz = records.save_arrays(stem.with_name(stem.name + ".npz"), **arrays)
-        js = records.atomic_write_json(stem.with_name(stem.name + ".json"), meta)
-        return js, npz
+    def save(self, path: str | Path) -> Path:
+        """Write ``<stem>.json`` (config, scalars and the arrays, readable), ``<stem>.npz`` (the
+        arrays, exact) and, when ``final_params`` is set, ``<stem>.params.pt``. ``path`` may end
+        in .json or have no suffix. Returns the JSON path."""
+        jpath, npath, ppath = self._paths(path)
+        arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
+        records.save_arrays(npath, **arrays)
+        if self.final_params is not None:
+            records.atomic_torch_save(tree_map(lambda x: x.detach().cpu(), self.final_params), ppath)
+        meta = {"kind": "peer", "format": _FORMAT, "config": self.config,
+                "diverged_at": self.diverged_at, "divergence": self.divergence,
+                "wall_time": self.wall_time, "steps_run": self.steps_run,
+                "final_val_loss": self.final_val_loss, "final_val_accuracy": self.final_val_accuracy,
+                "arrays": npath.name, "params": ppath.name if self.final_params is not None else None,
+                **arrays}
+        return records.atomic_write_json(jpath, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "PeerResult":
         """Read what :meth:`save` wrote (arrays from the npz, bit-exact)."""
-        stem = cls._stem(path)
-        meta = records.read_json(stem.with_name(stem.name + ".json"))
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{stem}.json is not a PeerResult record (format {meta.get('format')!r})")
-        arrays = records.load_arrays(stem.with_name(stem.name + ".npz"))
-        return cls(config=meta["config"], diverged_at=meta["diverged_at"], wall_time=meta["wall_time"],
-                   **{k: arrays[k] for k in cls._ARRAYS})
+        jpath, _, _ = cls._paths(path)
+        meta = records.read_json(jpath)
+        if meta.get("kind") != "peer":
+            raise ValueError(f"path {jpath} is not a PeerResult record (kind={meta.get('kind')!r})")
+        arrays = records.load_arrays(jpath.with_name(meta["arrays"]))
+        params = None
+        if meta.get("params"):
+            params = torch.load(jpath.with_name(meta["params"]), weights_only=True)
+        return cls(config=meta["config"], **{k: arrays.get(k) for k in cls._ARRAYS},
+                   diverged_at=meta["diverged_at"], divergence=meta.get("divergence"),
+                   wall_time=float(meta["wall_time"]), final_params=params)
 
 
 # ----------------------------------------------------------------------------- the training loop
 
 def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dict,
-         progress: bool) -> PeerResult:
+         progress: bool, raise_on_divergence: bool, keep_params: bool) -> PeerResult:
     """Step ``runner`` for ``steps`` steps, evaluating every ``eval_every`` steps and at the end.
 
-    ``runner.step(t) -> (L_t, η_t)`` raises :class:`DivergenceError` before applying a step
-    whose loss is not finite; ``runner.evaluation()`` yields the parameters to validate.
+    ``runner.step(t) -> (L_t, η_t)`` raises :class:`DivergenceError` when L_t or the parameters
+    after the step are not finite; ``runner.evaluation()`` yields the parameters to validate.
     """
     lrs: list[float] = []
     losses: list[float] = []
     evals: list[tuple[int, float, float]] = []
+    final_params = None
 
     def evaluate(done: int) -> None:
+        nonlocal final_params
         with runner.evaluation() as params, torch.no_grad():
             value = problem.val_loss(params)
-            check_finite(value, done - 1, params)  # E(w_s) non-finite: step s−1 made it so
+            check_finite(value, done - 1, params)  # E(w_k) non-finite: step k−1 made it so
             metrics = problem.metrics(params) if problem.metrics is not None else {}
+            if keep_params and done == steps:
+                final_params = tree_clone(params)
         evals.append((done, float(value), float(metrics.get("val_accuracy", math.nan))))
 
-    diverged_at = None
+    diverged: DivergenceError | None = None
     start = time.perf_counter()
     try:
         evaluate(0)
@@ -247,14 +282,23 @@ def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dic
             if (t + 1) % eval_every == 0 or t + 1 == steps:
                 evaluate(t + 1)
     except DivergenceError as err:
-        diverged_at = max(err.step, 0)
-        warnings.warn(f"{config['method']}: {err}; the run stopped there", RuntimeWarning, stacklevel=3)
+        diverged = err
+        diverged.step = max(err.step, 0)
     wall_time = time.perf_counter() - start
     ev = np.asarray(evals, dtype=np.float64).reshape(-1, 3)
-    return PeerResult(config=config, lrs=np.asarray(lrs, dtype=np.float64),
-                      train_losses=np.asarray(losses, dtype=np.float64),
-                      eval_steps=ev[:, 0].astype(np.int64), val_losses=ev[:, 1], val_accuracy=ev[:, 2],
-                      diverged_at=diverged_at, wall_time=wall_time)
+    result = PeerResult(
+        config=config, lrs=np.asarray(lrs, dtype=np.float64), train_losses=np.asarray(losses, dtype=np.float64),
+        eval_steps=ev[:, 0].astype(np.int64), val_losses=ev[:, 1],
+        val_accuracy=ev[:, 2] if problem.metrics is not None else None,
+        diverged_at=None if diverged is None else diverged.step,
+        divergence=None if diverged is None else str(diverged), wall_time=wall_time,
+        final_params=final_params)
+    if diverged is not None:
+        if raise_on_divergence:
+            raise diverged
+        warnings.warn(f"peer {config['method']} run stopped: {diverged} (result.diverged_at="
+                      f"{diverged.step})", DivergenceWarning, stacklevel=3)
+    return result
 
 
 class _DynamicsRunner:
@@ -268,7 +312,7 @@ class _DynamicsRunner:
     def step(self, t: int) -> tuple[float, float]:
         with torch.no_grad():
             state, loss = self.step_fn(self.state, self.lrs[t], t)
-        check_finite(loss, t)
+        check_finite(loss, t, self.dyn.params(state))
         self.state = state
         return float(loss), float(self.lrs[t])
 
@@ -297,6 +341,7 @@ class _TorchRunner:
         loss.backward()
         before = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
         self.optimizer.step()
+        check_finite(loss.detach(), t, self.leaves)  # a NaN/inf gradient with a finite loss
         return float(loss.detach()), float(self.peer.effective_lr(self.optimizer.param_groups[0], before))
 
     @contextmanager
@@ -317,10 +362,8 @@ def _common_args(problem: Any, steps: Any, eval_every: Any, seed: Any) -> tuple[
     eval_every = max(1, -(-steps // 10)) if eval_every is None else _check_int(eval_every, "eval_every")
     if seed is not None:
         seed = _check_int(seed, "seed", minimum=0)
-        if problem.resample is None:
-            raise ValueError(f"seed={seed} asks for a new minibatch order, but problem "
-                             f"{problem.name!r} has no resample(); pass seed=None")
-        problem = problem.resample(seed)
+        if problem.resample is not None:  # deterministic problems have nothing to reseed
+            problem = problem.resample(seed)
     return problem, steps, eval_every
 
 
@@ -356,8 +399,9 @@ class SchedulePeer:
         return self.build(lr, _check_int(steps, "steps"), **hyper)
 
     def __call__(self, problem: Problem, steps: int, *, lr: float | None = None, seed: int | None = None,
-                 eval_every: int | None = None, progress: bool = False,
-                 optimizer: "str | _dynamics.Dynamics" = "sgd", **hyper: Any) -> PeerResult:
+                 eval_every: int | None = None, progress: bool = False, raise_on_divergence: bool = False,
+                 keep_params: bool = True, optimizer: "str | _dynamics.Dynamics" = "sgd",
+                 **hyper: Any) -> PeerResult:
         problem, steps, eval_every = _common_args(problem, steps, eval_every, seed)
         lr = self.default_lr if lr is None else lr
         schedule, resolved = self.schedule(steps, lr, **hyper)
@@ -365,7 +409,7 @@ class SchedulePeer:
         runner = _DynamicsRunner(problem, check_lrs(schedule, problem, argname="schedule"), dyn)
         config = _config(self.name, "schedule", problem, steps, eval_every, seed, float(lr),
                          **resolved, optimizer=dyn.config())
-        return _run(problem, runner, steps, eval_every, config, progress)
+        return _run(problem, runner, steps, eval_every, config, progress, raise_on_divergence, keep_params)
 
 
 def _constant(lr, T):
@@ -415,7 +459,8 @@ class LRFreePeer:
         return getattr(module, self.cls)
 
     def __call__(self, problem: Problem, steps: int, *, lr: float | None = None, seed: int | None = None,
-                 eval_every: int | None = None, progress: bool = False, **kw: Any) -> PeerResult:
+                 eval_every: int | None = None, progress: bool = False, raise_on_divergence: bool = False,
+                 keep_params: bool = True, **kw: Any) -> PeerResult:
         problem, steps, eval_every = _common_args(problem, steps, eval_every, seed)
         lr = self.default_lr if lr is None else _check_float(lr, "lr", positive=True)
         opt_cls = self.optimizer_class()
@@ -435,7 +480,7 @@ class LRFreePeer:
                 version = "unknown"
         config = _config(self.name, "lr_free", problem, steps, eval_every, seed, lr,
                          optimizer={"class": f"{self.module}.{self.cls}", "version": version, **kw})
-        return _run(problem, runner, steps, eval_every, config, progress)
+        return _run(problem, runner, steps, eval_every, config, progress, raise_on_divergence, keep_params)
 
 
 def _bias_correction(group: dict) -> float:
@@ -481,23 +526,28 @@ PEERS: dict[str, SchedulePeer | LRFreePeer] = {
 
 
 def run_peer(problem: Problem, name: str, steps: int, *, lr: float | None = None, seed: int | None = None,
-             eval_every: int | None = None, progress: bool = False, **kw: Any) -> PeerResult:
+             eval_every: int | None = None, progress: bool = False, raise_on_divergence: bool = False,
+             keep_params: bool = True, **kw: Any) -> PeerResult:
     """Train ``problem`` for ``steps`` steps with the peer ``name`` (a key of :data:`PEERS`).
 
     ``lr``: η_0 of a schedule peer (default 0.1) or the LR multiplier of a learning-rate-free
-    optimizer (default 1, as the packages recommend). ``seed``: None trains on ``problem`` as
-    given; an integer trains on ``problem.resample(seed)`` (another minibatch order, same w_0).
+    optimizer (default 1, as the packages recommend). ``seed``: for problems with ``resample``
+    (stochastic minibatch order), train on ``problem.resample(seed)`` (same w_0); ignored by
+    deterministic problems — as :func:`hgtoolkit.online.run`.
     ``eval_every``: validate every that many steps (default ⌈steps/10⌉), and always at 0 and T.
     ``**kw``: the schedule's hyperparameters (``gamma``; ``drop``, ``every``; ``T0``, ``T_mult``,
     ``eta_min``) and ``optimizer`` (a ``hgtoolkit.dynamics`` name or object, default ``"sgd"``)
     for schedule peers; the optimizer's constructor arguments (e.g. ``momentum``,
     ``warmup_steps``, ``d_coef``, ``weight_decay``) for learning-rate-free peers.
 
-    A NaN/inf loss stops the run with a :class:`RuntimeWarning`; the result records
-    ``diverged_at``.
+    A NaN/inf loss or parameter stops the run at that step, records it in
+    ``result.diverged_at`` and warns (:class:`hgtoolkit.errors.DivergenceWarning`), or raises
+    :class:`hgtoolkit.errors.DivergenceError` with ``raise_on_divergence=True``.
+    ``keep_params``: keep the final parameters in ``result.final_params``.
     """
     if not isinstance(name, str):
         raise TypeError(f"name must be a peer name (str), got {type(name).__name__}")
     if name not in PEERS:
         raise ValueError(f"unknown peer name {name!r}; available: {sorted(PEERS)}")
-    return PEERS[name](problem, steps, lr=lr, seed=seed, eval_every=eval_every, progress=progress, **kw)
+    return PEERS[name](problem, steps, lr=lr, seed=seed, eval_every=eval_every, progress=progress,
+                       raise_on_divergence=raise_on_divergence, keep_params=keep_params, **kw)

@@ -48,7 +48,6 @@ saves to JSON + npz and loads back.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import warnings
@@ -299,6 +298,8 @@ def hyper_config(method: str = "marthe", *, lr0: float, beta: Any = None, mu: An
             raise ValueError(f"mu must be in [0, 1], got {mu_value}")
 
     # β: a constant ≥ 0, or "auto" (MARTHE only) starting from beta0 with step size κ.
+    if not isinstance(beta_rule, str) or beta_rule not in _marthe.BETA_RULES:
+        raise ValueError(f"unknown beta_rule {beta_rule!r}; choose one of {tuple(_marthe.BETA_RULES)}")
     kappa = _number(kappa, "kappa")
     if kappa < 0:
         raise ValueError(f"kappa must be ≥ 0, got {kappa}")
@@ -311,19 +312,14 @@ def hyper_config(method: str = "marthe", *, lr0: float, beta: Any = None, mu: An
             raise ValueError(f"beta must be a number ≥ 0 or 'auto', got {beta!r}")
         if method != "marthe":
             raise ValueError(f"beta='auto' is MARTHE's adaptive rule; method={method!r} needs a number")
-        if beta_rule not in _marthe.BETA_RULES:
-            raise ValueError(f"unknown beta_rule {beta_rule!r}; choose one of {tuple(_marthe.BETA_RULES)}")
         beta_value = _number(beta0, "beta0")
         if beta_value < 0:
             raise ValueError(f"beta0 must be ≥ 0, got {beta_value}")
-        brule = _marthe.BETA_RULES[beta_rule]
-        brule = _bind_kappa(brule, kappa)
+        brule = _bind_kappa(_marthe.BETA_RULES[beta_rule], kappa)
     else:
         beta_value, brule = _number(beta, "beta"), None
         if beta_value < 0:
             raise ValueError(f"beta must be ≥ 0, got {beta_value}")
-    if beta_rule not in _marthe.BETA_RULES:
-        raise ValueError(f"unknown beta_rule {beta_rule!r}; choose one of {tuple(_marthe.BETA_RULES)}")
 
     desc = {"method": method, "lr0": lr0, "objective": objective, "lr_floor": lr_floor,
             "lr_max": lr_max if math.isfinite(lr_max) else None,
@@ -530,6 +526,8 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
                 raise DivergenceError(t, "parameters after the step")
             g_prev = g
             rec["step_times"].append(time.perf_counter() - start)
+            if progress and t % 10 == 0:
+                bar.set_postfix(lr=f"{hs.lr:.3g}", loss=f"{rec['train_losses'][-1]:.4g}", refresh=False)
         # the last hyper-update (h_T, η_T): for "train" this is the run's one extra gradient
         w = dyn.params(state)
         g_T, value = None, None

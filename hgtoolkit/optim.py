@@ -10,7 +10,9 @@ trajectories are the same (tested). At step t, for every param group k (η_k is 
     s_{t+1} = Φ_t(s_t, η_t),  z_{t+1}^{(k)} = μ_k A_t z_t^{(k)} + B_t^{(k)}
 
 with v_t = ∇L_t(w_t) (the gradient this step uses: ``objective="train"``, HD) or ∇E(w_t)
-(``objective="val"``). ``param_groups[k]["lr"]`` is η_t, the LR the last step used.
+(``objective="val"``). After step t, ``param_groups[k]`` holds ``"lr"`` = η_t (the LR that
+step used; ``online.run(...).lrs[t]``), ``"hypergrad"`` = h_t (the estimate that set it;
+``.hypergrads[t−1]``), ``"beta_t"``, ``"mu_t"`` (β and μ for the next update) and ``"t"``.
 
 HD in a plain loop (Baydin et al.; needs nothing but the gradient)::
 
@@ -43,7 +45,6 @@ Divergence (non-finite loss, h or parameters, or |η| > ``lr_max``) raises
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Iterable
 
@@ -62,13 +63,6 @@ def _nonneg(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
     return float(value)
-
-
-def _dynamics_from_config(cfg: dict) -> _dynamics.Dynamics:
-    """Rebuild a Dynamics from its ``config()`` dict (kept in param groups: plain data)."""
-    cls = type(_dynamics.get(cfg["name"]))
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in cfg.items() if k in names})
 
 
 class _OnlineOptimizer(torch.optim.Optimizer):
@@ -334,7 +328,7 @@ class MARTHE(_OnlineOptimizer):
 
     def _dynamics(self, group):
         cfg = group["optimizer"]
-        return cfg if isinstance(cfg, _dynamics.Dynamics) else _dynamics_from_config(cfg)
+        return cfg if isinstance(cfg, _dynamics.Dynamics) else _dynamics.from_config(cfg)
 
     def _hyper_kwargs(self, group):
         return {k: group[k] for k in ("method", "beta", "mu", "kappa", "beta0", "beta_rule")}

@@ -60,7 +60,8 @@ Executors:
   builds the problem for a seed, ``cells`` are :class:`Cell` objects, and it returns one
   ``OnlineResult`` (or :class:`CellOutput`) per cell, in order. Otherwise cells run one by one.
   ``batch=False`` turns the hook off. (Ray tasks use the same hook inside their chunk.)
-- ``"ray"``: ``ray.init(num_cpus=…)`` locally unless Ray is already initialised or ``address``
+- ``"ray"``: a new local Ray (``ray.init("local", num_cpus=…)``) unless Ray is already
+  initialised in this process (then it is used as it is) or ``address``
   (``"auto"`` for a cluster started with ``ray start``, ``"ray://host:10001"`` for Ray Client)
   is given. Cells are cut into chunks (``chunk_size``; default ≈ cells / (4 × CPUs)), the most
   expensive first (longest-processing-time order shortens the tail); each chunk is one
@@ -70,17 +71,19 @@ Executors:
   when the problem asks for ``device: cuda`` and the cluster has GPUs, else 0. With
   ``worker_writes=False`` (a cluster without a shared filesystem, or a driver connected from
   outside through Ray Client — the default for ``ray://`` addresses) tasks return their
-  records and the driver writes them. Interrupting the driver cancels the outstanding tasks.
+  records and the driver writes them (a killed worker then loses its whole task). Interrupting
+  the driver cancels the outstanding tasks before it returns.
 
-Determinism: every cell runs with ``torch.set_num_threads(threads_per_cell)`` (default 1) and
-``torch.manual_seed(seed)``, so a cell gives bit-identical numbers in-process and in a Ray
-worker on the same machine (compare with :func:`records_equal`, which ignores timings, host
-and pid). Batched runs (the hook above) are equal to one-by-one runs only up to rounding.
+Determinism: every cell runs with ``torch.set_num_threads(threads_per_cell)`` (default 1; a
+Ray task reserves that many CPUs) and ``torch.manual_seed(seed)``, so a cell gives
+bit-identical numbers in-process and in a Ray worker on the same machine (compare with
+:func:`records_equal`, which ignores timings, host and pid); other hardware or library
+versions may differ in the last bits. Batched runs (the hook above) are equal to one-by-one
+runs only up to rounding.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import inspect
 import itertools
@@ -601,6 +604,12 @@ class Store:
         records.atomic_write_json(self.errors_dir / f"{cell.id}.json",
                                   {"id": cell.id, **cell.to_dict(), "error": error, "meta": meta})
 
+    def error(self, cell_id: str) -> str:
+        """The traceback stored for a failed cell ("" if none)."""
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            return records.read_json(self.errors_dir / f"{cell_id}.json").get("error", "")
+        return ""
+
     def errors(self) -> dict[str, dict]:
         if not self.errors_dir.exists():
             return {}
@@ -779,17 +788,19 @@ class _Runner:
         for c in todo:
             if self.write:
                 self.store.log("start", c.id, executor=self.executor, batched=len(todo))
-        t0 = time.perf_counter()
+        t0, failure = time.perf_counter(), None
         with _cell_environment(self.threads, first.seed) as caught:
             try:
                 outs = fn(lambda seed: build_problem(first.problem, seed), todo)
                 outs = [_as_output(kind, o) for o in outs]
                 if len(outs) != len(todo):
                     raise RuntimeError(f"run_online_batch returned {len(outs)} results for {len(todo)} cells")
-            except Exception:  # fall back to one by one
-                warnings.warn(f"batched runner failed ({traceback.format_exc(limit=1).strip().splitlines()[-1]}); "
-                              "running the cells one by one", RuntimeWarning)
-                return [self.run_cell(c) for c in cells]
+            except Exception:
+                failure = traceback.format_exc(limit=1).strip().splitlines()[-1]
+        if failure is not None:  # fall back to one by one
+            warnings.warn(f"hgtoolkit.batched.run_online_batch failed ({failure}); running the "
+                          f"{len(todo)} cells one by one", RuntimeWarning, stacklevel=2)
+            return [self.run_cell(c) for c in cells]
         meta = self._meta(t0, caught)
         meta["batched"] = len(todo)
         for c, o in zip(todo, outs):
@@ -882,13 +893,16 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
         callback: Callable[[int, int], Any] | None = None) -> SweepReport:
     """Run every cell of ``grids`` not yet in ``results_dir``; return a :class:`SweepReport`.
 
-    ``executor``: ``"local"`` (in-process) or ``"ray"``; ``address``/``num_cpus``/``num_gpus``/
-    ``chunk_size``/``max_retries``/``runtime_env``/``worker_writes``: Ray only (module
-    docstring). ``threads_per_cell``: torch threads inside a cell (1: deterministic across
-    executors). ``worker_writes`` (Ray): workers write records into ``results_dir`` (a path
-    they must see: local Ray, or a filesystem shared by the cluster); False: the driver writes
-    them (a driver outside the cluster); default: False for a ``ray://`` (Ray Client) address,
-    else True. ``callback(done, total)`` is called by the driver whenever cells finish
+    ``executor``: ``"local"`` (in-process) or ``"ray"``. For Ray (module docstring):
+    ``address`` (None: a local Ray with ``num_cpus`` CPUs, unless Ray is already initialised,
+    in which case it is used as it is), ``num_gpus`` and ``max_retries`` per task,
+    ``chunk_size`` cells per task, ``runtime_env`` for ``ray.init``; ``worker_writes``: workers
+    write records into ``results_dir`` (a path they must see: local Ray, or a filesystem shared
+    by the cluster), or with False return them for the driver to write (a driver outside the
+    cluster); default False for a ``ray://`` (Ray Client) address, else True.
+    ``threads_per_cell``: torch threads inside a cell (1: deterministic across executors).
+    ``batch``: use the ``hgtoolkit.batched`` hook if it exists.
+    ``callback(done, total)`` is called by the driver whenever cells finish
     (an exception raised there interrupts the sweep like Ctrl-C does). Errors inside a cell
     do not stop the sweep: they are stored in ``errors/`` and reported in ``report.failed``.
     """
@@ -906,6 +920,10 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
     if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0):
         raise ValueError(f"num_gpus must be a number ≥ 0, got {num_gpus!r}")
 
+    if executor == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise ModuleNotFoundError("executor='ray' needs Ray: pip install 'hgtoolkit[ray]'")
     if worker_writes is None:
         worker_writes = not (isinstance(address, str) and address.startswith("ray://"))
     store = Store(results_dir)
@@ -942,7 +960,7 @@ def _run_local(pending, store, report, bar, threads, batch, callback) -> None:
         if status == "computed":
             report.computed.append(cell.id)
         elif status == "error":
-            report.failed[cell.id] = (store.errors().get(cell.id) or {}).get("error", "error")
+            report.failed[cell.id] = store.error(cell.id)
         elif status == "existing":  # stored meanwhile by someone else
             report.existing.append(cell.id)
         if hasattr(bar, "update"):
@@ -985,8 +1003,8 @@ def _run_ray(pending, store, report, bar, threads, batch, callback, address, num
     if not ray.is_initialized():
         kw: dict[str, Any] = {"address": address, "runtime_env": runtime_env,
                               "logging_level": logging.WARNING}
-        if address is None:
-            kw.update(num_cpus=num_cpus, include_dashboard=False)
+        if address is None:  # a new local Ray, even if a cluster runs on this machine
+            kw.update(address="local", num_cpus=num_cpus, include_dashboard=False)
         ray.init(**kw)
         started_here = True
     try:
@@ -994,8 +1012,8 @@ def _run_ray(pending, store, report, bar, threads, batch, callback, address, num
         if num_gpus is None:
             wants_cuda = any(str(c.problem.get("device", "cpu")).startswith("cuda") for c in pending)
             num_gpus = 1 if wants_cuda and ray.cluster_resources().get("GPU", 0) > 0 else 0
-        size = chunk_size or max(1, math.ceil(len(pending) / (4 * cpus)))
-        task = _remote_chunk().options(max_retries=max_retries, num_gpus=num_gpus)
+        size = chunk_size or max(1, math.ceil(len(pending) / (4 * max(cpus // threads, 1))))
+        task = _remote_chunk().options(max_retries=max_retries, num_gpus=num_gpus, num_cpus=threads)
         refs = {task.remote([c.to_dict() for c in chunk], str(store.root.resolve()), threads,
                             worker_writes, batch): chunk
                 for chunk in _chunks(pending, size)}
@@ -1033,15 +1051,11 @@ def _run_ray(pending, store, report, bar, threads, batch, callback, address, num
                             store.log("finish", rec["id"], status=rec["status"], via="driver")
                     for cid, s in status.items():
                         if s == "error" and cid not in report.failed:
-                            report.failed[cid] = (store.errors().get(cid) or {}).get("error", "error")
+                            report.failed[cid] = store.error(cid)
                     account(cid for cid, s in status.items() if s != "error")
                 account(store.done() & pending_ids)
-        except BaseException:  # Ctrl-C or a callback: stop the workers before handing back
-            for ref in refs:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
-            with contextlib.suppress(Exception):
-                ray.wait(list(refs), num_returns=len(refs), timeout=30)
+        except BaseException:  # Ctrl-C or a callback: stop every task before handing back, so
+            _cancel(ray, list(refs))  # that none writes a record behind a re-run's back
             raise
         finally:
             finished = store.done()
@@ -1052,6 +1066,22 @@ def _run_ray(pending, store, report, bar, threads, batch, callback, address, num
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _cancel(ray, refs: list, grace: float = 10.0) -> None:
+    """Cancel tasks: a KeyboardInterrupt in the running ones (their workers survive), then
+    kill the workers of those still running after ``grace`` seconds."""
+    if not refs:
+        return
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
+    with contextlib.suppress(Exception):
+        _, refs = ray.wait(refs, num_returns=len(refs), timeout=grace)
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        ray.wait(refs, num_returns=len(refs), timeout=30)
 
 
 # ============================================================================ reading results

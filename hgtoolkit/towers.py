@@ -53,7 +53,9 @@ Three ways to use a tower:
 - drop-in ``torch.optim.Optimizer``: ``opt = tower.optimizer(model.parameters())``, then the
   usual ``loss.backward(); opt.step(); opt.zero_grad()`` (:class:`TowerOptimizer`).
 
-A tower whose hyper-levels all have learning rate 0 is the base optimizer, bit for bit.
+A tower whose hyper-levels all have learning rate 0 is the base optimizer, bit for bit (one
+caveat: a tuned Adam β enters ``dynamics.Adam`` as a tensor, and torch rounds β^(t+1) for
+t + 1 = 3 differently from Python's float power for some β, e.g. 0.99: a 1-ulp difference).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch

@@ -12,6 +12,7 @@ from torch.func import grad
 
 import hgtoolkit
 from hgtoolkit import baselines, problems
+from hgtoolkit.errors import DivergenceError, DivergenceWarning
 from hgtoolkit.baselines import PEERS, PeerResult, run_peer
 
 LR_FREE = ["schedulefree_sgd", "prodigy", "dadapt_sgd", "dadapt_adam"]
@@ -140,6 +141,8 @@ def test_lr_free_peer_lowers_the_training_loss(full_batch, name):
     assert res.eval_steps.tolist() == [0, 5, 10, 15, 20]
     assert np.all((res.val_accuracy >= 0) & (res.val_accuracy <= 1))
     assert res.config["kind"] == "lr_free" and res.config["lr"] == 1.0
+    # final_params are what the last evaluation saw (Schedule-Free: the average x_T)
+    assert float(full_batch.val_loss(res.final_params)) == res.final_val_loss
 
 
 @pytest.mark.parametrize("name", ["prodigy", "dadapt_sgd", "dadapt_adam"])
@@ -198,7 +201,8 @@ def test_schedulefree_warmup_is_recorded(minibatch):
 
 @pytest.mark.parametrize("name", ["sgdr", "prodigy"])
 def test_same_seed_same_numbers_and_records_round_trip(minibatch, name, tmp_path):
-    _needs(name) if name in LR_FREE else None
+    if name in LR_FREE:
+        _needs(name)
     a = run_peer(minibatch, name, 12, seed=3, eval_every=5)
     b = run_peer(minibatch, name, 12, seed=3, eval_every=5)
     c = run_peer(minibatch, name, 12, seed=4, eval_every=5)
@@ -207,8 +211,9 @@ def test_same_seed_same_numbers_and_records_round_trip(minibatch, name, tmp_path
     assert not np.array_equal(a.train_losses, c.train_losses)  # another minibatch order
     assert a.config["seed"] == 3 and a.config["problem"]["batch_seed"] == 3
 
-    js, npz = a.save(tmp_path / "run")
-    assert js.name == "run.json" and npz.name == "run.npz"
+    js = a.save(tmp_path / "run")
+    assert js.name == "run.json"
+    assert {p.name for p in tmp_path.iterdir()} == {"run.json", "run.npz", "run.params.pt"}
     back = PeerResult.load(tmp_path / "run.json")
     for f in dataclasses.fields(PeerResult):
         x, y = getattr(a, f.name), getattr(back, f.name)
@@ -216,8 +221,11 @@ def test_same_seed_same_numbers_and_records_round_trip(minibatch, name, tmp_path
             assert x.dtype == y.dtype and np.array_equal(x, y), f.name
         elif f.name == "config":
             assert y == hgtoolkit.records.to_jsonable(x)
+        elif f.name == "final_params":
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
         else:
             assert x == y, f.name
+    assert hgtoolkit.records.read_json(js)["final_val_loss"] == a.final_val_loss
 
 
 def test_load_rejects_other_records(tmp_path):
@@ -238,17 +246,35 @@ def _nan_at_step_3():
 def test_divergence_stops_the_run_and_is_recorded(name):
     if name in LR_FREE:
         _needs(name)
-    with pytest.warns(RuntimeWarning, match="diverged at step 3"):
+    with pytest.warns(DivergenceWarning, match="diverged at step 3"):
         res = run_peer(_nan_at_step_3(), name, 10, eval_every=2)
-    assert res.diverged_at == 3
-    assert len(res.train_losses) == len(res.lrs) == 3
+    assert res.diverged and res.diverged_at == 3 and "training loss" in res.divergence
+    assert len(res.train_losses) == len(res.lrs) == res.steps_run == 3
     assert res.eval_steps.tolist() == [0, 2]
-    assert np.all(np.isnan(res.val_accuracy))  # the problem has no accuracy metric
-    assert math.isnan(res.final_val_loss)  # w_T was never reached
+    assert res.val_accuracy is None  # the problem has no metrics
+    assert res.final_params is None  # w_T was never reached
+    with pytest.raises(DivergenceError) as info:
+        run_peer(_nan_at_step_3(), name, 10, raise_on_divergence=True)
+    assert info.value.step == 3
+
+
+@pytest.mark.parametrize("name", ["constant", "schedulefree_sgd"])
+def test_nan_gradient_with_finite_loss_is_caught_at_its_step(name):
+    if name in LR_FREE:
+        _needs(name)
+
+    def train_loss(w, t):  # at t = 2: value 0 + ‖w‖², gradient of √(|w| − w) at w > 0 is ∞·0 = NaN
+        extra = torch.sqrt(torch.abs(w) - w).sum() if t == 2 else 0.0
+        return (w ** 2).sum() + extra
+
+    problem = hgtoolkit.Problem(torch.ones(3, dtype=torch.float64), train_loss, lambda w: (w ** 2).sum())
+    with pytest.warns(DivergenceWarning, match="step 2"):
+        res = run_peer(problem, name, 10, lr=0.1)
+    assert res.diverged_at == 2 and len(res.train_losses) == 2
 
 
 def test_blow_up_is_detected():
-    with pytest.warns(RuntimeWarning, match="diverged"):
+    with pytest.warns(DivergenceWarning, match="diverged"):
         res = run_peer(problems.from_function("rosenbrock"), "constant", 50, lr=1.0)
     assert res.diverged_at is not None and res.diverged_at < 50
     assert np.all(np.isfinite(res.train_losses))
@@ -279,11 +305,12 @@ def test_bad_arguments(minibatch, kwargs, exc, match):
         run_peer(minibatch, args.pop("name"), args.pop("steps"), **args)
 
 
-def test_bad_problem_and_seed_without_resample():
+def test_bad_problem_and_seed_of_a_deterministic_problem():
     with pytest.raises(TypeError, match="problem"):
         run_peer("mnist", "constant", 5)
-    with pytest.raises(ValueError, match="resample"):
-        run_peer(problems.from_function("beale"), "constant", 5, seed=1)
+    beale = problems.from_function("beale")  # no minibatches: the seed changes nothing
+    a, b = run_peer(beale, "constant", 5, lr=1e-3, seed=1), run_peer(beale, "constant", 5, lr=1e-3)
+    assert np.array_equal(a.train_losses, b.train_losses) and a.config["seed"] == 1
 
 
 def test_missing_package_says_how_to_install(minibatch, monkeypatch):

@@ -5,6 +5,7 @@ import gc
 import importlib.util
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -223,7 +224,9 @@ def test_divergence_is_reported():
 
 def _live_tensors():
     gc.collect()
-    ts = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on deprecated torch module attributes
+        ts = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
     return len(ts), sum(t.untyped_storage().nbytes() for t in ts)
 
 
@@ -246,13 +249,11 @@ def test_height3_memory_does_not_grow_with_steps():
             nn.functional.cross_entropy(model(x[b]), y[b]).backward()
             opt.step()
 
-    train(5)
+    train(10)
     n1, bytes1 = _live_tensors()
-    train(20)
+    train(30)
     n2, bytes2 = _live_tensors()
-    train(40)
-    n3, bytes3 = _live_tensors()
-    assert n1 == n2 == n3 and bytes1 == bytes2 == bytes3
+    assert n1 == n2 and bytes1 == bytes2
     assert _graph_free(opt.state_dict()["state"])
     assert opt.hyperparameters()[1]["lr"] != 0.001  # the middle level did learn
 
@@ -263,11 +264,11 @@ def test_height3_memory_does_not_grow_with_steps():
     state, one = dyn.init(problem.params0), torch.ones(())
     counts = []
     with torch.no_grad():
-        for t in range(60):
+        for t in range(40):
             state, _ = step(state, one, t)
-            if t in (9, 29, 59):
+            if t in (9, 39):
                 counts.append(_live_tensors())
-    assert counts[0] == counts[1] == counts[2]
+    assert counts[0] == counts[1]
     assert _graph_free(state)
 
 
@@ -498,7 +499,7 @@ def test_cli_writes_json_and_png(tmp_path):
     (lambda: towers.TowerOptimizer([nn.Parameter(torch.zeros(2))], "nonsense(lr=1)"), ValueError, "nonsense"),
     (lambda: towers.TowerOptimizer([nn.Parameter(torch.zeros(2))], 0.1), TypeError, "tower"),
     (lambda: towers.TowerOptimizer([], towers.SGD()), ValueError, "empty"),
-    (lambda: towers.TowerOptimizer([torch.zeros(2, dtype=torch.long)], towers.SGD()), (TypeError, ValueError), ""),
+    (lambda: towers.TowerOptimizer([torch.zeros(2, dtype=torch.long)], towers.SGD()), TypeError, "floating"),
     (lambda: towers.run(problems.from_function("beale"), towers.SGD(), 0), ValueError, "steps"),
     (lambda: towers.run(problems.from_function("beale"), towers.SGD(), 2.0), TypeError, "steps"),
     (lambda: towers.SGD().dynamics().step({}, None, 1.0, 0, momentum=0.5), TypeError, "momentum"),

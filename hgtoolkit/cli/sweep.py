@@ -70,12 +70,19 @@ def _main(args) -> int:
     if args.ship_code:
         import hgtoolkit
         import testfunctions
-        runtime_env = {"py_modules": [hgtoolkit, testfunctions]}
-    report = sweep.run(grids, results_dir, executor=args.executor, address=args.address,
-                       num_cpus=args.num_cpus, num_gpus=args.num_gpus, chunk_size=args.chunk_size,
-                       threads_per_cell=args.threads, max_retries=args.max_retries,
-                       runtime_env=runtime_env, worker_writes=None if args.driver_writes is None else False,
-                       batch=not args.no_batch, progress=not args.no_progress)
+        runtime_env = {"py_modules": [str(Path(m.__file__).parent) for m in (hgtoolkit, testfunctions)]}
+    try:
+        report = sweep.run(grids, results_dir, executor=args.executor, address=args.address,
+                           num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                           chunk_size=args.chunk_size, threads_per_cell=args.threads,
+                           max_retries=args.max_retries, runtime_env=runtime_env,
+                           worker_writes=None if args.driver_writes is None else False,
+                           batch=not args.no_batch, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        n = len(sweep.Store(results_dir).done() & {c.id for c in cells})
+        print(f"\ninterrupted: {n} of {len(cells)} cells are stored in {results_dir}; "
+              "run the same command again to finish the rest", file=sys.stderr)
+        return 130
     table = sweep.summary_table(results_dir)
     records.atomic_write_bytes(results_dir / "summary.md", table.encode())
     print(table)

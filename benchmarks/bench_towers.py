@@ -1,0 +1,327 @@
+"""Per-step cost and memory of hyperoptimizer towers on the MNIST MLP (float32, CPU).
+
+Side by side, on the same 3×500 MLP, initial weights and minibatches
+(``hgtoolkit.problems.mnist_mlp()``, loss through ``problem.train_loss``):
+
+- the plain base optimizer (``torch.optim.SGD`` / ``torch.optim.Adam``);
+- ``hgtoolkit.towers`` drop-in optimizers of height 1, 2, 3;
+- the PyPI package ``gradient-descent-the-ultimate-optimizer`` (Chandra et al.'s reference
+  implementation, import ``gradient_descent_the_ultimate_optimizer``) with the same stacks,
+  driven as its README says (``begin``, ``zero_grad``, ``backward(create_graph=True)``, ``step``).
+
+Time: median per-iteration wall time (zero_grad + forward + backward + optimizer step) over
+``--steps`` steps after ``--warmup``; ``--repeats`` rounds, configurations interleaved within a
+round so that machine load affects all alike; the table shows the median over rounds.
+Memory: each configuration in a fresh subprocess: peak RSS (ru_maxrss) and, after N and 2N
+steps, RSS and the live tensors reachable from Python (count and bytes) — growth with the
+number of steps shows up as a difference between N and 2N. Numerics: the SGD towers of both
+implementations are compared step by step (learnt LR trajectories, final weights).
+
+    .venv/bin/python benchmarks/bench_towers.py [--steps 30 --warmup 5 --repeats 3]
+
+Writes ``benchmarks/results/towers.json`` and prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from hgtoolkit import problems, towers  # noqa: E402
+from hgtoolkit.records import atomic_write_json  # noqa: E402
+
+try:
+    from gradient_descent_the_ultimate_optimizer import gdtuo
+except ImportError:  # optional: pip install gradient-descent-the-ultimate-optimizer (extra "peers")
+    gdtuo = None
+
+FAMILIES = {
+    "sgd": {"torch": lambda ps: torch.optim.SGD(ps, lr=0.05),
+            "towers": ["sgd(lr=0.05)", "sgd(lr=0.05) / sgd(lr=0.01)",
+                       "sgd(lr=0.05) / sgd(lr=0.01) / sgd(lr=0.0001)"],
+            "gdtuo": [lambda: gdtuo.SGD(alpha=0.05),
+                      lambda: gdtuo.SGD(alpha=0.05, optimizer=gdtuo.SGD(alpha=0.01)),
+                      lambda: gdtuo.SGD(alpha=0.05, optimizer=gdtuo.SGD(alpha=0.01,
+                                                                        optimizer=gdtuo.SGD(alpha=1e-4)))]},
+    "adam": {"torch": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+             "towers": ["adam(lr=0.001)", "adam(lr=0.001) / sgd(lr=1e-07)",
+                        "adam(lr=0.001) / sgd(lr=1e-07) / sgd(lr=1e-12)"],
+             "gdtuo": [lambda: gdtuo.Adam(alpha=1e-3),
+                       lambda: gdtuo.Adam(alpha=1e-3, optimizer=gdtuo.SGD(alpha=1e-7)),
+                       lambda: gdtuo.Adam(alpha=1e-3, optimizer=gdtuo.SGD(alpha=1e-7,
+                                                                          optimizer=gdtuo.SGD(alpha=1e-12)))]},
+}
+
+
+def configs() -> list[tuple[str, str, str, int]]:
+    """(key, family, implementation, height)."""
+    out = []
+    for fam, spec in FAMILIES.items():
+        out.append((f"{fam}/torch.optim", fam, "torch.optim", 1))
+        for h in (1, 2, 3):
+            out.append((f"{fam}/hgtoolkit/h{h}", fam, "hgtoolkit", h))
+        if gdtuo is not None:
+            for h in (1, 2, 3):
+                out.append((f"{fam}/gdtuo/h{h}", fam, "gdtuo", h))
+    return out
+
+
+def _mlp_module(problem) -> torch.nn.Module:
+    """An nn.Sequential with the problem's layer sizes and initial weights (gdtuo needs a module)."""
+    p0 = problem.params0
+    weights = sorted((k for k in p0 if k.endswith(".weight")), key=lambda k: int(k.split(".")[0]))
+    sizes = [p0[weights[0]].shape[1]] + [p0[k].shape[0] for k in weights]
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    m = torch.nn.Sequential(*layers).to(problem.dtype)
+    m.load_state_dict({k: v.clone() for k, v in p0.items()})
+    return m
+
+
+class Runner:
+    """One configuration: ``step(t)`` does one full training iteration on minibatch t."""
+
+    def __init__(self, problem, family: str, impl: str, height: int):
+        self.problem, self.impl = problem, impl
+        fam = FAMILIES[family]
+        if impl == "gdtuo":
+            self.mw = gdtuo.ModuleWrapper(_mlp_module(problem), optimizer=fam["gdtuo"][height - 1]())
+            self.mw.initialize()
+            self.top = self.mw.optimizer
+        else:
+            self.params = {k: v.clone().requires_grad_() for k, v in problem.params0.items()}
+            ps = list(self.params.values())
+            self.opt = fam["torch"](ps) if impl == "torch.optim" else towers.parse(
+                fam["towers"][height - 1]).optimizer(ps)
+
+    def step(self, t: int) -> float:
+        if self.impl == "gdtuo":
+            self.mw.begin()
+            self.mw.zero_grad()
+            loss = self.problem.train_loss(self.mw.parameters, t)
+            loss.backward(create_graph=True)
+            self.mw.step()
+        else:
+            self.opt.zero_grad()
+            loss = self.problem.train_loss(self.params, t)
+            loss.backward()
+            self.opt.step()
+        return float(loss.detach())
+
+    def lrs(self) -> list[float]:
+        """Current learning rate of every level (base first)."""
+        if self.impl == "gdtuo":
+            out, o = [], self.top
+            while hasattr(o, "parameters"):
+                out.append(float(o.parameters["alpha"]))
+                o = o.optimizer
+            return out
+        if self.impl == "torch.optim":
+            return [self.opt.param_groups[0]["lr"]]
+        return [lv["lr"] for lv in self.opt.hyperparameters()]
+
+    def weights(self) -> list[torch.Tensor]:
+        src = self.mw.parameters if self.impl == "gdtuo" else self.params
+        return [src[k].detach() for k in self.problem.params0]
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _live_tensors() -> tuple[int, float]:
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    seen, total = set(), 0
+    for t in ts:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            continue
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            total += st.nbytes()
+    return len(ts), total / 2**20
+
+
+def memory_probe(key: str, steps: int) -> dict:
+    """Run in a fresh process: peak RSS and live tensors after N and 2N steps."""
+    _, family, impl, height = next(c for c in configs() if c[0] == key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problem = problems.mnist_mlp()
+    problem.train_loss(problem.params0, 0)  # load data, build caches
+    rss0 = _rss_mb()
+    r = Runner(problem, family, impl, height)
+    out = {"rss_start_mb": rss0}
+    t = 0
+    for n in (steps, 2 * steps):
+        while t < n:
+            r.step(t)
+            t += 1
+        count, mb = _live_tensors()
+        out[f"after_{n}"] = {"rss_mb": _rss_mb(), "live_tensors": count, "live_tensor_mb": mb}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_above_start_mb"] = out["peak_rss_mb"] - rss0
+    a, b = out[f"after_{steps}"], out[f"after_{2 * steps}"]
+    out["tensor_growth_mb"] = b["live_tensor_mb"] - a["live_tensor_mb"]
+    out["tensor_count_growth"] = b["live_tensors"] - a["live_tensors"]
+    out["rss_growth_mb"] = b["rss_mb"] - a["rss_mb"]
+    return out
+
+
+def timing(problem, steps: int, warmup: int, repeats: int) -> dict:
+    cfgs = configs()
+    per_round: dict[str, list[float]] = {c[0]: [] for c in cfgs}
+    for rnd in range(repeats):
+        for key, family, impl, height in cfgs:
+            r = Runner(problem, family, impl, height)
+            times = []
+            for t in range(warmup + steps):
+                t0 = time.perf_counter()
+                r.step(t)
+                times.append(time.perf_counter() - t0)
+            per_round[key].append(statistics.median(times[warmup:]))
+            del r
+            gc.collect()
+        print(f"  timing round {rnd + 1}/{repeats} done", file=sys.stderr)
+    return {k: {"median_ms": 1e3 * statistics.median(v), "rounds_ms": [1e3 * x for x in v]}
+            for k, v in per_round.items()}
+
+
+def numerics(problem, steps: int) -> dict:
+    """SGD towers: hgtoolkit vs gdtuo, same MLP and minibatches, learnt LRs step by step (gdtuo
+    makes its hyperparameters with torch.tensor, so the default dtype follows the problem's)."""
+    if gdtuo is None:
+        return {}
+    out = {}
+    default = torch.get_default_dtype()
+    for h in (2, 3):
+        torch.set_default_dtype(problem.dtype)
+        try:
+            a, b = Runner(problem, "sgd", "hgtoolkit", h), Runner(problem, "sgd", "gdtuo", h)
+        finally:
+            torch.set_default_dtype(default)
+        la, lb = [], []
+        for t in range(steps):
+            a.step(t)
+            b.step(t)
+            la.append(a.lrs())
+            lb.append(b.lrs())
+        la, lb = np.array(la), np.array(lb)
+        rel = np.abs(la - lb) / np.abs(lb)
+        wa, wb = a.weights(), b.weights()
+        wrel = max(float((x - y).norm() / y.norm()) for x, y in zip(wa, wb))
+        out[f"sgd_h{h}"] = {"max_rel_diff_per_level": rel.max(0).tolist(),
+                            "final_lrs_hgtoolkit": la[-1].tolist(), "final_lrs_gdtuo": lb[-1].tolist(),
+                            "max_rel_diff_final_weights": wrel}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-steps", type=int, default=30, help="N of the N-vs-2N memory probe")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "towers.json"))
+    ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.memory_steps)))
+        return 0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problem = problems.mnist_mlp()
+    print(f"MNIST MLP: {problem.num_params} parameters, data: {problem.info.get('data')}", file=sys.stderr)
+    if gdtuo is None:
+        print("gradient-descent-the-ultimate-optimizer not installed: its rows are left out "
+              "(pip install gradient-descent-the-ultimate-optimizer)", file=sys.stderr)
+
+    times = timing(problem, args.steps, args.warmup, args.repeats)
+    memory = {}
+    for key, *_ in configs():
+        cmd = [sys.executable, __file__, "--memory-probe", key, "--memory-steps", str(args.memory_steps),
+               "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory[key] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"  memory probe {key} done", file=sys.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nums = {"float32": numerics(problem, args.steps),
+                "float64": numerics(problems.mnist_mlp(dtype=torch.float64), args.steps)}
+
+    rows = []
+    for key, family, impl, height in configs():
+        base = times[f"{family}/torch.optim"]["median_ms"]
+        m = memory[key]
+        rows.append({"config": key, "family": family, "implementation": impl, "height": height,
+                     "spec": (FAMILIES[family]["towers"][height - 1] if impl == "hgtoolkit" else None),
+                     "ms_per_step": times[key]["median_ms"], "rounds_ms": times[key]["rounds_ms"],
+                     "relative_to_torch_optim": times[key]["median_ms"] / base,
+                     "peak_rss_above_start_mb": m["peak_rss_above_start_mb"],
+                     "live_tensor_mb_N": m[f"after_{args.memory_steps}"]["live_tensor_mb"],
+                     "live_tensor_mb_2N": m[f"after_{2 * args.memory_steps}"]["live_tensor_mb"],
+                     "live_tensors_N": m[f"after_{args.memory_steps}"]["live_tensors"],
+                     "live_tensors_2N": m[f"after_{2 * args.memory_steps}"]["live_tensors"],
+                     "rss_growth_N_to_2N_mb": m["rss_growth_mb"], "memory": m})
+
+    header = (f"{'config':<22}{'ms/step':>9}{'× base':>8}{'peak RSS+':>11}{'tensors N→2N (MB)':>20}"
+              f"{'count N→2N':>13}{'RSS N→2N':>10}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['config']:<22}{r['ms_per_step']:>9.2f}{r['relative_to_torch_optim']:>8.2f}"
+                     f"{r['peak_rss_above_start_mb']:>10.1f}M"
+                     f"{r['live_tensor_mb_N']:>10.1f}→{r['live_tensor_mb_2N']:<9.1f}"
+                     f"{r['live_tensors_N']:>6}→{r['live_tensors_2N']:<6}{r['rss_growth_N_to_2N_mb']:>+9.1f}M")
+    table = "\n".join(lines)
+    print(table)
+    for dt, res in nums.items():
+        for k, v in res.items():
+            print(f"{k} ({dt}): hgtoolkit vs gdtuo over {args.steps} steps, max relative difference "
+                  f"of the learnt LR per level {['%.1e' % x for x in v['max_rel_diff_per_level']]}, "
+                  f"of the final weights {v['max_rel_diff_final_weights']:.1e}")
+
+    record = {
+        "benchmark": "towers", "problem": problem.describe(),
+        "settings": {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
+                     "memory_steps_N": args.memory_steps, "threads": args.threads, "dtype": "float32",
+                     "device": "cpu"},
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                    "loadavg_at_end": os.getloadavg()},
+        "gdtuo_installed": gdtuo is not None,
+        "families": {f: {"towers": v["towers"]} for f, v in FAMILIES.items()},
+        "rows": rows, "numerics_vs_gdtuo": nums, "table": table,
+    }
+    path = atomic_write_json(args.out, record)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
