@@ -16,7 +16,6 @@ machine is shared, so absolute numbers are indicative).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -105,6 +104,15 @@ def main(argv=None) -> int:
     extra = out["ray_trivial_chunk1"]["wall_s"] - out["ray_trivial_one_chunk_per_worker"]["wall_s"]
     out["per_task_overhead_ms"] = extra * w / (n - w) * 1e3
     out["trivial_cell_local_ms"] = cell * 1e3
+    # per cell, beyond the cell's own compute: two fsync'd files + a log line + bookkeeping
+    out["store_ms_per_cell"] = (cell - out["local_trivial"]["mean_cell_s"]) * 1e3
+    # busy fraction: cells/s ÷ (W / mean cell time) — how much of the workers' time went into
+    # cells (1 = no scheduling, store or start-up loss); and how much slower a cell ran in a
+    # worker than in-process (CPU contention: W workers + driver + other load on the cores)
+    for key in ("ray_cold", "ray_warm"):
+        r = out[key]
+        r["busy_fraction"] = r["cells_per_s"] * r["mean_cell_s"] / w
+        r["cell_slowdown_vs_local"] = r["mean_cell_s"] / out["local"]["mean_cell_s"]
     out["speedup_warm"] = out["ray_warm"]["cells_per_s"] / out["local"]["cells_per_s"]
     out["speedup_cold"] = out["ray_cold"]["cells_per_s"] / out["local"]["cells_per_s"]
     out["loadavg_after"] = os.getloadavg()
@@ -114,20 +122,24 @@ def main(argv=None) -> int:
             (f"ray {w} workers, warm", out["ray_warm"])]
     print(f"\nquick MNIST grid: {n_cells} cells ({out['grid']}); ray.init {out['ray_init_s']:.1f} s; "
           f"load average {out['loadavg_before'][0]:.1f} on {os.cpu_count()} CPUs\n")
-    print(f"| executor | wall (s) | cells/s | speed-up | mean cell (s) | processes |")
-    print("|---|---|---|---|---|---|")
+    print("| executor | wall (s) | cells/s | speed-up | mean cell (s) | workers busy | processes |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in rows:
+        busy = f"{r['busy_fraction']:.0%}" if "busy_fraction" in r else "–"
         print(f"| {name} | {r['wall_s']:.1f} | {r['cells_per_s']:.3f} | "
-              f"{r['cells_per_s'] / out['local']['cells_per_s']:.2f}× | {r['mean_cell_s']:.2f} | {r['pids']} |")
-    print(f"\nper-task overhead ({n} cells of {cell * 1e3:.1f} ms): "
+              f"{r['cells_per_s'] / out['local']['cells_per_s']:.2f}× | {r['mean_cell_s']:.2f} | "
+              f"{busy} | {r['pids']} |")
+    print(f"\nstore + bookkeeping per cell: {out['store_ms_per_cell']:.1f} ms (in-process, of "
+          f"{cell * 1e3:.1f} ms per trivial cell)")
+    print(f"per-task overhead (difference of two runs of {n} trivial cells; noise is a few ms): "
           f"{out['per_task_overhead_ms']:.1f} ms per task; one chunk per worker: "
           f"{out['ray_trivial_one_chunk_per_worker']['cells_per_s']:.1f} cells/s vs one cell per task: "
           f"{out['ray_trivial_chunk1']['cells_per_s']:.1f} cells/s vs local "
           f"{out['local_trivial']['cells_per_s']:.1f} cells/s; "
           f"Ray no-op task {out['ray_noop_task_ms']:.2f} ms")
     print(f"records identical (local vs ray): {identical}")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
+    from hgtoolkit import records
+    records.atomic_write_json(args.json, out)
     print(f"wrote {args.json}")
     return 0
 

@@ -18,7 +18,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient",
-           "savefig", "describe_source", "to_numpy"]
+           "savefig", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
+           "contour_window", "plot_heatmap"]
 
 # rcParams applied (as a context) to every figure made by :func:`figure`.
 STYLE = {
@@ -256,3 +257,173 @@ def plot_approximation(report, axes=None):
     fig.suptitle(f"{report.label} — {describe_source(report.info.get('problem', {}))}"
                  + (f", {opt}" if opt else ""), fontsize=9)
     return fig
+
+
+# ----------------------------------------------------------------------------- experiments
+# (used by hgtoolkit.experiments; same style as above)
+
+def _positive_finite(y: np.ndarray) -> np.ndarray:
+    y = np.array(y, dtype=np.float64)
+    y[~np.isfinite(y) | (y <= 0)] = np.nan
+    return y
+
+
+@_styled
+def plot_best_vs_beta(betas: Any, best: Mapping[str, Any], ax=None, title: str | None = None, *,
+                      diverged: Mapping[str, Any] | None = None,
+                      references: Mapping[str, float] | None = None,
+                      styles: Mapping[str, dict] | None = None,
+                      ylabel: str = r"best objective $\min_t f(w_t)$", legend: bool = True):
+    """Best objective against the hyper-learning rate β (log–log), one line per ``{label: values}``.
+
+    ``diverged[label]`` (booleans per β) marks runs that diverged: their values are not drawn
+    as part of the line but as "×" at the top of the panel. ``references``: ``{label: value}``
+    drawn as horizontal dotted lines (e.g. a β-free method such as MARTHE with adaptive β).
+    """
+    fig, ax = _axes(ax)
+    betas = to_numpy(betas)
+    any_div = False
+    lines = []
+    for label, values in best.items():
+        y = _positive_finite(values)
+        div = np.zeros(len(betas), bool) if diverged is None or label not in diverged else \
+            np.asarray(diverged[label], dtype=bool)
+        y[div] = np.nan
+        line, = ax.plot(betas, y, marker="o", ms=3, label=label, **(styles or {}).get(label, {}))
+        lines.append((line, div))
+        any_div |= bool(div.any())
+    for label, value in (references or {}).items():
+        if value is not None and np.isfinite(value) and value > 0:
+            ax.axhline(value, ls=":", lw=1.2, color="0.25", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if any_div:
+        top = ax.get_ylim()[1]
+        for line, div in lines:
+            if div.any():
+                ax.plot(betas[div], np.full(int(div.sum()), top), "x", ms=6, mew=1.5,
+                        color=line.get_color(), clip_on=False)
+        ax.set_ylim(top=top)
+        ax.plot([], [], "x", color="0.3", label="diverged (drawn at top)")
+    ax.set_xlabel(r"hyper-learning rate $\beta$")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(loc="best")
+    return ax
+
+
+def contour_window(points: Sequence[Any], bounds=None, pad: float = 0.15):
+    """``((xmin, xmax), (ymin, ymax))`` around the (…, 2) ``points`` (padded by ``pad`` of the
+    extent), clipped to ``bounds`` when given."""
+    pts = np.concatenate([np.reshape(to_numpy(p), (-1, 2)) for p in points])
+    pts = pts[np.all(np.isfinite(pts), axis=1)]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    span = np.maximum(hi - lo, 1e-3)
+    lo, hi = lo - pad * span, hi + pad * span
+    if bounds is not None:
+        (bx0, bx1), (by0, by1) = bounds
+        lo = np.maximum(lo, [bx0, by0])
+        hi = np.minimum(hi, [bx1, by1])
+    return (float(lo[0]), float(hi[0])), (float(lo[1]), float(hi[1]))
+
+
+@_styled
+def plot_contour_paths(fn, paths: Mapping[str, Any], ax=None, title: str | None = None, *,
+                       window=None, log_levels: bool | None = None, n_levels: int = 25,
+                       resolution: int = 300, styles: Mapping[str, dict] | None = None,
+                       start: Any = None, legend: bool = True):
+    """Optimisation paths ``{label: (T+1, 2) iterates}`` over the contour plot of the 2-D test
+    function ``fn`` (a :class:`testfunctions.TestFunction`: the background is ``fn`` evaluated
+    on a grid, not a result). Levels are log-spaced when ``log_levels`` (default
+    ``fn.log_contours``); the start (○) and the global minimiser (★) are marked.
+
+    ``window``: ``((xmin, xmax), (ymin, ymax))``; default: around the paths, the start and
+    the minimiser (:func:`contour_window`).
+    """
+    import torch
+    from matplotlib import colors, ticker
+
+    fig, ax = _axes(ax)
+    paths = {k: to_numpy(v) for k, v in paths.items()}
+    start = np.asarray(fn.default_start if start is None else to_numpy(start), dtype=np.float64)
+    if window is None:
+        window = contour_window([*paths.values(), start, np.asarray(fn.minimiser)], fn.bounds)
+    (x0, x1), (y0, y1) = window
+    gx, gy = np.meshgrid(np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution))
+    with torch.no_grad():
+        z = fn(torch.as_tensor(np.stack([gx, gy], -1), dtype=torch.float64)).numpy()
+    log_levels = fn.log_contours if log_levels is None else log_levels
+    gap = z - float(fn.minimum)
+    if log_levels:
+        pos = gap[gap > 0]
+        lo = max(float(pos.min()), float(pos.max()) * 1e-8)
+        levels = np.geomspace(lo, float(pos.max()), n_levels)
+        cs = ax.contourf(gx, gy, np.maximum(gap, lo), levels=levels, norm=colors.LogNorm(),
+                         cmap="Greys_r", alpha=0.55)
+        cbar = fig.colorbar(cs, ax=ax, shrink=0.85, pad=0.02, format=ticker.LogFormatterSciNotation())
+        cbar.locator = ticker.LogLocator()
+        cbar.update_ticks()
+    else:
+        cs = ax.contourf(gx, gy, gap, levels=n_levels, cmap="Greys_r", alpha=0.55)
+        cbar = fig.colorbar(cs, ax=ax, shrink=0.85, pad=0.02)
+    cbar.set_label(r"$f(x, y) - f^\star$" + (" (log)" if log_levels else ""))
+    for label, p in paths.items():
+        kw = {"lw": 1.2, **(styles or {}).get(label, {})}
+        ax.plot(p[:, 0], p[:, 1], label=label, **kw)
+        ax.plot(p[-1, 0], p[-1, 1], "o", ms=3.5, color=ax.lines[-1].get_color())
+    ax.plot(*start, "o", ms=7, mfc="white", mec="k", label="start")
+    ax.plot(*fn.minimiser, "*", ms=11, mfc="gold", mec="k", label="minimiser")
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y0, y1)
+    ax.set_xlabel("$x$")
+    ax.set_ylabel("$y$")
+    ax.grid(False)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(loc="best")
+    return ax
+
+
+@_styled
+def plot_heatmap(values: Any, xticklabels: Sequence[str], yticklabels: Sequence[str], ax=None,
+                 title: str | None = None, *, xlabel: str = "", ylabel: str = "",
+                 cbar_label: str = "", log: bool = True, annotate: bool = True, fmt: str = "{:.2g}",
+                 cmap: str = "viridis_r", vmin: float | None = None, vmax: float | None = None,
+                 bad_label: str = "div."):
+    """A (rows × cols) grid of values as a heat map (log colour scale by default), each cell
+    annotated; NaN/inf cells are hatched grey and labelled ``bad_label`` (e.g. diverged)."""
+    from matplotlib import colors
+
+    fig, ax = _axes(ax)
+    v = to_numpy(values)
+    bad = ~np.isfinite(v) | ((v <= 0) if log else np.zeros_like(v, bool))
+    shown = np.ma.masked_array(v, bad)
+    norm = None
+    if log and (~bad).any():
+        norm = colors.LogNorm(vmin=vmin or float(v[~bad].min()), vmax=vmax or float(v[~bad].max()))
+    cmap_obj = __import__("matplotlib").colormaps[cmap].with_extremes(bad="0.85")
+    im = ax.imshow(shown, cmap=cmap_obj, norm=norm, aspect="auto",
+                   **({} if norm is not None else {"vmin": vmin, "vmax": vmax}))
+    cbar = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
+    cbar.set_label(cbar_label)
+    ax.set_xticks(range(v.shape[1]), list(xticklabels))
+    ax.set_yticks(range(v.shape[0]), list(yticklabels))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(False)
+    if annotate:
+        for i in range(v.shape[0]):
+            for j in range(v.shape[1]):
+                if bad[i, j]:
+                    ax.text(j, i, bad_label, ha="center", va="center", fontsize=6.5, color="0.35")
+                else:
+                    rgba = im.cmap(im.norm(v[i, j]))
+                    light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
+                    ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", fontsize=6.5,
+                            color="k" if light else "w")
+    if title:
+        ax.set_title(title)
+    return ax

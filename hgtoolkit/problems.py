@@ -23,7 +23,7 @@ from torch.func import functional_call
 from ._tree import tree_leaves, tree_numel
 
 __all__ = ["Problem", "from_function", "quadratic", "noisy_quadratic", "classification_mlp",
-           "mnist_mlp", "synthetic_classification", "get"]
+           "mnist_mlp", "synthetic_classification", "constructor", "get"]
 
 
 @dataclass
@@ -255,17 +255,22 @@ def synthetic_classification(n_train: int = 64, n_val: int = 32, dim: int = 5, c
                               name="synthetic_mlp", info={"data": f"synthetic Gaussian blobs (seed {seed})"})
 
 
-def get(name: str, **kwargs) -> Problem:
-    """A problem by name: a test function (``"beale"``, ``"rosenbrock"``, …), ``"mnist_mlp"``,
-    ``"synthetic_mlp"``."""
+def constructor(name: str) -> Callable[..., Problem]:
+    """The function that builds problem ``name`` (for ``get`` and for checking keywords up front)."""
     if not isinstance(name, str):
         raise TypeError(f"problem must be a name, got {type(name).__name__}")
     if name == "mnist_mlp":
-        return mnist_mlp(**kwargs)
+        return mnist_mlp
     if name == "synthetic_mlp":
-        return synthetic_classification(**kwargs)
+        return synthetic_classification
     import testfunctions
     if name in testfunctions.FUNCTIONS:
-        return from_function(name, **kwargs)
+        return lambda **kw: from_function(name, **kw)
     raise ValueError(f"unknown problem {name!r}; choose one of "
                      f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}")
+
+
+def get(name: str, **kwargs) -> Problem:
+    """A problem by name: a test function (``"beale"``, ``"rosenbrock"``, …), ``"mnist_mlp"``,
+    ``"synthetic_mlp"``; keyword arguments go to its constructor."""
+    return constructor(name)(**kwargs)

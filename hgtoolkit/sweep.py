@@ -284,15 +284,12 @@ class Cell:
 def _problem_constructor(name: str) -> Callable:
     """The function ``problems.get(name, **kw)`` calls (for checking keyword names up front)."""
     from . import problems
-    import testfunctions
-    if name == "mnist_mlp":
-        return problems.mnist_mlp
-    if name == "synthetic_mlp":
-        return problems.synthetic_classification
-    if name in testfunctions.FUNCTIONS:
-        return problems.from_function
-    raise ValueError(f"problem.name: unknown problem {name!r}; choose one of "
-                     f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}")
+    try:
+        build = problems.constructor(name)
+    except ValueError as exc:
+        raise ValueError(f"problem.name: {exc}") from None
+    # test functions are built by from_function(name, ...): check against its keywords
+    return problems.from_function if build not in (problems.mnist_mlp, problems.synthetic_classification) else build
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -1196,10 +1193,6 @@ def summary_table(results_dir: str | os.PathLike, *, by: Sequence[str] | None = 
 def _online_module():
     from . import online
     return online
-
-
-_ONLINE_KEYS = ("method", "optimizer", "lr0", "steps", "beta", "mu", "kappa", "beta0", "beta_rule",
-                "objective", "lr_floor", "lr_max", "eval_every", "seed")
 
 
 def _online_check(params: dict) -> None:

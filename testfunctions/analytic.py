@@ -32,10 +32,12 @@ __all__ = [
     "Beale",
     "Bukin6",
     "BukinSmooth",
+    "BukinSharp",
     "Rosenbrock",
     "beale",
     "bukin6",
     "bukin_smooth",
+    "bukin_sharp",
     "rosenbrock",
     "FUNCTIONS",
     "get",
@@ -288,6 +290,74 @@ class BukinSmooth(TestFunction):
         return 0.08 * x * x - 4.0 * u + 0.02, -4.0 * x, torch.full_like(x, 200.0)
 
 
+
+class BukinSharp(TestFunction):
+    r"""Sharp-valley smoothing of Bukin N.6 (roots kept, kinks rounded off).
+
+    .. math::
+        f(x, y) = 100 ((u^2 + ε)^{1/4} - ε^{1/4}) + 0.01 (\sqrt{(x + 10)^2 + ε} - \sqrt{ε}),
+        \quad u = y - 0.01 x^2,\ ε = 10^{-4}
+
+    Bukin N.6's ``sqrt|u|`` becomes ``(u^2 + ε)^{1/4}`` and ``|x + 10|`` becomes
+    ``sqrt((x + 10)^2 + ε)``: smooth everywhere, equal to Bukin N.6 up to ``O(ε^{1/4})``
+    away from the valley, and the constants ``ε^{1/4}``, ``sqrt(ε)`` are subtracted so the
+    global minimum is ``f(-10, 1) = 0`` (they do not change any gradient). Unlike
+    :data:`bukin_smooth` (which squares ``u``), the valley stays *sharp*: the slope across it
+    grows like ``|u|^{-1/2}`` down to ``|u| ~ sqrt(ε) = 0.01``, then turns over within that
+    width. This is the regime of the MARTHE paper's Fig. 1 (right): RTHO's LR grows, then
+    collapses to 0 once the trajectory reaches the valley, while HD stays near it (measured
+    by ``hgtoolkit.experiments.fig1``).
+
+    With ``a = u^2 + ε``, ``p1 = u / (2 a^{3/4})`` and ``p2 = (2ε - u^2) / (4 a^{7/4})``
+    (first and second derivatives of ``a^{1/4}`` in ``u``), ``s = x + 10``,
+    ``q1 = s / sqrt(s^2 + ε)``, ``q2 = ε / (s^2 + ε)^{3/2}``::
+
+        df/dx    = 100 p1 (-0.02 x) + 0.01 q1
+        df/dy    = 100 p1
+        d2f/dx2  = 100 (p2 (0.02 x)^2 - 0.02 p1) + 0.01 q2
+        d2f/dxdy = 100 p2 (-0.02 x)
+        d2f/dy2  = 100 p2
+
+    At the minimiser ``p2 = 1/(2 ε^{3/4}) = 500`` and the Hessian is
+    ``[[2001, 1e4], [1e4, 5e4]]`` (largest eigenvalue ~5.2e4), so constant-step gradient
+    descent is only stable in the valley bottom for ``lr < ~3.8e-5``, where it is far too slow
+    to get there in 500 steps (``f`` from 113 to ~59 at ``lr = 4e-5``); with ``lr >= 1e-4`` it
+    reaches the valley (``f ~ 0.03``) and then bounces across it, as on Bukin N.6 itself.
+
+    Default start ``(-7.0, 2.0)``, shared with :data:`bukin6` and :data:`bukin_smooth`.
+    """
+
+    EPS = 1e-4
+
+    def _value(self, x, y):
+        eps = self.EPS
+        u = y - 0.01 * x * x
+        return (100.0 * ((u * u + eps) ** 0.25 - eps**0.25)
+                + 0.01 * (torch.sqrt((x + 10.0) ** 2 + eps) - eps**0.5))
+
+    def _root_derivs(self, x, y):
+        """``(p1, p2, u_x)``: d a^{1/4}/du, d^2 a^{1/4}/du^2 (a = u^2 + ε) and du/dx."""
+        eps = self.EPS
+        u = y - 0.01 * x * x
+        a = u * u + eps
+        a34 = a**0.75
+        p1 = u / (2.0 * a34)
+        p2 = (2.0 * eps - u * u) / (4.0 * a34 * a)
+        return p1, p2, -0.02 * x
+
+    def _grad(self, x, y):
+        p1, _, ux = self._root_derivs(x, y)
+        s = x + 10.0
+        q1 = s / torch.sqrt(s * s + self.EPS)
+        return 100.0 * p1 * ux + 0.01 * q1, 100.0 * p1
+
+    def _hessian(self, x, y):
+        p1, p2, ux = self._root_derivs(x, y)
+        s2e = (x + 10.0) ** 2 + self.EPS
+        q2 = self.EPS / (s2e * torch.sqrt(s2e))
+        return 100.0 * (p2 * ux * ux - 0.02 * p1) + 0.01 * q2, 100.0 * p2 * ux, 100.0 * p2
+
+
 class Rosenbrock(TestFunction):
     r"""Rosenbrock's banana function.
 
@@ -349,6 +419,15 @@ bukin_smooth = BukinSmooth(
     log_contours=True,
 )
 
+bukin_sharp = BukinSharp(
+    name="bukin_sharp",
+    minimiser=(-10.0, 1.0),
+    minimum=0.0,
+    default_start=(-7.0, 2.0),
+    bounds=((-15.0, -5.0), (-3.0, 3.0)),
+    log_contours=True,
+)
+
 rosenbrock = Rosenbrock(
     name="rosenbrock",
     minimiser=(1.0, 1.0),
@@ -360,7 +439,7 @@ rosenbrock = Rosenbrock(
 
 #: All analytic test functions, keyed by :attr:`TestFunction.name`.
 FUNCTIONS: dict[str, TestFunction] = {
-    f.name: f for f in (beale, bukin6, bukin_smooth, rosenbrock)
+    f.name: f for f in (beale, bukin6, bukin_smooth, bukin_sharp, rosenbrock)
 }
 
 

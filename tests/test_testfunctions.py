@@ -20,7 +20,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 F64 = torch.float64
 ALL = sorted(FUNCTIONS)
-SMOOTH = ["beale", "bukin_smooth", "rosenbrock"]
+SMOOTH = ["beale", "bukin_smooth", "bukin_sharp", "rosenbrock"]
 BATCH_SHAPES = [(), (5,), (2, 3)]
 
 
@@ -70,15 +70,15 @@ def gradient_descent(f: TestFunction, start, lr: float, steps: int) -> list[floa
 
 
 def test_package_exports():
-    expected = {"TestFunction", "beale", "bukin6", "bukin_smooth", "rosenbrock", "FUNCTIONS", "get",
-                "NoisyQuadratic"}
+    expected = {"TestFunction", "beale", "bukin6", "bukin_smooth", "bukin_sharp", "rosenbrock", "FUNCTIONS",
+                "get", "NoisyQuadratic"}
     assert expected <= set(tf.__all__)
     for name in expected:
         assert hasattr(tf, name)
 
 
 def test_registry_names_and_lookup():
-    assert set(FUNCTIONS) == {"beale", "bukin6", "bukin_smooth", "rosenbrock"}
+    assert set(FUNCTIONS) == {"beale", "bukin6", "bukin_smooth", "bukin_sharp", "rosenbrock"}
     for name, f in FUNCTIONS.items():
         assert isinstance(f, TestFunction)
         assert f.name == name
@@ -282,6 +282,31 @@ def test_bukin_smooth_diverges_above_stability_limit():
     assert gradient_descent(f, f.default_start, 9e-3, 200)[-1] < 1.0
     diverged = gradient_descent(f, f.default_start, 1.1e-2, 200)[-1]
     assert not math.isfinite(diverged) or diverged > 1e3
+
+
+def test_bukin_sharp_is_bukin6_shifted_away_from_the_valley():
+    # (u² + ε)^{1/4} ≈ √|u| and √((x+10)² + ε) ≈ |x + 10| once |u|, |x + 10| ≫ √ε = 0.01,
+    # minus the constant 100 ε^{1/4} + 0.01 √ε that puts the minimum at 0.
+    sharp, b6 = get("bukin_sharp"), get("bukin6")
+    pts = random_points(sharp, (200,), seed=8)
+    x, y = pts[..., 0], pts[..., 1]
+    far = ((y - 0.01 * x**2).abs() > 0.5) & ((x + 10).abs() > 0.5)
+    shift = 100 * 1e-4**0.25 + 0.01 * 1e-2
+    torch.testing.assert_close(sharp(pts[far]), b6(pts[far]) - shift, rtol=0, atol=1e-2)  # error ε/(4|u|^{3/2})·100
+    # The valley stays sharp: the documented Hessian at the minimiser (largest eigenvalue ~5.2e4,
+    # against ~208 for bukin_smooth).
+    H = sharp.hessian(torch.tensor(sharp.minimiser, dtype=F64))
+    torch.testing.assert_close(H, torch.tensor([[2001.0, 1e4], [1e4, 5e4]], dtype=F64))
+
+
+def test_bukin_sharp_gradient_descent_bounces_in_the_valley():
+    # Documented: lr = 1e-4 reaches the valley (f ~ 0.03) but cannot settle in it (lr > 2/5.2e4).
+    f = get("bukin_sharp")
+    values = gradient_descent(f, f.default_start, 1e-4, 500)
+    assert all(math.isfinite(v) for v in values)
+    assert min(values) < 0.1 and values[-1] > 10 * min(values)
+    slow = gradient_descent(f, f.default_start, 4e-5, 500)
+    assert 30 < slow[-1] < slow[0]
 
 
 # ---------------------------------------------------------------------------

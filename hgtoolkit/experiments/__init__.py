@@ -1,0 +1,121 @@
+r"""Named experiments that reproduce the papers: ``python -m hgtoolkit reproduce <name>``.
+
+Each experiment lives in its own module ``hgtoolkit.experiments.<module>`` that defines
+
+- ``Config``: a dataclass with a ``seed`` field and constructors ``Config.tiny()`` (seconds;
+  used by the tests), ``Config.quick()`` (minutes on 2 CPU cores; ``make demo``) and
+  ``Config.full()`` (the papers' scale);
+- ``run(config, out_dir, progress=True) -> dict``: runs it, writes figures (PNG + PDF), raw
+  records (JSON/npz) and ``summary.md``/``summary.json`` under ``out_dir`` (an
+  :class:`~hgtoolkit.experiments.common.OutputDir`, ``<out>/<name>/``), returns the summary.
+
+Modules are imported lazily (only the experiment you run is loaded).
+
+    >>> from hgtoolkit.experiments import EXPERIMENTS, run_experiment
+    >>> sorted(EXPERIMENTS)
+    ['demo', 'fig1', 'hd', 'mnist', 'towers']
+    >>> summary = run_experiment("fig1", setting="tiny", out="/tmp/results", progress=False)  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .common import SETTINGS, check_setting, make_config, output_dir, save_config, seed_everything
+
+__all__ = ["Experiment", "EXPERIMENTS", "run_experiment", "get", "available", "SETTINGS"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registry entry: ``module`` (under :mod:`hgtoolkit.experiments`) holds ``Config`` and
+    ``run``; ``parts`` (for a composite entry such as ``demo``) lists other entries run in turn."""
+
+    name: str
+    description: str
+    module: str | None = None
+    parts: tuple[str, ...] = ()
+
+    def load(self):
+        """Import the experiment's module (ModuleNotFoundError if it is not written yet)."""
+        if self.module is None:
+            raise ValueError(f"experiment {self.name!r} is composite ({', '.join(self.parts)}); it has no module")
+        return importlib.import_module(f"{__name__}.{self.module}")
+
+    @property
+    def available(self) -> bool:
+        """Whether the module exists (composite entries: whether any part is available)."""
+        if self.module is None:
+            return any(EXPERIMENTS[p].available for p in self.parts)
+        return importlib.util.find_spec(f"{__name__}.{self.module}") is not None
+
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
+    Experiment("fig1", "MARTHE Fig. 1: HD vs RTHO vs MARTHE on Beale and smoothed Bukin — best "
+                       "objective vs β, LR schedules (with LRS-OPT's), trajectories over the contours",
+               module="fig1"),
+    Experiment("mnist", "MARTHE Sec. 5: 3×500 MLP on MNIST, SGD — LRS-OPT vs HD/RTHO/MARTHE "
+                        "schedules and validation accuracy vs β", module="mnist"),
+    Experiment("hd", "Baydin et al.: α_0 × β sensitivity grid of SGD-HD, SGDN-HD, Adam-HD vs plain "
+                     "SGD/SGDN/Adam on MNIST (loss curves, heat maps)", module="hd_grid"),
+    Experiment("towers", "Chandra et al.: hyperoptimizer towers — learnt hyperparameters over time "
+                         "at each level, and sensitivity to the initial LR vs tower height",
+               module="towers_demo"),
+    Experiment("demo", "`make demo`: fig1 and mnist in their quick settings", parts=("fig1", "mnist")),
+)}
+
+
+def available() -> list[str]:
+    """Names of the experiments whose modules exist."""
+    return [n for n, e in EXPERIMENTS.items() if e.available]
+
+
+def get(name: str) -> Experiment:
+    """The registry entry; ValueError listing the names for an unknown one."""
+    if not isinstance(name, str) or name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment name={name!r}; choose one of: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
+
+
+def run_experiment(name: str, setting: str = "quick", out: str | Path = "results", seed: int = 0,
+                   progress: bool = True, **overrides: Any) -> dict:
+    """Run experiment ``name`` at ``setting`` ("tiny" | "quick" | "full") with ``seed``; write
+    under ``<out>/<name>/``; return its summary dict (also in ``summary.json``).
+
+    ``overrides`` replace fields of the config (e.g. ``steps=100``). A composite entry
+    (``demo``) runs its parts — in ``demo`` always at ``setting`` — and returns
+    ``{"parts": {part: summary}, "skipped": {part: reason}}``; parts whose module does not
+    exist yet are skipped and say so.
+    """
+    exp = get(name)
+    check_setting(setting)
+    if exp.parts:
+        if overrides:
+            raise ValueError(f"experiment {name!r} is composite; config overrides {sorted(overrides)} "
+                             "apply to single experiments only")
+        parts, skipped = {}, {}
+        for part in exp.parts:
+            if not EXPERIMENTS[part].available:
+                skipped[part] = f"hgtoolkit/experiments/{EXPERIMENTS[part].module}.py does not exist yet"
+                if progress:
+                    print(f"[{name}] skipping {part!r}: {skipped[part]}")
+                continue
+            parts[part] = run_experiment(part, setting, out, seed, progress)
+        return {"experiment": name, "setting": setting, "seed": seed, "parts": parts, "skipped": skipped}
+
+    module = exp.load()
+    config = make_config(module.Config, setting, seed, **overrides)
+    out_dir = output_dir(out, name)
+    save_config(out_dir, config, setting=setting, seed=seed)
+    seed_everything(seed)
+    start = time.perf_counter()
+    summary = module.run(config, out_dir, progress=progress)
+    summary = dict(summary)
+    summary.setdefault("experiment", name)
+    summary.setdefault("setting", setting)
+    summary.setdefault("wall_time", time.perf_counter() - start)
+    return summary

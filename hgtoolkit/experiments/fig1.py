@@ -1,0 +1,494 @@
+r"""MARTHE paper, Fig. 1: HD vs RTHO vs MARTHE on 2-D test functions.
+
+Donini et al. (2020), Sec. 3 / Fig. 1: 500 steps of gradient descent from a fixed point on the
+Beale function and a smoothed Bukin N.6, with the LR adapted online by HD (μ = 0) and RTHO
+(μ = 1); the best objective value reached, min_t f(w_t), is plotted against the hyper-learning
+rate β on a log grid. Reported: on Beale RTHO beats HD for every β that does not diverge; on
+smoothed Bukin RTHO's LR first grows exponentially and then collapses to 0 once the trajectory
+reaches the valley, while HD stays close to the valley (HD wins).
+
+What this experiment runs, for each function in ``config.functions`` (η_0 = ``lr0``,
+T = ``steps``, SGD, deterministic, so E = L_t = f and ``objective="val"``):
+
+- every method on the β grid: HD, RTHO, MARTHE with fixed μ ∈ ``mus`` and MARTHE with the
+  adaptive μ (``online.run(..., mu="auto")``);
+- MARTHE fully adaptive (μ and β adaptive, ``beta="auto"``), its step size κ found by the
+  paper's wrapper (:func:`hgtoolkit.marthe.find_beta`: start at ``kappa_start``, ÷10 until the
+  run does not diverge);
+- LRS-OPT (:func:`hgtoolkit.lrsopt.optimize_schedule`): the whole schedule η ∈ R^T optimised
+  for f(w_T) from the constant schedule η_t = η_0, ``lrsopt_steps`` projected Adam steps;
+- the iterates w_0 … w_T of the best-β run of HD, RTHO, MARTHE (adaptive μ) and of LRS-OPT's
+  best schedule, replayed from the recorded schedules (:func:`common.replay_iterates`).
+
+Functions: ``beale``; ``bukin_smooth``, the project's squared-valley stand-in for the paper's
+smoothed Bukin (its exact formula was lost); ``bukin_sharp``, a smoothing that keeps Bukin
+N.6's sharp √|u| valley. Which of HD/RTHO wins on the Bukin stand-ins is measured, not assumed
+(see ``summary.md``).
+
+Writes, under ``<out>/fig1/``:
+
+- ``data/<fn>_grid.npz`` / ``.json``: per (method, β): η_t, μ_t, f(w_t) (NaN after a
+  divergence), best and final objective, the step it diverged at (−1: none);
+- ``data/<fn>_marthe_auto.{json,npz}`` (:class:`~hgtoolkit.online.OnlineResult`),
+  ``data/<fn>_lrsopt.{json,npz}`` (:class:`~hgtoolkit.lrsopt.ScheduleResult`),
+  ``data/<fn>_paths.npz`` (iterates and f along them);
+- ``figures/fig1_<fn>.png``/``.pdf``: (a) best objective vs β, (b) η_t of the best-β run of
+  each method and LRS-OPT's schedule, (c) the trajectories over the contour plot;
+- ``summary.md``/``summary.json``: best objective per method (+ its β), the HD-vs-RTHO verdict
+  per function next to the paper's statement.
+
+Figures are drawn by :func:`make_figures` from the saved records only.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import plotting, records
+from . import common
+
+__all__ = ["Config", "run", "make_figures", "method_specs", "PAPER"]
+
+#: What the paper reports per function (the stand-ins are compared against the Bukin statement).
+PAPER = {
+    "beale": "RTHO beats HD for every β that does not diverge",
+    "bukin_smooth": "HD beats RTHO: RTHO's η grows, then collapses to 0 in the valley; HD stays near the valley",
+    "bukin_sharp": "HD beats RTHO: RTHO's η grows, then collapses to 0 in the valley; HD stays near the valley",
+}
+
+_TITLES = {"beale": "Beale", "bukin_smooth": "smoothed Bukin (squared valley, project stand-in)",
+           "bukin_sharp": "smoothed Bukin (sharp valley, ε = 1e-4)", "bukin6": "Bukin N.6",
+           "rosenbrock": "Rosenbrock"}
+
+AUTO_LABEL = "MARTHE μ, β adaptive"
+LRSOPT_LABEL = "LRS-OPT"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings of the Fig. 1 experiment (see the module docstring).
+
+    ``betas``: the β grid; ``mus``: MARTHE's fixed μ values; ``adaptive_mu``: add MARTHE with
+    the adaptive μ on the grid; ``auto_beta``: add MARTHE with μ and β adaptive (κ searched from
+    ``kappa_start`` down by ÷10, at most ``kappa_tries`` values); ``lrsopt_steps`` (0: skip),
+    ``lrsopt_lr`` (Adam's α on η), ``lrsopt_lr_max`` (upper bound on η_t, None: none);
+    ``workers``: processes for the independent runs (results do not depend on it).
+    """
+
+    functions: tuple[str, ...] = ("beale", "bukin_smooth", "bukin_sharp")
+    steps: int = 500
+    lr0: float = 1e-3
+    betas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-11.0, -3.9, 0.5))
+    mus: tuple[float, ...] = (0.9, 0.99, 0.999)
+    adaptive_mu: bool = True
+    auto_beta: bool = True
+    kappa_start: float = 1e-6
+    kappa_tries: int = 14
+    lrsopt_steps: int = 200
+    lrsopt_lr: float = 5e-4
+    lrsopt_lr_max: float | None = None
+    workers: int = 1
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> "Config":
+        """The paper's scale: 500 steps, β from 1e-11 to 1e-4 in half decades, μ ∈ {0.9, 0.99,
+        0.999} and adaptive, 200 LRS-OPT steps (~15 min on 2 cores)."""
+        return cls(workers=common.default_workers())
+
+    @classmethod
+    def quick(cls) -> "Config":
+        """500 steps, β ∈ {1e-10 … 1e-4} (decades), μ = 0.99 and adaptive, 30 LRS-OPT steps
+        (about 3 min on 2 cores)."""
+        return cls(betas=tuple(float(10.0 ** e) for e in range(-10, -3)), mus=(0.99,),
+                   lrsopt_steps=30, workers=common.default_workers())
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """Seconds, for the tests: one function, 30 steps, two β, μ = 0.9 and adaptive."""
+        return cls(functions=("bukin_sharp",), steps=30, betas=(1e-8, 1e-6), mus=(0.9,),
+                   kappa_start=1e-8, kappa_tries=3, lrsopt_steps=2, workers=1)
+
+    def __post_init__(self):
+        import testfunctions
+        for name in self.functions:
+            testfunctions.get(name)  # ValueError naming the function
+        if not self.functions:
+            raise ValueError("functions must name at least one test function")
+        if not self.betas or any(not (b > 0 and math.isfinite(b)) for b in self.betas):
+            raise ValueError(f"betas must be positive and finite, got {self.betas}")
+        if any(not 0 <= m <= 1 for m in self.mus):
+            raise ValueError(f"mus must be in [0, 1], got {self.mus}")
+        if self.steps < 1 or self.lr0 <= 0:
+            raise ValueError(f"steps must be ≥ 1 and lr0 > 0, got steps={self.steps}, lr0={self.lr0}")
+        if self.lrsopt_steps < 0:
+            raise ValueError(f"lrsopt_steps must be ≥ 0, got {self.lrsopt_steps}")
+
+
+def method_specs(config: Config) -> list[tuple[str, str, Any]]:
+    """The methods run on the β grid: ``(label, method, mu)`` for :func:`hgtoolkit.online.run`."""
+    specs = [("HD", "hd", None), ("RTHO", "rtho", None)]
+    specs += [(f"MARTHE μ={m:g}", "marthe", float(m)) for m in config.mus]
+    if config.adaptive_mu:
+        specs.append(("MARTHE μ adaptive", "marthe", "auto"))
+    return specs
+
+
+# ----------------------------------------------------------------------------- jobs (one process each)
+
+def _problem(fn: str):
+    from .. import problems
+    return problems.from_function(fn)
+
+
+def _grid_job(job: tuple) -> dict:
+    """One online run on the grid: (fn, method, mu, beta, lr0, steps) -> arrays and scalars."""
+    from .. import online
+    fn, method, mu, beta, lr0, steps = job
+    kw = {"mu": mu} if method == "marthe" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
+        r = online.run(_problem(fn), method, lr0=lr0, steps=steps, beta=beta, objective="val",
+                       keep_params=False, **kw)
+    return {"lrs": r.lrs, "mus": r.mus, "values": r.val_losses, "best": r.best_val_loss,
+            "final": r.final_val_loss if not r.diverged else math.nan,
+            "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at), "wall_time": r.wall_time}
+
+
+def _auto_job(job: tuple):
+    """MARTHE with μ and β adaptive; κ by the ÷10 wrapper. Returns an OnlineResult or a message."""
+    from .. import marthe
+    from ..errors import DivergenceError
+    fn, lr0, steps, kappa_start, tries = job
+    try:
+        return marthe.find_beta(_problem(fn), start=kappa_start, max_tries=tries, method="marthe",
+                                beta="auto", mu="auto", lr0=lr0, steps=steps, objective="val",
+                                keep_params=False)
+    except DivergenceError as exc:
+        return str(exc)
+
+
+def _lrsopt_job(job: tuple):
+    from .. import lrsopt
+    fn, lr0, steps, outer_steps, outer_lr, lr_max = job
+    problem = _problem(fn)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
+        return lrsopt.optimize_schedule(problem, torch.full((steps,), lr0, dtype=problem.dtype),
+                                        outer_steps, outer_lr, "adam", lr_max=lr_max, progress=False)
+
+
+def _dispatch(job: tuple):
+    kind, payload = job
+    return {"grid": _grid_job, "auto": _auto_job, "lrsopt": _lrsopt_job}[kind](payload)
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+def _pad(rows: list[np.ndarray], width: int) -> np.ndarray:
+    out = np.full((len(rows), width), np.nan)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def _best_index(best: np.ndarray, diverged: np.ndarray) -> int | None:
+    ok = np.where(~diverged & np.isfinite(best))[0]
+    return None if not len(ok) else int(ok[np.argmin(best[ok])])
+
+
+def run(config: Config, out_dir, progress: bool = True) -> dict:
+    """Run the experiment (module docstring), write records, figures and the summary; return it."""
+    out = common._as_output_dir(out_dir)
+    specs = method_specs(config)
+    B, T = len(config.betas), config.steps
+
+    # longest jobs first: LRS-OPT, then the fully adaptive MARTHE search, then the grid
+    jobs: list[tuple] = []
+    for fn in config.functions:
+        if config.lrsopt_steps:
+            jobs.append(("lrsopt", (fn, config.lr0, T, config.lrsopt_steps, config.lrsopt_lr,
+                                    config.lrsopt_lr_max)))
+    for fn in config.functions:
+        if config.auto_beta:
+            jobs.append(("auto", (fn, config.lr0, T, config.kappa_start, config.kappa_tries)))
+    for fn in config.functions:
+        for _, method, mu in specs:
+            for beta in config.betas:
+                jobs.append(("grid", (fn, method, mu, beta, config.lr0, T)))
+    results = common.parallel_map(_dispatch, jobs, workers=config.workers, progress=progress,
+                                  desc="fig1 runs")
+    by_job = {(kind, payload[:4] if kind == "grid" else payload[0]): res
+              for (kind, payload), res in zip(jobs, results)}
+
+    summary: dict[str, Any] = {"functions": {}, "lr0": config.lr0, "steps": T,
+                               "betas": list(config.betas)}
+    for fn in config.functions:
+        problem = _problem(fn)
+        cells = [[by_job[("grid", (fn, method, mu, beta))] for beta in config.betas]
+                 for _, method, mu in specs]
+        grid = {
+            "betas": np.asarray(config.betas),
+            "lrs": np.stack([_pad([c["lrs"] for c in row], T) for row in cells]),
+            "mus": np.stack([_pad([c["mus"] for c in row], T) for row in cells]),
+            "values": np.stack([_pad([c["values"] for c in row], T + 1) for row in cells]),
+            "best": np.array([[c["best"] for c in row] for row in cells]),
+            "final": np.array([[c["final"] for c in row] for row in cells]),
+            "diverged_at": np.array([[c["diverged_at"] for c in row] for row in cells], dtype=np.int64),
+            "labels": np.array([s[0] for s in specs]),
+        }
+        records.save_arrays(out.data(f"{fn}_grid.npz"), **grid)
+        records.atomic_write_json(out.data(f"{fn}_grid.json"), {
+            "function": fn, "problem": problem.describe(), "lr0": config.lr0, "steps": T,
+            "methods": [{"label": l, "method": m, "mu": mu} for l, m, mu in specs],
+            "betas": list(config.betas), "best": grid["best"], "final": grid["final"],
+            "diverged_at": grid["diverged_at"], "objective": "val (= f: deterministic)",
+            "arrays": f"{fn}_grid.npz"})
+
+        # the best β per method, and the runs whose paths are drawn
+        diverged = grid["diverged_at"] >= 0
+        best_idx = {s[0]: _best_index(grid["best"][i], diverged[i]) for i, s in enumerate(specs)}
+        schedules: dict[str, np.ndarray] = {}
+        for i, (label, _, _) in enumerate(specs):
+            j = best_idx[label]
+            if j is not None:
+                schedules[label] = grid["lrs"][i, j]
+
+        auto = by_job.get(("auto", fn))
+        auto_info: dict[str, Any] = {"ran": config.auto_beta}
+        if auto is not None:
+            if isinstance(auto, str):
+                auto_info.update(error=auto)
+            else:
+                auto.save(out.data(f"{fn}_marthe_auto"))
+                schedules[AUTO_LABEL] = auto.lrs
+                auto_info.update(best=auto.best_val_loss, final=auto.final_val_loss,
+                                 kappa=auto.config["kappa"], search=auto.config.get("beta_search"),
+                                 mu_zero_fraction=float(np.mean(auto.mus == 0)),
+                                 mu_mean=float(np.mean(auto.mus)))
+        lrs_res = by_job.get(("lrsopt", fn))
+        lrs_info: dict[str, Any] = {"ran": bool(config.lrsopt_steps)}
+        if lrs_res is not None:
+            lrs_res.save(out.data(f"{fn}_lrsopt"))
+            schedules[LRSOPT_LABEL] = lrs_res.best_lrs
+            lrs_info.update(initial=float(lrs_res.history[0]), best_final_value=lrs_res.best_value,
+                            best_step=lrs_res.best_step, outer_steps=lrs_res.outer_steps_done,
+                            status=lrs_res.status, lr_scale=lrs_res.outer_state.get("lr_scale"))
+
+        # iterates of the drawn runs (replayed from the recorded schedules)
+        drawn = [l for l in ("HD", "RTHO", "MARTHE μ adaptive", AUTO_LABEL, LRSOPT_LABEL) if l in schedules]
+        paths = {l: common.replay_iterates(problem, schedules[l]) for l in drawn}
+        fvals = {l: problem.val_loss(torch.as_tensor(p)).numpy() for l, p in paths.items()}
+        records.save_arrays(out.data(f"{fn}_paths.npz"), labels=np.array(drawn),
+                            **{f"path_{k}": paths[l] for k, l in enumerate(drawn)},
+                            **{f"f_{k}": fvals[l] for k, l in enumerate(drawn)})
+        if LRSOPT_LABEL in fvals:
+            lrs_info["best_min_t"] = float(np.min(fvals[LRSOPT_LABEL]))
+
+        summary["functions"][fn] = _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info,
+                                                     config)
+
+    figures = make_figures(out, config.functions)
+    sections, notes = _markdown(summary, config)
+    summary["figure_files"] = [str(p) for p in figures]
+    return common.write_summary(out, "MARTHE Fig. 1 — HD vs RTHO vs MARTHE on 2-D test functions",
+                                sections, summary, notes=notes)
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _rtho_collapse(lrs: np.ndarray, lr0: float) -> dict:
+    lrs = lrs[np.isfinite(lrs)]
+    peak = int(np.argmax(lrs))
+    return {"peak_lr_over_lr0": float(lrs[peak] / lr0), "peak_step": peak,
+            "zero_fraction": float(np.mean(lrs == 0)),
+            "zero_after_peak_fraction": float(np.mean(lrs[peak:] == 0))}
+
+
+def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, config) -> dict:
+    betas = np.asarray(config.betas)
+    diverged = grid["diverged_at"] >= 0
+    methods = {}
+    for i, (label, method, mu) in enumerate(specs):
+        j = best_idx[label]
+        entry = {"method": method, "mu": mu, "n_diverged": int(diverged[i].sum()),
+                 "best": None if j is None else float(grid["best"][i, j]),
+                 "beta": None if j is None else float(betas[j]),
+                 "final": None if j is None else float(grid["final"][i, j]),
+                 "largest_stable_beta": (float(betas[~diverged[i]].max()) if (~diverged[i]).any() else None)}
+        if j is not None:
+            lrs = grid["lrs"][i, j]
+            entry["lr_behaviour"] = _rtho_collapse(lrs, config.lr0)
+            if mu == "auto":
+                mus = grid["mus"][i, j]
+                mus = mus[np.isfinite(mus)]
+                entry["mu_stats"] = {"mean": float(mus.mean()), "zero_fraction": float(np.mean(mus == 0)),
+                                     "above_0.99_fraction": float(np.mean(mus > 0.99))}
+        methods[label] = entry
+
+    # HD vs RTHO: per β where neither diverged, and best against best
+    hd, rt = [s[0] for s in specs].index("HD"), [s[0] for s in specs].index("RTHO")
+    both = ~diverged[hd] & ~diverged[rt]
+    rtho_wins = int(np.sum(grid["best"][rt][both] < grid["best"][hd][both]))
+    hd_best, rt_best = methods["HD"]["best"], methods["RTHO"]["best"]
+    if hd_best is None or rt_best is None:
+        winner = "undecided (a method diverged at every β)"
+    else:
+        winner = "RTHO" if rt_best < hd_best else "HD"
+    verdict = {"common_betas": int(both.sum()), "rtho_better_at": rtho_wins,
+               "hd_better_at": int(both.sum()) - rtho_wins, "best_hd": hd_best, "best_rtho": rt_best,
+               "winner_best_vs_best": winner,
+               "ratio_best_hd_over_rtho": (hd_best / rt_best if hd_best and rt_best else None)}
+    return {"methods": methods, "hd_vs_rtho": verdict, "marthe_auto": auto_info, "lrsopt": lrs_info,
+            "paper": PAPER.get(fn)}
+
+
+def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], list[str]]:
+    sections = []
+    verdict_rows = []
+    for fn, s in summary["functions"].items():
+        rows = []
+        for label, m in s["methods"].items():
+            behaviour = m.get("lr_behaviour", {})
+            extra = ""
+            if "mu_stats" in m:
+                extra = (f"μ: mean {m['mu_stats']['mean']:.2f}, = 0 for {100 * m['mu_stats']['zero_fraction']:.0f}%"
+                         f" of steps, > 0.99 for {100 * m['mu_stats']['above_0.99_fraction']:.0f}%")
+            rows.append([label, m["best"], m["beta"], m["final"],
+                         behaviour.get("peak_lr_over_lr0"), behaviour.get("zero_fraction"),
+                         f"{m['n_diverged']}/{len(config.betas)}", extra])
+        a = s["marthe_auto"]
+        if "best" in a:
+            rows.append([AUTO_LABEL, a["best"], f"κ={common.fmt(a['kappa'])}", a["final"], None, None,
+                         f"{sum(t['diverged_at'] is not None for t in a['search'] or [])} κ tried diverged",
+                         f"μ = 0 for {100 * a['mu_zero_fraction']:.0f}% of steps"])
+        elif "error" in a:
+            rows.append([AUTO_LABEL, None, None, None, None, None, "all diverged", a["error"]])
+        l = s["lrsopt"]
+        if "best_final_value" in l:
+            rows.append([LRSOPT_LABEL, l.get("best_min_t"), "—", l["best_final_value"], None, None, "—",
+                         f"{l['outer_steps']} Adam steps on η from η_t = η_0 "
+                         f"(f(w_T): {common.fmt(l['initial'])} → {common.fmt(l['best_final_value'])})"])
+        table = common.markdown_table(
+            ["method", "best min_t f(w_t)", "at β", "f(w_T) there", "max η_t / η_0", "share η_t = 0",
+             "β diverged", "notes"], rows)
+        sections.append((f"{_TITLES.get(fn, fn)} (`{fn}`)", table))
+        v = s["hd_vs_rtho"]
+        measured = (f"{v['winner_best_vs_best']} (best {common.fmt(v['best_hd'])} HD vs "
+                    f"{common.fmt(v['best_rtho'])} RTHO); RTHO better at {v['rtho_better_at']}"
+                    f"/{v['common_betas']} β where neither diverged")
+        rt = s["methods"]["RTHO"].get("lr_behaviour")
+        collapse = (f"RTHO η peaks at {rt['peak_lr_over_lr0']:.1f}·η_0 (step {rt['peak_step']}), "
+                    f"= 0 for {100 * rt['zero_fraction']:.0f}% of steps" if rt else "—")
+        verdict_rows.append([fn, s["paper"] or "—", measured, collapse])
+    sections.insert(0, ("HD vs RTHO: paper vs measured", common.markdown_table(
+        ["function", "paper (Donini et al. 2020, Fig. 1)", "measured (best over the β grid)",
+         "RTHO's η at its best β"], verdict_rows)))
+    notes = [
+        f"All runs: plain gradient descent, T = {config.steps} steps, η_0 = {config.lr0:g}, from the "
+        "function's default start; E = f (deterministic), hypergradient objective 'val'; η clipped at 0.",
+        f"β grid: {', '.join(common.fmt(b, 2) for b in config.betas)}. 'best' = min_t f(w_t) over the "
+        "run, as in the paper's Fig. 1 (center); diverged runs are excluded from it and drawn as × in the figures.",
+        "`bukin_smooth` squares the valley residual (100 u²): it is the project's stand-in for the paper's "
+        "smoothed Bukin, whose formula was lost; `bukin_sharp` keeps the sharp √|u| valley ((u² + 1e-4)^{1/4}). "
+        "Compare the paper's Bukin statement with both.",
+        "LRS-OPT optimises f(w_T) (the final value), not min_t f(w_t); its table row gives min_t along "
+        "its best schedule and f(w_T).",
+    ]
+    return sections, notes
+
+
+# ----------------------------------------------------------------------------- figures (from records)
+
+_COLOURS = {"HD": "tab:blue", "RTHO": "tab:red", "MARTHE μ adaptive": "tab:green",
+            AUTO_LABEL: "tab:olive", LRSOPT_LABEL: "k"}
+_FIXED_MU_COLOURS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:cyan")
+
+
+def _styles(labels) -> dict:
+    out, k = {}, 0
+    for label in labels:
+        if label in _COLOURS:
+            out[label] = {"color": _COLOURS[label]}
+        else:
+            out[label] = {"color": _FIXED_MU_COLOURS[k % len(_FIXED_MU_COLOURS)], "alpha": 0.8}
+            k += 1
+    out[LRSOPT_LABEL] = {"color": "k", "ls": "--"}
+    out[AUTO_LABEL] = {**out.get(AUTO_LABEL, {}), "ls": "-."}
+    return out
+
+
+def make_figures(out_dir, functions) -> list:
+    """Draw ``figures/fig1_<fn>`` for each function from the records in ``data/`` (no training)."""
+    import testfunctions
+    from ..lrsopt import ScheduleResult
+    from ..online import OnlineResult
+
+    out = common._as_output_dir(out_dir)
+    written = []
+    for fn in functions:
+        f = testfunctions.get(fn)
+        grid = records.load_arrays(out.data(f"{fn}_grid.npz"))
+        meta = records.read_json(out.data(f"{fn}_grid.json"))
+        labels = [str(l) for l in grid["labels"]]
+        styles = _styles(labels + [AUTO_LABEL, LRSOPT_LABEL])
+        diverged = grid["diverged_at"] >= 0
+        betas = grid["betas"]
+        auto_path, lrsopt_path = out.data(f"{fn}_marthe_auto.json"), out.data(f"{fn}_lrsopt.json")
+        auto = OnlineResult.load(auto_path) if auto_path.exists() else None
+        lrs_res = ScheduleResult.load(lrsopt_path) if lrsopt_path.exists() else None
+
+        fig, axes = plotting.figure(ncols=3, width=4.4, height=3.6)
+        # (a) best objective vs β
+        refs = {}
+        if auto is not None:
+            refs[f"{AUTO_LABEL} (κ={auto.config['kappa']:.0e})"] = auto.best_val_loss
+        plotting.plot_best_vs_beta(betas, {l: grid["best"][i] for i, l in enumerate(labels)}, ax=axes[0],
+                                   diverged={l: diverged[i] for i, l in enumerate(labels)},
+                                   references=refs, styles=styles, legend=False,
+                                   title=r"(a) best $f$ within $T$ steps vs $\beta$")
+        h, l = axes[0].get_legend_handles_labels()
+        axes[0].legend(h, l, loc="lower left", fontsize=6.5, ncol=1)
+
+        # (b) schedules of the best-β runs (+ LRS-OPT), symlog so η = 0 stays visible
+        schedules, sty = {}, {}
+        for i, label in enumerate(labels):
+            ok = np.where(~diverged[i] & np.isfinite(grid["best"][i]))[0]
+            if len(ok):
+                j = int(ok[np.argmin(grid["best"][i][ok])])
+                lrs = grid["lrs"][i, j]
+                schedules[f"{label} (β={betas[j]:.0e})"] = lrs[np.isfinite(lrs)]
+                sty[f"{label} (β={betas[j]:.0e})"] = styles[label]
+        if auto is not None:
+            schedules[AUTO_LABEL] = auto.lrs
+            sty[AUTO_LABEL] = styles[AUTO_LABEL]
+        if lrs_res is not None:
+            key = f"{LRSOPT_LABEL} ({lrs_res.outer_steps_done} outer steps)"
+            schedules[key] = lrs_res.best_lrs
+            sty[key] = styles[LRSOPT_LABEL]
+        ax = axes[1]
+        plotting.plot_schedules(schedules, ax=ax, styles=sty, title=r"(b) $\eta_t$ of each method's best-$\beta$ run")
+        lr0 = float(meta["lr0"])
+        ax.set_yscale("symlog", linthresh=lr0 / 10)
+        ax.set_ylim(bottom=0)
+        ax.axhline(lr0, color="0.5", lw=0.7, ls=":")
+        ax.legend(loc="best", fontsize=6.5)
+
+        # (c) trajectories over the contour plot
+        pz = records.load_arrays(out.data(f"{fn}_paths.npz"))
+        plabels = [str(x) for x in pz["labels"]]
+        paths = {l: pz[f"path_{k}"] for k, l in enumerate(plabels)}
+        plotting.plot_contour_paths(f, paths, ax=axes[2], styles={l: styles[l] for l in plabels},
+                                    title="(c) trajectories (best β) over $f$", legend=False)
+        axes[2].legend(loc="best", fontsize=6.5)
+        fig.suptitle(f"MARTHE Fig. 1 reproduction — {_TITLES.get(fn, fn)}: gradient descent, "
+                     f"T = {meta['steps']}, η₀ = {lr0:g}, start {tuple(f.default_start)}", fontsize=9)
+        written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True,
+                                    caption=f"data: analytic function `{fn}` (testfunctions), float64; "
+                                            f"records in {out.data_dir.name}/{fn}_*")
+    return written
