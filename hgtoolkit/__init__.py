@@ -9,7 +9,7 @@
 - how far an online estimate is from the exact one: :mod:`hgtoolkit.analysis`,
   :mod:`hgtoolkit.testing`.
 """
-from . import analysis, dynamics, lrsopt, marthe, online, optim, problems, testing, towers
+from . import analysis, baselines, dynamics, lrsopt, marthe, online, optim, problems, testing, towers
 from .errors import DivergenceError, DivergenceWarning
 from .exact import HypergradResult, directional_derivative, finite_difference, hypergradient
 from .online import OnlineResult
@@ -19,5 +19,5 @@ from .trajectory import train
 __version__ = "0.1.0"
 
 __all__ = ["Problem", "hypergradient", "directional_derivative", "finite_difference", "train",
-           "HypergradResult", "OnlineResult", "DivergenceError", "DivergenceWarning", "analysis",
+           "HypergradResult", "OnlineResult", "DivergenceError", "DivergenceWarning", "analysis", "baselines",
            "dynamics", "lrsopt", "marthe", "online", "optim", "problems", "testing", "towers"]

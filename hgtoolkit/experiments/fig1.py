@@ -376,7 +376,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
                          f"(f(w_T): {common.fmt(l['initial'])} → {common.fmt(l['best_final_value'])})"])
         table = common.markdown_table(
             ["method", "best min_t f(w_t)", "at β", "f(w_T) there", "max η_t / η_0", "share η_t = 0",
-             "β diverged", "notes"], rows)
+             "β diverged", "notes"], rows, align="lrrrrrrl")
         sections.append((f"{_TITLES.get(fn, fn)} (`{fn}`)", table))
         v = s["hd_vs_rtho"]
         measured = (f"{v['winner_best_vs_best']} (best {common.fmt(v['best_hd'])} HD vs "
@@ -388,7 +388,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
         verdict_rows.append([fn, s["paper"] or "—", measured, collapse])
     sections.insert(0, ("HD vs RTHO: paper vs measured", common.markdown_table(
         ["function", "paper (Donini et al. 2020, Fig. 1)", "measured (best over the β grid)",
-         "RTHO's η at its best β"], verdict_rows)))
+         "RTHO's η at its best β"], verdict_rows, align="llll")))
     notes = [
         f"All runs: plain gradient descent, T = {config.steps} steps, η_0 = {config.lr0:g}, from the "
         "function's default start; E = f (deterministic), hypergradient objective 'val'; η clipped at 0.",
