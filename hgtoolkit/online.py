@@ -377,8 +377,11 @@ def hyper_update(state: HyperState, cfg: HyperConfig, h: float, grad_dot: float,
 
 def gradient_and_hvp(problem) -> Callable:
     """``fn(w, z_w, t) -> (g_t, L_t, H_t z_w)``: ∇L_t(w) and its jvp along z_w, i.e. ONE
-    forward-over-reverse ``torch.func.jvp`` (the Hessian-vector product comes with the gradient)."""
-    grad_train = grad_and_value(problem.train_loss)
+    forward-over-reverse ``torch.func.jvp`` (the Hessian-vector product comes with the gradient).
+
+    ``problem`` may also be a loss function ``loss(w, x)`` itself; then ``fn(w, z_w, x)``
+    differentiates it (``hgtoolkit.batched`` passes ``problem.batch_loss`` and a minibatch x)."""
+    grad_train = grad_and_value(problem if callable(problem) else problem.train_loss)
 
     def fn(w, z_w, t):
         (g, loss), (hz, _) = jvp(lambda w_: grad_train(w_, t), (w,), (z_w,))
@@ -452,18 +455,10 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     >>> r.lrs.shape, r.hypergrads.shape
     ((100,), (100,))
     """
-    cfg, hs = hyper_config(method, lr0=lr0, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
-                           beta_rule=beta_rule, mu_rule=mu_rule, objective=objective,
-                           lr_floor=lr_floor, lr_max=lr_max)
-    dyn = _dynamics.get(optimizer)
-    T = _check_int(steps, "steps")
-    eval_every = _check_int(eval_every, "eval_every")
-    if seed is not None:
-        seed = _check_int(seed, "seed", minimum=0)
-        if problem.resample is not None:
-            problem = problem.resample(seed)
-    config = {**cfg.description, "optimizer": dyn.config(), "steps": T, "eval_every": eval_every,
-              "seed": seed, "problem": problem.describe()}
+    problem, cfg, hs, dyn, T, eval_every, config = _setup(
+        problem, method, optimizer, lr0=lr0, steps=steps, beta=beta, mu=mu, kappa=kappa,
+        beta0=beta0, beta_rule=beta_rule, mu_rule=mu_rule, objective=objective, lr_floor=lr_floor,
+        lr_max=lr_max, eval_every=eval_every, seed=seed)
 
     dtype, device = problem.dtype, problem.device
     scalar = lambda x: torch.tensor(x, dtype=dtype, device=device)
@@ -547,26 +542,54 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
             bar.close()
     wall = time.perf_counter() - start
 
-    n = len(rec["train_losses"]) if diverged is None else diverged.step
-    per_step = {}
-    for k in ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times"):
-        vals = rec[k][:n] + [math.nan] * max(0, n - len(rec[k]))
-        per_step[k] = np.asarray(vals, dtype=np.float64)
-    keep = [i for i, k in enumerate(rec["eval_steps"]) if k <= n]
-    result = OnlineResult(
-        config=config, **per_step,
-        eval_steps=np.asarray([rec["eval_steps"][i] for i in keep], dtype=np.int64),
-        val_losses=np.asarray([rec["val_losses"][i] for i in keep], dtype=np.float64),
-        val_accuracy=(np.asarray([rec["val_accuracy"][i] for i in keep], dtype=np.float64)
-                      if problem.metrics is not None else None),
-        final_lr=hs.lr if diverged is None else math.nan,
-        diverged_at=None if diverged is None else diverged.step,
-        divergence=None if diverged is None else str(diverged),
-        wall_time=wall,
-        final_params=tree_clone(dyn.params(state)) if keep_params and diverged is None else None)
+    result = _result(config, rec, hs, diverged, wall, problem.metrics is not None,
+                     tree_clone(dyn.params(state)) if keep_params and diverged is None else None)
     if diverged is not None:
         if raise_on_divergence:
             raise diverged
         warnings.warn(f"online {cfg.method} run stopped: {diverged} (result.diverged_at="
                       f"{diverged.step})", DivergenceWarning, stacklevel=2)
     return result
+
+
+def _setup(problem, method, optimizer, *, lr0, steps, beta, mu, kappa, beta0, beta_rule, mu_rule,
+           objective, lr_floor, lr_max, eval_every, seed):
+    """Validate :func:`run`'s arguments: (problem (resampled for ``seed``), hyper config,
+    initial hyper state, dynamics, T, eval_every, the record's config). Shared with
+    :mod:`hgtoolkit.batched`."""
+    cfg, hs = hyper_config(method, lr0=lr0, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
+                           beta_rule=beta_rule, mu_rule=mu_rule, objective=objective,
+                           lr_floor=lr_floor, lr_max=lr_max)
+    dyn = _dynamics.get(optimizer)
+    T = _check_int(steps, "steps")
+    eval_every = _check_int(eval_every, "eval_every")
+    if seed is not None:
+        seed = _check_int(seed, "seed", minimum=0)
+        if problem.resample is not None:
+            problem = problem.resample(seed)
+    config = {**cfg.description, "optimizer": dyn.config(), "steps": T, "eval_every": eval_every,
+              "seed": seed, "problem": problem.describe()}
+    return problem, cfg, hs, dyn, T, eval_every, config
+
+
+def _result(config: dict, rec: dict, hs: HyperState, diverged: DivergenceError | None, wall: float,
+            has_metrics: bool, final_params: Any) -> OnlineResult:
+    """The record of one run from its per-step lists ``rec`` (keys as in :func:`run`): the
+    arrays are cut to the n = ``diverged.step`` steps that ran (NaN-padded where a value was
+    not formed), evaluations after step n dropped. Shared with :mod:`hgtoolkit.batched`."""
+    n = len(rec["train_losses"]) if diverged is None else diverged.step
+    per_step = {}
+    for k in ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times"):
+        vals = rec[k][:n] + [math.nan] * max(0, n - len(rec[k]))
+        per_step[k] = np.asarray(vals, dtype=np.float64)
+    keep = [i for i, k in enumerate(rec["eval_steps"]) if k <= n]
+    return OnlineResult(
+        config=config, **per_step,
+        eval_steps=np.asarray([rec["eval_steps"][i] for i in keep], dtype=np.int64),
+        val_losses=np.asarray([rec["val_losses"][i] for i in keep], dtype=np.float64),
+        val_accuracy=(np.asarray([rec["val_accuracy"][i] for i in keep], dtype=np.float64)
+                      if has_metrics else None),
+        final_lr=hs.lr if diverged is None else math.nan,
+        diverged_at=None if diverged is None else diverged.step,
+        divergence=None if diverged is None else str(diverged),
+        wall_time=wall, final_params=final_params)

@@ -284,27 +284,37 @@ def plot_best_vs_beta(betas: Any, best: Mapping[str, Any], ax=None, title: str |
     betas = to_numpy(betas)
     any_div = False
     lines = []
-    for label, values in best.items():
+    markers = "osD^vP*X"
+    for k, (label, values) in enumerate(best.items()):
         y = _positive_finite(values)
         div = np.zeros(len(betas), bool) if diverged is None or label not in diverged else \
             np.asarray(diverged[label], dtype=bool)
         y[div] = np.nan
-        line, = ax.plot(betas, y, marker="o", ms=3, label=label, **(styles or {}).get(label, {}))
+        kw = {"marker": markers[k % len(markers)], "ms": 4, "mfc": "none", **(styles or {}).get(label, {})}
+        line, = ax.plot(betas, y, label=label, **kw)
         lines.append((line, div))
         any_div |= bool(div.any())
-    for label, value in (references or {}).items():
+    ref_styles = (":", "--", "-.")
+    for k, (label, value) in enumerate((references or {}).items()):
         if value is not None and np.isfinite(value) and value > 0:
-            ax.axhline(value, ls=":", lw=1.2, color="0.25", label=label)
+            ax.axhline(value, ls=ref_styles[k % 3], lw=1.1, color="0.3", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     if any_div:
-        top = ax.get_ylim()[1]
+        # one row of × per method along the top edge (axes coordinates), so none hides another
+        trans = ax.get_xaxis_transform()
+        n = sum(bool(div.any()) for _, div in lines)
+        ax.autoscale_view()
+        row = 0
         for line, div in lines:
             if div.any():
-                ax.plot(betas[div], np.full(int(div.sum()), top), "x", ms=6, mew=1.5,
-                        color=line.get_color(), clip_on=False)
-        ax.set_ylim(top=top)
-        ax.plot([], [], "x", color="0.3", label="diverged (drawn at top)")
+                ax.plot(betas[div], np.full(int(div.sum()), 0.97 - 0.045 * row), "x", ms=5, mew=1.4,
+                        color=line.get_color(), transform=trans, clip_on=False)
+                row += 1
+        lo, hi = ax.get_ylim()  # leave the top rows free for the × marks (log axis)
+        frac = max(1.0 - 0.045 * (n + 1), 0.5)
+        ax.set_ylim(lo, lo * (hi / lo) ** (1.0 / frac))
+        ax.plot([], [], "x", color="0.3", label="diverged (× along the top)")
     ax.set_xlabel(r"hyper-learning rate $\beta$")
     ax.set_ylabel(ylabel)
     if title:

@@ -34,6 +34,14 @@ class Problem:
     ``resample(seed) -> Problem`` (optional) returns the same problem with another minibatch
     order (LRS-OPT in the MARTHE paper draws a new order at every outer iteration);
     ``info`` says where the data came from and is copied into every result.
+
+    Optional, for running many independent copies of a data-driven problem as one vectorised
+    computation (:mod:`hgtoolkit.batched`, ``torch.func.vmap`` over runs):
+    ``batch(t)`` returns minibatch t's data (a tuple of tensors) and ``batch_loss(w, batch)``
+    the loss on given data, with ``train_loss(w, t) == batch_loss(w, batch(t))``; so each run
+    can bring its own minibatch while the loss function is shared. ``metric_tensors(w)``
+    returns the values of ``metrics(w)`` as 0-d tensors (vmap-able). All are set by
+    :func:`classification_mlp`, None elsewhere.
     """
 
     params0: Any
@@ -43,12 +51,21 @@ class Problem:
     metrics: Callable[[Any], dict] | None = None
     resample: Callable[[int], "Problem"] | None = None
     info: dict = field(default_factory=dict)
+    batch: Callable[[int], Any] | None = None
+    batch_loss: Callable[[Any, Any], torch.Tensor] | None = None
+    metric_tensors: Callable[[Any], dict] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.train_loss):
             raise TypeError("train_loss must be callable as train_loss(params, t)")
         if not callable(self.val_loss):
             raise TypeError("val_loss must be callable as val_loss(params)")
+        if (self.batch is None) != (self.batch_loss is None):
+            raise TypeError("batch and batch_loss go together: give both (train_loss(w, t) == "
+                            "batch_loss(w, batch(t))) or neither")
+        for name in ("batch", "batch_loss", "metric_tensors"):
+            if getattr(self, name) is not None and not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be callable or None")
         leaves = tree_leaves(self.params0)
         if not leaves or not all(isinstance(x, torch.Tensor) for x in leaves):
             raise TypeError("params0 must be a tensor or a pytree (dict/list/tuple) of tensors")
@@ -197,24 +214,35 @@ def classification_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
     def val_loss(params):
         return ce(logits(params, x_val), y_val)
 
-    def metrics(params) -> dict:
+    def metric_tensors(params) -> dict:
         with torch.no_grad():
             out = logits(params, x_val)
-            return {"val_loss": float(ce(out, y_val)),
-                    "val_accuracy": float((out.argmax(-1) == y_val).to(torch.float64).mean())}
+            return {"val_loss": ce(out, y_val),
+                    "val_accuracy": (out.argmax(-1) == y_val).to(torch.float64).mean()}
+
+    def metrics(params) -> dict:
+        return {k: float(v) for k, v in metric_tensors(params).items()}
+
+    def batch_loss(params, batch):
+        x, y = batch
+        return ce(logits(params, x), y)
 
     def make(bseed: int) -> Problem:
         order = _BatchOrder(len(x_train), batch_size, bseed, x_train.device)
 
-        def train_loss(params, t):
+        def batch(t):
             idx = order(t)
-            return ce(logits(params, x_train[idx]), y_train[idx])
+            return x_train[idx], y_train[idx]
+
+        def train_loss(params, t):
+            return batch_loss(params, batch(t))
 
         return Problem({k: v.clone() for k, v in params0.items()}, train_loss, val_loss, name=name,
                        metrics=metrics, resample=make,
                        info={**(info or {}), "hidden": list(hidden), "batch_size": batch_size,
                              "init_seed": seed, "batch_seed": bseed,
-                             "steps_per_epoch": order.per_epoch})
+                             "steps_per_epoch": order.per_epoch},
+                       batch=batch, batch_loss=batch_loss, metric_tensors=metric_tensors)
 
     return make(seed if batch_seed is None else batch_seed)
 

@@ -66,6 +66,7 @@ _TITLES = {"beale": "Beale", "bukin_smooth": "smoothed Bukin (squared valley, pr
            "rosenbrock": "Rosenbrock"}
 
 AUTO_LABEL = "MARTHE μ, β adaptive"
+CONST_LABEL = "GD, best constant η"
 LRSOPT_LABEL = "LRS-OPT"
 
 
@@ -75,9 +76,15 @@ class Config:
 
     ``betas``: the β grid; ``mus``: MARTHE's fixed μ values; ``adaptive_mu``: add MARTHE with
     the adaptive μ on the grid; ``auto_beta``: add MARTHE with μ and β adaptive (κ searched from
-    ``kappa_start`` down by ÷10, at most ``kappa_tries`` values); ``lrsopt_steps`` (0: skip),
-    ``lrsopt_lr`` (Adam's α on η), ``lrsopt_lr_max`` (upper bound on η_t, None: none);
-    ``workers``: processes for the independent runs (results do not depend on it).
+    ``kappa_start`` down by ÷10, at most ``kappa_tries`` values). An online run counts as
+    diverged when f or w stops being finite or η_t exceeds ``lr_max_factor``·η_0 (on
+    ``bukin_sharp`` the gradient is bounded, so f never overflows: without the η bound a run
+    whose η reached 100 would count as "not diverged").
+    ``constants``: plain GD with constant η on a log grid of this many values in
+    [η_0, 100 η_0]; the best (smallest f(w_T)) is the baseline row and LRS-OPT's start.
+    ``lrsopt_steps`` (0: skip): projected Adam steps on η, step size α = ``lrsopt_lr_rel``·η_c
+    (η_c the best constant). ``workers``: processes for the independent runs (results do not
+    depend on it).
     """
 
     functions: tuple[str, ...] = ("beale", "bukin_smooth", "bukin_sharp")
@@ -89,30 +96,31 @@ class Config:
     auto_beta: bool = True
     kappa_start: float = 1e-6
     kappa_tries: int = 14
+    lr_max_factor: float = 100.0
+    constants: int = 11
     lrsopt_steps: int = 200
-    lrsopt_lr: float = 5e-4
-    lrsopt_lr_max: float | None = None
+    lrsopt_lr_rel: float = 0.2
     workers: int = 1
     seed: int = 0
 
     @classmethod
     def full(cls) -> "Config":
         """The paper's scale: 500 steps, β from 1e-11 to 1e-4 in half decades, μ ∈ {0.9, 0.99,
-        0.999} and adaptive, 200 LRS-OPT steps (~15 min on 2 cores)."""
+        0.999} and adaptive, 200 LRS-OPT steps (~20 min on 2 idle cores)."""
         return cls(workers=common.default_workers())
 
     @classmethod
     def quick(cls) -> "Config":
-        """500 steps, β ∈ {1e-10 … 1e-4} (decades), μ = 0.99 and adaptive, 30 LRS-OPT steps
-        (about 3 min on 2 cores)."""
+        """500 steps, β ∈ {1e-10 … 1e-4} (decades), μ = 0.99 and adaptive, 20 LRS-OPT steps
+        (about 2–3 min on 2 idle cores)."""
         return cls(betas=tuple(float(10.0 ** e) for e in range(-10, -3)), mus=(0.99,),
-                   lrsopt_steps=30, workers=common.default_workers())
+                   lrsopt_steps=20, workers=common.default_workers())
 
     @classmethod
     def tiny(cls) -> "Config":
         """Seconds, for the tests: one function, 30 steps, two β, μ = 0.9 and adaptive."""
         return cls(functions=("bukin_sharp",), steps=30, betas=(1e-8, 1e-6), mus=(0.9,),
-                   kappa_start=1e-8, kappa_tries=3, lrsopt_steps=2, workers=1)
+                   kappa_start=1e-8, kappa_tries=3, constants=3, lrsopt_steps=2, workers=1)
 
     def __post_init__(self):
         import testfunctions
@@ -128,6 +136,14 @@ class Config:
             raise ValueError(f"steps must be ≥ 1 and lr0 > 0, got steps={self.steps}, lr0={self.lr0}")
         if self.lrsopt_steps < 0:
             raise ValueError(f"lrsopt_steps must be ≥ 0, got {self.lrsopt_steps}")
+        if self.constants < 1 or not self.lr_max_factor > 1 or not self.lrsopt_lr_rel > 0:
+            raise ValueError("constants must be ≥ 1, lr_max_factor > 1 and lrsopt_lr_rel > 0; got "
+                             f"{self.constants}, {self.lr_max_factor}, {self.lrsopt_lr_rel}")
+
+    @property
+    def lr_max(self) -> float:
+        """|η_t| above this counts as divergence (``lr_max_factor``·η_0)."""
+        return self.lr_max_factor * self.lr0
 
 
 def method_specs(config: Config) -> list[tuple[str, str, Any]]:
@@ -149,12 +165,12 @@ def _problem(fn: str):
 def _grid_job(job: tuple) -> dict:
     """One online run on the grid: (fn, method, mu, beta, lr0, steps) -> arrays and scalars."""
     from .. import online
-    fn, method, mu, beta, lr0, steps = job
+    fn, method, mu, beta, lr0, steps, lr_max = job
     kw = {"mu": mu} if method == "marthe" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
         r = online.run(_problem(fn), method, lr0=lr0, steps=steps, beta=beta, objective="val",
-                       keep_params=False, **kw)
+                       lr_max=lr_max, keep_params=False, **kw)
     return {"lrs": r.lrs, "mus": r.mus, "values": r.val_losses, "best": r.best_val_loss,
             "final": r.final_val_loss if not r.diverged else math.nan,
             "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at), "wall_time": r.wall_time}
@@ -164,23 +180,47 @@ def _auto_job(job: tuple):
     """MARTHE with μ and β adaptive; κ by the ÷10 wrapper. Returns an OnlineResult or a message."""
     from .. import marthe
     from ..errors import DivergenceError
-    fn, lr0, steps, kappa_start, tries = job
+    fn, lr0, steps, kappa_start, tries, lr_max = job
     try:
         return marthe.find_beta(_problem(fn), start=kappa_start, max_tries=tries, method="marthe",
                                 beta="auto", mu="auto", lr0=lr0, steps=steps, objective="val",
-                                keep_params=False)
+                                lr_max=lr_max, keep_params=False)
     except DivergenceError as exc:
         return str(exc)
 
 
+def _constant_search(problem, lr0: float, steps: int, n: int) -> dict:
+    """Plain GD with η_t = c for c on a log grid in [η_0, 100 η_0]: f(w_T) and min_t f(w_t)
+    per c (inf when the run diverged), and the c with the smallest f(w_T)."""
+    from ..trajectory import train
+    grid = np.geomspace(lr0, 100 * lr0, n) if n > 1 else np.array([lr0])
+    final, best = np.full(n, np.inf), np.full(n, np.inf)
+    for i, c in enumerate(grid):
+        try:
+            r = train(problem, torch.full((steps,), float(c), dtype=problem.dtype))
+        except FloatingPointError:
+            continue
+        final[i] = float(r.value)
+        best[i] = min(float(r.train_losses.min()), final[i])
+    k = int(np.argmin(final))
+    return {"lrs": grid, "final": final, "best": best, "best_lr": float(grid[k]),
+            "best_final": float(final[k]), "best_min_t": float(best[k])}
+
+
 def _lrsopt_job(job: tuple):
+    """The best constant η (GD), then LRS-OPT from it. Returns (constants, ScheduleResult|None)."""
     from .. import lrsopt
-    fn, lr0, steps, outer_steps, outer_lr, lr_max = job
+    fn, lr0, steps, n_constants, outer_steps, lr_rel = job
     problem = _problem(fn)
+    constants = _constant_search(problem, lr0, steps, n_constants)
+    if not outer_steps:
+        return constants, None
+    c = constants["best_lr"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
-        return lrsopt.optimize_schedule(problem, torch.full((steps,), lr0, dtype=problem.dtype),
-                                        outer_steps, outer_lr, "adam", lr_max=lr_max, progress=False)
+        result = lrsopt.optimize_schedule(problem, torch.full((steps,), c, dtype=problem.dtype),
+                                          outer_steps, lr_rel * c, "adam", progress=False)
+    return constants, result
 
 
 def _dispatch(job: tuple):
@@ -211,16 +251,16 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     # longest jobs first: LRS-OPT, then the fully adaptive MARTHE search, then the grid
     jobs: list[tuple] = []
     for fn in config.functions:
-        if config.lrsopt_steps:
-            jobs.append(("lrsopt", (fn, config.lr0, T, config.lrsopt_steps, config.lrsopt_lr,
-                                    config.lrsopt_lr_max)))
+        jobs.append(("lrsopt", (fn, config.lr0, T, config.constants, config.lrsopt_steps,
+                                config.lrsopt_lr_rel)))
     for fn in config.functions:
         if config.auto_beta:
-            jobs.append(("auto", (fn, config.lr0, T, config.kappa_start, config.kappa_tries)))
+            jobs.append(("auto", (fn, config.lr0, T, config.kappa_start, config.kappa_tries,
+                                  config.lr_max)))
     for fn in config.functions:
         for _, method, mu in specs:
             for beta in config.betas:
-                jobs.append(("grid", (fn, method, mu, beta, config.lr0, T)))
+                jobs.append(("grid", (fn, method, mu, beta, config.lr0, T, config.lr_max)))
     results = common.parallel_map(_dispatch, jobs, workers=config.workers, progress=progress,
                                   desc="fig1 runs")
     by_job = {(kind, payload[:4] if kind == "grid" else payload[0]): res
@@ -271,8 +311,11 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                                  kappa=auto.config["kappa"], search=auto.config.get("beta_search"),
                                  mu_zero_fraction=float(np.mean(auto.mus == 0)),
                                  mu_mean=float(np.mean(auto.mus)))
-        lrs_res = by_job.get(("lrsopt", fn))
-        lrs_info: dict[str, Any] = {"ran": bool(config.lrsopt_steps)}
+        constants, lrs_res = by_job[("lrsopt", fn)]
+        records.atomic_write_json(out.data(f"{fn}_constant.json"), {
+            "function": fn, "steps": T, "what": "plain GD with a constant learning rate c",
+            **constants})
+        lrs_info: dict[str, Any] = {"ran": bool(config.lrsopt_steps), "start_lr": constants["best_lr"]}
         if lrs_res is not None:
             lrs_res.save(out.data(f"{fn}_lrsopt"))
             schedules[LRSOPT_LABEL] = lrs_res.best_lrs
@@ -291,7 +334,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             lrs_info["best_min_t"] = float(np.min(fvals[LRSOPT_LABEL]))
 
         summary["functions"][fn] = _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info,
-                                                     config)
+                                                     constants, config)
 
     figures = make_figures(out, config.functions)
     sections, notes = _markdown(summary, config)
@@ -310,7 +353,7 @@ def _rtho_collapse(lrs: np.ndarray, lr0: float) -> dict:
             "zero_after_peak_fraction": float(np.mean(lrs[peak:] == 0))}
 
 
-def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, config) -> dict:
+def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, constants, config) -> dict:
     betas = np.asarray(config.betas)
     diverged = grid["diverged_at"] >= 0
     methods = {}
@@ -321,6 +364,9 @@ def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, config) ->
                  "beta": None if j is None else float(betas[j]),
                  "final": None if j is None else float(grid["final"][i, j]),
                  "largest_stable_beta": (float(betas[~diverged[i]].max()) if (~diverged[i]).any() else None)}
+        zero = [float(np.mean(grid["lrs"][i, k][np.isfinite(grid["lrs"][i, k])] == 0))
+                for k in range(len(betas)) if not diverged[i, k]]
+        entry["zero_fraction_range"] = [min(zero), max(zero)] if zero else None
         if j is not None:
             lrs = grid["lrs"][i, j]
             entry["lr_behaviour"] = _rtho_collapse(lrs, config.lr0)
@@ -344,8 +390,10 @@ def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, config) ->
                "hd_better_at": int(both.sum()) - rtho_wins, "best_hd": hd_best, "best_rtho": rt_best,
                "winner_best_vs_best": winner,
                "ratio_best_hd_over_rtho": (hd_best / rt_best if hd_best and rt_best else None)}
+    constant = {"lr": constants["best_lr"], "final": constants["best_final"],
+                "best": constants["best_min_t"]}
     return {"methods": methods, "hd_vs_rtho": verdict, "marthe_auto": auto_info, "lrsopt": lrs_info,
-            "paper": PAPER.get(fn)}
+            "best_constant": constant, "paper": PAPER.get(fn)}
 
 
 def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], list[str]]:
@@ -369,10 +417,13 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
                          f"μ = 0 for {100 * a['mu_zero_fraction']:.0f}% of steps"])
         elif "error" in a:
             rows.append([AUTO_LABEL, None, None, None, None, None, "all diverged", a["error"]])
+        c = s["best_constant"]
+        rows.append([CONST_LABEL, c["best"], "—", c["final"], c["lr"] / config.lr0, 0, "—",
+                     f"η_t = {common.fmt(c['lr'])} for all t (best of {config.constants} constants by f(w_T))"])
         l = s["lrsopt"]
         if "best_final_value" in l:
             rows.append([LRSOPT_LABEL, l.get("best_min_t"), "—", l["best_final_value"], None, None, "—",
-                         f"{l['outer_steps']} Adam steps on η from η_t = η_0 "
+                         f"{l['outer_steps']} Adam steps on η from the best constant "
                          f"(f(w_T): {common.fmt(l['initial'])} → {common.fmt(l['best_final_value'])})"])
         table = common.markdown_table(
             ["method", "best min_t f(w_t)", "at β", "f(w_T) there", "max η_t / η_0", "share η_t = 0",
@@ -385,13 +436,20 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
         rt = s["methods"]["RTHO"].get("lr_behaviour")
         collapse = (f"RTHO η peaks at {rt['peak_lr_over_lr0']:.1f}·η_0 (step {rt['peak_step']}), "
                     f"= 0 for {100 * rt['zero_fraction']:.0f}% of steps" if rt else "—")
+        ranges = {m: s["methods"][m]["zero_fraction_range"] for m in ("RTHO", "HD")}
+        if all(ranges.values()):
+            collapse += "; η = 0 for " + ", ".join(
+                f"{100 * r[0]:.0f}–{100 * r[1]:.0f}% ({m})" for m, r in ranges.items()) + \
+                " of steps over the non-diverged β"
         verdict_rows.append([fn, s["paper"] or "—", measured, collapse])
     sections.insert(0, ("HD vs RTHO: paper vs measured", common.markdown_table(
         ["function", "paper (Donini et al. 2020, Fig. 1)", "measured (best over the β grid)",
          "RTHO's η at its best β"], verdict_rows, align="llll")))
     notes = [
         f"All runs: plain gradient descent, T = {config.steps} steps, η_0 = {config.lr0:g}, from the "
-        "function's default start; E = f (deterministic), hypergradient objective 'val'; η clipped at 0.",
+        "function's default start; E = f (deterministic), hypergradient objective 'val'; η clipped at 0; "
+        f"a run counts as diverged when f or w is not finite or η_t > {config.lr_max:g} "
+        f"(= {config.lr_max_factor:g} η_0).",
         f"β grid: {', '.join(common.fmt(b, 2) for b in config.betas)}. 'best' = min_t f(w_t) over the "
         "run, as in the paper's Fig. 1 (center); diverged runs are excluded from it and drawn as × in the figures.",
         "`bukin_smooth` squares the valley residual (100 u²): it is the project's stand-in for the paper's "
@@ -423,6 +481,12 @@ def _styles(labels) -> dict:
     return out
 
 
+def _legend_below(ax, ncol: int = 2) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=ncol,
+              fontsize=6.5, frameon=False)
+
+
 def make_figures(out_dir, functions) -> list:
     """Draw ``figures/fig1_<fn>`` for each function from the records in ``data/`` (no training)."""
     import testfunctions
@@ -435,57 +499,64 @@ def make_figures(out_dir, functions) -> list:
         f = testfunctions.get(fn)
         grid = records.load_arrays(out.data(f"{fn}_grid.npz"))
         meta = records.read_json(out.data(f"{fn}_grid.json"))
+        constants = records.read_json(out.data(f"{fn}_constant.json"))
         labels = [str(l) for l in grid["labels"]]
         styles = _styles(labels + [AUTO_LABEL, LRSOPT_LABEL])
         diverged = grid["diverged_at"] >= 0
         betas = grid["betas"]
+        lr0 = float(meta["lr0"])
         auto_path, lrsopt_path = out.data(f"{fn}_marthe_auto.json"), out.data(f"{fn}_lrsopt.json")
         auto = OnlineResult.load(auto_path) if auto_path.exists() else None
         lrs_res = ScheduleResult.load(lrsopt_path) if lrsopt_path.exists() else None
 
-        fig, axes = plotting.figure(ncols=3, width=4.4, height=3.6)
-        # (a) best objective vs β
+        fig, axes = plotting.figure(ncols=3, width=4.4, height=3.9)
+        # (a) best objective vs β, with the β-free methods as horizontal lines
         refs = {}
         if auto is not None:
             refs[f"{AUTO_LABEL} (κ={auto.config['kappa']:.0e})"] = auto.best_val_loss
+        refs[f"{CONST_LABEL} (η={constants['best_lr']:.2g})"] = constants["best_min_t"]
         plotting.plot_best_vs_beta(betas, {l: grid["best"][i] for i, l in enumerate(labels)}, ax=axes[0],
                                    diverged={l: diverged[i] for i, l in enumerate(labels)},
-                                   references=refs, styles=styles, legend=False,
+                                   references=refs, styles={l: styles[l] for l in labels}, legend=False,
                                    title=r"(a) best $f$ within $T$ steps vs $\beta$")
-        h, l = axes[0].get_legend_handles_labels()
-        axes[0].legend(h, l, loc="lower left", fontsize=6.5, ncol=1)
+        _legend_below(axes[0])
 
         # (b) schedules of the best-β runs (+ LRS-OPT), symlog so η = 0 stays visible
         schedules, sty = {}, {}
+        if lrs_res is not None:  # drawn first, underneath: its schedule can be bang-bang
+            key = f"{LRSOPT_LABEL} ({lrs_res.outer_steps_done} steps)"
+            schedules[key] = lrs_res.best_lrs
+            sty[key] = {**styles[LRSOPT_LABEL], "lw": 0.8, "alpha": 0.55, "zorder": 1}
         for i, label in enumerate(labels):
             ok = np.where(~diverged[i] & np.isfinite(grid["best"][i]))[0]
             if len(ok):
                 j = int(ok[np.argmin(grid["best"][i][ok])])
                 lrs = grid["lrs"][i, j]
-                schedules[f"{label} (β={betas[j]:.0e})"] = lrs[np.isfinite(lrs)]
-                sty[f"{label} (β={betas[j]:.0e})"] = styles[label]
+                key = f"{label} (β={betas[j]:.0e})"
+                schedules[key] = lrs[np.isfinite(lrs)]
+                sty[key] = styles[label]
         if auto is not None:
             schedules[AUTO_LABEL] = auto.lrs
             sty[AUTO_LABEL] = styles[AUTO_LABEL]
-        if lrs_res is not None:
-            key = f"{LRSOPT_LABEL} ({lrs_res.outer_steps_done} outer steps)"
-            schedules[key] = lrs_res.best_lrs
-            sty[key] = styles[LRSOPT_LABEL]
         ax = axes[1]
-        plotting.plot_schedules(schedules, ax=ax, styles=sty, title=r"(b) $\eta_t$ of each method's best-$\beta$ run")
-        lr0 = float(meta["lr0"])
+        plotting.plot_schedules(schedules, ax=ax, styles=sty,
+                                title=r"(b) $\eta_t$ of each method's best-$\beta$ run")
         ax.set_yscale("symlog", linthresh=lr0 / 10)
         ax.set_ylim(bottom=0)
         ax.axhline(lr0, color="0.5", lw=0.7, ls=":")
-        ax.legend(loc="best", fontsize=6.5)
+        ax.set_ylabel(r"learning rate $\eta_t$ (symlog: linear below $\eta_0/10$)")
+        _legend_below(ax)
 
         # (c) trajectories over the contour plot
         pz = records.load_arrays(out.data(f"{fn}_paths.npz"))
         plabels = [str(x) for x in pz["labels"]]
         paths = {l: pz[f"path_{k}"] for k, l in enumerate(plabels)}
-        plotting.plot_contour_paths(f, paths, ax=axes[2], styles={l: styles[l] for l in plabels},
-                                    title="(c) trajectories (best β) over $f$", legend=False)
-        axes[2].legend(loc="best", fontsize=6.5)
+        pst = {l: dict(styles[l]) for l in plabels}
+        if LRSOPT_LABEL in pst:
+            pst[LRSOPT_LABEL].update(lw=0.8, alpha=0.6, zorder=1)
+        plotting.plot_contour_paths(f, paths, ax=axes[2], styles=pst, legend=False,
+                                    title=r"(c) paths $w_0 \ldots w_T$ (best $\beta$) over $f$")
+        _legend_below(axes[2])
         fig.suptitle(f"MARTHE Fig. 1 reproduction — {_TITLES.get(fn, fn)}: gradient descent, "
                      f"T = {meta['steps']}, η₀ = {lr0:g}, start {tuple(f.default_start)}", fontsize=9)
         written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True,
