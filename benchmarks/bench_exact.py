@@ -114,6 +114,33 @@ def reverse_autograd_steps(problem, lrs):
     return {"forward_s": t1 - t0, "objective_s": t2 - t1, "backward_s": t3 - t2}, grads
 
 
+def directional_reverse_over_reverse(problem, lrs, direction):
+    """Prototype: z_{t+1} = A_t z_t + B_t v_t with H_t z from a double backward (∇_w(g·z))
+    instead of a forward-mode jvp through the gradient; the optimizer update itself (elementwise)
+    is still differentiated with one torch.func.jvp of dynamics.step."""
+    from torch.func import jvp
+    from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+    from hgtoolkit import dynamics
+    from hgtoolkit._tree import tree_zeros_like
+    dyn = dynamics.sgd()
+    state = dyn.init(problem.params0)
+    z = tree_zeros_like(state)
+    for t in range(len(lrs)):
+        w = tree_map(lambda x: x.detach().requires_grad_(True), dyn.params(state))
+        leaves, spec = tree_flatten(w)
+        g = torch.autograd.grad(problem.train_loss(w, t), leaves, create_graph=True)
+        hz = torch.autograd.grad(g, leaves, grad_outputs=tree_flatten(dyn.params(z))[0])
+        g = tree_unflatten([x.detach() for x in g], spec)
+        s_in = tree_map(lambda x: x.detach(), state)
+        state, z = jvp(lambda s, gg, lr, t=t: dyn.step(s, gg, lr, t), (s_in, g, lrs[t]),
+                       (z, tree_unflatten(list(hz), spec), direction[t]))
+    w = tree_map(lambda x: x.detach().requires_grad_(True), dyn.params(state))
+    leaves = tree_flatten(w)[0]
+    value = problem.val_loss(w)
+    ge = torch.autograd.grad(value, leaves)
+    return value.detach(), sum((a * b).sum() for a, b in zip(ge, tree_flatten(dyn.params(z))[0]))
+
+
 def top_ops(problem, lrs, n=10):
     """The operators with the largest self CPU time in one reverse-mode hypergradient."""
     from torch.profiler import ProfilerActivity, profile
@@ -165,36 +192,59 @@ def timing(threads: int, args, rows: list, details: dict) -> None:
                     note=f"CPU-time ratio {r['ratio_cpu']:.2f}; {r['wall_s']:.2f} s; "
                          f"{Tf} columns, cost grows ~T²/2"))
 
-    # anatomy of reverse mode (same thread count)
-    phases, alt, ag = [], [], []
+    # anatomy of reverse mode, and prototypes, all timed in the same rounds as a training run
+    cands = {
+        "reverse": lambda: hypergradient(problem, lrs),
+        "phases": lambda: reverse_phases(problem, lrs),
+        "prototype_autograd_steps": lambda: reverse_autograd_steps(problem, lrs),
+        "mode_autograd": lambda: hypergradient(problem, lrs, mode="autograd"),
+        "directional": lambda: directional_derivative(problem, lrs, direction),
+        "prototype_directional_rr": lambda: directional_reverse_over_reverse(problem, lrs, direction),
+    }
+    rounds = []
     for _ in range(args.repeats):
-        train_wall = timed(lambda: train(problem, lrs))[0]
-        p, g_ref = reverse_phases(problem, lrs)
-        a, g_alt = reverse_autograd_steps(problem, lrs)
-        phases.append({**p, "train_s": train_wall})
-        alt.append({**a, "train_s": train_wall})
-        ag.append({"autograd_s": timed(lambda: hypergradient(problem, lrs, mode="autograd"))[0],
-                   "train_s": train_wall})
-    med = lambda xs, k: statistics.median(x[k] / x["train_s"] for x in xs)
+        rnd = {"train_s": timed(lambda: train(problem, lrs))[0]}
+        for name, fn in cands.items():
+            t0 = time.perf_counter()
+            out = fn()
+            rnd[name + "_s"] = time.perf_counter() - t0
+            if name in ("phases", "prototype_autograd_steps"):
+                rnd.update({f"{name}.{k}": v for k, v in out[0].items()})
+        rounds.append(rnd)
+    med = lambda key: statistics.median(r[key] / r["train_s"] for r in rounds)
+    _, g_ref = reverse_phases(problem, lrs)
+    _, g_alt = reverse_autograd_steps(problem, lrs)
+    dd_ref = directional_derivative(problem, lrs, direction)[1]
+    dd_alt = directional_reverse_over_reverse(problem, lrs, direction)[1]
     same = bool(torch.equal(g_ref, g_alt))
     close = float((g_ref - g_alt).abs().max() / g_ref.abs().max())
+    dd_rel = float((dd_ref - dd_alt).abs() / dd_ref.abs())
     anatomy = {
-        "torch_func_vjp": {k: med(phases, k) for k in ("forward_s", "objective_s", "backward_s")},
-        "autograd_per_step_prototype": {k: med(alt, k) for k in ("forward_s", "objective_s", "backward_s")},
-        "mode_autograd_over_train": med(ag, "autograd_s"),
+        "reverse_over_train": med("reverse_s"),
+        "torch_func_vjp": {k: med(f"phases.{k}") for k in ("forward_s", "objective_s", "backward_s")},
+        "autograd_per_step_prototype": {k: med(f"prototype_autograd_steps.{k}")
+                                        for k in ("forward_s", "objective_s", "backward_s")},
+        "autograd_per_step_prototype_total": med("prototype_autograd_steps_s"),
+        "mode_autograd_over_train": med("mode_autograd_s"),
+        "directional_over_train": med("directional_s"),
+        "directional_rr_prototype_over_train": med("prototype_directional_rr_s"),
         "prototype_grad_bitwise_equal": same, "prototype_grad_max_rel_diff": close,
-        "raw": {"phases": phases, "prototype": alt, "mode_autograd": ag},
+        "directional_rr_rel_diff": dd_rel, "rounds": rounds,
     }
     details[f"reverse_anatomy_{threads}t"] = anatomy
     f, b = anatomy["torch_func_vjp"], anatomy["autograd_per_step_prototype"]
-    rows.append(row(f"reverse phases / train ({tag}): forward (vjp build) + backward", f["forward_s"] + f["backward_s"],
-                    "×", note=f"forward {f['forward_s']:.2f}, objective {f['objective_s']:.3f}, "
-                              f"backward {f['backward_s']:.2f}"))
-    rows.append(row(f"prototype: per-step torch.autograd graphs / train ({tag})",
-                    b["forward_s"] + b["objective_s"] + b["backward_s"], "×",
+    rows.append(row(f"[same rounds] reverse / train ({tag})", anatomy["reverse_over_train"], "×",
+                    note=f"phases: forward (vjp build) {f['forward_s']:.2f}, objective "
+                         f"{f['objective_s']:.3f}, backward {f['backward_s']:.2f}"))
+    rows.append(row(f"[same rounds] prototype: per-step torch.autograd graphs / train ({tag})",
+                    anatomy["autograd_per_step_prototype_total"], "×",
                     note=f"forward {b['forward_s']:.2f}, backward {b['backward_s']:.2f}; same grad "
                          f"{'bitwise' if same else f'to {close:.1e}'}"))
-    rows.append(row(f"mode='autograd' / train ({tag})", anatomy["mode_autograd_over_train"], "×"))
+    rows.append(row(f"[same rounds] mode='autograd' / train ({tag})", anatomy["mode_autograd_over_train"], "×"))
+    rows.append(row(f"[same rounds] directional_derivative / train ({tag})", anatomy["directional_over_train"], "×"))
+    rows.append(row(f"[same rounds] prototype: directional, reverse-over-reverse HVP / train ({tag})",
+                    anatomy["directional_rr_prototype_over_train"], "×",
+                    note=f"same value to {dd_rel:.1e}"))
     if args.profile:
         details[f"top_ops_{threads}t"] = top_ops(problem, lrs)
 

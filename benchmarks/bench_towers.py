@@ -9,13 +9,15 @@ Side by side, on the same 3×500 MLP, initial weights and minibatches
   implementation, import ``gradient_descent_the_ultimate_optimizer``) with the same stacks,
   driven as its README says (``begin``, ``zero_grad``, ``backward(create_graph=True)``, ``step``).
 
-Time: median per-iteration wall time (zero_grad + forward + backward + optimizer step) over
-``--steps`` steps after ``--warmup``; ``--repeats`` rounds, configurations interleaved within a
-round so that machine load affects all alike; the table shows the median over rounds.
-Memory: each configuration in a fresh subprocess: peak RSS (ru_maxrss) and, after N and 2N
-steps, RSS and the live tensors reachable from Python (count and bytes) — growth with the
-number of steps shows up as a difference between N and 2N. Numerics: the SGD towers of both
-implementations are compared step by step (learnt LR trajectories, final weights).
+Time: per-iteration wall time and CPU (process) time (zero_grad + forward + backward +
+optimizer step), median over ``--steps`` steps after ``--warmup`` in each of ``--repeats``
+rounds. All configurations advance together, one step each in turn, so that load changes on a
+shared machine hit them alike. Memory: each configuration in a fresh subprocess: peak RSS over
+the training steps (VmHWM reset after data loading) and, after N and 2N steps, RSS and the live
+tensors reachable from Python (count and bytes; tensors saved inside an autograd graph are not
+Python objects and show only in RSS) — growth with the number of steps shows up as a
+difference between N and 2N. Numerics: the SGD towers of both implementations are compared
+step by step (learnt LR trajectories, final weights), in float32 and in float64.
 
     .venv/bin/python benchmarks/bench_towers.py [--steps 30 --warmup 5 --repeats 3]
 
@@ -28,7 +30,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -143,9 +144,23 @@ class Runner:
         return [src[k].detach() for k in self.problem.params0]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def _status_mb(field: str) -> float:
+    """VmRSS / VmHWM (peak RSS) of this process, in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ≥ 4.0), so the peak excludes data loading."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def _live_tensors() -> tuple[int, float]:
@@ -166,24 +181,25 @@ def _live_tensors() -> tuple[int, float]:
 
 
 def memory_probe(key: str, steps: int) -> dict:
-    """Run in a fresh process: peak RSS and live tensors after N and 2N steps."""
+    """Run in a fresh process: peak RSS over the steps and live tensors after N and 2N steps."""
     _, family, impl, height = next(c for c in configs() if c[0] == key)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         problem = problems.mnist_mlp()
     problem.train_loss(problem.params0, 0)  # load data, build caches
-    rss0 = _rss_mb()
+    gc.collect()
+    reset = _reset_peak_rss()
+    rss0 = _status_mb("VmRSS")
     r = Runner(problem, family, impl, height)
-    out = {"rss_start_mb": rss0}
+    out = {"rss_start_mb": rss0, "peak_reset": reset}
     t = 0
     for n in (steps, 2 * steps):
         while t < n:
             r.step(t)
             t += 1
         count, mb = _live_tensors()
-        out[f"after_{n}"] = {"rss_mb": _rss_mb(), "live_tensors": count, "live_tensor_mb": mb}
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out["peak_rss_above_start_mb"] = out["peak_rss_mb"] - rss0
+        out[f"after_{n}"] = {"rss_mb": _status_mb("VmRSS"), "live_tensors": count, "live_tensor_mb": mb}
+    out["peak_rss_above_start_mb"] = _status_mb("VmHWM") - rss0
     a, b = out[f"after_{steps}"], out[f"after_{2 * steps}"]
     out["tensor_growth_mb"] = b["live_tensor_mb"] - a["live_tensor_mb"]
     out["tensor_count_growth"] = b["live_tensors"] - a["live_tensors"]
@@ -192,22 +208,28 @@ def memory_probe(key: str, steps: int) -> dict:
 
 
 def timing(problem, steps: int, warmup: int, repeats: int) -> dict:
+    """Per-step wall and CPU (process) time. All configurations advance together, one step each
+    in turn (order rotated every step), so load changes on a shared machine hit all alike."""
     cfgs = configs()
-    per_round: dict[str, list[float]] = {c[0]: [] for c in cfgs}
+    wall: dict[str, list[float]] = {c[0]: [] for c in cfgs}
+    cpu: dict[str, list[float]] = {c[0]: [] for c in cfgs}
     for rnd in range(repeats):
-        for key, family, impl, height in cfgs:
-            r = Runner(problem, family, impl, height)
-            times = []
-            for t in range(warmup + steps):
-                t0 = time.perf_counter()
-                r.step(t)
-                times.append(time.perf_counter() - t0)
-            per_round[key].append(statistics.median(times[warmup:]))
-            del r
-            gc.collect()
+        runners = {key: Runner(problem, family, impl, height) for key, family, impl, height in cfgs}
+        keys = list(runners)
+        for t in range(warmup + steps):
+            for key in keys[t % len(keys):] + keys[:t % len(keys)]:
+                w0, c0 = time.perf_counter(), time.process_time()
+                runners[key].step(t)
+                if t >= warmup:
+                    wall[key].append(time.perf_counter() - w0)
+                    cpu[key].append(time.process_time() - c0)
+        del runners
+        gc.collect()
         print(f"  timing round {rnd + 1}/{repeats} done", file=sys.stderr)
-    return {k: {"median_ms": 1e3 * statistics.median(v), "rounds_ms": [1e3 * x for x in v]}
-            for k, v in per_round.items()}
+    return {k: {"median_wall_ms": 1e3 * statistics.median(wall[k]),
+                "median_cpu_ms": 1e3 * statistics.median(cpu[k]),
+                "p25_p75_wall_ms": [1e3 * float(np.percentile(wall[k], q)) for q in (25, 75)]}
+            for k in wall}
 
 
 def numerics(problem, steps: int) -> dict:
@@ -244,7 +266,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--memory-steps", type=int, default=30, help="N of the N-vs-2N memory probe")
+    ap.add_argument("--memory-steps", type=int, default=20, help="N of the N-vs-2N memory probe")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "towers.json"))
     ap.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -262,6 +284,7 @@ def main(argv=None) -> int:
         print("gradient-descent-the-ultimate-optimizer not installed: its rows are left out "
               "(pip install gradient-descent-the-ultimate-optimizer)", file=sys.stderr)
 
+    load_start = os.getloadavg()
     times = timing(problem, args.steps, args.warmup, args.repeats)
     memory = {}
     for key, *_ in configs():
@@ -276,29 +299,34 @@ def main(argv=None) -> int:
                 "float64": numerics(problems.mnist_mlp(dtype=torch.float64), args.steps)}
 
     rows = []
+    N = args.memory_steps
     for key, family, impl, height in configs():
-        base = times[f"{family}/torch.optim"]["median_ms"]
-        m = memory[key]
+        base = times[f"{family}/torch.optim"]
+        m, tm = memory[key], times[key]
         rows.append({"config": key, "family": family, "implementation": impl, "height": height,
                      "spec": (FAMILIES[family]["towers"][height - 1] if impl == "hgtoolkit" else None),
-                     "ms_per_step": times[key]["median_ms"], "rounds_ms": times[key]["rounds_ms"],
-                     "relative_to_torch_optim": times[key]["median_ms"] / base,
+                     "wall_ms_per_step": tm["median_wall_ms"], "cpu_ms_per_step": tm["median_cpu_ms"],
+                     "wall_p25_p75_ms": tm["p25_p75_wall_ms"],
+                     "wall_relative_to_torch_optim": tm["median_wall_ms"] / base["median_wall_ms"],
+                     "cpu_relative_to_torch_optim": tm["median_cpu_ms"] / base["median_cpu_ms"],
                      "peak_rss_above_start_mb": m["peak_rss_above_start_mb"],
-                     "live_tensor_mb_N": m[f"after_{args.memory_steps}"]["live_tensor_mb"],
-                     "live_tensor_mb_2N": m[f"after_{2 * args.memory_steps}"]["live_tensor_mb"],
-                     "live_tensors_N": m[f"after_{args.memory_steps}"]["live_tensors"],
-                     "live_tensors_2N": m[f"after_{2 * args.memory_steps}"]["live_tensors"],
+                     "live_tensor_mb_N": m[f"after_{N}"]["live_tensor_mb"],
+                     "live_tensor_mb_2N": m[f"after_{2 * N}"]["live_tensor_mb"],
+                     "live_tensors_N": m[f"after_{N}"]["live_tensors"],
+                     "live_tensors_2N": m[f"after_{2 * N}"]["live_tensors"],
                      "rss_growth_N_to_2N_mb": m["rss_growth_mb"], "memory": m})
 
-    header = (f"{'config':<22}{'ms/step':>9}{'× base':>8}{'peak RSS+':>11}{'tensors N→2N (MB)':>20}"
-              f"{'count N→2N':>13}{'RSS N→2N':>10}")
+    header = (f"{'config':<19}{'wall ms':>8}{'×':>6}{'cpu ms':>8}{'×':>6}{'peak RSS':>10}"
+              f"{'tensor MB N→2N':>16}{'count N→2N':>12}{'RSS N→2N':>10}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['config']:<22}{r['ms_per_step']:>9.2f}{r['relative_to_torch_optim']:>8.2f}"
-                     f"{r['peak_rss_above_start_mb']:>10.1f}M"
-                     f"{r['live_tensor_mb_N']:>10.1f}→{r['live_tensor_mb_2N']:<9.1f}"
-                     f"{r['live_tensors_N']:>6}→{r['live_tensors_2N']:<6}{r['rss_growth_N_to_2N_mb']:>+9.1f}M")
+        lines.append(f"{r['config']:<19}{r['wall_ms_per_step']:>8.1f}{r['wall_relative_to_torch_optim']:>6.2f}"
+                     f"{r['cpu_ms_per_step']:>8.1f}{r['cpu_relative_to_torch_optim']:>6.2f}"
+                     f"{r['peak_rss_above_start_mb']:>8.0f}MB"
+                     f"{r['live_tensor_mb_N']:>8.1f}→{r['live_tensor_mb_2N']:<7.1f}"
+                     f"{r['live_tensors_N']:>6}→{r['live_tensors_2N']:<5}{r['rss_growth_N_to_2N_mb']:>+8.1f}MB")
     table = "\n".join(lines)
+    print(f"per-step medians; × = relative to torch.optim of the same family; memory: N = {N} steps")
     print(table)
     for dt, res in nums.items():
         for k, v in res.items():
@@ -313,7 +341,7 @@ def main(argv=None) -> int:
                      "device": "cpu"},
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "loadavg_at_end": os.getloadavg()},
+                    "loadavg_at_start": load_start, "loadavg_at_end": os.getloadavg()},
         "gdtuo_installed": gdtuo is not None,
         "families": {f: {"towers": v["towers"]} for f, v in FAMILIES.items()},
         "rows": rows, "numerics_vs_gdtuo": nums, "table": table,

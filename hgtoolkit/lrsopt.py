@@ -168,17 +168,16 @@ def _batch_seed(seed: int, k: int) -> int:
 
 
 class _Evaluator:
-    """η ↦ (f(η), ∇f(η), metrics) on the (possibly resampled) problem; counts evaluations."""
+    """(η, k) ↦ (f(η), ∇f(η), metrics, minibatch seed) on the problem of evaluation k."""
 
     def __init__(self, problem, dyn, mode, checkpoint_every, chunk_size, resample, seed):
         self.problem, self.dyn, self.mode = problem, dyn, mode
         self.kw = {"checkpoint_every": checkpoint_every, "chunk_size": chunk_size}
-        self.resample, self.seed, self.count = resample, seed, 0
+        self.resample, self.seed = resample, seed
 
     def __call__(self, eta: torch.Tensor, k: int):
         bseed = _batch_seed(self.seed, k) if self.resample else -1
         prob = self.problem.resample(bseed) if self.resample else self.problem
-        self.count += 1
         r = hypergradient(prob, eta, self.dyn, self.mode, **self.kw)
         metrics = prob.metrics(r.params) if prob.metrics is not None else None
         return float(r.value), r.grad, metrics, bseed
@@ -336,8 +335,8 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     >>> import hgtoolkit, torch
     >>> p = hgtoolkit.problems.from_function("beale")
     >>> r = optimize_schedule(p, torch.full((20,), 1e-3), 5, 1e-4, progress=False)
-    >>> r.history[-1] < r.history[0]
-    True
+    >>> bool(r.history[-1] < r.history[0]), r.outer_steps_done, len(r.history)
+    (True, 5, 6)
     """
     outer_optimizer, opts, eta0 = _validate(
         problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,

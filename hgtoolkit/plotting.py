@@ -19,7 +19,8 @@ import numpy as np
 
 __all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient",
            "savefig", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
-           "contour_window", "plot_heatmap"]
+           "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_beta",
+           "plot_accuracy_bars"]
 
 # rcParams applied (as a context) to every figure made by :func:`figure`.
 STYLE = {
@@ -317,6 +318,7 @@ def plot_best_vs_beta(betas: Any, best: Mapping[str, Any], ax=None, title: str |
         ax.plot([], [], "x", color="0.3", label="diverged (× along the top)")
     ax.set_xlabel(r"hyper-learning rate $\beta$")
     ax.set_ylabel(ylabel)
+    tidy_log_axis(ax, "y")
     if title:
         ax.set_title(title)
     if legend:
@@ -422,6 +424,12 @@ def plot_heatmap(values: Any, xticklabels: Sequence[str], yticklabels: Sequence[
                    **({} if norm is not None else {"vmin": vmin, "vmax": vmax}))
     cbar = fig.colorbar(im, ax=ax, shrink=0.9, pad=0.02)
     cbar.set_label(cbar_label)
+    if norm is not None:
+        from matplotlib import ticker
+        fmt_tick = ticker.FuncFormatter(lambda x, _: f"{x:.3g}")
+        cbar.ax.yaxis.set_major_formatter(fmt_tick)
+        lo_, hi_ = norm.vmin, norm.vmax
+        cbar.ax.yaxis.set_minor_formatter(fmt_tick if hi_ / lo_ < 30 else ticker.NullFormatter())
     ax.set_xticks(range(v.shape[1]), list(xticklabels))
     ax.set_yticks(range(v.shape[0]), list(yticklabels))
     ax.set_xlabel(xlabel)
@@ -437,6 +445,106 @@ def plot_heatmap(values: Any, xticklabels: Sequence[str], yticklabels: Sequence[
                     light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
                     ax.text(j, i, fmt.format(v[i, j]), ha="center", va="center", fontsize=6.5,
                             color="k" if light else "w")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def tidy_log_axis(ax, axis: str = "y") -> None:
+    """Readable tick labels on a log axis: when it spans less than ~1.5 decades, plain numbers
+    ("0.3", "2") on the major and minor ticks instead of "3×10⁻¹" crowding each other; else
+    no minor labels."""
+    from matplotlib import ticker
+    a = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = (ax.get_ylim() if axis == "y" else ax.get_xlim())
+    if lo <= 0 or hi <= 0:
+        return
+    if np.log10(hi / lo) < 1.5:
+        fmt = ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
+        a.set_major_formatter(fmt)
+        a.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
+        a.set_minor_formatter(fmt)
+    else:
+        a.set_minor_formatter(ticker.NullFormatter())
+
+
+# ----------------------------------------------------------------------------- seeds × settings
+# (used by hgtoolkit.experiments.mnist; same style as above)
+
+def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Column-wise mean and std over the finite entries of a (seeds, settings) array, and the count."""
+    ok = np.isfinite(rows)
+    n = ok.sum(0)
+    filled = np.where(ok, rows, 0.0)
+    mean = np.divide(filled.sum(0), n, out=np.full(rows.shape[1], np.nan), where=n > 0)
+    var = np.divide(np.where(ok, (rows - mean) ** 2, 0.0).sum(0), n - 1,
+                    out=np.zeros(rows.shape[1]), where=n > 1)
+    return mean, np.sqrt(var), n
+
+
+@_styled
+def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: str | None = None, *,
+                      styles: Mapping[str, dict] | None = None,
+                      references: Mapping[str, float] | None = None,
+                      xlabel: str = r"hyper-learning rate $\beta$",
+                      ylabel: str = "final validation accuracy", legend: bool = True):
+    """Mean ± std over seeds against a log-spaced setting (β, κ, …): ``curves[label]`` is a
+    (seeds, len(values)) array. NaN entries (runs that diverged) are left out of the mean; where
+    every seed failed the point is drawn as "×" at the bottom of the panel; where only some
+    failed, the marker is hollow. ``references``: ``{label: value}`` as horizontal dashed lines
+    (e.g. LRS-OPT, a fixed LR)."""
+    fig, ax = _axes(ax)
+    x = to_numpy(values)
+    failed = []
+    for label, rows in curves.items():
+        rows = np.atleast_2d(to_numpy(rows))
+        mean, std, n = _mean_std(rows)
+        kw = dict((styles or {}).get(label, {}))
+        line, = ax.plot(x, mean, marker="o", ms=3.5, label=label, **kw)
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+        partial = (n > 0) & (n < rows.shape[0])
+        if partial.any():
+            ax.plot(x[partial], mean[partial], "o", ms=6, mfc="white", color=line.get_color(), zorder=3)
+        failed.append((x[n == 0], line.get_color()))
+    for k, (label, value) in enumerate((references or {}).items()):
+        if value is not None and np.isfinite(value):
+            ax.axhline(value, ls=("--", ":", "-.")[k % 3], lw=1.1, color="0.25" if k else "k", label=label)
+    ax.set_xscale("log")
+    if any(len(xs) for xs, _ in failed):
+        bottom = ax.get_ylim()[0]
+        for xs, colour in failed:
+            ax.plot(xs, np.full(len(xs), bottom), "x", ms=6, mew=1.5, color=colour, clip_on=False)
+        ax.set_ylim(bottom=bottom)
+        ax.plot([], [], "x", color="0.3", label="all seeds diverged")
+    ax.plot([], [], "o", ms=6, mfc="white", color="0.3", label="some seeds diverged (mean of the rest)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(loc="best", fontsize=6.5)
+    return ax
+
+
+@_styled
+def plot_accuracy_bars(values: Mapping[str, Any], ax=None, title: str | None = None, *,
+                       xlabel: str = "final validation accuracy"):
+    """One horizontal bar per ``{label: per-seed values}``: the mean over the finite values, ± std
+    as an error bar, every seed as a dot; failed (NaN) runs are counted in the label."""
+    fig, ax = _axes(ax)
+    labels = list(values)
+    for i, label in enumerate(labels):
+        v = to_numpy(values[label]).ravel()
+        ok = v[np.isfinite(v)]
+        if ok.size:
+            ax.barh(i, ok.mean(), xerr=ok.std(ddof=1) if ok.size > 1 else None, color="0.75",
+                    edgecolor="0.4", capsize=2)
+            ax.plot(ok, np.full(ok.size, i), ".", color="k", ms=3)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels([f"{l} ({int((~np.isfinite(to_numpy(values[l]))).sum())} failed)"
+                        if (~np.isfinite(to_numpy(values[l]))).any() else l for l in labels])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
     if title:
         ax.set_title(title)
     return ax

@@ -987,21 +987,29 @@ def plot_history(history: "History | TowerResult", ax: Any = None, *, include_fi
         if len(axes) != len(panels):
             raise ValueError(f"ax: need {len(panels)} Axes (one per panel), got {len(axes)}")
     steps = np.arange(len(history))
+    single = len(set(map(id, axes))) == 1
+    ys = {}
     for a, (k, kind, names) in zip(axes, panels):
         lvl = history.tower.levels[k]
         vals = history.values(k)
-        positive = False
         for n in names:
             y = vals[n] if kind == "lr" else 1.0 - vals[n]
             label = f"level {k} ({lvl.kind}) " + (n if kind == "lr" else f"1 − {n}")
             if n not in lvl.tuned:
                 label += " (fixed)"
             a.plot(steps, y, label=label)
-            positive = positive or bool(np.any(y > 0))
-        if positive:
+            ys.setdefault(id(a), []).append(y)
+        if not single:
+            a.set_ylabel("learning rate" if kind == "lr" else "1 − " + " / ".join(names))
+    for a in {id(a): a for a in axes}.values():
+        y = np.concatenate(ys[id(a)])
+        pos = y[np.isfinite(y) & (y > 0)]
+        # log scale where the values span orders of magnitude (or where 1 − β spans several)
+        if pos.size and pos.max() > 3 * pos.min():
             a.set_yscale("log")
-        a.set_ylabel("learning rate" if kind == "lr" else "1 − value")
+        if single:
+            a.set_ylabel("learning rate / 1 − value")
         a.legend(fontsize=8, loc="best")
         a.grid(True, which="both", alpha=0.3)
-    axes[-1].set_xlabel("step t")
+        a.set_xlabel("step t")
     return axes

@@ -453,10 +453,16 @@ def test_history_json_roundtrip_and_plot(tmp_path, mlp64):
     axes = towers.plot_history(res)
     # level 0: LR panel + β panel; level 1: LR panel + momentum panel
     assert len(axes) == 4
-    assert axes[0].get_yscale() == "log" and axes[0].get_ylabel() == "learning rate"
-    assert axes[1].get_ylabel() == "1 − value" and axes[-1].get_xlabel() == "step t"
+    assert axes[0].get_ylabel() == "learning rate" and axes[-1].get_xlabel() == "step t"
+    assert axes[1].get_ylabel() == "1 − beta1 / beta2" and axes[1].get_yscale() == "log"  # 0.1 vs 0.001
     labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
     assert labels == ["level 0 (adam) 1 − beta1", "level 0 (adam) 1 − beta2"]
+    lr = res.history.lrs
+    assert axes[0].get_yscale() == ("log" if lr.max() > 3 * lr.min() else "linear")
+    fig, ax = plt.subplots()
+    assert towers.plot_history(res.history, ax=ax) == [ax] * 4 and len(ax.get_lines()) == 6
+    with pytest.raises(ValueError, match="ax"):
+        towers.plot_history(res, ax=[ax, ax])
     plt.close("all")
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import records
 from .common import SETTINGS, check_setting, make_config, output_dir, save_config, seed_everything
 
 __all__ = ["Experiment", "EXPERIMENTS", "run_experiment", "get", "available", "SETTINGS"]
@@ -117,5 +118,7 @@ def run_experiment(name: str, setting: str = "quick", out: str | Path = "results
     summary = dict(summary)
     summary.setdefault("experiment", name)
     summary.setdefault("setting", setting)
+    summary.setdefault("seed", seed)
     summary.setdefault("wall_time", time.perf_counter() - start)
+    records.atomic_write_json(out_dir.summary_json, summary)
     return summary

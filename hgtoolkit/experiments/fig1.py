@@ -324,7 +324,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                             status=lrs_res.status, lr_scale=lrs_res.outer_state.get("lr_scale"))
 
         # iterates of the drawn runs (replayed from the recorded schedules)
-        drawn = [l for l in ("HD", "RTHO", "MARTHE μ adaptive", AUTO_LABEL, LRSOPT_LABEL) if l in schedules]
+        drawn = [l for l in ("HD", "RTHO", "MARTHE μ adaptive", LRSOPT_LABEL) if l in schedules]
         paths = {l: common.replay_iterates(problem, schedules[l]) for l in drawn}
         fvals = {l: problem.val_loss(torch.as_tensor(p)).numpy() for l, p in paths.items()}
         records.save_arrays(out.data(f"{fn}_paths.npz"), labels=np.array(drawn),
@@ -437,7 +437,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
         collapse = (f"RTHO η peaks at {rt['peak_lr_over_lr0']:.1f}·η_0 (step {rt['peak_step']}), "
                     f"= 0 for {100 * rt['zero_fraction']:.0f}% of steps" if rt else "—")
         ranges = {m: s["methods"][m]["zero_fraction_range"] for m in ("RTHO", "HD")}
-        if all(ranges.values()):
+        if all(ranges.values()) and max(r[1] for r in ranges.values()) > 0:
             collapse += "; η = 0 for " + ", ".join(
                 f"{100 * r[0]:.0f}–{100 * r[1]:.0f}% ({m})" for m, r in ranges.items()) + \
                 " of steps over the non-diverged β"
@@ -481,6 +481,14 @@ def _styles(labels) -> dict:
     return out
 
 
+def _symlog_lr_axis(ax, lr0: float) -> None:
+    """η on a symlog axis, linear below η_0/10, so that η_t = 0 stays visible (just above the spine)."""
+    ax.set_yscale("symlog", linthresh=lr0 / 10)
+    ax.set_ylim(bottom=-lr0 / 40)
+    ax.axhline(lr0, color="0.5", lw=0.7, ls=":")
+    ax.set_ylabel(r"learning rate $\eta_t$ (symlog; linear below $\eta_0/10$)")
+
+
 def _legend_below(ax, ncol: int = 2) -> None:
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=ncol,
@@ -509,7 +517,8 @@ def make_figures(out_dir, functions) -> list:
         auto = OnlineResult.load(auto_path) if auto_path.exists() else None
         lrs_res = ScheduleResult.load(lrsopt_path) if lrsopt_path.exists() else None
 
-        fig, axes = plotting.figure(ncols=3, width=4.4, height=3.9)
+        fig, axes = plotting.figure(ncols=2, nrows=2, width=5.0, height=4.1)
+        axes = list(np.ravel(axes))
         # (a) best objective vs β, with the β-free methods as horizontal lines
         refs = {}
         if auto is not None:
@@ -526,7 +535,7 @@ def make_figures(out_dir, functions) -> list:
         if lrs_res is not None:  # drawn first, underneath: its schedule can be bang-bang
             key = f"{LRSOPT_LABEL} ({lrs_res.outer_steps_done} steps)"
             schedules[key] = lrs_res.best_lrs
-            sty[key] = {**styles[LRSOPT_LABEL], "lw": 0.8, "alpha": 0.55, "zorder": 1}
+            sty[key] = {**styles[LRSOPT_LABEL], "lw": 0.6, "alpha": 0.4, "zorder": 1}
         for i, label in enumerate(labels):
             ok = np.where(~diverged[i] & np.isfinite(grid["best"][i]))[0]
             if len(ok):
@@ -541,10 +550,7 @@ def make_figures(out_dir, functions) -> list:
         ax = axes[1]
         plotting.plot_schedules(schedules, ax=ax, styles=sty,
                                 title=r"(b) $\eta_t$ of each method's best-$\beta$ run")
-        ax.set_yscale("symlog", linthresh=lr0 / 10)
-        ax.set_ylim(bottom=0)
-        ax.axhline(lr0, color="0.5", lw=0.7, ls=":")
-        ax.set_ylabel(r"learning rate $\eta_t$ (symlog: linear below $\eta_0/10$)")
+        _symlog_lr_axis(ax, lr0)
         _legend_below(ax)
 
         # (c) trajectories over the contour plot
@@ -557,6 +563,28 @@ def make_figures(out_dir, functions) -> list:
         plotting.plot_contour_paths(f, paths, ax=axes[2], styles=pst, legend=False,
                                     title=r"(c) paths $w_0 \ldots w_T$ (best $\beta$) over $f$")
         _legend_below(axes[2])
+
+        # (d) HD vs RTHO at one common β: the largest β at which neither diverged
+        ax = axes[3]
+        hd, rt = labels.index("HD"), labels.index("RTHO")
+        common_ok = np.where(~diverged[hd] & ~diverged[rt])[0]
+        if len(common_ok):
+            j = int(common_ok[np.argmax(betas[common_ok])])
+            with plotting.style():
+                for i in (hd, rt):
+                    lrs = grid["lrs"][i, j]
+                    lrs = lrs[np.isfinite(lrs)]
+                    ax.plot(np.arange(len(lrs)), lrs, color=styles[labels[i]]["color"],
+                            label=f"{labels[i]}: min$_t f$ = {grid['best'][i, j]:.3g}, "
+                                  f"$f(w_T)$ = {grid['final'][i, j]:.3g}")
+                ax.set_xlabel(plotting.STEP_LABEL)
+                ax.set_title(f"(d) HD vs RTHO at the same β = {betas[j]:.0e} (largest β where neither diverged)")
+            _symlog_lr_axis(ax, lr0)
+            _legend_below(ax, ncol=1)
+        else:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "(d) HD and RTHO never both converged on the β grid", ha="center",
+                    transform=ax.transAxes)
         fig.suptitle(f"MARTHE Fig. 1 reproduction — {_TITLES.get(fn, fn)}: gradient descent, "
                      f"T = {meta['steps']}, η₀ = {lr0:g}, start {tuple(f.default_start)}", fontsize=9)
         written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True,

