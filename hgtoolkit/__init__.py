@@ -12,6 +12,7 @@
 from . import analysis, baselines, dynamics, lrsopt, marthe, online, optim, problems, testing, towers
 from .errors import DivergenceError, DivergenceWarning
 from .exact import HypergradResult, directional_derivative, finite_difference, hypergradient
+from .lrsopt import ScheduleResult, optimize_schedule
 from .online import OnlineResult
 from .problems import Problem
 from .trajectory import train
@@ -19,5 +20,5 @@ from .trajectory import train
 __version__ = "0.1.0"
 
 __all__ = ["Problem", "hypergradient", "directional_derivative", "finite_difference", "train",
-           "HypergradResult", "OnlineResult", "DivergenceError", "DivergenceWarning", "analysis", "baselines",
+           "HypergradResult", "OnlineResult", "ScheduleResult", "optimize_schedule", "DivergenceError", "DivergenceWarning", "analysis", "baselines",
            "dynamics", "lrsopt", "marthe", "online", "optim", "problems", "testing", "towers"]

@@ -510,19 +510,25 @@ def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: st
         if value is not None and np.isfinite(value):
             ax.axhline(value, ls=("--", ":", "-.")[k % 3], lw=1.1, color="0.25" if k else "k", label=label)
     ax.set_xscale("log")
+    # legend-only markers as proxies (an empty line added to the axes upsets constrained layout)
+    from matplotlib.lines import Line2D
+    handles, labels = ax.get_legend_handles_labels()
     if any(len(xs) for xs, _ in failed):
         bottom = ax.get_ylim()[0]
         for xs, colour in failed:
-            ax.plot(xs, np.full(len(xs), bottom), "x", ms=6, mew=1.5, color=colour, clip_on=False)
+            if len(xs):
+                ax.plot(xs, np.full(len(xs), bottom), "x", ms=6, mew=1.5, color=colour, clip_on=False)
         ax.set_ylim(bottom=bottom)
-        ax.plot([], [], "x", color="0.3", label="all seeds diverged")
-    ax.plot([], [], "o", ms=6, mfc="white", color="0.3", label="some seeds diverged (mean of the rest)")
+        handles.append(Line2D([], [], ls="", marker="x", color="0.3"))
+        labels.append("all seeds diverged")
+    handles.append(Line2D([], [], ls="", marker="o", ms=6, mfc="white", color="0.3"))
+    labels.append("some seeds diverged (mean of the rest)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     if legend:
-        ax.legend(loc="best", fontsize=6.5)
+        ax.legend(handles, labels, loc="best", fontsize=6.5)
     return ax
 
 

@@ -121,6 +121,8 @@ class Level:
 
     def __post_init__(self) -> None:
         owner = f"towers.{type(self).__name__}"
+        if type(self) is Level:
+            raise TypeError("towers.Level is abstract: use towers.SGD, Adam, AdaGrad or RMSProp")
         for f in dataclasses.fields(self):
             if f.name in ("hyper", "tune") or f.type in ("bool",):
                 continue
@@ -770,7 +772,7 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False) ->
     ``tower.dynamics()``), recording every hyperparameter at every level.
 
     >>> from hgtoolkit import problems, towers
-    >>> r = towers.run(problems.from_function("beale"), "sgd(lr=1e-3) / sgd(lr=1e-5)", steps=20)
+    >>> r = towers.run(problems.from_function("beale"), "sgd(lr=1e-4) / sgd(lr=1e-9)", steps=20)
     >>> len(r.history.lrs)
     20
     """
@@ -1011,5 +1013,5 @@ def plot_history(history: "History | TowerResult", ax: Any = None, *, include_fi
             a.set_ylabel("learning rate / 1 − value")
         a.legend(fontsize=8, loc="best")
         a.grid(True, which="both", alpha=0.3)
-        a.set_xlabel("step t")
+    axes[-1].set_xlabel("step t")
     return axes

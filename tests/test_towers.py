@@ -460,7 +460,7 @@ def test_history_json_roundtrip_and_plot(tmp_path, mlp64):
     lr = res.history.lrs
     assert axes[0].get_yscale() == ("log" if lr.max() > 3 * lr.min() else "linear")
     fig, ax = plt.subplots()
-    assert towers.plot_history(res.history, ax=ax) == [ax] * 4 and len(ax.get_lines()) == 6
+    assert towers.plot_history(res.history, ax=ax) == [ax] * 4 and len(ax.get_lines()) == 5
     with pytest.raises(ValueError, match="ax"):
         towers.plot_history(res, ax=[ax, ax])
     plt.close("all")

@@ -43,10 +43,10 @@ import torch
 from .. import records
 from ..trajectory import progress_bar
 
-__all__ = ["SETTINGS", "OutputDir", "output_dir", "check_setting", "make_config", "config_dict",
+__all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_setting", "make_config", "config_dict",
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
-           "parallel_map", "default_workers"]
+           "parallel_map", "default_workers", "clear_cache"]
 
 SETTINGS = ("tiny", "quick", "full")
 
@@ -109,8 +109,9 @@ def output_dir(out: str | Path, name: str) -> OutputDir:
     return o
 
 
-def _as_output_dir(out: OutputDir | str | Path) -> OutputDir:
-    """Accept an :class:`OutputDir` or a path to ``<out>/<name>`` (folders created)."""
+def as_output_dir(out: OutputDir | str | Path) -> OutputDir:
+    """Accept an :class:`OutputDir` or a path to ``<out>/<name>`` (folders created); what an
+    experiment's ``run(config, out_dir)`` calls first."""
     if isinstance(out, OutputDir):
         o = out
     elif isinstance(out, (str, Path)):
@@ -120,6 +121,9 @@ def _as_output_dir(out: OutputDir | str | Path) -> OutputDir:
     o.figures.mkdir(parents=True, exist_ok=True)
     o.data_dir.mkdir(parents=True, exist_ok=True)
     return o
+
+
+_as_output_dir = as_output_dir  # the name the first experiment modules used
 
 
 # ----------------------------------------------------------------------------- configs and seeds
@@ -156,7 +160,7 @@ def config_dict(config: Any) -> dict:
 
 def save_config(out: OutputDir | str | Path, config: Any, **extra: Any) -> Path:
     """Write ``config.json``: the config, ``extra`` (e.g. setting) and the software versions."""
-    out = _as_output_dir(out)
+    out = as_output_dir(out)
     meta = {"experiment": out.name, "config": config_dict(config), **records.to_jsonable(extra),
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "numpy": np.__version__}}
@@ -244,7 +248,7 @@ def write_summary(out: OutputDir | str | Path, title: str, sections: Sequence[tu
     then the figures and data files present in the folder. ``summary.json``: ``summary``
     (JSON-able; NaN → null) plus ``title``, ``summary_md``, ``figures`` and ``data`` (paths).
     """
-    out = _as_output_dir(out)
+    out = as_output_dir(out)
     figures = [str(p) for p in out.figure_files("png")]
     data = [str(p) for p in out.data_files()]
     md = [f"# {title}", ""]
@@ -318,8 +322,36 @@ def _init_worker(threads: int) -> None:
     warnings.simplefilter("ignore")  # divergences are recorded in the results
 
 
+def _cache_path(cache_dir: Path, func, item) -> Path:
+    import hashlib
+    key = hashlib.sha1(f"{func.__module__}.{func.__qualname__}|{item!r}".encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"{key}.pkl"
+
+
+def _cache_load(path: Path):
+    import pickle
+    try:
+        with open(path, "rb") as fh:
+            return True, pickle.load(fh)
+    except (OSError, EOFError, pickle.UnpicklingError):
+        return False, None
+
+
+def _cache_store(path: Path, result) -> None:
+    import pickle
+    records.atomic_write_bytes(path, pickle.dumps(result))
+
+
+def clear_cache(out: OutputDir | str | Path) -> None:
+    """Delete ``<out>/cache/`` (the finished-job cache of :func:`parallel_map`): call it once the
+    records are written, so that a later run recomputes instead of reusing stale results."""
+    import shutil
+    root = out.root if isinstance(out, OutputDir) else Path(out)
+    shutil.rmtree(root / "cache", ignore_errors=True)
+
+
 def parallel_map(func, items: Sequence[Any], *, workers: int = 1, progress: bool = True,
-                 desc: str = "jobs") -> list:
+                 desc: str = "jobs", cache_dir: str | Path | None = None) -> list:
     """``[func(item) for item in items]``, with up to ``workers`` processes (each with one torch
     thread) and a tqdm bar over finished jobs. Results come back in the order of ``items``,
     whatever order the jobs finish in, so the outcome does not depend on ``workers``.
@@ -327,21 +359,47 @@ def parallel_map(func, items: Sequence[Any], *, workers: int = 1, progress: bool
     ``func`` must be a module-level function and items/results picklable (processes are
     started with "spawn": safe with torch, ~2 s start-up). ``workers <= 1`` runs in this
     process (no start-up cost; what the tiny settings use). Put the longest jobs first.
+
+    ``cache_dir``: every finished job's result is pickled there (keyed by ``func`` and
+    ``repr(item)``) as soon as it arrives, and jobs already there are not run again — so an
+    interrupted experiment resumes where it stopped. Only for caches the experiment wrote
+    itself; :func:`clear_cache` removes it at the end of a run.
     """
     items = list(items)
     if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)):
         raise TypeError(f"workers must be an int, got {workers!r}")
-    if workers <= 1 or len(items) <= 1:
-        return [func(item) for item in progress_bar(items, progress, desc=desc, leave=False)]
+    results: list = [None] * len(items)
+    todo = list(range(len(items)))
+    paths = {}
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        todo = []
+        for i, item in enumerate(items):
+            paths[i] = _cache_path(Path(cache_dir), func, item)
+            found, value = _cache_load(paths[i]) if paths[i].exists() else (False, None)
+            if found:
+                results[i] = value
+            else:
+                todo.append(i)
+        if progress and len(todo) < len(items):
+            print(f"[{desc}] resuming: {len(items) - len(todo)} of {len(items)} jobs found in {cache_dir}")
+
+    def done(i, value):
+        results[i] = value
+        if i in paths:
+            _cache_store(paths[i], value)
+
+    if workers <= 1 or len(todo) <= 1:
+        for i in progress_bar(todo, progress, desc=desc, leave=False):
+            done(i, func(items[i]))
+        return results
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    results: list = [None] * len(items)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(int(workers), len(items)), mp_context=ctx,
+    with ProcessPoolExecutor(min(int(workers), len(todo)), mp_context=ctx,
                              initializer=_init_worker, initargs=(1,)) as pool:
-        futures = {pool.submit(func, item): i for i, item in enumerate(items)}
-        done = as_completed(futures)
-        for fut in progress_bar(done, progress, desc=desc, total=len(items), leave=False):
-            results[futures[fut]] = fut.result()
+        futures = {pool.submit(func, items[i]): i for i in todo}
+        for fut in progress_bar(as_completed(futures), progress, desc=desc, total=len(todo), leave=False):
+            done(futures[fut], fut.result())
     return results

@@ -244,7 +244,7 @@ def _best_index(best: np.ndarray, diverged: np.ndarray) -> int | None:
 
 def run(config: Config, out_dir, progress: bool = True) -> dict:
     """Run the experiment (module docstring), write records, figures and the summary; return it."""
-    out = common._as_output_dir(out_dir)
+    out = common.as_output_dir(out_dir)
     specs = method_specs(config)
     B, T = len(config.betas), config.steps
 
@@ -262,7 +262,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             for beta in config.betas:
                 jobs.append(("grid", (fn, method, mu, beta, config.lr0, T, config.lr_max)))
     results = common.parallel_map(_dispatch, jobs, workers=config.workers, progress=progress,
-                                  desc="fig1 runs")
+                                  desc="fig1 runs", cache_dir=out.root / "cache")
     by_job = {(kind, payload[:4] if kind == "grid" else payload[0]): res
               for (kind, payload), res in zip(jobs, results)}
 
@@ -339,6 +339,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     figures = make_figures(out, config.functions)
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
+    common.clear_cache(out)
     return common.write_summary(out, "MARTHE Fig. 1 — HD vs RTHO vs MARTHE on 2-D test functions",
                                 sections, summary, notes=notes)
 
@@ -481,12 +482,17 @@ def _styles(labels) -> dict:
     return out
 
 
-def _symlog_lr_axis(ax, lr0: float) -> None:
-    """η on a symlog axis, linear below η_0/10, so that η_t = 0 stays visible (just above the spine)."""
-    ax.set_yscale("symlog", linthresh=lr0 / 10)
-    ax.set_ylim(bottom=-lr0 / 40)
+def _lr_axis(ax, lr0: float, schedules) -> None:
+    """η on a log axis; symlog (linear below η_0/10) when some η_t = 0, so that those stay
+    visible just above the spine. A dotted line marks η_0."""
+    if any(np.any(np.asarray(s) <= 0) for s in schedules):
+        ax.set_yscale("symlog", linthresh=lr0 / 10)
+        ax.set_ylim(bottom=-lr0 / 40)
+        ax.set_ylabel(r"learning rate $\eta_t$ (symlog; linear below $\eta_0/10$)")
+    else:
+        ax.set_yscale("log")
+        ax.set_ylabel(r"learning rate $\eta_t$")
     ax.axhline(lr0, color="0.5", lw=0.7, ls=":")
-    ax.set_ylabel(r"learning rate $\eta_t$ (symlog; linear below $\eta_0/10$)")
 
 
 def _legend_below(ax, ncol: int = 2) -> None:
@@ -501,7 +507,7 @@ def make_figures(out_dir, functions) -> list:
     from ..lrsopt import ScheduleResult
     from ..online import OnlineResult
 
-    out = common._as_output_dir(out_dir)
+    out = common.as_output_dir(out_dir)
     written = []
     for fn in functions:
         f = testfunctions.get(fn)
@@ -550,7 +556,7 @@ def make_figures(out_dir, functions) -> list:
         ax = axes[1]
         plotting.plot_schedules(schedules, ax=ax, styles=sty,
                                 title=r"(b) $\eta_t$ of each method's best-$\beta$ run")
-        _symlog_lr_axis(ax, lr0)
+        _lr_axis(ax, lr0, schedules.values())
         _legend_below(ax)
 
         # (c) trajectories over the contour plot
@@ -570,16 +576,18 @@ def make_figures(out_dir, functions) -> list:
         common_ok = np.where(~diverged[hd] & ~diverged[rt])[0]
         if len(common_ok):
             j = int(common_ok[np.argmax(betas[common_ok])])
+            pair = []
             with plotting.style():
                 for i in (hd, rt):
                     lrs = grid["lrs"][i, j]
                     lrs = lrs[np.isfinite(lrs)]
+                    pair.append(lrs)
                     ax.plot(np.arange(len(lrs)), lrs, color=styles[labels[i]]["color"],
                             label=f"{labels[i]}: min$_t f$ = {grid['best'][i, j]:.3g}, "
                                   f"$f(w_T)$ = {grid['final'][i, j]:.3g}")
                 ax.set_xlabel(plotting.STEP_LABEL)
-                ax.set_title(f"(d) HD vs RTHO at the same β = {betas[j]:.0e} (largest β where neither diverged)")
-            _symlog_lr_axis(ax, lr0)
+                ax.set_title(f"(d) HD vs RTHO at one β = {betas[j]:.0e} (the largest where neither diverged)")
+            _lr_axis(ax, lr0, pair)
             _legend_below(ax, ncol=1)
         else:
             ax.set_axis_off()

@@ -191,7 +191,7 @@ def _pad(rows, width) -> np.ndarray:
 
 def run(config: Config, out_dir, progress: bool = True) -> dict:
     """Run the grid (module docstring), write records, figures and the summary; return it."""
-    out = common._as_output_dir(out_dir)
+    out = common.as_output_dir(out_dir)
     jobs, keys = [], []
     for model in config.models:  # the MLP first: its runs are the long ones
         for opt in config.optimizers:
@@ -203,7 +203,8 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                     keys.append((model, opt, float(a), float(b)))
     order = sorted(range(len(jobs)), key=lambda i: jobs[i][0] != "mlp")
     results = common.parallel_map(_cell_job, [jobs[i] for i in order], workers=config.workers,
-                                  progress=progress, desc="hd grid")
+                                  progress=progress, desc="hd grid",
+                                  cache_dir=out.root / "cache")
     by_key = {keys[i]: r for i, r in zip(order, results)}
 
     summary: dict[str, Any] = {"models": {}, "paper": PAPER}
@@ -246,6 +247,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     figures = make_figures(out, config.models, config.optimizers)
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
+    common.clear_cache(out)
     return common.write_summary(out, "Baydin et al. (2018) — hypergradient descent: α_0 × β sensitivity on MNIST",
                                 sections, summary, notes=notes)
 
@@ -378,7 +380,7 @@ def make_figures(out_dir, models, optimizers) -> list:
     """``figures/hd_<model>_grid`` and ``hd_<model>_curves`` from the records in ``data/``."""
     import matplotlib.pyplot as plt
 
-    out = common._as_output_dir(out_dir)
+    out = common.as_output_dir(out_dir)
     written = []
     for model in models:
         metas = {o: records.read_json(out.data(f"{model}_{o}.json")) for o in optimizers}

@@ -42,7 +42,7 @@ Writes, under ``<out>/mnist/``: ``data/online/<method>_seed<s>.{json,npz}`` (per
 checkpoint, ``data/peers/<peer>_seed<s>.{json,npz}`` (:class:`~hgtoolkit.baselines.PeerResult`),
 ``data/analysis/<method>.{json,npz}`` (:class:`~hgtoolkit.analysis.ApproximationReport`);
 figures ``mnist_fig2`` (the paper's three panels), ``mnist_schedules_all_seeds``,
-``mnist_accuracy_vs_kappa``, ``mnist_methods_and_peers``, ``mnist_approximation_<method>``
+``mnist_accuracy_vs_kappa``, ``mnist_methods_and_peers``, ``mnist_approximation``
 (PNG + PDF), drawn by :func:`make_figures` from the records only; ``summary.md``/``.json``.
 """
 from __future__ import annotations
@@ -407,7 +407,8 @@ def _analysis_job(config: Config, spec: dict, value: float, seed: int, batched_a
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)
         r = online.run(p, **_cell(config, spec, value, seed), keep_params=False)
-    report = analysis.analyse_online(r, p, label=f"{spec['label']} ({spec['grid']}={value:g})")
+    sym = "β" if spec["grid"] == "beta" else "κ"
+    report = analysis.analyse_online(r, p, label=f"{spec['label']} ({sym}={value:g})")
     stem.parent.mkdir(parents=True, exist_ok=True)
     report.save(stem)
     single_acc = None if r.diverged else r.final_val_accuracy
@@ -473,11 +474,14 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     summary["batched_check"] = {"max_abs_accuracy_difference": max(checks) if checks else None,
                                 "runs_compared": len(checks)}
     summary["timing"] = _timing(online_meta, lrsopt_meta, peer_meta, config)
+    summary["schedules"] = _schedule_stats(out, specs, methods, seeds[0], config)
+    summary["measured"] = _measured(summary, specs, config)
     figures = make_figures(out)
     summary["figure_files"] = [str(p) for p in figures]
     sections, notes = _markdown(summary, config, specs)
-    return common.write_summary(out, "MARTHE Sec. 5 — LRS-OPT vs online LR schedules, 3×500 MLP on MNIST",
-                                sections, summary, notes=notes)
+    title = (f"MARTHE Sec. 5 — LRS-OPT vs online LR schedules, {_arch(config.hidden)} MLP "
+             f"on MNIST ({'fallback 5000 digits' if summary['data'].get('is_fallback') else 'full MNIST'})")
+    return common.write_summary(out, title, sections, summary, notes=notes)
 
 
 def _stats(values) -> dict:
@@ -542,6 +546,73 @@ def _timing(online_meta, lrsopt_meta, peer_meta, config: Config) -> dict:
                                                                               lrsopt_meta.values()])),
                    lrsopt_projected_5000_steps_h=per_eval * 5001 / 3600)
     return out
+
+
+def _segments(lrs: np.ndarray) -> dict:
+    """Mean η over the first 20 %, the middle and the last 10 % of the steps, and η_T−1."""
+    lrs = np.asarray(lrs, np.float64)
+    T = len(lrs)
+    a, b = max(1, T // 5), max(1, T // 10)
+    return {"first_20pct": float(np.mean(lrs[:a])), "middle": float(np.mean(lrs[a:T - b])) if T - b > a else None,
+            "last_10pct": float(np.mean(lrs[T - b:])), "last": float(lrs[-1]), "max": float(np.max(lrs))}
+
+
+def _schedule_stats(out, specs, methods, seed, config) -> dict:
+    """Shape of each method's best-β/κ schedule on ``seed`` and of LRS-OPT's final schedules."""
+    from ..lrsopt import ScheduleResult
+    stats = {}
+    for spec in specs:
+        j = methods[spec["label"]]["best_index"]
+        if j is None:
+            continue
+        arr = records.load_arrays(out.data(f"online/{spec['slug']}_seed{seed}.npz"))
+        lrs = arr["lrs"][j]
+        stats[spec["label"]] = {**_segments(lrs[np.isfinite(lrs)]), "seed": seed,
+                                "mu_mean": float(np.nanmean(arr["mus"][j]))}
+    paths = sorted((out.data_dir / "lrsopt").glob("seed*[0-9].json"))
+    if paths:
+        segs = [_segments(ScheduleResult.load(p.with_suffix("")).final_lrs) for p in paths]
+        stats[LRSOPT_LABEL] = {k: (float(np.mean([s[k] for s in segs])) if segs[0][k] is not None else None)
+                               for k in segs[0]}
+    return stats
+
+
+def _measured(summary: dict, specs: list[dict], config: Config) -> dict:
+    """One line per PAPER entry, from the numbers of this run."""
+    sch, methods = summary["schedules"], summary["methods"]
+    f = common.fmt
+    parts = []
+    if LRSOPT_LABEL in sch:
+        l = sch[LRSOPT_LABEL]
+        parts.append(f"LRS-OPT (mean over its seeds): η ≈ {f(l['first_20pct'])} in the first 20 % of steps, "
+                     f"{f(l['middle'])} in the middle, {f(l['last_10pct'])} in the last 10 % "
+                     f"(from {config.lrsopt_init:g} after {config.lrsopt_steps} outer steps)")
+    for label, st in sch.items():
+        if label != LRSOPT_LABEL:
+            parts.append(f"{label}: η from {config.lr0:g} to max {f(st['max'])}, last 10 % {f(st['last_10pct'])}")
+    ranked = sorted(((m["best"]["accuracy"]["mean"], label) for label, m in methods.items()
+                     if m["best"] is not None and m["best"]["accuracy"]["mean"] is not None), reverse=True)
+    acc = "; ".join(f"{label} {100 * a:.1f} %" for a, label in ranked)
+    spread = []
+    for label, m in methods.items():
+        ok = [p["accuracy"]["mean"] for p in m["per_value"] if p["diverged"] == 0 and p["accuracy"]["mean"] is not None]
+        n_div = sum(p["diverged"] > 0 for p in m["per_value"])
+        if ok:
+            spread.append(f"{label} {100 * (max(ok) - min(ok)):.1f} points over {len(ok)} non-diverging "
+                          f"{'β' if m['grid'] == 'beta' else 'κ'} ({n_div} with divergence)")
+    lr = summary["lrsopt"]
+    lr_txt = (f"; LRS-OPT {100 * lr['accuracy']['mean']:.1f} %" if lr.get("ran") and lr["accuracy"]["mean"]
+              is not None else "")
+    t = summary["timing"]
+    cost = f"online: {f(t['online_run_s'])} s per run (T = {config.steps}, batched, amortised)"
+    if "lrsopt_evaluation_s" in t:
+        cost += (f"; LRS-OPT: {f(t['lrsopt_evaluation_s'])} s per exact hypergradient → "
+                 f"{f(t['lrsopt_projected_5000_steps_h'])} h for 5000 outer steps at T = {config.steps} "
+                 "on this CPU")
+    return {"schedules": " · ".join(parts) or "—",
+            "accuracy": f"best β/κ per method: {acc}{lr_txt}. Spread of the mean accuracy across β/κ: "
+                        + "; ".join(spread),
+            "cost": cost}
 
 
 # ----------------------------------------------------------------------------- summary (Markdown)
@@ -623,8 +694,9 @@ def _markdown(summary: dict, config: Config, specs: list[dict]) -> tuple[list, l
                    f"{t['lrsopt_projected_5000_steps_h']:.2f} h at T = {config.steps}"]]
     sections.append(("Cost on this machine", common.markdown_table(["what", "seconds", "note"], trows,
                                                                    align="lrl")))
-    sections.append(("Paper (Donini et al. 2020, Sec. 5) vs measured", common.markdown_table(
-        ["", "paper"], [[k, v] for k, v in PAPER.items()], align="ll")))
+    sections.insert(0, ("Paper (Donini et al. 2020, Sec. 5) vs measured here", common.markdown_table(
+        ["", "paper", "measured here"], [[k, v, summary["measured"][k]] for k, v in PAPER.items()],
+        align="lll")))
 
     d = summary["data"]
     notes = [
@@ -700,8 +772,10 @@ def make_figures(out_dir) -> list:
     s0 = seeds[0] if seeds else None
     _schedules_panel(axes[1], online, labels, best, lrsopt.get(s0), s0)
     _accuracy_panel(axes[2], online, [l for l in labels if _grid(online[l]) == "beta"], out, "beta")
-    fig.suptitle("MARTHE Sec. 5 reproduction: 3×500 MLP, SGD on MNIST — optimised vs online schedules",
-                 fontsize=9)
+    fig.suptitle(f"MARTHE Sec. 5 reproduction: {_arch(meta0.get('problem', {}).get('hidden', []))} MLP, "
+                 "SGD on MNIST, "
+                 f"T = {len(next(iter(lrsopt.values())).final_lrs) if lrsopt else '?'} — optimised vs online "
+                 "schedules", fontsize=9)
     written += plotting.savefig(fig, out.figure("mnist_fig2"), caption=caption, close=True)
 
     # every seed that has an LRS-OPT run (the paper's appendix, Fig. 5)
@@ -724,13 +798,41 @@ def make_figures(out_dir) -> list:
                                                        "(online: best β/κ; dots = seeds)")
         written += plotting.savefig(fig, out.figure("mnist_methods_and_peers"), caption=caption, close=True)
 
+    # the approximation error: one column per analysed method (legends on the last column only)
     from ..analysis import ApproximationReport
-    for path in sorted((out.data_dir / "analysis").glob("*.summary.json")):
-        stem = path.with_name(path.name[:-len(".summary.json")])
-        report = ApproximationReport.load(stem)
-        fig = plotting.plot_approximation(report)
-        written += plotting.savefig(fig, out.figure(f"mnist_approximation_{stem.name}"), close=True)
+    paths = sorted((out.data_dir / "analysis").glob("*.summary.json"),
+                   key=lambda p: _order_key(records.read_json(p)["label"]))
+    if paths:
+        fig, axes = plotting.figure(ncols=len(paths), nrows=3, width=3.6, height=2.4, sharex=True)
+        axes = np.asarray(axes).reshape(3, len(paths))
+        for k, path in enumerate(paths):
+            report = ApproximationReport.load(path.with_name(path.name[:-len(".summary.json")]))
+            plotting.plot_approximation(report, axes=axes[:, k])
+            axes[0, k].set_title(report.label, fontsize=8)
+            axes[1, k].set_title("relative error |h − d| / |d|", fontsize=8)
+            axes[2, k].set_title("schedule of the run", fontsize=8)
+            for ax in axes[:, k]:
+                if k < len(paths) - 1 and ax.get_legend() is not None:
+                    ax.get_legend().remove()
+                if k:
+                    ax.set_ylabel("")
+        fig.suptitle(f"online estimates h vs exact hypergradients along each method's best run (seed "
+                     f"{records.read_json(paths[0])['seed']}); rows: values, relative error, η_t", fontsize=9)
+        written += plotting.savefig(fig, out.figure("mnist_approximation"), caption=caption, close=True)
     return written
+
+
+def _arch(hidden) -> str:
+    """(500, 500, 500) → "3×500"; (32, 16) → "32-16"."""
+    hidden = list(hidden)
+    if hidden and len(set(hidden)) == 1:
+        return f"{len(hidden)}×{hidden[0]}"
+    return "-".join(map(str, hidden))
+
+
+def _order_key(label: str) -> int:
+    order = ["HD", "RTHO", "MARTHE μ=", "MARTHE μ adaptive", AUTO_LABEL]
+    return next((i for i, o in enumerate(order) if label.startswith(o)), len(order))
 
 
 def _ordered(online: dict) -> list[str]:

@@ -146,7 +146,7 @@ def _tower_job(job: tuple):
 
 def run(config: Config, out_dir, progress: bool = True) -> dict:
     """Run both parts (module docstring), write records, figures and the summary; return it."""
-    out = common._as_output_dir(out_dir)
+    out = common.as_output_dir(out_dir)
     fams = list(config.families)
     H = max(config.heights)
     jobs, keys = [], []
@@ -162,7 +162,8 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                     keys.append(("grid", model, fam, h, float(a)))
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0] != "mlp", -jobs[i][6].count("/")))
     results = common.parallel_map(_tower_job, [jobs[i] for i in order], workers=config.workers,
-                                  progress=progress, desc="towers")
+                                  progress=progress, desc="towers",
+                                  cache_dir=out.root / "cache")
     by_key = {keys[i]: r for i, r in zip(order, results)}
 
     summary: dict[str, Any] = {"models": {}, "paper": PAPER}
@@ -224,6 +225,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     figures = make_figures(out, config.models, fams)
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
+    common.clear_cache(out)
     return common.write_summary(out, "Chandra et al. (2022) — hyperoptimizer towers on MNIST", sections,
                                 summary, notes=notes)
 
@@ -282,7 +284,7 @@ def make_figures(out_dir, models, families) -> list:
 
     from .. import towers
 
-    out = common._as_output_dir(out_dir)
+    out = common.as_output_dir(out_dir)
     written = []
     for model in models:
         meta = records.read_json(out.data(f"sensitivity_{model}.json"))
