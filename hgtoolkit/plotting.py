@@ -428,8 +428,9 @@ def plot_heatmap(values: Any, xticklabels: Sequence[str], yticklabels: Sequence[
         from matplotlib import ticker
         fmt_tick = ticker.FuncFormatter(lambda x, _: f"{x:.3g}")
         cbar.ax.yaxis.set_major_formatter(fmt_tick)
-        lo_, hi_ = norm.vmin, norm.vmax
-        cbar.ax.yaxis.set_minor_formatter(fmt_tick if hi_ / lo_ < 30 else ticker.NullFormatter())
+        if norm.vmax / norm.vmin < 30:  # under ~1.5 decades: ticks at 1, 2, 5 × 10^k, plain numbers
+            cbar.ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        cbar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xticks(range(v.shape[1]), list(xticklabels))
     ax.set_yticks(range(v.shape[0]), list(yticklabels))
     ax.set_xlabel(xlabel)

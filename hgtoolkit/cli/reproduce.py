@@ -10,7 +10,6 @@ Each experiment writes ``<out>/<name>/``: ``figures/*.png|pdf``, ``data/*.json|n
 """
 from __future__ import annotations
 
-import argparse
 import textwrap
 from pathlib import Path
 

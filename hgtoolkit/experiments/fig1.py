@@ -246,7 +246,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     """Run the experiment (module docstring), write records, figures and the summary; return it."""
     out = common.as_output_dir(out_dir)
     specs = method_specs(config)
-    B, T = len(config.betas), config.steps
+    T = config.steps
 
     # longest jobs first: LRS-OPT, then the fully adaptive MARTHE search, then the grid
     jobs: list[tuple] = []

@@ -29,7 +29,6 @@ Writes, under ``<out>/towers/``:
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any

@@ -1,0 +1,115 @@
+"""The notebooks run top to bottom at their tiny settings, and the claims they check still hold.
+
+Each notebook reads ``HGTOOLKIT_NOTEBOOK_SMALL=1`` at the top and picks tiny sizes; it asserts its
+own claims in its cells (a failed claim is a cell error). After the notebook, one more cell checks
+a few key variables (``CHECKS``) in the same kernel. The kernel is the interpreter running the
+tests (jupyter_client starts the ``python3`` kernelspec with ``sys.executable``), which is checked.
+The committed notebooks must be executed, at the default settings, without errors.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+# Expressions evaluated in the kernel after the notebook ran (each must be true), and text that
+# must appear in the notebook's printed output (e.g. the data source).
+CHECKS = {
+    "00_start_here": {
+        "true": ["max_rel_err_rev_fwd < 1e-9", "rel_err['autograd'] < 1e-9",
+                 "rel_err['finite differences'] < 1e-5",
+                 "schedule.best_value < schedule.history[0]",
+                 "runs['RTHO'].final_val_loss < runs['HD'].final_val_loss",
+                 "not any(r.diverged for r in runs.values())"],
+        "printed": ["data source: analytic function"],
+    },
+    "01_beale_bukin": {
+        "true": ["len(FUNCTIONS) >= 1", "len(out.figure_files('png')) == len(FUNCTIONS)",
+                 "all('hd_vs_rtho' in summary['functions'][f] for f in FUNCTIONS)"],
+        "printed": ["analytic test functions"],
+    },
+    "02_mnist_schedules": {
+        "true": ["len(out.figure_files('png')) >= 1"],
+        "printed": ["data source:"],
+    },
+    "03_approximation_error": {
+        "true": ["hd_vs_one_step < 1e-9", "rtho_vs_constant < 1e-9",
+                 "'cosine similarity' in failure_message",
+                 "set(beale_reports) == {'HD', 'RTHO', 'MARTHE (μ adaptive)'}",
+                 "len(mlp_reports) == 4"],
+        "printed": ["data source: analytic function", "data source: synthetic Gaussian blobs"],
+    },
+    "04_towers": {
+        "true": ["sorted(results) == [1, 2, 3]", "results[3].history.height == 3",
+                 "all(np.isfinite(r.value) for r in results.values())", "len(spread) >= 1"],
+        "printed": ["data source:"],
+    },
+}
+
+
+def _check_cell(name: str) -> str:
+    exprs = CHECKS.get(name, {}).get("true", [])
+    lines = ["import json as _json, sys as _sys",
+             "_failed = [e for e in %r if not eval(e)]" % (exprs,),
+             "print('__CHECKS__' + _json.dumps({'failed': _failed, 'prefix': _sys.prefix}))"]
+    return "\n".join(lines)
+
+
+def _printed(nb) -> str:
+    text = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "stream":
+                text.append(out.get("text", ""))
+            elif "text/plain" in out.get("data", {}):
+                text.append(out["data"]["text/plain"])
+            if "text/markdown" in out.get("data", {}):
+                text.append(out["data"]["text/markdown"])
+    return "\n".join(text)
+
+
+def test_every_notebook_has_checks():
+    assert NOTEBOOKS, f"no notebooks found in {NOTEBOOK_DIR}"
+    names = {p.stem for p in NOTEBOOKS}
+    assert "00_start_here" in names
+    assert names <= set(CHECKS), f"add CHECKS for {sorted(names - set(CHECKS))}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_small(path, monkeypatch):
+    monkeypatch.setenv("HGTOOLKIT_NOTEBOOK_SMALL", "1")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(_check_cell(path.stem)))
+    # a failing cell raises CellExecutionError, with the cell's source and traceback
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(path.parent)}}).execute()
+    printed = _printed(nb)
+    assert "SMALL=True" in printed, "the notebook must print its size switch"
+    report = json.loads(printed.split("__CHECKS__")[1].splitlines()[0])
+    assert report["failed"] == [], f"{path.name}: checks failed: {report['failed']}"
+    assert report["prefix"] == sys.prefix, "the kernel must run the interpreter of the test suite"
+    for text in CHECKS[path.stem].get("printed", []):
+        assert text in printed, f"{path.name} does not print {text!r}"
+    figures = sum("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", []))
+    assert figures >= 1, f"{path.name} shows no figure"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_committed_notebook_is_executed_at_default_settings(path):
+    """What is committed was run top to bottom, without errors, at the default (not tiny) settings."""
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert all(isinstance(n, int) for n in counts), f"{path.name}: unexecuted cells (run notebooks/build.py)"
+    assert counts == sorted(counts), f"{path.name}: cells were executed out of order"
+    errors = [o for c in code for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: saved with an error output: {errors[0].get('ename')}"
+    printed = _printed(nb)
+    assert "SMALL=False" in printed, f"{path.name}: committed outputs must come from the default settings"
