@@ -148,7 +148,7 @@ def _forward(problem, dyn, lrs, chunk_size, progress):
         Z0 = tree_map(lambda x: x.new_zeros((len(cols), *x.shape)), s0)
         onehot = lambda t: (cols == t).to(lrs.dtype)
         _, Z, _ = _tangent_pass(step, s0, lrs, Z0, onehot, t0=c0, batched=True)
-        grads[cols] = vmap(lambda z: tree_dot(grad_s, z))(Z)
+        grads[cols] = vmap(lambda z: tree_dot(grad_s, z))(Z).to(grads.dtype)  # states may mix dtypes
     return value.detach(), grads, dyn.params(final), losses
 
 

@@ -352,7 +352,9 @@ def plot_contour_paths(fn, paths: Mapping[str, Any], ax=None, title: str | None 
     ``fn.log_contours``); the start (○) and the global minimiser (★) are marked.
 
     ``window``: ``((xmin, xmax), (ymin, ymax))``; default: around the paths, the start and
-    the minimiser (:func:`contour_window`).
+    the minimiser (:func:`contour_window`) — or, when the minimiser lies further from the paths
+    than their own extent (so that including it would squash them), around the paths and the
+    start only, with the minimiser's position written in the corner.
     """
     import torch
     from matplotlib import colors, ticker
@@ -360,9 +362,17 @@ def plot_contour_paths(fn, paths: Mapping[str, Any], ax=None, title: str | None 
     fig, ax = _axes(ax)
     paths = {k: to_numpy(v) for k, v in paths.items()}
     start = np.asarray(fn.default_start if start is None else to_numpy(start), dtype=np.float64)
+    minimiser = np.asarray(fn.minimiser, dtype=np.float64)
+    show_minimiser = True
     if window is None:
-        window = contour_window([*paths.values(), start, np.asarray(fn.minimiser)], fn.bounds)
+        tight = contour_window([*paths.values(), start], fn.bounds, pad=0.0)
+        size = np.array([tight[0][1] - tight[0][0], tight[1][1] - tight[1][0]])
+        centre = np.array([sum(tight[0]) / 2, sum(tight[1]) / 2])
+        far = np.any(np.abs(minimiser - centre) > 1.5 * np.maximum(size, 1e-3))
+        show_minimiser = not far
+        window = contour_window([*paths.values(), start] + ([] if far else [minimiser]), fn.bounds)
     (x0, x1), (y0, y1) = window
+    show_minimiser = show_minimiser and x0 <= minimiser[0] <= x1 and y0 <= minimiser[1] <= y1
     gx, gy = np.meshgrid(np.linspace(x0, x1, resolution), np.linspace(y0, y1, resolution))
     with torch.no_grad():
         z = fn(torch.as_tensor(np.stack([gx, gy], -1), dtype=torch.float64)).numpy()
@@ -389,7 +399,12 @@ def plot_contour_paths(fn, paths: Mapping[str, Any], ax=None, title: str | None 
         ax.plot(p[:, 0], p[:, 1], label=label, **kw)
         ax.plot(p[-1, 0], p[-1, 1], "o", ms=3.5, color=ax.lines[-1].get_color())
     ax.plot(*start, "o", ms=7, mfc="white", mec="k", label="start")
-    ax.plot(*fn.minimiser, "*", ms=11, mfc="gold", mec="k", label="minimiser")
+    if show_minimiser:
+        ax.plot(*fn.minimiser, "*", ms=11, mfc="gold", mec="k", label="minimiser")
+    else:
+        ax.text(0.02, 0.02, f"minimiser ({minimiser[0]:g}, {minimiser[1]:g}) outside this view",
+                transform=ax.transAxes, fontsize=7, color="0.2",
+                bbox={"boxstyle": "round", "fc": "white", "ec": "0.7", "alpha": 0.85})
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
     ax.set_xlabel("$x$")
@@ -426,11 +441,11 @@ def plot_heatmap(values: Any, xticklabels: Sequence[str], yticklabels: Sequence[
     cbar.set_label(cbar_label)
     if norm is not None:
         from matplotlib import ticker
-        fmt_tick = ticker.FuncFormatter(lambda x, _: f"{x:.3g}")
-        cbar.ax.yaxis.set_major_formatter(fmt_tick)
-        if norm.vmax / norm.vmin < 30:  # under ~1.5 decades: ticks at 1, 2, 5 × 10^k, plain numbers
-            cbar.ax.yaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-        cbar.ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        if norm.vmax / norm.vmin < 100:  # under 2 decades: ticks at 1, 2, 5 × 10^k, plain numbers
+            cbar.locator = ticker.LogLocator(subs=(1.0, 2.0, 5.0))
+        cbar.formatter = ticker.FuncFormatter(lambda x, _: f"{x:.3g}")
+        cbar.minorformatter = ticker.NullFormatter()
+        cbar.update_ticks()
     ax.set_xticks(range(v.shape[1]), list(xticklabels))
     ax.set_yticks(range(v.shape[0]), list(yticklabels))
     ax.set_xlabel(xlabel)
@@ -460,7 +475,11 @@ def tidy_log_axis(ax, axis: str = "y") -> None:
     lo, hi = (ax.get_ylim() if axis == "y" else ax.get_xlim())
     if lo <= 0 or hi <= 0:
         return
-    if np.log10(hi / lo) < 1.5:
+    if np.log10(hi / lo) < 0.5:  # a narrow range: a few evenly spaced plain numbers
+        a.set_major_locator(ticker.MaxNLocator(nbins=4))
+        a.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+        a.set_minor_locator(ticker.NullLocator())
+    elif np.log10(hi / lo) < 1.5:
         fmt = ticker.FuncFormatter(lambda v, _: f"{v:.3g}")
         a.set_major_formatter(fmt)
         a.set_minor_locator(ticker.LogLocator(subs=(2.0, 5.0)))
@@ -535,18 +554,22 @@ def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: st
 
 @_styled
 def plot_accuracy_bars(values: Mapping[str, Any], ax=None, title: str | None = None, *,
+                       colors: Mapping[str, Any] | None = None,
                        xlabel: str = "final validation accuracy"):
     """One horizontal bar per ``{label: per-seed values}``: the mean over the finite values, ± std
-    as an error bar, every seed as a dot; failed (NaN) runs are counted in the label."""
+    as an error bar, every seed as a dot; failed (NaN) runs are counted in the label, and a bar
+    whose runs all failed says so. ``colors[label]``: the bar's colour (default grey)."""
     fig, ax = _axes(ax)
     labels = list(values)
     for i, label in enumerate(labels):
         v = to_numpy(values[label]).ravel()
         ok = v[np.isfinite(v)]
         if ok.size:
-            ax.barh(i, ok.mean(), xerr=ok.std(ddof=1) if ok.size > 1 else None, color="0.75",
-                    edgecolor="0.4", capsize=2)
+            ax.barh(i, ok.mean(), xerr=ok.std(ddof=1) if ok.size > 1 else None,
+                    color=(colors or {}).get(label, "0.75"), edgecolor="0.4", capsize=2)
             ax.plot(ok, np.full(ok.size, i), ".", color="k", ms=3)
+        else:
+            ax.text(0.0, i, "  all runs diverged", va="center", fontsize=7, color="0.3")
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels([f"{l} ({int((~np.isfinite(to_numpy(values[l]))).sum())} failed)"
                         if (~np.isfinite(to_numpy(values[l]))).any() else l for l in labels])

@@ -880,12 +880,14 @@ class TowerOptimizer(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):
             params, tower = group["params"], group["tower"]
             grads = []
+            learns = tower.height > 1
             for p in params:
                 if p.grad is not None and p.grad.is_sparse:
                     raise TypeError("TowerOptimizer does not support sparse gradients")
-                # a copy: the next step differentiates this update again, and zero_grad() may
-                # zero p.grad in place
-                grads.append(torch.zeros_like(p) if p.grad is None else p.grad.detach().clone())
+                # a copy when the next step differentiates this update again (zero_grad() may
+                # zero p.grad in place)
+                g = None if p.grad is None else p.grad.detach()
+                grads.append(torch.zeros_like(p) if g is None else g.clone() if learns else g)
             keep_w = tower.height > 1 and tower.weight_decay != 0  # see _prev
             w = [p.detach().clone() if keep_w else p.detach() for p in params]
             st = self._tower_state.get(i)

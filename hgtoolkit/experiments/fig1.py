@@ -464,6 +464,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
 
 # ----------------------------------------------------------------------------- figures (from records)
 
+_PATH_ORDER = (LRSOPT_LABEL, "MARTHE μ adaptive", "RTHO", "HD")
 _COLOURS = {"HD": "tab:blue", "RTHO": "tab:red", "MARTHE μ adaptive": "tab:green",
             AUTO_LABEL: "tab:olive", LRSOPT_LABEL: "k"}
 _FIXED_MU_COLOURS = ("tab:purple", "tab:orange", "tab:brown", "tab:pink", "tab:cyan")
@@ -492,6 +493,7 @@ def _lr_axis(ax, lr0: float, schedules) -> None:
     else:
         ax.set_yscale("log")
         ax.set_ylabel(r"learning rate $\eta_t$")
+        plotting.tidy_log_axis(ax)
     ax.axhline(lr0, color="0.5", lw=0.7, ls=":")
 
 
@@ -562,10 +564,12 @@ def make_figures(out_dir, functions) -> list:
         # (c) trajectories over the contour plot
         pz = records.load_arrays(out.data(f"{fn}_paths.npz"))
         plabels = [str(x) for x in pz["labels"]]
-        paths = {l: pz[f"path_{k}"] for k, l in enumerate(plabels)}
-        pst = {l: dict(styles[l]) for l in plabels}
+        order = sorted(range(len(plabels)), key=lambda k: _PATH_ORDER.index(plabels[k])
+                       if plabels[k] in _PATH_ORDER else -1)  # HD drawn last, on top
+        paths = {plabels[k]: pz[f"path_{k}"] for k in order}
+        pst = {l: {**styles[l], "lw": 0.9, "alpha": 0.85} for l in plabels}
         if LRSOPT_LABEL in pst:
-            pst[LRSOPT_LABEL].update(lw=0.8, alpha=0.6, zorder=1)
+            pst[LRSOPT_LABEL].update(lw=0.6, alpha=0.35)
         plotting.plot_contour_paths(f, paths, ax=axes[2], styles=pst, legend=False,
                                     title=r"(c) paths $w_0 \ldots w_T$ (best $\beta$) over $f$")
         _legend_below(axes[2])

@@ -86,7 +86,8 @@ class Config:
     on the β grid), ``kappas`` (κ grid of MARTHE with μ and β adaptive; empty: skip),
     ``n_seeds`` seeds from ``seed``. LRS-OPT: ``lrsopt_seeds`` (the first seeds; 0: skip),
     ``lrsopt_steps`` outer steps of ``lrsopt_optimizer`` ("sgd" = projected gradient descent,
-    the paper's; "adam"; "lbfgsb") with step ``lrsopt_lr`` from η_t = ``lrsopt_init``,
+    the paper's; "adam"; "lbfgsb") with step ``lrsopt_lr`` from η_t = ``lrsopt_init`` (= η_0
+    by default: every method, and the fixed-LR peer, starts from the same η),
     η ≤ ``lrsopt_lr_max``. Peers: ``peers`` = ((name, lr or None for the package default), …).
     ``analyse``: the approximation-error analysis. ``eval_every``: validation accuracy every
     that many steps. ``workers``: processes (results do not depend on it); ``max_batch``:
@@ -99,11 +100,11 @@ class Config:
     batch_size: int = 100
     data_seed: int = 0
     steps: int = 500
-    lr0: float = 0.01
+    lr0: float = 0.1
     betas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-4.0, 0.01, 0.5))
     mus: tuple[float, ...] = (0.9, 0.99)
     adaptive_mu: bool = True
-    kappas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-5.0, -0.99, 1.0))
+    kappas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-6.0, -1.99, 1.0))
     n_seeds: int = 20
     lrsopt_seeds: int = 4
     lrsopt_steps: int = 5000
@@ -112,7 +113,7 @@ class Config:
     lrsopt_init: float = 0.1
     lrsopt_lr_max: float | None = 2.0
     peers: tuple[tuple[str, float | None], ...] = (
-        ("constant", 0.01), ("constant", 0.1), ("exp_decay", 0.1), ("step_decay", 0.1), ("sgdr", 0.1),
+        ("constant", 0.1), ("constant", 0.03), ("exp_decay", 0.1), ("step_decay", 0.1), ("sgdr", 0.1),
         ("schedulefree_sgd", None), ("prodigy", None), ("dadapt_sgd", None))
     analyse: bool = True
     eval_every: int = 25
@@ -123,7 +124,7 @@ class Config:
     @classmethod
     def full(cls) -> "Config":
         """The paper's scale: T = 500, 20 seeds, β ∈ {1e-4, 10^-3.5, …, 1} (9 values), μ ∈
-        {0.9, 0.99} and adaptive, κ ∈ {1e-5 … 1e-1}; LRS-OPT 5000 projected-GD steps × 4 seeds
+        {0.9, 0.99} and adaptive, κ ∈ {1e-6 … 1e-2}; LRS-OPT 5000 projected-GD steps × 4 seeds
         (projected ≈ 19 h per seed on one core of this machine — see
         ``benchmarks/bench_lrsopt.py``; checkpointed, resumable)."""
         return cls(workers=common.default_workers())
@@ -131,18 +132,19 @@ class Config:
     @classmethod
     def quick(cls) -> "Config":
         """The full 3×500 MLP and data, T = 100 steps (2.3 epochs of the fallback data), 2 seeds,
-        β ∈ {1e-3, 1e-2, 1e-1, 1}, μ = 0.9 and adaptive, κ ∈ {1e-3, 1e-2, 1e-1}; LRS-OPT: 2
-        seeds × 20 Adam steps (α = 0.01); all peers (a few minutes on 2 cores)."""
+        β ∈ {1e-3, 1e-2, 1e-1, 1}, μ = 0.9 and adaptive, κ ∈ {1e-5, 1e-4, 1e-3}; LRS-OPT: 2
+        seeds × 20 Adam steps (α = 0.01); all peers. ≈ 6 CPU-minutes in all: ~3–4 min on an idle
+        2-core machine (15 min measured beside other jobs at load 8–12)."""
         return cls(steps=100, n_seeds=2, betas=(1e-3, 1e-2, 1e-1, 1.0), mus=(0.9,),
-                   kappas=(1e-3, 1e-2, 1e-1), lrsopt_seeds=2, lrsopt_steps=20, lrsopt_optimizer="adam",
+                   kappas=(1e-5, 1e-4, 1e-3), lrsopt_seeds=2, lrsopt_steps=20, lrsopt_optimizer="adam",
                    lrsopt_lr=0.01, eval_every=10, workers=common.default_workers())
 
     @classmethod
     def tiny(cls) -> "Config":
         """Seconds, for the tests: one hidden layer of 32, 800/200 examples, T = 20, 2 seeds,
-        2 β, 1 κ, LRS-OPT 2 Adam steps on 1 seed, two peers."""
+        2 β, no fixed μ, 1 κ, LRS-OPT 2 Adam steps on 1 seed, two peers."""
         return cls(hidden=(32,), n_train=800, n_val=200, steps=20, n_seeds=2, betas=(1e-2, 1.0),
-                   mus=(0.9,), kappas=(1e-2,), lrsopt_seeds=1, lrsopt_steps=2,
+                   mus=(), kappas=(1e-3,), lrsopt_seeds=1, lrsopt_steps=2,
                    lrsopt_optimizer="adam", lrsopt_lr=0.01,
                    peers=(("constant", 0.1), ("exp_decay", 0.1)), eval_every=5, workers=1)
 
@@ -213,7 +215,7 @@ def peer_specs(config: Config) -> list[dict]:
             label += f" (η₀={lr if lr is not None else default:g})"
         else:
             label += f" (lr={default:g}, package default)"
-        out.append({"label": label, "name": name, "lr": lr, "slug": _slug(f"{name}_{lr}")})
+        out.append({"label": label, "name": name, "lr": lr, "slug": _slug(f"{name}_{lr}"), "index": len(out)})
     return out
 
 
@@ -374,7 +376,7 @@ def _peer_job(config: Config, peer: dict, seed: int, root: str) -> dict:
     from .. import baselines
     from ..errors import DivergenceWarning
     stem = Path(root) / "peers" / f"{peer['slug']}_seed{seed}"
-    job = _job_spec(config, "peer", name=peer["name"], lr=peer["lr"], seed=seed)
+    job = _job_spec(config, "peer", name=peer["name"], lr=peer["lr"], seed=seed, index=peer["index"])
     meta = _reusable(stem.with_name(stem.name + ".summary.json"), job)
     if meta is not None:
         return meta
@@ -384,7 +386,8 @@ def _peer_job(config: Config, peer: dict, seed: int, root: str) -> dict:
                                seed=seed, eval_every=config.eval_every, keep_params=False)
     stem.parent.mkdir(parents=True, exist_ok=True)
     r.save(stem)
-    meta = {"job": job, "label": peer["label"], "seed": seed, "diverged_at": r.diverged_at,
+    meta = {"job": job, "label": peer["label"], "index": peer["index"], "seed": seed,
+            "diverged_at": r.diverged_at,
             "final_val_accuracy": None if r.diverged else r.final_val_accuracy,
             "final_val_loss": None if r.diverged else r.final_val_loss, "wall_time": r.wall_time,
             "record": stem.name}
@@ -463,7 +466,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
 
     data_info = next(iter(online_meta.values()))["problem"]
     summary: dict[str, Any] = {
-        "data": {k: data_info.get(k) for k in ("data", "is_fallback", "n_train", "n_val", "num_params")},
+        "dataset": {k: data_info.get(k) for k in ("data", "is_fallback", "n_train", "n_val", "num_params")},
         "config": common.config_dict(config), "seeds": seeds, "methods": methods,
         "lrsopt": _lrsopt_summary(lrsopt_meta), "peers": _peer_summary(peers, peer_meta, seeds),
         "analysis": {k: {"value": v["value"], "grid": v["grid"], "summary": v["summary"],
@@ -480,7 +483,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     summary["figure_files"] = [str(p) for p in figures]
     sections, notes = _markdown(summary, config, specs)
     title = (f"MARTHE Sec. 5 — LRS-OPT vs online LR schedules, {_arch(config.hidden)} MLP "
-             f"on MNIST ({'fallback 5000 digits' if summary['data'].get('is_fallback') else 'full MNIST'})")
+             f"on MNIST ({'fallback 5000 digits' if summary['dataset'].get('is_fallback') else 'full MNIST'})")
     return common.write_summary(out, title, sections, summary, notes=notes)
 
 
@@ -618,8 +621,10 @@ def _measured(summary: dict, specs: list[dict], config: Config) -> dict:
 # ----------------------------------------------------------------------------- summary (Markdown)
 
 def _pm(s: dict, pct: bool = True) -> str:
-    if s is None or s.get("mean") is None:
+    if s is None:
         return "—"
+    if s.get("mean") is None:
+        return f"diverged ({s['n_failed']}/{s['n_failed']})" if s.get("n_failed") else "—"
     k = 100.0 if pct else 1.0
     txt = f"{k * s['mean']:.1f} ± {k * s['std']:.1f}" if pct else f"{s['mean']:.3g} ± {s['std']:.2g}"
     return txt + (f" ({s['n_failed']} failed)" if s.get("n_failed") else "")
@@ -698,7 +703,7 @@ def _markdown(summary: dict, config: Config, specs: list[dict]) -> tuple[list, l
         ["", "paper", "measured here"], [[k, v, summary["measured"][k]] for k, v in PAPER.items()],
         align="lll")))
 
-    d = summary["data"]
+    d = summary["dataset"]
     notes = [
         f"Data: {d['data']} — {d['n_train']} train / {d['n_val']} validation examples"
         + (" (the FALLBACK: the paper used 7000 MNIST training images; not comparable with full-MNIST "
@@ -794,8 +799,11 @@ def make_figures(out_dir) -> list:
     bars = _final_accuracies(out, online, labels, best, lrsopt)
     if bars:
         fig, ax = plotting.figure(width=6.5, height=0.32 * len(bars) + 1.2)
-        plotting.plot_accuracy_bars(bars, ax=ax, title=f"final validation accuracy over seeds {seeds} "
-                                                       "(online: best β/κ; dots = seeds)")
+        colors = {l: ("0.25" if l == LRSOPT_LABEL else "0.8" if l.startswith("peer:") else "tab:blue")
+                  for l in bars}
+        plotting.plot_accuracy_bars(bars, ax=ax, colors=colors,
+                                    title=f"final validation accuracy over seeds {seeds} (online methods "
+                                          "in blue at their best β/κ; dots = seeds)")
         written += plotting.savefig(fig, out.figure("mnist_methods_and_peers"), caption=caption, close=True)
 
     # the approximation error: one column per analysed method (legends on the last column only)
@@ -871,7 +879,15 @@ def _schedules_panel(ax, online, labels, best, lrs_res, seed) -> None:
     if lrs_res is not None:
         schedules[LRSOPT_LABEL] = lrs_res.final_lrs
         styles[LRSOPT_LABEL] = _style(LRSOPT_LABEL, 0)
-    plotting.plot_schedules(schedules, ax=ax, styles=styles, title=f"(b) schedules, seed {seed} (best β/κ)")
+    title = f"(b) schedules, seed {seed} (best β/κ)"
+    # a schedule that explodes would flatten the others: cap the axis at 3× the typical scale
+    peaks = sorted(float(np.max(v)) for v in schedules.values() if len(v))
+    cap = 3.0 * peaks[len(peaks) // 2] if peaks else None
+    if cap and peaks[-1] > cap:
+        title += f"; η axis cut at {cap:.2g} (max {peaks[-1]:.2g})"
+    plotting.plot_schedules(schedules, ax=ax, styles=styles, title=title)
+    if cap and peaks[-1] > cap:
+        ax.set_ylim(0, cap)
     ax.legend(loc="best", fontsize=6)
 
 
@@ -911,8 +927,8 @@ def _final_accuracies(out, online, labels, best, lrsopt) -> dict:
     if lpath:
         bars[LRSOPT_LABEL] = np.array([records.read_json(p)["replay"]["final"]["val_accuracy"] for p in lpath])
     peers: dict = {}
-    for p in sorted((out.data_dir / "peers").glob("*.summary.json")):
-        meta = records.read_json(p)
+    metas = [records.read_json(p) for p in (out.data_dir / "peers").glob("*.summary.json")]
+    for meta in sorted(metas, key=lambda m: (m.get("index", 0), m["seed"])):
         peers.setdefault(f"peer: {meta['label']}", []).append(
             np.nan if meta["final_val_accuracy"] is None else meta["final_val_accuracy"])
     bars.update({k: np.asarray(v, np.float64) for k, v in peers.items()})

@@ -339,6 +339,8 @@ def make_figures(out_dir, models, families) -> list:
                     plotting.tidy_log_axis(ax)
             fig.suptitle(f"Learnt hyperparameters at each level — tower `{result.tower}`\n{source}; "
                          f"final validation loss {result.value:.3g}", fontsize=9)
+            units = any(n in towers.UNIT_INTERVAL for lvl in result.tower.levels for n in lvl.tuned)
             written += plotting.savefig(fig, out.figure(f"towers_{model}_{fam}_levels"), close=True,
-                                        caption=f"data: {_short(meta['data'])}; momentum/β/α drawn as 1 − value")
+                                        caption=f"data: {_short(meta['data'])}"
+                                                + ("; momentum/β drawn as 1 − value" if units else ""))
     return written
