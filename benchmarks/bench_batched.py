@@ -153,7 +153,7 @@ def main(argv=None) -> int:
                  "mnist": "MNIST MLP 3×500 float32 (MARTHE Sec. 5)"}[name]
         rows.append(row(f"speed-up batched vs loop, 4 seeds × 4 β, {label}, T={T} ({args.threads} thread)",
                         d["speedup_wall"], "×", note=f"loop {d['loop_s']:.2f} s, batched {d['batched_s']:.2f} s; "
-                        f"CPU-time ratio {d['speedup_cpu']:.2f}×; max |Δ| η, E = {diff:.1e}"))
+                        f"CPU-time ratio {d['speedup_cpu']:.2f}×; largest difference in η_t, E: {diff:.1e}"))
         rows.append(row(f"20 seeds × 8 β (160 runs), {label}, T={T}", d["speedup_160"], "×",
                         note=(f"{'measured' if d['batched_160_measured'] else 'projected from R=16'}: "
                               f"batched {d['batched_160_s']:.1f} s vs loop {d['loop_160_s']:.1f} s "

@@ -16,7 +16,7 @@ Projection: the cost of one hypergradient evaluation is measured at T = 100 and 
 paper's T); the full setting is 5000 outer steps × 4 seeds (LRS-OPT; the paper: > 2 h per run
 on an M40 GPU) plus the online sweep (20 seeds × the β grid).
 
-    .venv/bin/python benchmarks/bench_lrsopt.py [--quick] [--evals 30] [--threads 1]
+    .venv/bin/python benchmarks/bench_lrsopt.py [--quick] [--evals 25] [--threads 1]
 
 Writes ``benchmarks/results/lrsopt.json`` and prints a table.
 """
@@ -99,7 +99,7 @@ def online_seconds(problem, T: int) -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="smoke run: T = 20, 8 evaluations")
-    ap.add_argument("--evals", type=int, default=30, help="hypergradient evaluations per run")
+    ap.add_argument("--evals", type=int, default=25, help="hypergradient evaluations per run")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
 
     # outer optimizers: GD (the paper's) and Adam at three step sizes, L-BFGS-B (no step size)
-    configs = [("GD α=0.1", "sgd", 0.1), ("GD α=0.3", "sgd", 0.3), ("GD α=1", "sgd", 1.0),
+    configs = [("GD α=0.01", "sgd", 0.01), ("GD α=0.03", "sgd", 0.03), ("GD α=0.1", "sgd", 0.1),
                ("Adam α=0.003", "adam", 0.003), ("Adam α=0.01", "adam", 0.01), ("Adam α=0.03", "adam", 0.03),
                ("L-BFGS-B", "lbfgsb", None)]
     if args.quick:

@@ -11,6 +11,8 @@ than one curve is drawn, the data source in the title or in a caption under the 
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,10 +44,22 @@ def to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+@contextlib.contextmanager
 def style():
-    """Context manager applying :data:`STYLE` (every helper here draws inside it)."""
+    """Context manager applying :data:`STYLE` (every helper here draws inside it).
+
+    Matplotlib's interactive flag is kept as it is inside the block: in Jupyter the inline
+    backend turns it on at the first figure, and ``rc_context`` would otherwise switch it
+    back off on exit, so that later figures were no longer shown.
+    """
+    import matplotlib
     import matplotlib.pyplot as plt
-    return plt.rc_context(STYLE)
+    with plt.rc_context(STYLE):
+        try:
+            yield
+        finally:
+            interactive = matplotlib.is_interactive()
+    matplotlib.interactive(interactive)
 
 
 def _styled(fn):

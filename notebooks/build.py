@@ -27,21 +27,25 @@ def notebooks(prefixes: list[str] | None = None) -> list[Path]:
     return paths
 
 
-def execute(path: Path, *, small: bool = False, timeout: int = 900, save: bool = True):
+def execute(path: Path, *, small: bool = False, timeout: int = 900, save: bool = True,
+            record_timing: bool = False):
     """Execute ``path`` top to bottom in a fresh kernel; return (notebook, seconds).
 
     The kernel is the ``python3`` kernelspec, which jupyter_client starts with ``sys.executable``
     (this interpreter, e.g. the project's venv), so the notebook sees the installed hgtoolkit.
+    ``record_timing=False`` keeps per-cell timestamps out of the saved file (smaller diffs).
     """
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # timestamps of an earlier run
     previous = os.environ.get("HGTOOLKIT_NOTEBOOK_SMALL")
     os.environ["HGTOOLKIT_NOTEBOOK_SMALL"] = "1" if small else "0"
     start = time.perf_counter()
     try:
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+        NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=record_timing,
                        resources={"metadata": {"path": str(path.parent)}}).execute()
     finally:
         if previous is None:

@@ -246,7 +246,7 @@ def write_summary(out: OutputDir | str | Path, title: str, sections: Sequence[tu
     ``summary.md``: ``# title``, then for each ``(heading, body)`` in ``sections`` a
     ``## heading`` and the body (a :func:`markdown_table` or text), then ``notes`` as a list,
     then the figures and data files present in the folder. ``summary.json``: ``summary``
-    (JSON-able; NaN → null) plus ``title``, ``summary_md``, ``figures`` and ``data`` (paths).
+    (JSON-able; NaN → null) plus ``title``, ``summary_md``, ``figures`` and ``data_files`` (paths).
     """
     out = as_output_dir(out)
     figures = [str(p) for p in out.figure_files("png")]
@@ -260,7 +260,7 @@ def write_summary(out: OutputDir | str | Path, title: str, sections: Sequence[tu
         md += ["## Figures", ""] + [f"- `{Path(p).relative_to(out.root)}` (+ .pdf)" for p in figures] + [""]
     records.atomic_write_bytes(out.summary_md, "\n".join(md).encode())
     result = {"title": title, **records.to_jsonable(dict(summary or {})),
-              "summary_md": str(out.summary_md), "figures": figures, "data": data,
+              "summary_md": str(out.summary_md), "figures": figures, "data_files": data,
               "notes": list(notes)}
     records.atomic_write_json(out.summary_json, result)
     return result
