@@ -521,12 +521,13 @@ def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: st
                       styles: Mapping[str, dict] | None = None,
                       references: Mapping[str, float] | None = None,
                       xlabel: str = r"hyper-learning rate $\beta$",
-                      ylabel: str = "final validation accuracy", legend: bool = True):
+                      ylabel: str = "final validation accuracy", legend: bool = True,
+                      legend_kw: Mapping[str, Any] | None = None):
     """Mean ± std over seeds against a log-spaced setting (β, κ, …): ``curves[label]`` is a
     (seeds, len(values)) array. NaN entries (runs that diverged) are left out of the mean; where
     every seed failed the point is drawn as "×" at the bottom of the panel; where only some
     failed, the marker is hollow. ``references``: ``{label: value}`` as horizontal dashed lines
-    (e.g. LRS-OPT, a fixed LR)."""
+    (e.g. LRS-OPT, a fixed LR). ``legend_kw`` goes to ``ax.legend`` (e.g. a place outside the axes)."""
     fig, ax = _axes(ax)
     x = to_numpy(values)
     failed = []
@@ -562,7 +563,7 @@ def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: st
     if title:
         ax.set_title(title)
     if legend:
-        ax.legend(handles, labels, loc="best", fontsize=6.5)
+        ax.legend(handles, labels, **{"loc": "best", "fontsize": 6.5, **(legend_kw or {})})
     return ax
 
 

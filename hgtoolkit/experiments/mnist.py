@@ -924,6 +924,7 @@ def _accuracy_panel(ax, online, labels, out, grid) -> None:
                                xlabel=("hyper-learning rate $\\beta$" if grid == "beta"
                                        else "step size $\\kappa$ of the adaptive $\\beta$"),
                                ylabel="final validation accuracy",
+                               legend_kw={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)},
                                title=f"(c) validation accuracy vs ${sym}$ (mean ± std over seeds)")
 
 
