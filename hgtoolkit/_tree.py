@@ -1,7 +1,7 @@
 """Small pytree helpers over ``torch.utils._pytree`` (states are dicts of tensors or pytrees)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten

@@ -25,7 +25,7 @@ import torch
 from torch.func import grad_and_value, vjp, vmap
 
 from . import dynamics as _dynamics
-from ._tree import tree_dot, tree_leaves, tree_map, tree_zeros_like
+from ._tree import tree_dot, tree_map, tree_zeros_like
 from .trajectory import (check_finite, check_lrs, make_step, progress_bar, tangent_step, train)
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",

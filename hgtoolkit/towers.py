@@ -909,7 +909,7 @@ class TowerOptimizer(torch.optim.Optimizer):
         """``{"state": {group: tower state without w}, "param_groups": [{"params": [ids],
         "tower": spec}], "steps": {...}, "histories": {...}}`` (tensors are immutable snapshots:
         the optimizer never writes into them)."""
-        groups, ids, start = [], {}, 0
+        groups, start = [], 0
         for group in self.param_groups:
             idx = list(range(start, start + len(group["params"])))
             start += len(idx)

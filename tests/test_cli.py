@@ -9,14 +9,6 @@ from hgtoolkit import hypergradient, problems
 from hgtoolkit.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _read(path):
     with open(path) as fh:
         return json.load(fh)

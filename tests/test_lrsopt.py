@@ -1,7 +1,6 @@
 """LRS-OPT: it lowers f(η) of a constant schedule, its outer steps are the documented update
 rules, divergence backtracks, and a resumed run reproduces an uninterrupted one bit for bit."""
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -11,15 +10,6 @@ from hgtoolkit import hypergradient, problems, train
 from hgtoolkit.lrsopt import ScheduleResult, adam_update, optimize_schedule
 
 T_BEALE, LR_BEALE = 30, 1e-3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These problems are tiny: one thread is faster, and immune to a busy machine's scheduling."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,6 @@ from hgtoolkit.experiments import EXPERIMENTS, Experiment, common, run_experimen
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _arrays_equal(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for k in a:

@@ -2,7 +2,6 @@
 level's hypergradient against plain autograd through one unrolled step, constant memory, the
 drop-in optimizer, the foundation hooks (train / hypergradient / analysis), records, errors."""
 import gc
-import importlib.util
 import json
 import math
 import warnings
@@ -67,8 +66,6 @@ def test_height2_sgd_sgd_is_hd(mlp64, name, alpha0, beta):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("hgtoolkit.online") is None,
-                    reason="hgtoolkit.online not written yet (enable once it exists)")
 def test_height2_sgd_sgd_equals_online_hd(mlp64):
     from hgtoolkit import online
     T, alpha0, beta = 30, 0.05, 0.02
