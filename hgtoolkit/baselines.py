@@ -55,7 +55,6 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -64,7 +63,7 @@ from torch import nn
 
 from . import dynamics as _dynamics
 from . import records
-from ._tree import tree_clone, tree_flatten, tree_map, tree_unflatten
+from ._tree import tree_clone, tree_flatten, tree_unflatten
 from .errors import DivergenceError, DivergenceWarning
 from .problems import Problem
 from .trajectory import check_finite, check_lrs, make_step, progress_bar
@@ -72,7 +71,6 @@ from .trajectory import check_finite, check_lrs, make_step, progress_bar
 __all__ = ["constant", "exponential_decay", "step_decay", "cosine_warm_restarts", "PeerResult",
            "run_peer", "PEERS", "SchedulePeer", "LRFreePeer"]
 
-_FORMAT = "hgtoolkit.PeerResult/1"
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -146,8 +144,8 @@ def cosine_warm_restarts(lr0: float, T: int, T0: int, T_mult: int = 1, eta_min: 
 
 # ----------------------------------------------------------------------------- the record
 
-@dataclass
-class PeerResult:
+@dataclass(repr=False)
+class PeerResult(records.RunRecord):
     """One peer's training run (field names as :class:`hgtoolkit.online.OnlineResult`).
 
     ``lrs[t]`` is the (effective) LR of step t and ``train_losses[t]`` = L_t(w_t), for the
@@ -171,80 +169,15 @@ class PeerResult:
     wall_time: float = 0.0
     final_params: Any = None
 
-    _ARRAYS = ("lrs", "train_losses", "eval_steps", "val_losses", "val_accuracy")
-
-    @property
-    def method(self) -> str:
-        return self.config.get("method", "?")
-
-    @property
-    def steps_run(self) -> int:
-        return int(len(self.lrs))
-
-    @property
-    def diverged(self) -> bool:
-        return self.diverged_at is not None
-
-    @property
-    def best_val_loss(self) -> float:
-        """min_k E(w_k) over the evaluations (NaN if there is none)."""
-        return float(self.val_losses.min()) if len(self.val_losses) else math.nan
-
-    @property
-    def final_val_loss(self) -> float:
-        """E at the last evaluation (E(w_T) when the run completed)."""
-        return float(self.val_losses[-1]) if len(self.val_losses) else math.nan
-
-    @property
-    def final_val_accuracy(self) -> float:
-        if self.val_accuracy is None or not len(self.val_accuracy):
-            return math.nan
-        return float(self.val_accuracy[-1])
+    KIND = "peer"
+    ARRAYS = ("lrs", "train_losses", "eval_steps", "val_losses", "val_accuracy")
+    ARRAYS_IN_JSON = True  # readable without numpy
 
     def __repr__(self) -> str:
         div = f", diverged_at={self.diverged_at}" if self.diverged else ""
         return (f"PeerResult(method={self.method!r}, steps={self.steps_run}{div}, "
                 f"final_val_loss={self.final_val_loss:.6g}, "
                 f"final_val_accuracy={self.final_val_accuracy:.4g}, wall_time={self.wall_time:.1f}s)")
-
-    @staticmethod
-    def _paths(path: str | Path) -> tuple[Path, Path, Path]:
-        path = Path(path)
-        stem = path.with_suffix("") if path.suffix in (".json", ".npz") else path
-        return (stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".npz"),
-                stem.with_name(stem.name + ".params.pt"))
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``<stem>.json`` (config, scalars and the arrays, readable), ``<stem>.npz`` (the
-        arrays, exact) and, when ``final_params`` is set, ``<stem>.params.pt``. ``path`` may end
-        in .json or have no suffix. Returns the JSON path."""
-        jpath, npath, ppath = self._paths(path)
-        arrays = {k: getattr(self, k) for k in self._ARRAYS if getattr(self, k) is not None}
-        records.save_arrays(npath, **arrays)
-        if self.final_params is not None:
-            records.atomic_torch_save(tree_map(lambda x: x.detach().cpu(), self.final_params), ppath)
-        meta = {"kind": "peer", "format": _FORMAT, "config": self.config,
-                "diverged_at": self.diverged_at, "divergence": self.divergence,
-                "wall_time": self.wall_time, "steps_run": self.steps_run,
-                "final_val_loss": self.final_val_loss, "final_val_accuracy": self.final_val_accuracy,
-                "arrays": npath.name, "params": ppath.name if self.final_params is not None else None,
-                **arrays}
-        return records.atomic_write_json(jpath, meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PeerResult":
-        """Read what :meth:`save` wrote (arrays from the npz, bit-exact)."""
-        jpath, _, _ = cls._paths(path)
-        meta = records.read_json(jpath)
-        if meta.get("kind") != "peer":
-            raise ValueError(f"path {jpath} is not a PeerResult record (kind={meta.get('kind')!r})")
-        arrays = records.load_arrays(jpath.with_name(meta["arrays"]))
-        params = None
-        if meta.get("params"):
-            params = torch.load(jpath.with_name(meta["params"]), weights_only=True)
-        return cls(config=meta["config"], **{k: arrays.get(k) for k in cls._ARRAYS},
-                   diverged_at=meta["diverged_at"], divergence=meta.get("divergence"),
-                   wall_time=float(meta["wall_time"]), final_params=params)
 
 
 # ----------------------------------------------------------------------------- the training loop

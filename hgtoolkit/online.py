@@ -52,7 +52,6 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -62,7 +61,7 @@ from torch.func import grad_and_value, jvp
 from . import dynamics as _dynamics
 from . import marthe as _marthe
 from . import records
-from ._tree import tree_all_finite, tree_clone, tree_dot, tree_map, tree_scale, tree_zeros_like
+from ._tree import tree_all_finite, tree_clone, tree_dot, tree_scale, tree_zeros_like
 from .errors import DivergenceError, DivergenceWarning
 from .trajectory import progress_bar
 
@@ -78,8 +77,8 @@ _ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "e
 
 # ----------------------------------------------------------------------------- the record
 
-@dataclass
-class OnlineResult:
+@dataclass(repr=False)
+class OnlineResult(records.RunRecord):
     r"""One online run. Per-step arrays have one entry per step t = 0 … n−1 that ran
     (n = ``steps_run`` = T, or ``diverged_at`` when the run stopped early):
 
@@ -121,83 +120,15 @@ class OnlineResult:
     wall_time: float = 0.0
     final_params: Any = None
 
-    # -------------------------------------------------------------- derived values
-    @property
-    def method(self) -> str:
-        return self.config.get("method", "?")
-
-    @property
-    def steps_run(self) -> int:
-        return int(len(self.lrs))
-
-    @property
-    def diverged(self) -> bool:
-        return self.diverged_at is not None
-
-    @property
-    def best_val_loss(self) -> float:
-        """min_k E(w_k) over the evaluations (NaN if none is finite)."""
-        v = self.val_losses[np.isfinite(self.val_losses)] if len(self.val_losses) else self.val_losses
-        return float(v.min()) if len(v) else math.nan
-
-    @property
-    def final_val_loss(self) -> float:
-        """E at the last evaluation (E(w_T) when the run completed)."""
-        return float(self.val_losses[-1]) if len(self.val_losses) else math.nan
-
-    @property
-    def final_val_accuracy(self) -> float:
-        if self.val_accuracy is None or not len(self.val_accuracy):
-            return math.nan
-        return float(self.val_accuracy[-1])
+    KIND = "online"
+    ARRAYS = _ARRAYS
+    SCALARS = ("final_lr",)
 
     def __repr__(self) -> str:
         div = f", diverged_at={self.diverged_at}" if self.diverged else ""
         return (f"OnlineResult(method={self.method!r}, steps={self.steps_run}{div}, "
                 f"final_lr={self.final_lr:.4g}, final_val_loss={self.final_val_loss:.6g}, "
                 f"best_val_loss={self.best_val_loss:.6g})")
-
-    # -------------------------------------------------------------- persistence
-    @staticmethod
-    def _paths(path: str | Path) -> tuple[Path, Path, Path]:
-        path = Path(path)
-        stem = path.with_suffix("") if path.suffix in (".json", ".npz") else path
-        return (stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".npz"),
-                stem.with_name(stem.name + ".params.pt"))
-
-    def save(self, path: str | Path) -> Path:
-        """Write ``<stem>.json`` (config and scalars), ``<stem>.npz`` (the arrays) and, when
-        ``final_params`` is set, ``<stem>.params.pt``. ``path`` may end in .json or have no
-        suffix. Returns the JSON path."""
-        jpath, npath, ppath = self._paths(path)
-        arrays = {k: getattr(self, k) for k in _ARRAYS if getattr(self, k) is not None}
-        records.save_arrays(npath, **arrays)
-        meta = {"kind": "online", "config": self.config, "final_lr": self.final_lr,
-                "diverged_at": self.diverged_at, "divergence": self.divergence,
-                "wall_time": self.wall_time, "steps_run": self.steps_run,
-                "best_val_loss": self.best_val_loss, "final_val_loss": self.final_val_loss,
-                "final_val_accuracy": self.final_val_accuracy,
-                "arrays": npath.name, "params": ppath.name if self.final_params is not None else None}
-        if self.final_params is not None:
-            records.atomic_torch_save(tree_map(lambda x: x.detach().cpu(), self.final_params), ppath)
-        return records.atomic_write_json(jpath, meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "OnlineResult":
-        """Read a record written by :meth:`save` (give the .json path or the stem)."""
-        jpath, npath, ppath = cls._paths(path)
-        meta = records.read_json(jpath)
-        if meta.get("kind") != "online":
-            raise ValueError(f"path {jpath} is not an online result (kind={meta.get('kind')!r})")
-        arrays = records.load_arrays(jpath.with_name(meta["arrays"]))
-        params = None
-        if meta.get("params"):
-            params = torch.load(jpath.with_name(meta["params"]), weights_only=True)
-        nan_if_none = lambda v: math.nan if v is None else float(v)
-        return cls(config=meta["config"], **{k: arrays.get(k) for k in _ARRAYS},
-                   final_lr=nan_if_none(meta["final_lr"]), diverged_at=meta["diverged_at"],
-                   divergence=meta.get("divergence"), wall_time=float(meta["wall_time"]),
-                   final_params=params)
 
 
 # ----------------------------------------------------------------------------- hyper-update

@@ -89,3 +89,91 @@ def save_arrays(path: str | os.PathLike, **arrays: Any) -> Path:
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
+
+
+class RunRecord:
+    """What every training-run record shares: derived values and JSON + npz (+ params) files.
+
+    A subclass is a dataclass with the fields ``config``, the per-step/evaluation arrays named
+    in ``ARRAYS`` (``lrs``, ``train_losses``, ``eval_steps``, ``val_losses``, ``val_accuracy``,
+    …), the float scalars named in ``SCALARS``, and ``diverged_at``, ``divergence``,
+    ``wall_time``, ``final_params``. ``KIND`` tags its files; ``ARRAYS_IN_JSON`` also copies the
+    arrays into the JSON for readers without numpy.
+    """
+
+    KIND: str = "run"
+    ARRAYS: tuple[str, ...] = ()
+    SCALARS: tuple[str, ...] = ()
+    ARRAYS_IN_JSON: bool = False
+
+    @property
+    def method(self) -> str:
+        return self.config.get("method", "?")
+
+    @property
+    def steps_run(self) -> int:
+        return int(len(self.lrs))
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_at is not None
+
+    @property
+    def best_val_loss(self) -> float:
+        """min_k E(w_k) over the finite evaluations (NaN if there is none)."""
+        v = np.asarray(self.val_losses, dtype=float)
+        v = v[np.isfinite(v)]
+        return float(v.min()) if len(v) else math.nan
+
+    @property
+    def final_val_loss(self) -> float:
+        """E at the last evaluation (E(w_T) when the run completed)."""
+        return float(self.val_losses[-1]) if len(self.val_losses) else math.nan
+
+    @property
+    def final_val_accuracy(self) -> float:
+        if self.val_accuracy is None or not len(self.val_accuracy):
+            return math.nan
+        return float(self.val_accuracy[-1])
+
+    @staticmethod
+    def _paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+        path = Path(path)
+        stem = path.with_suffix("") if path.suffix in (".json", ".npz") else path
+        return (stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".npz"),
+                stem.with_name(stem.name + ".params.pt"))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<stem>.json`` (config and scalars), ``<stem>.npz`` (the arrays, exact) and,
+        when ``final_params`` is set, ``<stem>.params.pt``. ``path`` may end in .json or have
+        no suffix. Returns the JSON path."""
+        jpath, npath, ppath = self._paths(path)
+        arrays = {k: getattr(self, k) for k in self.ARRAYS if getattr(self, k) is not None}
+        save_arrays(npath, **arrays)
+        if self.final_params is not None:
+            atomic_torch_save(torch.utils._pytree.tree_map(lambda x: x.detach().cpu(), self.final_params), ppath)
+        meta = {"kind": self.KIND, "config": self.config,
+                **{k: getattr(self, k) for k in self.SCALARS},
+                "diverged_at": self.diverged_at, "divergence": self.divergence,
+                "wall_time": self.wall_time, "steps_run": self.steps_run,
+                "best_val_loss": self.best_val_loss, "final_val_loss": self.final_val_loss,
+                "final_val_accuracy": self.final_val_accuracy,
+                "arrays": npath.name, "params": ppath.name if self.final_params is not None else None,
+                **(arrays if self.ARRAYS_IN_JSON else {})}
+        return atomic_write_json(jpath, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        """Read a record written by :meth:`save` (the .json path or the stem)."""
+        jpath, _, _ = cls._paths(path)
+        meta = read_json(jpath)
+        if meta.get("kind") != cls.KIND:
+            raise ValueError(f"path {jpath} is not a {cls.__name__} record (kind={meta.get('kind')!r})")
+        arrays = load_arrays(jpath.with_name(meta["arrays"]))
+        params = None
+        if meta.get("params"):
+            params = torch.load(jpath.with_name(meta["params"]), weights_only=True)
+        scalars = {k: math.nan if meta.get(k) is None else float(meta[k]) for k in cls.SCALARS}
+        return cls(config=meta["config"], **{k: arrays.get(k) for k in cls.ARRAYS}, **scalars,
+                   diverged_at=meta["diverged_at"], divergence=meta.get("divergence"),
+                   wall_time=float(meta["wall_time"]), final_params=params)

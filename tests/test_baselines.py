@@ -206,7 +206,7 @@ def test_same_seed_same_numbers_and_records_round_trip(minibatch, name, tmp_path
     a = run_peer(minibatch, name, 12, seed=3, eval_every=5)
     b = run_peer(minibatch, name, 12, seed=3, eval_every=5)
     c = run_peer(minibatch, name, 12, seed=4, eval_every=5)
-    for f in PeerResult._ARRAYS:
+    for f in PeerResult.ARRAYS:
         assert np.array_equal(getattr(a, f), getattr(b, f)), f
     assert not np.array_equal(a.train_losses, c.train_losses)  # another minibatch order
     assert a.config["seed"] == 3 and a.config["problem"]["batch_seed"] == 3
