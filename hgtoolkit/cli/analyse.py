@@ -14,23 +14,12 @@ online run, when this command ran it); and ``<out>/analyse.md`` (every summary t
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
+from .online import _beta  # the same parsing of β as `online`
+
 __all__ = ["register_analyse"]
-
-
-def _beta(text: str):
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 0 or 'auto', got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {text}")
-    return value
 
 
 def register_analyse(sub) -> None:
