@@ -125,15 +125,19 @@ def main(argv=None) -> int:
     target = best + 0.01 * abs(best)
     rows = []
     for r in runs:
-        hit = next((i for i, v in enumerate(r["values"]) if v <= target), None)
-        r["evaluations_to_1pct"] = None if hit is None else hit + 1
-        r["seconds_to_1pct"] = None if hit is None else r["times"][hit]
         r["best_seen"] = min(r["values"])
+        for pct in (1, 5, 10):
+            hit = next((i for i, v in enumerate(r["values"]) if v <= best + pct / 100 * abs(best)), None)
+            r[f"evaluations_to_{pct}pct"] = None if hit is None else hit + 1
+            r[f"seconds_to_{pct}pct"] = None if hit is None else r["times"][hit]
+        hit = r["evaluations_to_1pct"]
+        within = ", ".join(f"{pct} %: {r[f'evaluations_to_{pct}pct'] or '—'}" for pct in (5, 10))
         rows.append(row(f"LRS-OPT {r['name']}: hypergradients to within 1 % of best f, quick MNIST T={T}",
-                        r["evaluations_to_1pct"], "evals",
+                        hit, "evals",
                         note=(f"{r['seconds_to_1pct']:.0f} s" if hit is not None else
                               f"not reached in {len(r['values'])} evaluations") +
-                             f"; best f {r['best_seen']:.4f} (f* = {best:.4f}, f(η⁰) = {r['values'][0]:.4f})"))
+                             f"; to within {within}; best f {r['best_seen']:.4f} (f* = {best:.4f}, "
+                             f"f(η⁰) = {r['values'][0]:.4f})"))
 
     # cost per hypergradient and the projection of the paper's full setting
     t_quick = float(np.median(np.diff([0.0] + runs[0]["times"])))

@@ -320,7 +320,7 @@ def test_ray_sweep_survives_a_killed_worker(tmp_path, ray_cluster):
 
 
 def test_interrupted_ray_driver_completes_only_missing_cells(tmp_path, ray_cluster):
-    g = train_grid(axes={"lr": [0.05, 0.1, 0.2, 0.4], "seed": [0, 1]}, fixed={"steps": 200})
+    g = train_grid(axes={"lr": [0.05, 0.1, 0.2, 0.4], "seed": [0, 1]}, fixed={"steps": 400})
 
     def interrupt(done, total):
         raise KeyboardInterrupt

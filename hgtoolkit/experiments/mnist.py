@@ -109,7 +109,7 @@ class Config:
     lrsopt_seeds: int = 4
     lrsopt_steps: int = 5000
     lrsopt_optimizer: str = "sgd"
-    lrsopt_lr: float = 0.2
+    lrsopt_lr: float = 0.1
     lrsopt_init: float = 0.1
     lrsopt_lr_max: float | None = 2.0
     peers: tuple[tuple[str, float | None], ...] = (
@@ -134,7 +134,7 @@ class Config:
         """The full 3×500 MLP and data, T = 100 steps (2.3 epochs of the fallback data), 2 seeds,
         β ∈ {1e-3, 1e-2, 1e-1, 1}, μ = 0.9 and adaptive, κ ∈ {1e-5, 1e-4, 1e-3}; LRS-OPT: 2
         seeds × 20 Adam steps (α = 0.01); all peers. ≈ 6 CPU-minutes in all: ~3–4 min on an idle
-        2-core machine (15 min measured beside other jobs at load 8–12)."""
+        2-core machine (4.5 min measured; 15 min beside other jobs at load 8–12)."""
         return cls(steps=100, n_seeds=2, betas=(1e-3, 1e-2, 1e-1, 1.0), mus=(0.9,),
                    kappas=(1e-5, 1e-4, 1e-3), lrsopt_seeds=2, lrsopt_steps=20, lrsopt_optimizer="adam",
                    lrsopt_lr=0.01, eval_every=10, workers=common.default_workers())
@@ -271,6 +271,15 @@ def _job_spec(config: Config, kind: str, **extra) -> dict:
     return records.to_jsonable({"kind": kind, "version": _RECORD_VERSIONS[kind], **base, **extra})
 
 
+def _digest(spec: dict, *leave_out: str) -> str:
+    """A short name for a job's settings (checkpoints of other settings are not touched; leaving
+    ``outer_steps`` out lets a finished LRS-OPT run be continued for more steps)."""
+    import hashlib
+    import json
+    text = json.dumps({k: v for k, v in spec.items() if k not in leave_out}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def _reusable(path: Path, spec: dict) -> dict | None:
     if not path.exists():
         return None
@@ -357,7 +366,7 @@ def _lrsopt_job(config: Config, seed: int, root: str) -> dict:
             config.lrsopt_lr, config.lrsopt_optimizer, resample_batches=True,
             seed=common.derive_seed(config.seed, "lrsopt", seed), lr_max=config.lrsopt_lr_max,
             snapshot_every=max(1, config.lrsopt_steps // 10),
-            checkpoint_path=stem.with_name(stem.name + ".ckpt.pt"),
+            checkpoint_path=stem.with_name(f"{stem.name}.{_digest(job, 'outer_steps')}.ckpt.pt"),
             checkpoint_interval=max(1, min(50, config.lrsopt_steps // 10 or 1)), resume=True,
             progress=False)
     res.save(stem)
