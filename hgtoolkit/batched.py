@@ -307,6 +307,29 @@ def _run_batch(runs: list[_Run], keep_params: bool, progress: bool) -> list[_onl
     def kill(run: _Run, err: DivergenceError) -> None:
         run.diverged = err
 
+    def hyper_round(k: int, W, v, E, evaluating: bool) -> None:
+        """Hyper-update of iteration k−1 for every live run (h_k, η_k, β_k, μ_k), E(w_k) when
+        ``evaluating``; at k = T also the final parameters. Reads the current Z, G_prev, active."""
+        h, d = v_dot(v, dyn.params(Z)).tolist(), v_dot(v, G_prev).tolist()
+        if evaluating:
+            if E is None:
+                with torch.no_grad():
+                    E = v_val(W)
+            values, accs = E.tolist(), accuracy(W, active)
+        for i, run in enumerate(active):
+            if run.diverged is not None:
+                continue
+            run.rec["hypergrads"].append(h[i])
+            try:
+                run.hs = _online.hyper_update(run.hs, run.cfg, h[i], d[i], k - 1)
+            except DivergenceError as err:
+                kill(run, err)
+                continue
+            if evaluating:
+                record_eval(run, k, values[i], accs[i])
+            if k == T and keep_params:
+                run.final_params = tree_clone(_row(W, i))
+
     bar = progress_bar(range(T), progress, desc=f"online ×{R} (batched)", leave=False)
     try:
         for t in bar:
@@ -325,24 +348,7 @@ def _run_batch(runs: list[_Run], keep_params: bool, progress: bool) -> list[_onl
                     kill(run, DivergenceError(t, "training loss", losses[i]))
             if t > 0:  # hyper-update of iteration t−1: h_t, η_t, β_t, μ_t
                 v, E = (g, None) if objective == "train" else v_grad_val(W)
-                h, d = v_dot(v, dyn.params(Z)).tolist(), v_dot(v, G_prev).tolist()
-                evaluating = t % eval_every == 0
-                if evaluating:
-                    if E is None:
-                        with torch.no_grad():
-                            E = v_val(W)
-                    values, accs = E.tolist(), accuracy(W, active)
-                for i, run in enumerate(active):
-                    if run.diverged is not None:
-                        continue
-                    run.rec["hypergrads"].append(h[i])
-                    try:
-                        run.hs = _online.hyper_update(run.hs, run.cfg, h[i], d[i], t - 1)
-                    except DivergenceError as err:
-                        kill(run, err)
-                        continue
-                    if evaluating:
-                        record_eval(run, t, values[i], accs[i])
+                hyper_round(t, W, v, E, t % eval_every == 0)
             for i, run in enumerate(active):
                 run.rec["lrs"].append(run.hs.lr)
                 run.rec["betas"].append(run.hs.beta)
@@ -383,23 +389,7 @@ def _run_batch(runs: list[_Run], keep_params: bool, progress: bool) -> list[_onl
                 v, E = g_T, None
             else:
                 v, E = v_grad_val(W)
-            h, d = v_dot(v, dyn.params(Z)).tolist(), v_dot(v, G_prev).tolist()
-            if E is None:
-                with torch.no_grad():
-                    E = v_val(W)
-            values, accs = E.tolist(), accuracy(W, active)
-            for i, run in enumerate(active):
-                if run.diverged is not None:
-                    continue
-                run.rec["hypergrads"].append(h[i])
-                try:
-                    run.hs = _online.hyper_update(run.hs, run.cfg, h[i], d[i], T - 1)
-                except DivergenceError as err:
-                    kill(run, err)
-                    continue
-                record_eval(run, T, values[i], accs[i])
-                if keep_params:
-                    run.final_params = tree_clone(_row(W, i))
+            hyper_round(T, W, v, E, True)
     finally:
         if hasattr(bar, "close"):
             bar.close()
