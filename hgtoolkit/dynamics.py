@@ -10,6 +10,19 @@ hyperoptimizer towers all differentiate. ``t`` is the 0-based step index (Adam's
 correction uses it).
 
 The formulas are those of ``torch.optim`` (weight decay added to the gradient).
+
+Closed-form derivatives of one update D(s, g, η) (elementwise in s and g, affine in η):
+
+- ``tangent(state, grad, lr, t, dstate, dgrad, dlr)`` = (D, ∂D/∂s·ds + ∂D/∂g·dg + ∂D/∂η·dη),
+  the jvp, used by forward mode and the online engine (z_{t+1} = μ A_t z_t + B_t with
+  A_t z = ∂D/∂s·z + ∂D/∂g·H_t z_w and B_t = ∂D/∂η);
+- ``cotangent(state, grad, lr, t, bar)`` = (s̄, ḡ, η̄) = the vjp, used by reverse mode
+  (λ_t = s̄ + H_t ḡ, ∂f/∂η_t = η̄).
+
+Both are written out for every optimizer here (a few elementwise operations, no autograd), and
+:class:`Dynamics` falls back to ``torch.func.jvp``/``vjp`` of ``step`` for a user's subclass
+that has none (or when a hyperparameter other than η is passed as a tensor). A tangent or
+cotangent given as ``None`` means zero and is never materialised.
 """
 from __future__ import annotations
 
@@ -18,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._tree import tree_map, tree_zeros_like
 
@@ -32,12 +46,87 @@ def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
                        torch.zeros_like(v))
 
 
+def _sqrt_and_inverse_slope(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, ρ) with r = _safe_sqrt(v) and ρ = dr/dv = 1/(2r) where v > 0, 0 elsewhere."""
+    positive = v > 0
+    r = torch.sqrt(torch.where(positive, v, torch.ones_like(v)))
+    return torch.where(positive, r, torch.zeros_like(v)), torch.where(positive, 0.5 / r, torch.zeros_like(v))
+
+
+def _add(*terms):
+    """Σ of the terms that are not None (None stands for an exact zero); None if all are."""
+    out = None
+    for x in terms:
+        if x is not None:
+            out = x if out is None else out + x
+    return out
+
+
+def _mul(a, x):
+    """a·x with None (zero) propagated (also for a None coefficient)."""
+    if x is None or a is None:
+        return None
+    return x if isinstance(a, (int, float)) and a == 1 else a * x
+
+
+def _neg(x):
+    return None if x is None else -x
+
+
+def _dot(a: list, b: list):
+    out = (a[0] * b[0]).sum()
+    for x, y in zip(a[1:], b[1:]):
+        out = out + (x * y).sum()
+    return out
+
+
+class _Leaves:
+    """A state (dict of pytrees shaped like w) as per-key leaf lists, and back."""
+
+    def __init__(self, state: dict):
+        self.keys = list(state)
+        flat = {k: tree_flatten(state[k]) for k in self.keys}
+        self.spec = flat["w"][1]
+        self.leaves = {k: flat[k][0] for k in self.keys}
+
+    def of(self, tree: Any) -> list | None:
+        return None if tree is None else tree_flatten(tree)[0]
+
+    def of_state(self, tree: dict | None) -> dict:
+        if tree is None:
+            return {k: None for k in self.keys}
+        return {k: (None if tree.get(k) is None else tree_flatten(tree[k])[0]) for k in self.keys}
+
+    def n(self) -> int:
+        return len(self.leaves["w"])
+
+    def build(self, per_key: dict) -> dict:
+        """Leaf lists (None entries replaced by zeros of the state's leaves) -> state pytree."""
+        out = {}
+        for k, leaves in per_key.items():
+            if leaves is None:
+                leaves = [torch.zeros_like(x) for x in self.leaves[k]]
+            else:
+                leaves = [torch.zeros_like(self.leaves[k][i]) if x is None else x
+                          for i, x in enumerate(leaves)]
+            out[k] = tree_unflatten(leaves, self.spec)
+        return out
+
+
+def _column(leaves: list | None, i: int):
+    return None if leaves is None else leaves[i]
+
+
 @dataclass(frozen=True)
 class Dynamics:
     """Base class: a pure optimizer step with its hyperparameters as dataclass fields.
 
     ``hyperparameters`` names the fields (besides the LR) that may be passed to ``step`` as
     tensors to make them differentiable; ``constraints`` says which range keeps each valid.
+
+    A subclass either overrides :meth:`step` (and then its derivatives come from
+    ``torch.func``), or writes its update once as ``_update`` on leaf lists, which gives
+    :meth:`step`, the closed-form :meth:`tangent` and :meth:`cotangent` (module docstring).
     """
 
     hyperparameters: ClassVar[tuple[str, ...]] = ()
@@ -47,7 +136,11 @@ class Dynamics:
         raise NotImplementedError
 
     def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
-        raise NotImplementedError
+        if type(self)._update is Dynamics._update:
+            raise NotImplementedError(f"{type(self).__name__} must define step() or _update()")
+        L = _Leaves(state)
+        new, _ = self._update(L, self._g_tilde(L, grad), lr, t, self._hyper(hyper))
+        return L.build(new)
 
     @staticmethod
     def params(state: dict) -> Any:
@@ -65,6 +158,74 @@ class Dynamics:
         wd = getattr(self, "weight_decay", 0.0)
         return grad if wd == 0 else tree_map(lambda g, p: g + wd * p, grad, w)
 
+    def _g_tilde(self, L: "_Leaves", grad: Any) -> list:
+        """Leaves of g̃ = g + wd·w (the gradient the update uses)."""
+        g = L.of(grad)
+        wd = getattr(self, "weight_decay", 0.0)
+        return g if wd == 0 else [gg + wd * w for gg, w in zip(g, L.leaves["w"])]
+
+    # -- derivatives of one update ----------------------------------------------------------
+    def tangent(self, state: dict, grad: Any, lr: Any, t: int, dstate: dict | None = None,
+                dgrad: Any = None, dlr: Any = 1.0, **hyper: Any) -> tuple[dict, dict]:
+        r"""(D(s, g, η), ∂D/∂s·ds + ∂D/∂g·dg + ∂D/∂η·dη): the jvp of :meth:`step` along
+        (``dstate``, ``dgrad``, ``dlr``), with tensor hyperparameters held fixed; ``None``
+        tangents are zero. Closed form (no autograd) unless the subclass only has ``step``."""
+        if type(self)._update is Dynamics._update:
+            return self._jvp_fallback(state, grad, lr, t, dstate, dgrad, dlr, **hyper)
+        L = _Leaves(state)
+        g = self._g_tilde(L, grad)
+        ds, dg = L.of_state(dstate), L.of(dgrad)
+        wd = getattr(self, "weight_decay", 0.0)
+        if wd and ds["w"] is not None:  # dg̃ = dg + wd·dw
+            dg = [_add(_column(dg, i), wd * dw) for i, dw in enumerate(ds["w"])]
+        new, dnew = self._update(L, g, lr, t, self._hyper(hyper), ds, dg, dlr)
+        return L.build(new), L.build(dnew)
+
+    def cotangent(self, state: dict, grad: Any, lr: Any, t: int, bar: dict,
+                  **hyper: Any) -> tuple[dict, Any, torch.Tensor]:
+        r"""(s̄, ḡ, η̄): the vjp of :meth:`step` applied to the cotangent ``bar`` of the new
+        state (missing keys or ``None`` are zero), tensor hyperparameters held fixed. Closed
+        form (no autograd) unless the subclass only has ``step``."""
+        if type(self)._adjoint is Dynamics._adjoint:
+            return self._vjp_fallback(state, grad, lr, t, bar, **hyper)
+        L = _Leaves(state)
+        g = self._g_tilde(L, grad)
+        sbar, gbar, lrbar = self._adjoint(L, g, lr, t, self._hyper(hyper), L.of_state(bar))
+        wd = getattr(self, "weight_decay", 0.0)
+        if wd:  # through g̃ = g + wd·w
+            sbar["w"] = [_add(_column(sbar["w"], i), _mul(wd, gb)) for i, gb in enumerate(gbar)]
+        grad_bar = tree_unflatten([torch.zeros_like(x) if b is None else b
+                                   for x, b in zip(L.leaves["w"], gbar)], L.spec)
+        return L.build(sbar), grad_bar, lrbar
+
+    def _update(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, ds: dict | None = None,
+                dg: list | None = None, dlr: Any = None) -> tuple[dict, dict]:
+        """The update on leaf lists, and its jvp: (new leaves per key, tangent leaves per key).
+        ``g`` includes weight decay and ``dg`` its tangent; ``None`` tangents are zero."""
+        raise NotImplementedError
+
+    def _adjoint(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, bar: dict):
+        """The vjp on leaf lists: (state bars per key, bar of g̃, η̄)."""
+        raise NotImplementedError
+
+    def _jvp_fallback(self, state, grad, lr, t, dstate, dgrad, dlr, **hyper):
+        w0 = tree_flatten(state["w"])[0][0]
+        lr = torch.as_tensor(lr, dtype=w0.dtype, device=w0.device)
+        dlr = torch.zeros_like(lr) if dlr is None else torch.as_tensor(dlr, dtype=lr.dtype, device=lr.device).expand_as(lr)
+        ds = {k: (tree_zeros_like(state[k]) if dstate is None or dstate.get(k) is None else dstate[k])
+              for k in state}
+        dg = tree_zeros_like(grad) if dgrad is None else dgrad
+        return torch.func.jvp(lambda s, g_, lr_: self.step(s, g_, lr_, t, **hyper),
+                              (state, grad, lr), (ds, dg, dlr))
+
+    def _vjp_fallback(self, state, grad, lr, t, bar, **hyper):
+        w0 = tree_flatten(state["w"])[0][0]
+        lr = torch.as_tensor(lr, dtype=w0.dtype, device=w0.device)
+        new, pullback = torch.func.vjp(lambda s, g_, lr_: self.step(s, g_, lr_, t, **hyper),
+                                       state, grad, lr)
+        cot = {k: (tree_zeros_like(new[k]) if bar.get(k) is None else bar[k]) for k in new}
+        return pullback(cot)
+
     def config(self) -> dict:
         """JSON-serialisable description, e.g. for result records."""
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -78,12 +239,30 @@ class Dynamics:
                 raise ValueError(f"{type(self).__name__}: {field.name} must be ≥ 0, got {value}")
 
 
+def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any):
+    """w' = w − η d and its tangent dw' = dw − (η dd + dη d), leaf by leaf."""
+    new = [p - lr * x for p, x in zip(w, d)]
+    tan = [_add(_column(dw, i), _neg(_add(_mul(lr, _column(dd, i)), _mul(dlr, d[i]))))
+           for i in range(len(w))]
+    return new, tan
+
+
+def _step_w_adjoint(wbar: list | None, lr: Any, d: list):
+    """Adjoint of w' = w − η d: (d̄ = −η w̄', η̄ = −⟨w̄', d⟩)."""
+    if wbar is None or all(x is None for x in wbar):
+        return [None] * len(d), torch.zeros((), dtype=d[0].dtype, device=d[0].device)
+    dbar = [None if x is None else -lr * x for x in wbar]
+    pairs = [(x, y) for x, y in zip(wbar, d) if x is not None]
+    return dbar, -_dot([x for x, _ in pairs], [y for _, y in pairs])
+
+
 @dataclass(frozen=True)
 class SGD(Dynamics):
     r"""SGD with optional (Nesterov) momentum, as ``torch.optim.SGD`` (dampening 0).
 
     b_{t+1} = m·b_t + g_t;  d_t = g_t + m·b_{t+1} (Nesterov) or b_{t+1} (heavy ball; g_t if m = 0);
-    w_{t+1} = w_t − η_t d_t.
+    w_{t+1} = w_t − η_t d_t.  Tangent: db' = m·db + dg, dd = dg + m·db' (or db'),
+    dw' = dw − η dd − dη d.
     """
 
     momentum: float = 0.0
@@ -109,15 +288,36 @@ class SGD(Dynamics):
             return {"w": params}
         return {"w": params, "b": tree_zeros_like(params)}
 
-    def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
-        m = self._hyper(hyper)["momentum"]
-        w = state["w"]
-        g = self._decayed(grad, w)
-        if "b" not in state:
-            return {"w": tree_map(lambda p, d: p - lr * d, w, g)}
-        b = tree_map(lambda bb, gg: m * bb + gg, state["b"], g)
-        d = tree_map(lambda gg, bb: gg + m * bb, g, b) if self.nesterov else b
-        return {"w": tree_map(lambda p, dd: p - lr * dd, w, d), "b": b}
+    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None):
+        ds = ds or {}
+        w, dw = L.leaves["w"], ds.get("w")
+        if "b" not in L.leaves:
+            new_w, dnew_w = _step_w(w, lr, g, dw, dg, dlr)
+            return {"w": new_w}, {"w": dnew_w}
+        m, db = h["momentum"], ds.get("b")
+        b = [m * bb + gg for bb, gg in zip(L.leaves["b"], g)]
+        dbn = [_add(_mul(m, _column(db, i)), _column(dg, i)) for i in range(len(b))]
+        if self.nesterov:
+            d = [gg + m * bb for gg, bb in zip(g, b)]
+            dd = [_add(_column(dg, i), _mul(m, dbn[i])) for i in range(len(b))]
+        else:
+            d, dd = b, dbn
+        new_w, dnew_w = _step_w(w, lr, d, dw, dd, dlr)
+        return {"w": new_w, "b": b}, {"w": dnew_w, "b": dbn}
+
+    def _adjoint(self, L, g, lr, t, h, bar):
+        w = L.leaves["w"]
+        if "b" not in L.leaves:
+            gbar, lrbar = _step_w_adjoint(bar["w"], lr, g)
+            return {"w": bar["w"]}, gbar, lrbar
+        m = h["momentum"]
+        b = [m * bb + gg for bb, gg in zip(L.leaves["b"], g)]
+        d = [gg + m * bb for gg, bb in zip(g, b)] if self.nesterov else b
+        dbar, lrbar = _step_w_adjoint(bar["w"], lr, d)
+        bb_bar = [_add(_column(bar["b"], i), _mul(m, dbar[i]) if self.nesterov else dbar[i])
+                  for i in range(len(w))]
+        gbar = [_add(bb_bar[i], dbar[i] if self.nesterov else None) for i in range(len(w))]
+        return {"w": bar["w"], "b": [_mul(m, x) for x in bb_bar]}, gbar, lrbar
 
 
 @dataclass(frozen=True)
@@ -125,7 +325,9 @@ class Adam(Dynamics):
     r"""Adam with bias correction, as ``torch.optim.Adam``.
 
     m_{t+1} = β1 m_t + (1−β1) g_t;  v_{t+1} = β2 v_t + (1−β2) g_t²;
-    m̂ = m_{t+1}/(1−β1^{t+1});  v̂ = v_{t+1}/(1−β2^{t+1});  w_{t+1} = w_t − η_t m̂/(√v̂ + ε).
+    u = (m_{t+1}/c1)/(√(v_{t+1}/c2) + ε), c_k = 1−β_k^{t+1};  w_{t+1} = w_t − η_t u.
+    Tangent: du = dm'/(c1(r+ε)) − u·dv'/(2 c2 r (r+ε)) with r = √(v'/c2) (the second term is 0
+    where v' = 0, as the derivative of the safe square root).
     """
 
     beta1: float = 0.9
@@ -144,40 +346,101 @@ class Adam(Dynamics):
     def init(self, params: Any) -> dict:
         return {"w": params, "m": tree_zeros_like(params), "v": tree_zeros_like(params)}
 
-    def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
-        h = self._hyper(hyper)
+    def _parts(self, L, g, t, h):
         b1, b2 = h["beta1"], h["beta2"]
-        w = state["w"]
-        g = self._decayed(grad, w)
-        m = tree_map(lambda mm, gg: b1 * mm + (1 - b1) * gg, state["m"], g)
-        v = tree_map(lambda vv, gg: b2 * vv + (1 - b2) * gg * gg, state["v"], g)
+        m = [b1 * mm + (1 - b1) * gg for mm, gg in zip(L.leaves["m"], g)]
+        v = [b2 * vv + (1 - b2) * gg * gg for vv, gg in zip(L.leaves["v"], g)]
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-        w = tree_map(lambda p, mm, vv: p - lr * (mm / c1) / (_safe_sqrt(vv / c2) + self.eps), w, m, v)
-        return {"w": w, "m": m, "v": v}
+        roots = [_sqrt_and_inverse_slope(vv / c2) for vv in v]
+        den = [r + self.eps for r, _ in roots]
+        u = [(mm / c1) / dd for mm, dd in zip(m, den)]
+        # ∂u/∂m' and ∂u/∂v' (elementwise)
+        du_dm = [1.0 / (c1 * dd) for dd in den]
+        du_dv = [-uu * rho / (c2 * dd) for uu, (_, rho), dd in zip(u, roots, den)]
+        return m, v, u, du_dm, du_dv
+
+    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None):
+        ds = ds or {}
+        b1, b2 = h["beta1"], h["beta2"]
+        m, v, u, du_dm, du_dv = self._parts(L, g, t, h)
+        n = len(m)
+        dm = [_add(_mul(b1, _column(ds.get("m"), i)), _mul(1 - b1, _column(dg, i))) for i in range(n)]
+        dv = [_add(_mul(b2, _column(ds.get("v"), i)), _mul(2 * (1 - b2) * g[i], _column(dg, i)))
+              for i in range(n)]
+        du = [_add(_mul(du_dm[i], dm[i]), _mul(du_dv[i], dv[i])) for i in range(n)]
+        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr)
+        return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": dm, "v": dv}
+
+    def _adjoint(self, L, g, lr, t, h, bar):
+        b1, b2 = h["beta1"], h["beta2"]
+        m, v, u, du_dm, du_dv = self._parts(L, g, t, h)
+        ubar, lrbar = _step_w_adjoint(bar["w"], lr, u)
+        n = len(m)
+        mbar = [_add(_column(bar["m"], i), _mul(du_dm[i], ubar[i])) for i in range(n)]
+        vbar = [_add(_column(bar["v"], i), _mul(du_dv[i], ubar[i])) for i in range(n)]
+        gbar = [_add(_mul(1 - b1, mbar[i]), _mul(2 * (1 - b2) * g[i], vbar[i])) for i in range(n)]
+        return {"w": bar["w"], "m": [_mul(b1, x) for x in mbar],
+                "v": [_mul(b2, x) for x in vbar]}, gbar, lrbar
+
+
+class _RootScaled(Dynamics):
+    r"""Shared form of AdaGrad and RMSProp: a = ρ·a + c·g² (the accumulator, key ``acc``),
+    u = g/(√a' + ε), w' = w − η u."""
+
+    acc: ClassVar[str] = "acc"
+
+    def _decay(self, h: dict) -> tuple[Any, Any]:
+        """(ρ, c) of a' = ρ a + c g²."""
+        raise NotImplementedError
+
+    def _parts(self, L, g, h):
+        rho, c = self._decay(h)
+        a = [rho * aa + c * gg * gg for aa, gg in zip(L.leaves[self.acc], g)]
+        roots = [_sqrt_and_inverse_slope(x) for x in a]
+        den = [r + self.eps for r, _ in roots]
+        u = [gg / dd for gg, dd in zip(g, den)]
+        du_dg = [1.0 / dd for dd in den]
+        du_da = [-uu * s / dd for uu, (_, s), dd in zip(u, roots, den)]
+        return rho, c, a, u, du_dg, du_da
+
+    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None):
+        ds = ds or {}
+        rho, c, a, u, du_dg, du_da = self._parts(L, g, h)
+        n = len(a)
+        da = [_add(_mul(rho, _column(ds.get(self.acc), i)), _mul(2 * c * g[i], _column(dg, i)))
+              for i in range(n)]
+        du = [_add(_mul(du_dg[i], _column(dg, i)), _mul(du_da[i], da[i])) for i in range(n)]
+        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr)
+        return {"w": new_w, self.acc: a}, {"w": dnew_w, self.acc: da}
+
+    def _adjoint(self, L, g, lr, t, h, bar):
+        rho, c, a, u, du_dg, du_da = self._parts(L, g, h)
+        ubar, lrbar = _step_w_adjoint(bar["w"], lr, u)
+        n = len(a)
+        abar = [_add(_column(bar[self.acc], i), _mul(du_da[i], ubar[i])) for i in range(n)]
+        gbar = [_add(_mul(du_dg[i], ubar[i]), _mul(2 * c * g[i], abar[i])) for i in range(n)]
+        return {"w": bar["w"], self.acc: [_mul(rho, x) for x in abar]}, gbar, lrbar
 
 
 @dataclass(frozen=True)
-class AdaGrad(Dynamics):
+class AdaGrad(_RootScaled):
     r"""AdaGrad: G_{t+1} = G_t + g_t²;  w_{t+1} = w_t − η_t g_t/(√G_{t+1} + ε)."""
 
     eps: float = 1e-10
     initial_accumulator_value: float = 0.0
     weight_decay: float = 0.0
     name: ClassVar[str] = "adagrad"
+    acc: ClassVar[str] = "G"
 
     def init(self, params: Any) -> dict:
         return {"w": params, "G": tree_map(lambda p: torch.full_like(p, self.initial_accumulator_value), params)}
 
-    def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
-        self._hyper(hyper)
-        g = self._decayed(grad, state["w"])
-        G = tree_map(lambda a, gg: a + gg * gg, state["G"], g)
-        w = tree_map(lambda p, gg, a: p - lr * gg / (_safe_sqrt(a) + self.eps), state["w"], g, G)
-        return {"w": w, "G": G}
+    def _decay(self, h):
+        return 1.0, 1.0
 
 
 @dataclass(frozen=True)
-class RMSProp(Dynamics):
+class RMSProp(_RootScaled):
     r"""RMSProp: v_{t+1} = α v_t + (1−α) g_t²;  w_{t+1} = w_t − η_t g_t/(√v_{t+1} + ε)."""
 
     alpha: float = 0.99
@@ -185,6 +448,7 @@ class RMSProp(Dynamics):
     weight_decay: float = 0.0
     hyperparameters: ClassVar[tuple[str, ...]] = ("alpha",)
     name: ClassVar[str] = "rmsprop"
+    acc: ClassVar[str] = "v"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -194,12 +458,8 @@ class RMSProp(Dynamics):
     def init(self, params: Any) -> dict:
         return {"w": params, "v": tree_zeros_like(params)}
 
-    def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
-        a = self._hyper(hyper)["alpha"]
-        g = self._decayed(grad, state["w"])
-        v = tree_map(lambda vv, gg: a * vv + (1 - a) * gg * gg, state["v"], g)
-        w = tree_map(lambda p, gg, vv: p - lr * gg / (_safe_sqrt(vv) + self.eps), state["w"], g, v)
-        return {"w": w, "v": v}
+    def _decay(self, h):
+        return h["alpha"], 1 - h["alpha"]
 
 
 def sgd(momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> SGD:
