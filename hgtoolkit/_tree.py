@@ -22,10 +22,17 @@ def tree_dot(a: Any, b: Any) -> torch.Tensor:
     la, lb = tree_leaves(a), tree_leaves(b)
     if len(la) != len(lb):
         raise ValueError("tree_dot: trees have different structures")
-    out = (la[0] * lb[0]).sum()
+    out = _vdot(la[0], lb[0])
     for x, y in zip(la[1:], lb[1:]):
-        out = out + (x * y).sum()
+        out = out + _vdot(x, y)
     return out
+
+
+def _vdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """⟨x, y⟩ without a temporary (a BLAS dot); elementwise product and sum where dot does not apply."""
+    if x.dtype == y.dtype and not x.is_complex():
+        return torch.dot(x.reshape(-1), y.reshape(-1))
+    return (x * y).sum()
 
 
 def tree_axpy(alpha: Any, x: Any, y: Any) -> Any:

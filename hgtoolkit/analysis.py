@@ -60,13 +60,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import grad_and_value, vmap
 
 from . import dynamics as _dynamics
 from . import records
-from ._tree import tree_dot, tree_map
+from ._tree import tree_dot
 from .exact import hypergradient
-from .trajectory import check_finite, check_lrs, make_step, progress_bar, tangent_step
+from .trajectory import check_finite, check_lrs, progress_bar
 
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
            "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
@@ -110,31 +109,35 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
                      checkpoint_every: int | None = None, progress: bool = False) -> ExactReferences:
     r"""d⁽¹⁾_t, d⁽ᶜ⁾_t and g_t for every t along the trajectory of the fixed schedule ``lrs``.
 
-    Forward pass (one jvp of Φ_t per step, two tangent columns under ``vmap``):
-    [B_t, ζ_{t+1}] = [A_t·0 + B_t, A_t ζ_t + B_t], then d_t = ∇E(w_{t+1}) · (column)_w.
-    Reverse pass: g = ``hypergradient(problem, lrs, optimizer, mode="reverse")``.
+    Forward pass: the online engine (:class:`hgtoolkit.online.Engine`, μ = 1, η_t prescribed by
+    ``lrs``) carries ζ_{t+1} = A_t ζ_t + B_t, the one-step column is B_t (the closed-form
+    tangent of the update), and d_t = ∇E(w_{t+1})·(column)_w — the same gradients, HVPs and
+    update as :func:`hgtoolkit.online.run`, so the replayed trajectory of an online run is its
+    own to the last bit (also in float32). Reverse pass: g = ``hypergradient(problem, lrs,
+    optimizer, mode="reverse")``.
     """
+    from . import online
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
     T = len(lrs)
-    step = make_step(problem, dyn)
-    grad_E = grad_and_value(problem.val_loss)
-    state = dyn.init(problem.params0)
-    # column 0: B_t (restarted each step, μ = 0); column 1: ζ_t (carried, μ = 1)
-    Z = tree_map(lambda x: x.new_zeros((2, *x.shape)), state)
-    dlr = torch.ones(2, dtype=lrs.dtype, device=lrs.device)
-    keep = torch.tensor([0.0, 1.0], dtype=lrs.dtype, device=lrs.device)
+    engine = online.Engine(dyn, objective="val", needs_hvp=True)
+    state = engine.init(problem.params0, online.hyper_config("rtho", lr0=0.0, beta=0.0))
     one_step, constant_lr = torch.empty_like(lrs), torch.empty_like(lrs)
     val_losses, train_losses = torch.empty_like(lrs), torch.empty_like(lrs)
     for t in progress_bar(range(T), progress, desc="exact references", leave=False):
-        Z = tree_map(lambda z: z * keep.view(2, *([1] * (z.dim() - 1))), Z)
-        fn = lambda z, d, t=t, s=state: tangent_step(step, s, lrs[t], t, z, d)
-        state, Z, loss = vmap(fn, in_dims=(0, 0), out_dims=(None, 0, None))(Z, dlr)
+        w = dyn.params(state.opt)
+        if t == 0:
+            (g, loss), hz = online._autograd_grad(problem.train_loss, w, t), None
+        else:
+            g, loss, hz = online._autograd_grad_hvp(problem.train_loss, w, dyn.params(state.z), t)
         check_finite(loss, t)
-        gE, E = grad_E(dyn.params(state))
-        check_finite(E, t, dyn.params(state))
-        d = vmap(lambda z: tree_dot(gE, dyn.params(z)))(Z)
-        one_step[t], constant_lr[t] = d[0], d[1]
+        state = state._replace(lr=lrs[t])
+        _, b_t = dyn.tangent(state.opt, g, lrs[t], t)
+        state = engine.optimizer_step(state, g, t, hz)
+        gE, E = online._autograd_grad(problem.val_loss, dyn.params(state.opt))
+        check_finite(E, t, dyn.params(state.opt))
+        one_step[t] = tree_dot(gE, dyn.params(b_t))
+        constant_lr[t] = tree_dot(gE, dyn.params(state.z))
         val_losses[t], train_losses[t] = E.detach(), loss.detach()
     if not bool(torch.isfinite(one_step).all() and torch.isfinite(constant_lr).all()):
         raise FloatingPointError("the one-step/constant-LR derivatives have non-finite entries "

@@ -239,11 +239,24 @@ class Dynamics:
                 raise ValueError(f"{type(self).__name__}: {field.name} must be ≥ 0, got {value}")
 
 
+def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor) -> torch.Tensor:
+    """y − a·x in one fused pass (``addcmul``) when a is a tensor (η under jvp/vmap)."""
+    if isinstance(a, torch.Tensor):
+        return torch.addcmul(y, a, x, value=-1)
+    return y - a * x
+
+
 def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any):
-    """w' = w − η d and its tangent dw' = dw − (η dd + dη d), leaf by leaf."""
-    new = [p - lr * x for p, x in zip(w, d)]
-    tan = [_add(_column(dw, i), _neg(_add(_mul(lr, _column(dd, i)), _mul(dlr, d[i]))))
-           for i in range(len(w))]
+    """w' = w − η d and its tangent dw' = dw − η dd − dη d, leaf by leaf."""
+    new = [_axpy(p, lr, x) for p, x in zip(w, d)]
+    tan = []
+    for i in range(len(w)):
+        ddi, dwi = _column(dd, i), _column(dw, i)
+        out = None if ddi is None else (_axpy(dwi, lr, ddi) if dwi is not None else -lr * ddi)
+        out = dwi if out is None else out
+        if dlr is not None:
+            out = _axpy(out, dlr, d[i]) if out is not None else -_mul(dlr, d[i])
+        tan.append(out)
     return new, tan
 
 

@@ -1,8 +1,10 @@
-r"""MARTHE's own rules (Donini et al. 2020): adaptive μ, adaptive β, and the β search wrapper.
+r"""MARTHE's own rules (Donini et al. 2020): adaptive μ and adaptive β (the β search wrapper is
+:func:`hgtoolkit.online.find_beta`).
 
 MARTHE is the online recursion of :mod:`hgtoolkit.online` with the discount μ and the
-hyper-learning rate β adapted during the run. The rules here are plain functions of floats,
-called by the engine after every LR update with a :class:`HyperStats` record of iteration t:
+hyper-learning rate β adapted during the run. The rules here are tensor functions (they run
+under ``torch.func.vmap``, one entry per run), called by the engine after every LR update
+with a :class:`HyperStats` record of iteration t:
 
     η_{t+1} = max(η_t − β_t h_{t+1}, 0)        (already done when the rules run)
     μ_{t+1}, c_{t+1} = mu_rule(μ_t, c_t, stats)
@@ -13,16 +15,17 @@ Any callable with the signature of :func:`adaptive_mu` can replace the μ rule
 """
 from __future__ import annotations
 
-import math
-import warnings
 from typing import Any, NamedTuple
 
+import torch
+
 __all__ = ["HyperStats", "adaptive_mu", "beta_rule_hh", "beta_rule_h_eta", "BETA_RULES",
-           "find_beta"]
+           "check_mu_rule"]
 
 
 class HyperStats(NamedTuple):
-    """What the rules may use after the LR update of iteration t.
+    """What the rules may use after the LR update of iteration t (0-d tensors; under
+    ``torch.func.vmap`` one entry per run).
 
     ``lr`` = η_{t+1} (after clipping), ``prev_lr`` = η_t, ``hypergrad`` = h_{t+1},
     ``prev_hypergrad`` = h_t (h_0 = 0), ``grad_dot`` = v_{t+1}·g_t: the objective's gradient
@@ -30,15 +33,19 @@ class HyperStats(NamedTuple):
     gradient g_t that step t used.
     """
 
-    t: int
-    lr: float
-    prev_lr: float
-    hypergrad: float
-    prev_hypergrad: float
-    grad_dot: float
+    t: Any
+    lr: Any
+    prev_lr: Any
+    hypergrad: Any
+    prev_hypergrad: Any
+    grad_dot: Any
 
 
-def adaptive_mu(mu: float, counter: float, stats: HyperStats) -> tuple[float, float]:
+def _tensor(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x, dtype=torch.float64)
+
+
+def adaptive_mu(mu: Any, counter: Any, stats: HyperStats) -> tuple[torch.Tensor, torch.Tensor]:
     r"""The authors' heuristic for μ (MARTHE, Appendix A, as in their reference code):
 
         q = η_{t+1} / (∇E(w_{t+1})·g_t),   z = clip(q, 0, 1),
@@ -48,78 +55,62 @@ def adaptive_mu(mu: float, counter: float, stats: HyperStats) -> tuple[float, fl
     check); q ≤ 0 (overshoot, or no information when ∇E·g_t = 0) gives z = 0, so μ = 0 and
     the counter c — the sum of the μ's since the last reset, an effective horizon — restarts.
     The longer the streak, the closer μ = z^{1/(c+1)} gets to 1. Starting from μ_0 = c_0 = 0
-    the rule does not depend on the initial μ. Returns (μ_{t+1}, c_{t+1}).
+    the rule does not depend on the initial μ. Returns (μ_{t+1}, c_{t+1}) as tensors.
+
+    A replacement rule (``online.run(..., mu_rule=...)``) has this signature and must be a
+    *tensor function*: torch operations only (``torch.where`` instead of ``if``, no
+    ``float()``), so that it runs under ``torch.func.vmap`` for batched runs.
     """
-    q = stats.lr / stats.grad_dot if stats.grad_dot > 0 else 0.0
-    z = min(max(q, 0.0), 1.0)
-    counter = (counter if mu > 0 else 0.0) + mu  # c·sign(μ) + μ, μ ∈ [0, 1]
+    mu, counter = _tensor(mu), _tensor(counter)
+    lr, grad_dot = _tensor(stats.lr), _tensor(stats.grad_dot)
+    positive = grad_dot > 0
+    q = torch.where(positive, lr / torch.where(positive, grad_dot, torch.ones_like(grad_dot)),
+                    torch.zeros_like(grad_dot))
+    z = q.clamp(0.0, 1.0)
+    counter = torch.where(mu > 0, counter, torch.zeros_like(counter)) + mu  # c·sign(μ) + μ
     return z ** (1.0 / (counter + 1.0)), counter
 
 
-def beta_rule_hh(beta: float, kappa: float, stats: HyperStats) -> float:
+def beta_rule_hh(beta: Any, kappa: Any, stats: HyperStats) -> torch.Tensor:
     r"""β_{t+1} = max(β_t + κ·h_{t+1}·h_t, 0): one hypergradient step on β, treating
     dη_{t+1}/dβ ≈ −h_{t+1} (the same one-step reasoning as HD, one level up)."""
-    return max(beta + kappa * stats.hypergrad * stats.prev_hypergrad, 0.0)
+    return (_tensor(beta) + kappa * _tensor(stats.hypergrad) * _tensor(stats.prev_hypergrad)).clamp_min(0.0)
 
 
-def beta_rule_h_eta(beta: float, kappa: float, stats: HyperStats) -> float:
+def beta_rule_h_eta(beta: Any, kappa: Any, stats: HyperStats) -> torch.Tensor:
     r"""β_{t+1} = max(β_t + κ·h_{t+1}·η_{t+1}, 0): the variant in the authors' public code."""
-    return max(beta + kappa * stats.hypergrad * stats.lr, 0.0)
+    return (_tensor(beta) + kappa * _tensor(stats.hypergrad) * _tensor(stats.lr)).clamp_min(0.0)
 
 
 BETA_RULES = {"hh": beta_rule_hh, "h_eta": beta_rule_h_eta}
 
 
-def find_beta(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: int = 12,
-              verbose: bool = False, **run_kwargs: Any):
-    r"""The paper's wrapper: start from a large hyper-learning rate and divide it by ``factor``
-    until the run does not diverge.
+def check_mu_rule(rule: Any) -> None:
+    """Raise ``TypeError`` unless ``rule(mu, counter, stats) -> (mu, counter)`` is a tensor
+    function that runs under ``torch.func.vmap`` (probed on two dummy runs)."""
+    if not callable(rule):
+        raise TypeError(f"mu_rule must be callable as mu_rule(mu, counter, stats) -> (mu, counter), "
+                        f"got {type(rule).__name__}")
+    x = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    stats = HyperStats(*(x.clone() for _ in HyperStats._fields))
 
-    The searched value is κ when ``beta="auto"`` (MARTHE's default) and β otherwise (so
-    ``method="hd"``/``"rtho"``, or MARTHE with a fixed β: pass ``beta=<anything numeric>``).
-    ``start`` is the first value tried. Other keyword arguments go to :func:`hgtoolkit.online.run` (``method``,
-    ``lr0``, ``steps``, …). Returns the first run that did not diverge; its
-    ``config["beta_search"]`` lists every value tried with the step it diverged at.
-    Raises :class:`hgtoolkit.errors.DivergenceError` if all ``max_tries`` values diverge.
+    def probe(mu, c, s):
+        out = rule(mu, c, s)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise TypeError(f"returned {type(out).__name__}, not a (mu, counter) pair")
+        return tuple(torch.as_tensor(o, dtype=mu.dtype) + 0 * mu for o in out)
 
-    >>> from hgtoolkit import marthe, problems
-    >>> r = marthe.find_beta(problems.from_function("beale"), start=1.0, method="rtho",
-    ...                      lr0=1e-3, steps=50)
-    >>> r.diverged_at is None
-    True
-    """
-    from . import online
-    from .errors import DivergenceError, DivergenceWarning
+    try:
+        torch.func.vmap(probe)(x, x.clone(), stats)
+    except Exception as exc:  # noqa: BLE001 - any failure means the rule is not usable batched
+        raise TypeError(f"mu_rule must be a tensor function (torch operations only: torch.where "
+                        f"instead of if/else, no float()/math on tensors) returning (mu, counter); "
+                        f"calling it under torch.func.vmap failed: {exc}") from None
 
-    method = run_kwargs.get("method", "marthe")
-    beta = run_kwargs.get("beta", "auto" if method == "marthe" else None)
-    name = "kappa" if beta == "auto" else "beta"
-    run_kwargs.pop(name, None)
-    if name == "kappa":
-        run_kwargs["beta"] = "auto"
-    for arg, val in (("start", start), ("factor", factor)):
-        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
-            raise ValueError(f"{arg} must be a positive number, got {val!r}")
-    if factor <= 1:
-        raise ValueError(f"factor must be > 1, got {factor}")
-    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
-        raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
-    run_kwargs.pop("raise_on_divergence", None)
 
-    tried, value, result = [], float(start), None
-    for _ in range(max_tries):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DivergenceWarning)
-            result = online.run(problem, **{**run_kwargs, name: value})
-        tried.append({name: value, "diverged_at": result.diverged_at})
-        if verbose:
-            print(f"find_beta: {name}={value:.3g} -> "
-                  f"{'diverged at step %d' % result.diverged_at if result.diverged else 'ok'}")
-        if not result.diverged:
-            result.config["beta_search"] = tried
-            return result
-        value /= factor
-    err = DivergenceError(result.diverged_at, "every value tried")
-    err.args = (f"find_beta: all {max_tries} values of {name} from {start:g} down to "
-                f"{value * factor:g} diverged",)
-    raise err
+def __getattr__(name: str):
+    """``marthe.find_beta`` moved next to the run it wraps: :func:`hgtoolkit.online.find_beta`."""
+    if name == "find_beta":
+        from .online import find_beta
+        return find_beta
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

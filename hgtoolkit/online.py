@@ -1,47 +1,56 @@
-r"""Online learning-rate adaptation: HD, RTHO and MARTHE as configurations of ONE recursion.
+r"""Online learning-rate adaptation: HD, RTHO and MARTHE as ONE pure, tensor-valued step.
 
 All three methods keep one tangent vector z (the derivative of the optimizer state w.r.t. a
 learning rate shared by the past steps, discounted by μ) and update η during a single training
-run (METHODS.md, "Online methods: one recursion"):
+run (docs/methods.md, "Online methods: one recursion"):
 
     z_0 = 0
     for t = 0 … T−1:
-        z_{t+1} = μ_t·A_t z_t + B_t                 # jvp of Φ_t at (s_t, η_t), tangent (μ_t z_t, 1)
-        s_{t+1} = Φ_t(s_t, η_t)                     # primal output of the same jvp
+        z_{t+1} = μ_t·A_t z_t + B_t                 # closed-form tangent of the update (dynamics)
+        s_{t+1} = Φ_t(s_t, η_t)
         h_{t+1} = v_{t+1} · z_{t+1}                 # v = ∇E(w_{t+1}) ("val") or ∇L_{t+1}(w_{t+1}) ("train")
         η_{t+1} = max(η_t − β_t h_{t+1}, η_floor)   # η_floor = lr_floor (None: no clipping)
         β_{t+1}, μ_{t+1} = adaptive rules (MARTHE) or constants
 
-- ``method="hd"``: μ ≡ 0, so z_{t+1} = B_t (SGD: −g_t) and h_{t+1} = −v_{t+1}·d_t with d_t the
-  update direction. With ``objective="train", lr_floor=None`` this is exactly Baydin et al.'s
+- ``method="hd"``: μ ≡ 0, so z_{t+1} = B_t (SGD: −g̃_t) and h_{t+1} = −v_{t+1}·d_t with d_t the
+  update direction. With ``objective="train", lr_floor=None`` this is Baydin et al.'s
   SGD-HD / SGDN-HD / Adam-HD (their α_t = α_{t−1} − β ∇L_t(θ_t)·∇_α u_{t−1} is our
-  η_t = η_{t−1} − β h_t, updated before step t with the gradient step t computes anyway).
+  η_t = η_{t−1} − β h_t, updated before step t with the gradient step t computes anyway); with
+  weight decay, v is the gradient of the *regularised* loss L_t + wd/2‖w‖², the one the
+  optimizer minimises, as in their code (``hd_gradient="raw"`` uses the plain minibatch gradient).
 - ``method="rtho"``: μ ≡ 1 (Franceschi et al. 2017): z_t = dw_t/dη exactly, for the schedule
   held constant — the real-time forward-mode hypergradient.
 - ``method="marthe"`` (Donini et al. 2020): μ fixed in [0, 1] or adaptive (``mu="auto"``, the
   rule of :func:`hgtoolkit.marthe.adaptive_mu`, replaceable with ``mu_rule=``), β fixed or
-  adaptive (``beta="auto"``: β_{t+1} = max(β_t + κ h_{t+1} h_t, 0), :func:`hgtoolkit.marthe.adaptive_beta`).
+  adaptive (``beta="auto"``: β_{t+1} = max(β_t + κ h_{t+1} h_t, 0), bounded, see below).
 
-Cost per step and why the step is split in two
-----------------------------------------------
-Φ_t(s, η) = D_t(s, ∇L_t(w), η) with D_t the optimizer update of :mod:`hgtoolkit.dynamics` (an
-elementwise function of state and gradient). By the chain rule, the jvp of Φ_t with tangent
-(μz, 1) is the jvp of D_t with tangent (μz, μ·H_t z_w, 1), where (g_t, H_t z_w) is ONE
-forward-over-reverse ``torch.func.jvp`` of the gradient of L_t — the only model-sized
-differentiation in a step; the jvp of D_t costs a few elementwise operations. The split gives
-exactly ``trajectory.tangent_step(make_step(...), s, η, t, μz, 1)`` (tested) but exposes g_t
-*before* η_t is fixed, which the train objective needs: with ``objective="train"``
-h_t = ∇L_t(w_t)·z_t uses the gradient of the very minibatch that step t differentiates anyway,
-so per step there is one gradient(+HVP) evaluation and no second training-gradient
-evaluation. Since jvp is linear in its tangent, H_t z_w is computed for the unscaled z and
-scaled by μ_t afterwards, so μ_t may itself depend on g_t (the MARTHE rule in train mode).
-With μ ≡ 0 (HD) the HVP is skipped altogether: a step costs one gradient, as in Baydin et al.
+The engine
+----------
+:class:`Engine` is the recursion as two pure functions over an :class:`OnlineState` whose
+fields are all tensors (optax style): ``init(params) -> state`` and
+``step(state, grad, t, hvp=, v=, loss=, value=) -> (state, aux)``. Clipping, the μ and β rules
+and divergence detection are tensor operations (``torch.where``), so ``step`` runs unchanged
+under ``torch.func.vmap`` over a leading run axis: seeds × η_0 × β × κ × μ × method are one
+computation (:mod:`hgtoolkit.batched`). Every per-run setting lives in the state
+(:class:`Settings`); what must be shared by a batch (the dynamics, the objective, whether an HVP
+is needed, the μ rule's function) lives in the Engine. :func:`run`, the drop-in optimizers of
+:mod:`hgtoolkit.optim`, :mod:`hgtoolkit.batched` and the analysis references are loops over it.
 
-So the hyper-update of iteration t (h_{t+1}, η_{t+1}, β_{t+1}, μ_{t+1}) is done at the start
-of step t+1 (and once after the loop for the last one). ``objective="val"`` adds one
-validation gradient ∇E(w_{t+1}) per step (its value E(w_{t+1}) is recorded for free);
-``objective="train"`` needs one extra training gradient per *run*, ∇L_T(w_T), for the final
-h_T that only the record uses.
+One step t: the hyper-update of iteration t−1 (t > 0) from v_t = objective gradient at w_t
+(h_t = v_t·z_t, η_t, β_t, μ_t), then s_{t+1}, z_{t+1} = ``dynamics.tangent(s_t, g_t, η_t, t,
+μ_t z_t, μ_t H_t z_{t,w}, 1)``: A_t z = ∂D/∂s·z + ∂D/∂g·H_t z_w in closed form. The only
+model-sized derivatives are the gradient g_t (HD) and one Hessian-vector product H_t z_w
+(μ ≠ 0). ``finish(state, v, T)`` is the last hyper-update (h_T, η_T), after the loop.
+
+Divergence (``state.diverged_at`` = the first step that went wrong, −1 while fine; ``why`` a
+code of :data:`DIVERGENCE`): a non-finite loss, h, η, β or parameters; |η| > ``lr_max``; or the
+loss that defines the run — E(w_t) for ``objective="val"`` (full validation set), else the
+minibatch loss L_t — above ``divergence_factor`` × its initial value (for a loss that may be
+negative: above ref + (factor − 1)·|ref|). With adaptive β, β is also bounded: after each
+update β_{t+1} ≤ ``beta_bound``·max(η_{t+1}, η_0)/|h_{t+1}|, i.e. with the latest hypergradient
+one LR update moves η by at most ``beta_bound``·max(η, η_0) (the record counts the steps where
+the bound bit);
+the MARTHE paper's other remedy, decimating κ until the run does not diverge, is :func:`find_beta`.
 
 The record, :class:`OnlineResult`, is a plain data record (numpy arrays + a config dict) that
 saves to JSON + npz and loads back.
@@ -52,24 +61,35 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
-from torch.func import grad_and_value, jvp
+from torch.func import grad_and_value
 
 from . import dynamics as _dynamics
 from . import marthe as _marthe
 from . import records
-from ._tree import tree_all_finite, tree_clone, tree_dot, tree_scale, tree_zeros_like
+from ._tree import (tree_clone, tree_dot, tree_flatten, tree_leaves, tree_map, tree_scale,
+                    tree_unflatten, tree_zeros_like)
 from .errors import DivergenceError, DivergenceWarning
 from .trajectory import progress_bar
 
-__all__ = ["OnlineResult", "run", "HyperConfig", "HyperState", "hyper_config", "hyper_update",
-           "gradient_and_hvp", "dynamics_tangent", "METHODS", "OBJECTIVES", "DivergenceWarning"]
+__all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
+           "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
+           "DivergenceWarning"]
 
 METHODS = ("hd", "rtho", "marthe")
+#: The hyper-variables (η, β, μ, c, h) are float64 whatever the model's dtype, like the Python
+#: floats they replace: η_0 = 0.01 stays 0.01 for a float32 model.
+HYPER_DTYPE = torch.float64
 OBJECTIVES = ("val", "train")
+
+#: ``state.why`` codes: what made a run diverge.
+DIVERGENCE = {1: "training loss is not finite", 2: "validation loss is not finite",
+              3: "loss above divergence_factor × its initial value",
+              4: "hypergradient h is not finite", 5: "learning rate is not finite or exceeds lr_max",
+              6: "hyper-learning rate β is not finite", 7: "parameters after the step are not finite"}
 
 _ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "eval_steps",
            "val_losses", "val_accuracy")
@@ -96,12 +116,14 @@ class OnlineResult(records.RunRecord):
     the problem has ``metrics`` giving "val_accuracy" (else None).
 
     ``final_lr`` = η_n (after the last update); ``diverged_at`` (None if the run completed):
-    the first step that could not be run properly — t when L_t or w_{t+1} is not finite, t+1
-    when h_{t+1}, η_{t+1} (|η| > ``lr_max``) or β_{t+1} is bad (then ``hypergrads[t]`` holds
-    the offending h; T means only the final update η_T failed); so n = ``diverged_at``;
-    ``divergence``: what diverged; ``wall_time``: seconds for the whole run; ``final_params``:
-    w_n (a detached pytree) or None; ``config``: everything needed to rerun it (method,
-    optimizer, lr0, beta, mu, kappa, …, ``problem`` = ``problem.describe()``).
+    the first step that could not be run properly — t when L_t, E(w_t) or w_{t+1} is bad (not
+    finite, or the loss above ``divergence_factor`` × its initial value), t+1 when h_{t+1},
+    η_{t+1} (|η| > ``lr_max``) or β_{t+1} is bad (then ``hypergrads[t]`` holds the offending h;
+    T means only the final update η_T failed); so n = ``diverged_at``; ``divergence``: what
+    diverged; ``beta_capped``: how many updates the adaptive-β bound clipped; ``wall_time``:
+    seconds for the whole run; ``final_params``: w_n (a detached pytree) or None; ``config``:
+    everything needed to rerun it (method, optimizer, lr0, beta, mu, kappa, …, ``problem`` =
+    ``problem.describe()``).
     """
 
     config: dict
@@ -119,10 +141,11 @@ class OnlineResult(records.RunRecord):
     divergence: str | None = None
     wall_time: float = 0.0
     final_params: Any = None
+    beta_capped: int = 0
 
     KIND = "online"
     ARRAYS = _ARRAYS
-    SCALARS = ("final_lr",)
+    SCALARS = ("final_lr", "beta_capped")
 
     def __repr__(self) -> str:
         div = f", diverged_at={self.diverged_at}" if self.diverged else ""
@@ -131,37 +154,61 @@ class OnlineResult(records.RunRecord):
                 f"best_val_loss={self.best_val_loss:.6g})")
 
 
-# ----------------------------------------------------------------------------- hyper-update
+# ----------------------------------------------------------------------------- settings
+
+class Settings(NamedTuple):
+    """One run's hyper-settings as 0-d tensors (so that runs with different settings share one
+    vmapped computation). ``lr_floor`` = −inf for no clipping; ``beta_bound`` and
+    ``divergence_factor`` = inf to switch them off; booleans select the adaptive rules."""
+
+    lr0: torch.Tensor
+    mu_adaptive: torch.Tensor
+    beta_adaptive: torch.Tensor
+    beta_rule_eta: torch.Tensor
+    kappa: torch.Tensor
+    lr_floor: torch.Tensor
+    lr_max: torch.Tensor
+    beta_bound: torch.Tensor
+    divergence_factor: torch.Tensor
+
 
 @dataclass(frozen=True)
 class HyperConfig:
-    """Resolved, validated settings of the hyper-update (shared by :func:`run` and
-    :mod:`hgtoolkit.optim`). ``mu_rule``/``beta_rule`` are None for a constant μ/β."""
+    """Validated settings of one online run (:func:`hyper_config`): the static part shared by
+    a batch (``method``, ``objective``, ``mu_rule``: the μ function or None for a constant μ)
+    and the per-run numbers, turned into tensors by :meth:`settings` / :meth:`initial`."""
 
     method: str
+    objective: str
+    lr0: float
+    beta0: float
+    beta_adaptive: bool
+    kappa: float
+    beta_rule: str
+    mu0: float
     mu_rule: Callable | None
-    beta_rule: Callable | None
     lr_floor: float | None
     lr_max: float
-    objective: str
+    beta_bound: float | None
+    divergence_factor: float | None
+    hd_gradient: str
     description: dict = field(default_factory=dict)
 
     @property
     def needs_hvp(self) -> bool:
         """False only when μ ≡ 0 (HD): then z_{t+1} = B_t and no Hessian-vector product is needed."""
-        return self.mu_rule is not None or self.description["mu"] != 0.0
+        return self.mu_rule is not None or self.mu0 != 0.0
 
-
-@dataclass(frozen=True)
-class HyperState:
-    """The online hyper-variables after an update: η, β, μ, the μ rule's memory (its counter c)
-    and the last estimate h (h_0 = 0)."""
-
-    lr: float
-    beta: float
-    mu: float
-    memory: float = 0.0
-    hypergrad: float = 0.0
+    def settings(self, dtype: torch.dtype, device: Any) -> Settings:
+        f = lambda x: torch.tensor(x, dtype=dtype, device=device)
+        b = lambda x: torch.tensor(bool(x), device=device)
+        return Settings(lr0=f(self.lr0), mu_adaptive=b(self.mu_rule is not None), beta_adaptive=b(self.beta_adaptive),
+                        beta_rule_eta=b(self.beta_rule == "h_eta"), kappa=f(self.kappa),
+                        lr_floor=f(-math.inf if self.lr_floor is None else self.lr_floor),
+                        lr_max=f(self.lr_max),
+                        beta_bound=f(math.inf if self.beta_bound is None else self.beta_bound),
+                        divergence_factor=f(math.inf if self.divergence_factor is None
+                                            else self.divergence_factor))
 
 
 def _number(x: Any, name: str) -> float:
@@ -176,19 +223,33 @@ def _number(x: Any, name: str) -> float:
     return x
 
 
+def _optional_positive(x: Any, name: str, minimum: float) -> float | None:
+    if x is None:
+        return None
+    x = _number(x, name)
+    if not x > minimum:
+        raise ValueError(f"{name} must be > {minimum} (or None to switch it off), got {x}")
+    return x
+
+
 def hyper_config(method: str = "marthe", *, lr0: float, beta: Any = None, mu: Any = None,
                  kappa: float = 1e-6, beta0: float = 0.0, beta_rule: str = "hh",
                  mu_rule: Callable | None = None, objective: str = "val",
-                 lr_floor: float | None = 0.0, lr_max: float | None = None) -> tuple[HyperConfig, HyperState]:
-    """Validate the hyper-hyperparameters and return (config, initial state η_0, β_0, μ_0).
+                 lr_floor: float | None = 0.0, lr_max: float | None = None,
+                 beta_bound: float | None = 1.0, divergence_factor: float | None = 2.0,
+                 hd_gradient: str = "regularised") -> HyperConfig:
+    """Validate the hyper-hyperparameters of an online run (arguments as :func:`run`).
 
-    Raises ``ValueError`` naming the argument for an unknown method/objective/rule, a negative
-    β/κ/η_0, μ outside [0, 1], a μ or ``mu_rule`` that contradicts the method, …
+    Raises ``ValueError``/``TypeError`` naming the argument for an unknown method/objective/rule,
+    a negative β/κ/η_0, μ outside [0, 1], a μ or ``mu_rule`` that contradicts the method, a
+    ``mu_rule`` that is not a tensor function, …
     """
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if not isinstance(objective, str) or objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    if hd_gradient not in ("regularised", "raw"):
+        raise ValueError(f"unknown hd_gradient {hd_gradient!r}; choose 'regularised' or 'raw'")
     lr0 = _number(lr0, "lr0")
     if lr0 < 0:
         raise ValueError(f"lr0 must be ≥ 0, got {lr0}")
@@ -199,15 +260,16 @@ def hyper_config(method: str = "marthe", *, lr0: float, beta: Any = None, mu: An
     if lr_max is None:
         lr_max = 1e6 * lr0 if lr0 > 0 else math.inf
     else:
-        lr_max = float(lr_max)
+        lr_max = _number(lr_max, "lr_max")
         if not lr_max > lr0:
             raise ValueError(f"lr_max must be > lr0={lr0}, got {lr_max}")
+    beta_bound = _optional_positive(beta_bound, "beta_bound", 0.0)
+    divergence_factor = _optional_positive(divergence_factor, "divergence_factor", 1.0)
 
     # μ: fixed by the method (hd: 0, rtho: 1), a constant in [0, 1], or a rule.
     fixed_mu = {"hd": 0.0, "rtho": 1.0}.get(method)
-    if mu_rule is not None and not callable(mu_rule):
-        raise TypeError(f"mu_rule must be callable as mu_rule(mu, memory, stats) -> (mu, memory), "
-                        f"got {type(mu_rule).__name__}")
+    if mu_rule is not None:
+        _marthe.check_mu_rule(mu_rule)
     if fixed_mu is not None:
         if mu_rule is not None:
             raise ValueError(f"mu_rule is only for method='marthe'; method={method!r} fixes μ={fixed_mu}")
@@ -238,7 +300,8 @@ def hyper_config(method: str = "marthe", *, lr0: float, beta: Any = None, mu: An
         if method != "marthe":
             raise ValueError(f"beta (the hyper-learning rate) is required for method={method!r}")
         beta = "auto"
-    if isinstance(beta, str):
+    adaptive = isinstance(beta, str)
+    if adaptive:
         if beta != "auto":
             raise ValueError(f"beta must be a number ≥ 0 or 'auto', got {beta!r}")
         if method != "marthe":
@@ -246,96 +309,256 @@ def hyper_config(method: str = "marthe", *, lr0: float, beta: Any = None, mu: An
         beta_value = _number(beta0, "beta0")
         if beta_value < 0:
             raise ValueError(f"beta0 must be ≥ 0, got {beta_value}")
-        brule = _bind_kappa(_marthe.BETA_RULES[beta_rule], kappa)
     else:
-        beta_value, brule = _number(beta, "beta"), None
+        beta_value = _number(beta, "beta")
         if beta_value < 0:
             raise ValueError(f"beta must be ≥ 0, got {beta_value}")
 
     desc = {"method": method, "lr0": lr0, "objective": objective, "lr_floor": lr_floor,
             "lr_max": lr_max if math.isfinite(lr_max) else None,
-            "beta": "auto" if brule is not None else beta_value,
-            "beta0": beta_value if brule is not None else None,
-            "kappa": kappa if brule is not None else None,
-            "beta_rule": beta_rule if brule is not None else None,
-            "mu": (getattr(rule, "__name__", repr(rule)) if rule is not None else mu_value)}
-    if rule is _marthe.adaptive_mu:
-        desc["mu"] = "auto"
-    cfg = HyperConfig(method, rule, brule, lr_floor, lr_max, objective, desc)
-    return cfg, HyperState(lr=lr0, beta=beta_value, mu=mu_value)
-
-
-def _bind_kappa(rule: Callable, kappa: float) -> Callable:
-    def beta_rule(beta: float, stats: "_marthe.HyperStats") -> float:
-        return rule(beta, kappa, stats)
-    beta_rule.__name__ = rule.__name__
-    return beta_rule
-
-
-def hyper_update(state: HyperState, cfg: HyperConfig, h: float, grad_dot: float, t: int) -> HyperState:
-    r"""One hyper-update after step t, given h = h_{t+1} and grad_dot = v_{t+1}·g_t:
-
-    η_{t+1} = max(η_t − β_t h_{t+1}, floor);  β_{t+1} = β rule (or β_t);  μ_{t+1} = μ rule (or μ_t).
-
-    Raises :class:`DivergenceError` for step t+1 (the step that would use η_{t+1}) when h is
-    not finite or |η_{t+1}| > ``lr_max``.
-    """
-    if not math.isfinite(h):
-        raise DivergenceError(t + 1, "hypergradient h", h)
-    lr = state.lr - state.beta * h
-    if cfg.lr_floor is not None:
-        lr = max(lr, cfg.lr_floor)
-    if not math.isfinite(lr) or abs(lr) > cfg.lr_max:
-        err = DivergenceError(t + 1, "learning rate", lr)
-        err.args = (f"training diverged at step {t + 1}: the learning rate {lr:.4g} exceeds "
-                    f"lr_max={cfg.lr_max:.4g}",)
-        raise err
-    stats = _marthe.HyperStats(t=t, lr=lr, prev_lr=state.lr, hypergrad=h,
-                               prev_hypergrad=state.hypergrad, grad_dot=grad_dot)
-    beta = state.beta if cfg.beta_rule is None else float(cfg.beta_rule(state.beta, stats))
-    mu, memory = state.mu, state.memory
-    if cfg.mu_rule is not None:
-        mu, memory = cfg.mu_rule(state.mu, state.memory, stats)
-        mu, memory = float(mu), float(memory)
-        if not 0.0 <= mu <= 1.0:
-            raise ValueError(f"mu_rule returned μ={mu} at step {t}; it must be in [0, 1]")
-    if not math.isfinite(beta) or beta < 0:
-        raise DivergenceError(t + 1, "hyper-learning rate β", beta)
-    return HyperState(lr=lr, beta=beta, mu=mu, memory=memory, hypergrad=h)
+            "beta": "auto" if adaptive else beta_value,
+            "beta0": beta_value if adaptive else None,
+            "kappa": kappa if adaptive else None,
+            "beta_rule": beta_rule if adaptive else None,
+            "beta_bound": beta_bound if adaptive else None,
+            "divergence_factor": divergence_factor,
+            "mu": ("auto" if rule is _marthe.adaptive_mu else
+                   getattr(rule, "__name__", repr(rule)) if rule is not None else mu_value)}
+    if hd_gradient != "regularised":
+        desc["hd_gradient"] = hd_gradient
+    return HyperConfig(method, objective, lr0, beta_value, adaptive, kappa, beta_rule, mu_value,
+                       rule, lr_floor, lr_max, beta_bound if adaptive else None,
+                       divergence_factor, hd_gradient, desc)
 
 
 # ----------------------------------------------------------------------------- the engine
 
-def gradient_and_hvp(problem) -> Callable:
-    """``fn(w, z_w, t) -> (g_t, L_t, H_t z_w)``: ∇L_t(w) and its jvp along z_w, i.e. ONE
-    forward-over-reverse ``torch.func.jvp`` (the Hessian-vector product comes with the gradient).
+class OnlineState(NamedTuple):
+    r"""Everything one online run carries from step t to t+1, all tensors (a pytree):
+    ``opt`` = s_t (the optimizer state, parameters under "w"), ``z`` = z_t (state-shaped
+    tangent), ``lr`` = η_t, ``beta`` = β_t, ``mu`` = μ_t, ``counter`` = c_t (the μ rule's
+    memory), ``h`` = h_t (0 at the start), ``g_prev`` = g_{t−1} (the gradient of the last
+    step), ``ref_loss`` = the initial loss the divergence criterion compares with (NaN until
+    step 0 sets it), ``diverged_at`` (−1 while fine) and ``why`` (a :data:`DIVERGENCE` code),
+    ``beta_capped`` (updates clipped by the β bound) and ``settings`` (:class:`Settings`)."""
 
-    ``problem`` may also be a loss function ``loss(w, x)`` itself; then ``fn(w, z_w, x)``
-    differentiates it (``hgtoolkit.batched`` passes ``problem.batch_loss`` and a minibatch x)."""
-    grad_train = grad_and_value(problem if callable(problem) else problem.train_loss)
+    opt: dict
+    z: dict
+    lr: torch.Tensor
+    beta: torch.Tensor
+    mu: torch.Tensor
+    counter: torch.Tensor
+    h: torch.Tensor
+    g_prev: Any
+    ref_loss: torch.Tensor
+    diverged_at: torch.Tensor
+    why: torch.Tensor
+    beta_capped: torch.Tensor
+    settings: Settings
 
-    def fn(w, z_w, t):
-        (g, loss), (hz, _) = jvp(lambda w_: grad_train(w_, t), (w,), (z_w,))
-        return g, loss, hz
+
+def _fail(state: OnlineState, bad: torch.Tensor, t: int, code: int) -> OnlineState:
+    """Record the first failure: diverged_at = t, why = code where ``bad`` and still fine."""
+    new = (state.diverged_at < 0) & bad
+    return state._replace(diverged_at=torch.where(new, torch.full_like(state.diverged_at, t), state.diverged_at),
+                          why=torch.where(new, torch.full_like(state.why, code), state.why))
+
+
+@dataclass(frozen=True)
+class Engine:
+    r"""The online recursion as pure tensor functions (module docstring). Static settings
+    shared by every run that goes through it: the dynamics, the objective and whether a
+    Hessian-vector product is needed (``needs_hvp``; False only for a batch of HD runs), the
+    μ rule (a tensor function, or None when every run has a constant μ), and whether HD's
+    v includes weight decay (``regularised``)."""
+
+    dynamics: _dynamics.Dynamics
+    objective: str = "val"
+    needs_hvp: bool = True
+    mu_rule: Callable | None = None
+    regularised: bool = True
+
+    def init(self, params: Any, cfg: HyperConfig) -> OnlineState:
+        """s_0 = dynamics.init(params), z_0 = 0, η_0, β_0, μ_0 and the settings of ``cfg``."""
+        leaf = tree_leaves(params)[0]
+        f = lambda x: torch.tensor(x, dtype=HYPER_DTYPE, device=leaf.device)
+        opt = self.dynamics.init(params)
+        return OnlineState(opt=opt, z=tree_zeros_like(opt), lr=f(cfg.lr0), beta=f(cfg.beta0),
+                           mu=f(cfg.mu0), counter=f(0.0), h=f(0.0), g_prev=tree_zeros_like(params),
+                           ref_loss=f(math.nan),
+                           diverged_at=torch.tensor(-1, device=leaf.device),
+                           why=torch.tensor(0, device=leaf.device),
+                           beta_capped=torch.tensor(0, device=leaf.device),
+                           settings=cfg.settings(HYPER_DTYPE, leaf.device))
+
+    def objective_gradient(self, state: OnlineState, grad: Any) -> Any:
+        """v for ``objective="train"``: the gradient the optimizer uses, g + wd·w (regularised)."""
+        wd = getattr(self.dynamics, "weight_decay", 0.0)
+        if not self.regularised or not wd:
+            return grad
+        return tree_map(lambda g, w: g + wd * w, grad, self.dynamics.params(state.opt))
+
+    def hyper_update(self, state: OnlineState, v: Any, t: int) -> OnlineState:
+        r"""The hyper-update of iteration t−1 at the start of step t, from v = v_t:
+
+        h_t = v·z_t,  η_t = max(η_{t−1} − β_{t−1} h_t, floor),  β_t = β rule (bounded) or β_{t−1},
+        μ_t, c_t = μ rule or (μ_{t−1}, c_{t−1}).  Divergence (step t): h, η or β bad, |η| > lr_max.
+        """
+        s = state.settings
+        h = tree_dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
+        lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
+        grad_dot = (tree_dot(v, state.g_prev).to(h.dtype) if self.mu_rule is not None
+                    else torch.zeros_like(h))
+        stats = _marthe.HyperStats(t=t - 1, lr=lr, prev_lr=state.lr, hypergrad=h,
+                                   prev_hypergrad=state.h, grad_dot=grad_dot)
+        # β: one hypergradient step on β (hh or the authors' h·η), ≥ 0, ≤ bound·max(η_t, η_0)/|h_t|
+        beta = state.beta + s.kappa * h * torch.where(s.beta_rule_eta, lr, state.h)
+        beta = beta.clamp_min(0.0)
+        active = (h != 0) & torch.isfinite(s.beta_bound)
+        scale = torch.maximum(lr, s.lr0)
+        cap = torch.where(active, s.beta_bound * scale / torch.where(active, h.abs(), torch.ones_like(h)),
+                          torch.full_like(h, math.inf))
+        capped = s.beta_adaptive & (beta > cap)
+        beta = torch.where(s.beta_adaptive, torch.minimum(beta, cap), state.beta)
+        mu, counter = state.mu, state.counter
+        if self.mu_rule is not None:
+            mu_r, c_r = self.mu_rule(state.mu, state.counter, stats)
+            mu_r = torch.as_tensor(mu_r, dtype=h.dtype, device=h.device).clamp(0.0, 1.0)
+            c_r = torch.as_tensor(c_r, dtype=h.dtype, device=h.device)
+            mu = torch.where(s.mu_adaptive, mu_r, state.mu)
+            counter = torch.where(s.mu_adaptive, c_r, state.counter)
+        new = state._replace(lr=lr, beta=beta, mu=mu, counter=counter, h=h,
+                             beta_capped=state.beta_capped + capped.to(state.beta_capped.dtype))
+        new = _fail(new, ~torch.isfinite(h), t, 4)
+        new = _fail(new, ~torch.isfinite(lr) | (lr.abs() > s.lr_max), t, 5)
+        return _fail(new, ~torch.isfinite(beta), t, 6)
+
+    def check_loss(self, state: OnlineState, loss: torch.Tensor, value: Any, t: int) -> OnlineState:
+        """Divergence at step t from the losses: L_t (or E(w_t)) not finite, or the loss that
+        defines the run above ``divergence_factor`` × its value at step 0 (which t = 0 records)."""
+        key = value if (self.objective == "val" and value is not None) else loss
+        if t == 0:
+            state = state._replace(ref_loss=key.detach().to(state.ref_loss.dtype))
+        ref, factor = state.ref_loss, state.settings.divergence_factor
+        limit = torch.where(ref != 0, ref + (factor - 1) * ref.abs(), torch.full_like(ref, math.inf))
+        state = _fail(state, ~torch.isfinite(loss), t, 1)
+        if value is not None:
+            state = _fail(state, ~torch.isfinite(value), t, 2)
+        return _fail(state, key > limit, t, 3)
+
+    def optimizer_step(self, state: OnlineState, grad: Any, t: int, hvp: Any = None) -> OnlineState:
+        r"""s_{t+1} = D(s_t, g_t, η_t), z_{t+1} = μ_t A_t z_t + B_t (closed-form tangent of D, with
+        A_t z = ∂D/∂s·z + ∂D/∂g·H_t z_w; ``hvp`` = H_t z_{t,w}, None for z_{t+1} = B_t)."""
+        dyn = self.dynamics
+        dtype = tree_leaves(dyn.params(state.opt))[0].dtype
+        lr = state.lr.to(dtype)  # the step runs in the model's dtype (η itself is float64)
+        if hvp is None:
+            opt, z = dyn.tangent(state.opt, grad, lr, t)
+        else:
+            mu = state.mu.to(dtype)
+            opt, z = dyn.tangent(state.opt, grad, lr, t, tree_scale(mu, state.z),
+                                 tree_scale(mu, hvp), 1.0)
+        w = tree_leaves(dyn.params(opt))
+        total = w[0].sum()
+        for x in w[1:]:
+            total = total + x.sum()
+        new = state._replace(opt=opt, z=z, g_prev=grad)
+        return _fail(new, ~torch.isfinite(total), t, 7)
+
+    def step(self, state: OnlineState, grad: Any, t: int, *, loss: torch.Tensor, hvp: Any = None,
+             v: Any = None, value: Any = None) -> tuple[OnlineState, dict]:
+        r"""Step t: the hyper-update of iteration t−1 (t > 0) from v_t (``v``: ∇E(w_t) for
+        ``objective="val"``; default for "train": the training gradient of this step), then
+        s_{t+1}, z_{t+1}. ``grad`` = g_t = ∇L_t(w_t), ``loss`` = L_t, ``hvp`` = H_t z_{t,w}
+        (required when ``needs_hvp`` and t > 0), ``value`` = E(w_t) if known.
+        Returns (state, aux) with aux = {"lr": η_t, "beta": β_t, "mu": μ_t, "h": h_t (NaN at t = 0),
+        "loss": L_t} — the values step t used."""
+        if t > 0:
+            if v is None:
+                if self.objective == "val":
+                    raise ValueError("objective='val' needs v = ∇E(w_t) at every step t > 0")
+                v = self.objective_gradient(state, grad)
+            state = self.hyper_update(state, v, t)
+            h = state.h
+        else:
+            h = torch.full_like(state.lr, math.nan)
+        state = self.check_loss(state, loss, value, t)
+        aux = {"lr": state.lr, "beta": state.beta, "mu": state.mu, "h": h, "loss": loss.detach()}
+        if self.needs_hvp and t > 0:
+            if hvp is None:
+                raise ValueError("this engine needs hvp = H_t z_t (μ ≠ 0) at every step t > 0")
+        else:
+            hvp = None
+        return self.optimizer_step(state, grad, t, hvp), aux
+
+    def finish(self, state: OnlineState, v: Any, t: int) -> OnlineState:
+        """The last hyper-update (h_T, η_T) after the loop, t = T."""
+        return self.hyper_update(state, v, t)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+def gradient_and_hvp(loss: Callable) -> Callable:
+    """``fn(w, z_w, x) -> (∇ℓ(w, x), ℓ(w, x), H z_w)`` with ``torch.func`` (vmappable), the
+    Hessian-vector product as ∇_w(∇ℓ(w)·z_w) (reverse over reverse: H is symmetric). ``loss``
+    is ``problem.train_loss`` (x = t; a Problem stands for it) or ``problem.batch_loss`` (x = a
+    minibatch). Reverse-over-reverse was measured against forward-over-reverse (``jvp`` of the
+    gradient): 2× faster on the 2-D test functions under ``vmap`` (whose forward-mode formulas
+    fall back to Python decompositions), within ~15 % on the MNIST MLP, and it rounds like
+    :func:`run`'s plain-autograd double backward, so a batched run equals the single one."""
+    grad_loss = grad_and_value(loss.train_loss if hasattr(loss, "train_loss") else loss)
+
+    def fn(w, z_w, x):
+        def along_z(w_):
+            g, value = grad_loss(w_, x)
+            return tree_dot(g, z_w), (g, value)
+        hz, (g, value) = torch.func.grad(along_z, has_aux=True)(w)
+        return g, value, hz
 
     return fn
 
 
-def dynamics_tangent(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: torch.Tensor, t: int,
-                     mu: torch.Tensor | None = None, z: Any = None, hz: Any = None,
-                     dlr: float = 1.0) -> tuple[dict, dict]:
-    r"""(s_{t+1}, z_{t+1}) with s_{t+1} = D_t(s_t, g_t, η_t) and z_{t+1} = μ A_t z_t + dlr·B_t.
+def _autograd_grad(fn: Callable, w: Any, *args: Any) -> tuple[Any, torch.Tensor]:
+    """(∇_w fn(w, *args), fn(w, *args)) with plain autograd: the numbers of torch.func's
+    ``grad_and_value``, cheaper per call in a single run (no functional transforms)."""
+    leaves, spec = tree_flatten(w)
+    leaves = [x.detach().requires_grad_(True) for x in leaves]
+    with torch.enable_grad():
+        value = fn(tree_unflatten(leaves, spec), *args)
+        gs = torch.autograd.grad(value, leaves, allow_unused=True)
+    gs = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+    return tree_unflatten(gs, spec), value.detach()
 
-    D_t is ``dyn.step``; A_t z = ∂D/∂s·z + ∂D/∂g·H_t z_w, so the jvp of D_t with tangent
-    (μz, μ·H_t z_w, dlr) equals the jvp of the whole step Φ_t with tangent (μz, dlr) (what
-    ``trajectory.tangent_step`` computes). With ``mu=None`` (or z = None) it returns dlr·B_t.
-    """
-    dlr = torch.full_like(lr, dlr)
-    if mu is None or z is None:
-        return jvp(lambda lr_: dyn.step(state, grad, lr_, t), (lr,), (dlr,))
-    return jvp(lambda s, g_, lr_: dyn.step(s, g_, lr_, t), (state, grad, lr),
-               (tree_scale(mu, z), tree_scale(mu, hz), dlr))
 
+def _autograd_grad_hvp(fn: Callable, w: Any, z_w: Any, *args: Any):
+    """(∇fn, fn, H z_w) with plain autograd (single runs): the gradient kept with
+    ``create_graph`` and one more backward through it, ∇(∇fn·z_w) (what
+    :func:`gradient_and_hvp` computes with torch.func)."""
+    leaves, spec = tree_flatten(w)
+    leaves = [x.detach().requires_grad_(True) for x in leaves]
+    with torch.enable_grad():
+        value = fn(tree_unflatten(leaves, spec), *args)
+        gs = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        pairs = [(g, z) for g, z in zip(gs, tree_flatten(z_w)[0]) if g is not None and g.requires_grad]
+        hz = [None] * len(leaves)
+        if pairs:
+            dot = pairs[0][0].reshape(-1).dot(pairs[0][1].reshape(-1))
+            for g, z in pairs[1:]:
+                dot = dot + g.reshape(-1).dot(z.reshape(-1))
+            hz = torch.autograd.grad(dot, leaves, allow_unused=True)
+    gs = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, gs)]
+    hz = [torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hz)]
+    return tree_unflatten(gs, spec), value.detach(), tree_unflatten(hz, spec)
+
+
+def _check_scalar(value: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"problem.{name} must return a scalar (one-element) tensor, got {shape}")
+    return value.reshape(())
+
+
+# ----------------------------------------------------------------------------- the driver
 
 def _check_int(x: Any, name: str, minimum: int = 1) -> int:
     if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
@@ -345,13 +568,65 @@ def _check_int(x: Any, name: str, minimum: int = 1) -> int:
     return int(x)
 
 
+def setup(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" = "sgd", *,
+          lr0: float, steps: int, beta: Any = None, mu: Any = None, kappa: float = 1e-6,
+          beta0: float = 0.0, beta_rule: str = "hh", mu_rule: Callable | None = None,
+          objective: str = "val", lr_floor: float | None = 0.0, lr_max: float | None = None,
+          beta_bound: float | None = 1.0, divergence_factor: float | None = 2.0,
+          hd_gradient: str = "regularised", eval_every: int | None = None,
+          val_batch_size: int | None = None, seed: int | None = None):
+    """Validate :func:`run`'s arguments: (problem (resampled for ``seed``), HyperConfig,
+    dynamics, T, eval_every, val_batch_size, the record's config). Shared with
+    :mod:`hgtoolkit.batched`."""
+    cfg = hyper_config(method, lr0=lr0, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
+                       beta_rule=beta_rule, mu_rule=mu_rule, objective=objective,
+                       lr_floor=lr_floor, lr_max=lr_max, beta_bound=beta_bound,
+                       divergence_factor=divergence_factor, hd_gradient=hd_gradient)
+    dyn = _dynamics.get(optimizer)
+    T = _check_int(steps, "steps")
+    if eval_every is None:  # E(w_t) is free every step with the val objective
+        eval_every = 1 if cfg.objective == "val" and val_batch_size is None else T
+    eval_every = _check_int(eval_every, "eval_every")
+    if val_batch_size is not None:
+        val_batch_size = _check_int(val_batch_size, "val_batch_size")
+        if cfg.objective != "val":
+            raise ValueError("val_batch_size is for objective='val' (a validation minibatch per step)")
+        if getattr(problem, "val_batch", None) is None:
+            raise ValueError(f"val_batch_size needs a problem with val_batch(t, size) and batch_loss "
+                             f"(e.g. problems.mnist_mlp); {problem.name!r} has none")
+    if seed is not None:
+        seed = _check_int(seed, "seed", minimum=0)
+        if problem.resample is not None:
+            problem = problem.resample(seed)
+    config = {**cfg.description, "optimizer": dyn.config(), "steps": T, "eval_every": eval_every,
+              "seed": seed, "problem": problem.describe()}
+    if val_batch_size is not None:
+        config["val_batch_size"] = val_batch_size
+    return problem, cfg, dyn, T, eval_every, val_batch_size, config
+
+
+def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None = None) -> Engine:
+    """The :class:`Engine` of a run with settings ``cfg`` (``needs_hvp`` may be forced on for a
+    batch that mixes HD with other methods)."""
+    return Engine(dyn, cfg.objective, cfg.needs_hvp if needs_hvp is None else needs_hvp,
+                  cfg.mu_rule, cfg.hd_gradient == "regularised")
+
+
+def divergence_message(step: int, why: int, value: float | None = None) -> str:
+    msg = f"training diverged at step {step}: {DIVERGENCE.get(why, 'unknown')}"
+    return msg if value is None or not math.isfinite(value) else f"{msg} ({value:.4g})"
+
+
 def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" = "sgd", *,
         lr0: float, steps: int, beta: Any = None, mu: Any = None, kappa: float = 1e-6,
         beta0: float = 0.0, beta_rule: str = "hh", mu_rule: Callable | None = None,
         objective: str = "val", lr_floor: float | None = 0.0, lr_max: float | None = None,
-        eval_every: int = 1, seed: int | None = None, progress: bool = False,
+        beta_bound: float | None = 1.0, divergence_factor: float | None = 2.0,
+        hd_gradient: str = "regularised", eval_every: int | None = None,
+        val_batch_size: int | None = None, seed: int | None = None, progress: bool = False,
         raise_on_divergence: bool = False, keep_params: bool = True) -> OnlineResult:
-    r"""Train ``problem`` for ``steps`` steps while adapting η online (module docstring).
+    r"""Train ``problem`` for ``steps`` steps while adapting η online (module docstring): a loop
+    over :meth:`Engine.step`.
 
     Arguments:
         method: ``"hd"`` (μ ≡ 0), ``"rtho"`` (μ ≡ 1) or ``"marthe"`` (μ and β fixed or adaptive).
@@ -360,17 +635,24 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         lr0: η_0 ≥ 0.
         beta: β ≥ 0, or ``"auto"`` (MARTHE; the default there): β_0 = ``beta0`` and
             β_{t+1} = max(β_t + κ h_{t+1} h_t, 0) (``beta_rule="hh"``) or the authors'-code
-            variant max(β_t + κ h_{t+1} η_{t+1}, 0) (``beta_rule="h_eta"``); κ = ``kappa``.
+            variant max(β_t + κ h_{t+1} η_{t+1}, 0) (``beta_rule="h_eta"``); κ = ``kappa``;
+            bounded by β_{t+1} ≤ ``beta_bound``·max(η_{t+1}, η_0)/|h_{t+1}| (None: unbounded).
         mu: MARTHE's μ: a number in [0, 1] or ``"auto"`` (the default: the heuristic of
             :func:`hgtoolkit.marthe.adaptive_mu`, starting from μ_0 = 0). ``mu_rule``:
-            any callable ``(mu, memory, stats) -> (mu, memory)`` replacing it.
-        objective: ``"val"``: h_{t+1} = ∇E(w_{t+1})·z_{t+1}, E = ``problem.val_loss``;
-            ``"train"``: ∇L_{t+1}(w_{t+1}) (the next minibatch's training gradient), as in HD.
+            a tensor function ``(mu, counter, stats) -> (mu, counter)`` replacing it.
+        objective: ``"val"``: h_{t+1} = ∇E(w_{t+1})·z_{t+1}, E = ``problem.val_loss`` (or a
+            fresh validation minibatch of ``val_batch_size`` examples per step, as the authors'
+            code does); ``"train"``: the next minibatch's training gradient, as in HD — of the
+            regularised loss when the optimizer has weight decay (``hd_gradient="raw"``: without).
         lr_floor: η is clipped to ≥ lr_floor (default 0); None allows η < 0 ("unlearning", as
             Baydin et al.).
         lr_max: the run is declared divergent when |η| exceeds it (default 1e6·lr0; no bound
-            when lr0 = 0). Non-finite losses, parameters or h also count as divergence.
-        eval_every: record E(w_k) (and accuracy) every this many steps, plus at 0 and the end.
+            when lr0 = 0). ``divergence_factor``: also when the run's loss (E(w_t) for "val",
+            L_t for "train") exceeds this multiple of its initial value (default 2; None: off).
+            Non-finite losses, parameters, h or β always count as divergence.
+        eval_every: record E(w_k) (and accuracy) every this many steps, plus at 0 and the end;
+            default every step for "val" with the full validation set (E(w_t) comes with its
+            gradient), else only w_0 and w_T (an evaluation costs a validation forward pass).
         seed: for problems with ``resample`` (stochastic minibatch order), run on
             ``problem.resample(seed)``; ignored by deterministic problems.
         progress: show a tqdm bar. ``keep_params``: keep w_T in the record.
@@ -386,141 +668,173 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     >>> r.lrs.shape, r.hypergrads.shape
     ((100,), (100,))
     """
-    problem, cfg, hs, dyn, T, eval_every, config = _setup(
+    problem, cfg, dyn, T, eval_every, val_bs, config = setup(
         problem, method, optimizer, lr0=lr0, steps=steps, beta=beta, mu=mu, kappa=kappa,
         beta0=beta0, beta_rule=beta_rule, mu_rule=mu_rule, objective=objective, lr_floor=lr_floor,
-        lr_max=lr_max, eval_every=eval_every, seed=seed)
+        lr_max=lr_max, beta_bound=beta_bound, divergence_factor=divergence_factor,
+        hd_gradient=hd_gradient, eval_every=eval_every, val_batch_size=val_batch_size,
+        seed=seed)
+    engine = engine_for(cfg, dyn)
+    grad_train = lambda w, t: _autograd_grad(problem.train_loss, w, t)
+    grad_hvp = lambda w, z_w, t: _autograd_grad_hvp(problem.train_loss, w, z_w, t)
 
-    dtype, device = problem.dtype, problem.device
-    scalar = lambda x: torch.tensor(x, dtype=dtype, device=device)
-    grad_train = grad_and_value(problem.train_loss)          # (w, t) -> (g_t, L_t)
-    grad_val = grad_and_value(problem.val_loss)               # w -> (∇E, E)
-    grad_hvp = gradient_and_hvp(problem)                      # (w, z_w, t) -> (g_t, L_t, H_t z_w)
+    def objective_grad(w, t):
+        """(v_t, E(w_t) or None) for the val objective: the full validation set or a minibatch."""
+        if val_bs is not None:
+            return _autograd_grad(problem.batch_loss, w, problem.val_batch(t, val_bs))[0], None
+        g, value = _autograd_grad(problem.val_loss, w)
+        return g, _check_scalar(value, "val_loss")
 
-    def objective_grad(w, g_k):
-        """(v_k, E(w_k) or None): ∇E(w_k) for "val"; the training gradient g_k for "train"."""
-        if cfg.objective == "train":
-            return g_k, None
-        return grad_val(w)
-
-    rec = {k: [] for k in ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times",
-                           "eval_steps", "val_losses", "val_accuracy")}
+    evals: list[tuple[int, float, float]] = []
 
     def evaluate(k, w, value=None):
         if value is None:
             with torch.no_grad():
                 value = problem.val_loss(w)
-        rec["eval_steps"].append(k)
-        rec["val_losses"].append(float(value))
+        acc = math.nan
         if problem.metrics is not None:
-            rec["val_accuracy"].append(float(problem.metrics(w).get("val_accuracy", math.nan)))
+            acc = float(problem.metrics(w).get("val_accuracy", math.nan))
+        evals.append((k, float(value), acc))
 
-    state = dyn.init(problem.params0)
-    z = tree_zeros_like(state)
-    g_prev = None
-    diverged: DivergenceError | None = None
+    state = engine.init(problem.params0, cfg)
+    auxes, times = [], []
     start = time.perf_counter()
     bar = progress_bar(range(T), progress, desc=f"online {cfg.method}", leave=False)
     try:
-        evaluate(0, dyn.params(state))
         for t in bar:
-            w = dyn.params(state)
-            if cfg.needs_hvp and t > 0:
-                g, loss, hz = grad_hvp(w, dyn.params(z), t)
+            w = dyn.params(state.opt)
+            if engine.needs_hvp and t > 0:
+                g, loss, hz = grad_hvp(w, dyn.params(state.z), t)
             else:
                 (g, loss), hz = grad_train(w, t), None
-            if not bool(torch.isfinite(loss)):
-                raise DivergenceError(t, "training loss", float(loss))
-            if t > 0:  # hyper-update of iteration t−1: h_t, η_t, β_t, μ_t
-                v, value = objective_grad(w, g)
-                h = float(tree_dot(v, dyn.params(z)))
-                rec["hypergrads"].append(h)
-                hs = hyper_update(hs, cfg, h, float(tree_dot(v, g_prev)), t - 1)
-                if t % eval_every == 0:
-                    evaluate(t, w, value)  # "val": E(w_t) came with ∇E(w_t)
-            rec["lrs"].append(hs.lr)
-            rec["betas"].append(hs.beta)
-            rec["mus"].append(hs.mu)
-            rec["train_losses"].append(float(loss))
-
-            # step t: s_{t+1} = Φ_t(s_t, η_t), z_{t+1} = μ_t A_t z_t + B_t (one cheap jvp of D_t)
-            if hz is None or hs.mu == 0.0:  # z_{t+1} = B_t
-                state, z = dynamics_tangent(dyn, state, g, scalar(hs.lr), t)
-            else:
-                state, z = dynamics_tangent(dyn, state, g, scalar(hs.lr), t, scalar(hs.mu), z, hz)
-            if not tree_all_finite(state):
-                raise DivergenceError(t, "parameters after the step")
-            g_prev = g
-            rec["step_times"].append(time.perf_counter() - start)
+            loss = _check_scalar(loss, "train_loss")
+            v = value = None
+            if cfg.objective == "val" and (t > 0 or val_bs is None):
+                v, value = objective_grad(w, t)
+            state, aux = engine.step(state, g, t, loss=loss, hvp=hz, v=v, value=value)
+            auxes.append(aux)
+            times.append(time.perf_counter() - start)
+            if int(state.diverged_at) >= 0:
+                break
+            if t % eval_every == 0:
+                evaluate(t, w, value)
             if progress and t % 10 == 0:
-                bar.set_postfix(lr=f"{hs.lr:.3g}", loss=f"{rec['train_losses'][-1]:.4g}", refresh=False)
-        # the last hyper-update (h_T, η_T): for "train" this is the run's one extra gradient
-        w = dyn.params(state)
-        g_T, value = None, None
-        if cfg.objective == "train":
-            g_T, loss_T = grad_train(w, T)
-            if not bool(torch.isfinite(loss_T)):
-                raise DivergenceError(T, "training loss", float(loss_T))
-        v, value = objective_grad(w, g_T)
-        h = float(tree_dot(v, dyn.params(z)))
-        rec["hypergrads"].append(h)
-        hs = hyper_update(hs, cfg, h, float(tree_dot(v, g_prev)), T - 1)
-        evaluate(T, w, value)
-    except DivergenceError as exc:
-        diverged = exc
+                bar.set_postfix(lr=f"{float(aux['lr']):.3g}", loss=f"{float(loss):.4g}", refresh=False)
+        else:  # the last hyper-update (h_T, η_T); for "train" the run's one extra gradient
+            w = dyn.params(state.opt)
+            value = None
+            if cfg.objective == "train":
+                g_T, loss_T = grad_train(w, T)
+                state = engine.check_loss(state, _check_scalar(loss_T, "train_loss"), None, T)
+                v = engine.objective_gradient(state, g_T)
+            else:
+                v, value = objective_grad(w, T)
+                if value is not None:
+                    state = engine.check_loss(state, value, value, T)
+            if int(state.diverged_at) < 0:
+                state = engine.finish(state, v, T)
+                auxes.append({"h": state.h})
+            if int(state.diverged_at) < 0:
+                evaluate(T, w, value)
     finally:
         if hasattr(bar, "close"):
             bar.close()
     wall = time.perf_counter() - start
-
-    result = _result(config, rec, hs, diverged, wall, problem.metrics is not None,
-                     tree_clone(dyn.params(state)) if keep_params and diverged is None else None)
-    if diverged is not None:
+    final = tree_clone(dyn.params(state.opt)) if keep_params else None
+    result = build_result(config, auxes, times, evals, state, wall, problem.metrics is not None, final)
+    if result.diverged:
         if raise_on_divergence:
-            raise diverged
-        warnings.warn(f"online {cfg.method} run stopped: {diverged} (result.diverged_at="
-                      f"{diverged.step})", DivergenceWarning, stacklevel=2)
+            err = DivergenceError(result.diverged_at, DIVERGENCE.get(int(state.why), "loss"))
+            err.args = (result.divergence,)
+            raise err
+        warnings.warn(f"online {cfg.method} run stopped: {result.divergence} (result.diverged_at="
+                      f"{result.diverged_at})", DivergenceWarning, stacklevel=2)
     return result
 
 
-def _setup(problem, method, optimizer, *, lr0, steps, beta, mu, kappa, beta0, beta_rule, mu_rule,
-           objective, lr_floor, lr_max, eval_every, seed):
-    """Validate :func:`run`'s arguments: (problem (resampled for ``seed``), hyper config,
-    initial hyper state, dynamics, T, eval_every, the record's config). Shared with
-    :mod:`hgtoolkit.batched`."""
-    cfg, hs = hyper_config(method, lr0=lr0, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
-                           beta_rule=beta_rule, mu_rule=mu_rule, objective=objective,
-                           lr_floor=lr_floor, lr_max=lr_max)
-    dyn = _dynamics.get(optimizer)
-    T = _check_int(steps, "steps")
-    eval_every = _check_int(eval_every, "eval_every")
-    if seed is not None:
-        seed = _check_int(seed, "seed", minimum=0)
-        if problem.resample is not None:
-            problem = problem.resample(seed)
-    config = {**cfg.description, "optimizer": dyn.config(), "steps": T, "eval_every": eval_every,
-              "seed": seed, "problem": problem.describe()}
-    return problem, cfg, hs, dyn, T, eval_every, config
+def build_result(config: dict, auxes: list[dict], times: list[float], evals: list, state: OnlineState,
+                 wall: float, has_metrics: bool, final_params: Any) -> OnlineResult:
+    """The record of one run from the per-step ``aux`` of :meth:`Engine.step` (plus a last
+    ``{"h": h_T}``), the evaluations (k, E(w_k), accuracy) and the final state. Arrays are cut
+    to the n = ``diverged_at`` steps that ran (NaN-padded where a value was not formed)."""
+    diverged_at = int(state.diverged_at)
+    n = len([a for a in auxes if "lr" in a]) if diverged_at < 0 else diverged_at
 
+    def column(key, shift=0):
+        vals = [float(a[key]) for a in auxes[shift:] if key in a][:n]
+        return np.asarray(vals + [math.nan] * (n - len(vals)), dtype=np.float64)
 
-def _result(config: dict, rec: dict, hs: HyperState, diverged: DivergenceError | None, wall: float,
-            has_metrics: bool, final_params: Any) -> OnlineResult:
-    """The record of one run from its per-step lists ``rec`` (keys as in :func:`run`): the
-    arrays are cut to the n = ``diverged.step`` steps that ran (NaN-padded where a value was
-    not formed), evaluations after step n dropped. Shared with :mod:`hgtoolkit.batched`."""
-    n = len(rec["train_losses"]) if diverged is None else diverged.step
-    per_step = {}
-    for k in ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times"):
-        vals = rec[k][:n] + [math.nan] * max(0, n - len(rec[k]))
-        per_step[k] = np.asarray(vals, dtype=np.float64)
-    keep = [i for i, k in enumerate(rec["eval_steps"]) if k <= n]
+    keep = [e for e in evals if e[0] <= n]
+    step_times = np.asarray((times + [math.nan] * n)[:n], dtype=np.float64)
+    why = int(state.why)
+    divergence = None
+    if diverged_at >= 0:
+        bad = None
+        if why in (1, 3) and diverged_at < len(auxes) and "loss" in auxes[diverged_at]:
+            bad = float(auxes[diverged_at]["loss"])
+        elif why == 5:
+            bad = float(state.lr)
+        divergence = divergence_message(diverged_at, why, bad)
     return OnlineResult(
-        config=config, **per_step,
-        eval_steps=np.asarray([rec["eval_steps"][i] for i in keep], dtype=np.int64),
-        val_losses=np.asarray([rec["val_losses"][i] for i in keep], dtype=np.float64),
-        val_accuracy=(np.asarray([rec["val_accuracy"][i] for i in keep], dtype=np.float64)
-                      if has_metrics else None),
-        final_lr=hs.lr if diverged is None else math.nan,
-        diverged_at=None if diverged is None else diverged.step,
-        divergence=None if diverged is None else str(diverged),
-        wall_time=wall, final_params=final_params)
+        config=config, lrs=column("lr"), betas=column("beta"), mus=column("mu"),
+        hypergrads=column("h", shift=1), train_losses=column("loss"), step_times=step_times,
+        eval_steps=np.asarray([e[0] for e in keep], dtype=np.int64),
+        val_losses=np.asarray([e[1] for e in keep], dtype=np.float64),
+        val_accuracy=(np.asarray([e[2] for e in keep], dtype=np.float64) if has_metrics else None),
+        final_lr=float(state.lr) if diverged_at < 0 else math.nan,
+        diverged_at=None if diverged_at < 0 else diverged_at, divergence=divergence,
+        wall_time=wall, final_params=final_params if diverged_at < 0 else None,
+        beta_capped=int(state.beta_capped))
+
+
+def find_beta(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: int = 12,
+              verbose: bool = False, **run_kwargs: Any) -> OnlineResult:
+    r"""The MARTHE paper's wrapper: start from a large hyper-learning rate and decimate it (divide
+    by ``factor``) until the run does not diverge (by any criterion of :func:`run`, the loss
+    rising above ``divergence_factor`` × its initial value included).
+
+    The searched value is κ when ``beta="auto"`` (MARTHE's default) and β otherwise (so
+    ``method="hd"``/``"rtho"``, or MARTHE with a fixed β: pass ``beta=<anything numeric>``).
+    ``start`` is the first value tried. Other keyword arguments go to :func:`run` (``method``,
+    ``lr0``, ``steps``, …). Returns the first run that did not diverge; its
+    ``config["beta_search"]`` lists every value tried with the step it diverged at.
+    Raises :class:`hgtoolkit.errors.DivergenceError` if all ``max_tries`` values diverge.
+
+    >>> from hgtoolkit import online, problems
+    >>> r = online.find_beta(problems.from_function("beale"), start=1.0, method="rtho",
+    ...                      lr0=1e-3, steps=50)
+    >>> r.diverged_at is None
+    True
+    """
+    method = run_kwargs.get("method", "marthe")
+    beta = run_kwargs.get("beta", "auto" if method == "marthe" else None)
+    name = "kappa" if beta == "auto" else "beta"
+    run_kwargs.pop(name, None)
+    if name == "kappa":
+        run_kwargs["beta"] = "auto"
+    for arg, val in (("start", start), ("factor", factor)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
+            raise ValueError(f"{arg} must be a positive number, got {val!r}")
+    if factor <= 1:
+        raise ValueError(f"factor must be > 1, got {factor}")
+    if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
+        raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
+    run_kwargs.pop("raise_on_divergence", None)
+
+    tried, value, result = [], float(start), None
+    for _ in range(max_tries):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DivergenceWarning)
+            result = run(problem, **{**run_kwargs, name: value})
+        tried.append({name: value, "diverged_at": result.diverged_at})
+        if verbose:
+            print(f"find_beta: {name}={value:.3g} -> "
+                  f"{'diverged at step %d' % result.diverged_at if result.diverged else 'ok'}")
+        if not result.diverged:
+            result.config["beta_search"] = tried
+            return result
+        value /= factor
+    err = DivergenceError(result.diverged_at, "every value tried")
+    err.args = (f"find_beta: all {max_tries} values of {name} from {start:g} down to "
+                f"{value * factor:g} diverged",)
+    raise err

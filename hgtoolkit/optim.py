@@ -1,19 +1,38 @@
 r"""Drop-in ``torch.optim`` optimizers that adapt their learning rate online: SGDHD, AdamHD, MARTHE.
 
-They run the recursion of :mod:`hgtoolkit.online` (HD, RTHO, MARTHE) inside an ordinary
-PyTorch training loop over an ``nn.Module``, with the optimizer update itself taken from
-:mod:`hgtoolkit.dynamics` and the LR update from :func:`hgtoolkit.online.hyper_update` — the
-same functions as the functional engine, so on the same problem and minibatches the
-trajectories are the same (tested). At step t, for every param group k (η_k is its LR):
+Each is a thin ``torch.optim.Optimizer`` around the pure online engine
+(:class:`hgtoolkit.online.Engine`): every param group is one online run with its own LR, the
+optimizer update and its tangent come from :mod:`hgtoolkit.dynamics`, the hyper-update from
+``Engine.hyper_update`` — the same functions as :func:`hgtoolkit.online.run`, so on the same
+problem and minibatches the trajectories are the same (tested). At step t, for a group:
 
-    h_t = v_t · z_t^{(k)},  η_t = max(η_{t−1} − β h_t, floor)      (t ≥ 1; μ, β rules as in MARTHE)
-    s_{t+1} = Φ_t(s_t, η_t),  z_{t+1}^{(k)} = μ_k A_t z_t^{(k)} + B_t^{(k)}
+    h_t = v_t · z_t,  η_t = max(η_{t−1} − β h_t, floor)      (t ≥ 1; μ, β rules as in MARTHE)
+    s_{t+1} = Φ_t(s_t, η_t),  z_{t+1} = μ A_t z_t + B_t
 
-with v_t = ∇L_t(w_t) (the gradient this step uses: ``objective="train"``, HD) or ∇E(w_t)
-(``objective="val"``). After step t, ``param_groups[k]`` holds ``"lr"`` = η_t (the LR that
-step used; ``online.run(...).lrs[t]``), ``"hypergrad"`` = h_t (the estimate that set it;
-``.hypergrads[t−1]``), ``"beta_t"``, ``"mu_t"`` (β and μ for the next update) and ``"t"``.
+with v_t = ∇L_t(w_t) + wd·w_t (the gradient this step uses: ``objective="train"``, HD) or
+∇E(w_t) (``objective="val"``).
 
+torch.optim semantics
+---------------------
+- Parameters whose ``.grad`` is None at a step (frozen ones, unused branches) are skipped:
+  no weight decay, no momentum, no state change — as ``torch.optim.SGD``/``Adam``.
+- Every group keeps its own options (``lr``, ``weight_decay``, ``momentum``, ``betas``,
+  ``hypergrad_lr``, …), read at every step; ``add_param_group`` adds a new online run.
+- ``state_dict()``/``load_state_dict()`` hold tensors and plain numbers only
+  (``torch.load(..., weights_only=True)`` reads them); a custom ``mu_rule`` is not saved.
+
+The scheduler contract (the same for every drop-in)
+---------------------------------------------------
+``group["lr"]`` is the *base* LR: it belongs to you and to ``torch.optim.lr_scheduler``. The
+hypergradient learns a multiplier m_t ≥ 0 (``group["lr_scale"]``, m_0 = 1) and the LR a step
+uses is η_t = ``group["lr"]`` × m_t, reported as ``group["effective_lr"]``. The hyper-update
+acts on η (η_t = η_{t−1} − β h_t, in units of the base LR step t−1 used), so a scheduler that
+multiplies the base LR by r multiplies the learnt LR by r, and with a constant base the
+optimizer is exactly the online method. ``group["hypergrad"]`` = h_t, ``"beta_t"``,
+``"mu_t"`` (β, μ for the next update) and ``"t"`` are updated after each step.
+
+Usage
+-----
 HD in a plain loop (Baydin et al.; needs nothing but the gradient)::
 
     opt = SGDHD(model.parameters(), lr=1e-2, hypergrad_lr=1e-3)   # or AdamHD(..., hypergrad_lr=1e-8)
@@ -24,39 +43,45 @@ HD in a plain loop (Baydin et al.; needs nothing but the gradient)::
 
 MARTHE / RTHO (μ ≠ 0) also need the Hessian-vector product H_t z. Pass a ``closure`` that
 re-evaluates the training loss on the current minibatch and returns it **without calling
-backward()**: the optimizer differentiates it itself with ``torch.autograd.grad`` (g_t, and
-H_t z by a second backward through the gradient; no ``create_graph`` reference cycle on
-``.grad``), and writes g_t into ``p.grad``. With ``objective="val"`` pass ``val_closure``
-returning the validation loss E at the current parameters::
+backward()**: the optimizer differentiates it itself (g_t, and H_t z by a second backward
+through the gradient) and writes g_t into ``p.grad``. With ``objective="val"`` pass
+``val_closure`` returning the validation loss E at the current parameters::
 
     opt = MARTHE(model.parameters(), lr=1e-3, beta="auto", mu="auto", kappa=1e-6)
     for x, y in loader:
         opt.step(lambda: F.cross_entropy(model(x), y),
                  val_closure=lambda: F.cross_entropy(model(x_val), y_val))
 
-Per-step cost: one gradient (HD); one gradient + one HVP per param group with μ ≠ 0 (RTHO,
-MARTHE); + one validation gradient for ``objective="val"``. Every param group has its own LR
-η_k and its own tangent z^{(k)} = ∂s/∂η_k over *all* parameters (exact, since A_t couples the
-groups); the state holds one tangent per group for each parameter and moment.
+Per-step cost: one gradient (HD); one gradient + one HVP per group with μ ≠ 0 (RTHO, MARTHE);
++ one validation gradient for ``objective="val"``. With several groups and μ ≠ 0, group k's
+tangent is carried over its own parameters only (z^{(k)} = ∂w_k/∂η_k, H_kk z^{(k)}): the
+cross-group curvature terms are dropped; with one group (``model.parameters()``) and for HD
+it is exact.
 
-Divergence (non-finite loss, h or parameters, or |η| > ``lr_max``) raises
-:class:`hgtoolkit.errors.DivergenceError` before any state is changed. ``state_dict()`` /
-``load_state_dict()`` round-trip everything except a custom ``mu_rule`` (pass it again).
+Divergence (the engine's criterion: non-finite loss, h, η, β or parameters, |η| > ``lr_max``,
+the closure's loss above ``divergence_factor`` × its first value): the step is not applied,
+a :class:`hgtoolkit.errors.DivergenceWarning` names the step and ``group["diverged_at"]`` records
+it; later steps leave that group alone. ``raise_on_divergence=True`` raises
+:class:`hgtoolkit.errors.DivergenceError` instead.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 
 from . import dynamics as _dynamics
 from . import online
-from .errors import DivergenceError
+from .errors import DivergenceError, DivergenceWarning
 
-__all__ = ["SGDHD", "AdamHD", "MARTHE"]
+__all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer"]
 
-_HYPER_STATE = ("beta_t", "mu_t", "mu_memory", "hypergrad", "t")
+# per-group online state kept in the param group (plain numbers: state_dict-safe)
+_GROUP_STATE = {"lr_scale": 1.0, "effective_lr": None, "beta_t": None, "mu_t": None,
+                "mu_counter": 0.0, "hypergrad": 0.0, "t": 0, "ref_loss": math.nan,
+                "diverged_at": None, "beta_capped": 0, "prev_lr": None, "prev_base": None}
 
 
 def _nonneg(value: Any, name: str) -> float:
@@ -65,15 +90,18 @@ def _nonneg(value: Any, name: str) -> float:
     return float(value)
 
 
-class _OnlineOptimizer(torch.optim.Optimizer):
-    """Shared machinery; subclasses say which dynamics and hyper-settings a group has."""
+class OnlineOptimizer(torch.optim.Optimizer):
+    """The shared ``torch.optim`` wrapper around :class:`hgtoolkit.online.Engine` (module
+    docstring); subclasses say which dynamics and hyper-settings a group has."""
 
     def __init__(self, params: Iterable, defaults: dict, *, objective: str = "train",
-                 mu_rule: Callable | None = None):
+                 mu_rule: Callable | None = None, raise_on_divergence: bool = False):
         if not isinstance(objective, str) or objective not in online.OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {online.OBJECTIVES}")
         self.objective = objective
         self.mu_rule = mu_rule
+        self.raise_on_divergence = bool(raise_on_divergence)
+        defaults = {"lr_floor": 0.0, "lr_max": None, "divergence_factor": 2.0, **defaults}
         super().__init__(params, defaults)
 
     # -- subclass hooks -------------------------------------------------------------------
@@ -85,176 +113,212 @@ class _OnlineOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- groups ---------------------------------------------------------------------------
+    _OPTIONS = ("initial_lr_for_hyper", "lr_floor", "lr_max", "divergence_factor", "method", "beta",
+                "mu", "kappa", "beta0", "beta_rule", "beta_bound", "hypergrad_lr", "optimizer",
+                "momentum", "nesterov", "weight_decay", "betas", "eps")
+
     def _config(self, group: dict) -> online.HyperConfig:
-        cfg, _ = online.hyper_config(lr0=group["lr0"], objective=self.objective,
-                                     lr_floor=group["lr_floor"], lr_max=group["lr_max"],
-                                     mu_rule=self.mu_rule, **self._hyper_kwargs(group))
-        return cfg
+        """The group's validated hyper-settings (cached while its options stay the same)."""
+        key = repr([group.get(k) for k in self._OPTIONS])
+        cache = self.__dict__.setdefault("_configs", {})
+        if key not in cache:
+            cache.clear() if len(cache) > 64 else None
+            cache[key] = self._make_config(group)
+        return cache[key]
+
+    def _engine(self, group: dict, cfg: online.HyperConfig):
+        """(dynamics, Engine, Settings tensors) of a group with settings ``cfg``."""
+        key = ("engine", repr([group.get(k) for k in self._OPTIONS]))
+        cache = self.__dict__.setdefault("_configs", {})
+        if key not in cache:
+            ref = group["params"][0]
+            dyn = self._dynamics(group)
+            cache[key] = (dyn, online.engine_for(cfg, dyn), cfg.settings(online.HYPER_DTYPE, ref.device))
+        return cache[key]
+
+    def _make_config(self, group: dict) -> online.HyperConfig:
+        return online.hyper_config(lr0=group["initial_lr_for_hyper"], objective=self.objective,
+                                   lr_floor=group["lr_floor"], lr_max=group["lr_max"],
+                                   divergence_factor=group["divergence_factor"],
+                                   mu_rule=self.mu_rule, **self._hyper_kwargs(group))
 
     def add_param_group(self, param_group: dict) -> None:
-        if any(self.state.values()):
-            raise ValueError("add_param_group after the first step is not supported: every "
-                             "group's tangent spans all parameters; build a new optimizer")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group["lr"] = _nonneg(group["lr"], "lr")
-        self._dynamics(group)  # validates the dynamics' hyperparameters
-        group.setdefault("lr0", group["lr"])
-        cfg, hs = online.hyper_config(lr0=group["lr0"], objective=self.objective,
-                                      lr_floor=group["lr_floor"], lr_max=group.get("lr_max"),
-                                      mu_rule=self.mu_rule, **self._hyper_kwargs(group))
-        group["lr_max"] = cfg.lr_max
-        for key, value in (("beta_t", hs.beta), ("mu_t", hs.mu), ("mu_memory", hs.memory),
-                           ("hypergrad", hs.hypergrad), ("t", 0)):
+        group.setdefault("initial_lr_for_hyper", group["lr"])
+        self._dynamics(group)  # validates the dynamics' options
+        cfg = self._config(group)
+        for key, value in _GROUP_STATE.items():
             group.setdefault(key, value)
+        if group["beta_t"] is None:
+            group["beta_t"] = cfg.beta0
+        if group["mu_t"] is None:
+            group["mu_t"] = cfg.mu0
+        if group["effective_lr"] is None:
+            group["effective_lr"] = group["lr"]
 
     @property
     def needs_closure(self) -> bool:
         """True when a training-loss closure is required (some group has μ ≠ 0: H_t z)."""
         return any(self._config(g).needs_hvp for g in self.param_groups)
 
+    # -- gradients ------------------------------------------------------------------------
+    @staticmethod
+    def _trainable(group: dict) -> list:
+        return [p for p in group["params"] if p.requires_grad]
+
+    def _closure_grads(self, closure: Callable, hvp_groups: list[int]) -> tuple[torch.Tensor, dict]:
+        """Run the closure: g into p.grad for every trainable parameter, and H_kk z_k per group in
+        ``hvp_groups`` (one more backward through the gradient each)."""
+        groups = self.param_groups
+        flat = [p for g in groups for p in self._trainable(g)]
+        with torch.enable_grad():
+            loss = closure()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise TypeError(f"closure must return the loss as a one-element tensor, got "
+                                f"{type(loss).__name__}")
+            if not loss.requires_grad:
+                raise RuntimeError("the loss returned by the closure does not depend on the "
+                                   "optimizer's trainable parameters (computed under no_grad?); it "
+                                   "must be computed from them and must NOT call backward() itself")
+            try:
+                grads = torch.autograd.grad(loss, flat, create_graph=bool(hvp_groups), allow_unused=True)
+            except RuntimeError as exc:
+                raise RuntimeError(f"could not differentiate the loss returned by the closure: it must "
+                                   f"be computed from the current parameters with autograd enabled and "
+                                   f"must NOT call backward() itself ({exc})") from exc
+            by_param = dict(zip(flat, grads))
+            hz = {}
+            for i, k in enumerate(hvp_groups):
+                ps = [p for p in self._trainable(groups[k]) if by_param[p] is not None]
+                pairs = [(by_param[p], self.state[p]["z_w"]) for p in ps
+                         if by_param[p].requires_grad and "z_w" in self.state[p]]
+                out = [None] * len(ps)
+                if pairs:
+                    out = torch.autograd.grad([g for g, _ in pairs], ps, grad_outputs=[z for _, z in pairs],
+                                              retain_graph=i < len(hvp_groups) - 1, allow_unused=True)
+                hz[k] = {p: (torch.zeros_like(p) if h is None else h.detach()) for p, h in zip(ps, out)}
+        for p, g in by_param.items():
+            p.grad = None if g is None else g.detach()
+        return loss.detach(), hz
+
+    def _val_grads(self, val_closure: Callable | None) -> dict:
+        if val_closure is None:
+            raise ValueError("val_closure is required with objective='val': it must return the "
+                             "validation loss at the current parameters")
+        flat = [p for g in self.param_groups for p in self._trainable(g)]
+        with torch.enable_grad():
+            value = val_closure()
+            if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                raise TypeError("val_closure must return the validation loss as a one-element tensor")
+            grads = torch.autograd.grad(value, flat, allow_unused=True)
+        return {p: (torch.zeros_like(p) if g is None else g) for p, g in zip(flat, grads)}
+
     # -- the step -------------------------------------------------------------------------
-    @staticmethod
-    def _grads(loss: torch.Tensor, params: list, create_graph: bool, what: str) -> list:
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"{what} must return the loss as a one-element tensor, got {type(loss).__name__}")
-        try:
-            grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-        except RuntimeError as exc:
-            raise RuntimeError(f"could not differentiate the loss returned by {what}: it must be "
-                               f"computed from the current parameters with autograd enabled and "
-                               f"must NOT call backward() itself ({exc})") from exc
-        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-
-    @staticmethod
-    def _hvp(grads: list, params: list, vectors: list, retain: bool) -> list:
-        """H v = ∇(g·v) by a second backward through the gradient's graph."""
-        pairs = [(g, v) for g, v in zip(grads, vectors) if g.requires_grad]
-        if not pairs:
-            return [torch.zeros_like(p) for p in params]
-        out = torch.autograd.grad([g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs],
-                                  retain_graph=retain, allow_unused=True)
-        return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, out)]
-
-    def _init_state(self, dyns: list, plist: list, K: int) -> None:
-        for dyn, ps in zip(dyns, plist):
-            s0 = dyn.init([p.detach() for p in ps])
-            for i, p in enumerate(ps):
-                st = self.state[p]
-                if "tangent_w" in st:
-                    continue
-                for key in s0:
-                    if key != "w":
-                        st[key] = s0[key][i].clone()
-                    st["tangent_" + key] = torch.zeros((K, *p.shape), dtype=p.dtype, device=p.device)
-
     @torch.no_grad()
-    def _online_step(self, closure: Callable | None, val_closure: Callable | None):
-        groups, K = self.param_groups, len(self.param_groups)
-        t = groups[0]["t"]
+    def step(self, closure: Callable | None = None, val_closure: Callable | None = None):
+        groups = self.param_groups
         cfgs = [self._config(g) for g in groups]
-        dyns = [self._dynamics(g) for g in groups]
-        plist = [list(g["params"]) for g in groups]
-        flat = [p for ps in plist for p in ps]
-        self._init_state(dyns, plist, K)
-        state = self.state
-        hvp_groups = [k for k in range(K) if t > 0 and cfgs[k].needs_hvp]
-
-        # 1. g_t (and H_t z_t^{(k)} for the groups with μ ≠ 0)
+        hvp_groups = [k for k, (g, c) in enumerate(zip(groups, cfgs))
+                      if c.needs_hvp and g["t"] > 0 and g["diverged_at"] is None]
         loss, hz = None, {}
         if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-                grads = self._grads(loss, flat, bool(hvp_groups), "closure")
-                for i, k in enumerate(hvp_groups):
-                    hz[k] = self._hvp(grads, flat, [state[p]["tangent_w"][k] for p in flat],
-                                      retain=i < len(hvp_groups) - 1)
-            grads = [g.detach() for g in grads]
-            for p, g in zip(flat, grads):
-                p.grad = g.clone()
-            loss = loss.detach()
-            if not bool(torch.isfinite(loss)):
-                raise DivergenceError(t, "training loss", float(loss))
-        else:
-            if hvp_groups:
-                raise ValueError("closure is required: with μ ≠ 0 (RTHO/MARTHE) the optimizer needs "
-                                 "H_t z from a closure returning the training loss (without backward())")
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in flat]
-
-        # 2. hyper-update of iteration t−1: h_t, η_t, β_t, μ_t (nothing is changed on failure)
-        hstates = [online.HyperState(lr=g["lr"], beta=g["beta_t"], mu=g["mu_t"],
-                                     memory=g["mu_memory"], hypergrad=g["hypergrad"]) for g in groups]
-        if t > 0:
-            if self.objective == "val":
-                if val_closure is None:
-                    raise ValueError("val_closure is required with objective='val': it must return "
-                                     "the validation loss at the current parameters")
-                with torch.enable_grad():
-                    v = [g.detach() for g in self._grads(val_closure(), flat, False, "val_closure")]
-            else:
-                v = grads
-            offsets = [0]
-            for ps in plist:
-                offsets.append(offsets[-1] + len(ps))
-            for k in range(K):
-                h = float(sum((vi * state[p]["tangent_w"][k]).sum() for vi, p in zip(v, flat)))
-                grad_dot = math.nan
-                if cfgs[k].mu_rule is not None:
-                    a, b = offsets[k], offsets[k + 1]
-                    grad_dot = float(sum((vi * state[p]["prev_grad"]).sum()
-                                         for vi, p in zip(v[a:b], flat[a:b])))
-                hstates[k] = online.hyper_update(hstates[k], cfgs[k], h, grad_dot, t - 1)
-
-        # 3. s_{t+1} = Φ_t(s_t, η_t) and z_{t+1}^{(k)} = μ_k A_t z_t^{(k)} + B_t^{(k)}, per group j
-        updates, start = [], 0
-        for j, (dyn, ps) in enumerate(zip(dyns, plist)):
-            gj = grads[start:start + len(ps)]
-            keys = ["w"] + [k for k in dyn.init([ps[0].detach()]) if k != "w"]
-            s_j = {key: [p.detach() if key == "w" else state[p][key] for p in ps] for key in keys}
-            scalar = lambda x: torch.tensor(x, dtype=ps[0].dtype, device=ps[0].device)
-            lr = scalar(hstates[j].lr)
-            new_s, b_t = online.dynamics_tangent(dyn, s_j, gj, lr, t)
-            tangents = []
-            for k in range(K):
-                mu_k = hstates[k].mu
-                if k in hz and mu_k != 0.0:
-                    z_k = {key: [state[p]["tangent_" + key][k] for p in ps] for key in keys}
-                    _, z_new = online.dynamics_tangent(dyn, s_j, gj, lr, t, scalar(mu_k), z_k,
-                                                       hz[k][start:start + len(ps)],
-                                                       dlr=1.0 if j == k else 0.0)
-                elif j == k:
-                    z_new = b_t
-                else:
-                    z_new = {key: [torch.zeros_like(x) for x in new_s[key]] for key in keys}
-                tangents.append(z_new)
-            if not all(bool(torch.isfinite(w).all()) for w in new_s["w"]):
-                raise DivergenceError(t, "parameters after the step")
-            updates.append((ps, keys, new_s, tangents, gj))
-            start += len(ps)
-
-        # 4. commit
-        for (ps, keys, new_s, tangents, gj), group, hs, cfg in zip(updates, groups, hstates, cfgs):
-            for i, p in enumerate(ps):
-                st = state[p]
-                p.copy_(new_s["w"][i])
-                for key in keys:
-                    if key != "w":
-                        st[key] = new_s[key][i]
-                    st["tangent_" + key] = torch.stack([tangents[k][key][i] for k in range(K)])
-                if any(c.mu_rule is not None for c in cfgs):
-                    st["prev_grad"] = gj[i].clone()
-            group.update(lr=hs.lr, beta_t=hs.beta, mu_t=hs.mu, mu_memory=hs.memory,
-                         hypergrad=hs.hypergrad, t=t + 1)
+            loss, hz = self._closure_grads(closure, hvp_groups)
+        elif hvp_groups:
+            raise ValueError("closure is required: with μ ≠ 0 (RTHO/MARTHE) the optimizer needs "
+                             "H_t z from a closure returning the training loss (without backward())")
+        vgrads = None
+        if self.objective == "val" and any(g["t"] > 0 for g in groups):
+            vgrads = self._val_grads(val_closure)
+        for k, (group, cfg) in enumerate(zip(groups, cfgs)):
+            if group["diverged_at"] is None:
+                self._group_step(group, cfg, loss, hz.get(k), vgrads)
         return loss
 
+    def _group_step(self, group: dict, cfg: online.HyperConfig, loss, hz: dict | None,
+                    vgrads: dict | None) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        dyn, engine, settings = self._engine(group, cfg)
+        t = group["t"]
+        ref = params[0]
+        f = lambda x: torch.tensor(x, dtype=online.HYPER_DTYPE, device=ref.device)
+        # the engine state of the parameters that take part in this step
+        for p in params:
+            st = self.state[p]
+            if not st:  # first step of this parameter: its moments, zero tangent
+                s0 = dyn.init(p.detach())
+                st.update({k: v for k, v in s0.items() if k != "w"})
+                st.update({"z_" + k: torch.zeros_like(p) for k in s0})
+        keys = [k for k in self.state[ref] if not k.startswith("z_") and k != "g_prev"]
+        prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
+        dtype = torch.int64
+        state = online.OnlineState(
+            opt={"w": [p.detach() for p in params], **{k: [self.state[p][k] for p in params] for k in keys}},
+            z={k: [self.state[p]["z_" + k] for p in params] for k in ["w", *keys]},
+            lr=f(prev_lr), beta=f(group["beta_t"]), mu=f(group["mu_t"]), counter=f(group["mu_counter"]),
+            h=f(group["hypergrad"]),
+            g_prev=([self.state[p].get("g_prev", torch.zeros_like(p)) for p in params]
+                    if engine.mu_rule is not None else None),
+            ref_loss=f(group["ref_loss"]), diverged_at=torch.tensor(-1, dtype=dtype),
+            why=torch.tensor(0, dtype=dtype), beta_capped=torch.tensor(0, dtype=dtype), settings=settings)
+        grads = [p.grad for p in params]
+        base = group["lr"]
+        scale = group["lr_scale"]
+        if t > 0:
+            v = [vgrads[p] for p in params] if vgrads is not None else engine.objective_gradient(state, grads)
+            state = engine.hyper_update(state, v, t)
+            learnt = float(state.lr)
+            # the scheduler contract: m_t = η_t / (base LR of step t−1); η_t = base_t · m_t
+            prev_base = base if group["prev_base"] is None else group["prev_base"]
+            scale = learnt / prev_base if prev_base > 0 else scale
+        lr = base * scale
+        state = state._replace(lr=f(lr))
+        if loss is not None:
+            state = engine.check_loss(state, loss.to(online.HYPER_DTYPE), None, t)
+        hvp = None
+        if engine.needs_hvp and t > 0:
+            hvp = [hz[p] if hz is not None and p in hz else torch.zeros_like(p) for p in params]
+        new = engine.optimizer_step(state, grads, t, hvp)
+        if int(new.diverged_at) >= 0:
+            self._diverged(group, new, loss)
+            return
+        for i, p in enumerate(params):
+            st = self.state[p]
+            p.copy_(new.opt["w"][i])
+            for key in keys:
+                st[key] = new.opt[key][i]
+            for key in new.z:
+                st["z_" + key] = new.z[key][i]
+            if engine.mu_rule is not None:
+                st["g_prev"] = grads[i].clone()
+        group.update(lr_scale=scale, effective_lr=lr, prev_lr=lr, prev_base=base,
+                     beta_t=float(new.beta), mu_t=float(new.mu), mu_counter=float(new.counter),
+                     hypergrad=float(new.h), t=t + 1, ref_loss=float(new.ref_loss),
+                     beta_capped=group["beta_capped"] + int(new.beta_capped))
 
-class SGDHD(_OnlineOptimizer):
+    def _diverged(self, group: dict, state: online.OnlineState, loss) -> None:
+        step, why = int(state.diverged_at), int(state.why)
+        value = float(loss) if why in (1, 3) and loss is not None else (float(state.lr) if why == 5 else None)
+        msg = online.divergence_message(step, why, value)
+        if self.raise_on_divergence:
+            err = DivergenceError(step, online.DIVERGENCE.get(why, "loss"), value)
+            err.args = (msg + " (nothing was changed)",)
+            raise err
+        group["diverged_at"] = step
+        warnings.warn(f"{type(self).__name__}: {msg}; the step was not applied and this param group "
+                      f"is no longer updated (group['diverged_at'])", DivergenceWarning, stacklevel=3)
+
+
+class SGDHD(OnlineOptimizer):
     r"""SGD-HD and SGDN-HD (Baydin et al. 2018): SGD (optionally Nesterov/heavy-ball momentum,
     as ``torch.optim.SGD`` with dampening 0) whose LR follows
 
-        η_t = η_{t−1} − β h_t,   h_t = ∇L_t(w_t)·z_t,   z_t = B_{t−1} = −d_{t−1}
+        η_t = η_{t−1} − β h_t,   h_t = (∇L_t(w_t) + wd·w_t)·z_t,   z_t = B_{t−1} = −d_{t−1}
 
-    (d the update direction; SGD: η_t = η_{t−1} + β g_t·g_{t−1}), computed before step t from
+    (d the update direction; SGD: η_t = η_{t−1} + β g̃_t·g̃_{t−1}), computed before step t from
     the gradient step t uses — no extra evaluation. ``hypergrad_lr`` is β; ``lr_floor=None``
     (Baydin's choice) lets η go negative, ``lr_floor=0.0`` clips it.
     ``step(closure=None)``: the closure, if given, returns the loss without calling backward().
@@ -262,11 +326,13 @@ class SGDHD(_OnlineOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, hypergrad_lr: float = 1e-3,
-                 lr_floor: float | None = None, lr_max: float | None = None):
+                 lr_floor: float | None = None, lr_max: float | None = None,
+                 divergence_factor: float | None = 2.0, raise_on_divergence: bool = False):
         _nonneg(hypergrad_lr, "hypergrad_lr")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                        hypergrad_lr=hypergrad_lr, lr_floor=lr_floor, lr_max=lr_max)
-        super().__init__(params, defaults, objective="train")
+                        hypergrad_lr=hypergrad_lr, lr_floor=lr_floor, lr_max=lr_max,
+                        divergence_factor=divergence_factor)
+        super().__init__(params, defaults, objective="train", raise_on_divergence=raise_on_divergence)
 
     def _dynamics(self, group):
         return _dynamics.SGD(momentum=group["momentum"], nesterov=group["nesterov"],
@@ -275,22 +341,22 @@ class SGDHD(_OnlineOptimizer):
     def _hyper_kwargs(self, group):
         return {"method": "hd", "beta": _nonneg(group["hypergrad_lr"], "hypergrad_lr")}
 
-    def step(self, closure: Callable | None = None):
-        return self._online_step(closure, None)
 
-
-class AdamHD(_OnlineOptimizer):
+class AdamHD(OnlineOptimizer):
     r"""Adam-HD (Baydin et al. 2018): Adam (as ``torch.optim.Adam``) whose LR follows
-    η_t = η_{t−1} − β ∇L_t(w_t)·z_t with z_t = B_{t−1} = −m̂_{t−1}/(√v̂_{t−1} + ε).
-    ``hypergrad_lr`` is β (the paper uses 1e-8); see :class:`SGDHD` for the rest."""
+    η_t = η_{t−1} − β ṽ_t·z_t with z_t = B_{t−1} = −m̂_{t−1}/(√v̂_{t−1} + ε), one LR per
+    param group (Baydin's code keeps one per parameter tensor and puts ε inside the bias
+    correction). ``hypergrad_lr`` is β (the paper uses 1e-8); see :class:`SGDHD` for the rest."""
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, hypergrad_lr: float = 1e-8,
-                 lr_floor: float | None = None, lr_max: float | None = None):
+                 lr_floor: float | None = None, lr_max: float | None = None,
+                 divergence_factor: float | None = 2.0, raise_on_divergence: bool = False):
         _nonneg(hypergrad_lr, "hypergrad_lr")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        hypergrad_lr=hypergrad_lr, lr_floor=lr_floor, lr_max=lr_max)
-        super().__init__(params, defaults, objective="train")
+                        hypergrad_lr=hypergrad_lr, lr_floor=lr_floor, lr_max=lr_max,
+                        divergence_factor=divergence_factor)
+        super().__init__(params, defaults, objective="train", raise_on_divergence=raise_on_divergence)
 
     def _dynamics(self, group):
         b1, b2 = group["betas"]
@@ -299,18 +365,16 @@ class AdamHD(_OnlineOptimizer):
     def _hyper_kwargs(self, group):
         return {"method": "hd", "beta": _nonneg(group["hypergrad_lr"], "hypergrad_lr")}
 
-    def step(self, closure: Callable | None = None):
-        return self._online_step(closure, None)
 
-
-class MARTHE(_OnlineOptimizer):
+class MARTHE(OnlineOptimizer):
     r"""MARTHE (Donini et al. 2020) — and, with ``method="rtho"``/``"hd"``, RTHO and HD — as a
     ``torch.optim`` optimizer over any :mod:`hgtoolkit.dynamics` (``optimizer="sgd"``,
     ``"nesterov"``, ``"adam"``, or a Dynamics object).
 
     Arguments mirror :func:`hgtoolkit.online.run`: ``beta`` (number or ``"auto"``), ``mu``
-    (number in [0, 1] or ``"auto"``), ``kappa``, ``beta0``, ``beta_rule``, ``mu_rule``,
-    ``objective`` (``"val"`` needs ``val_closure``), ``lr_floor`` (default 0), ``lr_max``.
+    (number in [0, 1] or ``"auto"``), ``kappa``, ``beta0``, ``beta_rule``, ``beta_bound``,
+    ``mu_rule`` (a tensor function), ``objective`` (``"val"`` needs ``val_closure``),
+    ``lr_floor`` (default 0), ``lr_max``, ``divergence_factor``.
     ``step(closure, val_closure=None)``: ``closure`` returns the training loss on the current
     minibatch without calling backward() (required whenever μ ≠ 0); ``val_closure`` the
     validation loss (required for ``objective="val"``). Returns the training loss (detached).
@@ -318,20 +382,21 @@ class MARTHE(_OnlineOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, *, method: str = "marthe",
                  beta: Any = None, mu: Any = None, kappa: float = 1e-6, beta0: float = 0.0,
-                 beta_rule: str = "hh", mu_rule: Callable | None = None, objective: str = "val",
+                 beta_rule: str = "hh", beta_bound: float | None = 1.0,
+                 mu_rule: Callable | None = None, objective: str = "val",
                  optimizer: "str | _dynamics.Dynamics" = "sgd", lr_floor: float | None = 0.0,
-                 lr_max: float | None = None):
+                 lr_max: float | None = None, divergence_factor: float | None = 2.0,
+                 raise_on_divergence: bool = False):
         dyn = _dynamics.get(optimizer)
         defaults = dict(lr=lr, method=method, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
-                        beta_rule=beta_rule, optimizer=dyn.config(), lr_floor=lr_floor, lr_max=lr_max)
-        super().__init__(params, defaults, objective=objective, mu_rule=mu_rule)
+                        beta_rule=beta_rule, beta_bound=beta_bound, optimizer=dyn.config(),
+                        lr_floor=lr_floor, lr_max=lr_max, divergence_factor=divergence_factor)
+        super().__init__(params, defaults, objective=objective, mu_rule=mu_rule,
+                         raise_on_divergence=raise_on_divergence)
 
     def _dynamics(self, group):
         cfg = group["optimizer"]
         return cfg if isinstance(cfg, _dynamics.Dynamics) else _dynamics.from_config(cfg)
 
     def _hyper_kwargs(self, group):
-        return {k: group[k] for k in ("method", "beta", "mu", "kappa", "beta0", "beta_rule")}
-
-    def step(self, closure: Callable | None = None, val_closure: Callable | None = None):
-        return self._online_step(closure, val_closure)
+        return {k: group[k] for k in ("method", "beta", "mu", "kappa", "beta0", "beta_rule", "beta_bound")}

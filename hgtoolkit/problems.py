@@ -39,8 +39,9 @@ class Problem:
     ``batch(t)`` returns minibatch t's data (a tuple of tensors) and ``batch_loss(w, batch)``
     the loss on given data, with ``train_loss(w, t) == batch_loss(w, batch(t))``; so each run
     can bring its own minibatch while the loss function is shared. ``metric_tensors(w)``
-    returns the values of ``metrics(w)`` as 0-d tensors (vmap-able). All are set by
-    :func:`classification_mlp`, None elsewhere.
+    returns the values of ``metrics(w)`` as 0-d tensors (vmap-able); ``val_batch(t, size)``
+    returns validation minibatch t of ``size`` examples (for ``batch_loss``; online runs with
+    ``val_batch_size``). All are set by :func:`classification_mlp`, None elsewhere.
     """
 
     params0: Any
@@ -53,6 +54,7 @@ class Problem:
     batch: Callable[[int], Any] | None = None
     batch_loss: Callable[[Any, Any], torch.Tensor] | None = None
     metric_tensors: Callable[[Any], dict] | None = None
+    val_batch: Callable[[int, int], Any] | None = None
 
     def __post_init__(self) -> None:
         if not callable(self.train_loss):
@@ -62,7 +64,7 @@ class Problem:
         if (self.batch is None) != (self.batch_loss is None):
             raise TypeError("batch and batch_loss go together: give both (train_loss(w, t) == "
                             "batch_loss(w, batch(t))) or neither")
-        for name in ("batch", "batch_loss", "metric_tensors"):
+        for name in ("batch", "batch_loss", "metric_tensors", "val_batch"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable or None")
         leaves = tree_leaves(self.params0)
@@ -228,10 +230,20 @@ def classification_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
 
     def make(bseed: int) -> Problem:
         order = _BatchOrder(len(x_train), batch_size, bseed, x_train.device)
+        val_orders: dict[int, _BatchOrder] = {}
 
         def batch(t):
             idx = order(t)
             return x_train[idx], y_train[idx]
+
+        def val_batch(t, size):
+            """Validation minibatch t of ``size`` examples (its own order, fixed by the seed)."""
+            if size not in val_orders:
+                if not 1 <= size <= len(x_val):
+                    raise ValueError(f"val_batch_size must be in [1, {len(x_val)}], got {size}")
+                val_orders[size] = _BatchOrder(len(x_val), size, bseed + 7919, x_val.device)
+            idx = val_orders[size](t)
+            return x_val[idx], y_val[idx]
 
         def train_loss(params, t):
             return batch_loss(params, batch(t))
@@ -241,7 +253,8 @@ def classification_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
                        info={**(info or {}), "hidden": list(hidden), "batch_size": batch_size,
                              "init_seed": seed, "batch_seed": bseed,
                              "steps_per_epoch": order.per_epoch},
-                       batch=batch, batch_loss=batch_loss, metric_tensors=metric_tensors)
+                       batch=batch, batch_loss=batch_loss, metric_tensors=metric_tensors,
+                       val_batch=val_batch)
 
     return make(seed if batch_seed is None else batch_seed)
 

@@ -34,7 +34,8 @@ def _same_run(a: OnlineResult, b: OnlineResult, tol=1e-12):
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_split_step_equals_one_jvp_of_the_whole_step(opt):
-    """gradient_and_hvp + dynamics_tangent == trajectory.tangent_step with tangent (μz, 1)."""
+    """The engine's split step — gradient_and_hvp, then the closed-form tangent of the update
+    with (μz, μ·Hz_w, 1) — == one torch.func.jvp of the whole step Φ_t with tangent (μz, 1)."""
     dyn, problem = OPTIMIZERS[opt], MLP
     gen = torch.Generator().manual_seed(1)
     state = dyn.init(problem.params0)
@@ -45,7 +46,8 @@ def test_split_step_equals_one_jvp_of_the_whole_step(opt):
     z = {k: dict(zip(state[k].keys(), v)) for k, v in z.items()}
     lr, mu, t = torch.tensor(MLP_LR[opt], dtype=torch.float64), torch.tensor(0.7, dtype=torch.float64), 3
     g, loss, hz = online.gradient_and_hvp(problem)(state["w"], z["w"], t)
-    s1, z1 = online.dynamics_tangent(dyn, state, g, lr, t, mu, z, hz)
+    s1, z1 = dyn.tangent(state, g, lr, t, {k: {n: mu * x for n, x in v.items()} for k, v in z.items()},
+                         {n: mu * x for n, x in hz.items()}, 1.0)
     s2, z2, loss2 = tangent_step(make_step(problem, dyn), state, lr, t,
                                  {k: {n: mu * x for n, x in v.items()} for k, v in z.items()},
                                  torch.ones((), dtype=torch.float64))
@@ -151,7 +153,7 @@ def test_rtho_hypergradient_is_the_exact_constant_lr_derivative(name, opt):
 
 
 def test_val_and_train_objectives_agree_when_train_is_val():
-    kw = dict(lr0=1e-3, beta=1e-6, steps=30)
+    kw = dict(lr0=1e-3, beta=1e-6, steps=30, eval_every=1)
     _same_run(online.run(BEALE, "rtho", objective="val", **kw),
               online.run(BEALE, "rtho", objective="train", **kw), tol=1e-13)
 
@@ -166,7 +168,7 @@ def test_beale_rtho_beats_hd_where_neither_diverges():
         best = {}
         for method in ("hd", "rtho"):
             r = online.run(BEALE, method, lr0=1e-3, beta=beta, steps=500, objective="train",
-                           keep_params=False)
+                           eval_every=1, keep_params=False)
             assert r.diverged_at is None
             best[method] = r.best_val_loss
         assert best["rtho"] < 0.5 * best["hd"], (beta, best)
@@ -194,13 +196,16 @@ def test_sharp_bukin_hd_beats_rtho_and_rtho_lr_collapses():
     gap is 0.03–0.15 against RTHO's 4.1–5.1. (Not at every β: at β = 1e-6 and 1e-5 RTHO
     ends closer, gap 1.2 and 0.1 against HD's 2.9 and 2.3; from 1e-4 on HD is ahead again.)"""
     p = _sharp_bukin()
-    hd = online.run(p, "hd", lr0=1e-3, beta=1e-8, steps=500, objective="train", keep_params=False)
-    rtho = online.run(p, "rtho", lr0=1e-3, beta=1e-8, steps=500, objective="train", keep_params=False)
+    kw = dict(lr0=1e-3, beta=1e-8, steps=500, objective="train", eval_every=1, keep_params=False)
+    hd, rtho = online.run(p, "hd", **kw), online.run(p, "rtho", **kw)
     assert hd.diverged_at is None and rtho.diverged_at is None
     floor = 100 * 1e-4 ** 0.25  # f at the minimiser (-10, 1) is 10 + 1e-4
     assert hd.best_val_loss - floor < 0.2 * (rtho.best_val_loss - floor)
-    peak = int(np.argmax(rtho.lrs))
-    assert peak < 50 and rtho.lrs[peak] > 2 * rtho.lrs[0] and rtho.lrs[peak:].min() == 0.0
+    # the early peak and the collapse (late steps are chaotic: after ~400 steps at η = 0 the
+    # stale tangent can flip h's sign, and when depends on rounding)
+    peak = int(np.argmax(rtho.lrs[:100]))
+    assert peak < 50 and rtho.lrs[peak] > 2 * rtho.lrs[0] and rtho.lrs[peak + 1:peak + 300].max() < rtho.lrs[peak]
+    assert (rtho.lrs[peak:peak + 300] == 0.0).mean() > 0.8
     assert np.mean(rtho.lrs == 0) > 0.5 and np.mean(hd.lrs == 0) < 0.1
 
 

@@ -27,7 +27,7 @@ def _train(opt, params, steps, *, closure="none", val=False, t0=0):
             opt.step(**kwargs)
         else:
             opt.step(lambda: MLP.train_loss(params, t), **kwargs)
-        lrs.append(opt.param_groups[0]["lr"])
+        lrs.append(opt.param_groups[0]["effective_lr"])
     return np.array(lrs)
 
 
@@ -101,7 +101,8 @@ def test_ordinary_nn_module_loop():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
-    assert opt.param_groups[0]["lr"] > 0.01  # HD raised the too-small LR
+    assert opt.param_groups[0]["effective_lr"] > 0.01  # HD raised the too-small LR
+    assert opt.param_groups[0]["lr"] == 0.01  # the base LR is the user's (scheduler contract)
     opt.zero_grad()
     assert all(p.grad is None for p in model.parameters())
     # MARTHE in the same loop, with closures
@@ -114,16 +115,19 @@ def test_ordinary_nn_module_loop():
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
 
 
-def test_param_groups_have_their_own_lr_and_exact_coupled_tangents():
-    """β = 0: η frozen and equal in both groups, so z = z⁽¹⁾ + z⁽²⁾ and the groups'
-    estimates add up to the single-group RTHO estimate (cross-group Hessian terms included)."""
+def test_param_groups_have_their_own_lr_and_settings():
+    """Each param group is one online run: its own LR, hyper-LR and tangent over its own
+    parameters. With β = 0 in both groups η stays put, and the groups' HD estimates add up to
+    the single-group estimate (HD's z_t = B_{t−1} has no cross-group terms)."""
     params = _params()
     names = list(params)
     groups = [{"params": [params[k] for k in names[:2]]}, {"params": [params[k] for k in names[2:]]}]
-    opt = optim.MARTHE(groups, lr=0.2, method="rtho", beta=0.0)
-    run = online.run(MLP, "rtho", lr0=0.2, beta=0.0, steps=T + 1)
+    opt = optim.SGDHD(groups, lr=0.2, hypergrad_lr=0.0)
+    run = online.run(MLP, "hd", lr0=0.2, beta=0.0, steps=T + 1, objective="train", lr_floor=None)
     for t in range(T + 1):
-        opt.step(lambda: MLP.train_loss(params, t), val_closure=lambda: MLP.val_loss(params))
+        opt.zero_grad()
+        MLP.train_loss(params, t).backward()
+        opt.step()
         if t > 0:
             h = opt.param_groups[0]["hypergrad"] + opt.param_groups[1]["hypergrad"]
             assert h == pytest.approx(run.hypergrads[t - 1], rel=1e-10)
@@ -133,7 +137,7 @@ def test_param_groups_have_their_own_lr_and_exact_coupled_tangents():
               {"params": [params[k] for k in names[2:]], "lr": 0.05}]
     opt = optim.SGDHD(groups, lr=0.2, hypergrad_lr=0.0)
     _train(opt, params, 4)
-    assert opt.param_groups[0]["lr"] != 0.2 and opt.param_groups[1]["lr"] == 0.05
+    assert opt.param_groups[0]["effective_lr"] != 0.2 and opt.param_groups[1]["effective_lr"] == 0.05
 
 
 def test_errors():
@@ -167,8 +171,8 @@ def test_errors():
     with pytest.raises(RuntimeError, match="must NOT call backward"):
         opt.step(backward_closure, val_closure=lambda: MLP.val_loss(params))
 
-    # divergence: raised before anything changes
-    opt = optim.SGDHD(ps, lr=0.1, hypergrad_lr=1e-3, lr_max=0.1 + 1e-9)
+    # divergence: raised (when asked) before anything changes
+    opt = optim.SGDHD(ps, lr=0.1, hypergrad_lr=1e-3, lr_max=0.1 + 1e-9, raise_on_divergence=True)
     _train(opt, params, 1)
     before = {k: p.detach().clone() for k, p in params.items()}
     MLP.train_loss(params, 1).backward()

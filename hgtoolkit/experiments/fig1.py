@@ -13,7 +13,7 @@ T = ``steps``, SGD, deterministic, so E = L_t = f and ``objective="val"``):
 - every method on the β grid: HD, RTHO, MARTHE with fixed μ ∈ ``mus`` and MARTHE with the
   adaptive μ (``online.run(..., mu="auto")``);
 - MARTHE fully adaptive (μ and β adaptive, ``beta="auto"``), its step size κ found by the
-  paper's wrapper (:func:`hgtoolkit.marthe.find_beta`: start at ``kappa_start``, ÷10 until the
+  paper's wrapper (:func:`hgtoolkit.online.find_beta`, run as one batch: start at ``kappa_start``, ÷10 until the
   run does not diverge);
 - LRS-OPT (:func:`hgtoolkit.lrsopt.optimize_schedule`): the whole schedule η ∈ R^T optimised
   for f(w_T) from the constant schedule η_t = η_0, ``lrsopt_steps`` projected Adam steps;
@@ -162,31 +162,52 @@ def _problem(fn: str):
     return problems.from_function(fn)
 
 
-def _grid_job(job: tuple) -> dict:
-    """One online run on the grid: (fn, method, mu, beta, lr0, steps) -> arrays and scalars."""
-    from .. import online
-    fn, method, mu, beta, lr0, steps, lr_max = job
-    kw = {"mu": mu} if method == "marthe" else {}
+def _grid_cells(config: Config, specs) -> list[dict]:
+    """The β grid of every method as ``online.run`` cells (one vmapped batch per function)."""
+    cells = []
+    for _, method, mu in specs:
+        for beta in config.betas:
+            cell = dict(method=method, lr0=config.lr0, steps=config.steps, beta=beta,
+                        objective="val", lr_max=config.lr_max)
+            if method == "marthe":
+                cell["mu"] = mu
+            cells.append(cell)
+    return cells
+
+
+def _auto_cells(config: Config) -> list[dict]:
+    """MARTHE with μ and β adaptive at κ = kappa_start, kappa_start/10, … (the ÷10 wrapper)."""
+    return [dict(method="marthe", beta="auto", mu="auto", lr0=config.lr0, steps=config.steps,
+                 objective="val", lr_max=config.lr_max, kappa=config.kappa_start / 10.0 ** i)
+            for i in range(config.kappa_tries if config.auto_beta else 0)]
+
+
+def _online_runs(fn: str, config: Config, specs, progress: bool) -> tuple[list[dict], Any]:
+    """Every online run of one function — the β grid of each method and the κ search of the
+    fully adaptive MARTHE — as ONE vmapped batch (:func:`hgtoolkit.batched.run_online_batch`).
+    Returns the grid cells' arrays and the κ search's first non-diverging run (the result of
+    ``online.find_beta``, which tries the same κ in the same order) or a message."""
+    from .. import batched, online
+    grid, auto = _grid_cells(config, specs), _auto_cells(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
-        r = online.run(_problem(fn), method, lr0=lr0, steps=steps, beta=beta, objective="val",
-                       lr_max=lr_max, keep_params=False, **kw)
-    return {"lrs": r.lrs, "mus": r.mus, "values": r.val_losses, "best": r.best_val_loss,
-            "final": r.final_val_loss if not r.diverged else math.nan,
-            "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at), "wall_time": r.wall_time}
-
-
-def _auto_job(job: tuple):
-    """MARTHE with μ and β adaptive; κ by the ÷10 wrapper. Returns an OnlineResult or a message."""
-    from .. import marthe
-    from ..errors import DivergenceError
-    fn, lr0, steps, kappa_start, tries, lr_max = job
-    try:
-        return marthe.find_beta(_problem(fn), start=kappa_start, max_tries=tries, method="marthe",
-                                beta="auto", mu="auto", lr0=lr0, steps=steps, objective="val",
-                                lr_max=lr_max, keep_params=False)
-    except DivergenceError as exc:
-        return str(exc)
+        results = batched.run_online_batch(lambda seed: _problem(fn), grid + auto, progress=progress)
+    cells = [{"lrs": r.lrs, "mus": r.mus, "values": r.val_losses, "best": r.best_val_loss,
+              "final": r.final_val_loss if not r.diverged else math.nan,
+              "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),
+              "wall_time": r.wall_time} for r in results[:len(grid)]]
+    tried, best = [], None
+    for cell, r in zip(auto, results[len(grid):]):
+        tried.append({"kappa": cell["kappa"], "diverged_at": r.diverged_at})
+        if not r.diverged:
+            best = r
+            break
+    if best is not None:
+        best.config["beta_search"] = tried
+    elif auto:
+        best = (f"find_beta: all {len(auto)} values of kappa from {auto[0]['kappa']:g} down to "
+                f"{auto[-1]['kappa']:g} diverged")
+    return cells, best
 
 
 def _constant_search(problem, lr0: float, steps: int, n: int) -> dict:
@@ -225,7 +246,7 @@ def _lrsopt_job(job: tuple):
 
 def _dispatch(job: tuple):
     kind, payload = job
-    return {"grid": _grid_job, "auto": _auto_job, "lrsopt": _lrsopt_job}[kind](payload)
+    return {"lrsopt": _lrsopt_job}[kind](payload)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -248,23 +269,18 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     specs = method_specs(config)
     T = config.steps
 
-    # longest jobs first: LRS-OPT, then the fully adaptive MARTHE search, then the grid
-    jobs: list[tuple] = []
-    for fn in config.functions:
-        jobs.append(("lrsopt", (fn, config.lr0, T, config.constants, config.lrsopt_steps,
-                                config.lrsopt_lr_rel)))
-    for fn in config.functions:
-        if config.auto_beta:
-            jobs.append(("auto", (fn, config.lr0, T, config.kappa_start, config.kappa_tries,
-                                  config.lr_max)))
-    for fn in config.functions:
-        for _, method, mu in specs:
-            for beta in config.betas:
-                jobs.append(("grid", (fn, method, mu, beta, config.lr0, T, config.lr_max)))
+    jobs = [("lrsopt", (fn, config.lr0, T, config.constants, config.lrsopt_steps, config.lrsopt_lr_rel))
+            for fn in config.functions]
     results = common.parallel_map(_dispatch, jobs, workers=config.workers, progress=progress,
-                                  desc="fig1 runs", cache_dir=out.root / "cache")
-    by_job = {(kind, payload[:4] if kind == "grid" else payload[0]): res
-              for (kind, payload), res in zip(jobs, results)}
+                                  desc="fig1 LRS-OPT", cache_dir=out.root / "cache")
+    by_job = {("lrsopt", payload[0]): res for (kind, payload), res in zip(jobs, results)}
+    for fn in config.functions:
+        cells, auto = _online_runs(fn, config, specs, progress)
+        by_job[("auto", fn)] = auto if config.auto_beta else None
+        for (_, method, mu), row in zip(specs, [cells[i:i + len(config.betas)]
+                                                for i in range(0, len(cells), len(config.betas))]):
+            for beta, cell in zip(config.betas, row):
+                by_job[("grid", (fn, method, mu, beta))] = cell
 
     summary: dict[str, Any] = {"functions": {}, "lr0": config.lr0, "steps": T,
                                "betas": list(config.betas)}

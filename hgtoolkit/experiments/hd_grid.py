@@ -159,25 +159,28 @@ def _steps(problem, epochs: int) -> tuple[int, int]:
     return epochs * per_epoch, per_epoch
 
 
-def _cell_job(job: tuple) -> dict:
-    """One run: HD (β > 0) or the plain optimizer (β = 0) from α_0."""
-    from .. import dynamics, online
-    model, n_train, n_val, batch_size, hidden, seed, optimizer, momentum, alpha0, beta, epochs, \
-        eval_every, lr_max = job
-    problem = _problem(model, n_train, n_val, batch_size, hidden, seed)
-    T, per_epoch = _steps(problem, epochs)
-    dyn = dynamics.get(optimizer) if optimizer != "nesterov" else dynamics.SGD(momentum=momentum, nesterov=True)
+def _grid_runs(config: Config, model: str, opt: str, progress: bool) -> dict:
+    """Every (α_0, β) cell of one model × optimizer — HD (β > 0) and the plain optimizer (β = 0)
+    — as ONE vmapped batch of online runs (:func:`hgtoolkit.batched.run_online_batch`)."""
+    from .. import batched, dynamics, online
+    problem = _problem_for(config, model)
+    T, per_epoch = _steps(problem, config.epochs)
+    dyn = (dynamics.get(opt) if opt != "nesterov"
+           else dynamics.SGD(momentum=config.momentum, nesterov=True))
+    keys = [(float(a), float(b)) for a in config.alpha0s for b in config.beta_grid(opt)]
+    cells = [dict(method="hd", optimizer=dyn, lr0=a, beta=b, steps=T, objective="train",
+                  lr_floor=None, lr_max=config.lr_max, eval_every=config.eval_every or per_epoch,
+                  seed=config.seed) for a, b in keys]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
-        r = online.run(problem, "hd", dyn, lr0=alpha0, beta=beta, steps=T, objective="train",
-                       lr_floor=None, lr_max=lr_max, eval_every=eval_every or per_epoch, seed=seed,
-                       keep_params=False)
-    return {"lrs": r.lrs, "train_losses": r.train_losses, "eval_steps": r.eval_steps,
-            "val_losses": r.val_losses, "val_accuracy": r.val_accuracy,
-            "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),
-            "final_val_loss": r.final_val_loss if not r.diverged else math.nan,
-            "final_val_accuracy": r.final_val_accuracy if not r.diverged else math.nan,
-            "wall_time": r.wall_time}
+        results = batched.run_online_batch(lambda seed: problem, cells, progress=progress)
+    return {(model, opt, a, b): {
+        "lrs": r.lrs, "train_losses": r.train_losses, "eval_steps": r.eval_steps,
+        "val_losses": r.val_losses, "val_accuracy": r.val_accuracy,
+        "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),
+        "final_val_loss": r.final_val_loss if not r.diverged else math.nan,
+        "final_val_accuracy": r.final_val_accuracy if not r.diverged else math.nan,
+        "wall_time": r.wall_time} for (a, b), r in zip(keys, results)}
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -193,20 +196,10 @@ def _pad(rows, width) -> np.ndarray:
 def run(config: Config, out_dir, progress: bool = True) -> dict:
     """Run the grid (module docstring), write records, figures and the summary; return it."""
     out = common.as_output_dir(out_dir)
-    jobs, keys = [], []
-    for model in config.models:  # the MLP first: its runs are the long ones
+    by_key: dict = {}
+    for model in config.models:
         for opt in config.optimizers:
-            for a in config.alpha0s:
-                for b in config.beta_grid(opt):
-                    jobs.append((model, config.n_train, config.n_val, config.batch_size,
-                                 tuple(config.mlp_hidden), config.seed, opt, config.momentum, float(a),
-                                 float(b), config.epochs, config.eval_every, config.lr_max))
-                    keys.append((model, opt, float(a), float(b)))
-    order = sorted(range(len(jobs)), key=lambda i: jobs[i][0] != "mlp")
-    results = common.parallel_map(_cell_job, [jobs[i] for i in order], workers=config.workers,
-                                  progress=progress, desc="hd grid",
-                                  cache_dir=out.root / "cache")
-    by_key = {keys[i]: r for i, r in zip(order, results)}
+            by_key.update(_grid_runs(config, model, opt, progress))
 
     summary: dict[str, Any] = {"models": {}, "paper": PAPER}
     for model in config.models:
