@@ -240,10 +240,11 @@ class Dynamics:
 
 
 def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor) -> torch.Tensor:
-    """y − a·x in one fused pass (``addcmul``) when a is a tensor (η under jvp/vmap)."""
-    if isinstance(a, torch.Tensor):
-        return torch.addcmul(y, a, x, value=-1)
-    return y - a * x
+    """y − a·x in one fused pass (``addcmul``), for a number or a 0-d tensor a (η, also under
+    jvp/vmap): the same kernel, hence the same rounding, whichever form η comes in."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.tensor(a, dtype=x.dtype, device=x.device)
+    return torch.addcmul(y, a, x, value=-1)
 
 
 def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any):
