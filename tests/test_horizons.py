@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from hgtoolkit import analysis, dynamics, horizons, hypergradient, problems
+from hgtoolkit import analysis, dynamics, horizons, hypergradient, online, problems
 from testfunctions import NoisyQuadratic
 
 f64 = torch.float64
@@ -137,3 +137,18 @@ def test_bad_inputs_name_the_argument():
         horizons.truncated_ladder(p, [0.1], 3)
     with pytest.raises(ValueError, match="kind"):
         horizons.nqm_spectrum(5, 10.0, "flat")
+
+
+def test_horizon_ladder_finds_the_horizon_of_each_online_rule():
+    p = problems.synthetic_classification()
+    hd = online.run(p, "hd", lr0=0.5, steps=20, beta=1e-3)
+    lad = analysis.horizon_ladder_online(hd, p, Ks=(1, 5, None))
+    assert lad["best"] == 1 and lad["rows"][1]["cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert lad["rows"][1]["median_rel_err"] < 1e-10 and lad["Ks"] == [1, 5, 20]
+    # an estimate equal to the full-horizon hypergradient is matched at K = T
+    lrs = torch.full((12,), 0.4, dtype=f64)
+    g = hypergradient(p, lrs).grad
+    lad = analysis.horizon_ladder(p, lrs, g, Ks=(1, 3, 12))
+    assert lad["best"] == 12 and lad["rows"][12]["sign_agreement"] == 1.0
+    with pytest.raises(ValueError, match="estimates"):
+        analysis.horizon_ladder(p, lrs, g[:5])
