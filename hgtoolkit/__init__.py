@@ -6,10 +6,13 @@
 - online approximations HD, RTHO and MARTHE: :mod:`hgtoolkit.online` (functional engine),
   :mod:`hgtoolkit.optim` (drop-in ``torch.optim`` optimizers), :mod:`hgtoolkit.marthe`;
 - hyperoptimizer towers: :mod:`hgtoolkit.towers`;
+- short-horizon bias (exact noisy-quadratic moments, greedy/optimal schedules, truncated-horizon
+  references): :mod:`hgtoolkit.horizons`; HDM / HDM-HB (hypergradient descent as online
+  learning, deterministic problems): :mod:`hgtoolkit.hdm`;
 - how far an online estimate is from the exact one: :mod:`hgtoolkit.analysis`,
   :mod:`hgtoolkit.testing`.
 """
-from . import analysis, baselines, dynamics, lrsopt, marthe, online, optim, problems, testing, towers
+from . import analysis, baselines, dynamics, hdm, horizons, lrsopt, marthe, online, optim, problems, testing, towers
 from .errors import DivergenceError, DivergenceWarning
 from .exact import HypergradResult, directional_derivative, finite_difference, hypergradient
 from .lrsopt import ScheduleResult, optimize_schedule
@@ -21,4 +24,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Problem", "hypergradient", "directional_derivative", "finite_difference", "train",
            "HypergradResult", "OnlineResult", "ScheduleResult", "optimize_schedule", "DivergenceError", "DivergenceWarning", "analysis", "baselines",
-           "dynamics", "lrsopt", "marthe", "online", "optim", "problems", "testing", "towers"]
+           "dynamics", "hdm", "horizons", "lrsopt", "marthe", "online", "optim", "problems", "testing", "towers"]

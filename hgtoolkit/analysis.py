@@ -70,7 +70,7 @@ from .trajectory import check_finite, check_lrs, progress_bar
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
            "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
            "relative_error", "ratio", "pearson", "spearman", "plot_approximation",
-           "REFERENCES", "ALIGNMENTS"]
+           "REFERENCES", "ALIGNMENTS", "horizon_ladder", "horizon_ladder_online"]
 
 ALIGNMENTS = ("after_step", "before_step")
 REFERENCES = ("one_step", "constant_lr", "full_horizon")
@@ -477,22 +477,8 @@ def _online_label(config: dict) -> str:
     return " ".join(bits)
 
 
-def analyse_online(result: Any, problem, *, label: str | None = None, check_trajectory: bool = True,
-                   checkpoint_every: int | None = None, progress: bool = False) -> ApproximationReport:
-    r"""Compare an :class:`hgtoolkit.online.OnlineResult` with the exact references.
-
-    ``result.hypergrads[t]`` is h_{t+1} (the estimate formed after step t), so the alignment is
-    ``"after_step"``; the schedule is ``result.lrs`` and the optimizer ``result.config["optimizer"]``.
-    ``problem`` must be the problem the run was given (for a run with ``seed``, it is resampled
-    the same way). A run that diverged is analysed up to its last step with a finite estimate.
-    With ``check_trajectory`` the replayed minibatch losses L_t(w_t) must match the run's
-    (ValueError otherwise: wrong problem, or a run not replayable from its record).
-
-    For HD (μ ≡ 0) with objective "val", h equals d⁽¹⁾; for RTHO (μ ≡ 1), h equals d⁽ᶜ⁾ — for
-    any β, because both recursions are evaluated along the run's own schedule. What the report
-    measures for them is the horizon error (their reference against g); MARTHE's μ ∈ (0, 1)
-    and HD's training-loss objective add their own.
-    """
+def _online_inputs(result: Any, problem):
+    """(problem as the run saw it, optimizer, lrs, estimates, n = steps with a finite estimate)."""
     from .online import OnlineResult  # the record this function reads
     if not isinstance(result, OnlineResult):
         raise TypeError(f"result must be an hgtoolkit.online.OnlineResult, got {type(result).__name__}")
@@ -511,6 +497,27 @@ def analyse_online(result: Any, problem, *, label: str | None = None, check_traj
     if n == 0:
         raise ValueError(f"result has no step with a finite estimate to analyse "
                          f"(diverged_at={result.diverged_at})")
+    return problem, optimizer, lrs, h, n
+
+
+def analyse_online(result: Any, problem, *, label: str | None = None, check_trajectory: bool = True,
+                   checkpoint_every: int | None = None, progress: bool = False) -> ApproximationReport:
+    r"""Compare an :class:`hgtoolkit.online.OnlineResult` with the exact references.
+
+    ``result.hypergrads[t]`` is h_{t+1} (the estimate formed after step t), so the alignment is
+    ``"after_step"``; the schedule is ``result.lrs`` and the optimizer ``result.config["optimizer"]``.
+    ``problem`` must be the problem the run was given (for a run with ``seed``, it is resampled
+    the same way). A run that diverged is analysed up to its last step with a finite estimate.
+    With ``check_trajectory`` the replayed minibatch losses L_t(w_t) must match the run's
+    (ValueError otherwise: wrong problem, or a run not replayable from its record).
+
+    For HD (μ ≡ 0) with objective "val", h equals d⁽¹⁾; for RTHO (μ ≡ 1), h equals d⁽ᶜ⁾ — for
+    any β, because both recursions are evaluated along the run's own schedule. What the report
+    measures for them is the horizon error (their reference against g); MARTHE's μ ∈ (0, 1)
+    and HD's training-loss objective add their own.
+    """
+    problem, optimizer, lrs, h, n = _online_inputs(result, problem)
+    config = result.config
     info = {"online": {k: v for k, v in config.items() if k != "problem"},
             "steps_analysed": n, "steps_run": len(lrs), "diverged_at": result.diverged_at}
     report = analyse(problem, lrs[:n], h[:n], optimizer, alignment="after_step",
@@ -527,6 +534,42 @@ def analyse_online(result: Any, problem, *, label: str | None = None, check_traj
                              f"(L_t = {report.train_losses[t]:.10g} vs {ran[t]:.10g} recorded): is "
                              f"problem the one the run used ({config.get('problem')})?")
     return report
+
+
+# ----------------------------------------------------------------------------- horizon ladder
+
+def horizon_ladder(problem, lrs: Any, estimates: Any, Ks: Any = (1, 10, 100, None),
+                   optimizer: "str | _dynamics.Dynamics" = "sgd", *, alignment: str = "after_step") -> dict:
+    r"""Which horizon does an estimate see? Its agreement with the truncated-horizon references
+    d⁽ᴷ⁾_t = ∂E(w_{min(t+K, T)})/∂η_t (:func:`hgtoolkit.horizons.truncated_ladder`, one forward
+    pass for the whole ladder) for every K in ``Ks`` (None = T, the full horizon).
+
+    Returns ``{"Ks": [...], "rows": {K: {"cosine", "sign_agreement", "median_rel_err"}},
+    "best": K with the highest cosine}`` (steps without an estimate are left out).
+    """
+    from .horizons import truncated_ladder
+    lrs = check_lrs(lrs, problem)
+    T = len(lrs)
+    est = _align(_as_vector(estimates, "estimates", allow_nonfinite=True), T, alignment)
+    Ks = [T if k is None else k for k in Ks]
+    refs = truncated_ladder(problem, lrs, sorted(set(Ks)), optimizer)
+    keep = np.isfinite(est)
+    rows = {}
+    for k in Ks:
+        s = summarise(est[keep], refs[k].detach().cpu().numpy()[keep])
+        rows[k] = {m: s[m] for m in ("cosine", "sign_agreement", "median_rel_err")}
+    finite = [k for k in Ks if math.isfinite(rows[k]["cosine"])]
+    best = max(finite, key=lambda k: rows[k]["cosine"]) if finite else None
+    return {"Ks": Ks, "rows": rows, "best": best, "T": T}
+
+
+def horizon_ladder_online(result: Any, problem, Ks: Any = (1, 10, 100, None)) -> dict:
+    """:func:`horizon_ladder` of an :class:`hgtoolkit.online.OnlineResult` (``hypergrads`` are
+    "after_step"; a diverged run is analysed up to its last finite estimate)."""
+    problem, optimizer, lrs, h, n = _online_inputs(result, problem)
+    out = horizon_ladder(problem, lrs[:n], h[:n], Ks, optimizer)
+    out["method"] = _online_label(result.config)
+    return out
 
 
 # ----------------------------------------------------------------------------- plotting

@@ -79,8 +79,10 @@ def adam_update(eta: torch.Tensor, g: torch.Tensor, state: dict, lr: float, *, b
 _UPDATES = {"sgd": sgd_update, "adam": adam_update}
 
 
-def project(eta: torch.Tensor, lr_max: float | None = None) -> torch.Tensor:
-    """Π(η) = min(max(η, 0), η_max) element-wise."""
+def project(eta: torch.Tensor, lr_max: "float | torch.Tensor | None" = None) -> torch.Tensor:
+    """Π(η) = min(max(η, 0), η_max) element-wise (η_max a number or one bound per entry)."""
+    if isinstance(lr_max, torch.Tensor):
+        return torch.minimum(eta.clamp(min=0.0), lr_max)
     return eta.clamp(min=0.0, max=lr_max)
 
 
@@ -170,12 +172,17 @@ def _batch_seed(seed: int, k: int) -> int:
 class _Evaluator:
     """(η, k) ↦ (f(η), ∇f(η), metrics, minibatch seed) on the problem of evaluation k."""
 
-    def __init__(self, problem, dyn, mode, checkpoint_every, chunk_size, resample, seed):
-        self.problem, self.dyn, self.mode = problem, dyn, mode
+    def __init__(self, problem, dyn, mode, checkpoint_every, chunk_size, resample, seed, objective=None):
+        self.problem, self.dyn, self.mode, self.objective = problem, dyn, mode, objective
         self.kw = {"checkpoint_every": checkpoint_every, "chunk_size": chunk_size}
         self.resample, self.seed = resample, seed
 
     def __call__(self, eta: torch.Tensor, k: int):
+        if self.objective is not None:  # a closed-form f(η) in place of a training run
+            value, grad = self.objective(eta)
+            if not (math.isfinite(float(value)) and bool(torch.isfinite(grad).all())):
+                raise FloatingPointError(f"objective is not finite at this schedule (f = {float(value)})")
+            return float(value), grad.detach(), None, -1
         bseed = _batch_seed(self.seed, k) if self.resample else -1
         prob = self.problem.resample(bseed) if self.resample else self.problem
         r = hypergradient(prob, eta, self.dyn, self.mode, **self.kw)
@@ -206,8 +213,13 @@ def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resam
     if resample_batches and outer_optimizer == "lbfgsb":
         raise ValueError("resample_batches=True is not supported with outer_optimizer='lbfgsb': "
                          "L-BFGS-B needs the same objective at every evaluation")
-    if lr_max is not None and not (isinstance(lr_max, (int, float)) and lr_max > 0):
-        raise ValueError(f"lr_max must be None or > 0, got {lr_max!r}")
+    eta0 = check_lrs(lrs0, problem, argname="lrs0")
+    if isinstance(lr_max, torch.Tensor):
+        if lr_max.shape != eta0.shape or not bool((lr_max > 0).all()):
+            raise ValueError(f"lr_max as a tensor must have the shape of lrs0 {tuple(eta0.shape)} and "
+                             f"entries > 0, got shape {tuple(lr_max.shape)}")
+    elif lr_max is not None and not (isinstance(lr_max, (int, float)) and lr_max > 0):
+        raise ValueError(f"lr_max must be None, > 0 or a tensor of bounds, got {lr_max!r}")
     opts = dict(outer_options or {})
     if outer_optimizer != "lbfgsb":
         unknown = set(opts) - set(_OUTER_DEFAULTS[outer_optimizer])
@@ -225,7 +237,6 @@ def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resam
         raise ValueError("resume=True needs checkpoint_path")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(step, lrs, value, grad)")
-    eta0 = check_lrs(lrs0, problem, argname="lrs0")
     if lr_max is not None and bool((eta0 > lr_max).any()):
         raise ValueError(f"lrs0 exceeds lr_max={lr_max} (max {float(eta0.max())})")
     return outer_optimizer, opts, eta0
@@ -317,7 +328,8 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
                       snapshot_every: int | None = None,
                       checkpoint_path: str | Path | None = None, checkpoint_interval: int = 10,
                       resume: bool = False, progress: bool = True,
-                      callback: Callable[..., Any] | None = None) -> ScheduleResult:
+                      callback: Callable[..., Any] | None = None,
+                      objective: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None) -> ScheduleResult:
     r"""LRS-OPT: K = ``outer_steps`` projected steps η^(k) = Π(U(η^(k−1), ∇f(η^(k−1)))) from η^(0) = ``lrs0``.
 
     ``optimizer`` is the inner dynamics Φ_t (``"sgd"``, ``"adam"``, … or a Dynamics);
@@ -325,7 +337,12 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     ``outer_lr`` = α (unused by ``"lbfgsb"``); ``outer_options`` = Adam's ``beta1``, ``beta2``,
     ``eps``, or extra ``options`` for scipy's L-BFGS-B (e.g. ``{"ftol": 0, "gtol": 0}``).
     ``lr_max`` = η_max (None: no upper bound). ``snapshot_every=k`` keeps η^(k), η^(2k), …
-    (η^(0) and the final schedule are always kept).
+    (η^(0) and the final schedule are always kept). ``lr_max`` may also be a tensor of the
+    schedule's shape (one bound per entry).
+
+    ``objective(η) -> (f(η), ∇f(η))`` replaces the training run by a closed-form objective
+    (e.g. the exact expected loss of :func:`hgtoolkit.horizons.nqm_expected_loss`); ``problem``
+    then only supplies device, dtype and ``describe()``, and ``optimizer``/``mode`` are unused.
 
     ``callback(step, lrs, value, grad)`` runs after every accepted outer step; returning True
     stops the run (``status="stopped by callback"``). ``checkpoint_path`` + ``resume=True``:
@@ -347,7 +364,8 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
               "outer_options": opts, "optimizer": dyn.config(), "mode": mode,
               "resample_batches": bool(resample_batches), "seed": seed, "lr_max": lr_max,
               "max_backtracks": max_backtracks, "problem": problem.describe()}
-    evaluate = _Evaluator(problem, dyn, mode, checkpoint_every, chunk_size, resample_batches, seed)
+    evaluate = _Evaluator(problem, dyn, mode, checkpoint_every, chunk_size, resample_batches, seed,
+                          objective)
     path = None if checkpoint_path is None else Path(checkpoint_path)
     started = time.perf_counter()
 
@@ -475,11 +493,14 @@ def _run_lbfgsb(run, evaluate, outer_steps, opts, lr_max, snapshot_every, save, 
 
     if s["k"] < outer_steps:
         x0 = s["eta"].detach().cpu().to(torch.float64).numpy() / scale
-        bound = None if lr_max is None else lr_max / scale
+        if isinstance(lr_max, torch.Tensor):
+            bounds = [(0.0, b) for b in (lr_max.detach().cpu().double().numpy() / scale).tolist()]
+        else:
+            bounds = [(0.0, None if lr_max is None else lr_max / scale)] * len(x0)
         last[x0.tobytes()] = (s["value"], s["grad"], None, -1)  # already evaluated
         options = {"maxiter": outer_steps - s["k"], **opts}
         try:
-            res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=[(0.0, bound)] * len(x0),
+            res = minimize(fun, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                            callback=on_iteration, options=options)
             if s["status"] == "running" and s["k"] < outer_steps:
                 s["status"] = f"L-BFGS-B stopped after {s['k']} outer steps: {res.message}"

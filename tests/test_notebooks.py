@@ -51,6 +51,11 @@ CHECKS = {
                  "all(np.isfinite(r.value) for r in results.values())", "len(spread) >= 1"],
         "printed": ["data source:"],
     },
+    "05_horizons": {
+        "true": ["rel_err_1d < 1e-10", "opt.best_value <= float(greedy.losses[-1])",
+                 "ladders['hd']['best'] == 1", "res.solved"],
+        "printed": ["best K ="],
+    },
 }
 
 

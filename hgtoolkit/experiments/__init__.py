@@ -13,7 +13,7 @@ Modules are imported lazily (only the experiment you run is loaded).
 
     >>> from hgtoolkit.experiments import EXPERIMENTS, run_experiment
     >>> sorted(EXPERIMENTS)
-    ['demo', 'fig1', 'hd', 'mnist', 'towers']
+    ['demo', 'fig1', 'hd', 'hdm', 'horizons', 'mnist', 'towers']
     >>> summary = run_experiment("fig1", setting="tiny", out="/tmp/results", progress=False)  # doctest: +SKIP
 """
 from __future__ import annotations
@@ -66,6 +66,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("towers", "Chandra et al.: hyperoptimizer towers — learnt hyperparameters over time "
                          "at each level, and sensitivity to the initial LR vs tower height",
                module="towers_demo"),
+    Experiment("horizons", "Wu et al.: short-horizon bias on the noisy quadratic (greedy / fixed / "
+                           "optimal schedules, exact) and the horizon K each online rule matches on MNIST",
+               module="horizons"),
+    Experiment("hdm", "Chu et al.: HDM / HDM-Best vs HD, GD, heavy ball, Adam, AdaGrad, BFGS, L-BFGS — "
+                      "gradient evaluations to ‖∇f‖∞ ≤ 1e-4 on deterministic convex problems", module="hdm_bench"),
     Experiment("demo", "`make demo`: fig1 and mnist in their quick settings", parts=("fig1", "mnist")),
 )}
 

@@ -1,0 +1,177 @@
+r"""Short-horizon bias (Wu, Ren, Liao, Grosse, ICLR 2018) and the horizon each online rule sees.
+
+1. Noisy quadratic model, exactly (:mod:`hgtoolkit.horizons`): ``d`` curvatures spanning
+   ``kappa`` (3 decades: h ∈ [1e-3, 1]), gradient-noise variance c_i = h_i (Wu et al.'s
+   σ_i² = 1/h_i), w_0 = ``w0``, T steps of SGD with momentum. Final expected loss E L(w_T) of
+   the greedy schedule (Thm 2, η_t and μ_t), the best fixed (η, μ) (L-BFGS-B on 2 numbers) and
+   the horizon-T optimal schedules (LRS-OPT with L-BFGS-B on the exact loss, from the fixed
+   pair and from the greedy schedule, the better kept, 0 ≤ η_t ≤ 2/max h, 0 ≤ μ_t ≤ 0.9995), next to Wu et al.'s 63.86 / 42.19 / 4.25; then
+   the same with σ = 0 (c = 0), where greedy (= conjugate gradient) is optimal with momentum.
+2. Horizon ladder on the MNIST MLP: HD, RTHO and MARTHE (adaptive μ) runs; each run's
+   estimates h_{t+1} against d⁽ᴷ⁾_t = ∂E(w_{min(t+K,T)})/∂η_t for K in ``Ks`` (and T) along the
+   run's own schedule (:func:`hgtoolkit.analysis.horizon_ladder_online`): which K each matches.
+
+Writes ``data/nqm.json`` (schedules and loss curves), ``data/ladder.json``, figures
+``nqm_schedules`` and ``horizon_ladder``, and ``summary.md``/``summary.json``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import analysis, horizons, online, plotting, problems, records
+from . import common
+
+__all__ = ["Config", "run", "PAPER"]
+
+#: Wu et al. (2018), Sec. 4 (their spectrum; ours is a stand-in): final E L(w_T) at T = 250.
+PAPER = {"greedy": 63.86, "fixed": 42.19, "optimal": 4.25}
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    d: int = 1000
+    kappa: float = 1000.0
+    spectrum: str = "chebyshev"
+    w0: float = 1.0
+    T: int = 250
+    outer_steps: int = 500
+    mnist_T: int = 100
+    n_train: int = 1000
+    n_val: int = 200
+    hidden: tuple = (50, 50)
+    lr0: float = 0.05
+    betas: tuple = (("hd", 1e-3), ("rtho", 1e-5), ("marthe", 1e-4))
+    Ks: tuple = (1, 10, 100)
+
+    @classmethod
+    def full(cls) -> "Config":
+        return cls(outer_steps=2000, mnist_T=500, n_train=7000, n_val=700, hidden=(500, 500, 500))
+
+    @classmethod
+    def quick(cls) -> "Config":
+        return cls(outer_steps=150)
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        return cls(d=50, T=40, outer_steps=30, mnist_T=20, n_train=200, n_val=100, hidden=(16,), Ks=(1, 5))
+
+
+def _fixed_pair(nqm, T, momentum, lr_max):
+    """Best constant (η, μ) by L-BFGS-B on the exact loss (2 numbers)."""
+    from scipy.optimize import minimize
+
+    def fun(x):
+        p = torch.tensor(x, dtype=nqm.dtype, requires_grad=True)
+        v = horizons.nqm_expected_loss(nqm, p[0].expand(T), p[1].expand(T) if momentum else None)
+        (g,) = torch.autograd.grad(v, p)
+        return float(v.detach()), g.numpy()
+
+    best = None
+    for x0 in ([0.1 * lr_max, 0.5], [0.5 * lr_max, 0.9], [0.02 * lr_max, 0.99]):
+        r = minimize(fun, np.array(x0), jac=True, method="L-BFGS-B",
+                     bounds=[(0.0, lr_max), (0.0, 0.9995 if momentum else 0.0)])
+        if best is None or r.fun < best.fun:
+            best = r
+    return float(best.x[0]), float(best.x[1]), float(best.fun)
+
+
+def _nqm_case(config: Config, noisy: bool, momentum: bool) -> dict:
+    h = horizons.nqm_spectrum(config.d, config.kappa, config.spectrum)
+    from testfunctions import NoisyQuadratic
+    nqm = NoisyQuadratic(h, h if noisy else torch.zeros_like(h), config.w0)
+    T, lr_max = config.T, 2.0 / float(h.max())
+    greedy = horizons.greedy_schedule(nqm, T, momentum=momentum)
+    eta_c, mu_c, fixed = _fixed_pair(nqm, T, momentum, lr_max)
+    x0_eta = torch.full((T,), eta_c, dtype=h.dtype)
+    starts = [(x0_eta, mu_c), (greedy.lrs.clamp(max=lr_max), 0.0 if greedy.momentum is None
+                                else greedy.momentum.clamp(0.0, 0.9995))]  # LRS-OPT from both; keep the better
+    opt = min((horizons.optimal_schedule(nqm, T, momentum, lrs0=e0, momentum0=m0, lr_max=lr_max,
+                                         momentum_max=0.9995, outer_steps=config.outer_steps)
+               for e0, m0 in starts), key=lambda r: r.best_value)
+    best = torch.as_tensor(opt.best_lrs)
+    lrs_opt, mus_opt = (best[:T], best[T:]) if momentum else (best, None)
+    curve = lambda lr, mu: [float(m.expected_loss(h)) for m in horizons.nqm_moments(nqm, lr, mu, history=True)]
+    hi = h >= float(h.median())  # high- vs low-curvature half of the loss at T
+    split = lambda lr, mu: [float(0.5 * (h * (m.mean_w ** 2 + m.var_w))[sel].sum())
+                            for m in [horizons.nqm_moments(nqm, lr, mu)] for sel in (hi, ~hi)]
+    return {"noisy": noisy, "momentum": momentum, "initial": float(greedy.losses[0]),
+            "greedy": float(greedy.losses[-1]), "fixed": fixed, "optimal": float(opt.best_value),
+            "fixed_lr": eta_c, "fixed_momentum": mu_c, "lrsopt_status": opt.status,
+            "lrsopt_evaluations": opt.n_evaluations,
+            "schedules": {"greedy": {"lr": greedy.lrs.numpy(), "momentum": None if greedy.momentum is None else greedy.momentum.numpy()},
+                          "optimal": {"lr": lrs_opt.numpy(), "momentum": None if mus_opt is None else mus_opt.numpy()}},
+            "curves": {"greedy": greedy.losses.numpy(), "fixed": curve(x0_eta, torch.full((T,), mu_c, dtype=h.dtype) if momentum else None),
+                       "optimal": curve(lrs_opt, mus_opt)},
+            "high_low_curvature_loss": {"greedy": split(greedy.lrs, greedy.momentum), "optimal": split(lrs_opt, mus_opt)}}
+
+
+def _ladder(config: Config, progress: bool) -> list[dict]:
+    p = problems.mnist_mlp(n_train=config.n_train, n_val=config.n_val, hidden=config.hidden, seed=config.seed,
+                           dtype=torch.float64)
+    out = []
+    for method, beta in config.betas:
+        kw = {"mu": "auto"} if method == "marthe" else {}
+        r = online.run(p, method, lr0=config.lr0, steps=config.mnist_T, beta=beta, progress=progress, **kw)
+        lad = analysis.horizon_ladder_online(r, p, Ks=tuple(config.Ks) + (None,))
+        out.append({"method": method, "beta": beta, "best": lad["best"], "Ks": lad["Ks"], "rows": lad["rows"],
+                    "final_lr": r.final_lr, "final_val_loss": r.final_val_loss, "diverged_at": r.diverged_at})
+    return out
+
+
+def run(config: Config, out_dir, progress: bool = True) -> dict:
+    out = common.as_output_dir(out_dir)
+    cases = {f"{'noisy' if n else 'sigma0'}_{'momentum' if m else 'sgd'}": _nqm_case(config, n, m)
+             for n in (True, False) for m in (True, False)}
+    records.atomic_write_json(out.data("nqm.json"), cases)
+    ladder = _ladder(config, progress)
+    records.atomic_write_json(out.data("ladder.json"), ladder)
+    _figures(out, cases, ladder, config)
+    rows = [[k, c["initial"], c["greedy"], c["fixed"], c["optimal"], c["greedy"] / c["optimal"]] for k, c in cases.items()]
+    rows.append(["Wu et al. (noisy, momentum; their spectrum)", None, PAPER["greedy"], PAPER["fixed"], PAPER["optimal"],
+                 PAPER["greedy"] / PAPER["optimal"]])
+    nqm_table = common.markdown_table(["case", "E L(w_0)", "greedy", "fixed", "optimal", "greedy/optimal"], rows)
+    lrows = [[f"{r['method']} (β={r['beta']:g})"] + [r["rows"][k]["cosine"] for k in r["Ks"]] + [r["best"]] for r in ladder]
+    Ks = ladder[0]["Ks"] if ladder else []
+    ladder_table = common.markdown_table(["run"] + [f"cos K={k}" for k in Ks] + ["best K"], lrows)
+    hl = cases["noisy_momentum"]["high_low_curvature_loss"]
+    notes = [f"Spectrum: {config.spectrum} points on [1/{config.kappa:g}, 1] (a stand-in; Wu et al.'s Li (2005) "
+             "formula is UNVERIFIED), c_i = h_i, w_0 = "
+             f"{config.w0:g}: absolute numbers differ from the paper's, the ordering is the claim.",
+             f"Noisy, momentum: loss at T in the high-/low-curvature halves — greedy {hl['greedy'][0]:.3g} / "
+             f"{hl['greedy'][1]:.3g}, optimal {hl['optimal'][0]:.3g} / {hl['optimal'][1]:.3g}.",
+             "σ = 0 with momentum: greedy (= conjugate gradient) should equal optimal; without momentum it need not.",
+             "Ladder: cosine of each run's online estimates with d⁽ᴷ⁾ along its own schedule; the last K is T."]
+    summary = {"nqm": {k: {kk: c[kk] for kk in ("initial", "greedy", "fixed", "optimal", "fixed_lr", "fixed_momentum",
+                                                 "lrsopt_status")} for k, c in cases.items()},
+               "paper": PAPER, "ladder": [{k: r[k] for k in ("method", "beta", "best", "Ks", "rows")} for r in ladder]}
+    return common.write_summary(out, "Horizons: short-horizon bias on the NQM, and the horizon of online rules",
+                                [("Noisy quadratic model: final expected loss", nqm_table),
+                                 ("Horizon ladder on MNIST (cosine with d⁽ᴷ⁾)", ladder_table)], summary, notes=notes)
+
+
+def _figures(out, cases, ladder, config) -> None:
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for name, c in (("noisy", cases["noisy_momentum"]), ("σ=0", cases["sigma0_momentum"])):
+        ls = "-" if name == "noisy" else ":"
+        for kind, color in (("greedy", "C0"), ("optimal", "C3")):
+            s = c["schedules"][kind]
+            axes[0].plot(s["lr"], ls, color=color, label=f"{kind} ({name})")
+            axes[1].plot(s["momentum"], ls, color=color, label=f"{kind} ({name})")
+        for kind, color in (("greedy", "C0"), ("fixed", "C2"), ("optimal", "C3")):
+            axes[2].semilogy(c["curves"][kind], ls, color=color, label=f"{kind} ({name})")
+    axes[0].set(title="learning rate η_t", xlabel="t")
+    axes[1].set(title="momentum μ_t", xlabel="t")
+    axes[2].set(title="E L(w_t)", xlabel="t")
+    axes[2].legend(fontsize=6)
+    plotting.savefig(fig, out.figure("nqm_schedules"), caption=f"NQM d={config.d}, T={config.T}", close=True)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for i, r in enumerate(ladder):
+        ax.plot([str(k) for k in r["Ks"]], [r["rows"][k]["cosine"] for k in r["Ks"]], "o-", label=r["method"])
+    ax.set(xlabel="horizon K", ylabel="cosine(h, d⁽ᴷ⁾)", title="which horizon each online rule sees")
+    ax.legend()
+    plotting.savefig(fig, out.figure("horizon_ladder"), caption="MNIST MLP", close=True)

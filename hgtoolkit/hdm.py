@@ -1,0 +1,327 @@
+r"""HDM, HDM-HB and HDM-Best: hypergradient descent as online learning (Chu, Gao, Ye, Udell, ICML 2025).
+
+Deterministic, L-smooth ``min_x f(x)`` (METHODS.md A.1–A.8). One iteration scores the stepsize
+P (a scalar αI or a nonnegative diagonal) — and with heavy-ball momentum the coefficient β —
+by the normalised one-step progress at a *trial* point
+
+    x̃ = x − P∇f(x) + β d,   d = x − x⁻  (d = 0, β = 0 without momentum)
+    h(P, β) = [f(x̃) − f(x)] / D,   D = ‖∇f(x)‖² + (τ/2)‖d‖²                        (A.2, A.5)
+    ∂h/∂P = −∇f(x̃) ⊙ ∇f(x) / D  (diagonal),  −⟨∇f(x̃), ∇f(x)⟩ / D  (scalar)
+    ∂h/∂β = ⟨∇f(x̃), d⟩ / D
+
+and updates them by element-wise AdaGrad with projection (A.3, A.4.2–3):
+
+    U ← U + G⊙G,  P ← clip(P − η_p G/(√U + 1e-12), 0, P_max);  v ← v + g_β², β ← clip(β − η_b g_β/(√v + 1e-12), 0, β_max)
+
+Stabilisation (A.4): (1) null step — move to x̃ only if f(x̃) < f(x), else stay (P and β are
+updated either way; x⁻ ← x before the test, so a rejected trial zeroes the next momentum
+term); (4) hyper-LR decay — every ``decay_every`` iterations η_p ← max(0.8η_p, 1e-3η_p⁰)
+until curvature is estimated; (5) curvature estimate and restart — on accepted steps with
+‖x̃ − x‖ > 1e-3 record ‖∇f(x̃) − ∇f(x)‖/‖x̃ − x‖; a counter goes +1 per accepted step and −2
+per null step (≥ 0); when it passes max(min(max_iter/4, 200), 20): L̂ = mean of the records,
+η_p = 1/L̂, U = 0, and τ/2 = L̂²/4 (before: τ/2·‖d‖² ≡ 1e-12). Defaults are HDM-Best's (A.6):
+P_0 = 0 (the first trial is x itself, a wasted evaluation after which every P_i = η_p),
+β_0 = 0.95, β_max = 0.9995, P_max = 1e10/L, η_p = 10/L, η_b = 10.
+
+Each iteration costs exactly one gradient and one function evaluation, both at x̃ (an accepted
+trial's gradient is the next iterate's); ``init`` costs one of each at x_0. Both are counted.
+
+Relation to Baydin et al.'s HD (A.8): SGD-HD updates α_t = α_{t−1} + β_hd ∇f(θ_{t−1})·∇f(θ_{t−2})
+from the same raw signal — the gradient after a step dotted with the gradient that produced
+it, i.e. −∂f(θ_{t−1})/∂α (the one-step hypergradient d⁽¹⁾ of :mod:`hgtoolkit.analysis`).
+HDM (i) divides it by ‖∇f(x)‖² (scale-free, bounded by 1 + L‖P‖), (ii) measures it at a trial
+point and accepts or rejects the step, (iii) uses AdaGrad with projection instead of a constant
+β_hd, (iv) allows a diagonal P and learns β, (v) is full-batch and deterministic, and (vi)
+costs one extra function evaluation per iteration. With ``mode="scalar"``, ``momentum=False``,
+``null_steps=False``, ``adagrad=False``, ``normalise=False`` and ``schedule_hyper_lr=False``
+(no decay/restart of η_p = β_hd) the step is Baydin's HD (its
+update applied after instead of before the step). h is a one-step (greedy) objective, so the
+short-horizon analysis of :mod:`hgtoolkit.horizons` applies: optimal on deterministic problems,
+biased toward small steps under noise.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+import torch
+from torch.func import grad_and_value
+
+from . import records
+
+__all__ = ["HDMConfig", "HDMState", "HDMResult", "init", "step", "run", "surrogate",
+           "surrogate_grad", "MODES"]
+
+MODES = ("scalar", "diag")
+Oracle = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class HDMConfig:
+    """Hyperparameters (module docstring). ``eta_p``/``p_max`` default to 10/L and 1e10/L;
+    ``schedule_hyper_lr`` switches the η_p decay and the curvature restart (A.4.4–5)."""
+
+    L: float
+    mode: str = "diag"
+    momentum: bool = True
+    eta_p: float | None = None
+    eta_b: float = 10.0
+    p0: float = 0.0
+    beta0: float = 0.95
+    beta_max: float = 0.9995
+    p_max: float | None = None
+    null_steps: bool = True
+    adagrad: bool = True
+    normalise: bool = True
+    schedule_hyper_lr: bool = True
+    decay_every: int = 50
+    restart_after: int = 200
+    eps: float = 1e-12
+
+    def __post_init__(self) -> None:
+        if isinstance(self.L, bool) or not isinstance(self.L, (int, float)) or not (self.L > 0 and math.isfinite(self.L)):
+            raise ValueError(f"L must be a finite number > 0, got {self.L!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode={self.mode!r}; choose one of {MODES}")
+        for name in ("eta_p", "p_max"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and v > 0):
+                raise ValueError(f"{name} must be None or > 0, got {v!r}")
+        if not (0 <= self.beta0 <= self.beta_max < 1):
+            raise ValueError(f"beta0 and beta_max need 0 ≤ beta0 ≤ beta_max < 1, got {self.beta0}, {self.beta_max}")
+        if not self.eta_b > 0 or not self.p0 >= 0:
+            raise ValueError(f"eta_b must be > 0 and p0 ≥ 0, got eta_b={self.eta_b}, p0={self.p0}")
+        for name in ("decay_every", "restart_after"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int ≥ 1, got {v!r}")
+
+    @property
+    def eta_p0(self) -> float:
+        return 10.0 / self.L if self.eta_p is None else float(self.eta_p)
+
+    @property
+    def p_upper(self) -> float:
+        return 1e10 / self.L if self.p_max is None else float(self.p_max)
+
+
+class HDMState(NamedTuple):
+    """All tensors. ``x``, ``x_prev``, ``fx``, ``gx`` = f and ∇f at x; ``P``, ``U`` (AdaGrad
+    accumulator of P), ``beta``, ``v`` (of β); ``eta_p``; ``tau_half`` (0 until curvature is
+    estimated); ``curv_sum``/``curv_count`` (records of ‖Δg‖/‖Δx‖); ``counter``; ``k``
+    (iterations); ``n_grad``/``n_f`` (evaluations); ``accepted`` (last trial moved x);
+    ``feedback`` = h(P, β) and ``grad_P`` = ∂h/∂P of the last iteration."""
+
+    x: torch.Tensor
+    x_prev: torch.Tensor
+    fx: torch.Tensor
+    gx: torch.Tensor
+    P: torch.Tensor
+    U: torch.Tensor
+    beta: torch.Tensor
+    v: torch.Tensor
+    eta_p: torch.Tensor
+    tau_half: torch.Tensor
+    curv_sum: torch.Tensor
+    curv_count: torch.Tensor
+    counter: torch.Tensor
+    k: torch.Tensor
+    n_grad: torch.Tensor
+    n_f: torch.Tensor
+    accepted: torch.Tensor
+    feedback: torch.Tensor
+    grad_P: torch.Tensor
+
+
+def surrogate(f: Callable, x: torch.Tensor, P: Any, beta: Any = 0.0, x_prev: torch.Tensor | None = None,
+              tau_half: float = 0.0) -> torch.Tensor:
+    """h(P, β) = [f(x − P∇f(x) + β(x − x⁻)) − f(x)] / (‖∇f(x)‖² + τ/2‖x − x⁻‖²) (differentiable in P, β)."""
+    g, fx = grad_and_value(f)(x)
+    d = torch.zeros_like(x) if x_prev is None else x - x_prev
+    D = (g * g).sum() + tau_half * (d * d).sum()
+    return (f(x - P * g + beta * d) - fx) / D
+
+
+def surrogate_grad(g_trial: torch.Tensor, g: torch.Tensor, d: torch.Tensor, D: torch.Tensor,
+                   mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(∂h/∂P, ∂h/∂β) from ∇f(x̃), ∇f(x), d and D (module docstring)."""
+    gP = -(g_trial * g) / D
+    return (gP.sum() if mode == "scalar" else gP), (g_trial * d).sum() / D
+
+
+def init(config: HDMConfig, x0: torch.Tensor, oracle: Oracle) -> HDMState:
+    """State at x_0 (one f and ∇f evaluation)."""
+    if not isinstance(x0, torch.Tensor) or x0.ndim != 1 or not x0.is_floating_point():
+        raise TypeError("x0 must be a 1-D floating-point tensor")
+    fx, gx = oracle(x0)
+    s = lambda v: torch.tensor(v, dtype=x0.dtype, device=x0.device)
+    P = s(config.p0) if config.mode == "scalar" else torch.full_like(x0, config.p0)
+    beta = s(config.beta0 if config.momentum else 0.0)
+    z = s(0.0)
+    return HDMState(x0, x0, fx.detach(), gx.detach(), P, torch.zeros_like(P), beta, z, s(config.eta_p0), z,
+                    z, z, z, s(0), s(1), s(1), torch.tensor(True), z, torch.zeros_like(P))
+
+
+def step(config: HDMConfig, state: HDMState, oracle: Oracle, max_iter: int = 1000) -> HDMState:
+    """One HDM/HDM-HB iteration (module docstring); ``max_iter`` sets the restart threshold."""
+    c, st = config, state
+    x, g = st.x, st.gx
+    d = x - st.x_prev if c.momentum else torch.zeros_like(x)
+    tau = torch.where(st.tau_half > 0, st.tau_half, torch.zeros_like(st.tau_half))
+    dd = (d * d).sum()
+    D = (g * g).sum() + torch.where(st.tau_half > 0, tau * dd, torch.full_like(dd, 1e-12 if c.momentum else 0.0))
+    if not c.normalise:
+        D = torch.ones_like(D)
+    x_trial = x - st.P * g + st.beta * d
+    f_t, g_t = oracle(x_trial)
+    f_t, g_t = f_t.detach(), g_t.detach()
+    feedback = (f_t - st.fx) / D
+    gP, gb = surrogate_grad(g_t, g, d, D, c.mode)
+    finite = bool(torch.isfinite(f_t)) and bool(torch.isfinite(g_t).all())
+    accept = torch.tensor(finite and (not c.null_steps or bool(f_t < st.fx)))
+    # AdaGrad (or constant hyper-LR) with projection
+    gP = torch.nan_to_num(gP, nan=0.0, posinf=0.0, neginf=0.0)
+    gb = torch.nan_to_num(gb, nan=0.0, posinf=0.0, neginf=0.0)
+    U = st.U + gP * gP
+    v = st.v + gb * gb
+    scale_P = 1 / (U.sqrt() + c.eps) if c.adagrad else torch.ones_like(U)
+    scale_b = 1 / (v.sqrt() + c.eps) if c.adagrad else torch.ones_like(v)
+    P = (st.P - st.eta_p * gP * scale_P).clamp(0.0, c.p_upper)
+    beta = (st.beta - c.eta_b * gb * scale_b).clamp(0.0, c.beta_max) if c.momentum else st.beta
+    # curvature record and counter (A.4.5)
+    step_len = (x_trial - x).norm()
+    record = accept & (step_len > 1e-3)
+    curv = torch.where(record, (g_t - g).norm() / torch.where(record, step_len, torch.ones_like(step_len)),
+                       torch.zeros_like(step_len))
+    curv_sum, curv_count = st.curv_sum + curv, st.curv_count + record.to(x.dtype)
+    counter = torch.where(accept, st.counter + 1, (st.counter - 2).clamp(min=0))
+    k = st.k + 1
+    eta_p, tau_half = st.eta_p, st.tau_half
+    estimated = bool(st.tau_half > 0) or not c.schedule_hyper_lr
+    if not estimated and int(k) % c.decay_every == 0:
+        eta_p = torch.maximum(0.8 * eta_p, torch.full_like(eta_p, 1e-3 * c.eta_p0))
+    threshold = max(min(max_iter // 4, c.restart_after), 20)
+    if not estimated and float(counter) > threshold and float(curv_count) > 0:
+        L_hat = curv_sum / curv_count
+        eta_p, U, tau_half = 1.0 / L_hat, torch.zeros_like(U), L_hat * L_hat / 4
+    x_new = torch.where(accept, x_trial, x)
+    return HDMState(x_new, x, torch.where(accept, f_t, st.fx), torch.where(accept, g_t, g), P, U, beta, v,
+                    eta_p, tau_half, curv_sum, curv_count, counter, k, st.n_grad + 1, st.n_f + 1, accept,
+                    feedback, gP)
+
+
+# ----------------------------------------------------------------------------- the record
+
+_ARRAYS = ("lrs", "betas", "val_losses", "eval_steps", "grad_inf", "grad_evals", "accepted",
+           "feedback", "train_losses", "val_accuracy", "step_times")
+
+
+@dataclass(repr=False)
+class HDMResult(records.RunRecord):
+    r"""One HDM run; arrays have one entry per iterate k = 0 … n (``eval_steps`` = k):
+    ``val_losses[k]`` = f(x_k), ``grad_inf[k]`` = ‖∇f(x_k)‖∞, ``grad_evals[k]`` = gradient
+    evaluations spent to reach x_k; and one per iteration k = 0 … n−1: ``lrs[k]`` = the
+    stepsize P used (its mean for a diagonal P), ``betas[k]`` = β, ``accepted[k]`` (1: the
+    trial became x_{k+1}, 0: null step), ``feedback[k]`` = h(P, β). ``solved_at`` = gradient
+    evaluations when ‖∇f‖∞ ≤ tol was first reached (NaN: not within ``max_iter``).
+    ``train_losses`` = ``val_losses[:-1]`` (f before each iteration; the problem has one loss).
+    """
+
+    config: dict
+    lrs: np.ndarray
+    betas: np.ndarray
+    val_losses: np.ndarray
+    eval_steps: np.ndarray
+    grad_inf: np.ndarray
+    grad_evals: np.ndarray
+    accepted: np.ndarray
+    feedback: np.ndarray
+    train_losses: np.ndarray
+    val_accuracy: np.ndarray | None = None
+    step_times: np.ndarray | None = None
+    solved_at: float = math.nan
+    total_grad_evals: float = 0.0
+    total_f_evals: float = 0.0
+    diverged_at: int | None = None
+    divergence: str | None = None
+    wall_time: float = 0.0
+    final_params: Any = None
+
+    KIND = "hdm"
+    ARRAYS = _ARRAYS
+    SCALARS = ("solved_at", "total_grad_evals", "total_f_evals")
+
+    @property
+    def solved(self) -> bool:
+        return math.isfinite(self.solved_at)
+
+    def __repr__(self) -> str:
+        return (f"HDMResult({self.config.get('method', 'hdm')}, iterations={self.steps_run}, "
+                f"f={self.final_val_loss:.6g}, solved_at={self.solved_at}, grad_evals={self.total_grad_evals:g})")
+
+
+def _oracle(f: Callable) -> Oracle:
+    gv = grad_and_value(f)
+
+    def oracle(x):
+        g, fx = gv(x)
+        return fx.detach(), g.detach()
+
+    return oracle
+
+
+def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDMConfig, *,
+        max_iter: int = 1000, tol: float = 1e-4, label: str | None = None) -> HDMResult:
+    r"""Run HDM from ``x0`` until ‖∇f(x_k)‖∞ ≤ ``tol`` or ``max_iter`` iterations; ``f`` is a
+    differentiable scalar function of a 1-D tensor (its gradient by ``torch.func``).
+
+    >>> import torch
+    >>> A = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    >>> r = run(lambda x: 0.5 * (A * x * x).sum(), torch.ones(2, dtype=torch.float64), HDMConfig(L=10.0))
+    >>> r.solved
+    True
+    """
+    if not callable(f):
+        raise TypeError("f must be callable as f(x) -> scalar tensor")
+    if not isinstance(config, HDMConfig):
+        raise TypeError(f"config must be an HDMConfig, got {type(config).__name__}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int ≥ 1, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be > 0, got {tol!r}")
+    oracle = _oracle(f)
+    start = time.perf_counter()
+    st = init(config, x0, oracle)
+    fs, ginf, nge = [float(st.fx)], [float(st.gx.abs().max())], [int(st.n_grad)]
+    lrs, betas, acc, fb, times = [], [], [], [], []
+    solved_at = nge[0] if ginf[0] <= tol else math.nan
+    diverged_at, divergence = None, None
+    for k in range(max_iter):
+        if math.isfinite(solved_at):
+            break
+        lrs.append(float(st.P.mean()))
+        betas.append(float(st.beta))
+        st = step(config, st, oracle, max_iter)
+        acc.append(int(st.accepted))
+        fb.append(float(st.feedback))
+        fs.append(float(st.fx))
+        ginf.append(float(st.gx.abs().max()))
+        nge.append(int(st.n_grad))
+        times.append(time.perf_counter() - start)
+        if not (math.isfinite(fs[-1]) and bool(torch.isfinite(st.x).all())):
+            diverged_at, divergence = k, "f or x not finite"
+            break
+        if ginf[-1] <= tol:
+            solved_at = nge[-1]
+    arr = lambda v, dt=np.float64: np.asarray(v, dtype=dt)
+    cfg = {"method": label or ("hdm-hb" if config.momentum else "hdm"), **records.to_jsonable(config.__dict__),
+           "max_iter": max_iter, "tol": tol}
+    return HDMResult(config=cfg, lrs=arr(lrs), betas=arr(betas), val_losses=arr(fs),
+                     eval_steps=np.arange(len(fs)), grad_inf=arr(ginf), grad_evals=arr(nge, np.int64),
+                     accepted=arr(acc, np.int8), feedback=arr(fb), train_losses=arr(fs[:-1]),
+                     step_times=arr(times), solved_at=float(solved_at), total_grad_evals=float(st.n_grad),
+                     total_f_evals=float(st.n_f), diverged_at=diverged_at, divergence=divergence,
+                     wall_time=time.perf_counter() - start, final_params=st.x.detach().clone())
