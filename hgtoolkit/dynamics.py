@@ -69,6 +69,11 @@ def _mul(a, x):
     return x if isinstance(a, (int, float)) and a == 1 else a * x
 
 
+def _scaled(scale, x):
+    """scale·x, where a None scale is one (and a None x zero)."""
+    return x if scale is None else _mul(scale, x)
+
+
 def _neg(x):
     return None if x is None else -x
 
@@ -166,11 +171,16 @@ class Dynamics:
 
     # -- derivatives of one update ----------------------------------------------------------
     def tangent(self, state: dict, grad: Any, lr: Any, t: int, dstate: dict | None = None,
-                dgrad: Any = None, dlr: Any = 1.0, **hyper: Any) -> tuple[dict, dict]:
-        r"""(D(s, g, η), ∂D/∂s·ds + ∂D/∂g·dg + ∂D/∂η·dη): the jvp of :meth:`step` along
-        (``dstate``, ``dgrad``, ``dlr``), with tensor hyperparameters held fixed; ``None``
-        tangents are zero. Closed form (no autograd) unless the subclass only has ``step``."""
+                dgrad: Any = None, dlr: Any = 1.0, scale: Any = None, **hyper: Any) -> tuple[dict, dict]:
+        r"""(D(s, g, η), scale·(∂D/∂s·ds + ∂D/∂g·dg) + ∂D/∂η·dη): the jvp of :meth:`step` along
+        (scale·``dstate``, scale·``dgrad``, ``dlr``), with tensor hyperparameters held fixed;
+        ``None`` tangents are zero (``scale=None``: one). The online engine's z_{t+1} =
+        μ A_t z_t + B_t is ``tangent(s, g, η, t, z, H z_w, 1, scale=μ)``. Closed form (no
+        autograd) unless the subclass only has ``step``."""
         if type(self)._update is Dynamics._update:
+            if scale is not None:
+                dstate = None if dstate is None else tree_map(lambda x: scale * x, dstate)
+                dgrad = None if dgrad is None else tree_map(lambda x: scale * x, dgrad)
             return self._jvp_fallback(state, grad, lr, t, dstate, dgrad, dlr, **hyper)
         L = _Leaves(state)
         g = self._g_tilde(L, grad)
@@ -178,7 +188,7 @@ class Dynamics:
         wd = getattr(self, "weight_decay", 0.0)
         if wd and ds["w"] is not None:  # dg̃ = dg + wd·dw
             dg = [_add(_column(dg, i), wd * dw) for i, dw in enumerate(ds["w"])]
-        new, dnew = self._update(L, g, lr, t, self._hyper(hyper), ds, dg, dlr)
+        new, dnew = self._update(L, g, lr, t, self._hyper(hyper), ds, dg, dlr, scale)
         return L.build(new), L.build(dnew)
 
     def cotangent(self, state: dict, grad: Any, lr: Any, t: int, bar: dict,
@@ -199,9 +209,10 @@ class Dynamics:
         return L.build(sbar), grad_bar, lrbar
 
     def _update(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, ds: dict | None = None,
-                dg: list | None = None, dlr: Any = None) -> tuple[dict, dict]:
-        """The update on leaf lists, and its jvp: (new leaves per key, tangent leaves per key).
-        ``g`` includes weight decay and ``dg`` its tangent; ``None`` tangents are zero."""
+                dg: list | None = None, dlr: Any = None, scale: Any = None) -> tuple[dict, dict]:
+        """The update on leaf lists, and its jvp: (new leaves per key, tangent leaves per key)
+        = scale·(∂D/∂s ds + ∂D/∂g dg) + ∂D/∂η dlr. ``g`` includes weight decay and ``dg`` its
+        tangent; ``None`` tangents (and scale) are zero (one)."""
         raise NotImplementedError
 
     def _adjoint(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, bar: dict):
@@ -247,17 +258,18 @@ def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(y, a, x, value=-1)
 
 
-def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any):
-    """w' = w − η d and its tangent dw' = dw − η dd − dη d, leaf by leaf."""
+def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any = None):
+    """w' = w − η d and its tangent dw' = scale·(dw − η dd) − dη d, leaf by leaf (three
+    passes at most: the scale is applied to dw − η dd, not to the incoming tangents)."""
     new = [_axpy(p, lr, x) for p, x in zip(w, d)]
     tan = []
     for i in range(len(w)):
         ddi, dwi = _column(dd, i), _column(dw, i)
-        out = None if ddi is None else (_axpy(dwi, lr, ddi) if dwi is not None else -lr * ddi)
-        out = dwi if out is None else out
+        inner = None if ddi is None else (_axpy(dwi, lr, ddi) if dwi is not None else -lr * ddi)
+        inner = _scaled(scale, dwi if inner is None else inner)
         if dlr is not None:
-            out = _axpy(out, dlr, d[i]) if out is not None else -_mul(dlr, d[i])
-        tan.append(out)
+            inner = _axpy(inner, dlr, d[i]) if inner is not None else -_mul(dlr, d[i])
+        tan.append(inner)
     return new, tan
 
 
@@ -302,11 +314,11 @@ class SGD(Dynamics):
             return {"w": params}
         return {"w": params, "b": tree_zeros_like(params)}
 
-    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None):
+    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):
         ds = ds or {}
         w, dw = L.leaves["w"], ds.get("w")
         if "b" not in L.leaves:
-            new_w, dnew_w = _step_w(w, lr, g, dw, dg, dlr)
+            new_w, dnew_w = _step_w(w, lr, g, dw, dg, dlr, scale)
             return {"w": new_w}, {"w": dnew_w}
         m, db = h["momentum"], ds.get("b")
         b = [m * bb + gg for bb, gg in zip(L.leaves["b"], g)]
@@ -316,8 +328,8 @@ class SGD(Dynamics):
             dd = [_add(_column(dg, i), _mul(m, dbn[i])) for i in range(len(b))]
         else:
             d, dd = b, dbn
-        new_w, dnew_w = _step_w(w, lr, d, dw, dd, dlr)
-        return {"w": new_w, "b": b}, {"w": dnew_w, "b": dbn}
+        new_w, dnew_w = _step_w(w, lr, d, dw, dd, dlr, scale)
+        return {"w": new_w, "b": b}, {"w": dnew_w, "b": [_scaled(scale, x) for x in dbn]}
 
     def _adjoint(self, L, g, lr, t, h, bar):
         w = L.leaves["w"]
@@ -373,7 +385,7 @@ class Adam(Dynamics):
         du_dv = [-uu * rho / (c2 * dd) for uu, (_, rho), dd in zip(u, roots, den)]
         return m, v, u, du_dm, du_dv
 
-    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None):
+    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):
         ds = ds or {}
         b1, b2 = h["beta1"], h["beta2"]
         m, v, u, du_dm, du_dv = self._parts(L, g, t, h)
@@ -382,8 +394,9 @@ class Adam(Dynamics):
         dv = [_add(_mul(b2, _column(ds.get("v"), i)), _mul(2 * (1 - b2) * g[i], _column(dg, i)))
               for i in range(n)]
         du = [_add(_mul(du_dm[i], dm[i]), _mul(du_dv[i], dv[i])) for i in range(n)]
-        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr)
-        return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": dm, "v": dv}
+        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale)
+        return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": [_scaled(scale, x) for x in dm],
+                                              "v": [_scaled(scale, x) for x in dv]}
 
     def _adjoint(self, L, g, lr, t, h, bar):
         b1, b2 = h["beta1"], h["beta2"]
@@ -417,15 +430,15 @@ class _RootScaled(Dynamics):
         du_da = [-uu * s / dd for uu, (_, s), dd in zip(u, roots, den)]
         return rho, c, a, u, du_dg, du_da
 
-    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None):
+    def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):
         ds = ds or {}
         rho, c, a, u, du_dg, du_da = self._parts(L, g, h)
         n = len(a)
         da = [_add(_mul(rho, _column(ds.get(self.acc), i)), _mul(2 * c * g[i], _column(dg, i)))
               for i in range(n)]
         du = [_add(_mul(du_dg[i], _column(dg, i)), _mul(du_da[i], da[i])) for i in range(n)]
-        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr)
-        return {"w": new_w, self.acc: a}, {"w": dnew_w, self.acc: da}
+        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale)
+        return {"w": new_w, self.acc: a}, {"w": dnew_w, self.acc: [_scaled(scale, x) for x in da]}
 
     def _adjoint(self, L, g, lr, t, h, bar):
         rho, c, a, u, du_dg, du_da = self._parts(L, g, h)

@@ -70,7 +70,7 @@ from torch.func import grad_and_value
 from . import dynamics as _dynamics
 from . import marthe as _marthe
 from . import records
-from ._tree import (tree_clone, tree_dot, tree_flatten, tree_leaves, tree_map, tree_scale,
+from ._tree import (tree_clone, tree_dot, tree_flatten, tree_leaves, tree_map,
                     tree_unflatten, tree_zeros_like)
 from .errors import DivergenceError, DivergenceWarning
 from .trajectory import progress_bar
@@ -455,9 +455,7 @@ class Engine:
         if hvp is None:
             opt, z = dyn.tangent(state.opt, grad, lr, t)
         else:
-            mu = state.mu.to(dtype)
-            opt, z = dyn.tangent(state.opt, grad, lr, t, tree_scale(mu, state.z),
-                                 tree_scale(mu, hvp), 1.0)
+            opt, z = dyn.tangent(state.opt, grad, lr, t, state.z, hvp, 1.0, scale=state.mu.to(dtype))
         w = tree_leaves(dyn.params(opt))
         total = w[0].sum()
         for x in w[1:]:

@@ -160,3 +160,16 @@ def test_user_dynamics_without_closed_form_falls_back_to_autodiff():
     assert torch.allclose(tan["w"], 1 - torch.tanh(10 * g))
     sbar, gbar, lrbar = dyn.cotangent({"w": w}, g, lr, 0, {"w": torch.ones(2, dtype=torch.float64)})
     assert torch.allclose(lrbar, -torch.tanh(10 * g).sum())
+
+
+@pytest.mark.parametrize("dyn", TANGENT_CASES, ids=lambda d: f"{d.name}-wd{d.weight_decay}")
+def test_scaled_tangent_is_mu_times_the_state_part_plus_the_lr_column(dyn):
+    """tangent(..., scale=μ) == jvp along (μ ds, μ dg, dη): the engine's μ A_t z_t + B_t."""
+    gen = torch.Generator().manual_seed(2)
+    state, g = _random_state(dyn, gen)
+    lr, mu, dlr = (torch.tensor(x, dtype=torch.float64) for x in (0.07, 0.6, 1.0))
+    ds, dg = _rand_like(state, gen), _rand_like(g, gen)
+    scaled = lambda tree: torch.utils._pytree.tree_map(lambda x: mu * x, tree)
+    _, ref = torch.func.jvp(lambda s, gg, e: dyn.step(s, gg, e, 4), (state, g, lr), (scaled(ds), scaled(dg), dlr))
+    _, tan = dyn.tangent(state, g, lr, 4, ds, dg, 1.0, scale=mu)
+    torch.utils._pytree.tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14), tan, ref)
