@@ -60,9 +60,10 @@ def test_split_step_equals_one_jvp_of_the_whole_step(opt):
 
 # ----------------------------------------------------------------------------- HD = Baydin et al.
 
-def _baydin(problem, opt, alpha0, beta, T, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8):
+def _baydin(problem, opt, alpha0, beta, T, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
     """Baydin et al.'s SGD-HD / SGDN-HD / Adam-HD written out by hand with torch.autograd
-    (independent of hgtoolkit.dynamics): α_t = α_{t−1} − β ∇L_t(θ_t)·∇_α u_{t−1}."""
+    (independent of hgtoolkit.dynamics): α_t = α_{t−1} − β ∇L_t(θ_t)·∇_α u_{t−1}; like their
+    code, weight decay is added to the gradient first, so h uses the regularised gradient."""
     theta = {k: v.clone() for k, v in problem.params0.items()}
     alpha, du = alpha0, None
     buf = {k: torch.zeros_like(v) for k, v in theta.items()}
@@ -72,6 +73,7 @@ def _baydin(problem, opt, alpha0, beta, T, momentum=0.9, b1=0.9, b2=0.999, eps=1
     for t in range(T):
         leaves = {k: x.clone().requires_grad_(True) for k, x in theta.items()}
         grads = dict(zip(leaves, torch.autograd.grad(problem.train_loss(leaves, t), list(leaves.values()))))
+        grads = {k: grads[k] + wd * theta[k] for k in theta}
         if du is not None:
             h = sum(float((grads[k] * du[k]).sum()) for k in theta)
             alpha = alpha - beta * h
@@ -101,6 +103,23 @@ def test_hd_train_mode_is_baydin(opt, beta):
     assert np.ptp(r.lrs) > 1e-3 * MLP_LR[opt]  # the LR did move
     for k in theta:
         assert torch.allclose(r.final_params[k], theta[k], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "nesterov", "adam"])
+def test_hd_with_weight_decay_uses_the_regularised_gradient_as_baydin(opt):
+    """objective="train" differentiates what the optimizer minimises, L_t + wd/2·‖w‖² (Baydin
+    et al.'s code); hd_gradient="raw" (the plain minibatch gradient in h) is measurably different."""
+    T, wd, beta = 10, 0.05, {"sgd": 1e-2, "nesterov": 1e-3, "adam": 1e-4}[opt]
+    alphas, theta = _baydin(MLP, opt, MLP_LR[opt], beta, T, wd=wd)
+    dyn = {"sgd": dynamics.sgd(weight_decay=wd), "nesterov": dynamics.nesterov(0.9, weight_decay=wd),
+           "adam": dynamics.adam(weight_decay=wd)}[opt]
+    kw = dict(lr0=MLP_LR[opt], beta=beta, steps=T, objective="train", lr_floor=None)
+    r = online.run(MLP, "hd", dyn, **kw)
+    assert np.allclose(r.lrs, alphas, rtol=1e-12, atol=0)
+    for k in theta:
+        assert torch.allclose(r.final_params[k], theta[k], rtol=1e-12, atol=1e-14)
+    raw = online.run(MLP, "hd", dyn, hd_gradient="raw", **kw)
+    assert raw.config["hd_gradient"] == "raw" and not np.allclose(raw.lrs, alphas, rtol=1e-6, atol=0)
 
 
 def test_train_mode_evaluates_one_gradient_per_step():
@@ -369,3 +388,62 @@ def test_cli_online_writes_record_and_figure(tmp_path, capsys):
     assert rc == 0 and OnlineResult.load(tmp_path / "fb").config["beta_search"][0]["kappa"] == 1e-8
     assert main(["online", "--method", "hd", "--steps", "5", "--out", str(tmp_path)]) == 2  # β missing
     assert "beta" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- no silent blow-ups
+
+def _small_mnist():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return problems.mnist_mlp(n_train=500, n_val=100, batch_size=50, hidden=(32,))
+
+
+def test_loss_above_divergence_factor_is_divergence_and_adaptive_beta_is_bounded():
+    """MNIST MLP, MARTHE with μ and β adaptive and a large κ: without the β bound β explodes
+    (the old ~1e35), with it every update stays within beta_bound·max(η, η_0)/|h|; a run whose
+    loss climbs above divergence_factor × its start is stopped and says so."""
+    p = _small_mnist()
+    kw = dict(method="marthe", lr0=0.05, beta="auto", beta0=1e-3, kappa=10.0, mu="auto", steps=40,
+              objective="train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)
+        free = online.run(p, beta_bound=None, divergence_factor=None, **kw)
+        bounded = online.run(p, divergence_factor=None, **kw)
+    assert np.nanmax(free.betas) > 1e3 * np.nanmax(bounded.betas) or free.diverged
+    assert bounded.beta_capped > 0 and bounded.config["beta_bound"] == 1.0
+    n = bounded.steps_run - 1
+    # β_{t+1}·|h_{t+1}| ≤ beta_bound·max(η_{t+1}, η_0): hypergrads[t] = h_{t+1}, lrs/betas[t+1]
+    h, lrs, betas = bounded.hypergrads[:n], bounded.lrs[1:n + 1], bounded.betas[1:n + 1]
+    assert np.all(betas * np.abs(h) <= np.maximum(lrs, 0.05) * (1 + 1e-12))
+    # a run pushed up the loss surface: stopped at the first step above 2× the initial loss
+    with pytest.warns(DivergenceWarning, match="divergence_factor"):
+        r = online.run(p, "hd", lr0=3.0, beta=0.0, steps=30, objective="train")
+    assert r.diverged and "divergence_factor" in r.divergence
+    t = r.diverged_at
+    loss_t = online.run(p, "hd", lr0=3.0, beta=0.0, steps=t + 1, objective="train",
+                        divergence_factor=None).train_losses
+    assert loss_t[t] > 2 * loss_t[0] and np.all(loss_t[:t] <= 2 * loss_t[0])
+
+
+def test_val_batch_size_draws_a_fresh_validation_minibatch_each_step():
+    p = _small_mnist()
+    kw = dict(method="marthe", lr0=0.05, beta=1e-3, mu=0.5, steps=6)
+    r = online.run(p, val_batch_size=20, **kw)
+    assert r.config["val_batch_size"] == 20 and list(r.eval_steps) == [0, 6]
+    # by hand: h_t = ∇E_{B_t}(w_t)·z_t with B_t = problem.val_batch(t, 20)
+    full = online.run(p, **kw)
+    assert not np.allclose(r.hypergrads, full.hypergrads)
+    with pytest.raises(ValueError, match="val_batch_size"):
+        online.run(p, val_batch_size=20, objective="train", **{**kw, "method": "hd", "mu": None})
+    with pytest.raises(ValueError, match="val_batch"):
+        online.run(BEALE, "hd", lr0=1e-3, beta=1e-6, steps=3, val_batch_size=2)
+
+
+def test_mu_rule_must_be_a_tensor_function():
+    def python_rule(mu, c, stats):
+        return (1.0 if float(stats.grad_dot) > 0 else 0.0), c
+    with pytest.raises(TypeError, match="tensor function"):
+        online.run(MLP, "marthe", lr0=0.05, beta=1e-3, mu_rule=python_rule, steps=3)
+    tensor_rule = lambda mu, c, stats: (torch.where(stats.grad_dot > 0, 1.0, 0.0), c)
+    r = online.run(MLP, "marthe", lr0=0.05, beta=1e-3, mu_rule=tensor_rule, steps=5)
+    assert set(np.unique(r.mus)) <= {0.0, 1.0}
