@@ -1,6 +1,6 @@
 r"""How far is an online hypergradient estimate from the exact hypergradients?
 
-An online method (HD, RTHO, MARTHE — ``hgtoolkit.online``) runs the recursion of METHODS.md,
+An online method (HD, RTHO, MARTHE — ``hgtoolkit.online``) runs the recursion of docs/methods.md,
 "Online methods: one recursion", once: at step t it uses η_t, takes the step
 s_{t+1} = Φ_t(s_t, η_t), and forms the estimate
 

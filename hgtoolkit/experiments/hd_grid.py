@@ -1,6 +1,6 @@
 r"""Baydin et al. (2018): sensitivity of SGD-HD, SGDN-HD and Adam-HD to (α_0, β) on MNIST.
 
-Hypergradient descent in Baydin et al.'s form (METHODS.md, "Online methods", μ = 0):
+Hypergradient descent in Baydin et al.'s form (docs/methods.md, "Online methods", μ = 0):
 
     α_t = α_{t−1} − β h_t,   h_t = ∇L_t(θ_t)·∇_α u_{t−1}   (SGD: h_t = −∇L_t(θ_t)·∇L_{t−1}(θ_{t−1}))
 

@@ -3,7 +3,7 @@ r"""Chandra et al. (2022), "Gradient Descent: The Ultimate Optimizer": hyperopti
 A tower of height n stacks n optimizers: level 0 trains the weights, level k ≥ 1 learns level
 k−1's hyperparameters (LR, and Adam's β1, β2) from the hypergradient of the current loss
 through one previous step, and the top level's hyperparameters stay fixed
-(:mod:`hgtoolkit.towers`; METHODS.md, "Hyperoptimizer towers"). The paper's claim: as towers
+(:mod:`hgtoolkit.towers`; docs/methods.md, "Hyperoptimizer towers"). The paper's claim: as towers
 grow taller they become less sensitive to the initial choice of hyperparameters.
 
 Two parts, on MNIST (:func:`hgtoolkit.data.mnist`; the 5000-digit fallback when the IDX files
