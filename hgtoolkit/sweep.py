@@ -469,7 +469,11 @@ class Grid:
 
 def _yaml_loader():
     import re
-    import yaml
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("reading YAML grids needs pyyaml (pip install pyyaml), or write "
+                                  "the grid as .json") from None
 
     class Loader(yaml.SafeLoader):
         """SafeLoader that also reads 1e-3 as a float (YAML 1.1 wants 1.0e-3)."""
@@ -560,11 +564,8 @@ def _read_json_named(path: Path, what: str) -> Any:
     """``json.load`` whose errors name the file (a corrupt record says which one, and what to do)."""
     try:
         data = records.read_json(path)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: {what} is not valid JSON ({exc}); delete the file to "
-                         "recompute it") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: {what} is not a text file; delete it to recompute it") from None
+    except json.JSONDecodeError as exc:  # its message names the file
+        raise ValueError(f"{exc.msg}: {what} is corrupt; delete the file to recompute it") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
     return data
@@ -1459,6 +1460,10 @@ def summary_table(results_dir: str | os.PathLike, *, by: Sequence[str] | None = 
             vals = [_fmt([g["result"].get(m) for g in ok]) for m in metrics]
             lines.append("| " + " | ".join(head + [str(len(group)), str(len(group) - len(ok))] + vals) + " |")
         parts.append("\n".join(lines))
+    fallback = Counter(str(r["meta"].get("data")) for r in recs if r.get("meta", {}).get("fallback_data"))
+    for src, n in fallback.items():
+        parts.append(f"**Note: {n} of {len(recs)} cells ran on fallback data — {src}. Not comparable "
+                     "with results on the full data set.**")
     return "\n\n".join(parts) + "\n"
 
 
