@@ -28,7 +28,8 @@ from torch.func import grad_and_value, vjp, vmap
 
 from . import dynamics as _dynamics
 from ._tree import tree_dot, tree_map, tree_zeros_like
-from .trajectory import (check_finite, check_lrs, make_step, progress_bar, tangent_step, train)
+from .trajectory import (check_finite, check_lrs, make_step, progress_bar, scalar_loss, tangent_step,
+                         train)
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES"]
@@ -55,7 +56,8 @@ class HypergradResult:
 
 def _objective(problem, dyn):
     """s ↦ (∇_s E(params(s)), E): the terminal adjoint λ_T and the value (zero for moments)."""
-    return grad_and_value(lambda s: problem.val_loss(dyn.params(s)))
+    val_loss = scalar_loss(problem.val_loss, "val_loss")
+    return grad_and_value(lambda s: val_loss(dyn.params(s)))
 
 
 def _reverse(problem, dyn, lrs, checkpoint_every, progress):

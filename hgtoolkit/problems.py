@@ -75,8 +75,6 @@ class Problem:
         if len(devices) > 1 or len(dtypes) > 1:
             raise ValueError(f"params0 leaves must share one device and dtype, got {devices}, {dtypes}")
         self.params0 = torch.utils._pytree.tree_map(lambda x: x.detach(), self.params0)
-        self.train_loss = _scalar_checked(self.train_loss, "train_loss")
-        self.val_loss = _scalar_checked(self.val_loss, "val_loss")
 
     @property
     def device(self) -> torch.device:
@@ -94,26 +92,6 @@ class Problem:
         """JSON-serialisable summary for result records."""
         return {"name": self.name, "num_params": self.num_params, "dtype": str(self.dtype),
                 "device": str(self.device), **self.info}
-
-
-def _scalar_checked(fn: Callable, name: str) -> Callable:
-    """``fn`` with its output checked to be a 0-d tensor, so that a vector loss is reported as
-    ``problem.<name>`` rather than by torch.func deep inside a transform."""
-    if getattr(fn, "_hg_scalar_checked", False):
-        return fn
-
-    def checked(*args):
-        out = fn(*args)
-        if not isinstance(out, torch.Tensor) or out.dim() != 0:
-            what = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"problem.{name} must return a scalar (0-d) tensor, got {what}; "
-                             "reduce it, e.g. with .mean()")
-        return out
-
-    checked._hg_scalar_checked = True
-    checked.__wrapped__ = fn
-    checked.__doc__ = fn.__doc__
-    return checked
 
 
 def _resolve_device(device: Any) -> torch.device:
