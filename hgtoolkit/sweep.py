@@ -45,6 +45,7 @@ The store (:class:`Store`), one directory per sweep::
     results_dir/errors/<id>.json       a cell that raised (not finished: a re-run retries it)
     results_dir/checkpoints/<id>.*     in-flight LRS-OPT state (deleted when the cell finishes)
     results_dir/events.jsonl           start / finish / error events, with host, pid and time
+    results_dir/driver.lock            the lease of the driver working on it (host, pid, token)
 
 Every file is written atomically (temporary file + rename), so a reader, a re-run or a crash
 never sees half a record. ``run`` skips cells whose record exists, so a killed sweep resumes
@@ -52,34 +53,51 @@ and nothing is computed twice: the driver checks before dispatching and every wo
 again just before starting a cell. :func:`load_results` and :func:`summary_table` read the
 directory only, never memory.
 
+One driver at a time: :func:`run` takes a lease on the directory (``driver.lock``, refreshed
+every 10 s); a second driver waits ``lock_timeout`` seconds and then raises
+:class:`StoreLockedError` saying who holds it; the lease of a dead driver is taken over. Tasks
+check the lease before each cell and before storing a record, so the tasks of a cancelled or
+dead driver store nothing, and a task that does not find the lease file (a node that does not
+share the filesystem) returns its records to the driver instead of writing them where the
+driver cannot see them. Each record carries the lease token (``meta.run``):
+``SweepReport.computed`` lists only this driver's cells.
+
+Batch groups: online cells that differ only in (seed, β) form groups, cut in grid order into
+pieces of at most ``batch`` cells (:func:`batch_groups`). The groups depend on the grid alone —
+not on the executor, the chunk size or what is already stored (a group always runs whole) — so
+a cell's numbers are the same however the sweep runs. When a module ``hgtoolkit.batched``
+provides ``run_online_batch(problem_factory, cells)`` (the vmap-batched runner), a group of ≥ 2
+cells is handed to it — ``problem_factory(seed)`` builds the problem for a seed, ``cells`` are
+:class:`Cell` objects, and it returns one ``OnlineResult`` (or :class:`CellOutput`) per cell, in
+order; a group's records are stored as soon as the group finishes. ``batch=False`` runs every
+cell alone.
+
 Executors:
 
-- ``"local"`` (default): in-process. Cells that differ only in (seed, β) form a group; when a
-  module ``hgtoolkit.batched`` provides ``run_online_batch(problem_factory, cells)`` (the
-  vmap-batched runner), an online group of ≥ 2 cells is handed to it — ``problem_factory(seed)``
-  builds the problem for a seed, ``cells`` are :class:`Cell` objects, and it returns one
-  ``OnlineResult`` (or :class:`CellOutput`) per cell, in order. Otherwise cells run one by one.
-  ``batch=False`` turns the hook off. (Ray tasks use the same hook inside their chunk.)
+- ``"local"`` (default): in-process, group after group.
 - ``"ray"``: a new local Ray (``ray.init("local", num_cpus=…)``) unless Ray is already
   initialised in this process (then it is used as it is) or ``address``
   (``"auto"`` for a cluster started with ``ray start``, ``"ray://host:10001"`` for Ray Client)
-  is given. Cells are cut into chunks (``chunk_size``; default ≈ cells / (4 × CPUs)), the most
-  expensive first (longest-processing-time order shortens the tail); each chunk is one
-  ``@ray.remote(max_retries=3, retry_exceptions=False)`` task that writes each record to the
-  store itself as soon as its cell finishes. A killed worker loses only its in-flight cell: Ray
-  re-runs the task, which skips the cells already stored. ``num_gpus`` per task defaults to 1
+  is given. Batch groups are packed into chunks of about ``chunk_size`` cells (default ≈ cells /
+  (4 × CPUs); a group is never split), the most expensive first (longest-processing-time order
+  shortens the tail); each chunk is one ``@ray.remote(max_retries=3, retry_exceptions=False)``
+  task that writes each record to the store itself as soon as its cell (or group) finishes. A
+  killed worker loses only its in-flight cell or group: Ray re-runs the task, which skips the
+  cells already stored; a task that fails ``max_retries + 1`` times is written to
+  ``errors/<id>.json`` for each of its unstored cells. ``num_gpus`` per task defaults to 1
   when the problem asks for ``device: cuda`` and the cluster has GPUs, else 0. With
   ``worker_writes=False`` (a cluster without a shared filesystem, or a driver connected from
   outside through Ray Client — the default for ``ray://`` addresses) tasks return their
   records and the driver writes them (a killed worker then loses its whole task). Interrupting
-  the driver cancels the outstanding tasks before it returns.
+  the driver cancels the outstanding tasks and returns only once Ray reports each of them
+  ended (a KeyboardInterrupt first, a kill of the worker after 10 s).
 
 Determinism: every cell runs with ``torch.set_num_threads(threads_per_cell)`` (default 1; a
 Ray task reserves that many CPUs) and ``torch.manual_seed(seed)``, so a cell gives
 bit-identical numbers in-process and in a Ray worker on the same machine (compare with
 :func:`records_equal`, which ignores timings, host and pid); other hardware or library
 versions may differ in the last bits. Batched runs (the hook above) are equal to one-by-one
-runs only up to rounding.
+runs only up to rounding, which is why the batch groups are fixed by the grid.
 """
 from __future__ import annotations
 
@@ -1308,9 +1326,9 @@ def _run_ray(pending, store, report, bar, threads, callback, address, num_cpus, 
             raise
         finally:
             report.computed.extend(_own_records(store, (c.id for c in pending_cells), token))
-            own = set(report.computed)
-            report.existing.extend(c.id for c in pending_cells if c.id in store.done()
-                                   and c.id not in own and c.id not in report.existing)
+            own, stored, known = set(report.computed), store.done(), set(report.existing)
+            report.existing.extend(c.id for c in pending_cells  # stored by another driver meanwhile
+                                   if c.id in stored and c.id not in own and c.id not in known)
             for cid in list(report.failed):
                 if cid in own:
                     del report.failed[cid]
