@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hgtoolkit import exact, lrsopt, online, problems, records, sweep, towers
+from hgtoolkit import DivergenceWarning, exact, lrsopt, online, problems, records, sweep, towers
 from hgtoolkit.cli import main as cli_main
 
 BEALE = problems.get("beale")
@@ -268,7 +268,7 @@ def test_finite_difference_picks_an_eps_suited_to_float32():
 def test_a_tower_that_blows_up_is_flagged_in_the_record_and_on_the_terminal(tmp_path, capsys):
     # the loss goes 24.2 → 53.7 without a NaN (as adam/sgd/sgd did on mnist_mlp: 2.2 → 119.7)
     spec, rosen = "adam(lr=1e-2) / sgd(lr=1e-3) / sgd(lr=1e-4)", problems.get("rosenbrock")
-    with pytest.warns(online.DivergenceWarning, match="blew up"):
+    with pytest.warns(DivergenceWarning, match="blew up"):
         r = towers.run(rosen, spec, 30)
     assert r.blew_up and r.value > 2 * r.initial_value
     assert towers.TowerResult.load(r.save(tmp_path / "t.json")).divergence == r.divergence
