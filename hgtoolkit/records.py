@@ -66,8 +66,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as fh:
-        return json.load(fh)
+    """``json.load`` whose errors name the file (a ``json.JSONDecodeError``, i.e. ValueError)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise json.JSONDecodeError(f"{path}: not a valid JSON record ({exc.msg})", exc.doc, exc.pos) from None
+    except UnicodeDecodeError as exc:
+        raise json.JSONDecodeError(f"{path}: not a text (JSON) file", "", exc.start) from None
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
@@ -87,8 +93,18 @@ def save_arrays(path: str | os.PathLike, **arrays: Any) -> Path:
 
 
 def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """The arrays of an ``.npz`` file; a truncated or foreign file raises ValueError naming it."""
+    import zipfile
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        raise ValueError(f"{path}: cannot read the arrays ({type(exc).__name__}: {exc}); the file is "
+                         "truncated or not an .npz written by hgtoolkit") from None
 
 
 class RunRecord:
@@ -167,7 +183,8 @@ class RunRecord:
         """Read a record written by :meth:`save` (the .json path or the stem)."""
         jpath, _, _ = cls._paths(path)
         meta = read_json(jpath)
-        if meta.get("kind") != cls.KIND:
+        if not isinstance(meta, dict) or meta.get("kind") != cls.KIND:
+            meta = meta if isinstance(meta, dict) else {}
             raise ValueError(f"path {jpath} is not a {cls.__name__} record (kind={meta.get('kind')!r})")
         arrays = load_arrays(jpath.with_name(meta["arrays"]))
         params = None

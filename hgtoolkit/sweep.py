@@ -45,6 +45,7 @@ The store (:class:`Store`), one directory per sweep::
     results_dir/errors/<id>.json       a cell that raised (not finished: a re-run retries it)
     results_dir/checkpoints/<id>.*     in-flight LRS-OPT state (deleted when the cell finishes)
     results_dir/events.jsonl           start / finish / error events, with host, pid and time
+    results_dir/driver.lock            the lease of the driver working on it (host, pid, token)
 
 Every file is written atomically (temporary file + rename), so a reader, a re-run or a crash
 never sees half a record. ``run`` skips cells whose record exists, so a killed sweep resumes
@@ -52,34 +53,51 @@ and nothing is computed twice: the driver checks before dispatching and every wo
 again just before starting a cell. :func:`load_results` and :func:`summary_table` read the
 directory only, never memory.
 
+One driver at a time: :func:`run` takes a lease on the directory (``driver.lock``, refreshed
+every 10 s); a second driver waits ``lock_timeout`` seconds and then raises
+:class:`StoreLockedError` saying who holds it; the lease of a dead driver is taken over. Tasks
+check the lease before each cell and before storing a record, so the tasks of a cancelled or
+dead driver store nothing, and a task that does not find the lease file (a node that does not
+share the filesystem) returns its records to the driver instead of writing them where the
+driver cannot see them. Each record carries the lease token (``meta.run``):
+``SweepReport.computed`` lists only this driver's cells.
+
+Batch groups: online cells that differ only in (seed, β) form groups, cut in grid order into
+pieces of at most ``batch`` cells (:func:`batch_groups`). The groups depend on the grid alone —
+not on the executor, the chunk size or what is already stored (a group always runs whole) — so
+a cell's numbers are the same however the sweep runs. When a module ``hgtoolkit.batched``
+provides ``run_online_batch(problem_factory, cells)`` (the vmap-batched runner), a group of ≥ 2
+cells is handed to it — ``problem_factory(seed)`` builds the problem for a seed, ``cells`` are
+:class:`Cell` objects, and it returns one ``OnlineResult`` (or :class:`CellOutput`) per cell, in
+order; a group's records are stored as soon as the group finishes. ``batch=False`` runs every
+cell alone.
+
 Executors:
 
-- ``"local"`` (default): in-process. Cells that differ only in (seed, β) form a group; when a
-  module ``hgtoolkit.batched`` provides ``run_online_batch(problem_factory, cells)`` (the
-  vmap-batched runner), an online group of ≥ 2 cells is handed to it — ``problem_factory(seed)``
-  builds the problem for a seed, ``cells`` are :class:`Cell` objects, and it returns one
-  ``OnlineResult`` (or :class:`CellOutput`) per cell, in order. Otherwise cells run one by one.
-  ``batch=False`` turns the hook off. (Ray tasks use the same hook inside their chunk.)
+- ``"local"`` (default): in-process, group after group.
 - ``"ray"``: a new local Ray (``ray.init("local", num_cpus=…)``) unless Ray is already
   initialised in this process (then it is used as it is) or ``address``
   (``"auto"`` for a cluster started with ``ray start``, ``"ray://host:10001"`` for Ray Client)
-  is given. Cells are cut into chunks (``chunk_size``; default ≈ cells / (4 × CPUs)), the most
-  expensive first (longest-processing-time order shortens the tail); each chunk is one
-  ``@ray.remote(max_retries=3, retry_exceptions=False)`` task that writes each record to the
-  store itself as soon as its cell finishes. A killed worker loses only its in-flight cell: Ray
-  re-runs the task, which skips the cells already stored. ``num_gpus`` per task defaults to 1
+  is given. Batch groups are packed into chunks of about ``chunk_size`` cells (default ≈ cells /
+  (4 × CPUs); a group is never split), the most expensive first (longest-processing-time order
+  shortens the tail); each chunk is one ``@ray.remote(max_retries=3, retry_exceptions=False)``
+  task that writes each record to the store itself as soon as its cell (or group) finishes. A
+  killed worker loses only its in-flight cell or group: Ray re-runs the task, which skips the
+  cells already stored; a task that fails ``max_retries + 1`` times is written to
+  ``errors/<id>.json`` for each of its unstored cells. ``num_gpus`` per task defaults to 1
   when the problem asks for ``device: cuda`` and the cluster has GPUs, else 0. With
   ``worker_writes=False`` (a cluster without a shared filesystem, or a driver connected from
   outside through Ray Client — the default for ``ray://`` addresses) tasks return their
   records and the driver writes them (a killed worker then loses its whole task). Interrupting
-  the driver cancels the outstanding tasks before it returns.
+  the driver cancels the outstanding tasks and returns only once Ray reports each of them
+  ended (a KeyboardInterrupt first, a kill of the worker after 10 s).
 
 Determinism: every cell runs with ``torch.set_num_threads(threads_per_cell)`` (default 1; a
 Ray task reserves that many CPUs) and ``torch.manual_seed(seed)``, so a cell gives
 bit-identical numbers in-process and in a Ray worker on the same machine (compare with
 :func:`records_equal`, which ignores timings, host and pid); other hardware or library
 versions may differ in the last bits. Batched runs (the hook above) are equal to one-by-one
-runs only up to rounding.
+runs only up to rounding, which is why the batch groups are fixed by the grid.
 """
 from __future__ import annotations
 
@@ -92,10 +110,12 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
+import uuid
 import traceback
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -108,8 +128,8 @@ from . import records
 from .errors import DivergenceError
 
 __all__ = ["Grid", "Cell", "CellKind", "CellOutput", "CELL_KINDS", "register_cell_kind",
-           "load_grids", "run", "SweepReport", "Store", "load_results", "summary_table",
-           "records_equal", "to_result", "EXECUTORS"]
+           "load_grids", "run", "SweepReport", "Store", "StoreLockedError", "load_results",
+           "summary_table", "records_equal", "to_result", "EXECUTORS", "BATCH_MAX"]
 
 EXECUTORS = ("local", "ray")
 _RECORD_FORMAT = "hgtoolkit.sweep.cell/1"
@@ -360,6 +380,7 @@ class CellContext:
 
     checkpoint: Path | None
     problem_factory: Callable[[int | None], Any]
+    cell_id: str = ""
 
 
 # ============================================================================ the grid
@@ -466,7 +487,11 @@ class Grid:
 
 def _yaml_loader():
     import re
-    import yaml
+    try:
+        import yaml
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("reading YAML grids needs pyyaml (pip install pyyaml), or write "
+                                  "the grid as .json") from None
 
     class Loader(yaml.SafeLoader):
         """SafeLoader that also reads 1e-3 as a float (YAML 1.1 wants 1.0e-3)."""
@@ -545,6 +570,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
+LEASE_STALE_S = 60.0  # a lease on another host without a heartbeat for this long is stale
+_HEARTBEAT_S = 10.0
+
+
+class StoreLockedError(RuntimeError):
+    """Another driver holds the results directory."""
+
+
+def _read_json_named(path: Path, what: str) -> Any:
+    """``json.load`` whose errors name the file (a corrupt record says which one, and what to do)."""
+    try:
+        data = records.read_json(path)
+    except json.JSONDecodeError as exc:  # its message names the file
+        raise ValueError(f"{exc.msg}: {what} is corrupt; delete the file to recompute it") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
 class Store:
     """A sweep's results directory (layout in the module docstring). Safe for many writers:
     every file is written atomically and each cell has its own files."""
@@ -556,6 +600,7 @@ class Store:
         self.checkpoints_dir = self.root / "checkpoints"
         self.events_path = self.root / "events.jsonl"
         self.manifest_path = self.root / "manifest.json"
+        self.lock_path = self.root / "driver.lock"
 
     # ---------------------------------------------------------------- records
     def record_path(self, cell_id: str) -> Path:
@@ -586,14 +631,27 @@ class Store:
     def read(self, cell_id: str, arrays: bool = True) -> dict:
         """A record; with ``arrays`` its arrays as ``record["arrays"]`` (name → ndarray) and
         timing arrays in ``record["meta"]["timing"]``."""
-        rec = records.read_json(self.record_path(cell_id))
+        rec = _read_json_named(self.record_path(cell_id), f"the record of cell {cell_id}")
+        if rec.get("format") != _RECORD_FORMAT or not isinstance(rec.get("meta"), dict):
+            raise ValueError(f"{self.record_path(cell_id)}: not a sweep cell record (format "
+                             f"{rec.get('format')!r}, expected {_RECORD_FORMAT!r}); delete it to "
+                             "recompute the cell")
         names, tnames = rec.get("arrays", []), rec["meta"].get("timing_arrays", [])
         if not arrays:
             return rec
-        data = records.load_arrays(self.cells_dir / f"{cell_id}.npz") if names or tnames else {}
-        rec["arrays"] = {k: data[k] for k in names}
+        npz = self.cells_dir / f"{cell_id}.npz"
+        try:
+            data = records.load_arrays(npz) if names or tnames else {}
+            rec["arrays"] = {k: data[k] for k in names}
+            timing_arrays = {k: data[f"meta.{k}"] for k in tnames}
+        except (OSError, ValueError, KeyError, EOFError) as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise ValueError(f"{npz}: missing; the arrays of cell {cell_id} are gone "
+                                 f"(delete {self.record_path(cell_id)} to recompute it)") from None
+            raise ValueError(f"{npz}: corrupt arrays of cell {cell_id} ({type(exc).__name__}: {exc}); "
+                             f"delete it and {self.record_path(cell_id)} to recompute the cell") from None
         rec["meta"]["timing"] = {**{k: v for k, v in rec["meta"].get("timing", {}).items()},
-                                 **{k: data[f"meta.{k}"] for k in tnames}}
+                                 **timing_arrays}
         return rec
 
     # ---------------------------------------------------------------- errors, checkpoints, log
@@ -648,19 +706,107 @@ class Store:
 
     # ---------------------------------------------------------------- manifest
     def manifest(self) -> dict | None:
-        return records.read_json(self.manifest_path) if self.manifest_path.exists() else None
+        if not self.manifest_path.exists():
+            return None
+        return _read_json_named(self.manifest_path, "the sweep's manifest")
 
     def add_grids(self, grids: Sequence[Grid]) -> None:
-        """Record the grids in ``manifest.json`` (a re-run with an extended grid adds it)."""
-        old = self.manifest() or {}
-        known = list(old.get("grids", []))
-        texts = {canonical_json(g) for g in known}
-        for g in grids:
-            if canonical_json(g.to_dict()) not in texts:
-                known.append(g.to_dict())
-        records.atomic_write_json(self.manifest_path, {
-            "format": "hgtoolkit.sweep.manifest/1", "grids": known,
-            "created": old.get("created", _now()), "updated": _now()})
+        """Record the grids in ``manifest.json`` (a re-run with an extended grid adds it).
+        The read-modify-write holds an exclusive ``flock`` on ``.manifest.lock``, so two
+        processes adding grids at once both land."""
+        import fcntl
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".manifest.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                old = self.manifest() or {}
+                known = list(old.get("grids", []))
+                texts = {canonical_json(g) for g in known}
+                for g in grids:
+                    if canonical_json(g.to_dict()) not in texts:
+                        known.append(g.to_dict())
+                records.atomic_write_json(self.manifest_path, {
+                    "format": "hgtoolkit.sweep.manifest/1", "grids": known,
+                    "created": old.get("created", _now()), "updated": _now()})
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ---------------------------------------------------------------- the driver's lease
+    # ``driver.lock`` holds {token, host, pid, started}; its mtime is the driver's heartbeat.
+    # Only one driver works on a directory at a time; tasks check the lease before starting a
+    # cell and before storing one, so a task of a cancelled (or dead) driver stores nothing, and
+    # a task that cannot see the file is on a node without the shared filesystem.
+
+    def holder(self) -> dict | None:
+        """The lease (token, host, pid, started) or None when no driver holds the directory."""
+        try:
+            with open(self.lock_path) as fh:
+                return json.load(fh)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def holds(self, token: str) -> bool:
+        return (self.holder() or {}).get("token") == token
+
+    def _stale(self, info: dict | None) -> bool:
+        if info is None:  # a lock file being written, or garbage: judge by its age
+            with contextlib.suppress(FileNotFoundError):
+                return time.time() - self.lock_path.stat().st_mtime > LEASE_STALE_S
+            return False
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                pass
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            return time.time() - self.lock_path.stat().st_mtime > LEASE_STALE_S
+        return False
+
+    def acquire(self, token: str, wait: float = 0.0) -> None:
+        """Take the lease, waiting up to ``wait`` seconds for another driver to finish; a lease
+        whose driver died (same host: its pid is gone; elsewhere: no heartbeat for
+        ``LEASE_STALE_S`` s) is taken over. Raises :class:`StoreLockedError` saying who holds it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wait
+        body = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(),
+                           "started": _now()}).encode()
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                info = self.holder()
+                if self._stale(info):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.lock_path)
+                    self.log("lease_taken_over", "", previous=info)
+                    continue
+                if time.monotonic() >= deadline:
+                    who = (f"pid {info.get('pid')} on {info.get('host')}, since {info.get('started')}"
+                           if info else "a driver")
+                    raise StoreLockedError(
+                        f"results_dir {self.root} is in use by another sweep driver ({who}); "
+                        f"wait for it to finish (lock_timeout=…, CLI --wait SECONDS), or if that "
+                        f"driver is dead and this is not detected, delete {self.lock_path}") from None
+                time.sleep(0.2)
+                continue
+            try:
+                os.write(fd, body)
+            finally:
+                os.close(fd)
+            return
+
+    def heartbeat(self, token: str) -> None:
+        if self.holds(token):
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.lock_path)
+
+    def release(self, token: str) -> None:
+        if self.holds(token):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
 
 
 # ============================================================================ running cells
@@ -723,22 +869,43 @@ def _as_output(kind: CellKind, obj: Any) -> CellOutput:
     return convert(obj)
 
 
-class _Runner:
-    """Runs cells into a store: one process's worth of the sweep (local executor or a Ray task)."""
+class _LeaseLost(RuntimeError):
+    """The driver that started this task no longer holds the results directory."""
 
-    def __init__(self, store: Store, executor: str, threads: int, write: bool, batch: bool):
-        self.store, self.executor, self.threads, self.write, self.batch = store, executor, threads, write, batch
+
+class _Runner:
+    """Runs cells into a store: one process's worth of the sweep (local executor or a Ray task).
+
+    ``token``: the driver's lease; with ``write`` the runner checks it before each cell and
+    before storing a record, so that a task whose driver was cancelled (or died, and another
+    driver took over) stores nothing."""
+
+    def __init__(self, store: Store, executor: str, threads: int, write: bool,
+                 token: str | None = None):
+        self.store, self.executor, self.threads, self.write = store, executor, threads, write
+        self.token = token
         self.payloads: list = []  # (record, arrays, timing) when the driver writes
 
-    def _meta(self, t0: float, caught) -> dict:
-        return {"executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
-                "finished": _now(), "wall_time": time.perf_counter() - t0,
+    def _check_lease(self) -> None:
+        if self.write and self.token is not None and not self.store.holds(self.token):
+            raise _LeaseLost(f"the driver's lease on {self.store.root} is gone (cancelled, or "
+                             "another driver took over): stopping without storing anything")
+
+    def _meta(self, t0: float, caught, problem=None) -> dict:
+        meta = {"executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
+                "run": self.token, "finished": _now(), "wall_time": time.perf_counter() - t0,
                 "warnings": _warning_texts(caught), "versions": _versions()}
+        info = getattr(problem, "info", None) or {}
+        if "data" in info:  # where the data came from (the MNIST fallback says so)
+            meta["data"] = info["data"]
+            meta["fallback_data"] = bool(info.get("is_fallback", False))
+        return meta
 
     def _finish(self, cell: Cell, out: CellOutput, meta: dict) -> None:
         rec, arrays, timing = _record(cell, out, meta)
         rec["meta"]["timing"].setdefault("wall_time", meta["wall_time"])
         if self.write:
+            self._check_lease()
             self.store.write(rec, arrays, timing)
             self.store.clear_checkpoint(cell.id)
             self.store.log("finish", cell.id, status=out.status, wall_time=meta["wall_time"])
@@ -749,6 +916,7 @@ class _Runner:
         error = traceback.format_exc(limit=20)
         meta = self._meta(t0, caught)
         if self.write:
+            self._check_lease()
             self.store.write_error(cell, error, meta)
             self.store.log("error", cell.id, error=error.strip().splitlines()[-1])
         else:
@@ -759,62 +927,68 @@ class _Runner:
         """``"existing"`` (already stored: skipped), ``"computed"`` or ``"error"``."""
         if self.write and self.store.has(cell.id):
             return "existing"
+        self._check_lease()
         kind = CELL_KINDS[cell.kind]
         if self.write:
             self.store.log("start", cell.id, executor=self.executor)
-        t0 = time.perf_counter()
+        t0, problem = time.perf_counter(), None
         with _cell_environment(self.threads, cell.seed) as caught:
             try:
                 factory = lambda seed: build_problem(cell.problem, seed)
-                ctx = CellContext(self.store.checkpoint(cell.id) if self.write else None, factory)
+                ctx = CellContext(self.store.checkpoint(cell.id) if self.write else None, factory, cell.id)
+                problem = factory(cell.seed)
                 try:
-                    out = _as_output(kind, kind.run(factory(cell.seed), dict(cell.params), ctx))
+                    out = _as_output(kind, kind.run(problem, dict(cell.params), ctx))
                 except DivergenceError as exc:
                     out = _divergence_output(exc)
             except Exception:  # recorded in errors/<id>.json; a re-run retries the cell
                 self._fail(cell, t0, caught)
                 return "error"
-        self._finish(cell, out, self._meta(t0, caught))
+        self._finish(cell, out, self._meta(t0, caught, problem))
         return "computed"
 
-    def run_batch(self, fn: Callable, cells: list[Cell]) -> list[str]:
-        todo = [c for c in cells if not (self.write and self.store.has(c.id))]
-        if len(todo) < 2:
-            return [self.run_cell(c) for c in cells]
-        kind, first = CELL_KINDS[todo[0].kind], todo[0]
+    def run_batch(self, fn: Callable, group: list[Cell]) -> list[str]:
+        """A batch group (fixed by the grid, :func:`batch_groups`) through the batched runner.
+        The whole group always runs, so that a cell's numbers never depend on which of its
+        group-mates were stored before; only the missing cells are stored."""
+        todo = [c for c in group if not (self.write and self.store.has(c.id))]
+        if not todo:
+            return ["existing"] * len(group)
+        self._check_lease()
+        kind, first = CELL_KINDS[group[0].kind], group[0]
         for c in todo:
             if self.write:
-                self.store.log("start", c.id, executor=self.executor, batched=len(todo))
-        t0, failure = time.perf_counter(), None
+                self.store.log("start", c.id, executor=self.executor, batched=len(group))
+        t0, failure, problem = time.perf_counter(), None, None
         with _cell_environment(self.threads, first.seed) as caught:
             try:
-                outs = fn(lambda seed: build_problem(first.problem, seed), todo)
+                factory = lambda seed: build_problem(first.problem, seed)
+                problem = factory(first.seed)
+                outs = fn(factory, group)
                 outs = [_as_output(kind, o) for o in outs]
-                if len(outs) != len(todo):
-                    raise RuntimeError(f"run_online_batch returned {len(outs)} results for {len(todo)} cells")
+                if len(outs) != len(group):
+                    raise RuntimeError(f"run_online_batch returned {len(outs)} results for {len(group)} cells")
             except Exception:
                 failure = traceback.format_exc(limit=1).strip().splitlines()[-1]
         if failure is not None:  # fall back to one by one
             warnings.warn(f"hgtoolkit.batched.run_online_batch failed ({failure}); running the "
-                          f"{len(todo)} cells one by one", RuntimeWarning, stacklevel=2)
-            return [self.run_cell(c) for c in cells]
-        meta = self._meta(t0, caught)
-        meta["batched"] = len(todo)
-        for c, o in zip(todo, outs):
-            self._finish(c, o, meta)
-        return ["computed" if c in todo else "existing" for c in cells]
+                          f"{len(group)} cells one by one", RuntimeWarning, stacklevel=2)
+            return [self.run_cell(c) for c in group]
+        meta = self._meta(t0, caught, problem)
+        meta["batched"] = len(group)
+        for c, o in zip(group, outs):
+            if c in todo:
+                self._finish(c, o, meta)
+        return ["computed" if c in todo else "existing" for c in group]
 
-    def run_cells(self, cells: Sequence[Cell], on_done: Callable[[Cell, str], None] | None = None) -> dict[str, str]:
-        fn = _batched_runner() if self.batch else None
+    def run_groups(self, groups: Sequence[Sequence[Cell]],
+                   on_done: Callable[[Cell, str], None] | None = None) -> dict[str, str]:
+        """Run batch groups (lists of cells; a group of one runs unbatched), storing each
+        cell's record as soon as it (or its group) finishes."""
+        fn = _batched_runner() if any(len(g) > 1 for g in groups) else None
         status: dict[str, str] = {}
-        groups: "OrderedDict[str, list[Cell]]" = OrderedDict()
-        for c in cells:
-            groups.setdefault(c.batch_key() if fn is not None and c.kind == "online" else c.id, []).append(c)
-        for group in groups.values():
-            if len(group) > 1:
-                results = self.run_batch(fn, group)
-            else:
-                results = [self.run_cell(group[0])]
+        for group in groups:
+            results = self.run_batch(fn, list(group)) if len(group) > 1 else [self.run_cell(group[0])]
             for c, s in zip(group, results):
                 status[c.id] = s
                 if on_done is not None:
@@ -834,11 +1008,37 @@ def _batched_runner() -> Callable | None:
     return getattr(batched, "run_online_batch", None)
 
 
-def _ray_chunk(cells: list[dict], root: str, threads: int, write: bool, batch: bool) -> list:
-    """One Ray task: run a chunk of cells, writing each record as it finishes."""
-    runner = _Runner(Store(root), "ray", threads, write, batch)
-    status = runner.run_cells([Cell.from_dict(c) for c in cells])
-    return [status, runner.payloads]
+BATCH_MAX = 32  # cells per batch group (``batch=True``)
+
+
+def batch_groups(cells: Sequence[Cell], batch: bool | int = True) -> list[list[Cell]]:
+    """The batch groups of ``cells`` (all cells of the grids, in grid order): online cells that
+    differ only in (seed, β), cut in grid order into pieces of at most ``batch`` cells
+    (``True``: :data:`BATCH_MAX`; ``False``/1 or no batched runner: every cell alone). The
+    groups depend on the grid only — never on the executor, the chunk size or what is stored —
+    so a cell's numbers are the same however the sweep is run."""
+    size = BATCH_MAX if batch is True else int(batch or 1)
+    if size < 2 or _batched_runner() is None:
+        return [[c] for c in cells]
+    keyed: "OrderedDict[str, list[Cell]]" = OrderedDict()
+    for c in cells:
+        keyed.setdefault(c.batch_key() if c.kind == "online" else c.id, []).append(c)
+    return [g[i:i + size] for g in keyed.values() for i in range(0, len(g), size)]
+
+
+def _ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, token: str,
+               kind_modules: list[str]) -> list:
+    """One Ray task: run a chunk of batch groups, storing each record as it finishes.
+    Returns [status, payloads, info]: when this node cannot see the driver's lease in
+    ``root`` (no shared filesystem) the records come back as payloads for the driver."""
+    import importlib
+    for m in kind_modules:  # kinds registered by other modules (e.g. tests) exist here too
+        importlib.import_module(m)
+    store = Store(root)
+    sees = store.holds(token)
+    runner = _Runner(store, "ray", threads, write and sees, token if sees else None)
+    status = runner.run_groups([[Cell.from_dict(c) for c in g] for g in groups])
+    return [status, runner.payloads, {"host": socket.gethostname(), "sees_store": sees}]
 
 
 # ============================================================================ the driver
@@ -846,8 +1046,10 @@ def _ray_chunk(cells: list[dict], root: str, threads: int, write: bool, batch: b
 @dataclass
 class SweepReport:
     """What one call of :func:`run` did. ``existing``: cells already stored (skipped);
-    ``computed``: cells finished by this call; ``failed``: id → error (not stored; a re-run
-    retries them); ``missing``: cells neither stored nor failed (interrupted)."""
+    ``computed``: cells finished by this call (this driver's own records); ``failed``: id →
+    error (not stored; a re-run retries them); ``missing``: cells neither stored nor failed
+    (interrupted); ``notes``: things to know about the results (fallback data, workers that
+    could not see the results directory)."""
 
     results_dir: Path
     executor: str
@@ -856,6 +1058,7 @@ class SweepReport:
     computed: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)
     wall_time: float = 0.0
+    notes: list = field(default_factory=list)
 
     @property
     def missing(self) -> int:
@@ -867,9 +1070,10 @@ class SweepReport:
 
     def __str__(self) -> str:
         rate = len(self.computed) / self.wall_time if self.wall_time > 0 else math.nan
-        return (f"sweep {self.results_dir}: {self.total} cells — {len(self.existing)} already done, "
+        text = (f"sweep {self.results_dir}: {self.total} cells — {len(self.existing)} already done, "
                 f"{len(self.computed)} computed ({rate:.3g} cells/s, {self.executor}), "
                 f"{len(self.failed)} failed, {self.missing} missing; {self.wall_time:.1f} s")
+        return "\n".join([text] + [f"  note: {n}" for n in self.notes])
 
 
 def _unique_cells(grids: Sequence[Grid]) -> list[Cell]:
@@ -882,23 +1086,32 @@ def _unique_cells(grids: Sequence[Grid]) -> list[Cell]:
     return cells
 
 
+def _check_int(name: str, value: Any, lo: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name} must be an int ≥ {lo}, got {value!r}")
+
+
 def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: str | os.PathLike, *,
         executor: str = "local", address: str | None = None, num_cpus: int | None = None,
         num_gpus: float | None = None, chunk_size: int | None = None, threads_per_cell: int = 1,
         max_retries: int = 3, runtime_env: dict | None = None, worker_writes: bool | None = None,
-        batch: bool = True, progress: bool = True,
+        batch: bool | int = True, lock_timeout: float = 0.0, progress: bool = True,
         callback: Callable[[int, int], Any] | None = None) -> SweepReport:
     """Run every cell of ``grids`` not yet in ``results_dir``; return a :class:`SweepReport`.
 
     ``executor``: ``"local"`` (in-process) or ``"ray"``. For Ray (module docstring):
     ``address`` (None: a local Ray with ``num_cpus`` CPUs, unless Ray is already initialised,
     in which case it is used as it is), ``num_gpus`` and ``max_retries`` per task,
-    ``chunk_size`` cells per task, ``runtime_env`` for ``ray.init``; ``worker_writes``: workers
-    write records into ``results_dir`` (a path they must see: local Ray, or a filesystem shared
-    by the cluster), or with False return them for the driver to write (a driver outside the
-    cluster); default False for a ``ray://`` (Ray Client) address, else True.
+    ``chunk_size`` cells per task (a batch group is never split), ``runtime_env`` for
+    ``ray.init``; ``worker_writes``: workers write records into ``results_dir`` (a path they
+    must see: local Ray, or a filesystem shared by the cluster — a worker that does not see the
+    driver's lease file there sends its records back instead), or with False always return
+    them for the driver to write; default False for a ``ray://`` (Ray Client) address, else True.
     ``threads_per_cell``: torch threads inside a cell (1: deterministic across executors).
-    ``batch``: use the ``hgtoolkit.batched`` hook if it exists.
+    ``batch``: batch groups of at most this many online cells (True: :data:`BATCH_MAX`) go
+    through the ``hgtoolkit.batched`` hook; False: every cell alone.
+    ``lock_timeout``: seconds to wait while another driver holds ``results_dir`` before
+    raising :class:`StoreLockedError` (default 0: say so at once).
     ``callback(done, total)`` is called by the driver whenever cells finish
     (an exception raised there interrupts the sweep like Ctrl-C does). Errors inside a cell
     do not stop the sweep: they are stored in ``errors/`` and reported in ``report.failed``.
@@ -906,16 +1119,18 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
     grids = _as_grids(grids)
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}")
-    if isinstance(threads_per_cell, bool) or not isinstance(threads_per_cell, int) or threads_per_cell < 1:
-        raise ValueError(f"threads_per_cell must be a positive int, got {threads_per_cell!r}")
+    _check_int("threads_per_cell", threads_per_cell, 1)
     if executor == "local" and (address is not None or num_gpus):
         raise ValueError("address and num_gpus are for executor='ray'")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-        raise ValueError(f"max_retries must be an int ≥ 0, got {max_retries!r}")
+    if chunk_size is not None:
+        _check_int("chunk_size", chunk_size, 1)
+    _check_int("max_retries", max_retries, 0)
     if num_gpus is not None and (isinstance(num_gpus, bool) or not isinstance(num_gpus, (int, float)) or num_gpus < 0):
         raise ValueError(f"num_gpus must be a number ≥ 0, got {num_gpus!r}")
+    if not isinstance(batch, bool):
+        _check_int("batch", batch, 1)
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not lock_timeout >= 0:
+        raise ValueError(f"lock_timeout must be a number of seconds ≥ 0, got {lock_timeout!r}")
 
     if executor == "ray":
         import importlib.util
@@ -924,33 +1139,59 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
     if worker_writes is None:
         worker_writes = not (isinstance(address, str) and address.startswith("ray://"))
     store = Store(results_dir)
-    store.root.mkdir(parents=True, exist_ok=True)
-    store.add_grids(grids)
-    cells = _unique_cells(grids)
-    done = store.done()
-    report = SweepReport(store.root, executor, len(cells),
-                         existing=[c.id for c in cells if c.id in done])
-    pending = [c for c in cells if c.id not in done]
-    t0 = time.perf_counter()
-    from .trajectory import progress_bar
-    bar = progress_bar(None, progress, total=len(cells), initial=len(report.existing), unit="cell",
-                       desc=f"sweep {grids[0].name}" + (f" +{len(grids) - 1}" if len(grids) > 1 else ""))
+    token = uuid.uuid4().hex
+    store.acquire(token, lock_timeout)
+    beat = threading.Event()
+    threading.Thread(target=_heartbeat, args=(store, token, beat), daemon=True).start()
     try:
-        if pending:
-            if executor == "local":
-                _run_local(pending, store, report, bar, threads_per_cell, batch, callback)
-            else:
-                _run_ray(pending, store, report, bar, threads_per_cell, batch, callback, address,
-                         num_cpus, num_gpus, chunk_size, max_retries, runtime_env, worker_writes)
+        store.add_grids(grids)
+        cells = _unique_cells(grids)
+        groups = batch_groups(cells, batch)
+        done = store.done()
+        report = SweepReport(store.root, executor, len(cells),
+                             existing=[c.id for c in cells if c.id in done])
+        pending = [g for g in groups if any(c.id not in done for c in g)]
+        t0 = time.perf_counter()
+        from .trajectory import progress_bar
+        bar = progress_bar(None, progress, total=len(cells), initial=len(report.existing), unit="cell",
+                           desc=f"sweep {grids[0].name}" + (f" +{len(grids) - 1}" if len(grids) > 1 else ""))
+        try:
+            if pending:
+                if executor == "local":
+                    _run_local(pending, store, report, bar, threads_per_cell, callback, token)
+                else:
+                    _run_ray(pending, store, report, bar, threads_per_cell, callback, address,
+                             num_cpus, num_gpus, chunk_size, max_retries, runtime_env, worker_writes, token)
+        finally:
+            report.wall_time = time.perf_counter() - t0
+            if hasattr(bar, "close"):
+                bar.close()
+        report.notes += _data_notes(store, cells)
     finally:
-        report.wall_time = time.perf_counter() - t0
-        if hasattr(bar, "close"):
-            bar.close()
+        beat.set()
+        store.release(token)
     return report
 
 
-def _run_local(pending, store, report, bar, threads, batch, callback) -> None:
-    runner = _Runner(store, "local", threads, True, batch)
+def _heartbeat(store: Store, token: str, stop: threading.Event) -> None:
+    while not stop.wait(_HEARTBEAT_S):
+        store.heartbeat(token)
+
+
+def _data_notes(store: Store, cells: Sequence[Cell]) -> list[str]:
+    """A note when stored cells of this sweep ran on fallback data (e.g. the 5000-digit MNIST)."""
+    sources: Counter = Counter()
+    for c in cells:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            meta = _read_json_named(store.record_path(c.id), "a record").get("meta", {})
+            if meta.get("fallback_data"):
+                sources[str(meta.get("data"))] += 1
+    return [f"{n} of {len(cells)} cells ran on fallback data: {src} — not comparable with "
+            "results on the full data set" for src, n in sources.items()]
+
+
+def _run_local(pending, store, report, bar, threads, callback, token) -> None:
+    runner = _Runner(store, "local", threads, True, token)
     total, done0 = report.total, len(report.existing)
 
     def on_done(cell: Cell, status: str) -> None:
@@ -958,25 +1199,33 @@ def _run_local(pending, store, report, bar, threads, batch, callback) -> None:
             report.computed.append(cell.id)
         elif status == "error":
             report.failed[cell.id] = store.error(cell.id)
-        elif status == "existing":  # stored meanwhile by someone else
+        elif status == "existing" and cell.id not in report.existing:  # stored meanwhile
             report.existing.append(cell.id)
         if hasattr(bar, "update"):
             bar.update(1)
         if callback is not None:
             callback(done0 + len(report.computed) + len(report.failed), total)
 
-    runner.run_cells(pending, on_done)
+    runner.run_groups(pending, on_done)
 
 
-def _chunks(cells: list[Cell], chunk_size: int) -> list[list[Cell]]:
-    """Consecutive pieces of ``chunk_size`` cells: the most expensive cells first (longest
-    processing time first shortens the tail), cells that may batch together kept adjacent."""
-    groups: "OrderedDict[str, list[Cell]]" = OrderedDict()
-    for c in cells:
-        groups.setdefault(c.batch_key(), []).append(c)
-    cost = lambda c: CELL_KINDS[c.kind].cost(c.params)
-    ordered = [c for g in sorted(groups.values(), key=lambda g: cost(g[0]), reverse=True) for c in g]
-    return [ordered[i:i + chunk_size] for i in range(0, len(ordered), chunk_size)]
+def _cost(group: Sequence[Cell]) -> float:
+    return sum(CELL_KINDS[c.kind].cost(c.params) for c in group)
+
+
+def _chunks(groups: list[list[Cell]], chunk_size: int) -> list[list[list[Cell]]]:
+    """Batch groups packed into tasks of about ``chunk_size`` cells (a group is never split),
+    the most expensive cells first (longest processing time first shortens the tail)."""
+    ordered = sorted(groups, key=lambda g: _cost(g) / len(g), reverse=True)
+    chunks: list[list[list[Cell]]] = []
+    size = chunk_size + 1
+    for g in ordered:
+        if size + len(g) > chunk_size:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(g)
+        size += len(g)
+    return chunks
 
 
 _REMOTE = None
@@ -990,8 +1239,19 @@ def _remote_chunk():
     return _REMOTE
 
 
-def _run_ray(pending, store, report, bar, threads, batch, callback, address, num_cpus, num_gpus,
-             chunk_size, max_retries, runtime_env, worker_writes) -> None:
+def _own_records(store: Store, ids: Iterable[str], token: str) -> list[str]:
+    """Those of ``ids`` whose stored record was written under this driver's lease."""
+    done, out = store.done(), []
+    for cid in ids:
+        if cid in done:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if _read_json_named(store.record_path(cid), "a record").get("meta", {}).get("run") == token:
+                    out.append(cid)
+    return out
+
+
+def _run_ray(pending, store, report, bar, threads, callback, address, num_cpus, num_gpus,
+             chunk_size, max_retries, runtime_env, worker_writes, token) -> None:
     try:
         import ray
     except ModuleNotFoundError:
@@ -1004,19 +1264,22 @@ def _run_ray(pending, store, report, bar, threads, batch, callback, address, num
             kw.update(address="local", num_cpus=num_cpus, include_dashboard=False)
         ray.init(**kw)
         started_here = True
+    pending_cells = [c for g in pending for c in g]
+    pending_ids = {c.id for c in pending_cells}
     try:
         cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
         if num_gpus is None:
-            wants_cuda = any(str(c.problem.get("device", "cpu")).startswith("cuda") for c in pending)
+            wants_cuda = any(str(c.problem.get("device", "cpu")).startswith("cuda") for c in pending_cells)
             num_gpus = 1 if wants_cuda and ray.cluster_resources().get("GPU", 0) > 0 else 0
-        size = chunk_size or max(1, math.ceil(len(pending) / (4 * max(cpus // threads, 1))))
+        size = chunk_size or max(1, math.ceil(len(pending_cells) / (4 * max(cpus // threads, 1))))
         task = _remote_chunk().options(max_retries=max_retries, num_gpus=num_gpus, num_cpus=threads)
-        refs = {task.remote([c.to_dict() for c in chunk], str(store.root.resolve()), threads,
-                            worker_writes, batch): chunk
+        modules = sorted({CELL_KINDS[c.kind].run.__module__ for c in pending_cells})
+        refs = {task.remote([[c.to_dict() for c in g] for g in chunk], str(store.root.resolve()),
+                            threads, worker_writes, token, modules): [c for g in chunk for c in g]
                 for chunk in _chunks(pending, size)}
-        pending_ids = {c.id for c in pending}
         total, done0 = report.total, len(report.existing)
         seen: set[str] = set()
+        blind: set[str] = set()
 
         def account(newly: Iterable[str]) -> None:
             fresh = [i for i in newly if i not in seen]
@@ -1034,16 +1297,23 @@ def _run_ray(pending, store, report, bar, threads, batch, callback, address, num
                 for ref in ready:
                     chunk = refs.pop(ref)
                     try:
-                        status, payloads = ray.get(ref)
+                        status, payloads, info = ray.get(ref)
                     except Exception as exc:  # the task failed max_retries + 1 times
                         msg = f"{type(exc).__name__}: {exc}".strip()
-                        status, payloads = {c.id: "error" for c in chunk if not store.has(c.id)}, []
-                        for cid in status:
-                            report.failed[cid] = msg
-                    for rec, arrays, timing in payloads:  # driver writes (worker_writes=False)
+                        status, payloads, info = {c.id: "error" for c in chunk if not store.has(c.id)}, [], {}
+                        meta = {"executor": "ray", "host": socket.gethostname(), "pid": os.getpid(),
+                                "run": token, "finished": _now(), "task_failed": True}
+                        for c in chunk:
+                            if c.id in status:
+                                store.write_error(c, msg, meta)  # where the CLI says it is
+                                report.failed[c.id] = msg
+                    if info and not info.get("sees_store") and worker_writes:
+                        blind.add(str(info.get("host")))
+                    for rec, arrays, timing in payloads:  # the driver writes
                         if arrays is None:
                             store.write_error(Cell.from_dict(rec), rec["error"], rec["meta"])
                         elif not store.has(rec["id"]):
+                            rec["meta"]["run"] = token
                             store.write(rec, arrays, timing)
                             store.log("finish", rec["id"], status=rec["status"], via="driver")
                     for cid, s in status.items():
@@ -1055,30 +1325,53 @@ def _run_ray(pending, store, report, bar, threads, batch, callback, address, num
             _cancel(ray, list(refs))  # that none writes a record behind a re-run's back
             raise
         finally:
-            finished = store.done()
-            report.computed.extend(c.id for c in pending if c.id in finished)
+            report.computed.extend(_own_records(store, (c.id for c in pending_cells), token))
+            own, stored, known = set(report.computed), store.done(), set(report.existing)
+            report.existing.extend(c.id for c in pending_cells  # stored by another driver meanwhile
+                                   if c.id in stored and c.id not in own and c.id not in known)
             for cid in list(report.failed):
-                if cid in finished:
+                if cid in own:
                     del report.failed[cid]
+            if blind:
+                report.notes.append(
+                    f"Ray workers on {sorted(blind)} cannot see {store.root} (no shared filesystem): "
+                    "their records were sent back to the driver and stored here")
     finally:
         if started_here:
             ray.shutdown()
 
 
-def _cancel(ray, refs: list, grace: float = 10.0) -> None:
-    """Cancel tasks: a KeyboardInterrupt in the running ones (their workers survive), then
-    kill the workers of those still running after ``grace`` seconds."""
+def _cancel(ray, refs: list, grace: float = 10.0, confirm: float = 120.0) -> None:
+    """Cancel tasks and return only once each is confirmed ended: a KeyboardInterrupt in the
+    running ones (their workers survive), then after ``grace`` seconds a kill of the workers
+    still running; then wait for Ray to report every task finished, cancelled or dead."""
     if not refs:
         return
     for ref in refs:
         with contextlib.suppress(Exception):
             ray.cancel(ref)
-    with contextlib.suppress(Exception):
-        _, refs = ray.wait(refs, num_returns=len(refs), timeout=grace)
-        for ref in refs:
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
-        ray.wait(refs, num_returns=len(refs), timeout=30)
+    left = _wait_ended(ray, refs, grace)
+    for ref in left:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    left = _wait_ended(ray, left, confirm)
+    if left:
+        warnings.warn(f"{len(left)} cancelled Ray task(s) not confirmed dead after {confirm:.0f} s; "
+                      "they cannot store records (the lease is released) but may still run",
+                      RuntimeWarning, stacklevel=3)
+
+
+def _wait_ended(ray, refs: list, timeout: float) -> list:
+    """The refs still unresolved after ``timeout`` seconds (a cancelled or killed task's ref
+    resolves, with an error, once Ray knows the task stopped)."""
+    deadline = time.monotonic() + timeout
+    left = list(refs)
+    while left and time.monotonic() < deadline:
+        try:
+            _, left = ray.wait(left, num_returns=len(left), timeout=min(1.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - a ref of a dead task can make wait raise; poll again
+            time.sleep(0.1)
+    return left
 
 
 # ============================================================================ reading results
@@ -1185,6 +1478,10 @@ def summary_table(results_dir: str | os.PathLike, *, by: Sequence[str] | None = 
             vals = [_fmt([g["result"].get(m) for g in ok]) for m in metrics]
             lines.append("| " + " | ".join(head + [str(len(group)), str(len(group) - len(ok))] + vals) + " |")
         parts.append("\n".join(lines))
+    fallback = Counter(str(r["meta"].get("data")) for r in recs if r.get("meta", {}).get("fallback_data"))
+    for src, n in fallback.items():
+        parts.append(f"**Note: {n} of {len(recs)} cells ran on fallback data — {src}. Not comparable "
+                     "with results on the full data set.**")
     return "\n\n".join(parts) + "\n"
 
 

@@ -64,6 +64,7 @@ import functools
 import math
 import numbers
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -729,6 +730,13 @@ class TowerResult:
     params: Any = None
     metrics: dict | None = None
     problem: dict = field(default_factory=dict)
+    initial_value: float | None = None
+    divergence: str | None = None
+
+    @property
+    def blew_up(self) -> bool:
+        """E(w_T) > ``divergence_factor`` × E(w_0) (see :func:`run`): the tower made things worse."""
+        return self.divergence is not None
 
     @property
     def lrs(self) -> torch.Tensor:
@@ -748,6 +756,7 @@ class TowerResult:
     def to_dict(self) -> dict:
         return {"kind": "towers", "tower": self.tower.config(), "problem": self.problem,
                 "steps": len(self.history), "value": self.value, "metrics": self.metrics,
+                "initial_value": self.initial_value, "divergence": self.divergence,
                 "train_losses": self.train_losses, "history": self.history.to_dict()}
 
     def save(self, path: str | Path) -> Path:
@@ -760,16 +769,23 @@ class TowerResult:
         d = read_json(path)
         hist = History.from_dict(d["history"])
         losses = np.array([np.nan if v is None else v for v in d["train_losses"]], dtype=np.float64)
-        return cls(hist.tower, hist, losses, d["value"], None, d.get("metrics"), d.get("problem", {}))
+        return cls(hist.tower, hist, losses, d["value"], None, d.get("metrics"), d.get("problem", {}),
+                   d.get("initial_value"), d.get("divergence"))
 
     def __repr__(self) -> str:
         return (f"TowerResult({str(self.tower)!r}, steps={len(self.history)}, value={self.value:.6g}, "
                 f"final lr={self.history.lrs[-1] if len(self.history) else float('nan'):.4g})")
 
 
-def run(problem, tower: "Level | str", steps: int, *, progress: bool = False) -> TowerResult:
+def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
+        divergence_factor: float | None = 2.0) -> TowerResult:
     """Train ``problem`` for ``steps`` steps with ``tower`` (through ``trajectory.make_step`` of
     ``tower.dynamics()``), recording every hyperparameter at every level.
+
+    A run that ends with E(w_T) > ``divergence_factor`` × E(w_0) (and E(w_0) > 0) blew up
+    without a NaN (e.g. an LR that grew too far): ``result.divergence`` says so and a
+    :class:`~hgtoolkit.errors.DivergenceWarning` is emitted; ``None`` turns the check off.
+    Non-finite losses raise :class:`~hgtoolkit.errors.DivergenceError` as before.
 
     >>> from hgtoolkit import problems, towers
     >>> r = towers.run(problems.from_function("beale"), "sgd(lr=1e-4) / sgd(lr=1e-9)", steps=20)
@@ -782,10 +798,16 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False) ->
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
+    if divergence_factor is not None and (isinstance(divergence_factor, bool)
+                                          or not isinstance(divergence_factor, (int, float))
+                                          or not 1 < divergence_factor < math.inf):
+        raise ValueError(f"divergence_factor must be a number > 1 or None, got {divergence_factor!r}")
     dyn = tower.dynamics()
     one_step = make_step(problem, dyn)
     state = dyn.init(problem.params0)
     history = History(tower)
+    with torch.no_grad():
+        initial = float(problem.val_loss(problem.params0))
     one = torch.ones((), dtype=problem.dtype, device=problem.device)
     losses = []
     with torch.no_grad():
@@ -799,8 +821,14 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False) ->
         value = problem.val_loss(params)
     check_finite(value, steps - 1, params)
     metrics = problem.metrics(params) if problem.metrics is not None else None
+    divergence = None
+    if divergence_factor is not None and initial > 0 and float(value) > divergence_factor * initial:
+        divergence = (f"blew up: validation loss {initial:.4g} → {float(value):.4g} "
+                      f"(> {divergence_factor:g}× its initial value) with tower {tower}")
+        from .errors import DivergenceWarning
+        warnings.warn(f"towers.run: {divergence}", DivergenceWarning, stacklevel=2)
     return TowerResult(tower, history, torch.stack(losses).detach().cpu().double().numpy(),
-                       float(value), params, metrics, problem.describe())
+                       float(value), params, metrics, problem.describe(), initial, divergence)
 
 
 def analyse(result: TowerResult, problem, **kwargs: Any):

@@ -25,9 +25,24 @@ __all__ = ["make_step", "tangent_step", "train", "TrainResult", "check_lrs", "ch
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
 
 
+def scalar_loss(fn: Callable, name: str) -> Callable:
+    """``fn`` with its output checked to be a 0-d tensor, so that a vector loss is reported as
+    ``problem.<name>`` rather than by torch.func deep inside a transform. (Problems may evaluate
+    ``val_loss`` on a batch of points elsewhere, e.g. over an optimisation path; a gradient needs
+    a scalar.)"""
+    def checked(*args):
+        out = fn(*args)
+        if not isinstance(out, torch.Tensor) or out.dim() != 0:
+            what = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"problem.{name} must return a scalar (0-d) tensor, got {what}; "
+                             "reduce it, e.g. with .mean()")
+        return out
+    return checked
+
+
 def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
     """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)``."""
-    grad_loss = grad_and_value(problem.train_loss)
+    grad_loss = grad_and_value(scalar_loss(problem.train_loss, "train_loss"))
     params = dynamics.params
 
     def step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
@@ -114,6 +129,6 @@ def train(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
             state, loss = step(state, lrs[t], t)
             check_finite(loss, t)
             losses.append(loss)
-        value = problem.val_loss(dyn.params(state))
+        value = scalar_loss(problem.val_loss, "val_loss")(dyn.params(state))
     check_finite(value, len(lrs) - 1, dyn.params(state))
     return TrainResult(state, dyn.params(state), torch.stack(losses), value)

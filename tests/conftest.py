@@ -9,3 +9,17 @@ torch.set_num_threads(1)
 def _deterministic_seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cluster", action="store_true", default=False,
+                     help="also run the two-node Ray cluster tests (tests/test_ray_cluster.py, ~2 min)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--cluster"):
+        return
+    skip = pytest.mark.skip(reason="two-node Ray cluster test: run with --cluster")
+    for item in items:
+        if "cluster" in item.keywords:
+            item.add_marker(skip)

@@ -166,7 +166,14 @@ def test_fig1_figures_are_drawn_from_the_records_alone(fig1_tiny):
     assert png.stat().st_size > 20_000
 
 
-def test_fig1_rerun_with_the_same_seed_is_identical(fig1_tiny, tmp_path):
+def _no_figures(monkeypatch, module):
+    """A re-run compares data only: its figures (most of a tiny run's time) are not drawn again."""
+    monkeypatch.setattr(module, "make_figures", lambda *args, **kwargs: [])
+
+
+def test_fig1_rerun_with_the_same_seed_is_identical(fig1_tiny, tmp_path, monkeypatch):
+    from hgtoolkit.experiments import fig1
+    _no_figures(monkeypatch, fig1)
     run_experiment("fig1", setting="tiny", out=tmp_path, seed=0, progress=False)
     for name in ("bukin_sharp_grid.npz", "bukin_sharp_paths.npz", "bukin_sharp_lrsopt.npz"):
         _arrays_equal(records.load_arrays(fig1_tiny / "data" / name),
@@ -214,7 +221,9 @@ def test_hd_tiny_outputs_shapes_and_baseline(hd_tiny):
     assert s["cells_compared"] == A * (B - 1) and s["best_baseline"]["val_loss"] > 0
 
 
-def test_hd_rerun_with_the_same_seed_is_identical(hd_tiny, tmp_path):
+def test_hd_rerun_with_the_same_seed_is_identical(hd_tiny, tmp_path, monkeypatch):
+    from hgtoolkit.experiments import hd_grid
+    _no_figures(monkeypatch, hd_grid)
     root, _ = hd_tiny
     run_experiment("hd", setting="tiny", out=tmp_path, seed=0, progress=False)
     for name in ("logreg_sgd.npz", "logreg_adam.npz"):
@@ -256,7 +265,9 @@ def test_towers_tiny_outputs_and_height_one_is_the_plain_optimizer(towers_tiny):
     assert summary["models"]["logreg"]["spread"]["sgd"]["1"]["max_over_min"] >= 1
 
 
-def test_towers_rerun_with_the_same_seed_is_identical(towers_tiny, tmp_path):
+def test_towers_rerun_with_the_same_seed_is_identical(towers_tiny, tmp_path, monkeypatch):
+    from hgtoolkit.experiments import towers_demo
+    _no_figures(monkeypatch, towers_demo)
     root, _ = towers_tiny
     run_experiment("towers", setting="tiny", out=tmp_path, seed=0, progress=False)
     _arrays_equal(records.load_arrays(root / "data" / "sensitivity_logreg.npz"),

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from hgtoolkit import online, problems, sweep
+from hgtoolkit import _barrier, online, problems, sweep
 from hgtoolkit.cli import main as cli_main
 from hgtoolkit.lrsopt import optimize_schedule
 from hgtoolkit.sweep import Grid, Store
+
+
+GRID_FILE = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "grids", "beale.yaml")
 
 
 def train_grid(**over):
@@ -257,6 +260,52 @@ def test_cli_runs_a_grid_file(tmp_path, capsys):
     assert "axes.lr is empty" in capsys.readouterr().err
 
 
+# ----------------------------------------------------------------------------- the lease
+
+def test_a_second_driver_is_told_who_holds_the_directory(tmp_path):
+    store = Store(tmp_path)
+    store.acquire("other-driver")
+    with pytest.raises(sweep.StoreLockedError, match=rf"pid {os.getpid()} on .*driver\.lock"):
+        sweep.run(train_grid(), tmp_path, progress=False)
+    assert not store.done() and store.holds("other-driver")
+    code = cli_main(["sweep", "--results-dir", str(tmp_path), "--no-progress", str(GRID_FILE)])
+    assert code == 2
+    store.release("other-driver")
+    # a lease whose driver died (same host, pid gone) is taken over
+    (tmp_path / "driver.lock").write_text(json.dumps({"token": "dead", "host": __import__("socket").gethostname(),
+                                                       "pid": 2 ** 22 + 12345, "started": "then"}))
+    assert sweep.run(train_grid(axes={"lr": [0.1]}), tmp_path, progress=False).ok
+    assert store.holder() is None
+    assert any(e["event"] == "lease_taken_over" for e in store.events())
+
+
+def test_tasks_of_a_lost_lease_store_nothing_and_blind_workers_send_records_back(tmp_path):
+    cells = train_grid(axes={"lr": [0.1]}).cells()
+    status, payloads, info = sweep._ray_chunk([[c.to_dict()] for c in cells[:2]], str(tmp_path), 1,
+                                              True, "no-such-lease", [])
+    assert info["sees_store"] is False and status == {c.id: "computed" for c in cells[:2]}
+    assert [p[0]["id"] for p in payloads] == [c.id for c in cells[:2]]
+    assert not (tmp_path / "cells").exists()           # nothing written where it cannot see
+    store = Store(tmp_path)
+    store.acquire("mine")
+    runner = sweep._Runner(store, "ray", 1, True, "mine")
+    store.release("mine")                              # the driver cancelled
+    with pytest.raises(sweep._LeaseLost):
+        runner.run_groups([[cells[0]]])
+    assert not store.done()
+
+
+def test_add_grids_from_many_writers_keeps_every_grid(tmp_path):
+    import threading
+    grids = [train_grid(name=f"g{i}", fixed={"steps": 30 + i}) for i in range(8)]
+    threads = [threading.Thread(target=Store(tmp_path).add_grids, args=([g],)) for g in grids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(g["name"] for g in Store(tmp_path).manifest()["grids"]) == sorted(g.name for g in grids)
+
+
 # ----------------------------------------------------------------------------- Ray executor
 
 @pytest.fixture(scope="module")
@@ -281,6 +330,9 @@ def test_ray_and_local_executors_give_identical_records(tmp_path, ray_cluster):
     assert [r["id"] for r in a] == [r["id"] for r in b]
     assert all(sweep.records_equal(x, y) for x, y in zip(a, b))
     assert {r["meta"]["executor"] for r in b} == {"ray"}
+    # batch groups are fixed by the grid: the same groups on every executor and chunk size
+    assert [r["meta"].get("batched") for r in a] == [r["meta"].get("batched") for r in b]
+    assert [r["meta"].get("batched") for r in b if r["kind"] == "online"] == [2] * 4
     assert os.getpid() not in {r["meta"]["pid"] for r in b}  # computed in the workers
     # the driver can also write (no shared filesystem): same records
     drv = sweep.run(grids[2], tmp_path / "driver", executor="ray", worker_writes=False, progress=False)
@@ -289,48 +341,97 @@ def test_ray_and_local_executors_give_identical_records(tmp_path, ray_cluster):
     assert {e.get("via") for e in Store(tmp_path / "driver").events()} == {"driver"}
 
 
+def barrier_grid(tmp_path, seeds, name="barrier"):
+    """Cells (seed, free) and (seed, gated) in grid order; gated cells block until released."""
+    return Grid(name, {"name": "beale"}, "barrier",
+                axes={"seed": list(seeds), "gate": [False, True]}, fixed={"dir": str(tmp_path / "barrier")})
+
+
+def wait_until(predicate, what, timeout=60.0):
+    """Poll (not a timed assertion): the condition is certain to hold, the deadline only stops a
+    broken run from hanging the suite."""
+    import time
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def process_gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def kill_worker_of_a_gated_cell(barrier_dir):
+    """SIGKILL the worker of a gated (blocked, unstored) cell; return (cell id, pid) once the
+    process is gone."""
+    wait_until(lambda: _barrier.started(barrier_dir), "a gated cell to start")
+    cid, pid = sorted(_barrier.started(barrier_dir).items())[0]
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: process_gone(pid), f"worker {pid} to die")
+    return cid, pid
+
+
 def test_ray_sweep_survives_a_killed_worker(tmp_path, ray_cluster):
-    # cells of a few hundred training steps; two tasks of three cells, one per worker
-    g = train_grid(axes={"lr": [0.05, 0.1, 0.2], "seed": [0, 1]}, fixed={"steps": 400})
+    # two tasks of three cells: [0 free, 0 gated, 1 free], [1 gated, 2 free, 2 gated]. Both
+    # block in a gated cell; one worker is killed there, then the barrier is released: the
+    # killed task is retried, skips its stored cell and computes the rest.
+    g = barrier_grid(tmp_path, range(3))
     store = Store(tmp_path / "ray")
     killed = {}
 
-    def kill_a_running_worker(done, total):
-        if killed:
-            return
-        finished = finishes(store)
-        running = [e for e in store.events() if e["event"] == "start" and e["id"] not in finished]
-        if running:
-            killed.update(id=running[-1]["id"], pid=running[-1]["pid"])
-            os.kill(killed["pid"], signal.SIGKILL)
+    def kill_then_release(done, total):
+        if not killed:
+            killed["id"], killed["pid"] = kill_worker_of_a_gated_cell(tmp_path / "barrier")
+            _barrier.release(tmp_path / "barrier")
 
     report = sweep.run(g, store.root, executor="ray", chunk_size=3, progress=False,
-                       callback=kill_a_running_worker)
-    assert killed, "no cell was running when the first one finished"
-    assert report.ok and store.done() == {c.id for c in g.cells()}
+                       callback=kill_then_release)
+    assert killed and report.ok and len(report.computed) == 6
+    assert store.done() == {c.id for c in g.cells()}
     assert set(finishes(store).values()) == {1}        # every cell finished exactly once
-    if store.read(killed["id"])["meta"]["pid"] != killed["pid"]:
-        assert starts(store)[killed["id"]] == 2        # the killed cell was started again
-    else:  # the kill landed in the millisecond between storing the cell and logging it
-        assert starts(store)[killed["id"]] == 1 and finishes(store)[killed["id"]] == 0
-    local = sweep.run(g, tmp_path / "local", progress=False)
-    assert local.ok
-    assert all(sweep.records_equal(x, y) for x, y in
-               zip(sweep.load_results(tmp_path / "local"), sweep.load_results(store.root)))
+    assert starts(store)[killed["id"]] == 2            # the killed cell was started again
+    assert store.read(killed["id"])["meta"]["pid"] != killed["pid"]
+
+
+def test_ray_task_that_keeps_dying_is_reported_in_errors(tmp_path, ray_cluster):
+    g = barrier_grid(tmp_path, [0])  # one task: [free, gated]; its worker dies, no retries
+    killed = {}
+
+    def kill(done, total):
+        if not killed:
+            killed["id"], _ = kill_worker_of_a_gated_cell(tmp_path / "barrier")
+
+    report = sweep.run(g, tmp_path / "out", executor="ray", chunk_size=2, max_retries=0,
+                       progress=False, callback=kill)
+    assert list(report.failed) == [killed["id"]] and len(report.computed) == 1
+    err = Store(tmp_path / "out").errors()[killed["id"]]  # where the CLI points to
+    assert err["id"] == killed["id"] and err["meta"]["task_failed"]
+    assert any(w in err["error"] for w in ("died", "Worker", "crash")), err["error"]
 
 
 def test_interrupted_ray_driver_completes_only_missing_cells(tmp_path, ray_cluster):
-    g = train_grid(axes={"lr": [0.05, 0.1, 0.2, 0.4], "seed": [0, 1]}, fixed={"steps": 400})
+    # four tasks [s free, s gated] on two CPUs: exactly two free cells finish, then both
+    # running tasks block; the interrupt comes at done == 2 and the driver returns only once
+    # the cancelled tasks are gone.
+    g = barrier_grid(tmp_path, range(4))
+    free = {c.id for c in g.cells() if not c.params["gate"]}
 
     def interrupt(done, total):
-        raise KeyboardInterrupt
+        if done >= 2:
+            raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         sweep.run(g, tmp_path, executor="ray", chunk_size=2, progress=False, callback=interrupt)
     store = Store(tmp_path)
     first = store.done()
-    assert 0 < len(first) < 8
+    assert len(first) == 2 and first <= free
+    assert store.holder() is None                       # the lease was given back
+    _barrier.release(tmp_path / "barrier")
     report = sweep.run(g, tmp_path, executor="ray", chunk_size=2, progress=False)
-    assert report.ok
+    assert report.ok and set(report.existing) == first
     assert set(report.computed) == {c.id for c in g.cells()} - first
-    assert max(finishes(store).values()) == 1
+    assert set(finishes(store).values()) == {1}

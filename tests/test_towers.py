@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from hgtoolkit import DivergenceError, dynamics, exact, problems, towers, trajectory
+from hgtoolkit import DivergenceError, DivergenceWarning, dynamics, exact, problems, towers, trajectory
 from hgtoolkit._tree import tree_leaves, tree_map
 
 F64 = torch.float64
@@ -203,7 +203,9 @@ def test_values_stay_valid_under_aggressive_hyper_steps():
     v = res.history.values(0)
     assert np.all(v["lr"] >= 0) and np.any(v["lr"] == 0)  # projected onto LR ≥ 0
     assert np.all((v["momentum"] > 0) & (v["momentum"] < 1)) and np.ptp(v["momentum"]) > 0.01
-    res = towers.run(problem, "adam(lr=0.01, tune=beta1+beta2) / sgd(lr=1e5)", 30)
+    with pytest.warns(DivergenceWarning, match="blew up"):  # valid values, but a loss of 1e41
+        res = towers.run(problem, "adam(lr=0.01, tune=beta1+beta2) / sgd(lr=1e5)", 30)
+    assert res.blew_up
     for name in ("beta1", "beta2"):
         b = res.history.values(0)[name]
         assert np.all((b > 0) & (b < 1))

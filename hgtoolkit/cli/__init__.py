@@ -13,9 +13,20 @@ import sys
 _MODULES = ("exact", "online", "towers", "reproduce", "sweep")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit status 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hgtoolkit",
-                                     description="Learning-rate schedules through hypergradients.")
+    parser = _Parser(prog="python -m hgtoolkit",
+                     description="Learning-rate schedules through hypergradients.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
     for name in _MODULES:
@@ -34,6 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, FileNotFoundError) as exc:  # bad input: one line, status 2
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2

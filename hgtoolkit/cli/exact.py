@@ -24,11 +24,17 @@ def _key_value(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a keyword name as KEY, got {text!r}")
     try:
         value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
-        value = raw  # a plain string
-    return key.strip(), value
+        if raw[:1] in "[({'\"" or raw[:1].isdigit() or raw[:1] in "+-.":
+            raise argparse.ArgumentTypeError(
+                f"{key}={raw}: not a valid value (a number, a list like [64, 64], or a word)") from None
+        value = raw  # a plain word, e.g. dtype=float32 or device=cpu
+    return key, value
 
 
 def _positive_int(text: str) -> int:
@@ -117,6 +123,8 @@ def register(sub) -> None:
     lo.add_argument("--checkpoint-interval", type=_positive_int, default=10,
                     help="write the checkpoint every N outer steps (default 10)")
     lo.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    lo.add_argument("--overwrite", action="store_true",
+                    help="start afresh even if the checkpoint exists (it is replaced)")
     lo.add_argument("--no-progress", action="store_true", help="no progress bar")
     lo.set_defaults(func=run_lrsopt)
 
@@ -127,7 +135,7 @@ def _problem(args):
     import torch
 
     from .. import problems
-    kwargs = dict(args.problem_arg)
+    kwargs = dict(args.problem_arg)  # problems.get checks names and values (dtype="float32" is fine)
     if args.dtype is not None:
         kwargs["dtype"] = getattr(torch, args.dtype)
     kwargs["device"] = args.device
@@ -217,6 +225,11 @@ def run_lrsopt(args) -> int:
                          "the size of ∇f(η); try a hypergrad run first)")
     out = Path(args.out)
     ckpt = Path(args.checkpoint) if args.checkpoint else out / "lrsopt.ckpt.pt"
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: pick one")
+    if ckpt.exists() and not (args.resume or args.overwrite):
+        raise ValueError(f"checkpoint {ckpt} exists: pass --resume to continue that run, or "
+                         "--overwrite to start afresh and replace it (or another --checkpoint)")
     snapshot_every = args.snapshot_every or max(1, args.outer_steps // 5)
     try:
         result = optimize_schedule(

@@ -77,9 +77,9 @@ def register(sub) -> None:
     m.add_argument("--lr0", type=float, default=1e-3, help="initial learning rate η_0 (default 1e-3)")
     m.add_argument("--beta", type=_beta, default=None,
                    help="hyper-learning rate β ≥ 0, or 'auto' (MARTHE's adaptive β; its default)")
-    m.add_argument("--beta0", type=float, default=0.0, help="initial β for --beta auto (default 0)")
-    m.add_argument("--kappa", type=float, default=1e-6, help="step size κ of the adaptive β (default 1e-6)")
-    m.add_argument("--beta-rule", choices=("hh", "h_eta"), default="hh",
+    m.add_argument("--beta0", type=float, default=None, help="initial β for --beta auto (default 0)")
+    m.add_argument("--kappa", type=float, default=None, help="step size κ of the adaptive β (default 1e-6)")
+    m.add_argument("--beta-rule", choices=("hh", "h_eta"), default=None,
                    help="adaptive-β rule: κ h_{t+1} h_t (hh, default) or the authors' code's κ h_{t+1} η_{t+1}")
     m.add_argument("--mu", type=_mu, default=None, help="MARTHE's μ in [0, 1] or 'auto' (default auto)")
     m.add_argument("--objective", choices=OBJECTIVES, default="val",
@@ -145,17 +145,28 @@ def run_online(args) -> int:
     from .. import marthe, online, plotting
     from .exact import _problem, _settings
 
-    problem = _problem(args)
+    marthe_only = {"mu": args.mu, "kappa": args.kappa, "beta0": args.beta0, "beta_rule": args.beta_rule}
+    if args.method != "marthe":
+        given = [k for k, v in marthe_only.items() if v is not None]
+        if given:  # the API raises for mu; kappa/beta0/beta_rule would be silently unused
+            raise ValueError(f"--{given[0].replace('_', '-')} is a MARTHE setting; --method "
+                             f"{args.method} fixes μ = {0 if args.method == 'hd' else 1} and uses a "
+                             "constant --beta (use --method marthe)")
     kwargs = dict(method=args.method, optimizer=args.optimizer, lr0=args.lr0, steps=args.steps,
                   beta=args.beta, objective=args.objective, lr_floor=args.lr_floor, lr_max=args.lr_max,
                   eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
     if args.method == "marthe":
-        kwargs.update(mu=args.mu, kappa=args.kappa, beta0=args.beta0, beta_rule=args.beta_rule)
+        kwargs.update({k: v for k, v in marthe_only.items() if v is not None})
+    hyper = {k: v for k, v in kwargs.items() if k in ("beta", "mu", "kappa", "beta0", "beta_rule",
+                                                      "objective", "lr_floor", "lr_max")}
+    if not args.find_beta:  # every setting checked before the problem (and its data) is built
+        online.hyper_config(args.method, lr0=args.lr0, **hyper)
+    problem = _problem(args)
     if args.find_beta:
         searched = "kappa" if kwargs.get("beta", "auto" if args.method == "marthe" else None) == "auto" else "beta"
         if searched == "beta" and args.beta is None:
             raise ValueError("--find-beta needs --beta: the first (large) value to try")
-        start = kwargs.pop(searched) if searched == "beta" else kwargs.pop("kappa", args.kappa)
+        start = kwargs.pop(searched) if searched == "beta" else kwargs.pop("kappa", 1e-6)
         result = marthe.find_beta(problem, start, **kwargs)
         tried = ", ".join(f"{t[searched]:.0e}" + ("✗" if t["diverged_at"] is not None else "✓")
                           for t in result.config["beta_search"])

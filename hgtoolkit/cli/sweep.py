@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                    help="workers return records and the driver writes them (no shared filesystem; "
                         "the default with a ray:// address)")
     p.add_argument("--no-batch", action="store_true", help="do not use hgtoolkit.batched")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long while another driver holds the results directory (default: "
+                        "stop at once and say who holds it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--dry-run", action="store_true", help="validate, count cells and stop")
     p.add_argument("--summary-only", action="store_true", help="print the summary of the directory and stop")
@@ -77,7 +80,11 @@ def _main(args) -> int:
                            chunk_size=args.chunk_size, threads_per_cell=args.threads,
                            max_retries=args.max_retries, runtime_env=runtime_env,
                            worker_writes=None if args.driver_writes is None else False,
-                           batch=not args.no_batch, progress=not args.no_progress)
+                           batch=not args.no_batch, lock_timeout=args.wait,
+                           progress=not args.no_progress)
+    except sweep.StoreLockedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         n = len(sweep.Store(results_dir).done() & {c.id for c in cells})
         print(f"\ninterrupted: {n} of {len(cells)} cells are stored in {results_dir}; "

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
+import warnings
 from pathlib import Path
 
 DEFAULT_TOWER = "sgd(lr=0.01) / sgd(lr=1e-4)"
@@ -43,6 +45,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from .. import problems, towers
+    from ..errors import DivergenceWarning
 
     tower = towers.parse(args.tower)
     if args.steps < 1:
@@ -53,7 +56,9 @@ def main(args: argparse.Namespace) -> int:
     if args.problem in ("mnist_mlp", "synthetic_mlp"):
         kwargs["seed"] = args.seed
     problem = problems.get(args.problem, **kwargs)
-    result = towers.run(problem, tower, args.steps, progress=args.progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)  # reported below, and in the record
+        result = towers.run(problem, tower, args.steps, progress=args.progress)
     name = args.name or f"towers_{re.sub(r'[^A-Za-z0-9_.-]', '_', args.problem)}_h{tower.height}"
     out = Path(args.out)
     json_path = result.save(out / f"{name}.json")
@@ -68,4 +73,7 @@ def main(args: argparse.Namespace) -> int:
           f"final validation loss {result.value:.6g}"
           + (f", metrics {result.metrics}" if result.metrics else ""))
     print(f"wrote {json_path} and {png_path}")
+    if result.divergence is not None:
+        print(f"warning: {result.divergence} (flagged in {json_path})", file=sys.stderr)
+        return 1
     return 0
