@@ -277,18 +277,22 @@ def read_summary(out: OutputDir | str | Path) -> dict:
 
 def replay_iterates(problem, lrs: Any, optimizer: Any = "sgd") -> np.ndarray:
     r"""All iterates w_0 … w_T of training ``problem`` with the schedule ``lrs`` (length T):
-    w_{t+1} = params(Φ_t(s_t, η_t)), via :func:`hgtoolkit.trajectory.make_step`. Returns a
+    w_{t+1} = params(Φ_t(s_t, η_t)) (the same update as :func:`hgtoolkit.trajectory.make_step`). Returns a
     ``(T + 1, d)`` float64 array (parameters flattened). Meant for small problems (2-D test
     functions), to draw paths from a recorded schedule; stops at the first non-finite iterate
     (the array is then shorter; the rows present are finite).
     """
     from .. import dynamics as _dynamics
     from .._tree import tree_leaves
-    from ..trajectory import check_lrs, make_step
+    from ..online import _autograd_grad
+    from ..trajectory import check_lrs
 
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
-    step = make_step(problem, dyn)
+
+    def step(state, lr, t):  # Φ_t with a plain-autograd gradient: no per-call transform overhead
+        g, loss = _autograd_grad(problem.train_loss, dyn.params(state), t)
+        return dyn.step(state, g, lr, t), loss
 
     def flat(state) -> np.ndarray:
         return np.concatenate([x.detach().reshape(-1).cpu().double().numpy()
