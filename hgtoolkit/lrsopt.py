@@ -96,6 +96,9 @@ class ScheduleResult:
     ``snapshots[i]`` = η^(``snapshot_steps[i]``). ``outer_state`` = the outer optimizer's state
     after the last step (Adam: m, v, n) and ``lr_scale`` (1 unless divergence halved it).
     ``events`` lists backtracking steps; ``status`` says why the run ended.
+    ``evaluations[i]`` = (wall seconds since the run started, f) after hypergradient evaluation
+    i (line-search trials and discarded proposals included, f = NaN where training diverged;
+    a resumed run continues the clock of its checkpoint).
     """
 
     initial_lrs: np.ndarray
@@ -117,9 +120,10 @@ class ScheduleResult:
     metrics: list = field(default_factory=list)
     batch_seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     events: list = field(default_factory=list)
+    evaluations: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
     _ARRAYS = ("initial_lrs", "final_lrs", "best_lrs", "history", "grad_norms", "snapshot_steps",
-               "snapshots", "batch_seeds")
+               "snapshots", "batch_seeds", "evaluations")
 
     def __repr__(self) -> str:
         return (f"ScheduleResult(T={len(self.final_lrs)}, outer_steps_done={self.outer_steps_done}, "
@@ -154,7 +158,7 @@ class ScheduleResult:
         arrays = records.load_arrays(stem.with_name(stem.name + ".npz"))
         outer = {k.split(".", 1)[1]: (v.item() if v.ndim == 0 else v)
                  for k, v in arrays.items() if k.startswith("outer_state.")}
-        kw = {k: arrays[k] for k in cls._ARRAYS}
+        kw = {k: arrays[k] for k in cls._ARRAYS if k in arrays}  # older records lack "evaluations"
         kw.update({k: meta[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
                                         "wall_time", "status", "config", "problem", "metrics", "events")})
         return cls(outer_state=outer, **kw)
@@ -255,6 +259,22 @@ def _load_checkpoint(path: Path, config: dict, eta0: torch.Tensor, device) -> di
     return ckpt["state"]
 
 
+class _Logged:
+    """``evaluate`` that appends (wall seconds of the run, f) to ``log`` after every call."""
+
+    def __init__(self, evaluate, started: float):
+        self.evaluate, self.started, self.offset, self.log = evaluate, started, 0.0, []
+
+    def __call__(self, eta: torch.Tensor, k: int):
+        try:
+            out = self.evaluate(eta, k)
+        except FloatingPointError:
+            self.log.append((self.offset + time.perf_counter() - self.started, math.nan))
+            raise
+        self.log.append((self.offset + time.perf_counter() - self.started, out[0]))
+        return out
+
+
 class _Run:
     """The mutable bookkeeping of one LRS-OPT run (everything a checkpoint holds)."""
 
@@ -305,7 +325,8 @@ class _Run:
             outer_state=outer, n_evaluations=s["n_evaluations"], outer_steps_done=s["k"],
             wall_time=s["wall_time"] + (time.perf_counter() - started), status=s["status"],
             config=records.to_jsonable(config), problem=problem.describe(), metrics=s["metrics"],
-            batch_seeds=np.asarray(s["batch_seeds"], dtype=np.int64), events=s["events"])
+            batch_seeds=np.asarray(s["batch_seeds"], dtype=np.int64), events=s["events"],
+            evaluations=np.asarray(s.get("evaluations", []), dtype=np.float64).reshape(-1, 2))
 
 
 def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | None = None,
@@ -352,8 +373,11 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     started = time.perf_counter()
 
     saved = _load_checkpoint(path, config, eta0, problem.device) if resume else None
+    evaluate = _Logged(evaluate, started)
     if saved is not None:
         run = _Run(saved)
+        evaluate.offset = run.s["wall_time"]
+        evaluate.log = run.s.setdefault("evaluations", [])
         if run.s["k"] > outer_steps:
             raise ValueError(f"outer_steps={outer_steps} but the checkpoint already holds "
                              f"{run.s['k']} outer steps; ask for at least that many")
@@ -363,6 +387,7 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
         except FloatingPointError as exc:
             raise FloatingPointError(f"LRS-OPT cannot start: training with lrs0 diverges ({exc}); "
                                      "start from smaller learning rates") from exc
+        run.s["evaluations"] = evaluate.log
     run.s["status"] = "running"
     save = (lambda: run.save(path, config, eta0, started)) if path is not None else (lambda: None)
 
