@@ -13,7 +13,7 @@ Modules are imported lazily (only the experiment you run is loaded).
 
     >>> from hgtoolkit.experiments import EXPERIMENTS, run_experiment
     >>> sorted(EXPERIMENTS)
-    ['demo', 'fig1', 'hd', 'mnist', 'towers']
+    ['demo', 'fig1', 'hd', 'lrsopt', 'mnist', 'towers']
     >>> summary = run_experiment("fig1", setting="tiny", out="/tmp/results", progress=False)  # doctest: +SKIP
 """
 from __future__ import annotations
@@ -66,6 +66,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("towers", "Chandra et al.: hyperoptimizer towers — learnt hyperparameters over time "
                          "at each level, and sensitivity to the initial LR vs tower height",
                module="towers_demo"),
+    Experiment("lrsopt", "MARTHE Sec. 5 / Fig. 2 left at full scale: LRS-OPT of the whole SGD schedule "
+                         "(T = 500, 3×500 MLP) by L-BFGS-B on fixed minibatches (4 seeds) and Adam "
+                         "on resampled ones; resumable", module="lrsopt_full"),
     Experiment("demo", "`make demo`: fig1 and mnist in their quick settings", parts=("fig1", "mnist")),
 )}
 
