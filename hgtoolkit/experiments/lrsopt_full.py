@@ -167,7 +167,6 @@ def _run_one(config: Config, kind: str, seed: int, root: Path, progress: bool) -
 
 def run(config: Config, out_dir, progress: bool = True) -> dict:
     """All runs (resumable), the table and the schedules figure; returns the summary."""
-    from .. import plotting
     out = common.as_output_dir(out_dir)
     torch.set_num_threads(config.threads)
     root = out.data_dir / "runs"
@@ -175,7 +174,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     jobs = [("lbfgsb", s) for s in range(config.seed, config.seed + config.lbfgsb_seeds)]
     jobs[1:1] = [("adam", s) for s in range(config.seed, config.seed + config.adam_seeds)]
     started = time.perf_counter()
-    metas = {}
+    metas, summary = {}, {}
     for kind, seed in jobs:
         if progress:
             print(f"[lrsopt] {kind} seed {seed} …", flush=True)
@@ -183,7 +182,14 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
         if progress:
             print(f"[lrsopt] {kind} seed {seed}: f {m['f_initial']:.4f} → {m['best_value']:.4f}, "
                   f"{m['n_evaluations']} evaluations, {m['wall_time']:.0f} s ({m['status']})", flush=True)
+        # the report so far: readable while the remaining runs go on
+        summary = _report(config, out, metas, len(jobs), time.perf_counter() - started)
+    return summary
 
+
+def _report(config: Config, out, metas: dict, n_jobs: int, seconds: float) -> dict:
+    """Table (summary.md/json) and schedules figure of the runs in ``metas``."""
+    from .. import plotting
     rows = []
     for name, m in metas.items():
         w = m["within_1pct"]
@@ -208,8 +214,10 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     data = next(iter(metas.values()))["data"] if metas else None
     summary = {"runs": {k: {kk: v for kk, v in m.items() if kk not in ("final_lrs", "job")}
                         for k, m in metas.items()},
-               "data": data, "threads": config.threads, "wall_time_this_call": time.perf_counter() - started}
-    return common.write_summary(out, f"LRS-OPT at full scale (T = {config.steps})",
+               "data": data, "threads": config.threads, "wall_time_this_call": seconds,
+               "runs_done": len(metas), "runs_planned": n_jobs}
+    done = "" if len(metas) == n_jobs else f" — {len(metas)} of {n_jobs} runs done (rerun to resume)"
+    return common.write_summary(out, f"LRS-OPT at full scale (T = {config.steps}){done}",
                                 [("Runs", table)], summary,
                                 notes=[f"data: {data}", "evals to 1 %: hypergradient evaluations (line-search "
                                        "trials included) until the first f within 1 % of the run's best; "
