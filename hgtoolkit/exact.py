@@ -16,7 +16,8 @@ compute it (``mode=``):
   (``create_graph=True``) and keeps that graph, so H_t ḡ is a second backward through it
   (no activation is recomputed). ``checkpoint_every=None`` keeps every step's graph (fastest,
   memory O(T)); ``checkpoint_every=k`` keeps every k-th state and rebuilds the graphs of one
-  segment of k steps at a time (memory O(T/k + k), one extra training pass);
+  segment of k steps at a time (memory O(T/k + k), one extra training pass less its last
+  segment, whose graphs the forward pass keeps);
   ``checkpoint_every="auto"`` takes k = round(√T). Both give bit-identical numbers.
 - ``"forward"``: the tangent system column by column, z ← ``dyn.tangent(s_t, g_t, η_t, t, z,
   H_t z_w, δ_{jt})``, ``chunk_size`` columns at a time (column j is zero until step j); the
@@ -164,9 +165,11 @@ def _reverse(problem, dyn, lrs, checkpoint_every, progress):
         final, steps = run(s0, 0, T, True, lambda t: True, fbar)
         segments = [(0, T, steps)]
     else:  # keep s_k, s_2k, …; rebuild one segment's graphs at a time in the backward pass
-        final, kept = run(s0, 0, T, False, lambda t: (t + 1) % k == 0 and t + 1 < T, fbar)
-        starts = {0: s0, **dict(zip(range(k, T, k), kept))}
-        segments = [(a, min(a + k, T), None) for a in range(0, T, k)]
+        last = (T - 1) // k * k  # the last segment keeps its graphs from the forward pass
+        state, kept = run(s0, 0, last, False, lambda t: (t + 1) % k == 0, fbar)
+        final, steps = run(state, last, T, True, lambda t: True, fbar)
+        starts = {0: s0, **dict(zip(range(k, last, k), kept))}
+        segments = [(a, min(a + k, T), None) for a in range(0, last, k)] + [(last, T, steps)]
     if hasattr(fbar, "close"):
         fbar.close()
 

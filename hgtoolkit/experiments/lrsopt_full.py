@@ -20,7 +20,6 @@ the same command after an interruption; finished runs are read back, not recompu
 """
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass
