@@ -38,7 +38,7 @@ __all__ = ["Config", "run", "time_to_within"]
 class Config:
     """Problem: ``hidden``, ``n_train``/``n_val`` (MNIST or the labelled fallback),
     ``batch_size``, ``steps`` = T. Schedules start at η_t = ``init``, bounded by ``lr_max``.
-    ``threads``: torch threads of this process."""
+    ``threads``: torch threads of this process; ``device``: where the MLP trains ("cpu", "cuda")."""
 
     seed: int = 0
     hidden: tuple = (500, 500, 500)
@@ -58,6 +58,7 @@ class Config:
     plateau_tol: float = 1e-3
     checkpoint_every: "int | str | None" = None
     threads: int = 1
+    device: str = "cpu"
 
     @classmethod
     def full(cls) -> "Config":
@@ -97,7 +98,8 @@ def problem(config: Config, seed: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FallbackDataWarning)  # recorded in problem.info
         return problems.mnist_mlp(n_train=config.n_train, n_val=config.n_val, batch_size=config.batch_size,
-                                  hidden=tuple(config.hidden), seed=seed, data_seed=config.data_seed)
+                                  hidden=tuple(config.hidden), seed=seed, data_seed=config.data_seed,
+                                  device=config.device)
 
 
 def time_to_within(evaluations: np.ndarray, rel: float = 0.01) -> dict:
@@ -130,13 +132,14 @@ def _run_one(config: Config, kind: str, seed: int, root: Path, progress: bool) -
     from ..trajectory import train
     stem = root / f"{kind}_seed{seed}"
     meta_path = stem.with_name(stem.name + ".summary.json")
-    job = {"config": common.config_dict(config), "kind": kind, "seed": seed, "version": 1}
+    cfg = {k: v for k, v in common.config_dict(config).items() if k != "device"}  # rounding only
+    job = {"config": cfg, "kind": kind, "seed": seed, "version": 1}
     if meta_path.exists():
         meta = records.read_json(meta_path)
         if meta.get("job") == records.to_jsonable(job):
             return meta
     p = problem(config, seed)
-    lrs0 = torch.full((config.steps,), config.init, dtype=p.dtype)
+    lrs0 = torch.full((config.steps,), config.init, dtype=p.dtype, device=p.device)
     steps = config.lbfgsb_steps if kind == "lbfgsb" else config.adam_steps
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
@@ -151,7 +154,7 @@ def _run_one(config: Config, kind: str, seed: int, root: Path, progress: bool) -
     res.save(stem)
     replay = {}
     for name, lrs in (("final", res.final_lrs), ("best", res.best_lrs), ("initial", res.initial_lrs)):
-        m = p.metrics(train(p, torch.as_tensor(lrs, dtype=p.dtype)).params)  # the seed's own order
+        m = p.metrics(train(p, torch.as_tensor(lrs, dtype=p.dtype, device=p.device)).params)  # own order
         replay[name] = {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
     within = time_to_within(res.evaluations)
     meta = {"job": records.to_jsonable(job), "kind": kind, "seed": seed, "status": res.status,
@@ -170,8 +173,8 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     torch.set_num_threads(config.threads)
     root = out.data_dir / "runs"
     root.mkdir(parents=True, exist_ok=True)
-    jobs = [("lbfgsb", s) for s in range(config.seed, config.seed + config.lbfgsb_seeds)]
-    jobs[1:1] = [("adam", s) for s in range(config.seed, config.seed + config.adam_seeds)]
+    jobs = ([("lbfgsb", s) for s in range(config.seed, config.seed + config.lbfgsb_seeds)]
+            + [("adam", s) for s in range(config.seed, config.seed + config.adam_seeds)])
     started = time.perf_counter()
     metas, summary = {}, {}
     for kind, seed in jobs:
@@ -221,4 +224,4 @@ def _report(config: Config, out, metas: dict, n_jobs: int, seconds: float) -> di
                                 notes=[f"data: {data}", "evals to 1 %: hypergradient evaluations (line-search "
                                        "trials included) until the first f within 1 % of the run's best; "
                                        "accuracy: the schedule replayed on the seed's own minibatch order",
-                                       f"torch threads: {config.threads}"])
+                                       f"device: {config.device}; torch threads: {config.threads}"])
