@@ -123,7 +123,7 @@ class ScheduleResult:
     evaluations: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
     _ARRAYS = ("initial_lrs", "final_lrs", "best_lrs", "history", "grad_norms", "snapshot_steps",
-               "snapshots", "batch_seeds", "evaluations")
+               "snapshots", "batch_seeds")
 
     def __repr__(self) -> str:
         return (f"ScheduleResult(T={len(self.final_lrs)}, outer_steps_done={self.outer_steps_done}, "
@@ -145,6 +145,7 @@ class ScheduleResult:
                                               "problem", "metrics", "events")}
         meta.update(history=self.history, grad_norms=self.grad_norms,
                     initial_lrs=self.initial_lrs, best_lrs=self.best_lrs, final_lrs=self.final_lrs,
+                    evaluations=self.evaluations,  # with wall times: JSON, not the exact npz
                     format="hgtoolkit.ScheduleResult/1")
         npz = records.save_arrays(stem.with_name(stem.name + ".npz"), **arrays)
         js = records.atomic_write_json(stem.with_name(stem.name + ".json"), meta)
@@ -158,10 +159,11 @@ class ScheduleResult:
         arrays = records.load_arrays(stem.with_name(stem.name + ".npz"))
         outer = {k.split(".", 1)[1]: (v.item() if v.ndim == 0 else v)
                  for k, v in arrays.items() if k.startswith("outer_state.")}
-        kw = {k: arrays[k] for k in cls._ARRAYS if k in arrays}  # older records lack "evaluations"
+        kw = {k: arrays[k] for k in cls._ARRAYS}
         kw.update({k: meta[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
                                         "wall_time", "status", "config", "problem", "metrics", "events")})
-        return cls(outer_state=outer, **kw)
+        ev = [[math.nan if x is None else x for x in r] for r in meta.get("evaluations", [])]  # NaN ↔ null
+        return cls(outer_state=outer, evaluations=np.asarray(ev, dtype=np.float64).reshape(-1, 2), **kw)
 
 
 # ----------------------------------------------------------------------------- the outer loop
