@@ -1,24 +1,30 @@
 """Cost of the exact hypergradients on the MARTHE MLP (3×500 ReLU, MNIST, batch 100, SGD,
-CPU, float32), relative to just training the same T steps (``trajectory.train``).
+float32), relative to a hand-written SGD training loop of the same T (``torch.autograd.grad``
+of the minibatch loss, then ``p -= η_t g`` under ``no_grad``), on ``--device`` (cpu or cuda).
 
 Measured (``python benchmarks/bench_exact.py``; ``--quick`` for a smoke run):
 
-- time ratios to training, T = 100: ``hypergradient(mode="reverse")`` (target ≤ 2.5),
-  reverse with ``checkpoint_every=10``, ``directional_derivative`` (target ≤ 3), and forward
-  mode for the full gradient (``mode="forward"``, chunked) at a smaller T. Every candidate is
-  timed right after a training run, round-robin, after a warm-up round; the ratio reported is
-  the median over rounds of the per-round ratios (wall clock, and process CPU time);
-- where reverse mode spends its time: the forward phase (building each step's vjp) vs the
-  backward phase (applying them), the ``mode="autograd"`` reference, a prototype that builds
-  each step's graph with plain ``torch.autograd`` instead of ``torch.func.vjp`` (same numbers,
-  checked), and the top operators from ``torch.profiler``;
-- peak memory (peak RSS of a fresh subprocess per measurement, ``ru_maxrss``) of reverse mode
-  storing every step vs ``checkpoint_every=k`` at T = 2000, next to plain training. If storing
-  every step would not fit in the available memory, a smaller hidden size is used and the JSON
-  says so (with the per-step cost measured at both sizes).
+- time ratios to that loop, T = 100: ``hypergradient(mode="reverse")`` (target ≤ 2.0),
+  reverse with ``checkpoint_every=10`` (target ≤ 2.5) and ``"auto"`` (k ≈ √T),
+  ``directional_derivative`` (target ≤ 2.5), and forward mode for the full gradient
+  (``mode="forward"``, chunked) at a smaller T. Every candidate is timed right after a training
+  run, round-robin, after a warm-up round; the ratio reported is the median over rounds of the
+  per-round ratios (wall clock, and process CPU time);
+- the alternatives the implementation was chosen from, timed in the same rounds: per-step
+  ``torch.func.vjp`` closures (the previous implementation), forward-over-reverse HVPs
+  (``torch.func.jvp`` of the gradient: stores states only and recomputes each step),
+  ``checkpoint_every=1`` (states only, the step's graph rebuilt in the backward pass),
+  ``mode="autograd"``, and for the directional derivative forward-over-reverse; plus the
+  matmul-FLOP lower bound of "one training pass + one HVP per step" for this network, the
+  share of the time spent in matrix products (``torch.profiler``) and the top operators;
+- peak memory of reverse mode storing every step vs ``checkpoint_every=k`` at T = 2000, next to
+  plain training: on CPU the peak RSS of a fresh subprocess per measurement, on CUDA
+  ``torch.cuda.max_memory_allocated``. If storing every step would not fit, a smaller hidden
+  size is used and the JSON says so (with the per-step cost measured at both sizes).
 
-Writes ``benchmarks/results/exact.json`` and prints a table. The machine may be shared: the
-load average is recorded before and after, and absolute times are indicative only.
+Writes ``benchmarks/results/exact.json`` (``exact_<device>.json`` for another device) and
+prints a table. The machine may be shared: the load average is recorded before and after,
+and absolute times are indicative only.
 """
 from __future__ import annotations
 
@@ -26,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -37,108 +42,130 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import env_info, format_table, interleaved, row, timed, write_results  # noqa: E402
+from common import env_info, format_table, interleaved, row, write_results  # noqa: E402
 
 LR = 0.05
 
 
-def build_problem(hidden: int, n_layers: int = 3):
+def build_problem(hidden: int, n_layers: int = 3, device: str = "cpu"):
     import hgtoolkit
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         problem = hgtoolkit.problems.mnist_mlp(hidden=(hidden,) * n_layers, batch_size=100,
-                                               dtype=torch.float32, device="cpu")
+                                               dtype=torch.float32, device=device)
     return problem, [str(w.message).split("\n")[0] for w in caught]
 
 
-# ----------------------------------------------------------------------------- reverse-mode anatomy
+def synced(fn, device: str):
+    """``fn`` followed by a device synchronisation (CUDA runs asynchronously)."""
+    if not str(device).startswith("cuda"):
+        return fn
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run
 
-def reverse_phases(problem, lrs):
-    """Time exact._reverse's two phases separately (same code path: make_step + torch.func.vjp)."""
+
+# ----------------------------------------------------------------------------- baseline and alternatives
+
+def hand_sgd(problem, lrs):
+    """The baseline: a hand-written SGD loop (what a user would write, no toolkit code)."""
+    names = list(problem.params0)
+    params = [problem.params0[k].clone().requires_grad_(True) for k in names]
+    for t in range(len(lrs)):
+        loss = problem.train_loss(dict(zip(names, params)), t)
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lrs[t] * g
+    return params
+
+
+def reverse_func_vjp(problem, lrs):
+    """Alternative (the previous implementation): one ``torch.func.vjp`` closure of the whole
+    step Φ_t per step, kept from the forward pass and applied in the backward pass."""
     from torch.func import grad_and_value, vjp
     from hgtoolkit import dynamics
     from hgtoolkit.trajectory import make_step
     dyn = dynamics.sgd()
     step = make_step(problem, dyn)
-    T = len(lrs)
-    t0 = time.perf_counter()
     state, pullbacks = dyn.init(problem.params0), []
-    for t in range(T):
+    for t in range(len(lrs)):
         state, pb, _ = vjp(lambda s, lr, t=t: step(s, lr, t), state, lrs[t], has_aux=True)
         pullbacks.append(pb)
-    t1 = time.perf_counter()
     lam, _ = grad_and_value(lambda s: problem.val_loss(dyn.params(s)))(state)
-    t2 = time.perf_counter()
-    grads = torch.empty(T)
-    for t in range(T - 1, -1, -1):
+    grads = torch.empty_like(lrs)
+    for t in range(len(lrs) - 1, -1, -1):
         lam, grads[t] = pullbacks[t](lam)
         pullbacks[t] = None
-    t3 = time.perf_counter()
-    return {"forward_s": t1 - t0, "objective_s": t2 - t1, "backward_s": t3 - t2}, grads
+    return grads
 
 
-def reverse_autograd_steps(problem, lrs):
-    """Prototype: reverse mode with one plain torch.autograd graph per step (create_graph=True)
-    instead of torch.func.vjp; the backward phase calls torch.autograd.grad on each step's graph."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
+def reverse_fwd_over_rev(problem, lrs):
+    """Alternative: store the states only; in the backward pass H_t ḡ by forward-over-reverse
+    (``torch.func.jvp`` of ``torch.func.grad`` of L_t: recomputes the training step)."""
+    from torch.func import grad, jvp
     from hgtoolkit import dynamics
     dyn = dynamics.sgd()
-    T = len(lrs)
-    t0 = time.perf_counter()
+    gl = grad(problem.train_loss)
     state, saved = dyn.init(problem.params0), []
-    for t in range(T):
-        s_in = {k: torch.utils._pytree.tree_map(lambda x: x.detach().requires_grad_(True), v)
-                for k, v in state.items()}
-        lr = lrs[t].detach().requires_grad_(True)
-        w_leaves, spec = tree_flatten(dyn.params(s_in))
-        loss = problem.train_loss(dyn.params(s_in), t)
-        g = torch.autograd.grad(loss, w_leaves, create_graph=True)
-        s_out = dyn.step(s_in, tree_unflatten(list(g), spec), lr, t)
-        saved.append((s_in, lr, s_out))
-        state = torch.utils._pytree.tree_map(lambda x: x.detach(), s_out)
-    t1 = time.perf_counter()
-    s_T = torch.utils._pytree.tree_map(lambda x: x.detach().requires_grad_(True), state)
-    leaves_T = tree_flatten(s_T)[0]
-    lam = torch.autograd.grad(problem.val_loss(dyn.params(s_T)), leaves_T, allow_unused=True,
-                              materialize_grads=True)
-    t2 = time.perf_counter()
-    grads = torch.empty(T)
-    for t in range(T - 1, -1, -1):
-        s_in, lr, s_out = saved[t]
-        ins = tree_flatten(s_in)[0] + [lr]
-        out = torch.autograd.grad(tree_flatten(s_out)[0], ins, grad_outputs=list(lam),
-                                  allow_unused=True, materialize_grads=True)
-        lam, grads[t] = out[:-1], out[-1]
+    with torch.no_grad():
+        for t in range(len(lrs)):
+            g = gl(dyn.params(state), t)
+            saved.append((state, g))
+            state = dyn.step(state, g, lrs[t], t)
+    w = {k: v.detach().requires_grad_(True) for k, v in dyn.params(state).items()}
+    lam = {"w": dict(zip(w, torch.autograd.grad(problem.val_loss(w), list(w.values()))))}
+    grads = torch.empty_like(lrs)
+    for t in range(len(lrs) - 1, -1, -1):
+        s, g = saved[t]
+        sbar, gbar, grads[t] = dyn.cotangent(s, g, lrs[t], t, lam)
+        _, hv = jvp(lambda ww: gl(ww, t), (dyn.params(s),), (gbar,))
+        lam = {"w": {k: sbar["w"][k] + hv[k] for k in hv}}
         saved[t] = None
-    t3 = time.perf_counter()
-    return {"forward_s": t1 - t0, "objective_s": t2 - t1, "backward_s": t3 - t2}, grads
+    return grads
 
 
-def directional_reverse_over_reverse(problem, lrs, direction):
-    """Prototype: z_{t+1} = A_t z_t + B_t v_t with H_t z from a double backward (∇_w(g·z))
-    instead of a forward-mode jvp through the gradient; the optimizer update itself (elementwise)
-    is still differentiated with one torch.func.jvp of dynamics.step."""
-    from torch.func import jvp
-    from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+def directional_fwd_over_rev(problem, lrs, direction):
+    """Alternative: (g_t, H_t z_w) in one ``torch.func.jvp`` of the gradient (no kept graph)."""
+    from torch.func import grad, jvp
     from hgtoolkit import dynamics
-    from hgtoolkit._tree import tree_zeros_like
     dyn = dynamics.sgd()
-    state = dyn.init(problem.params0)
-    z = tree_zeros_like(state)
+    gl = grad(problem.train_loss)
+    state, z = dyn.init(problem.params0), None
     for t in range(len(lrs)):
-        w = tree_map(lambda x: x.detach().requires_grad_(True), dyn.params(state))
-        leaves, spec = tree_flatten(w)
-        g = torch.autograd.grad(problem.train_loss(w, t), leaves, create_graph=True)
-        hz = torch.autograd.grad(g, leaves, grad_outputs=tree_flatten(dyn.params(z))[0])
-        g = tree_unflatten([x.detach() for x in g], spec)
-        s_in = tree_map(lambda x: x.detach(), state)
-        state, z = jvp(lambda s, gg, lr, t=t: dyn.step(s, gg, lr, t), (s_in, g, lrs[t]),
-                       (z, tree_unflatten(list(hz), spec), direction[t]))
-    w = tree_map(lambda x: x.detach().requires_grad_(True), dyn.params(state))
-    leaves = tree_flatten(w)[0]
-    value = problem.val_loss(w)
-    ge = torch.autograd.grad(value, leaves)
-    return value.detach(), sum((a * b).sum() for a, b in zip(ge, tree_flatten(dyn.params(z))[0]))
+        w = dyn.params(state)
+        if z is None:
+            g, hz = gl(w, t), None
+        else:
+            g, hz = jvp(lambda ww: gl(ww, t), (w,), (z["w"],))
+        state, z = dyn.tangent(state, g, lrs[t], t, z, hz, direction[t])
+    w = {k: v.detach().requires_grad_(True) for k, v in dyn.params(state).items()}
+    ge = torch.autograd.grad(problem.val_loss(w), list(w.values()))
+    return sum((a * z["w"][k]).sum() for a, k in zip(ge, w))
+
+
+def matmul_bound(problem) -> dict:
+    r"""Matmul FLOPs per step of an MLP (batch B, layers n_{l−1} → n_l): training = forward
+    + weight gradient (+ input gradient from the second layer on) = (2 + [l>1])·B n_{l−1} n_l
+    multiply-adds per layer; one HVP (reverse-over-reverse or forward-over-reverse alike) =
+    (2 + 4·[l>1])·B n_{l−1} n_l. Returns the per-step counts and the ratio bounds."""
+    sizes = [v.shape for k, v in problem.params0.items() if v.dim() == 2]  # (out, in) per layer
+    train = sum((2 + (i > 0)) * o * n for i, (o, n) in enumerate(sizes))
+    hvp = sum((2 + 4 * (i > 0)) * o * n for i, (o, n) in enumerate(sizes))
+    return {"train_units": train, "hvp_units": hvp, "reverse_bound": (train + hvp) / train,
+            "checkpointed_bound": (2 * train + hvp) / train, "directional_bound": (train + hvp) / train}
+
+
+def matmul_share(fn) -> float:
+    """Fraction of the profiled self CPU time spent in aten::mm/addmm/bmm during ``fn()``."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ev = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in ev) or 1
+    return sum(e.self_cpu_time_total for e in ev if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / total
 
 
 def top_ops(problem, lrs, n=10):
@@ -156,111 +183,111 @@ def top_ops(problem, lrs, n=10):
 # ----------------------------------------------------------------------------- timing section
 
 def timing(threads: int, args, rows: list, details: dict) -> None:
-    import hgtoolkit
     from hgtoolkit import directional_derivative, hypergradient, train
     torch.set_num_threads(threads)
-    problem, fallback = build_problem(args.hidden)
+    dev = args.device
+    problem, fallback = build_problem(args.hidden, device=dev)
     details.setdefault("data", problem.info.get("data"))
     details.setdefault("data_warnings", fallback)
     T, Tf = args.T, args.T_forward
-    lrs, lrs_f = torch.full((T,), LR), torch.full((Tf,), LR)
-    direction = torch.ones(T)
-    tag = f"{threads} thread{'s' if threads > 1 else ''}"
+    lrs, lrs_f = torch.full((T,), LR, device=dev), torch.full((Tf,), LR, device=dev)
+    direction = torch.ones(T, device=dev)
+    tag = f"{threads} thread{'s' if threads > 1 else ''}" if dev == "cpu" else dev
+    S = lambda fn: synced(fn, dev)
 
-    res = interleaved(lambda: train(problem, lrs), {
-        "reverse": lambda: hypergradient(problem, lrs, mode="reverse"),
-        "reverse_ckpt10": lambda: hypergradient(problem, lrs, mode="reverse", checkpoint_every=10),
-        "directional": lambda: directional_derivative(problem, lrs, direction),
+    res = interleaved(S(lambda: hand_sgd(problem, lrs)), {
+        "reverse": S(lambda: hypergradient(problem, lrs, mode="reverse")),
+        "reverse_ckpt10": S(lambda: hypergradient(problem, lrs, mode="reverse", checkpoint_every=10)),
+        "reverse_ckpt_auto": S(lambda: hypergradient(problem, lrs, mode="reverse", checkpoint_every="auto")),
+        "directional": S(lambda: directional_derivative(problem, lrs, direction)),
+        "train_toolkit": S(lambda: train(problem, lrs)),
     }, repeats=args.repeats)
-    res_f = interleaved(lambda: train(problem, lrs_f), {
-        "forward_full": lambda: hypergradient(problem, lrs_f, mode="forward", chunk_size=args.chunk),
+    res_f = interleaved(S(lambda: hand_sgd(problem, lrs_f)), {
+        "forward_full": S(lambda: hypergradient(problem, lrs_f, mode="forward", chunk_size=args.chunk)),
     }, repeats=max(1, args.repeats // 2))
-    details[f"timing_{threads}t"] = {"T": T, "T_forward": Tf, "chunk_size": args.chunk, "main": res,
-                                     "forward": res_f}
+    bound = matmul_bound(problem)
+    details[f"timing_{tag}"] = {"T": T, "T_forward": Tf, "chunk_size": args.chunk, "main": res,
+                                "forward": res_f, "matmul_bound": bound}
     base = res["baseline"]["wall_s"]
-    rows.append(row(f"train T={T} ({tag})", base, "s", note=f"{1e3 * base / T:.1f} ms/step, median"))
-    for key, label, target in (("reverse", "reverse / train", 2.5),
-                               ("reverse_ckpt10", "reverse, checkpoint_every=10 / train", None),
-                               ("directional", "directional_derivative / train", 3.0)):
+    rows.append(row(f"hand-written SGD loop T={T} ({tag})", base, "s", note=f"{1e3 * base / T:.1f} ms/step, median"))
+    k_auto = max(1, round(math.sqrt(T)))
+    for key, label, target, lb in (
+            ("reverse", "reverse / train", 2.0, bound["reverse_bound"]),
+            ("reverse_ckpt10", "reverse, checkpoint_every=10 / train", 2.5, bound["checkpointed_bound"]),
+            ("reverse_ckpt_auto", f"reverse, checkpoint_every='auto' (k={k_auto}) / train", None,
+             bound["checkpointed_bound"]),
+            ("directional", "directional_derivative / train", 2.5, bound["directional_bound"]),
+            ("train_toolkit", "hgtoolkit.train / train", None, 1.0)):
         r = res[key]
         rows.append(row(f"{label}, T={T} ({tag})", r["ratio_wall"], "×",
                         f"≤ {target}" if target else None,
                         None if target is None else r["ratio_wall"] <= target,
-                        f"CPU-time ratio {r['ratio_cpu']:.2f}; {r['wall_s']:.2f} s"))
+                        f"CPU-time ratio {r['ratio_cpu']:.2f}; {r['wall_s']:.2f} s; matmul-FLOP bound {lb:.2f}×"))
     r = res_f["forward_full"]
     rows.append(row(f"forward full (chunk {args.chunk}) / train, T={Tf} ({tag})", r["ratio_wall"], "×",
                     note=f"CPU-time ratio {r['ratio_cpu']:.2f}; {r['wall_s']:.2f} s; "
                          f"{Tf} columns, cost grows ~T²/2"))
 
-    # anatomy of reverse mode, and prototypes, all timed in the same rounds as a training run
-    cands = {
-        "reverse": lambda: hypergradient(problem, lrs),
-        "phases": lambda: reverse_phases(problem, lrs),
-        "prototype_autograd_steps": lambda: reverse_autograd_steps(problem, lrs),
-        "mode_autograd": lambda: hypergradient(problem, lrs, mode="autograd"),
-        "directional": lambda: directional_derivative(problem, lrs, direction),
-        "prototype_directional_rr": lambda: directional_reverse_over_reverse(problem, lrs, direction),
-    }
-    rounds = []
-    for _ in range(args.repeats):
-        rnd = {"train_s": timed(lambda: train(problem, lrs))[0]}
-        for name, fn in cands.items():
-            t0 = time.perf_counter()
-            out = fn()
-            rnd[name + "_s"] = time.perf_counter() - t0
-            if name in ("phases", "prototype_autograd_steps"):
-                rnd.update({f"{name}.{k}": v for k, v in out[0].items()})
-        rounds.append(rnd)
-    med = lambda key: statistics.median(r[key] / r["train_s"] for r in rounds)
-    _, g_ref = reverse_phases(problem, lrs)
-    _, g_alt = reverse_autograd_steps(problem, lrs)
-    dd_ref = directional_derivative(problem, lrs, direction)[1]
-    dd_alt = directional_reverse_over_reverse(problem, lrs, direction)[1]
-    same = bool(torch.equal(g_ref, g_alt))
-    close = float((g_ref - g_alt).abs().max() / g_ref.abs().max())
-    dd_rel = float((dd_ref - dd_alt).abs() / dd_ref.abs())
-    anatomy = {
-        "reverse_over_train": med("reverse_s"),
-        "torch_func_vjp": {k: med(f"phases.{k}") for k in ("forward_s", "objective_s", "backward_s")},
-        "autograd_per_step_prototype": {k: med(f"prototype_autograd_steps.{k}")
-                                        for k in ("forward_s", "objective_s", "backward_s")},
-        "autograd_per_step_prototype_total": med("prototype_autograd_steps_s"),
-        "mode_autograd_over_train": med("mode_autograd_s"),
-        "directional_over_train": med("directional_s"),
-        "directional_rr_prototype_over_train": med("prototype_directional_rr_s"),
-        "prototype_grad_bitwise_equal": same, "prototype_grad_max_rel_diff": close,
-        "directional_rr_rel_diff": dd_rel, "rounds": rounds,
-    }
-    details[f"reverse_anatomy_{threads}t"] = anatomy
-    f, b = anatomy["torch_func_vjp"], anatomy["autograd_per_step_prototype"]
-    rows.append(row(f"[same rounds] reverse / train ({tag})", anatomy["reverse_over_train"], "×",
-                    note=f"phases: forward (vjp build) {f['forward_s']:.2f}, objective "
-                         f"{f['objective_s']:.3f}, backward {f['backward_s']:.2f}"))
-    rows.append(row(f"[same rounds] prototype: per-step torch.autograd graphs / train ({tag})",
-                    anatomy["autograd_per_step_prototype_total"], "×",
-                    note=f"forward {b['forward_s']:.2f}, backward {b['backward_s']:.2f}; same grad "
-                         f"{'bitwise' if same else f'to {close:.1e}'}"))
-    rows.append(row(f"[same rounds] mode='autograd' / train ({tag})", anatomy["mode_autograd_over_train"], "×"))
-    rows.append(row(f"[same rounds] directional_derivative / train ({tag})", anatomy["directional_over_train"], "×"))
-    rows.append(row(f"[same rounds] prototype: directional, reverse-over-reverse HVP / train ({tag})",
-                    anatomy["directional_rr_prototype_over_train"], "×",
-                    note=f"same value to {dd_rel:.1e}"))
-    if args.profile:
-        details[f"top_ops_{threads}t"] = top_ops(problem, lrs)
+    # the alternatives, timed in the same rounds as the baseline
+    alt = interleaved(S(lambda: hand_sgd(problem, lrs)), {
+        "reverse": S(lambda: hypergradient(problem, lrs)),
+        "alt_func_vjp": S(lambda: reverse_func_vjp(problem, lrs)),
+        "alt_fwd_over_rev": S(lambda: reverse_fwd_over_rev(problem, lrs)),
+        "alt_states_recompute": S(lambda: hypergradient(problem, lrs, checkpoint_every=1)),
+        "mode_autograd": S(lambda: hypergradient(problem, lrs, mode="autograd")),
+        "directional": S(lambda: directional_derivative(problem, lrs, direction)),
+        "alt_directional_fwd_over_rev": S(lambda: directional_fwd_over_rev(problem, lrs, direction)),
+    }, repeats=max(1, args.repeats // 2))
+    ref = hypergradient(problem, lrs).grad
+    checks = {"alt_func_vjp": reverse_func_vjp(problem, lrs), "alt_fwd_over_rev": reverse_fwd_over_rev(problem, lrs),
+              "mode_autograd": hypergradient(problem, lrs, mode="autograd").grad}
+    rel = {k: float((v - ref).norm() / ref.norm()) for k, v in checks.items()}
+    dd = float(directional_derivative(problem, lrs, direction)[1])
+    rel["alt_directional_fwd_over_rev"] = abs(float(directional_fwd_over_rev(problem, lrs, direction)) - dd) / abs(dd)
+    details[f"alternatives_{tag}"] = {"timing": alt, "rel_diff_to_default": rel}
+    labels = {"reverse": "reverse (default: kept autograd graph, double-backward HVP)",
+              "alt_func_vjp": "alt: torch.func.vjp closure per step (previous)",
+              "alt_fwd_over_rev": "alt: states only + forward-over-reverse HVP",
+              "alt_states_recompute": "alt: states only + rebuilt graph (checkpoint_every=1)",
+              "mode_autograd": "mode='autograd' (unrolled loop, reference)",
+              "directional": "directional_derivative (default: double-backward HVP)",
+              "alt_directional_fwd_over_rev": "alt: directional, forward-over-reverse"}
+    for key, label in labels.items():
+        r = alt[key]
+        note = f"CPU-time ratio {r['ratio_cpu']:.2f}"
+        if key in rel:
+            note += f"; rel. diff to default {rel[key]:.1e}"
+        rows.append(row(f"[alternatives] {label} / train ({tag})", r["ratio_wall"], "×", note=note))
+    if dev == "cpu" and args.profile:
+        share = {"train": matmul_share(lambda: hand_sgd(problem, lrs)),
+                 "reverse": matmul_share(lambda: hypergradient(problem, lrs)),
+                 "directional": matmul_share(lambda: directional_derivative(problem, lrs, direction))}
+        details[f"matmul_share_{tag}"] = share
+        details[f"top_ops_{tag}"] = top_ops(problem, lrs)
+        rows.append(row(f"share of time in matrix products: train / reverse / directional ({tag})",
+                        share["reverse"], "", note=f"train {share['train']:.2f}, reverse {share['reverse']:.2f}, "
+                                                  f"directional {share['directional']:.2f} (torch.profiler)"))
 
 
 # ----------------------------------------------------------------------------- memory section
 
-def memory_child(spec: str, T: int, hidden: int, threads: int) -> None:
-    """Run one measurement in this fresh process and print {"maxrss_mb", "wall_s"} as JSON."""
+def memory_child(spec: str, T: int, hidden: int, threads: int, device: str = "cpu") -> None:
+    """Run one measurement in this fresh process and print {"maxrss_mb", "wall_s"} as JSON
+    (on CUDA, "peak_after_load_mb"/"rss_after_load_mb" are allocated device memory)."""
     import resource
     import hgtoolkit
     torch.set_num_threads(threads)
-    problem, _ = build_problem(hidden)
-    lrs = torch.full((T,), LR)
+    problem, _ = build_problem(hidden, device=device)
+    lrs = torch.full((T,), LR, device=device)
     # Loading the data has its own peak; reset the high-water mark (Linux: clear_refs "5") so
     # VmHWM measures the computation alone; ru_maxrss stays the whole process's peak.
-    reset = _reset_peak_rss()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        reset = torch.cuda.memory_allocated() / 2 ** 20
+    else:
+        reset = _reset_peak_rss()
     t0 = time.perf_counter()
     if spec == "train":
         hgtoolkit.train(problem, lrs)
@@ -270,9 +297,12 @@ def memory_child(spec: str, T: int, hidden: int, threads: int) -> None:
         hgtoolkit.hypergradient(problem, lrs, checkpoint_every=int(spec[4:]))
     else:
         raise ValueError(spec)
+    if cuda:
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else (_status_mb("VmHWM") if reset else None)
     print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "peak_after_load_mb": _status_mb("VmHWM") if reset else None,
+                      "peak_after_load_mb": peak,
                       "rss_after_load_mb": reset, "wall_s": wall}))
 
 
@@ -295,9 +325,9 @@ def _reset_peak_rss() -> float | None:
     return _status_mb("VmRSS")
 
 
-def run_child(spec: str, T: int, hidden: int, threads: int) -> dict:
+def run_child(spec: str, T: int, hidden: int, threads: int, device: str = "cpu") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", spec, "--T", str(T),
-           "--hidden", str(hidden), "--threads", str(threads)]
+           "--hidden", str(hidden), "--threads", str(threads), "--device", device]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}",
@@ -305,7 +335,9 @@ def run_child(spec: str, T: int, hidden: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def mem_available_mb() -> float:
+def mem_available_mb(device: str = "cpu") -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info()[0] / 2 ** 20
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable"):
             return int(line.split()[1]) / 1024
@@ -316,17 +348,18 @@ def memory(args, rows: list, details: dict) -> None:
     threads = args.threads[0]
     T = args.T_memory
     k = args.memory_checkpoint or max(1, round(math.sqrt(T)))
-    budget = args.memory_fraction * mem_available_mb()
+    dev = args.device
+    budget = args.memory_fraction * mem_available_mb(dev)
     probes, hidden = {}, args.hidden
     # per-step cost of storing every step, from a short run; shrink the model until T fits
     n_probe = min(100, T)
     while True:
-        a = run_child("stored", n_probe, hidden, threads)
+        a = run_child("stored", n_probe, hidden, threads, dev)
         if a.get("peak_after_load_mb") is not None:
             per_step = (a["peak_after_load_mb"] - a["rss_after_load_mb"]) / n_probe
             need = a["rss_after_load_mb"] + per_step * T
         else:  # no VmHWM reset: one more run and the difference of the two peaks
-            b = run_child("stored", 2 * n_probe, hidden, threads)
+            b = run_child("stored", 2 * n_probe, hidden, threads, dev)
             per_step = (b["maxrss_mb"] - a["maxrss_mb"]) / n_probe
             need = a["maxrss_mb"] + per_step * (T - n_probe)
         probes[hidden] = {"probe_T": n_probe, "probe": a, "per_step_mb": per_step, "predicted_T_mb": need}
@@ -340,16 +373,20 @@ def memory(args, rows: list, details: dict) -> None:
                                   f"{probes[args.hidden]['predicted_T_mb']:.0f} MB > budget {budget:.0f} MB "
                                   f"({args.memory_fraction:.0%} of MemAvailable): measured with hidden={hidden}"
                                   if shrunk else f"full model (hidden={hidden})")}
-    for spec in ("train", "stored", f"ckpt{k}"):
-        details["memory"][spec] = run_child(spec, T, hidden, threads)
+    specs = ("train", "stored", "ckpt10", f"ckpt{k}") if k != 10 else ("train", "stored", "ckpt10")
+    for spec in specs:
+        details["memory"][spec] = run_child(spec, T, hidden, threads, dev)
     m = details["memory"]
     arch = f"3×{hidden}"
     extra = {}  # MB the computation adds to the process after loading the data
-    for spec, label in (("train", "train"), ("stored", "reverse, all steps stored"),
-                        (f"ckpt{k}", f"reverse, checkpoint_every={k}")):
+    what = "peak RSS" if dev == "cpu" else f"peak {dev} memory allocated"
+    labels = {"train": "train", "stored": "reverse, all steps stored", "ckpt10": "reverse, checkpoint_every=10",
+              f"ckpt{k}": f"reverse, checkpoint_every={k} ('auto')"}
+    for spec in specs:
+        label = labels[spec]
         r = m[spec]
         if "error" in r:
-            rows.append(row(f"peak RSS {label}, T={T} ({arch})", None, "MB", note=f"FAILED: {r['error']}"))
+            rows.append(row(f"{what} {label}, T={T} ({arch})", None, "MB", note=f"FAILED: {r['error']}"))
             continue
         if r.get("peak_after_load_mb") is not None:
             extra[spec] = r["peak_after_load_mb"] - r["rss_after_load_mb"]
@@ -357,7 +394,8 @@ def memory(args, rows: list, details: dict) -> None:
                     f"(VmHWM reset after loading); {r['wall_s']:.1f} s")
         else:
             note = f"{r['wall_s']:.1f} s"
-        rows.append(row(f"peak RSS {label}, T={T} ({arch})", r["maxrss_mb"], "MB", note=note))
+        rows.append(row(f"{what} {label}, T={T} ({arch})", r["maxrss_mb"] if dev == "cpu" else r["peak_after_load_mb"],
+                        "MB", note=note))
     if "stored" in extra and f"ckpt{k}" in extra and extra[f"ckpt{k}"] > 1:
         rows.append(row(f"extra memory stored / checkpointed, T={T} ({arch})",
                         extra["stored"] / extra[f"ckpt{k}"], "×",
@@ -372,6 +410,7 @@ def memory(args, rows: list, details: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     ap.add_argument("--threads", type=int, nargs="+", default=[min(2, os.cpu_count() or 1)],
                     help="torch threads; several values repeat the timing section for each")
     ap.add_argument("--repeats", type=int, default=5)
@@ -390,11 +429,15 @@ def main(argv=None) -> int:
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
-        memory_child(args._child, args.T, args.hidden, args.threads[0])
+        memory_child(args._child, args.T, args.hidden, args.threads[0], args.device)
         return 0
     if args.quick:
         args.repeats, args.T, args.T_forward, args.chunk, args.T_memory = 1, 10, 4, 2, 60
         args.hidden = 64
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available here")
+    if args.device.startswith("cuda"):
+        args.threads = args.threads[:1]
 
     started = time.perf_counter()
     details: dict = {"env_before": env_info(args.threads[0]), "settings": vars(args).copy(), "lr": LR}
@@ -407,14 +450,18 @@ def main(argv=None) -> int:
     details["total_s"] = time.perf_counter() - started
     payload = {"benchmark": "exact", "rows": rows, "env": details.pop("env_before"), **details}
     payload["env"]["loadavg_after"] = details["env_after_loadavg"]
-    name = "exact" if args.json is None else None
-    if name is None:
+    payload["device"] = args.device
+    if args.device != "cpu":
+        payload["env"]["device_name"] = torch.cuda.get_device_name(args.device)
+    if args.json is not None:
         Path(args.json).write_text(json.dumps(payload, indent=1, default=str))
         path = args.json
     else:
-        path = write_results(name if not args.quick else "exact_quick", payload)
+        name = "exact" if args.device == "cpu" else "exact_" + args.device.replace(":", "")
+        path = write_results(name if not args.quick else name + "_quick", payload)
+    where = f"CPU ({payload['env']['cpu']})" if args.device == "cpu" else payload["env"]["device_name"]
     print(f"\nexact hypergradients, {details.get('data', '')[:60]}; MLP 3×{args.hidden}, batch 100, "
-          f"float32, CPU ({payload['env']['cpu']}); load average {payload['env']['loadavg'][0]:.1f} → "
+          f"float32, {where}; load average {payload['env']['loadavg'][0]:.1f} → "
           f"{details['env_after_loadavg'][0]:.1f} on {os.cpu_count()} CPUs\n")
     print(format_table(rows))
     print(f"\nwrote {path} ({details['total_s']:.0f} s)")

@@ -1,20 +1,38 @@
 r"""Exact hypergradient of a whole LR schedule: ∇f(η) with f(η) = E(w_T), T = len(η).
 
-Tangent Z_t = ds_t/dη:  Z_0 = 0,  Z_{t+1} = A_t Z_t + B_t,  A_t = ∂Φ_t/∂s,  B_t = ∂Φ_t/∂η_t,
-and ∇f(η) = Z_Tᵀ ∇E(w_T). Four interchangeable ways to compute it (``mode=``):
+One step is s_{t+1} = Φ_t(s_t, η_t) = D(s_t, g_t, η_t) with g_t = ∇L_t(w_t) and D the
+optimizer's element-wise update (:mod:`hgtoolkit.dynamics`). Its derivatives factor into the
+closed-form derivatives of D and one Hessian-vector product H_t v = ∇²L_t(w_t) v:
+
+    A_t z = ∂D/∂s·z + ∂D/∂g·H_t z_w,        B_t = ∂D/∂η,
+    Aᵀ_t λ = s̄ + H_t ḡ  with (s̄, ḡ, η̄) = vjp of D at λ,  ∂f/∂η_t = η̄.
+
+Tangent Z_t = ds_t/dη:  Z_0 = 0,  Z_{t+1} = A_t Z_t + B_t,  ∇f(η) = Z_Tᵀ ∇E(w_T). Ways to
+compute it (``mode=``):
 
 - ``"reverse"``: adjoint λ_T = ∇_s E(w_T); for t = T−1 … 0,
-  (λ_t, ∂f/∂η_t) = vjp(Φ_t at (s_t, η_t))(λ_{t+1}) — Hessian-vector products, never a Hessian.
-  ``checkpoint_every=None`` keeps each step's vjp from the forward pass (fastest, memory O(T));
-  ``checkpoint_every=k`` stores every k-th state and recomputes one segment at a time
-  (memory O(T/k + k)); both give the same numbers.
-- ``"forward"``: the tangent system column by column with ``torch.func.jvp``, ``vmap``-ed over
-  ``chunk_size`` columns of Z at a time (column j is zero until step j, so it starts there).
+  (s̄, ḡ, η̄) = ``dyn.cotangent(s_t, g_t, η_t, t, λ_{t+1})``, λ_t = s̄ + H_t ḡ, ∂f/∂η_t = η̄:
+  one HVP per step. The forward pass builds each step's gradient g_t with plain autograd
+  (``create_graph=True``) and keeps that graph, so H_t ḡ is a second backward through it
+  (no activation is recomputed). ``checkpoint_every=None`` keeps every step's graph (fastest,
+  memory O(T)); ``checkpoint_every=k`` keeps every k-th state and rebuilds the graphs of one
+  segment of k steps at a time (memory O(T/k + k), one extra training pass less its last
+  segment, whose graphs the forward pass keeps);
+  ``checkpoint_every="auto"`` takes k = round(√T). Both give bit-identical numbers.
+- ``"forward"``: the tangent system column by column, z ← ``dyn.tangent(s_t, g_t, η_t, t, z,
+  H_t z_w, δ_{jt})``, ``chunk_size`` columns at a time (column j is zero until step j); the
+  HVPs of a step share its gradient graph.
 - ``"autograd"``: plain ``torch.autograd`` through the unrolled loop (``create_graph=True``), a
-  reference independent of ``torch.func``.
+  reference independent of the closed-form derivatives.
 - :func:`finite_difference`: central differences (f(η+εe_t) − f(η−εe_t)) / 2ε, the last word.
 
-:func:`directional_derivative` gives ∇f(η)·v in one forward pass (one jvp per step).
+:func:`directional_derivative` gives ∇f(η)·v in one forward pass (one HVP per step).
+
+Why a double backward through the kept graph (measured in ``benchmarks/bench_exact.py``): it
+reuses the forward activations and the backward's intermediates of the training pass; the
+alternatives measured — ``torch.func.vjp`` closures per step, forward-over-reverse
+``torch.func.jvp`` of the gradient (recomputes the training pass) — were 10–60 % slower on the
+3×500 MNIST MLP.
 """
 from __future__ import annotations
 
@@ -24,12 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.func import grad_and_value, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import dynamics as _dynamics
-from ._tree import tree_dot, tree_map, tree_zeros_like
-from .trajectory import (check_finite, check_lrs, make_step, progress_bar, scalar_loss, tangent_step,
-                         train)
+from ._tree import tree_map
+from .trajectory import check_finite, check_lrs, progress_bar, scalar_loss, train
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES"]
@@ -54,106 +71,180 @@ class HypergradResult:
                 f"|grad|={float(self.grad.norm()):.6g})")
 
 
-def _objective(problem, dyn):
-    """s ↦ (∇_s E(params(s)), E): the terminal adjoint λ_T and the value (zero for moments)."""
-    val_loss = scalar_loss(problem.val_loss, "val_loss")
-    return grad_and_value(lambda s: val_loss(dyn.params(s)))
+# ----------------------------------------------------------------------------- one step
+
+class _Step:
+    """Step t's gradient g_t = ∇L_t(w_t) built with plain autograd, its graph kept (or not).
+
+    ``hvp(v)`` = H_t v = ∇_w⟨g_t, v⟩, a backward through the kept graph (``retain`` keeps it
+    for another product). ``grad`` is g_t detached, as the pytree the dynamics take.
+    """
+
+    __slots__ = ("state", "loss", "grad", "_w", "_g", "_spec")
+
+    def __init__(self, problem, dyn, state: dict, t: int, graph: bool):
+        leaves, spec = tree_flatten(dyn.params(state))
+        with torch.enable_grad():
+            w = [x.detach().requires_grad_(True) for x in leaves]
+            loss = scalar_loss(problem.train_loss, "train_loss")(tree_unflatten(w, spec), t)
+            g = torch.autograd.grad(loss, w, create_graph=graph, allow_unused=True,
+                                    materialize_grads=True)
+        self.state, self.loss, self._spec = state, loss.detach(), spec
+        self.grad = tree_unflatten([x.detach() for x in g], spec)
+        self._w, self._g = (w, g) if graph else (None, None)
+
+    def advance(self, dyn, lr: torch.Tensor, t: int) -> dict:
+        """s_{t+1} = D(s_t, g_t, η_t) (no graph)."""
+        with torch.no_grad():
+            return dyn.step(self.state, self.grad, lr, t)
+
+    def hvp(self, v: Any, retain: bool = False) -> Any:
+        """H_t v for a parameter-shaped ``v`` (None: zero)."""
+        if v is None:
+            return None
+        vs = tree_flatten(v)[0]
+        live = [i for i, g in enumerate(self._g) if g.requires_grad]
+        if live:  # a loss linear in some leaves has a constant gradient there: H = 0
+            out = torch.autograd.grad([self._g[i] for i in live], self._w, [vs[i] for i in live],
+                                      retain_graph=retain, allow_unused=True, materialize_grads=True)
+        else:
+            out = [torch.zeros_like(x) for x in self._w]
+        if not retain:
+            self._w = self._g = None
+        return tree_unflatten(list(out), self._spec)
+
+
+def _add_w(state_tree: dict, hv: Any) -> dict:
+    """``state_tree`` with hv added to its "w" entry."""
+    if hv is None:
+        return state_tree
+    out = dict(state_tree)
+    out["w"] = tree_map(torch.add, state_tree["w"], hv)
+    return out
+
+
+def _objective(problem, dyn, state):
+    """(∇_s E(params(s)) as a state-shaped cotangent with only "w", E): λ_T and the value."""
+    leaves, spec = tree_flatten(dyn.params(state))
+    with torch.enable_grad():
+        w = [x.detach().requires_grad_(True) for x in leaves]
+        value = scalar_loss(problem.val_loss, "val_loss")(tree_unflatten(w, spec))
+        g = torch.autograd.grad(value, w, allow_unused=True, materialize_grads=True)
+    return {"w": tree_unflatten(list(g), spec)}, value.detach()
+
+
+def _checkpoint_interval(checkpoint_every, T: int):
+    if checkpoint_every == "auto":
+        return max(1, round(math.sqrt(T)))
+    return checkpoint_every
 
 
 def _reverse(problem, dyn, lrs, checkpoint_every, progress):
     T = len(lrs)
-    step = make_step(problem, dyn)
     s0 = dyn.init(problem.params0)
     losses = torch.empty(T, dtype=lrs.dtype, device=lrs.device)
 
-    def vjp_step(state, t):
-        new_state, pullback, loss = vjp(lambda s, lr: step(s, lr, t), state, lrs[t], has_aux=True)
-        check_finite(loss, t)
-        losses[t] = loss.detach()
-        return new_state, pullback
+    def run(state, a, b, graph, keep, bar=None):
+        """Steps a … b−1 from ``state``; returns (s_b, kept _Steps, states at checkpoints)."""
+        kept = []
+        for t in range(a, b):
+            st = _Step(problem, dyn, state, t, graph)
+            check_finite(st.loss, t)
+            losses[t] = st.loss
+            state = st.advance(dyn, lrs[t], t)
+            if keep(t):
+                kept.append(st if graph else state)
+            if bar is not None:
+                bar.update()
+        return state, kept
 
-    if checkpoint_every is None:
-        # Keep every step's pullback from the forward pass: nothing is recomputed.
-        pullbacks, state = [], s0
-        for t in progress_bar(range(T), progress, desc="forward", leave=False):
-            state, pb = vjp_step(state, t)
-            pullbacks.append(pb)
-        segments = [(0, T, pullbacks)]
-        final = state
-    else:
-        k = checkpoint_every
-        checkpoints, state = {0: s0}, s0
-        with torch.no_grad():
-            for t in progress_bar(range(T), progress, desc="forward", leave=False):
-                state, loss = step(state, lrs[t], t)
-                check_finite(loss, t)
-                if (t + 1) % k == 0 and t + 1 < T:
-                    checkpoints[t + 1] = state
-        final = state
-        segments = [(a, min(a + k, T), None) for a in range(0, T, k)]
+    k = _checkpoint_interval(checkpoint_every, T)
+    fbar = progress_bar(None, progress, desc="forward", total=T, leave=False)
+    if k is None:  # keep every step's gradient graph: nothing is recomputed
+        final, steps = run(s0, 0, T, True, lambda t: True, fbar)
+        segments = [(0, T, steps)]
+    else:  # keep s_k, s_2k, …; rebuild one segment's graphs at a time in the backward pass
+        last = (T - 1) // k * k  # the last segment keeps its graphs from the forward pass
+        state, kept = run(s0, 0, last, False, lambda t: (t + 1) % k == 0, fbar)
+        final, steps = run(state, last, T, True, lambda t: True, fbar)
+        starts = {0: s0, **dict(zip(range(k, last, k), kept))}
+        segments = [(a, min(a + k, T), None) for a in range(0, last, k)] + [(last, T, steps)]
+    if hasattr(fbar, "close"):
+        fbar.close()
 
-    grad_s, value = _objective(problem, dyn)(final)
+    lam, value = _objective(problem, dyn, final)
     check_finite(value, T - 1, dyn.params(final))
-    lam, grads = grad_s, torch.empty(T, dtype=lrs.dtype, device=lrs.device)
+    grads = torch.empty(T, dtype=lrs.dtype, device=lrs.device)
     bar = progress_bar(range(T), progress, desc="backward", leave=False)
-    for a, b, pullbacks in reversed(segments):
-        if pullbacks is None:  # recompute this segment from its checkpoint, keeping pullbacks
-            pullbacks, state = [], checkpoints[a]
-            for t in range(a, b):
-                state, pb = vjp_step(state, t)
-                pullbacks.append(pb)
+    for a, b, steps in reversed(segments):
+        if steps is None:
+            steps = run(starts.pop(a), a, b, True, lambda t: True)[1]
         for t in range(b - 1, a - 1, -1):
-            lam, grads[t] = pullbacks[t - a](lam)
-            pullbacks[t - a] = None  # free the graph of step t as soon as it is used
+            st = steps[t - a]
+            steps[t - a] = None  # free step t's graph once used
+            sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
+            lam = _add_w(sbar, st.hvp(gbar))
+            grads[t] = lbar
             if hasattr(bar, "update"):
                 bar.update()
     if hasattr(bar, "close"):
         bar.close()
     if not bool(torch.isfinite(grads).all()):
         raise FloatingPointError("the hypergradient has non-finite entries although training stayed finite")
-    return value.detach(), grads, dyn.params(final), losses
+    return value, grads, dyn.params(final), losses
 
 
-def _tangent_pass(step, s0, lrs, z0, lr_tangent, t0=0, batched=False):
-    """Propagate z_{t+1} = A_t z_t + B_t·lr_tangent(t) from step t0 (primal from s0 at step t0)."""
-    state, z = s0, z0
-    losses = []
-    for t in range(t0, len(lrs)):
-        if batched:
-            fn = lambda zz, dd, t=t, s=state: tangent_step(step, s, lrs[t], t, zz, dd)
-            state, z, loss = vmap(fn, in_dims=(0, 0), out_dims=(None, 0, None))(z, lr_tangent(t))
-        else:
-            state, z, loss = tangent_step(step, state, lrs[t], t, z, lr_tangent(t))
-        check_finite(loss, t)
-        losses.append(loss)
+def _tangent_pass(problem, dyn, state, lrs, cols, t0=0, progress=False):
+    r"""From s_{t0}, propagate the tangents of ``cols`` to step T: an int j is column j of Z
+    (z_{t+1} = A_t z_t + δ_{jt} B_t, zero before step j), a callable v the direction
+    z_{t+1} = A_t z_t + v(t) B_t. Returns (s_T, [z_T per column], train losses)."""
+    T = len(lrs)
+    z = [None] * len(cols)
+    first = [0 if callable(j) else j for j in cols]
+    losses = torch.empty(T - t0, dtype=lrs.dtype, device=lrs.device)
+    for t in progress_bar(range(t0, T), progress, desc="tangents", leave=False):
+        live = [i for i, j in enumerate(first) if j <= t]
+        st = _Step(problem, dyn, state, t, graph=any(z[i] is not None for i in live))
+        check_finite(st.loss, t)
+        losses[t - t0] = st.loss
+        new = None
+        for n, i in enumerate(live):
+            hz = st.hvp(z[i]["w"] if z[i] is not None else None, retain=n + 1 < len(live))
+            dlr = cols[i](t) if callable(cols[i]) else (1.0 if cols[i] == t else None)
+            new, z[i] = dyn.tangent(st.state, st.grad, lrs[t], t, z[i], hz, dlr)
+        state = new if new is not None else st.advance(dyn, lrs[t], t)
     return state, z, losses
+
+
+def _dot_w(lam: dict, z: dict) -> torch.Tensor:
+    """⟨∇_s E, z⟩ = ⟨∇_w E, z_w⟩ (E depends on w only)."""
+    a, b = tree_flatten(lam["w"])[0], tree_flatten(z["w"])[0]
+    return sum((x * y.to(x.dtype)).sum() for x, y in zip(a, b))
 
 
 def _forward(problem, dyn, lrs, chunk_size, progress):
     T = len(lrs)
-    step = make_step(problem, dyn)
     C = T if chunk_size is None else chunk_size
     grads = torch.empty(T, dtype=lrs.dtype, device=lrs.device)
     # One plain pass stores the states where chunks start (replaying only what is needed).
     starts = list(range(0, T, C))
     state, start_states, losses = dyn.init(problem.params0), {}, torch.empty_like(lrs)
-    with torch.no_grad():
-        for t in range(T):
-            if t in starts:
-                start_states[t] = state
-            state, losses[t] = step(state, lrs[t], t)
-            check_finite(losses[t], t)
-    grad_s, value = _objective(problem, dyn)(state)
-    check_finite(value, T - 1, dyn.params(state))
+    for t in range(T):
+        if t in starts:
+            start_states[t] = state
+        st = _Step(problem, dyn, state, t, graph=False)
+        check_finite(st.loss, t)
+        losses[t] = st.loss
+        state = st.advance(dyn, lrs[t], t)
     final = state
+    lam, value = _objective(problem, dyn, final)
+    check_finite(value, T - 1, dyn.params(final))
     for c0 in progress_bar(starts, progress, desc="forward-mode chunks", leave=False):
-        cols = torch.arange(c0, min(c0 + C, T), device=lrs.device)
-        s0 = start_states[c0]
-        Z0 = tree_map(lambda x: x.new_zeros((len(cols), *x.shape)), s0)
-        onehot = lambda t: (cols == t).to(lrs.dtype)
-        _, Z, _ = _tangent_pass(step, s0, lrs, Z0, onehot, t0=c0, batched=True)
-        grads[cols] = vmap(lambda z: tree_dot(grad_s, z))(Z).to(grads.dtype)  # states may mix dtypes
-    return value.detach(), grads, dyn.params(final), losses
+        cols = list(range(c0, min(c0 + C, T)))
+        _, Z, _ = _tangent_pass(problem, dyn, start_states.pop(c0), lrs, cols, t0=c0)
+        for j, z in zip(cols, Z):
+            grads[j] = _dot_w(lam, z)
+    return value, grads, dyn.params(final), losses
 
 
 def _autograd(problem, dyn, lrs, progress):
@@ -176,7 +267,7 @@ def _autograd(problem, dyn, lrs, progress):
 
 
 def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd",
-                  mode: str = "reverse", *, checkpoint_every: int | None = None,
+                  mode: str = "reverse", *, checkpoint_every: "int | str | None" = None,
                   chunk_size: int | None = None, progress: bool = False) -> HypergradResult:
     """Exact ∇f(η) for the whole schedule ``lrs`` (η_0 … η_{T−1}), f(η) = E(w_T).
 
@@ -192,8 +283,11 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES} "
                          "(or use hgtoolkit.finite_difference)")
     for name, val in (("checkpoint_every", checkpoint_every), ("chunk_size", chunk_size)):
+        if name == "checkpoint_every" and val == "auto":
+            continue
         if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
-            raise TypeError(f"{name} must be a positive int or None, got {val!r}")
+            extra = " or 'auto'" if name == "checkpoint_every" else ""
+            raise TypeError(f"{name} must be a positive int or None{extra}, got {val!r}")
         if val is not None and val < 1:
             raise ValueError(f"{name} must be ≥ 1, got {val}")
     if mode == "reverse":
@@ -208,18 +302,17 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
 
 def directional_derivative(problem, lrs: Any, direction: Any,
                            optimizer: "str | _dynamics.Dynamics" = "sgd") -> tuple[torch.Tensor, torch.Tensor]:
-    """(f(η), ∇f(η)·v) in one forward pass: z_{t+1} = A_t z_t + B_t v_t, ∇f·v = ∇E(w_T)·z_T."""
+    """(f(η), ∇f(η)·v) in one forward pass: z_{t+1} = A_t z_t + B_t v_t, ∇f·v = ∇E(w_T)·z_T
+    (one HVP H_t z_w per step, a double backward through the step's gradient graph)."""
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
     v = check_lrs(direction, problem, argname="direction", allow_negative=True)
     if v.shape != lrs.shape:
         raise ValueError(f"direction must have the schedule's shape {tuple(lrs.shape)}, got {tuple(v.shape)}")
-    step = make_step(problem, dyn)
-    s0 = dyn.init(problem.params0)
-    state, z, _ = _tangent_pass(step, s0, lrs, tree_zeros_like(s0), lambda t: v[t])
-    grad_s, value = _objective(problem, dyn)(state)
+    state, (z,), _ = _tangent_pass(problem, dyn, dyn.init(problem.params0), lrs, [lambda t: v[t]])
+    lam, value = _objective(problem, dyn, state)
     check_finite(value, len(lrs) - 1, dyn.params(state))
-    return value.detach(), tree_dot(grad_s, z).detach()
+    return value, _dot_w(lam, z).detach()
 
 
 def finite_difference(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,

@@ -98,6 +98,9 @@ class ScheduleResult:
     ``snapshots[i]`` = η^(``snapshot_steps[i]``). ``outer_state`` = the outer optimizer's state
     after the last step (Adam: m, v, n) and ``lr_scale`` (1 unless divergence halved it).
     ``events`` lists backtracking steps; ``status`` says why the run ended.
+    ``evaluations[i]`` = (wall seconds since the run started, f) after hypergradient evaluation
+    i (line-search trials and discarded proposals included, f = NaN where training diverged;
+    a resumed run continues the clock of its checkpoint).
     """
 
     initial_lrs: np.ndarray
@@ -119,6 +122,7 @@ class ScheduleResult:
     metrics: list = field(default_factory=list)
     batch_seeds: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     events: list = field(default_factory=list)
+    evaluations: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
 
     _ARRAYS = ("initial_lrs", "final_lrs", "best_lrs", "history", "grad_norms", "snapshot_steps",
                "snapshots", "batch_seeds")
@@ -143,6 +147,7 @@ class ScheduleResult:
                                               "problem", "metrics", "events")}
         meta.update(history=self.history, grad_norms=self.grad_norms,
                     initial_lrs=self.initial_lrs, best_lrs=self.best_lrs, final_lrs=self.final_lrs,
+                    evaluations=self.evaluations,  # with wall times: JSON, not the exact npz
                     format="hgtoolkit.ScheduleResult/1")
         npz = records.save_arrays(stem.with_name(stem.name + ".npz"), **arrays)
         js = records.atomic_write_json(stem.with_name(stem.name + ".json"), meta)
@@ -159,7 +164,8 @@ class ScheduleResult:
         kw = {k: arrays[k] for k in cls._ARRAYS}
         kw.update({k: meta[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
                                         "wall_time", "status", "config", "problem", "metrics", "events")})
-        return cls(outer_state=outer, **kw)
+        ev = [[math.nan if x is None else x for x in r] for r in meta.get("evaluations", [])]  # NaN ↔ null
+        return cls(outer_state=outer, evaluations=np.asarray(ev, dtype=np.float64).reshape(-1, 2), **kw)
 
 
 # ----------------------------------------------------------------------------- the outer loop
@@ -273,6 +279,22 @@ def _load_checkpoint(path: Path, config: dict, eta0: torch.Tensor, device) -> di
     return ckpt["state"]
 
 
+class _Logged:
+    """``evaluate`` that appends (wall seconds of the run, f) to ``log`` after every call."""
+
+    def __init__(self, evaluate, started: float):
+        self.evaluate, self.started, self.offset, self.log = evaluate, started, 0.0, []
+
+    def __call__(self, eta: torch.Tensor, k: int):
+        try:
+            out = self.evaluate(eta, k)
+        except FloatingPointError:
+            self.log.append((self.offset + time.perf_counter() - self.started, math.nan))
+            raise
+        self.log.append((self.offset + time.perf_counter() - self.started, out[0]))
+        return out
+
+
 class _Run:
     """The mutable bookkeeping of one LRS-OPT run (everything a checkpoint holds)."""
 
@@ -323,7 +345,8 @@ class _Run:
             outer_state=outer, n_evaluations=s["n_evaluations"], outer_steps_done=s["k"],
             wall_time=s["wall_time"] + (time.perf_counter() - started), status=s["status"],
             config=records.to_jsonable(config), problem=problem.describe(), metrics=s["metrics"],
-            batch_seeds=np.asarray(s["batch_seeds"], dtype=np.int64), events=s["events"])
+            batch_seeds=np.asarray(s["batch_seeds"], dtype=np.int64), events=s["events"],
+            evaluations=np.asarray(s.get("evaluations", []), dtype=np.float64).reshape(-1, 2))
 
 
 def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | None = None,
@@ -377,8 +400,11 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     started = time.perf_counter()
 
     saved = _load_checkpoint(path, config, eta0, problem.device) if resume else None
+    evaluate = _Logged(evaluate, started)
     if saved is not None:
         run = _Run(saved)
+        evaluate.offset = run.s["wall_time"]
+        evaluate.log = run.s.setdefault("evaluations", [])
         if run.s["k"] > outer_steps:
             raise ValueError(f"outer_steps={outer_steps} but the checkpoint already holds "
                              f"{run.s['k']} outer steps; ask for at least that many")
@@ -388,6 +414,7 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
         except FloatingPointError as exc:
             raise FloatingPointError(f"LRS-OPT cannot start: training with lrs0 diverges ({exc}); "
                                      "start from smaller learning rates") from exc
+        run.s["evaluations"] = evaluate.log
     run.s["status"] = "running"
     save = (lambda: run.save(path, config, eta0, started)) if path is not None else (lambda: None)
 

@@ -212,3 +212,28 @@ def test_divergence_reported_with_step(mode):
     assert "step" in str(info.value)
     # the step is where it happened: training up to it stays finite
     hgtoolkit.train(problem, lrs[: info.value.step - 1])
+
+
+def test_checkpoint_every_auto_is_sqrt_T_and_exact():
+    problem = problems.synthetic_classification()
+    lrs = _schedule(16, 0.05)
+    stored = hypergradient(problem, lrs, "nesterov")
+    auto = hypergradient(problem, lrs, "nesterov", checkpoint_every="auto")
+    assert torch.equal(auto.grad, stored.grad) and torch.equal(auto.value, stored.value)
+    with pytest.raises(TypeError, match="checkpoint_every"):
+        hypergradient(problem, lrs, checkpoint_every="sqrt")
+
+
+def test_leaves_with_constant_gradient_have_zero_hessian():
+    """L = c·a + ‖b‖⁴: ∇_a L is constant (no graph), so H's a-rows are 0; all modes still agree."""
+    params0 = {"a": torch.tensor([0.3, -0.2], dtype=torch.float64),
+               "b": torch.tensor([0.5, 1.0, -0.4], dtype=torch.float64)}
+    c = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    train_loss = lambda p, t: (c * p["a"]).sum() + (p["b"] ** 2).sum() ** 2
+    val_loss = lambda p: (p["a"] ** 2).sum() + (p["b"] ** 2).sum() ** 2
+    problem = hgtoolkit.Problem(params0, train_loss, val_loss)
+    lrs = _schedule(7, 0.05)
+    rev = hypergradient(problem, lrs, "momentum")
+    for mode in ("forward", "autograd"):
+        assert _relerr(hypergradient(problem, lrs, "momentum", mode=mode).grad, rev.grad) <= 1e-12
+    assert _relerr(finite_difference(problem, lrs, "momentum"), rev.grad) <= 1e-6

@@ -129,6 +129,7 @@ def test_diverging_initial_schedule_is_reported(beale):
 def _assert_same_run(a: ScheduleResult, b: ScheduleResult):
     for name in ScheduleResult._ARRAYS:
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert np.array_equal(a.evaluations[:, 1], b.evaluations[:, 1])  # (wall s, f): clocks differ
     assert a.outer_state.keys() == b.outer_state.keys()
     for k in a.outer_state:
         assert np.array_equal(a.outer_state[k], b.outer_state[k]), k
@@ -253,3 +254,26 @@ def test_bad_arguments_are_named(mlp, kwargs, match):
 def test_resampling_needs_a_resampling_problem(beale):
     with pytest.raises(ValueError, match="resample"):
         _run(beale, _const(5, 1e-3), 2, 1e-4, resample_batches=True)
+
+
+def test_every_evaluation_is_logged_with_its_time(beale, tmp_path):
+    r = _run(beale, _const(T_BEALE, LR_BEALE), 4, None, "lbfgsb")
+    assert r.evaluations.shape == (r.n_evaluations, 2)
+    assert np.all(np.diff(r.evaluations[:, 0]) >= 0)
+    assert set(r.history) <= set(r.evaluations[:, 1])  # accepted iterates are among the evaluations
+    r.save(tmp_path / "run")
+    assert np.array_equal(ScheduleResult.load(tmp_path / "run").evaluations, r.evaluations)
+
+
+def test_full_scale_experiment_tiny_setting_runs_and_resumes(tmp_path):
+    from hgtoolkit.experiments import lrsopt_full, run_experiment
+    s = run_experiment("lrsopt", setting="tiny", out=tmp_path, progress=False)
+    assert set(s["runs"]) == {"lbfgsb_seed0", "adam_seed0"}
+    for m in s["runs"].values():
+        w = m["within_1pct"]
+        assert 1 <= w["evaluations"] <= m["n_evaluations"] and m["best_value"] < m["f_initial"]
+    assert (tmp_path / "lrsopt" / "figures" / "schedules.png").exists()
+    again = run_experiment("lrsopt", setting="tiny", out=tmp_path, progress=False)  # read back
+    assert again["runs"]["lbfgsb_seed0"]["wall_time"] == s["runs"]["lbfgsb_seed0"]["wall_time"]
+    ev = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.01], [4.0, 1.0]])
+    assert lrsopt_full.time_to_within(ev) == {"best": 1.0, "evaluations": 3, "seconds": 3.0}

@@ -13,7 +13,7 @@ Modules are imported lazily (only the experiment you run is loaded).
 
     >>> from hgtoolkit.experiments import EXPERIMENTS, run_experiment
     >>> sorted(EXPERIMENTS)
-    ['demo', 'fig1', 'hd', 'hdm', 'horizons', 'mnist', 'towers']
+    ['demo', 'fig1', 'hd', 'hdm', 'horizons', 'lrsopt', 'mnist', 'towers']
     >>> summary = run_experiment("fig1", setting="tiny", out="/tmp/results", progress=False)  # doctest: +SKIP
 """
 from __future__ import annotations
@@ -71,6 +71,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
                module="horizons"),
     Experiment("hdm", "Chu et al.: HDM / HDM-Best vs HD, GD, heavy ball, Adam, AdaGrad, BFGS, L-BFGS — "
                       "gradient evaluations to ‖∇f‖∞ ≤ 1e-4 on deterministic convex problems", module="hdm_bench"),
+    Experiment("lrsopt", "MARTHE Sec. 5 / Fig. 2 left at full scale: LRS-OPT of the whole SGD schedule "
+                         "(T = 500, 3×500 MLP) by L-BFGS-B on fixed minibatches (4 seeds) and Adam "
+                         "on resampled ones; resumable", module="lrsopt_full"),
     Experiment("demo", "`make demo`: fig1 and mnist in their quick settings", parts=("fig1", "mnist")),
 )}
 

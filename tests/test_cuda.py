@@ -1,0 +1,66 @@
+"""The exact, online and LRS-OPT paths on a CUDA device give the CPU's numbers (float64).
+
+Skipped where no CUDA device is available (the only skip in this file)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hgtoolkit import directional_derivative, hypergradient, lrsopt, online, problems
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+T = 10
+
+
+def _pair(opt_lr=0.1):
+    cpu = problems.synthetic_classification(device="cpu")
+    gpu = problems.synthetic_classification(device="cuda")
+    lrs = opt_lr * (0.5 + torch.rand(T, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    return cpu, gpu, lrs
+
+
+def _rel(a, b):
+    return float((a.cpu() - b.cpu()).norm() / b.cpu().norm())
+
+
+@pytest.mark.parametrize("opt", ["sgd", "nesterov", "adam"])
+def test_exact_modes_on_cuda_match_cpu(opt):
+    cpu, gpu, lrs = _pair(0.02 if opt == "adam" else 0.1)
+    ref = hypergradient(cpu, lrs, opt)
+    lrs_g = lrs.cuda()
+    for mode, kw in (("reverse", {}), ("reverse", {"checkpoint_every": "auto"}), ("forward", {"chunk_size": 4}),
+                     ("autograd", {})):
+        r = hypergradient(gpu, lrs_g, opt, mode, **kw)
+        assert r.grad.device.type == "cuda"
+        assert _rel(r.grad, ref.grad) <= 1e-9, (mode, kw)
+        assert math.isclose(float(r.value), float(ref.value), rel_tol=1e-10)
+    stored = hypergradient(gpu, lrs_g, opt)
+    assert torch.equal(hypergradient(gpu, lrs_g, opt, checkpoint_every=3).grad, stored.grad)
+    v = torch.linspace(-1, 1, T, dtype=torch.float64)
+    _, dd = directional_derivative(gpu, lrs_g, v.cuda(), opt)
+    assert math.isclose(float(dd), float(ref.grad @ v), rel_tol=1e-9)
+
+
+def test_online_on_cuda_matches_cpu():
+    cpu, gpu, _ = _pair()
+    kw = dict(lr0=0.1, beta=1e-3, steps=T, eval_every=T)
+    a = online.run(cpu, "marthe", mu=0.5, **kw)
+    b = online.run(gpu, "marthe", mu=0.5, **kw)
+    np.testing.assert_allclose(np.asarray(b.lrs), np.asarray(a.lrs), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("outer", ["adam", "lbfgsb"])
+def test_lrsopt_on_cuda_matches_cpu_and_resumes(outer, tmp_path):
+    cpu, gpu, _ = _pair()
+    lrs0 = torch.full((T,), 0.1, dtype=torch.float64)
+    lr = None if outer == "lbfgsb" else 0.01
+    a = lrsopt.optimize_schedule(cpu, lrs0, 3, lr, outer, progress=False)
+    b = lrsopt.optimize_schedule(gpu, lrs0.cuda(), 3, lr, outer, progress=False,
+                                 checkpoint_path=tmp_path / "ck.pt", checkpoint_interval=1)
+    np.testing.assert_allclose(b.history, a.history, rtol=1e-9)
+    np.testing.assert_allclose(b.final_lrs, a.final_lrs, rtol=1e-8, atol=1e-12)
+    c = lrsopt.optimize_schedule(gpu, lrs0.cuda(), 3, lr, outer, progress=False,
+                                 checkpoint_path=tmp_path / "ck.pt", resume=True)
+    assert c.outer_steps_done == 3 and np.array_equal(c.final_lrs, b.final_lrs)
