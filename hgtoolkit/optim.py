@@ -76,12 +76,11 @@ from . import dynamics as _dynamics
 from . import online
 from .errors import DivergenceError, DivergenceWarning
 
-__all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer"]
+__all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer", "DropIn"]
 
 # per-group online state kept in the param group (plain numbers: state_dict-safe)
-_GROUP_STATE = {"lr_scale": 1.0, "effective_lr": None, "beta_t": None, "mu_t": None,
-                "mu_counter": 0.0, "hypergrad": 0.0, "t": 0, "ref_loss": math.nan,
-                "diverged_at": None, "beta_capped": 0, "prev_lr": None, "prev_base": None}
+_GROUP_STATE = {"beta_t": None, "mu_t": None, "mu_counter": 0.0, "hypergrad": 0.0,
+                "ref_loss": math.nan, "beta_capped": 0, "prev_lr": None, "prev_base": None}
 
 
 def _nonneg(value: Any, name: str) -> float:
@@ -90,7 +89,61 @@ def _nonneg(value: Any, name: str) -> float:
     return float(value)
 
 
-class OnlineOptimizer(torch.optim.Optimizer):
+def loss_limit(ref: float, factor: float | None) -> float:
+    """The engine's loss criterion (:meth:`online.Engine.check_loss`): a loss above
+    ref + (factor − 1)·|ref| (= factor × ref for ref > 0) counts as divergence; inf when off."""
+    if factor is None or ref == 0 or not math.isfinite(ref):
+        return math.inf
+    return ref + (factor - 1) * abs(ref)
+
+
+class DropIn(torch.optim.Optimizer):
+    """The ``torch.optim`` plumbing every drop-in shares (:class:`OnlineOptimizer`,
+    :class:`hgtoolkit.towers.TowerOptimizer`): ``"lr"`` (the base LR, validated) and the
+    learnt-multiplier keys in every group (``lr_scale``, ``effective_lr``, ``t``,
+    ``diverged_at``), the parameters that take part in a step (``.grad`` not None), and
+    divergence reporting (a :class:`DivergenceWarning` naming the step, or
+    :class:`DivergenceError` with ``raise_on_divergence=True``)."""
+
+    def __init__(self, params: Iterable, defaults: dict, *, raise_on_divergence: bool = False):
+        self.raise_on_divergence = bool(raise_on_divergence)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
+        group["lr"] = _nonneg(group["lr"], "lr")
+        for key, value in (("lr_scale", 1.0), ("t", 0), ("diverged_at", None)):
+            group.setdefault(key, value)
+        group.setdefault("effective_lr", group["lr"] * group["lr_scale"])
+
+    @staticmethod
+    def _active(group: dict) -> list:
+        """The group's parameters that take part in this step: those whose ``.grad`` is not None
+        (torch.optim skips the others: no weight decay, no momentum, no state change)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise TypeError("sparse gradients are not supported")
+        return params
+
+    def _diverged(self, group: dict, step: int, what: str, value: float | None = None) -> None:
+        """Report divergence of ``group`` at ``step`` (nothing of the step was applied)."""
+        msg = f"training diverged at step {step}: {what}"
+        if value is not None and math.isfinite(value):
+            msg += f" ({value:.4g})"
+        if self.raise_on_divergence:
+            err = DivergenceError(step, what, value)
+            err.args = (msg + " (nothing was changed)",)
+            raise err
+        group["diverged_at"] = step
+        warnings.warn(f"{type(self).__name__}: {msg}; the step was not applied and this param group "
+                      f"is no longer updated (group['diverged_at'])", DivergenceWarning, stacklevel=4)
+
+
+class OnlineOptimizer(DropIn):
     """The shared ``torch.optim`` wrapper around :class:`hgtoolkit.online.Engine` (module
     docstring); subclasses say which dynamics and hyper-settings a group has."""
 
@@ -100,9 +153,8 @@ class OnlineOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown objective {objective!r}; choose one of {online.OBJECTIVES}")
         self.objective = objective
         self.mu_rule = mu_rule
-        self.raise_on_divergence = bool(raise_on_divergence)
         defaults = {"lr_floor": 0.0, "lr_max": None, "divergence_factor": 2.0, **defaults}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, raise_on_divergence=raise_on_divergence)
 
     # -- subclass hooks -------------------------------------------------------------------
     def _dynamics(self, group: dict) -> _dynamics.Dynamics:
@@ -145,7 +197,6 @@ class OnlineOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = _nonneg(group["lr"], "lr")
         group.setdefault("initial_lr_for_hyper", group["lr"])
         self._dynamics(group)  # validates the dynamics' options
         cfg = self._config(group)
@@ -155,8 +206,6 @@ class OnlineOptimizer(torch.optim.Optimizer):
             group["beta_t"] = cfg.beta0
         if group["mu_t"] is None:
             group["mu_t"] = cfg.mu0
-        if group["effective_lr"] is None:
-            group["effective_lr"] = group["lr"]
 
     @property
     def needs_closure(self) -> bool:
@@ -238,7 +287,7 @@ class OnlineOptimizer(torch.optim.Optimizer):
 
     def _group_step(self, group: dict, cfg: online.HyperConfig, loss, hz: dict | None,
                     vgrads: dict | None) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+        params = self._active(group)
         if not params:
             return
         dyn, engine, settings = self._engine(group, cfg)
@@ -283,7 +332,7 @@ class OnlineOptimizer(torch.optim.Optimizer):
             hvp = [hz[p] if hz is not None and p in hz else torch.zeros_like(p) for p in params]
         new = engine.optimizer_step(state, grads, t, hvp)
         if int(new.diverged_at) >= 0:
-            self._diverged(group, new, loss)
+            self._engine_diverged(group, new, loss)
             return
         for i, p in enumerate(params):
             st = self.state[p]
@@ -299,17 +348,10 @@ class OnlineOptimizer(torch.optim.Optimizer):
                      hypergrad=float(new.h), t=t + 1, ref_loss=float(new.ref_loss),
                      beta_capped=group["beta_capped"] + int(new.beta_capped))
 
-    def _diverged(self, group: dict, state: online.OnlineState, loss) -> None:
-        step, why = int(state.diverged_at), int(state.why)
+    def _engine_diverged(self, group: dict, state: online.OnlineState, loss) -> None:
+        why = int(state.why)
         value = float(loss) if why in (1, 3) and loss is not None else (float(state.lr) if why == 5 else None)
-        msg = online.divergence_message(step, why, value)
-        if self.raise_on_divergence:
-            err = DivergenceError(step, online.DIVERGENCE.get(why, "loss"), value)
-            err.args = (msg + " (nothing was changed)",)
-            raise err
-        group["diverged_at"] = step
-        warnings.warn(f"{type(self).__name__}: {msg}; the step was not applied and this param group "
-                      f"is no longer updated (group['diverged_at'])", DivergenceWarning, stacklevel=3)
+        self._diverged(group, int(state.diverged_at), online.DIVERGENCE.get(why, "unknown"), value)
 
 
 class SGDHD(OnlineOptimizer):
