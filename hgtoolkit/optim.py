@@ -297,11 +297,11 @@ class OnlineOptimizer(DropIn):
         # the engine state of the parameters that take part in this step
         for p in params:
             st = self.state[p]
-            if not st:  # first step of this parameter: its moments, zero tangent
+            if not st:  # first step of this parameter: its moments, zero tangent, no update yet
                 s0 = dyn.init(p.detach())
                 st.update({k: v for k, v in s0.items() if k != "w"})
-                st.update({"z_" + k: torch.zeros_like(p) for k in s0})
-        keys = [k for k in self.state[ref] if not k.startswith("z_") and k != "g_prev"]
+                st.update({"z_" + k: torch.zeros_like(p) for k in s0}, n_updates=0)
+        keys = [k for k in self.state[ref] if not k.startswith("z_") and k not in ("g_prev", "n_updates")]
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
         dtype = torch.int64
         state = online.OnlineState(
@@ -330,9 +330,10 @@ class OnlineOptimizer(DropIn):
         hvp = None
         if engine.needs_hvp and t > 0:
             hvp = [hz[p] if hz is not None and p in hz else torch.zeros_like(p) for p in params]
-        new = engine.optimizer_step(state, grads, t, hvp)
+        counts = [self.state[p]["n_updates"] for p in params]
+        new = _optimizer_step(engine, state, grads, counts, hvp)
         if int(new.diverged_at) >= 0:
-            self._engine_diverged(group, new, loss)
+            self._engine_diverged(group, new, loss, t)
             return
         for i, p in enumerate(params):
             st = self.state[p]
@@ -343,15 +344,55 @@ class OnlineOptimizer(DropIn):
                 st["z_" + key] = new.z[key][i]
             if engine.mu_rule is not None:
                 st["g_prev"] = grads[i].clone()
+            st["n_updates"] += 1
+        # a parameter this step skips keeps w, so its tangent decays: z_{t+1} = μ_t z_t (0 for HD)
+        taking_part = set(map(id, params))
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st and id(p) not in taking_part:
+                st.update({k: v * new.mu.to(v.dtype) for k, v in st.items() if k.startswith("z_")})
         group.update(lr_scale=scale, effective_lr=lr, prev_lr=lr, prev_base=base,
                      beta_t=float(new.beta), mu_t=float(new.mu), mu_counter=float(new.counter),
                      hypergrad=float(new.h), t=t + 1, ref_loss=float(new.ref_loss),
                      beta_capped=group["beta_capped"] + int(new.beta_capped))
 
-    def _engine_diverged(self, group: dict, state: online.OnlineState, loss) -> None:
+    def _engine_diverged(self, group: dict, state: online.OnlineState, loss, t: int) -> None:
         why = int(state.why)
         value = float(loss) if why in (1, 3) and loss is not None else (float(state.lr) if why == 5 else None)
-        self._diverged(group, int(state.diverged_at), online.DIVERGENCE.get(why, "unknown"), value)
+        self._diverged(group, t, online.DIVERGENCE.get(why, "unknown"), value)
+
+
+def by_count(counts: list[int]) -> dict[int, list[int]]:
+    """{count: indices}: the parameters of a group that share a per-parameter update count (the
+    ``t`` of Adam's bias correction, as torch.optim counts it: updates of that parameter)."""
+    out: dict[int, list[int]] = {}
+    for i, c in enumerate(counts):
+        out.setdefault(c, []).append(i)
+    return out
+
+
+def _optimizer_step(engine: online.Engine, state: online.OnlineState, grads: list, counts: list[int],
+                    hvp: list | None) -> online.OnlineState:
+    """``engine.optimizer_step`` with each parameter at its own update count (one call per count;
+    one call in all when every parameter took part in every step)."""
+    buckets = by_count(counts)
+    if len(buckets) == 1:
+        return engine.optimizer_step(state, grads, counts[0], hvp)
+    n = len(grads)
+    opt = {k: [None] * n for k in state.opt}
+    z = {k: [None] * n for k in state.z}
+    bad = []
+    for c, idx in buckets.items():
+        sub = lambda tree: {k: [v[i] for i in idx] for k, v in tree.items()}
+        part = engine.optimizer_step(state._replace(opt=sub(state.opt), z=sub(state.z)),
+                                     [grads[i] for i in idx], c, None if hvp is None else [hvp[i] for i in idx])
+        for tree, new in ((opt, part.opt), (z, part.z)):
+            for k, leaves in new.items():
+                for i, x in zip(idx, leaves):
+                    tree[k][i] = x
+        bad.append(part)
+    worst = max(bad, key=lambda s_: int(s_.diverged_at >= 0))
+    return state._replace(opt=opt, z=z, g_prev=grads, diverged_at=worst.diverged_at, why=worst.why)
 
 
 class SGDHD(OnlineOptimizer):

@@ -77,7 +77,7 @@ from . import dynamics as _dynamics
 from ._tree import tree_leaves, tree_map, tree_zeros_like
 from . import online
 from .errors import DivergenceError, DivergenceWarning
-from .optim import DropIn, loss_limit
+from .optim import DropIn, by_count, loss_limit
 
 __all__ = ["Level", "SGD", "Adam", "AdaGrad", "RMSProp", "parse", "init", "step",
            "hyperparameters", "TowerDynamics", "Scheduled", "History", "TowerResult", "run",
@@ -438,14 +438,26 @@ def _prev(level: Level, k: int, x: Any, moments: dict, grad: Any, scale: Any) ->
     return out
 
 
-def _update(level: Level, state: dict, grad: Any, t: int, hp: dict, lr_scale: Any,
+def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
             bounds: "tuple[torch.Tensor, torch.Tensor] | None") -> dict:
-    """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto ``bounds``)."""
+    """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
+    ``bounds``). ``t``: the step index, or one update count per leaf of a leaf-list state (the
+    drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim)."""
     hp = dict(hp)
     lr = hp.pop("lr", level.lr)
     if lr_scale is not None:
         lr = lr * lr_scale
-    out = dict(level.base.step(state, grad, lr, t, **hp))
+    if not isinstance(t, list):
+        out = dict(level.base.step(state, grad, lr, t, **hp))
+    else:
+        buckets = by_count(t)
+        out = {k: [None] * len(t) for k in state}
+        for c, idx in buckets.items():
+            sub = {k: [v[i] for i in idx] for k, v in state.items()}
+            part = level.base.step(sub, [grad[i] for i in idx], lr, c, **hp)
+            for k, leaves in part.items():
+                for i, x in zip(idx, leaves):
+                    out[k][i] = x
     if bounds is not None:
         lo, hi = bounds
         out["w"] = torch.minimum(torch.maximum(out["w"], lo), hi)
@@ -466,7 +478,8 @@ def _dphi(level: Level, v: torch.Tensor) -> torch.Tensor:
     return torch.where(_unit_mask(level, v.device), v * (1 - v), torch.ones_like(v))
 
 
-def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int) -> torch.Tensor:
+def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int,
+               counts: "list[int] | None" = None) -> torch.Tensor:
     r"""G^{k+1}_t = ⟨Gᵏ_t, ∂x_k/∂x_{k+1}⟩: the vjp, w.r.t. level k's hyperparameters, of level k's
     previous update x_k ← O_k(x_k, Gᵏ_{t−1}; φ(x_{k+1})), recomputed from its stored inputs
     (everything but the hyperparameters held fixed), applied to the cotangent Gᵏ_t."""
@@ -481,7 +494,8 @@ def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int)
 
     def update(vv):
         hp = {name: vv[i] for i, name in enumerate(lvl.tuned)}
-        return _update(lvl, s_prev, prev["grad"], t - 1, hp, scale, bounds)["w"]
+        tp = [max(c - 1, 0) for c in counts] if k == 0 and counts is not None else t - 1
+        return _update(lvl, s_prev, prev["grad"], tp, hp, scale, bounds)["w"]
 
     _, pullback = vjp(update, v)
     (dv,) = pullback(cot)
@@ -489,21 +503,22 @@ def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int)
 
 
 def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
-         cotangent: Any = None) -> dict:
+         cotangent: Any = None, counts: "list[int] | None" = None) -> dict:
     r"""One tower step (module docstring): Gᵏ_t bottom-up (one vjp of each level's previous
     update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
 
     ``grad`` = g_t = ∇L_t(w_t) (same structure as w); ``t`` = 0-based step index; ``lr_scale``
     (optional) multiplies the base LR used at this step; ``cotangent`` (optional, default
     ``grad``) is the G⁰_t that G¹_t pulls back — the drop-in zeroes it for parameters the
-    previous step did not update (∂w_t/∂x_1 = 0 there).
+    previous step did not update (∂w_t/∂x_1 = 0 there); ``counts`` (optional, with a leaf-list
+    w) the number of earlier updates of each leaf, the ``t`` of its level-0 update (default t).
     """
     levels = tower.levels
     n = len(levels)
     xs = [state["w"], *state["raw"]]
     G = [grad]
     for k in range(n - 1):
-        G.append(_hypergrad(levels, k, state, G[k] if k or cotangent is None else cotangent, t))
+        G.append(_hypergrad(levels, k, state, G[k] if k or cotangent is None else cotangent, t, counts))
     new_x: list[Any] = [None] * n
     new_m: list[Any] = [None] * n
     new_v: list[Any] = [None] * (n - 1)
@@ -513,7 +528,8 @@ def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
         scale = lr_scale if k == 0 else None
         bounds = _bounds(levels[k - 1], xs[k]) if k > 0 else None
         hp = {name: new_v[k][i] for i, name in enumerate(lvl.tuned)} if k < n - 1 else {}
-        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], t, hp, scale, bounds)
+        tk = counts if k == 0 and counts is not None else t
+        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], tk, hp, scale, bounds)
         new_x[k] = out.pop("w")
         new_m[k] = out
         if k < n - 1:
@@ -979,7 +995,7 @@ class TowerOptimizer(DropIn):
         for p, x in zip(params, w):
             st = self.state[p]
             if not st:  # first step of this parameter: its moments; no previous update
-                st.update({k: v for k, v in lvl0.base.init(x).items() if k != "w"})
+                st.update({k: v for k, v in lvl0.base.init(x).items() if k != "w"}, n_updates=0)
                 if learns:
                     st.update({"prev_" + k: st[k] for k in keys}, prev_grad=torch.zeros_like(x),
                               last_step=-1)
@@ -1000,7 +1016,9 @@ class TowerOptimizer(DropIn):
                 cot = [g if st["last_step"] == t - 1 else torch.zeros_like(g) for g, st in zip(grads, sts)]
         lr0 = group["initial_lr_for_hyper"]
         scale = group["lr"] / lr0 if lr0 > 0 else 1.0
-        new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot)
+        counts = [self.state[p]["n_updates"] for p in params]
+        new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
+                   counts=counts if any(c != t for c in counts) else None)
         lr_max = group["lr_max"] if group["lr_max"] is not None else (1e6 * lr0 if lr0 > 0 else math.inf)
         bad = _divergence(tower, new, lr_max, scale)
         if bad:
@@ -1016,9 +1034,9 @@ class TowerOptimizer(DropIn):
                     st["prev_w"] = prev["x"][j]
             hs = {"moments": new["moments"][1:], "raw": new["raw"], "values": new["values"],
                   "prev": new["prev"][1:], "hypergrads": new["hypergrads"], "scale": prev["scale"]}
-        for k in keys:
-            for j, p in enumerate(params):
-                self.state[p][k] = new["moments"][0][k][j]
+        for j, p in enumerate(params):
+            self.state[p].update({k: new["moments"][0][k][j] for k in keys})
+            self.state[p]["n_updates"] += 1
         learnt = hyperparameters(tower, hs)[0]["lr"] if learns else tower.lr
         group.update(tower_state=hs if learns else None, t=t + 1,
                      lr_scale=learnt / lr0 if lr0 > 0 else 1.0)
