@@ -134,9 +134,7 @@ def main(argv=None) -> int:
                                        f"ms/step vs {per_step * 1e3:.2f}"))
     payload = {"rows": rows, "env": common.env_info(args.threads), "batch": BATCH, "steps": args.steps,
                "repeats": args.repeats, "sizes": {k: SIZES[k] for k in args.sizes}}
-    path = common.write_results("dropin", payload)
-    print(common.format_table(rows))
-    print(f"written: {path}")
+    print(common.format_table(rows), f"written: {common.write_results('dropin', payload)}", sep="\n")
     return 0
 
 

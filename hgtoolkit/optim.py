@@ -15,7 +15,9 @@ with v_t = ∇L_t(w_t) + wd·w_t (the gradient this step uses: ``objective="trai
 torch.optim semantics
 ---------------------
 - Parameters whose ``.grad`` is None at a step (frozen ones, unused branches) are skipped:
-  no weight decay, no momentum, no state change — as ``torch.optim.SGD``/``Adam``.
+  no weight decay, no momentum, no state change — as ``torch.optim.SGD``/``Adam``; Adam's bias
+  correction counts each parameter's own updates (``state[p]["n_updates"]``), as torch.optim
+  does. A skipped parameter keeps w, so its tangent decays, z ← μ_t z (0 for HD).
 - Every group keeps its own options (``lr``, ``weight_decay``, ``momentum``, ``betas``,
   ``hypergrad_lr``, …), read at every step; ``add_param_group`` adds a new online run.
 - ``state_dict()``/``load_state_dict()`` hold tensors and plain numbers only
@@ -57,6 +59,10 @@ Per-step cost: one gradient (HD); one gradient + one HVP per group with μ ≠ 0
 tangent is carried over its own parameters only (z^{(k)} = ∂w_k/∂η_k, H_kk z^{(k)}): the
 cross-group curvature terms are dropped; with one group (``model.parameters()``) and for HD
 it is exact.
+
+The plumbing (``"lr"``, ``lr_scale``, ``effective_lr``, ``t``, ``diverged_at`` in every group,
+the parameters taking part in a step, divergence reporting) is :class:`DropIn`, shared with
+:class:`hgtoolkit.towers.TowerOptimizer`, which follows the same contract.
 
 Divergence (the engine's criterion: non-finite loss, h, η, β or parameters, |η| > ``lr_max``,
 the closure's loss above ``divergence_factor`` × its first value): the step is not applied,
