@@ -74,7 +74,7 @@ import torch
 from torch.func import vjp
 
 from . import dynamics as _dynamics
-from ._tree import tree_leaves, tree_map, tree_zeros_like
+from ._tree import tree_leaves, tree_zeros_like
 from . import online
 from .errors import DivergenceError, DivergenceWarning
 from .optim import DropIn, by_count, loss_limit

@@ -213,3 +213,34 @@ def test_tower_group_settings_and_errors():
         o = towers.SGD(lr=0.1).optimizer([p])
         p.grad = torch.zeros(3).to_sparse()
         o.step()
+
+
+def test_tower_divergence_is_reported_with_the_step():
+    from hgtoolkit import DivergenceError
+    from hgtoolkit.errors import DivergenceWarning
+    tower = towers.parse("sgd(lr=0.1) / sgd(lr=10.0)")
+    net = Net()
+    opt = tower.optimizer(net.parameters(), lr_max=0.1 + 1e-9, raise_on_divergence=True)
+    _steps(net, opt, [0])
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(DivergenceError, match="step 1: learning rate exceeds lr_max"):
+        _steps(net, opt, [1])
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters())) and opt.param_groups[0]["t"] == 1
+    # a closure's loss above divergence_factor × its first value: a warning, then the group stays put
+    net = Net()
+    opt = tower.optimizer(net.parameters())
+    x, y = BATCHES[0]
+
+    def closure(scale=[1.0]):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x, 0), y) * scale[0]
+        loss.backward()
+        scale[0] *= 3.0
+        return loss
+    opt.step(closure)
+    with pytest.warns(DivergenceWarning, match="step 1: loss above divergence_factor"):
+        opt.step(closure)
+    frozen = [p.detach().clone() for p in net.parameters()]
+    opt.step(closure)
+    assert opt.param_groups[0]["diverged_at"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(frozen, net.parameters()))
