@@ -15,7 +15,9 @@ with v_t = ∇L_t(w_t) + wd·w_t (the gradient this step uses: ``objective="trai
 torch.optim semantics
 ---------------------
 - Parameters whose ``.grad`` is None at a step (frozen ones, unused branches) are skipped:
-  no weight decay, no momentum, no state change — as ``torch.optim.SGD``/``Adam``.
+  no weight decay, no momentum, no state change — as ``torch.optim.SGD``/``Adam``; Adam's bias
+  correction counts each parameter's own updates (``state[p]["n_updates"]``), as torch.optim
+  does. A skipped parameter keeps w, so its tangent decays, z ← μ_t z (0 for HD).
 - Every group keeps its own options (``lr``, ``weight_decay``, ``momentum``, ``betas``,
   ``hypergrad_lr``, …), read at every step; ``add_param_group`` adds a new online run.
 - ``state_dict()``/``load_state_dict()`` hold tensors and plain numbers only
@@ -58,6 +60,10 @@ tangent is carried over its own parameters only (z^{(k)} = ∂w_k/∂η_k, H_kk 
 cross-group curvature terms are dropped; with one group (``model.parameters()``) and for HD
 it is exact.
 
+The plumbing (``"lr"``, ``lr_scale``, ``effective_lr``, ``t``, ``diverged_at`` in every group,
+the parameters taking part in a step, divergence reporting) is :class:`DropIn`, shared with
+:class:`hgtoolkit.towers.TowerOptimizer`, which follows the same contract.
+
 Divergence (the engine's criterion: non-finite loss, h, η, β or parameters, |η| > ``lr_max``,
 the closure's loss above ``divergence_factor`` × its first value): the step is not applied,
 a :class:`hgtoolkit.errors.DivergenceWarning` names the step and ``group["diverged_at"]`` records
@@ -76,12 +82,11 @@ from . import dynamics as _dynamics
 from . import online
 from .errors import DivergenceError, DivergenceWarning
 
-__all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer"]
+__all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer", "DropIn"]
 
 # per-group online state kept in the param group (plain numbers: state_dict-safe)
-_GROUP_STATE = {"lr_scale": 1.0, "effective_lr": None, "beta_t": None, "mu_t": None,
-                "mu_counter": 0.0, "hypergrad": 0.0, "t": 0, "ref_loss": math.nan,
-                "diverged_at": None, "beta_capped": 0, "prev_lr": None, "prev_base": None}
+_GROUP_STATE = {"beta_t": None, "mu_t": None, "mu_counter": 0.0, "hypergrad": 0.0,
+                "ref_loss": math.nan, "beta_capped": 0, "prev_lr": None, "prev_base": None}
 
 
 def _nonneg(value: Any, name: str) -> float:
@@ -90,7 +95,61 @@ def _nonneg(value: Any, name: str) -> float:
     return float(value)
 
 
-class OnlineOptimizer(torch.optim.Optimizer):
+def loss_limit(ref: float, factor: float | None) -> float:
+    """The engine's loss criterion (:meth:`online.Engine.check_loss`): a loss above
+    ref + (factor − 1)·|ref| (= factor × ref for ref > 0) counts as divergence; inf when off."""
+    if factor is None or ref == 0 or not math.isfinite(ref):
+        return math.inf
+    return ref + (factor - 1) * abs(ref)
+
+
+class DropIn(torch.optim.Optimizer):
+    """The ``torch.optim`` plumbing every drop-in shares (:class:`OnlineOptimizer`,
+    :class:`hgtoolkit.towers.TowerOptimizer`): ``"lr"`` (the base LR, validated) and the
+    learnt-multiplier keys in every group (``lr_scale``, ``effective_lr``, ``t``,
+    ``diverged_at``), the parameters that take part in a step (``.grad`` not None), and
+    divergence reporting (a :class:`DivergenceWarning` naming the step, or
+    :class:`DivergenceError` with ``raise_on_divergence=True``)."""
+
+    def __init__(self, params: Iterable, defaults: dict, *, raise_on_divergence: bool = False):
+        self.raise_on_divergence = bool(raise_on_divergence)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if not p.is_floating_point():
+                raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
+        group["lr"] = _nonneg(group["lr"], "lr")
+        for key, value in (("lr_scale", 1.0), ("t", 0), ("diverged_at", None)):
+            group.setdefault(key, value)
+        group.setdefault("effective_lr", group["lr"] * group["lr_scale"])
+
+    @staticmethod
+    def _active(group: dict) -> list:
+        """The group's parameters that take part in this step: those whose ``.grad`` is not None
+        (torch.optim skips the others: no weight decay, no momentum, no state change)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise TypeError("sparse gradients are not supported")
+        return params
+
+    def _diverged(self, group: dict, step: int, what: str, value: float | None = None) -> None:
+        """Report divergence of ``group`` at ``step`` (nothing of the step was applied)."""
+        msg = f"training diverged at step {step}: {what}"
+        if value is not None and math.isfinite(value):
+            msg += f" ({value:.4g})"
+        if self.raise_on_divergence:
+            err = DivergenceError(step, what, value)
+            err.args = (msg + " (nothing was changed)",)
+            raise err
+        group["diverged_at"] = step
+        warnings.warn(f"{type(self).__name__}: {msg}; the step was not applied and this param group "
+                      f"is no longer updated (group['diverged_at'])", DivergenceWarning, stacklevel=4)
+
+
+class OnlineOptimizer(DropIn):
     """The shared ``torch.optim`` wrapper around :class:`hgtoolkit.online.Engine` (module
     docstring); subclasses say which dynamics and hyper-settings a group has."""
 
@@ -100,9 +159,8 @@ class OnlineOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unknown objective {objective!r}; choose one of {online.OBJECTIVES}")
         self.objective = objective
         self.mu_rule = mu_rule
-        self.raise_on_divergence = bool(raise_on_divergence)
         defaults = {"lr_floor": 0.0, "lr_max": None, "divergence_factor": 2.0, **defaults}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, raise_on_divergence=raise_on_divergence)
 
     # -- subclass hooks -------------------------------------------------------------------
     def _dynamics(self, group: dict) -> _dynamics.Dynamics:
@@ -145,7 +203,6 @@ class OnlineOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = _nonneg(group["lr"], "lr")
         group.setdefault("initial_lr_for_hyper", group["lr"])
         self._dynamics(group)  # validates the dynamics' options
         cfg = self._config(group)
@@ -155,8 +212,6 @@ class OnlineOptimizer(torch.optim.Optimizer):
             group["beta_t"] = cfg.beta0
         if group["mu_t"] is None:
             group["mu_t"] = cfg.mu0
-        if group["effective_lr"] is None:
-            group["effective_lr"] = group["lr"]
 
     @property
     def needs_closure(self) -> bool:
@@ -238,7 +293,7 @@ class OnlineOptimizer(torch.optim.Optimizer):
 
     def _group_step(self, group: dict, cfg: online.HyperConfig, loss, hz: dict | None,
                     vgrads: dict | None) -> None:
-        params = [p for p in group["params"] if p.grad is not None]
+        params = self._active(group)
         if not params:
             return
         dyn, engine, settings = self._engine(group, cfg)
@@ -248,11 +303,11 @@ class OnlineOptimizer(torch.optim.Optimizer):
         # the engine state of the parameters that take part in this step
         for p in params:
             st = self.state[p]
-            if not st:  # first step of this parameter: its moments, zero tangent
+            if not st:  # first step of this parameter: its moments, zero tangent, no update yet
                 s0 = dyn.init(p.detach())
                 st.update({k: v for k, v in s0.items() if k != "w"})
-                st.update({"z_" + k: torch.zeros_like(p) for k in s0})
-        keys = [k for k in self.state[ref] if not k.startswith("z_") and k != "g_prev"]
+                st.update({"z_" + k: torch.zeros_like(p) for k in s0}, n_updates=0)
+        keys = [k for k in self.state[ref] if not k.startswith("z_") and k not in ("g_prev", "n_updates")]
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
         dtype = torch.int64
         state = online.OnlineState(
@@ -281,9 +336,10 @@ class OnlineOptimizer(torch.optim.Optimizer):
         hvp = None
         if engine.needs_hvp and t > 0:
             hvp = [hz[p] if hz is not None and p in hz else torch.zeros_like(p) for p in params]
-        new = engine.optimizer_step(state, grads, t, hvp)
+        counts = [self.state[p]["n_updates"] for p in params]
+        new = _optimizer_step(engine, state, grads, counts, hvp)
         if int(new.diverged_at) >= 0:
-            self._diverged(group, new, loss)
+            self._engine_diverged(group, new, loss, t)
             return
         for i, p in enumerate(params):
             st = self.state[p]
@@ -294,22 +350,55 @@ class OnlineOptimizer(torch.optim.Optimizer):
                 st["z_" + key] = new.z[key][i]
             if engine.mu_rule is not None:
                 st["g_prev"] = grads[i].clone()
+            st["n_updates"] += 1
+        # a parameter this step skips keeps w, so its tangent decays: z_{t+1} = μ_t z_t (0 for HD)
+        taking_part = set(map(id, params))
+        for p in group["params"]:
+            st = self.state.get(p)
+            if st and id(p) not in taking_part:
+                st.update({k: v * new.mu.to(v.dtype) for k, v in st.items() if k.startswith("z_")})
         group.update(lr_scale=scale, effective_lr=lr, prev_lr=lr, prev_base=base,
                      beta_t=float(new.beta), mu_t=float(new.mu), mu_counter=float(new.counter),
                      hypergrad=float(new.h), t=t + 1, ref_loss=float(new.ref_loss),
                      beta_capped=group["beta_capped"] + int(new.beta_capped))
 
-    def _diverged(self, group: dict, state: online.OnlineState, loss) -> None:
-        step, why = int(state.diverged_at), int(state.why)
+    def _engine_diverged(self, group: dict, state: online.OnlineState, loss, t: int) -> None:
+        why = int(state.why)
         value = float(loss) if why in (1, 3) and loss is not None else (float(state.lr) if why == 5 else None)
-        msg = online.divergence_message(step, why, value)
-        if self.raise_on_divergence:
-            err = DivergenceError(step, online.DIVERGENCE.get(why, "loss"), value)
-            err.args = (msg + " (nothing was changed)",)
-            raise err
-        group["diverged_at"] = step
-        warnings.warn(f"{type(self).__name__}: {msg}; the step was not applied and this param group "
-                      f"is no longer updated (group['diverged_at'])", DivergenceWarning, stacklevel=3)
+        self._diverged(group, t, online.DIVERGENCE.get(why, "unknown"), value)
+
+
+def by_count(counts: list[int]) -> dict[int, list[int]]:
+    """{count: indices}: the parameters of a group that share a per-parameter update count (the
+    ``t`` of Adam's bias correction, as torch.optim counts it: updates of that parameter)."""
+    out: dict[int, list[int]] = {}
+    for i, c in enumerate(counts):
+        out.setdefault(c, []).append(i)
+    return out
+
+
+def _optimizer_step(engine: online.Engine, state: online.OnlineState, grads: list, counts: list[int],
+                    hvp: list | None) -> online.OnlineState:
+    """``engine.optimizer_step`` with each parameter at its own update count (one call per count;
+    one call in all when every parameter took part in every step)."""
+    buckets = by_count(counts)
+    if len(buckets) == 1:
+        return engine.optimizer_step(state, grads, counts[0], hvp)
+    n = len(grads)
+    opt = {k: [None] * n for k in state.opt}
+    z = {k: [None] * n for k in state.z}
+    bad = []
+    for c, idx in buckets.items():
+        sub = lambda tree: {k: [v[i] for i in idx] for k, v in tree.items()}
+        part = engine.optimizer_step(state._replace(opt=sub(state.opt), z=sub(state.z)),
+                                     [grads[i] for i in idx], c, None if hvp is None else [hvp[i] for i in idx])
+        for tree, new in ((opt, part.opt), (z, part.z)):
+            for k, leaves in new.items():
+                for i, x in zip(idx, leaves):
+                    tree[k][i] = x
+        bad.append(part)
+    worst = max(bad, key=lambda s_: int(s_.diverged_at >= 0))
+    return state._replace(opt=opt, z=z, g_prev=grads, diverged_at=worst.diverged_at, why=worst.why)
 
 
 class SGDHD(OnlineOptimizer):

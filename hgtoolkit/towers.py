@@ -74,8 +74,10 @@ import torch
 from torch.func import vjp
 
 from . import dynamics as _dynamics
-from ._tree import tree_leaves, tree_map, tree_zeros_like
-from .errors import DivergenceError
+from ._tree import tree_leaves, tree_zeros_like
+from . import online
+from .errors import DivergenceError, DivergenceWarning
+from .optim import DropIn, by_count, loss_limit
 
 __all__ = ["Level", "SGD", "Adam", "AdaGrad", "RMSProp", "parse", "init", "step",
            "hyperparameters", "TowerDynamics", "Scheduled", "History", "TowerResult", "run",
@@ -436,14 +438,26 @@ def _prev(level: Level, k: int, x: Any, moments: dict, grad: Any, scale: Any) ->
     return out
 
 
-def _update(level: Level, state: dict, grad: Any, t: int, hp: dict, lr_scale: Any,
+def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
             bounds: "tuple[torch.Tensor, torch.Tensor] | None") -> dict:
-    """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto ``bounds``)."""
+    """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
+    ``bounds``). ``t``: the step index, or one update count per leaf of a leaf-list state (the
+    drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim)."""
     hp = dict(hp)
     lr = hp.pop("lr", level.lr)
     if lr_scale is not None:
         lr = lr * lr_scale
-    out = dict(level.base.step(state, grad, lr, t, **hp))
+    if not isinstance(t, list):
+        out = dict(level.base.step(state, grad, lr, t, **hp))
+    else:
+        buckets = by_count(t)
+        out = {k: [None] * len(t) for k in state}
+        for c, idx in buckets.items():
+            sub = {k: [v[i] for i in idx] for k, v in state.items()}
+            part = level.base.step(sub, [grad[i] for i in idx], lr, c, **hp)
+            for k, leaves in part.items():
+                for i, x in zip(idx, leaves):
+                    out[k][i] = x
     if bounds is not None:
         lo, hi = bounds
         out["w"] = torch.minimum(torch.maximum(out["w"], lo), hi)
@@ -464,7 +478,8 @@ def _dphi(level: Level, v: torch.Tensor) -> torch.Tensor:
     return torch.where(_unit_mask(level, v.device), v * (1 - v), torch.ones_like(v))
 
 
-def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int) -> torch.Tensor:
+def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int,
+               counts: "list[int] | None" = None) -> torch.Tensor:
     r"""G^{k+1}_t = ⟨Gᵏ_t, ∂x_k/∂x_{k+1}⟩: the vjp, w.r.t. level k's hyperparameters, of level k's
     previous update x_k ← O_k(x_k, Gᵏ_{t−1}; φ(x_{k+1})), recomputed from its stored inputs
     (everything but the hyperparameters held fixed), applied to the cotangent Gᵏ_t."""
@@ -479,26 +494,31 @@ def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int)
 
     def update(vv):
         hp = {name: vv[i] for i, name in enumerate(lvl.tuned)}
-        return _update(lvl, s_prev, prev["grad"], t - 1, hp, scale, bounds)["w"]
+        tp = [max(c - 1, 0) for c in counts] if k == 0 and counts is not None else t - 1
+        return _update(lvl, s_prev, prev["grad"], tp, hp, scale, bounds)["w"]
 
     _, pullback = vjp(update, v)
     (dv,) = pullback(cot)
     return dv.to(v.dtype) * _dphi(lvl, v)
 
 
-def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None) -> dict:
+def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
+         cotangent: Any = None, counts: "list[int] | None" = None) -> dict:
     r"""One tower step (module docstring): Gᵏ_t bottom-up (one vjp of each level's previous
     update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
 
     ``grad`` = g_t = ∇L_t(w_t) (same structure as w); ``t`` = 0-based step index; ``lr_scale``
-    (optional) multiplies the base LR used at this step.
+    (optional) multiplies the base LR used at this step; ``cotangent`` (optional, default
+    ``grad``) is the G⁰_t that G¹_t pulls back — the drop-in zeroes it for parameters the
+    previous step did not update (∂w_t/∂x_1 = 0 there); ``counts`` (optional, with a leaf-list
+    w) the number of earlier updates of each leaf, the ``t`` of its level-0 update (default t).
     """
     levels = tower.levels
     n = len(levels)
     xs = [state["w"], *state["raw"]]
     G = [grad]
     for k in range(n - 1):
-        G.append(_hypergrad(levels, k, state, G[k], t))
+        G.append(_hypergrad(levels, k, state, G[k] if k or cotangent is None else cotangent, t, counts))
     new_x: list[Any] = [None] * n
     new_m: list[Any] = [None] * n
     new_v: list[Any] = [None] * (n - 1)
@@ -508,7 +528,8 @@ def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None) -> 
         scale = lr_scale if k == 0 else None
         bounds = _bounds(levels[k - 1], xs[k]) if k > 0 else None
         hp = {name: new_v[k][i] for i, name in enumerate(lvl.tuned)} if k < n - 1 else {}
-        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], t, hp, scale, bounds)
+        tk = counts if k == 0 and counts is not None else t
+        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], tk, hp, scale, bounds)
         new_x[k] = out.pop("w")
         new_m[k] = out
         if k < n - 1:
@@ -537,21 +558,32 @@ def hyperparameters(tower: Level, state: dict) -> list[dict[str, float]]:
     return out
 
 
-def _check_state(tower: Level, state: dict, t: int) -> None:
-    """Raise DivergenceError when a hyperparameter or hypergradient became NaN/inf (one sync)."""
-    if not state["values"]:
-        return
-    flat = torch.cat([*state["values"], *state["hypergrads"]])
-    if bool(torch.isfinite(flat).all()):
-        return
+def _divergence(tower: Level, state: dict, lr_max: float = math.inf,
+                lr_scale: float = 1.0) -> "tuple[str, float | None] | None":
+    """What went wrong in a tower state after a step, as (what, value), or None (one device
+    sync): a non-finite hyperparameter or hypergradient (the first, by level), a base LR
+    η·``lr_scale`` above ``lr_max``, or non-finite parameters — the criteria of
+    :class:`hgtoolkit.online.Engine` that apply to a tower."""
+    w = tree_leaves(state["w"])
+    total = w[0].sum()
+    for x in w[1:]:
+        total = total + x.sum()
+    flat = torch.cat([*state["values"], *state["hypergrads"], total.reshape(1).to(torch.float64)])
+    lr = state["values"][0][tower.tuned.index("lr")] if "lr" in tower.tuned else None
+    lr_ok = lr is None or not math.isfinite(lr_max) or bool(lr.abs() * lr_scale <= lr_max)
+    if bool(torch.isfinite(flat).all()) and lr_ok:
+        return None
     levels = tower.levels
     for k in range(len(state["values"])):
         for what, vec in (("hyperparameter", state["values"][k]), ("hypergradient", state["hypergrads"][k])):
             bad = ~torch.isfinite(vec)
             if bool(bad.any()):
                 i = int(torch.nonzero(bad)[0])
-                raise DivergenceError(t, f"level-{k} {what} {levels[k].tuned[i]!r} ({levels[k].kind})",
-                                      float(vec[i]))
+                return (f"level-{k} {what} {levels[k].tuned[i]!r} ({levels[k].kind}) is not finite",
+                        float(vec[i]))
+    if not lr_ok:
+        return f"learning rate exceeds lr_max={lr_max:.4g}", float(lr) * lr_scale
+    return online.DIVERGENCE[7], None
 
 
 # ----------------------------------------------------------------------------- foundation dynamics
@@ -721,7 +753,8 @@ class History:
 @dataclass
 class TowerResult:
     """A tower run (:func:`run`): the record of every hyperparameter, per-step training losses,
-    final validation loss E(w_T), validation metrics and final parameters."""
+    final validation loss E(w_T), validation metrics and final parameters; ``diverged_at``: the
+    step at which the run stopped because it diverged (None when it completed)."""
 
     tower: Level
     history: History
@@ -730,13 +763,13 @@ class TowerResult:
     params: Any = None
     metrics: dict | None = None
     problem: dict = field(default_factory=dict)
-    initial_value: float | None = None
+    diverged_at: int | None = None
     divergence: str | None = None
 
     @property
     def blew_up(self) -> bool:
-        """E(w_T) > ``divergence_factor`` × E(w_0) (see :func:`run`): the tower made things worse."""
-        return self.divergence is not None
+        """True when the run stopped because it diverged (``divergence`` says how, ``diverged_at`` when)."""
+        return self.diverged_at is not None
 
     @property
     def lrs(self) -> torch.Tensor:
@@ -756,8 +789,8 @@ class TowerResult:
     def to_dict(self) -> dict:
         return {"kind": "towers", "tower": self.tower.config(), "problem": self.problem,
                 "steps": len(self.history), "value": self.value, "metrics": self.metrics,
-                "initial_value": self.initial_value, "divergence": self.divergence,
-                "train_losses": self.train_losses, "history": self.history.to_dict()}
+                "train_losses": self.train_losses, "history": self.history.to_dict(),
+                "diverged_at": self.diverged_at, "divergence": self.divergence}
 
     def save(self, path: str | Path) -> Path:
         from .records import atomic_write_json, to_jsonable
@@ -770,7 +803,7 @@ class TowerResult:
         hist = History.from_dict(d["history"])
         losses = np.array([np.nan if v is None else v for v in d["train_losses"]], dtype=np.float64)
         return cls(hist.tower, hist, losses, d["value"], None, d.get("metrics"), d.get("problem", {}),
-                   d.get("initial_value"), d.get("divergence"))
+                   d.get("diverged_at"), d.get("divergence"))
 
     def __repr__(self) -> str:
         return (f"TowerResult({str(self.tower)!r}, steps={len(self.history)}, value={self.value:.6g}, "
@@ -778,14 +811,15 @@ class TowerResult:
 
 
 def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
-        divergence_factor: float | None = 2.0) -> TowerResult:
+        divergence_factor: float | None = 2.0, raise_on_divergence: bool = False) -> TowerResult:
     """Train ``problem`` for ``steps`` steps with ``tower`` (through ``trajectory.make_step`` of
     ``tower.dynamics()``), recording every hyperparameter at every level.
 
-    A run that ends with E(w_T) > ``divergence_factor`` × E(w_0) (and E(w_0) > 0) blew up
-    without a NaN (e.g. an LR that grew too far): ``result.divergence`` says so and a
-    :class:`~hgtoolkit.errors.DivergenceWarning` is emitted; ``None`` turns the check off.
-    Non-finite losses raise :class:`~hgtoolkit.errors.DivergenceError` as before.
+    Divergence, with the criterion of :class:`hgtoolkit.online.Engine`: the minibatch loss L_t
+    not finite or above ``divergence_factor`` × L_0 (None: off), a non-finite hyperparameter,
+    hypergradient or parameter after step t. The run stops before applying step t, warns
+    (:class:`DivergenceWarning`, naming t) and returns the record of steps 0 … t−1 with
+    ``result.diverged_at = t``; ``raise_on_divergence=True`` raises :class:`DivergenceError`.
 
     >>> from hgtoolkit import problems, towers
     >>> r = towers.run(problems.from_function("beale"), "sgd(lr=1e-4) / sgd(lr=1e-9)", steps=20)
@@ -798,37 +832,42 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be ≥ 1, got {steps}")
-    if divergence_factor is not None and (isinstance(divergence_factor, bool)
-                                          or not isinstance(divergence_factor, (int, float))
-                                          or not 1 < divergence_factor < math.inf):
-        raise ValueError(f"divergence_factor must be a number > 1 or None, got {divergence_factor!r}")
+    if divergence_factor is not None and not (_real("towers.run", "divergence_factor", divergence_factor) > 1):
+        raise ValueError(f"divergence_factor must be > 1 (or None), got {divergence_factor}")
     dyn = tower.dynamics()
     one_step = make_step(problem, dyn)
     state = dyn.init(problem.params0)
     history = History(tower)
-    with torch.no_grad():
-        initial = float(problem.val_loss(problem.params0))
     one = torch.ones((), dtype=problem.dtype, device=problem.device)
-    losses = []
+    losses, diverged_at, divergence, ref = [], None, None, math.nan
     with torch.no_grad():
         for t in progress_bar(range(steps), progress, desc=f"tower h={tower.height}", leave=False):
-            state, loss = one_step(state, one, t)
-            check_finite(loss, t)
-            _check_state(tower, state, t)
+            new, loss = one_step(state, one, t)
+            value = float(loss)
+            ref = value if t == 0 else ref
+            bad = (((online.DIVERGENCE[1], value) if not math.isfinite(value) else None)
+                   or ((online.DIVERGENCE[3], value) if value > loss_limit(ref, divergence_factor) else None)
+                   or _divergence(tower, new))
+            if bad:
+                err = DivergenceError(t, *bad)
+                err.args = (f"tower {tower}: training diverged at step {t}: {bad[0]}"
+                            + (f" ({bad[1]:.4g})" if bad[1] is not None and math.isfinite(bad[1]) else ""),)
+                if raise_on_divergence:
+                    raise err
+                warnings.warn(f"{err.args[0]}; the run stopped there (result.diverged_at = {t})",
+                              DivergenceWarning, stacklevel=2)
+                diverged_at, divergence = t, err.args[0]
+                break
+            state = new
             history.append(state)
             losses.append(loss)
         params = dyn.params(state)
         value = problem.val_loss(params)
-    check_finite(value, steps - 1, params)
+    check_finite(value, max(len(losses) - 1, 0), params)
     metrics = problem.metrics(params) if problem.metrics is not None else None
-    divergence = None
-    if divergence_factor is not None and initial > 0 and float(value) > divergence_factor * initial:
-        divergence = (f"blew up: validation loss {initial:.4g} → {float(value):.4g} "
-                      f"(> {divergence_factor:g}× its initial value) with tower {tower}")
-        from .errors import DivergenceWarning
-        warnings.warn(f"towers.run: {divergence}", DivergenceWarning, stacklevel=2)
-    return TowerResult(tower, history, torch.stack(losses).detach().cpu().double().numpy(),
-                       float(value), params, metrics, problem.describe(), initial, divergence)
+    losses = torch.stack(losses).detach().cpu().double().numpy() if losses else np.zeros(0)
+    return TowerResult(tower, history, losses, float(value), params, metrics, problem.describe(),
+                       diverged_at, divergence)
 
 
 def analyse(result: TowerResult, problem, **kwargs: Any):
@@ -847,7 +886,7 @@ def analyse(result: TowerResult, problem, **kwargs: Any):
 
 # ----------------------------------------------------------------------------- drop-in optimizer
 
-class TowerOptimizer(torch.optim.Optimizer):
+class TowerOptimizer(DropIn):
     """A tower as a ``torch.optim.Optimizer``: reads ``p.grad`` from the usual ``loss.backward()``.
 
     ::
@@ -859,34 +898,61 @@ class TowerOptimizer(torch.optim.Optimizer):
             opt.step()
         opt.history.lrs                           # the learnt base LR, step by step
 
-    Each parameter group runs its own tower (``{"params": ..., "tower": towers.Adam(...)}``;
-    default: the ``tower`` argument); hyperparameters are shared by a group's parameters. A
-    parameter whose ``.grad`` is None is treated as having gradient 0 (torch.optim skips it).
-    The state holds no autograd graph, only the previous update's inputs; ``record=False``
-    skips the per-step history (and its device sync). ``state_dict()`` / ``load_state_dict()``
-    save and restore the tower states, step counters and histories.
+    torch.optim semantics (shared with :mod:`hgtoolkit.optim`, base :class:`optim.DropIn`):
+
+    - each param group runs its own tower (``{"params": ..., "tower": towers.Adam(...)}``;
+      default: the ``tower`` argument); a group may also set level-0 options of its tower
+      (``{"params": ..., "lr": 0.05, "weight_decay": 1e-4}``), fixed when the group is added;
+    - parameters whose ``.grad`` is None are skipped (no weight decay, momentum or state
+      change); a parameter the previous step did not update contributes nothing to G¹_t;
+    - the scheduler contract of :mod:`hgtoolkit.optim`: ``group["lr"]`` is the base LR (yours
+      and ``torch.optim.lr_scheduler``'s, read at every step); the tower learns η^tower, starting
+      at the group's initial LR η_0; the learnt multiplier is ``group["lr_scale"]`` = η^tower/η_0
+      and step t uses ``group["effective_lr"]`` = ``group["lr"]`` × ``group["lr_scale"]`` (the
+      tower's ``lr_scale`` argument = ``group["lr"]``/η_0). With a constant base LR the optimizer
+      is the tower as specified;
+    - ``state_dict()`` holds tensors and plain numbers (``torch.load(..., weights_only=True)``
+      reads it; the tower is saved as its text spec, the history as a float64 table);
+    - divergence — a non-finite hyperparameter, hypergradient or parameter, a base LR above
+      ``lr_max`` (default 1e6·η_0), or, when ``step`` gets a closure, its loss not finite or above
+      ``divergence_factor`` × its first value (the criterion of :class:`hgtoolkit.online.Engine`):
+      the step is not applied, a :class:`DivergenceWarning` names the step, ``group["diverged_at"]``
+      records it and the group is no longer updated; ``raise_on_divergence=True`` raises
+      :class:`DivergenceError` instead.
+
+    ``step(closure)``: as torch.optim, the closure zeroes the gradients, computes the loss and
+    calls ``backward()``. The state holds no autograd graph, only the previous update's inputs;
+    ``record=False`` skips the per-step history (and its device sync).
     """
 
     def __init__(self, params: Any, tower: "Level | str", *, record: bool = True,
-                 check_finite: bool = True):
+                 lr_max: float | None = None, divergence_factor: float | None = 2.0,
+                 raise_on_divergence: bool = False):
         tower = parse(tower)
         self.record = bool(record)
-        self.check_finite = bool(check_finite)
-        self._tower_state: dict[int, dict] = {}
-        self._steps: dict[int, int] = {}
         self.histories: dict[int, History] = {}
-        super().__init__(params, {"tower": tower})
+        defaults = {"tower": tower, "lr": tower.lr, "lr_max": lr_max,
+                    "divergence_factor": divergence_factor}
+        super().__init__(params, defaults, raise_on_divergence=raise_on_divergence)
 
     def add_param_group(self, param_group: dict) -> None:
-        if isinstance(param_group, dict) and "tower" in param_group:
-            param_group = {**param_group, "tower": parse(param_group["tower"])}
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        param_group = dict(param_group)
+        tower = parse(param_group.get("tower", self.defaults["tower"]))
+        # level-0 options given by the group (its own lr, weight_decay, …) define its tower
+        own = {f.name: param_group[f.name] for f in dataclasses.fields(tower)
+               if f.name not in ("hyper", "tune") and f.name in param_group}
+        if "lr" not in param_group and "tower" in param_group:
+            own["lr"] = tower.lr
+        tower = dataclasses.replace(tower, **own) if own else tower
+        param_group["tower"] = tower
+        param_group.setdefault("lr", tower.lr)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        for p in group["params"]:
-            if not p.is_floating_point():
-                raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
-        i = len(self.param_groups) - 1
-        self.histories[i] = History(group["tower"])
+        group.setdefault("initial_lr_for_hyper", tower.lr)
+        group.setdefault("tower_state", None)
+        self.histories[len(self.param_groups) - 1] = History(tower)
 
     @property
     def history(self) -> History:
@@ -895,9 +961,9 @@ class TowerOptimizer(torch.optim.Optimizer):
 
     def hyperparameters(self, group: int = 0) -> list[dict[str, float]]:
         """Current hyperparameter values of group ``group``, one dict per level."""
-        tower = self.param_groups[group]["tower"]
-        st = self._tower_state.get(group)
-        return [lvl.values() for lvl in tower.levels] if st is None else hyperparameters(tower, st)
+        g = self.param_groups[group]
+        tower, hs = g["tower"], g["tower_state"]
+        return [lvl.values() for lvl in tower.levels] if hs is None else hyperparameters(tower, hs)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -906,74 +972,120 @@ class TowerOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for i, group in enumerate(self.param_groups):
-            params, tower = group["params"], group["tower"]
-            grads = []
-            learns = tower.height > 1
-            for p in params:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError("TowerOptimizer does not support sparse gradients")
-                # a copy when the next step differentiates this update again (zero_grad() may
-                # zero p.grad in place)
-                g = None if p.grad is None else p.grad.detach()
-                grads.append(torch.zeros_like(p) if g is None else g.clone() if learns else g)
-            keep_w = tower.height > 1 and tower.weight_decay != 0  # see _prev
-            w = [p.detach().clone() if keep_w else p.detach() for p in params]
-            st = self._tower_state.get(i)
-            st = init(tower, w) if st is None else {**st, "w": w}
-            t = self._steps.get(i, 0)
-            new = step(tower, st, grads, t)
-            if self.check_finite:
-                _check_state(tower, new, t)
-            for p, nw in zip(params, new["w"]):
-                p.copy_(nw)
-            new["w"] = None  # the parameters themselves are the level-0 variable
-            self._tower_state[i] = new
-            self._steps[i] = t + 1
-            if self.record:
-                self.histories[i].append(new)
+            if group["diverged_at"] is None:
+                self._group_step(i, group, loss)
         return loss
 
+    def _group_step(self, i: int, group: dict, loss) -> None:
+        params = self._active(group)
+        if not params:
+            return
+        tower, t = group["tower"], group["t"]
+        lvl0, learns = tower, tower.height > 1
+        if loss is not None:
+            bad = self._loss_divergence(group, loss, t)
+            if bad:
+                return self._diverged(group, t, *bad)
+        # a copy of g when the next step differentiates this update again (zero_grad() may zero
+        # p.grad in place), and of w when weight decay makes that update depend on it (see _prev)
+        grads = [p.grad.detach().clone() if learns else p.grad.detach() for p in params]
+        keep_w = learns and lvl0.weight_decay != 0
+        w = [p.detach().clone() if keep_w else p.detach() for p in params]
+        hs = group["tower_state"]
+        if hs is None:  # the hyper-levels' state (independent of w): levels ≥ 1 of a fresh init
+            full = init(tower, w[:1])
+            hs = {"moments": full["moments"][1:], "raw": full["raw"], "values": full["values"],
+                  "prev": full["prev"][1:], "hypergrads": full["hypergrads"],
+                  "scale": full["prev"][0]["scale"] if learns else None}
+        keys = [k for k in lvl0.base.init(w[0]) if k != "w"]
+        for p, x in zip(params, w):
+            st = self.state[p]
+            if not st:  # first step of this parameter: its moments; no previous update
+                st.update({k: v for k, v in lvl0.base.init(x).items() if k != "w"}, n_updates=0)
+                if learns:
+                    st.update({"prev_" + k: st[k] for k in keys}, prev_grad=torch.zeros_like(x),
+                              last_step=-1)
+            if keep_w and "prev_w" not in st:
+                st["prev_w"] = x
+        moments0 = {k: [self.state[p][k] for p in params] for k in keys}
+        state = {"w": w, "moments": [moments0, *hs["moments"]], "raw": hs["raw"],
+                 "values": hs["values"], "prev": [], "hypergrads": hs["hypergrads"]}
+        cot = None
+        if learns:
+            sts = [self.state[p] for p in params]
+            prev0 = {"moments": {k: [st["prev_" + k] for st in sts] for k in keys},
+                     "grad": [st["prev_grad"] for st in sts], "scale": hs["scale"]}
+            if keep_w:
+                prev0["x"] = [st["prev_w"] for st in sts]
+            state["prev"] = [prev0, *hs["prev"]]
+            if any(st["last_step"] != t - 1 for st in sts):
+                cot = [g if st["last_step"] == t - 1 else torch.zeros_like(g) for g, st in zip(grads, sts)]
+        lr0 = group["initial_lr_for_hyper"]
+        scale = group["lr"] / lr0 if lr0 > 0 else 1.0
+        counts = [self.state[p]["n_updates"] for p in params]
+        new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
+                   counts=counts if any(c != t for c in counts) else None)
+        lr_max = group["lr_max"] if group["lr_max"] is not None else (1e6 * lr0 if lr0 > 0 else math.inf)
+        bad = _divergence(tower, new, lr_max, scale)
+        if bad:
+            return self._diverged(group, t, *bad)
+        for p, nw in zip(params, new["w"]):
+            p.copy_(nw)
+        if learns:
+            prev = new["prev"][0]
+            for j, (p, g) in enumerate(zip(params, grads)):
+                st = self.state[p]
+                st.update({"prev_" + k: prev["moments"][k][j] for k in keys}, prev_grad=g, last_step=t)
+                if keep_w:
+                    st["prev_w"] = prev["x"][j]
+            hs = {"moments": new["moments"][1:], "raw": new["raw"], "values": new["values"],
+                  "prev": new["prev"][1:], "hypergrads": new["hypergrads"], "scale": prev["scale"]}
+        for j, p in enumerate(params):
+            self.state[p].update({k: new["moments"][0][k][j] for k in keys})
+            self.state[p]["n_updates"] += 1
+        learnt = hyperparameters(tower, hs)[0]["lr"] if learns else tower.lr
+        group.update(tower_state=hs if learns else None, t=t + 1,
+                     lr_scale=learnt / lr0 if lr0 > 0 else 1.0)
+        group["effective_lr"] = group["lr"] * group["lr_scale"]
+        if self.record:
+            self.histories[i].append(new)
+
+    def _loss_divergence(self, group: dict, loss, t: int):
+        """The engine's loss criterion for a closure's loss (None when fine)."""
+        value = float(loss)
+        if t == 0 or "ref_loss" not in group:
+            group["ref_loss"] = value
+        if not math.isfinite(value):
+            return online.DIVERGENCE[1], value
+        if value > loss_limit(group["ref_loss"], group["divergence_factor"]):
+            return online.DIVERGENCE[3], value
+        return None
+
     def state_dict(self) -> dict:
-        """``{"state": {group: tower state without w}, "param_groups": [{"params": [ids],
-        "tower": spec}], "steps": {...}, "histories": {...}}`` (tensors are immutable snapshots:
-        the optimizer never writes into them)."""
-        groups, start = [], 0
-        for group in self.param_groups:
-            idx = list(range(start, start + len(group["params"])))
-            start += len(idx)
-            groups.append({"params": idx, "tower": str(group["tower"])})
-        return {"format": "hgtoolkit.towers/1",
-                "state": {i: {k: v for k, v in st.items() if k != "w"}
-                          for i, st in self._tower_state.items()},
-                "param_groups": groups, "steps": dict(self._steps),
-                "histories": {i: h.to_dict() for i, h in self.histories.items()}}
+        """torch.optim's ``{"state", "param_groups"}`` with every tower as its text spec, plus
+        ``"histories"``: {group: float64 table of the record} — tensors and plain values only."""
+        sd = super().state_dict()
+        sd["param_groups"] = [{**g, "tower": str(g["tower"])} for g in sd["param_groups"]]
+        sd["histories"] = {i: torch.from_numpy(h._table().copy()) for i, h in self.histories.items()}
+        return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or state_dict.get("format") != "hgtoolkit.towers/1":
-            raise ValueError("state_dict: not a TowerOptimizer state (format 'hgtoolkit.towers/1')")
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError("state_dict: not a TowerOptimizer state (no 'param_groups')")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups)} parameter groups, this optimizer "
                              f"{len(self.param_groups)}")
         for i, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict: group {i} has {len(saved['params'])} parameters, "
-                                 f"this optimizer {len(group['params'])}")
-            if parse(saved["tower"]) != group["tower"]:
-                raise ValueError(f"state_dict: group {i} was saved with tower {saved['tower']!r}, "
+            if parse(saved.get("tower", "")) != group["tower"]:
+                raise ValueError(f"state_dict: group {i} was saved with tower {saved.get('tower')!r}, "
                                  f"this optimizer runs {str(group['tower'])!r}")
-        self._tower_state, self._steps = {}, {}
-        for key, st in state_dict["state"].items():
-            i = int(key)
-            device = self.param_groups[i]["params"][0].device
-            st = tree_map(lambda x: x.to(device).clone() if isinstance(x, torch.Tensor) else x, st)
-            for p, gl in zip(self.param_groups[i]["params"], tree_leaves(st["prev"][:1])):
-                if gl.shape != p.shape:
-                    raise ValueError(f"state_dict: group {i} parameter shapes differ from the saved ones")
-            self._tower_state[i] = {**st, "w": None}
-        self._steps = {int(k): int(v) for k, v in state_dict.get("steps", {}).items()}
-        for key, h in state_dict.get("histories", {}).items():
-            self.histories[int(key)] = History.from_dict(h)
+        groups = [{**g, "tower": group["tower"]} for g, group in zip(groups, self.param_groups)]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        for i, tab in state_dict.get("histories", {}).items():
+            h = History(self.param_groups[int(i)]["tower"])
+            h._rows = list(torch.as_tensor(tab, dtype=torch.float64).numpy())
+            self.histories[int(i)] = h
 
     def __repr__(self) -> str:
         return "TowerOptimizer(" + "; ".join(str(g["tower"]) for g in self.param_groups) + ")"

@@ -134,7 +134,7 @@ def _tower_job(job: tuple):
     problem = _problem(model, n_train, n_val, batch_size, hidden, seed)
     T = epochs * int(problem.info["steps_per_epoch"])
     try:
-        r = towers.run(problem, spec, T)
+        r = towers.run(problem, spec, T, raise_on_divergence=True)
     except DivergenceError as exc:
         return f"diverged: {exc}"
     r.params = None
