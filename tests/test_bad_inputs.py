@@ -280,7 +280,7 @@ def test_a_tower_that_blows_up_is_flagged_in_the_record_and_on_the_terminal(tmp_
     assert "divergence_factor" in json.loads((tmp_path / "t.json").read_text())["divergence"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not towers.run(BEALE, "adam(lr=1e-3) / sgd(lr=1e-5) / sgd(lr=1e-6)", 30).blew_up
+        assert not towers.run(BEALE, "sgd(lr=1e-4) / sgd(lr=1e-9)", 30).blew_up  # a sane tower
 
 
 def test_sweep_summary_says_fallback_data_were_used(tmp_path, monkeypatch):
