@@ -89,6 +89,9 @@ class Config:
     the paper's; "adam"; "lbfgsb") with step ``lrsopt_lr`` from η_t = ``lrsopt_init`` (= η_0
     by default: every method, and the fixed-LR peer, starts from the same η),
     η ≤ ``lrsopt_lr_max``. Peers: ``peers`` = ((name, lr or None for the package default), …).
+    ``val_batch_size``: the online methods' objective gradient ∇E on a fresh validation
+    minibatch of this size per step, as the authors' code does (None: the whole validation
+    set, 7× the cost of a training gradient at 700/100).
     ``analyse``: the approximation-error analysis. ``eval_every``: validation accuracy every
     that many steps. ``workers``: processes (results do not depend on it); ``max_batch``:
     runs per vmapped chunk (None: :func:`hgtoolkit.batched.default_max_batch`).
@@ -116,6 +119,7 @@ class Config:
         ("constant", 0.1), ("constant", 0.03), ("exp_decay", 0.1), ("step_decay", 0.1), ("sgdr", 0.1),
         ("schedulefree_sgd", None), ("prodigy", None), ("dadapt_sgd", None))
     analyse: bool = True
+    val_batch_size: int | None = 100
     eval_every: int = 25
     workers: int = 1
     max_batch: int | None = None
@@ -150,11 +154,14 @@ class Config:
     @classmethod
     def tiny(cls) -> "Config":
         """Seconds, for the tests: one hidden layer of 32, 800/200 examples, T = 20, 2 seeds,
-        2 β, no fixed μ, 1 κ, LRS-OPT 2 Adam steps on 1 seed, two peers."""
+        2 β, no fixed μ, 1 κ, LRS-OPT 2 Adam steps on 1 seed, two peers; the online objective on
+        the whole validation set, so that HD's and RTHO's estimates ARE the exact one-step and
+        constant-LR references (what the tests check the analysis against)."""
         return cls(hidden=(32,), n_train=800, n_val=200, steps=20, n_seeds=2, betas=(1e-2, 1.0),
                    mus=(), kappas=(1e-3,), lrsopt_seeds=1, lrsopt_steps=2,
                    lrsopt_optimizer="adam", lrsopt_lr=0.01,
-                   peers=(("constant", 0.1), ("exp_decay", 0.1)), eval_every=5, workers=1)
+                   peers=(("constant", 0.1), ("exp_decay", 0.1)), eval_every=5, workers=1,
+                   val_batch_size=None)
 
     def __post_init__(self):
         from .. import baselines, lrsopt
@@ -235,7 +242,7 @@ def _slug(text: str) -> str:
 def _cell(config: Config, spec: dict, value: float, seed: int) -> dict:
     """``online.run`` arguments of one run of ``spec`` at grid value β (or κ) on ``seed``."""
     cell = {"method": spec["method"], "lr0": config.lr0, "steps": config.steps, "seed": seed,
-            "eval_every": config.eval_every, "objective": "val"}
+            "eval_every": config.eval_every, "objective": "val", "val_batch_size": config.val_batch_size}
     if spec["method"] == "marthe":
         cell["mu"] = spec["mu"]
     if spec["grid"] == "kappa":
@@ -274,7 +281,8 @@ _RECORD_VERSIONS = {"online": 1, "lrsopt": 1, "peer": 1, "analysis": 2}
 
 def _job_spec(config: Config, kind: str, **extra) -> dict:
     """What a job's record must have been computed with to be reused (resume)."""
-    keys = ("hidden", "n_train", "n_val", "batch_size", "data_seed", "steps", "lr0", "eval_every")
+    keys = ("hidden", "n_train", "n_val", "batch_size", "data_seed", "steps", "lr0", "eval_every",
+            "val_batch_size")
     base = {k: getattr(config, k) for k in keys}
     return records.to_jsonable({"kind": kind, "version": _RECORD_VERSIONS[kind], **base, **extra})
 
