@@ -47,6 +47,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _checkpoint_every(text: str):
+    """``--checkpoint-every``: a positive int, or ``auto`` (k ≈ √T)."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -92,8 +97,9 @@ def register(sub) -> None:
         description="Exact hypergradient ∂f/∂η_t, f(η) = E(w_T), of one schedule; writes "
                     "<out>/hypergrad.json and a figure of η_t and ∂f/∂η_t against t.")
     hg.add_argument("--mode", choices=MODES, default="reverse", help="how to compute it (default reverse)")
-    hg.add_argument("--checkpoint-every", type=_positive_int, default=None,
-                    help="reverse mode: store every k-th state and recompute (memory O(T/k + k))")
+    hg.add_argument("--checkpoint-every", type=_checkpoint_every, default=None,
+                    help="reverse mode: store every k-th state and recompute (memory O(T/k + k)); "
+                         "'auto': k ≈ √T")
     hg.add_argument("--chunk-size", type=_positive_int, default=None,
                     help="forward mode: columns of Z_t propagated at once")
     hg.set_defaults(func=run_hypergrad)
@@ -110,7 +116,7 @@ def register(sub) -> None:
                          "η_t by about a tenth of its initial value; required for sgd; unused by lbfgsb)")
     lo.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, default="adam", help="default adam")
     lo.add_argument("--mode", choices=MODES, default="reverse", help="hypergradient mode (default reverse)")
-    lo.add_argument("--checkpoint-every", type=_positive_int, default=None,
+    lo.add_argument("--checkpoint-every", type=_checkpoint_every, default=None,
                     help="reverse-mode state checkpointing for each hypergradient")
     lo.add_argument("--lr-max", type=_positive_float, default=None, help="upper bound η_max (default none)")
     lo.add_argument("--resample-batches", action="store_true",
