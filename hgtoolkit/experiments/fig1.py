@@ -465,8 +465,9 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
     notes = [
         f"All runs: plain gradient descent, T = {config.steps} steps, η_0 = {config.lr0:g}, from the "
         "function's default start; E = f (deterministic), hypergradient objective 'val'; η clipped at 0; "
-        f"a run counts as diverged when f or w is not finite or η_t > {config.lr_max:g} "
-        f"(= {config.lr_max_factor:g} η_0).",
+        f"a run counts as diverged when f or w is not finite, η_t > {config.lr_max:g} "
+        f"(= {config.lr_max_factor:g} η_0) or f(w_t) > 2 f(w_0) (the online engine's divergence_factor); "
+        "with β adaptive, β is bounded so that one LR update moves η by at most max(η, η_0).",
         f"β grid: {', '.join(common.fmt(b, 2) for b in config.betas)}. 'best' = min_t f(w_t) over the "
         "run, as in the paper's Fig. 1 (center); diverged runs are excluded from it and drawn as × in the figures.",
         "`bukin_smooth` squares the valley residual (100 u²): it is the project's stand-in for the paper's "
