@@ -372,15 +372,19 @@ class Adam(Dynamics):
     def init(self, params: Any) -> dict:
         return {"w": params, "m": tree_zeros_like(params), "v": tree_zeros_like(params)}
 
-    def _parts(self, L, g, t, h):
+    def _parts(self, L, g, t, h, slopes: bool = True):
+        """m', v', u and (when ``slopes``) ∂u/∂m', ∂u/∂v' elementwise; without slopes (the
+        update alone, or HD's z = B_t) the same u from the same square root, fewer passes."""
         b1, b2 = h["beta1"], h["beta2"]
         m = [b1 * mm + (1 - b1) * gg for mm, gg in zip(L.leaves["m"], g)]
         v = [b2 * vv + (1 - b2) * gg * gg for vv, gg in zip(L.leaves["v"], g)]
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        if not slopes:
+            den = [_safe_sqrt(vv / c2) + self.eps for vv in v]
+            return m, v, [(mm / c1) / dd for mm, dd in zip(m, den)], None, None
         roots = [_sqrt_and_inverse_slope(vv / c2) for vv in v]
         den = [r + self.eps for r, _ in roots]
         u = [(mm / c1) / dd for mm, dd in zip(m, den)]
-        # ∂u/∂m' and ∂u/∂v' (elementwise)
         du_dm = [1.0 / (c1 * dd) for dd in den]
         du_dv = [-uu * rho / (c2 * dd) for uu, (_, rho), dd in zip(u, roots, den)]
         return m, v, u, du_dm, du_dv
@@ -388,12 +392,15 @@ class Adam(Dynamics):
     def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):
         ds = ds or {}
         b1, b2 = h["beta1"], h["beta2"]
-        m, v, u, du_dm, du_dv = self._parts(L, g, t, h)
+        slopes = dg is not None or ds.get("m") is not None or ds.get("v") is not None
+        m, v, u, du_dm, du_dv = self._parts(L, g, t, h, slopes)
         n = len(m)
-        dm = [_add(_mul(b1, _column(ds.get("m"), i)), _mul(1 - b1, _column(dg, i))) for i in range(n)]
-        dv = [_add(_mul(b2, _column(ds.get("v"), i)), _mul(2 * (1 - b2) * g[i], _column(dg, i)))
-              for i in range(n)]
-        du = [_add(_mul(du_dm[i], dm[i]), _mul(du_dv[i], dv[i])) for i in range(n)]
+        dm = dv = du = [None] * n  # no tangent reaches m', v' or u (the update alone, or B_t)
+        if slopes:
+            dm = [_add(_mul(b1, _column(ds.get("m"), i)), _mul(1 - b1, _column(dg, i))) for i in range(n)]
+            dv = [_add(_mul(b2, _column(ds.get("v"), i)), _mul(2 * (1 - b2) * g[i], _column(dg, i)))
+                  for i in range(n)]
+            du = [_add(_mul(du_dm[i], dm[i]), _mul(du_dv[i], dv[i])) for i in range(n)]
         new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale)
         return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": [_scaled(scale, x) for x in dm],
                                               "v": [_scaled(scale, x) for x in dv]}

@@ -357,11 +357,15 @@ class OnlineState(NamedTuple):
     settings: Settings
 
 
-def _fail(state: OnlineState, bad: torch.Tensor, t: int, code: int) -> OnlineState:
-    """Record the first failure: diverged_at = t, why = code where ``bad`` and still fine."""
-    new = (state.diverged_at < 0) & bad
+def _fail(state: OnlineState, t: int, *checks: tuple[torch.Tensor, int]) -> OnlineState:
+    """Record the first failure of step t: ``checks`` are (bad, code) pairs in priority order;
+    diverged_at = t and why = the first code whose ``bad`` holds, unless the run already failed."""
+    code = torch.zeros_like(state.why)
+    for bad, c in reversed(checks):
+        code = torch.where(bad, torch.full_like(code, c), code)
+    new = (state.diverged_at < 0) & (code > 0)
     return state._replace(diverged_at=torch.where(new, torch.full_like(state.diverged_at, t), state.diverged_at),
-                          why=torch.where(new, torch.full_like(state.why, code), state.why))
+                          why=torch.where(new, code, state.why))
 
 
 @dataclass(frozen=True)
@@ -429,9 +433,8 @@ class Engine:
             counter = torch.where(s.mu_adaptive, c_r, state.counter)
         new = state._replace(lr=lr, beta=beta, mu=mu, counter=counter, h=h,
                              beta_capped=state.beta_capped + capped.to(state.beta_capped.dtype))
-        new = _fail(new, ~torch.isfinite(h), t, 4)
-        new = _fail(new, ~torch.isfinite(lr) | (lr.abs() > s.lr_max), t, 5)
-        return _fail(new, ~torch.isfinite(beta), t, 6)
+        return _fail(new, t, (~torch.isfinite(h), 4), (~torch.isfinite(lr) | (lr.abs() > s.lr_max), 5),
+                     (~torch.isfinite(beta), 6))
 
     def check_loss(self, state: OnlineState, loss: torch.Tensor, value: Any, t: int) -> OnlineState:
         """Divergence at step t from the losses: L_t (or E(w_t)) not finite, or the loss that
@@ -441,10 +444,10 @@ class Engine:
             state = state._replace(ref_loss=key.detach().to(state.ref_loss.dtype))
         ref, factor = state.ref_loss, state.settings.divergence_factor
         limit = torch.where(ref != 0, ref + (factor - 1) * ref.abs(), torch.full_like(ref, math.inf))
-        state = _fail(state, ~torch.isfinite(loss), t, 1)
+        checks = [(~torch.isfinite(loss), 1)]
         if value is not None:
-            state = _fail(state, ~torch.isfinite(value), t, 2)
-        return _fail(state, key > limit, t, 3)
+            checks.append((~torch.isfinite(value), 2))
+        return _fail(state, t, *checks, (key > limit, 3))
 
     def optimizer_step(self, state: OnlineState, grad: Any, t: int, hvp: Any = None) -> OnlineState:
         r"""s_{t+1} = D(s_t, g_t, η_t), z_{t+1} = μ_t A_t z_t + B_t (closed-form tangent of D, with
@@ -461,7 +464,7 @@ class Engine:
         for x in w[1:]:
             total = total + x.sum()
         new = state._replace(opt=opt, z=z, g_prev=grad)
-        return _fail(new, ~torch.isfinite(total), t, 7)
+        return _fail(new, t, (~torch.isfinite(total), 7))
 
     def step(self, state: OnlineState, grad: Any, t: int, *, loss: torch.Tensor, hvp: Any = None,
              v: Any = None, value: Any = None) -> tuple[OnlineState, dict]:
