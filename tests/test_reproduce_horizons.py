@@ -18,11 +18,14 @@ def _figures(root, stems):
         assert (root / "figures" / f"{stem}.pdf").exists(), stem
 
 
+def _tiny(tmp_path_factory, name):
+    root = tmp_path_factory.mktemp(name)
+    return root / name, run_experiment(name, setting="tiny", out=root, progress=False)
+
+
 @pytest.fixture(scope="module")
 def horizons_tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("horizons")
-    summary = run_experiment("horizons", setting="tiny", out=root, progress=False)
-    return root / "horizons", summary
+    return _tiny(tmp_path_factory, "horizons")
 
 
 def test_horizons_tiny_outputs(horizons_tiny):
@@ -66,9 +69,7 @@ def test_horizons_tiny_ladder_best_K_per_method(horizons_tiny):
 
 @pytest.fixture(scope="module")
 def hdm_tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hdm")
-    summary = run_experiment("hdm", setting="tiny", out=root, progress=False)
-    return root / "hdm", summary
+    return _tiny(tmp_path_factory, "hdm")
 
 
 def test_hdm_tiny_table_rows_and_figure(hdm_tiny):

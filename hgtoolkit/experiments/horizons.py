@@ -55,7 +55,7 @@ class Config:
     @classmethod
     def full(cls) -> "Config":
         """Wu et al.'s scale on the NQM (d = 1000, T = 250); MNIST ladder T = 200 with K = 1, 10, 30."""
-        return cls(mnist_T=200, n_train=2000, n_val=500, Ks=(1, 10, 30))
+        return cls(outer_steps=150, mnist_T=200, n_train=2000, n_val=500, Ks=(1, 10, 30))
 
     @classmethod
     def quick(cls) -> "Config":
