@@ -155,8 +155,9 @@ def nqm_expected_loss(nqm, lrs: Any, momentum: Any = None) -> torch.Tensor:
 
 def nqm_value_and_grad(nqm, lrs: Any, momentum: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""(E L(w_T), ∂E L/∂η, ∂E L/∂μ) — the value of :func:`nqm_expected_loss` with its gradient
-    by a hand-written adjoint of the module docstring's recursion (no autograd graph; ~20×
-    faster, what LRS-OPT calls). With a = η_t h, b = 1 − a, μ = μ_t, per coordinate:
+    by a hand-written adjoint of the module docstring's recursion (no autograd graph; 5–25×
+    faster than autograd at d = 1000 … 100; what LRS-OPT calls). With a = η_t h, b = 1 − a,
+    μ = μ_t, per coordinate:
 
         means       (E w, E v)' = M_t (E w, E v),                M_t = [[b, μ], [−a, μ]]
         covariances (V w, V v, Σ)' = C_t (V w, V v, Σ) + η_t² c·(1, 1, 1),
@@ -180,46 +181,47 @@ def nqm_value_and_grad(nqm, lrs: Any, momentum: Any = None) -> tuple[torch.Tenso
     np_ = lambda x: x.detach().cpu().to(torch.float64).numpy()
     h, c, eta = np_(nqm.h), np_(nqm.c), np_(eta_t)
     mu = np.zeros(T) if mu_t is None else np_(mu_t)
-    a = eta[:, None] * h
-    b = 1.0 - a
-    mu_ = mu[:, None]
-    new = lambda: np.zeros((T + 1, len(h)))
-    # means: forward, then adjoint ν
-    Ew, Ev, nw, nv = new(), new(), new(), new()
-    Ew[0] = np_(nqm.w0.expand_as(nqm.h))
-    for t in range(T):
-        Ev[t + 1] = mu[t] * Ev[t] - a[t] * Ew[t]
-        Ew[t + 1] = Ew[t] + Ev[t + 1]
-    nw[T] = h * Ew[T]
-    for t in range(T - 1, -1, -1):
-        nw[t] = b[t] * nw[t + 1] - a[t] * nv[t + 1]
-        nv[t] = mu[t] * (nw[t + 1] + nv[t + 1])
-    Ns = nw[1:] + nv[1:]
-    g_eta = -(h * Ns * Ew[:-1]).sum(1)
-    g_mu = (Ns * Ev[:-1]).sum(1)
-    value = 0.5 * float((h * Ew[T] ** 2).sum())
-    if bool((c != 0).any()):  # covariances: forward, then adjoint λ
-        m2 = mu * mu
-        B2, A2, AB, P, Q, R = b * b, a * a, a * b, 2 * mu_ * b, 2 * mu_ * a, mu_ * (b - a)
-        N = (eta * eta)[:, None] * c
-        Vw, Vv, S, lw, lv, lm = new(), new(), new(), new(), new(), new()
+    with np.errstate(over="ignore", invalid="ignore"):  # a diverging schedule gives inf: LRS-OPT reports it
+        a = eta[:, None] * h
+        b = 1.0 - a
+        mu_ = mu[:, None]
+        new = lambda: np.zeros((T + 1, len(h)))
+        # means: forward, then adjoint ν
+        Ew, Ev, nw, nv = new(), new(), new(), new()
+        Ew[0] = np_(nqm.w0.expand_as(nqm.h))
         for t in range(T):
-            x = m2[t] * Vv[t] + N[t]
-            Vw[t + 1] = B2[t] * Vw[t] + P[t] * S[t] + x
-            Vv[t + 1] = A2[t] * Vw[t] - Q[t] * S[t] + x
-            S[t + 1] = R[t] * S[t] - AB[t] * Vw[t] + x
-        lw[T] = 0.5 * h
+            Ev[t + 1] = mu[t] * Ev[t] - a[t] * Ew[t]
+            Ew[t + 1] = Ew[t] + Ev[t + 1]
+        nw[T] = h * Ew[T]
         for t in range(T - 1, -1, -1):
-            lw[t] = B2[t] * lw[t + 1] + A2[t] * lv[t + 1] - AB[t] * lm[t + 1]
-            lv[t] = m2[t] * (lw[t + 1] + lv[t + 1] + lm[t + 1])
-            lm[t] = P[t] * lw[t + 1] - Q[t] * lv[t + 1] + R[t] * lm[t + 1]
-        Lw, Lv, Lm = lw[1:], lv[1:], lm[1:]
-        Ls = Lw + Lv + Lm
-        Sw, Sv, Ss = Vw[:-1], Vv[:-1], S[:-1]
-        da = Sw * (-2 * b * Lw + 2 * a * Lv + (2 * a - 1) * Lm) - 2 * mu_ * Ss * Ls  # λᵀ ∂C/∂a s
-        g_eta = g_eta + (da * h).sum(1) + 2 * eta * (Ls * c).sum(1)
-        g_mu = g_mu + (2 * mu_ * Sv * Ls + Ss * (2 * b * Lw - 2 * a * Lv + (b - a) * Lm)).sum(1)
-        value += 0.5 * float((h * Vw[T]).sum())
+            nw[t] = b[t] * nw[t + 1] - a[t] * nv[t + 1]
+            nv[t] = mu[t] * (nw[t + 1] + nv[t + 1])
+        Ns = nw[1:] + nv[1:]
+        g_eta = -(h * Ns * Ew[:-1]).sum(1)
+        g_mu = (Ns * Ev[:-1]).sum(1)
+        value = 0.5 * float((h * Ew[T] ** 2).sum())
+        if bool((c != 0).any()):  # covariances: forward, then adjoint λ
+            m2 = mu * mu
+            B2, A2, AB, P, Q, R = b * b, a * a, a * b, 2 * mu_ * b, 2 * mu_ * a, mu_ * (b - a)
+            N = (eta * eta)[:, None] * c
+            Vw, Vv, S, lw, lv, lm = new(), new(), new(), new(), new(), new()
+            for t in range(T):
+                x = m2[t] * Vv[t] + N[t]
+                Vw[t + 1] = B2[t] * Vw[t] + P[t] * S[t] + x
+                Vv[t + 1] = A2[t] * Vw[t] - Q[t] * S[t] + x
+                S[t + 1] = R[t] * S[t] - AB[t] * Vw[t] + x
+            lw[T] = 0.5 * h
+            for t in range(T - 1, -1, -1):
+                lw[t] = B2[t] * lw[t + 1] + A2[t] * lv[t + 1] - AB[t] * lm[t + 1]
+                lv[t] = m2[t] * (lw[t + 1] + lv[t + 1] + lm[t + 1])
+                lm[t] = P[t] * lw[t + 1] - Q[t] * lv[t + 1] + R[t] * lm[t + 1]
+            Lw, Lv, Lm = lw[1:], lv[1:], lm[1:]
+            Ls = Lw + Lv + Lm
+            Sw, Sv, Ss = Vw[:-1], Vv[:-1], S[:-1]
+            da = Sw * (-2 * b * Lw + 2 * a * Lv + (2 * a - 1) * Lm) - 2 * mu_ * Ss * Ls  # λᵀ ∂C/∂a s
+            g_eta = g_eta + (da * h).sum(1) + 2 * eta * (Ls * c).sum(1)
+            g_mu = g_mu + (2 * mu_ * Sv * Ls + Ss * (2 * b * Lw - 2 * a * Lv + (b - a) * Lm)).sum(1)
+            value += 0.5 * float((h * Vw[T]).sum())
     tt = lambda x: torch.as_tensor(x, dtype=nqm.dtype, device=nqm.device)
     return tt(value), tt(g_eta), None if mu_t is None else tt(g_mu)
 
