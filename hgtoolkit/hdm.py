@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -274,9 +274,11 @@ def _oracle(f: Callable) -> Oracle:
 
 
 def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDMConfig, *,
-        max_iter: int = 1000, tol: float = 1e-4, label: str | None = None) -> HDMResult:
+        max_iter: int = 1000, tol: float = 1e-4, label: str | None = None,
+        oracle: Oracle | None = None) -> HDMResult:
     r"""Run HDM from ``x0`` until ‖∇f(x_k)‖∞ ≤ ``tol`` or ``max_iter`` iterations; ``f`` is a
-    differentiable scalar function of a 1-D tensor (its gradient by ``torch.func``).
+    differentiable scalar function of a 1-D tensor (its gradient by ``torch.func``), or give
+    ``oracle(x) -> (f(x), ∇f(x))`` (e.g. a closed-form gradient; then ``f`` is not called).
 
     >>> import torch
     >>> A = torch.tensor([1.0, 10.0], dtype=torch.float64)
@@ -286,13 +288,15 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDM
     """
     if not callable(f):
         raise TypeError("f must be callable as f(x) -> scalar tensor")
+    if oracle is not None and not callable(oracle):
+        raise TypeError("oracle must be None or callable as oracle(x) -> (f(x), ∇f(x))")
     if not isinstance(config, HDMConfig):
         raise TypeError(f"config must be an HDMConfig, got {type(config).__name__}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be an int ≥ 1, got {max_iter!r}")
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be > 0, got {tol!r}")
-    oracle = _oracle(f)
+    oracle = _oracle(f) if oracle is None else oracle
     start = time.perf_counter()
     st = init(config, x0, oracle)
     fs, ginf, nge = [float(st.fx)], [float(st.gx.abs().max())], [int(st.n_grad)]

@@ -76,7 +76,7 @@ def test_baydin_hd_is_the_unnormalised_constant_rate_special_case():
     cfg = hdm.HDMConfig(L=1.0, mode="scalar", momentum=False, eta_p=beta_hd, p0=lr0, null_steps=False,
                         adagrad=False, normalise=False, schedule_hyper_lr=False)
     r = hdm.run(quad, torch.ones(6, dtype=f64), cfg, max_iter=20)
-    x, g_prev, alpha = torch.ones(6, dtype=f64), None, lr0
+    x, alpha = torch.ones(6, dtype=f64), lr0
     g = A * x
     for k in range(20):
         assert r.lrs[k] == pytest.approx(alpha, rel=1e-12)

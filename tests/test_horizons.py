@@ -1,7 +1,6 @@
 """hgtoolkit.horizons: exact NQM moments, greedy/optimal schedules, truncated-horizon references."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -152,3 +151,35 @@ def test_horizon_ladder_finds_the_horizon_of_each_online_rule():
     assert lad["best"] == 12 and lad["rows"][12]["sign_agreement"] == 1.0
     with pytest.raises(ValueError, match="estimates"):
         analysis.horizon_ladder(p, lrs, g[:5])
+
+
+@pytest.mark.parametrize("noisy", [True, False])
+def test_value_and_grad_adjoint_matches_autograd(noisy):
+    h = horizons.nqm_spectrum(7, 50.0)
+    nqm = _nqm(h, h if noisy else torch.zeros(7), torch.linspace(-1, 2, 7, dtype=f64))
+    T = 9
+    lrs = torch.linspace(0.9, 0.2, T, dtype=f64)
+    mus = torch.linspace(0.3, 0.95, T, dtype=f64)
+    for momentum in (None, mus):
+        x = torch.cat([lrs, mus]).requires_grad_(True)
+        value = horizons.nqm_expected_loss(nqm, x[:T], None if momentum is None else x[T:])
+        (g,) = torch.autograd.grad(value, x)
+        v, g_eta, g_mu = horizons.nqm_value_and_grad(nqm, lrs, momentum)
+        assert float(v) == pytest.approx(float(value), rel=1e-13)
+        assert torch.allclose(g_eta, g[:T], rtol=1e-11, atol=1e-14)
+        if momentum is None:
+            assert g_mu is None
+        else:
+            assert torch.allclose(g_mu, g[T:], rtol=1e-11, atol=1e-14)
+
+
+def test_truncated_ladder_without_K1_and_with_K_beyond_T():
+    p = problems.synthetic_classification()
+    lrs = torch.linspace(0.6, 0.2, 12, dtype=f64)
+    full = horizons.truncated_ladder(p, lrs, [1, 3, 5, 12, 30])
+    part = horizons.truncated_ladder(p, lrs, [3, 5, 30])  # ring width 5, no K = 1 rung
+    for k in (3, 5, 30):
+        assert torch.allclose(part[k], full[k], rtol=0, atol=1e-13)
+    assert torch.equal(full[12], full[30])
+    for t in (0, 6, 8):  # t + 3 < T: an unroll that stops at t + 3
+        assert float(part[3][t]) == pytest.approx(float(hypergradient(p, lrs[:t + 3]).grad[t]), abs=1e-12)

@@ -25,6 +25,7 @@ The API here is shared by several experiment modules: keep it stable (add, don't
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -46,7 +47,7 @@ from ..trajectory import progress_bar
 __all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_setting", "make_config", "config_dict",
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
-           "parallel_map", "default_workers", "clear_cache"]
+           "parallel_map", "default_workers", "clear_cache", "limited_threads"]
 
 SETTINGS = ("tiny", "quick", "full")
 
@@ -318,6 +319,27 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def limited_threads(threads: int = 1):
+    """``with limited_threads(1): …`` — torch's intra-op threads and the BLAS pools (OpenBLAS,
+    MKL; via threadpoolctl when installed) limited to ``threads`` inside the block, restored
+    after. For many small operations (scipy's L-BFGS-B on a few hundred variables, small
+    networks) idle BLAS threads spinning on a shared machine cost up to 30× the work itself."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an int ≥ 1, got {threads!r}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: torch's threads are still limited
+        threadpool_limits = contextlib.nullcontext
+    try:
+        with threadpool_limits(threads):
+            yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _init_worker(threads: int) -> None:

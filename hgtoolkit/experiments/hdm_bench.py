@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch
 from .. import analysis, hdm, plotting, problems, records
 from . import common
 
-__all__ = ["Config", "run", "PAPER", "make_problems", "first_order", "scipy_method"]
+__all__ = ["Config", "run", "PAPER", "BenchProblem", "make_problems", "first_order", "scipy_method"]
 
 #: The authors' code on LIBSVM SVM a1a/a2a/a3a (METHODS.md A.7, our rerun): gradient evaluations.
 PAPER = {"HDM-Best": (257, 416, 311), "L-BFGS m=5": (508, 581, 617), "L-BFGS m=10": (380, 366, 473),
@@ -52,6 +53,8 @@ class Config:
     hd_grid: tuple = (1e-3, 1e-2, 1e-1, 1.0)
     hyper_steps: int = 100
     datasets: bool = True
+    problems: tuple | None = None  # name prefixes to keep (None: all)
+    threads: int = 1
 
     @classmethod
     def full(cls) -> "Config":
@@ -63,8 +66,8 @@ class Config:
 
     @classmethod
     def tiny(cls) -> "Config":
-        return cls(max_iter=100, quad_dim=20, kappa=100.0, eta_p_grid=(10.0,), eta_b_grid=(10.0,),
-                   hd_grid=(1e-1,), hyper_steps=20, datasets=False)
+        return cls(max_iter=60, quad_dim=20, kappa=100.0, eta_p_grid=(10.0,), eta_b_grid=(10.0,),
+                   hd_grid=(1e-1,), hyper_steps=20, problems=("quadratic", "SVM cancer"))
 
 
 def _scaled(X, y):
@@ -74,8 +77,54 @@ def _scaled(X, y):
     return torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1), torch.as_tensor(y, dtype=torch.float64)
 
 
+class BenchProblem(NamedTuple):
+    """``f(x)`` (differentiable), ``oracle(x) -> (f(x), ∇f(x))`` in closed form (what every
+    method calls: no autograd per evaluation), ``x0``, ``L`` (smoothness constant)."""
+
+    f: Callable[[torch.Tensor], torch.Tensor]
+    oracle: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    x0: torch.Tensor
+    L: float
+
+
+def _quadratic(A, b, x0, L) -> BenchProblem:
+    """½xᵀAx − bᵀx, gradient Ax − b."""
+    def oracle(x):
+        Ax = A @ x
+        return 0.5 * x @ Ax - b @ x, Ax - b
+    return BenchProblem(lambda x: 0.5 * x @ (A @ x) - b @ x, oracle, x0, L)
+
+
+def _glm(X, y, lam, x0, kind: str) -> BenchProblem:
+    """logistic Σ log(1 + exp(−z)), gradient −Xᵀ(y σ(−z)); squared hinge ½Σ max(0, 1 − z)²,
+    gradient −Xᵀ(y max(0, 1 − z)); z = y ⊙ Xw, plus ½λ‖w‖² (gradient λw)."""
+    s2 = float(torch.linalg.matrix_norm(X, 2) ** 2)
+
+    def f(w):
+        z = y * (X @ w)
+        loss = torch.nn.functional.softplus(-z).sum() if kind == "logistic" else 0.5 * (torch.clamp(1 - z, min=0) ** 2).sum()
+        return loss + 0.5 * lam * (w * w).sum()
+
+    def oracle(w):
+        z = y * (X @ w)
+        if kind == "logistic":
+            value, r = torch.nn.functional.softplus(-z).sum(), torch.sigmoid(-z)
+        else:
+            r = torch.clamp(1 - z, min=0)
+            value = 0.5 * (r * r).sum()
+        return value + 0.5 * lam * (w * w).sum(), lam * w - X.T @ (y * r)
+
+    return BenchProblem(f, oracle, x0, (s2 / 4 if kind == "logistic" else s2) + lam)
+
+
 def make_problems(config: Config) -> dict:
-    """name -> (f, x0, L)."""
+    """name -> :class:`BenchProblem`, the names starting with one of ``config.problems`` (None: all)."""
+    probs = _all_problems(config)
+    keep = config.problems
+    return {k: v for k, v in probs.items() if keep is None or any(k.startswith(p) for p in keep)}
+
+
+def _all_problems(config: Config) -> dict:
     from sklearn.datasets import load_breast_cancer, load_diabetes
     gen = torch.Generator().manual_seed(config.seed)
     Q, _ = torch.linalg.qr(torch.randn(config.quad_dim, config.quad_dim, generator=gen, dtype=torch.float64))
@@ -83,7 +132,7 @@ def make_problems(config: Config) -> dict:
     A = Q @ torch.diag(lam) @ Q.T
     b = torch.randn(config.quad_dim, generator=gen, dtype=torch.float64)
     unit = lambda n: (lambda v: v / v.norm())(torch.randn(n, generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64))
-    out = {f"quadratic κ={config.kappa:g}": (lambda x: 0.5 * x @ (A @ x) - b @ x, unit(config.quad_dim), float(lam.max()))}
+    out = {f"quadratic κ={config.kappa:g}": _quadratic(A, b, unit(config.quad_dim), float(lam.max()))}
     if not config.datasets:
         return out
     X, y = load_diabetes(return_X_y=True)
@@ -93,18 +142,16 @@ def make_problems(config: Config) -> dict:
     if config.separable:
         data.append(("cancer (separable)", *_scaled(X, 2.0 * y - 1), 0.0))
     for name, X, y, lam_ in data:
-        s2 = float(torch.linalg.matrix_norm(X, 2) ** 2)
         x0 = unit(X.shape[1])
-        out[f"logistic {name}"] = ((lambda X, y, l: lambda w: torch.nn.functional.softplus(-y * (X @ w)).sum()
-                                    + 0.5 * l * (w * w).sum())(X, y, lam_), x0, s2 / 4 + lam_)
-        out[f"SVM {name}"] = ((lambda X, y, l: lambda w: 0.5 * (torch.clamp(1 - y * (X @ w), min=0) ** 2).sum()
-                               + 0.5 * l * (w * w).sum())(X, y, lam_), x0, s2 + lam_)
+        out[f"logistic {name}"] = _glm(X, y, lam_, x0, "logistic")
+        out[f"SVM {name}"] = _glm(X, y, lam_, x0, "svm")
     return out
 
 
-def first_order(f, x0, method: str, lr: float, *, beta: float = 0.0, tol: float, max_iter: int) -> float:
-    """Gradient evaluations of GD / heavy ball / Adam / AdaGrad to ‖∇f‖∞ ≤ tol (NaN: not reached)."""
-    gv = torch.func.grad(f)
+def first_order(oracle, x0, method: str, lr: float, *, beta: float = 0.0, tol: float, max_iter: int) -> float:
+    """Gradient evaluations of GD / heavy ball / Adam / AdaGrad to ‖∇f‖∞ ≤ tol (NaN: not reached);
+    ``oracle(x) -> (f(x), ∇f(x))``."""
+    gv = lambda x: oracle(x)[1]
     x, x_prev = x0.clone(), x0.clone()
     m, v = torch.zeros_like(x0), torch.zeros_like(x0)
     g = gv(x)
@@ -133,15 +180,14 @@ class _Solved(Exception):
     pass
 
 
-def scipy_method(f, x0, method: str, *, m: int = 10, tol: float, max_iter: int) -> float:
+def scipy_method(oracle, x0, method: str, *, m: int = 10, tol: float, max_iter: int) -> float:
     """Gradient evaluations of scipy BFGS / L-BFGS-B(maxcor=m) to ‖∇f‖∞ ≤ tol (NaN: not reached)."""
     from scipy.optimize import minimize
-    gv = torch.func.grad_and_value(f)
     count = [0]
 
     def fun(w):
         count[0] += 1
-        g, v = gv(torch.as_tensor(w, dtype=torch.float64))
+        v, g = oracle(torch.as_tensor(w, dtype=torch.float64))
         g = g.numpy()
         if np.abs(g).max() <= tol:
             raise _Solved
@@ -166,40 +212,42 @@ def _best(values) -> tuple[float, object]:
     return min(finite, key=lambda t: t[0]) if finite else (math.nan, None)
 
 
-def _table_row(f, x0, L, config: Config) -> dict:
+def _table_row(prob: BenchProblem, config: Config) -> dict:
+    f, oracle, x0, L = prob
     kw = {"tol": config.tol, "max_iter": config.max_iter}
+    hdm_run = lambda cfg: hdm.run(f, x0, cfg, oracle=oracle, **kw).solved_at
     out = {}
-    r = hdm.run(f, x0, hdm.HDMConfig(L=L, momentum=False), **kw)
-    out["HDM"] = (r.solved_at, None)
-    out["HDM-Best"] = _best((hdm.run(f, x0, hdm.HDMConfig(L=L, eta_p=ep / L, eta_b=eb), **kw).solved_at, (ep, eb))
+    out["HDM"] = (hdm_run(hdm.HDMConfig(L=L, momentum=False)), None)
+    out["HDM-Best"] = _best((hdm_run(hdm.HDMConfig(L=L, eta_p=ep / L, eta_b=eb)), (ep, eb))
                             for ep in config.eta_p_grid for eb in config.eta_b_grid)
-    g0 = float((torch.func.grad(f)(x0) ** 2).sum())
+    g0 = float((oracle(x0)[1] ** 2).sum())
     hd_cfg = lambda bh: hdm.HDMConfig(L=L, mode="scalar", momentum=False, p0=1.0 / L, eta_p=bh / (L * g0),
                                       null_steps=False, adagrad=False, normalise=False, schedule_hyper_lr=False)
-    out["HD (Baydin)"] = _best((hdm.run(f, x0, hd_cfg(bh), **kw).solved_at, bh) for bh in config.hd_grid)
-    out["GD 1/L"] = (first_order(f, x0, "gd", 1.0 / L, **kw), None)
-    out["heavy ball"] = _best((first_order(f, x0, "heavy_ball", 1.0 / L, beta=b, **kw), b) for b in (0.1, 0.5, 0.9, 0.99))
+    out["HD (Baydin)"] = _best((hdm_run(hd_cfg(bh)), bh) for bh in config.hd_grid)
+    out["GD 1/L"] = (first_order(oracle, x0, "gd", 1.0 / L, **kw), None)
+    out["heavy ball"] = _best((first_order(oracle, x0, "heavy_ball", 1.0 / L, beta=b, **kw), b) for b in (0.1, 0.5, 0.9, 0.99))
     lrs = (1e-3, 1e-2, 0.1, 1.0, 10.0, 1.0 / L)
-    out["Adam"] = _best((first_order(f, x0, "adam", lr, **kw), lr) for lr in lrs)
-    out["AdaGrad"] = _best((first_order(f, x0, "adagrad", lr, **kw), lr) for lr in lrs)
-    out["BFGS"] = (scipy_method(f, x0, "bfgs", **kw), None)
+    out["Adam"] = _best((first_order(oracle, x0, "adam", lr, **kw), lr) for lr in lrs)
+    out["AdaGrad"] = _best((first_order(oracle, x0, "adagrad", lr, **kw), lr) for lr in lrs)
+    out["BFGS"] = (scipy_method(oracle, x0, "bfgs", **kw), None)
     for m in (5, 10):
-        out[f"L-BFGS m={m}"] = (scipy_method(f, x0, "lbfgs", m=m, **kw), None)
+        out[f"L-BFGS m={m}"] = (scipy_method(oracle, x0, "lbfgs", m=m, **kw), None)
     return out
 
 
-def _hypergradients(f, x0, L, config: Config) -> dict:
+def _hypergradients(prob: BenchProblem, config: Config) -> dict:
     """Scalar HDM as GD with η_k = P_k; exact one-step / full-horizon hypergradients along it."""
+    f, oracle, x0, L = prob
     cfg = hdm.HDMConfig(L=L, mode="scalar", momentum=False, null_steps=False, p0=1.0 / L, eta_p=1.0 / L)
-    r = hdm.run(f, x0, cfg, max_iter=config.hyper_steps, tol=1e-300)
+    r = hdm.run(f, x0, cfg, max_iter=config.hyper_steps, tol=1e-300, oracle=oracle)
     lrs = torch.as_tensor(r.lrs)
     p = problems.Problem(x0.clone(), lambda w, t: f(w), f, name="hdm_quadratic")
     ref = analysis.exact_references(p, lrs)
     # HDM's feedback gradient ∂h/∂P times ‖∇f(x_k)‖² is −∇f(x_{k+1})·∇f(x_k) = d⁽¹⁾_k exactly
     xs = [x0.clone()]
     for eta in lrs:
-        xs.append(xs[-1] - eta * torch.func.grad(f)(xs[-1]))
-    gs = [torch.func.grad(f)(x) for x in xs]
+        xs.append(xs[-1] - eta * oracle(xs[-1])[1])
+    gs = [oracle(x)[1] for x in xs]
     hvp = lambda x, v: torch.func.jvp(torch.func.grad(f), (x,), (v,))[1]
     alpha_star = np.array([float(g @ g / (g @ hvp(x, g))) for x, g in zip(xs[:-1], gs[:-1])])
     signal = np.array([-float(gs[k + 1] @ gs[k]) for k in range(len(lrs))])
@@ -212,17 +260,22 @@ def _hypergradients(f, x0, L, config: Config) -> dict:
 
 
 def run(config: Config, out_dir, progress: bool = True) -> dict:
+    with common.limited_threads(config.threads):  # scipy's L-BFGS-B is ~30× slower with idle BLAS threads
+        return _run(config, out_dir, progress)
+
+
+def _run(config: Config, out_dir, progress: bool) -> dict:
     out = common.as_output_dir(out_dir)
     probs = make_problems(config)
     table = {}
-    for name, (f, x0, L) in probs.items():
+    for name, prob in probs.items():
         if progress:
             print(f"[hdm] {name}")
-        table[name] = _table_row(f, x0, L, config)
+        table[name] = _table_row(prob, config)
     records.atomic_write_json(out.data("grad_evals.json"), {k: {m: {"grad_evals": v, "setting": a} for m, (v, a) in row.items()}
                                                              for k, row in table.items()})
     qname = next(iter(probs))
-    hyper = _hypergradients(*probs[qname], config)
+    hyper = _hypergradients(probs[qname], config)
     records.atomic_write_json(out.data("hypergradients.json"), hyper)
     methods = list(next(iter(table.values())))
     rows = [[m] + [("×" if not math.isfinite(table[p][m][0]) else int(table[p][m][0])) for p in table] for m in methods]
