@@ -447,7 +447,7 @@ def analyse(problem, lrs: Any, estimates: Any, optimizer: "str | _dynamics.Dynam
     ``lrs`` (T,) is the schedule actually used (η_t at step t); ``estimates`` (T,) follows
     ``alignment`` (module docstring): by default ``estimates[t]`` = h_{t+1}, the estimate
     formed after step t. ``info`` (e.g. the online method's configuration) is copied into the
-    report. Costs one forward pass with a 2-column jvp per step and one reverse pass.
+    report. Costs one forward pass of the online engine (one HVP per step) and one reverse pass.
 
     >>> import hgtoolkit, torch
     >>> from hgtoolkit.analysis import analyse, exact_references

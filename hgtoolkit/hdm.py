@@ -1,6 +1,6 @@
 r"""HDM, HDM-HB and HDM-Best: hypergradient descent as online learning (Chu, Gao, Ye, Udell, ICML 2025).
 
-Deterministic, L-smooth ``min_x f(x)`` (METHODS.md A.1–A.8). One iteration scores the stepsize
+Deterministic, L-smooth ``min_x f(x)`` (docs/methods.md, "Horizons and HDM"). One iteration scores the stepsize
 P (a scalar αI or a nonnegative diagonal) — and with heavy-ball momentum the coefficient β —
 by the normalised one-step progress at a *trial* point
 

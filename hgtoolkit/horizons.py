@@ -1,6 +1,6 @@
 r"""Horizons: short-horizon bias on the noisy quadratic model, and truncated-horizon references.
 
-Wu, Ren, Liao, Grosse (ICLR 2018), METHODS.md section B. Notation: schedule η = (η_0 … η_{T−1})
+Wu, Ren, Liao, Grosse (ICLR 2018), docs/methods.md, "Horizons". Notation: schedule η = (η_0 … η_{T−1})
 (Wu et al.'s α_t), momentum schedule μ_t, curvatures h_i, gradient-noise variances c_i
 (``testfunctions.NoisyQuadratic``; Wu et al.'s σ_i² = c_i/h_i² is the variance of the
 per-step optimum c_i in *parameter* space).

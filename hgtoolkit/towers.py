@@ -8,7 +8,7 @@ on; the top level's hyperparameters stay fixed::
     tower = towers.SGD(lr=0.01, momentum=0.9,
                        hyper=towers.Adam(lr=1e-3, hyper=towers.SGD(lr=1e-4)))   # height 3
 
-Notation (METHODS.md, "Hyperoptimizer towers"). Level k holds a variable x_k (x_0 = w; for
+Notation (docs/methods.md, "Hyperoptimizer towers"). Level k holds a variable x_k (x_0 = w; for
 k ≥ 1, x_k = the raw coordinates of level k−1's tuned hyperparameters, one entry per name) and
 the state of its optimizer O_k (a pure :mod:`hgtoolkit.dynamics` step). The value of a tuned
 hyperparameter is φ(x): φ = identity for learning rates, kept ≥ 0 by projecting x onto

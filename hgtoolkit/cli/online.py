@@ -142,7 +142,7 @@ def _plot(result, title: str):
 
 
 def run_online(args) -> int:
-    from .. import marthe, online, plotting
+    from .. import online, plotting
     from .exact import _problem, _settings
 
     marthe_only = {"mu": args.mu, "kappa": args.kappa, "beta0": args.beta0, "beta_rule": args.beta_rule}
@@ -167,7 +167,7 @@ def run_online(args) -> int:
         if searched == "beta" and args.beta is None:
             raise ValueError("--find-beta needs --beta: the first (large) value to try")
         start = kwargs.pop(searched) if searched == "beta" else kwargs.pop("kappa", 1e-6)
-        result = marthe.find_beta(problem, start, **kwargs)
+        result = online.find_beta(problem, start, **kwargs)
         tried = ", ".join(f"{t[searched]:.0e}" + ("✗" if t["diverged_at"] is not None else "✓")
                           for t in result.config["beta_search"])
         print(f"find_beta: {searched} tried {tried}")

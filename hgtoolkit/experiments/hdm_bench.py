@@ -1,6 +1,6 @@
 r"""HDM / HDM-Best (Chu, Gao, Ye, Udell, ICML 2025) against first-order and quasi-Newton methods.
 
-Deterministic convex problems available offline (METHODS.md A.7 uses LIBSVM a1a–a3a, which are
+Deterministic convex problems available offline (the HDM authors' experiments use LIBSVM a1a–a3a, which are
 not shipped; we use scikit-learn's datasets): an ill-conditioned rotated quadratic
 ½xᵀAx − bᵀx (κ = ``kappa``); unregularised logistic regression Σ log(1 + exp(−y aᵀw)) and
 squared-hinge SVM ½Σ max(0, 1 − y aᵀw)² with a bias column, on diabetes (target split at its
