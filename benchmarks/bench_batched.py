@@ -12,8 +12,8 @@ Problems (same cells on each: MARTHE with the adaptive μ, objective = validatio
 For each: the 4 seeds × 4 β sweep (R = 16) timed both ways, round-robin (``common.interleaved``,
 median of per-round ratios, 1 torch thread unless ``--threads``); the batched sweep at R = 160
 (20 seeds × 8 β) measured directly on ``tiny`` and projected (per-run cost × 160) for the
-others; the largest difference between the two ways' numbers (η_t and E); and the share of
-the batched time spent in the per-run hyper-updates (``online.hyper_update`` on floats).
+others; and the largest difference between the two ways' numbers (η_t and E). The
+hyper-update is part of the vmapped ``Engine.step`` (no per-run Python work).
 
     .venv/bin/python benchmarks/bench_batched.py [--quick] [--threads 1] [--steps 20]
 
@@ -78,28 +78,6 @@ def vmapped(fac, cs):
         return batched.run_online_batch(fac, cs)
 
 
-def hyper_update_share(fac, cs) -> tuple[float, float]:
-    """(seconds in online.hyper_update, total seconds) of one batched sweep."""
-    spent = [0.0]
-    original = online.hyper_update
-
-    def timed(*a, **k):
-        t0 = time.perf_counter()
-        try:
-            return original(*a, **k)
-        finally:
-            spent[0] += time.perf_counter() - t0
-
-    online.hyper_update = timed
-    try:
-        t0 = time.perf_counter()
-        vmapped(fac, cs)
-        total = time.perf_counter() - t0
-    finally:
-        online.hyper_update = original
-    return spent[0], total
-
-
 def max_difference(a, b) -> float:
     worst = 0.0
     for x, y in zip(a, b):
@@ -132,10 +110,9 @@ def main(argv=None) -> int:
         res = interleaved(lambda: loop(fac, cs), {"batched": lambda: vmapped(fac, cs)}, reps, warmup=1)
         b, base = res["batched"], res["baseline"]
         diff = max_difference(loop(fac, cs), vmapped(fac, cs))
-        hyper, total = hyper_update_share(fac, cs)
         d = {"T": T, "runs": len(cs), "loop_s": base["wall_s"], "batched_s": b["wall_s"],
              "speedup_wall": 1 / b["ratio_wall"], "speedup_cpu": 1 / b["ratio_cpu"],
-             "max_abs_difference": diff, "hyper_update_share": hyper / total,
+             "max_abs_difference": diff,
              "loop_per_run_s": base["wall_s"] / len(cs), "batched_per_run_s": b["wall_s"] / len(cs)}
         if name == "tiny":  # 20 seeds × 8 β measured directly
             big = cells(20, np.geomspace(1e-3, 3e-2, 8).tolist(), T)
@@ -158,8 +135,6 @@ def main(argv=None) -> int:
                         note=(f"{'measured' if d['batched_160_measured'] else 'projected from R=16'}: "
                               f"batched {d['batched_160_s']:.1f} s vs loop {d['loop_160_s']:.1f} s "
                               "(loop projected from R=16)")))
-        rows.append(row(f"share of batched time in per-run hyper-updates, {label}", 100 * d["hyper_update_share"],
-                        "%", note="online.hyper_update on floats, R calls per step"))
         print(f"{name}: {d}", flush=True)
     payload = {"rows": rows, "details": details, "env": env_info(args.threads),
                "loadavg_before": load_before, "loadavg_after": os.getloadavg()}

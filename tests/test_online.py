@@ -287,13 +287,13 @@ def test_exploding_lr_counts_as_divergence():
 def test_find_beta_divides_until_the_run_does_not_diverge():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)  # find_beta must not leak warnings
-        r = marthe.find_beta(BEALE, start=1e-2, method="rtho", lr0=1e-3, steps=100)
+        r = online.find_beta(BEALE, start=1e-2, method="rtho", lr0=1e-3, steps=100)
     tried = r.config["beta_search"]
     assert [t["beta"] for t in tried] == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5, 1e-6][:len(tried)])
     assert all(t["diverged_at"] is not None for t in tried[:-1]) and tried[-1]["diverged_at"] is None
     assert len(tried) >= 2 and not r.diverged and r.config["beta"] == tried[-1]["beta"]
     # with beta="auto" it searches κ
-    r = marthe.find_beta(BEALE, start=1e-6, lr0=1e-3, steps=50)
+    r = online.find_beta(BEALE, start=1e-6, lr0=1e-3, steps=50)
     assert "kappa" in r.config["beta_search"][0] and r.config["kappa"] == r.config["beta_search"][-1]["kappa"]
     with pytest.raises(DivergenceError):
         marthe.find_beta(BEALE, start=1.0, max_tries=2, method="hd", lr0=1e-3, steps=100)
