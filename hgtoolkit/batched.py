@@ -288,7 +288,9 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
             else:
                 g, L = v_grad(W, x)
             v = E = None
-            if objective == "val" and (t > 0 or val_bs is None):
+            if objective == "val" and P.val_is_train and not data:
+                v, E = g, L  # E = L_t: ∇E(w_t) is the gradient already computed
+            elif objective == "val" and (t > 0 or val_bs is None):
                 v, E = objective_grad(W, t, active)
             fn = step_fn(t, hz is not None, v is not None, E is not None)
             dummy = torch.zeros(n, dtype=L.dtype, device=L.device)

@@ -710,7 +710,9 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
                 (g, loss), hz = grad_train(w, t), None
             loss = _check_scalar(loss, "train_loss")
             v = value = None
-            if cfg.objective == "val" and (t > 0 or val_bs is None):
+            if cfg.objective == "val" and problem.val_is_train:
+                v, value = g, loss  # E = L_t: ∇E(w_t) is the gradient already computed
+            elif cfg.objective == "val" and (t > 0 or val_bs is None):
                 v, value = objective_grad(w, t)
             state, aux = engine.step(state, g, t, loss=loss, hvp=hz, v=v, value=value)
             auxes.append(aux)
@@ -729,7 +731,10 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
                 state = engine.check_loss(state, _check_scalar(loss_T, "train_loss"), None, T)
                 v = engine.objective_gradient(state, g_T)
             else:
-                v, value = objective_grad(w, T)
+                if problem.val_is_train:
+                    v, value = grad_train(w, T)
+                else:
+                    v, value = objective_grad(w, T)
                 if value is not None:
                     state = engine.check_loss(state, value, value, T)
             if int(state.diverged_at) < 0:

@@ -42,6 +42,9 @@ class Problem:
     returns the values of ``metrics(w)`` as 0-d tensors (vmap-able); ``val_batch(t, size)``
     returns validation minibatch t of ``size`` examples (for ``batch_loss``; online runs with
     ``val_batch_size``). All are set by :func:`classification_mlp`, None elsewhere.
+
+    ``val_is_train``: E(w) == L_t(w) for every t (deterministic problems such as the test
+    functions); the online engine then takes ∇E(w_t) to be the training gradient it already has.
     """
 
     params0: Any
@@ -55,6 +58,7 @@ class Problem:
     batch_loss: Callable[[Any, Any], torch.Tensor] | None = None
     metric_tensors: Callable[[Any], dict] | None = None
     val_batch: Callable[[int, int], Any] | None = None
+    val_is_train: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.train_loss):
@@ -122,7 +126,7 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
         raise ValueError("x0 is required when f is a callable")
     device = _resolve_device(device)
     x0 = torch.as_tensor(x0, dtype=dtype, device=device).clone()
-    return Problem(x0, lambda w, t: f(w), f, name=name or getattr(f, "__name__", "function"),
+    return Problem(x0, lambda w, t: f(w), f, name=name or getattr(f, "__name__", "function"), val_is_train=True,
                    info={"data": "analytic function"})
 
 
@@ -140,7 +144,8 @@ def quadratic(A: Any, x0: Any, b: Any = None, *, dtype: torch.dtype = torch.floa
     def f(x):
         return 0.5 * x @ (A @ x) - b @ x
 
-    return Problem(x0, lambda x, t: f(x), f, name="quadratic", info={"data": "analytic quadratic"})
+    return Problem(x0, lambda x, t: f(x), f, name="quadratic", info={"data": "analytic quadratic"},
+                   val_is_train=True)
 
 
 def noisy_quadratic(h: Any, c: Any, w0: Any, *, seed: int = 0, dtype: torch.dtype = torch.float64,

@@ -447,3 +447,16 @@ def test_mu_rule_must_be_a_tensor_function():
     tensor_rule = lambda mu, c, stats: (torch.where(stats.grad_dot > 0, 1.0, 0.0), c)
     r = online.run(MLP, "marthe", lr0=0.05, beta=1e-3, mu_rule=tensor_rule, steps=5)
     assert set(np.unique(r.mus)) <= {0.0, 1.0}
+
+
+def test_val_is_train_reuses_the_training_gradient_bit_for_bit():
+    """For a deterministic problem (E = L_t, ``Problem.val_is_train``) the engine takes ∇E(w_t)
+    to be the gradient it already has: the same numbers as computing ∇E separately."""
+    assert BEALE.val_is_train
+    twin = problems.Problem(BEALE.params0, BEALE.train_loss, BEALE.val_loss, name="beale")
+    assert not twin.val_is_train
+    for method in ("hd", "rtho", "marthe"):
+        a = online.run(BEALE, method, lr0=1e-3, beta=1e-7, steps=60)
+        b = online.run(twin, method, lr0=1e-3, beta=1e-7, steps=60)
+        for key in ("lrs", "hypergrads", "val_losses", "mus"):
+            np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=f"{method} {key}")
