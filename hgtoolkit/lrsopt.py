@@ -206,7 +206,7 @@ def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resam
         raise TypeError(f"outer_steps must be an int, got {outer_steps!r}")
     if outer_steps < 1:
         raise ValueError(f"outer_steps must be ≥ 1, got {outer_steps}")
-    if outer_optimizer != "lbfgsb" or outer_lr is not None:
+    if outer_optimizer == "sgd" or outer_lr is not None:
         if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float, np.floating)):
             raise TypeError(f"outer_lr must be a number > 0, got {outer_lr!r}")
         if not (math.isfinite(outer_lr) and outer_lr > 0):
@@ -364,7 +364,9 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
 
     ``optimizer`` is the inner dynamics Φ_t (``"sgd"``, ``"adam"``, … or a Dynamics);
     ``mode``/``checkpoint_every``/``chunk_size`` are passed to :func:`hgtoolkit.hypergradient`.
-    ``outer_lr`` = α (unused by ``"lbfgsb"``); ``outer_options`` = Adam's ``beta1``, ``beta2``,
+    ``outer_lr`` = α (unused by ``"lbfgsb"``; required by ``"sgd"``, whose step scale depends on
+    the problem; Adam's default: 0.1 × max η^(0), Adam's steps being ≈ α per entry);
+    ``outer_options`` = Adam's ``beta1``, ``beta2``,
     ``eps``, or extra ``options`` for scipy's L-BFGS-B (e.g. ``{"ftol": 0, "gtol": 0}``).
     ``lr_max`` = η_max (None: no upper bound). ``snapshot_every=k`` keeps η^(k), η^(2k), …
     (η^(0) and the final schedule are always kept). ``lr_max`` may also be a tensor of the
@@ -389,6 +391,8 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
         problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,
         outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
         snapshot_every, callback)
+    if outer_lr is None and outer_optimizer == "adam":
+        outer_lr = 0.1 * float(eta0.abs().max()) or 1e-3  # Adam's steps are ≈ α: 10 % of the largest η
     dyn = _dynamics.get(optimizer)
     config = {"T": len(eta0), "outer_optimizer": outer_optimizer, "outer_lr": outer_lr,
               "outer_options": opts, "optimizer": dyn.config(), "mode": mode,

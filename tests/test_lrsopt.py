@@ -234,7 +234,7 @@ def test_callback_can_stop_the_run(beale):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(outer_steps=0), "outer_steps"),
     (dict(outer_lr=-1.0), "outer_lr"),
-    (dict(outer_lr=None), "outer_lr"),
+    (dict(outer_lr=None, outer_optimizer="sgd"), "outer_lr"),
     (dict(outer_optimizer="rmsprop"), "rmsprop"),
     (dict(mode="sideways"), "mode"),
     (dict(resume=True), "checkpoint_path"),
@@ -277,3 +277,8 @@ def test_full_scale_experiment_tiny_setting_runs_and_resumes(tmp_path):
     assert again["runs"]["lbfgsb_seed0"]["wall_time"] == s["runs"]["lbfgsb_seed0"]["wall_time"]
     ev = np.array([[1.0, 3.0], [2.0, 2.0], [3.0, 1.01], [4.0, 1.0]])
     assert lrsopt_full.time_to_within(ev) == {"best": 1.0, "evaluations": 3, "seconds": 3.0}
+
+
+def test_adam_outer_lr_defaults_to_a_tenth_of_the_schedule(mlp):
+    r = optimize_schedule(mlp, _const(5, 1e-3), 2, outer_optimizer="adam", progress=False)
+    assert r.config["outer_lr"] == pytest.approx(1e-4) and r.outer_steps_done == 2

@@ -223,9 +223,7 @@ def run_lrsopt(args) -> int:
 
     problem = _problem(args)
     lrs0 = _schedule(args, problem)
-    outer_lr = args.outer_lr
-    if outer_lr is None and args.outer_optimizer == "adam":
-        outer_lr = 0.1 * float(lrs0.max())
+    outer_lr = args.outer_lr  # None: optimize_schedule's default for Adam (0.1 × max η^(0))
     if outer_lr is None and args.outer_optimizer == "sgd":
         raise ValueError("--outer-lr is required with --outer-optimizer sgd (its scale depends on "
                          "the size of ∇f(η); try a hypergrad run first)")
