@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient",
+__all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient", "plot_online_run",
            "savefig", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
            "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_beta",
            "plot_accuracy_bars"]
@@ -163,6 +163,38 @@ def plot_hypergradient(grads: Mapping[str, Any] | Any, ax=None, title: str | Non
         ax.set_yscale("symlog", linthresh=1e-3 * peak if peak > 0 else 1.0)
     _finish(ax, title, len(curves))
     return ax
+
+
+def plot_online_run(result, title: str | None = None):
+    """One online run (:class:`hgtoolkit.online.OnlineResult`): η_t; the minibatch losses L_t(w_t)
+    with the validation losses E(w_k); for MARTHE also μ_t and β_t. Returns the figure (reads
+    the record only)."""
+    adaptive = result.method == "marthe"
+    fig, axes = figure(ncols=3 if adaptive else 2)
+    plot_schedules({r"$\eta_t$": result.lrs}, ax=axes[0], title="learning rate")
+    plot_objective({"train $L_t(w_t)$": result.train_losses}, ax=axes[1], xlabel=STEP_LABEL,
+                   ylabel="loss", best=False)
+    with style():
+        axes[1].plot(result.eval_steps, result.val_losses, "o-" if len(result.eval_steps) < 60 else "-",
+                     ms=2.5, label="validation $E(w_t)$")
+        finite = np.concatenate([result.train_losses, result.val_losses])
+        if np.all(finite[np.isfinite(finite)] > 0):
+            axes[1].set_yscale("log")
+        axes[1].legend(loc="best")
+        axes[1].set_title("losses")
+        if adaptive:
+            ax = axes[2]
+            ax.plot(result.mus, label=r"$\mu_t$")
+            ax.set_xlabel(STEP_LABEL)
+            ax.set_ylabel(r"$\mu_t$")
+            ax.set_ylim(-0.05, 1.05)
+            twin = ax.twinx()
+            twin.plot(result.betas, color="C1", label=r"$\beta_t$")
+            twin.set_ylabel(r"$\beta_t$")
+            ax.set_title(r"MARTHE: $\mu_t$ (left), $\beta_t$ (right)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
 
 
 def describe_source(problem_info: Mapping[str, Any]) -> str:

@@ -460,3 +460,14 @@ def test_val_is_train_reuses_the_training_gradient_bit_for_bit():
         b = online.run(twin, method, lr0=1e-3, beta=1e-7, steps=60)
         for key in ("lrs", "hypergrads", "val_losses", "mus"):
             np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=f"{method} {key}")
+
+
+def test_plot_online_run_draws_a_record(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from hgtoolkit import plotting
+    r = online.run(BEALE, "marthe", lr0=1e-3, beta=1e-7, steps=20)
+    fig = plotting.plot_online_run(r, "beale")
+    assert len(fig.axes) == 4  # η, losses, μ and its twin β axis
+    paths = plotting.savefig(fig, tmp_path / "run", close=True)
+    assert all(p.stat().st_size > 5_000 for p in paths)

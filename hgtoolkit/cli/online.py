@@ -110,37 +110,6 @@ def register(sub) -> None:
         register_analyse(sub)
 
 
-def _plot(result, title: str):
-    import numpy as np
-
-    from .. import plotting
-    adaptive = result.method == "marthe"
-    fig, axes = plotting.figure(ncols=3 if adaptive else 2)
-    plotting.plot_schedules({r"$\eta_t$": result.lrs}, ax=axes[0], title="learning rate")
-    plotting.plot_objective({"train $L_t(w_t)$": result.train_losses}, ax=axes[1], xlabel=plotting.STEP_LABEL,
-                            ylabel="loss", best=False)
-    with plotting.style():
-        axes[1].plot(result.eval_steps, result.val_losses, "o-" if len(result.eval_steps) < 60 else "-",
-                     ms=2.5, label="validation $E(w_t)$")
-        finite = np.concatenate([result.train_losses, result.val_losses])
-        if np.all(finite[np.isfinite(finite)] > 0):
-            axes[1].set_yscale("log")
-        axes[1].legend(loc="best")
-        axes[1].set_title("losses")
-        if adaptive:
-            ax = axes[2]
-            ax.plot(result.mus, label=r"$\mu_t$")
-            ax.set_xlabel(plotting.STEP_LABEL)
-            ax.set_ylabel(r"$\mu_t$")
-            ax.set_ylim(-0.05, 1.05)
-            twin = ax.twinx()
-            twin.plot(result.betas, color="C1", label=r"$\beta_t$")
-            twin.set_ylabel(r"$\beta_t$")
-            ax.set_title(r"MARTHE: $\mu_t$ (left), $\beta_t$ (right)")
-    fig.suptitle(title, fontsize=9)
-    return fig
-
-
 def run_online(args) -> int:
     from .. import online, plotting
     from .exact import _problem, _settings
@@ -184,7 +153,7 @@ def run_online(args) -> int:
     beta_txt = f"β auto (κ={result.config['kappa']:.1e})" if beta == "auto" else f"β={beta:.1e}"
     title = (f"{plotting.describe_source(result.config['problem'])} — {args.method.upper()}, "
              f"{args.optimizer.upper()}, η₀={args.lr0:g}, {beta_txt}, objective {args.objective}")
-    pngs = plotting.savefig(_plot(result, title), out / name, close=True)
+    pngs = plotting.savefig(plotting.plot_online_run(result, title), out / name, close=True)
     status = f"DIVERGED at step {result.diverged_at} ({result.divergence})" if result.diverged else "ok"
     print(f"online {args.method}: {status}; best E = {result.best_val_loss:.6g}, final E = "
           f"{result.final_val_loss:.6g}, final η = {result.final_lr:.4g} ({result.wall_time:.2f} s); "
