@@ -14,6 +14,7 @@ online run, when this command ran it); and ``<out>/analyse.md`` (every summary t
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,8 @@ def register_analyse(sub) -> None:
     p.add_argument("--checkpoint-every", type=_positive_int, default=None,
                    help="checkpoint interval of the reverse pass for g (memory O(T/k + k))")
     p.add_argument("--out", default="results/analyse", help="output folder (default results/analyse)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bars (default on; --no-progress turns them off)")
     p.set_defaults(func=run_analyse)
 
 
@@ -120,7 +122,7 @@ def run_analyse(args) -> int:
                 warnings.simplefilter("always", online.DivergenceWarning)
                 res = online.run(problem, method, args.optimizer, lr0=args.lr0, steps=args.steps,
                                  beta=beta, objective=args.objective, seed=args.seed,
-                                 progress=not args.no_progress, **kw)
+                                 progress=args.progress, **kw)
             res.config["cli"] = _settings(args)
             res.save(out / f"online_{tag}")
             runs.append((tag, res, problem))
@@ -130,7 +132,7 @@ def run_analyse(args) -> int:
         if res.diverged:
             print(f"note: {tag} diverged at step {res.diverged_at}; analysing the steps before it")
         report = analyse_online(res, problem, checkpoint_every=args.checkpoint_every,
-                                progress=not args.no_progress)
+                                progress=args.progress)
         json_path, _ = report.save(out / f"analyse_{tag}")
         fig = plotting.plot_approximation(report)
         pngs = plotting.savefig(fig, out / f"analyse_{tag}", close=True)

@@ -131,7 +131,8 @@ def register(sub) -> None:
     lo.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     lo.add_argument("--overwrite", action="store_true",
                     help="start afresh even if the checkpoint exists (it is replaced)")
-    lo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    lo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bars (default on; --no-progress turns them off)")
     lo.set_defaults(func=run_lrsopt)
 
 
@@ -240,7 +241,7 @@ def run_lrsopt(args) -> int:
             problem, lrs0, args.outer_steps, outer_lr, args.outer_optimizer, optimizer=args.optimizer,
             mode=args.mode, checkpoint_every=args.checkpoint_every, resample_batches=args.resample_batches,
             seed=args.seed, lr_max=args.lr_max, snapshot_every=snapshot_every, checkpoint_path=ckpt,
-            checkpoint_interval=args.checkpoint_interval, resume=args.resume, progress=not args.no_progress)
+            checkpoint_interval=args.checkpoint_interval, resume=args.resume, progress=args.progress)
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

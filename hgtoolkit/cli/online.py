@@ -98,7 +98,8 @@ def register(sub) -> None:
                    help="minibatch order for stochastic problems (problem.resample(seed))")
     r.add_argument("--out", default="results/online", help="output folder (default results/online)")
     r.add_argument("--name", default=None, help="file stem (default online_<problem>_<method>)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bars (default on; --no-progress turns them off)")
     p.set_defaults(func=run_online)
 
     try:  # the approximation-error command lives beside this one
@@ -123,7 +124,7 @@ def run_online(args) -> int:
                              "constant --beta (use --method marthe)")
     kwargs = dict(method=args.method, optimizer=args.optimizer, lr0=args.lr0, steps=args.steps,
                   beta=args.beta, objective=args.objective, lr_floor=args.lr_floor, lr_max=args.lr_max,
-                  eval_every=args.eval_every, seed=args.seed, progress=not args.no_progress)
+                  eval_every=args.eval_every, seed=args.seed, progress=args.progress)
     if args.method == "marthe":
         kwargs.update({k: v for k, v in marthe_only.items() if v is not None})
     hyper = {k: v for k, v in kwargs.items() if k in ("beta", "mu", "kappa", "beta0", "beta_rule",

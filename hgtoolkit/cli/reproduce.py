@@ -10,6 +10,7 @@ Each experiment writes ``<out>/<name>/``: ``figures/*.png|pdf``, ``data/*.json|n
 """
 from __future__ import annotations
 
+import argparse
 import textwrap
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def register(sub) -> None:
                       help="smallest setting, seconds (what the tests run)")
     p.add_argument("--out", default="results", help="output root (default results/)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bars (default on; --no-progress turns them off)")
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.set_defaults(func=run_reproduce, setting="quick")
 
@@ -78,7 +80,7 @@ def run_reproduce(args) -> int:
         raise ValueError(f"--seed must be ≥ 0, got {args.seed}")
     out = Path(args.out)
     summary = run_experiment(args.name, setting=args.setting, out=out, seed=args.seed,
-                             progress=not args.no_progress)
+                             progress=args.progress)
     lines = []
     if "parts" in summary:  # composite (demo)
         for part, s in summary["parts"].items():

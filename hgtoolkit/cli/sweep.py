@@ -40,7 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long while another driver holds the results directory (default: "
                         "stop at once and say who holds it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                    help="progress bars (default on; --no-progress turns them off)")
     p.add_argument("--dry-run", action="store_true", help="validate, count cells and stop")
     p.add_argument("--summary-only", action="store_true", help="print the summary of the directory and stop")
     p.set_defaults(func=_main)
@@ -81,7 +82,7 @@ def _main(args) -> int:
                            max_retries=args.max_retries, runtime_env=runtime_env,
                            worker_writes=None if args.driver_writes is None else False,
                            batch=not args.no_batch, lock_timeout=args.wait,
-                           progress=not args.no_progress)
+                           progress=args.progress)
     except sweep.StoreLockedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -32,9 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="initial weights / minibatch order (MLP problems)")
     p.add_argument("--dtype", choices=("float32", "float64"), default=None,
                    help="default: float64 for test functions, float32 for mnist_mlp")
-    p.add_argument("--out", default="results", help="output directory")
+    p.add_argument("--out", default="results/towers", help="output folder")
     p.add_argument("--name", default=None, help="file stem (default: towers_<problem>_h<height>)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bars (--no-progress turns them off)")
     p.set_defaults(func=main)
 
 
