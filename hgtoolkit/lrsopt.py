@@ -61,19 +61,18 @@ _CHECKPOINT_FORMAT = "hgtoolkit.lrsopt/1"
 # ----------------------------------------------------------------------------- update rules
 
 def sgd_update(eta: torch.Tensor, g: torch.Tensor, state: dict, lr: float) -> tuple[torch.Tensor, dict]:
-    """η − α g (no state)."""
-    return eta - lr * g, state
+    """η − α g (no state): :class:`hgtoolkit.dynamics.SGD` applied to the schedule η."""
+    return _dynamics.SGD().step({"w": eta}, g, lr, 0)["w"], state
 
 
 def adam_update(eta: torch.Tensor, g: torch.Tensor, state: dict, lr: float, *, beta1: float = 0.9,
                 beta2: float = 0.999, eps: float = 1e-8) -> tuple[torch.Tensor, dict]:
-    """One Adam step on the vector η: returns (η − α m̂/(√v̂ + ε), {m, v, n}); ``state`` is not modified."""
-    n = state.get("n", 0) + 1
-    m = beta1 * state.get("m", torch.zeros_like(eta)) + (1 - beta1) * g
-    v = beta2 * state.get("v", torch.zeros_like(eta)) + (1 - beta2) * g * g
-    m_hat = m / (1 - beta1 ** n)
-    v_hat = v / (1 - beta2 ** n)
-    return eta - lr * m_hat / (v_hat.sqrt() + eps), {"m": m, "v": v, "n": n}
+    """One Adam step on the vector η, :class:`hgtoolkit.dynamics.Adam` applied to the schedule:
+    returns (η − α m̂/(√v̂ + ε), {m, v, n}); ``state`` is not modified."""
+    n = state.get("n", 0)
+    s = {"w": eta, "m": state.get("m", torch.zeros_like(eta)), "v": state.get("v", torch.zeros_like(eta))}
+    new = _dynamics.Adam(beta1=beta1, beta2=beta2, eps=eps).step(s, g, lr, n)
+    return new["w"], {"m": new["m"], "v": new["v"], "n": n + 1}
 
 
 _UPDATES = {"sgd": sgd_update, "adam": adam_update}
