@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient", "plot_online_run",
+__all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient", "plot_online_run", "plot_tower_history",
            "savefig", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
            "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_beta",
            "plot_accuracy_bars"]
@@ -625,3 +625,74 @@ def plot_accuracy_bars(values: Mapping[str, Any], ax=None, title: str | None = N
     if title:
         ax.set_title(title)
     return ax
+
+
+# ----------------------------------------------------------------------------- towers
+
+def tower_panels(history, include_fixed: bool) -> list[tuple[int, str, list[str]]]:
+    """The panels of :func:`plot_tower_history`: (level, "lr" | "unit", names) per level and kind."""
+    from .towers import UNIT_INTERVAL
+    panels = []
+    for k, lvl in enumerate(history.tower.levels):
+        names = list(lvl.names) if include_fixed else list(lvl.tuned)
+        lrs = [n for n in names if n not in UNIT_INTERVAL]
+        units = [n for n in names if n in UNIT_INTERVAL]
+        if lrs:
+            panels.append((k, "lr", lrs))
+        if units:
+            panels.append((k, "unit", units))
+    return panels
+
+
+def plot_tower_history(history, ax: Any = None, *, include_fixed: bool = False):
+    """Plot every learnt hyperparameter against the step: one panel per level and kind (learning
+    rates on a log axis; momentum/β/α as 1 − value on a log axis). ``ax``: None (new figure),
+    one Axes (everything on it) or a sequence with one Axes per panel. Returns the Axes list.
+    """
+    import matplotlib.pyplot as plt
+    from .towers import History, TowerResult
+    if isinstance(history, TowerResult):
+        history = history.history
+    if not isinstance(history, History):
+        raise TypeError(f"history must be a towers.History or TowerResult, got {type(history).__name__}")
+    panels = tower_panels(history, include_fixed)
+    if not panels:
+        panels = tower_panels(history, True)  # height 1: show the fixed values
+    if ax is None:
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels) + 0.6),
+                                 sharex=True, squeeze=False)
+        axes = list(axes[:, 0])
+        fig.suptitle(f"tower: {history.tower}", fontsize=9)
+    elif hasattr(ax, "plot"):
+        axes = [ax] * len(panels)
+    else:
+        axes = list(ax)
+        if len(axes) != len(panels):
+            raise ValueError(f"ax: need {len(panels)} Axes (one per panel), got {len(axes)}")
+    steps = np.arange(len(history))
+    single = len(set(map(id, axes))) == 1
+    ys = {}
+    for a, (k, kind, names) in zip(axes, panels):
+        lvl = history.tower.levels[k]
+        vals = history.values(k)
+        for n in names:
+            y = vals[n] if kind == "lr" else 1.0 - vals[n]
+            label = f"level {k} ({lvl.kind}) " + (n if kind == "lr" else f"1 − {n}")
+            if n not in lvl.tuned:
+                label += " (fixed)"
+            a.plot(steps, y, label=label)
+            ys.setdefault(id(a), []).append(y)
+        if not single:
+            a.set_ylabel("learning rate" if kind == "lr" else "1 − " + " / ".join(names))
+    for a in {id(a): a for a in axes}.values():
+        y = np.concatenate(ys[id(a)])
+        pos = y[np.isfinite(y) & (y > 0)]
+        # log scale where the values span orders of magnitude (or where 1 − β spans several)
+        if pos.size and pos.max() > 3 * pos.min():
+            a.set_yscale("log")
+        if single:
+            a.set_ylabel("learning rate / 1 − value")
+        a.legend(fontsize=8, loc="best")
+        a.grid(True, which="both", alpha=0.3)
+    axes[-1].set_xlabel("step t")
+    return axes

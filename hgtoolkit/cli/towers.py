@@ -45,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
     import torch
 
-    from .. import problems, towers
+    from .. import plotting, problems, towers
     from ..errors import DivergenceWarning
 
     tower = towers.parse(args.tower)
@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     name = args.name or f"towers_{re.sub(r'[^A-Za-z0-9_.-]', '_', args.problem)}_h{tower.height}"
     out = Path(args.out)
     json_path = result.save(out / f"{name}.json")
-    axes = towers.plot_history(result)
+    axes = plotting.plot_tower_history(result)
     fig = axes[0].figure
     fig.tight_layout()
     png_path = out / f"{name}.png"

@@ -330,10 +330,10 @@ def make_figures(out_dir, models, families) -> list:
             if not path.exists():
                 continue
             result = towers.TowerResult.load(path)
-            panels = len(towers._panels(result.history, False)) or 1
+            panels = len(plotting.tower_panels(result.history, False)) or 1
             fig, axes = plotting.figure(nrows=panels, width=7.5, height=2.0, sharex=True)
             with plotting.style():
-                axes = towers.plot_history(result, ax=list(np.atleast_1d(axes)))
+                axes = plotting.plot_tower_history(result, ax=list(np.atleast_1d(axes)))
                 for ax in axes:
                     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
                     plotting.tidy_log_axis(ax)
