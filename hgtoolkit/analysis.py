@@ -65,7 +65,7 @@ from . import dynamics as _dynamics
 from . import records
 from ._tree import tree_dot
 from .exact import hypergradient
-from .trajectory import check_finite, check_lrs, progress_bar
+from .trajectory import autograd_gradient, autograd_gradient_hvp, check_finite, check_lrs, progress_bar
 
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
            "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
@@ -127,14 +127,14 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
     for t in progress_bar(range(T), progress, desc="exact references", leave=False):
         w = dyn.params(state.opt)
         if t == 0:
-            (g, loss), hz = online._autograd_grad(problem.train_loss, w, t), None
+            (g, loss), hz = autograd_gradient(problem.train_loss, w, t), None
         else:
-            g, loss, hz = online._autograd_grad_hvp(problem.train_loss, w, dyn.params(state.z), t)
+            g, loss, hz = autograd_gradient_hvp(problem.train_loss, w, dyn.params(state.z), t)
         check_finite(loss, t)
         state = state._replace(lr=lrs[t])
         _, b_t = dyn.tangent(state.opt, g, lrs[t], t)
         state = engine.optimizer_step(state, g, t, hz)
-        gE, E = online._autograd_grad(problem.val_loss, dyn.params(state.opt))
+        gE, E = autograd_gradient(problem.val_loss, dyn.params(state.opt))
         check_finite(E, t, dyn.params(state.opt))
         one_step[t] = tree_dot(gE, dyn.params(b_t))
         constant_lr[t] = tree_dot(gE, dyn.params(state.z))

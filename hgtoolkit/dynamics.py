@@ -102,9 +102,6 @@ class _Leaves:
             return {k: None for k in self.keys}
         return {k: (None if tree.get(k) is None else tree_flatten(tree[k])[0]) for k in self.keys}
 
-    def n(self) -> int:
-        return len(self.leaves["w"])
-
     def build(self, per_key: dict) -> dict:
         """Leaf lists (None entries replaced by zeros of the state's leaves) -> state pytree."""
         out = {}
@@ -158,10 +155,6 @@ class Dynamics:
             raise TypeError(f"{type(self).__name__}.step got unknown hyperparameter(s) "
                             f"{sorted(unknown)}; tunable: {list(self.hyperparameters)}")
         return {k: hyper.get(k, getattr(self, k)) for k in self.hyperparameters}
-
-    def _decayed(self, grad: Any, w: Any) -> Any:
-        wd = getattr(self, "weight_decay", 0.0)
-        return grad if wd == 0 else tree_map(lambda g, p: g + wd * p, grad, w)
 
     def _g_tilde(self, L: "_Leaves", grad: Any) -> list:
         """Leaves of g̃ = g + wd·w (the gradient the update uses)."""

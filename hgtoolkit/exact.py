@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import dynamics as _dynamics
 from ._tree import tree_map
-from .trajectory import check_finite, check_lrs, progress_bar, scalar_loss, train
+from .trajectory import autograd_gradient, check_finite, check_lrs, progress_bar, scalar_loss, train
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES"]
@@ -125,12 +125,8 @@ def _add_w(state_tree: dict, hv: Any) -> dict:
 
 def _objective(problem, dyn, state):
     """(∇_s E(params(s)) as a state-shaped cotangent with only "w", E): λ_T and the value."""
-    leaves, spec = tree_flatten(dyn.params(state))
-    with torch.enable_grad():
-        w = [x.detach().requires_grad_(True) for x in leaves]
-        value = scalar_loss(problem.val_loss, "val_loss")(tree_unflatten(w, spec))
-        g = torch.autograd.grad(value, w, allow_unused=True, materialize_grads=True)
-    return {"w": tree_unflatten(list(g), spec)}, value.detach()
+    g, value = autograd_gradient(scalar_loss(problem.val_loss, "val_loss"), dyn.params(state))
+    return {"w": g}, value
 
 
 def _checkpoint_interval(checkpoint_every, T: int):

@@ -70,10 +70,9 @@ from torch.func import grad_and_value
 from . import dynamics as _dynamics
 from . import marthe as _marthe
 from . import records
-from ._tree import (tree_clone, tree_dot, tree_flatten, tree_leaves, tree_map,
-                    tree_unflatten, tree_zeros_like)
+from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
 from .errors import DivergenceError, DivergenceWarning
-from .trajectory import progress_bar
+from .trajectory import autograd_gradient, autograd_gradient_hvp, progress_bar
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
@@ -519,39 +518,6 @@ def gradient_and_hvp(loss: Callable) -> Callable:
     return fn
 
 
-def _autograd_grad(fn: Callable, w: Any, *args: Any) -> tuple[Any, torch.Tensor]:
-    """(∇_w fn(w, *args), fn(w, *args)) with plain autograd: the numbers of torch.func's
-    ``grad_and_value``, cheaper per call in a single run (no functional transforms)."""
-    leaves, spec = tree_flatten(w)
-    leaves = [x.detach().requires_grad_(True) for x in leaves]
-    with torch.enable_grad():
-        value = fn(tree_unflatten(leaves, spec), *args)
-        gs = torch.autograd.grad(value, leaves, allow_unused=True)
-    gs = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
-    return tree_unflatten(gs, spec), value.detach()
-
-
-def _autograd_grad_hvp(fn: Callable, w: Any, z_w: Any, *args: Any):
-    """(∇fn, fn, H z_w) with plain autograd (single runs): the gradient kept with
-    ``create_graph`` and one more backward through it, ∇(∇fn·z_w) (what
-    :func:`gradient_and_hvp` computes with torch.func)."""
-    leaves, spec = tree_flatten(w)
-    leaves = [x.detach().requires_grad_(True) for x in leaves]
-    with torch.enable_grad():
-        value = fn(tree_unflatten(leaves, spec), *args)
-        gs = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
-        pairs = [(g, z) for g, z in zip(gs, tree_flatten(z_w)[0]) if g is not None and g.requires_grad]
-        hz = [None] * len(leaves)
-        if pairs:
-            dot = pairs[0][0].reshape(-1).dot(pairs[0][1].reshape(-1))
-            for g, z in pairs[1:]:
-                dot = dot + g.reshape(-1).dot(z.reshape(-1))
-            hz = torch.autograd.grad(dot, leaves, allow_unused=True)
-    gs = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, gs)]
-    hz = [torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hz)]
-    return tree_unflatten(gs, spec), value.detach(), tree_unflatten(hz, spec)
-
-
 def _check_scalar(value: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
@@ -676,14 +642,14 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         hd_gradient=hd_gradient, eval_every=eval_every, val_batch_size=val_batch_size,
         seed=seed)
     engine = engine_for(cfg, dyn)
-    grad_train = lambda w, t: _autograd_grad(problem.train_loss, w, t)
-    grad_hvp = lambda w, z_w, t: _autograd_grad_hvp(problem.train_loss, w, z_w, t)
+    grad_train = lambda w, t: autograd_gradient(problem.train_loss, w, t)
+    grad_hvp = lambda w, z_w, t: autograd_gradient_hvp(problem.train_loss, w, z_w, t)
 
     def objective_grad(w, t):
         """(v_t, E(w_t) or None) for the val objective: the full validation set or a minibatch."""
         if val_bs is not None:
-            return _autograd_grad(problem.batch_loss, w, problem.val_batch(t, val_bs))[0], None
-        g, value = _autograd_grad(problem.val_loss, w)
+            return autograd_gradient(problem.batch_loss, w, problem.val_batch(t, val_bs))[0], None
+        g, value = autograd_gradient(problem.val_loss, w)
         return g, _check_scalar(value, "val_loss")
 
     evals: list[tuple[int, float, float]] = []

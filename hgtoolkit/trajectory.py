@@ -16,10 +16,10 @@ import torch
 from torch.func import grad_and_value, jvp
 
 from . import dynamics as _dynamics
-from ._tree import tree_all_finite
+from ._tree import tree_all_finite, tree_flatten, tree_unflatten
 from .errors import DivergenceError
 
-__all__ = ["make_step", "tangent_step", "train", "TrainResult", "check_lrs", "check_finite",
+__all__ = ["make_step", "tangent_step", "autograd_gradient", "autograd_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite",
            "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
@@ -58,6 +58,39 @@ def tangent_step(step: StepFn, state: dict, lr: torch.Tensor, t: int, z: Any, dl
     ``z`` is a state-shaped tangent and ``dlr`` the tangent of η_t (a 0-d tensor).
     """
     return jvp(lambda s, lr_: step(s, lr_, t), (state, lr), (z, dlr), has_aux=True)
+
+
+def autograd_gradient(fn: Callable, w: Any, *args: Any) -> tuple[Any, torch.Tensor]:
+    """(∇_w fn(w, *args), fn(w, *args)) with plain autograd: the numbers of torch.func's
+    ``grad_and_value``, cheaper per call in a single run (no functional transforms)."""
+    leaves, spec = tree_flatten(w)
+    leaves = [x.detach().requires_grad_(True) for x in leaves]
+    with torch.enable_grad():
+        value = fn(tree_unflatten(leaves, spec), *args)
+        gs = torch.autograd.grad(value, leaves, allow_unused=True)
+    gs = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, gs)]
+    return tree_unflatten(gs, spec), value.detach()
+
+
+def autograd_gradient_hvp(fn: Callable, w: Any, z_w: Any, *args: Any):
+    """(∇fn, fn, H z_w) with plain autograd (single runs): the gradient kept with
+    ``create_graph`` and one more backward through it, ∇(∇fn·z_w) (what
+    :func:`hgtoolkit.online.gradient_and_hvp` computes with torch.func)."""
+    leaves, spec = tree_flatten(w)
+    leaves = [x.detach().requires_grad_(True) for x in leaves]
+    with torch.enable_grad():
+        value = fn(tree_unflatten(leaves, spec), *args)
+        gs = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        pairs = [(g, z) for g, z in zip(gs, tree_flatten(z_w)[0]) if g is not None and g.requires_grad]
+        hz = [None] * len(leaves)
+        if pairs:
+            dot = pairs[0][0].reshape(-1).dot(pairs[0][1].reshape(-1))
+            for g, z in pairs[1:]:
+                dot = dot + g.reshape(-1).dot(z.reshape(-1))
+            hz = torch.autograd.grad(dot, leaves, allow_unused=True)
+    gs = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, gs)]
+    hz = [torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hz)]
+    return tree_unflatten(gs, spec), value.detach(), tree_unflatten(hz, spec)
 
 
 def check_finite(loss: torch.Tensor, t: int, state: Any = None) -> None:

@@ -285,14 +285,13 @@ def replay_iterates(problem, lrs: Any, optimizer: Any = "sgd") -> np.ndarray:
     """
     from .. import dynamics as _dynamics
     from .._tree import tree_leaves
-    from ..online import _autograd_grad
-    from ..trajectory import check_lrs
+    from ..trajectory import autograd_gradient, check_lrs
 
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
 
     def step(state, lr, t):  # Φ_t with a plain-autograd gradient: no per-call transform overhead
-        g, loss = _autograd_grad(problem.train_loss, dyn.params(state), t)
+        g, loss = autograd_gradient(problem.train_loss, dyn.params(state), t)
         return dyn.step(state, g, lr, t), loss
 
     def flat(state) -> np.ndarray:
