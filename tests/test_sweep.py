@@ -1,12 +1,12 @@
 """Sweeps: grid expansion and ids, validation before work, the resumable store, the local and
 Ray executors (identical records, a killed worker, an interrupted driver), the CLI."""
+import dataclasses
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
-import types
 from collections import Counter
 
 import numpy as np
@@ -224,13 +224,13 @@ def test_batched_hook_gets_groups_that_differ_in_seed_and_beta(tmp_path, monkeyp
         return [online.run(problem_factory(c.seed), **{"seed": 0, **c.params}, keep_params=False)
                 for c in cells]
 
-    monkeypatch.setitem(sys.modules, "hgtoolkit.batched",
-                        types.SimpleNamespace(run_online_batch=run_online_batch))
+    online_kind = sweep.CELL_KINDS["online"]
+    monkeypatch.setitem(sweep.CELL_KINDS, "online", dataclasses.replace(online_kind, run_batch=run_online_batch))
     g = Grid("b", {"name": "beale"}, "online",
              axes={"method": ["hd", "rtho"], "beta": [1e-7, 2e-7]}, fixed={"lr0": 1e-3, "steps": 20})
     assert sweep.run(g, tmp_path / "batched", progress=False).ok
     assert calls == [[(1e-7, None), (2e-7, None)]] * 2  # one call per method
-    monkeypatch.delitem(sys.modules, "hgtoolkit.batched")
+    monkeypatch.setitem(sweep.CELL_KINDS, "online", dataclasses.replace(online_kind, run_batch=None))
     assert sweep.run(g, tmp_path / "plain", progress=False).ok
     a, b = sweep.load_results(tmp_path / "batched"), sweep.load_results(tmp_path / "plain")
     assert [x["meta"].get("batched") for x in a] == [2] * 4
@@ -239,7 +239,7 @@ def test_batched_hook_gets_groups_that_differ_in_seed_and_beta(tmp_path, monkeyp
     def broken(problem_factory, cells):
         raise RuntimeError("vmap says no")
 
-    monkeypatch.setitem(sys.modules, "hgtoolkit.batched", types.SimpleNamespace(run_online_batch=broken))
+    monkeypatch.setitem(sweep.CELL_KINDS, "online", dataclasses.replace(online_kind, run_batch=broken))
     with pytest.warns(RuntimeWarning, match="vmap says no.*one by one"):
         assert sweep.run(g, tmp_path / "fallback", progress=False).ok
     assert all(sweep.records_equal(x, y) for x, y in zip(sweep.load_results(tmp_path / "fallback"), b))
