@@ -43,7 +43,8 @@ model-sized derivatives are the gradient g_t (HD) and one Hessian-vector product
 (μ ≠ 0). ``finish(state, v, T)`` is the last hyper-update (h_T, η_T), after the loop.
 
 Divergence (``state.diverged_at`` = the first step that went wrong, −1 while fine; ``why`` a
-code of :data:`DIVERGENCE`): a non-finite loss, h, η, β or parameters; |η| > ``lr_max``; or the
+code of :data:`DIVERGENCE`): a non-finite loss, h, η or β (non-finite parameters show in the
+next loss and h: the step itself is never checked, so that it can run in place); |η| > ``lr_max``; or the
 loss that defines the run — E(w_t) for ``objective="val"`` (full validation set), else the
 minibatch loss L_t — above ``divergence_factor`` × its initial value (for a loss that may be
 negative: above ref + (factor − 1)·|ref|). With adaptive β, β is also bounded: after each
@@ -88,7 +89,8 @@ OBJECTIVES = ("val", "train")
 DIVERGENCE = {1: "training loss is not finite", 2: "validation loss is not finite",
               3: "loss above divergence_factor × its initial value",
               4: "hypergradient h is not finite", 5: "learning rate is not finite or exceeds lr_max",
-              6: "hyper-learning rate β is not finite", 7: "parameters after the step are not finite"}
+              6: "hyper-learning rate β is not finite",
+              7: "parameters after the step are not finite"}  # 7: only in older records
 
 _ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "eval_steps",
            "val_losses", "val_accuracy")
@@ -373,20 +375,32 @@ class Engine:
     shared by every run that goes through it: the dynamics, the objective and whether a
     Hessian-vector product is needed (``needs_hvp``; False only for a batch of HD runs), the
     μ rule (a tensor function, or None when every run has a constant μ), and whether HD's
-    v includes weight decay (``regularised``)."""
+    v includes weight decay (``regularised``).
+
+    ``unit_mu``: every run has μ ≡ 1 (RTHO), so z_{t+1} = A_t z_t + B_t skips the product by μ.
+    ``donate``: :meth:`optimizer_step` writes s_{t+1} and z_{t+1} into the buffers of s_t and
+    z_t (and :meth:`init` copies the parameters once): for a single run that never reads an
+    old state again (:func:`run`, the drop-in optimizers), it saves a memory pass per leaf and
+    update. The numbers are the same either way (same kernels); keep it False under ``vmap``
+    or whenever an old state is kept (the step is then a pure function).
+    Without a Hessian-vector product (HD) the tangent z is carried for w only (A_t is never
+    applied, so the tangents of the optimizer's moments would stay unused)."""
 
     dynamics: _dynamics.Dynamics
     objective: str = "val"
     needs_hvp: bool = True
     mu_rule: Callable | None = None
     regularised: bool = True
+    unit_mu: bool = False
+    donate: bool = False
 
     def init(self, params: Any, cfg: HyperConfig) -> OnlineState:
         """s_0 = dynamics.init(params), z_0 = 0, η_0, β_0, μ_0 and the settings of ``cfg``."""
         leaf = tree_leaves(params)[0]
         f = lambda x: torch.tensor(x, dtype=HYPER_DTYPE, device=leaf.device)
-        opt = self.dynamics.init(params)
-        return OnlineState(opt=opt, z=tree_zeros_like(opt), lr=f(cfg.lr0), beta=f(cfg.beta0),
+        opt = self.dynamics.init(tree_clone(params) if self.donate else params)
+        z = tree_zeros_like(opt if self.needs_hvp else {"w": self.dynamics.params(opt)})
+        return OnlineState(opt=opt, z=z, lr=f(cfg.lr0), beta=f(cfg.beta0),
                            mu=f(cfg.mu0), counter=f(0.0), h=f(0.0), g_prev=tree_zeros_like(params),
                            ref_loss=f(math.nan),
                            diverged_at=torch.tensor(-1, device=leaf.device),
@@ -454,16 +468,14 @@ class Engine:
         dyn = self.dynamics
         dtype = tree_leaves(dyn.params(state.opt))[0].dtype
         lr = state.lr.to(dtype)  # the step runs in the model's dtype (η itself is float64)
+        outs = {"out_state": state.opt, "out_tangent": state.z} if self.donate else {}
         if hvp is None:
-            opt, z = dyn.tangent(state.opt, grad, lr, t)
+            opt, z = dyn.tangent(state.opt, grad, lr, t, keys=tuple(state.z), **outs)
         else:
-            opt, z = dyn.tangent(state.opt, grad, lr, t, state.z, hvp, 1.0, scale=state.mu.to(dtype))
-        w = tree_leaves(dyn.params(opt))
-        total = w[0].sum()
-        for x in w[1:]:
-            total = total + x.sum()
-        new = state._replace(opt=opt, z=z, g_prev=grad)
-        return _fail(new, t, (~torch.isfinite(total), 7))
+            scale = None if self.unit_mu else state.mu.to(dtype)
+            opt, z = dyn.tangent(state.opt, grad, lr, t, state.z, hvp, 1.0, scale=scale,
+                                 keys=tuple(state.z), **outs)
+        return state._replace(opt=opt, z=z, g_prev=grad)
 
     def step(self, state: OnlineState, grad: Any, t: int, *, loss: torch.Tensor, hvp: Any = None,
              v: Any = None, value: Any = None) -> tuple[OnlineState, dict]:
@@ -572,11 +584,14 @@ def setup(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics"
     return problem, cfg, dyn, T, eval_every, val_batch_size, config
 
 
-def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None = None) -> Engine:
+def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None = None,
+               donate: bool = False) -> Engine:
     """The :class:`Engine` of a run with settings ``cfg`` (``needs_hvp`` may be forced on for a
-    batch that mixes HD with other methods)."""
-    return Engine(dyn, cfg.objective, cfg.needs_hvp if needs_hvp is None else needs_hvp,
-                  cfg.mu_rule, cfg.hd_gradient == "regularised")
+    batch that mixes HD with other methods; ``donate`` for a single run, see :class:`Engine`)."""
+    needs = cfg.needs_hvp if needs_hvp is None else needs_hvp
+    unit_mu = needs_hvp is None and cfg.mu_rule is None and cfg.mu0 == 1.0
+    return Engine(dyn, cfg.objective, needs, cfg.mu_rule, cfg.hd_gradient == "regularised",
+                  unit_mu, donate)
 
 
 def divergence_message(step: int, why: int, value: float | None = None) -> str:
@@ -616,7 +631,8 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         lr_max: the run is declared divergent when |η| exceeds it (default 1e6·lr0; no bound
             when lr0 = 0). ``divergence_factor``: also when the run's loss (E(w_t) for "val",
             L_t for "train") exceeds this multiple of its initial value (default 2; None: off).
-            Non-finite losses, parameters, h or β always count as divergence.
+            Non-finite losses, h or β always count as divergence (non-finite parameters
+            make the next loss non-finite).
         eval_every: record E(w_k) (and accuracy) every this many steps, plus at 0 and the end;
             default every step for "val" with the full validation set (E(w_t) comes with its
             gradient), else only w_0 and w_T (an evaluation costs a validation forward pass).
@@ -641,7 +657,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         lr_max=lr_max, beta_bound=beta_bound, divergence_factor=divergence_factor,
         hd_gradient=hd_gradient, eval_every=eval_every, val_batch_size=val_batch_size,
         seed=seed)
-    engine = engine_for(cfg, dyn)
+    engine = engine_for(cfg, dyn, donate=True)
     grad_train = lambda w, t: autograd_gradient(problem.train_loss, w, t)
     grad_hvp = lambda w, z_w, t: autograd_gradient_hvp(problem.train_loss, w, z_w, t)
 
@@ -654,14 +670,18 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
 
     evals: list[tuple[int, float, float]] = []
 
-    def evaluate(k, w, value=None):
+    def evaluate(k, w, value=None) -> tuple[int, float, float]:
+        """(k, E(w_k), validation accuracy): one forward pass when the metrics give E too."""
+        acc, metrics = math.nan, None
+        if problem.metrics is not None:
+            metrics = problem.metrics(w)
+            acc = float(metrics.get("val_accuracy", math.nan))
+        if value is None:
+            value = metrics.get("val_loss") if metrics is not None else None
         if value is None:
             with torch.no_grad():
                 value = problem.val_loss(w)
-        acc = math.nan
-        if problem.metrics is not None:
-            acc = float(problem.metrics(w).get("val_accuracy", math.nan))
-        evals.append((k, float(value), acc))
+        return k, float(value), acc
 
     state = engine.init(problem.params0, cfg)
     auxes, times = [], []
@@ -680,13 +700,15 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
                 v, value = g, loss  # E = L_t: ∇E(w_t) is the gradient already computed
             elif cfg.objective == "val" and (t > 0 or val_bs is None):
                 v, value = objective_grad(w, t)
+            # evaluated before the step, which writes w_{t+1} over w_t (the engine donates buffers)
+            evaluation = evaluate(t, w, value) if t % eval_every == 0 else None
             state, aux = engine.step(state, g, t, loss=loss, hvp=hz, v=v, value=value)
             auxes.append(aux)
             times.append(time.perf_counter() - start)
             if int(state.diverged_at) >= 0:
                 break
-            if t % eval_every == 0:
-                evaluate(t, w, value)
+            if evaluation is not None:
+                evals.append(evaluation)
             if progress and t % 10 == 0:
                 bar.set_postfix(lr=f"{float(aux['lr']):.3g}", loss=f"{float(loss):.4g}", refresh=False)
         else:  # the last hyper-update (h_T, η_T); for "train" the run's one extra gradient
@@ -707,7 +729,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
                 state = engine.finish(state, v, T)
                 auxes.append({"h": state.h})
             if int(state.diverged_at) < 0:
-                evaluate(T, w, value)
+                evals.append(evaluate(T, w, value))
     finally:
         if hasattr(bar, "close"):
             bar.close()
