@@ -59,6 +59,7 @@ saves to JSON + npz and loads back.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -206,7 +207,7 @@ class HyperConfig:
         return Settings(lr0=f(self.lr0), mu_adaptive=b(self.mu_rule is not None), beta_adaptive=b(self.beta_adaptive),
                         beta_rule_eta=b(self.beta_rule == "h_eta"), kappa=f(self.kappa),
                         lr_floor=f(-math.inf if self.lr_floor is None else self.lr_floor),
-                        lr_max=f(self.lr_max),
+                        lr_max=f(min(self.lr_max, sys.float_info.max)),  # finite: |η| ≤ it fails for inf
                         beta_bound=f(math.inf if self.beta_bound is None else self.beta_bound),
                         divergence_factor=f(math.inf if self.divergence_factor is None
                                             else self.divergence_factor))
@@ -358,14 +359,26 @@ class OnlineState(NamedTuple):
     settings: Settings
 
 
-def _fail(state: OnlineState, t: int, *checks: tuple[torch.Tensor, int]) -> OnlineState:
-    """Record the first failure of step t: ``checks`` are (bad, code) pairs in priority order;
-    diverged_at = t and why = the first code whose ``bad`` holds, unless the run already failed."""
-    code = torch.zeros_like(state.why)
-    for bad, c in reversed(checks):
-        code = torch.where(bad, torch.full_like(code, c), code)
-    new = (state.diverged_at < 0) & (code > 0)
-    return state._replace(diverged_at=torch.where(new, torch.full_like(state.diverged_at, t), state.diverged_at),
+_NO_FAILURE = 99  # above every DIVERGENCE code
+_CODES: dict = {}  # (codes, device) -> the codes as a tensor, made once
+
+
+def _nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """x is ±inf or NaN: x − x is NaN exactly then (two kernels; ``isfinite`` takes five)."""
+    return (x - x) != 0
+
+
+def _fail(state: OnlineState, t: int, bad: list, codes: tuple) -> OnlineState:
+    """Record the first failure of step t: ``bad`` are 0-d booleans, ``codes`` their DIVERGENCE
+    codes in ascending (= priority) order; diverged_at = t and why = the first code whose ``bad``
+    holds, unless the run already failed. A handful of tensor ops whatever the number of checks
+    (the step's scalar bookkeeping costs as much as a small model's update)."""
+    key = (codes, state.why.device)
+    if key not in _CODES:
+        _CODES[key] = torch.tensor(codes, dtype=state.why.dtype, device=state.why.device)
+    code = torch.where(torch.stack(bad), _CODES[key], _NO_FAILURE).amin()
+    new = (state.diverged_at < 0) & (code < _NO_FAILURE)
+    return state._replace(diverged_at=torch.where(new, t, state.diverged_at),
                           why=torch.where(new, code, state.why))
 
 
@@ -377,7 +390,8 @@ class Engine:
     μ rule (a tensor function, or None when every run has a constant μ), and whether HD's
     v includes weight decay (``regularised``).
 
-    ``unit_mu``: every run has μ ≡ 1 (RTHO), so z_{t+1} = A_t z_t + B_t skips the product by μ.
+    ``unit_mu``: every run has μ ≡ 1 (RTHO), so z_{t+1} = A_t z_t + B_t skips the product by μ;
+    ``adaptive_beta``: False when no run adapts β (the β rule's ops are then skipped).
     ``donate``: :meth:`optimizer_step` writes s_{t+1} and z_{t+1} into the buffers of s_t and
     z_t (and :meth:`init` copies the parameters once): for a single run that never reads an
     old state again (:func:`run`, the drop-in optimizers), it saves a memory pass per leaf and
@@ -393,6 +407,7 @@ class Engine:
     regularised: bool = True
     unit_mu: bool = False
     donate: bool = False
+    adaptive_beta: bool = True
 
     def init(self, params: Any, cfg: HyperConfig) -> OnlineState:
         """s_0 = dynamics.init(params), z_0 = 0, η_0, β_0, μ_0 and the settings of ``cfg``."""
@@ -424,30 +439,29 @@ class Engine:
         s = state.settings
         h = tree_dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
         lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
-        grad_dot = (tree_dot(v, state.g_prev).to(h.dtype) if self.mu_rule is not None
-                    else torch.zeros_like(h))
-        stats = _marthe.HyperStats(t=t - 1, lr=lr, prev_lr=state.lr, hypergrad=h,
-                                   prev_hypergrad=state.h, grad_dot=grad_dot)
-        # β: one hypergradient step on β (hh or the authors' h·η), ≥ 0, ≤ bound·max(η_t, η_0)/|h_t|
-        beta = state.beta + s.kappa * h * torch.where(s.beta_rule_eta, lr, state.h)
-        beta = beta.clamp_min(0.0)
-        active = (h != 0) & torch.isfinite(s.beta_bound)
-        scale = torch.maximum(lr, s.lr0)
-        cap = torch.where(active, s.beta_bound * scale / torch.where(active, h.abs(), torch.ones_like(h)),
-                          torch.full_like(h, math.inf))
-        capped = s.beta_adaptive & (beta > cap)
-        beta = torch.where(s.beta_adaptive, torch.minimum(beta, cap), state.beta)
+        beta, capped = state.beta, None
+        if self.adaptive_beta:
+            # one hypergradient step on β (hh or the authors' h·η), ≥ 0, ≤ bound·max(η_t, η_0)/|h_t|
+            beta = (state.beta + s.kappa * h * torch.where(s.beta_rule_eta, lr, state.h)).clamp_min(0.0)
+            cap = s.beta_bound * torch.maximum(lr, s.lr0) / h.abs()
+            cap = torch.nan_to_num(cap, nan=math.inf, posinf=math.inf)  # no cap for h = 0, no bound
+            capped = s.beta_adaptive & (beta > cap)
+            beta = torch.where(s.beta_adaptive, torch.minimum(beta, cap), state.beta)
         mu, counter = state.mu, state.counter
         if self.mu_rule is not None:
+            stats = _marthe.HyperStats(t=t - 1, lr=lr, prev_lr=state.lr, hypergrad=h,
+                                       prev_hypergrad=state.h,
+                                       grad_dot=tree_dot(v, state.g_prev).to(h.dtype))
             mu_r, c_r = self.mu_rule(state.mu, state.counter, stats)
             mu_r = torch.as_tensor(mu_r, dtype=h.dtype, device=h.device).clamp(0.0, 1.0)
             c_r = torch.as_tensor(c_r, dtype=h.dtype, device=h.device)
             mu = torch.where(s.mu_adaptive, mu_r, state.mu)
             counter = torch.where(s.mu_adaptive, c_r, state.counter)
-        new = state._replace(lr=lr, beta=beta, mu=mu, counter=counter, h=h,
-                             beta_capped=state.beta_capped + capped.to(state.beta_capped.dtype))
-        return _fail(new, t, (~torch.isfinite(h), 4), (~torch.isfinite(lr) | (lr.abs() > s.lr_max), 5),
-                     (~torch.isfinite(beta), 6))
+        new = state._replace(lr=lr, beta=beta, mu=mu, counter=counter, h=h)
+        if capped is not None:
+            new = new._replace(beta_capped=state.beta_capped + capped.to(state.beta_capped.dtype))
+        # h, β not finite; η not finite or |η| > lr_max (a finite stand-in for "no bound")
+        return _fail(new, t, [_nonfinite(h), ~(lr.abs() <= s.lr_max), _nonfinite(beta)], (4, 5, 6))
 
     def check_loss(self, state: OnlineState, loss: torch.Tensor, value: Any, t: int) -> OnlineState:
         """Divergence at step t from the losses: L_t (or E(w_t)) not finite, or the loss that
@@ -456,11 +470,10 @@ class Engine:
         if t == 0:
             state = state._replace(ref_loss=key.detach().to(state.ref_loss.dtype))
         ref, factor = state.ref_loss, state.settings.divergence_factor
-        limit = torch.where(ref != 0, ref + (factor - 1) * ref.abs(), torch.full_like(ref, math.inf))
-        checks = [(~torch.isfinite(loss), 1)]
-        if value is not None:
-            checks.append((~torch.isfinite(value), 2))
-        return _fail(state, t, *checks, (key > limit, 3))
+        limit = torch.where(ref != 0, ref + (factor - 1) * ref.abs(), math.inf)
+        if value is None:
+            return _fail(state, t, [_nonfinite(loss), key > limit], (1, 3))
+        return _fail(state, t, [_nonfinite(loss), _nonfinite(value), key > limit], (1, 2, 3))
 
     def optimizer_step(self, state: OnlineState, grad: Any, t: int, hvp: Any = None) -> OnlineState:
         r"""s_{t+1} = D(s_t, g_t, η_t), z_{t+1} = μ_t A_t z_t + B_t (closed-form tangent of D, with
@@ -591,7 +604,7 @@ def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None
     needs = cfg.needs_hvp if needs_hvp is None else needs_hvp
     unit_mu = needs_hvp is None and cfg.mu_rule is None and cfg.mu0 == 1.0
     return Engine(dyn, cfg.objective, needs, cfg.mu_rule, cfg.hd_gradient == "regularised",
-                  unit_mu, donate)
+                  unit_mu, donate, cfg.beta_adaptive)
 
 
 def divergence_message(step: int, why: int, value: float | None = None) -> str:
