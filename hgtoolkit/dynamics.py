@@ -326,7 +326,12 @@ def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: An
             if inner is not None:
                 inner = _axpy(inner, dlr, d[i], o)
             else:
-                inner = torch.neg(d[i], out=o) if _is_one(dlr) else torch.mul(d[i], -dlr, out=o)
+                if _is_one(dlr):
+                    inner = torch.neg(d[i], out=o)
+                elif _is_one(-dlr) and o is None:
+                    inner = d[i]  # B_t for dη = −1 is d itself: no copy
+                else:
+                    inner = torch.mul(d[i], -dlr, out=o)
         tan.append(inner)
     return new, tan
 

@@ -398,7 +398,11 @@ class Engine:
     update. The numbers are the same either way (same kernels); keep it False under ``vmap``
     or whenever an old state is kept (the step is then a pure function).
     Without a Hessian-vector product (HD) the tangent z is carried for w only (A_t is never
-    applied, so the tangents of the optimizer's moments would stay unused)."""
+    applied, so the tangents of the optimizer's moments would stay unused), and when the engine
+    owns the gradients it is given (``owns_grad``: not a user's ``p.grad``, which may be zeroed
+    in place) ``state.z`` holds −z_{t+1} = d_t, the update direction itself, not a copy of it
+    (h_{t+1} = −v·d_t).
+    """
 
     dynamics: _dynamics.Dynamics
     objective: str = "val"
@@ -408,6 +412,12 @@ class Engine:
     unit_mu: bool = False
     donate: bool = False
     adaptive_beta: bool = True
+    owns_grad: bool = True
+
+    @property
+    def _direction_as_z(self) -> bool:
+        """HD keeps d_t = −z_{t+1} by reference (class docstring)."""
+        return not self.needs_hvp and self.owns_grad
 
     def init(self, params: Any, cfg: HyperConfig) -> OnlineState:
         """s_0 = dynamics.init(params), z_0 = 0, η_0, β_0, μ_0 and the settings of ``cfg``."""
@@ -438,6 +448,8 @@ class Engine:
         """
         s = state.settings
         h = tree_dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
+        if self._direction_as_z:
+            h = -h
         lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
         beta, capped = state.beta, None
         if self.adaptive_beta:
@@ -482,7 +494,10 @@ class Engine:
         dtype = tree_leaves(dyn.params(state.opt))[0].dtype
         lr = state.lr.to(dtype)  # the step runs in the model's dtype (η itself is float64)
         outs = {"out_state": state.opt, "out_tangent": state.z} if self.donate else {}
-        if hvp is None:
+        if self._direction_as_z:  # z = −B_t = d_t by reference
+            opt, z = dyn.tangent(state.opt, grad, lr, t, dlr=-1.0, keys=("w",),
+                                 out_state=outs.get("out_state"))
+        elif hvp is None:
             opt, z = dyn.tangent(state.opt, grad, lr, t, keys=tuple(state.z), **outs)
         else:
             scale = None if self.unit_mu else state.mu.to(dtype)

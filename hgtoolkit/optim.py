@@ -72,6 +72,7 @@ it; later steps leave that group alone. ``raise_on_divergence=True`` raises
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable, Iterable
@@ -192,7 +193,8 @@ class OnlineOptimizer(DropIn):
             ref = group["params"][0]
             dyn = self._dynamics(group)
             # donate: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
-            cache[key] = (dyn, online.engine_for(cfg, dyn, donate=True),
+            engine = dataclasses.replace(online.engine_for(cfg, dyn, donate=True), owns_grad=False)
+            cache[key] = (dyn, engine,
                           cfg.settings(online.HYPER_DTYPE, ref.device))
         return cache[key]
 
