@@ -353,15 +353,16 @@ def from_dict(d: dict, kind: str | None = None, *, source: str = "record", redo:
 
 
 def split_arrays(d: dict, readable: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
-    """(JSON-able dict, arrays): every numpy array (or tensor) leaf of ``d`` moves to the arrays
-    under its dotted path; the dict keeps, at its place, a list (top-level key in ``readable``)
+    """(JSON-able dict, arrays): every numpy array (or tensor: marked, to come back as one) leaf
+    of ``d`` moves to the arrays under its dotted path; the dict keeps, at its place, a list (top-level key in ``readable``)
     or ``{"npz": key, "dtype", "shape"}``, and ``"arrays"`` = {key: {"path", "dtype", "shape"}}
     to put it back."""
     arrays: dict[str, np.ndarray] = {}
     paths: dict[str, list] = {}
 
     def walk(v: Any, path: list) -> Any:
-        if isinstance(v, torch.Tensor):
+        tensor = isinstance(v, torch.Tensor)
+        if tensor:
             v = v.detach().cpu().numpy()
         if isinstance(v, np.ndarray):
             if v.dtype.hasobject:
@@ -371,6 +372,8 @@ def split_arrays(d: dict, readable: tuple[str, ...] = ()) -> tuple[dict, dict[st
                 key += "_"
             arrays[key] = v
             paths[key] = {"path": list(path), "dtype": str(v.dtype), "shape": list(v.shape)}
+            if tensor:
+                paths[key]["tensor"] = True
             if path[0] in readable:
                 return to_jsonable(v)
             return {"npz": key, "dtype": str(v.dtype), "shape": list(v.shape)}
@@ -402,11 +405,12 @@ def join_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> dict:
         for p in path[:-1]:
             node = node[p]
         if key in arrays:
-            node[path[-1]] = arrays[key]
+            value = arrays[key]
         elif isinstance(node[path[-1]], list):
-            node[path[-1]] = np.asarray(_none_to_nan(node[path[-1]]), dtype=entry["dtype"]).reshape(entry["shape"])
+            value = np.asarray(_none_to_nan(node[path[-1]]), dtype=entry["dtype"]).reshape(entry["shape"])
         else:
             raise ValueError(f"array {key!r} is missing (not in the npz, no readable copy in the JSON)")
+        node[path[-1]] = torch.from_numpy(np.array(value)) if entry.get("tensor") else value
     return out
 
 
@@ -478,7 +482,10 @@ def load(path: str | os.PathLike, kind: str | None = None) -> Any:
     if doc.get("format") == FORMAT:
         files = doc.get("files") or {}
         npz = jpath.with_name(files["arrays"]) if files.get("arrays") else None
-        arrays = load_arrays(npz) if npz is not None and npz.exists() else {}  # else: readable copies
+        try:
+            arrays = load_arrays(npz) if npz is not None and npz.exists() else {}  # else: readable copies
+        except ValueError as exc:
+            raise ValueError(f"{exc}; {s.redo}") from None
         try:
             d = join_arrays(doc, arrays)
         except (ValueError, KeyError, IndexError, TypeError) as exc:
