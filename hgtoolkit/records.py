@@ -2,31 +2,36 @@ r"""Result records: one codec for every result type, plus atomic writes.
 
 Every result type (``online.OnlineResult``, ``baselines.PeerResult``, ``hdm.HDMResult``,
 ``lrsopt.ScheduleResult``, ``analysis.ApproximationReport``, ``towers.TowerResult``) is a
-dataclass registered with :func:`register` under a *kind* name and a *version*.
-:func:`save` ``(obj, path)`` writes
+dataclass registered with :func:`register` (:func:`register_run` for :class:`RunRecord`
+subclasses) under a *kind* name (``online``, ``peer``, ``hdm``, ``lrsopt``, ``approximation``,
+``towers``) and a *version*. :func:`save` ``(obj, path)`` writes, arrays and parameters first:
 
 - ``<stem>.json``: ``"format": "hgtoolkit.record"``, ``"kind"``, ``"version"``, every scalar and
   setting (non-finite floats as ``null``), derived values for readers (``best_val_loss`` …),
-  ``"files"`` (the names of the two files below) and ``"arrays"`` = {npz key: JSON path of the
-  array}; an array leaf in the JSON is a readable list (the kind's ``readable`` fields) or
-  ``{"npz": key, "dtype", "shape"}``;
-- ``<stem>.npz``: every numpy array, bit-exact (read with ``np.load(allow_pickle=False)``);
-- ``<stem>.params.pt``: model parameters, if the kind has a ``params`` field and it is set: a
-  pytree of tensors (dicts, lists, tuples) written by ``torch.save`` and read with
-  ``torch.load(weights_only=True)``.
+  ``"files"`` (the names of the two files below) and ``"arrays"`` = {npz key: {"path", "dtype",
+  "shape"}}; in the fields an array is a readable list (the kind's ``readable`` fields; such a
+  record also loads from its JSON alone) or ``{"npz": key, "dtype", "shape"}``;
+- ``<stem>.npz``: every numpy array, bit-exact, under its dotted path (``outer_state.m``),
+  read with ``np.load(allow_pickle=False)``;
+- ``<stem>.params.pt``: the model parameters, if the kind has a ``params`` field and it is set:
+  a pytree of tensors (dicts, lists, tuples) written by ``torch.save``, checked to load with
+  ``torch.load(weights_only=True)``, which is how it is read.
 
-:func:`load` ``(path, kind=None)`` reads them back into the registered dataclass (dispatch on
-the JSON's ``kind``). In memory the same codec is :func:`to_dict` (``kind``/``version``/fields,
-arrays as numpy) ↔ :func:`from_dict`, and :func:`split_arrays` / :func:`join_arrays` move the
-arrays out of / back into that dict; the sweep stores its ``online`` and ``lrsopt`` cell
-results through these, with the kind's ``timing`` fields (wall times) kept apart.
+:func:`load` ``(path, kind=None)`` returns the registered dataclass (dispatch on the JSON's
+``kind``). In memory the codec is :func:`to_dict` (kind, version, fields; arrays stay numpy,
+parameters stay tensors) ↔ :func:`from_dict`, and :func:`split_arrays` / :func:`join_arrays`
+move the arrays out of / back into such a dict. The sweep's ``online`` and ``lrsopt`` cells
+store exactly that (``result`` = the JSON part, the cell's arrays = the npz part), with the
+kind's ``timing`` fields (wall times) kept in the cell's ``meta``.
 
 Loading a record of another kind than asked, of an unknown kind, of a newer version, or of an
 older version without a migration raises ValueError naming the file, what it is, what was
-expected and how to regenerate it. Records written before this codec (version 1: the old
-``RunRecord``/``ScheduleResult``/``ApproximationReport``/``TowerResult`` files and the sweep's old
-cell results) load through the kinds' migrations. No pickle: arrays are npz without object
-arrays, parameters are read with ``weights_only=True``.
+expected and how to regenerate it; so do truncated or corrupt JSON, npz and parameter files.
+Records written before this codec (version 1: the old ``RunRecord``, ``ScheduleResult/1``,
+``ApproximationReport/1`` and ``TowerResult`` files, and the sweep's old cell results) load
+through the kinds' migrations (``migrations[1](cls, d)``: the current fields from the old
+JSON values with the old arrays merged in by name). No pickle anywhere: npz files hold no
+object arrays and parameters are read with ``weights_only=True``.
 """
 from __future__ import annotations
 
