@@ -12,7 +12,8 @@ subclasses) under a *kind* name (``online``, ``peer``, ``hdm``, ``lrsopt``, ``ap
   "shape"}}; in the fields an array is a readable list (the kind's ``readable`` fields; such a
   record also loads from its JSON alone) or ``{"npz": key, "dtype", "shape"}``;
 - ``<stem>.npz``: every numpy array, bit-exact, under its dotted path (``outer_state.m``),
-  read with ``np.load(allow_pickle=False)``;
+  read with ``np.load(allow_pickle=False)``; but the kind's ``timing`` arrays (wall times) are
+  JSON lists only, so that identical runs write identical npz files;
 - ``<stem>.params.pt``: the model parameters, if the kind has a ``params`` field and it is set:
   a pytree of tensors (dicts, lists, tuples) written by ``torch.save``, checked to load with
   ``torch.load(weights_only=True)``, which is how it is read.
@@ -357,11 +358,13 @@ def from_dict(d: dict, kind: str | None = None, *, source: str = "record", redo:
                          f"the record is incomplete or corrupt; {redo or s.redo}") from None
 
 
-def split_arrays(d: dict, readable: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
+def split_arrays(d: dict, readable: tuple[str, ...] = (),
+                 json_only: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
     """(JSON-able dict, arrays): every numpy array (or tensor: marked, to come back as one) leaf
     of ``d`` moves to the arrays under its dotted path; the dict keeps, at its place, a list (top-level key in ``readable``)
     or ``{"npz": key, "dtype", "shape"}``, and ``"arrays"`` = {key: {"path", "dtype", "shape"}}
-    to put it back."""
+    to put it back. Arrays under a top-level key in ``json_only`` (wall times) stay in the dict
+    as lists only (so that two identical runs write identical npz files)."""
     arrays: dict[str, np.ndarray] = {}
     paths: dict[str, list] = {}
 
@@ -373,12 +376,14 @@ def split_arrays(d: dict, readable: tuple[str, ...] = ()) -> tuple[dict, dict[st
             if v.dtype.hasobject:
                 raise TypeError(f"{'.'.join(map(str, path))}: object arrays cannot be stored (no pickle)")
             key = ".".join(map(str, path))
-            while key in arrays:
+            while key in paths:
                 key += "_"
-            arrays[key] = v
             paths[key] = {"path": list(path), "dtype": str(v.dtype), "shape": list(v.shape)}
             if tensor:
                 paths[key]["tensor"] = True
+            if path[0] in json_only:
+                return to_jsonable(v)
+            arrays[key] = v
             if path[0] in readable:
                 return to_jsonable(v)
             return {"npz": key, "dtype": str(v.dtype), "shape": list(v.shape)}
@@ -462,7 +467,7 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
     jpath, npath, ppath = _paths(path)
     d = to_dict(obj)
     params = d.pop(s.params) if s.params else None
-    doc, arrays = split_arrays(d, s.readable)
+    doc, arrays = split_arrays(d, s.readable, json_only=s.timing)
     files = {}
     if arrays:
         save_arrays(npath, **arrays)

@@ -128,6 +128,7 @@ def test_files_are_plain_json_npz_and_a_weights_only_tensor_file(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} == {"run.json", "run.npz", "run.params.pt"}
     with np.load(tmp_path / "run.npz", allow_pickle=False) as z:
         np.testing.assert_array_equal(z["lrs"], r.lrs)
+        assert "step_times" not in z.files  # wall times: JSON only, so identical runs give identical npz
     params = torch.load(tmp_path / "run.params.pt", weights_only=True)
     assert_same(params, r.final_params)
     doc = json.loads(js.read_text())
