@@ -99,6 +99,7 @@ _ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "e
 
 # ----------------------------------------------------------------------------- the record
 
+@records.register_run(redo="rerun it: `python -m hgtoolkit online ...` or `online.run(...).save(path)`")
 @dataclass(repr=False)
 class OnlineResult(records.RunRecord):
     r"""One online run. Per-step arrays have one entry per step t = 0 … n−1 that ran
