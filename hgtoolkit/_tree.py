@@ -7,14 +7,34 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 __all__ = [
-    "tree_map", "tree_flatten", "tree_unflatten", "tree_leaves", "tree_dot", "tree_axpy",
+    "tree_map", "tree_flatten", "tree_unflatten", "flatten", "unflatten", "tree_leaves", "tree_dot", "tree_axpy",
     "tree_scale", "tree_zeros_like", "tree_all_finite", "tree_detach", "tree_clone",
     "tree_numel", "tree_to",
 ]
 
 
+def flatten(tree: Any) -> tuple[list, Any]:
+    """(leaves, spec) like ``tree_flatten``, without the pytree machinery for the two shapes a
+    step sees thousands of times (a list or a dict of tensors); ``unflatten`` inverts it."""
+    t = type(tree)
+    if t is list and all(isinstance(x, torch.Tensor) for x in tree):
+        return tree, list
+    if t is dict and all(isinstance(x, torch.Tensor) for x in tree.values()):
+        return list(tree.values()), tuple(tree)
+    return tree_flatten(tree)
+
+
+def unflatten(leaves: list, spec: Any) -> Any:
+    """The tree of ``leaves`` with the structure ``spec`` from :func:`flatten`."""
+    if spec is list:
+        return list(leaves)
+    if type(spec) is tuple:
+        return dict(zip(spec, leaves))
+    return tree_unflatten(leaves, spec)
+
+
 def tree_leaves(tree: Any) -> list[torch.Tensor]:
-    return tree_flatten(tree)[0]
+    return flatten(tree)[0]
 
 
 def tree_dot(a: Any, b: Any) -> torch.Tensor:
@@ -31,6 +51,8 @@ def tree_dot(a: Any, b: Any) -> torch.Tensor:
 def _vdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """⟨x, y⟩ without a temporary (a BLAS dot); elementwise product and sum where dot does not apply."""
     if x.dtype == y.dtype and not x.is_complex():
+        if x.dim() == 1 and y.dim() == 1:
+            return torch.dot(x, y)
         return torch.dot(x.reshape(-1), y.reshape(-1))
     return (x * y).sum()
 

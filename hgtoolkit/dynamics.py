@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
-from ._tree import tree_map, tree_zeros_like
+from ._tree import flatten, tree_map, tree_zeros_like, unflatten
 
 __all__ = ["Dynamics", "SGD", "Adam", "AdaGrad", "RMSProp", "sgd", "momentum", "nesterov",
            "adam", "adagrad", "rmsprop", "get", "NAMES"]
@@ -89,12 +89,12 @@ class _Leaves:
 
     def __init__(self, state: dict, out: dict | None = None, dout: dict | None = None):
         self.keys = list(state)
-        flat = {k: tree_flatten(state[k]) for k in self.keys}
+        flat = {k: flatten(state[k]) for k in self.keys}
         self.spec = flat["w"][1]
         self.leaves = {k: flat[k][0] for k in self.keys}
         self.differentiable = True  # False: a closed-form tangent, never differentiated itself
-        self.out = {} if out is None else {k: tree_flatten(v)[0] for k, v in out.items()}
-        self.dout = {} if dout is None else {k: tree_flatten(v)[0] for k, v in dout.items()}
+        self.out = {} if out is None else {k: flatten(v)[0] for k, v in out.items()}
+        self.dout = {} if dout is None else {k: flatten(v)[0] for k, v in dout.items()}
 
     def o(self, key: str) -> list:
         """Output buffers of the new state's ``key`` ([None…] = allocate)."""
@@ -105,12 +105,12 @@ class _Leaves:
         return self.dout.get(key) or [None] * len(self.leaves["w"])
 
     def of(self, tree: Any) -> list | None:
-        return None if tree is None else tree_flatten(tree)[0]
+        return None if tree is None else flatten(tree)[0]
 
     def of_state(self, tree: dict | None) -> dict:
         if tree is None:
             return {k: None for k in self.keys}
-        return {k: (None if tree.get(k) is None else tree_flatten(tree[k])[0]) for k in self.keys}
+        return {k: (None if tree.get(k) is None else flatten(tree[k])[0]) for k in self.keys}
 
     def build(self, per_key: dict, into: dict | None = None, keys: Any = None) -> dict:
         """Leaf lists -> state pytree, for ``keys`` (default all). None entries are zeros; with
@@ -130,7 +130,7 @@ class _Leaves:
             else:
                 leaves = [torch.zeros_like(self.leaves[k][i]) if x is None else x
                           for i, x in enumerate(leaves)]
-            out[k] = tree_unflatten(leaves, self.spec)
+            out[k] = unflatten(leaves, self.spec)
         return out
 
 
@@ -231,7 +231,7 @@ class Dynamics:
         wd = getattr(self, "weight_decay", 0.0)
         if wd:  # through g̃ = g + wd·w
             sbar["w"] = [_add(_column(sbar["w"], i), _mul(wd, gb)) for i, gb in enumerate(gbar)]
-        grad_bar = tree_unflatten([torch.zeros_like(x) if b is None else b
+        grad_bar = unflatten([torch.zeros_like(x) if b is None else b
                                    for x, b in zip(L.leaves["w"], gbar)], L.spec)
         return L.build(sbar), grad_bar, lrbar
 
