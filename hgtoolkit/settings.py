@@ -165,8 +165,7 @@ def add_arguments(parser: Any, schema: type, names: Sequence[str] | None = None,
         if default is _NO_CLI_DEFAULT:
             raise ValueError(f"setting {name!r} of {schema.__name__} needs a command-line default")
         flag = "--" + name.replace("_", "-")
-        shown = "none" if default is None and spec.none else default
-        help_text = spec.help + ("" if default is None and not spec.none else f" (default {shown})")
+        help_text = spec.help + ("" if default is None else f" (default {default})")  # None: said in help
         kw: dict[str, Any] = {"default": default, "help": help_text.replace("%", "%%")}
         if spec.kind == "flag":
             kw["action"] = argparse.BooleanOptionalAction
