@@ -48,8 +48,7 @@ def _list() -> str:
     from ..experiments import EXPERIMENTS
     lines = ["experiments (python -m hgtoolkit reproduce NAME [--quick|--full|--tiny]):"]
     for name, exp in EXPERIMENTS.items():
-        state = "" if exp.available else "  [not available yet]"
-        lines.append(f"  {name:<8} " + textwrap.fill(exp.description + state, width=88,
+        lines.append(f"  {name:<8} " + textwrap.fill(exp.description, width=88,
                                                       subsequent_indent=" " * 11))
     return "\n".join(lines)
 
@@ -85,8 +84,6 @@ def run_reproduce(args) -> int:
     if "parts" in summary:  # composite (demo)
         for part, s in summary["parts"].items():
             lines += _report(s, out, part)
-        for part, why in summary.get("skipped", {}).items():
-            lines.append(f"{part}: skipped — {why}")
     else:
         lines = _report(summary, out, args.name)
     print("\n".join(lines))
