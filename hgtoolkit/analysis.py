@@ -69,7 +69,7 @@ from .trajectory import autograd_gradient, autograd_gradient_hvp, check_finite, 
 
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
            "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
-           "relative_error", "ratio", "pearson", "spearman", "plot_approximation",
+           "relative_error", "ratio", "pearson", "spearman",
            "REFERENCES", "ALIGNMENTS", "horizon_ladder", "horizon_ladder_online"]
 
 ALIGNMENTS = ("after_step", "before_step")
