@@ -64,8 +64,9 @@ class Spec:
     def options(self) -> tuple:
         return tuple(sorted(dynamics.NAMES)) if self.kind == "optimizer" else tuple(self.choices)
 
-    def describe(self) -> str:
-        """What the setting must be, e.g. ``a number in [0, 1] or 'auto' or null``."""
+    def describe(self, none: str = "null") -> str:
+        """What the setting must be, e.g. ``a number in [0, 1] or 'auto' or null`` (``none``: how
+        None is written: ``null`` in a grid, ``'none'`` on the command line)."""
         if self.kind in ("choice", "optimizer"):
             what = f"one of {self.options()}"
         elif self.kind == "flag":
@@ -78,7 +79,7 @@ class Spec:
                 what += f" in [{self.lo:g}, {self.hi:g}]"
             elif self.lo is not None:
                 what += f" {'>' if self.open_lo else '≥'} {self.lo:g}"
-        alts = [repr(w) for w in self.words] + (["null"] if self.none else [])
+        alts = [repr(w) for w in self.words] + ([none] if self.none else [])
         return what + (" or " + " or ".join(alts) if alts else "")
 
     def check(self, value: Any) -> Any:
@@ -127,7 +128,7 @@ class Spec:
         try:
             return self.check(value)
         except ValueError:
-            what = self.describe()
+            what = self.describe(none="'none'")
             if self.kind == "int" and self.lo == 1 and what == "an integer ≥ 1":
                 what = "a positive integer"
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
