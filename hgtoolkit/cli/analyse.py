@@ -20,7 +20,7 @@ from pathlib import Path
 from ..settings import HypergradSettings, OnlineSettings, add_arguments
 from . import args as cli_args
 
-__all__ = ["register"]
+__all__ = ["register", "register_analyse"]
 
 
 def register(sub) -> None:
@@ -52,6 +52,9 @@ def register(sub) -> None:
     cli_args.add_out(p, "analyse")
     cli_args.add_progress(p)
     p.set_defaults(func=run_analyse)
+
+
+register_analyse = register  # its former name (cli.online used to call it)
 
 
 _DEFAULT_BETA = {"hd": 1e-6, "rtho": 1e-8, "marthe": "auto"}
