@@ -22,7 +22,7 @@ from torch.func import functional_call
 from ._tree import tree_leaves, tree_numel
 
 __all__ = ["Problem", "from_function", "quadratic", "noisy_quadratic", "classification_mlp",
-           "mnist_mlp", "synthetic_classification", "constructor", "get"]
+           "mnist_mlp", "synthetic_classification", "constructor", "parameters", "get"]
 
 
 @dataclass
@@ -300,10 +300,35 @@ def synthetic_classification(n_train: int = 64, n_val: int = 32, dim: int = 5, c
                               name="synthetic_mlp", info={"data": f"synthetic Gaussian blobs (seed {seed})"})
 
 
+def _user_constructor(name: str) -> Callable[..., Problem]:
+    """``"module:function"`` → the function (``module`` importable, e.g. on ``sys.path``)."""
+    import importlib
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"problem {name!r}: write a user problem as 'module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"problem {name!r}: cannot import module {module_name!r} ({exc}); is it on "
+                         "sys.path (PYTHONPATH)?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"problem {name!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"problem {name!r}: {attr!r} is a {type(obj).__name__}, not a function "
+                         "returning a hgtoolkit.problems.Problem")
+    return obj
+
+
 def constructor(name: str) -> Callable[..., Problem]:
-    """The function that builds problem ``name`` (for ``get`` and for checking keywords up front)."""
+    """The function that builds problem ``name`` (for ``get`` and for checking keywords up front):
+    a built-in name, or ``"module:function"`` for a function of yours that returns a
+    :class:`Problem`."""
     if not isinstance(name, str):
         raise TypeError(f"problem must be a name, got {type(name).__name__}")
+    if ":" in name:
+        return _user_constructor(name)
     if name == "mnist_mlp":
         return mnist_mlp
     if name == "synthetic_mlp":
@@ -312,7 +337,18 @@ def constructor(name: str) -> Callable[..., Problem]:
     if name in testfunctions.FUNCTIONS:
         return lambda **kw: from_function(name, **kw)
     raise ValueError(f"unknown problem {name!r}; choose one of "
-                     f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}")
+                     f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}, or "
+                     "'module:function' for a function of yours returning a Problem")
+
+
+def parameters(name: str) -> dict:
+    """The keyword parameters (``inspect.Parameter`` by name) that problem ``name``'s constructor
+    takes: :func:`from_function`'s for a test function (less ``f``), the function's own otherwise."""
+    import inspect
+    build = constructor(name)
+    target = build if ":" in name or name in ("mnist_mlp", "synthetic_mlp") else from_function
+    return {k: p for k, p in inspect.signature(target).parameters.items()
+            if not (target is from_function and k == "f")}
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -323,10 +359,11 @@ def _check_kwargs(name: str, build: Callable, kwargs: dict) -> dict:
     """Keyword names and the common values (dtype, hidden, counts) checked before any work,
     with errors naming the keyword; ``dtype`` may be written as a string (``"float32"``)."""
     import inspect
-    target = from_function if name not in ("mnist_mlp", "synthetic_mlp") else build
-    allowed = [k for k in inspect.signature(target).parameters if k != "f"]
+    params = parameters(name)
+    allowed = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    any_keyword = len(allowed) < len(params)
     for key in kwargs:
-        if key not in allowed:
+        if key not in allowed and not any_keyword:
             raise TypeError(f"problem {name!r} takes no argument {key!r}; it takes {allowed}")
     out = dict(kwargs)
     if "dtype" in out:
@@ -359,7 +396,12 @@ def _check_kwargs(name: str, build: Callable, kwargs: dict) -> dict:
 
 def get(name: str, **kwargs) -> Problem:
     """A problem by name: a test function (``"beale"``, ``"rosenbrock"``, …), ``"mnist_mlp"``,
-    ``"synthetic_mlp"``; keyword arguments go to its constructor (checked first: an unknown
+    ``"synthetic_mlp"``, or ``"module:function"`` (your function, returning a :class:`Problem`);
+    keyword arguments go to its constructor (checked first: an unknown
     keyword or a bad ``dtype``/``hidden``/size raises naming it)."""
     build = constructor(name)
-    return build(**_check_kwargs(name, build, kwargs))
+    problem = build(**_check_kwargs(name, build, kwargs))
+    if not isinstance(problem, Problem):
+        raise ValueError(f"problem {name!r} returned a {type(problem).__name__}, not a "
+                         "hgtoolkit.problems.Problem")
+    return problem
