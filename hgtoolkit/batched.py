@@ -203,6 +203,18 @@ def _same(single: list[float], shared: list[float], dtype: torch.dtype) -> bool:
     return all(a == b or abs(a - b) <= tol * (1.0 + abs(a)) for a, b in zip(single, shared))
 
 
+def _rowwise(loss, W: torch.Tensor, Z: torch.Tensor | None, x: Any):
+    """(G, L, HZ) of a row-wise loss (``Problem.rowwise``) for all rows at once: L = loss(W, x)
+    (one value per row), G = ∇ΣL, HZ = ∇(G·Z) — row r's gradient and Hessian-vector product,
+    as the rows do not interact (the same kernels as a single run, on R rows)."""
+    with torch.enable_grad():
+        Wr = W.detach().requires_grad_(True)
+        L = loss(Wr, x)
+        (G,) = torch.autograd.grad(L.sum(), Wr, create_graph=Z is not None)
+        HZ = torch.autograd.grad((G * Z).sum(), Wr)[0] if Z is not None else None
+    return G.detach(), L.detach(), HZ
+
+
 # ----------------------------------------------------------------------------- the engine, vmapped
 
 def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | None,
@@ -219,6 +231,9 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     x_dim = 0 if data else None
     v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim))
     v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim))
+    if P.rowwise and not data:  # one autograd call for all rows (Problem.rowwise)
+        v_grad = lambda W, x: _rowwise(loss, W, None, x)[:2]
+        v_grad_hvp = lambda W, Z, x: _rowwise(loss, W, Z, x)
     v_grad_val = vmap(grad_and_value(P.val_loss))
     v_grad_val_batch = vmap(grad_and_value(P.batch_loss)) if val_bs is not None else None
     v_val = vmap(P.val_loss)

@@ -45,6 +45,10 @@ class Problem:
 
     ``val_is_train``: E(w) == L_t(w) for every t (deterministic problems such as the test
     functions); the online engine then takes ∇E(w_t) to be the training gradient it already has.
+    ``rowwise``: ``params0`` is one tensor and ``train_loss``/``val_loss`` map a stack W of
+    parameter rows (shape (R, *params0.shape)) to the R losses, row r from W[r] alone (the
+    analytic test functions); a batch of runs is then differentiated in one autograd call
+    instead of a ``vmap``.
     """
 
     params0: Any
@@ -59,6 +63,7 @@ class Problem:
     metric_tensors: Callable[[Any], dict] | None = None
     val_batch: Callable[[int, int], Any] | None = None
     val_is_train: bool = False
+    rowwise: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.train_loss):
@@ -114,8 +119,8 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
     With a name (``"beale"``, ``"bukin_smooth"``, ``"rosenbrock"``, …) ``x0`` defaults to the
     function's ``default_start``.
     """
+    import testfunctions
     if isinstance(f, str):
-        import testfunctions
         fn = testfunctions.get(f)
         name = name or fn.name
         x0 = fn.default_start if x0 is None else x0
@@ -127,7 +132,8 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
     device = _resolve_device(device)
     x0 = torch.as_tensor(x0, dtype=dtype, device=device).clone()
     return Problem(x0, lambda w, t: f(w), f, name=name or getattr(f, "__name__", "function"), val_is_train=True,
-                   info={"data": "analytic function"})
+                   info={"data": "analytic function"},
+                   rowwise=isinstance(f, testfunctions.TestFunction) and x0.shape == (2,))
 
 
 def quadratic(A: Any, x0: Any, b: Any = None, *, dtype: torch.dtype = torch.float64,
