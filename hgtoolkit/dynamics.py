@@ -251,7 +251,9 @@ class Dynamics:
             out = self._hyper_adjoint(L, self._g_tilde(L, grad), lr, t, h, L.of(bar_w), tuple(names))
             if out is not None:
                 return out
-        tensors = {n: torch.as_tensor(lr if n == "lr" else h[n]) for n in names}
+        tensors = {n: (lr if n == "lr" else h[n]) for n in names}
+        tensors = {n: x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+                   for n, x in tensors.items()}
 
         def w_of(vals):
             hp = {**hyper, **{n: x for n, x in vals.items() if n != "lr"}}

@@ -439,6 +439,15 @@ def _prev(level: Level, k: int, x: Any, moments: dict, grad: Any, scale: Any) ->
     return out
 
 
+def _number_or_tensor(v: Any) -> Any:
+    """A plain 0-d tensor that nothing differentiates as a Python number, else ``v`` itself
+    (a tensor inside ``torch.func`` or with ``requires_grad`` stays one)."""
+    if (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad
+            and not torch._C._functorch.is_functorch_wrapped_tensor(v)):
+        return v.item()
+    return v
+
+
 def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
             bounds: "tuple[torch.Tensor, torch.Tensor] | None", differentiable: bool = True) -> dict:
     """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
@@ -451,6 +460,8 @@ def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict
     if lr_scale is not None:
         lr = lr * lr_scale
     base_step = level.base.step if differentiable else level.base.update
+    if not differentiable:  # numbers: the dynamics' fused in-place kernels take them (same values)
+        hp = {k: _number_or_tensor(v) for k, v in hp.items()}
     if not isinstance(t, list):
         out = dict(base_step(state, grad, lr, t, **hp))
     else:
@@ -518,6 +529,7 @@ def _level0_hypergrad(level: Level, state: dict, grad: Any, t: "int | list[int]"
     names = level.tuned
     hp = {n: values[i] for i, n in enumerate(names)}
     lr = hp.pop("lr", level.lr)
+    hp = {k: _number_or_tensor(v) for k, v in hp.items()}  # plain numbers, as _update
     if scale is not None:
         lr = lr * scale
     if isinstance(t, list):
