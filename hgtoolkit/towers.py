@@ -610,7 +610,8 @@ def _divergence(tower: Level, state: dict, lr_max: float = math.inf,
     sync): a non-finite hyperparameter or hypergradient (the first, by level), a base LR
     η·``lr_scale`` above ``lr_max`` — the criteria of :class:`hgtoolkit.online.Engine` that apply
     to a tower (non-finite parameters show in the next hypergradient, as in the engine)."""
-    flat = torch.cat([*state["values"], *state["hypergrads"]])
+    parts = [*state["values"], *state["hypergrads"]]
+    flat = torch.cat(parts) if parts else torch.zeros(0)
     lr = state["values"][0][tower.tuned.index("lr")] if "lr" in tower.tuned else None
     lr_ok = lr is None or not math.isfinite(lr_max) or bool(lr.abs() * lr_scale <= lr_max)
     if bool(torch.isfinite(flat).all()) and lr_ok:
