@@ -193,6 +193,8 @@ class OnlineOptimizer(DropIn):
             ref = group["params"][0]
             dyn = self._dynamics(group)
             # donate: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
+            # owns_grad=False: HD copies d_t (for SGD p.grad itself, which a user may change in
+            # place, e.g. by accumulating gradients over steps) instead of keeping a reference
             engine = dataclasses.replace(online.engine_for(cfg, dyn, donate=True), owns_grad=False)
             cache[key] = (dyn, engine,
                           cfg.settings(online.HYPER_DTYPE, ref.device))
@@ -336,8 +338,8 @@ class OnlineOptimizer(DropIn):
             z={k: [self.state[p]["z_" + k] for p in params] for k in zkeys},
             lr=f("lr", prev_lr), beta=f("beta_t", group["beta_t"]), mu=f("mu_t", group["mu_t"]),
             counter=f("mu_counter", group["mu_counter"]), h=f("hypergrad", group["hypergrad"]),
-            g_prev=([self.state[p].get("g_prev", torch.zeros_like(p)) for p in params]
-                    if engine.mu_rule is not None else None),
+            g_prev=([self.state[p]["g_prev"] if "g_prev" in self.state[p] else torch.zeros_like(p)
+                     for p in params] if engine.mu_rule is not None else None),
             ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
         grads = [p.grad for p in params]
         base = group["lr"]
