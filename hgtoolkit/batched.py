@@ -243,17 +243,21 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
                keep_params: bool, progress: bool) -> list[_online.OnlineResult]:
     P = runs[0].problem
     cfgs = [r.cfg for r in runs]
+    data = P.batch_loss is not None
+    # a row-wise problem's batch runs natively (Engine(rows=True)), no vmap at all
+    rows = bool(P.rowwise) and not data and isinstance(P.params0, torch.Tensor)
+    batch_map = (lambda f: f) if rows else vmap
+    step_map = (lambda f, *args: f(*args)) if rows else _vmap_flat
     rules = {id(c.mu_rule): c.mu_rule for c in cfgs if c.mu_rule is not None}
     engine = _online.Engine(dyn, cfgs[0].objective, any(c.needs_hvp for c in cfgs),
                             next(iter(rules.values()), None), cfgs[0].hd_gradient == "regularised",
-                            adaptive_beta=any(c.beta_adaptive for c in cfgs))
+                            adaptive_beta=any(c.beta_adaptive for c in cfgs), rows=rows)
     objective = engine.objective
-    data = P.batch_loss is not None
     loss = P.batch_loss if data else P.train_loss
     x_dim = 0 if data else None
     v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim))
     v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim))
-    if P.rowwise and not data:  # one autograd call for all rows (Problem.rowwise)
+    if rows:  # one autograd call for all rows (Problem.rowwise)
         v_grad = lambda W, x: _rowwise(loss, W, None, x)[:2]
         v_grad_hvp = lambda W, Z, x: _rowwise(loss, W, Z, x)
     v_grad_val = vmap(grad_and_value(P.val_loss))
@@ -332,8 +336,8 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
                 v, E = objective_grad(W, t, active)
             fn = step_fn(t, hz is not None, v is not None, E is not None)
             dummy = torch.zeros(n, dtype=L.dtype, device=L.device)
-            S, aux = _vmap_flat(fn, S, g, L, dummy if hz is None else hz, dummy if v is None else v,
-                                dummy if E is None else E)
+            S, aux = step_map(fn, S, g, L, dummy if hz is None else hz, dummy if v is None else v,
+                              dummy if E is None else E)
             now = clock()
             times.append(now)
             rows = _rows({**aux, "diverged_at": S.diverged_at}, n)
@@ -355,15 +359,15 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
             W = dyn.params(S.opt)
             if objective == "train":
                 g_T, L_T = v_grad(W, minibatch(T, active))
-                S = vmap(lambda s, l: engine.check_loss(s, l, None, T))(S, L_T)
-                v = vmap(engine.objective_gradient)(S, g_T)
+                S = batch_map(lambda s, l: engine.check_loss(s, l, None, T))(S, L_T)
+                v = batch_map(engine.objective_gradient)(S, g_T)
                 E = None
             else:
                 v, E = objective_grad(W, T, active)
                 if E is not None:
-                    S = vmap(lambda s, e: engine.check_loss(s, e, e, T))(S, E)
+                    S = batch_map(lambda s, e: engine.check_loss(s, e, e, T))(S, E)
             before = S.diverged_at.tolist()
-            S = vmap(lambda s, vv: engine.finish(s, vv, T))(S, v)
+            S = batch_map(lambda s, vv: engine.finish(s, vv, T))(S, v)
             after = S.diverged_at.tolist()
             hs = S.h.tolist()
             for i, run in enumerate(active):

@@ -377,7 +377,8 @@ def _fail(state: OnlineState, t: int, bad: list, codes: tuple) -> OnlineState:
     key = (codes, state.why.device)
     if key not in _CODES:
         _CODES[key] = torch.tensor(codes, dtype=state.why.dtype, device=state.why.device)
-    code = torch.where(torch.stack(bad), _CODES[key], _NO_FAILURE).amin()
+    bad = torch.stack(bad)  # (checks,) or (checks, runs) for an engine with rows
+    code = torch.where(bad, _CODES[key].view(-1, *[1] * (bad.dim() - 1)), _NO_FAILURE).amin(0)
     new = (state.diverged_at < 0) & (code < _NO_FAILURE)
     return state._replace(diverged_at=torch.where(new, t, state.diverged_at),
                           why=torch.where(new, code, state.why))
@@ -393,6 +394,9 @@ class Engine:
 
     ``unit_mu``: every run has μ ≡ 1 (RTHO), so z_{t+1} = A_t z_t + B_t skips the product by μ;
     ``adaptive_beta``: False when no run adapts β (the β rule's ops are then skipped).
+    ``rows``: the state holds R runs along a leading axis natively (a batch of a
+    ``Problem.rowwise`` problem, whose parameters are one tensor): dots and failures per run,
+    η and μ broadcast per run — a batch without ``vmap`` and its per-op cost.
     ``donate``: :meth:`optimizer_step` writes s_{t+1} and z_{t+1} into the buffers of s_t and
     z_t (and :meth:`init` copies the parameters once): for a single run that never reads an
     old state again (:func:`run`, the drop-in optimizers), it saves a memory pass per leaf and
@@ -414,6 +418,21 @@ class Engine:
     donate: bool = False
     adaptive_beta: bool = True
     owns_grad: bool = True
+    rows: bool = False
+
+    def _dot(self, a: Any, b: Any) -> torch.Tensor:
+        """⟨a, b⟩ (per run with ``rows``: the state then holds the runs along a leading axis)."""
+        if not self.rows:
+            return tree_dot(a, b)
+        la, lb = tree_leaves(a), tree_leaves(b)
+        out = (la[0] * lb[0]).flatten(1).sum(1)
+        for x, y in zip(la[1:], lb[1:]):
+            out = out + (x * y).flatten(1).sum(1)
+        return out
+
+    def _per_row(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A per-run number (shape () or (R,)) shaped to broadcast against the run's tensors."""
+        return x.view(-1, *[1] * (like.dim() - 1)) if self.rows else x
 
     @property
     def _direction_as_z(self) -> bool:
@@ -448,7 +467,7 @@ class Engine:
         μ_t, c_t = μ rule or (μ_{t−1}, c_{t−1}).  Divergence (step t): h, η or β bad, |η| > lr_max.
         """
         s = state.settings
-        h = tree_dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
+        h = self._dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
         if self._direction_as_z:
             h = -h
         lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
@@ -464,7 +483,7 @@ class Engine:
         if self.mu_rule is not None:
             stats = _marthe.HyperStats(t=t - 1, lr=lr, prev_lr=state.lr, hypergrad=h,
                                        prev_hypergrad=state.h,
-                                       grad_dot=tree_dot(v, state.g_prev).to(h.dtype))
+                                       grad_dot=self._dot(v, state.g_prev).to(h.dtype))
             mu_r, c_r = self.mu_rule(state.mu, state.counter, stats)
             mu_r = torch.as_tensor(mu_r, dtype=h.dtype, device=h.device).clamp(0.0, 1.0)
             c_r = torch.as_tensor(c_r, dtype=h.dtype, device=h.device)
@@ -492,8 +511,9 @@ class Engine:
         r"""s_{t+1} = D(s_t, g_t, η_t), z_{t+1} = μ_t A_t z_t + B_t (closed-form tangent of D, with
         A_t z = ∂D/∂s·z + ∂D/∂g·H_t z_w; ``hvp`` = H_t z_{t,w}, None for z_{t+1} = B_t)."""
         dyn = self.dynamics
-        dtype = tree_leaves(dyn.params(state.opt))[0].dtype
-        lr = state.lr.to(dtype)  # the step runs in the model's dtype (η itself is float64)
+        w0 = tree_leaves(dyn.params(state.opt))[0]
+        dtype = w0.dtype
+        lr = self._per_row(state.lr.to(dtype), w0)  # the step runs in the model's dtype (η: float64)
         outs = {"out_state": state.opt, "out_tangent": state.z} if self.donate else {}
         if self._direction_as_z:  # z = −B_t = d_t by reference
             opt, z = dyn.tangent(state.opt, grad, lr, t, dlr=-1.0, keys=("w",),
@@ -501,7 +521,7 @@ class Engine:
         elif hvp is None:
             opt, z = dyn.tangent(state.opt, grad, lr, t, keys=tuple(state.z), **outs)
         else:
-            scale = None if self.unit_mu else state.mu.to(dtype)
+            scale = None if self.unit_mu else self._per_row(state.mu.to(dtype), w0)
             opt, z = dyn.tangent(state.opt, grad, lr, t, state.z, hvp, 1.0, scale=scale,
                                  keys=tuple(state.z), **outs)
         return state._replace(opt=opt, z=z, g_prev=grad)
