@@ -720,9 +720,13 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     evals: list[tuple[int, float, float]] = []
 
     def evaluate(k, w, value=None) -> tuple[int, float, float]:
-        """(k, E(w_k), validation accuracy): one forward pass when the metrics give E too."""
+        """(k, E(w_k), validation accuracy): one forward pass when the metrics give E too; at
+        k = 0 (w_0 = params0) the problem's cached evaluation."""
         acc, metrics = math.nan, None
-        if problem.metrics is not None:
+        if k == 0:
+            metrics = problem.initial_metrics()
+            acc = float(metrics.get("val_accuracy", math.nan))
+        elif problem.metrics is not None:
             metrics = problem.metrics(w)
             acc = float(metrics.get("val_accuracy", math.nan))
         if value is None:

@@ -64,6 +64,7 @@ class Problem:
     val_batch: Callable[[int, int], Any] | None = None
     val_is_train: bool = False
     rowwise: bool = False
+    _initial: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not callable(self.train_loss):
@@ -98,6 +99,21 @@ class Problem:
     @property
     def num_params(self) -> int:
         return tree_numel(self.params0)
+
+    def initial_metrics(self) -> dict:
+        """``metrics(params0)`` (with ``val_loss`` = E(w_0) added when the metrics lack it),
+        computed once: every run of a grid starts from w_0, and E(w_0) on the whole validation
+        set costs a few gradients. Recomputed if ``params0`` is changed in place."""
+        leaves = tree_leaves(self.params0)
+        key = tuple((id(x), x._version) for x in leaves)
+        if self._initial.get("key") != key:
+            out = dict(self.metrics(self.params0)) if self.metrics is not None else {}
+            if "val_loss" not in out:
+                with torch.no_grad():
+                    out["val_loss"] = float(self.val_loss(self.params0))
+            self._initial.clear()
+            self._initial.update(key=key, metrics=out)
+        return dict(self._initial["metrics"])
 
     def describe(self) -> dict:
         """JSON-serialisable summary for result records."""
