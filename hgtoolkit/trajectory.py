@@ -83,11 +83,9 @@ def autograd_gradient_hvp(fn: Callable, w: Any, z_w: Any, *args: Any):
         gs = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
         pairs = [(g, z) for g, z in zip(gs, tree_flatten(z_w)[0]) if g is not None and g.requires_grad]
         hz = [None] * len(leaves)
-        if pairs:
-            dot = pairs[0][0].reshape(-1).dot(pairs[0][1].reshape(-1))
-            for g, z in pairs[1:]:
-                dot = dot + g.reshape(-1).dot(z.reshape(-1))
-            hz = torch.autograd.grad(dot, leaves, allow_unused=True)
+        if pairs:  # ∇(∇fn·z_w): the backward of the gradient with z_w as its cotangent
+            hz = torch.autograd.grad([g for g, _ in pairs], leaves, grad_outputs=[z for _, z in pairs],
+                                     allow_unused=True)
     gs = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, gs)]
     hz = [torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hz)]
     return tree_unflatten(gs, spec), value.detach(), tree_unflatten(hz, spec)
