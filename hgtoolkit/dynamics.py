@@ -91,6 +91,7 @@ class _Leaves:
         self.spec = flat["w"][1]
         self.leaves = {k: flat[k][0] for k in self.keys}
         self.differentiable = True  # False: a closed-form tangent, never differentiated itself
+        self.keep: dict | None = None  # where an update may leave intermediates (Dynamics.update)
         self.out = {} if out is None else {k: flatten(v)[0] for k, v in out.items()}
         self.dout = {} if dout is None else {k: flatten(v)[0] for k, v in dout.items()}
 
@@ -234,19 +235,30 @@ class Dynamics:
         return L.build(sbar), grad_bar, lrbar
 
     def update(self, state: dict, grad: Any, lr: Any, t: int, *, out_state: dict | None = None,
-               **hyper: Any) -> dict:
+               keep: dict | None = None, **hyper: Any) -> dict:
         """:meth:`step` for a caller that never differentiates it (no autograd masks; written
-        into ``out_state`` when given). Same numbers as :meth:`step`."""
-        return self.tangent(state, grad, lr, t, dlr=None, keys=(), out_state=out_state, **hyper)[0]
+        into ``out_state`` when given). Same numbers as :meth:`step`. ``keep``: a dict where the
+        dynamics may leave intermediates of this update (Adam: its direction u, denominator
+        and √v') for a later :meth:`hyper_vjp` of the same update (``kept=``), which then
+        does not recompute them."""
+        if type(self)._update is Dynamics._update:
+            return self.step(state, grad, lr, t, **hyper) if out_state is None else \
+                self.tangent(state, grad, lr, t, dlr=None, keys=(), out_state=out_state, **hyper)[0]
+        L = _Leaves(state, out_state)
+        L.differentiable, L.keep = False, keep
+        new, _ = self._update(L, self._g_tilde(L, grad), lr, t, self._hyper(hyper))
+        return L.build(new, L.out)
 
     def hyper_vjp(self, state: dict, grad: Any, lr: Any, t: int, bar_w: Any,
-                  names: tuple[str, ...], **hyper: Any) -> dict[str, torch.Tensor]:
+                  names: tuple[str, ...], kept: dict | None = None, **hyper: Any) -> dict[str, torch.Tensor]:
         r"""⟨w̄, ∂w'/∂θ⟩ for each θ in ``names`` (``"lr"`` = η, or one of :attr:`hyperparameters`)
         of the update w' = step(state, grad, η, t, **hyper)["w"]: what a hyper-optimizer needs
         (the towers' G¹; for η alone it is HD's hypergradient −⟨w̄, d⟩). Closed form for SGD
-        (η, momentum) and Adam (η, β1, β2); ``torch.func.vjp`` of :meth:`step` otherwise."""
+        (η, momentum) and Adam (η, β1, β2); ``torch.func.vjp`` of :meth:`step` otherwise.
+        ``kept``: what :meth:`update` left of this very update (``keep=``), reused."""
         h = self._hyper(hyper)
         L = _Leaves(state)
+        L.keep = kept
         if type(self)._hyper_adjoint is not Dynamics._hyper_adjoint:
             out = self._hyper_adjoint(L, self._g_tilde(L, grad), lr, t, h, L.of(bar_w), tuple(names))
             if out is not None:
@@ -514,12 +526,14 @@ class Adam(Dynamics):
             roots = [_sqrt_and_inverse_slope(vv) for vv in v]
         else:
             roots = [(_safe_sqrt(vv) if differentiable else torch.sqrt(vv), None) for vv in v]
-        if differentiable:
+        if differentiable or L.keep is not None:  # (√v' kept for a later hyper_vjp)
             den = [r * k + c1 * self.eps for r, _ in roots]
         else:
             den = [r.mul_(k).add_(c1 * self.eps) for r, _ in roots]
         u_out = u_out or [None] * len(m)
         u = [torch.div(mm, dd, out=o) for mm, dd, o in zip(m, den, u_out)]
+        if L.keep is not None:
+            L.keep.update(u=u, den=den, root=[r for r, _ in roots])
         if not slopes:
             return m, v, u, None, None
         du_dm = [1.0 / dd for dd in den]
@@ -554,11 +568,15 @@ class Adam(Dynamics):
             return None
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
         k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
-        m_new = [torch.lerp(mm, gg, 1 - b1) for mm, gg in zip(L.leaves["m"], g)]
-        v_new = [torch.addcmul(vv * b2, (1 - b2) * gg, gg) for vv, gg in zip(L.leaves["v"], g)]
-        r = [torch.sqrt(vv) for vv in v_new]
-        den = [(rr * k).add_(c1 * self.eps) for rr in r]
-        u = [mm / dd for mm, dd in zip(m_new, den)]
+        kept = L.keep or {}
+        if all(kept.get(x) is not None for x in ("u", "den", "root")):  # left by update()
+            u, den, r = kept["u"], kept["den"], kept["root"]
+        else:
+            m_new = [torch.lerp(mm, gg, 1 - b1) for mm, gg in zip(L.leaves["m"], g)]
+            v_new = [torch.addcmul(vv * b2, (1 - b2) * gg, gg) for vv, gg in zip(L.leaves["v"], g)]
+            r = [torch.sqrt(vv) for vv in v_new]
+            den = [(rr * k).add_(c1 * self.eps) for rr in r]
+            u = [mm / dd for mm, dd in zip(m_new, den)]
         bar_u = _dot(bar, u)
         b = [bb / dd for bb, dd in zip(bar, den)] if ("beta1" in names or "beta2" in names) else None
         out = {}

@@ -449,12 +449,14 @@ def _number_or_tensor(v: Any) -> Any:
 
 
 def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
-            bounds: "tuple[torch.Tensor, torch.Tensor] | None", differentiable: bool = True) -> dict:
+            bounds: "tuple[torch.Tensor, torch.Tensor] | None", differentiable: bool = True,
+            keep: dict | None = None) -> dict:
     """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
     ``bounds``). ``t``: the step index, or one update count per leaf of a leaf-list state (the
     drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim).
     ``differentiable=False``: the dynamics' closed-form update (same numbers, fewer passes), for
-    an update nothing differentiates (level 0 outside ``torch.func``)."""
+    an update nothing differentiates (level 0 outside ``torch.func``); ``keep``: with it, a dict
+    that receives the update's intermediates for the next step's G¹ (``Dynamics.update``)."""
     hp = dict(hp)
     lr = hp.pop("lr", level.lr)
     if lr_scale is not None:
@@ -462,17 +464,24 @@ def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict
     base_step = level.base.step if differentiable else level.base.update
     if not differentiable:  # numbers: the dynamics' fused in-place kernels take them (same values)
         hp = {k: _number_or_tensor(v) for k, v in hp.items()}
+    keeping = keep is not None and not differentiable
     if not isinstance(t, list):
-        out = dict(base_step(state, grad, lr, t, **hp))
+        out = dict(base_step(state, grad, lr, t, **hp, **({"keep": keep} if keeping else {})))
     else:
         buckets = by_count(t)
         out = {k: [None] * len(t) for k in state}
         for c, idx in buckets.items():
             sub = {k: [v[i] for i in idx] for k, v in state.items()}
-            part = base_step(sub, [grad[i] for i in idx], lr, c, **hp)
+            part_keep: dict = {}
+            part = base_step(sub, [grad[i] for i in idx], lr, c, **hp,
+                             **({"keep": part_keep} if keeping else {}))
             for k, leaves in part.items():
                 for i, x in zip(idx, leaves):
                     out[k][i] = x
+            for k, leaves in part_keep.items():
+                slot = keep.setdefault(k, [None] * len(t))
+                for i, x in zip(idx, leaves):
+                    slot[i] = x
     if bounds is not None:
         lo, hi = bounds
         out["w"] = torch.minimum(torch.maximum(out["w"], lo), hi)
@@ -508,7 +517,7 @@ def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int,
     scale = prev.get("scale")
     if k == 0:
         tp = [max(c - 1, 0) for c in counts] if counts is not None else t - 1
-        return _level0_hypergrad(lvl, s_prev, prev["grad"], tp, v, scale, cot) * _dphi(lvl, v)
+        return _level0_hypergrad(lvl, s_prev, prev["grad"], tp, v, scale, cot, prev.get("kept")) * _dphi(lvl, v)
 
     def update(vv):
         hp = {name: vv[i] for i, name in enumerate(lvl.tuned)}
@@ -521,11 +530,12 @@ def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int,
 
 
 def _level0_hypergrad(level: Level, state: dict, grad: Any, t: "int | list[int]", values: torch.Tensor,
-                      scale: Any, cot: Any) -> torch.Tensor:
+                      scale: Any, cot: Any, kept: dict | None = None) -> torch.Tensor:
     r"""G¹_t w.r.t. the values θ of level 0's tuned hyperparameters: ⟨G⁰_t, ∂w_t/∂θ⟩ of the
     update w_t = O_0(w_{t−1}, g_{t−1}; θ) (η = θ_lr·scale), by the dynamics' closed form
     (:meth:`hgtoolkit.dynamics.Dynamics.hyper_vjp`: a few passes over the model, no autograd);
-    ``t`` may be one update count per leaf (the drop-in), summed over the count buckets."""
+    ``t`` may be one update count per leaf (the drop-in), summed over the count buckets;
+    ``kept``: what that update left for this (``Dynamics.update(keep=)``)."""
     names = level.tuned
     hp = {n: values[i] for i, n in enumerate(names)}
     lr = hp.pop("lr", level.lr)
@@ -536,11 +546,12 @@ def _level0_hypergrad(level: Level, state: dict, grad: Any, t: "int | list[int]"
         parts = []
         for c, idx in by_count(t).items():
             sub = {k: [x[i] for i in idx] for k, x in state.items()}
+            sub_kept = None if kept is None else {k: [x[i] for i in idx] for k, x in kept.items()}
             parts.append(level.base.hyper_vjp(sub, [grad[i] for i in idx], lr, c, [cot[i] for i in idx],
-                                              names, **hp))
+                                              names, kept=sub_kept, **hp))
         out = {n: sum(p[n] for p in parts) for n in names}
     else:
-        out = level.base.hyper_vjp(state, grad, lr, t, cot, names, **hp)
+        out = level.base.hyper_vjp(state, grad, lr, t, cot, names, kept=kept, **hp)
     lr_factor = 1.0 if scale is None else scale
     return torch.stack([(out[n] * (lr_factor if n == "lr" else 1.0)).to(values.dtype) for n in names])
 
@@ -574,14 +585,17 @@ def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
         bounds = _bounds(levels[k - 1], xs[k]) if k > 0 else None
         hp = {name: new_v[k][i] for i, name in enumerate(lvl.tuned)} if k < n - 1 else {}
         tk = counts if k == 0 and counts is not None else t
+        keep = {} if k == 0 and not differentiable and n > 1 else None
         out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], tk, hp, scale, bounds,
-                      differentiable or k > 0)
+                      differentiable or k > 0, keep)
         new_x[k] = out.pop("w")
         new_m[k] = out
         if k < n - 1:
             if scale is None and k == 0:
                 scale = state["prev"][0]["scale"]
             new_prev[k] = _prev(lvl, k, xs[k], state["moments"][k], G[k], scale)
+            if keep:
+                new_prev[k]["kept"] = keep
         if k > 0:
             # φ: identity for LRs; σ for unit-interval names, recomputed only where x moved, so a
             # hyperparameter that is never moved keeps its given value bit for bit.
@@ -1067,6 +1081,9 @@ class TowerOptimizer(DropIn):
                      "grad": [st["prev_grad"] for st in sts], "scale": hs["scale"]}
             if keep_w:
                 prev0["x"] = [st["prev_w"] for st in sts]
+            kept = [k[5:] for k in sts[0] if k.startswith("kept_")]  # the last update's intermediates
+            if kept and all("kept_" + k in st for st in sts for k in kept):
+                prev0["kept"] = {k: [st["kept_" + k] for st in sts] for k in kept}
             state["prev"] = [prev0, *hs["prev"]]
             if any(st["last_step"] != t - 1 for st in sts):
                 cot = [g if st["last_step"] == t - 1 else torch.zeros_like(g) for g, st in zip(grads, sts)]
@@ -1086,6 +1103,7 @@ class TowerOptimizer(DropIn):
             for j, (p, g) in enumerate(zip(params, grads)):
                 st = self.state[p]
                 st.update({"prev_" + k: prev["moments"][k][j] for k in keys}, prev_grad=g, last_step=t)
+                st.update({"kept_" + k: x[j] for k, x in prev.get("kept", {}).items()})
                 if keep_w:
                     st["prev_w"] = prev["x"][j]
             hs = {"moments": new["moments"][1:], "raw": new["raw"], "values": new["values"],
