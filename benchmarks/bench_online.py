@@ -39,6 +39,24 @@ def plain_sgd(problem, lr, steps):
                 p.sub_(lr * g)
 
 
+def hvp_floor(problem, lr, steps, val_batch_size=None):
+    """What RTHO/MARTHE cannot do without: the plain SGD loop with the gradient replaced by the
+    gradient + one Hessian-vector product (double backward) per step — and, with
+    ``val_batch_size``, one validation-minibatch gradient too. Their ratio to the SGD loop is the
+    floor of those methods' ratios (the engine's own cost is what lies above it)."""
+    from hgtoolkit.trajectory import autograd_gradient, autograd_gradient_hvp
+    w = {k: v.clone() for k, v in problem.params0.items()}
+    z = {k: torch.zeros_like(v) for k, v in w.items()}
+    for t in range(steps):
+        g, _, hz = autograd_gradient_hvp(problem.train_loss, w, z, t)
+        if val_batch_size is not None:
+            autograd_gradient(problem.batch_loss, w, problem.val_batch(t, val_batch_size))
+        with torch.no_grad():
+            for k in w:
+                w[k].sub_(lr * g[k])
+                z[k].sub_(g[k]).add_(hz[k], alpha=-lr)
+
+
 def module_loop(problem, make_opt, steps, closure=False):
     """An ordinary PyTorch loop over the problem's minibatches with a torch.optim optimizer."""
     params = {k: torch.nn.Parameter(v.clone()) for k, v in problem.params0.items()}
@@ -98,6 +116,8 @@ def main(argv=None) -> int:
         "MARTHE μ, β auto (val_batch_size=100)": run(method="marthe", mu="auto", beta="auto",
                                                      kappa=1e-6, val_batch_size=100),
         "MARTHE μ, β auto (full validation set)": run(method="marthe", mu="auto", beta="auto", kappa=1e-6),
+        "floor: gradient + HVP loop (no hyper-update)": lambda: hvp_floor(p, lr, steps),
+        "floor: gradient + HVP + validation-minibatch gradient loop": lambda: hvp_floor(p, lr, steps, 100),
     }, repeats=args.repeats)
     add(engine, "plain SGD loop", {"HD (objective=train)": 1.1, "RTHO (objective=train)": 2.5,
                                    "MARTHE μ auto (objective=train)": 2.5,
