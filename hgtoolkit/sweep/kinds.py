@@ -32,10 +32,12 @@ def run_online_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     """``online.run(problem, **params)`` (no progress bar, w_T not kept)."""
     online = _online_module()
     params = {"seed": 0, **params}
-    return _online_output(online.run(problem, progress=False, keep_params=False, **params))
+    return online_output(online.run(problem, progress=False, keep_params=False, **params))
 
 
-def _online_output(r) -> CellOutput:
+def online_output(r) -> CellOutput:
+    """The :class:`CellOutput` of an ``OnlineResult`` (what the online kind stores; for kinds
+    of one's own whose runner calls ``online.run`` or ``batched.run_online_batch``)."""
     arrays = {k: getattr(r, k) for k in ("lrs", "betas", "mus", "hypergrads", "train_losses",
                                          "eval_steps", "val_losses", "val_accuracy")}
     result = {"config": r.config, "final_lr": r.final_lr, "diverged_at": r.diverged_at,
@@ -185,4 +187,4 @@ register_cell_kind(CellKind(
     params={"lr": _NONNEG, "steps": _STEPS, "optimizer": _optimizer,
             "mode": _choice(_exact_modes), "seed": _SEED}))
 
-_OUTPUT_CONVERTERS["online"] = _online_output
+_OUTPUT_CONVERTERS["online"] = online_output
