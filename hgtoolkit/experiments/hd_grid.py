@@ -241,7 +241,6 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     figures = make_figures(out, config.models, config.optimizers)
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
-    common.clear_cache(out)
     return common.write_summary(out, "Baydin et al. (2018) — hypergradient descent: α_0 × β sensitivity on MNIST",
                                 sections, summary, notes=notes)
 

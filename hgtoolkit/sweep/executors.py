@@ -231,8 +231,8 @@ def batch_groups(cells: Sequence[Cell], batch: bool | int = True) -> list[list[C
 
 
 def _ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, token: str,
-               kind_modules: list[str]) -> list:
-    """One Ray task: run a chunk of batch groups, storing each record as it finishes.
+               kind_modules: list[str], executor: str = "ray") -> list:
+    """One Ray (or process-pool) task: run a chunk of batch groups, storing each record as it finishes.
     Returns [status, payloads, info]: when this node cannot see the driver's lease in
     ``root`` (no shared filesystem) the records come back as payloads for the driver."""
     import importlib
@@ -240,7 +240,7 @@ def _ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, t
         importlib.import_module(m)
     store = Store(root)
     sees = store.holds(token)
-    runner = _Runner(store, "ray", threads, write and sees, token if sees else None)
+    runner = _Runner(store, executor, threads, write and sees, token if sees else None)
     status = runner.run_groups([[Cell.from_dict(c) for c in g] for g in groups])
     return [status, runner.payloads, {"host": socket.gethostname(), "sees_store": sees}]
 
@@ -439,7 +439,7 @@ def _run_processes(pending, store, report, bar, threads, callback, workers, toke
     ordered = sorted(pending, key=_cost, reverse=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(_ray_chunk, [[c.to_dict() for c in g]], root, threads, True, token,
-                               modules): g for g in ordered}
+                               modules, "processes"): g for g in ordered}
         try:
             for fut in as_completed(futures):
                 group = futures[fut]

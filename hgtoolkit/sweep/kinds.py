@@ -95,7 +95,8 @@ def run_lrsopt_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
                                          "metrics", "events")}
     result.update(final_value=float(r.history[-1]), initial_value=float(r.history[0]),
                   final_val_accuracy=last.get("val_accuracy"))
-    return CellOutput(result, arrays, "ok", {"wall_time": r.wall_time})
+    return CellOutput(result, arrays, "ok", {"wall_time": r.wall_time,
+                                             "evaluations": np.asarray(r.evaluations, np.float64)})
 
 
 def _lrsopt_result(record: dict):
@@ -103,8 +104,10 @@ def _lrsopt_result(record: dict):
     res, arr = record["result"], record["arrays"]
     outer = {k.split(".", 1)[1]: (v.item() if v.ndim == 0 else v)
              for k, v in arr.items() if k.startswith("outer_state.")}
+    timing = record["meta"].get("timing", {})
+    extra = {"evaluations": np.asarray(timing["evaluations"])} if "evaluations" in timing else {}
     return lrsopt.ScheduleResult(
-        outer_state=outer, wall_time=float(record["meta"].get("timing", {}).get("wall_time", 0.0)),
+        outer_state=outer, wall_time=float(timing.get("wall_time", 0.0)), **extra,
         **{k: arr[k] for k in lrsopt.ScheduleResult._ARRAYS},
         **{k: res[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
                                "status", "config", "problem", "metrics", "events")})
