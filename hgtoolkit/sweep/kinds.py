@@ -87,6 +87,13 @@ def run_lrsopt_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
         kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".pt"), resume=True)
     r = lrsopt.optimize_schedule(problem, lrs0, kw.pop("outer_steps"), kw.pop("outer_lr", None),
                                  kw.pop("outer_optimizer", "adam"), progress=False, **kw)
+    return lrsopt_output(r)
+
+
+def lrsopt_output(r) -> CellOutput:
+    """The :class:`CellOutput` of a ``ScheduleResult`` (what the lrsopt kind stores; its
+    ``to_result`` reads it back), for kinds of one's own whose runner calls
+    ``lrsopt.optimize_schedule``."""
     arrays = {k: getattr(r, k) for k in r._ARRAYS}
     arrays.update({f"outer_state.{k}": np.asarray(v) for k, v in r.outer_state.items()})
     last = r.metrics[-1] if r.metrics and isinstance(r.metrics[-1], dict) else {}
