@@ -50,7 +50,7 @@ __all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_settin
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
            "parallel_map", "default_workers", "limited_threads", "run_cells", "cell_records",
-           "cells_summary"]
+           "cells_summary", "note_old_layout"]
 
 SETTINGS = ("tiny", "quick", "full")
 
@@ -407,6 +407,18 @@ def run_cells(out: OutputDir | str | Path, grids, *, workers: int = 1, progress:
         raise RuntimeError(f"{len(report.failed)} cell(s) of {out.name} failed, e.g. {cid}: {last} "
                            f"(tracebacks in {out.store / 'errors'}; a re-run retries them)")
     return report
+
+
+def note_old_layout(out: OutputDir | str | Path, *folders: str) -> None:
+    """Warn when ``data/<folder>`` of a version before the sweep store exists: those records are
+    not read (the runs are recomputed into ``data/sweep``); delete them once the new run is done."""
+    out = as_output_dir(out)
+    old = [out.data_dir / f for f in folders if (out.data_dir / f).exists()]
+    if old:
+        import warnings
+        warnings.warn(f"{', '.join(map(str, old))}: records of an hgtoolkit version before the sweep store; "
+                      f"they are not read — the runs are recomputed into {out.store} (delete the old "
+                      "folders afterwards)", UserWarning, stacklevel=3)
 
 
 def cell_records(out: OutputDir | str | Path, grids) -> dict:

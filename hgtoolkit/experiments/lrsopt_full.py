@@ -222,6 +222,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     killed run resumes from its checkpoint), the table and the schedules figure after each run
     (readable while the others go on); returns the summary."""
     out = common.as_output_dir(out_dir)
+    common.note_old_layout(out, "runs")
     gs = grids(config)
     n_jobs = sum(len(g) for g in gs)
     started = time.perf_counter()

@@ -593,6 +593,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     ``summary.md`` from the stored records; returns the summary."""
     out = common._as_output_dir(out_dir)
     specs, peers, seeds = method_specs(config), peer_specs(config), config.seeds
+    common.note_old_layout(out, "online", "lrsopt", "peers", "analysis")
     g = grids(config)
     # the processes pool starts the most expensive first: LRS-OPT, the online groups, the peers
     report = common.run_cells(out, [*g["lrsopt"], *list(g["online"].values())[::-1], *g["peers"].values()],
