@@ -282,7 +282,6 @@ def _align(estimates: np.ndarray, T: int, alignment: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- report
 
-_FORMAT = "hgtoolkit.ApproximationReport/1"
 _ARRAYS = ("lrs", "estimates", "one_step", "constant_lr", "full_horizon", "val_losses",
            "train_losses")
 
@@ -323,47 +322,33 @@ class ApproximationReport:
         return str(self.info.get("label") or "online estimate")
 
     # -- persistence -----------------------------------------------------------------
-    @staticmethod
-    def _stem(path: str | Path) -> Path:
-        path = Path(path)
-        return path.with_suffix("") if path.suffix in (".json", ".npz") else path
-
     def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``<path>.json`` (info, summary and arrays, readable; non-finite numbers as
-        null) and ``<path>.npz`` (the arrays, exact). A ``.json``/``.npz`` suffix is optional."""
-        stem = self._stem(path)
-        arrays = {k: getattr(self, k) for k in _ARRAYS}
-        for ref, metrics in self.per_step.items():
-            for name, arr in metrics.items():
-                arrays[f"per_step.{ref}.{name}"] = arr
-        npz = records.save_arrays(stem.with_name(stem.name + ".npz"), **arrays)
-        js = records.atomic_write_json(stem.with_name(stem.name + ".json"), {
-            "format": _FORMAT, "info": self.info, "summary": self.summary,
-            "arrays": {k: getattr(self, k) for k in _ARRAYS}, "per_step": self.per_step})
-        return js, npz
+        """:func:`hgtoolkit.records.save`: ``<path>.json`` (info, summary and arrays, readable;
+        non-finite numbers as null) and ``<path>.npz`` (the arrays, exact). Returns both paths."""
+        js = records.save(self, path)
+        return js, js.with_suffix(".npz")
 
     @classmethod
     def load(cls, path: str | Path) -> "ApproximationReport":
-        """Read what :meth:`save` wrote (arrays from the ``.npz`` when present, else the JSON)."""
-        stem = cls._stem(path)
-        js = stem.with_name(stem.name + ".json")
-        doc = records.read_json(js)
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise ValueError(f"{js} is not a saved ApproximationReport (format {_FORMAT})")
-        npz = stem.with_name(stem.name + ".npz")
-        if npz.exists():
-            raw = records.load_arrays(npz)
-            arrays = {k: raw[k] for k in _ARRAYS}
+        """:func:`hgtoolkit.records.load` of an ``approximation`` record."""
+        return records.load(path, kind="approximation")
+
+    @staticmethod
+    def _migrate_v1(cls, d: dict) -> dict:
+        """The fields of a file written before the codec (format ``hgtoolkit.ApproximationReport/1``):
+        arrays from the npz (``per_step.<ref>.<name>``) when it was there, else from the JSON."""
+        if all(isinstance(d.get(k), np.ndarray) for k in _ARRAYS):
+            arrays = {k: d[k] for k in _ARRAYS}
             per_step: dict = {}
-            for key, arr in raw.items():
+            for key, arr in d.items():
                 if key.startswith("per_step."):
                     _, ref, name = key.split(".", 2)
                     per_step.setdefault(ref, {})[name] = arr
         else:
             nan = lambda v: np.array([np.nan if x is None else x for x in v], dtype=np.float64)
-            arrays = {k: nan(v) for k, v in doc["arrays"].items()}
-            per_step = {r: {n: nan(v) for n, v in m.items()} for r, m in doc["per_step"].items()}
-        return cls(**arrays, per_step=per_step, summary=_none_to_nan(doc["summary"]), info=doc["info"])
+            arrays = {k: nan(v) for k, v in d["arrays"].items()}
+            per_step = {r: {n: nan(v) for n, v in m.items()} for r, m in d["per_step"].items()}
+        return dict(**arrays, per_step=per_step, summary=d["summary"], info=d["info"])
 
     # -- presentation ----------------------------------------------------------------
     def table(self, digits: int = 3) -> str:
@@ -401,12 +386,11 @@ class ApproximationReport:
                 f"sign_agree_vs_full_horizon={s.get('sign_agreement', math.nan):.4g})")
 
 
-def _none_to_nan(x: Any) -> Any:
-    if x is None:
-        return math.nan
-    if isinstance(x, dict):
-        return {k: _none_to_nan(v) for k, v in x.items()}
-    return x
+records.register(
+    "approximation", version=2, readable=(*_ARRAYS, "per_step"), nan=("summary",),
+    legacy_formats=("hgtoolkit.ApproximationReport/1",), migrations={1: ApproximationReport._migrate_v1},
+    redo="rerun it: `python -m hgtoolkit analyse ...` or `analysis.analyse_online(...).save(path)`",
+)(ApproximationReport)
 
 
 def _build_report(refs: ExactReferences, estimates: np.ndarray, info: dict) -> ApproximationReport:

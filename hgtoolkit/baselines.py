@@ -144,6 +144,7 @@ def cosine_warm_restarts(lr0: float, T: int, T0: int, T_mult: int = 1, eta_min: 
 
 # ----------------------------------------------------------------------------- the record
 
+@records.register_run(redo="rerun it: `baselines.run_peer(...).save(path)` or `python -m hgtoolkit reproduce mnist`")
 @dataclass(repr=False)
 class PeerResult(records.RunRecord):
     """One peer's training run (field names as :class:`hgtoolkit.online.OnlineResult`).

@@ -211,7 +211,8 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     cfgs = [r.cfg for r in runs]
     rules = {id(c.mu_rule): c.mu_rule for c in cfgs if c.mu_rule is not None}
     engine = _online.Engine(dyn, cfgs[0].objective, any(c.needs_hvp for c in cfgs),
-                            next(iter(rules.values()), None), cfgs[0].hd_gradient == "regularised")
+                            next(iter(rules.values()), None), cfgs[0].hd_gradient == "regularised",
+                            adaptive_beta=any(c.beta_adaptive for c in cfgs))
     objective = engine.objective
     data = P.batch_loss is not None
     loss = P.batch_loss if data else P.train_loss

@@ -27,6 +27,7 @@ cotangent given as ``None`` means zero and is never materialised.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -69,10 +70,6 @@ def _mul(a, x):
     return x if isinstance(a, (int, float)) and a == 1 else a * x
 
 
-def _scaled(scale, x):
-    """scale·x, where a None scale is one (and a None x zero)."""
-    return x if scale is None else _mul(scale, x)
-
 
 def _neg(x):
     return None if x is None else -x
@@ -86,13 +83,26 @@ def _dot(a: list, b: list):
 
 
 class _Leaves:
-    """A state (dict of pytrees shaped like w) as per-key leaf lists, and back."""
+    """A state (dict of pytrees shaped like w) as per-key leaf lists, and back; optionally with
+    output buffers (``out``: for the new state, ``dout``: for its tangent) that the update
+    writes into with ``out=`` (they may be the input buffers themselves: donated)."""
 
-    def __init__(self, state: dict):
+    def __init__(self, state: dict, out: dict | None = None, dout: dict | None = None):
         self.keys = list(state)
         flat = {k: tree_flatten(state[k]) for k in self.keys}
         self.spec = flat["w"][1]
         self.leaves = {k: flat[k][0] for k in self.keys}
+        self.differentiable = True  # False: a closed-form tangent, never differentiated itself
+        self.out = {} if out is None else {k: tree_flatten(v)[0] for k, v in out.items()}
+        self.dout = {} if dout is None else {k: tree_flatten(v)[0] for k, v in dout.items()}
+
+    def o(self, key: str) -> list:
+        """Output buffers of the new state's ``key`` ([None…] = allocate)."""
+        return self.out.get(key) or [None] * len(self.leaves["w"])
+
+    def do(self, key: str) -> list:
+        """Output buffers of the tangent's ``key`` ([None…] = allocate)."""
+        return self.dout.get(key) or [None] * len(self.leaves["w"])
 
     def of(self, tree: Any) -> list | None:
         return None if tree is None else tree_flatten(tree)[0]
@@ -102,12 +112,21 @@ class _Leaves:
             return {k: None for k in self.keys}
         return {k: (None if tree.get(k) is None else tree_flatten(tree[k])[0]) for k in self.keys}
 
-    def build(self, per_key: dict) -> dict:
-        """Leaf lists (None entries replaced by zeros of the state's leaves) -> state pytree."""
+    def build(self, per_key: dict, into: dict | None = None, keys: Any = None) -> dict:
+        """Leaf lists -> state pytree, for ``keys`` (default all). None entries are zeros; with
+        output buffers ``into`` (per-key leaf lists) every leaf ends up in its buffer (written
+        there by the update already, else copied or zeroed)."""
         out = {}
-        for k, leaves in per_key.items():
-            if leaves is None:
-                leaves = [torch.zeros_like(x) for x in self.leaves[k]]
+        for k in (per_key if keys is None else keys):
+            leaves = per_key[k] if per_key[k] is not None else [None] * len(self.leaves[k])
+            bufs = (into or {}).get(k)
+            if bufs:
+                for x, buf in zip(leaves, bufs):
+                    if x is None:
+                        buf.zero_()
+                    elif x is not buf:
+                        buf.copy_(x)
+                leaves = bufs
             else:
                 leaves = [torch.zeros_like(self.leaves[k][i]) if x is None else x
                           for i, x in enumerate(leaves)]
@@ -164,25 +183,40 @@ class Dynamics:
 
     # -- derivatives of one update ----------------------------------------------------------
     def tangent(self, state: dict, grad: Any, lr: Any, t: int, dstate: dict | None = None,
-                dgrad: Any = None, dlr: Any = 1.0, scale: Any = None, **hyper: Any) -> tuple[dict, dict]:
+                dgrad: Any = None, dlr: Any = 1.0, scale: Any = None, *, keys: Any = None,
+                out_state: dict | None = None, out_tangent: dict | None = None,
+                **hyper: Any) -> tuple[dict, dict]:
         r"""(D(s, g, η), scale·(∂D/∂s·ds + ∂D/∂g·dg) + ∂D/∂η·dη): the jvp of :meth:`step` along
         (scale·``dstate``, scale·``dgrad``, ``dlr``), with tensor hyperparameters held fixed;
         ``None`` tangents are zero (``scale=None``: one). The online engine's z_{t+1} =
         μ A_t z_t + B_t is ``tangent(s, g, η, t, z, H z_w, 1, scale=μ)``. Closed form (no
-        autograd) unless the subclass only has ``step``."""
+        autograd) unless the subclass only has ``step``.
+
+        ``keys``: the state keys of the tangent to return (default all; HD needs only "w").
+        ``out_state``/``out_tangent``: buffers (pytrees shaped like the state/tangent, e.g. the
+        state and ``dstate`` themselves: donated) that the results are written into, leaf by
+        leaf, instead of new tensors — a single run that never reads an old state again saves a
+        memory pass per leaf; the kernels, hence the numbers, are the same either way."""
         if type(self)._update is Dynamics._update:
             if scale is not None:
                 dstate = None if dstate is None else tree_map(lambda x: scale * x, dstate)
                 dgrad = None if dgrad is None else tree_map(lambda x: scale * x, dgrad)
-            return self._jvp_fallback(state, grad, lr, t, dstate, dgrad, dlr, **hyper)
-        L = _Leaves(state)
+            new, dnew = self._jvp_fallback(state, grad, lr, t, dstate, dgrad, dlr, **hyper)
+            if keys is not None:
+                dnew = {k: dnew[k] for k in keys}
+            for src, buf in ((new, out_state), (dnew, out_tangent)):
+                if buf is not None:
+                    tree_map(lambda b, x: b.copy_(x), {k: buf[k] for k in src}, src)
+            return (new, dnew) if out_state is None else (out_state, {k: out_tangent[k] for k in dnew})
+        L = _Leaves(state, out_state, out_tangent)
+        L.differentiable = False
         g = self._g_tilde(L, grad)
         ds, dg = L.of_state(dstate), L.of(dgrad)
         wd = getattr(self, "weight_decay", 0.0)
         if wd and ds["w"] is not None:  # dg̃ = dg + wd·dw
             dg = [_add(_column(dg, i), wd * dw) for i, dw in enumerate(ds["w"])]
         new, dnew = self._update(L, g, lr, t, self._hyper(hyper), ds, dg, dlr, scale)
-        return L.build(new), L.build(dnew)
+        return L.build(new, L.out), L.build(dnew, L.dout, keys)
 
     def cotangent(self, state: dict, grad: Any, lr: Any, t: int, bar: dict,
                   **hyper: Any) -> tuple[dict, Any, torch.Tensor]:
@@ -243,25 +277,61 @@ class Dynamics:
                 raise ValueError(f"{type(self).__name__}: {field.name} must be ≥ 0, got {value}")
 
 
-def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor) -> torch.Tensor:
+def _is_one(a: Any) -> bool:
+    return not isinstance(a, torch.Tensor) and a == 1
+
+
+def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """y − a·x in one fused pass (``addcmul``), for a number or a 0-d tensor a (η, also under
-    jvp/vmap): the same kernel, hence the same rounding, whichever form η comes in."""
+    jvp/vmap): the same kernel, hence the same rounding, whichever form η comes in (a = 1:
+    ``sub``, bit-identical). ``out`` may be y itself."""
+    if _is_one(a):
+        return torch.sub(y, x, out=out)
     if not isinstance(a, torch.Tensor):
         a = torch.tensor(a, dtype=x.dtype, device=x.device)
-    return torch.addcmul(y, a, x, value=-1)
+    return torch.addcmul(y, a, x, value=-1, out=out)
 
 
-def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any = None):
+def _axpby(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y + a·x (``addcmul``; a a number or a 0-d tensor), into ``out`` when given."""
+    if not isinstance(a, torch.Tensor):
+        a = torch.tensor(a, dtype=x.dtype, device=x.device)
+    return torch.addcmul(y, a, x, out=out)
+
+
+def _scale_into(a: Any, x: torch.Tensor | None, out: torch.Tensor | None = None):
+    """a·x (None: one) into ``out`` when given; None for a zero x."""
+    if x is None:
+        return None
+    if a is None or _is_one(a):
+        return x
+    return torch.mul(x, a, out=out)
+
+
+def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any = None,
+            out: list | None = None, dout: list | None = None):
     """w' = w − η d and its tangent dw' = scale·(dw − η dd) − dη d, leaf by leaf (three
-    passes at most: the scale is applied to dw − η dd, not to the incoming tangents)."""
-    new = [_axpy(p, lr, x) for p, x in zip(w, d)]
+    passes at most: the scale is applied to dw − η dd, not to the incoming tangents), written
+    into ``out``/``dout`` (buffers, may be w and dw) when given."""
+    out, dout = out or [None] * len(w), dout or [None] * len(w)
+    new = [_axpy(p, lr, x, o) for p, x, o in zip(w, d, out)]
     tan = []
     for i in range(len(w)):
-        ddi, dwi = _column(dd, i), _column(dw, i)
-        inner = None if ddi is None else (_axpy(dwi, lr, ddi) if dwi is not None else -lr * ddi)
-        inner = _scaled(scale, dwi if inner is None else inner)
+        ddi, dwi, o = _column(dd, i), _column(dw, i), dout[i]
+        inner = None
+        if ddi is not None:
+            inner = _axpy(dwi, lr, ddi, o) if dwi is not None else torch.mul(ddi, -lr, out=o)
+        inner = _scale_into(scale, dwi if inner is None else inner, o)
         if dlr is not None:
-            inner = _axpy(inner, dlr, d[i]) if inner is not None else -_mul(dlr, d[i])
+            if inner is not None:
+                inner = _axpy(inner, dlr, d[i], o)
+            else:
+                if _is_one(dlr):
+                    inner = torch.neg(d[i], out=o)
+                elif _is_one(-dlr) and o is None:
+                    inner = d[i]  # B_t for dη = −1 is d itself: no copy
+                else:
+                    inner = torch.mul(d[i], -dlr, out=o)
         tan.append(inner)
     return new, tan
 
@@ -311,18 +381,22 @@ class SGD(Dynamics):
         ds = ds or {}
         w, dw = L.leaves["w"], ds.get("w")
         if "b" not in L.leaves:
-            new_w, dnew_w = _step_w(w, lr, g, dw, dg, dlr, scale)
+            new_w, dnew_w = _step_w(w, lr, g, dw, dg, dlr, scale, L.o("w"), L.do("w"))
             return {"w": new_w}, {"w": dnew_w}
         m, db = h["momentum"], ds.get("b")
-        b = [m * bb + gg for bb, gg in zip(L.leaves["b"], g)]
-        dbn = [_add(_mul(m, _column(db, i)), _column(dg, i)) for i in range(len(b))]
+        b = [_axpby(gg, m, bb, o) for bb, gg, o in zip(L.leaves["b"], g, L.o("b"))]
+        dbn = []
+        for i, o in enumerate(L.do("b")):
+            dbi, dgi = _column(db, i), _column(dg, i)
+            dbn.append(_axpby(dgi, m, dbi, o) if dbi is not None and dgi is not None else
+                       _add(_scale_into(m, dbi, o), dgi))
         if self.nesterov:
-            d = [gg + m * bb for gg, bb in zip(g, b)]
+            d = [_axpby(gg, m, bb) for gg, bb in zip(g, b)]
             dd = [_add(_column(dg, i), _mul(m, dbn[i])) for i in range(len(b))]
         else:
             d, dd = b, dbn
-        new_w, dnew_w = _step_w(w, lr, d, dw, dd, dlr, scale)
-        return {"w": new_w, "b": b}, {"w": dnew_w, "b": [_scaled(scale, x) for x in dbn]}
+        new_w, dnew_w = _step_w(w, lr, d, dw, dd, dlr, scale, L.o("w"), L.do("w"))
+        return {"w": new_w, "b": b}, {"w": dnew_w, "b": [_scale_into(scale, x, o) for x, o in zip(dbn, L.do("b"))]}
 
     def _adjoint(self, L, g, lr, t, h, bar):
         w = L.leaves["w"]
@@ -365,28 +439,50 @@ class Adam(Dynamics):
     def init(self, params: Any) -> dict:
         return {"w": params, "m": tree_zeros_like(params), "v": tree_zeros_like(params)}
 
-    def _parts(self, L, g, t, h, slopes: bool = True):
-        """m', v', u and (when ``slopes``) ∂u/∂m', ∂u/∂v' elementwise; without slopes (the
-        update alone, or HD's z = B_t) the same u from the same square root, fewer passes."""
+    def _parts(self, L, g, t, h, slopes: bool = True, differentiable: bool = True, u_out=None):
+        r"""m', v', u and (when ``slopes``) ∂u/∂m', ∂u/∂v' elementwise, in the form
+
+            u = m' / D,  D = k·√v' + c1·ε,  k = c1/√c2   (= (m'/c1)/(√(v'/c2) + ε)),
+            ∂u/∂m' = 1/D,  ∂u/∂v' = −u·k·ρ/D,  ρ = 1/(2√v') (0 where v' = 0),
+
+        with m', v' written into the output buffers of the state when it has them and u into
+        ``u_out`` (HD's z buffer). Without slopes (the update alone, or HD's z = B_t) the same
+        u from the same square root in fewer passes; ``differentiable=False`` (the closed-form
+        tangent, never differentiated) also drops the safe square root's masks and works on
+        its temporaries in place."""
         b1, b2 = h["beta1"], h["beta2"]
-        m = [b1 * mm + (1 - b1) * gg for mm, gg in zip(L.leaves["m"], g)]
-        v = [b2 * vv + (1 - b2) * gg * gg for vv, gg in zip(L.leaves["v"], g)]
+        # the same kernels for numbers and (differentiable) tensor hyperparameters: same bits
+        m = [torch.lerp(mm, gg, 1 - b1, out=o) for mm, gg, o in zip(L.leaves["m"], g, L.o("m"))]
+        if isinstance(b2, torch.Tensor):
+            v = [torch.addcmul(vv * b2, (1 - b2) * gg, gg) for vv, gg in zip(L.leaves["v"], g)]
+        else:
+            v = [torch.mul(vv, b2, out=o).addcmul_(gg, gg, value=1 - b2)
+                 for vv, gg, o in zip(L.leaves["v"], g, L.o("v"))]
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
+        if slopes:
+            roots = [_sqrt_and_inverse_slope(vv) for vv in v]
+        else:
+            roots = [(_safe_sqrt(vv) if differentiable else torch.sqrt(vv), None) for vv in v]
+        if differentiable:
+            den = [r * k + c1 * self.eps for r, _ in roots]
+        else:
+            den = [r.mul_(k).add_(c1 * self.eps) for r, _ in roots]
+        u_out = u_out or [None] * len(m)
+        u = [torch.div(mm, dd, out=o) for mm, dd, o in zip(m, den, u_out)]
         if not slopes:
-            den = [_safe_sqrt(vv / c2) + self.eps for vv in v]
-            return m, v, [(mm / c1) / dd for mm, dd in zip(m, den)], None, None
-        roots = [_sqrt_and_inverse_slope(vv / c2) for vv in v]
-        den = [r + self.eps for r, _ in roots]
-        u = [(mm / c1) / dd for mm, dd in zip(m, den)]
-        du_dm = [1.0 / (c1 * dd) for dd in den]
-        du_dv = [-uu * rho / (c2 * dd) for uu, (_, rho), dd in zip(u, roots, den)]
+            return m, v, u, None, None
+        du_dm = [1.0 / dd for dd in den]
+        du_dv = [-uu * rho * k / dd for uu, (_, rho), dd in zip(u, roots, den)]
         return m, v, u, du_dm, du_dv
 
     def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):
         ds = ds or {}
         b1, b2 = h["beta1"], h["beta2"]
         slopes = dg is not None or ds.get("m") is not None or ds.get("v") is not None
-        m, v, u, du_dm, du_dv = self._parts(L, g, t, h, slopes)
+        u_in_z = not slopes and ds.get("w") is None and dlr is not None and _is_one(dlr)
+        m, v, u, du_dm, du_dv = self._parts(L, g, t, h, slopes, differentiable=L.differentiable,
+                                            u_out=L.do("w") if u_in_z else None)
         n = len(m)
         dm = dv = du = [None] * n  # no tangent reaches m', v' or u (the update alone, or B_t)
         if slopes:
@@ -394,9 +490,9 @@ class Adam(Dynamics):
             dv = [_add(_mul(b2, _column(ds.get("v"), i)), _mul(2 * (1 - b2) * g[i], _column(dg, i)))
                   for i in range(n)]
             du = [_add(_mul(du_dm[i], dm[i]), _mul(du_dv[i], dv[i])) for i in range(n)]
-        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale)
-        return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": [_scaled(scale, x) for x in dm],
-                                              "v": [_scaled(scale, x) for x in dv]}
+        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale, L.o("w"), L.do("w"))
+        return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": [_scale_into(scale, x, o) for x, o in zip(dm, L.do("m"))],
+                                              "v": [_scale_into(scale, x, o) for x, o in zip(dv, L.do("v"))]}
 
     def _adjoint(self, L, g, lr, t, h, bar):
         b1, b2 = h["beta1"], h["beta2"]
@@ -437,8 +533,9 @@ class _RootScaled(Dynamics):
         da = [_add(_mul(rho, _column(ds.get(self.acc), i)), _mul(2 * c * g[i], _column(dg, i)))
               for i in range(n)]
         du = [_add(_mul(du_dg[i], _column(dg, i)), _mul(du_da[i], da[i])) for i in range(n)]
-        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale)
-        return {"w": new_w, self.acc: a}, {"w": dnew_w, self.acc: [_scaled(scale, x) for x in da]}
+        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale, L.o("w"), L.do("w"))
+        return {"w": new_w, self.acc: a}, {"w": dnew_w, self.acc: [_scale_into(scale, x, o) for x, o
+                                                                   in zip(da, L.do(self.acc))]}
 
     def _adjoint(self, L, g, lr, t, h, bar):
         rho, c, a, u, du_dg, du_da = self._parts(L, g, h)

@@ -219,6 +219,7 @@ _ARRAYS = ("lrs", "betas", "val_losses", "eval_steps", "grad_inf", "grad_evals",
            "feedback", "train_losses", "val_accuracy", "step_times")
 
 
+@records.register_run(redo="rerun it: `hdm.run(...).save(path)` or `python -m hgtoolkit reproduce hdm`")
 @dataclass(repr=False)
 class HDMResult(records.RunRecord):
     r"""One HDM run; arrays have one entry per iterate k = 0 … n (``eval_steps`` = k):

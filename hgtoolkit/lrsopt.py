@@ -131,40 +131,53 @@ class ScheduleResult:
                 f"f: {self.history[0]:.6g} -> final {self.history[-1]:.6g}, best {self.best_value:.6g} "
                 f"(step {self.best_step}), status={self.status!r})")
 
-    @staticmethod
-    def _stem(path: str | Path) -> Path:
-        path = Path(path)
-        return path.with_suffix("") if path.suffix in (".json", ".npz") else path
+    @property
+    def initial_value(self) -> float:
+        """f(η^(0))."""
+        return float(self.history[0])
+
+    @property
+    def final_value(self) -> float:
+        """f at the last accepted schedule."""
+        return float(self.history[-1])
+
+    @property
+    def final_val_accuracy(self) -> float | None:
+        """``metrics[-1]["val_accuracy"]`` (None when the problem reports none)."""
+        last = self.metrics[-1] if self.metrics and isinstance(self.metrics[-1], dict) else {}
+        return last.get("val_accuracy")
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write ``<path>.json`` (everything, readable) and ``<path>.npz`` (the arrays, exact)."""
-        stem = self._stem(path)
-        arrays = {k: getattr(self, k) for k in self._ARRAYS}
-        arrays.update({f"outer_state.{k}": np.asarray(v) for k, v in self.outer_state.items()})
-        meta = {k: getattr(self, k) for k in ("best_value", "best_step", "n_evaluations",
-                                              "outer_steps_done", "wall_time", "status", "config",
-                                              "problem", "metrics", "events")}
-        meta.update(history=self.history, grad_norms=self.grad_norms,
-                    initial_lrs=self.initial_lrs, best_lrs=self.best_lrs, final_lrs=self.final_lrs,
-                    evaluations=self.evaluations,  # with wall times: JSON, not the exact npz
-                    format="hgtoolkit.ScheduleResult/1")
-        npz = records.save_arrays(stem.with_name(stem.name + ".npz"), **arrays)
-        js = records.atomic_write_json(stem.with_name(stem.name + ".json"), meta)
-        return js, npz
+        """:func:`hgtoolkit.records.save`: ``<path>.json`` (everything, readable) and
+        ``<path>.npz`` (the arrays, exact). Returns both paths."""
+        js = records.save(self, path)
+        return js, js.with_suffix(".npz")
 
     @classmethod
     def load(cls, path: str | Path) -> "ScheduleResult":
-        """Read what :meth:`save` wrote (arrays from the npz, bit-exact)."""
-        stem = cls._stem(path)
-        meta = records.read_json(stem.with_name(stem.name + ".json"))
-        arrays = records.load_arrays(stem.with_name(stem.name + ".npz"))
+        """:func:`hgtoolkit.records.load` of an ``lrsopt`` record (arrays bit-exact)."""
+        return records.load(path, kind="lrsopt")
+
+    @staticmethod
+    def _migrate_v1(cls, d: dict) -> dict:
+        """The fields of a record written before the codec (format ``hgtoolkit.ScheduleResult/1``,
+        or an old sweep cell): arrays by name, the outer state as ``outer_state.<name>``."""
         outer = {k.split(".", 1)[1]: (v.item() if v.ndim == 0 else v)
-                 for k, v in arrays.items() if k.startswith("outer_state.")}
-        kw = {k: arrays[k] for k in cls._ARRAYS}
-        kw.update({k: meta[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
-                                        "wall_time", "status", "config", "problem", "metrics", "events")})
-        ev = [[math.nan if x is None else x for x in r] for r in meta.get("evaluations", [])]  # NaN ↔ null
-        return cls(outer_state=outer, evaluations=np.asarray(ev, dtype=np.float64).reshape(-1, 2), **kw)
+                 for k, v in d.items() if k.startswith("outer_state.")}
+        ev = [[math.nan if x is None else x for x in r] for r in d.get("evaluations", [])]  # NaN ↔ null
+        kw = {k: d[k] for k in (*cls._ARRAYS, "best_value", "best_step", "n_evaluations",
+                                "outer_steps_done", "wall_time", "status", "config", "problem",
+                                "metrics", "events")}
+        return dict(outer_state=outer, evaluations=np.asarray(ev, dtype=np.float64).reshape(-1, 2), **kw)
+
+
+records.register(
+    "lrsopt", version=2, timing=("wall_time", "evaluations"),
+    derived=("initial_value", "final_value", "final_val_accuracy"),
+    readable=("history", "grad_norms", "initial_lrs", "best_lrs", "final_lrs", "evaluations"),
+    legacy_formats=("hgtoolkit.ScheduleResult/1",), migrations={1: ScheduleResult._migrate_v1},
+    redo="rerun it: `python -m hgtoolkit lrsopt ...` or `lrsopt.optimize_schedule(...).save(path)`",
+)(ScheduleResult)
 
 
 # ----------------------------------------------------------------------------- the outer loop

@@ -43,7 +43,8 @@ model-sized derivatives are the gradient g_t (HD) and one Hessian-vector product
 (μ ≠ 0). ``finish(state, v, T)`` is the last hyper-update (h_T, η_T), after the loop.
 
 Divergence (``state.diverged_at`` = the first step that went wrong, −1 while fine; ``why`` a
-code of :data:`DIVERGENCE`): a non-finite loss, h, η, β or parameters; |η| > ``lr_max``; or the
+code of :data:`DIVERGENCE`): a non-finite loss, h, η or β (non-finite parameters show in the
+next loss and h: the step itself is never checked, so that it can run in place); |η| > ``lr_max``; or the
 loss that defines the run — E(w_t) for ``objective="val"`` (full validation set), else the
 minibatch loss L_t — above ``divergence_factor`` × its initial value (for a loss that may be
 negative: above ref + (factor − 1)·|ref|). With adaptive β, β is also bounded: after each
@@ -58,6 +59,7 @@ saves to JSON + npz and loads back.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -88,7 +90,8 @@ OBJECTIVES = ("val", "train")
 DIVERGENCE = {1: "training loss is not finite", 2: "validation loss is not finite",
               3: "loss above divergence_factor × its initial value",
               4: "hypergradient h is not finite", 5: "learning rate is not finite or exceeds lr_max",
-              6: "hyper-learning rate β is not finite", 7: "parameters after the step are not finite"}
+              6: "hyper-learning rate β is not finite",
+              7: "parameters after the step are not finite"}  # 7: only in older records
 
 _ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "eval_steps",
            "val_losses", "val_accuracy")
@@ -96,6 +99,7 @@ _ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "e
 
 # ----------------------------------------------------------------------------- the record
 
+@records.register_run(redo="rerun it: `python -m hgtoolkit online ...` or `online.run(...).save(path)`")
 @dataclass(repr=False)
 class OnlineResult(records.RunRecord):
     r"""One online run. Per-step arrays have one entry per step t = 0 … n−1 that ran
@@ -204,7 +208,7 @@ class HyperConfig:
         return Settings(lr0=f(self.lr0), mu_adaptive=b(self.mu_rule is not None), beta_adaptive=b(self.beta_adaptive),
                         beta_rule_eta=b(self.beta_rule == "h_eta"), kappa=f(self.kappa),
                         lr_floor=f(-math.inf if self.lr_floor is None else self.lr_floor),
-                        lr_max=f(self.lr_max),
+                        lr_max=f(min(self.lr_max, sys.float_info.max)),  # finite: |η| ≤ it fails for inf
                         beta_bound=f(math.inf if self.beta_bound is None else self.beta_bound),
                         divergence_factor=f(math.inf if self.divergence_factor is None
                                             else self.divergence_factor))
@@ -356,14 +360,26 @@ class OnlineState(NamedTuple):
     settings: Settings
 
 
-def _fail(state: OnlineState, t: int, *checks: tuple[torch.Tensor, int]) -> OnlineState:
-    """Record the first failure of step t: ``checks`` are (bad, code) pairs in priority order;
-    diverged_at = t and why = the first code whose ``bad`` holds, unless the run already failed."""
-    code = torch.zeros_like(state.why)
-    for bad, c in reversed(checks):
-        code = torch.where(bad, torch.full_like(code, c), code)
-    new = (state.diverged_at < 0) & (code > 0)
-    return state._replace(diverged_at=torch.where(new, torch.full_like(state.diverged_at, t), state.diverged_at),
+_NO_FAILURE = 99  # above every DIVERGENCE code
+_CODES: dict = {}  # (codes, device) -> the codes as a tensor, made once
+
+
+def _nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """x is ±inf or NaN: x − x is NaN exactly then (two kernels; ``isfinite`` takes five)."""
+    return (x - x) != 0
+
+
+def _fail(state: OnlineState, t: int, bad: list, codes: tuple) -> OnlineState:
+    """Record the first failure of step t: ``bad`` are 0-d booleans, ``codes`` their DIVERGENCE
+    codes in ascending (= priority) order; diverged_at = t and why = the first code whose ``bad``
+    holds, unless the run already failed. A handful of tensor ops whatever the number of checks
+    (the step's scalar bookkeeping costs as much as a small model's update)."""
+    key = (codes, state.why.device)
+    if key not in _CODES:
+        _CODES[key] = torch.tensor(codes, dtype=state.why.dtype, device=state.why.device)
+    code = torch.where(torch.stack(bad), _CODES[key], _NO_FAILURE).amin()
+    new = (state.diverged_at < 0) & (code < _NO_FAILURE)
+    return state._replace(diverged_at=torch.where(new, t, state.diverged_at),
                           why=torch.where(new, code, state.why))
 
 
@@ -373,20 +389,44 @@ class Engine:
     shared by every run that goes through it: the dynamics, the objective and whether a
     Hessian-vector product is needed (``needs_hvp``; False only for a batch of HD runs), the
     μ rule (a tensor function, or None when every run has a constant μ), and whether HD's
-    v includes weight decay (``regularised``)."""
+    v includes weight decay (``regularised``).
+
+    ``unit_mu``: every run has μ ≡ 1 (RTHO), so z_{t+1} = A_t z_t + B_t skips the product by μ;
+    ``adaptive_beta``: False when no run adapts β (the β rule's ops are then skipped).
+    ``donate``: :meth:`optimizer_step` writes s_{t+1} and z_{t+1} into the buffers of s_t and
+    z_t (and :meth:`init` copies the parameters once): for a single run that never reads an
+    old state again (:func:`run`, the drop-in optimizers), it saves a memory pass per leaf and
+    update. The numbers are the same either way (same kernels); keep it False under ``vmap``
+    or whenever an old state is kept (the step is then a pure function).
+    Without a Hessian-vector product (HD) the tangent z is carried for w only (A_t is never
+    applied, so the tangents of the optimizer's moments would stay unused), and when the engine
+    owns the gradients it is given (``owns_grad``: not a user's ``p.grad``, which may be zeroed
+    in place) ``state.z`` holds −z_{t+1} = d_t, the update direction itself, not a copy of it
+    (h_{t+1} = −v·d_t).
+    """
 
     dynamics: _dynamics.Dynamics
     objective: str = "val"
     needs_hvp: bool = True
     mu_rule: Callable | None = None
     regularised: bool = True
+    unit_mu: bool = False
+    donate: bool = False
+    adaptive_beta: bool = True
+    owns_grad: bool = True
+
+    @property
+    def _direction_as_z(self) -> bool:
+        """HD keeps d_t = −z_{t+1} by reference (class docstring)."""
+        return not self.needs_hvp and self.owns_grad
 
     def init(self, params: Any, cfg: HyperConfig) -> OnlineState:
         """s_0 = dynamics.init(params), z_0 = 0, η_0, β_0, μ_0 and the settings of ``cfg``."""
         leaf = tree_leaves(params)[0]
         f = lambda x: torch.tensor(x, dtype=HYPER_DTYPE, device=leaf.device)
-        opt = self.dynamics.init(params)
-        return OnlineState(opt=opt, z=tree_zeros_like(opt), lr=f(cfg.lr0), beta=f(cfg.beta0),
+        opt = self.dynamics.init(tree_clone(params) if self.donate else params)
+        z = tree_zeros_like(opt if self.needs_hvp else {"w": self.dynamics.params(opt)})
+        return OnlineState(opt=opt, z=z, lr=f(cfg.lr0), beta=f(cfg.beta0),
                            mu=f(cfg.mu0), counter=f(0.0), h=f(0.0), g_prev=tree_zeros_like(params),
                            ref_loss=f(math.nan),
                            diverged_at=torch.tensor(-1, device=leaf.device),
@@ -409,31 +449,32 @@ class Engine:
         """
         s = state.settings
         h = tree_dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
+        if self._direction_as_z:
+            h = -h
         lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
-        grad_dot = (tree_dot(v, state.g_prev).to(h.dtype) if self.mu_rule is not None
-                    else torch.zeros_like(h))
-        stats = _marthe.HyperStats(t=t - 1, lr=lr, prev_lr=state.lr, hypergrad=h,
-                                   prev_hypergrad=state.h, grad_dot=grad_dot)
-        # β: one hypergradient step on β (hh or the authors' h·η), ≥ 0, ≤ bound·max(η_t, η_0)/|h_t|
-        beta = state.beta + s.kappa * h * torch.where(s.beta_rule_eta, lr, state.h)
-        beta = beta.clamp_min(0.0)
-        active = (h != 0) & torch.isfinite(s.beta_bound)
-        scale = torch.maximum(lr, s.lr0)
-        cap = torch.where(active, s.beta_bound * scale / torch.where(active, h.abs(), torch.ones_like(h)),
-                          torch.full_like(h, math.inf))
-        capped = s.beta_adaptive & (beta > cap)
-        beta = torch.where(s.beta_adaptive, torch.minimum(beta, cap), state.beta)
+        beta, capped = state.beta, None
+        if self.adaptive_beta:
+            # one hypergradient step on β (hh or the authors' h·η), ≥ 0, ≤ bound·max(η_t, η_0)/|h_t|
+            beta = (state.beta + s.kappa * h * torch.where(s.beta_rule_eta, lr, state.h)).clamp_min(0.0)
+            cap = s.beta_bound * torch.maximum(lr, s.lr0) / h.abs()
+            cap = torch.nan_to_num(cap, nan=math.inf, posinf=math.inf)  # no cap for h = 0, no bound
+            capped = s.beta_adaptive & (beta > cap)
+            beta = torch.where(s.beta_adaptive, torch.minimum(beta, cap), state.beta)
         mu, counter = state.mu, state.counter
         if self.mu_rule is not None:
+            stats = _marthe.HyperStats(t=t - 1, lr=lr, prev_lr=state.lr, hypergrad=h,
+                                       prev_hypergrad=state.h,
+                                       grad_dot=tree_dot(v, state.g_prev).to(h.dtype))
             mu_r, c_r = self.mu_rule(state.mu, state.counter, stats)
             mu_r = torch.as_tensor(mu_r, dtype=h.dtype, device=h.device).clamp(0.0, 1.0)
             c_r = torch.as_tensor(c_r, dtype=h.dtype, device=h.device)
             mu = torch.where(s.mu_adaptive, mu_r, state.mu)
             counter = torch.where(s.mu_adaptive, c_r, state.counter)
-        new = state._replace(lr=lr, beta=beta, mu=mu, counter=counter, h=h,
-                             beta_capped=state.beta_capped + capped.to(state.beta_capped.dtype))
-        return _fail(new, t, (~torch.isfinite(h), 4), (~torch.isfinite(lr) | (lr.abs() > s.lr_max), 5),
-                     (~torch.isfinite(beta), 6))
+        new = state._replace(lr=lr, beta=beta, mu=mu, counter=counter, h=h)
+        if capped is not None:
+            new = new._replace(beta_capped=state.beta_capped + capped.to(state.beta_capped.dtype))
+        # h, β not finite; η not finite or |η| > lr_max (a finite stand-in for "no bound")
+        return _fail(new, t, [_nonfinite(h), ~(lr.abs() <= s.lr_max), _nonfinite(beta)], (4, 5, 6))
 
     def check_loss(self, state: OnlineState, loss: torch.Tensor, value: Any, t: int) -> OnlineState:
         """Divergence at step t from the losses: L_t (or E(w_t)) not finite, or the loss that
@@ -442,11 +483,10 @@ class Engine:
         if t == 0:
             state = state._replace(ref_loss=key.detach().to(state.ref_loss.dtype))
         ref, factor = state.ref_loss, state.settings.divergence_factor
-        limit = torch.where(ref != 0, ref + (factor - 1) * ref.abs(), torch.full_like(ref, math.inf))
-        checks = [(~torch.isfinite(loss), 1)]
-        if value is not None:
-            checks.append((~torch.isfinite(value), 2))
-        return _fail(state, t, *checks, (key > limit, 3))
+        limit = torch.where(ref != 0, ref + (factor - 1) * ref.abs(), math.inf)
+        if value is None:
+            return _fail(state, t, [_nonfinite(loss), key > limit], (1, 3))
+        return _fail(state, t, [_nonfinite(loss), _nonfinite(value), key > limit], (1, 2, 3))
 
     def optimizer_step(self, state: OnlineState, grad: Any, t: int, hvp: Any = None) -> OnlineState:
         r"""s_{t+1} = D(s_t, g_t, η_t), z_{t+1} = μ_t A_t z_t + B_t (closed-form tangent of D, with
@@ -454,16 +494,17 @@ class Engine:
         dyn = self.dynamics
         dtype = tree_leaves(dyn.params(state.opt))[0].dtype
         lr = state.lr.to(dtype)  # the step runs in the model's dtype (η itself is float64)
-        if hvp is None:
-            opt, z = dyn.tangent(state.opt, grad, lr, t)
+        outs = {"out_state": state.opt, "out_tangent": state.z} if self.donate else {}
+        if self._direction_as_z:  # z = −B_t = d_t by reference
+            opt, z = dyn.tangent(state.opt, grad, lr, t, dlr=-1.0, keys=("w",),
+                                 out_state=outs.get("out_state"))
+        elif hvp is None:
+            opt, z = dyn.tangent(state.opt, grad, lr, t, keys=tuple(state.z), **outs)
         else:
-            opt, z = dyn.tangent(state.opt, grad, lr, t, state.z, hvp, 1.0, scale=state.mu.to(dtype))
-        w = tree_leaves(dyn.params(opt))
-        total = w[0].sum()
-        for x in w[1:]:
-            total = total + x.sum()
-        new = state._replace(opt=opt, z=z, g_prev=grad)
-        return _fail(new, t, (~torch.isfinite(total), 7))
+            scale = None if self.unit_mu else state.mu.to(dtype)
+            opt, z = dyn.tangent(state.opt, grad, lr, t, state.z, hvp, 1.0, scale=scale,
+                                 keys=tuple(state.z), **outs)
+        return state._replace(opt=opt, z=z, g_prev=grad)
 
     def step(self, state: OnlineState, grad: Any, t: int, *, loss: torch.Tensor, hvp: Any = None,
              v: Any = None, value: Any = None) -> tuple[OnlineState, dict]:
@@ -572,11 +613,14 @@ def setup(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics"
     return problem, cfg, dyn, T, eval_every, val_batch_size, config
 
 
-def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None = None) -> Engine:
+def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None = None,
+               donate: bool = False) -> Engine:
     """The :class:`Engine` of a run with settings ``cfg`` (``needs_hvp`` may be forced on for a
-    batch that mixes HD with other methods)."""
-    return Engine(dyn, cfg.objective, cfg.needs_hvp if needs_hvp is None else needs_hvp,
-                  cfg.mu_rule, cfg.hd_gradient == "regularised")
+    batch that mixes HD with other methods; ``donate`` for a single run, see :class:`Engine`)."""
+    needs = cfg.needs_hvp if needs_hvp is None else needs_hvp
+    unit_mu = needs_hvp is None and cfg.mu_rule is None and cfg.mu0 == 1.0
+    return Engine(dyn, cfg.objective, needs, cfg.mu_rule, cfg.hd_gradient == "regularised",
+                  unit_mu, donate, cfg.beta_adaptive)
 
 
 def divergence_message(step: int, why: int, value: float | None = None) -> str:
@@ -616,7 +660,8 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         lr_max: the run is declared divergent when |η| exceeds it (default 1e6·lr0; no bound
             when lr0 = 0). ``divergence_factor``: also when the run's loss (E(w_t) for "val",
             L_t for "train") exceeds this multiple of its initial value (default 2; None: off).
-            Non-finite losses, parameters, h or β always count as divergence.
+            Non-finite losses, h or β always count as divergence (non-finite parameters
+            make the next loss non-finite).
         eval_every: record E(w_k) (and accuracy) every this many steps, plus at 0 and the end;
             default every step for "val" with the full validation set (E(w_t) comes with its
             gradient), else only w_0 and w_T (an evaluation costs a validation forward pass).
@@ -641,7 +686,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         lr_max=lr_max, beta_bound=beta_bound, divergence_factor=divergence_factor,
         hd_gradient=hd_gradient, eval_every=eval_every, val_batch_size=val_batch_size,
         seed=seed)
-    engine = engine_for(cfg, dyn)
+    engine = engine_for(cfg, dyn, donate=True)
     grad_train = lambda w, t: autograd_gradient(problem.train_loss, w, t)
     grad_hvp = lambda w, z_w, t: autograd_gradient_hvp(problem.train_loss, w, z_w, t)
 
@@ -654,14 +699,18 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
 
     evals: list[tuple[int, float, float]] = []
 
-    def evaluate(k, w, value=None):
+    def evaluate(k, w, value=None) -> tuple[int, float, float]:
+        """(k, E(w_k), validation accuracy): one forward pass when the metrics give E too."""
+        acc, metrics = math.nan, None
+        if problem.metrics is not None:
+            metrics = problem.metrics(w)
+            acc = float(metrics.get("val_accuracy", math.nan))
+        if value is None:
+            value = metrics.get("val_loss") if metrics is not None else None
         if value is None:
             with torch.no_grad():
                 value = problem.val_loss(w)
-        acc = math.nan
-        if problem.metrics is not None:
-            acc = float(problem.metrics(w).get("val_accuracy", math.nan))
-        evals.append((k, float(value), acc))
+        return k, float(value), acc
 
     state = engine.init(problem.params0, cfg)
     auxes, times = [], []
@@ -680,13 +729,15 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
                 v, value = g, loss  # E = L_t: ∇E(w_t) is the gradient already computed
             elif cfg.objective == "val" and (t > 0 or val_bs is None):
                 v, value = objective_grad(w, t)
+            # evaluated before the step, which writes w_{t+1} over w_t (the engine donates buffers)
+            evaluation = evaluate(t, w, value) if t % eval_every == 0 else None
             state, aux = engine.step(state, g, t, loss=loss, hvp=hz, v=v, value=value)
             auxes.append(aux)
             times.append(time.perf_counter() - start)
             if int(state.diverged_at) >= 0:
                 break
-            if t % eval_every == 0:
-                evaluate(t, w, value)
+            if evaluation is not None:
+                evals.append(evaluation)
             if progress and t % 10 == 0:
                 bar.set_postfix(lr=f"{float(aux['lr']):.3g}", loss=f"{float(loss):.4g}", refresh=False)
         else:  # the last hyper-update (h_T, η_T); for "train" the run's one extra gradient
@@ -707,7 +758,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
                 state = engine.finish(state, v, T)
                 auxes.append({"h": state.h})
             if int(state.diverged_at) < 0:
-                evaluate(T, w, value)
+                evals.append(evaluate(T, w, value))
     finally:
         if hasattr(bar, "close"):
             bar.close()

@@ -64,7 +64,7 @@ The plumbing (``"lr"``, ``lr_scale``, ``effective_lr``, ``t``, ``diverged_at`` i
 the parameters taking part in a step, divergence reporting) is :class:`DropIn`, shared with
 :class:`hgtoolkit.towers.TowerOptimizer`, which follows the same contract.
 
-Divergence (the engine's criterion: non-finite loss, h, η, β or parameters, |η| > ``lr_max``,
+Divergence (the engine's criterion: non-finite loss, h, η or β, |η| > ``lr_max``,
 the closure's loss above ``divergence_factor`` × its first value): the step is not applied,
 a :class:`hgtoolkit.errors.DivergenceWarning` names the step and ``group["diverged_at"]`` records
 it; later steps leave that group alone. ``raise_on_divergence=True`` raises
@@ -72,6 +72,7 @@ it; later steps leave that group alone. ``raise_on_divergence=True`` raises
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Callable, Iterable
@@ -191,7 +192,10 @@ class OnlineOptimizer(DropIn):
         if key not in cache:
             ref = group["params"][0]
             dyn = self._dynamics(group)
-            cache[key] = (dyn, online.engine_for(cfg, dyn), cfg.settings(online.HYPER_DTYPE, ref.device))
+            # donate: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
+            engine = dataclasses.replace(online.engine_for(cfg, dyn, donate=True), owns_grad=False)
+            cache[key] = (dyn, engine,
+                          cfg.settings(online.HYPER_DTYPE, ref.device))
         return cache[key]
 
     def _make_config(self, group: dict) -> online.HyperConfig:
@@ -305,14 +309,19 @@ class OnlineOptimizer(DropIn):
             st = self.state[p]
             if not st:  # first step of this parameter: its moments, zero tangent, no update yet
                 s0 = dyn.init(p.detach())
-                st.update({k: v for k, v in s0.items() if k != "w"})
-                st.update({"z_" + k: torch.zeros_like(p) for k in s0}, n_updates=0)
+                st.update({k: v for k, v in s0.items() if k != "w"}, n_updates=0)
         keys = [k for k in self.state[ref] if not k.startswith("z_") and k not in ("g_prev", "n_updates")]
+        # the tangent: of w only for HD (A_t never applied), of the whole state otherwise
+        zkeys = ["w", *keys] if engine.needs_hvp else ["w"]
+        for p in params:
+            for k in zkeys:
+                if "z_" + k not in self.state[p]:
+                    self.state[p]["z_" + k] = torch.zeros_like(p)
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
         dtype = torch.int64
         state = online.OnlineState(
             opt={"w": [p.detach() for p in params], **{k: [self.state[p][k] for p in params] for k in keys}},
-            z={k: [self.state[p]["z_" + k] for p in params] for k in ["w", *keys]},
+            z={k: [self.state[p]["z_" + k] for p in params] for k in zkeys},
             lr=f(prev_lr), beta=f(group["beta_t"]), mu=f(group["mu_t"]), counter=f(group["mu_counter"]),
             h=f(group["hypergrad"]),
             g_prev=([self.state[p].get("g_prev", torch.zeros_like(p)) for p in params]
@@ -333,21 +342,16 @@ class OnlineOptimizer(DropIn):
         state = state._replace(lr=f(lr))
         if loss is not None:
             state = engine.check_loss(state, loss.to(online.HYPER_DTYPE), None, t)
+        if int(state.diverged_at) >= 0:  # the step is not applied
+            self._engine_diverged(group, state, loss, t)
+            return
         hvp = None
         if engine.needs_hvp and t > 0:
             hvp = [hz[p] if hz is not None and p in hz else torch.zeros_like(p) for p in params]
         counts = [self.state[p]["n_updates"] for p in params]
-        new = _optimizer_step(engine, state, grads, counts, hvp)
-        if int(new.diverged_at) >= 0:
-            self._engine_diverged(group, new, loss, t)
-            return
+        new = _optimizer_step(engine, state, grads, counts, hvp)  # in place: p, moments, z
         for i, p in enumerate(params):
             st = self.state[p]
-            p.copy_(new.opt["w"][i])
-            for key in keys:
-                st[key] = new.opt[key][i]
-            for key in new.z:
-                st["z_" + key] = new.z[key][i]
             if engine.mu_rule is not None:
                 st["g_prev"] = grads[i].clone()
             st["n_updates"] += 1
@@ -387,7 +391,6 @@ def _optimizer_step(engine: online.Engine, state: online.OnlineState, grads: lis
     n = len(grads)
     opt = {k: [None] * n for k in state.opt}
     z = {k: [None] * n for k in state.z}
-    bad = []
     for c, idx in buckets.items():
         sub = lambda tree: {k: [v[i] for i in idx] for k, v in tree.items()}
         part = engine.optimizer_step(state._replace(opt=sub(state.opt), z=sub(state.z)),
@@ -396,9 +399,7 @@ def _optimizer_step(engine: online.Engine, state: online.OnlineState, grads: lis
             for k, leaves in new.items():
                 for i, x in zip(idx, leaves):
                     tree[k][i] = x
-        bad.append(part)
-    worst = max(bad, key=lambda s_: int(s_.diverged_at >= 0))
-    return state._replace(opt=opt, z=z, g_prev=grads, diverged_at=worst.diverged_at, why=worst.why)
+    return state._replace(opt=opt, z=z, g_prev=grads)
 
 
 class SGDHD(OnlineOptimizer):

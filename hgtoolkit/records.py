@@ -1,19 +1,57 @@
-"""Plain result records: JSON/npz conversion and atomic writes (shared by every result type)."""
+r"""Result records: one codec for every result type, plus atomic writes.
+
+Every result type (``online.OnlineResult``, ``baselines.PeerResult``, ``hdm.HDMResult``,
+``lrsopt.ScheduleResult``, ``analysis.ApproximationReport``, ``towers.TowerResult``) is a
+dataclass registered with :func:`register` (:func:`register_run` for :class:`RunRecord`
+subclasses) under a *kind* name (``online``, ``peer``, ``hdm``, ``lrsopt``, ``approximation``,
+``towers``) and a *version*. :func:`save` ``(obj, path)`` writes, arrays and parameters first:
+
+- ``<stem>.json``: ``"format": "hgtoolkit.record"``, ``"kind"``, ``"version"``, every scalar and
+  setting (non-finite floats as ``null``), derived values for readers (``best_val_loss`` …),
+  ``"files"`` (the names of the two files below) and ``"arrays"`` = {npz key: {"path", "dtype",
+  "shape"}}; in the fields an array is a readable list (the kind's ``readable`` fields; such a
+  record also loads from its JSON alone) or ``{"npz": key, "dtype", "shape"}``;
+- ``<stem>.npz``: every numpy array, bit-exact, under its dotted path (``outer_state.m``),
+  read with ``np.load(allow_pickle=False)``; but the kind's ``timing`` arrays (wall times) are
+  JSON lists only, so that identical runs write identical npz files;
+- ``<stem>.params.pt``: the model parameters, if the kind has a ``params`` field and it is set:
+  a pytree of tensors (dicts, lists, tuples) written by ``torch.save``, checked to load with
+  ``torch.load(weights_only=True)``, which is how it is read.
+
+:func:`load` ``(path, kind=None)`` returns the registered dataclass (dispatch on the JSON's
+``kind``). In memory the codec is :func:`to_dict` (kind, version, fields; arrays stay numpy,
+parameters stay tensors) ↔ :func:`from_dict`, and :func:`split_arrays` / :func:`join_arrays`
+move the arrays out of / back into such a dict. The sweep's ``online`` and ``lrsopt`` cells
+store exactly that (``result`` = the JSON part, the cell's arrays = the npz part), with the
+kind's ``timing`` fields (wall times) kept in the cell's ``meta``.
+
+Loading a record of another kind than asked, of an unknown kind, of a newer version, or of an
+older version without a migration raises ValueError naming the file, what it is, what was
+expected and how to regenerate it; so do truncated or corrupt JSON, npz and parameter files.
+Records written before this codec (version 1: the old ``RunRecord``, ``ScheduleResult/1``,
+``ApproximationReport/1`` and ``TowerResult`` files, and the sweep's old cell results) load
+through the kinds' migrations (``migrations[1](cls, d)``: the current fields from the old
+JSON values with the old arrays merged in by name). No pickle anywhere: npz files hold no
+object arrays and parameters are read with ``weights_only=True``.
+"""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-__all__ = ["to_jsonable", "atomic_write_json", "atomic_write_bytes", "atomic_torch_save",
-           "read_json", "save_arrays", "load_arrays"]
+__all__ = ["FORMAT", "RecordType", "register", "kinds", "spec", "to_dict", "from_dict", "split_arrays",
+           "join_arrays", "save", "load", "RunRecord", "register_run", "to_jsonable", "atomic_write_json",
+           "atomic_write_bytes", "atomic_torch_save", "read_json", "save_arrays", "load_arrays"]
 
 
 def to_jsonable(x: Any) -> Any:
@@ -107,20 +145,391 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
                          "truncated or not an .npz written by hgtoolkit") from None
 
 
-class RunRecord:
-    """What every training-run record shares: derived values and JSON + npz (+ params) files.
+# ============================================================================ the record codec
 
-    A subclass is a dataclass with the fields ``config``, the per-step/evaluation arrays named
-    in ``ARRAYS`` (``lrs``, ``train_losses``, ``eval_steps``, ``val_losses``, ``val_accuracy``,
-    …), the float scalars named in ``SCALARS``, and ``diverged_at``, ``divergence``,
-    ``wall_time``, ``final_params``. ``KIND`` tags its files; ``ARRAYS_IN_JSON`` also copies the
-    arrays into the JSON for readers without numpy.
+FORMAT = "hgtoolkit.record"
+_RESERVED = ("format", "kind", "version", "files", "arrays")
+_LEGACY_VERSION = 1  # every format written before this codec
+
+
+@dataclass(frozen=True)
+class RecordType:
+    """A registered result type (see :func:`register`)."""
+
+    kind: str
+    cls: type
+    version: int
+    redo: str
+    params: str | None = None
+    timing: tuple[str, ...] = ()
+    derived: tuple[str, ...] = ()
+    readable: tuple[str, ...] = ()
+    nan: tuple[str, ...] = ()
+    legacy_formats: tuple[str, ...] = ()
+    migrations: dict = field(default_factory=dict)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self.cls))
+
+
+_REGISTRY: dict[str, RecordType] = {}
+
+
+def register(kind: str, *, version: int, redo: str, params: str | None = None,
+             timing: tuple[str, ...] = (), derived: tuple[str, ...] = (),
+             readable: tuple[str, ...] = (), nan: tuple[str, ...] = (),
+             legacy_formats: tuple[str, ...] = (),
+             migrations: dict[int, Callable[[type, dict], dict]] | None = None) -> Callable[[type], type]:
+    """Class decorator: register a dataclass as the record type ``kind`` at ``version``.
+
+    ``redo``: how to regenerate such a record (shown when one cannot be read); ``params``: the
+    field holding model parameters (a pytree of tensors, written to ``.params.pt``);
+    ``timing``: machine-dependent fields (wall times), kept apart by the sweep; ``derived``:
+    properties also written to the JSON for readers (ignored on load); ``readable``: fields
+    whose arrays are also copied into the JSON as lists; ``nan``: fields whose nulls read back
+    as NaN (``float`` fields do so anyway); ``legacy_formats``: ``"format"`` strings of files
+    written before this codec; ``migrations[v](cls, d)``: the current fields from the flat dict
+    ``d`` of a version-``v`` record (JSON values with the arrays merged in by name).
+
+    A class may define ``_record_fields(self) -> dict`` and ``_from_record_fields(cls, d)``
+    when its fields are not plain values (default: the dataclass fields, ``cls(**d)``).
+    """
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"kind must be a non-empty string, got {kind!r}")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be an int >= 1, got {version!r}")
+
+    def deco(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"register({kind!r}): {cls.__name__} is not a dataclass")
+        if kind in _REGISTRY and _REGISTRY[kind].cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"record kind {kind!r} is already registered by {_REGISTRY[kind].cls.__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        clash = names & set(_RESERVED)
+        if clash:
+            raise ValueError(f"register({kind!r}): field(s) {sorted(clash)} clash with the record's own keys")
+        for what, given in (("params", (params,) if params else ()), ("timing", timing), ("readable", readable),
+                            ("nan", nan)):
+            if set(given) - names:
+                raise ValueError(f"register({kind!r}): {what} names no field(s) {sorted(set(given) - names)}")
+        _REGISTRY[kind] = RecordType(kind, cls, version, redo, params, tuple(timing), tuple(derived),
+                                     tuple(readable), tuple(nan), tuple(legacy_formats), dict(migrations or {}))
+        return cls
+    return deco
+
+
+def kinds() -> dict[str, RecordType]:
+    """The registered record types by kind (imports the modules that define them)."""
+    _import_record_modules()
+    return dict(_REGISTRY)
+
+
+def _import_record_modules() -> None:
+    import importlib
+    for name in ("online", "baselines", "hdm", "lrsopt", "analysis", "towers"):
+        importlib.import_module(f"hgtoolkit.{name}")
+
+
+def spec(obj_or_kind: Any) -> RecordType:
+    """The :class:`RecordType` of a record, a record class or a kind name."""
+    if isinstance(obj_or_kind, str):
+        if obj_or_kind not in _REGISTRY:
+            _import_record_modules()
+        if obj_or_kind not in _REGISTRY:
+            raise ValueError(f"unknown record kind {obj_or_kind!r}; known: {sorted(_REGISTRY)}")
+        return _REGISTRY[obj_or_kind]
+    cls = obj_or_kind if isinstance(obj_or_kind, type) else type(obj_or_kind)
+    for klass in cls.__mro__:
+        for s in _REGISTRY.values():
+            if s.cls is klass:
+                return s
+    raise TypeError(f"{cls.__name__} is not a registered record type (see hgtoolkit.records.register)")
+
+
+# ---------------------------------------------------------------------------- in memory
+
+def to_dict(obj: Any) -> dict:
+    """``{"format", "kind", "version", <fields>, <derived values>}``; arrays stay numpy arrays
+    and the ``params`` field its pytree of tensors (:func:`split_arrays` makes it JSON)."""
+    s = spec(obj)
+    hook = getattr(obj, "_record_fields", None)
+    fields = hook() if hook is not None else {f: getattr(obj, f) for f in s.fields}
+    d = {"format": FORMAT, "kind": s.kind, "version": s.version, **fields}
+    d.update({k: getattr(obj, k) for k in s.derived})
+    return d
+
+
+def _none_to_nan(x: Any) -> Any:
+    if x is None:
+        return math.nan
+    if isinstance(x, dict):
+        return {k: _none_to_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_none_to_nan(v) for v in x]
+    return x
+
+
+def _describe(d: dict) -> str:
+    if d.get("format") == FORMAT:
+        return f"a {d.get('kind')!r} record (version {d.get('version')!r})"
+    if d.get("format") is not None:
+        return f"a record of format {d.get('format')!r}"
+    if d.get("kind") is not None:
+        return f"an old {d.get('kind')!r} record"
+    return "not a hgtoolkit record"
+
+
+def _identify(d: Any, kind: str | None, source: str, redo: str | None,
+              untagged: bool = False) -> tuple[RecordType, int]:
+    """(type, version) of a record dict; ValueError when it is not the kind asked or unreadable."""
+    if kind is not None:
+        spec(kind)  # an unknown kind asked for is the caller's error
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: not a hgtoolkit record (a JSON {type(d).__name__}, expected an object)")
+    fmt = d.get("format")
+    if fmt == FORMAT:
+        found, version = d.get("kind"), d.get("version")
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"{source}: record has no valid version ({version!r}); "
+                             f"{redo or _redo(kind or found)}")
+    else:  # written before this codec
+        _import_record_modules()
+        version = _LEGACY_VERSION
+        by_format = [s.kind for s in _REGISTRY.values() if fmt is not None and fmt in s.legacy_formats]
+        if by_format:
+            found = by_format[0]
+        elif fmt is None and d.get("kind") in _REGISTRY:
+            found = d["kind"]
+        elif untagged and fmt is None and kind is not None and "kind" not in d:
+            found = kind  # an old sweep cell result: the caller knows the kind
+        else:
+            expected = f"a {kind!r} record ({_REGISTRY[kind].cls.__name__})" if kind else "a hgtoolkit record"
+            raise ValueError(f"{source}: {_describe(d)}, expected {expected} (format {FORMAT!r}); "
+                             f"{redo or _redo(kind)}")
+    if found not in _REGISTRY:
+        _import_record_modules()
+    if found not in _REGISTRY:
+        raise ValueError(f"{source}: a record of unknown kind {found!r} (known: {sorted(_REGISTRY)})"
+                         + (f", expected a {kind!r} record" if kind else "") + f"; {redo or _redo(kind)}")
+    s = _REGISTRY[found]
+    if kind is not None and found != kind:
+        raise ValueError(f"{source}: {_describe(d)} ({s.cls.__name__}), not the {kind!r} record "
+                         f"({_REGISTRY[kind].cls.__name__}) expected; {redo or _redo(kind)}")
+    if version > s.version:
+        raise ValueError(f"{source}: a {found!r} record of version {version}, written by a newer hgtoolkit "
+                         f"(this one reads version {s.version}); upgrade hgtoolkit, or {redo or s.redo}")
+    if version < s.version and version not in s.migrations:
+        raise ValueError(f"{source}: a {found!r} record of version {version}, which this hgtoolkit cannot "
+                         f"read (it reads version {s.version}); {redo or s.redo}")
+    return s, version
+
+
+def _redo(kind: str | None) -> str:
+    return _REGISTRY[kind].redo if kind in _REGISTRY else "regenerate it with the code that wrote it"
+
+
+def from_dict(d: dict, kind: str | None = None, *, source: str = "record", redo: str | None = None,
+              untagged: bool = False) -> Any:
+    """The record object of a :func:`to_dict` dict (arrays merged in, see :func:`join_arrays`),
+    or of an older version through the kind's migration. ``kind``: the kind expected (None:
+    any); ``source`` names the record and ``redo`` says how to regenerate it in errors;
+    ``untagged``: a dict with neither ``"format"`` nor ``"kind"`` is an old (version 1) record
+    of ``kind`` (the sweep's cell results written before this codec)."""
+    s, version = _identify(d, kind, source, redo, untagged)
+    try:
+        if version != s.version:
+            fields = s.migrations[version](s.cls, d)
+        else:
+            known = set(s.fields) | set(s.derived) | set(_RESERVED)
+            unknown = set(d) - known
+            if unknown:
+                raise ValueError(f"unknown field(s) {sorted(unknown)}")
+            fields = {k: v for k, v in d.items() if k in s.fields}
+        for f in dataclasses.fields(s.cls):
+            if f.name in fields and (f.name in s.nan or f.type in ("float", float)):
+                fields[f.name] = _none_to_nan(fields[f.name])
+        hook = getattr(s.cls, "_from_record_fields", None)
+        return hook(fields) if hook is not None else s.cls(**fields)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{source}: cannot read this {s.kind!r} record ({s.cls.__name__}) of version "
+                         f"{version} ({what}); "
+                         f"the record is incomplete or corrupt; {redo or s.redo}") from None
+
+
+def split_arrays(d: dict, readable: tuple[str, ...] = (),
+                 json_only: tuple[str, ...] = ()) -> tuple[dict, dict[str, np.ndarray]]:
+    """(JSON-able dict, arrays): every numpy array (or tensor: marked, to come back as one) leaf
+    of ``d`` moves to the arrays under its dotted path; the dict keeps, at its place, a list (top-level key in ``readable``)
+    or ``{"npz": key, "dtype", "shape"}``, and ``"arrays"`` = {key: {"path", "dtype", "shape"}}
+    to put it back. Arrays under a top-level key in ``json_only`` (wall times) stay in the dict
+    as lists only (so that two identical runs write identical npz files)."""
+    arrays: dict[str, np.ndarray] = {}
+    paths: dict[str, list] = {}
+
+    def walk(v: Any, path: list) -> Any:
+        tensor = isinstance(v, torch.Tensor)
+        if tensor:
+            v = v.detach().cpu().numpy()
+        if isinstance(v, np.ndarray):
+            if v.dtype.hasobject:
+                raise TypeError(f"{'.'.join(map(str, path))}: object arrays cannot be stored (no pickle)")
+            key = ".".join(map(str, path))
+            while key in paths:
+                key += "_"
+            paths[key] = {"path": list(path), "dtype": str(v.dtype), "shape": list(v.shape)}
+            if tensor:
+                paths[key]["tensor"] = True
+            if path[0] in json_only:
+                return to_jsonable(v)
+            arrays[key] = v
+            if path[0] in readable:
+                return to_jsonable(v)
+            return {"npz": key, "dtype": str(v.dtype), "shape": list(v.shape)}
+        if isinstance(v, dict):
+            return {str(k): walk(x, path + [str(k)]) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, path + [i]) for i, x in enumerate(v)]
+        return to_jsonable(v)
+
+    doc = {k: walk(v, [k]) for k, v in d.items() if k != "arrays"}
+    doc["arrays"] = paths
+    return doc, arrays
+
+
+def join_arrays(doc: dict, arrays: dict[str, np.ndarray]) -> dict:
+    """Inverse of :func:`split_arrays`; an array missing from ``arrays`` is rebuilt from its
+    readable copy in ``doc`` when there is one (bit-exact: JSON floats round-trip). A record
+    written before this codec (no ``"format": "hgtoolkit.record"``) gets its arrays merged in
+    by name instead."""
+    if doc.get("format") != FORMAT:
+        return {**doc, **arrays}
+    out = copy.deepcopy({k: v for k, v in doc.items() if k != "arrays"})
+    entries = doc.get("arrays") or {}
+    if not isinstance(entries, dict):
+        raise ValueError(f"the record's \"arrays\" must map npz keys to paths, got {type(entries).__name__}")
+    for key, entry in entries.items():
+        path = entry["path"]
+        node = out
+        for p in path[:-1]:
+            node = node[p]
+        if key in arrays:
+            value = arrays[key]
+        elif isinstance(node[path[-1]], list):
+            value = np.asarray(_none_to_nan(node[path[-1]]), dtype=entry["dtype"]).reshape(entry["shape"])
+        else:
+            raise ValueError(f"array {key!r} is missing (not in the npz, no readable copy in the JSON)")
+        node[path[-1]] = torch.from_numpy(np.array(value)) if entry.get("tensor") else value
+    return out
+
+
+# ---------------------------------------------------------------------------- on disk
+
+def _paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """(``<stem>.json``, ``<stem>.npz``, ``<stem>.params.pt``) for a path with or without a
+    ``.json``/``.npz`` suffix."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".json", ".npz") else path
+    return (stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".npz"),
+            stem.with_name(stem.name + ".params.pt"))
+
+
+def _params_bytes(params: Any, where: str) -> bytes:
+    """``torch.save`` of a detached CPU copy, checked to load back with ``weights_only=True``."""
+    import io
+    buf = io.BytesIO()
+    torch.save(torch.utils._pytree.tree_map(
+        lambda x: x.detach().cpu() if isinstance(x, torch.Tensor) else x, params), buf)
+    try:
+        torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any refusal means: not a plain pytree of tensors
+        raise TypeError(f"{where}: parameters must be a pytree of tensors (dicts, lists, tuples) that "
+                        f"torch.load(weights_only=True) reads ({type(exc).__name__})") from None
+    return buf.getvalue()
+
+
+def _load_params(path: Path, redo: str) -> Any:
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise ValueError(f"{path}: the record's parameter file is missing; {redo}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt/unsafe: all the same to the reader
+        raise ValueError(f"{path}: cannot read the parameters ({type(exc).__name__}); the file is "
+                         f"truncated or not written by hgtoolkit; {redo}") from None
+
+
+def save(obj: Any, path: str | os.PathLike) -> Path:
+    """Write a registered record to ``<stem>.json`` + ``<stem>.npz`` (+ ``<stem>.params.pt``),
+    the arrays and parameters first; ``path`` may end in .json/.npz or have no suffix.
+    Returns the JSON path."""
+    s = spec(obj)
+    jpath, npath, ppath = _paths(path)
+    d = to_dict(obj)
+    params = d.pop(s.params) if s.params else None
+    doc, arrays = split_arrays(d, s.readable, json_only=s.timing)
+    files = {}
+    if arrays:
+        save_arrays(npath, **arrays)
+        files["arrays"] = npath.name
+    if params is not None:
+        atomic_write_bytes(ppath, _params_bytes(params, f"{type(obj).__name__}.{s.params}"))
+        files["params"] = ppath.name
+    doc["files"] = files
+    return atomic_write_json(jpath, doc)
+
+
+def load(path: str | os.PathLike, kind: str | None = None) -> Any:
+    """The record saved at ``path`` (its .json, .npz or stem) as its registered dataclass.
+    ``kind``: the kind expected (ValueError for another); records written before this codec
+    load through the kind's migration."""
+    jpath, npath, ppath = _paths(path)
+    try:
+        doc = read_json(jpath)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{exc.msg}; the file is truncated or corrupt; {_redo(kind)}") from None
+    s, _ = _identify(doc, kind, str(jpath), None)
+    if doc.get("format") == FORMAT:
+        files = doc.get("files") or {}
+        npz = jpath.with_name(files["arrays"]) if files.get("arrays") else None
+        try:
+            arrays = load_arrays(npz) if npz is not None and npz.exists() else {}  # else: readable copies
+        except ValueError as exc:
+            raise ValueError(f"{exc}; {s.redo}") from None
+        try:
+            d = join_arrays(doc, arrays)
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            missing = f" ({npz.name} is missing)" if npz is not None and not npz.exists() else ""
+            raise ValueError(f"{jpath}: the arrays do not match the record{missing}: {exc}; {s.redo}") from None
+        d.pop("files", None)
+        if s.params:
+            d[s.params] = _load_params(jpath.with_name(files["params"]), s.redo) if files.get("params") else None
+    else:  # written before this codec: arrays by name, parameters named by "params"
+        legacy_npz = jpath.with_name(doc["arrays"]) if isinstance(doc.get("arrays"), str) else npath
+        d = {**doc, **(load_arrays(legacy_npz) if legacy_npz.exists() else {})}
+        if isinstance(doc.get("params"), str):
+            d["$params"] = _load_params(jpath.with_name(doc["params"]), s.redo)
+    return from_dict(d, kind or s.kind, source=str(jpath))
+
+
+# ============================================================================ training-run records
+
+class RunRecord:
+    """What every training-run record shares: derived values and the codec's save/load.
+
+    A subclass is a dataclass registered with :func:`register_run` under its ``KIND``, with
+    the fields ``config``, the per-step/evaluation arrays named in ``ARRAYS`` (``lrs``,
+    ``train_losses``, ``eval_steps``, ``val_losses``, ``val_accuracy``, …), the float scalars
+    named in ``SCALARS``, and ``diverged_at``, ``divergence``, ``wall_time``, ``final_params``;
+    ``ARRAYS_IN_JSON`` also copies the arrays into the JSON for readers without numpy.
     """
 
     KIND: str = "run"
     ARRAYS: tuple[str, ...] = ()
     SCALARS: tuple[str, ...] = ()
     ARRAYS_IN_JSON: bool = False
+    TIMING = ("wall_time", "step_times")
+    DERIVED = ("steps_run", "best_val_loss", "final_val_loss", "final_val_accuracy")
 
     @property
     def method(self) -> str:
@@ -152,45 +561,39 @@ class RunRecord:
             return math.nan
         return float(self.val_accuracy[-1])
 
-    @staticmethod
-    def _paths(path: str | os.PathLike) -> tuple[Path, Path, Path]:
-        path = Path(path)
-        stem = path.with_suffix("") if path.suffix in (".json", ".npz") else path
-        return (stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".npz"),
-                stem.with_name(stem.name + ".params.pt"))
-
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``<stem>.json`` (config and scalars), ``<stem>.npz`` (the arrays, exact) and,
-        when ``final_params`` is set, ``<stem>.params.pt``. ``path`` may end in .json or have
-        no suffix. Returns the JSON path."""
-        jpath, npath, ppath = self._paths(path)
-        arrays = {k: getattr(self, k) for k in self.ARRAYS if getattr(self, k) is not None}
-        save_arrays(npath, **arrays)
-        if self.final_params is not None:
-            atomic_torch_save(torch.utils._pytree.tree_map(lambda x: x.detach().cpu(), self.final_params), ppath)
-        meta = {"kind": self.KIND, "config": self.config,
-                **{k: getattr(self, k) for k in self.SCALARS},
-                "diverged_at": self.diverged_at, "divergence": self.divergence,
-                "wall_time": self.wall_time, "steps_run": self.steps_run,
-                "best_val_loss": self.best_val_loss, "final_val_loss": self.final_val_loss,
-                "final_val_accuracy": self.final_val_accuracy,
-                "arrays": npath.name, "params": ppath.name if self.final_params is not None else None,
-                **(arrays if self.ARRAYS_IN_JSON else {})}
-        return atomic_write_json(jpath, meta)
+        """:func:`hgtoolkit.records.save`: ``<stem>.json``, ``<stem>.npz`` and, when
+        ``final_params`` is set, ``<stem>.params.pt``. Returns the JSON path."""
+        return save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike):
-        """Read a record written by :meth:`save` (the .json path or the stem)."""
-        jpath, _, _ = cls._paths(path)
-        meta = read_json(jpath)
-        if not isinstance(meta, dict) or meta.get("kind") != cls.KIND:
-            meta = meta if isinstance(meta, dict) else {}
-            raise ValueError(f"path {jpath} is not a {cls.__name__} record (kind={meta.get('kind')!r})")
-        arrays = load_arrays(jpath.with_name(meta["arrays"]))
-        params = None
-        if meta.get("params"):
-            params = torch.load(jpath.with_name(meta["params"]), weights_only=True)
-        scalars = {k: math.nan if meta.get(k) is None else float(meta[k]) for k in cls.SCALARS}
-        return cls(config=meta["config"], **{k: arrays.get(k) for k in cls.ARRAYS}, **scalars,
-                   diverged_at=meta["diverged_at"], divergence=meta.get("divergence"),
-                   wall_time=float(meta["wall_time"]), final_params=params)
+        """:func:`hgtoolkit.records.load` of a record of this class's kind."""
+        return load(path, kind=spec(cls).kind)
+
+    @staticmethod
+    def migrate_v1(cls: type, d: dict) -> dict:
+        """The fields of a record written before the codec: the old ``RunRecord.save`` files
+        (arrays by name, parameters in ``"$params"``) and the sweep's old ``online`` cells."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "final_params":
+                out[f.name] = d.get("$params")
+            elif f.name in d:
+                out[f.name] = d[f.name]
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(f.name)
+        return out
+
+
+def register_run(*, redo: str) -> Callable[[type], type]:
+    """:func:`register` for a :class:`RunRecord` subclass under its ``KIND`` (version 2):
+    parameters in ``final_params``, wall times as timing, the derived values in the JSON, and
+    the migration of the files and sweep cells written before the codec (version 1)."""
+    def deco(cls: type) -> type:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return register(cls.KIND, version=2, redo=redo, params="final_params",
+                        timing=tuple(t for t in RunRecord.TIMING if t in names), derived=RunRecord.DERIVED,
+                        readable=cls.ARRAYS if cls.ARRAYS_IN_JSON else (),
+                        migrations={1: RunRecord.migrate_v1})(cls)
+    return deco

@@ -76,6 +76,7 @@ from torch.func import vjp
 from . import dynamics as _dynamics
 from ._tree import tree_leaves, tree_zeros_like
 from . import online
+from . import records
 from .errors import DivergenceError, DivergenceWarning
 from .optim import DropIn, by_count, loss_limit
 
@@ -750,6 +751,9 @@ class History:
         return f"History({str(self.tower)!r}, steps={len(self)})"
 
 
+@records.register("towers", version=2, params="params", readable=("history", "train_losses"),
+                  migrations={1: lambda cls, d: {**d, "params": None}},  # old files: JSON only, no params
+                  redo="rerun it: `python -m hgtoolkit towers ...` or `towers.run(...).save(path)`")
 @dataclass
 class TowerResult:
     """A tower run (:func:`run`): the record of every hyperparameter, per-step training losses,
@@ -786,24 +790,30 @@ class TowerResult:
         sched = {n: torch.as_tensor(vals[n], dtype=torch.float64) for n in base_level.tuned if n != "lr"}
         return Scheduled(base_level.base, sched) if sched else base_level.base
 
-    def to_dict(self) -> dict:
-        return {"kind": "towers", "tower": self.tower.config(), "problem": self.problem,
-                "steps": len(self.history), "value": self.value, "metrics": self.metrics,
-                "train_losses": self.train_losses, "history": self.history.to_dict(),
+    def _record_fields(self) -> dict:
+        """The record codec's fields: the tower's settings, the history's arrays (its spec string
+        parses back to the tower), the parameters."""
+        return {"tower": self.tower.config(), "history": self.history.to_dict(), "train_losses": self.train_losses,
+                "value": self.value, "params": self.params, "metrics": self.metrics, "problem": self.problem,
                 "diverged_at": self.diverged_at, "divergence": self.divergence}
 
+    @classmethod
+    def _from_record_fields(cls, d: dict) -> "TowerResult":
+        hist = History.from_dict(d["history"])
+        losses = np.array([np.nan if v is None else v for v in d["train_losses"]], dtype=np.float64)
+        return cls(hist.tower, hist, losses, d["value"], d.get("params"), d.get("metrics"), d.get("problem", {}),
+                   d.get("diverged_at"), d.get("divergence"))
+
+    def to_dict(self) -> dict:
+        return records.to_dict(self)
+
     def save(self, path: str | Path) -> Path:
-        from .records import atomic_write_json, to_jsonable
-        return atomic_write_json(path, to_jsonable(self.to_dict()))
+        """:func:`hgtoolkit.records.save` (JSON, npz, and the parameters when kept)."""
+        return records.save(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TowerResult":
-        from .records import read_json
-        d = read_json(path)
-        hist = History.from_dict(d["history"])
-        losses = np.array([np.nan if v is None else v for v in d["train_losses"]], dtype=np.float64)
-        return cls(hist.tower, hist, losses, d["value"], None, d.get("metrics"), d.get("problem", {}),
-                   d.get("diverged_at"), d.get("divergence"))
+        return records.load(path, kind="towers")
 
     def __repr__(self) -> str:
         return (f"TowerResult({str(self.tower)!r}, steps={len(self.history)}, value={self.value:.6g}, "

@@ -1,11 +1,9 @@
 """The built-in cell kinds: ``online``, ``lrsopt``, ``train`` and ``hypergrad``."""
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
+from .. import records
 from .grid import CellContext, CellKind, CellOutput, _NONNEG, _OUTPUT_CONVERTERS, _SEED, _STEPS, _choice, _flag, _mapping, _number, _optimizer, register_cell_kind
 
 
@@ -35,31 +33,40 @@ def run_online_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     return online_output(online.run(problem, progress=False, keep_params=False, **params))
 
 
+def _record_output(r, status: str = "ok") -> CellOutput:
+    """A record object as a cell's output through the record codec: its JSON values as the
+    result, its arrays as the cell's arrays, its ``timing`` fields apart, no parameters."""
+    spec = records.spec(r)
+    d = records.to_dict(r)
+    if spec.params:
+        d.pop(spec.params)
+    timing = {k: v for k in spec.timing if (v := d.pop(k)) is not None}
+    result, arrays = records.split_arrays(d)
+    return CellOutput(result, arrays, status, timing)
+
+
+def _record_result(kind: str):
+    """``to_result`` of a cell kind whose result is the record ``kind`` (cells written before
+    the codec load through its migration)."""
+    def to_result(record: dict):
+        d = records.join_arrays(record["result"], record["arrays"])
+        d.update(record["meta"].get("timing", {}))
+        return records.from_dict(d, kind, source=f"cell {record.get('id')} of the sweep", untagged=True,
+                                 redo="delete the cell's record (cells/<id>.json) and rerun the sweep to recompute it")
+    return to_result
+
+
 def online_output(r) -> CellOutput:
     """The :class:`CellOutput` of an ``OnlineResult`` (what the online kind stores; for kinds
     of one's own whose runner calls ``online.run`` or ``batched.run_online_batch``)."""
-    arrays = {k: getattr(r, k) for k in ("lrs", "betas", "mus", "hypergrads", "train_losses",
-                                         "eval_steps", "val_losses", "val_accuracy")}
-    result = {"config": r.config, "final_lr": r.final_lr, "diverged_at": r.diverged_at,
-              "divergence": r.divergence, "steps_run": r.steps_run,
-              "best_val_loss": r.best_val_loss, "final_val_loss": r.final_val_loss,
-              "final_val_accuracy": r.final_val_accuracy}
-    timing = {"wall_time": r.wall_time}
-    if getattr(r, "step_times", None) is not None:
-        timing["step_times"] = r.step_times
-    return CellOutput(result, {k: v for k, v in arrays.items() if v is not None},
-                      "diverged" if r.diverged else "ok", timing)
+    return _record_output(r, "diverged" if r.diverged else "ok")
 
 
-def _online_result(record: dict):
-    online = _online_module()
-    res, arr, timing = record["result"], record["arrays"], record["meta"].get("timing", {})
-    nan = lambda v: math.nan if v is None else float(v)
-    return online.OnlineResult(config=res["config"], **{k: arr.get(k) for k in (
-        "lrs", "betas", "mus", "hypergrads", "train_losses", "eval_steps", "val_losses", "val_accuracy")},
-        step_times=timing.get("step_times"), final_lr=nan(res["final_lr"]),
-        diverged_at=res["diverged_at"], divergence=res.get("divergence"),
-        wall_time=float(timing.get("wall_time", 0.0)))
+def lrsopt_output(r) -> CellOutput:
+    """The :class:`CellOutput` of a ``ScheduleResult`` (what the lrsopt kind stores; its
+    ``to_result`` reads it back), for kinds of one's own whose runner calls
+    ``lrsopt.optimize_schedule``."""
+    return _record_output(r)
 
 
 def _online_cost(params: dict) -> float:
@@ -88,36 +95,6 @@ def run_lrsopt_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     r = lrsopt.optimize_schedule(problem, lrs0, kw.pop("outer_steps"), kw.pop("outer_lr", None),
                                  kw.pop("outer_optimizer", "adam"), progress=False, **kw)
     return lrsopt_output(r)
-
-
-def lrsopt_output(r) -> CellOutput:
-    """The :class:`CellOutput` of a ``ScheduleResult`` (what the lrsopt kind stores; its
-    ``to_result`` reads it back), for kinds of one's own whose runner calls
-    ``lrsopt.optimize_schedule``."""
-    arrays = {k: getattr(r, k) for k in r._ARRAYS}
-    arrays.update({f"outer_state.{k}": np.asarray(v) for k, v in r.outer_state.items()})
-    last = r.metrics[-1] if r.metrics and isinstance(r.metrics[-1], dict) else {}
-    result = {k: getattr(r, k) for k in ("best_value", "best_step", "n_evaluations",
-                                         "outer_steps_done", "status", "config", "problem",
-                                         "metrics", "events")}
-    result.update(final_value=float(r.history[-1]), initial_value=float(r.history[0]),
-                  final_val_accuracy=last.get("val_accuracy"))
-    return CellOutput(result, arrays, "ok", {"wall_time": r.wall_time,
-                                             "evaluations": np.asarray(r.evaluations, np.float64)})
-
-
-def _lrsopt_result(record: dict):
-    from .. import lrsopt
-    res, arr = record["result"], record["arrays"]
-    outer = {k.split(".", 1)[1]: (v.item() if v.ndim == 0 else v)
-             for k, v in arr.items() if k.startswith("outer_state.")}
-    timing = record["meta"].get("timing", {})
-    extra = {"evaluations": np.asarray(timing["evaluations"])} if "evaluations" in timing else {}
-    return lrsopt.ScheduleResult(
-        outer_state=outer, wall_time=float(timing.get("wall_time", 0.0)), **extra,
-        **{k: arr[k] for k in lrsopt.ScheduleResult._ARRAYS},
-        **{k: res[k] for k in ("best_value", "best_step", "n_evaluations", "outer_steps_done",
-                               "status", "config", "problem", "metrics", "events")})
 
 
 def _schedule(problem, params: dict) -> torch.Tensor:
@@ -163,7 +140,7 @@ def _online_objectives():
 register_cell_kind(CellKind(
     "online", run_online_cell, required=("lr0", "steps"), check=_online_check, cost=_online_cost,
     summary=("final_val_loss", "best_val_loss", "final_val_accuracy", "final_lr"),
-    to_result=_online_result, run_batch=_online_batch,
+    to_result=_record_result("online"), run_batch=_online_batch,
     params={"method": _choice(_online_methods), "optimizer": _optimizer, "lr0": _NONNEG,
             "steps": _STEPS, "beta": _number(0, words=("auto",), none=True),
             "mu": _number(0, 1, words=("auto",), none=True), "kappa": _NONNEG, "beta0": _NONNEG,
@@ -175,7 +152,7 @@ register_cell_kind(CellKind(
     "lrsopt", run_lrsopt_cell, required=("lr0", "steps", "outer_steps"), check=_lrsopt_check,
     cost=lambda p: 30.0 * p.get("steps", 1) * p.get("outer_steps", 1),
     summary=("initial_value", "best_value", "final_value", "final_val_accuracy"),
-    to_result=_lrsopt_result,
+    to_result=_record_result("lrsopt"),
     params={"lr0": _NONNEG, "steps": _STEPS, "outer_steps": _STEPS,
             "outer_lr": _number(0, open_lo=True), "outer_optimizer": _choice(("adam", "sgd", "lbfgsb")),
             "optimizer": _optimizer, "mode": _choice(_exact_modes),
