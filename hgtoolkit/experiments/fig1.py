@@ -231,20 +231,20 @@ def _constant_search(problem, lr0: float, steps: int, n: int) -> dict:
 def run_lrsopt_cell(problem, params: dict, ctx):
     """Kind ``fig1.lrsopt``: the best constant η (GD, :func:`_constant_search`), then LRS-OPT from
     it (the sweep's ``lrsopt`` cell: projected Adam, α = ``lr_rel``·η_c, checkpointed in the
-    store). The constants go in ``result["constants"]``."""
+    store). The constants go beside the record (``result["extra"]``, arrays ``extra.constants.*``)."""
     from .. import sweep
     constants = _constant_search(problem, params["lr0"], params["steps"], params["constants"])
-    arrays = {f"constants.{k}": v for k, v in constants.items() if isinstance(v, np.ndarray)}
+    arrays = {f"extra.constants.{k}": v for k, v in constants.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in constants.items() if not isinstance(v, np.ndarray)}
     if not params["outer_steps"]:
-        return sweep.CellOutput({"constants": scalars}, arrays)
+        return sweep.CellOutput({"extra": {"constants": scalars}}, arrays)
     c = constants["best_lr"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
         out = sweep.CELL_KINDS["lrsopt"].run(problem, {
             "lr0": c, "steps": params["steps"], "outer_steps": params["outer_steps"],
             "outer_lr": params["lr_rel"] * c, "outer_optimizer": "adam"}, ctx)
-    out.result["constants"] = scalars
+    out.result["extra"] = {"constants": scalars}  # beside the ScheduleResult
     out.arrays.update(arrays)
     return out
 
@@ -281,8 +281,8 @@ def _lrsopt_records(out, config: Config) -> dict:
     res = {}
     for fn, g in zip(config.functions, grids):
         rec = recs[g.cells()[0].id]
-        constants = {"lrs": None, "final": None, "best": None, **rec["result"]["constants"],
-                     **{k.split(".", 1)[1]: v for k, v in rec["arrays"].items() if k.startswith("constants.")}}
+        constants = {"lrs": None, "final": None, "best": None, **rec["result"]["extra"]["constants"],
+                     **{k.split(".", 2)[2]: v for k, v in rec["arrays"].items() if k.startswith("extra.constants.")}}
         res[fn] = (constants, sweep.CELL_KINDS["lrsopt"].to_result(rec) if config.lrsopt_steps else None)
     return res
 

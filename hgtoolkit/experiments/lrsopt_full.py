@@ -130,7 +130,7 @@ def run_schedule_cell(problem, params: dict, ctx):
     """Kind ``lrsopt_full.run``: LRS-OPT by ``outer`` ("lbfgsb": fixed minibatches; "adam":
     resampled) from η_t = ``init``, checkpointed in the store after every step (a killed run
     resumes), stopped on a plateau; then the final, best and initial schedules replayed on the
-    seed's own minibatch order (``result["replay"]``)."""
+    seed's own minibatch order (``result["extra"]["replay"]``)."""
     from .. import lrsopt, sweep
     from ..trajectory import train
     kind, steps = params["outer"], params["outer_steps"]
@@ -153,7 +153,7 @@ def run_schedule_cell(problem, params: dict, ctx):
     for name, lrs in (("final", res.final_lrs), ("best", res.best_lrs), ("initial", res.initial_lrs)):
         m = problem.metrics(train(problem, torch.as_tensor(lrs, dtype=problem.dtype, device=problem.device)).params)
         replay[name] = {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
-    out.result["replay"] = replay
+    out.result["extra"] = {"replay": replay}  # beside the ScheduleResult
     return out
 
 
@@ -212,7 +212,7 @@ def _metas(out, config: Config) -> dict:
             "n_evaluations": res.n_evaluations, "f_initial": float(res.history[0]),
             "best_value": res.best_value, "wall_time": res.wall_time,
             "seconds_per_evaluation": res.wall_time / max(res.n_evaluations, 1),
-            "within_1pct": time_to_within(res.evaluations), "replay": rec["result"]["replay"],
+            "within_1pct": time_to_within(res.evaluations), "replay": rec["result"]["extra"]["replay"],
             "final_lrs": res.final_lrs.tolist(), "data": rec["meta"].get("data")}
     return metas
 

@@ -371,27 +371,20 @@ def run_lrsopt_cell(problem, params: dict, ctx):
         tr = train(problem, torch.as_tensor(out.arrays[f"{name}_lrs"], dtype=problem.dtype))
         m = problem.metrics(tr.params)
         replay[name] = {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
-    out.result["replay"] = replay
+    out.result["extra"] = {"replay": replay}
     return out
 
 
 def run_peer_cell(problem, params: dict, ctx):
     """Kind ``mnist.peer``: :func:`hgtoolkit.baselines.run_peer` on the seed's data, w_0 and
-    minibatch order."""
+    minibatch order (stored as its :class:`~hgtoolkit.baselines.PeerResult`)."""
     from .. import baselines, sweep
     from ..errors import DivergenceWarning
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)
         r = baselines.run_peer(problem, params["name"], params["steps"], lr=params.get("lr"),
                                seed=params["seed"], eval_every=params["eval_every"], keep_params=False)
-    result = {"config": r.config, "diverged_at": r.diverged_at, "divergence": r.divergence,
-              "final_val_accuracy": None if r.diverged else r.final_val_accuracy,
-              "final_val_loss": None if r.diverged else r.final_val_loss}
-    arrays = {k: getattr(r, k) for k in baselines.PeerResult.ARRAYS if getattr(r, k) is not None}
-    return sweep.CellOutput(result, arrays, "diverged" if r.diverged else "ok", {"wall_time": r.wall_time})
-
-
-_REPORT_ARRAYS = ("lrs", "estimates", "one_step", "constant_lr", "full_horizon", "val_losses", "train_losses")
+    return sweep.record_output(r, "diverged" if r.diverged else "ok")
 
 
 def run_analysis_cell(problem, params: dict, ctx):
@@ -410,24 +403,10 @@ def run_analysis_cell(problem, params: dict, ctx):
                                      check_trajectory=False)
     ran = np.asarray(r.train_losses[:len(report.train_losses)], np.float64)
     gap = float(np.max(np.abs(report.train_losses - ran) / (1.0 + np.abs(ran)))) if ran.size else 0.0
-    arrays = {k: getattr(report, k) for k in _REPORT_ARRAYS}
-    arrays.update({f"per_step.{ref}.{k}": v for ref, d in report.per_step.items() for k, v in d.items()})
-    result = {"summary": report.summary, "info": report.info, "replay_gap": gap,
-              "single_run_final_val_accuracy": None if r.diverged else r.final_val_accuracy}
-    return sweep.CellOutput(result, arrays)
-
-
-def _report(record: dict):
-    """The :class:`~hgtoolkit.analysis.ApproximationReport` of a ``mnist.analysis`` record."""
-    from ..analysis import ApproximationReport
-    arr, res = record["arrays"], record["result"]
-    per_step: dict = {}
-    for k, v in arr.items():
-        if k.startswith("per_step."):
-            _, ref, name = k.split(".", 2)
-            per_step.setdefault(ref, {})[name] = v
-    return ApproximationReport(**{k: arr[k] for k in _REPORT_ARRAYS}, per_step=per_step,
-                               summary=res["summary"], info=res["info"])
+    out = sweep.record_output(report)  # the ApproximationReport, and beside it:
+    out.result["extra"] = {"replay_gap": gap,
+                           "single_run_final_val_accuracy": None if r.diverged else r.final_val_accuracy}
+    return out
 
 
 def _register_kinds() -> None:
@@ -446,12 +425,12 @@ def _register_kinds() -> None:
         params={**lrsopt.params, "base_seed": sweep._SEED}))
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.peer", run_peer_cell, required=("name", "steps", "eval_every"),
-        cost=lambda p: float(p.get("steps", 1)), summary=("final_val_accuracy", "final_val_loss"),
+        cost=lambda p: float(p.get("steps", 1)), to_result=sweep.record_result("peer"),
         params={"name": lambda v: _peer_name(v), "lr": _number(0, open_lo=True, none=True),
                 "steps": _number(1, integer=True), "eval_every": _number(1, integer=True), "seed": sweep._SEED}))
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.analysis", run_analysis_cell, required=online.required, check=online.check,
-        cost=lambda p: 10.0 * online.cost(p), summary=("replay_gap",), to_result=_report,
+        cost=lambda p: 10.0 * online.cost(p), to_result=sweep.record_result("approximation"),
         params={**online.params, "val_batch_size": optional_int}))
 
 
@@ -547,15 +526,16 @@ def load_records(out_dir, config: Config | None = None, *, analysis: bool = True
             "n_evaluations": r.n_evaluations, "history_first": float(r.history[0]),
             "history_last": float(r.history[-1]), "best_value": r.best_value, "best_step": r.best_step,
             "wall_time": r.wall_time, "seconds_per_evaluation": r.wall_time / max(r.n_evaluations, 1),
-            "replay": res["replay"], "result": r}
+            "replay": res["extra"]["replay"], "result": r}
     peers = {}
     for p in peer_specs(config):
         cells = g["peers"][p["label"]].cells()
         for cell, rec in zip(cells, _lookup(recs, cells, "peer")):
+            r = sweep.to_result(rec)
             peers[(p["label"], cell.params["seed"])] = {
                 "label": p["label"], "name": p["name"], "index": p["index"], "seed": cell.params["seed"],
-                **{k: rec["result"][k] for k in ("diverged_at", "final_val_accuracy", "final_val_loss")},
-                "wall_time": float(rec["meta"]["timing"]["wall_time"])}
+                "diverged_at": r.diverged_at, "final_val_accuracy": None if r.diverged else r.final_val_accuracy,
+                "final_val_loss": None if r.diverged else r.final_val_loss, "wall_time": r.wall_time}
     methods = {spec["label"]: _method_summary([online[spec["label"]][s][0] for s in config.seeds])
                for spec in method_specs(config)}
     bundle = {"config": config, "online": online, "lrsopt": lrsopt, "peers": peers, "methods": methods,
@@ -568,14 +548,15 @@ def load_records(out_dir, config: Config | None = None, *, analysis: bool = True
             spec = next(s for s in method_specs(config) if s["label"] == label)
             m = methods[label]
             batched_acc = online[label][config.seeds[0]][0]["final_val_accuracy"][m["best_index"]]
-            single = rec["result"]["single_run_final_val_accuracy"]
+            extra = rec["result"]["extra"]
+            single = extra["single_run_final_val_accuracy"]
             bundle["analysis"][label] = {
                 "label": label, "grid": spec["grid"], "value": m["best_value"], "seed": config.seeds[0],
-                "summary": rec["result"]["summary"], "replay_gap": rec["result"]["replay_gap"],
+                "summary": rec["result"]["summary"], "replay_gap": extra["replay_gap"],
                 "single_run_final_val_accuracy": single, "batched_final_val_accuracy": batched_acc,
                 "batched_vs_single": (abs(single - batched_acc)
                                       if single is not None and batched_acc is not None else None),
-                "report": _report(rec)}
+                "report": sweep.to_result(rec)}
     return bundle
 
 

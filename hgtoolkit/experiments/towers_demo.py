@@ -135,24 +135,19 @@ def _problem_section(config: "Config", model: str) -> dict:
 
 def run_tower_cell(problem, params: dict, ctx):
     """Kind ``towers_demo.tower``: one tower run (``spec``) for ``epochs`` epochs; a divergence
-    is stored as a ``"diverged"`` cell. The :class:`~hgtoolkit.towers.TowerResult` (params
-    dropped) goes in ``result["tower"]`` as its ``to_dict``."""
+    is stored as a ``"diverged"`` cell, a finished run as its :class:`~hgtoolkit.towers.TowerResult`
+    (without w_T)."""
     from .. import sweep, towers
     T = params["epochs"] * int(problem.info["steps_per_epoch"])
-    r = towers.run(problem, params["spec"], T, raise_on_divergence=True)
-    return sweep.CellOutput({"tower": r.to_dict()})
+    return sweep.record_output(towers.run(problem, params["spec"], T, raise_on_divergence=True))
 
 
 def _tower_result(record: dict):
     """The TowerResult of a stored ``towers_demo.tower`` cell, or ``"diverged: …"``."""
-    from .. import towers
+    from .. import sweep
     if record["status"] == "diverged":
         return f"diverged: {record['result']['divergence']}"
-    d = record["result"]["tower"]
-    hist = towers.History.from_dict(d["history"])
-    losses = np.array([np.nan if v is None else v for v in d["train_losses"]], dtype=np.float64)
-    return towers.TowerResult(hist.tower, hist, losses, d["value"], None, d.get("metrics"),
-                              d.get("problem", {}), d.get("diverged_at"), d.get("divergence"))
+    return sweep.to_result(record)
 
 
 def _register_kinds() -> None:
@@ -164,8 +159,8 @@ def _register_kinds() -> None:
             raise ValueError(f"must be a tower spec string, got {v!r}")
         return v
     sweep.register_cell_kind(sweep.CellKind(
-        "towers_demo.tower", run_tower_cell, required=("spec", "epochs"),
-        cost=lambda p: (1 + p["spec"].count("/")) * p["epochs"], summary=(),
+        "towers_demo.tower", run_tower_cell, required=("spec", "epochs"), to_result=sweep.record_result("towers"),
+        cost=lambda p: (1 + p["spec"].count("/")) * p["epochs"],
         params={"spec": spec, "epochs": _number(1, integer=True), "seed": sweep._SEED}))
 
 

@@ -110,9 +110,9 @@ from .executors import (BATCH_MAX, SweepReport, _LeaseLost, _ray_chunk, _Runner,
                         _unique_cells, batch_groups, run)
 from .results import load_results, records_equal, summary_table, to_result  # noqa: F401
 from . import kinds as _kinds  # noqa: F401,E402 - registers the built-in cell kinds
-from .kinds import lrsopt_output, online_output  # noqa: F401,E402
+from .kinds import lrsopt_output, online_output, record_output, record_result  # noqa: F401,E402
 
 __all__ = ["Grid", "Cell", "CellKind", "CellOutput", "CELL_KINDS", "register_cell_kind",
            "load_grids", "run", "SweepReport", "Store", "StoreLockedError", "load_results",
            "summary_table", "records_equal", "to_result", "EXECUTORS", "BATCH_MAX", "online_output",
-           "lrsopt_output"]
+           "lrsopt_output", "record_output", "record_result"]
