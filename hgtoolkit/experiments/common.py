@@ -387,20 +387,21 @@ def parallel_map(func, items: Sequence[Any], *, workers: int = 1, progress: bool
 # ----------------------------------------------------------------------------- resumable work: sweep cells
 
 def run_cells(out: OutputDir | str | Path, grids, *, workers: int = 1, progress: bool = True,
-              threads: int = 1, callback=None):
+              threads: int = 1, callback=None, batch: bool | int = True):
     """Run the cells of ``grids`` (:class:`hgtoolkit.sweep.Grid`) that are not yet in the
     experiment's store ``<out>/data/sweep`` (:attr:`OutputDir.store`): an interrupted experiment
     computes only its missing cells on a re-run. ``workers`` > 1: a pool of that many processes
     (``executor="processes"``); the numbers do not depend on it: every cell runs with
     ``threads`` torch threads and its own seed. ``callback(done, total)`` is called after cells
-    finish. Returns the :class:`~hgtoolkit.sweep.SweepReport`; a cell that raised stops the
+    finish. ``batch``: the sweep's batch groups (at most this many cells; True: the sweep's
+    default) for kinds with a batched runner. Returns the :class:`~hgtoolkit.sweep.SweepReport`; a cell that raised stops the
     experiment with a RuntimeError naming it (its traceback is in the store's ``errors/``; a
     re-run retries it)."""
     from .. import sweep
     out = as_output_dir(out)
     report = sweep.run(grids, out.store, executor="processes" if workers > 1 else "local",
                        num_cpus=max(int(workers), 1) if workers > 1 else None, progress=progress,
-                       threads_per_cell=threads, callback=callback)
+                       threads_per_cell=threads, callback=callback, batch=batch)
     if report.failed:
         cid, err = next(iter(report.failed.items()))
         last = err.strip().splitlines()[-1] if err.strip() else "unknown error"
