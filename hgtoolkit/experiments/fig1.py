@@ -27,6 +27,9 @@ N.6's sharp √|u| valley. Which of HD/RTHO wins on the Bukin stand-ins is measu
 
 Writes, under ``<out>/fig1/``:
 
+- ``data/sweep/``: the constant search + LRS-OPT of each function as a sweep cell (kind
+  ``fig1.lrsopt``, checkpointed), stored as it finishes: a re-run computes only the missing
+  cells (the online runs, one vmapped batch per function, take seconds and are recomputed);
 - ``data/<fn>_grid.npz`` / ``.json``: per (method, β): η_t, μ_t, f(w_t) (NaN after a
   divergence), best and final objective, the step it diverged at (−1: none);
 - ``data/<fn>_marthe_auto.{json,npz}`` (:class:`~hgtoolkit.online.OnlineResult`),

