@@ -50,6 +50,9 @@ def test_tiny_run_writes_records_figures_and_summary(tiny):
     n_cells = n_online + config.lrsopt_seeds + len(config.peers) * config.n_seeds + len(specs)
     assert len(list((root / "data" / "sweep" / "cells").glob("*.json"))) == n_cells
     assert sorted(summary["cells"]["computed"]) == sorted(p.stem for p in (root / "data" / "sweep" / "cells").glob("*.json"))
+    # batched: one vmapped call per (method, seed) over its β values (the event log says so)
+    batched = [e["batched"] for e in mnist_events(root) if e["event"] == "start" and "batched" in e]
+    assert batched == [len(config.betas)] * (len(config.betas) * config.n_seeds * sum(s["grid"] == "beta" for s in specs))
     md = (root / "summary.md").read_text()
     assert "LRS-OPT" in md and "Approximation error" in md and "peer: fixed η=0.1" in md
     if summary["dataset"]["is_fallback"]:

@@ -49,7 +49,7 @@ from ..trajectory import progress_bar
 __all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_setting", "make_config", "config_dict",
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
-           "parallel_map", "default_workers", "limited_threads", "run_cells", "cell_records",
+           "default_workers", "limited_threads", "run_cells", "cell_records",
            "cells_summary", "note_old_layout"]
 
 SETTINGS = ("tiny", "quick", "full")
@@ -347,41 +347,6 @@ def limited_threads(threads: int = 1):
             yield
     finally:
         torch.set_num_threads(old)
-
-
-def _init_worker(threads: int) -> None:
-    import warnings
-    torch.set_num_threads(threads)
-    warnings.simplefilter("ignore")  # divergences are recorded in the results
-
-
-def parallel_map(func, items: Sequence[Any], *, workers: int = 1, progress: bool = True,
-                 desc: str = "jobs") -> list:
-    """``[func(item) for item in items]``, with up to ``workers`` processes (each with one torch
-    thread) and a tqdm bar over finished jobs. Results come back in the order of ``items``,
-    whatever order the jobs finish in, so the outcome does not depend on ``workers``.
-
-    ``func`` must be a module-level function and items/results picklable (processes are
-    started with "spawn": safe with torch, ~2 s start-up). ``workers <= 1`` runs in this
-    process (no start-up cost). Nothing is kept: work that must survive an interruption runs
-    as sweep cells (:func:`run_cells`).
-    """
-    items = list(items)
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)):
-        raise TypeError(f"workers must be an int, got {workers!r}")
-    if workers <= 1 or len(items) <= 1:
-        return [func(item) for item in progress_bar(items, progress, desc=desc, leave=False)]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    results: list = [None] * len(items)
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(int(workers), len(items)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(1,)) as pool:
-        futures = {pool.submit(func, item): i for i, item in enumerate(items)}
-        for fut in progress_bar(as_completed(futures), progress, desc=desc, total=len(items), leave=False):
-            results[futures[fut]] = fut.result()
-    return results
 
 
 # ----------------------------------------------------------------------------- resumable work: sweep cells
