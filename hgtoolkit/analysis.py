@@ -69,7 +69,7 @@ from .trajectory import autograd_gradient, autograd_gradient_hvp, check_finite, 
 
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
            "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
-           "relative_error", "ratio", "pearson", "spearman", "plot_approximation",
+           "relative_error", "ratio", "pearson", "spearman",
            "REFERENCES", "ALIGNMENTS", "horizon_ladder", "horizon_ladder_online"]
 
 ALIGNMENTS = ("after_step", "before_step")
@@ -558,7 +558,10 @@ def horizon_ladder_online(result: Any, problem, Ks: Any = (1, 10, 100, None)) ->
 
 # ----------------------------------------------------------------------------- plotting
 
-def plot_approximation(report: ApproximationReport, axes: Any = None):
-    """Draw a report (three panels); see :func:`hgtoolkit.plotting.plot_approximation`."""
-    from .plotting import plot_approximation as plot
-    return plot(report, axes)
+def __getattr__(name: str):
+    """``analysis.plot_approximation`` is :func:`hgtoolkit.plotting.plot_approximation` (plotting
+    reads reports; analysis does not draw)."""
+    if name == "plot_approximation":
+        from .plotting import plot_approximation
+        return plot_approximation
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

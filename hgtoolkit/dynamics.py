@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
-from ._tree import tree_map, tree_zeros_like
+from ._tree import flatten, tree_dot, tree_map, tree_zeros_like, unflatten
 
 __all__ = ["Dynamics", "SGD", "Adam", "AdaGrad", "RMSProp", "sgd", "momentum", "nesterov",
            "adam", "adagrad", "rmsprop", "get", "NAMES"]
@@ -76,10 +76,8 @@ def _neg(x):
 
 
 def _dot(a: list, b: list):
-    out = (a[0] * b[0]).sum()
-    for x, y in zip(a[1:], b[1:]):
-        out = out + (x * y).sum()
-    return out
+    """Σ_leaves ⟨a, b⟩ (BLAS dots, no temporaries)."""
+    return tree_dot(a, b)
 
 
 class _Leaves:
@@ -89,12 +87,12 @@ class _Leaves:
 
     def __init__(self, state: dict, out: dict | None = None, dout: dict | None = None):
         self.keys = list(state)
-        flat = {k: tree_flatten(state[k]) for k in self.keys}
+        flat = {k: flatten(state[k]) for k in self.keys}
         self.spec = flat["w"][1]
         self.leaves = {k: flat[k][0] for k in self.keys}
         self.differentiable = True  # False: a closed-form tangent, never differentiated itself
-        self.out = {} if out is None else {k: tree_flatten(v)[0] for k, v in out.items()}
-        self.dout = {} if dout is None else {k: tree_flatten(v)[0] for k, v in dout.items()}
+        self.out = {} if out is None else {k: flatten(v)[0] for k, v in out.items()}
+        self.dout = {} if dout is None else {k: flatten(v)[0] for k, v in dout.items()}
 
     def o(self, key: str) -> list:
         """Output buffers of the new state's ``key`` ([None…] = allocate)."""
@@ -105,12 +103,12 @@ class _Leaves:
         return self.dout.get(key) or [None] * len(self.leaves["w"])
 
     def of(self, tree: Any) -> list | None:
-        return None if tree is None else tree_flatten(tree)[0]
+        return None if tree is None else flatten(tree)[0]
 
     def of_state(self, tree: dict | None) -> dict:
         if tree is None:
             return {k: None for k in self.keys}
-        return {k: (None if tree.get(k) is None else tree_flatten(tree[k])[0]) for k in self.keys}
+        return {k: (None if tree.get(k) is None else flatten(tree[k])[0]) for k in self.keys}
 
     def build(self, per_key: dict, into: dict | None = None, keys: Any = None) -> dict:
         """Leaf lists -> state pytree, for ``keys`` (default all). None entries are zeros; with
@@ -130,7 +128,7 @@ class _Leaves:
             else:
                 leaves = [torch.zeros_like(self.leaves[k][i]) if x is None else x
                           for i, x in enumerate(leaves)]
-            out[k] = tree_unflatten(leaves, self.spec)
+            out[k] = unflatten(leaves, self.spec)
         return out
 
 
@@ -231,9 +229,43 @@ class Dynamics:
         wd = getattr(self, "weight_decay", 0.0)
         if wd:  # through g̃ = g + wd·w
             sbar["w"] = [_add(_column(sbar["w"], i), _mul(wd, gb)) for i, gb in enumerate(gbar)]
-        grad_bar = tree_unflatten([torch.zeros_like(x) if b is None else b
+        grad_bar = unflatten([torch.zeros_like(x) if b is None else b
                                    for x, b in zip(L.leaves["w"], gbar)], L.spec)
         return L.build(sbar), grad_bar, lrbar
+
+    def update(self, state: dict, grad: Any, lr: Any, t: int, *, out_state: dict | None = None,
+               **hyper: Any) -> dict:
+        """:meth:`step` for a caller that never differentiates it (no autograd masks; written
+        into ``out_state`` when given). Same numbers as :meth:`step`."""
+        return self.tangent(state, grad, lr, t, dlr=None, keys=(), out_state=out_state, **hyper)[0]
+
+    def hyper_vjp(self, state: dict, grad: Any, lr: Any, t: int, bar_w: Any,
+                  names: tuple[str, ...], **hyper: Any) -> dict[str, torch.Tensor]:
+        r"""⟨w̄, ∂w'/∂θ⟩ for each θ in ``names`` (``"lr"`` = η, or one of :attr:`hyperparameters`)
+        of the update w' = step(state, grad, η, t, **hyper)["w"]: what a hyper-optimizer needs
+        (the towers' G¹; for η alone it is HD's hypergradient −⟨w̄, d⟩). Closed form for SGD
+        (η, momentum) and Adam (η, β1, β2); ``torch.func.vjp`` of :meth:`step` otherwise."""
+        h = self._hyper(hyper)
+        L = _Leaves(state)
+        if type(self)._hyper_adjoint is not Dynamics._hyper_adjoint:
+            out = self._hyper_adjoint(L, self._g_tilde(L, grad), lr, t, h, L.of(bar_w), tuple(names))
+            if out is not None:
+                return out
+        tensors = {n: (lr if n == "lr" else h[n]) for n in names}
+        tensors = {n: x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+                   for n, x in tensors.items()}
+
+        def w_of(vals):
+            hp = {**hyper, **{n: x for n, x in vals.items() if n != "lr"}}
+            return self.step(state, grad, vals.get("lr", lr), t, **hp)["w"]
+
+        _, pullback = torch.func.vjp(w_of, tensors)
+        return pullback(bar_w)[0]
+
+    def _hyper_adjoint(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, bar: list,
+                       names: tuple) -> dict | None:
+        """Closed-form :meth:`hyper_vjp` on leaf lists, or None (then ``torch.func``)."""
+        return None
 
     def _update(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, ds: dict | None = None,
                 dg: list | None = None, dlr: Any = None, scale: Any = None) -> tuple[dict, dict]:
@@ -398,6 +430,24 @@ class SGD(Dynamics):
         new_w, dnew_w = _step_w(w, lr, d, dw, dd, dlr, scale, L.o("w"), L.do("w"))
         return {"w": new_w, "b": b}, {"w": dnew_w, "b": [_scale_into(scale, x, o) for x, o in zip(dbn, L.do("b"))]}
 
+    def _hyper_adjoint(self, L, g, lr, t, h, bar, names):
+        """⟨w̄, ∂w'/∂η⟩ = −⟨w̄, d⟩; ⟨w̄, ∂w'/∂m⟩ = −η⟨w̄, ∂d/∂m⟩, ∂d/∂m = b (heavy ball) or
+        b' + m·b (Nesterov)."""
+        m = h.get("momentum", 0.0)
+        b = L.leaves.get("b")
+        b_new = None if b is None else [_axpby(gg, m, bb) for bb, gg in zip(b, g)]
+        d = g if b is None else ([_axpby(gg, m, bb) for gg, bb in zip(g, b_new)] if self.nesterov else b_new)
+        out = {}
+        for name in names:
+            if name == "lr":
+                out[name] = -_dot(bar, d)
+            elif name == "momentum":
+                dd = b if not self.nesterov else [_axpby(bn, m, bb) for bn, bb in zip(b_new, b)]
+                out[name] = -lr * _dot(bar, dd)
+            else:
+                return None
+        return out
+
     def _adjoint(self, L, g, lr, t, h, bar):
         w = L.leaves["w"]
         if "b" not in L.leaves:
@@ -493,6 +543,39 @@ class Adam(Dynamics):
         new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale, L.o("w"), L.do("w"))
         return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": [_scale_into(scale, x, o) for x, o in zip(dm, L.do("m"))],
                                               "v": [_scale_into(scale, x, o) for x, o in zip(dv, L.do("v"))]}
+
+    def _hyper_adjoint(self, L, g, lr, t, h, bar, names):
+        r"""With u = m'/D, D = k r + c1ε, r = √v', k = c1/√c2, c_i' = dc_i/dβ_i = −(t+1)β_i^t and
+        b = w̄/D:  ⟨w̄, ∂w'/∂η⟩ = −⟨w̄, u⟩;  ⟨w̄, ∂w'/∂β1⟩ = −η(⟨b, m − g⟩ − (c1'/c1)⟨w̄, u⟩);
+        ⟨w̄, ∂w'/∂β2⟩ = η(−½(c2'/c2)(⟨w̄, u⟩ − c1ε⟨b, u⟩) + ½k⟨b·u, (v − g²)/r⟩) (0 where r = 0:
+        there v = g = 0). About 18 passes over the model for all three, no autograd."""
+        b1, b2 = h["beta1"], h["beta2"]
+        if any(n not in ("lr", "beta1", "beta2") for n in names):
+            return None
+        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
+        k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
+        m_new = [torch.lerp(mm, gg, 1 - b1) for mm, gg in zip(L.leaves["m"], g)]
+        v_new = [torch.addcmul(vv * b2, (1 - b2) * gg, gg) for vv, gg in zip(L.leaves["v"], g)]
+        r = [torch.sqrt(vv) for vv in v_new]
+        den = [(rr * k).add_(c1 * self.eps) for rr in r]
+        u = [mm / dd for mm, dd in zip(m_new, den)]
+        bar_u = _dot(bar, u)
+        b = [bb / dd for bb, dd in zip(bar, den)] if ("beta1" in names or "beta2" in names) else None
+        out = {}
+        for name in names:
+            if name == "lr":
+                out[name] = -bar_u
+            elif name == "beta1":
+                dc1 = -(t + 1) * b1 ** t
+                out[name] = -lr * (_dot(b, L.leaves["m"]) - _dot(b, g) - (dc1 / c1) * bar_u)
+            else:
+                dc2 = -(t + 1) * b2 ** t
+                ratio = [torch.addcmul(vv, gg, gg, value=-1).div_(rr).nan_to_num_(nan=0.0)
+                         for vv, gg, rr in zip(L.leaves["v"], g, r)]
+                bu = [x * uu for x, uu in zip(b, u)]
+                out[name] = lr * (-0.5 * (dc2 / c2) * (bar_u - c1 * self.eps * _dot(b, u))
+                                  + 0.5 * k * _dot(bu, ratio))
+        return out
 
     def _adjoint(self, L, g, lr, t, h, bar):
         b1, b2 = h["beta1"], h["beta2"]

@@ -399,6 +399,8 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     >>> bool(r.history[-1] < r.history[0]), r.outer_steps_done, len(r.history)
     (True, 5, 6)
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int ≥ 0, got {seed!r}")
     outer_optimizer, opts, eta0 = _validate(
         problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,
         outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,

@@ -193,6 +193,8 @@ class OnlineOptimizer(DropIn):
             ref = group["params"][0]
             dyn = self._dynamics(group)
             # donate: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
+            # owns_grad=False: HD copies d_t (for SGD p.grad itself, which a user may change in
+            # place, e.g. by accumulating gradients over steps) instead of keeping a reference
             engine = dataclasses.replace(online.engine_for(cfg, dyn, donate=True), owns_grad=False)
             cache[key] = (dyn, engine,
                           cfg.settings(online.HYPER_DTYPE, ref.device))
@@ -303,7 +305,20 @@ class OnlineOptimizer(DropIn):
         dyn, engine, settings = self._engine(group, cfg)
         t = group["t"]
         ref = params[0]
-        f = lambda x: torch.tensor(x, dtype=online.HYPER_DTYPE, device=ref.device)
+        memo = self.__dict__.setdefault("_scalar_memo", {}).setdefault(id(group), {})
+
+        def f(name, x):
+            """The group's number ``name`` as a tensor: the engine's own tensor of the last step
+            while the group still holds its value (a scalar tensor costs as much as a tiny update)."""
+            hit = memo.get(name)
+            if hit is not None and (hit[0] == x or (x != x and hit[0] != hit[0])):
+                return hit[1]
+            memo[name] = (x, torch.tensor(x, dtype=online.HYPER_DTYPE, device=ref.device))
+            return memo[name][1]
+
+        if "_fresh" not in memo:
+            memo["_fresh"] = {k: torch.tensor(v, dtype=torch.int64, device=ref.device)
+                              for k, v in (("diverged_at", -1), ("why", 0), ("beta_capped", 0))}
         # the engine state of the parameters that take part in this step
         for p in params:
             st = self.state[p]
@@ -318,16 +333,14 @@ class OnlineOptimizer(DropIn):
                 if "z_" + k not in self.state[p]:
                     self.state[p]["z_" + k] = torch.zeros_like(p)
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
-        dtype = torch.int64
         state = online.OnlineState(
             opt={"w": [p.detach() for p in params], **{k: [self.state[p][k] for p in params] for k in keys}},
             z={k: [self.state[p]["z_" + k] for p in params] for k in zkeys},
-            lr=f(prev_lr), beta=f(group["beta_t"]), mu=f(group["mu_t"]), counter=f(group["mu_counter"]),
-            h=f(group["hypergrad"]),
-            g_prev=([self.state[p].get("g_prev", torch.zeros_like(p)) for p in params]
-                    if engine.mu_rule is not None else None),
-            ref_loss=f(group["ref_loss"]), diverged_at=torch.tensor(-1, dtype=dtype),
-            why=torch.tensor(0, dtype=dtype), beta_capped=torch.tensor(0, dtype=dtype), settings=settings)
+            lr=f("lr", prev_lr), beta=f("beta_t", group["beta_t"]), mu=f("mu_t", group["mu_t"]),
+            counter=f("mu_counter", group["mu_counter"]), h=f("hypergrad", group["hypergrad"]),
+            g_prev=([self.state[p]["g_prev"] if "g_prev" in self.state[p] else torch.zeros_like(p)
+                     for p in params] if engine.mu_rule is not None else None),
+            ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
         grads = [p.grad for p in params]
         base = group["lr"]
         scale = group["lr_scale"]
@@ -339,7 +352,7 @@ class OnlineOptimizer(DropIn):
             prev_base = base if group["prev_base"] is None else group["prev_base"]
             scale = learnt / prev_base if prev_base > 0 else scale
         lr = base * scale
-        state = state._replace(lr=f(lr))
+        state = state._replace(lr=f("lr", lr))
         if loss is not None:
             state = engine.check_loss(state, loss.to(online.HYPER_DTYPE), None, t)
         if int(state.diverged_at) >= 0:  # the step is not applied
@@ -361,9 +374,12 @@ class OnlineOptimizer(DropIn):
             st = self.state.get(p)
             if st and id(p) not in taking_part:
                 st.update({k: v * new.mu.to(v.dtype) for k, v in st.items() if k.startswith("z_")})
-        group.update(lr_scale=scale, effective_lr=lr, prev_lr=lr, prev_base=base,
-                     beta_t=float(new.beta), mu_t=float(new.mu), mu_counter=float(new.counter),
-                     hypergrad=float(new.h), t=t + 1, ref_loss=float(new.ref_loss),
+        numbers = {"beta_t": new.beta, "mu_t": new.mu, "mu_counter": new.counter,
+                   "hypergrad": new.h, "ref_loss": new.ref_loss}
+        numbers = {k: (float(v), v) for k, v in numbers.items()}
+        memo.update(numbers)
+        group.update({k: x for k, (x, _) in numbers.items()}, lr_scale=scale, effective_lr=lr,
+                     prev_lr=lr, prev_base=base, t=t + 1,
                      beta_capped=group["beta_capped"] + int(new.beta_capped))
 
     def _engine_diverged(self, group: dict, state: online.OnlineState, loss, t: int) -> None:

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from ._tree import tree_leaves, tree_numel
 
 __all__ = ["Problem", "from_function", "quadratic", "noisy_quadratic", "classification_mlp",
-           "mnist_mlp", "synthetic_classification", "constructor", "get"]
+           "mnist_mlp", "synthetic_classification", "constructor", "parameters", "get"]
 
 
 @dataclass
@@ -45,6 +45,10 @@ class Problem:
 
     ``val_is_train``: E(w) == L_t(w) for every t (deterministic problems such as the test
     functions); the online engine then takes ∇E(w_t) to be the training gradient it already has.
+    ``rowwise``: ``params0`` is one tensor and ``train_loss``/``val_loss`` map a stack W of
+    parameter rows (shape (R, *params0.shape)) to the R losses, row r from W[r] alone (the
+    analytic test functions); a batch of runs is then differentiated in one autograd call
+    instead of a ``vmap``.
     """
 
     params0: Any
@@ -59,6 +63,7 @@ class Problem:
     metric_tensors: Callable[[Any], dict] | None = None
     val_batch: Callable[[int, int], Any] | None = None
     val_is_train: bool = False
+    rowwise: bool = False
 
     def __post_init__(self) -> None:
         if not callable(self.train_loss):
@@ -114,8 +119,8 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
     With a name (``"beale"``, ``"bukin_smooth"``, ``"rosenbrock"``, …) ``x0`` defaults to the
     function's ``default_start``.
     """
+    import testfunctions
     if isinstance(f, str):
-        import testfunctions
         fn = testfunctions.get(f)
         name = name or fn.name
         x0 = fn.default_start if x0 is None else x0
@@ -127,7 +132,8 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
     device = _resolve_device(device)
     x0 = torch.as_tensor(x0, dtype=dtype, device=device).clone()
     return Problem(x0, lambda w, t: f(w), f, name=name or getattr(f, "__name__", "function"), val_is_train=True,
-                   info={"data": "analytic function"})
+                   info={"data": "analytic function"},
+                   rowwise=isinstance(f, testfunctions.TestFunction) and x0.shape == (2,))
 
 
 def quadratic(A: Any, x0: Any, b: Any = None, *, dtype: torch.dtype = torch.float64,
@@ -300,10 +306,35 @@ def synthetic_classification(n_train: int = 64, n_val: int = 32, dim: int = 5, c
                               name="synthetic_mlp", info={"data": f"synthetic Gaussian blobs (seed {seed})"})
 
 
+def _user_constructor(name: str) -> Callable[..., Problem]:
+    """``"module:function"`` → the function (``module`` importable, e.g. on ``sys.path``)."""
+    import importlib
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"problem {name!r}: write a user problem as 'module:function'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"problem {name!r}: cannot import module {module_name!r} ({exc}); is it on "
+                         "sys.path (PYTHONPATH)?") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"problem {name!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"problem {name!r}: {attr!r} is a {type(obj).__name__}, not a function "
+                         "returning a hgtoolkit.problems.Problem")
+    return obj
+
+
 def constructor(name: str) -> Callable[..., Problem]:
-    """The function that builds problem ``name`` (for ``get`` and for checking keywords up front)."""
+    """The function that builds problem ``name`` (for ``get`` and for checking keywords up front):
+    a built-in name, or ``"module:function"`` for a function of yours that returns a
+    :class:`Problem`."""
     if not isinstance(name, str):
         raise TypeError(f"problem must be a name, got {type(name).__name__}")
+    if ":" in name:
+        return _user_constructor(name)
     if name == "mnist_mlp":
         return mnist_mlp
     if name == "synthetic_mlp":
@@ -312,7 +343,18 @@ def constructor(name: str) -> Callable[..., Problem]:
     if name in testfunctions.FUNCTIONS:
         return lambda **kw: from_function(name, **kw)
     raise ValueError(f"unknown problem {name!r}; choose one of "
-                     f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}")
+                     f"{sorted(testfunctions.FUNCTIONS) + ['mnist_mlp', 'synthetic_mlp']}, or "
+                     "'module:function' for a function of yours returning a Problem")
+
+
+def parameters(name: str) -> dict:
+    """The keyword parameters (``inspect.Parameter`` by name) that problem ``name``'s constructor
+    takes: :func:`from_function`'s for a test function (less ``f``), the function's own otherwise."""
+    import inspect
+    build = constructor(name)
+    target = build if ":" in name or name in ("mnist_mlp", "synthetic_mlp") else from_function
+    return {k: p for k, p in inspect.signature(target).parameters.items()
+            if not (target is from_function and k == "f")}
 
 
 _DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
@@ -323,10 +365,11 @@ def _check_kwargs(name: str, build: Callable, kwargs: dict) -> dict:
     """Keyword names and the common values (dtype, hidden, counts) checked before any work,
     with errors naming the keyword; ``dtype`` may be written as a string (``"float32"``)."""
     import inspect
-    target = from_function if name not in ("mnist_mlp", "synthetic_mlp") else build
-    allowed = [k for k in inspect.signature(target).parameters if k != "f"]
+    params = parameters(name)
+    allowed = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    any_keyword = len(allowed) < len(params)
     for key in kwargs:
-        if key not in allowed:
+        if key not in allowed and not any_keyword:
             raise TypeError(f"problem {name!r} takes no argument {key!r}; it takes {allowed}")
     out = dict(kwargs)
     if "dtype" in out:
@@ -359,7 +402,12 @@ def _check_kwargs(name: str, build: Callable, kwargs: dict) -> dict:
 
 def get(name: str, **kwargs) -> Problem:
     """A problem by name: a test function (``"beale"``, ``"rosenbrock"``, …), ``"mnist_mlp"``,
-    ``"synthetic_mlp"``; keyword arguments go to its constructor (checked first: an unknown
+    ``"synthetic_mlp"``, or ``"module:function"`` (your function, returning a :class:`Problem`);
+    keyword arguments go to its constructor (checked first: an unknown
     keyword or a bad ``dtype``/``hidden``/size raises naming it)."""
     build = constructor(name)
-    return build(**_check_kwargs(name, build, kwargs))
+    problem = build(**_check_kwargs(name, build, kwargs))
+    if not isinstance(problem, Problem):
+        raise ValueError(f"problem {name!r} returned a {type(problem).__name__}, not a "
+                         "hgtoolkit.problems.Problem")
+    return problem

@@ -439,23 +439,37 @@ def _prev(level: Level, k: int, x: Any, moments: dict, grad: Any, scale: Any) ->
     return out
 
 
+def _number_or_tensor(v: Any) -> Any:
+    """A plain 0-d tensor that nothing differentiates as a Python number, else ``v`` itself
+    (a tensor inside ``torch.func`` or with ``requires_grad`` stays one)."""
+    if (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad
+            and not torch._C._functorch.is_functorch_wrapped_tensor(v)):
+        return v.item()
+    return v
+
+
 def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
-            bounds: "tuple[torch.Tensor, torch.Tensor] | None") -> dict:
+            bounds: "tuple[torch.Tensor, torch.Tensor] | None", differentiable: bool = True) -> dict:
     """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
     ``bounds``). ``t``: the step index, or one update count per leaf of a leaf-list state (the
-    drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim)."""
+    drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim).
+    ``differentiable=False``: the dynamics' closed-form update (same numbers, fewer passes), for
+    an update nothing differentiates (level 0 outside ``torch.func``)."""
     hp = dict(hp)
     lr = hp.pop("lr", level.lr)
     if lr_scale is not None:
         lr = lr * lr_scale
+    base_step = level.base.step if differentiable else level.base.update
+    if not differentiable:  # numbers: the dynamics' fused in-place kernels take them (same values)
+        hp = {k: _number_or_tensor(v) for k, v in hp.items()}
     if not isinstance(t, list):
-        out = dict(level.base.step(state, grad, lr, t, **hp))
+        out = dict(base_step(state, grad, lr, t, **hp))
     else:
         buckets = by_count(t)
         out = {k: [None] * len(t) for k in state}
         for c, idx in buckets.items():
             sub = {k: [v[i] for i in idx] for k, v in state.items()}
-            part = level.base.step(sub, [grad[i] for i in idx], lr, c, **hp)
+            part = base_step(sub, [grad[i] for i in idx], lr, c, **hp)
             for k, leaves in part.items():
                 for i, x in zip(idx, leaves):
                     out[k][i] = x
@@ -492,6 +506,9 @@ def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int,
     s_prev = {"w": x_prev, **prev["moments"]}
     bounds = _bounds(levels[k - 1], x_prev) if k > 0 else None
     scale = prev.get("scale")
+    if k == 0:
+        tp = [max(c - 1, 0) for c in counts] if counts is not None else t - 1
+        return _level0_hypergrad(lvl, s_prev, prev["grad"], tp, v, scale, cot) * _dphi(lvl, v)
 
     def update(vv):
         hp = {name: vv[i] for i, name in enumerate(lvl.tuned)}
@@ -503,8 +520,33 @@ def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int,
     return dv.to(v.dtype) * _dphi(lvl, v)
 
 
+def _level0_hypergrad(level: Level, state: dict, grad: Any, t: "int | list[int]", values: torch.Tensor,
+                      scale: Any, cot: Any) -> torch.Tensor:
+    r"""G¹_t w.r.t. the values θ of level 0's tuned hyperparameters: ⟨G⁰_t, ∂w_t/∂θ⟩ of the
+    update w_t = O_0(w_{t−1}, g_{t−1}; θ) (η = θ_lr·scale), by the dynamics' closed form
+    (:meth:`hgtoolkit.dynamics.Dynamics.hyper_vjp`: a few passes over the model, no autograd);
+    ``t`` may be one update count per leaf (the drop-in), summed over the count buckets."""
+    names = level.tuned
+    hp = {n: values[i] for i, n in enumerate(names)}
+    lr = hp.pop("lr", level.lr)
+    hp = {k: _number_or_tensor(v) for k, v in hp.items()}  # plain numbers, as _update
+    if scale is not None:
+        lr = lr * scale
+    if isinstance(t, list):
+        parts = []
+        for c, idx in by_count(t).items():
+            sub = {k: [x[i] for i in idx] for k, x in state.items()}
+            parts.append(level.base.hyper_vjp(sub, [grad[i] for i in idx], lr, c, [cot[i] for i in idx],
+                                              names, **hp))
+        out = {n: sum(p[n] for p in parts) for n in names}
+    else:
+        out = level.base.hyper_vjp(state, grad, lr, t, cot, names, **hp)
+    lr_factor = 1.0 if scale is None else scale
+    return torch.stack([(out[n] * (lr_factor if n == "lr" else 1.0)).to(values.dtype) for n in names])
+
+
 def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
-         cotangent: Any = None, counts: "list[int] | None" = None) -> dict:
+         cotangent: Any = None, counts: "list[int] | None" = None, differentiable: bool = True) -> dict:
     r"""One tower step (module docstring): Gᵏ_t bottom-up (one vjp of each level's previous
     update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
 
@@ -512,7 +554,9 @@ def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
     (optional) multiplies the base LR used at this step; ``cotangent`` (optional, default
     ``grad``) is the G⁰_t that G¹_t pulls back — the drop-in zeroes it for parameters the
     previous step did not update (∂w_t/∂x_1 = 0 there); ``counts`` (optional, with a leaf-list
-    w) the number of earlier updates of each leaf, the ``t`` of its level-0 update (default t).
+    w) the number of earlier updates of each leaf, the ``t`` of its level-0 update (default t);
+    ``differentiable=False`` when nothing differentiates the step (level 0's update then takes
+    the dynamics' closed form: same numbers, fewer passes).
     """
     levels = tower.levels
     n = len(levels)
@@ -530,7 +574,8 @@ def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
         bounds = _bounds(levels[k - 1], xs[k]) if k > 0 else None
         hp = {name: new_v[k][i] for i, name in enumerate(lvl.tuned)} if k < n - 1 else {}
         tk = counts if k == 0 and counts is not None else t
-        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], tk, hp, scale, bounds)
+        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], tk, hp, scale, bounds,
+                      differentiable or k > 0)
         new_x[k] = out.pop("w")
         new_m[k] = out
         if k < n - 1:
@@ -563,13 +608,10 @@ def _divergence(tower: Level, state: dict, lr_max: float = math.inf,
                 lr_scale: float = 1.0) -> "tuple[str, float | None] | None":
     """What went wrong in a tower state after a step, as (what, value), or None (one device
     sync): a non-finite hyperparameter or hypergradient (the first, by level), a base LR
-    η·``lr_scale`` above ``lr_max``, or non-finite parameters — the criteria of
-    :class:`hgtoolkit.online.Engine` that apply to a tower."""
-    w = tree_leaves(state["w"])
-    total = w[0].sum()
-    for x in w[1:]:
-        total = total + x.sum()
-    flat = torch.cat([*state["values"], *state["hypergrads"], total.reshape(1).to(torch.float64)])
+    η·``lr_scale`` above ``lr_max`` — the criteria of :class:`hgtoolkit.online.Engine` that apply
+    to a tower (non-finite parameters show in the next hypergradient, as in the engine)."""
+    parts = [*state["values"], *state["hypergrads"]]
+    flat = torch.cat(parts) if parts else torch.zeros(0)
     lr = state["values"][0][tower.tuned.index("lr")] if "lr" in tower.tuned else None
     lr_ok = lr is None or not math.isfinite(lr_max) or bool(lr.abs() * lr_scale <= lr_max)
     if bool(torch.isfinite(flat).all()) and lr_ok:
@@ -582,9 +624,7 @@ def _divergence(tower: Level, state: dict, lr_max: float = math.inf,
                 i = int(torch.nonzero(bad)[0])
                 return (f"level-{k} {what} {levels[k].tuned[i]!r} ({levels[k].kind}) is not finite",
                         float(vec[i]))
-    if not lr_ok:
-        return f"learning rate exceeds lr_max={lr_max:.4g}", float(lr) * lr_scale
-    return online.DIVERGENCE[7], None
+    return f"learning rate exceeds lr_max={lr_max:.4g}", float(lr) * lr_scale
 
 
 # ----------------------------------------------------------------------------- foundation dynamics
@@ -1034,7 +1074,7 @@ class TowerOptimizer(DropIn):
         scale = group["lr"] / lr0 if lr0 > 0 else 1.0
         counts = [self.state[p]["n_updates"] for p in params]
         new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
-                   counts=counts if any(c != t for c in counts) else None)
+                   counts=counts if any(c != t for c in counts) else None, differentiable=False)
         lr_max = group["lr_max"] if group["lr_max"] is not None else (1e6 * lr0 if lr0 > 0 else math.inf)
         bad = _divergence(tower, new, lr_max, scale)
         if bad:

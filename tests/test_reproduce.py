@@ -12,7 +12,7 @@ import torch
 
 from hgtoolkit import online, problems, records, trajectory
 from hgtoolkit.cli import main
-from hgtoolkit.experiments import EXPERIMENTS, Experiment, common, run_experiment
+from hgtoolkit.experiments import EXPERIMENTS, common, run_experiment
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -49,13 +49,11 @@ def test_registry_lists_the_experiments_and_rejects_unknown_names():
         run_experiment("fig1", setting="tiny", nonsense=1)
 
 
-def test_demo_skips_parts_that_do_not_exist(monkeypatch, tmp_path, capsys):
-    fake = {"demo": Experiment("demo", "d", parts=("ghost",)),
-            "ghost": Experiment("ghost", "g", module="ghost_module_not_written")}
-    monkeypatch.setattr("hgtoolkit.experiments.EXPERIMENTS", fake)
-    out = run_experiment("demo", setting="tiny", out=tmp_path)
-    assert out["parts"] == {} and "ghost_module_not_written.py does not exist" in out["skipped"]["ghost"]
-    assert "skipping 'ghost'" in capsys.readouterr().out
+def test_every_registered_experiment_has_its_module():
+    for exp in EXPERIMENTS.values():
+        for part in (exp.parts or (exp.name,)):
+            module = EXPERIMENTS[part].load()
+            assert callable(module.run) and hasattr(module.Config, "tiny"), part
 
 
 def test_cli_list_and_errors(capsys):

@@ -1,16 +1,19 @@
 """Command line: ``python -m hgtoolkit <command> --help``.
 
 Each sub-module registers its commands with ``register(subparsers)``; every command writes
-JSON (+ PNG where there is something to see) under ``--out`` (default ``results/``).
+JSON (+ PNG where there is something to see) under ``--out`` (default ``results/<command>``).
+Shared arguments (the problem, ``--out``, ``--progress``) are in :mod:`hgtoolkit.cli.args`;
+run settings' flags are generated from :mod:`hgtoolkit.settings`.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# sub-module name -> commands it provides (imported lazily so --help stays fast)
-_MODULES = ("exact", "online", "towers", "reproduce", "sweep")
+from . import analyse, exact, online, reproduce, sweep, towers  # each imports the library lazily
+
+# the modules whose register(subparsers) adds their commands, in --help order
+_MODULES = (exact, online, analyse, towers, reproduce, sweep)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,13 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Learning-rate schedules through hypergradients.")
     sub = parser.add_subparsers(dest="command", metavar="command")
     sub.required = True
-    for name in _MODULES:
-        try:
-            module = importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"{__name__}.{name}":
-                continue  # not built yet
-            raise
+    for module in _MODULES:
         module.register(sub)
     return parser
 

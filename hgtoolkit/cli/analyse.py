@@ -14,20 +14,16 @@ online run, when this command ran it); and ``<out>/analyse.md`` (every summary t
 """
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 
-from .online import _beta  # the same parsing of β as `online`
+from ..settings import HypergradSettings, OnlineSettings, add_arguments
+from . import args as cli_args
 
-__all__ = ["register_analyse"]
+__all__ = ["register", "register_analyse"]
 
 
-def register_analyse(sub) -> None:
-    from ..dynamics import NAMES
-    from ..online import METHODS, OBJECTIVES
-    from .exact import _key_value, _positive_float, _positive_int
-
+def register(sub) -> None:
     p = sub.add_parser(
         "analyse", help="online hypergradient estimates vs the exact ones (one-step, constant-LR, full horizon)",
         description="Run online methods (or load a saved run) and compare their estimates h_{t+1} with the "
@@ -38,50 +34,30 @@ def register_analyse(sub) -> None:
     src.add_argument("--run", metavar="FILE", action="append", default=[],
                      help="a saved OnlineResult (.json written by OnlineResult.save), repeatable; "
                           "replaces running --method")
-    src.add_argument("--method", nargs="+", choices=METHODS, default=["hd", "rtho"],
-                     help="online methods to run and analyse (default: hd rtho)")
-    src.add_argument("--beta", nargs="+", type=_beta, default=None,
-                     help="hyper-learning rate β, one value for all methods or one per method "
-                          "(default: 1e-6 for hd, 1e-8 for rtho, auto for marthe)")
-    src.add_argument("--mu", default=None, help="MARTHE's μ: a number in [0, 1] or 'auto' (default auto)")
-    src.add_argument("--kappa", type=float, default=1e-6, help="MARTHE's β step size κ (default 1e-6)")
-    src.add_argument("--objective", choices=OBJECTIVES, default="val",
-                     help="the online estimate's objective (default val; the references always use "
-                          "the validation loss E)")
-    src.add_argument("--lr0", type=_positive_float, default=1e-3, help="η_0 (default 1e-3)")
-    src.add_argument("--steps", type=_positive_int, default=200, help="T (default 200)")
-    src.add_argument("--optimizer", default="sgd", choices=sorted(NAMES), help="inner dynamics (default sgd)")
-    src.add_argument("--seed", type=int, default=None, help="minibatch-order seed of the online run")
+    add_arguments(src, OnlineSettings, ["method", "beta"], defaults={"method": ["hd", "rtho"]},
+                  method={"nargs": "+", "help": "online methods to run and analyse (default: hd rtho)"},
+                  beta={"nargs": "+", "help": "hyper-learning rate β, one value for all methods or one "
+                                              "per method (default: 1e-6 for hd, 1e-8 for rtho, auto "
+                                              "for marthe)"})
+    add_arguments(src, OnlineSettings, ["mu", "kappa", "objective", "lr0", "steps", "optimizer", "seed"],
+                  defaults={"steps": 200},
+                  objective={"help": "the online estimate's objective (default val; the references "
+                                     "always use the validation loss E)"})
     g = p.add_argument_group("problem")
-    g.add_argument("--problem", default=None,
-                   help="problem name (default: beale, or the saved run's problem)")
-    g.add_argument("--problem-arg", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
-                   help="extra keyword for the problem constructor, repeatable")
-    g.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="floating-point type (default: the problem's, or the saved run's)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=None,
-                   help="checkpoint interval of the reverse pass for g (memory O(T/k + k))")
-    p.add_argument("--out", default="results/analyse", help="output folder (default results/analyse)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                    help="progress bars (default on; --no-progress turns them off)")
+    cli_args.add_problem(g, default=None, dtype_help="floating-point type (default: the problem's, "
+                                                     "or the saved run's)")
+    add_arguments(p, HypergradSettings, ["checkpoint_every"],
+                  checkpoint_every={"help": "checkpoint interval of the reverse pass for g (memory "
+                                            "O(T/k + k)); 'auto': k ≈ √T"})
+    cli_args.add_out(p, "analyse")
+    cli_args.add_progress(p)
     p.set_defaults(func=run_analyse)
 
 
+register_analyse = register  # its former name (cli.online used to call it)
+
+
 _DEFAULT_BETA = {"hd": 1e-6, "rtho": 1e-8, "marthe": "auto"}
-
-
-def _make_problem(args, recorded: dict | None):
-    import torch
-
-    from .. import problems
-    name = args.problem or (recorded or {}).get("name") or "beale"
-    kwargs = dict(args.problem_arg)
-    dtype = args.dtype or ((recorded or {}).get("dtype", "").replace("torch.", "") or None)
-    if dtype is not None:
-        kwargs["dtype"] = getattr(torch, dtype)
-    kwargs["device"] = args.device
-    return problems.get(name, **kwargs)
 
 
 def _tags(names: list[str]) -> list[str]:
@@ -92,7 +68,6 @@ def run_analyse(args) -> int:
     from .. import online, plotting
     from ..analysis import analyse_online
     from ..records import atomic_write_bytes, atomic_write_json
-    from .exact import _settings
 
     out = Path(args.out)
     runs = []  # (tag, OnlineResult, problem)
@@ -103,17 +78,15 @@ def run_analyse(args) -> int:
                 raise FileNotFoundError(f"--run file {path!r} does not exist")
             results.append(online.OnlineResult.load(path))
         for tag, res in zip(_tags([r.method for r in results]), results):
-            runs.append((tag, res, _make_problem(args, res.config.get("problem"))))
+            runs.append((tag, res, cli_args.make_problem(args, res.config.get("problem"))))
     else:
         betas = args.beta or [_DEFAULT_BETA[m] for m in args.method]
         if len(betas) == 1:
             betas = betas * len(args.method)
         if len(betas) != len(args.method):
             raise ValueError(f"--beta takes one value or one per method ({len(args.method)}), got {len(betas)}")
-        problem = _make_problem(args, None)
+        problem = cli_args.make_problem(args, None)
         mu = args.mu
-        if mu is not None and mu != "auto":
-            mu = float(mu)
         for tag, method, beta in zip(_tags(args.method), args.method, betas):
             if method != "marthe" and beta == "auto":
                 raise ValueError(f"--beta auto is MARTHE's rule; give a number for {method}")
@@ -123,7 +96,7 @@ def run_analyse(args) -> int:
                 res = online.run(problem, method, args.optimizer, lr0=args.lr0, steps=args.steps,
                                  beta=beta, objective=args.objective, seed=args.seed,
                                  progress=args.progress, **kw)
-            res.config["cli"] = _settings(args)
+            res.config["cli"] = cli_args.settings(args)
             res.save(out / f"online_{tag}")
             runs.append((tag, res, problem))
 
@@ -141,7 +114,7 @@ def run_analyse(args) -> int:
         written += [json_path, pngs[0]]
     md = atomic_write_bytes(out / "analyse.md", ("\n\n".join(tables) + "\n").encode())
     js = atomic_write_json(out / "analyse.json", {"command": "analyse", "runs": summaries,
-                                                  "settings": _settings(args)})
+                                                  "settings": cli_args.settings(args)})
     print("\n\n".join(tables))
     print(f"\nwrote {md}, {js}, " + ", ".join(str(w) for w in written))
     return 0

@@ -10,144 +10,57 @@ otherwise; ``--resume`` continues from it.
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import time
 from pathlib import Path
 
+from ..settings import HypergradSettings, LrsoptSettings, TrainSettings, add_arguments, specs
+from . import args as cli_args
+
 __all__ = ["register"]
 
-_DTYPES = ("float32", "float64")
 
-
-def _key_value(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE with a keyword name as KEY, got {text!r}")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        if raw[:1] in "[({'\"" or raw[:1].isdigit() or raw[:1] in "+-.":
-            raise argparse.ArgumentTypeError(
-                f"{key}={raw}: not a valid value (a number, a list like [64, 64], or a word)") from None
-        value = raw  # a plain word, e.g. dtype=float32 or device=cpu
-    return key, value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _checkpoint_every(text: str):
-    """``--checkpoint-every``: a positive int, or ``auto`` (k ≈ √T)."""
-    return "auto" if text == "auto" else _positive_int(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def _common(out_default: str) -> argparse.ArgumentParser:
-    from ..dynamics import NAMES
+def _common(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("problem and schedule")
-    g.add_argument("--problem", default="beale",
-                   help="problem name: a test function (beale, bukin6, bukin_smooth, rosenbrock), "
-                        "mnist_mlp or synthetic_mlp (default: beale)")
-    g.add_argument("--problem-arg", metavar="KEY=VALUE", type=_key_value, action="append", default=[],
-                   help="extra keyword for the problem constructor, repeatable "
-                        "(e.g. --problem-arg hidden=[64] --problem-arg n_train=1000)")
-    g.add_argument("--steps", type=_positive_int, default=100, help="T, the number of training steps (default 100)")
-    g.add_argument("--lr", type=_positive_float, default=1e-3,
-                   help="constant learning rate η_t of the (initial) schedule (default 1e-3)")
+    cli_args.add_problem(g)
+    add_arguments(g, TrainSettings, ["steps", "lr"])
     g.add_argument("--schedule", metavar="FILE",
                    help="read the (initial) schedule from a .npy file, a JSON list, or a lrsopt "
                         "result .json/.npz (its best_lrs); overrides --steps/--lr")
-    g.add_argument("--optimizer", default="sgd", choices=sorted(NAMES), help="inner dynamics Φ_t (default sgd)")
-    g.add_argument("--dtype", choices=_DTYPES, default=None,
-                   help="floating-point type (default: the problem's: float64 for test functions, "
-                        "float32 for mnist_mlp)")
-    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device (default cpu)")
-    g.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    add_arguments(g, TrainSettings, ["optimizer"])
+    cli_args.add_out(g, command)
     return p
 
 
 def register(sub) -> None:
-    from ..exact import MODES
-    from ..lrsopt import OUTER_OPTIMIZERS
-
     hg = sub.add_parser(
-        "hypergrad", parents=[_common("results/hypergrad")],
+        "hypergrad", parents=[_common("hypergrad")],
         help="exact hypergradient ∇f(η) of a schedule",
         description="Exact hypergradient ∂f/∂η_t, f(η) = E(w_T), of one schedule; writes "
                     "<out>/hypergrad.json and a figure of η_t and ∂f/∂η_t against t.")
-    hg.add_argument("--mode", choices=MODES, default="reverse", help="how to compute it (default reverse)")
-    hg.add_argument("--checkpoint-every", type=_checkpoint_every, default=None,
-                    help="reverse mode: store every k-th state and recompute (memory O(T/k + k)); "
-                         "'auto': k ≈ √T")
-    hg.add_argument("--chunk-size", type=_positive_int, default=None,
-                    help="forward mode: columns of Z_t propagated at once")
+    add_arguments(hg, HypergradSettings, ["mode", "checkpoint_every", "chunk_size"])
     hg.set_defaults(func=run_hypergrad)
 
     lo = sub.add_parser(
-        "lrsopt", parents=[_common("results/lrsopt")],
+        "lrsopt", parents=[_common("lrsopt")],
         help="optimise a schedule with exact hypergradients (LRS-OPT)",
         description="LRS-OPT: projected gradient descent η ← max(η − α·U(∇f(η)), 0) on the whole "
                     "schedule. Writes <out>/lrsopt.json/.npz, a figure (initial vs optimised "
                     "schedule, objective per outer step) and a checkpoint for --resume.")
-    lo.add_argument("--outer-steps", type=_positive_int, default=50, help="K, outer steps (default 50)")
-    lo.add_argument("--outer-lr", type=_positive_float, default=None,
-                    help="outer step size α (default for adam: 0.1×--lr, i.e. each step moves "
-                         "η_t by about a tenth of its initial value; required for sgd; unused by lbfgsb)")
-    lo.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, default="adam", help="default adam")
-    lo.add_argument("--mode", choices=MODES, default="reverse", help="hypergradient mode (default reverse)")
-    lo.add_argument("--checkpoint-every", type=_checkpoint_every, default=None,
-                    help="reverse-mode state checkpointing for each hypergradient")
-    lo.add_argument("--lr-max", type=_positive_float, default=None, help="upper bound η_max (default none)")
-    lo.add_argument("--resample-batches", action="store_true",
-                    help="new minibatch order at every outer step (MARTHE's LRS-OPT)")
-    lo.add_argument("--seed", type=int, default=0, help="seed of the resampled minibatch orders")
-    lo.add_argument("--snapshot-every", type=_positive_int, default=None,
-                    help="keep the schedule every k outer steps (default: about 5 snapshots)")
+    add_arguments(lo, LrsoptSettings, [n for n in LrsoptSettings.__dataclass_fields__
+                                       if n != "optimizer" and n != "outer_options"],
+                  snapshot_every={"help": "keep the schedule every k outer steps (default: about 5 snapshots)"})
     lo.add_argument("--checkpoint", default=None,
                     help="checkpoint file (default <out>/lrsopt.ckpt.pt)")
-    lo.add_argument("--checkpoint-interval", type=_positive_int, default=10,
-                    help="write the checkpoint every N outer steps (default 10)")
     lo.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     lo.add_argument("--overwrite", action="store_true",
                     help="start afresh even if the checkpoint exists (it is replaced)")
-    lo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                    help="progress bars (default on; --no-progress turns them off)")
+    cli_args.add_progress(lo)
     lo.set_defaults(func=run_lrsopt)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _problem(args):
-    import torch
-
-    from .. import problems
-    kwargs = dict(args.problem_arg)  # problems.get checks names and values (dtype="float32" is fine)
-    if args.dtype is not None:
-        kwargs["dtype"] = getattr(torch, args.dtype)
-    kwargs["device"] = args.device
-    return problems.get(args.problem, **kwargs)
-
 
 def _schedule(args, problem):
     import numpy as np
@@ -173,10 +86,6 @@ def _schedule(args, problem):
     return torch.as_tensor(np.asarray(lrs, dtype=np.float64), dtype=problem.dtype, device=problem.device)
 
 
-def _settings(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k != "func"}
-
-
 def _title(info: dict, args, T: int) -> str:
     from ..plotting import describe_source
     return f"{describe_source(info)} — {args.optimizer.upper()}, T = {T}"
@@ -189,7 +98,7 @@ def run_hypergrad(args) -> int:
     from ..exact import hypergradient
     from ..records import atomic_write_json
 
-    problem = _problem(args)
+    problem = cli_args.make_problem(args)
     lrs = _schedule(args, problem)
     start = time.perf_counter()
     try:
@@ -203,7 +112,7 @@ def run_hypergrad(args) -> int:
     info = problem.describe()
     record = {"command": "hypergrad", "value": float(r.value), "grad": r.grad, "lrs": r.lrs,
               "train_losses": r.train_losses, "mode": r.mode, "optimizer": r.optimizer,
-              "grad_norm": float(r.grad.norm()), "wall_time": elapsed, "settings": _settings(args),
+              "grad_norm": float(r.grad.norm()), "wall_time": elapsed, "settings": cli_args.settings(args),
               "problem": info,
               "metrics": problem.metrics(r.params) if problem.metrics is not None else None}
     json_path = atomic_write_json(out / "hypergrad.json", record)
@@ -222,10 +131,9 @@ def run_lrsopt(args) -> int:
     from .. import plotting
     from ..lrsopt import optimize_schedule
 
-    problem = _problem(args)
+    problem = cli_args.make_problem(args)
     lrs0 = _schedule(args, problem)
-    outer_lr = args.outer_lr  # None: optimize_schedule's default for Adam (0.1 × max η^(0))
-    if outer_lr is None and args.outer_optimizer == "sgd":
+    if args.outer_lr is None and args.outer_optimizer == "sgd":  # Adam's default: 0.1 × max η^(0)
         raise ValueError("--outer-lr is required with --outer-optimizer sgd (its scale depends on "
                          "the size of ∇f(η); try a hypergrad run first)")
     out = Path(args.out)
@@ -235,17 +143,15 @@ def run_lrsopt(args) -> int:
     if ckpt.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"checkpoint {ckpt} exists: pass --resume to continue that run, or "
                          "--overwrite to start afresh and replace it (or another --checkpoint)")
-    snapshot_every = args.snapshot_every or max(1, args.outer_steps // 5)
+    kw = {name: getattr(args, name) for name in specs(LrsoptSettings) if hasattr(args, name)}
+    kw["snapshot_every"] = args.snapshot_every or max(1, args.outer_steps // 5)
     try:
-        result = optimize_schedule(
-            problem, lrs0, args.outer_steps, outer_lr, args.outer_optimizer, optimizer=args.optimizer,
-            mode=args.mode, checkpoint_every=args.checkpoint_every, resample_batches=args.resample_batches,
-            seed=args.seed, lr_max=args.lr_max, snapshot_every=snapshot_every, checkpoint_path=ckpt,
-            checkpoint_interval=args.checkpoint_interval, resume=args.resume, progress=args.progress)
+        result = optimize_schedule(problem, lrs0, checkpoint_path=ckpt, resume=args.resume,
+                                   progress=args.progress, **kw)
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    result.config["cli"] = _settings(args)
+    result.config["cli"] = cli_args.settings(args)
     json_path, npz_path = result.save(out / "lrsopt")
 
     fig, (a, b) = plotting.figure(ncols=2)

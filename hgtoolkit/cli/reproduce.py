@@ -10,9 +10,10 @@ Each experiment writes ``<out>/<name>/``: ``figures/*.png|pdf``, ``data/*.json|n
 """
 from __future__ import annotations
 
-import argparse
 import textwrap
 from pathlib import Path
+
+from . import args as cli_args
 
 __all__ = ["register"]
 
@@ -38,8 +39,7 @@ def register(sub) -> None:
                       help="smallest setting, seconds (what the tests run)")
     p.add_argument("--out", default="results", help="output root (default results/)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                    help="progress bars (default on; --no-progress turns them off)")
+    cli_args.add_progress(p)
     p.add_argument("--list", action="store_true", help="list the experiments and exit")
     p.set_defaults(func=run_reproduce, setting="quick")
 
@@ -48,8 +48,7 @@ def _list() -> str:
     from ..experiments import EXPERIMENTS
     lines = ["experiments (python -m hgtoolkit reproduce NAME [--quick|--full|--tiny]):"]
     for name, exp in EXPERIMENTS.items():
-        state = "" if exp.available else "  [not available yet]"
-        lines.append(f"  {name:<8} " + textwrap.fill(exp.description + state, width=88,
+        lines.append(f"  {name:<8} " + textwrap.fill(exp.description, width=88,
                                                       subsequent_indent=" " * 11))
     return "\n".join(lines)
 
@@ -85,8 +84,6 @@ def run_reproduce(args) -> int:
     if "parts" in summary:  # composite (demo)
         for part, s in summary["parts"].items():
             lines += _report(s, out, part)
-        for part, why in summary.get("skipped", {}).items():
-            lines.append(f"{part}: skipped — {why}")
     else:
         lines = _report(summary, out, args.name)
     print("\n".join(lines))

@@ -10,6 +10,8 @@ import re
 import sys
 from pathlib import Path
 
+from . import args as cli_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -40,8 +42,7 @@ def register(subparsers) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long while another driver holds the results directory (default: "
                         "stop at once and say who holds it)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                    help="progress bars (default on; --no-progress turns them off)")
+    cli_args.add_progress(p)
     p.add_argument("--dry-run", action="store_true", help="validate, count cells and stop")
     p.add_argument("--summary-only", action="store_true", help="print the summary of the directory and stop")
     p.set_defaults(func=_main)

@@ -12,6 +12,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import args as cli_args
+
 DEFAULT_TOWER = "sgd(lr=0.01) / sgd(lr=1e-4)"
 
 
@@ -19,23 +21,19 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "towers", help="run a hyperoptimizer tower and plot every learnt hyperparameter",
         description="Hyperoptimizer towers (Chandra et al.): each level learns the hyperparameters "
-                    "of the level below by one-step hypergradients. Writes JSON + PNG.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--problem", default="mnist_mlp",
-                   help="problem name: a test function (beale, bukin_smooth, rosenbrock, ...), "
-                        "mnist_mlp or synthetic_mlp")
+                    "of the level below by one-step hypergradients. Writes JSON + PNG.")
+    cli_args.add_problem(p, "mnist_mlp", problem_args=False, device=False,
+                         dtype_help="default: float64 for test functions, float32 for mnist_mlp")
     p.add_argument("--tower", default=DEFAULT_TOWER,
                    help="levels from the base up, e.g. 'sgd(lr=0.01, momentum=0.9) / adam(lr=1e-3) / "
                         "sgd(lr=1e-4)'; optimizers sgd, adam, adagrad, rmsprop; tune=lr+momentum "
-                        "restricts what the next level learns")
-    p.add_argument("--steps", type=int, default=500, help="training steps T")
-    p.add_argument("--seed", type=int, default=0, help="initial weights / minibatch order (MLP problems)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default=None,
-                   help="default: float64 for test functions, float32 for mnist_mlp")
-    p.add_argument("--out", default="results/towers", help="output folder")
+                        f"restricts what the next level learns (default {DEFAULT_TOWER!r})")
+    p.add_argument("--steps", type=cli_args.positive_int, default=500, help="training steps T (default 500)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="initial weights / minibatch order, for problems that take a seed (default 0)")
+    cli_args.add_out(p, "towers")
     p.add_argument("--name", default=None, help="file stem (default: towers_<problem>_h<height>)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                   help="progress bars (--no-progress turns them off)")
+    cli_args.add_progress(p)
     p.set_defaults(func=main)
 
 
@@ -43,20 +41,13 @@ def main(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     from .. import plotting, problems, towers
     from ..errors import DivergenceWarning
 
     tower = towers.parse(args.tower)
-    if args.steps < 1:
-        raise ValueError(f"--steps must be ≥ 1, got {args.steps}")
-    kwargs = {}
-    if args.dtype is not None:
-        kwargs["dtype"] = getattr(torch, args.dtype)
-    if args.problem in ("mnist_mlp", "synthetic_mlp"):
-        kwargs["seed"] = args.seed
-    problem = problems.get(args.problem, **kwargs)
+    takes_seed = "seed" in problems.parameters(args.problem)
+    problem = cli_args.make_problem(args, **({"seed": args.seed} if takes_seed else {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)  # reported below, and in the record
         result = towers.run(problem, tower, args.steps, progress=args.progress)

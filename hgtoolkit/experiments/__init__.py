@@ -19,7 +19,6 @@ Modules are imported lazily (only the experiment you run is loaded).
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +41,15 @@ class Experiment:
     parts: tuple[str, ...] = ()
 
     def load(self):
-        """Import the experiment's module (ModuleNotFoundError if it is not written yet)."""
+        """Import the experiment's module."""
         if self.module is None:
             raise ValueError(f"experiment {self.name!r} is composite ({', '.join(self.parts)}); it has no module")
         return importlib.import_module(f"{__name__}.{self.module}")
 
     @property
     def available(self) -> bool:
-        """Whether the module exists (composite entries: whether any part is available)."""
-        if self.module is None:
-            return any(EXPERIMENTS[p].available for p in self.parts)
-        return importlib.util.find_spec(f"{__name__}.{self.module}") is not None
+        """True: every registered experiment has its module (kept for callers of the old probe)."""
+        return True
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
@@ -79,8 +76,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
 
 
 def available() -> list[str]:
-    """Names of the experiments whose modules exist."""
-    return [n for n, e in EXPERIMENTS.items() if e.available]
+    """Names of the experiments (all registered ones have their module)."""
+    return list(EXPERIMENTS)
 
 
 def get(name: str) -> Experiment:
@@ -97,8 +94,7 @@ def run_experiment(name: str, setting: str = "quick", out: str | Path = "results
 
     ``overrides`` replace fields of the config (e.g. ``steps=100``). A composite entry
     (``demo``) runs its parts — in ``demo`` always at ``setting`` — and returns
-    ``{"parts": {part: summary}, "skipped": {part: reason}}``; parts whose module does not
-    exist yet are skipped and say so.
+    ``{"parts": {part: summary}}``.
     """
     exp = get(name)
     check_setting(setting)
@@ -106,15 +102,8 @@ def run_experiment(name: str, setting: str = "quick", out: str | Path = "results
         if overrides:
             raise ValueError(f"experiment {name!r} is composite; config overrides {sorted(overrides)} "
                              "apply to single experiments only")
-        parts, skipped = {}, {}
-        for part in exp.parts:
-            if not EXPERIMENTS[part].available:
-                skipped[part] = f"hgtoolkit/experiments/{EXPERIMENTS[part].module}.py does not exist yet"
-                if progress:
-                    print(f"[{name}] skipping {part!r}: {skipped[part]}")
-                continue
-            parts[part] = run_experiment(part, setting, out, seed, progress)
-        return {"experiment": name, "setting": setting, "seed": seed, "parts": parts, "skipped": skipped}
+        parts = {part: run_experiment(part, setting, out, seed, progress) for part in exp.parts}
+        return {"experiment": name, "setting": setting, "seed": seed, "parts": parts}
 
     module = exp.load()
     config = make_config(module.Config, setting, seed, **overrides)

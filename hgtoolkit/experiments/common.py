@@ -50,7 +50,7 @@ __all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_settin
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
            "default_workers", "limited_threads", "run_cells", "cell_records",
-           "cells_summary", "note_old_layout"]
+           "cells_summary", "note_old_layout", "number", "choice"]
 
 SETTINGS = ("tiny", "quick", "full")
 
@@ -385,6 +385,20 @@ def note_old_layout(out: OutputDir | str | Path, *folders: str) -> None:
         warnings.warn(f"{', '.join(map(str, old))}: records of an hgtoolkit version before the sweep store; "
                       f"they are not read — the runs are recomputed into {out.store} (delete the old "
                       "folders afterwards)", UserWarning, stacklevel=3)
+
+
+def number(lo: float | None = None, hi: float | None = None, *, integer: bool = False,
+           none: bool = False, open_lo: bool = False):
+    """The grid validator of a number setting of an experiment's own cell kind
+    (:class:`hgtoolkit.settings.Spec`): in [``lo``, ``hi``], ``integer``, None allowed with ``none``."""
+    from ..settings import Spec
+    return Spec("", kind="int" if integer else "number", lo=lo, hi=hi, none=none, open_lo=open_lo).check
+
+
+def choice(options: Sequence[str]):
+    """The grid validator of a setting that is one of ``options``."""
+    from ..settings import Spec
+    return Spec("", kind="choice", choices=tuple(options)).check
 
 
 def cell_records(out: OutputDir | str | Path, grids) -> dict:

@@ -254,7 +254,7 @@ def run_lrsopt_cell(problem, params: dict, ctx):
 
 def _register_kinds() -> None:
     from .. import sweep
-    from ..sweep.grid import _number
+    _number = common.number
     sweep.register_cell_kind(sweep.CellKind(
         "fig1.lrsopt", run_lrsopt_cell, required=("lr0", "steps", "constants", "outer_steps", "lr_rel"),
         cost=lambda p: p.get("steps", 1) * (p.get("constants", 1) + 3.0 * p.get("outer_steps", 0)),

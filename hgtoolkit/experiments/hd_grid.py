@@ -186,7 +186,7 @@ def run_hd_cell(problem, params: dict, ctx):
 
 def _register_kinds() -> None:
     from .. import sweep
-    from ..sweep.grid import _number
+    _number = common.number
     online = sweep.CELL_KINDS["online"]
     sweep.register_cell_kind(sweep.CellKind(
         "hd.online", run_hd_cell, required=online.required, check=online.check, cost=online.cost,

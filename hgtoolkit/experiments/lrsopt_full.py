@@ -159,7 +159,7 @@ def run_schedule_cell(problem, params: dict, ctx):
 
 def _register_kinds() -> None:
     from .. import sweep
-    from ..sweep.grid import _choice, _number
+    _choice, _number = common.choice, common.number
     lrsopt = sweep.CELL_KINDS["lrsopt"]
     sweep.register_cell_kind(sweep.CellKind(
         "lrsopt_full.run", run_schedule_cell, to_result=lrsopt.to_result, summary=lrsopt.summary,

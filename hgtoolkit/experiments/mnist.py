@@ -411,14 +411,14 @@ def run_analysis_cell(problem, params: dict, ctx):
 
 def _register_kinds() -> None:
     from .. import sweep
-    from ..sweep.grid import _number
+    _number = common.number
     online, lrsopt = sweep.CELL_KINDS["online"], sweep.CELL_KINDS["lrsopt"]
     optional_int = _number(1, integer=True, none=True)
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.online", run_online_cell, required=online.required, check=online.check, cost=online.cost,
         summary=online.summary, to_result=online.to_result, run_batch=run_online_cells,
         batch_axes=("beta", "kappa"),
-        params={**online.params, "val_batch_size": optional_int, "max_batch": optional_int}))
+        params={**online.params, "max_batch": optional_int}))
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.lrsopt", run_lrsopt_cell, required=lrsopt.required + ("base_seed",), check=lrsopt.check,
         cost=lrsopt.cost, summary=lrsopt.summary, to_result=lrsopt.to_result,
@@ -431,7 +431,7 @@ def _register_kinds() -> None:
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.analysis", run_analysis_cell, required=online.required, check=online.check,
         cost=lambda p: 10.0 * online.cost(p), to_result=sweep.record_result("approximation"),
-        params={**online.params, "val_batch_size": optional_int}))
+        params=online.params))
 
 
 def _peer_name(v):

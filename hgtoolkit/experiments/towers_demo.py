@@ -154,7 +154,7 @@ def _tower_result(record: dict):
 
 def _register_kinds() -> None:
     from .. import sweep
-    from ..sweep.grid import _number
+    _number = common.number
 
     def spec(v):
         if not isinstance(v, str) or not v:

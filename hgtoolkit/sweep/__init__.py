@@ -28,7 +28,9 @@ Cell kinds (:data:`CELL_KINDS`; add your own with :func:`register_cell_kind`):
 - ``"hypergrad"``: the exact ∇f(η) of a constant schedule (``hgtoolkit.exact.hypergradient``).
 
 The grid's ``problem`` section is ``{"name": …, **kwargs}`` for ``hgtoolkit.problems.get``
-(``dtype`` may be written ``"float32"``/``"float64"``). A cell's ``seed`` becomes the problem's
+(a built-in name or ``"module:function"``, a function of yours returning a ``Problem``, importable
+where the cells run; ``dtype`` may be written ``"float32"``/``"float64"``). A kind's settings and
+their checks are those of :mod:`hgtoolkit.settings`. A cell's ``seed`` becomes the problem's
 ``seed`` (initial weights and minibatch order) when the problem takes one and the section does
 not fix it, and is passed on to the run (online: minibatch order; LRS-OPT: the resampled orders).
 

@@ -11,12 +11,12 @@ import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .. import records
+from ..settings import Spec
 
 
 EXECUTORS = ("local", "processes", "ray")
@@ -31,71 +31,11 @@ def canonical_json(obj: Any) -> str:
 
 
 # ============================================================================ validators
-# A validator maps a written value to its normalised form or raises ValueError("must be …").
+# A validator maps a written value to its normalised form or raises ValueError("must be …"); the
+# built-in kinds' validators come from hgtoolkit.settings (settings.validators).
 
-def _number(lo: float | None = None, hi: float | None = None, *, integer: bool = False,
-            words: Sequence[str] = (), none: bool = False, open_lo: bool = False) -> Callable:
-    def describe() -> str:
-        what = "an integer" if integer else "a number"
-        if lo is not None and hi is not None:
-            what += f" in [{lo}, {hi}]"
-        elif lo is not None:
-            what += f" {'>' if open_lo else '≥'} {lo}"
-        alts = [repr(w) for w in words] + (["null"] if none else [])
-        return what + (" or " + " or ".join(alts) if alts else "")
-
-    def check(v: Any) -> Any:
-        if v is None and none:
-            return None
-        if isinstance(v, str) and v in words:
-            return v
-        ok_type = (int, np.integer) if integer else (int, float, np.integer, np.floating)
-        if isinstance(v, bool) or not isinstance(v, ok_type):
-            raise ValueError(f"must be {describe()}, got {v!r}")
-        v = int(v) if integer else float(v)
-        if not math.isfinite(v):
-            raise ValueError(f"must be {describe()}, got {v!r}")
-        if lo is not None and (v < lo or (open_lo and v == lo)):
-            raise ValueError(f"must be {describe()}, got {v!r}")
-        if hi is not None and v > hi:
-            raise ValueError(f"must be {describe()}, got {v!r}")
-        return v
-
-    return check
-
-
-def _choice(options: Callable[[], Sequence[str]] | Sequence[str]) -> Callable:
-    def check(v: Any) -> str:
-        opts = tuple(options() if callable(options) else options)
-        if not isinstance(v, str) or v not in opts:
-            raise ValueError(f"must be one of {opts}, got {v!r}")
-        return v
-    return check
-
-
-def _optimizer(v: Any) -> str:
-    from .. import dynamics
-    if not isinstance(v, str):
-        raise ValueError(f"must be an optimizer name, got {v!r}")
-    dynamics.get(v)  # raises ValueError listing the names
-    return v.lower()
-
-
-def _flag(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"must be true or false, got {v!r}")
-    return v
-
-
-def _mapping(v: Any) -> dict:
-    if not isinstance(v, dict):
-        raise ValueError(f"must be a mapping, got {v!r}")
-    return json.loads(canonical_json(v))
-
-
-_SEED = _number(0, integer=True)
-_STEPS = _number(1, integer=True)
-_NONNEG = _number(0)
+_SEED = Spec("seed", kind="int", lo=0).check
+_flag = Spec("flag", kind="flag").check
 
 
 # ============================================================================ cells and kinds
@@ -197,15 +137,13 @@ class Cell:
 
 # ----------------------------------------------------------------------------- problems
 
-def _problem_constructor(name: str) -> Callable:
-    """The function ``problems.get(name, **kw)`` calls (for checking keyword names up front)."""
+def _problem_parameters(name: str) -> dict:
+    """The keywords of problem ``name``'s constructor (a built-in name or ``module:function``)."""
     from .. import problems
     try:
-        build = problems.constructor(name)
-    except ValueError as exc:
+        return problems.parameters(name)
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"problem.name: {exc}") from None
-    # test functions are built by from_function(name, ...): check against its keywords
-    return problems.from_function if build not in (problems.mnist_mlp, problems.synthetic_classification) else build
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -218,12 +156,12 @@ def _validate_problem(problem: Any) -> dict:
         raise ValueError("problem.name is missing: say which problem to run (e.g. 'mnist_mlp')")
     if not isinstance(problem["name"], str):
         raise ValueError(f"problem.name must be a string, got {problem['name']!r}")
-    params = inspect.signature(_problem_constructor(problem["name"])).parameters
-    allowed = [k for k in params if k not in ("f",)]
+    params = _problem_parameters(problem["name"])
+    allowed = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     for key, value in problem.items():
         if key == "name":
             continue
-        if key not in allowed:
+        if key not in allowed and len(allowed) == len(params):
             raise ValueError(f"problem.{key}: unknown argument of problem {problem['name']!r}; "
                              f"it takes {allowed}")
         if key == "dtype" and value not in _DTYPES:
@@ -235,7 +173,7 @@ def _validate_problem(problem: Any) -> dict:
 
 
 def _takes_seed(name: str) -> bool:
-    return "seed" in inspect.signature(_problem_constructor(name)).parameters
+    return "seed" in _problem_parameters(name)
 
 
 def problem_kwargs(problem: dict, seed: int | None) -> dict:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import records
-from .grid import CellContext, CellKind, CellOutput, _NONNEG, _OUTPUT_CONVERTERS, _SEED, _STEPS, _choice, _flag, _mapping, _number, _optimizer, register_cell_kind
+from .. import records, settings
+from .grid import CellContext, CellKind, CellOutput, _OUTPUT_CONVERTERS, _SEED, register_cell_kind
 
 
 # ============================================================================ the cell kinds
@@ -123,60 +123,38 @@ def run_hypergrad_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     """The exact hypergradient ∇f(η) of the constant schedule η_t = lr."""
     from ..exact import hypergradient
     r = hypergradient(problem, _schedule(problem, params), params.get("optimizer", "sgd"),
-                      params.get("mode", "reverse"))
+                      params.get("mode", "reverse"), checkpoint_every=params.get("checkpoint_every"),
+                      chunk_size=params.get("chunk_size"))
     result = {"value": float(r.value), "grad_norm": float(r.grad.norm()), **_metrics(problem, r.params)}
     return CellOutput(result, {"grad": r.grad.numpy(force=True),
                                "train_losses": r.train_losses.numpy(force=True)})
 
 
-def _exact_modes():
-    from ..exact import MODES
-    return MODES
-
-
-def _online_methods():
-    return _online_module().METHODS
-
-
-def _online_objectives():
-    return _online_module().OBJECTIVES
-
+# a cell's settings are those of hgtoolkit.settings; a cell's seed is always a number (default 0)
+_SCHEDULE = settings.specs(settings.TrainSettings)
 
 register_cell_kind(CellKind(
     "online", run_online_cell, required=("lr0", "steps"), check=_online_check, cost=_online_cost,
     summary=("final_val_loss", "best_val_loss", "final_val_accuracy", "final_lr"),
     to_result=record_result("online"), run_batch=_online_batch,
-    params={"method": _choice(_online_methods), "optimizer": _optimizer, "lr0": _NONNEG,
-            "steps": _STEPS, "beta": _number(0, words=("auto",), none=True),
-            "mu": _number(0, 1, words=("auto",), none=True), "kappa": _NONNEG, "beta0": _NONNEG,
-            "beta_rule": _choice(("hh", "h_eta")), "objective": _choice(_online_objectives),
-            "lr_floor": _number(0, none=True), "lr_max": _number(0, open_lo=True, none=True),
-            "eval_every": _STEPS, "seed": _SEED}))
+    params=settings.validators(settings.OnlineSettings, seed=_SEED)))
 
 register_cell_kind(CellKind(
     "lrsopt", run_lrsopt_cell, required=("lr0", "steps", "outer_steps"), check=_lrsopt_check,
     cost=lambda p: 30.0 * p.get("steps", 1) * p.get("outer_steps", 1),
     summary=("initial_value", "best_value", "final_value", "final_val_accuracy"),
     to_result=record_result("lrsopt"),
-    params={"lr0": _NONNEG, "steps": _STEPS, "outer_steps": _STEPS,
-            "outer_lr": _number(0, open_lo=True), "outer_optimizer": _choice(("adam", "sgd", "lbfgsb")),
-            "optimizer": _optimizer, "mode": _choice(_exact_modes),
-            "checkpoint_every": _number(1, integer=True, none=True),
-            "chunk_size": _number(1, integer=True, none=True), "resample_batches": _flag,
-            "lr_max": _number(0, open_lo=True, none=True), "outer_options": _mapping,
-            "max_backtracks": _number(0, integer=True),
-            "snapshot_every": _number(1, integer=True, none=True),
-            "checkpoint_interval": _STEPS, "seed": _SEED}))
+    params={"lr0": _SCHEDULE["lr"][1].check, "steps": _SCHEDULE["steps"][1].check,
+            **settings.validators(settings.LrsoptSettings)}))
 
 register_cell_kind(CellKind(
     "train", run_train_cell, required=("lr", "steps"), cost=lambda p: float(p.get("steps", 1)),
     summary=("value", "final_train_loss", "val_accuracy"),
-    params={"lr": _NONNEG, "steps": _STEPS, "optimizer": _optimizer, "seed": _SEED}))
+    params=settings.validators(settings.TrainSettings)))
 
 register_cell_kind(CellKind(
     "hypergrad", run_hypergrad_cell, required=("lr", "steps"),
     cost=lambda p: 3.0 * p.get("steps", 1), summary=("value", "grad_norm"),
-    params={"lr": _NONNEG, "steps": _STEPS, "optimizer": _optimizer,
-            "mode": _choice(_exact_modes), "seed": _SEED}))
+    params=settings.validators(settings.HypergradSettings)))
 
 _OUTPUT_CONVERTERS["online"] = online_output

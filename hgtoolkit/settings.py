@@ -1,0 +1,294 @@
+"""The settings of a run, declared once: what each one means, its type, its range and its default.
+
+One frozen dataclass per kind of run — :class:`OnlineSettings` (the keywords of
+:func:`hgtoolkit.online.run`), :class:`LrsoptSettings` (:func:`hgtoolkit.lrsopt.optimize_schedule`),
+:class:`TrainSettings` and :class:`HypergradSettings` (a constant schedule η_t = lr, t < steps,
+trained or differentiated by :func:`hgtoolkit.hypergradient`). Each field carries a :class:`Spec`
+in its metadata, and from that one declaration come
+
+- the command line's flags (``--lr-floor`` for ``lr_floor``, with the type, range, choices, help
+  and default): :func:`add_arguments`, used by :mod:`hgtoolkit.cli`;
+- the sweep grids' validators (``params=`` of the cell kinds in :mod:`hgtoolkit.sweep.kinds`):
+  :func:`validators`;
+- a checked set of keyword arguments for the Python API: ``OnlineSettings(lr0=1e-3, steps=100,
+  beta=1e-7)`` raises ``ValueError`` naming a setting that is out of range, and
+  :meth:`RunSettings.kwargs` gives the keywords to pass on. The functions keep their own checks
+  (cross-setting ones included); the tests check that flags, sweep keys and signatures list the
+  same settings with the same defaults.
+
+Only settings that are plain values are here: callables (``mu_rule``, ``callback``), the problem,
+the schedule tensor and run control (``progress``, ``checkpoint_path``, ``resume``) stay arguments
+of the functions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable, Sequence
+
+from . import dynamics
+
+__all__ = ["Spec", "setting", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
+           "HypergradSettings", "specs", "validators", "add_arguments", "defaults"]
+
+_KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping")
+_NO_CLI_DEFAULT = "<none>"  # Spec.cli_default of a setting that has an API default
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one setting accepts. ``kind``: ``"number"`` | ``"int"`` | ``"choice"`` (one of
+    ``choices``) | ``"optimizer"`` (a :mod:`hgtoolkit.dynamics` name) | ``"flag"`` (bool) |
+    ``"mapping"``; numbers lie in [``lo``, ``hi``] (``open_lo``: lo excluded); ``words``: strings
+    accepted besides numbers (``"auto"``); ``none``: None accepted (written ``none`` on the
+    command line); ``cli``: whether the command line has a flag for it; ``cli_default``: the
+    flag's default for a setting the API requires."""
+
+    help: str
+    kind: str = "number"
+    lo: float | None = None
+    hi: float | None = None
+    open_lo: bool = False
+    words: tuple = ()
+    none: bool = False
+    choices: tuple = ()
+    cli: bool = True
+    cli_default: Any = _NO_CLI_DEFAULT
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+
+    def options(self) -> tuple:
+        return tuple(sorted(dynamics.NAMES)) if self.kind == "optimizer" else tuple(self.choices)
+
+    def describe(self, none: str = "null") -> str:
+        """What the setting must be, e.g. ``a number in [0, 1] or 'auto' or null`` (``none``: how
+        None is written: ``null`` in a grid, ``'none'`` on the command line)."""
+        if self.kind in ("choice", "optimizer"):
+            what = f"one of {self.options()}"
+        elif self.kind == "flag":
+            what = "true or false"
+        elif self.kind == "mapping":
+            what = "a mapping"
+        else:
+            what = "an integer" if self.kind == "int" else "a number"
+            if self.lo is not None and self.hi is not None:
+                what += f" in [{self.lo:g}, {self.hi:g}]"
+            elif self.lo is not None:
+                what += f" {'>' if self.open_lo else '≥'} {self.lo:g}"
+        alts = [repr(w) for w in self.words] + ([none] if self.none else [])
+        return what + (" or " + " or ".join(alts) if alts else "")
+
+    def check(self, value: Any) -> Any:
+        """The normalised value (ints of a number setting become floats, optimizer names lower
+        case, mappings plain JSON), or ``ValueError("must be …, got …")``."""
+        if value is None and self.none:
+            return None
+        if isinstance(value, str) and value in self.words:
+            return value
+        bad = ValueError(f"must be {self.describe()}, got {value!r}")
+        if self.kind in ("choice", "optimizer"):
+            key = value.lower() if self.kind == "optimizer" and isinstance(value, str) else value
+            if not isinstance(value, str) or key not in self.options():
+                raise bad
+            return key
+        if self.kind == "flag":
+            if not isinstance(value, bool):
+                raise bad
+            return value
+        if self.kind == "mapping":
+            if not isinstance(value, dict):
+                raise bad
+            return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+        import numpy as np
+        integer = self.kind == "int"
+        ok = (int, np.integer) if integer else (int, float, np.integer, np.floating)
+        if isinstance(value, bool) or not isinstance(value, ok):
+            raise bad
+        value = int(value) if integer else float(value)
+        if (not math.isfinite(value) or (self.lo is not None and value < self.lo)
+                or (self.open_lo and value == self.lo) or (self.hi is not None and value > self.hi)):
+            raise bad
+        return value
+
+    def parse(self, text: str) -> Any:
+        """A command-line word → the value (``argparse.ArgumentTypeError`` saying what is expected)."""
+        if self.none and text.lower() in ("none", "null"):
+            return None
+        if text in self.words or self.kind in ("choice", "optimizer"):
+            value = text
+        else:
+            try:
+                value = int(text) if self.kind == "int" else float(text)
+            except ValueError:
+                value = text
+        try:
+            return self.check(value)
+        except ValueError:
+            what = self.describe(none="'none'")
+            if self.kind == "int" and self.lo == 1 and what == "an integer ≥ 1":
+                what = "a positive integer"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+def setting(default: Any = MISSING, help: str = "", **spec: Any):
+    """A dataclass field with its :class:`Spec` (``default`` omitted: the API requires it)."""
+    return field(default=default, metadata={"spec": Spec(help, **spec)})
+
+
+def specs(schema: type) -> dict[str, tuple[Any, Spec]]:
+    """name → (default or ``dataclasses.MISSING``, :class:`Spec`), in declaration order."""
+    return {f.name: (f.default, f.metadata["spec"]) for f in fields(schema)}
+
+
+def defaults(schema: type) -> dict[str, Any]:
+    """The defaults of the settings that have one (the API's keyword defaults)."""
+    return {k: d for k, (d, _) in specs(schema).items() if d is not MISSING}
+
+
+def validators(schema: type, **overrides: Callable) -> dict[str, Callable]:
+    """Sweep-grid validators (value → normalised value, ValueError("must be …"))."""
+    return {**{k: s.check for k, (_, s) in specs(schema).items()}, **overrides}
+
+
+def add_arguments(parser: Any, schema: type, names: Sequence[str] | None = None, *,
+                  defaults: dict | None = None, **overrides: dict) -> None:
+    """Add ``--name-with-dashes`` flags for the settings ``names`` (default: every setting with
+    ``cli=True``) of ``schema`` to ``parser`` (or an argument group). ``defaults``: per-command
+    defaults; ``overrides``: extra ``add_argument`` keywords per setting (e.g. ``nargs``)."""
+    table, defaults = specs(schema), defaults or {}
+    for name in names if names is not None else [k for k, (_, s) in table.items() if s.cli]:
+        default, spec = table[name]
+        default = defaults.get(name, spec.cli_default if default is MISSING else default)
+        if default is _NO_CLI_DEFAULT:
+            raise ValueError(f"setting {name!r} of {schema.__name__} needs a command-line default")
+        flag = "--" + name.replace("_", "-")
+        help_text = spec.help + ("" if default is None else f" (default {default})")  # None: said in help
+        kw: dict[str, Any] = {"default": default, "help": help_text.replace("%", "%%")}
+        if spec.kind == "flag":
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = spec.parse
+            if spec.kind in ("choice", "optimizer"):
+                kw["choices"], kw["type"] = spec.options(), str
+        kw.update(overrides.get(name, {}))
+        parser.add_argument(flag, **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """Base of the schemas: every field is checked against its :class:`Spec` on construction."""
+
+    def __post_init__(self) -> None:
+        for name, (_, spec) in specs(type(self)).items():
+            try:
+                object.__setattr__(self, name, spec.check(getattr(self, name)))
+            except ValueError as exc:
+                raise ValueError(f"{name} {exc}") from None
+
+    def kwargs(self) -> dict:
+        """The settings as keyword arguments of the function they describe."""
+        return asdict(self)
+
+
+_METHOD_HELP = "hd (μ = 0), rtho (μ = 1) or marthe (μ and β fixed or adaptive)"
+
+
+def _mode(help: str):
+    return setting("reverse", help, kind="choice", choices=("reverse", "forward", "autograd"))
+
+
+def _checkpoint_every():
+    return setting(None, "reverse mode: store every k-th state and recompute (memory O(T/k + k)); "
+                         "'auto': k ≈ √T", kind="int", lo=1, words=("auto",), none=True)
+
+
+def _chunk_size():
+    return setting(None, "forward mode: columns of Z_t propagated at once", kind="int", lo=1, none=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnlineSettings(RunSettings):
+    """The settings of one online run: the keywords of :func:`hgtoolkit.online.run`."""
+
+    method: str = setting("marthe", _METHOD_HELP, kind="choice", choices=("hd", "rtho", "marthe"))
+    optimizer: str = setting("sgd", "dynamics Φ", kind="optimizer")
+    lr0: float = setting(help="initial learning rate η_0", lo=0, cli_default=1e-3)
+    steps: int = setting(help="T, the number of training steps", kind="int", lo=1, cli_default=500)
+    beta: Any = setting(None, "hyper-learning rate β ≥ 0, or 'auto' (MARTHE's adaptive β, its "
+                              "default; required for hd and rtho)", lo=0, words=("auto",), none=True)
+    mu: Any = setting(None, "MARTHE's μ in [0, 1] or 'auto' (its default)", lo=0, hi=1,
+                      words=("auto",), none=True)
+    kappa: float = setting(1e-6, "step size κ of MARTHE's adaptive β", lo=0)
+    beta0: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0)
+    beta_rule: str = setting("hh", "adaptive-β rule: κ h_{t+1} h_t (hh) or the authors' code's "
+                                   "κ h_{t+1} η_{t+1} (h_eta)", kind="choice", choices=("hh", "h_eta"))
+    objective: str = setting("val", "val: h uses ∇E(w_{t+1}); train: the next minibatch's "
+                                    "gradient (HD)", kind="choice", choices=("val", "train"))
+    lr_floor: Any = setting(0.0, "η is clipped at this value; none allows η < 0", lo=0, none=True)
+    lr_max: Any = setting(None, "|η| above this counts as divergence (none: 1e6·lr0)", lo=0,
+                          open_lo=True, none=True)
+    beta_bound: Any = setting(1.0, "adaptive β: one update moves η by at most this × max(η, η_0); "
+                                   "none: unbounded", lo=0, open_lo=True, none=True)
+    divergence_factor: Any = setting(2.0, "the run diverges when its loss exceeds this × its "
+                                          "initial value; none: off", lo=1, open_lo=True, none=True)
+    hd_gradient: str = setting("regularised", "objective train with weight decay: v includes it "
+                                              "(regularised) or not (raw)", kind="choice",
+                               choices=("regularised", "raw"))
+    eval_every: Any = setting(None, "record E every k steps (none: every step for val, else "
+                                    "first and last)", kind="int", lo=1, none=True)
+    val_batch_size: Any = setting(None, "objective val on a validation minibatch of this size per "
+                                        "step (none: the full validation set)", kind="int", lo=1,
+                                  none=True)
+    seed: Any = setting(None, "minibatch order of a stochastic problem (problem.resample(seed))",
+                        kind="int", lo=0, none=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LrsoptSettings(RunSettings):
+    """The settings of LRS-OPT: the keywords of :func:`hgtoolkit.lrsopt.optimize_schedule`
+    besides the problem, the initial schedule and run control."""
+
+    outer_steps: int = setting(help="K, outer steps", kind="int", lo=1, cli_default=50)
+    outer_lr: Any = setting(None, "outer step size α (adam's default: 0.1 × max η^(0); required "
+                                  "for sgd; unused by lbfgsb)", lo=0, open_lo=True, none=True)
+    outer_optimizer: str = setting("adam", "outer optimizer", kind="choice",
+                                   choices=("adam", "sgd", "lbfgsb"))
+    optimizer: str = setting("sgd", "inner dynamics Φ_t", kind="optimizer")
+    mode: str = _mode("hypergradient mode")
+    checkpoint_every: Any = _checkpoint_every()
+    chunk_size: Any = _chunk_size()
+    resample_batches: bool = setting(False, "new minibatch order at every outer step (MARTHE's "
+                                            "LRS-OPT)", kind="flag")
+    seed: int = setting(0, "seed of the resampled minibatch orders", kind="int", lo=0)
+    lr_max: Any = setting(None, "upper bound η_max (none: no bound)", lo=0, open_lo=True, none=True)
+    outer_options: Any = setting(None, "Adam's beta1/beta2/eps or scipy L-BFGS-B options",
+                                 kind="mapping", none=True, cli=False)
+    max_backtracks: int = setting(10, "halvings of the outer step after a diverged evaluation",
+                                  kind="int", lo=0)
+    snapshot_every: Any = setting(None, "keep the schedule every k outer steps", kind="int", lo=1,
+                                  none=True)
+    checkpoint_interval: int = setting(10, "write the checkpoint every N outer steps", kind="int", lo=1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSettings(RunSettings):
+    """A constant schedule η_t = ``lr`` for t < ``steps`` under ``optimizer``; ``seed`` is the
+    problem's seed (initial weights, minibatch order) where it takes one."""
+
+    lr: float = setting(help="constant learning rate η_t", lo=0, open_lo=True, cli_default=1e-3)
+    steps: int = setting(help="T, the number of training steps", kind="int", lo=1, cli_default=100)
+    optimizer: str = setting("sgd", "inner dynamics Φ_t", kind="optimizer")
+    seed: int = setting(0, "the problem's seed", kind="int", lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HypergradSettings(TrainSettings):
+    """:class:`TrainSettings` plus how :func:`hgtoolkit.hypergradient` computes ∇f(η)."""
+
+    mode: str = _mode("how to compute it")
+    checkpoint_every: Any = _checkpoint_every()
+    chunk_size: Any = _chunk_size()

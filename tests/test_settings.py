@@ -1,0 +1,143 @@
+"""hgtoolkit.settings is the one declaration of the run settings: the command line's flags, the
+sweep cell kinds' keys and the functions' keywords must list the same settings with the same
+defaults, and the functions must reject what the declaration rejects, naming the setting."""
+from __future__ import annotations
+
+import argparse
+import inspect
+import math
+from dataclasses import MISSING
+
+import pytest
+import torch
+
+from hgtoolkit import exact, lrsopt, marthe, online, problems, settings
+from hgtoolkit.batched import RUN_KEYS
+from hgtoolkit.cli import build_parser
+from hgtoolkit.settings import HypergradSettings, LrsoptSettings, OnlineSettings, TrainSettings
+from hgtoolkit.sweep import CELL_KINDS
+
+# what the functions take besides the settings: the problem, callables, tensors and run control
+NOT_SETTINGS = {
+    online.run: {"problem", "mu_rule", "progress", "raise_on_divergence", "keep_params"},
+    lrsopt.optimize_schedule: {"problem", "lrs0", "checkpoint_path", "resume", "progress",
+                               "callback", "objective"},
+}
+SCHEMA = {online.run: OnlineSettings, lrsopt.optimize_schedule: LrsoptSettings}
+
+
+def _subparser(command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def _flags(command: str) -> dict[str, argparse.Action]:
+    return {opt: a for a in _subparser(command)._actions for opt in a.option_strings}
+
+
+@pytest.mark.parametrize("function", list(SCHEMA), ids=lambda f: f.__name__)
+def test_function_keywords_are_the_settings_with_the_same_defaults(function):
+    params = inspect.signature(function).parameters
+    table = settings.specs(SCHEMA[function])
+    assert set(params) == set(table) | NOT_SETTINGS[function]
+    for name, (default, _) in table.items():
+        expected = inspect.Parameter.empty if default is MISSING else default
+        assert params[name].default == expected, name
+
+
+def test_other_declarations_agree_with_the_settings():
+    assert set(RUN_KEYS) == set(settings.specs(OnlineSettings)) | {"mu_rule"}  # batched's cells
+    assert set(inspect.signature(online.setup).parameters) == (
+        set(settings.specs(OnlineSettings)) | {"problem", "mu_rule"})
+    spec = lambda schema, name: settings.specs(schema)[name][1]
+    assert spec(OnlineSettings, "method").choices == online.METHODS
+    assert spec(OnlineSettings, "objective").choices == online.OBJECTIVES
+    assert spec(OnlineSettings, "beta_rule").choices == tuple(marthe.BETA_RULES)
+    assert spec(LrsoptSettings, "outer_optimizer").choices == lrsopt.OUTER_OPTIMIZERS
+    assert spec(LrsoptSettings, "mode").choices == spec(HypergradSettings, "mode").choices == exact.MODES
+    hg = inspect.signature(exact.hypergradient).parameters
+    for name, (default, _) in settings.specs(HypergradSettings).items():
+        if name in hg:
+            assert hg[name].default == default, name
+
+
+def test_sweep_kinds_take_the_settings():
+    assert set(CELL_KINDS["online"].params) == set(settings.specs(OnlineSettings))
+    assert set(CELL_KINDS["lrsopt"].params) == set(settings.specs(LrsoptSettings)) | {"lr0", "steps"}
+    assert set(CELL_KINDS["train"].params) == set(settings.specs(TrainSettings))
+    assert set(CELL_KINDS["hypergrad"].params) == set(settings.specs(HypergradSettings))
+
+
+@pytest.mark.parametrize("command, schema, names, cli_defaults", [
+    ("online", OnlineSettings, None, {}),
+    ("lrsopt", LrsoptSettings, None, {}),
+    ("lrsopt", TrainSettings, ["lr", "steps", "optimizer"], {}),
+    ("hypergrad", HypergradSettings, ["lr", "steps", "optimizer", "mode", "checkpoint_every", "chunk_size"], {}),
+    ("analyse", OnlineSettings, ["mu", "kappa", "objective", "lr0", "optimizer", "seed"], {}),
+])
+def test_cli_flags_are_the_settings_with_the_same_defaults(command, schema, names, cli_defaults):
+    flags = _flags(command)
+    table = settings.specs(schema)
+    for name in names or [k for k, (_, s) in table.items() if s.cli]:
+        default, spec = table[name]
+        flag = "--" + name.replace("_", "-")
+        assert flag in flags, flag
+        expected = spec.cli_default if default is MISSING else default
+        assert flags[flag].default == cli_defaults.get(name, expected), flag
+
+
+def _outside(spec: settings.Spec) -> list:
+    """Values the declaration rejects: just outside the range, a word, an unknown choice."""
+    if spec.kind in ("choice", "optimizer"):
+        return ["no_such_choice"]
+    if spec.kind in ("flag", "mapping"):
+        return []
+    bad = ["a_word"]
+    if spec.lo is not None:
+        bad.append(spec.lo if spec.open_lo else spec.lo - 1)
+    if spec.hi is not None:
+        bad.append(spec.hi + 1)
+    return bad
+
+
+def _cases(schema):
+    return [(name, value) for name, (_, spec) in settings.specs(schema).items() for value in _outside(spec)]
+
+
+@pytest.mark.parametrize("name, value", _cases(OnlineSettings))
+def test_online_rejects_what_the_settings_reject(name, value):
+    base = {"lr0": 0.01, "steps": 3}
+    with pytest.raises(ValueError, match=name):
+        OnlineSettings(**{**base, name: value})
+    with pytest.raises((ValueError, TypeError), match=name):
+        online.setup(problems.get("beale"), **{**base, name: value})
+
+
+@pytest.mark.parametrize("name, value", _cases(LrsoptSettings))
+def test_lrsopt_rejects_what_the_settings_reject(name, value):
+    base = {"outer_steps": 1, "progress": False}
+    with pytest.raises(ValueError, match=name):
+        LrsoptSettings(**{"outer_steps": 1, name: value})
+    with pytest.raises((ValueError, TypeError), match=name):
+        lrsopt.optimize_schedule(problems.get("beale"), torch.full((2,), 1e-3), **{**base, name: value})
+
+
+def test_settings_normalise_and_give_keywords():
+    s = OnlineSettings(lr0=0, steps=5, beta="auto", optimizer="SGD")
+    assert s.lr0 == 0.0 and isinstance(s.lr0, float) and s.optimizer == "sgd"
+    assert online.run(problems.get("beale"), **s.kwargs()).config["beta"] == "auto"
+    with pytest.raises(TypeError):
+        OnlineSettings(steps=5)  # lr0 is required, as in online.run
+    assert OnlineSettings(lr0=0.1, steps=1, lr_floor=None).lr_floor is None
+
+
+def test_spec_parse_is_the_command_line_face_of_check():
+    spec = settings.specs(OnlineSettings)["mu"][1]
+    assert spec.parse("auto") == "auto" and spec.parse("0.5") == 0.5 and spec.parse("none") is None
+    with pytest.raises(argparse.ArgumentTypeError, match=r"in \[0, 1\]"):
+        spec.parse("1.5")
+    steps = settings.specs(OnlineSettings)["steps"][1]
+    assert steps.parse("7") == 7
+    with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
+        steps.parse("0")
+    assert math.isclose(settings.specs(OnlineSettings)["kappa"][1].parse("1e-3"), 1e-3)
