@@ -42,8 +42,17 @@ def test_tiny_run_writes_records_figures_and_summary(tiny):
                  "mnist_schedules_all_seeds", "mnist_accuracy_vs_kappa"):
         for ext in ("png", "pdf"):
             assert (root / "figures" / f"{stem}.{ext}").stat().st_size > 1000
-    assert len(list((root / "data" / "online").glob("*.npz"))) == len(specs) * config.n_seeds
-    assert len(list((root / "data" / "peers").glob("*.summary.json"))) == len(config.peers) * config.n_seeds
+    rec = mnist.load_records(root)  # the store, read back (config from config.json)
+    assert {(label, s) for label, per in rec["online"].items() for s in per} == \
+        {(spec["label"], s) for spec in specs for s in config.seeds}
+    assert len(rec["peers"]) == len(config.peers) * config.n_seeds
+    n_online = sum(len(spec["values"]) for spec in specs) * config.n_seeds
+    n_cells = n_online + config.lrsopt_seeds + len(config.peers) * config.n_seeds + len(specs)
+    assert len(list((root / "data" / "sweep" / "cells").glob("*.json"))) == n_cells
+    assert sorted(summary["cells"]["computed"]) == sorted(p.stem for p in (root / "data" / "sweep" / "cells").glob("*.json"))
+    # batched: one vmapped call per (method, seed) over its β values (the event log says so)
+    batched = [e["batched"] for e in mnist_events(root) if e["event"] == "start" and "batched" in e]
+    assert batched == [len(config.betas)] * (len(config.betas) * config.n_seeds * sum(s["grid"] == "beta" for s in specs))
     md = (root / "summary.md").read_text()
     assert "LRS-OPT" in md and "Approximation error" in md and "peer: fixed η=0.1" in md
     if summary["dataset"]["is_fallback"]:
@@ -56,7 +65,7 @@ def test_tiny_run_writes_records_figures_and_summary(tiny):
         for p in m["per_value"]:
             assert p["accuracy"]["n"] + p["accuracy"]["n_failed"] == config.n_seeds
             assert p["accuracy"]["mean"] is None or 0.0 <= p["accuracy"]["mean"] <= 1.0
-    arr = records.load_arrays(root / "data" / "online" / "hd_seed0.npz")
+    arr = rec["online"]["HD"][0][1]
     assert arr["lrs"].shape == (len(config.betas), config.steps)
     assert np.array_equal(arr["eval_steps"], np.arange(0, config.steps + 1, config.eval_every))
 
@@ -78,11 +87,75 @@ def test_tiny_run_writes_records_figures_and_summary(tiny):
 
 def test_a_second_run_reuses_every_record(tiny, monkeypatch):
     root, summary = tiny
-    files = {p: p.stat().st_mtime_ns for p in (root / "data").rglob("*") if p.is_file()}
-    monkeypatch.setattr(mnist, "make_figures", lambda out: [])  # tested above; slow to redraw
+    files = {p: p.stat().st_mtime_ns for p in (root / "data" / "sweep" / "cells").rglob("*")}
+    monkeypatch.setattr(mnist, "make_figures", lambda out, config=None: [])  # tested above; slow to redraw
     again = mnist.run(mnist.Config.tiny(), common.OutputDir(root), progress=False)
     assert {p: p.stat().st_mtime_ns for p in files} == files  # nothing recomputed or rewritten
+    assert again["cells"]["computed"] == []
     assert again["methods"] == summary["methods"] and again["lrsopt"] == summary["lrsopt"]
+
+
+def test_an_interrupted_run_computes_only_the_missing_cells(tiny, tmp_path, monkeypatch):
+    """Interrupted = some cells' records missing (deleted here, deterministically): the re-run
+    (``reproduce mnist``) computes exactly those cells, and its tables and numbers equal the
+    uninterrupted run's."""
+    import shutil
+    from hgtoolkit.cli import main
+    root, summary = tiny
+    copy = tmp_path / "mnist"
+    shutil.copytree(root, copy)
+    cells = copy / "data" / "sweep" / "cells"
+    by_kind: dict = {}
+    for p in sorted(cells.glob("*.json")):
+        by_kind.setdefault(records.read_json(p)["kind"], []).append(p.stem)
+    # one online cell (its batch group re-runs whole, only it is stored), one peer, the LRS-OPT run
+    # and one analysis: the kinds the experiment has
+    gone = {by_kind["mnist.online"][3], by_kind["mnist.peer"][1], by_kind["mnist.lrsopt"][0],
+            by_kind["mnist.analysis"][0]}
+    for cid in gone:
+        for ext in ("json", "npz"):
+            (cells / f"{cid}.{ext}").unlink(missing_ok=True)
+    events_before = len(mnist_events(copy))
+    monkeypatch.setattr(mnist, "make_figures", lambda out, config=None: [])  # their data are compared below
+    n = torch.get_num_threads()
+    try:
+        assert main(["reproduce", "mnist", "--tiny", "--out", str(tmp_path), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    again = records.read_json(copy / "summary.json")
+    assert sorted(again["cells"]["computed"]) == sorted(gone)
+    finished = {e["id"] for e in mnist_events(copy)[events_before:] if e["event"] == "finish"}
+    assert finished == gone  # the store's event log says the same
+    for key in ("methods", "lrsopt", "peers", "analysis", "schedules", "batched_check", "measured"):
+        a, b = _without_timing(summary[key]), _without_timing(again[key])
+        assert a == b, key
+    tables = lambda p: [part for part in p.read_text().split("\n## ") if " vs β" in part or " vs κ" in part
+                        or part.startswith("Approximation error")]
+    assert len(tables(root / "summary.md")) == 3 and tables(copy / "summary.md") == tables(root / "summary.md")
+    # what the figures are drawn from: every record read back equal
+    a, b = mnist.load_records(root), mnist.load_records(copy)
+    for label, per_seed in a["online"].items():
+        for s, (_, arrays) in per_seed.items():
+            other = b["online"][label][s][1]
+            assert all(np.array_equal(arrays[k], other[k], equal_nan=True) for k in arrays if k != "wall_time")
+    assert np.array_equal(a["lrsopt"][0]["result"].final_lrs, b["lrsopt"][0]["result"].final_lrs)
+    for label, x in a["analysis"].items():
+        assert np.array_equal(x["report"].estimates, b["analysis"][label]["report"].estimates, equal_nan=True)
+
+
+def mnist_events(root):
+    from hgtoolkit import sweep
+    return sweep.Store(root / "data" / "sweep").events()
+
+
+def _without_timing(x):
+    """A summary entry without its wall-clock numbers (everything else must be equal)."""
+    if isinstance(x, dict):
+        return {k: _without_timing(v) for k, v in x.items()
+                if not any(w in k for w in ("wall_time", "seconds", "_s", "cost"))}
+    if isinstance(x, list):
+        return [_without_timing(v) for v in x]
+    return x
 
 
 @pytest.mark.parametrize("field, value, match", [

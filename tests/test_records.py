@@ -302,7 +302,7 @@ def test_sweep_cells_store_the_codecs_dict(kind, tmp_path):
     from hgtoolkit.sweep import kinds
     from hgtoolkit.sweep.executors import _record
     obj = MAKERS[kind]()
-    out = kinds._record_output(obj)
+    out = kinds.record_output(obj)
     assert out.result["kind"] == kind and "wall_time" not in out.result and "wall_time" in out.timing
     fixed = {"lr0": 1e-3, "steps": 5, **({"outer_steps": 1, "outer_lr": 1e-4} if kind == "lrsopt" else {})}
     cell = sweep.Grid("g", {"name": "beale"}, kind, fixed=fixed).cells()[0]

@@ -97,22 +97,23 @@ def test_replay_iterates_reproduces_an_online_run():
     np.testing.assert_allclose(f, r.val_losses, rtol=1e-12)  # E(w_t) along the path, t = 0 … T
 
 
-_CALLS: list = []
-
-
-def _recorded_square(x):
-    _CALLS.append(x)
-    return x * x
-
-
-def test_parallel_map_cache_resumes_finished_jobs(tmp_path):
+def test_run_cells_resumes_and_processes_give_the_same_records(tmp_path):
+    """An experiment's resumable work: sweep cells in <out>/data/sweep; a re-run with more cells
+    computes only the new ones; a pool of processes stores the same numbers as in-process."""
+    from hgtoolkit import sweep
     out = common.output_dir(tmp_path, "exp")
-    _CALLS.clear()
-    assert common.parallel_map(_recorded_square, [2, 3], progress=False, cache_dir=out.root / "cache") == [4, 9]
-    assert common.parallel_map(_recorded_square, [2, 3, 4], progress=False, cache_dir=out.root / "cache") == [4, 9, 16]
-    assert _CALLS == [2, 3, 4]  # the second call only ran the new job
-    common.clear_cache(out)
-    assert not (out.root / "cache").exists()
+    grid = lambda lrs: sweep.Grid("g", {"name": "beale"}, "train", axes={"lr": lrs}, fixed={"steps": 5})
+    first = common.run_cells(out, grid([1e-3, 2e-3]), progress=False)
+    assert len(first.computed) == 2 and out.store.is_dir()
+    again = common.run_cells(out, grid([1e-3, 2e-3, 3e-3]), progress=False)
+    assert again.computed == [grid([3e-3]).cells()[0].id] and len(again.existing) == 2
+    assert not list(out.root.rglob("*.pkl"))
+    pooled = common.output_dir(tmp_path, "pooled")
+    report = common.run_cells(pooled, grid([1e-3, 2e-3, 3e-3]), workers=2, progress=False)
+    assert report.executor == "processes" and len(report.computed) == 3
+    a, b = common.cell_records(out, grid([1e-3, 2e-3, 3e-3])), common.cell_records(pooled, grid([1e-3, 2e-3, 3e-3]))
+    assert a.keys() == b.keys() and all(sweep.records_equal(a[k], b[k]) for k in a)
+    assert {r["meta"]["executor"] for r in b.values()} == {"processes"}
 
 
 # ----------------------------------------------------------------------------- fig1

@@ -9,6 +9,8 @@ This module gives every experiment the same output layout, summary format and se
         summary.md           a short Markdown report: tables of the headline numbers
         summary.json         the same numbers, machine-readable (what ``run`` returns)
         data/                raw records: JSON + npz (plots are drawn from these only)
+        data/sweep/          the sweep store of the experiment's cells (resume: a re-run
+                             computes only the cells missing there; :func:`run_cells`)
         figures/             PNG + PDF of every figure
 
     out = output_dir("results", "fig1")          # creates the folders
@@ -47,7 +49,8 @@ from ..trajectory import progress_bar
 __all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_setting", "make_config", "config_dict",
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
-           "parallel_map", "default_workers", "clear_cache", "limited_threads"]
+           "default_workers", "limited_threads", "run_cells", "cell_records",
+           "cells_summary", "note_old_layout", "number", "choice"]
 
 SETTINGS = ("tiny", "quick", "full")
 
@@ -83,6 +86,11 @@ class OutputDir:
     @property
     def config_json(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def store(self) -> Path:
+        """``data/sweep/``: the sweep store of the experiment's cells (:func:`run_cells`)."""
+        return self.data_dir / "sweep"
 
     def figure(self, stem: str) -> Path:
         """``figures/<stem>`` without extension (what :func:`hgtoolkit.plotting.savefig` takes)."""
@@ -341,90 +349,66 @@ def limited_threads(threads: int = 1):
         torch.set_num_threads(old)
 
 
-def _init_worker(threads: int) -> None:
-    import warnings
-    torch.set_num_threads(threads)
-    warnings.simplefilter("ignore")  # divergences are recorded in the results
+# ----------------------------------------------------------------------------- resumable work: sweep cells
+
+def run_cells(out: OutputDir | str | Path, grids, *, workers: int = 1, progress: bool = True,
+              threads: int = 1, callback=None, batch: bool | int = True):
+    """Run the cells of ``grids`` (:class:`hgtoolkit.sweep.Grid`) that are not yet in the
+    experiment's store ``<out>/data/sweep`` (:attr:`OutputDir.store`): an interrupted experiment
+    computes only its missing cells on a re-run. ``workers`` > 1: a pool of that many processes
+    (``executor="processes"``); the numbers do not depend on it: every cell runs with
+    ``threads`` torch threads and its own seed. ``callback(done, total)`` is called after cells
+    finish. ``batch``: the sweep's batch groups (at most this many cells; True: the sweep's
+    default) for kinds with a batched runner. Returns the :class:`~hgtoolkit.sweep.SweepReport`; a cell that raised stops the
+    experiment with a RuntimeError naming it (its traceback is in the store's ``errors/``; a
+    re-run retries it)."""
+    from .. import sweep
+    out = as_output_dir(out)
+    report = sweep.run(grids, out.store, executor="processes" if workers > 1 else "local",
+                       num_cpus=max(int(workers), 1) if workers > 1 else None, progress=progress,
+                       threads_per_cell=threads, callback=callback, batch=batch)
+    if report.failed:
+        cid, err = next(iter(report.failed.items()))
+        last = err.strip().splitlines()[-1] if err.strip() else "unknown error"
+        raise RuntimeError(f"{len(report.failed)} cell(s) of {out.name} failed, e.g. {cid}: {last} "
+                           f"(tracebacks in {out.store / 'errors'}; a re-run retries them)")
+    return report
 
 
-def _cache_path(cache_dir: Path, func, item) -> Path:
-    import hashlib
-    key = hashlib.sha1(f"{func.__module__}.{func.__qualname__}|{item!r}".encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"{key}.pkl"
+def note_old_layout(out: OutputDir | str | Path, *folders: str) -> None:
+    """Warn when ``data/<folder>`` of a version before the sweep store exists: those records are
+    not read (the runs are recomputed into ``data/sweep``); delete them once the new run is done."""
+    out = as_output_dir(out)
+    old = [out.data_dir / f for f in folders if (out.data_dir / f).exists()]
+    if old:
+        import warnings
+        warnings.warn(f"{', '.join(map(str, old))}: records of an hgtoolkit version before the sweep store; "
+                      f"they are not read — the runs are recomputed into {out.store} (delete the old "
+                      "folders afterwards)", UserWarning, stacklevel=3)
 
 
-def _cache_load(path: Path):
-    import pickle
-    try:
-        with open(path, "rb") as fh:
-            return True, pickle.load(fh)
-    except (OSError, EOFError, pickle.UnpicklingError):
-        return False, None
+def number(lo: float | None = None, hi: float | None = None, *, integer: bool = False,
+           none: bool = False, open_lo: bool = False):
+    """The grid validator of a number setting of an experiment's own cell kind
+    (:class:`hgtoolkit.settings.Spec`): in [``lo``, ``hi``], ``integer``, None allowed with ``none``."""
+    from ..settings import Spec
+    return Spec("", kind="int" if integer else "number", lo=lo, hi=hi, none=none, open_lo=open_lo).check
 
 
-def _cache_store(path: Path, result) -> None:
-    import pickle
-    records.atomic_write_bytes(path, pickle.dumps(result))
+def choice(options: Sequence[str]):
+    """The grid validator of a setting that is one of ``options``."""
+    from ..settings import Spec
+    return Spec("", kind="choice", choices=tuple(options)).check
 
 
-def clear_cache(out: OutputDir | str | Path) -> None:
-    """Delete ``<out>/cache/`` (the finished-job cache of :func:`parallel_map`): call it once the
-    records are written, so that a later run recomputes instead of reusing stale results."""
-    import shutil
-    root = out.root if isinstance(out, OutputDir) else Path(out)
-    shutil.rmtree(root / "cache", ignore_errors=True)
+def cell_records(out: OutputDir | str | Path, grids) -> dict:
+    """``{cell id: record}`` of the stored cells of ``grids`` (:func:`hgtoolkit.sweep.load_results`);
+    what the summaries, tables and figures read."""
+    from .. import sweep
+    return {r["id"]: r for r in sweep.load_results(as_output_dir(out).store, grid=grids)}
 
 
-def parallel_map(func, items: Sequence[Any], *, workers: int = 1, progress: bool = True,
-                 desc: str = "jobs", cache_dir: str | Path | None = None) -> list:
-    """``[func(item) for item in items]``, with up to ``workers`` processes (each with one torch
-    thread) and a tqdm bar over finished jobs. Results come back in the order of ``items``,
-    whatever order the jobs finish in, so the outcome does not depend on ``workers``.
-
-    ``func`` must be a module-level function and items/results picklable (processes are
-    started with "spawn": safe with torch, ~2 s start-up). ``workers <= 1`` runs in this
-    process (no start-up cost; what the tiny settings use). Put the longest jobs first.
-
-    ``cache_dir``: every finished job's result is pickled there (keyed by ``func`` and
-    ``repr(item)``) as soon as it arrives, and jobs already there are not run again — so an
-    interrupted experiment resumes where it stopped. Only for caches the experiment wrote
-    itself; :func:`clear_cache` removes it at the end of a run.
-    """
-    items = list(items)
-    if isinstance(workers, bool) or not isinstance(workers, (int, np.integer)):
-        raise TypeError(f"workers must be an int, got {workers!r}")
-    results: list = [None] * len(items)
-    todo = list(range(len(items)))
-    paths = {}
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        todo = []
-        for i, item in enumerate(items):
-            paths[i] = _cache_path(Path(cache_dir), func, item)
-            found, value = _cache_load(paths[i]) if paths[i].exists() else (False, None)
-            if found:
-                results[i] = value
-            else:
-                todo.append(i)
-        if progress and len(todo) < len(items):
-            print(f"[{desc}] resuming: {len(items) - len(todo)} of {len(items)} jobs found in {cache_dir}")
-
-    def done(i, value):
-        results[i] = value
-        if i in paths:
-            _cache_store(paths[i], value)
-
-    if workers <= 1 or len(todo) <= 1:
-        for i in progress_bar(todo, progress, desc=desc, leave=False):
-            done(i, func(items[i]))
-        return results
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(min(int(workers), len(todo)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(1,)) as pool:
-        futures = {pool.submit(func, items[i]): i for i in todo}
-        for fut in progress_bar(as_completed(futures), progress, desc=desc, total=len(todo), leave=False):
-            done(futures[fut], fut.result())
-    return results
+def cells_summary(report) -> dict:
+    """What a :func:`run_cells` call did, for ``summary.json``: cells, how many were already
+    stored and the ids computed by this run."""
+    return {"cells": report.total, "existing": len(report.existing), "computed": list(report.computed)}

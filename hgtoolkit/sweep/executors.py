@@ -231,8 +231,8 @@ def batch_groups(cells: Sequence[Cell], batch: bool | int = True) -> list[list[C
 
 
 def _ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, token: str,
-               kind_modules: list[str]) -> list:
-    """One Ray task: run a chunk of batch groups, storing each record as it finishes.
+               kind_modules: list[str], executor: str = "ray") -> list:
+    """One Ray (or process-pool) task: run a chunk of batch groups, storing each record as it finishes.
     Returns [status, payloads, info]: when this node cannot see the driver's lease in
     ``root`` (no shared filesystem) the records come back as payloads for the driver."""
     import importlib
@@ -240,7 +240,7 @@ def _ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, t
         importlib.import_module(m)
     store = Store(root)
     sees = store.holds(token)
-    runner = _Runner(store, "ray", threads, write and sees, token if sees else None)
+    runner = _Runner(store, executor, threads, write and sees, token if sees else None)
     status = runner.run_groups([[Cell.from_dict(c) for c in g] for g in groups])
     return [status, runner.payloads, {"host": socket.gethostname(), "sees_store": sees}]
 
@@ -303,7 +303,9 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
         callback: Callable[[int, int], Any] | None = None) -> SweepReport:
     """Run every cell of ``grids`` not yet in ``results_dir``; return a :class:`SweepReport`.
 
-    ``executor``: ``"local"`` (in-process) or ``"ray"``. For Ray (module docstring):
+    ``executor``: ``"local"`` (in-process), ``"processes"`` (a pool of ``num_cpus`` local
+    processes, default one per core; each batch group is one task that stores its own
+    records) or ``"ray"``. For Ray (module docstring):
     ``address`` (None: a local Ray with ``num_cpus`` CPUs, unless Ray is already initialised,
     in which case it is used as it is), ``num_gpus`` and ``max_retries`` per task,
     ``chunk_size`` cells per task (a batch group is never split), ``runtime_env`` for
@@ -324,8 +326,10 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}")
     _check_int("threads_per_cell", threads_per_cell, 1)
-    if executor == "local" and (address is not None or num_gpus):
+    if executor != "ray" and (address is not None or num_gpus):
         raise ValueError("address and num_gpus are for executor='ray'")
+    if num_cpus is not None:
+        _check_int("num_cpus", num_cpus, 1)
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size, 1)
     _check_int("max_retries", max_retries, 0)
@@ -363,6 +367,8 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
             if pending:
                 if executor == "local":
                     _run_local(pending, store, report, bar, threads_per_cell, callback, token)
+                elif executor == "processes":
+                    _run_processes(pending, store, report, bar, threads_per_cell, callback, num_cpus, token)
                 else:
                     _run_ray(pending, store, report, bar, threads_per_cell, callback, address,
                              num_cpus, num_gpus, chunk_size, max_retries, runtime_env, worker_writes, token)
@@ -411,6 +417,57 @@ def _run_local(pending, store, report, bar, threads, callback, token) -> None:
             callback(done0 + len(report.computed) + len(report.failed), total)
 
     runner.run_groups(pending, on_done)
+
+
+def _run_processes(pending, store, report, bar, threads, callback, workers, token) -> None:
+    """``executor="processes"``: the batch groups as tasks of a pool of ``workers`` processes
+    (default: the CPU cores of this process; started with "spawn", safe with torch), the most
+    expensive first; each task runs :func:`_ray_chunk` on one group, which writes its records
+    into the store as Ray tasks do. One process, or one pending group: in-process."""
+    if workers is None:
+        try:
+            workers = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            workers = os.cpu_count() or 1
+    workers = max(1, min(int(workers), len(pending)))
+    if workers == 1:
+        return _run_local(pending, store, report, bar, threads, callback, token)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    modules = sorted({CELL_KINDS[c.kind].run.__module__ for g in pending for c in g})
+    root, total, done0 = str(store.root.resolve()), report.total, len(report.existing)
+    ordered = sorted(pending, key=_cost, reverse=True)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_ray_chunk, [[c.to_dict() for c in g]], root, threads, True, token,
+                               modules, "processes"): g for g in ordered}
+        try:
+            for fut in as_completed(futures):
+                group = futures[fut]
+                try:
+                    status = fut.result()[0]
+                except Exception as exc:  # the worker process died or the task could not start
+                    status = {c.id: "error" for c in group if not store.has(c.id)}
+                    meta = {"executor": "processes", "host": socket.gethostname(), "pid": os.getpid(),
+                            "run": token, "finished": _now(), "task_failed": True}
+                    for c in group:
+                        if c.id in status:
+                            store.write_error(c, f"{type(exc).__name__}: {exc}", meta)
+                for c in group:
+                    s = status.get(c.id, "existing")
+                    if s == "computed":
+                        report.computed.append(c.id)
+                    elif s == "error":
+                        report.failed[c.id] = store.error(c.id)
+                    elif c.id not in report.existing:
+                        report.existing.append(c.id)
+                    if hasattr(bar, "update"):
+                        bar.update(1)
+                if callback is not None:
+                    callback(done0 + len(report.computed) + len(report.failed), total)
+        except BaseException:  # Ctrl-C or a callback: drop the queued tasks, wait for the running
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def _cost(group: Sequence[Cell]) -> float:

@@ -19,7 +19,7 @@ from .. import records
 from ..settings import Spec
 
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "processes", "ray")
 _RECORD_FORMAT = "hgtoolkit.sweep.cell/1"
 _ID_SALT = "hgtoolkit.sweep/1"
 
@@ -63,8 +63,9 @@ class CellKind:
     ``summary``: ``result`` keys shown by :func:`summary_table`; ``to_result(record)``: the
     module's own result object from a loaded record; ``version``: part of every cell id;
     ``run_batch(problem_factory, cells)``: optional, runs a batch group (cells that differ only in
-    seed and β, :func:`~hgtoolkit.sweep.executors.batch_groups`) in one go and returns one result
-    per cell, in order (the online kind's is :func:`hgtoolkit.batched.run_online_batch`).
+    the params named by ``batch_axes``, default seed and β,
+    :func:`~hgtoolkit.sweep.executors.batch_groups`) in one go and returns one result per cell,
+    in order (the online kind's is :func:`hgtoolkit.batched.run_online_batch`).
     ``ctx`` has ``ctx.checkpoint`` (a path stem in the store for resumable runs) and
     ``ctx.problem_factory(seed)``.
     """
@@ -79,6 +80,7 @@ class CellKind:
     to_result: Callable[[dict], Any] | None = None
     version: str = "1"
     run_batch: Callable[..., list] | None = None
+    batch_axes: tuple = ("seed", "beta")
 
 
 CELL_KINDS: dict[str, CellKind] = {}
@@ -126,8 +128,10 @@ class Cell:
         return cls(d["kind"], d["problem"], d["params"])
 
     def batch_key(self) -> str:
-        """Cells with equal keys differ only in (seed, β): what a batched runner may vary."""
-        rest = {k: v for k, v in self.params.items() if k not in ("seed", "beta")}
+        """Cells with equal keys differ only in their kind's ``batch_axes`` (default: seed and
+        β): what a batched runner may vary."""
+        axes = CELL_KINDS[self.kind].batch_axes if self.kind in CELL_KINDS else ("seed", "beta")
+        rest = {k: v for k, v in self.params.items() if k not in axes}
         return canonical_json([self.kind, self.problem, rest])
 
 

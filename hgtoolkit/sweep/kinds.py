@@ -30,10 +30,10 @@ def run_online_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     """``online.run(problem, **params)`` (no progress bar, w_T not kept)."""
     online = _online_module()
     params = {"seed": 0, **params}
-    return _online_output(online.run(problem, progress=False, keep_params=False, **params))
+    return online_output(online.run(problem, progress=False, keep_params=False, **params))
 
 
-def _record_output(r, status: str = "ok") -> CellOutput:
+def record_output(r, status: str = "ok") -> CellOutput:
     """A record object as a cell's output through the record codec: its JSON values as the
     result, its arrays as the cell's arrays, its ``timing`` fields apart, no parameters."""
     spec = records.spec(r)
@@ -45,19 +45,33 @@ def _record_output(r, status: str = "ok") -> CellOutput:
     return CellOutput(result, arrays, status, timing)
 
 
-def _record_result(kind: str):
+def record_result(kind: str):
     """``to_result`` of a cell kind whose result is the record ``kind`` (cells written before
-    the codec load through its migration)."""
+    the codec load through its migration). A kind of one's own may store values of its own beside
+    the record (:func:`record_output`): ``result["extra"]`` and arrays named ``extra.*``, which
+    this ignores."""
     def to_result(record: dict):
-        d = records.join_arrays(record["result"], record["arrays"])
-        d.update(record["meta"].get("timing", {}))
+        result = {k: v for k, v in record["result"].items() if k != "extra"}
+        arrays = {k: v for k, v in record["arrays"].items() if not k.startswith("extra.")}
+        d = records.join_arrays(result, arrays)
+        timing = records.spec(kind).timing  # the runner adds wall_time to every cell's timing
+        d.update({k: v for k, v in record["meta"].get("timing", {}).items() if k in timing})
         return records.from_dict(d, kind, source=f"cell {record.get('id')} of the sweep", untagged=True,
                                  redo="delete the cell's record (cells/<id>.json) and rerun the sweep to recompute it")
     return to_result
 
 
-def _online_output(r) -> CellOutput:
-    return _record_output(r, "diverged" if r.diverged else "ok")
+def online_output(r) -> CellOutput:
+    """The :class:`CellOutput` of an ``OnlineResult`` (what the online kind stores; for kinds
+    of one's own whose runner calls ``online.run`` or ``batched.run_online_batch``)."""
+    return record_output(r, "diverged" if r.diverged else "ok")
+
+
+def lrsopt_output(r) -> CellOutput:
+    """The :class:`CellOutput` of a ``ScheduleResult`` (what the lrsopt kind stores; its
+    ``to_result`` reads it back), for kinds of one's own whose runner calls
+    ``lrsopt.optimize_schedule``."""
+    return record_output(r)
 
 
 def _online_cost(params: dict) -> float:
@@ -85,7 +99,7 @@ def run_lrsopt_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
         kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".pt"), resume=True)
     r = lrsopt.optimize_schedule(problem, lrs0, kw.pop("outer_steps"), kw.pop("outer_lr", None),
                                  kw.pop("outer_optimizer", "adam"), progress=False, **kw)
-    return _record_output(r)
+    return lrsopt_output(r)
 
 
 def _schedule(problem, params: dict) -> torch.Tensor:
@@ -122,14 +136,14 @@ _SCHEDULE = settings.specs(settings.TrainSettings)
 register_cell_kind(CellKind(
     "online", run_online_cell, required=("lr0", "steps"), check=_online_check, cost=_online_cost,
     summary=("final_val_loss", "best_val_loss", "final_val_accuracy", "final_lr"),
-    to_result=_record_result("online"), run_batch=_online_batch,
+    to_result=record_result("online"), run_batch=_online_batch,
     params=settings.validators(settings.OnlineSettings, seed=_SEED)))
 
 register_cell_kind(CellKind(
     "lrsopt", run_lrsopt_cell, required=("lr0", "steps", "outer_steps"), check=_lrsopt_check,
     cost=lambda p: 30.0 * p.get("steps", 1) * p.get("outer_steps", 1),
     summary=("initial_value", "best_value", "final_value", "final_val_accuracy"),
-    to_result=_record_result("lrsopt"),
+    to_result=record_result("lrsopt"),
     params={"lr0": _SCHEDULE["lr"][1].check, "steps": _SCHEDULE["steps"][1].check,
             **settings.validators(settings.LrsoptSettings)}))
 
@@ -143,4 +157,4 @@ register_cell_kind(CellKind(
     cost=lambda p: 3.0 * p.get("steps", 1), summary=("value", "grad_norm"),
     params=settings.validators(settings.HypergradSettings)))
 
-_OUTPUT_CONVERTERS["online"] = _online_output
+_OUTPUT_CONVERTERS["online"] = online_output
