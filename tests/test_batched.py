@@ -45,9 +45,10 @@ def single(cell, keep_params=False):
 
 
 def batch(cells, **kw):
+    """The vmapped batch itself (on the CPU run_online_batch would loop over online.run)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)
-        return batched.run_online_batch(factory, cells, **kw)
+        return batched.run_online_batch(factory, cells, **{"batch": True, **kw})
 
 
 def assert_same_run(a, b, atol):
@@ -96,7 +97,7 @@ def test_a_diverging_run_is_recorded_alone_and_the_others_continue():
              for b, s in ((1e-3, 0), (1e4, 0), (1e-2, 1), (1e8, 1))]
     cells.append(dict(method="rtho", lr0=0.05, beta=1e-3, steps=25, seed=0, lr_max=0.0501))
     with pytest.warns(DivergenceWarning, match="online rtho run stopped"):
-        results = batched.run_online_batch(factory, cells)
+        results = batched.run_online_batch(factory, cells, batch=True)
     assert [r.diverged for r in results] == [False, True, False, True, True]
     for cell, r in zip(cells, results):
         ref = single(cell)
@@ -146,7 +147,7 @@ def test_problems_with_seed_dependent_data_run_one_by_one():
     # synthetic_classification draws its data from the seed: no shared validation set
     fac = lambda seed: problems.synthetic_classification(seed=seed, hidden=(4,))
     cells = [dict(method="rtho", lr0=0.05, beta=1e-3, steps=5, seed=s) for s in (0, 1)]
-    results = batched.run_online_batch(fac, cells)
+    results = batched.run_online_batch(fac, cells, batch=True)
     for cell, r in zip(cells, results):
         ref = online.run(fac(cell["seed"]), **cell, keep_params=False)
         assert_same_run(r, ref, atol=0.0)
@@ -170,3 +171,14 @@ def test_bad_factory_and_max_batch():
     with pytest.raises(ValueError, match="max_batch"):
         batched.run_online_batch(factory, [], max_batch=0)
     assert batched.run_online_batch(factory, []) == []
+
+
+def test_on_the_cpu_a_model_batch_is_a_loop_of_single_runs_by_default():
+    """batch=None picks the faster path: for a model on the CPU, online.run run by run (the same
+    results as the vmapped batch, to rounding); row-wise problems stay batched natively."""
+    cells = [dict(method=m, lr0=0.05, beta=1e-3, steps=6, seed=s) for m in ("hd", "rtho") for s in (0, 1)]
+    auto, forced = batched.run_online_batch(factory, cells), batch(cells)
+    for cell, a, b in zip(cells, auto, forced):
+        assert_same_run(a, single(cell), atol=0.0)
+        assert_same_run(a, b, atol=1e-12)
+    assert batched._batching_pays(problems.get("beale")) and not batched._batching_pays(factory(0))

