@@ -271,3 +271,17 @@ def test_towers_rerun_with_the_same_seed_is_identical(towers_tiny, tmp_path, mon
     run_experiment("towers", setting="tiny", out=tmp_path, seed=0, progress=False)
     _arrays_equal(records.load_arrays(root / "data" / "sensitivity_logreg.npz"),
                   records.load_arrays(tmp_path / "towers" / "data" / "sensitivity_logreg.npz"))
+
+
+def test_fig1_constant_search_as_rows_equals_the_loop_of_train_runs():
+    """The row-wise batch of constant-η GD runs gives the numbers of trajectory.train run by run."""
+    import dataclasses
+    from hgtoolkit.experiments import fig1
+    for fn, lr0 in (("bukin_sharp", 1e-3), ("beale", 5e-3)):
+        rows = problems.from_function(fn)
+        loop = dataclasses.replace(rows, rowwise=False)
+        a, b = fig1._constant_search(rows, lr0, 200, 5), fig1._constant_search(loop, lr0, 200, 5)
+        for key in ("final", "best"):
+            np.testing.assert_array_equal(a[key], b[key])
+        assert a["best_lr"] == b["best_lr"]
+    assert np.isinf(a["final"]).any() and np.isfinite(a["final"]).any()  # on Beale some diverge

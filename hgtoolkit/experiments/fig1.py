@@ -218,17 +218,45 @@ def _constant_search(problem, lr0: float, steps: int, n: int) -> dict:
     per c (inf when the run diverged), and the c with the smallest f(w_T)."""
     from ..trajectory import train
     grid = np.geomspace(lr0, 100 * lr0, n) if n > 1 else np.array([lr0])
-    final, best = np.full(n, np.inf), np.full(n, np.inf)
-    for i, c in enumerate(grid):
-        try:
-            r = train(problem, torch.full((steps,), float(c), dtype=problem.dtype))
-        except FloatingPointError:
-            continue
-        final[i] = float(r.value)
-        best[i] = min(float(r.train_losses.min()), final[i])
+    if problem.rowwise:  # all constants at once (the same numbers as the loop below)
+        final, best = _constant_rows(problem, grid, steps)
+    else:
+        final, best = np.full(n, np.inf), np.full(n, np.inf)
+        for i, c in enumerate(grid):
+            try:
+                r = train(problem, torch.full((steps,), float(c), dtype=problem.dtype))
+            except FloatingPointError:
+                continue
+            final[i] = float(r.value)
+            best[i] = min(float(r.train_losses.min()), final[i])
     k = int(np.argmin(final))
     return {"lrs": grid, "final": final, "best": best, "best_lr": float(grid[k]),
             "best_final": float(final[k]), "best_min_t": float(best[k])}
+
+
+def _constant_rows(problem, grid: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The constant-η GD runs of :func:`_constant_search` as one row-wise batch
+    (``Problem.rowwise``: row r of W is the run with η = grid[r]): w ← w − η ∇f(w), the kernels of
+    ``trajectory.train``. (f(w_T), min_t f(w_t)) per η; inf for a run that met a non-finite loss
+    or ended on non-finite parameters (``train`` raises there)."""
+    W = problem.params0.expand(len(grid), *problem.params0.shape).clone()
+    lrs = torch.tensor(grid, dtype=W.dtype, device=W.device).view(-1, *[1] * problem.params0.dim())
+    alive = torch.ones(len(grid), dtype=torch.bool, device=W.device)
+    low = torch.full((len(grid),), math.inf, dtype=W.dtype, device=W.device)
+    for t in range(steps):
+        with torch.enable_grad():
+            Wr = W.detach().requires_grad_(True)
+            L = problem.train_loss(Wr, t)
+            (G,) = torch.autograd.grad(L.sum(), Wr)
+        L = L.detach()
+        alive &= torch.isfinite(L)
+        low = torch.where(alive, torch.minimum(low, L), low)
+        W = torch.addcmul(W, lrs, G, value=-1)
+    with torch.no_grad():
+        value = problem.val_loss(W)
+    alive &= torch.isfinite(value) & torch.isfinite(W).flatten(1).all(1)
+    final = torch.where(alive, value, math.inf)
+    return final.numpy(force=True), torch.where(alive, torch.minimum(low, value), math.inf).numpy(force=True)
 
 
 def run_lrsopt_cell(problem, params: dict, ctx):
