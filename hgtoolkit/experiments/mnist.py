@@ -496,12 +496,14 @@ def _lookup(recs: dict, cells: list, what: str) -> list:
     return [recs[c.id] for c in cells]
 
 
-def load_records(out_dir, config: Config | None = None, *, analysis: bool = True) -> dict:
+def load_records(out_dir, config: Config | None = None, *, analysis: bool = True,
+                 lrsopt: bool = True, peers: bool = True) -> dict:
     """The experiment's results, read from its store ``data/sweep`` only (no training):
     ``online`` {label: {seed: (meta, arrays)}} (each method's runs on a seed stacked over its
     β/κ values), ``lrsopt`` {seed: meta} (+ ``"result"``: the ScheduleResult), ``peers``
     {(label, seed): meta}, ``methods`` (the per-method summaries), ``analysis`` {label: meta}
-    (+ ``"report"``: the ApproximationReport). ``config``: the run's (default: ``config.json``)."""
+    (+ ``"report"``: the ApproximationReport). ``config``: the run's (default: ``config.json``);
+    ``analysis``/``lrsopt``/``peers`` False: those parts are left out (not read, not required)."""
     from .. import sweep
     out = common.as_output_dir(out_dir)
     if not out.store.exists():
@@ -510,8 +512,9 @@ def load_records(out_dir, config: Config | None = None, *, analysis: bool = True
                                 "reproduce mnist` to compute them")
     config = config if config is not None else _saved_config(out)
     g = grids(config)
-    every = [*g["online"].values(), *g["lrsopt"], *g["peers"].values()]
+    every = [*g["online"].values(), *(g["lrsopt"] if lrsopt else []), *(g["peers"].values() if peers else [])]
     recs = common.cell_records(out, every)
+    want_lrsopt, want_peers = lrsopt, peers
     online: dict = {}
     for spec in method_specs(config):
         cells = g["online"][spec["label"]].cells()
@@ -519,7 +522,7 @@ def load_records(out_dir, config: Config | None = None, *, analysis: bool = True
             rs = _lookup(recs, [c for c in cells if c.params["seed"] == s], "online")
             online.setdefault(spec["label"], {})[s] = _stacked(config, spec, s, [sweep.to_result(r) for r in rs])
     lrsopt = {}
-    lcells = [c for gr in g["lrsopt"] for c in gr.cells()]
+    lcells = [c for gr in g["lrsopt"] for c in gr.cells()] if want_lrsopt else []
     for cell, rec in zip(lcells, _lookup(recs, lcells, "LRS-OPT")):
         res, r = rec["result"], sweep.to_result(rec)
         lrsopt[cell.params["seed"]] = {
@@ -529,7 +532,7 @@ def load_records(out_dir, config: Config | None = None, *, analysis: bool = True
             "wall_time": r.wall_time, "seconds_per_evaluation": r.wall_time / max(r.n_evaluations, 1),
             "replay": res["extra"]["replay"], "result": r}
     peers = {}
-    for p in peer_specs(config):
+    for p in peer_specs(config) if want_peers else []:
         cells = g["peers"][p["label"]].cells()
         for cell, rec in zip(cells, _lookup(recs, cells, "peer")):
             r = sweep.to_result(rec)
@@ -577,15 +580,17 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     specs, peers, seeds = method_specs(config), peer_specs(config), config.seeds
     common.note_old_layout(out, "online", "lrsopt", "peers", "analysis")
     g = grids(config)
-    # the processes pool starts the most expensive first: LRS-OPT, the online groups, the peers
-    report = common.run_cells(out, [*g["lrsopt"], *list(g["online"].values())[::-1], *g["peers"].values()],
-                              workers=config.workers, progress=progress)
-    computed = list(report.computed)
+    # two rounds, each started most expensive first by the processes pool: the online groups
+    # (the analysis picks each method's best value from them), then LRS-OPT, the analyses and
+    # the peers together (so that no core idles while the last long cell of a round finishes)
+    computed = list(common.run_cells(out, list(g["online"].values())[::-1], workers=config.workers,
+                                     progress=progress).computed)
+    agrids = []
     if config.analyse:
-        methods = load_records(out, config, analysis=False)["methods"]
+        methods = load_records(out, config, analysis=False, lrsopt=False, peers=False)["methods"]
         agrids = list(_analysis_grids(config, methods).values())
-        if agrids:
-            computed += common.run_cells(out, agrids, workers=config.workers, progress=progress).computed
+    computed += common.run_cells(out, [*g["lrsopt"], *agrids, *g["peers"].values()],
+                                 workers=config.workers, progress=progress).computed
     rec = load_records(out, config)
     online_meta = {(label, s): v[0] for label, per_seed in rec["online"].items() for s, v in per_seed.items()}
     lrsopt_meta, peer_meta, methods, analyses = rec["lrsopt"], rec["peers"], rec["methods"], rec["analysis"]
