@@ -70,14 +70,8 @@ def _mul(a, x):
     return x if isinstance(a, (int, float)) and a == 1 else a * x
 
 
-
 def _neg(x):
     return None if x is None else -x
-
-
-def _dot(a: list, b: list):
-    """Σ_leaves ⟨a, b⟩ (BLAS dots, no temporaries)."""
-    return tree_dot(a, b)
 
 
 class _Leaves:
@@ -386,7 +380,7 @@ def _step_w_adjoint(wbar: list | None, lr: Any, d: list):
         return [None] * len(d), torch.zeros((), dtype=d[0].dtype, device=d[0].device)
     dbar = [None if x is None else -lr * x for x in wbar]
     pairs = [(x, y) for x, y in zip(wbar, d) if x is not None]
-    return dbar, -_dot([x for x, _ in pairs], [y for _, y in pairs])
+    return dbar, -tree_dot([x for x, _ in pairs], [y for _, y in pairs])
 
 
 @dataclass(frozen=True)
@@ -452,10 +446,10 @@ class SGD(Dynamics):
         out = {}
         for name in names:
             if name == "lr":
-                out[name] = -_dot(bar, d)
+                out[name] = -tree_dot(bar, d)
             elif name == "momentum":
                 dd = b if not self.nesterov else [_axpby(bn, m, bb) for bn, bb in zip(b_new, b)]
-                out[name] = -lr * _dot(bar, dd)
+                out[name] = -lr * tree_dot(bar, dd)
             else:
                 return None
         return out
@@ -568,16 +562,11 @@ class Adam(Dynamics):
             return None
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
         k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
-        kept = L.keep or {}
-        if all(kept.get(x) is not None for x in ("u", "den", "root")):  # left by update()
-            u, den, r = kept["u"], kept["den"], kept["root"]
-        else:
-            m_new = [torch.lerp(mm, gg, 1 - b1) for mm, gg in zip(L.leaves["m"], g)]
-            v_new = [torch.addcmul(vv * b2, (1 - b2) * gg, gg) for vv, gg in zip(L.leaves["v"], g)]
-            r = [torch.sqrt(vv) for vv in v_new]
-            den = [(rr * k).add_(c1 * self.eps) for rr in r]
-            u = [mm / dd for mm, dd in zip(m_new, den)]
-        bar_u = _dot(bar, u)
+        if not all((L.keep or {}).get(x) is not None for x in ("u", "den", "root")):
+            L.keep = {}  # not left by update(): recompute the update's own intermediates
+            self._parts(L, g, t, h, slopes=False, differentiable=False)
+        u, den, r = L.keep["u"], L.keep["den"], L.keep["root"]
+        bar_u = tree_dot(bar, u)
         b = [bb / dd for bb, dd in zip(bar, den)] if ("beta1" in names or "beta2" in names) else None
         out = {}
         for name in names:
@@ -585,14 +574,14 @@ class Adam(Dynamics):
                 out[name] = -bar_u
             elif name == "beta1":
                 dc1 = -(t + 1) * b1 ** t
-                out[name] = -lr * (_dot(b, L.leaves["m"]) - _dot(b, g) - (dc1 / c1) * bar_u)
+                out[name] = -lr * (tree_dot(b, L.leaves["m"]) - tree_dot(b, g) - (dc1 / c1) * bar_u)
             else:
                 dc2 = -(t + 1) * b2 ** t
                 ratio = [torch.addcmul(vv, gg, gg, value=-1).div_(rr).nan_to_num_(nan=0.0)
                          for vv, gg, rr in zip(L.leaves["v"], g, r)]
                 bu = [x * uu for x, uu in zip(b, u)]
-                out[name] = lr * (-0.5 * (dc2 / c2) * (bar_u - c1 * self.eps * _dot(b, u))
-                                  + 0.5 * k * _dot(bu, ratio))
+                out[name] = lr * (-0.5 * (dc2 / c2) * (bar_u - c1 * self.eps * tree_dot(b, u))
+                                  + 0.5 * k * tree_dot(bu, ratio))
         return out
 
     def _adjoint(self, L, g, lr, t, h, bar):
