@@ -46,7 +46,7 @@ from . import marthe as _marthe
 from . import online as _online
 from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_flatten, tree_map
 from .errors import DivergenceWarning
-from .trajectory import progress_bar
+from .trajectory import progress_bar, rowwise_gradient_hvp
 
 __all__ = ["run_online_batch", "RUN_KEYS", "default_max_batch"]
 
@@ -246,18 +246,6 @@ def _vmap_flat(fn, *args):
     return unflatten_fast([next(it_t) if k else next(it_o) for k in kinds], st)
 
 
-def _rowwise(loss, W: torch.Tensor, Z: torch.Tensor | None, x: Any):
-    """(G, L, HZ) of a row-wise loss (``Problem.rowwise``) for all rows at once: L = loss(W, x)
-    (one value per row), G = ∇ΣL, HZ = ∇(G·Z) — row r's gradient and Hessian-vector product,
-    as the rows do not interact (the same kernels as a single run, on R rows)."""
-    with torch.enable_grad():
-        Wr = W.detach().requires_grad_(True)
-        L = loss(Wr, x)
-        (G,) = torch.autograd.grad(L.sum(), Wr, create_graph=Z is not None)
-        HZ = torch.autograd.grad((G * Z).sum(), Wr)[0] if Z is not None else None
-    return G.detach(), L.detach(), HZ
-
-
 # ----------------------------------------------------------------------------- the engine, vmapped
 
 def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | None,
@@ -279,8 +267,8 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim))
     v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim))
     if rows:  # one autograd call for all rows (Problem.rowwise)
-        v_grad = lambda W, x: _rowwise(loss, W, None, x)[:2]
-        v_grad_hvp = lambda W, Z, x: _rowwise(loss, W, Z, x)
+        v_grad = lambda W, x: rowwise_gradient_hvp(loss, W, None, x)[:2]
+        v_grad_hvp = lambda W, Z, x: rowwise_gradient_hvp(loss, W, Z, x)
     v_grad_val = vmap(grad_and_value(P.val_loss))
     v_grad_val_batch = vmap(grad_and_value(P.batch_loss)) if val_bs is not None else None
     v_val = vmap(P.val_loss)

@@ -19,8 +19,8 @@ from . import dynamics as _dynamics
 from ._tree import tree_all_finite, tree_flatten, tree_unflatten
 from .errors import DivergenceError
 
-__all__ = ["make_step", "tangent_step", "autograd_gradient", "autograd_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite",
-           "progress_bar"]
+__all__ = ["make_step", "tangent_step", "autograd_gradient", "autograd_gradient_hvp",
+           "rowwise_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite", "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
 
@@ -89,6 +89,19 @@ def autograd_gradient_hvp(fn: Callable, w: Any, z_w: Any, *args: Any):
     gs = [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(leaves, gs)]
     hz = [torch.zeros_like(x) if h is None else h for x, h in zip(leaves, hz)]
     return tree_unflatten(gs, spec), value.detach(), tree_unflatten(hz, spec)
+
+
+def rowwise_gradient_hvp(fn: Callable, W: torch.Tensor, Z: torch.Tensor | None, *args: Any):
+    """(G, L, HZ) of a row-wise ``fn`` (``Problem.rowwise``) for a stack W of parameter rows at
+    once: L = fn(W, *args) (one value per row), G = ∇ΣL and HZ = ∇(G·Z) (None without Z) — row
+    r's gradient and Hessian-vector product, as the rows do not interact; the kernels of a single
+    run (:func:`autograd_gradient_hvp`), on R rows."""
+    with torch.enable_grad():
+        Wr = W.detach().requires_grad_(True)
+        L = fn(Wr, *args)
+        (G,) = torch.autograd.grad(L.sum(), Wr, create_graph=Z is not None)
+        HZ = torch.autograd.grad((G * Z).sum(), Wr)[0] if Z is not None else None
+    return G.detach(), L.detach(), HZ
 
 
 def check_finite(loss: torch.Tensor, t: int, state: Any = None) -> None:

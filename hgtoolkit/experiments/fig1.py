@@ -239,16 +239,13 @@ def _constant_rows(problem, grid: np.ndarray, steps: int) -> tuple[np.ndarray, n
     (``Problem.rowwise``: row r of W is the run with η = grid[r]): w ← w − η ∇f(w), the kernels of
     ``trajectory.train``. (f(w_T), min_t f(w_t)) per η; inf for a run that met a non-finite loss
     or ended on non-finite parameters (``train`` raises there)."""
+    from ..trajectory import rowwise_gradient_hvp
     W = problem.params0.expand(len(grid), *problem.params0.shape).clone()
     lrs = torch.tensor(grid, dtype=W.dtype, device=W.device).view(-1, *[1] * problem.params0.dim())
     alive = torch.ones(len(grid), dtype=torch.bool, device=W.device)
     low = torch.full((len(grid),), math.inf, dtype=W.dtype, device=W.device)
     for t in range(steps):
-        with torch.enable_grad():
-            Wr = W.detach().requires_grad_(True)
-            L = problem.train_loss(Wr, t)
-            (G,) = torch.autograd.grad(L.sum(), Wr)
-        L = L.detach()
+        G, L, _ = rowwise_gradient_hvp(problem.train_loss, W, None, t)
         alive &= torch.isfinite(L)
         low = torch.where(alive, torch.minimum(low, L), low)
         W = torch.addcmul(W, lrs, G, value=-1)
