@@ -514,36 +514,35 @@ def load_records(out_dir, config: Config | None = None, *, analysis: bool = True
     g = grids(config)
     every = [*g["online"].values(), *(g["lrsopt"] if lrsopt else []), *(g["peers"].values() if peers else [])]
     recs = common.cell_records(out, every)
-    want_lrsopt, want_peers = lrsopt, peers
     online: dict = {}
     for spec in method_specs(config):
         cells = g["online"][spec["label"]].cells()
         for s in config.seeds:
             rs = _lookup(recs, [c for c in cells if c.params["seed"] == s], "online")
             online.setdefault(spec["label"], {})[s] = _stacked(config, spec, s, [sweep.to_result(r) for r in rs])
-    lrsopt = {}
-    lcells = [c for gr in g["lrsopt"] for c in gr.cells()] if want_lrsopt else []
+    lrsopt_runs = {}
+    lcells = [c for gr in g["lrsopt"] for c in gr.cells()] if lrsopt else []
     for cell, rec in zip(lcells, _lookup(recs, lcells, "LRS-OPT")):
         res, r = rec["result"], sweep.to_result(rec)
-        lrsopt[cell.params["seed"]] = {
+        lrsopt_runs[cell.params["seed"]] = {
             "seed": cell.params["seed"], "status": r.status, "outer_steps": r.outer_steps_done,
             "n_evaluations": r.n_evaluations, "history_first": float(r.history[0]),
             "history_last": float(r.history[-1]), "best_value": r.best_value, "best_step": r.best_step,
             "wall_time": r.wall_time, "seconds_per_evaluation": r.wall_time / max(r.n_evaluations, 1),
             "replay": res["extra"]["replay"], "result": r}
-    peers = {}
-    for p in peer_specs(config) if want_peers else []:
+    peer_runs = {}
+    for p in peer_specs(config) if peers else []:
         cells = g["peers"][p["label"]].cells()
         for cell, rec in zip(cells, _lookup(recs, cells, "peer")):
             r = sweep.to_result(rec)
-            peers[(p["label"], cell.params["seed"])] = {
+            peer_runs[(p["label"], cell.params["seed"])] = {
                 "label": p["label"], "name": p["name"], "index": p["index"], "seed": cell.params["seed"],
                 "diverged_at": r.diverged_at, "final_val_accuracy": None if r.diverged else r.final_val_accuracy,
                 "final_val_loss": None if r.diverged else r.final_val_loss, "wall_time": r.wall_time}
     methods = {spec["label"]: _method_summary([online[spec["label"]][s][0] for s in config.seeds])
                for spec in method_specs(config)}
-    bundle = {"config": config, "online": online, "lrsopt": lrsopt, "peers": peers, "methods": methods,
-              "analysis": {}}
+    bundle = {"config": config, "online": online, "lrsopt": lrsopt_runs, "peers": peer_runs,
+              "methods": methods, "analysis": {}}
     if analysis and config.analyse:
         agrids = _analysis_grids(config, methods)
         arecs = common.cell_records(out, list(agrids.values())) if agrids else {}
