@@ -270,6 +270,8 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
         v_grad = lambda W, x: rowwise_gradient_hvp(loss, W, None, x)[:2]
         v_grad_hvp = lambda W, Z, x: rowwise_gradient_hvp(loss, W, Z, x)
     v_grad_val = vmap(grad_and_value(P.val_loss))
+    if rows:
+        v_grad_val = lambda W: rowwise_gradient_hvp(P.val_loss, W, None)[:2]
     v_grad_val_batch = vmap(grad_and_value(P.batch_loss)) if val_bs is not None else None
     v_val = vmap(P.val_loss)
     v_metrics = vmap(P.metric_tensors) if P.metric_tensors is not None else None

@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import dynamics as _dynamics
 from ._tree import tree_map
-from .trajectory import autograd_gradient, check_finite, check_lrs, progress_bar, scalar_loss, train
+from .trajectory import autograd_gradient, check_finite, closed_form, check_lrs, progress_bar, scalar_loss, train
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES"]
@@ -77,13 +77,22 @@ class _Step:
     """Step t's gradient g_t = ∇L_t(w_t) built with plain autograd, its graph kept (or not).
 
     ``hvp(v)`` = H_t v = ∇_w⟨g_t, v⟩, a backward through the kept graph (``retain`` keeps it
-    for another product). ``grad`` is g_t detached, as the pytree the dynamics take.
+    for another product). ``grad`` is g_t detached, as the pytree the dynamics take. A loss
+    with closed-form derivatives (:func:`hgtoolkit.trajectory.closed_form`) keeps
+    the Hessian ∇²L_t(w_t) instead of a graph and gives g_t and H_t v by its formulas.
     """
 
     __slots__ = ("state", "loss", "grad", "_w", "_g", "_spec")
 
     def __init__(self, problem, dyn, state: dict, t: int, graph: bool):
-        leaves, spec = tree_flatten(dyn.params(state))
+        w = dyn.params(state)
+        fn = closed_form(problem.train_loss, w)
+        if fn is not None:  # _w holds the Hessian
+            self.loss, self.grad, hessian = fn.value_grad_hessian(w.detach())
+            self.state, self._spec = state, None
+            self._w, self._g = (hessian, fn) if graph else (None, None)
+            return
+        leaves, spec = tree_flatten(w)
         with torch.enable_grad():
             w = [x.detach().requires_grad_(True) for x in leaves]
             loss = scalar_loss(problem.train_loss, "train_loss")(tree_unflatten(w, spec), t)
@@ -102,6 +111,11 @@ class _Step:
         """H_t v for a parameter-shaped ``v`` (None: zero)."""
         if v is None:
             return None
+        if self._spec is None:  # closed form: H_t v from the Hessian kept
+            out = self._g.hvp(self._w, v)
+            if not retain:
+                self._w = self._g = None
+            return out
         vs = tree_flatten(v)[0]
         live = [i for i, g in enumerate(self._g) if g.requires_grad]
         if live:  # a loss linear in some leaves has a constant gradient there: H = 0

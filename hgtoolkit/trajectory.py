@@ -19,7 +19,7 @@ from . import dynamics as _dynamics
 from ._tree import tree_all_finite, tree_flatten, tree_unflatten
 from .errors import DivergenceError
 
-__all__ = ["make_step", "tangent_step", "autograd_gradient", "autograd_gradient_hvp",
+__all__ = ["make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
            "rowwise_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite", "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
@@ -41,8 +41,13 @@ def scalar_loss(fn: Callable, name: str) -> Callable:
 
 
 def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
-    """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)``."""
-    grad_loss = grad_and_value(scalar_loss(problem.train_loss, "train_loss"))
+    """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)`` (the gradient in closed form for a
+    :func:`closed_form` loss: its formulas are torch functions too, so ``torch.func.jvp`` of the
+    step differentiates them)."""
+    if closed_form(problem.train_loss, problem.params0) is not None:
+        grad_loss = lambda w, t: problem.train_loss.value_and_grad(w)[::-1]
+    else:
+        grad_loss = grad_and_value(scalar_loss(problem.train_loss, "train_loss"))
     params = dynamics.params
 
     def step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
@@ -60,9 +65,20 @@ def tangent_step(step: StepFn, state: dict, lr: torch.Tensor, t: int, z: Any, dl
     return jvp(lambda s, lr_: step(s, lr_, t), (state, lr), (z, dlr), has_aux=True)
 
 
+def closed_form(fn: Callable, w: Any):
+    """``fn`` when it gives its derivatives in closed form
+    (:class:`hgtoolkit.problems.ClosedFormLoss`: ``value_and_grad``, ``hvp``) and ``w`` is one
+    tensor; else None (differentiate with autograd)."""
+    return fn if isinstance(w, torch.Tensor) and hasattr(fn, "value_and_grad") else None
+
+
 def autograd_gradient(fn: Callable, w: Any, *args: Any) -> tuple[Any, torch.Tensor]:
     """(∇_w fn(w, *args), fn(w, *args)) with plain autograd: the numbers of torch.func's
-    ``grad_and_value``, cheaper per call in a single run (no functional transforms)."""
+    ``grad_and_value``, cheaper per call in a single run (no functional transforms); in
+    closed form for a :func:`closed_form` loss."""
+    if closed_form(fn, w) is not None:
+        value, g = fn.value_and_grad(w.detach())
+        return g, value
     leaves, spec = tree_flatten(w)
     leaves = [x.detach().requires_grad_(True) for x in leaves]
     with torch.enable_grad():
@@ -75,7 +91,11 @@ def autograd_gradient(fn: Callable, w: Any, *args: Any) -> tuple[Any, torch.Tens
 def autograd_gradient_hvp(fn: Callable, w: Any, z_w: Any, *args: Any):
     """(∇fn, fn, H z_w) with plain autograd (single runs): the gradient kept with
     ``create_graph`` and one more backward through it, ∇(∇fn·z_w) (what
-    :func:`hgtoolkit.online.gradient_and_hvp` computes with torch.func)."""
+    :func:`hgtoolkit.online.gradient_and_hvp` computes with torch.func); in closed form for a
+    :func:`closed_form` loss."""
+    if closed_form(fn, w) is not None:
+        value, g, hessian = fn.value_grad_hessian(w.detach())
+        return g, value, fn.hvp(hessian, z_w)
     leaves, spec = tree_flatten(w)
     leaves = [x.detach().requires_grad_(True) for x in leaves]
     with torch.enable_grad():
@@ -95,7 +115,14 @@ def rowwise_gradient_hvp(fn: Callable, W: torch.Tensor, Z: torch.Tensor | None, 
     """(G, L, HZ) of a row-wise ``fn`` (``Problem.rowwise``) for a stack W of parameter rows at
     once: L = fn(W, *args) (one value per row), G = ∇ΣL and HZ = ∇(G·Z) (None without Z) — row
     r's gradient and Hessian-vector product, as the rows do not interact; the kernels of a single
-    run (:func:`autograd_gradient_hvp`), on R rows."""
+    run (:func:`autograd_gradient_hvp`), on R rows; in closed form for a :func:`closed_form`
+    loss."""
+    if closed_form(fn, W) is not None:
+        if Z is None:
+            L, G = fn.value_and_grad(W.detach())
+            return G, L, None
+        L, G, hessian = fn.value_grad_hessian(W.detach())
+        return G, L, fn.hvp(hessian, Z)
     with torch.enable_grad():
         Wr = W.detach().requires_grad_(True)
         L = fn(Wr, *args)

@@ -95,6 +95,16 @@ class TestFunction:
         row_y = torch.stack((hxy, hyy), dim=-1)
         return torch.stack((row_x, row_y), dim=-2)
 
+    def derivatives(self, xy: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(f, grad, hessian)`` at ``xy`` in one go (shapes ``(...)``, ``(..., 2)``,
+        ``(..., 2, 2)``), sharing the subexpressions where a function knows how
+        (:meth:`_derivatives`); the same formulas as :meth:`__call__`, :meth:`grad` and
+        :meth:`hessian`."""
+        value, gx, gy, hxx, hxy, hyy = self._derivatives(*self._split(xy))
+        row_x = torch.stack((hxx, hxy), dim=-1)
+        row_y = torch.stack((hxy, hyy), dim=-1)
+        return value, torch.stack((gx, gy), dim=-1), torch.stack((row_x, row_y), dim=-2)
+
     def start(self, dtype: torch.dtype = torch.float64, device=None) -> Tensor:
         """:attr:`default_start` as a fresh tensor of shape ``(2,)``."""
         return torch.tensor(self.default_start, dtype=dtype, device=device)
@@ -110,6 +120,10 @@ class TestFunction:
     def _hessian(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Return ``(d2f/dx2, d2f/dxdy, d2f/dy2)``."""
         raise NotImplementedError
+
+    def _derivatives(self, x: Tensor, y: Tensor) -> tuple[Tensor, ...]:
+        """Return ``(f, df/dx, df/dy, d2f/dx2, d2f/dxdy, d2f/dy2)`` (override to share work)."""
+        return (self._value(x, y), *self._grad(x, y), *self._hessian(x, y))
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
@@ -155,45 +169,41 @@ class Beale(TestFunction):
       hopeless; ``tests/test_testfunctions.py`` checks this.
     """
 
-    _C = (1.5, 2.25, 2.625)  # c_k for k = 1, 2, 3
-
-    def _residuals(self, x, y):
-        """Yield ``(r_k, dr_k/dx, dr_k/dy, d2r_k/dxdy, d2r_k/dy2)``; ``d2r_k/dx2 = 0``."""
-        for k, c in enumerate(self._C, start=1):
-            yk1 = y ** (k - 1)
-            r = c - x + x * yk1 * y
-            rx = yk1 * y - 1.0
-            ry = k * x * yk1
-            rxy = k * yk1
-            ryy = k * (k - 1) * x * y ** (k - 2) if k >= 2 else torch.zeros_like(x)
-            yield r, rx, ry, rxy, ryy
+    @staticmethod
+    def _residuals(x, y):
+        """``(r_1, r_2, r_3), y², x·y, x·y²`` with r_k = c_k − x + x·y^k (c = 1.5, 2.25, 2.625);
+        −x + c_k equals c_k − x exactly and keeps forward-mode AD on native kernels."""
+        y2 = y * y
+        xy = x * y
+        xy2 = xy * y
+        return (-x + 1.5 + xy, -x + 2.25 + xy2, -x + 2.625 + xy2 * y), y2, xy, xy2
 
     def _value(self, x, y):
-        # only the residuals r_k = c_k − x + x·y^k (their derivatives are for grad/hessian);
-        # −x + c_k equals c_k − x exactly and keeps forward-mode AD on native kernels
-        total = torch.zeros_like(x)
-        for k, c in enumerate(self._C, start=1):
-            r = -x + c + x * y ** (k - 1) * y
-            total = total + r * r
-        return total
+        (r1, r2, r3), *_ = self._residuals(x, y)
+        return r1 * r1 + r2 * r2 + r3 * r3
+
+    def _first(self, x, y):
+        """The residuals, dr_k/dx = y^k − 1, dr_k/dy = k x y^{k−1} and the gradient."""
+        (r1, r2, r3), y2, xy, xy2 = self._residuals(x, y)
+        a1, a2, a3 = y - 1.0, y2 - 1.0, y2 * y - 1.0
+        b2, b3 = 2.0 * xy, 3.0 * xy2  # dr_1/dy = x
+        gx = 2.0 * (r1 * a1 + r2 * a2 + r3 * a3)
+        gy = 2.0 * (r1 * x + r2 * b2 + r3 * b3)
+        return (r1, r2, r3), (a1, a2, a3), (b2, b3), y2, xy, (gx, gy)
 
     def _grad(self, x, y):
-        gx = torch.zeros_like(x)
-        gy = torch.zeros_like(x)
-        for r, rx, ry, _, _ in self._residuals(x, y):
-            gx = gx + 2.0 * r * rx
-            gy = gy + 2.0 * r * ry
-        return gx, gy
+        return self._first(x, y)[-1]
 
     def _hessian(self, x, y):
-        hxx = torch.zeros_like(x)
-        hxy = torch.zeros_like(x)
-        hyy = torch.zeros_like(x)
-        for r, rx, ry, rxy, ryy in self._residuals(x, y):
-            hxx = hxx + 2.0 * rx * rx
-            hxy = hxy + 2.0 * (rx * ry + r * rxy)
-            hyy = hyy + 2.0 * (ry * ry + r * ryy)
-        return hxx, hxy, hyy
+        return self._derivatives(x, y)[3:]
+
+    def _derivatives(self, x, y):
+        (r1, r2, r3), (a1, a2, a3), (b2, b3), y2, xy, (gx, gy) = self._first(x, y)
+        hxx = 2.0 * (a1 * a1 + a2 * a2 + a3 * a3)
+        # d2r_k/dxdy = k y^{k−1}, d2r_k/dy2 = k (k−1) x y^{k−2}
+        hxy = 2.0 * (a1 * x + a2 * b2 + a3 * b3 + r1 + 2.0 * r2 * y + 3.0 * r3 * y2)
+        hyy = 2.0 * (x * x + b2 * b2 + b3 * b3 + 2.0 * r2 * x + 6.0 * r3 * xy)
+        return r1 * r1 + r2 * r2 + r3 * r3, gx, gy, hxx, hxy, hyy
 
 
 class Bukin6(TestFunction):
@@ -355,10 +365,19 @@ class BukinSharp(TestFunction):
         return 100.0 * p1 * ux + 0.01 * q1, 100.0 * p1
 
     def _hessian(self, x, y):
+        return self._derivatives(x, y)[3:]
+
+    def _derivatives(self, x, y):
+        eps = self.EPS
         p1, p2, ux = self._root_derivs(x, y)
-        s2e = (x + 10.0) ** 2 + self.EPS
-        q2 = self.EPS / (s2e * torch.sqrt(s2e))
-        return 100.0 * (p2 * ux * ux - 0.02 * p1) + 0.01 * q2, 100.0 * p2 * ux, 100.0 * p2
+        u = y - 0.01 * x * x
+        s = x + 10.0
+        s2e = s * s + eps
+        root = torch.sqrt(s2e)
+        value = 100.0 * ((u * u + eps) ** 0.25 - eps**0.25) + 0.01 * (root - eps**0.5)
+        return (value, 100.0 * p1 * ux + 0.01 * (s / root), 100.0 * p1,
+                100.0 * (p2 * ux * ux - 0.02 * p1) + 0.01 * (eps / (s2e * root)), 100.0 * p2 * ux,
+                100.0 * p2)
 
 
 class Rosenbrock(TestFunction):

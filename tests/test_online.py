@@ -462,6 +462,34 @@ def test_val_is_train_reuses_the_training_gradient_bit_for_bit():
             np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=f"{method} {key}")
 
 
+@pytest.mark.parametrize("name", ["beale", "bukin_sharp", "rosenbrock"])
+def test_closed_form_derivatives_equal_autograd(name):
+    """A test function's loss gives g, L and H z by its formulas (problems.ClosedFormLoss): the
+    numbers of autograd through the formula, for one point and for a stack of rows."""
+    from hgtoolkit.trajectory import autograd_gradient, autograd_gradient_hvp, closed_form, rowwise_gradient_hvp
+    p = problems.from_function(name)
+    assert closed_form(p.train_loss, p.params0) is p.train_loss
+    plain = lambda w, t: p.train_loss.f(w)  # the same formula, differentiated by autograd
+    assert closed_form(plain, p.params0) is None
+    gen = torch.Generator().manual_seed(0)
+    W = p.params0 + 0.3 * torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    Z = torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for got, ref in zip(rowwise_gradient_hvp(p.train_loss, W, Z, 0), rowwise_gradient_hvp(plain, W, Z, 0)):
+        close(got, ref)
+    for got, ref in zip(autograd_gradient_hvp(p.train_loss, W[1], Z[1], 0),
+                        autograd_gradient_hvp(plain, W[1], Z[1], 0)):
+        close(got, ref)
+    for got, ref in zip(autograd_gradient(p.train_loss, W[2], 0), autograd_gradient(plain, W[2], 0)):
+        close(got, ref)
+    # the online run agrees with one on the same function without the closed form
+    twin = problems.Problem(p.params0, plain, p.train_loss.f, name=name, val_is_train=True)
+    a = online.run(p, "rtho", lr0=1e-4, beta=1e-9, steps=30)
+    b = online.run(twin, "rtho", lr0=1e-4, beta=1e-9, steps=30)
+    np.testing.assert_allclose(a.hypergrads, b.hypergrads, rtol=1e-10)
+    np.testing.assert_allclose(a.lrs, b.lrs, rtol=1e-12)
+
+
 def test_plot_online_run_draws_a_record(tmp_path):
     import matplotlib
     matplotlib.use("Agg")

@@ -455,3 +455,16 @@ def test_nqm_power_law_spectrum():
     torch.testing.assert_close(q.c, 0.1 * q.h)
     assert q.dim == 5 and q.dtype == F64
     torch.testing.assert_close(q.w0, torch.ones(5, dtype=F64))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_derivatives_in_one_go_equal_the_separate_formulas(name):
+    """``derivatives`` (shared subexpressions) gives the numbers of __call__/grad/hessian, and
+    hvp-ready Hessians, on one point and on a stack."""
+    f = get(name)
+    for shape in ((), (7,)):
+        xy = random_points(f, shape, seed=3, avoid_valley=(name == "bukin6"))
+        value, g, h = f.derivatives(xy)
+        torch.testing.assert_close(value, f(xy), rtol=1e-14, atol=0)
+        torch.testing.assert_close(g, f.grad(xy), rtol=1e-14, atol=0)
+        torch.testing.assert_close(h, f.hessian(xy), rtol=1e-14, atol=0)
