@@ -76,6 +76,8 @@ def _cell_kwargs(cell: Any, i: int) -> dict:
     """``online.run`` keyword arguments of ``cells[i]`` (a mapping or an object with ``.params``,
     such as :class:`hgtoolkit.sweep.Cell`), with ``online.run``'s defaults and seed 0 when unset."""
     params = getattr(cell, "params", cell)
+    if isinstance(params, Mapping) and "problem" in params:  # the cell's own problem (_setup)
+        params = {k: v for k, v in params.items() if k != "problem"}
     if not isinstance(params, Mapping):
         raise TypeError(f"cells[{i}] must be a mapping of online.run arguments (or have a .params "
                         f"mapping), got {type(cell).__name__}")
@@ -104,8 +106,13 @@ class _Run:
     final_params: Any = None
 
 
-def _setup(problem_factory: Callable, kw: dict):
-    base = problem_factory(0 if kw["seed"] is None else kw["seed"])
+def _setup(problem_factory: Callable | None, kw: dict, own=None):
+    if own is not None:
+        base = own
+    elif problem_factory is None:
+        raise TypeError("problem_factory is None, so every cell must name its problem (\"problem\": a Problem)")
+    else:
+        base = problem_factory(0 if kw["seed"] is None else kw["seed"])
     args = {k: v for k, v in kw.items() if k not in ("method", "optimizer")}
     return (base, *_online.setup(base, kw["method"], kw["optimizer"], **args))
 
@@ -116,7 +123,12 @@ def _group_key(problem, cfg, dyn, T, eval_every, val_bs) -> str:
     rule = None
     if cfg.mu_rule is not None and cfg.mu_rule is not _marthe.adaptive_mu:
         rule = id(cfg.mu_rule)
-    shared = "data" if problem.batch_loss is not None else f"fn:{problem.name}"
+    if problem.batch_loss is not None:
+        shared = "data"
+    elif _rowwise(problem):  # row-wise problems of different functions share a batch (_segments)
+        shared = f"rows:{problem.val_is_train}"
+    else:
+        shared = f"fn:{problem.name}"
     return json.dumps([dyn.config(), T, eval_every, val_bs, cfg.objective, cfg.hd_gradient, rule,
                        shared, str(spec), shapes, problem.metrics is not None], default=str)
 
@@ -134,6 +146,17 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     of ``online.run(problem_factory(s), **{"seed": 0, **cells[i]})`` with s the cell's seed (0
     when unset): ``problem_factory(seed)`` builds the problem of a seed (initial weights), and
     ``online.run`` then draws the minibatch order of that seed (``problem.resample``).
+
+    A cell may also name its own problem (``"problem"``: a :class:`~hgtoolkit.problems.Problem`,
+    used instead of ``problem_factory``, which may then be None). Row-wise problems of different
+    functions (``Problem.rowwise``: the analytic test functions) share one batch, each
+    function evaluated once per step on its rows — Fig. 1's three functions × methods × β as
+    ONE computation::
+
+        cells = [dict(problem=problems.get(fn), method=m, lr0=1e-3, beta=b, steps=500)
+                 for fn in ("beale", "bukin_smooth", "bukin_sharp") for m in ("hd", "rtho")
+                 for b in (1e-7, 1e-6)]
+        results = run_online_batch(None, cells)
 
     Cells share one vmapped computation when they share what must be shared — the dynamics,
     T, ``eval_every``, the objective, a custom ``mu_rule`` and the problem's structure — and
@@ -157,9 +180,9 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     (matrix products are no cheaper stacked on a CPU core; the batch pays vmap's per-op cost and
     the pure step's extra passes). The numbers are the same either way (to rounding; tested).
     """
-    if not callable(problem_factory):
-        raise TypeError(f"problem_factory must be callable as problem_factory(seed), got "
-                        f"{type(problem_factory).__name__}")
+    if problem_factory is not None and not callable(problem_factory):
+        raise TypeError(f"problem_factory must be callable as problem_factory(seed) (or None when "
+                        f"every cell names its problem), got {type(problem_factory).__name__}")
     if isinstance(cells, (str, bytes, Mapping)) or not isinstance(cells, Sequence):
         raise TypeError(f"cells must be a sequence of cells, got {type(cells).__name__}")
     if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
@@ -168,7 +191,8 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     groups: "OrderedDict[str, list]" = OrderedDict()
     for i, cell in enumerate(cells):
         kw = _cell_kwargs(cell, i)
-        base, problem, cfg, dyn, T, eval_every, val_bs, config = _setup(problem_factory, kw)
+        own = getattr(cell, "params", cell).get("problem") if isinstance(getattr(cell, "params", cell), Mapping) else None
+        base, problem, cfg, dyn, T, eval_every, val_bs, config = _setup(problem_factory, kw, own)
         key = _group_key(problem, cfg, dyn, T, eval_every, val_bs)
         groups.setdefault(key, []).append((_Run(i, kw, base, problem, cfg, config), dyn, T, eval_every, val_bs))
 
@@ -191,6 +215,37 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     return results
 
 
+def _rowwise(problem) -> bool:
+    """Does a batch of ``problem`` run natively on a stack of parameter rows
+    (``Problem.rowwise``, no data, one tensor of parameters)?"""
+    return bool(problem.rowwise) and problem.batch_loss is None and isinstance(problem.params0, torch.Tensor)
+
+
+def _segments(active: list) -> list[tuple[Any, int, int]]:
+    """(problem, start, stop): the runs of a row-wise batch, consecutive runs that share their
+    loss functions taken together (one call of the functions per segment)."""
+    segs: list = []
+    for i, run in enumerate(active):
+        p = run.problem
+        if segs and segs[-1][0].train_loss == p.train_loss and segs[-1][0].val_loss == p.val_loss:
+            segs[-1][2] = i + 1
+        else:
+            segs.append([p, i, i + 1])
+    return [tuple(s) for s in segs]
+
+
+def _by_segments(segs: list, fn: Callable, *stacks):
+    """``fn(problem, *rows)`` of every segment's rows of ``stacks`` (None passes through), the
+    results concatenated along the run axis (a tuple of tensors or Nones, or one tensor)."""
+    if len(segs) == 1:
+        return fn(segs[0][0], *stacks)
+    parts = [fn(p, *(None if x is None else x[a:b] for x in stacks)) for p, a, b in segs]
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return tuple(None if parts[0][k] is None else torch.cat([q[k] for q in parts])
+                 for k in range(len(parts[0])))
+
+
 def _batching_pays(problem) -> bool:
     """Does a vmapped (or native) batch beat a loop of single runs for this problem (measured:
     :func:`run_online_batch`)?"""
@@ -211,11 +266,11 @@ def _row(tree: Any, i: int) -> Any:
     return tree_map(lambda x: x[i], tree)
 
 
-def _rows(aux: dict, n: int) -> list[dict]:
+def _rows(aux: dict) -> list[dict]:
     """Per-run dicts of floats from a dict of stacked 0-d tensors (one sync)."""
     keys = list(aux)
-    table = torch.stack([aux[k].to(torch.float64) for k in keys]).tolist()
-    return [{k: table[j][i] for j, k in enumerate(keys)} for i in range(n)]
+    table = torch.stack([aux[k].to(torch.float64) for k in keys], 1).tolist()
+    return [dict(zip(keys, row)) for row in table]
 
 
 def _same(single: list[float], shared: list[float], dtype: torch.dtype) -> bool:
@@ -253,8 +308,12 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     P = runs[0].problem
     cfgs = [r.cfg for r in runs]
     data = P.batch_loss is not None
-    # a row-wise problem's batch runs natively (Engine(rows=True)), no vmap at all
-    rows = bool(P.rowwise) and not data and isinstance(P.params0, torch.Tensor)
+    # a row-wise problem's batch runs natively (Engine(rows=True)), no vmap at all; its runs
+    # may be on different functions (fig1: three of them), each segment of rows on its own
+    rows = _rowwise(P)
+    given = runs  # the results come back in this order
+    if rows:
+        runs = sorted(runs, key=lambda r: (hash(r.problem.train_loss), r.index))
     batch_map = (lambda f: f) if rows else vmap
     step_map = (lambda f, *args: f(*args)) if rows else _vmap_flat
     rules = {id(c.mu_rule): c.mu_rule for c in cfgs if c.mu_rule is not None}
@@ -266,14 +325,18 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     x_dim = 0 if data else None
     v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim))
     v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim))
-    if rows:  # one autograd call for all rows (Problem.rowwise)
-        v_grad = lambda W, x: rowwise_gradient_hvp(loss, W, None, x)[:2]
-        v_grad_hvp = lambda W, Z, x: rowwise_gradient_hvp(loss, W, Z, x)
     v_grad_val = vmap(grad_and_value(P.val_loss))
-    if rows:
-        v_grad_val = lambda W: rowwise_gradient_hvp(P.val_loss, W, None)[:2]
     v_grad_val_batch = vmap(grad_and_value(P.batch_loss)) if val_bs is not None else None
     v_val = vmap(P.val_loss)
+    v_loss = vmap(loss, in_dims=(0, x_dim))
+    segs: list = []
+    if rows:  # one call of each function for all its rows (Problem.rowwise)
+        v_grad = lambda W, x: _by_segments(segs, lambda p, W: rowwise_gradient_hvp(p.train_loss, W, None, x)[:2], W)
+        v_grad_hvp = lambda W, Z, x: _by_segments(
+            segs, lambda p, W, Z: rowwise_gradient_hvp(p.train_loss, W, Z, x), W, Z)
+        v_grad_val = lambda W: _by_segments(segs, lambda p, W: rowwise_gradient_hvp(p.val_loss, W, None)[:2], W)
+        v_val = lambda W: _by_segments(segs, lambda p, W: p.val_loss(W), W)
+        v_loss = lambda W, x: _by_segments(segs, lambda p, W: p.train_loss(W, x), W)
     v_metrics = vmap(P.metric_tensors) if P.metric_tensors is not None else None
 
     def minibatch(t: int, active: list[_Run]):
@@ -312,6 +375,7 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     start = time.perf_counter()
     clock = lambda: (time.perf_counter() - start) / R
     S = _stack([engine.init(r.problem.params0, r.cfg) for r in runs])
+    segs[:] = _segments(active)
 
     # the shared functions must give every run its own E(w_0) and L_0(w_0)
     W = dyn.params(S.opt)
@@ -319,10 +383,10 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
         E0 = [float(r.problem.val_loss(r.problem.params0)) for r in runs]
         L0 = [float(r.problem.train_loss(r.problem.params0, 0)) for r in runs]
         if not (_same(E0, v_val(W).tolist(), P.dtype)
-                and _same(L0, vmap(loss, in_dims=(0, x_dim))(W, minibatch(0, runs)).tolist(), P.dtype)):
+                and _same(L0, v_loss(W, minibatch(0, runs)).tolist(), P.dtype)):
             # the runs' problems differ beyond what batch(t) carries (e.g. a seed-dependent
             # validation set): they cannot share one function, so each runs on its own
-            return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in runs]
+            return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
 
     def leave(idx: list[int]) -> None:
         for i in idx:
@@ -351,7 +415,7 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
                               dummy if E is None else E)
             now = clock()
             times.append(now)
-            rows = _rows({**aux, "diverged_at": S.diverged_at}, n)
+            rows = _rows({**aux, "diverged_at": S.diverged_at})
             for run, row in zip(active, rows):
                 run.auxes.append(row)
             fine = [row["diverged_at"] < 0 for row in rows]
@@ -362,6 +426,7 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
                 alive = [i for i, ok in enumerate(fine) if ok]
                 S = _take(S, torch.tensor(alive, dtype=torch.long, device=P.device))
                 active = [active[i] for i in alive]
+                segs[:] = _segments(active)
                 if not active:
                     break
             if progress and t % 10 == 0:
@@ -395,7 +460,7 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     wall = clock()
 
     results = []
-    for run in runs:
+    for run in given:
         res = _online.build_result(run.config, run.auxes, times, run.evals, run.state, wall,
                                    P.metrics is not None, run.final_params)
         results.append(res)

@@ -182,3 +182,25 @@ def test_on_the_cpu_a_model_batch_is_a_loop_of_single_runs_by_default():
         assert_same_run(a, single(cell), atol=0.0)
         assert_same_run(a, b, atol=1e-12)
     assert batched._batching_pays(problems.get("beale")) and not batched._batching_pays(factory(0))
+
+
+def test_functions_side_by_side_in_one_batch_equal_single_runs():
+    """Cells that name their own row-wise problem (three test functions) run as ONE batch, each
+    function once per step on its rows: every run equals its single run bit for bit, runs that
+    diverge at different steps included, and results come back in the cells' order."""
+    fns = ("bukin_sharp", "beale", "bukin_smooth")
+    probs = {fn: problems.get(fn) for fn in fns}
+    cells = [dict(problem=probs[fn], method=m, lr0=1e-3, beta=b, steps=40, lr_max=0.1, **kw)
+             for b in (1e-6, 1e-3) for fn in fns  # interleaved: the batch sorts its rows by function
+             for m, kw in (("hd", {}), ("rtho", {}), ("marthe", {"mu": "auto"}))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DivergenceWarning)
+        results = batched.run_online_batch(None, cells)
+        for cell, r in zip(cells, results):
+            ref = online.run(cell["problem"], **{k: v for k, v in cell.items() if k != "problem"},
+                             seed=0, keep_params=False)
+            assert_same_run(r, ref, atol=0.0)
+    steps = {r.diverged_at for r in results if r.diverged}
+    assert len(steps) >= 2 and sum(not r.diverged for r in results) >= 3
+    with pytest.raises(TypeError, match="problem"):
+        batched.run_online_batch(None, [dict(method="hd", lr0=1e-3, steps=3)])

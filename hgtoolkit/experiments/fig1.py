@@ -166,7 +166,7 @@ def _problem(fn: str):
 
 
 def _grid_cells(config: Config, specs) -> list[dict]:
-    """The β grid of every method as ``online.run`` cells (one vmapped batch per function)."""
+    """The β grid of every method as ``online.run`` cells (of every function: one batch)."""
     cells = []
     for _, method, mu in specs:
         for beta in config.betas:
@@ -185,16 +185,26 @@ def _auto_cells(config: Config) -> list[dict]:
             for i in range(config.kappa_tries if config.auto_beta else 0)]
 
 
-def _online_runs(fn: str, config: Config, specs, progress: bool) -> tuple[list[dict], Any]:
-    """Every online run of one function — the β grid of each method and the κ search of the
-    fully adaptive MARTHE — as ONE vmapped batch (:func:`hgtoolkit.batched.run_online_batch`).
-    Returns the grid cells' arrays and the κ search's first non-diverging run (the result of
-    ``online.find_beta``, which tries the same κ in the same order) or a message."""
+def _online_runs(config: Config, specs, progress: bool) -> dict[str, tuple[list[dict], Any]]:
+    """Every online run of every function — the β grid of each method and the κ search of the
+    fully adaptive MARTHE — as ONE batch (:func:`hgtoolkit.batched.run_online_batch`: the
+    functions' rows side by side). ``{fn: (the grid cells' arrays, the κ search's first
+    non-diverging run — the result of ``online.find_beta``, which tries the same κ in the same
+    order — or a message)}``."""
     from .. import batched, online
     grid, auto = _grid_cells(config, specs), _auto_cells(config)
+    problems = {fn: _problem(fn) for fn in config.functions}
+    cells = [dict(c, problem=problems[fn]) for fn in config.functions for c in grid + auto]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
-        results = batched.run_online_batch(lambda seed: _problem(fn), grid + auto, progress=progress)
+        results = batched.run_online_batch(None, cells, progress=progress)
+    n = len(grid) + len(auto)
+    return {fn: _one_function(grid, auto, results[i * n:(i + 1) * n])
+            for i, fn in enumerate(config.functions)}
+
+
+def _one_function(grid: list, auto: list, results: list) -> tuple[list[dict], Any]:
+    """One function's results of :func:`_online_runs`: the grid cells' arrays, and the κ search."""
     cells = [{"lrs": r.lrs, "mus": r.mus, "values": r.val_losses, "best": r.best_val_loss,
               "final": r.final_val_loss if not r.diverged else math.nan,
               "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),
@@ -337,8 +347,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
 
     report = common.run_cells(out, lrsopt_grid(config), workers=config.workers, progress=progress)
     by_job = {("lrsopt", fn): r for fn, r in _lrsopt_records(out, config).items()}
-    for fn in config.functions:
-        cells, auto = _online_runs(fn, config, specs, progress)
+    for fn, (cells, auto) in _online_runs(config, specs, progress).items():
         by_job[("auto", fn)] = auto if config.auto_beta else None
         for (_, method, mu), row in zip(specs, [cells[i:i + len(config.betas)]
                                                 for i in range(0, len(cells), len(config.betas))]):
