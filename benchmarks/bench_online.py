@@ -7,7 +7,10 @@ RTHO and MARTHE (train objective) ≤ 2.5×, MARTHE with ``val_batch_size=100`` 
 HD/RTHO/MARTHE × β) as one batch vs a loop of single runs ≥ 20× faster.
 
 Baselines are hand-written loops (what a user would write): ``plain_sgd`` = autograd gradient
-+ ``w − η g`` per step; the drop-ins are compared with the same loop over an ``nn.Module``-style
++ in-place ``w − η g`` per step (the strict baseline: its RTHO/MARTHE targets lie below the
+floor of one gradient + one HVP, the ``floor`` rows); ``functional_sgd`` = the plain SGD loop of
+the project's yardstick ``../shared/checks/online_speed.py`` (``torch.func.grad`` + ``tree_map``),
+timed at that script's setting too; the drop-ins are compared with the same loop over an ``nn.Module``-style
 parameter dict and ``torch.optim.SGD``. Ratios are medians of per-round ratios of interleaved
 runs (``common.interleaved``), so machine load hits both sides alike.
 """
@@ -37,6 +40,18 @@ def plain_sgd(problem, lr, steps):
         with torch.no_grad():
             for p, g in zip(leaves, grads):
                 p.sub_(lr * g)
+
+
+def functional_sgd(problem, lr, steps):
+    """The yardstick's plain SGD loop (``../shared/checks/online_speed.py``): ``torch.func.grad``
+    of the training loss and w ← w − η g by ``tree_map``, out of place."""
+    from torch.func import grad
+    from torch.utils._pytree import tree_map
+    g = grad(problem.train_loss)
+    p = problem.params0
+    for t in range(steps):
+        p = tree_map(lambda a, b: a - lr * b, p, g(p, t))
+    return p
 
 
 def hvp_floor(problem, lr, steps, val_batch_size=None):
@@ -122,6 +137,22 @@ def main(argv=None) -> int:
     add(engine, "plain SGD loop", {"HD (objective=train)": 1.1, "RTHO (objective=train)": 2.5,
                                    "MARTHE μ auto (objective=train)": 2.5,
                                    "MARTHE μ, β auto (val_batch_size=100)": 3.0}, label)
+    # the same ratios at the yardstick's settings and baseline (../shared/checks/online_speed.py:
+    # 1000/200 examples, T = 20, the functional SGD loop)
+    if not args.quick:
+        y = problems.mnist_mlp(n_train=1000, n_val=200, batch_size=100, seed=0)
+        yrun = lambda **kw: (lambda: online.run(y, lr0=lr, steps=20, keep_params=False, **kw))
+        yard = common.interleaved(lambda: functional_sgd(y, lr, 20), {
+            "HD (objective=train)": yrun(method="hd", beta=1e-4, objective="train", lr_floor=None),
+            "RTHO (objective=train)": yrun(method="rtho", beta=1e-4, objective="train"),
+            "MARTHE μ auto (objective=train)": yrun(method="marthe", mu="auto", beta=1e-4, objective="train"),
+            "MARTHE μ, β auto (val_batch_size=100)": yrun(method="marthe", mu="auto", beta="auto",
+                                                          kappa=1e-6, val_batch_size=100),
+        }, repeats=args.repeats)
+        add(yard, "the yardstick's plain SGD loop (torch.func.grad + tree_map)",
+            {"HD (objective=train)": 1.1, "RTHO (objective=train)": 2.5,
+             "MARTHE μ auto (objective=train)": 2.5, "MARTHE μ, β auto (val_batch_size=100)": 3.0},
+            "T=20, 1000/200 examples, 500×500×500 MLP, float32 (online_speed.py's setting)")
     dropin = common.interleaved(lambda: module_loop(p, lambda ps: torch.optim.SGD(ps, lr=lr), steps), {
         "optim.SGDHD": lambda: module_loop(p, lambda ps: optim.SGDHD(ps, lr=lr, hypergrad_lr=1e-4), steps),
         "optim.MARTHE (objective=train)": lambda: module_loop(

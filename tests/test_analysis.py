@@ -124,6 +124,13 @@ def test_metrics_on_hand_made_arrays():
     assert analysis.spearman(x, [4.0, 3.0, 2.0, 1.0]) == pytest.approx(-1.0)
     assert math.isnan(analysis.pearson(x, np.ones(4)))
     assert math.isnan(analysis.spearman(x, np.ones(4)))
+    # average ranks with ties, as scipy's rankdata
+    from scipy.stats import rankdata
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 7, 40):
+        ties = rng.integers(0, 4, n).astype(float)
+        for v in (ties, rng.normal(size=n)):
+            np.testing.assert_array_equal(analysis.average_ranks(v), rankdata(v))
 
 
 @pytest.mark.parametrize("fn", [analysis.cosine_similarity, analysis.relative_error,

@@ -151,7 +151,8 @@ class _Runner:
         with _cell_environment(self.threads, cell.seed) as caught:
             try:
                 factory = lambda seed: build_problem(cell.problem, seed)
-                ctx = CellContext(self.store.checkpoint(cell.id) if self.write else None, factory, cell.id)
+                ctx = CellContext(self.store.checkpoint(cell.id) if self.write else None, factory, cell.id,
+                                  self.store if self.write else None)
                 problem = factory(cell.seed)
                 try:
                     out = _as_output(kind, kind.run(problem, dict(cell.params), ctx))

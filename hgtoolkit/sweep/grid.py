@@ -210,11 +210,14 @@ def build_problem(problem: dict, seed: int | None):
 
 @dataclass
 class CellContext:
-    """Given to a cell runner: where it may checkpoint, and how to build the problem for a seed."""
+    """Given to a cell runner: where it may checkpoint, how to build the problem for a seed, and
+    the store it is computed into (None when not storing): a cell may read the records of cells
+    stored before it (``store.has(id)``, ``store.read(id)``)."""
 
     checkpoint: Path | None
     problem_factory: Callable[[int | None], Any]
     cell_id: str = ""
+    store: Any = None
 
 
 # ============================================================================ the grid
