@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 __all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient", "plot_online_run", "plot_tower_history",
-           "savefig", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
+           "savefig", "wait_for_figures", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
            "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_beta",
            "plot_accuracy_bars"]
 
@@ -207,25 +207,66 @@ def describe_source(problem_info: Mapping[str, Any]) -> str:
     return " · ".join(b for b in bits if b)
 
 
+_WRITERS: list = []  # (pid, paths) of the forked processes writing figures (savefig(background=True))
+
+
 @_styled
 def savefig(fig, path_without_ext: str | Path, *, caption: str | None = None,
-            formats: Sequence[str] = ("png", "pdf"), close: bool = False) -> list[Path]:
-    """Write ``<path>.png`` and ``<path>.pdf`` (parent folders created); ``caption`` goes under the axes."""
+            formats: Sequence[str] = ("png", "pdf"), close: bool = False,
+            background: bool = False) -> list[Path]:
+    """Write ``<path>.png`` and ``<path>.pdf`` (parent folders created); ``caption`` goes under the axes.
+
+    ``background=True`` (Linux): a forked copy of this process writes the files (layout, text
+    and rasterisation are most of a figure's cost) while this one goes on, at most as many at
+    once as there are CPUs; :func:`wait_for_figures` waits for them and raises if one failed.
+    Returns the paths either way."""
+    import os
+    import sys
     path = Path(path_without_ext)
     if path.suffix.lower() in (".png", ".pdf"):
         path = path.with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     if caption:
         fig.supxlabel(caption, fontsize=7, color="0.3")
-    out = []
-    for ext in formats:
-        target = path.with_name(f"{path.name}.{ext}")
-        fig.savefig(target, bbox_inches="tight")
-        out.append(target)
+    out = [path.with_name(f"{path.name}.{ext}") for ext in formats]
+    if background and sys.platform == "linux" and (os.cpu_count() or 1) > 1:
+        while len(_WRITERS) >= (os.cpu_count() or 1):
+            _reap(_WRITERS.pop(0))
+        pid = os.fork()
+        if pid == 0:  # the writer: save, then leave without running the parent's exit handlers
+            code = 1
+            try:
+                for target in out:
+                    fig.savefig(target, bbox_inches="tight")
+                code = 0
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        _WRITERS.append((pid, out))
+    else:
+        for target in out:
+            fig.savefig(target, bbox_inches="tight")
     if close:
         import matplotlib.pyplot as plt
         plt.close(fig)
     return out
+
+
+def _reap(writer) -> None:
+    import os
+    pid, paths = writer
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"writing the figure {paths[0].with_suffix('')} failed (its traceback is above)")
+
+
+def wait_for_figures() -> None:
+    """Wait until every figure written with ``savefig(background=True)`` is on disk;
+    RuntimeError naming a figure whose writer failed."""
+    while _WRITERS:
+        _reap(_WRITERS.pop(0))
 
 
 # ----------------------------------------------------------------------------- approximation error

@@ -499,3 +499,13 @@ def test_plot_online_run_draws_a_record(tmp_path):
     assert len(fig.axes) == 4  # η, losses, μ and its twin β axis
     paths = plotting.savefig(fig, tmp_path / "run", close=True)
     assert all(p.stat().st_size > 5_000 for p in paths)
+    # written by forked writers: the same files once wait_for_figures returns; a failure is raised
+    fig = plotting.plot_online_run(r, "beale")
+    bg = plotting.savefig(fig, tmp_path / "bg" / "run", close=True, background=True)
+    plotting.wait_for_figures()
+    assert [p.name for p in bg] == ["run.png", "run.pdf"] and all(p.stat().st_size > 5_000 for p in bg)
+    fig = plotting.plot_online_run(r, "beale")
+    with pytest.raises((RuntimeError, ValueError)):  # forked: the writer's failure, named; else savefig's
+        plotting.savefig(fig, tmp_path / "bad", formats=("no-such-format",), close=True, background=True)
+        plotting.wait_for_figures()
+    assert not plotting._WRITERS

@@ -687,7 +687,8 @@ def make_figures(out_dir, functions) -> list:
                     transform=ax.transAxes)
         fig.suptitle(f"MARTHE Fig. 1 reproduction — {_TITLES.get(fn, fn)}: gradient descent, "
                      f"T = {meta['steps']}, η₀ = {lr0:g}, start {tuple(f.default_start)}", fontsize=9)
-        written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True,
+        written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True, background=True,
                                     caption=f"data: analytic function `{fn}` (testfunctions), float64; "
                                             f"records in {out.data_dir.name}/{fn}_*")
+    plotting.wait_for_figures()
     return written

@@ -935,7 +935,8 @@ def make_figures(out_dir, config: Config | None = None) -> list:
                  "SGD on MNIST, "
                  f"T = {len(next(iter(lrsopt.values())).final_lrs) if lrsopt else '?'} — optimised vs online "
                  "schedules", fontsize=9)
-    written += plotting.savefig(fig, out.figure("mnist_fig2"), caption=caption, close=True)
+    written += plotting.savefig(fig, out.figure("mnist_fig2"), caption=caption, close=True,
+                                      background=True)
 
     # every seed that has an LRS-OPT run (the paper's appendix, Fig. 5)
     if lrsopt:
@@ -943,12 +944,14 @@ def make_figures(out_dir, config: Config | None = None) -> list:
         fig, axes = plotting.figure(ncols=n, width=4.0, height=3.2)
         for ax, (s, r) in zip(np.atleast_1d(axes), lrsopt.items()):
             _schedules_panel(ax, online, labels, best, r, s)
-        written += plotting.savefig(fig, out.figure("mnist_schedules_all_seeds"), caption=caption, close=True)
+        written += plotting.savefig(fig, out.figure("mnist_schedules_all_seeds"), caption=caption, close=True,
+                                      background=True)
 
     if AUTO_LABEL in online:
         fig, ax = plotting.figure(width=5.0, height=3.4)
         _accuracy_panel(ax, online, [AUTO_LABEL], rec, "kappa")
-        written += plotting.savefig(fig, out.figure("mnist_accuracy_vs_kappa"), caption=caption, close=True)
+        written += plotting.savefig(fig, out.figure("mnist_accuracy_vs_kappa"), caption=caption, close=True,
+                                      background=True)
 
     bars = _final_accuracies(rec, online, labels, best)
     if bars:
@@ -958,7 +961,8 @@ def make_figures(out_dir, config: Config | None = None) -> list:
         plotting.plot_accuracy_bars(bars, ax=ax, colors=colors,
                                     title=f"final validation accuracy over seeds {seeds} (online methods "
                                           "in blue at their best β/κ; dots = seeds)")
-        written += plotting.savefig(fig, out.figure("mnist_methods_and_peers"), caption=caption, close=True)
+        written += plotting.savefig(fig, out.figure("mnist_methods_and_peers"), caption=caption, close=True,
+                                      background=True)
 
     # the approximation error: one column per analysed method (legends on the last column only)
     analysed = sorted(rec["analysis"].values(), key=lambda a: _order_key(a["label"]))
@@ -978,7 +982,9 @@ def make_figures(out_dir, config: Config | None = None) -> list:
                     ax.set_ylabel("")
         fig.suptitle(f"online estimates h vs exact hypergradients along each method's best run (seed "
                      f"{analysed[0]['seed']}); rows: values, relative error, η_t", fontsize=9)
-        written += plotting.savefig(fig, out.figure("mnist_approximation"), caption=caption, close=True)
+        written += plotting.savefig(fig, out.figure("mnist_approximation"), caption=caption, close=True,
+                                      background=True)
+    plotting.wait_for_figures()
     return written
 
 
