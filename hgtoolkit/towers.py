@@ -67,7 +67,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -450,13 +450,14 @@ def _number_or_tensor(v: Any) -> Any:
 
 def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
             bounds: "tuple[torch.Tensor, torch.Tensor] | None", differentiable: bool = True,
-            keep: dict | None = None) -> dict:
+            keep: dict | None = None, out_w: Any = None) -> dict:
     """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
     ``bounds``). ``t``: the step index, or one update count per leaf of a leaf-list state (the
     drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim).
     ``differentiable=False``: the dynamics' closed-form update (same numbers, fewer passes), for
     an update nothing differentiates (level 0 outside ``torch.func``); ``keep``: with it, a dict
-    that receives the update's intermediates for the next step's G¹ (``Dynamics.update``)."""
+    that receives the update's intermediates for the next step's G¹ (``Dynamics.update``);
+    ``out_w`` (with ``differentiable=False`` and one ``t``): buffers the new w is written into."""
     hp = dict(hp)
     lr = hp.pop("lr", level.lr)
     if lr_scale is not None:
@@ -466,7 +467,10 @@ def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict
         hp = {k: _number_or_tensor(v) for k, v in hp.items()}
     keeping = keep is not None and not differentiable
     if not isinstance(t, list):
-        out = dict(base_step(state, grad, lr, t, **hp, **({"keep": keep} if keeping else {})))
+        extra = {"keep": keep} if keeping else {}
+        if out_w is not None and not differentiable:
+            extra["out_state"] = {"w": out_w}
+        out = dict(base_step(state, grad, lr, t, **hp, **extra))
     else:
         buckets = by_count(t)
         out = {k: [None] * len(t) for k in state}
@@ -557,7 +561,8 @@ def _level0_hypergrad(level: Level, state: dict, grad: Any, t: "int | list[int]"
 
 
 def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
-         cotangent: Any = None, counts: "list[int] | None" = None, differentiable: bool = True) -> dict:
+         cotangent: Any = None, counts: "list[int] | None" = None, differentiable: bool = True,
+         out_w: Any = None, guard: Callable | None = None) -> dict:
     r"""One tower step (module docstring): Gᵏ_t bottom-up (one vjp of each level's previous
     update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
 
@@ -567,7 +572,11 @@ def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
     previous step did not update (∂w_t/∂x_1 = 0 there); ``counts`` (optional, with a leaf-list
     w) the number of earlier updates of each leaf, the ``t`` of its level-0 update (default t);
     ``differentiable=False`` when nothing differentiates the step (level 0's update then takes
-    the dynamics' closed form: same numbers, fewer passes).
+    the dynamics' closed form: same numbers, fewer passes); with it, ``out_w`` (buffers shaped
+    like w, e.g. the parameters themselves) receives the new w in place. ``guard(values,
+    hypergrads)`` runs before level 0's update, on the hyper-levels' new values and the
+    hypergradients: a result other than None stops the step there (w untouched) and is
+    returned as ``{"diverged": result}``.
     """
     levels = tower.levels
     n = len(levels)
@@ -586,8 +595,12 @@ def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
         hp = {name: new_v[k][i] for i, name in enumerate(lvl.tuned)} if k < n - 1 else {}
         tk = counts if k == 0 and counts is not None else t
         keep = {} if k == 0 and not differentiable and n > 1 else None
+        if k == 0 and guard is not None:
+            bad = guard(new_v, G[1:])
+            if bad is not None:
+                return {"diverged": bad}
         out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], tk, hp, scale, bounds,
-                      differentiable or k > 0, keep)
+                      differentiable or k > 0, keep, out_w if k == 0 else None)
         new_x[k] = out.pop("w")
         new_m[k] = out
         if k < n - 1:
@@ -1052,7 +1065,7 @@ class TowerOptimizer(DropIn):
                 return self._diverged(group, t, *bad)
         # a copy of g when the next step differentiates this update again (zero_grad() may zero
         # p.grad in place), and of w when weight decay makes that update depend on it (see _prev)
-        grads = [p.grad.detach().clone() if learns else p.grad.detach() for p in params]
+        grads = [self._grad_copy(p) if learns else p.grad.detach() for p in params]
         keep_w = learns and lvl0.weight_decay != 0
         w = [p.detach().clone() if keep_w else p.detach() for p in params]
         hs = group["tower_state"]
@@ -1090,18 +1103,25 @@ class TowerOptimizer(DropIn):
         lr0 = group["initial_lr_for_hyper"]
         scale = group["lr"] / lr0 if lr0 > 0 else 1.0
         counts = [self.state[p]["n_updates"] for p in params]
-        new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
-                   counts=counts if any(c != t for c in counts) else None, differentiable=False)
         lr_max = group["lr_max"] if group["lr_max"] is not None else (1e6 * lr0 if lr0 > 0 else math.inf)
-        bad = _divergence(tower, new, lr_max, scale)
-        if bad:
-            return self._diverged(group, t, *bad)
+        # the divergence criteria look at the hyper-levels only: checked before level 0 writes
+        # the new w straight into the parameters (a diverged step leaves them as they were)
+        guard = lambda values, hypergrads: _divergence(tower, {"values": values, "hypergrads": hypergrads},
+                                                       lr_max, scale)
+        new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
+                   counts=counts if any(c != t for c in counts) else None, differentiable=False,
+                   out_w=[p.detach() for p in params], guard=guard)
+        if "diverged" in new:
+            return self._diverged(group, t, *new["diverged"])
         for p, nw in zip(params, new["w"]):
-            p.copy_(nw)
+            if nw.data_ptr() != p.data_ptr():  # not written in place (per-parameter update counts)
+                p.copy_(nw)
         if learns:
             prev = new["prev"][0]
+            spare = self.__dict__.setdefault("_spare_grads", {})
             for j, (p, g) in enumerate(zip(params, grads)):
                 st = self.state[p]
+                spare[p] = st["prev_grad"]  # used up: the buffer of the next step's copy of g
                 st.update({"prev_" + k: prev["moments"][k][j] for k in keys}, prev_grad=g, last_step=t)
                 st.update({"kept_" + k: x[j] for k, x in prev.get("kept", {}).items()})
                 if keep_w:
@@ -1117,6 +1137,16 @@ class TowerOptimizer(DropIn):
         group["effective_lr"] = group["lr"] * group["lr_scale"]
         if self.record:
             self.histories[i].append(new)
+
+    def _grad_copy(self, p) -> torch.Tensor:
+        """A copy of ``p.grad`` for the next step's G¹ (your ``zero_grad(set_to_none=False)`` or
+        gradient accumulation may change ``p.grad`` in place), written into the buffer the
+        step before last used, so a step allocates nothing."""
+        buf = self.__dict__.setdefault("_spare_grads", {}).pop(p, None)
+        g = p.grad.detach()
+        if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
+            return g.clone()
+        return buf.copy_(g)
 
     def _loss_divergence(self, group: dict, loss, t: int):
         """The engine's loss criterion for a closure's loss (None when fine)."""
