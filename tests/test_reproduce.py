@@ -285,3 +285,16 @@ def test_fig1_constant_search_as_rows_equals_the_loop_of_train_runs():
             np.testing.assert_array_equal(a[key], b[key])
         assert a["best_lr"] == b["best_lr"]
     assert np.isinf(a["final"]).any() and np.isfinite(a["final"]).any()  # on Beale some diverge
+
+
+def test_composite_parts_run_side_by_side(tmp_path):
+    """A composite's parts but the last run in processes of their own (output in PART/run.log),
+    the last one here; the summaries come back by part, and a failed part is named with its log."""
+    from hgtoolkit.experiments import _run_parts
+    parts = _run_parts(("fig1", "hd"), "tiny", tmp_path, 0, False)
+    assert list(parts) == ["fig1", "hd"]
+    assert parts["fig1"]["experiment"] == "fig1" and parts["fig1"]["setting"] == "tiny"
+    assert (tmp_path / "fig1" / "run.log").exists() and (tmp_path / "fig1" / "summary.md").exists()
+    assert (tmp_path / "hd" / "summary.md").exists()
+    with pytest.raises(RuntimeError, match=r"'nope' failed.*run\.log"):
+        _run_parts(("nope", "fig1"), "tiny", tmp_path / "bad", 0, False)
