@@ -72,11 +72,16 @@ _DEFAULTS = {k: p.default for k, p in inspect.signature(_online.run).parameters.
              if k in RUN_KEYS and p.default is not inspect.Parameter.empty}
 
 
-def _cell_kwargs(cell: Any, i: int) -> dict:
+def _cell_kwargs(cell: Any, i: int) -> tuple[dict, Any]:
     """``online.run`` keyword arguments of ``cells[i]`` (a mapping or an object with ``.params``,
-    such as :class:`hgtoolkit.sweep.Cell`), with ``online.run``'s defaults and seed 0 when unset."""
-    params = getattr(cell, "params", cell)
-    if isinstance(params, Mapping) and "problem" in params:  # the cell's own problem (_setup)
+    such as :class:`hgtoolkit.sweep.Cell`), with ``online.run``'s defaults and seed 0 when unset,
+    and the cell's own problem (``"problem"``; None: the factory's)."""
+    from .problems import Problem
+    params, own = getattr(cell, "params", cell), None
+    if isinstance(params, Mapping) and "problem" in params:
+        own = params["problem"]
+        if not isinstance(own, Problem):
+            raise TypeError(f"cells[{i}]['problem'] must be a hgtoolkit Problem, got {type(own).__name__}")
         params = {k: v for k, v in params.items() if k != "problem"}
     if not isinstance(params, Mapping):
         raise TypeError(f"cells[{i}] must be a mapping of online.run arguments (or have a .params "
@@ -87,7 +92,7 @@ def _cell_kwargs(cell: Any, i: int) -> dict:
     for key in ("lr0", "steps"):
         if key not in params:
             raise TypeError(f"cells[{i}] is missing {key!r} (required by online.run)")
-    return {**_DEFAULTS, "seed": 0, **params}
+    return {**_DEFAULTS, "seed": 0, **params}, own
 
 
 @dataclass
@@ -190,8 +195,7 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
         raise ValueError(f"max_batch must be None or an int ≥ 1, got {max_batch!r}")
     groups: "OrderedDict[str, list]" = OrderedDict()
     for i, cell in enumerate(cells):
-        kw = _cell_kwargs(cell, i)
-        own = getattr(cell, "params", cell).get("problem") if isinstance(getattr(cell, "params", cell), Mapping) else None
+        kw, own = _cell_kwargs(cell, i)
         base, problem, cfg, dyn, T, eval_every, val_bs, config = _setup(problem_factory, kw, own)
         key = _group_key(problem, cfg, dyn, T, eval_every, val_bs)
         groups.setdefault(key, []).append((_Run(i, kw, base, problem, cfg, config), dyn, T, eval_every, val_bs))

@@ -204,3 +204,5 @@ def test_functions_side_by_side_in_one_batch_equal_single_runs():
     assert len(steps) >= 2 and sum(not r.diverged for r in results) >= 3
     with pytest.raises(TypeError, match="problem"):
         batched.run_online_batch(None, [dict(method="hd", lr0=1e-3, steps=3)])
+    with pytest.raises(TypeError, match=r"cells\[0\]\['problem'\]"):
+        batched.run_online_batch(None, [dict(problem="beale", method="hd", lr0=1e-3, steps=3)])
