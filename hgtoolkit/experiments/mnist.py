@@ -921,6 +921,8 @@ def make_figures(out_dir, config: Config | None = None) -> list:
     meta0 = next(iter(next(iter(online.values())).values()))[0] if online else {}
     caption = f"data: {plotting.describe_source(meta0.get('problem', {}))}; records in data/sweep"
     written = []
+    # each figure is written by a forked process while the next is drawn (waited for at the end)
+    save = lambda fig, name: plotting.savefig(fig, out.figure(name), caption=caption, close=True, background=True)
 
     best = {l: _method_summary([meta for meta, _ in online[l].values()])["best_index"] for l in labels}
 
@@ -935,8 +937,7 @@ def make_figures(out_dir, config: Config | None = None) -> list:
                  "SGD on MNIST, "
                  f"T = {len(next(iter(lrsopt.values())).final_lrs) if lrsopt else '?'} — optimised vs online "
                  "schedules", fontsize=9)
-    written += plotting.savefig(fig, out.figure("mnist_fig2"), caption=caption, close=True,
-                                      background=True)
+    written += save(fig, "mnist_fig2")
 
     # every seed that has an LRS-OPT run (the paper's appendix, Fig. 5)
     if lrsopt:
@@ -944,14 +945,12 @@ def make_figures(out_dir, config: Config | None = None) -> list:
         fig, axes = plotting.figure(ncols=n, width=4.0, height=3.2)
         for ax, (s, r) in zip(np.atleast_1d(axes), lrsopt.items()):
             _schedules_panel(ax, online, labels, best, r, s)
-        written += plotting.savefig(fig, out.figure("mnist_schedules_all_seeds"), caption=caption, close=True,
-                                      background=True)
+        written += save(fig, "mnist_schedules_all_seeds")
 
     if AUTO_LABEL in online:
         fig, ax = plotting.figure(width=5.0, height=3.4)
         _accuracy_panel(ax, online, [AUTO_LABEL], rec, "kappa")
-        written += plotting.savefig(fig, out.figure("mnist_accuracy_vs_kappa"), caption=caption, close=True,
-                                      background=True)
+        written += save(fig, "mnist_accuracy_vs_kappa")
 
     bars = _final_accuracies(rec, online, labels, best)
     if bars:
@@ -961,8 +960,7 @@ def make_figures(out_dir, config: Config | None = None) -> list:
         plotting.plot_accuracy_bars(bars, ax=ax, colors=colors,
                                     title=f"final validation accuracy over seeds {seeds} (online methods "
                                           "in blue at their best β/κ; dots = seeds)")
-        written += plotting.savefig(fig, out.figure("mnist_methods_and_peers"), caption=caption, close=True,
-                                      background=True)
+        written += save(fig, "mnist_methods_and_peers")
 
     # the approximation error: one column per analysed method (legends on the last column only)
     analysed = sorted(rec["analysis"].values(), key=lambda a: _order_key(a["label"]))
@@ -982,8 +980,7 @@ def make_figures(out_dir, config: Config | None = None) -> list:
                     ax.set_ylabel("")
         fig.suptitle(f"online estimates h vs exact hypergradients along each method's best run (seed "
                      f"{analysed[0]['seed']}); rows: values, relative error, η_t", fontsize=9)
-        written += plotting.savefig(fig, out.figure("mnist_approximation"), caption=caption, close=True,
-                                      background=True)
+        written += save(fig, "mnist_approximation")
     plotting.wait_for_figures()
     return written
 
