@@ -87,10 +87,13 @@ class _Step:
     def __init__(self, problem, dyn, state: dict, t: int, graph: bool):
         w = dyn.params(state)
         fn = closed_form(problem.train_loss, w)
-        if fn is not None:  # _w holds the Hessian
-            self.loss, self.grad, hessian = fn.value_grad_hessian(w.detach())
+        if fn is not None:  # _w holds the Hessian (when an HVP will be asked for)
+            if graph:
+                self.loss, self.grad, hessian = fn.value_grad_hessian(w.detach())
+                self._w, self._g = hessian, fn
+            else:
+                (self.loss, self.grad), self._w, self._g = fn.value_and_grad(w.detach()), None, None
             self.state, self._spec = state, None
-            self._w, self._g = (hessian, fn) if graph else (None, None)
             return
         leaves, spec = tree_flatten(w)
         with torch.enable_grad():
