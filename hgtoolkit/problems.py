@@ -49,6 +49,11 @@ class Problem:
     parameter rows (shape (R, *params0.shape)) to the R losses, row r from W[r] alone (the
     analytic test functions); a batch of runs is then differentiated in one autograd call
     instead of a ``vmap``.
+
+    A loss may bring its derivatives in closed form: a callable with ``value_and_grad(w)``,
+    ``value_grad_hessian(w)`` and ``hvp(hessian, v)`` (:class:`ClosedFormLoss`, what
+    :func:`from_function` gives the test functions) is differentiated by those instead of
+    autograd wherever the library needs g or H z, for a one-tensor ``params0``.
     """
 
     params0: Any
