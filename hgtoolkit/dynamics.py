@@ -516,6 +516,11 @@ class Adam(Dynamics):
                  for vv, gg, o in zip(L.leaves["v"], g, L.o("v"))]
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
         k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
+        if not (slopes or differentiable or L.keep is not None) and u_out and all(o is not None for o in u_out):
+            # D and then u in u's own buffer: the same kernels, no temporary of the model's size
+            u = [torch.div(mm, torch.sqrt(vv, out=o).mul_(k).add_(c1 * self.eps), out=o)
+                 for mm, vv, o in zip(m, v, u_out)]
+            return m, v, u, None, None
         if slopes:
             roots = [_sqrt_and_inverse_slope(vv) for vv in v]
         else:
