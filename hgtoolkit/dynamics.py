@@ -582,11 +582,11 @@ class Adam(Dynamics):
                 out[name] = -lr * (tree_dot(b, L.leaves["m"]) - tree_dot(b, g) - (dc1 / c1) * bar_u)
             else:
                 dc2 = -(t + 1) * b2 ** t
-                ratio = [torch.addcmul(vv, gg, gg, value=-1).div_(rr).nan_to_num_(nan=0.0)
-                         for vv, gg, rr in zip(L.leaves["v"], g, r)]
-                bu = [x * uu for x, uu in zip(b, u)]
+                # ⟨b·u, (v − g²)/r⟩ as ⟨b, u·(v − g²)/r⟩: one temporary, written in place
+                ratio_u = [torch.addcmul(vv, gg, gg, value=-1).div_(rr).nan_to_num_(nan=0.0).mul_(uu)
+                           for vv, gg, rr, uu in zip(L.leaves["v"], g, r, u)]
                 out[name] = lr * (-0.5 * (dc2 / c2) * (bar_u - c1 * self.eps * tree_dot(b, u))
-                                  + 0.5 * k * tree_dot(bu, ratio))
+                                  + 0.5 * k * tree_dot(b, ratio_u))
         return out
 
     def _adjoint(self, L, g, lr, t, h, bar):

@@ -365,8 +365,12 @@ class OnlineOptimizer(DropIn):
         new = _optimizer_step(engine, state, grads, counts, hvp)  # in place: p, moments, z
         for i, p in enumerate(params):
             st = self.state[p]
-            if engine.mu_rule is not None:
-                st["g_prev"] = grads[i].clone()
+            if engine.mu_rule is not None:  # the μ rule's ∇L_{t−1}, copied (p.grad is yours)
+                prev = st.get("g_prev")
+                if prev is not None and prev.shape == grads[i].shape and prev.dtype == grads[i].dtype:
+                    prev.copy_(grads[i])  # into last step's copy, used up by this step's μ rule
+                else:
+                    st["g_prev"] = grads[i].clone()
             st["n_updates"] += 1
         # a parameter this step skips keeps w, so its tangent decays: z_{t+1} = μ_t z_t (0 for HD)
         taking_part = set(map(id, params))
