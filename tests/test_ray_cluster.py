@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from hgtoolkit import _barrier, sweep
+from hgtoolkit import _barrier
 from hgtoolkit.sweep import Grid, Store
 
 pytestmark = pytest.mark.cluster
