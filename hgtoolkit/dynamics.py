@@ -525,8 +525,10 @@ class Adam(Dynamics):
             roots = [_sqrt_and_inverse_slope(vv) for vv in v]
         else:
             roots = [(_safe_sqrt(vv) if differentiable else torch.sqrt(vv), None) for vv in v]
-        if differentiable or L.keep is not None:  # (√v' kept for a later hyper_vjp)
+        if differentiable:
             den = [r * k + c1 * self.eps for r, _ in roots]
+        elif L.keep is not None:  # √v' kept for a later hyper_vjp: D in one new buffer
+            den = [torch.mul(r, k).add_(c1 * self.eps) for r, _ in roots]
         else:
             den = [r.mul_(k).add_(c1 * self.eps) for r, _ in roots]
         u_out = u_out or [None] * len(m)
