@@ -139,6 +139,9 @@ def _run_parts(parts: tuple[str, ...], setting: str, out: str | Path, seed: int,
                "--seed", str(seed), "--no-progress"]
         with open(log, "w") as fh:
             background.append((part, log, subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)))
+        if progress:
+            print(f"{part}: running beside {parts[-1]} in a process of its own (output in {log})",
+                  file=sys.stderr, flush=True)
     try:
         done = {parts[-1]: run_experiment(parts[-1], setting, out, seed, progress)}
     finally:
