@@ -327,13 +327,7 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     objective = engine.objective
     loss = P.batch_loss if data else P.train_loss
     x_dim = 0 if data else None
-    v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim))
-    v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim))
-    v_grad_val = vmap(grad_and_value(P.val_loss))
-    v_grad_val_batch = vmap(grad_and_value(P.batch_loss)) if val_bs is not None else None
-    v_val = vmap(P.val_loss)
-    v_loss = vmap(loss, in_dims=(0, x_dim))
-    segs: list = []
+    segs: list = []  # the row segments of the active runs (rows), kept up to date below
     if rows:  # one call of each function for all its rows (Problem.rowwise)
         v_grad = lambda W, x: _by_segments(segs, lambda p, W: rowwise_gradient_hvp(p.train_loss, W, None, x)[:2], W)
         v_grad_hvp = lambda W, Z, x: _by_segments(
@@ -341,6 +335,13 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
         v_grad_val = lambda W: _by_segments(segs, lambda p, W: rowwise_gradient_hvp(p.val_loss, W, None)[:2], W)
         v_val = lambda W: _by_segments(segs, lambda p, W: p.val_loss(W), W)
         v_loss = lambda W, x: _by_segments(segs, lambda p, W: p.train_loss(W, x), W)
+    else:
+        v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim))
+        v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim))
+        v_grad_val = vmap(grad_and_value(P.val_loss))
+        v_val = vmap(P.val_loss)
+        v_loss = vmap(loss, in_dims=(0, x_dim))
+    v_grad_val_batch = vmap(grad_and_value(P.batch_loss)) if val_bs is not None else None
     v_metrics = vmap(P.metric_tensors) if P.metric_tensors is not None else None
 
     def minibatch(t: int, active: list[_Run]):

@@ -516,22 +516,19 @@ class Adam(Dynamics):
                  for vv, gg, o in zip(L.leaves["v"], g, L.o("v"))]
         c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
         k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
-        if not (slopes or differentiable or L.keep is not None) and u_out and all(o is not None for o in u_out):
-            # D and then u in u's own buffer: the same kernels, no temporary of the model's size
-            u = [torch.div(mm, torch.sqrt(vv, out=o).mul_(k).add_(c1 * self.eps), out=o)
-                 for mm, vv, o in zip(m, v, u_out)]
-            return m, v, u, None, None
+        u_out = u_out or [None] * len(m)
         if slopes:
             roots = [_sqrt_and_inverse_slope(vv) for vv in v]
-        else:
-            roots = [(_safe_sqrt(vv) if differentiable else torch.sqrt(vv), None) for vv in v]
+        elif differentiable:
+            roots = [(_safe_sqrt(vv), None) for vv in v]
+        else:  # √v', then D, then u in u's own buffer when it has one (and √v' is not kept)
+            roots = [(torch.sqrt(vv, out=None if L.keep is not None else o), None) for vv, o in zip(v, u_out)]
         if differentiable:
             den = [r * k + c1 * self.eps for r, _ in roots]
         elif L.keep is not None:  # √v' kept for a later hyper_vjp: D in one new buffer
             den = [torch.mul(r, k).add_(c1 * self.eps) for r, _ in roots]
         else:
             den = [r.mul_(k).add_(c1 * self.eps) for r, _ in roots]
-        u_out = u_out or [None] * len(m)
         u = [torch.div(mm, dd, out=o) for mm, dd, o in zip(m, den, u_out)]
         if L.keep is not None:
             L.keep.update(u=u, den=den, root=[r for r, _ in roots])

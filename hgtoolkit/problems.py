@@ -191,13 +191,13 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
         raise ValueError("x0 is required when f is a callable")
     device = _resolve_device(device)
     x0 = torch.as_tensor(x0, dtype=dtype, device=device).clone()
-    if isinstance(f, testfunctions.TestFunction):
+    analytic = isinstance(f, testfunctions.TestFunction)
+    if analytic:
         train_loss = val_loss = ClosedFormLoss(f)
     else:
         train_loss, val_loss = (lambda w, t: f(w)), f
     return Problem(x0, train_loss, val_loss, name=name or getattr(f, "__name__", "function"), val_is_train=True,
-                   info={"data": "analytic function"},
-                   rowwise=isinstance(f, testfunctions.TestFunction) and x0.shape == (2,))
+                   info={"data": "analytic function"}, rowwise=analytic and x0.shape == (2,))
 
 
 def quadratic(A: Any, x0: Any, b: Any = None, *, dtype: torch.dtype = torch.float64,

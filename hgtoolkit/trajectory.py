@@ -67,8 +67,8 @@ def tangent_step(step: StepFn, state: dict, lr: torch.Tensor, t: int, z: Any, dl
 
 def closed_form(fn: Callable, w: Any):
     """``fn`` when it gives its derivatives in closed form
-    (:class:`hgtoolkit.problems.ClosedFormLoss`: ``value_and_grad``, ``hvp``) and ``w`` is one
-    tensor; else None (differentiate with autograd)."""
+    (:class:`hgtoolkit.problems.ClosedFormLoss`: ``value_and_grad``, ``value_grad_hessian``,
+    ``hvp``) and ``w`` is one tensor; else None (differentiate with autograd)."""
     return fn if isinstance(w, torch.Tensor) and hasattr(fn, "value_and_grad") else None
 
 
@@ -117,12 +117,8 @@ def rowwise_gradient_hvp(fn: Callable, W: torch.Tensor, Z: torch.Tensor | None, 
     r's gradient and Hessian-vector product, as the rows do not interact; the kernels of a single
     run (:func:`autograd_gradient_hvp`), on R rows; in closed form for a :func:`closed_form`
     loss."""
-    if closed_form(fn, W) is not None:
-        if Z is None:
-            L, G = fn.value_and_grad(W.detach())
-            return G, L, None
-        L, G, hessian = fn.value_grad_hessian(W.detach())
-        return G, L, fn.hvp(hessian, Z)
+    if closed_form(fn, W) is not None:  # the formulas take a stack of rows as they take one
+        return (*autograd_gradient(fn, W), None) if Z is None else autograd_gradient_hvp(fn, W, Z)
     with torch.enable_grad():
         Wr = W.detach().requires_grad_(True)
         L = fn(Wr, *args)
