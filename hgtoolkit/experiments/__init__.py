@@ -47,11 +47,6 @@ class Experiment:
             raise ValueError(f"experiment {self.name!r} is composite ({', '.join(self.parts)}); it has no module")
         return importlib.import_module(f"{__name__}.{self.module}")
 
-    @property
-    def available(self) -> bool:
-        """True: every registered experiment has its module (kept for callers of the old probe)."""
-        return True
-
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("fig1", "MARTHE Fig. 1: HD vs RTHO vs MARTHE on Beale and smoothed Bukin — best "

@@ -29,7 +29,7 @@ Writes, under ``<out>/fig1/``:
 
 - ``data/sweep/``: the constant search + LRS-OPT of each function as a sweep cell (kind
   ``fig1.lrsopt``, checkpointed), stored as it finishes: a re-run computes only the missing
-  cells (the online runs, one vmapped batch per function, take seconds and are recomputed);
+  cells (the online runs, one batch for all functions, take seconds and are recomputed);
 - ``data/<fn>_grid.npz`` / ``.json``: per (method, β): η_t, μ_t, f(w_t) (NaN after a
   divergence), best and final objective, the step it diverged at (−1: none);
 - ``data/<fn>_marthe_auto.{json,npz}`` (:class:`~hgtoolkit.online.OnlineResult`),

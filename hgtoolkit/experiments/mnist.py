@@ -316,11 +316,11 @@ def grids(config: Config) -> dict:
     return {"online": online, "lrsopt": lrsopt, "peers": peers}
 
 
-def _analysis_grids(config: Config, methods: dict) -> dict:
+def _analysis_grids(config: Config, methods: dict, online: dict) -> dict:
     """``{label: Grid}``: one cell per method, its best β/κ on the first seed; ``online_cell``
-    names the stored online run it analyses (:func:`run_analysis_cell`)."""
+    names the stored online run it analyses (:func:`run_analysis_cell`), a cell of the
+    ``online`` grids (:func:`grids`)."""
     from .. import sweep
-    online = grids(config)["online"]
     out = {}
     for spec in method_specs(config):
         value = methods[spec["label"]]["best_value"]
@@ -568,7 +568,7 @@ def load_records(out_dir, config: Config | None = None, *, analysis: bool = True
     bundle = {"config": config, "online": online, "lrsopt": lrsopt_runs, "peers": peer_runs,
               "methods": methods, "analysis": {}}
     if analysis and config.analyse:
-        agrids = _analysis_grids(config, methods)
+        agrids = _analysis_grids(config, methods, g["online"])
         arecs = common.cell_records(out, list(agrids.values())) if agrids else {}
         for label, gr in agrids.items():
             rec = _lookup(arecs, gr.cells(), "analysis")[0]
@@ -611,7 +611,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     agrids = []
     if config.analyse:
         methods = load_records(out, config, analysis=False, lrsopt=False, peers=False)["methods"]
-        agrids = list(_analysis_grids(config, methods).values())
+        agrids = list(_analysis_grids(config, methods, g["online"]).values())
     computed += common.run_cells(out, [*g["lrsopt"], *agrids, *g["peers"].values()],
                                  workers=config.workers, progress=progress).computed
     rec = load_records(out, config)
