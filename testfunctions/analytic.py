@@ -349,17 +349,17 @@ class BukinSharp(TestFunction):
                 + 0.01 * (torch.sqrt((x + 10.0) ** 2 + eps) - eps**0.5))
 
     def _root_derivs(self, x, y):
-        """``(p1, p2, u_x)``: d a^{1/4}/du, d^2 a^{1/4}/du^2 (a = u^2 + ε) and du/dx."""
+        """``(p1, p2, u_x, a)``: d a^{1/4}/du, d^2 a^{1/4}/du^2 (a = u^2 + ε), du/dx and a."""
         eps = self.EPS
         u = y - 0.01 * x * x
         a = u * u + eps
         a34 = a**0.75
         p1 = u / (2.0 * a34)
         p2 = (2.0 * eps - u * u) / (4.0 * a34 * a)
-        return p1, p2, -0.02 * x
+        return p1, p2, -0.02 * x, a
 
     def _grad(self, x, y):
-        p1, _, ux = self._root_derivs(x, y)
+        p1, _, ux, _ = self._root_derivs(x, y)
         s = x + 10.0
         q1 = s / torch.sqrt(s * s + self.EPS)
         return 100.0 * p1 * ux + 0.01 * q1, 100.0 * p1
@@ -369,12 +369,11 @@ class BukinSharp(TestFunction):
 
     def _derivatives(self, x, y):
         eps = self.EPS
-        p1, p2, ux = self._root_derivs(x, y)
-        u = y - 0.01 * x * x
+        p1, p2, ux, a = self._root_derivs(x, y)
         s = x + 10.0
         s2e = s * s + eps
         root = torch.sqrt(s2e)
-        value = 100.0 * ((u * u + eps) ** 0.25 - eps**0.25) + 0.01 * (root - eps**0.5)
+        value = 100.0 * (a**0.25 - eps**0.25) + 0.01 * (root - eps**0.5)
         return (value, 100.0 * p1 * ux + 0.01 * (s / root), 100.0 * p1,
                 100.0 * (p2 * ux * ux - 0.02 * p1) + 0.01 * (eps / (s2e * root)), 100.0 * p2 * ux,
                 100.0 * p2)
