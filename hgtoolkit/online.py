@@ -435,7 +435,7 @@ class Engine:
         return x.view(-1, *[1] * (like.dim() - 1)) if self.rows else x
 
     @property
-    def _direction_as_z(self) -> bool:
+    def direction_as_z(self) -> bool:
         """HD keeps d_t = −z_{t+1} by reference (class docstring)."""
         return not self.needs_hvp and self.owns_grad
 
@@ -468,7 +468,7 @@ class Engine:
         """
         s = state.settings
         h = self._dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
-        if self._direction_as_z:
+        if self.direction_as_z:
             h = -h
         lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
         beta, capped = state.beta, None
@@ -515,7 +515,7 @@ class Engine:
         dtype = w0.dtype
         lr = self._per_row(state.lr.to(dtype), w0)  # the step runs in the model's dtype (η: float64)
         outs = {"out_state": state.opt, "out_tangent": state.z} if self.donate else {}
-        if self._direction_as_z:  # z = −B_t = d_t by reference
+        if self.direction_as_z:  # z = −B_t = d_t by reference
             opt, z = dyn.tangent(state.opt, grad, lr, t, dlr=-1.0, keys=("w",),
                                  out_state=outs.get("out_state"))
         elif hvp is None:

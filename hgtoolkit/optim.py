@@ -96,6 +96,12 @@ def _nonneg(value: Any, name: str) -> float:
     return float(value)
 
 
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a and b live in the same storage (one may be a view or ``.detach()`` of the other)."""
+    pa = a.untyped_storage().data_ptr()
+    return pa != 0 and pa == b.untyped_storage().data_ptr()
+
+
 def loss_limit(ref: float, factor: float | None) -> float:
     """The engine's loss criterion (:meth:`online.Engine.check_loss`): a loss above
     ref + (factor − 1)·|ref| (= factor × ref for ref > 0) counts as divergence; inf when off."""
@@ -136,6 +142,71 @@ class DropIn(torch.optim.Optimizer):
             raise TypeError("sparse gradients are not supported")
         return params
 
+    # -- gradients kept until the next step ----------------------------------------------------
+    # HD needs g_t again at step t+1 (SGD: h_{t+1} = −v·g_t), a tower its G¹ input. A copy costs
+    # a memory pass per step; keeping p.grad itself is safe as long as nothing writes into that
+    # tensor before the next step. The usual loop never does: zero_grad() sets p.grad to None and
+    # backward() makes a new tensor. zero_grad(set_to_none=False), or gradients accumulated into
+    # p.grad across steps, would. So the first step copies and holds on to the tensors p.grad
+    # held; from the second step on, if p.grad is new memory at every step (``_grad_mode``
+    # "reference"), the gradients are kept by reference, else ("copy") copied. A kept tensor that
+    # p.grad still holds and that was written to since is caught at the next step
+    # (RuntimeError), and this optimizer's zero_grad(set_to_none=False) first turns kept
+    # references into copies. Steps whose gradients a closure computed (``_closure_grads``) copy.
+    _KEPT: tuple = ()  # the state keys that may hold a gradient kept by reference
+
+    def _observe_grads(self, backward_driven: bool = True) -> None:
+        """Called at the start of each step: learn (at the second step) whether p.grad is a new
+        tensor at every step, and whether this step may keep gradients by reference."""
+        mode = self.__dict__.get("_grad_mode")
+        if backward_driven and mode == "probe":
+            probe = self._grad_probe
+            fresh = all(p.grad is None or not _same_memory(p.grad, g) for p, g in probe.items())
+            mode = self._grad_mode = "reference" if fresh else "copy"
+            self._grad_probe = {}
+        elif backward_driven and mode is None:
+            self._grad_probe = {p: p.grad for g in self.param_groups for p in g["params"] if p.grad is not None}
+            self._grad_mode = "probe"
+        self._by_reference = backward_driven and mode == "reference"
+
+    def _check_kept(self, params: list, key: str) -> None:
+        """Raise if a gradient kept by reference under ``key`` was written to since it was kept."""
+        versions = self.__dict__.get("_kept_versions", {})
+        for p in params:
+            kept = self.state[p].get(key)
+            if kept is not None and p in versions and _same_memory(kept, p.grad) and kept._version != versions[p]:
+                raise RuntimeError(
+                    f"{type(self).__name__}: p.grad was changed in place since the last step "
+                    f"(zero_grad(set_to_none=False) or gradients accumulated into it), but that step "
+                    f"kept it as g_(t-1) for the hypergradient, having seen a new p.grad tensor at "
+                    f"every step before: zero the gradients the same way at every step (zero_grad() "
+                    f"sets them to None; this optimizer's zero_grad(set_to_none=False) is fine too)")
+
+    def _keep(self, p: torch.Tensor, g: torch.Tensor, spare: torch.Tensor | None) -> torch.Tensor:
+        """``g`` as kept until the next step: itself unless it is ``p.grad``'s memory and this step
+        may not keep that by reference; then a copy, into ``spare`` (a buffer of this optimizer
+        that the step used up) when it fits."""
+        if p.grad is None or not _same_memory(g, p.grad):
+            return g
+        if self._by_reference:
+            self.__dict__.setdefault("_kept_versions", {})[p] = g._version
+            return g
+        if (spare is not None and spare.shape == g.shape and spare.dtype == g.dtype
+                and spare.device == g.device and not _same_memory(spare, p.grad)):
+            return spare.copy_(g)
+        return g.clone()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not set_to_none:  # p.grad is about to be zeroed in place: kept references become copies
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    for k in (self._KEPT if st and p.grad is not None else ()):
+                        x = st.get(k)
+                        if x is not None and _same_memory(x, p.grad):
+                            st[k] = x.clone()
+        super().zero_grad(set_to_none)
+
     def _diverged(self, group: dict, step: int, what: str, value: float | None = None) -> None:
         """Report divergence of ``group`` at ``step`` (nothing of the step was applied)."""
         msg = f"training diverged at step {step}: {what}"
@@ -153,6 +224,13 @@ class DropIn(torch.optim.Optimizer):
 class OnlineOptimizer(DropIn):
     """The shared ``torch.optim`` wrapper around :class:`hgtoolkit.online.Engine` (module
     docstring); subclasses say which dynamics and hyper-settings a group has."""
+
+    # The engine's ``owns_grad``: HD keeps z as d_t = −z_{t+1} itself, not a copy of −d_t
+    # (SGDHD, whose μ is always 0). For plain SGD d_t is p.grad, which ``_keep`` keeps by
+    # reference or copies. False: z holds −d_t (AdamHD writes its direction into z's own buffer;
+    # MARTHE's groups may switch to μ ≠ 0, whose z has that sign).
+    _direction_as_z = False
+    _KEPT = ("z_w",)
 
     def __init__(self, params: Iterable, defaults: dict, *, objective: str = "train",
                  mu_rule: Callable | None = None, raise_on_divergence: bool = False):
@@ -177,28 +255,27 @@ class OnlineOptimizer(DropIn):
                 "momentum", "nesterov", "weight_decay", "betas", "eps")
 
     def _config(self, group: dict) -> online.HyperConfig:
-        """The group's validated hyper-settings (cached while its options stay the same)."""
-        key = repr([group.get(k) for k in self._OPTIONS])
-        cache = self.__dict__.setdefault("_configs", {})
-        if key not in cache:
-            cache.clear() if len(cache) > 64 else None
-            cache[key] = self._make_config(group)
-        return cache[key]
+        """The group's validated hyper-settings (rebuilt when its options change)."""
+        return self._setup(group)[0]
 
-    def _engine(self, group: dict, cfg: online.HyperConfig):
-        """(dynamics, Engine, Settings tensors) of a group with settings ``cfg``."""
-        key = ("engine", repr([group.get(k) for k in self._OPTIONS]))
-        cache = self.__dict__.setdefault("_configs", {})
-        if key not in cache:
-            ref = group["params"][0]
-            dyn = self._dynamics(group)
-            # donate: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
-            # owns_grad=False: HD copies d_t (for SGD p.grad itself, which a user may change in
-            # place, e.g. by accumulating gradients over steps) instead of keeping a reference
-            engine = dataclasses.replace(online.engine_for(cfg, dyn, donate=True), owns_grad=False)
-            cache[key] = (dyn, engine,
-                          cfg.settings(online.HYPER_DTYPE, ref.device))
-        return cache[key]
+    def _setup(self, group: dict) -> tuple:
+        """(HyperConfig, dynamics, Engine, Settings tensors) of a group, kept while its options
+        (and device) stay the same: compared by value at each step, without building anything."""
+        values = [group.get(k) for k in self._OPTIONS]
+        values.append(group["params"][0].device)
+        cache = self.__dict__.setdefault("_setups", {})
+        hit = cache.get(id(group))
+        if hit is not None and hit[0] == values:
+            return hit[1]
+        cfg = self._make_config(group)
+        dyn = self._dynamics(group)
+        # donate: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
+        engine = dataclasses.replace(online.engine_for(cfg, dyn, donate=True),
+                                     owns_grad=self._direction_as_z)
+        setup = (cfg, dyn, engine, cfg.settings(online.HYPER_DTYPE, values[-1]))
+        # a mutable option (a dict) is compared with a copy of what it was
+        cache[id(group)] = ([dict(v) if isinstance(v, dict) else v for v in values], setup)
+        return setup
 
     def _make_config(self, group: dict) -> online.HyperConfig:
         return online.hyper_config(lr0=group["initial_lr_for_hyper"], objective=self.objective,
@@ -284,6 +361,7 @@ class OnlineOptimizer(DropIn):
         hvp_groups = [k for k, (g, c) in enumerate(zip(groups, cfgs))
                       if c.needs_hvp and g["t"] > 0 and g["diverged_at"] is None]
         loss, hz = None, {}
+        self._observe_grads(backward_driven=closure is None)
         if closure is not None:
             loss, hz = self._closure_grads(closure, hvp_groups)
         elif hvp_groups:
@@ -302,7 +380,7 @@ class OnlineOptimizer(DropIn):
         params = self._active(group)
         if not params:
             return
-        dyn, engine, settings = self._engine(group, cfg)
+        _, dyn, engine, settings = self._setup(group)
         t = group["t"]
         ref = params[0]
         memo = self.__dict__.setdefault("_scalar_memo", {}).setdefault(id(group), {})
@@ -336,12 +414,17 @@ class OnlineOptimizer(DropIn):
         state = online.OnlineState(
             opt={"w": [p.detach() for p in params], **{k: [self.state[p][k] for p in params] for k in keys}},
             z={k: [self.state[p]["z_" + k] for p in params] for k in zkeys},
-            lr=f("lr", prev_lr), beta=f("beta_t", group["beta_t"]), mu=f("mu_t", group["mu_t"]),
+            # a constant β or μ is the group's option as it is now; an adaptive one its value
+            lr=f("lr", prev_lr), beta=f("beta_t", group["beta_t"] if cfg.beta_adaptive else cfg.beta0),
+            mu=f("mu_t", group["mu_t"] if cfg.mu_rule is not None else cfg.mu0),
             counter=f("mu_counter", group["mu_counter"]), h=f("hypergrad", group["hypergrad"]),
             g_prev=([self.state[p]["g_prev"] if "g_prev" in self.state[p] else torch.zeros_like(p)
                      for p in params] if engine.mu_rule is not None else None),
             ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
         grads = [p.grad for p in params]
+        kept_z = engine.direction_as_z  # z = d_t, which may be a kept p.grad
+        if kept_z:
+            self._check_kept(params, "z_w")
         base = group["lr"]
         scale = group["lr_scale"]
         if t > 0:
@@ -372,6 +455,8 @@ class OnlineOptimizer(DropIn):
                 else:
                     st["g_prev"] = grads[i].clone()
             st["n_updates"] += 1
+            if kept_z:
+                st["z_w"] = self._keep(p, new.z["w"][i], st["z_w"])
         # a parameter this step skips keeps w, so its tangent decays: z_{t+1} = μ_t z_t (0 for HD)
         taking_part = set(map(id, params))
         for p in group["params"]:
@@ -443,6 +528,8 @@ class SGDHD(OnlineOptimizer):
                         hypergrad_lr=hypergrad_lr, lr_floor=lr_floor, lr_max=lr_max,
                         divergence_factor=divergence_factor)
         super().__init__(params, defaults, objective="train", raise_on_divergence=raise_on_divergence)
+
+    _direction_as_z = True
 
     def _dynamics(self, group):
         return _dynamics.SGD(momentum=group["momentum"], nesterov=group["nesterov"],

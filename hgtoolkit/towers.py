@@ -1002,6 +1002,8 @@ class TowerOptimizer(DropIn):
     ``record=False`` skips the per-step history (and its device sync).
     """
 
+    _KEPT = ("prev_grad",)  # g_t for the next step's G¹, kept by reference where that is safe
+
     def __init__(self, params: Any, tower: "Level | str", *, record: bool = True,
                  lr_max: float | None = None, divergence_factor: float | None = 2.0,
                  raise_on_divergence: bool = False):
@@ -1048,6 +1050,7 @@ class TowerOptimizer(DropIn):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._observe_grads()
         for i, group in enumerate(self.param_groups):
             if group["diverged_at"] is None:
                 self._group_step(i, group, loss)
@@ -1063,9 +1066,11 @@ class TowerOptimizer(DropIn):
             bad = self._loss_divergence(group, loss, t)
             if bad:
                 return self._diverged(group, t, *bad)
-        # a copy of g when the next step differentiates this update again (zero_grad() may zero
-        # p.grad in place), and of w when weight decay makes that update depend on it (see _prev)
-        grads = [self._grad_copy(p) if learns else p.grad.detach() for p in params]
+        # the next step differentiates this update again: it keeps g (by reference or a copy,
+        # DropIn._keep), and a copy of w when weight decay makes that update depend on it (see _prev)
+        grads = [p.grad.detach() for p in params]
+        if learns:
+            self._check_kept(params, "prev_grad")
         keep_w = learns and lvl0.weight_decay != 0
         w = [p.detach().clone() if keep_w else p.detach() for p in params]
         hs = group["tower_state"]
@@ -1118,11 +1123,10 @@ class TowerOptimizer(DropIn):
                 p.copy_(nw)
         if learns:
             prev = new["prev"][0]
-            spare = self.__dict__.setdefault("_spare_grads", {})
             for j, (p, g) in enumerate(zip(params, grads)):
-                st = self.state[p]
-                spare[p] = st["prev_grad"]  # used up: the buffer of the next step's copy of g
-                st.update({"prev_" + k: prev["moments"][k][j] for k in keys}, prev_grad=g, last_step=t)
+                st = self.state[p]  # its prev_grad is used up: the buffer of a copy of g
+                st.update({"prev_" + k: prev["moments"][k][j] for k in keys},
+                          prev_grad=self._keep(p, g, st["prev_grad"]), last_step=t)
                 st.update({"kept_" + k: x[j] for k, x in prev.get("kept", {}).items()})
                 if keep_w:
                     st["prev_w"] = prev["x"][j]
@@ -1137,16 +1141,6 @@ class TowerOptimizer(DropIn):
         group["effective_lr"] = group["lr"] * group["lr_scale"]
         if self.record:
             self.histories[i].append(new)
-
-    def _grad_copy(self, p) -> torch.Tensor:
-        """A copy of ``p.grad`` for the next step's G¹ (your ``zero_grad(set_to_none=False)`` or
-        gradient accumulation may change ``p.grad`` in place), written into the buffer the
-        step before last used, so a step allocates nothing."""
-        buf = self.__dict__.setdefault("_spare_grads", {}).pop(p, None)
-        g = p.grad.detach()
-        if buf is None or buf.shape != g.shape or buf.dtype != g.dtype or buf.device != g.device:
-            return g.clone()
-        return buf.copy_(g)
 
     def _loss_divergence(self, group: dict, loss, t: int):
         """The engine's loss criterion for a closure's loss (None when fine)."""

@@ -244,3 +244,68 @@ def test_tower_divergence_is_reported_with_the_step():
     opt.step(closure)
     assert opt.param_groups[0]["diverged_at"] == 1
     assert all(torch.equal(a, b) for a, b in zip(frozen, net.parameters()))
+
+
+# -- g_t kept for the next step: by reference when p.grad is new memory at every step -----------
+
+KEEPERS = {
+    "SGDHD": lambda ps: optim.SGDHD(ps, lr=0.1, hypergrad_lr=1e-2),
+    "tower": lambda ps: towers.parse("sgd(lr=0.1) / sgd(lr=1e-2)").optimizer(ps),
+}
+
+
+def _zeroing_run(make, zero):
+    """T steps of the usual loop on a small net, zeroing the gradients with ``zero(net, opt, t)``."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    opt = make(list(net.parameters()))
+    for t in range(T):
+        x, y = BATCHES[t]
+        zero(net, opt, t)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net, opt
+
+
+ZEROING = {  # how the loop zeroes: the mode the drop-in must pick
+    "opt.zero_grad()": (lambda net, opt, t: opt.zero_grad(), "reference"),
+    "net.zero_grad(set_to_none=False)": (lambda net, opt, t: net.zero_grad(set_to_none=False), "copy"),
+    "opt.zero_grad(set_to_none=False)": (lambda net, opt, t: opt.zero_grad(set_to_none=False), "copy"),
+    "None, then in place from step 3": (lambda net, opt, t: opt.zero_grad(set_to_none=t < 3), "reference"),
+}
+
+
+@pytest.mark.parametrize("case", list(KEEPERS))
+def test_gradients_kept_by_reference_only_where_nothing_writes_them(case):
+    ref_net, ref_opt = _zeroing_run(KEEPERS[case], ZEROING["opt.zero_grad()"][0])
+    assert ref_opt.param_groups[0]["effective_lr"] != 0.1  # the LR did learn
+    for name, (zero, mode) in ZEROING.items():
+        net, opt = _zeroing_run(KEEPERS[case], zero)
+        assert opt._grad_mode == mode, name
+        for a, b in zip(net.parameters(), ref_net.parameters()):
+            assert torch.equal(a, b), name
+    # reference mode, then a zeroing in place the optimizer does not see: caught, not used
+    zero = lambda net, opt, t: opt.zero_grad() if t < 3 else net.zero_grad(set_to_none=False)
+    with pytest.raises(RuntimeError, match="changed in place since the last step"):
+        _zeroing_run(KEEPERS[case], zero)
+
+
+def test_constant_hyper_options_changed_mid_run_take_effect():
+    for make in (lambda ps: optim.SGDHD(ps, lr=0.1, hypergrad_lr=1e-2),
+                 lambda ps: optim.AdamHD(ps, lr=0.01, hypergrad_lr=1e-3)):
+        lrs = []
+
+        def zero(net, opt, t):
+            opt.zero_grad()
+            if t == 3:
+                opt.param_groups[0]["hypergrad_lr"] = 0.0
+            lrs.append(opt.param_groups[0]["effective_lr"])
+
+        _zeroing_run(make, zero)
+        assert lrs[1] != lrs[2] != lrs[3] and lrs[4] == lrs[5]  # β = 0 from step 3: η stays
+    net = Net()
+    opt = optim.MARTHE(net.parameters(), lr=0.1, beta=1e-2, mu=0.5, objective="train")
+    _steps(net, opt, range(3), closure=True)
+    opt.param_groups[0]["mu"] = 0.25
+    _steps(net, opt, range(3, 5), closure=True)
+    assert opt.param_groups[0]["mu_t"] == 0.25
