@@ -8,6 +8,11 @@ Issue 14's targets (full step = zero_grad + forward + backward + ``step``, float
   sgd/sgd ≤ 1.3× SGD, tower adam/sgd ≤ 2× Adam;
 - 64-128-10 MLP (batch 100, overhead-bound): SGDHD ≤ 2× SGD, MARTHE ≤ 4× SGD.
 
+Two *floor* rows time the cheapest code for the same computation in the same rounds: a minimal
+SGD-HD (one dot pass and torch.optim.SGD's update, nothing else) and torch.optim.SGD with the
+gradient + one Hessian-vector product that MARTHE/RTHO need (``MinimalSGDHD``,
+``GradientPlusHVP``): no drop-in written with PyTorch ops can be cheaper.
+
 Every optimizer trains its own copy of one ``torch.nn.Sequential`` (same initial weights, same
 random minibatches) in an ordinary loop. Ratios are medians of per-round ratios of interleaved
 runs (``common.interleaved``: the baseline is timed right before each candidate), so the load
@@ -54,6 +59,53 @@ CANDIDATES = {
                       False, {"3×500": 1.3}),
     "tower adam/sgd": ("Adam", lambda ps: towers.parse("adam(lr=1e-3) / sgd(lr=1e-5)").optimizer(ps),
                        False, {"3×500": 2.0}),
+}
+
+
+class MinimalSGDHD(torch.optim.Optimizer):
+    """Floor of SGD-HD written with torch ops: h = Σ ⟨g_t, g_{t−1}⟩ (one dot pass), η += β h as a
+    Python float, p −= η g (torch.optim.SGD's kernel), g_t kept by reference — no checks, no
+    state tensors, no divergence detection: what any Python SGD-HD costs at least."""
+
+    def __init__(self, params, lr, hypergrad_lr):
+        super().__init__(params, {"lr": lr})
+        self.beta, self.prev = hypergrad_lr, None
+
+    @torch.no_grad()
+    def step(self):
+        ps = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in ps]
+        group = self.param_groups[0]
+        if self.prev is not None:
+            h = sum(torch.dot(g.view(-1), q.view(-1)) for g, q in zip(grads, self.prev))
+            group["lr"] += self.beta * float(h)
+        for p, g in zip(ps, grads):
+            p.add_(g, alpha=-group["lr"])
+        self.prev = grads
+
+
+class GradientPlusHVP(torch.optim.SGD):
+    """Floor of MARTHE/RTHO as a drop-in: torch.optim.SGD whose closure's gradient is kept
+    with ``create_graph`` and differentiated once more along a stored z (H_t z): the gradient +
+    one HVP that no exact μ ≠ 0 method can skip, and nothing else."""
+
+    def step(self, closure):
+        ps = [p for g in self.param_groups for p in g["params"]]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(closure(), ps, create_graph=True)
+            z = self.state.setdefault("z", [torch.randn_like(p) * 1e-3 for p in ps])
+            hz = torch.autograd.grad(grads, ps, grad_outputs=z)
+        for p, g in zip(ps, grads):
+            p.grad = g.detach()
+        super().step()
+        return hz
+
+
+# floors: what the cheapest implementation of the same computation costs, timed like the rest
+FLOORS = {
+    "floor: minimal SGD-HD in torch ops": ("SGD", lambda ps: MinimalSGDHD(ps, lr=0.05, hypergrad_lr=1e-4),
+                                           False, {}),
+    "floor: SGD + gradient + one HVP": ("SGD", lambda ps: GradientPlusHVP(ps, lr=0.05), True, {}),
 }
 BASELINES = {"SGD": lambda ps: torch.optim.SGD(ps, lr=0.05),
              "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-3)}
@@ -120,7 +172,7 @@ def main(argv=None) -> int:
     for size in args.sizes:
         data = batches(size, args.steps)
         for base in BASELINES:
-            cands = {name: c for name, c in CANDIDATES.items() if c[0] == base}
+            cands = {name: c for name, c in {**CANDIDATES, **FLOORS}.items() if c[0] == base}
             res = common.interleaved(make(size, BASELINES[base], data), {
                 name: make(size, factory, data, closure) for name, (_, factory, closure, _) in cands.items()
             }, repeats=args.repeats, warmup=1)
