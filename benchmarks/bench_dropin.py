@@ -93,8 +93,9 @@ class GradientPlusHVP(torch.optim.SGD):
         ps = [p for g in self.param_groups for p in g["params"]]
         with torch.enable_grad():
             grads = torch.autograd.grad(closure(), ps, create_graph=True)
-            z = self.state.setdefault("z", [torch.randn_like(p) * 1e-3 for p in ps])
-            hz = torch.autograd.grad(grads, ps, grad_outputs=z)
+            if not hasattr(self, "z"):
+                self.z = [torch.randn_like(p) * 1e-3 for p in ps]
+            hz = torch.autograd.grad(grads, ps, grad_outputs=self.z)
         for p, g in zip(ps, grads):
             p.grad = g.detach()
         super().step()
