@@ -353,6 +353,8 @@ def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: An
     into ``out``/``dout`` (buffers, may be w and dw) when given."""
     out, dout = out or [None] * len(w), dout or [None] * len(w)
     new = [_axpy(p, lr, x, o) for p, x, o in zip(w, d, out)]
+    if dw is None and dd is None and dlr is not None and _is_one(-dlr) and not any(o is not None for o in dout):
+        return new, list(d)  # B_t for dη = −1 is d itself, whatever the scale of the zero tangents
     tan = []
     for i in range(len(w)):
         ddi, dwi, o = _column(dd, i), _column(dw, i), dout[i]

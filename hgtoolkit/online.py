@@ -492,7 +492,10 @@ class Engine:
         new = state._replace(lr=lr, beta=beta, mu=mu, counter=counter, h=h)
         if capped is not None:
             new = new._replace(beta_capped=state.beta_capped + capped.to(state.beta_capped.dtype))
-        # h, β not finite; η not finite or |η| > lr_max (a finite stand-in for "no bound")
+        # h, β not finite (a constant β is a validated number); η not finite or |η| > lr_max (a
+        # finite stand-in for "no bound")
+        if not self.adaptive_beta:
+            return _fail(new, t, [_nonfinite(h), ~(lr.abs() <= s.lr_max)], (4, 5))
         return _fail(new, t, [_nonfinite(h), ~(lr.abs() <= s.lr_max), _nonfinite(beta)], (4, 5, 6))
 
     def check_loss(self, state: OnlineState, loss: torch.Tensor, value: Any, t: int) -> OnlineState:

@@ -434,8 +434,12 @@ class OnlineOptimizer(DropIn):
             # the scheduler contract: m_t = η_t / (base LR of step t−1); η_t = base_t · m_t
             prev_base = base if group["prev_base"] is None else group["prev_base"]
             scale = learnt / prev_base if prev_base > 0 else scale
-        lr = base * scale
-        state = state._replace(lr=f("lr", lr))
+        if t > 0 and base == prev_base:  # the base LR stayed: η_t is the engine's own
+            lr = learnt
+            memo["lr"] = (lr, state.lr)
+        else:
+            lr = base * scale
+            state = state._replace(lr=f("lr", lr))
         if loss is not None:
             state = engine.check_loss(state, loss.to(online.HYPER_DTYPE), None, t)
         if int(state.diverged_at) >= 0:  # the step is not applied
