@@ -19,7 +19,14 @@ torch.optim semantics
   correction counts each parameter's own updates (``state[p]["n_updates"]``), as torch.optim
   does. A skipped parameter keeps w, so its tangent decays, z ← μ_t z (0 for HD).
 - Every group keeps its own options (``lr``, ``weight_decay``, ``momentum``, ``betas``,
-  ``hypergrad_lr``, …), read at every step; ``add_param_group`` adds a new online run.
+  ``hypergrad_lr``, a constant ``mu``, …), read at every step; ``add_param_group`` adds a new
+  online run.
+- Your ``p.grad`` is yours: SGDHD (plain SGD) and the towers need last step's gradient again at
+  the next step, and keep that tensor itself only where your loop gives ``p.grad`` as new memory
+  at every step (``zero_grad()``, which sets it to None; seen at the second step), else a copy.
+  A loop that later starts to zero or accumulate in place without this optimizer's
+  ``zero_grad`` gets a RuntimeError at the next step instead of a hypergradient from a changed
+  tensor (:meth:`DropIn._keep`).
 - ``state_dict()``/``load_state_dict()`` hold tensors and plain numbers only
   (``torch.load(..., weights_only=True)`` reads them); a custom ``mu_rule`` is not saved.
 
