@@ -78,10 +78,9 @@ def tree_dot(a: Any, b: Any) -> torch.Tensor:
     la, lb = tree_leaves(a), tree_leaves(b)
     if len(la) != len(lb):
         raise ValueError("tree_dot: trees have different structures")
-    out = _vdot(la[0], lb[0])
-    for x, y in zip(la[1:], lb[1:]):
-        out = out + _vdot(x, y)
-    return out
+    if len(la) <= 2:
+        return _vdot(la[0], lb[0]) if len(la) == 1 else _vdot(la[0], lb[0]) + _vdot(la[1], lb[1])
+    return torch.stack([_vdot(x, y) for x, y in zip(la, lb)]).sum()  # one sum, not a chain of adds
 
 
 def _vdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -330,6 +330,18 @@ def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = N
     return torch.addcmul(y, a, x, value=-1, out=out)
 
 
+def _axpy_in_place(ys: list, a: Any, xs: list) -> list:
+    """y_i ← y_i − a·x_i for every leaf with one ``torch._foreach_*`` call (the per-leaf
+    ``addcmul``/``sub`` of :func:`_axpy`, so the same numbers, without a Python call per leaf)."""
+    if _is_one(a):
+        torch._foreach_sub_(ys, xs)
+    else:
+        if not isinstance(a, torch.Tensor):
+            a = torch.tensor(a, dtype=xs[0].dtype, device=xs[0].device)
+        torch._foreach_addcmul_(ys, [a] * len(ys), xs, value=-1)
+    return ys
+
+
 def _axpby(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """y + a·x (``addcmul``; a a number or a 0-d tensor), into ``out`` when given."""
     if not isinstance(a, torch.Tensor):
@@ -352,7 +364,10 @@ def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: An
     passes at most: the scale is applied to dw − η dd, not to the incoming tangents), written
     into ``out``/``dout`` (buffers, may be w and dw) when given."""
     out, dout = out or [None] * len(w), dout or [None] * len(w)
-    new = [_axpy(p, lr, x, o) for p, x, o in zip(w, d, out)]
+    if len(w) > 1 and all(o is p for o, p in zip(out, w)):  # in place: one tensor-list kernel
+        new = _axpy_in_place(w, lr, d)
+    else:
+        new = [_axpy(p, lr, x, o) for p, x, o in zip(w, d, out)]
     if dw is None and dd is None and dlr is not None and _is_one(-dlr) and not any(o is not None for o in dout):
         return new, list(d)  # B_t for dη = −1 is d itself, whatever the scale of the zero tangents
     tan = []

@@ -176,12 +176,15 @@ class DropIn(torch.optim.Optimizer):
             self._grad_mode = "probe"
         self._by_reference = backward_driven and mode == "reference"
 
-    def _check_kept(self, params: list, key: str) -> None:
-        """Raise if a gradient kept by reference under ``key`` was written to since it was kept."""
-        versions = self.__dict__.get("_kept_versions", {})
-        for p in params:
-            kept = self.state[p].get(key)
-            if kept is not None and p in versions and _same_memory(kept, p.grad) and kept._version != versions[p]:
+    def _check_kept(self, params: list, kept_tensors: list) -> None:
+        """Raise if a gradient kept by reference (``kept_tensors[i]`` for ``params[i]``) was
+        written to since it was kept."""
+        versions = self.__dict__.get("_kept_versions")
+        if not versions:
+            return
+        for p, kept in zip(params, kept_tensors):
+            version = versions.get(id(p))
+            if version is not None and kept is not None and kept._version != version and _same_memory(kept, p.grad):
                 raise RuntimeError(
                     f"{type(self).__name__}: p.grad was changed in place since the last step "
                     f"(zero_grad(set_to_none=False) or gradients accumulated into it), but that step "
@@ -189,19 +192,27 @@ class DropIn(torch.optim.Optimizer):
                     f"every step before: zero the gradients the same way at every step (zero_grad() "
                     f"sets them to None; this optimizer's zero_grad(set_to_none=False) is fine too)")
 
-    def _keep(self, p: torch.Tensor, g: torch.Tensor, spare: torch.Tensor | None) -> torch.Tensor:
-        """``g`` as kept until the next step: itself unless it is ``p.grad``'s memory and this step
-        may not keep that by reference; then a copy, into ``spare`` (a buffer of this optimizer
-        that the step used up) when it fits."""
-        if p.grad is None or not _same_memory(g, p.grad):
-            return g
-        if self._by_reference:
-            self.__dict__.setdefault("_kept_versions", {})[p] = g._version
-            return g
-        if (spare is not None and spare.shape == g.shape and spare.dtype == g.dtype
-                and spare.device == g.device and not _same_memory(spare, p.grad)):
-            return spare.copy_(g)
-        return g.clone()
+    def _keep(self, params: list, kept: list, spares: list) -> list:
+        """``kept[i]`` as kept until the next step: itself unless it is ``params[i].grad``'s memory
+        and this step may not keep that by reference; then a copy, into ``spares[i]`` (a buffer of
+        this optimizer that the step used up) when it fits."""
+        out = list(kept)
+        versions = self.__dict__.setdefault("_kept_versions", {})
+        for i, (p, g) in enumerate(zip(params, kept)):
+            grad = p.grad
+            if grad is None or not _same_memory(g, grad):
+                continue
+            if self._by_reference:
+                versions[id(p)] = g._version
+                continue
+            versions.pop(id(p), None)
+            spare = spares[i]
+            if (spare is not None and spare.shape == g.shape and spare.dtype == g.dtype
+                    and spare.device == g.device and not _same_memory(spare, grad)):
+                out[i] = spare.copy_(g)
+            else:
+                out[i] = g.clone()
+        return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not set_to_none:  # p.grad is about to be zeroed in place: kept references become copies
@@ -405,33 +416,33 @@ class OnlineOptimizer(DropIn):
             memo["_fresh"] = {k: torch.tensor(v, dtype=torch.int64, device=ref.device)
                               for k, v in (("diverged_at", -1), ("why", 0), ("beta_capped", 0))}
         # the engine state of the parameters that take part in this step
-        for p in params:
-            st = self.state[p]
+        sts = [self.state[p] for p in params]
+        for p, st in zip(params, sts):
             if not st:  # first step of this parameter: its moments, zero tangent, no update yet
                 s0 = dyn.init(p.detach())
                 st.update({k: v for k, v in s0.items() if k != "w"}, n_updates=0)
-        keys = [k for k in self.state[ref] if not k.startswith("z_") and k not in ("g_prev", "n_updates")]
+        keys = [k for k in sts[0] if not k.startswith("z_") and k not in ("g_prev", "n_updates")]
         # the tangent: of w only for HD (A_t never applied), of the whole state otherwise
         zkeys = ["w", *keys] if engine.needs_hvp else ["w"]
-        for p in params:
+        for p, st in zip(params, sts):
             for k in zkeys:
-                if "z_" + k not in self.state[p]:
-                    self.state[p]["z_" + k] = torch.zeros_like(p)
+                if "z_" + k not in st:
+                    st["z_" + k] = torch.zeros_like(p)
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
         state = online.OnlineState(
-            opt={"w": [p.detach() for p in params], **{k: [self.state[p][k] for p in params] for k in keys}},
-            z={k: [self.state[p]["z_" + k] for p in params] for k in zkeys},
+            opt={"w": [p.detach() for p in params], **{k: [st[k] for st in sts] for k in keys}},
+            z={k: [st["z_" + k] for st in sts] for k in zkeys},
             # a constant β or μ is the group's option as it is now; an adaptive one its value
             lr=f("lr", prev_lr), beta=f("beta_t", group["beta_t"] if cfg.beta_adaptive else cfg.beta0),
             mu=f("mu_t", group["mu_t"] if cfg.mu_rule is not None else cfg.mu0),
             counter=f("mu_counter", group["mu_counter"]), h=f("hypergrad", group["hypergrad"]),
-            g_prev=([self.state[p]["g_prev"] if "g_prev" in self.state[p] else torch.zeros_like(p)
-                     for p in params] if engine.mu_rule is not None else None),
+            g_prev=([st["g_prev"] if "g_prev" in st else torch.zeros_like(p) for p, st in zip(params, sts)]
+                    if engine.mu_rule is not None else None),
             ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
         grads = [p.grad for p in params]
         kept_z = engine.direction_as_z  # z = d_t, which may be a kept p.grad
         if kept_z:
-            self._check_kept(params, "z_w")
+            self._check_kept(params, [st["z_w"] for st in sts])
         base = group["lr"]
         scale = group["lr_scale"]
         if t > 0:
@@ -455,10 +466,12 @@ class OnlineOptimizer(DropIn):
         hvp = None
         if engine.needs_hvp and t > 0:
             hvp = [hz[p] if hz is not None and p in hz else torch.zeros_like(p) for p in params]
-        counts = [self.state[p]["n_updates"] for p in params]
+        counts = [st["n_updates"] for st in sts]
         new = _optimizer_step(engine, state, grads, counts, hvp)  # in place: p, moments, z
-        for i, p in enumerate(params):
-            st = self.state[p]
+        if kept_z:
+            for st, z in zip(sts, self._keep(params, new.z["w"], [st["z_w"] for st in sts])):
+                st["z_w"] = z
+        for i, st in enumerate(sts):
             if engine.mu_rule is not None:  # the μ rule's ∇L_{t−1}, copied (p.grad is yours)
                 prev = st.get("g_prev")
                 if prev is not None and prev.shape == grads[i].shape and prev.dtype == grads[i].dtype:
@@ -466,11 +479,9 @@ class OnlineOptimizer(DropIn):
                 else:
                     st["g_prev"] = grads[i].clone()
             st["n_updates"] += 1
-            if kept_z:
-                st["z_w"] = self._keep(p, new.z["w"][i], st["z_w"])
         # a parameter this step skips keeps w, so its tangent decays: z_{t+1} = μ_t z_t (0 for HD)
-        taking_part = set(map(id, params))
-        for p in group["params"]:
+        taking_part = set(map(id, params)) if len(params) < len(group["params"]) else ()
+        for p in (group["params"] if taking_part else ()):
             st = self.state.get(p)
             if st and id(p) not in taking_part:
                 st.update({k: v * new.mu.to(v.dtype) for k, v in st.items() if k.startswith("z_")})

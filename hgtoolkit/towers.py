@@ -1070,7 +1070,7 @@ class TowerOptimizer(DropIn):
         # DropIn._keep), and a copy of w when weight decay makes that update depend on it (see _prev)
         grads = [p.grad.detach() for p in params]
         if learns:
-            self._check_kept(params, "prev_grad")
+            self._check_kept(params, [self.state[p].get("prev_grad") for p in params])
         keep_w = learns and lvl0.weight_decay != 0
         w = [p.detach().clone() if keep_w else p.detach() for p in params]
         hs = group["tower_state"]
@@ -1123,10 +1123,10 @@ class TowerOptimizer(DropIn):
                 p.copy_(nw)
         if learns:
             prev = new["prev"][0]
-            for j, (p, g) in enumerate(zip(params, grads)):
-                st = self.state[p]  # its prev_grad is used up: the buffer of a copy of g
-                st.update({"prev_" + k: prev["moments"][k][j] for k in keys},
-                          prev_grad=self._keep(p, g, st["prev_grad"]), last_step=t)
+            sts = [self.state[p] for p in params]  # their prev_grad is used up: buffers for copies of g
+            kept = self._keep(params, grads, [st["prev_grad"] for st in sts])
+            for j, (st, g) in enumerate(zip(sts, kept)):
+                st.update({"prev_" + k: prev["moments"][k][j] for k in keys}, prev_grad=g, last_step=t)
                 st.update({"kept_" + k: x[j] for k, x in prev.get("kept", {}).items()})
                 if keep_w:
                     st["prev_w"] = prev["x"][j]
