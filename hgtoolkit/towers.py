@@ -1115,7 +1115,7 @@ class TowerOptimizer(DropIn):
                                                        lr_max, scale)
         new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
                    counts=counts if any(c != t for c in counts) else None, differentiable=False,
-                   out_w=[p.detach() for p in params], guard=guard)
+                   out_w=[p.detach() for p in params] if keep_w else w, guard=guard)
         if "diverged" in new:
             return self._diverged(group, t, *new["diverged"])
         for p, nw in zip(params, new["w"]):
