@@ -599,7 +599,9 @@ class Adam(Dynamics):
             else:
                 dc2 = -(t + 1) * b2 ** t
                 # ⟨b·u, (v − g²)/r⟩ as ⟨b, u·(v − g²)/r⟩: one temporary, written in place
-                ratio_u = [torch.addcmul(vv, gg, gg, value=-1).div_(rr).nan_to_num_(nan=0.0).mul_(uu)
+                # 0 where r = 0, also where (1 − β2)·g² underflowed to v' = 0 while g² did not
+                ratio_u = [torch.addcmul(vv, gg, gg, value=-1).div_(rr)
+                           .nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).mul_(uu)
                            for vv, gg, rr, uu in zip(L.leaves["v"], g, r, u)]
                 out[name] = lr * (-0.5 * (dc2 / c2) * (bar_u - c1 * self.eps * tree_dot(b, u))
                                   + 0.5 * k * tree_dot(b, ratio_u))

@@ -216,3 +216,19 @@ def test_update_keeps_what_the_hyperparameter_adjoint_reuses(dyn):
     reused = dyn.hyper_vjp(state, g, lr, t, bar, names, kept=keep)
     for n in names:
         assert torch.equal(fresh[n], reused[n])
+
+
+def test_adam_beta2_adjoint_is_finite_where_the_second_moment_underflows():
+    """float32, first step, g so small that (1 − β2)·g² underflows to v' = 0 while g² does not:
+    the β2 term takes the safe square root's 0 there (as at v' = 0 exactly) instead of ±inf, and
+    the result equals the same update with those entries' g set to 0."""
+    dyn = dynamics.adam()
+    g = torch.tensor([1e-22, -3e-22, 0.5, -0.25], dtype=torch.float32)
+    assert float((1 - dyn.beta2) * g[0] ** 2) == 0.0 and float(g[0] ** 2) > 0
+    state = dyn.init(torch.zeros(4))
+    bar = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    names = ("lr", "beta1", "beta2")
+    got = dyn.hyper_vjp(state, g, torch.tensor(0.01), 0, bar, names)
+    assert all(torch.isfinite(got[n]) for n in names)
+    tiny_zeroed = dyn.hyper_vjp(state, torch.where(g.abs() < 1e-20, 0.0, g), torch.tensor(0.01), 0, bar, names)
+    torch.testing.assert_close(got["beta2"], tiny_zeroed["beta2"], rtol=1e-5, atol=1e-6)
