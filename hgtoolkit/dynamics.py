@@ -370,6 +370,13 @@ def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: An
         new = [_axpy(p, lr, x, o) for p, x, o in zip(w, d, out)]
     if dw is None and dd is None and dlr is not None and _is_one(-dlr) and not any(o is not None for o in dout):
         return new, list(d)  # B_t for dη = −1 is d itself, whatever the scale of the zero tangents
+    if (len(w) > 1 and dw is not None and dd is not None and dlr is not None
+            and all(x is not None and o is x for o, x in zip(dout, dw)) and all(x is not None for x in dd)):
+        # in place into dw (μ A_t z + B_t of a single run): the loop's three kernels as tensor-list ones
+        _axpy_in_place(dw, lr, dd)
+        if scale is not None and not _is_one(scale):
+            torch._foreach_mul_(dw, scale)
+        return new, _axpy_in_place(dw, dlr, d)
     tan = []
     for i in range(len(w)):
         ddi, dwi, o = _column(dd, i), _column(dw, i), dout[i]
