@@ -332,7 +332,10 @@ def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = N
 
 def _axpy_in_place(ys: list, a: Any, xs: list) -> list:
     """y_i ← y_i − a·x_i for every leaf with one ``torch._foreach_*`` call (the per-leaf
-    ``addcmul``/``sub`` of :func:`_axpy`, so the same numbers, without a Python call per leaf)."""
+    ``addcmul``/``sub`` of :func:`_axpy`, so the same numbers, without a Python call per leaf);
+    leaf by leaf where the leaves' dtypes or devices differ (a number a takes each leaf's dtype)."""
+    if any(y.dtype != ys[0].dtype or y.device != ys[0].device for y in ys):
+        return [_axpy(y, a, x, y) for y, x in zip(ys, xs)]
     if _is_one(a):
         torch._foreach_sub_(ys, xs)
     else:
