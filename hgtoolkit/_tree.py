@@ -78,8 +78,8 @@ def tree_dot(a: Any, b: Any) -> torch.Tensor:
     la, lb = tree_leaves(a), tree_leaves(b)
     if len(la) != len(lb):
         raise ValueError("tree_dot: trees have different structures")
-    if len(la) <= 2:
-        return _vdot(la[0], lb[0]) if len(la) == 1 else _vdot(la[0], lb[0]) + _vdot(la[1], lb[1])
+    if len(la) == 1:
+        return _vdot(la[0], lb[0])
     return torch.stack([_vdot(x, y) for x, y in zip(la, lb)]).sum()  # one sum, not a chain of adds
 
 

@@ -219,7 +219,9 @@ class DropIn(torch.optim.Optimizer):
             for group in self.param_groups:
                 for p in group["params"]:
                     st = self.state.get(p)
-                    for k in (self._KEPT if st and p.grad is not None else ()):
+                    if not st or p.grad is None:
+                        continue
+                    for k in self._KEPT:
                         x = st.get(k)
                         if x is not None and _same_memory(x, p.grad):
                             st[k] = x.clone()
@@ -480,11 +482,12 @@ class OnlineOptimizer(DropIn):
                     st["g_prev"] = grads[i].clone()
             st["n_updates"] += 1
         # a parameter this step skips keeps w, so its tangent decays: z_{t+1} = μ_t z_t (0 for HD)
-        taking_part = set(map(id, params)) if len(params) < len(group["params"]) else ()
-        for p in (group["params"] if taking_part else ()):
-            st = self.state.get(p)
-            if st and id(p) not in taking_part:
-                st.update({k: v * new.mu.to(v.dtype) for k, v in st.items() if k.startswith("z_")})
+        if len(params) < len(group["params"]):
+            taking_part = set(map(id, params))
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st and id(p) not in taking_part:
+                    st.update({k: v * new.mu.to(v.dtype) for k, v in st.items() if k.startswith("z_")})
         numbers = {"beta_t": new.beta, "mu_t": new.mu, "mu_counter": new.counter,
                    "hypergrad": new.h, "ref_loss": new.ref_loss}
         numbers = {k: (float(v), v) for k, v in numbers.items()}

@@ -1069,8 +1069,9 @@ class TowerOptimizer(DropIn):
         # the next step differentiates this update again: it keeps g (by reference or a copy,
         # DropIn._keep), and a copy of w when weight decay makes that update depend on it (see _prev)
         grads = [p.grad.detach() for p in params]
+        sts = [self.state[p] for p in params]
         if learns:
-            self._check_kept(params, [self.state[p].get("prev_grad") for p in params])
+            self._check_kept(params, [st.get("prev_grad") for st in sts])
         keep_w = learns and lvl0.weight_decay != 0
         w = [p.detach().clone() if keep_w else p.detach() for p in params]
         hs = group["tower_state"]
@@ -1080,8 +1081,7 @@ class TowerOptimizer(DropIn):
                   "prev": full["prev"][1:], "hypergrads": full["hypergrads"],
                   "scale": full["prev"][0]["scale"] if learns else None}
         keys = [k for k in lvl0.base.init(w[0]) if k != "w"]
-        for p, x in zip(params, w):
-            st = self.state[p]
+        for st, x in zip(sts, w):
             if not st:  # first step of this parameter: its moments; no previous update
                 st.update({k: v for k, v in lvl0.base.init(x).items() if k != "w"}, n_updates=0)
                 if learns:
@@ -1089,12 +1089,11 @@ class TowerOptimizer(DropIn):
                               last_step=-1)
             if keep_w and "prev_w" not in st:
                 st["prev_w"] = x
-        moments0 = {k: [self.state[p][k] for p in params] for k in keys}
+        moments0 = {k: [st[k] for st in sts] for k in keys}
         state = {"w": w, "moments": [moments0, *hs["moments"]], "raw": hs["raw"],
                  "values": hs["values"], "prev": [], "hypergrads": hs["hypergrads"]}
         cot = None
         if learns:
-            sts = [self.state[p] for p in params]
             prev0 = {"moments": {k: [st["prev_" + k] for st in sts] for k in keys},
                      "grad": [st["prev_grad"] for st in sts], "scale": hs["scale"]}
             if keep_w:
@@ -1107,7 +1106,7 @@ class TowerOptimizer(DropIn):
                 cot = [g if st["last_step"] == t - 1 else torch.zeros_like(g) for g, st in zip(grads, sts)]
         lr0 = group["initial_lr_for_hyper"]
         scale = group["lr"] / lr0 if lr0 > 0 else 1.0
-        counts = [self.state[p]["n_updates"] for p in params]
+        counts = [st["n_updates"] for st in sts]
         lr_max = group["lr_max"] if group["lr_max"] is not None else (1e6 * lr0 if lr0 > 0 else math.inf)
         # the divergence criteria look at the hyper-levels only: checked before level 0 writes
         # the new w straight into the parameters (a diverged step leaves them as they were)
@@ -1123,7 +1122,7 @@ class TowerOptimizer(DropIn):
                 p.copy_(nw)
         if learns:
             prev = new["prev"][0]
-            sts = [self.state[p] for p in params]  # their prev_grad is used up: buffers for copies of g
+            # their prev_grad is used up: the buffers for copies of g
             kept = self._keep(params, grads, [st["prev_grad"] for st in sts])
             for j, (st, g) in enumerate(zip(sts, kept)):
                 st.update({"prev_" + k: prev["moments"][k][j] for k in keys}, prev_grad=g, last_step=t)
@@ -1132,9 +1131,9 @@ class TowerOptimizer(DropIn):
                     st["prev_w"] = prev["x"][j]
             hs = {"moments": new["moments"][1:], "raw": new["raw"], "values": new["values"],
                   "prev": new["prev"][1:], "hypergrads": new["hypergrads"], "scale": prev["scale"]}
-        for j, p in enumerate(params):
-            self.state[p].update({k: new["moments"][0][k][j] for k in keys})
-            self.state[p]["n_updates"] += 1
+        for j, st in enumerate(sts):
+            st.update({k: new["moments"][0][k][j] for k in keys})
+            st["n_updates"] += 1
         learnt = hyperparameters(tower, hs)[0]["lr"] if learns else tower.lr
         group.update(tower_state=hs if learns else None, t=t + 1,
                      lr_scale=learnt / lr0 if lr0 > 0 else 1.0)
