@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import env_info, format_table, row, write_results  # noqa: E402
 
 from hgtoolkit import exact, lrsopt, online  # noqa: E402
-from hgtoolkit.experiments import mnist  # noqa: E402
+from hgtoolkit.experiments import mnist, mnist_cells  # noqa: E402
 
 
 class EvaluationLog:
@@ -92,7 +92,7 @@ def hypergradient_seconds(problem, T: int, repeats: int = 2) -> float:
 
 
 def online_seconds(problem, T: int) -> float:
-    cell = mnist._cell(mnist.Config.full(), mnist.method_specs(mnist.Config.full())[-1], 1e-3, 0)
+    cell = mnist_cells.cell_params(mnist.Config.full(), mnist.method_specs(mnist.Config.full())[-1], 1e-3, 0)
     cell["steps"] = T
     t0 = time.perf_counter()
     with warnings.catch_warnings():

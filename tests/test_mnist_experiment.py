@@ -179,7 +179,7 @@ def test_the_analysis_of_the_stored_run_equals_that_of_the_recomputed_run(tiny):
     from hgtoolkit.sweep.store import Store
     root, summary = tiny
     cfg = mnist.Config.tiny()
-    grid = mnist._analysis_grids(cfg, summary["methods"], mnist.grids(cfg)["online"])["RTHO"]
+    grid = mnist.analysis_grids(cfg, summary["methods"], mnist.grids(cfg)["online"])["RTHO"]
     (cell,) = grid.cells()
     problem = mnist.problem(cfg, cell.params["seed"])
     store = Store(root / "data" / "sweep")
