@@ -64,8 +64,10 @@ import torch
 from . import dynamics as _dynamics
 from . import records
 from ._tree import tree_dot
+from .errors import moved
 from .exact import hypergradient
-from .trajectory import autograd_gradient, autograd_gradient_hvp, check_finite, check_lrs, progress_bar
+from .divergence import VALIDATION_LOSS, check_finite
+from .trajectory import autograd_gradient, autograd_gradient_hvp, check_lrs, progress_bar
 
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
            "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
@@ -135,7 +137,7 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
         _, b_t = dyn.tangent(state.opt, g, lrs[t], t)
         state = engine.optimizer_step(state, g, t, hz)
         gE, E = autograd_gradient(problem.val_loss, dyn.params(state.opt))
-        check_finite(E, t, dyn.params(state.opt))
+        check_finite(E, t, dyn.params(state.opt), VALIDATION_LOSS)
         one_step[t] = tree_dot(gE, dyn.params(b_t))
         constant_lr[t] = tree_dot(gE, dyn.params(state.z))
         val_losses[t], train_losses[t] = E.detach(), loss.detach()
@@ -570,10 +572,4 @@ def horizon_ladder_online(result: Any, problem, Ks: Any = (1, 10, 100, None)) ->
 
 # ----------------------------------------------------------------------------- plotting
 
-def __getattr__(name: str):
-    """``analysis.plot_approximation`` is :func:`hgtoolkit.plotting.plot_approximation` (plotting
-    reads reports; analysis does not draw)."""
-    if name == "plot_approximation":
-        from .plotting import plot_approximation
-        return plot_approximation
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+plot_approximation = moved("hgtoolkit.analysis.plot_approximation", "hgtoolkit.plotting.plot_approximation")

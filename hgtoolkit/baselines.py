@@ -48,11 +48,11 @@ Example::
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import math
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -64,9 +64,9 @@ from torch import nn
 from . import dynamics as _dynamics
 from . import records
 from ._tree import tree_clone, tree_flatten, tree_unflatten
-from .errors import DivergenceError, DivergenceWarning
+from .divergence import VALIDATION_LOSS, Divergence, DivergenceError, check_finite
 from .problems import Problem
-from .trajectory import check_finite, check_lrs, make_step, progress_bar
+from .trajectory import check_lrs, make_step, progress_bar
 
 __all__ = ["constant", "exponential_decay", "step_decay", "cosine_warm_restarts", "PeerResult",
            "run_peer", "PEERS", "SchedulePeer", "LRFreePeer"]
@@ -199,13 +199,13 @@ def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dic
         nonlocal final_params
         with runner.evaluation() as params, torch.no_grad():
             value = problem.val_loss(params)
-            check_finite(value, done - 1, params)  # E(w_k) non-finite: step k−1 made it so
+            check_finite(value, done - 1, params, VALIDATION_LOSS)  # E(w_k) non-finite: step k−1 made it so
             metrics = problem.metrics(params) if problem.metrics is not None else {}
             if keep_params and done == steps:
                 final_params = tree_clone(params)
         evals.append((done, float(value), float(metrics.get("val_accuracy", math.nan))))
 
-    diverged: DivergenceError | None = None
+    diverged: Divergence | None = None
     start = time.perf_counter()
     try:
         evaluate(0)
@@ -215,9 +215,8 @@ def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dic
             lrs.append(lr)
             if (t + 1) % eval_every == 0 or t + 1 == steps:
                 evaluate(t + 1)
-    except DivergenceError as err:
-        diverged = err
-        diverged.step = max(err.step, 0)
+    except DivergenceError as err:  # a non-finite E(w_0) is reported at step 0
+        diverged = dataclasses.replace(err.divergence, step=max(err.step, 0))
     wall_time = time.perf_counter() - start
     ev = np.asarray(evals, dtype=np.float64).reshape(-1, 3)
     result = PeerResult(
@@ -225,13 +224,13 @@ def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dic
         eval_steps=ev[:, 0].astype(np.int64), val_losses=ev[:, 1],
         val_accuracy=ev[:, 2] if problem.metrics is not None else None,
         diverged_at=None if diverged is None else diverged.step,
-        divergence=None if diverged is None else str(diverged), wall_time=wall_time,
+        divergence=None if diverged is None else diverged.message, wall_time=wall_time,
         final_params=final_params)
     if diverged is not None:
         if raise_on_divergence:
-            raise diverged
-        warnings.warn(f"peer {config['method']} run stopped: {diverged} (result.diverged_at="
-                      f"{diverged.step})", DivergenceWarning, stacklevel=3)
+            raise diverged.error()
+        diverged.warn(f"peer {config['method']} run stopped: ", f" (result.diverged_at={diverged.step})",
+                      stacklevel=3)
     return result
 
 

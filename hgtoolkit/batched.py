@@ -34,7 +34,6 @@ import inspect
 import json
 import math
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -45,7 +44,6 @@ from torch.func import grad_and_value, vmap
 from . import marthe as _marthe
 from . import online as _online
 from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_flatten, tree_map
-from .errors import DivergenceWarning
 from .trajectory import progress_bar, rowwise_gradient_hvp
 
 __all__ = ["run_online_batch", "RUN_KEYS", "default_max_batch"]
@@ -202,7 +200,7 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
 
     results: list = [None] * len(cells)
     if batch is None:
-        batch = any(_batching_pays(m[0][0].problem) for m in groups.values())
+        batch = any(batching_pays(m[0][0].problem) for m in groups.values())
     if not batch:
         for members in groups.values():
             for run, *_ in members:
@@ -250,7 +248,7 @@ def _by_segments(segs: list, fn: Callable, *stacks):
                  for k in range(len(parts[0])))
 
 
-def _batching_pays(problem) -> bool:
+def batching_pays(problem) -> bool:
     """Does a vmapped (or native) batch beat a loop of single runs for this problem (measured:
     :func:`run_online_batch`)?"""
     return bool(problem.rowwise) or problem.device.type != "cpu"
@@ -469,7 +467,6 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
         res = _online.build_result(run.config, run.auxes, times, run.evals, run.state, wall,
                                    P.metrics is not None, run.final_params)
         results.append(res)
-        if res.diverged:
-            warnings.warn(f"online {run.cfg.method} run stopped: {res.divergence} (result.diverged_at="
-                          f"{res.diverged_at})", DivergenceWarning, stacklevel=3)
+        _online.report_divergence(_online.divergence_of(run.config, run.auxes, run.state), run.cfg.method,
+                                  False, stacklevel=3)
     return results

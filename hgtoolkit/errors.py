@@ -1,27 +1,21 @@
-"""Errors the toolkit raises on purpose."""
+"""Errors the toolkit raises on purpose. The divergence types live in :mod:`hgtoolkit.divergence`
+(with the rule that raises them); they are importable from here too."""
 from __future__ import annotations
 
+from .divergence import DivergenceError, DivergenceWarning
 
-class DivergenceError(FloatingPointError):
-    """Training produced a non-finite loss or parameters.
-
-    ``step`` is the 0-based training step at which it was detected (the step whose
-    minibatch loss, or whose resulting parameters, were NaN/inf); ``what`` says which.
-    """
-
-    def __init__(self, step: int, what: str = "loss", value: float | None = None):
-        self.step = step
-        self.what = what
-        self.value = value
-        msg = f"training diverged at step {step}: {what} is not finite"
-        if value is not None:
-            msg += f" ({value})"
-        super().__init__(msg)
+__all__ = ["DivergenceError", "DivergenceWarning", "MovedError", "moved"]
 
 
-class DivergenceWarning(RuntimeWarning):
-    """An online run stopped because it diverged (non-finite values or an exploding LR).
+class MovedError(AttributeError):
+    """A public name that moved: the message names its new place."""
 
-    The run's record says where (``result.diverged_at``); pass ``raise_on_divergence=True``
-    to get a :class:`DivergenceError` instead.
-    """
+
+def moved(old: str, new: str):
+    """A stand-in for the public name ``old`` that moved to ``new``: calling it raises
+    :class:`MovedError` naming ``new`` (no silent forwarding)."""
+    def stand_in(*args, **kwargs):
+        raise MovedError(f"{old} moved to {new}: import it from there")
+    stand_in.__name__ = old.rpartition(".")[2]
+    stand_in.__doc__ = f"Moved to :func:`{new}` (calling this raises :class:`hgtoolkit.errors.MovedError`)."
+    return stand_in

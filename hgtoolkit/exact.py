@@ -46,7 +46,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import dynamics as _dynamics
 from ._tree import tree_map
-from .trajectory import autograd_gradient, check_finite, closed_form, check_lrs, progress_bar, scalar_loss, train
+from .divergence import VALIDATION_LOSS, check_finite
+from .trajectory import autograd_gradient, closed_form, check_lrs, progress_bar, scalar_loss, train
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES"]
@@ -186,7 +187,7 @@ def _reverse(problem, dyn, lrs, checkpoint_every, progress):
         fbar.close()
 
     lam, value = _objective(problem, dyn, final)
-    check_finite(value, T - 1, dyn.params(final))
+    check_finite(value, T - 1, dyn.params(final), VALIDATION_LOSS)
     grads = torch.empty(T, dtype=lrs.dtype, device=lrs.device)
     bar = progress_bar(range(T), progress, desc="backward", leave=False)
     for a, b, steps in reversed(segments):
@@ -251,7 +252,7 @@ def _forward(problem, dyn, lrs, chunk_size, progress):
         state = st.advance(dyn, lrs[t], t)
     final = state
     lam, value = _objective(problem, dyn, final)
-    check_finite(value, T - 1, dyn.params(final))
+    check_finite(value, T - 1, dyn.params(final), VALIDATION_LOSS)
     for c0 in progress_bar(starts, progress, desc="forward-mode chunks", leave=False):
         cols = list(range(c0, min(c0 + C, T)))
         _, Z, _ = _tangent_pass(problem, dyn, start_states.pop(c0), lrs, cols, t0=c0)
@@ -274,7 +275,7 @@ def _autograd(problem, dyn, lrs, progress):
         state = dyn.step(state, torch.utils._pytree.tree_unflatten(list(g), spec), eta[t], t)
         losses.append(loss.detach())
     value = problem.val_loss(dyn.params(state))
-    check_finite(value, T - 1, dyn.params(state))
+    check_finite(value, T - 1, dyn.params(state), VALIDATION_LOSS)
     (grads,) = torch.autograd.grad(value, eta)
     return value.detach(), grads, tree_map(lambda p: p.detach(), dyn.params(state)), torch.stack(losses)
 
@@ -324,7 +325,7 @@ def directional_derivative(problem, lrs: Any, direction: Any,
         raise ValueError(f"direction must have the schedule's shape {tuple(lrs.shape)}, got {tuple(v.shape)}")
     state, (z,), _ = _tangent_pass(problem, dyn, dyn.init(problem.params0), lrs, [lambda t: v[t]])
     lam, value = _objective(problem, dyn, state)
-    check_finite(value, len(lrs) - 1, dyn.params(state))
+    check_finite(value, len(lrs) - 1, dyn.params(state), VALIDATION_LOSS)
     return value, _dot_w(lam, z).detach()
 
 

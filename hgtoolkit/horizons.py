@@ -59,7 +59,8 @@ from ._tree import tree_dot, tree_map
 from .exact import hypergradient
 from .lrsopt import ScheduleResult, optimize_schedule
 from .problems import Problem
-from .trajectory import check_finite, check_lrs, make_step, progress_bar, tangent_step
+from .divergence import VALIDATION_LOSS, check_finite
+from .trajectory import check_lrs, make_step, progress_bar, tangent_step
 
 __all__ = ["NQMMoments", "GreedySchedule", "nqm_moments", "nqm_expected_loss", "nqm_value_and_grad",
            "greedy_schedule",
@@ -373,7 +374,7 @@ def truncated_ladder(problem, lrs: Any, Ks: Sequence[int], optimizer: "str | _dy
             if not ends:
                 continue
             gE, E = grad_E(dyn.params(state))
-            check_finite(E, s, dyn.params(state))
+            check_finite(E, s, dyn.params(state), VALIDATION_LOSS)
             band = vmap(lambda z: tree_dot(gE, dyn.params(z)))(Z)  # ∂E(w_{s+1})/∂η_t, t ≡ slot
             for k in ends:
                 out[k][s + 1 - k] = band[(s + 1 - k) % W]

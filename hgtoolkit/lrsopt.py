@@ -47,6 +47,7 @@ import torch
 
 from . import dynamics as _dynamics
 from . import records
+from .divergence import DivergenceWarning
 from .exact import MODES, hypergradient
 from .trajectory import check_lrs, progress_bar
 
@@ -475,13 +476,14 @@ def _run_gradient(run, evaluate, outer_steps, outer_lr, update, opts, lr_max, ma
             except FloatingPointError as exc:
                 lr_scale /= 2
                 events.append({"step": k, "lr_scale": lr_scale, "error": str(exc)})
+                failure = getattr(exc, "divergence", None)
         s["n_evaluations"] += len(events) + (len(events) <= max_backtracks)
         s["events"].extend(events)
         if len(events) > max_backtracks:
             s["status"] = (f"diverged: training diverged at outer step {k} even after {max_backtracks} "
                            f"halvings of the outer step size (scale {lr_scale:g}); the result holds "
                            "the schedules up to the last good step")
-            warnings.warn(f"LRS-OPT stopped: {s['status']}", RuntimeWarning, stacklevel=3)
+            warnings.warn(DivergenceWarning(f"LRS-OPT stopped: {s['status']}", failure), stacklevel=3)
             break
         run.accept(k, proposal, value, grad, metrics, bseed, opt, lr_scale, snapshot_every)
         if hasattr(bar, "set_postfix"):
@@ -517,7 +519,7 @@ def _run_lbfgsb(run, evaluate, outer_steps, opts, lr_max, snapshot_every, save, 
                 s["n_evaluations"] += 1
                 s["status"] = (f"diverged: an L-BFGS-B trial schedule diverged at outer step "
                                f"{s['k'] + 1} ({exc}); the result holds the schedules up to the last good step")
-                raise _StopLBFGSB from exc
+                raise _StopLBFGSB(getattr(exc, "divergence", None)) from exc
             s["n_evaluations"] += 1
             last.clear()
             last[key] = out
@@ -556,7 +558,7 @@ def _run_lbfgsb(run, evaluate, outer_steps, opts, lr_max, snapshot_every, save, 
                            callback=on_iteration, options=options)
             if s["status"] == "running" and s["k"] < outer_steps:
                 s["status"] = f"L-BFGS-B stopped after {s['k']} outer steps: {res.message}"
-        except _StopLBFGSB:
-            warnings.warn(f"LRS-OPT stopped: {s['status']}", RuntimeWarning, stacklevel=3)
+        except _StopLBFGSB as stop:
+            warnings.warn(DivergenceWarning(f"LRS-OPT stopped: {s['status']}", stop.args[0]), stacklevel=3)
     if hasattr(bar, "close"):
         bar.close()

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .errors import moved
+
 __all__ = ["HyperStats", "adaptive_mu", "beta_rule_hh", "beta_rule_h_eta", "BETA_RULES",
            "check_mu_rule"]
 
@@ -108,9 +110,4 @@ def check_mu_rule(rule: Any) -> None:
                         f"calling it under torch.func.vmap failed: {exc}") from None
 
 
-def __getattr__(name: str):
-    """``marthe.find_beta`` moved next to the run it wraps: :func:`hgtoolkit.online.find_beta`."""
-    if name == "find_beta":
-        from .online import find_beta
-        return find_beta
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+find_beta = moved("hgtoolkit.marthe.find_beta", "hgtoolkit.online.find_beta")

@@ -61,7 +61,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -73,7 +72,8 @@ from . import dynamics as _dynamics
 from . import marthe as _marthe
 from . import records
 from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
-from .errors import DivergenceError, DivergenceWarning
+from . import divergence as _divergence
+from .divergence import DivergenceWarning
 from .trajectory import autograd_gradient, autograd_gradient_hvp, progress_bar
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
@@ -86,12 +86,8 @@ METHODS = ("hd", "rtho", "marthe")
 HYPER_DTYPE = torch.float64
 OBJECTIVES = ("val", "train")
 
-#: ``state.why`` codes: what made a run diverge.
-DIVERGENCE = {1: "training loss is not finite", 2: "validation loss is not finite",
-              3: "loss above divergence_factor × its initial value",
-              4: "hypergradient h is not finite", 5: "learning rate is not finite or exceeds lr_max",
-              6: "hyper-learning rate β is not finite",
-              7: "parameters after the step are not finite"}  # 7: only in older records
+#: ``state.why`` codes: what made a run diverge (:data:`hgtoolkit.divergence.CODES`, as text).
+DIVERGENCE = {code: f"{quantity} {reason}" for code, (quantity, reason) in _divergence.CODES.items()}
 
 _ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "eval_steps",
            "val_losses", "val_accuracy")
@@ -504,8 +500,7 @@ class Engine:
         key = value if (self.objective == "val" and value is not None) else loss
         if t == 0:
             state = state._replace(ref_loss=key.detach().to(state.ref_loss.dtype))
-        ref, factor = state.ref_loss, state.settings.divergence_factor
-        limit = torch.where(ref != 0, ref + (factor - 1) * ref.abs(), math.inf)
+        limit = _divergence.loss_limit(state.ref_loss, state.settings.divergence_factor)
         if value is None:
             return _fail(state, t, [_nonfinite(loss), key > limit], (1, 3))
         return _fail(state, t, [_nonfinite(loss), _nonfinite(value), key > limit], (1, 2, 3))
@@ -548,6 +543,8 @@ class Engine:
             h = torch.full_like(state.lr, math.nan)
         state = self.check_loss(state, loss, value, t)
         aux = {"lr": state.lr, "beta": state.beta, "mu": state.mu, "h": h, "loss": loss.detach()}
+        if value is not None:  # E(w_t), named by a divergence of the validation loss
+            aux["value"] = value.detach()
         if self.needs_hvp and t > 0:
             if hvp is None:
                 raise ValueError("this engine needs hvp = H_t z_t (μ ≠ 0) at every step t > 0")
@@ -646,9 +643,31 @@ def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None
                   unit_mu, donate, cfg.beta_adaptive)
 
 
-def divergence_message(step: int, why: int, value: float | None = None) -> str:
-    msg = f"training diverged at step {step}: {DIVERGENCE.get(why, 'unknown')}"
-    return msg if value is None or not math.isfinite(value) else f"{msg} ({value:.4g})"
+def divergence_of(config: dict, auxes: list[dict], state: OnlineState) -> "_divergence.Divergence | None":
+    """The :class:`hgtoolkit.divergence.Divergence` of a run that stopped (None when it did not):
+    its step, the quantity (the training or the validation loss, h, η, β) and its value."""
+    step = int(state.diverged_at)
+    if step < 0:
+        return None
+    why = int(state.why)
+    aux = auxes[step] if step < len(auxes) else {}
+    value = None
+    if why in (1, 2, 3):
+        value = aux.get("value") if (why == 2 or (why == 3 and "value" in aux)) else aux.get("loss")
+    elif why == 5:
+        value = state.lr
+    objective = "val" if why == 3 and "value" in aux else "train"
+    return _divergence.from_code(step, why, None if value is None else float(value), objective)
+
+
+def report_divergence(div: "_divergence.Divergence | None", method: str, raise_on_divergence: bool,
+                      stacklevel: int = 2) -> None:
+    """A stopped online run's :class:`DivergenceWarning` (or :class:`DivergenceError`)."""
+    if div is None:
+        return
+    if raise_on_divergence:
+        raise div.error()
+    div.warn(f"online {method} run stopped: ", f" (result.diverged_at={div.step})", stacklevel=stacklevel + 1)
 
 
 def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" = "sgd", *,
@@ -792,13 +811,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     wall = time.perf_counter() - start
     final = tree_clone(dyn.params(state.opt)) if keep_params else None
     result = build_result(config, auxes, times, evals, state, wall, problem.metrics is not None, final)
-    if result.diverged:
-        if raise_on_divergence:
-            err = DivergenceError(result.diverged_at, DIVERGENCE.get(int(state.why), "loss"))
-            err.args = (result.divergence,)
-            raise err
-        warnings.warn(f"online {cfg.method} run stopped: {result.divergence} (result.diverged_at="
-                      f"{result.diverged_at})", DivergenceWarning, stacklevel=2)
+    report_divergence(divergence_of(config, auxes, state), cfg.method, raise_on_divergence)
     return result
 
 
@@ -816,15 +829,8 @@ def build_result(config: dict, auxes: list[dict], times: list[float], evals: lis
 
     keep = [e for e in evals if e[0] <= n]
     step_times = np.asarray((times + [math.nan] * n)[:n], dtype=np.float64)
-    why = int(state.why)
-    divergence = None
-    if diverged_at >= 0:
-        bad = None
-        if why in (1, 3) and diverged_at < len(auxes) and "loss" in auxes[diverged_at]:
-            bad = float(auxes[diverged_at]["loss"])
-        elif why == 5:
-            bad = float(state.lr)
-        divergence = divergence_message(diverged_at, why, bad)
+    div = divergence_of(config, auxes, state)
+    divergence = None if div is None else div.message
     return OnlineResult(
         config=config, lrs=column("lr"), betas=column("beta"), mus=column("mu"),
         hypergrads=column("h", shift=1), train_losses=column("loss"), step_times=step_times,
@@ -873,10 +879,9 @@ def find_beta(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: i
 
     tried, value, result = [], float(start), None
     for _ in range(max_tries):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DivergenceWarning)
+        with _divergence.recorded() as seen:  # expected: the record of every value tried says it
             result = run(problem, **{**run_kwargs, name: value})
-        tried.append({name: value, "diverged_at": result.diverged_at})
+        tried.append({name: value, "diverged_at": result.diverged_at, "divergence": result.divergence})
         if verbose:
             print(f"find_beta: {name}={value:.3g} -> "
                   f"{'diverged at step %d' % result.diverged_at if result.diverged else 'ok'}")
@@ -884,7 +889,5 @@ def find_beta(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: i
             result.config["beta_search"] = tried
             return result
         value /= factor
-    err = DivergenceError(result.diverged_at, "every value tried")
-    err.args = (f"find_beta: all {max_tries} values of {name} from {start:g} down to "
-                f"{value * factor:g} diverged",)
-    raise err
+    raise seen[-1].error(prefix=f"find_beta: all {max_tries} values of {name} from {start:g} down to "
+                            f"{value * factor:g} diverged; the last: ")

@@ -81,14 +81,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from typing import Any, Callable, Iterable
 
 import torch
 
 from . import dynamics as _dynamics
 from . import online
-from .errors import DivergenceError, DivergenceWarning
+from . import divergence as _divergence
 
 __all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer", "DropIn"]
 
@@ -107,14 +106,6 @@ def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """a and b live in the same storage (one may be a view or ``.detach()`` of the other)."""
     pa = a.untyped_storage().data_ptr()
     return pa != 0 and pa == b.untyped_storage().data_ptr()
-
-
-def loss_limit(ref: float, factor: float | None) -> float:
-    """The engine's loss criterion (:meth:`online.Engine.check_loss`): a loss above
-    ref + (factor − 1)·|ref| (= factor × ref for ref > 0) counts as divergence; inf when off."""
-    if factor is None or ref == 0 or not math.isfinite(ref):
-        return math.inf
-    return ref + (factor - 1) * abs(ref)
 
 
 class DropIn(torch.optim.Optimizer):
@@ -227,18 +218,13 @@ class DropIn(torch.optim.Optimizer):
                             st[k] = x.clone()
         super().zero_grad(set_to_none)
 
-    def _diverged(self, group: dict, step: int, what: str, value: float | None = None) -> None:
-        """Report divergence of ``group`` at ``step`` (nothing of the step was applied)."""
-        msg = f"training diverged at step {step}: {what}"
-        if value is not None and math.isfinite(value):
-            msg += f" ({value:.4g})"
+    def _diverged(self, group: dict, div: "_divergence.Divergence") -> None:
+        """Report divergence of ``group`` (nothing of the step was applied)."""
         if self.raise_on_divergence:
-            err = DivergenceError(step, what, value)
-            err.args = (msg + " (nothing was changed)",)
-            raise err
-        group["diverged_at"] = step
-        warnings.warn(f"{type(self).__name__}: {msg}; the step was not applied and this param group "
-                      f"is no longer updated (group['diverged_at'])", DivergenceWarning, stacklevel=4)
+            raise div.error(note=" (nothing was changed)")
+        group["diverged_at"] = div.step
+        div.warn(f"{type(self).__name__}: ", "; the step was not applied and this param group is no longer "
+                 "updated (group['diverged_at'])", stacklevel=4)
 
 
 class OnlineOptimizer(DropIn):
@@ -499,7 +485,7 @@ class OnlineOptimizer(DropIn):
     def _engine_diverged(self, group: dict, state: online.OnlineState, loss, t: int) -> None:
         why = int(state.why)
         value = float(loss) if why in (1, 3) and loss is not None else (float(state.lr) if why == 5 else None)
-        self._diverged(group, t, online.DIVERGENCE.get(why, "unknown"), value)
+        self._diverged(group, _divergence.from_code(t, why, value))
 
 
 def by_count(counts: list[int]) -> dict[int, list[int]]:

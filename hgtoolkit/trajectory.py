@@ -16,8 +16,8 @@ import torch
 from torch.func import grad_and_value, jvp
 
 from . import dynamics as _dynamics
-from ._tree import tree_all_finite, tree_flatten, tree_unflatten
-from .errors import DivergenceError
+from ._tree import tree_flatten, tree_unflatten
+from .divergence import VALIDATION_LOSS, check_finite
 
 __all__ = ["make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
            "rowwise_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite", "progress_bar"]
@@ -127,14 +127,6 @@ def rowwise_gradient_hvp(fn: Callable, W: torch.Tensor, Z: torch.Tensor | None, 
     return G.detach(), L.detach(), HZ
 
 
-def check_finite(loss: torch.Tensor, t: int, state: Any = None) -> None:
-    """Raise :class:`DivergenceError` at step ``t`` when ``loss`` (or ``state``) is NaN/inf."""
-    if not bool(torch.isfinite(loss).all()):
-        raise DivergenceError(t, "training loss", float(loss.detach().reshape(-1)[0]))
-    if state is not None and not tree_all_finite(state):
-        raise DivergenceError(t, "parameters after the step")
-
-
 def progress_bar(iterable, enabled: bool, **kwargs):
     """tqdm over ``iterable`` when ``enabled`` (it writes to stderr), else the iterable."""
     if not enabled:
@@ -197,5 +189,5 @@ def train(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
             check_finite(loss, t)
             losses.append(loss)
         value = scalar_loss(problem.val_loss, "val_loss")(dyn.params(state))
-    check_finite(value, len(lrs) - 1, dyn.params(state))
+    check_finite(value, len(lrs) - 1, dyn.params(state), VALIDATION_LOSS)
     return TrainResult(state, dyn.params(state), torch.stack(losses), value)

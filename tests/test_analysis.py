@@ -258,7 +258,9 @@ def test_report_save_load_table_plot(hd_like_report, tmp_path):
     table = rep.table()
     assert table.count("\n| ") == 6 and "full horizon g (LRS-OPT)" in table and "| 1 |" in table
 
-    fig = analysis.plot_approximation(rep)
+    with pytest.raises(AttributeError, match="moved to hgtoolkit.plotting.plot_approximation"):
+        analysis.plot_approximation(rep)
+    fig = plotting.plot_approximation(rep)
     axes = fig.axes
     assert len(axes) == 3 and axes[0].get_yscale() == "symlog" and axes[1].get_yscale() == "log"
     assert all(ax.get_ylabel() for ax in axes) and axes[2].get_xlabel() == plotting.STEP_LABEL

@@ -181,7 +181,7 @@ def test_on_the_cpu_a_model_batch_is_a_loop_of_single_runs_by_default():
     for cell, a, b in zip(cells, auto, forced):
         assert_same_run(a, single(cell), atol=0.0)
         assert_same_run(a, b, atol=1e-12)
-    assert batched._batching_pays(problems.get("beale")) and not batched._batching_pays(factory(0))
+    assert batched.batching_pays(problems.get("beale")) and not batched.batching_pays(factory(0))
 
 
 def test_functions_side_by_side_in_one_batch_equal_single_runs():

@@ -238,7 +238,7 @@ def test_tower_divergence_is_reported_with_the_step():
         scale[0] *= 3.0
         return loss
     opt.step(closure)
-    with pytest.warns(DivergenceWarning, match="step 1: loss above divergence_factor"):
+    with pytest.warns(DivergenceWarning, match="step 1: training loss above divergence_factor"):
         opt.step(closure)
     frozen = [p.detach().clone() for p in net.parameters()]
     opt.step(closure)

@@ -1,9 +1,9 @@
 """The package's layout: every module imports on its own, and no two modules import each other
 (directly or through others), at module level or inside functions.
 
-A module-level ``__getattr__`` (PEP 562) is how a moved name keeps working (``marthe.find_beta``,
-``towers.plot_history``, ``analysis.plot_approximation``): imports inside it are not edges, since
-they run only when an old name is used."""
+A moved public name (``marthe.find_beta``, ``towers.plot_history``, ``analysis.plot_approximation``)
+is a stand-in that raises an error naming its new place (``hgtoolkit.errors.moved``), not a module
+``__getattr__`` forwarding to it."""
 from __future__ import annotations
 
 import ast
@@ -103,7 +103,7 @@ def test_graph_sees_relative_and_function_level_imports():
     graph = _graph(module_level_only=False)
     assert "hgtoolkit.online" in graph["hgtoolkit.sweep.kinds"]       # `from .. import online` in a function
     assert "hgtoolkit.sweep.grid" in graph["hgtoolkit.sweep.kinds"]   # `from .grid import …`
-    assert "hgtoolkit.online" not in graph["hgtoolkit.marthe"]        # only inside __getattr__
+    assert "hgtoolkit.online" not in graph["hgtoolkit.marthe"]        # marthe.find_beta is a stand-in
 
 
 def test_no_import_cycle_at_module_level():

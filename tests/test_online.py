@@ -295,8 +295,10 @@ def test_find_beta_divides_until_the_run_does_not_diverge():
     # with beta="auto" it searches κ
     r = online.find_beta(BEALE, start=1e-6, lr0=1e-3, steps=50)
     assert "kappa" in r.config["beta_search"][0] and r.config["kappa"] == r.config["beta_search"][-1]["kappa"]
-    with pytest.raises(DivergenceError):
-        marthe.find_beta(BEALE, start=1.0, max_tries=2, method="hd", lr0=1e-3, steps=100)
+    with pytest.raises(DivergenceError, match="find_beta: all 2 values of beta .* diverged; the last: training"):
+        online.find_beta(BEALE, start=1.0, max_tries=2, method="hd", lr0=1e-3, steps=100)
+    with pytest.raises(AttributeError, match="moved to hgtoolkit.online.find_beta"):
+        marthe.find_beta(BEALE, start=1.0)
 
 
 # ----------------------------------------------------------------------------- arguments

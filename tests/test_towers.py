@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from hgtoolkit import DivergenceError, dynamics, exact, problems, towers, trajectory
+from hgtoolkit import DivergenceError, dynamics, exact, plotting, problems, towers, trajectory
 from hgtoolkit.errors import DivergenceWarning
 from hgtoolkit._tree import tree_leaves, tree_map
 
@@ -473,7 +473,9 @@ def test_history_json_roundtrip_and_plot(tmp_path, mlp64):
             assert a.keys() == b.keys()
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name])
-    axes = towers.plot_history(res)
+    with pytest.raises(AttributeError, match="moved to hgtoolkit.plotting.plot_tower_history"):
+        towers.plot_history(res)  # moved: the error names the new place
+    axes = plotting.plot_tower_history(res)
     # level 0: LR panel + β panel; level 1: LR panel + momentum panel
     assert len(axes) == 4
     assert axes[0].get_ylabel() == "learning rate" and axes[-1].get_xlabel() == "step t"
@@ -483,9 +485,9 @@ def test_history_json_roundtrip_and_plot(tmp_path, mlp64):
     lr = res.history.lrs
     assert axes[0].get_yscale() == ("log" if lr.max() > 3 * lr.min() else "linear")
     fig, ax = plt.subplots()
-    assert towers.plot_history(res.history, ax=ax) == [ax] * 4 and len(ax.get_lines()) == 5
+    assert plotting.plot_tower_history(res.history, ax=ax) == [ax] * 4 and len(ax.get_lines()) == 5
     with pytest.raises(ValueError, match="ax"):
-        towers.plot_history(res, ax=[ax, ax])
+        plotting.plot_tower_history(res, ax=[ax, ax])
     plt.close("all")
 
 

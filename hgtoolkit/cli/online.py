@@ -13,9 +13,9 @@ diverged (the record is still written).
 from __future__ import annotations
 
 import inspect
-import warnings
 from pathlib import Path
 
+from .. import divergence
 from ..settings import OnlineSettings, add_arguments, specs
 from . import args as cli_args
 
@@ -72,8 +72,7 @@ def run_online(args) -> int:
                           for t in result.config["beta_search"])
         print(f"find_beta: {searched} tried {tried}")
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", online.DivergenceWarning)  # reported below
+        with divergence.recorded() as seen:  # reported below, and in the record
             result = online.run(problem, **kwargs)
     result.config["cli"] = cli_args.settings(args)
 
@@ -85,7 +84,9 @@ def run_online(args) -> int:
     title = (f"{plotting.describe_source(result.config['problem'])} — {args.method.upper()}, "
              f"{args.optimizer.upper()}, η₀={args.lr0:g}, {beta_txt}, objective {args.objective}")
     pngs = plotting.savefig(plotting.plot_online_run(result, title), out / name, close=True)
-    status = f"DIVERGED at step {result.diverged_at} ({result.divergence})" if result.diverged else "ok"
+    seen = [] if args.find_beta else seen
+    status = (f"DIVERGED at step {result.diverged_at} ({seen[0].message if seen else result.divergence})"
+              if result.diverged else "ok")
     print(f"online {args.method}: {status}; best E = {result.best_val_loss:.6g}, final E = "
           f"{result.final_val_loss:.6g}, final η = {result.final_lr:.4g} ({result.wall_time:.2f} s); "
           f"wrote {json_path}, {pngs[0]}")

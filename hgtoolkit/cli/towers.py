@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import warnings
 from pathlib import Path
 
+from .. import divergence
 from . import args as cli_args
 
 DEFAULT_TOWER = "sgd(lr=0.01) / sgd(lr=1e-4)"
@@ -43,13 +43,11 @@ def main(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     from .. import plotting, problems, towers
-    from ..errors import DivergenceWarning
 
     tower = towers.parse(args.tower)
     takes_seed = "seed" in problems.parameters(args.problem)
     problem = cli_args.make_problem(args, **({"seed": args.seed} if takes_seed else {}))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DivergenceWarning)  # reported below, and in the record
+    with divergence.recorded() as seen:  # reported below, and in the record
         result = towers.run(problem, tower, args.steps, progress=args.progress)
     name = args.name or f"towers_{re.sub(r'[^A-Za-z0-9_.-]', '_', args.problem)}_h{tower.height}"
     out = Path(args.out)
@@ -65,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
           f"final validation loss {result.value:.6g}"
           + (f", metrics {result.metrics}" if result.metrics else ""))
     print(f"wrote {json_path} and {png_path}")
-    if result.divergence is not None:
-        print(f"warning: {result.divergence} (flagged in {json_path})", file=sys.stderr)
+    if seen:
+        print(f"warning: tower {tower}: {seen[0].message} (flagged in {json_path})", file=sys.stderr)
         return 1
     return 0

@@ -45,14 +45,13 @@ Figures are drawn by :func:`make_figures` from the saved records only.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from .. import plotting, records
+from .. import divergence, plotting, records
 from . import common
 
 __all__ = ["Config", "run", "make_figures", "method_specs", "PAPER"]
@@ -191,12 +190,11 @@ def _online_runs(config: Config, specs, progress: bool) -> dict[str, tuple[list[
     functions' rows side by side). ``{fn: (the grid cells' arrays, the κ search's first
     non-diverging run — the result of ``online.find_beta``, which tries the same κ in the same
     order — or a message)}``."""
-    from .. import batched, online
+    from .. import batched
     grid, auto = _grid_cells(config, specs), _auto_cells(config)
     problems = {fn: _problem(fn) for fn in config.functions}
     cells = [dict(c, problem=problems[fn]) for fn in config.functions for c in grid + auto]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
+    with divergence.recorded():  # expected here: each result records it (diverged_at, divergence)
         results = batched.run_online_batch(None, cells, progress=progress)
     n = len(grid) + len(auto)
     return {fn: _one_function(grid, auto, results[i * n:(i + 1) * n])
@@ -277,8 +275,7 @@ def run_lrsopt_cell(problem, params: dict, ctx):
     if not params["outer_steps"]:
         return sweep.CellOutput({"extra": {"constants": scalars}}, arrays)
     c = constants["best_lr"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
+    with divergence.recorded():  # expected here: a stopped run says so in its status
         out = sweep.CELL_KINDS["lrsopt"].run(problem, {
             "lr0": c, "steps": params["steps"], "outer_steps": params["outer_steps"],
             "outer_lr": params["lr_rel"] * c, "outer_optimizer": "adam"}, ctx)

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import plotting, records
+from .. import divergence, plotting, records
 from . import common
 
 __all__ = ["Config", "run", "make_figures", "OPTIMIZER_LABELS", "PAPER"]
@@ -166,15 +166,14 @@ def run_hd_cells(problem_factory, cells) -> list:
     """Kind ``hd.online``'s ``run_batch``: the cells (one model × optimizer, every (α_0, β)) as
     ONE :func:`hgtoolkit.batched.run_online_batch` call; ``nesterov_momentum`` m stands for the
     optimizer SGD with Nesterov momentum m."""
-    from .. import batched, dynamics, online, sweep
+    from .. import batched, dynamics, sweep
     params = []
     for c in cells:
         p = dict(getattr(c, "params", c))
         if "nesterov_momentum" in p:
             p["optimizer"] = dynamics.SGD(momentum=p.pop("nesterov_momentum"), nesterov=True)
         params.append(p)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", online.DivergenceWarning)  # recorded in diverged_at
+    with divergence.recorded():  # expected here: each result records it (diverged_at, divergence)
         results = batched.run_online_batch(problem_factory, params)
     return [sweep.online_output(r) for r in results]
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import divergence
 from . import common
 
 __all__ = ["Config", "run", "time_to_within"]
@@ -139,8 +140,7 @@ def run_schedule_cell(problem, params: dict, ctx):
     if ctx.checkpoint is not None:
         ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".ckpt.pt"), checkpoint_interval=1, resume=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
+    with divergence.recorded():  # expected here: a stopped run says so in its status
         res = lrsopt.optimize_schedule(
             problem, lrs0, steps, None if kind == "lbfgsb" else params["adam_lr"], kind,
             resample_batches=kind == "adam", seed=common.derive_seed(params["base_seed"], "lrsopt_full", params["seed"]),

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import records
+from .. import divergence, records
 from . import common
 
 __all__ = ["Config", "PAPER", "LRSOPT_LABEL", "AUTO_LABEL", "method_specs", "peer_specs", "problem", "grids",
@@ -301,13 +301,11 @@ def run_online_cells(problem_factory, cells) -> list:
     """Kind ``mnist.online``'s ``run_batch``: the cells (one method, one seed, its β/κ values)
     as ONE :func:`hgtoolkit.batched.run_online_batch` call."""
     from .. import batched, sweep
-    from ..errors import DivergenceWarning
     params = [dict(getattr(c, "params", c)) for c in cells]
     max_batch = params[0].pop("max_batch", None)
     for p in params[1:]:
         p.pop("max_batch", None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DivergenceWarning)  # recorded in diverged_at
+    with divergence.recorded():  # expected here: each result records it (diverged_at, divergence)
         results = batched.run_online_batch(problem_factory, params, max_batch=max_batch)
     return [sweep.online_output(r) for r in results]
 
@@ -325,8 +323,7 @@ def run_lrsopt_cell(problem, params: dict, ctx):
     from ..trajectory import train
     p = dict(params)
     p["seed"] = common.derive_seed(p.pop("base_seed"), "lrsopt", params["seed"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a stopped run says so in .status
+    with divergence.recorded():  # expected here: a stopped run says so in its status
         out = sweep.CELL_KINDS["lrsopt"].run(problem, p, ctx)
     replay = {}
     for name in ("final", "initial"):
@@ -341,9 +338,7 @@ def run_peer_cell(problem, params: dict, ctx):
     """Kind ``mnist.peer``: :func:`hgtoolkit.baselines.run_peer` on the seed's data, w_0 and
     minibatch order (stored as its :class:`~hgtoolkit.baselines.PeerResult`)."""
     from .. import baselines, sweep
-    from ..errors import DivergenceWarning
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DivergenceWarning)
+    with divergence.recorded():  # expected here: the record says it (diverged_at, divergence)
         r = baselines.run_peer(problem, params["name"], params["steps"], lr=params.get("lr"),
                                seed=params["seed"], eval_every=params["eval_every"], keep_params=False)
     return sweep.record_output(r, "diverged" if r.diverged else "ok")
@@ -357,16 +352,14 @@ def run_analysis_cell(problem, params: dict, ctx):
     else — a vmapped batch, on a GPU — it is recomputed with ``online.run``, which checks the
     batched run (``single_run_final_val_accuracy``)."""
     from .. import analysis, batched, online, sweep
-    from ..errors import DivergenceWarning
     params = dict(params)
     source = params.pop("online_cell", None)
     store = getattr(ctx, "store", None)
     if (source is not None and store is not None and store.has(source)
-            and not batched._batching_pays(problem)):
+            and not batched.batching_pays(problem)):
         r, single = sweep.CELL_KINDS["mnist.online"].to_result(store.read(source)), False
     else:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DivergenceWarning)
+        with divergence.recorded():  # expected here: the record says it (diverged_at, divergence)
             r, single = online.run(problem, **params, keep_params=False), True
     sym, value = ("κ", params["kappa"]) if params.get("beta") == "auto" else ("β", params["beta"])
     # float32: the replay (trajectory.make_step) and the online engine (jvp of the step) round

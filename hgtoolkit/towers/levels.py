@@ -1,62 +1,7 @@
-r"""Hyperoptimizer towers (Chandra et al., "Gradient Descent: The Ultimate Optimizer").
-
-A tower stacks optimizers: level 0 trains the parameters w, level 1 learns level 0's
-hyperparameters (its LR, momentum, Adam β1/β2, RMSProp α), level 2 learns level 1's, and so
-on; the top level's hyperparameters stay fixed::
-
-    from hgtoolkit import towers
-    tower = towers.SGD(lr=0.01, momentum=0.9,
-                       hyper=towers.Adam(lr=1e-3, hyper=towers.SGD(lr=1e-4)))   # height 3
-
-Notation (docs/methods.md, "Hyperoptimizer towers"). Level k holds a variable x_k (x_0 = w; for
-k ≥ 1, x_k = the raw coordinates of level k−1's tuned hyperparameters, one entry per name) and
-the state of its optimizer O_k (a pure :mod:`hgtoolkit.dynamics` step). The value of a tuned
-hyperparameter is φ(x): φ = identity for learning rates, kept ≥ 0 by projecting x onto
-[0, ∞) after each update; φ = σ (logistic sigmoid) for momentum, β1, β2 and α, so the value
-stays in (0, 1) (x is also kept in [−36, 36], where σ(x) < 1 in float64). Hyperparameter
-coordinates are float64 whatever the model's dtype.
-
-One training step t, given g_t = ∇L_t(w_t):
-
-1. bottom-up, the hypergradient of every level: G⁰_t = g_t and
-
-       Gᵏ_t = ∂L_t(w_t)/∂x_k = ⟨G^{k−1}_t, ∂x_{k−1}/∂x_k⟩   (k ≥ 1),
-
-   the derivative of the current loss through exactly ONE previous step of the level below
-   (everything else of that step held fixed): one ``torch.func.vjp`` of level k−1's previous
-   update w.r.t. its hyperparameters, recomputed from that update's stored inputs, applied to
-   G^{k−1}_t (times φ'(x)). For the SGD learning rate ∂w_t/∂η = −g_{t−1}, so
-   G¹_t = −g_t·g_{t−1}: exactly HD (Baydin et al.). At t = 0 every Gᵏ_0 = 0.
-2. top-down, every level's update, each using the values just produced by the level above:
-
-       x_k ← O_k(x_k, Gᵏ_t; hyperparameters φ(x_{k+1}))   (projected for k ≥ 1).
-
-   The base update of w comes last, so (as in HD) a learning rate is updated *before* the
-   step that uses it.
-
-Only the previous update's inputs are kept (level 0: its gradient and moments; w too when
-weight decay is on): no autograd graph outlives a step, and memory does not grow with the
-number of steps. (Reverse mode over a recomputed step: forward-mode jvps were ~10× slower
-than the step itself here.)
-
-Three ways to use a tower:
-
-- functional core: ``state = tower.init(params)``, ``state = tower.step(state, grad, t)``
-  (pure functions over pytrees; :func:`init`, :func:`step`);
-- foundation dynamics: ``tower.dynamics()`` is a :class:`hgtoolkit.dynamics.Dynamics`, so
-  ``trajectory.train(problem, torch.ones(T), tower.dynamics())`` runs it and
-  ``exact.hypergradient(problem, torch.ones(T), tower.dynamics())`` differentiates through
-  the whole adaptive run; the schedule entry c_t multiplies the base LR (c_t = 1: the tower
-  as specified). :func:`run` does the same and records every hyperparameter;
-  ``result.replay()`` is the base optimizer with the learnt schedules held fixed, for the
-  exact analysis of the learnt LR trajectory (:func:`analyse`);
-- drop-in ``torch.optim.Optimizer``: ``opt = tower.optimizer(model.parameters())``, then the
-  usual ``loss.backward(); opt.step(); opt.zero_grad()`` (:class:`TowerOptimizer`).
-
-A tower whose hyper-levels all have learning rate 0 is the base optimizer, bit for bit (one
-caveat: a tuned Adam β enters ``dynamics.Adam`` as a tensor, and torch rounds β^(t+1) for
-t + 1 = 3 differently from Python's float power for some β, e.g. 0.99: a 1-ulp difference).
-"""
+"""Tower levels (:mod:`hgtoolkit.towers`): the specification (:class:`Level` and its optimizers,
+:func:`parse`) and what is built from one: the foundation dynamics (:class:`TowerDynamics`,
+:class:`Scheduled`), the record of its hyperparameters (:class:`History`) and the drop-in
+optimizer (:class:`TowerOptimizer`). The maths is in :mod:`hgtoolkit.towers.core`."""
 from __future__ import annotations
 
 import dataclasses
@@ -64,42 +9,24 @@ import functools
 import math
 import numbers
 import re
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from torch.func import vjp
 
-from . import dynamics as _dynamics
-from ._tree import tree_leaves, tree_zeros_like
-from . import online
-from . import records
-from .errors import DivergenceError, DivergenceWarning
-from .optim import DropIn, by_count, loss_limit
+from .. import divergence as _divergence
+from .. import dynamics as _dynamics
+from ..optim import DropIn
+from .core import UNIT_INTERVAL, check_tower, hyperparameters, init, state_divergence, step
 
-__all__ = ["Level", "SGD", "Adam", "AdaGrad", "RMSProp", "parse", "init", "step",
-           "hyperparameters", "TowerDynamics", "Scheduled", "History", "TowerResult", "run",
-           "analyse", "TowerOptimizer", "UNIT_INTERVAL"]
-
-#: Hyperparameters kept in (0, 1) through the sigmoid φ = σ; all others are learning rates.
-UNIT_INTERVAL = ("momentum", "beta1", "beta2", "alpha")
-
-
-def _raw_bound(dtype: torch.dtype) -> float:
-    """|x| bound for sigmoid coordinates: σ(x) stays strictly inside (0, 1) in ``dtype``."""
-    return 36.0 if dtype == torch.float64 else 15.0
-
-
-def _hyper_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
+__all__ = ["Level", "SGD", "Adam", "AdaGrad", "RMSProp", "KINDS", "parse", "check_real", "TowerDynamics",
+           "Scheduled", "History", "TowerOptimizer"]
 
 
 # ----------------------------------------------------------------------------- specification
 
-def _real(owner: str, name: str, value: Any) -> float:
+def check_real(owner: str, name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -130,7 +57,7 @@ class Level:
         for f in dataclasses.fields(self):
             if f.name in ("hyper", "tune") or f.type in ("bool",):
                 continue
-            value = _real(owner, f.name, getattr(self, f.name))
+            value = check_real(owner, f.name, getattr(self, f.name))
             object.__setattr__(self, f.name, value)
             if value < 0:
                 raise ValueError(f"{owner}: {f.name} must be ≥ 0, got {value}")
@@ -380,280 +307,6 @@ def parse(spec: str) -> Level:
     return tower
 
 
-# ----------------------------------------------------------------------------- functional core
-
-def _check_tower(tower: Any, argname: str = "tower") -> Level:
-    if not isinstance(tower, Level):
-        raise TypeError(f"{argname} must be a towers optimizer (towers.SGD/Adam/AdaGrad/RMSProp), "
-                        f"got {type(tower).__name__}")
-    return tower
-
-
-def _unit_mask(level: Level, device) -> torch.Tensor:
-    return torch.tensor([n in UNIT_INTERVAL for n in level.tuned], device=device)
-
-
-def init(tower: Level, params: Any) -> dict:
-    """Initial tower state for ``params`` (a tensor or pytree of tensors).
-
-    ``{"w": params, "moments": [level k's optimizer state without its variable x_k],
-    "raw": [x_{k+1}: (m_k,) raw coordinates of level k's tuned hyperparameters],
-    "values": [φ(x_{k+1}): their values], "prev": [level k's last update inputs],
-    "hypergrads": [G^{k+1} of the last step]}``, lists indexed by level k.
-    """
-    tower = _check_tower(tower)
-    leaves = tree_leaves(params)
-    if not leaves or not all(isinstance(x, torch.Tensor) and x.is_floating_point() for x in leaves):
-        raise TypeError("params must be a floating-point tensor or a pytree of them")
-    device = leaves[0].device
-    hdt = _hyper_dtype(device)
-    levels = tower.levels
-    moments, raws, values, prevs, hypergrads = [], [], [], [], []
-    x = params
-    for k, lvl in enumerate(levels):
-        s = dict(lvl.base.init(x))
-        s.pop("w")
-        moments.append(s)
-        if k == len(levels) - 1:
-            break
-        prevs.append(_prev(lvl, k, x, s, tree_zeros_like(x), torch.ones((), dtype=hdt, device=device)))
-        v = torch.tensor([getattr(lvl, n) for n in lvl.tuned], dtype=hdt, device=device)
-        raw = torch.where(_unit_mask(lvl, device), torch.log(v) - torch.log1p(-v), v)
-        raws.append(raw)
-        values.append(v)
-        hypergrads.append(torch.zeros_like(v))
-        x = raw
-    return {"w": params, "moments": moments, "raw": raws, "values": values, "prev": prevs,
-            "hypergrads": hypergrads}
-
-
-def _prev(level: Level, k: int, x: Any, moments: dict, grad: Any, scale: Any) -> dict:
-    """What the next step needs to differentiate this update again: its inputs. Level 0 keeps
-    no copy of w unless weight decay makes the update direction depend on it (for every
-    dynamics w' = w − η·d with d independent of w otherwise, so ∂w'/∂h needs no w)."""
-    out = {"moments": moments, "grad": grad}
-    if k > 0 or getattr(level, "weight_decay", 0.0) != 0:
-        out["x"] = x
-    if k == 0:
-        out["scale"] = scale
-    return out
-
-
-def _number_or_tensor(v: Any) -> Any:
-    """A plain 0-d tensor that nothing differentiates as a Python number, else ``v`` itself
-    (a tensor inside ``torch.func`` or with ``requires_grad`` stays one)."""
-    if (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad
-            and not torch._C._functorch.is_functorch_wrapped_tensor(v)):
-        return v.item()
-    return v
-
-
-def _update(level: Level, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
-            bounds: "tuple[torch.Tensor, torch.Tensor] | None", differentiable: bool = True,
-            keep: dict | None = None, out_w: Any = None) -> dict:
-    """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
-    ``bounds``). ``t``: the step index, or one update count per leaf of a leaf-list state (the
-    drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim).
-    ``differentiable=False``: the dynamics' closed-form update (same numbers, fewer passes), for
-    an update nothing differentiates (level 0 outside ``torch.func``); ``keep``: with it, a dict
-    that receives the update's intermediates for the next step's G¹ (``Dynamics.update``);
-    ``out_w`` (with ``differentiable=False`` and one ``t``): buffers the new w is written into."""
-    hp = dict(hp)
-    lr = hp.pop("lr", level.lr)
-    if lr_scale is not None:
-        lr = lr * lr_scale
-    base_step = level.base.step if differentiable else level.base.update
-    if not differentiable:  # numbers: the dynamics' fused in-place kernels take them (same values)
-        hp = {k: _number_or_tensor(v) for k, v in hp.items()}
-    keeping = keep is not None and not differentiable
-    if not isinstance(t, list):
-        extra = {"keep": keep} if keeping else {}
-        if out_w is not None and not differentiable:
-            extra["out_state"] = {"w": out_w}
-        out = dict(base_step(state, grad, lr, t, **hp, **extra))
-    else:
-        buckets = by_count(t)
-        out = {k: [None] * len(t) for k in state}
-        for c, idx in buckets.items():
-            sub = {k: [v[i] for i in idx] for k, v in state.items()}
-            part_keep: dict = {}
-            part = base_step(sub, [grad[i] for i in idx], lr, c, **hp,
-                             **({"keep": part_keep} if keeping else {}))
-            for k, leaves in part.items():
-                for i, x in zip(idx, leaves):
-                    out[k][i] = x
-            for k, leaves in part_keep.items():
-                slot = keep.setdefault(k, [None] * len(t))
-                for i, x in zip(idx, leaves):
-                    slot[i] = x
-    if bounds is not None:
-        lo, hi = bounds
-        out["w"] = torch.minimum(torch.maximum(out["w"], lo), hi)
-    return out
-
-
-def _bounds(level: Level, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projection box for the raw coordinates of ``level``'s tuned hyperparameters."""
-    unit = _unit_mask(level, raw.device)
-    b = _raw_bound(raw.dtype)
-    lo = torch.where(unit, torch.full_like(raw, -b), torch.zeros_like(raw))
-    hi = torch.where(unit, torch.full_like(raw, b), torch.full_like(raw, math.inf))
-    return lo, hi
-
-
-def _dphi(level: Level, v: torch.Tensor) -> torch.Tensor:
-    """dφ/dx at the current values: 1 for LRs, σ'(x) = v(1 − v) for sigmoid coordinates."""
-    return torch.where(_unit_mask(level, v.device), v * (1 - v), torch.ones_like(v))
-
-
-def _hypergrad(levels: tuple[Level, ...], k: int, state: dict, cot: Any, t: int,
-               counts: "list[int] | None" = None) -> torch.Tensor:
-    r"""G^{k+1}_t = ⟨Gᵏ_t, ∂x_k/∂x_{k+1}⟩: the vjp, w.r.t. level k's hyperparameters, of level k's
-    previous update x_k ← O_k(x_k, Gᵏ_{t−1}; φ(x_{k+1})), recomputed from its stored inputs
-    (everything but the hyperparameters held fixed), applied to the cotangent Gᵏ_t."""
-    v = state["values"][k]
-    if t == 0:
-        return torch.zeros_like(v)
-    lvl, prev = levels[k], state["prev"][k]
-    x_prev = prev.get("x", state["w"] if k == 0 else None)
-    s_prev = {"w": x_prev, **prev["moments"]}
-    bounds = _bounds(levels[k - 1], x_prev) if k > 0 else None
-    scale = prev.get("scale")
-    if k == 0:
-        tp = [max(c - 1, 0) for c in counts] if counts is not None else t - 1
-        return _level0_hypergrad(lvl, s_prev, prev["grad"], tp, v, scale, cot, prev.get("kept")) * _dphi(lvl, v)
-
-    def update(vv):
-        hp = {name: vv[i] for i, name in enumerate(lvl.tuned)}
-        tp = [max(c - 1, 0) for c in counts] if k == 0 and counts is not None else t - 1
-        return _update(lvl, s_prev, prev["grad"], tp, hp, scale, bounds)["w"]
-
-    _, pullback = vjp(update, v)
-    (dv,) = pullback(cot)
-    return dv.to(v.dtype) * _dphi(lvl, v)
-
-
-def _level0_hypergrad(level: Level, state: dict, grad: Any, t: "int | list[int]", values: torch.Tensor,
-                      scale: Any, cot: Any, kept: dict | None = None) -> torch.Tensor:
-    r"""G¹_t w.r.t. the values θ of level 0's tuned hyperparameters: ⟨G⁰_t, ∂w_t/∂θ⟩ of the
-    update w_t = O_0(w_{t−1}, g_{t−1}; θ) (η = θ_lr·scale), by the dynamics' closed form
-    (:meth:`hgtoolkit.dynamics.Dynamics.hyper_vjp`: a few passes over the model, no autograd);
-    ``t`` may be one update count per leaf (the drop-in), summed over the count buckets;
-    ``kept``: what that update left for this (``Dynamics.update(keep=)``)."""
-    names = level.tuned
-    hp = {n: values[i] for i, n in enumerate(names)}
-    lr = hp.pop("lr", level.lr)
-    hp = {k: _number_or_tensor(v) for k, v in hp.items()}  # plain numbers, as _update
-    if scale is not None:
-        lr = lr * scale
-    if isinstance(t, list):
-        parts = []
-        for c, idx in by_count(t).items():
-            sub = {k: [x[i] for i in idx] for k, x in state.items()}
-            sub_kept = None if kept is None else {k: [x[i] for i in idx] for k, x in kept.items()}
-            parts.append(level.base.hyper_vjp(sub, [grad[i] for i in idx], lr, c, [cot[i] for i in idx],
-                                              names, kept=sub_kept, **hp))
-        out = {n: sum(p[n] for p in parts) for n in names}
-    else:
-        out = level.base.hyper_vjp(state, grad, lr, t, cot, names, kept=kept, **hp)
-    lr_factor = 1.0 if scale is None else scale
-    return torch.stack([(out[n] * (lr_factor if n == "lr" else 1.0)).to(values.dtype) for n in names])
-
-
-def step(tower: Level, state: dict, grad: Any, t: int, lr_scale: Any = None,
-         cotangent: Any = None, counts: "list[int] | None" = None, differentiable: bool = True,
-         out_w: Any = None, guard: Callable | None = None) -> dict:
-    r"""One tower step (module docstring): Gᵏ_t bottom-up (one vjp of each level's previous
-    update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
-
-    ``grad`` = g_t = ∇L_t(w_t) (same structure as w); ``t`` = 0-based step index; ``lr_scale``
-    (optional) multiplies the base LR used at this step; ``cotangent`` (optional, default
-    ``grad``) is the G⁰_t that G¹_t pulls back — the drop-in zeroes it for parameters the
-    previous step did not update (∂w_t/∂x_1 = 0 there); ``counts`` (optional, with a leaf-list
-    w) the number of earlier updates of each leaf, the ``t`` of its level-0 update (default t);
-    ``differentiable=False`` when nothing differentiates the step (level 0's update then takes
-    the dynamics' closed form: same numbers, fewer passes); with it, ``out_w`` (buffers shaped
-    like w, e.g. the parameters themselves) receives the new w in place. ``guard(values,
-    hypergrads)`` runs before level 0's update, on the hyper-levels' new values and the
-    hypergradients: a result other than None stops the step there (w untouched) and is
-    returned as ``{"diverged": result}``.
-    """
-    levels = tower.levels
-    n = len(levels)
-    xs = [state["w"], *state["raw"]]
-    G = [grad]
-    for k in range(n - 1):
-        G.append(_hypergrad(levels, k, state, G[k] if k or cotangent is None else cotangent, t, counts))
-    new_x: list[Any] = [None] * n
-    new_m: list[Any] = [None] * n
-    new_v: list[Any] = [None] * (n - 1)
-    new_prev: list[Any] = [None] * (n - 1)
-    for k in reversed(range(n)):
-        lvl = levels[k]
-        scale = lr_scale if k == 0 else None
-        bounds = _bounds(levels[k - 1], xs[k]) if k > 0 else None
-        hp = {name: new_v[k][i] for i, name in enumerate(lvl.tuned)} if k < n - 1 else {}
-        tk = counts if k == 0 and counts is not None else t
-        keep = {} if k == 0 and not differentiable and n > 1 else None
-        if k == 0 and guard is not None:
-            bad = guard(new_v, G[1:])
-            if bad is not None:
-                return {"diverged": bad}
-        out = _update(lvl, {"w": xs[k], **state["moments"][k]}, G[k], tk, hp, scale, bounds,
-                      differentiable or k > 0, keep, out_w if k == 0 else None)
-        new_x[k] = out.pop("w")
-        new_m[k] = out
-        if k < n - 1:
-            if scale is None and k == 0:
-                scale = state["prev"][0]["scale"]
-            new_prev[k] = _prev(lvl, k, xs[k], state["moments"][k], G[k], scale)
-            if keep:
-                new_prev[k]["kept"] = keep
-        if k > 0:
-            # φ: identity for LRs; σ for unit-interval names, recomputed only where x moved, so a
-            # hyperparameter that is never moved keeps its given value bit for bit.
-            x_old, x_new, v_old = xs[k], new_x[k], state["values"][k - 1]
-            unit = _unit_mask(levels[k - 1], x_new.device)
-            new_v[k - 1] = torch.where(unit, torch.where(x_new == x_old, v_old, torch.sigmoid(x_new)),
-                                       x_new)
-    return {"w": new_x[0], "moments": new_m, "raw": new_x[1:], "values": new_v,
-            "prev": new_prev, "hypergrads": G[1:]}
-
-
-def hyperparameters(tower: Level, state: dict) -> list[dict[str, float]]:
-    """Current value of every hyperparameter, one dict per level (the top level's are fixed)."""
-    out = []
-    for k, lvl in enumerate(tower.levels):
-        d = lvl.values()
-        if k < len(state["values"]):
-            d.update(zip(lvl.tuned, state["values"][k].tolist()))
-        out.append(d)
-    return out
-
-
-def _divergence(tower: Level, state: dict, lr_max: float = math.inf,
-                lr_scale: float = 1.0) -> "tuple[str, float | None] | None":
-    """What went wrong in a tower state after a step, as (what, value), or None (one device
-    sync): a non-finite hyperparameter or hypergradient (the first, by level), a base LR
-    η·``lr_scale`` above ``lr_max`` — the criteria of :class:`hgtoolkit.online.Engine` that apply
-    to a tower (non-finite parameters show in the next hypergradient, as in the engine)."""
-    parts = [*state["values"], *state["hypergrads"]]
-    flat = torch.cat(parts) if parts else torch.zeros(0)
-    lr = state["values"][0][tower.tuned.index("lr")] if "lr" in tower.tuned else None
-    lr_ok = lr is None or not math.isfinite(lr_max) or bool(lr.abs() * lr_scale <= lr_max)
-    if bool(torch.isfinite(flat).all()) and lr_ok:
-        return None
-    levels = tower.levels
-    for k in range(len(state["values"])):
-        for what, vec in (("hyperparameter", state["values"][k]), ("hypergradient", state["hypergrads"][k])):
-            bad = ~torch.isfinite(vec)
-            if bool(bad.any()):
-                i = int(torch.nonzero(bad)[0])
-                return (f"level-{k} {what} {levels[k].tuned[i]!r} ({levels[k].kind}) is not finite",
-                        float(vec[i]))
-    return f"learning rate exceeds lr_max={lr_max:.4g}", float(lr) * lr_scale
-
-
 # ----------------------------------------------------------------------------- foundation dynamics
 
 @dataclass(frozen=True)
@@ -671,7 +324,7 @@ class TowerDynamics(_dynamics.Dynamics):
     name: ClassVar[str] = "tower"
 
     def __post_init__(self) -> None:
-        _check_tower(self.tower)
+        check_tower(self.tower)
 
     def init(self, params: Any) -> dict:
         return init(self.tower, params)
@@ -728,7 +381,7 @@ class History:
     """
 
     def __init__(self, tower: Level):
-        self.tower = _check_tower(tower)
+        self.tower = check_tower(tower)
         self._rows: list[np.ndarray] = []
         self._cache: np.ndarray | None = None
         self._columns: list[tuple[str, int, str]] = []
@@ -816,149 +469,6 @@ class History:
 
     def __repr__(self) -> str:
         return f"History({str(self.tower)!r}, steps={len(self)})"
-
-
-@records.register("towers", version=2, params="params", readable=("history", "train_losses"),
-                  migrations={1: lambda cls, d: {**d, "params": None}},  # old files: JSON only, no params
-                  redo="rerun it: `python -m hgtoolkit towers ...` or `towers.run(...).save(path)`")
-@dataclass
-class TowerResult:
-    """A tower run (:func:`run`): the record of every hyperparameter, per-step training losses,
-    final validation loss E(w_T), validation metrics and final parameters; ``diverged_at``: the
-    step at which the run stopped because it diverged (None when it completed)."""
-
-    tower: Level
-    history: History
-    train_losses: np.ndarray
-    value: float
-    params: Any = None
-    metrics: dict | None = None
-    problem: dict = field(default_factory=dict)
-    diverged_at: int | None = None
-    divergence: str | None = None
-
-    @property
-    def blew_up(self) -> bool:
-        """True when the run stopped because it diverged (``divergence`` says how, ``diverged_at`` when)."""
-        return self.diverged_at is not None
-
-    @property
-    def lrs(self) -> torch.Tensor:
-        """The learnt base LR schedule η_0 … η_{T−1} (float64)."""
-        return torch.as_tensor(self.history.lrs, dtype=torch.float64)
-
-    def replay(self) -> _dynamics.Dynamics:
-        """The base optimizer with every learnt non-LR hyperparameter replayed as a fixed schedule;
-        ``trajectory.train(problem, result.lrs, result.replay())`` reproduces the run, and
-        ``exact.hypergradient(problem, result.lrs, result.replay())`` gives the exact
-        full-horizon hypergradient of the learnt LR schedule."""
-        base_level = self.tower.levels[0]
-        vals = self.history.values(0)
-        sched = {n: torch.as_tensor(vals[n], dtype=torch.float64) for n in base_level.tuned if n != "lr"}
-        return Scheduled(base_level.base, sched) if sched else base_level.base
-
-    def _record_fields(self) -> dict:
-        """The record codec's fields: the tower's settings, the history's arrays (its spec string
-        parses back to the tower), the parameters."""
-        return {"tower": self.tower.config(), "history": self.history.to_dict(), "train_losses": self.train_losses,
-                "value": self.value, "params": self.params, "metrics": self.metrics, "problem": self.problem,
-                "diverged_at": self.diverged_at, "divergence": self.divergence}
-
-    @classmethod
-    def _from_record_fields(cls, d: dict) -> "TowerResult":
-        hist = History.from_dict(d["history"])
-        losses = np.array([np.nan if v is None else v for v in d["train_losses"]], dtype=np.float64)
-        return cls(hist.tower, hist, losses, d["value"], d.get("params"), d.get("metrics"), d.get("problem", {}),
-                   d.get("diverged_at"), d.get("divergence"))
-
-    def to_dict(self) -> dict:
-        return records.to_dict(self)
-
-    def save(self, path: str | Path) -> Path:
-        """:func:`hgtoolkit.records.save` (JSON, npz, and the parameters when kept)."""
-        return records.save(self, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TowerResult":
-        return records.load(path, kind="towers")
-
-    def __repr__(self) -> str:
-        return (f"TowerResult({str(self.tower)!r}, steps={len(self.history)}, value={self.value:.6g}, "
-                f"final lr={self.history.lrs[-1] if len(self.history) else float('nan'):.4g})")
-
-
-def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
-        divergence_factor: float | None = 2.0, raise_on_divergence: bool = False) -> TowerResult:
-    """Train ``problem`` for ``steps`` steps with ``tower`` (through ``trajectory.make_step`` of
-    ``tower.dynamics()``), recording every hyperparameter at every level.
-
-    Divergence, with the criterion of :class:`hgtoolkit.online.Engine`: the minibatch loss L_t
-    not finite or above ``divergence_factor`` × L_0 (None: off), a non-finite hyperparameter,
-    hypergradient or parameter after step t. The run stops before applying step t, warns
-    (:class:`DivergenceWarning`, naming t) and returns the record of steps 0 … t−1 with
-    ``result.diverged_at = t``; ``raise_on_divergence=True`` raises :class:`DivergenceError`.
-
-    >>> from hgtoolkit import problems, towers
-    >>> r = towers.run(problems.from_function("beale"), "sgd(lr=1e-4) / sgd(lr=1e-9)", steps=20)
-    >>> len(r.history.lrs)
-    20
-    """
-    from .trajectory import check_finite, make_step, progress_bar
-    tower = parse(tower)
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be ≥ 1, got {steps}")
-    if divergence_factor is not None and not (_real("towers.run", "divergence_factor", divergence_factor) > 1):
-        raise ValueError(f"divergence_factor must be > 1 (or None), got {divergence_factor}")
-    dyn = tower.dynamics()
-    one_step = make_step(problem, dyn)
-    state = dyn.init(problem.params0)
-    history = History(tower)
-    one = torch.ones((), dtype=problem.dtype, device=problem.device)
-    losses, diverged_at, divergence, ref = [], None, None, math.nan
-    with torch.no_grad():
-        for t in progress_bar(range(steps), progress, desc=f"tower h={tower.height}", leave=False):
-            new, loss = one_step(state, one, t)
-            value = float(loss)
-            ref = value if t == 0 else ref
-            bad = (((online.DIVERGENCE[1], value) if not math.isfinite(value) else None)
-                   or ((online.DIVERGENCE[3], value) if value > loss_limit(ref, divergence_factor) else None)
-                   or _divergence(tower, new))
-            if bad:
-                err = DivergenceError(t, *bad)
-                err.args = (f"tower {tower}: training diverged at step {t}: {bad[0]}"
-                            + (f" ({bad[1]:.4g})" if bad[1] is not None and math.isfinite(bad[1]) else ""),)
-                if raise_on_divergence:
-                    raise err
-                warnings.warn(f"{err.args[0]}; the run stopped there (result.diverged_at = {t})",
-                              DivergenceWarning, stacklevel=2)
-                diverged_at, divergence = t, err.args[0]
-                break
-            state = new
-            history.append(state)
-            losses.append(loss)
-        params = dyn.params(state)
-        value = problem.val_loss(params)
-    check_finite(value, max(len(losses) - 1, 0), params)
-    metrics = problem.metrics(params) if problem.metrics is not None else None
-    losses = torch.stack(losses).detach().cpu().double().numpy() if losses else np.zeros(0)
-    return TowerResult(tower, history, losses, float(value), params, metrics, problem.describe(),
-                       diverged_at, divergence)
-
-
-def analyse(result: TowerResult, problem, **kwargs: Any):
-    """Compare the tower's online LR hypergradients G¹_t (the HD-like one-step estimates it used)
-    with the exact references along the learnt schedule (:func:`hgtoolkit.analysis.analyse`,
-    ``alignment="before_step"``: G¹_t is formed before step t). Returns an ApproximationReport."""
-    from . import analysis
-    if "lr" not in result.history.learnt(0):
-        raise ValueError("analyse: the tower does not learn the base LR (no hypergradient to compare)")
-    kwargs.setdefault("label", f"tower {result.tower}")
-    kwargs.setdefault("alignment", "before_step")
-    info = {"tower": result.tower.config(), **kwargs.pop("info", {})}
-    return analysis.analyse(problem, result.lrs, result.history.hypergrads(0)["lr"],
-                            result.replay(), info=info, **kwargs)
 
 
 # ----------------------------------------------------------------------------- drop-in optimizer
@@ -1065,7 +575,7 @@ class TowerOptimizer(DropIn):
         if loss is not None:
             bad = self._loss_divergence(group, loss, t)
             if bad:
-                return self._diverged(group, t, *bad)
+                return self._diverged(group, bad)
         # the next step differentiates this update again: it keeps g (by reference or a copy,
         # DropIn._keep), and a copy of w when weight decay makes that update depend on it (see _prev)
         grads = [p.grad.detach() for p in params]
@@ -1110,13 +620,13 @@ class TowerOptimizer(DropIn):
         lr_max = group["lr_max"] if group["lr_max"] is not None else (1e6 * lr0 if lr0 > 0 else math.inf)
         # the divergence criteria look at the hyper-levels only: checked before level 0 writes
         # the new w straight into the parameters (a diverged step leaves them as they were)
-        guard = lambda values, hypergrads: _divergence(tower, {"values": values, "hypergrads": hypergrads},
-                                                       lr_max, scale)
+        guard = lambda values, hypergrads: state_divergence(tower, {"values": values, "hypergrads": hypergrads},
+                                                            t, lr_max, scale)
         new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
                    counts=counts if any(c != t for c in counts) else None, differentiable=False,
                    out_w=[p.detach() for p in params] if keep_w else w, guard=guard)
         if "diverged" in new:
-            return self._diverged(group, t, *new["diverged"])
+            return self._diverged(group, new["diverged"])
         for p, nw in zip(params, new["w"]):
             if nw.data_ptr() != p.data_ptr():  # not written in place (per-parameter update counts)
                 p.copy_(nw)
@@ -1141,16 +651,12 @@ class TowerOptimizer(DropIn):
         if self.record:
             self.histories[i].append(new)
 
-    def _loss_divergence(self, group: dict, loss, t: int):
-        """The engine's loss criterion for a closure's loss (None when fine)."""
+    def _loss_divergence(self, group: dict, loss, t: int) -> "_divergence.Divergence | None":
+        """The loss rule (:func:`hgtoolkit.divergence.check_loss`) for a closure's loss."""
         value = float(loss)
         if t == 0 or "ref_loss" not in group:
             group["ref_loss"] = value
-        if not math.isfinite(value):
-            return online.DIVERGENCE[1], value
-        if value > loss_limit(group["ref_loss"], group["divergence_factor"]):
-            return online.DIVERGENCE[3], value
-        return None
+        return _divergence.check_loss(t, value, group["ref_loss"], group["divergence_factor"])
 
     def state_dict(self) -> dict:
         """torch.optim's ``{"state", "param_groups"}`` with every tower as its text spec, plus
@@ -1180,14 +686,3 @@ class TowerOptimizer(DropIn):
 
     def __repr__(self) -> str:
         return "TowerOptimizer(" + "; ".join(str(g["tower"]) for g in self.param_groups) + ")"
-
-
-# ----------------------------------------------------------------------------- plotting
-
-def __getattr__(name: str):
-    """``towers.plot_history`` moved to :func:`hgtoolkit.plotting.plot_tower_history` (plotting
-    reads records; it no longer lives in the computational module)."""
-    if name == "plot_history":
-        from .plotting import plot_tower_history
-        return plot_tower_history
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
