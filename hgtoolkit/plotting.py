@@ -22,7 +22,7 @@ import numpy as np
 __all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient", "plot_online_run", "plot_tower_history",
            "savefig", "wait_for_figures", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
            "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_beta",
-           "plot_accuracy_bars"]
+           "plot_accuracy_bars", "layout_problems", "legend_on_top"]
 
 # rcParams applied (as a context) to every figure made by :func:`figure`.
 STYLE = {
@@ -197,12 +197,14 @@ def plot_online_run(result, title: str | None = None):
     return fig
 
 
-def describe_source(problem_info: Mapping[str, Any]) -> str:
-    """A short data-source line from ``problem.describe()`` (name, data, dtype), for titles/captions."""
+def describe_source(problem_info: Mapping[str, Any], limit: int | None = 70) -> str:
+    """A data-source line from ``problem.describe()`` (name, data, dtype), for titles/captions;
+    the data description is shortened to ``limit`` characters ("…"; None: whole — for a
+    caption, which :func:`savefig` wraps to the figure's width)."""
     name = problem_info.get("name", "problem")
     data = str(problem_info.get("data", problem_info.get("source", "")))
-    if len(data) > 70:
-        data = data[:67] + "…"
+    if limit is not None and len(data) > limit:
+        data = data[:limit - 3] + "…"
     bits = [name] + ([data] if data else []) + [str(problem_info.get("dtype", "")).replace("torch.", "")]
     return " · ".join(b for b in bits if b)
 
@@ -214,7 +216,8 @@ _WRITERS: list = []  # (pid, paths) of the forked processes writing figures (sav
 def savefig(fig, path_without_ext: str | Path, *, caption: str | None = None,
             formats: Sequence[str] = ("png", "pdf"), close: bool = False,
             background: bool = False) -> list[Path]:
-    """Write ``<path>.png`` and ``<path>.pdf`` (parent folders created); ``caption`` goes under the axes.
+    """Write ``<path>.png`` and ``<path>.pdf`` (parent folders created); ``caption`` goes under the
+    axes, wrapped to the figure's width.
 
     ``background=True`` (Linux): a forked copy of this process writes the files (layout, text
     and rasterisation are most of a figure's cost) while this one goes on, at most as many at
@@ -227,7 +230,11 @@ def savefig(fig, path_without_ext: str | Path, *, caption: str | None = None,
         path = path.with_suffix("")
     path.parent.mkdir(parents=True, exist_ok=True)
     if caption:
-        fig.supxlabel(caption, fontsize=7, color="0.3")
+        fig.supxlabel(_wrap(caption, fig.get_figwidth(), 7), fontsize=7, color="0.3")
+    if CHECK_LAYOUT:
+        problems = layout_problems(fig)
+        if problems:
+            raise ValueError(f"figure {path.name}: " + "; ".join(problems))
     out = [path.with_name(f"{path.name}.{ext}") for ext in formats]
     if background and sys.platform == "linux" and (os.cpu_count() or 1) > 1:
         while len(_WRITERS) >= (os.cpu_count() or 1):
@@ -252,6 +259,96 @@ def savefig(fig, path_without_ext: str | Path, *, caption: str | None = None,
         import matplotlib.pyplot as plt
         plt.close(fig)
     return out
+
+
+def _wrap(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``fontsize`` points (an average
+    glyph is taken as 0.55 em wide)."""
+    import textwrap
+    per_line = max(20, int(width_in * 72 / (0.55 * fontsize)))
+    return "\n".join(textwrap.fill(part, per_line) for part in text.split("\n"))
+
+
+#: When True, :func:`savefig` raises ValueError for a figure with :func:`layout_problems` (the
+#: test suite turns it on, so every figure a test saves is checked).
+CHECK_LAYOUT = False
+
+
+def layout_problems(fig, *, tolerance: float = 1.0) -> list[str]:
+    """What sticks out of ``fig``'s canvas: each legend, title, axis label, tick label, text and
+    caption whose window extent (laid out by the Agg renderer, as :func:`savefig` draws it) is
+    not inside the figure's bounding box (by more than ``tolerance`` pixels), described in one
+    line each; [] for a figure whose texts are all inside, whole.
+
+    Only what is drawn is checked: visible, non-empty texts; tick labels within the axis
+    limits (``Axes.get_tightbbox`` chooses those); a text clipped to its axes is checked
+    against that clipping."""
+    from matplotlib.legend import Legend
+    from matplotlib.text import Text
+    fig.draw_without_rendering()
+    renderer = fig._get_renderer()
+    box = fig.bbox
+    problems: list[str] = []
+
+    def outside(bb) -> str | None:
+        sides = {"left": box.x0 - bb.x0, "right": bb.x1 - box.x1,
+                 "bottom": box.y0 - bb.y0, "top": bb.y1 - box.y1}
+        bad = [f"{px:.0f} px beyond the {side}" for side, px in sides.items() if px > tolerance]
+        return ", ".join(bad) or None
+
+    def name(artist) -> str:
+        if isinstance(artist, Legend):
+            return "legend (" + ", ".join(repr(t.get_text()) for t in artist.get_texts()[:2]) + ", …)"
+        text = artist.get_text().replace("\n", " ")
+        return f"text {text[:40] + '…' if len(text) > 40 else text!r}"
+
+    seen: set[int] = set()
+    candidates = [*fig.legends, *fig.texts]
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        candidates += [ax.title, ax._left_title, ax._right_title, ax.xaxis.label, ax.yaxis.label,
+                       *ax.texts, *([ax.get_legend()] if ax.get_legend() is not None else [])]
+        for axis in (ax.xaxis, ax.yaxis):  # its ticks and tick labels as drawn
+            tight = axis.get_tightbbox(renderer) if axis.get_visible() else None
+            where = outside(tight) if tight is not None else None
+            if where:
+                title = ax.get_title() or ax.get_ylabel() or f"axes {fig.axes.index(ax)}"
+                problems.append(f"the {axis.axis_name} tick labels of axes {title!r} reach {where} of "
+                                "the canvas")
+    for artist in candidates:
+        if artist is None or id(artist) in seen or not artist.get_visible():
+            continue
+        seen.add(id(artist))
+        if isinstance(artist, Text) and not artist.get_text().strip():
+            continue
+        bb = artist.get_window_extent(renderer)
+        if isinstance(artist, Text) and artist.get_clip_on() and artist.get_clip_box() is not None:
+            clip = artist.get_clip_box()
+            if not clip.contains(*bb.p0) or not clip.contains(*bb.p1):
+                problems.append(f"{name(artist)} is cut by its axes")
+                continue
+        where = outside(bb)
+        if where:
+            problems.append(f"{name(artist)} reaches {where} of the canvas")
+    return problems
+
+
+def legend_on_top(ax, handles=None, labels=None, *, ncol: int = 2, **kwargs):
+    """The legend of ``ax`` inside it, along its top edge (``ncol`` columns), with the (linear)
+    y-axis raised so that no data lie under it. ``kwargs`` go to ``ax.legend``. Returns the
+    legend."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    legend = ax.legend(handles, labels, loc="upper center", ncol=ncol, **kwargs)
+    fig = ax.figure
+    fig.draw_without_rendering()  # the layout as it stands, for the sizes below
+    renderer = fig._get_renderer()
+    share = legend.get_window_extent(renderer).height / max(ax.get_window_extent(renderer).height, 1.0)
+    share = min(share + 0.06, 0.7)  # a margin for what the layout adds later (suptitle, caption)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, lo + (hi - lo) / (1.0 - share))
+    return legend
 
 
 def _reap(writer) -> None:
@@ -595,15 +692,17 @@ def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: st
                       references: Mapping[str, float] | None = None,
                       xlabel: str = r"hyper-learning rate $\beta$",
                       ylabel: str = "final validation accuracy", legend: bool = True,
-                      legend_kw: Mapping[str, Any] | None = None):
+                      legend_kw: Mapping[str, Any] | None = None, legend_top: bool = False):
     """Mean ± std over seeds against a log-spaced setting (β, κ, …): ``curves[label]`` is a
     (seeds, len(values)) array. NaN entries (runs that diverged) are left out of the mean; where
     every seed failed the point is drawn as "×" at the bottom of the panel; where only some
     failed, the marker is hollow. ``references``: ``{label: value}`` as horizontal dashed lines
-    (e.g. LRS-OPT, a fixed LR). ``legend_kw`` goes to ``ax.legend`` (e.g. a place outside the axes)."""
+    (e.g. LRS-OPT, a fixed LR). ``legend_kw`` goes to ``ax.legend``; ``legend_top``: the legend
+    inside the axes along its top, above the data (:func:`legend_on_top`). The legend explains
+    the hollow and "×" markers only where some are drawn."""
     fig, ax = _axes(ax)
     x = to_numpy(values)
-    failed = []
+    failed, any_partial = [], False
     for label, rows in curves.items():
         rows = np.atleast_2d(to_numpy(rows))
         mean, std, n = _mean_std(rows)
@@ -612,6 +711,7 @@ def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: st
         ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
         partial = (n > 0) & (n < rows.shape[0])
         if partial.any():
+            any_partial = True
             ax.plot(x[partial], mean[partial], "o", ms=6, mfc="white", color=line.get_color(), zorder=3)
         failed.append((x[n == 0], line.get_color()))
     for k, (label, value) in enumerate((references or {}).items()):
@@ -629,13 +729,16 @@ def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: st
         ax.set_ylim(bottom=bottom)
         handles.append(Line2D([], [], ls="", marker="x", color="0.3"))
         labels.append("all seeds diverged")
-    handles.append(Line2D([], [], ls="", marker="o", ms=6, mfc="white", color="0.3"))
-    labels.append("some seeds diverged (mean of the rest)")
+    if any_partial:  # explained only where drawn
+        handles.append(Line2D([], [], ls="", marker="o", ms=6, mfc="white", color="0.3"))
+        labels.append("some seeds diverged (mean of the rest)")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
-    if legend:
+    if legend and legend_top:
+        legend_on_top(ax, handles, labels, **{"fontsize": 6.5, **(legend_kw or {})})
+    elif legend:
         ax.legend(handles, labels, **{"loc": "best", "fontsize": 6.5, **(legend_kw or {})})
     return ax
 

@@ -23,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cluster" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _check_figure_layout():
+    """Every figure a test saves through ``plotting.savefig`` (the experiments, the commands) is
+    checked: its legends and texts inside the canvas (ValueError otherwise)."""
+    from hgtoolkit import plotting
+    plotting.CHECK_LAYOUT = True
+    yield
+    plotting.CHECK_LAYOUT = False

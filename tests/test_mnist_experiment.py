@@ -191,3 +191,39 @@ def test_the_analysis_of_the_stored_run_equals_that_of_the_recomputed_run(tiny):
     assert stored.result["summary"] == recomputed.result["summary"]
     with pytest.raises(ValueError, match="online_cell"):
         sweep.Grid("g", grid.problem, "mnist.analysis", fixed={**cell.params, "online_cell": "nope"})
+
+
+def test_fig2_legend_inside_caption_whole_no_phantom_marker(tiny, monkeypatch):
+    """Fig. 2 redrawn from the records: panel (c)'s legend lies inside its axes and explains only
+    markers that are drawn; the caption names the whole data source (not cut with "…")."""
+    from hgtoolkit import plotting
+    root, _ = tiny
+    seen = {}
+    real = plotting.savefig
+
+    def capture(fig, path, **kw):
+        seen[str(path).rsplit("/", 1)[-1]] = fig
+        return real(fig, path, **{**kw, "close": False, "background": False})
+
+    monkeypatch.setattr(plotting, "savefig", capture)
+    mnist.make_figures(root)
+    fig = seen["mnist_fig2"]
+    assert plotting.layout_problems(fig) == []
+    ax = fig.axes[2]
+    renderer = fig._get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    box = ax.get_window_extent(renderer)
+    assert box.x0 <= legend.x0 and legend.x1 <= box.x1 and box.y0 <= legend.y0 and legend.y1 <= box.y1
+    texts = [t.get_text() for t in ax.get_legend().get_texts()]
+    hollow = [l for l in ax.lines if l.get_marker() == "o" and l.get_markerfacecolor() == "white"]
+    assert ("some seeds diverged (mean of the rest)" in texts) == bool(hollow)
+    crosses = [l for l in ax.lines if l.get_marker() == "x"]
+    assert ("all seeds diverged" in texts) == bool(crosses)
+    problem = mnist.load_records(root)["online"]
+    meta = next(iter(next(iter(problem.values())).values()))[0]
+    caption = fig._supxlabel.get_text().replace("\n", " ")
+    assert str(meta["problem"]["data"]).replace("\n", " ") in caption or \
+        " ".join(str(meta["problem"]["data"]).split()) in " ".join(caption.split())
+    import matplotlib.pyplot as plt
+    for f in seen.values():
+        plt.close(f)

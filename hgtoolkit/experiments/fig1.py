@@ -675,7 +675,7 @@ def make_figures(out_dir, functions) -> list:
                             label=f"{labels[i]}: min$_t f$ = {grid['best'][i, j]:.3g}, "
                                   f"$f(w_T)$ = {grid['final'][i, j]:.3g}")
                 ax.set_xlabel(plotting.STEP_LABEL)
-                ax.set_title(f"(d) HD vs RTHO at one β = {betas[j]:.0e} (the largest where neither diverged)")
+                ax.set_title(f"(d) HD vs RTHO at one β = {betas[j]:.0e}\n(the largest where neither diverged)")
             _lr_axis(ax, lr0, pair)
             _legend_below(ax, ncol=1)
         else:

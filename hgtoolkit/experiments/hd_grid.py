@@ -502,7 +502,7 @@ def make_figures(out_dir, models, optimizers) -> list:
             h += [plt.Line2D([], [], color="0.3", ls="--"), plt.Line2D([], [], color="0.3", ls="-")]
             l += ["plain optimizer", "HD"]
             fig.legend(h, l, loc="outside lower center", ncol=len(l), fontsize=7, frameon=False)
-        fig.suptitle(f"Baydin et al. (poster figure): $\\alpha_t$, training and validation loss — {source}\n"
+        fig.suptitle(f"Baydin et al. (poster figure): $\\alpha_t$, training and validation loss\n{source}\n"
                      f"data: {_short(m0['data'])}", fontsize=9)
         written += plotting.savefig(fig, out.figure(f"hd_{model}_curves"), close=True)
     return written

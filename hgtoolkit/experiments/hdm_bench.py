@@ -304,8 +304,7 @@ def _run(config: Config, out_dir, progress: bool) -> dict:
 
 
 def _figure(out, hyper, qname) -> None:
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plotting.figure(ncols=2, width=4.5, height=3.2)  # constrained layout: caption inside
     axes[0].semilogy(hyper["lrs"], label="HDM P_k")
     axes[0].semilogy(hyper["alpha_star"], "--", label="exact one-step optimum gᵀg/gᵀAg")
     axes[0].set(xlabel="k", title="stepsize")

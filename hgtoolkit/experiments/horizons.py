@@ -208,8 +208,7 @@ def _run(config: Config, out_dir, progress: bool) -> dict:
 
 
 def _figures(out, cases, ladder, config) -> None:
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    fig, axes = plotting.figure(ncols=3, width=11 / 3, height=3.2)  # constrained layout: caption inside
     for name, c in (("noisy", cases["noisy_momentum"]), ("σ=0", cases["sigma0_momentum"])):
         ls = "-" if name == "noisy" else ":"
         for kind, color in (("greedy", "C0"), ("optimal", "C3")):
@@ -223,7 +222,7 @@ def _figures(out, cases, ladder, config) -> None:
     axes[2].set(title="E L(w_t)", xlabel="t")
     axes[2].legend(fontsize=6)
     plotting.savefig(fig, out.figure("nqm_schedules"), caption=f"NQM d={config.d}, T={config.T}", close=True)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plotting.figure(width=5, height=3.2)
     for i, r in enumerate(ladder):
         ax.plot([str(k) for k in r["Ks"]], [r["rows"][k]["cosine"] for k in r["Ks"]], "o-", label=r["method"])
     ax.set(xlabel="horizon K", ylabel="cosine(h, d⁽ᴷ⁾)", title="which horizon each online rule sees")

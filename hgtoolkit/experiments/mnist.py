@@ -366,7 +366,7 @@ def make_figures(out_dir, config: Config | None = None) -> list:
     lrsopt = {s: m["result"] for s, m in sorted(rec["lrsopt"].items())}
     seeds = sorted(next(iter(online.values())).keys()) if online else []
     meta0 = next(iter(next(iter(online.values())).values()))[0] if online else {}
-    caption = f"data: {plotting.describe_source(meta0.get('problem', {}))}; records in data/sweep"
+    caption = f"data: {plotting.describe_source(meta0.get('problem', {}), limit=None)}; records in data/sweep"
     written = []
     # each figure is written by a forked process while the next is drawn (waited for at the end)
     save = lambda fig, name: plotting.savefig(fig, out.figure(name), caption=caption, close=True, background=True)
@@ -405,7 +405,7 @@ def make_figures(out_dir, config: Config | None = None) -> list:
         colors = {l: ("0.25" if l == LRSOPT_LABEL else "0.8" if l.startswith("peer:") else "tab:blue")
                   for l in bars}
         plotting.plot_accuracy_bars(bars, ax=ax, colors=colors,
-                                    title=f"final validation accuracy over seeds {seeds} (online methods "
+                                    title=f"final validation accuracy over seeds {seeds}\n(online methods "
                                           "in blue at their best β/κ; dots = seeds)")
         written += save(fig, "mnist_methods_and_peers")
 
@@ -486,7 +486,7 @@ def _schedules_panel(ax, online, labels, best, lrs_res, seed) -> None:
     peaks = sorted(float(np.max(v)) for v in schedules.values() if len(v))
     cap = 3.0 * peaks[len(peaks) // 2] if peaks else None
     if cap and peaks[-1] > cap:
-        title += f"; η axis cut at {cap:.2g} (max {peaks[-1]:.2g})"
+        title += f"\nη axis cut at {cap:.2g} (max {peaks[-1]:.2g})"
     plotting.plot_schedules(schedules, ax=ax, styles=styles, title=title)
     if cap and peaks[-1] > cap:
         ax.set_ylim(0, cap)
@@ -514,7 +514,7 @@ def _accuracy_panel(ax, online, labels, rec, grid) -> None:
                                xlabel=("hyper-learning rate $\\beta$" if grid == "beta"
                                        else "step size $\\kappa$ of the adaptive $\\beta$"),
                                ylabel="final validation accuracy",
-                               legend_kw={"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)},
+                               legend_top=True,
                                title=f"(c) validation accuracy vs ${sym}$ (mean ± std over seeds)")
 
 
