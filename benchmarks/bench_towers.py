@@ -7,7 +7,8 @@ Side by side, on the same 3×500 MLP, initial weights and minibatches
 - ``hgtoolkit.towers`` drop-in optimizers of height 1, 2, 3;
 - the PyPI package ``gradient-descent-the-ultimate-optimizer`` (Chandra et al.'s reference
   implementation, import ``gradient_descent_the_ultimate_optimizer``) with the same stacks,
-  driven as its README says (``begin``, ``zero_grad``, ``backward(create_graph=True)``, ``step``).
+  driven as its README says (``begin``, ``zero_grad``, ``backward(create_graph=True)``, ``step``)
+  by ``tests/peers.py`` (``GdtuoTower``), the driver tests/test_peers.py checks it with.
 
 Time: per-iteration wall time and CPU (process) time (zero_grad + forward + backward +
 optimizer step), median over ``--steps`` steps after ``--warmup`` in each of ``--repeats``
@@ -43,29 +44,26 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))  # peers.py: the gdtuo driver the tests use
+
+import peers  # noqa: E402
 from hgtoolkit import problems, towers  # noqa: E402
 from hgtoolkit.records import atomic_write_json  # noqa: E402
 
 try:
-    from gradient_descent_the_ultimate_optimizer import gdtuo
-except ImportError:  # optional: pip install gradient-descent-the-ultimate-optimizer (extra "peers")
-    gdtuo = None
+    peers.require("gdtuo")
+    HAVE_GDTUO = True
+except ImportError:  # optional here: pip install gradient-descent-the-ultimate-optimizer (extra "dev")
+    HAVE_GDTUO = False
 
+# gdtuo's stacks are built from the same specs (peers.gdtuo_stack): SGD → gdtuo.SGD, Adam → gdtuo.Adam
 FAMILIES = {
     "sgd": {"torch": lambda ps: torch.optim.SGD(ps, lr=0.05),
             "towers": ["sgd(lr=0.05)", "sgd(lr=0.05) / sgd(lr=0.01)",
-                       "sgd(lr=0.05) / sgd(lr=0.01) / sgd(lr=0.0001)"],
-            "gdtuo": [lambda: gdtuo.SGD(alpha=0.05),
-                      lambda: gdtuo.SGD(alpha=0.05, optimizer=gdtuo.SGD(alpha=0.01)),
-                      lambda: gdtuo.SGD(alpha=0.05, optimizer=gdtuo.SGD(alpha=0.01,
-                                                                        optimizer=gdtuo.SGD(alpha=1e-4)))]},
+                       "sgd(lr=0.05) / sgd(lr=0.01) / sgd(lr=0.0001)"]},
     "adam": {"torch": lambda ps: torch.optim.Adam(ps, lr=1e-3),
              "towers": ["adam(lr=0.001)", "adam(lr=0.001) / sgd(lr=1e-07)",
-                        "adam(lr=0.001) / sgd(lr=1e-07) / sgd(lr=1e-12)"],
-             "gdtuo": [lambda: gdtuo.Adam(alpha=1e-3),
-                       lambda: gdtuo.Adam(alpha=1e-3, optimizer=gdtuo.SGD(alpha=1e-7)),
-                       lambda: gdtuo.Adam(alpha=1e-3, optimizer=gdtuo.SGD(alpha=1e-7,
-                                                                          optimizer=gdtuo.SGD(alpha=1e-12)))]},
+                        "adam(lr=0.001) / sgd(lr=1e-07) / sgd(lr=1e-12)"]},
 }
 
 
@@ -76,72 +74,45 @@ def configs() -> list[tuple[str, str, str, int]]:
         out.append((f"{fam}/torch.optim", fam, "torch.optim", 1))
         for h in (1, 2, 3):
             out.append((f"{fam}/hgtoolkit/h{h}", fam, "hgtoolkit", h))
-        if gdtuo is not None:
+        if HAVE_GDTUO:
             for h in (1, 2, 3):
                 out.append((f"{fam}/gdtuo/h{h}", fam, "gdtuo", h))
     return out
 
 
-def _mlp_module(problem) -> torch.nn.Module:
-    """An nn.Sequential with the problem's layer sizes and initial weights (gdtuo needs a module)."""
-    p0 = problem.params0
-    weights = sorted((k for k in p0 if k.endswith(".weight")), key=lambda k: int(k.split(".")[0]))
-    sizes = [p0[weights[0]].shape[1]] + [p0[k].shape[0] for k in weights]
-    layers = []
-    for i in range(len(sizes) - 1):
-        layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    m = torch.nn.Sequential(*layers).to(problem.dtype)
-    m.load_state_dict({k: v.clone() for k, v in p0.items()})
-    return m
-
-
 class Runner:
-    """One configuration: ``step(t)`` does one full training iteration on minibatch t."""
+    """One configuration: ``step(t)`` does one full training iteration on minibatch t (gdtuo and
+    the hgtoolkit drop-in: the drivers of tests/peers.py)."""
 
     def __init__(self, problem, family: str, impl: str, height: int):
         self.problem, self.impl = problem, impl
         fam = FAMILIES[family]
-        if impl == "gdtuo":
-            self.mw = gdtuo.ModuleWrapper(_mlp_module(problem), optimizer=fam["gdtuo"][height - 1]())
-            self.mw.initialize()
-            self.top = self.mw.optimizer
-        else:
+        if impl == "torch.optim":
             self.params = {k: v.clone().requires_grad_() for k, v in problem.params0.items()}
-            ps = list(self.params.values())
-            self.opt = fam["torch"](ps) if impl == "torch.optim" else towers.parse(
-                fam["towers"][height - 1]).optimizer(ps)
+            self.opt = fam["torch"](list(self.params.values()))
+        else:
+            tower = towers.parse(fam["towers"][height - 1])
+            self.peer = peers.GdtuoTower(problem, tower) if impl == "gdtuo" else peers.TowerDropIn(problem, tower)
 
     def step(self, t: int) -> float:
-        if self.impl == "gdtuo":
-            self.mw.begin()
-            self.mw.zero_grad()
-            loss = self.problem.train_loss(self.mw.parameters, t)
-            loss.backward(create_graph=True)
-            self.mw.step()
-        else:
-            self.opt.zero_grad()
-            loss = self.problem.train_loss(self.params, t)
-            loss.backward()
-            self.opt.step()
+        if self.impl != "torch.optim":
+            return self.peer.step(t)
+        self.opt.zero_grad()
+        loss = self.problem.train_loss(self.params, t)
+        loss.backward()
+        self.opt.step()
         return float(loss.detach())
 
     def lrs(self) -> list[float]:
         """Current learning rate of every level (base first)."""
-        if self.impl == "gdtuo":
-            out, o = [], self.top
-            while hasattr(o, "parameters"):
-                out.append(float(o.parameters["alpha"]))
-                o = o.optimizer
-            return out
         if self.impl == "torch.optim":
             return [self.opt.param_groups[0]["lr"]]
-        return [lv["lr"] for lv in self.opt.hyperparameters()]
+        return self.peer.lrs()
 
     def weights(self) -> list[torch.Tensor]:
-        src = self.mw.parameters if self.impl == "gdtuo" else self.params
-        return [src[k].detach() for k in self.problem.params0]
+        if self.impl == "torch.optim":
+            return [p.detach() for p in self.params.values()]
+        return self.peer.weights()
 
 
 def _status_mb(field: str) -> float:
@@ -233,18 +204,13 @@ def timing(problem, steps: int, warmup: int, repeats: int) -> dict:
 
 
 def numerics(problem, steps: int) -> dict:
-    """SGD towers: hgtoolkit vs gdtuo, same MLP and minibatches, learnt LRs step by step (gdtuo
-    makes its hyperparameters with torch.tensor, so the default dtype follows the problem's)."""
-    if gdtuo is None:
+    """SGD towers: hgtoolkit vs gdtuo, same MLP and minibatches, learnt LRs step by step (in the
+    problem's dtype; tests/test_peers.py holds them to 1e-12 in float64 on small problems)."""
+    if not HAVE_GDTUO:
         return {}
     out = {}
-    default = torch.get_default_dtype()
     for h in (2, 3):
-        torch.set_default_dtype(problem.dtype)
-        try:
-            a, b = Runner(problem, "sgd", "hgtoolkit", h), Runner(problem, "sgd", "gdtuo", h)
-        finally:
-            torch.set_default_dtype(default)
+        a, b = Runner(problem, "sgd", "hgtoolkit", h), Runner(problem, "sgd", "gdtuo", h)
         la, lb = [], []
         for t in range(steps):
             a.step(t)
@@ -280,7 +246,7 @@ def main(argv=None) -> int:
         warnings.simplefilter("ignore")
         problem = problems.mnist_mlp()
     print(f"MNIST MLP: {problem.num_params} parameters, data: {problem.info.get('data')}", file=sys.stderr)
-    if gdtuo is None:
+    if not HAVE_GDTUO:
         print("gradient-descent-the-ultimate-optimizer not installed: its rows are left out "
               "(pip install gradient-descent-the-ultimate-optimizer)", file=sys.stderr)
 
@@ -342,7 +308,7 @@ def main(argv=None) -> int:
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "loadavg_at_start": load_start, "loadavg_at_end": os.getloadavg()},
-        "gdtuo_installed": gdtuo is not None,
+        "gdtuo_installed": HAVE_GDTUO,
         "families": {f: {"towers": v["towers"]} for f, v in FAMILIES.items()},
         "rows": rows, "numerics_vs_gdtuo": nums, "table": table,
     }

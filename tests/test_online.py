@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import peers
 from hgtoolkit._tree import tree_leaves
 from hgtoolkit import DivergenceError, directional_derivative, dynamics, marthe, online, problems
 from hgtoolkit.errors import DivergenceWarning
@@ -60,57 +61,15 @@ def test_split_step_equals_one_jvp_of_the_whole_step(opt):
 
 # ----------------------------------------------------------------------------- HD = Baydin et al.
 
-def _baydin(problem, opt, alpha0, beta, T, momentum=0.9, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
-    """Baydin et al.'s SGD-HD / SGDN-HD / Adam-HD written out by hand with torch.autograd
-    (independent of hgtoolkit.dynamics): α_t = α_{t−1} − β ∇L_t(θ_t)·∇_α u_{t−1}; like their
-    code, weight decay is added to the gradient first, so h uses the regularised gradient."""
-    theta = {k: v.clone() for k, v in problem.params0.items()}
-    alpha, du = alpha0, None
-    buf = {k: torch.zeros_like(v) for k, v in theta.items()}
-    m = {k: torch.zeros_like(v) for k, v in theta.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in theta.items()}
-    alphas = []
-    for t in range(T):
-        leaves = {k: x.clone().requires_grad_(True) for k, x in theta.items()}
-        grads = dict(zip(leaves, torch.autograd.grad(problem.train_loss(leaves, t), list(leaves.values()))))
-        grads = {k: grads[k] + wd * theta[k] for k in theta}
-        if du is not None:
-            h = sum(float((grads[k] * du[k]).sum()) for k in theta)
-            alpha = alpha - beta * h
-        alphas.append(alpha)
-        if opt == "sgd":
-            d = grads
-        elif opt == "nesterov":
-            buf = {k: momentum * buf[k] + grads[k] for k in theta}
-            d = {k: grads[k] + momentum * buf[k] for k in theta}
-        else:
-            m = {k: b1 * m[k] + (1 - b1) * grads[k] for k in theta}
-            v2 = {k: b2 * v2[k] + (1 - b2) * grads[k] ** 2 for k in theta}
-            d = {k: (m[k] / (1 - b1 ** (t + 1))) / ((v2[k] / (1 - b2 ** (t + 1))).sqrt() + eps)
-                 for k in theta}
-        theta = {k: theta[k] - alpha * d[k] for k in theta}
-        du = {k: -d[k] for k in theta}  # ∇_α u_t
-    return np.array(alphas), theta
-
-
-@pytest.mark.parametrize("opt,beta", [("sgd", 1e-2), ("nesterov", 1e-3), ("adam", 1e-4)])
-def test_hd_train_mode_is_baydin(opt, beta):
-    T = 10
-    alphas, theta = _baydin(MLP, opt, MLP_LR[opt], beta, T)
-    r = online.run(MLP, "hd", OPTIMIZERS[opt], lr0=MLP_LR[opt], beta=beta, steps=T,
-                   objective="train", lr_floor=None)
-    assert np.allclose(r.lrs, alphas, rtol=1e-12, atol=0)
-    assert np.ptp(r.lrs) > 1e-3 * MLP_LR[opt]  # the LR did move
-    for k in theta:
-        assert torch.allclose(r.final_params[k], theta[k], rtol=1e-12, atol=1e-14)
-
+# HD == Baydin et al.'s SGD-HD / SGDN-HD / Adam-HD written out (peers.baydin_hd): tests/test_peers.py;
+# here, the regularised gradient in h.
 
 @pytest.mark.parametrize("opt", ["sgd", "nesterov", "adam"])
 def test_hd_with_weight_decay_uses_the_regularised_gradient_as_baydin(opt):
     """objective="train" differentiates what the optimizer minimises, L_t + wd/2·‖w‖² (Baydin
     et al.'s code); hd_gradient="raw" (the plain minibatch gradient in h) is measurably different."""
     T, wd, beta = 10, 0.05, {"sgd": 1e-2, "nesterov": 1e-3, "adam": 1e-4}[opt]
-    alphas, theta = _baydin(MLP, opt, MLP_LR[opt], beta, T, wd=wd)
+    alphas, _, theta = peers.baydin_hd(MLP, opt, MLP_LR[opt], beta, T, wd=wd)
     dyn = {"sgd": dynamics.sgd(weight_decay=wd), "nesterov": dynamics.nesterov(0.9, weight_decay=wd),
            "adam": dynamics.adam(weight_decay=wd)}[opt]
     kw = dict(lr0=MLP_LR[opt], beta=beta, steps=T, objective="train", lr_floor=None)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+import peers
 from hgtoolkit import DivergenceError, dynamics, exact, plotting, problems, towers, trajectory
 from hgtoolkit.errors import DivergenceWarning
 from hgtoolkit._tree import tree_leaves, tree_map
@@ -28,37 +29,15 @@ def mlp32():
     return problems.synthetic_classification(dtype=torch.float32)
 
 
-def _grad(problem, w, t):
-    return torch.func.grad(problem.train_loss)(w, t)
-
-
-def _dot(a, b):
-    return sum((x * y).sum() for x, y in zip(tree_leaves(a), tree_leaves(b)))
-
-
 # ----------------------------------------------------------------------------- HD equivalence
-
-def _baydin_sgd_hd(problem, alpha0, beta, T):
-    """Baydin et al.'s SGD-HD, written out: α_t = α_{t−1} + β ∇L_t(θ_t)·∇L_{t−1}(θ_{t−1}),
-    applied before the step θ_{t+1} = θ_t − α_t ∇L_t(θ_t)."""
-    theta, alpha, g_prev, alphas, hgs = problem.params0, alpha0, None, [], []
-    for t in range(T):
-        g = _grad(problem, theta, t)
-        h = 0.0 if g_prev is None else -float(_dot(g, g_prev))   # ∂L_t(θ_t)/∂α_{t−1}
-        alpha = alpha - beta * h
-        alphas.append(alpha)
-        hgs.append(h)
-        theta = tree_map(lambda p, gg: p - alpha * gg, theta, g)
-        g_prev = g
-    return theta, np.array(alphas), np.array(hgs)
-
+# (Baydin et al.'s SGD-HD written out: peers.baydin_hd; towers == gdtuo's stacks: tests/test_peers.py)
 
 @pytest.mark.parametrize("name,alpha0,beta", [("mlp", 0.05, 0.02), ("beale", 1e-4, 1e-9)])
 def test_height2_sgd_sgd_is_hd(mlp64, name, alpha0, beta):
     problem = mlp64 if name == "mlp" else problems.from_function("beale")
     T = 30
     res = towers.run(problem, towers.SGD(lr=alpha0, hyper=towers.SGD(lr=beta)), T)
-    theta, alphas, hgs = _baydin_sgd_hd(problem, alpha0, beta, T)
+    alphas, hgs, theta = peers.baydin_hd(problem, "sgd", alpha0, beta, T)
     lrs = res.history.lrs
     assert lrs.min() > 0 and abs(lrs[-1] - alpha0) > 0.05 * alpha0  # the LR moved, never clipped
     np.testing.assert_allclose(lrs, alphas, rtol=1e-12, atol=0)
