@@ -36,7 +36,7 @@ def require(name: str):
     except ImportError as exc:
         raise ImportError(f"peer package {dist} is missing (import {module} failed: {exc}); it is a "
                           f"test-only extra of hgtoolkit: pip install -e '.[dev]' (or pip install "
-                          f"'{dist}' --no-deps next to torch)") from exc
+                          f"'{dist}')") from exc
 
 
 @contextlib.contextmanager

@@ -24,23 +24,22 @@ PROBLEMS = {"mlp": problems.synthetic_classification(dtype=F64), "beale": proble
 
 def _close(actual, expected, what: str, rtol: float = 1e-12):
     """|actual − expected| ≤ rtol·max|expected| elementwise, and expected is not all zero."""
-    a = torch.as_tensor(np.asarray(actual) if not isinstance(actual, torch.Tensor) else actual, dtype=F64)
-    b = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected, dtype=F64)
+    a, b = (torch.as_tensor(np.asarray(x, dtype=np.float64)) for x in (actual, expected))
+    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} and {tuple(b.shape)}"
     scale = float(b.abs().max())
     assert scale > 0, f"{what}: the reference is all zero (the comparison could not fail)"
     err = float((a - b).abs().max())
-    assert a.shape == b.shape and err <= rtol * scale, \
-        f"{what}: max |difference| {err:.3g} = {err / scale:.3g} relative > {rtol:g}"
+    assert err <= rtol * scale, f"{what}: max |difference| {err:.3g} = {err / scale:.3g} relative > {rtol:g}"
 
 
 @pytest.fixture(scope="module", params=list(peers.PACKAGES))
-def _installed(request):
+def peer_package(request):
     return peers.require(request.param)
 
 
-def test_the_peer_packages_import(_installed):
+def test_the_peer_packages_import(peer_package):
     """Each peer imports (it is in the dev extra): a missing one fails here with the pip command."""
-    assert _installed is not None
+    assert peer_package is not None
 
 
 # ----------------------------------------------------------------------------- exact == torchopt, higher
@@ -100,13 +99,14 @@ TOWERS = {
 }
 
 
-def _gdtuo_record(problem, tower, steps):
-    ref = peers.GdtuoTower(problem, tower, adam_v0=0.0)  # v from 0, as torch.optim.Adam
+def _record(runner, steps):
+    """Run ``steps`` steps of a ``peers.GdtuoTower`` / ``peers.TowerDropIn``: (LR of every level
+    at every step, w_T)."""
     lrs = []
     for t in range(steps):
-        ref.step(t)
-        lrs.append(ref.lrs())
-    return np.array(lrs), ref.weights()
+        runner.step(t)
+        lrs.append(runner.lrs())
+    return np.array(lrs), runner.weights()
 
 
 @pytest.mark.parametrize("api", ["run", "optimizer"])
@@ -114,15 +114,13 @@ def _gdtuo_record(problem, tower, steps):
 def test_tower_is_gdtuo_stack(case, api):
     name, spec, steps = TOWERS[case]
     problem, tower = PROBLEMS[name], towers.parse(spec)
-    lrs_ref, w_ref = _gdtuo_record(problem, tower, steps)
+    lrs_ref, w_ref = _record(peers.GdtuoTower(problem, tower, adam_v0=0.0), steps)  # v from 0, as torch.optim
     if api == "run":
         res = towers.run(problem, tower, steps)
         lrs = np.stack([res.history.values(k)["lr"] for k in range(tower.height)], axis=1)
         w = tree_leaves(res.params)
     else:
-        drop = peers.TowerDropIn(problem, tower)
-        lrs = np.array([(drop.step(t), drop.lrs())[1] for t in range(steps)])
-        w = drop.weights()
+        lrs, w = _record(peers.TowerDropIn(problem, tower), steps)
     for k in range(tower.height - 1):  # the learnt LRs moved, so the comparison can fail
         assert np.ptp(lrs_ref[:, k]) > 0.1 * abs(lrs_ref[0, k]), f"level {k}'s LR barely moved"
     for k in range(tower.height):
@@ -152,8 +150,9 @@ def _dropin(problem, opt, lr, beta, wd, T):
     if opt == "adam":
         o = optim.AdamHD(leaves, lr=lr, hypergrad_lr=beta, weight_decay=wd)
     else:
-        o = optim.SGDHD(leaves, lr=lr, hypergrad_lr=beta, weight_decay=wd, momentum=0.9 if opt == "nesterov" else 0.0,
-                        nesterov=opt == "nesterov")
+        nesterov = opt == "nesterov"
+        o = optim.SGDHD(leaves, lr=lr, hypergrad_lr=beta, weight_decay=wd, momentum=0.9 if nesterov else 0.0,
+                        nesterov=nesterov)
     lrs = []
     for t in range(T):
         o.zero_grad()
