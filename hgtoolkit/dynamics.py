@@ -169,10 +169,11 @@ class Dynamics:
         return {k: hyper.get(k, getattr(self, k)) for k in self.hyperparameters}
 
     def _g_tilde(self, L: "_Leaves", grad: Any) -> list:
-        """Leaves of g̃ = g + wd·w (the gradient the update uses)."""
+        """Leaves of g̃ = g + wd·w (the gradient the update uses), as torch.optim adds weight
+        decay (``grad.add(w, alpha=wd)``: one rounding), so the numbers are torch.optim's."""
         g = L.of(grad)
         wd = getattr(self, "weight_decay", 0.0)
-        return g if wd == 0 else [gg + wd * w for gg, w in zip(g, L.leaves["w"])]
+        return g if wd == 0 else [torch.add(gg, w, alpha=wd) for gg, w in zip(g, L.leaves["w"])]
 
     # -- derivatives of one update ----------------------------------------------------------
     def tangent(self, state: dict, grad: Any, lr: Any, t: int, dstate: dict | None = None,
@@ -352,6 +353,15 @@ def _axpby(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = 
     return torch.addcmul(y, a, x, out=out)
 
 
+def _decay_add(b: torch.Tensor, m: Any, g: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """m·b + g in torch.optim.SGD's order (``buf.mul_(m).add_(g)``: the product rounded, then the
+    sum; ``addcmul`` fuses them and rounds once), so that SGD with momentum is torch.optim.SGD
+    bit for bit; into ``out`` when given (``out`` may be b)."""
+    if out is None:
+        return torch.mul(b, m) + g
+    return torch.add(torch.mul(b, m, out=out), g, out=out)
+
+
 def _scale_into(a: Any, x: torch.Tensor | None, out: torch.Tensor | None = None):
     """a·x (None: one) into ``out`` when given; None for a zero x."""
     if x is None:
@@ -449,7 +459,7 @@ class SGD(Dynamics):
             new_w, dnew_w = _step_w(w, lr, g, dw, dg, dlr, scale, L.o("w"), L.do("w"))
             return {"w": new_w}, {"w": dnew_w}
         m, db = h["momentum"], ds.get("b")
-        b = [_axpby(gg, m, bb, o) for bb, gg, o in zip(L.leaves["b"], g, L.o("b"))]
+        b = [_decay_add(bb, m, gg, o) for bb, gg, o in zip(L.leaves["b"], g, L.o("b"))]
         dbn = []
         for i, o in enumerate(L.do("b")):
             dbi, dgi = _column(db, i), _column(dg, i)
@@ -468,7 +478,7 @@ class SGD(Dynamics):
         b' + m·b (Nesterov)."""
         m = h.get("momentum", 0.0)
         b = L.leaves.get("b")
-        b_new = None if b is None else [_axpby(gg, m, bb) for bb, gg in zip(b, g)]
+        b_new = None if b is None else [_decay_add(bb, m, gg) for bb, gg in zip(b, g)]
         d = g if b is None else ([_axpby(gg, m, bb) for gg, bb in zip(g, b_new)] if self.nesterov else b_new)
         out = {}
         for name in names:

@@ -454,7 +454,7 @@ class Engine:
         wd = getattr(self.dynamics, "weight_decay", 0.0)
         if not self.regularised or not wd:
             return grad
-        return tree_map(lambda g, w: g + wd * w, grad, self.dynamics.params(state.opt))
+        return tree_map(lambda g, w: torch.add(g, w, alpha=wd), grad, self.dynamics.params(state.opt))
 
     def hyper_update(self, state: OnlineState, v: Any, t: int) -> OnlineState:
         r"""The hyper-update of iteration t−1 at the start of step t, from v = v_t:
