@@ -21,6 +21,13 @@ torch.optim semantics
 - Every group keeps its own options (``lr``, ``weight_decay``, ``momentum``, ``betas``,
   ``hypergrad_lr``, a constant ``mu``, …), read at every step; ``add_param_group`` adds a new
   online run.
+- The gradient contract (docs/dropins.md): a step uses what you left in ``p.grad`` (clipped,
+  hooked, unscaled); ``step(closure)`` after your ``backward()`` takes only the loss and H_t z
+  from the closure (the Hessian of the closure's loss: a transformation of the gradient is not
+  differentiated), and without a ``backward()`` of yours the closure's gradient, written into
+  ``p.grad``. A gradient the optimizer wrote and that was changed in place since raises.
+  ``module=model``: the closure's and ``val_closure``'s extra forward passes leave the model's
+  buffers as they were and replay the RNG state of your forward (dropout masks).
 - Your ``p.grad`` is yours: SGDHD (plain SGD) and the towers need last step's gradient again at
   the next step, and keep that tensor itself only where your loop gives ``p.grad`` as new memory
   at every step (``zero_grad()``, which sets it to None; seen at the second step), else a copy.
@@ -52,8 +59,8 @@ HD in a plain loop (Baydin et al.; needs nothing but the gradient)::
 
 MARTHE / RTHO (μ ≠ 0) also need the Hessian-vector product H_t z. Pass a ``closure`` that
 re-evaluates the training loss on the current minibatch and returns it **without calling
-backward()**: the optimizer differentiates it itself (g_t, and H_t z by a second backward
-through the gradient) and writes g_t into ``p.grad``. With ``objective="val"`` pass
+backward()**: the optimizer differentiates it itself (H_t z by a second backward through the
+gradient; and g_t, written into ``p.grad``, unless ``p.grad`` already holds yours). With ``objective="val"`` pass
 ``val_closure`` returning the validation loss E at the current parameters::
 
     opt = MARTHE(model.parameters(), lr=1e-3, beta="auto", mu="auto", kappa=1e-6)
@@ -85,6 +92,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from . import _guards
 from . import dynamics as _dynamics
 from . import online
 from . import divergence as _divergence
@@ -239,13 +247,15 @@ class OnlineOptimizer(DropIn):
     _KEPT = ("z_w",)
 
     def __init__(self, params: Iterable, defaults: dict, *, objective: str = "train",
-                 mu_rule: Callable | None = None, raise_on_divergence: bool = False):
+                 mu_rule: Callable | None = None, raise_on_divergence: bool = False,
+                 module: torch.nn.Module | None = None):
         if not isinstance(objective, str) or objective not in online.OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {online.OBJECTIVES}")
         self.objective = objective
         self.mu_rule = mu_rule
         defaults = {"lr_floor": 0.0, "lr_max": None, "divergence_factor": 2.0, **defaults}
         super().__init__(params, defaults, raise_on_divergence=raise_on_divergence)
+        self._guard = None if module is None else _guards.ModuleGuard(module)
 
     # -- subclass hooks -------------------------------------------------------------------
     def _dynamics(self, group: dict) -> _dynamics.Dynamics:
@@ -312,47 +322,104 @@ class OnlineOptimizer(DropIn):
     def _trainable(group: dict) -> list:
         return [p for p in group["params"] if p.requires_grad]
 
-    def _closure_grads(self, closure: Callable, hvp_groups: list[int]) -> tuple[torch.Tensor, dict]:
-        """Run the closure: g into p.grad for every trainable parameter, and H_kk z_k per group in
-        ``hvp_groups`` (one more backward through the gradient each)."""
+    def _user_gradients(self) -> bool:
+        """The gradient contract (docs/dropins.md), decided when ``step`` gets a closure: True when
+        some ``p.grad`` holds the user's gradient (a tensor this optimizer did not write: the
+        user's ``backward()``, then clipping, hooks, unscaling); the step then uses ``p.grad`` and
+        the closure gives the loss and H_t z only. False when every ``p.grad`` is None or the
+        closure gradient this optimizer wrote at its last step, unchanged: the closure's new
+        gradient replaces it. A gradient this optimizer wrote and that was changed in place since
+        (clipped after the step, or ``backward()`` accumulated into it) raises: it would be neither."""
+        written = self.__dict__.setdefault("_written", {})
+        user, stale = False, []
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                mine = written.get(p)
+                if mine is None or mine[0] is not g:
+                    user = True
+                elif g._version != mine[1]:
+                    raise RuntimeError(
+                        f"{type(self).__name__}.step(closure): p.grad holds the gradient this optimizer "
+                        f"computed from the closure at its last step, changed in place since (by "
+                        f"clipping or a hook after step(), or backward() accumulating into it without "
+                        f"zero_grad()), so it is neither that gradient nor one of yours: call "
+                        f"opt.zero_grad() before loss.backward() (the step then uses your p.grad, "
+                        f"clipped or not), or leave p.grad alone and let the closure compute it")
+                else:
+                    stale.append(p)
+        if user:  # the closure gradients of the last step belong to no backward of this one
+            for p in stale:
+                p.grad = None
+        return user
+
+    def _closure_grads(self, closure: Callable, hvp_groups: list[int], write: bool = True,
+                       second_order: bool = False) -> tuple[torch.Tensor, dict]:
+        """Run the closure: its loss, H_kk z_k per group in ``hvp_groups`` (one more backward through
+        the gradient each) and, with ``write``, its gradient g into p.grad for every trainable
+        parameter (else p.grad is the user's and is left alone; checked unchanged).
+        ``second_order``: some group needs H z at its later steps (a torch.compile'd loss is
+        refused at the first step, not the second)."""
         groups = self.param_groups
         flat = [p for g in groups for p in self._trainable(g)]
+        before = None if write else [(p.grad, None if p.grad is None else p.grad._version) for p in flat]
         with torch.enable_grad():
             loss = closure()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise TypeError(f"closure must return the loss as a one-element tensor, got "
                                 f"{type(loss).__name__}")
-            if not loss.requires_grad:
+            differentiate = write or bool(hvp_groups)
+            if differentiate and not loss.requires_grad:
                 raise RuntimeError("the loss returned by the closure does not depend on the "
                                    "optimizer's trainable parameters (computed under no_grad?); it "
                                    "must be computed from them and must NOT call backward() itself")
+            if second_order:
+                _guards.refuse_compiled(self, loss)
+            by_param, hz = {}, {}
             try:
-                grads = torch.autograd.grad(loss, flat, create_graph=bool(hvp_groups), allow_unused=True)
+                if differentiate:
+                    grads = torch.autograd.grad(loss, flat, create_graph=bool(hvp_groups), allow_unused=True)
+                    by_param = dict(zip(flat, grads))
+                for i, k in enumerate(hvp_groups):
+                    hz[k] = self._hvp(groups[k], by_param, retain=i < len(hvp_groups) - 1)
             except RuntimeError as exc:
+                _guards.explain_double_backward(self, exc)
                 raise RuntimeError(f"could not differentiate the loss returned by the closure: it must "
                                    f"be computed from the current parameters with autograd enabled and "
                                    f"must NOT call backward() itself ({exc})") from exc
-            by_param = dict(zip(flat, grads))
-            hz = {}
-            for i, k in enumerate(hvp_groups):
-                ps = [p for p in self._trainable(groups[k]) if by_param[p] is not None]
-                pairs = [(by_param[p], self.state[p]["z_w"]) for p in ps
-                         if by_param[p].requires_grad and "z_w" in self.state[p]]
-                out = [None] * len(ps)
-                if pairs:
-                    out = torch.autograd.grad([g for g, _ in pairs], ps, grad_outputs=[z for _, z in pairs],
-                                              retain_graph=i < len(hvp_groups) - 1, allow_unused=True)
-                hz[k] = {p: (torch.zeros_like(p) if h is None else h.detach()) for p, h in zip(ps, out)}
-        for p, g in by_param.items():
-            p.grad = None if g is None else g.detach()
+        if before is not None:
+            if any(p.grad is not g or (g is not None and g._version != v) for p, (g, v) in zip(flat, before)):
+                raise RuntimeError(f"{type(self).__name__}.step(closure): the closure changed p.grad (it "
+                                   f"must return the loss without calling backward(); the step uses the "
+                                   f"gradient you left in p.grad)")
+        elif write:
+            written = self.__dict__.setdefault("_written", {})
+            written.clear()
+            for p, g in by_param.items():
+                p.grad = None if g is None else g.detach()
+                if g is not None:
+                    written[p] = (p.grad, p.grad._version)
         return loss.detach(), hz
+
+    def _hvp(self, group: dict, by_param: dict, retain: bool) -> dict:
+        """{p: H z_w} over the group's trainable parameters (zero where nothing depends on p)."""
+        ps = [p for p in self._trainable(group) if by_param[p] is not None]
+        pairs = [(by_param[p], self.state[p]["z_w"]) for p in ps
+                 if by_param[p].requires_grad and "z_w" in self.state[p]]
+        out = [None] * len(ps)
+        if pairs:
+            out = torch.autograd.grad([g for g, _ in pairs], ps, grad_outputs=[z for _, z in pairs],
+                                      retain_graph=retain, allow_unused=True)
+        return {p: (torch.zeros_like(p) if h is None else h.detach()) for p, h in zip(ps, out)}
 
     def _val_grads(self, val_closure: Callable | None) -> dict:
         if val_closure is None:
             raise ValueError("val_closure is required with objective='val': it must return the "
                              "validation loss at the current parameters")
         flat = [p for g in self.param_groups for p in self._trainable(g)]
-        with torch.enable_grad():
+        with torch.enable_grad(), _guards.extra_forward(self._guard, replay=False):
             value = val_closure()
             if not isinstance(value, torch.Tensor) or value.numel() != 1:
                 raise TypeError("val_closure must return the validation loss as a one-element tensor")
@@ -367,9 +434,14 @@ class OnlineOptimizer(DropIn):
         hvp_groups = [k for k, (g, c) in enumerate(zip(groups, cfgs))
                       if c.needs_hvp and g["t"] > 0 and g["diverged_at"] is None]
         loss, hz = None, {}
-        self._observe_grads(backward_driven=closure is None)
+        users = closure is not None and self._user_gradients()
+        self._observe_grads(backward_driven=closure is None or users)
         if closure is not None:
-            loss, hz = self._closure_grads(closure, hvp_groups)
+            # the closure is an extra forward when p.grad is the user's: buffers read-only, the
+            # user's forward's RNG replayed (with module=); else it is the step's only forward
+            with _guards.extra_forward(self._guard if users else None, replay=True):
+                loss, hz = self._closure_grads(closure, hvp_groups, write=not users,
+                                               second_order=any(c.needs_hvp for c in cfgs))
         elif hvp_groups:
             raise ValueError("closure is required: with μ ≠ 0 (RTHO/MARTHE) the optimizer needs "
                              "H_t z from a closure returning the training loss (without backward())")
@@ -379,6 +451,8 @@ class OnlineOptimizer(DropIn):
         for k, (group, cfg) in enumerate(zip(groups, cfgs)):
             if group["diverged_at"] is None:
                 self._group_step(group, cfg, loss, hz.get(k), vgrads)
+        if self._guard is not None:
+            self._guard.step_done()
         return loss
 
     def _group_step(self, group: dict, cfg: online.HyperConfig, loss, hz: dict | None,
@@ -533,12 +607,14 @@ class SGDHD(OnlineOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, hypergrad_lr: float = 1e-3,
                  lr_floor: float | None = None, lr_max: float | None = None,
-                 divergence_factor: float | None = 2.0, raise_on_divergence: bool = False):
+                 divergence_factor: float | None = 2.0, raise_on_divergence: bool = False,
+                 module: torch.nn.Module | None = None):
         _nonneg(hypergrad_lr, "hypergrad_lr")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         hypergrad_lr=hypergrad_lr, lr_floor=lr_floor, lr_max=lr_max,
                         divergence_factor=divergence_factor)
-        super().__init__(params, defaults, objective="train", raise_on_divergence=raise_on_divergence)
+        super().__init__(params, defaults, objective="train", raise_on_divergence=raise_on_divergence,
+                         module=module)
 
     _direction_as_z = True
 
@@ -559,12 +635,14 @@ class AdamHD(OnlineOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, hypergrad_lr: float = 1e-8,
                  lr_floor: float | None = None, lr_max: float | None = None,
-                 divergence_factor: float | None = 2.0, raise_on_divergence: bool = False):
+                 divergence_factor: float | None = 2.0, raise_on_divergence: bool = False,
+                 module: torch.nn.Module | None = None):
         _nonneg(hypergrad_lr, "hypergrad_lr")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         hypergrad_lr=hypergrad_lr, lr_floor=lr_floor, lr_max=lr_max,
                         divergence_factor=divergence_factor)
-        super().__init__(params, defaults, objective="train", raise_on_divergence=raise_on_divergence)
+        super().__init__(params, defaults, objective="train", raise_on_divergence=raise_on_divergence,
+                         module=module)
 
     def _dynamics(self, group):
         b1, b2 = group["betas"]
@@ -594,13 +672,13 @@ class MARTHE(OnlineOptimizer):
                  mu_rule: Callable | None = None, objective: str = "val",
                  optimizer: "str | _dynamics.Dynamics" = "sgd", lr_floor: float | None = 0.0,
                  lr_max: float | None = None, divergence_factor: float | None = 2.0,
-                 raise_on_divergence: bool = False):
+                 raise_on_divergence: bool = False, module: torch.nn.Module | None = None):
         dyn = _dynamics.get(optimizer)
         defaults = dict(lr=lr, method=method, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
                         beta_rule=beta_rule, beta_bound=beta_bound, optimizer=dyn.config(),
                         lr_floor=lr_floor, lr_max=lr_max, divergence_factor=divergence_factor)
         super().__init__(params, defaults, objective=objective, mu_rule=mu_rule,
-                         raise_on_divergence=raise_on_divergence)
+                         raise_on_divergence=raise_on_divergence, module=module)
 
     def _dynamics(self, group):
         cfg = group["optimizer"]

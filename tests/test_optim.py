@@ -160,9 +160,12 @@ def test_errors():
     opt.step(lambda: MLP.train_loss(params, 0))  # step 0 needs neither HVP nor ∇E
     with pytest.raises(ValueError, match="val_closure"):
         opt.step(lambda: MLP.train_loss(params, 1))
-    MLP.train_loss(params, 1).backward()
+    MLP.train_loss(params, 1).backward()  # accumulated into the gradient that step's closure wrote
+    with pytest.raises(RuntimeError, match="changed in place since"):
+        opt.step(lambda: MLP.train_loss(params, 1), val_closure=lambda: MLP.val_loss(params))
     with pytest.raises(ValueError, match="closure is required"):
         opt.step(val_closure=lambda: MLP.val_loss(params))
+    opt.zero_grad()
 
     def backward_closure():
         loss = MLP.train_loss(params, 1)
