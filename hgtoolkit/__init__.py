@@ -10,18 +10,24 @@
   references): :mod:`hgtoolkit.horizons`; HDM / HDM-HB (hypergradient descent as online
   learning, deterministic problems): :mod:`hgtoolkit.hdm`;
 - how far an online estimate is from the exact one: :mod:`hgtoolkit.analysis`,
-  :mod:`hgtoolkit.testing`.
+  :mod:`hgtoolkit.testing`;
+- every result (``HypergradResult``, ``OnlineResult``, ``ScheduleResult``, ``TowerResult``, the
+  peers', HDM's and the analyses' records) saves and loads with one codec: :func:`save`
+  ``(result, path) -> Path`` (the JSON written) and :func:`load` ``(path)``, checksummed
+  (:mod:`hgtoolkit.records`); divergence is one rule and one record: :mod:`hgtoolkit.divergence`.
 """
 from . import analysis, baselines, dynamics, hdm, horizons, lrsopt, marthe, online, optim, problems, testing, towers
-from .errors import DivergenceError, DivergenceWarning
+from . import divergence, records
+from .divergence import DivergenceError, DivergenceWarning
 from .exact import HypergradResult, directional_derivative, finite_difference, hypergradient
 from .lrsopt import ScheduleResult, optimize_schedule
 from .online import OnlineResult
 from .problems import Problem
+from .records import load, save
 from .trajectory import train
 
 __version__ = "0.1.0"
 
-__all__ = ["Problem", "hypergradient", "directional_derivative", "finite_difference", "train",
+__all__ = ["Problem", "save", "load", "divergence", "records", "hypergradient", "directional_derivative", "finite_difference", "train",
            "HypergradResult", "OnlineResult", "ScheduleResult", "optimize_schedule", "DivergenceError", "DivergenceWarning", "analysis", "baselines",
            "dynamics", "hdm", "horizons", "lrsopt", "marthe", "online", "optim", "problems", "testing", "towers"]

@@ -336,11 +336,11 @@ class ApproximationReport:
         return str(self.info.get("label") or "online estimate")
 
     # -- persistence -----------------------------------------------------------------
-    def save(self, path: str | Path) -> tuple[Path, Path]:
-        """:func:`hgtoolkit.records.save`: ``<path>.json`` (info, summary and arrays, readable;
-        non-finite numbers as null) and ``<path>.npz`` (the arrays, exact). Returns both paths."""
-        js = records.save(self, path)
-        return js, js.with_suffix(".npz")
+    def save(self, path: str | Path) -> Path:
+        """:func:`hgtoolkit.save`: ``<path>.json`` (info, summary and arrays, readable; non-finite
+        numbers as null) and ``<path>.npz`` (the arrays, exact), with their checksums. Returns the
+        JSON path, as every record's ``save``."""
+        return records.save(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ApproximationReport":

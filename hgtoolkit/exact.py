@@ -45,6 +45,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import dynamics as _dynamics
+from . import records
 from ._tree import tree_map
 from .divergence import VALIDATION_LOSS, check_finite
 from .trajectory import autograd_gradient, closed_form, check_lrs, progress_bar, scalar_loss, train
@@ -55,9 +56,12 @@ __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite
 MODES = ("reverse", "forward", "autograd")
 
 
+@records.register("hypergradient", version=1, params="params",
+                  redo="recompute it: `hgtoolkit.hypergradient(problem, lrs)` and `hgtoolkit.save(result, path)`")
 @dataclass
 class HypergradResult:
-    """f(η) = ``value`` = E(w_T); ``grad``[t] = ∂f/∂η_t; ``params`` = w_T."""
+    """f(η) = ``value`` = E(w_T); ``grad``[t] = ∂f/∂η_t; ``params`` = w_T. A record
+    (:func:`hgtoolkit.save` / :func:`hgtoolkit.load`: tensors come back as tensors, bit for bit)."""
 
     value: torch.Tensor
     grad: torch.Tensor
@@ -66,6 +70,15 @@ class HypergradResult:
     train_losses: torch.Tensor
     mode: str
     optimizer: dict = field(default_factory=dict)
+
+    def save(self, path) -> "Path":
+        """:func:`hgtoolkit.save` (JSON + npz + the parameters, checksummed); returns the JSON path."""
+        return records.save(self, path)
+
+    @classmethod
+    def load(cls, path) -> "HypergradResult":
+        """:func:`hgtoolkit.load` of a ``hypergradient`` record."""
+        return records.load(path, kind="hypergradient")
 
     def __repr__(self) -> str:
         return (f"HypergradResult(mode={self.mode!r}, T={len(self.lrs)}, value={float(self.value):.6g}, "

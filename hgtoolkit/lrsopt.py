@@ -148,11 +148,10 @@ class ScheduleResult:
         last = self.metrics[-1] if self.metrics and isinstance(self.metrics[-1], dict) else {}
         return last.get("val_accuracy")
 
-    def save(self, path: str | Path) -> tuple[Path, Path]:
-        """:func:`hgtoolkit.records.save`: ``<path>.json`` (everything, readable) and
-        ``<path>.npz`` (the arrays, exact). Returns both paths."""
-        js = records.save(self, path)
-        return js, js.with_suffix(".npz")
+    def save(self, path: str | Path) -> Path:
+        """:func:`hgtoolkit.save`: ``<path>.json`` (everything, readable) and ``<path>.npz`` (the
+        arrays, exact), with their checksums. Returns the JSON path, as every record's ``save``."""
+        return records.save(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "ScheduleResult":

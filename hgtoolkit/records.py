@@ -1,10 +1,12 @@
 r"""Result records: one codec for every result type, plus atomic writes.
 
-Every result type (``online.OnlineResult``, ``baselines.PeerResult``, ``hdm.HDMResult``,
-``lrsopt.ScheduleResult``, ``analysis.ApproximationReport``, ``towers.TowerResult``) is a
-dataclass registered with :func:`register` (:func:`register_run` for :class:`RunRecord`
-subclasses) under a *kind* name (``online``, ``peer``, ``hdm``, ``lrsopt``, ``approximation``,
-``towers``) and a *version*. :func:`save` ``(obj, path)`` writes, arrays and parameters first:
+Every result type (``exact.HypergradResult``, ``online.OnlineResult``, ``baselines.PeerResult``,
+``hdm.HDMResult``, ``lrsopt.ScheduleResult``, ``analysis.ApproximationReport``,
+``towers.TowerResult``) is a dataclass registered with :func:`register` (:func:`register_run` for
+:class:`RunRecord` subclasses) under a *kind* name (``hypergradient``, ``online``, ``peer``,
+``hdm``, ``lrsopt``, ``approximation``, ``towers``) and a *version*. :func:`save` ``(obj, path)``
+(also ``hgtoolkit.save``; every result's ``.save`` method) writes, arrays and parameters first,
+and returns the JSON path:
 
 - ``<stem>.json``: ``"format": "hgtoolkit.record"``, ``"kind"``, ``"version"``, every scalar and
   setting (non-finite floats as ``null``), derived values for readers (``best_val_loss`` …),
@@ -17,6 +19,13 @@ subclasses) under a *kind* name (``online``, ``peer``, ``hdm``, ``lrsopt``, ``ap
 - ``<stem>.params.pt``: the model parameters, if the kind has a ``params`` field and it is set:
   a pytree of tensors (dicts, lists, tuples) written by ``torch.save``, checked to load with
   ``torch.load(weights_only=True)``, which is how it is read.
+
+Integrity: the JSON holds ``"checksums"`` (the sha256 of the npz and parameter files) and its own
+``"checksum"`` (the sha256 of its canonical form without that key). :func:`load` verifies all of
+them before using anything: a file with one byte changed raises :class:`CorruptedFileError` (a
+ValueError) naming the file and saying "corrupted". Files written before checksums existed load
+with a :class:`NoChecksumWarning`. The sweep's cell records and LRS-OPT's checkpoints carry the
+same checksums (:func:`seal`, :func:`unseal`, :func:`save_sealed_arrays`, :func:`digest`).
 
 :func:`load` ``(path, kind=None)`` returns the registered dataclass (dispatch on the JSON's
 ``kind``). In memory the codec is :func:`to_dict` (kind, version, fields; arrays stay numpy,
@@ -38,10 +47,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,7 +60,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["FORMAT", "RecordType", "register", "kinds", "spec", "to_dict", "from_dict", "split_arrays",
+__all__ = ["FORMAT", "NoChecksumWarning", "CorruptedFileError", "digest", "seal", "unseal", "corrupted",
+           "write_sealed_json", "read_sealed_json", "read_verified_bytes", "save_sealed_arrays", "RecordType", "register", "kinds", "spec", "to_dict", "from_dict", "split_arrays",
            "join_arrays", "save", "load", "RunRecord", "register_run", "to_jsonable", "atomic_write_json",
            "atomic_write_bytes", "atomic_torch_save", "read_json", "save_arrays", "load_arrays"]
 
@@ -123,23 +135,108 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def save_arrays(path: str | os.PathLike, **arrays: Any) -> Path:
     """Atomically save named arrays/tensors to an ``.npz`` file."""
+    return atomic_write_bytes(path, _npz_bytes(arrays))
+
+
+def save_sealed_arrays(path: str | os.PathLike, **arrays: Any) -> str:
+    """:func:`save_arrays`, returning the file's :func:`digest` (for the record beside it)."""
+    data = _npz_bytes(arrays)
+    atomic_write_bytes(path, data)
+    return digest(data)
+
+
+def load_arrays(path: str | os.PathLike, checksum: str | None = None, redo: str = "") -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz`` file, verified against ``checksum`` when given
+    (:class:`CorruptedFileError`); a truncated or foreign file raises ValueError naming it."""
+    return _arrays_of(read_verified_bytes(path, checksum, redo), path)
+
+
+# ============================================================================ integrity (sha256)
+# Every record, sweep cell and checkpoint carries the sha256 of its payload: the JSON document its
+# own (of its canonical form, without the "checksum" key), and the digests of the files beside it
+# (npz arrays, parameters). Readers verify before using anything; a file written before checksums
+# existed is read with a :class:`NoChecksumWarning`.
+
+class NoChecksumWarning(UserWarning):
+    """A record or checkpoint written before they carried checksums: read, but not verified."""
+
+
+class CorruptedFileError(ValueError):
+    """A file whose content does not match its checksum (or cannot be parsed): nothing of it is used."""
+
+
+def digest(data: bytes) -> str:
+    """``"sha256:<hex>"`` of ``data``."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def seal(doc: dict) -> dict:
+    """``doc`` (made JSON-able) with ``"checksum"`` = the digest of its canonical form."""
+    doc = to_jsonable({k: v for k, v in doc.items() if k != "checksum"})
+    return {**doc, "checksum": digest(_canonical(doc))}
+
+
+def corrupted(path: Any, what: str, redo: str = "") -> CorruptedFileError:
+    """The error for a file that fails its check: names the file and says "corrupted"."""
+    return CorruptedFileError(f"{path}: corrupted ({what}); nothing of it was used"
+                              + (f"; {redo}" if redo else ""))
+
+
+def unseal(doc: Any, path: Any, redo: str = "") -> Any:
+    """``doc`` without its ``"checksum"``, verified (:class:`CorruptedFileError` on a mismatch);
+    a document without one (written before checksums) warns :class:`NoChecksumWarning`."""
+    if not isinstance(doc, dict) or "checksum" not in doc:
+        warnings.warn(f"{path}: written before records carried checksums; read without verification "
+                      "(save it again to add one)", NoChecksumWarning, stacklevel=3)
+        return doc
+    body = {k: v for k, v in doc.items() if k != "checksum"}
+    if digest(_canonical(body)) != doc["checksum"]:
+        raise corrupted(path, "its content does not match its sha256 checksum", redo)
+    return body
+
+
+def write_sealed_json(path: str | os.PathLike, doc: dict) -> Path:
+    """:func:`atomic_write_json` of :func:`seal` (doc)."""
+    return atomic_write_bytes(path, json.dumps(seal(doc), indent=1, allow_nan=False).encode())
+
+
+def read_sealed_json(path: str | os.PathLike, redo: str = "") -> Any:
+    """The JSON document at ``path``, verified (:func:`unseal`); unparsable: corrupted."""
+    try:
+        doc = read_json(path)
+    except json.JSONDecodeError as exc:
+        raise corrupted(path, f"not valid JSON: {exc.msg.split(': ', 1)[-1]}", redo) from None
+    return unseal(doc, path, redo)
+
+
+def read_verified_bytes(path: str | os.PathLike, expected: str | None, redo: str = "") -> bytes:
+    """The bytes of ``path``, checked against ``expected`` (a :func:`digest`; None: not checked)."""
+    data = Path(path).read_bytes()
+    if expected is not None and digest(data) != expected:
+        raise corrupted(path, "its bytes do not match the sha256 checksum its record holds", redo)
+    return data
+
+
+def _npz_bytes(arrays: dict) -> bytes:
     import io
     buf = io.BytesIO()
     np.savez(buf, **{k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
                      for k, v in arrays.items()})
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
 
 
-def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The arrays of an ``.npz`` file; a truncated or foreign file raises ValueError naming it."""
+def _arrays_of(data: bytes, path: Any) -> dict[str, np.ndarray]:
+    import io
     import zipfile
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
                 raise ValueError("a single array, not an .npz archive")
-            return {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise
+            return {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
         raise ValueError(f"{path}: cannot read the arrays ({type(exc).__name__}: {exc}); the file is "
                          "truncated or not an .npz written by hgtoolkit") from None
@@ -148,7 +245,7 @@ def load_arrays(path: str | os.PathLike) -> dict[str, np.ndarray]:
 # ============================================================================ the record codec
 
 FORMAT = "hgtoolkit.record"
-_RESERVED = ("format", "kind", "version", "files", "arrays")
+_RESERVED = ("format", "kind", "version", "files", "arrays", "checksum", "checksums")
 _LEGACY_VERSION = 1  # every format written before this codec
 
 
@@ -227,7 +324,7 @@ def kinds() -> dict[str, RecordType]:
 
 def _import_record_modules() -> None:
     import importlib
-    for name in ("online", "baselines", "hdm", "lrsopt", "analysis", "towers"):
+    for name in ("online", "baselines", "hdm", "lrsopt", "analysis", "towers", "exact"):
         importlib.import_module(f"hgtoolkit.{name}")
 
 
@@ -449,9 +546,13 @@ def _params_bytes(params: Any, where: str) -> bytes:
     return buf.getvalue()
 
 
-def _load_params(path: Path, redo: str) -> Any:
+def _load_params(path: Path, redo: str, checksum: str | None = None) -> Any:
+    import io
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(io.BytesIO(read_verified_bytes(path, checksum, redo)), weights_only=True,
+                          map_location="cpu")
+    except CorruptedFileError:
+        raise
     except FileNotFoundError:
         raise ValueError(f"{path}: the record's parameter file is missing; {redo}") from None
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt/unsafe: all the same to the reader
@@ -468,15 +569,16 @@ def save(obj: Any, path: str | os.PathLike) -> Path:
     d = to_dict(obj)
     params = d.pop(s.params) if s.params else None
     doc, arrays = split_arrays(d, s.readable, json_only=s.timing)
-    files = {}
+    files, sums = {}, {}
     if arrays:
-        save_arrays(npath, **arrays)
+        sums["arrays"] = save_sealed_arrays(npath, **arrays)
         files["arrays"] = npath.name
     if params is not None:
-        atomic_write_bytes(ppath, _params_bytes(params, f"{type(obj).__name__}.{s.params}"))
-        files["params"] = ppath.name
-    doc["files"] = files
-    return atomic_write_json(jpath, doc)
+        data = _params_bytes(params, f"{type(obj).__name__}.{s.params}")
+        atomic_write_bytes(ppath, data)
+        files["params"], sums["params"] = ppath.name, digest(data)
+    doc["files"], doc["checksums"] = files, sums
+    return write_sealed_json(jpath, doc)
 
 
 def load(path: str | os.PathLike, kind: str | None = None) -> Any:
@@ -484,16 +586,15 @@ def load(path: str | os.PathLike, kind: str | None = None) -> Any:
     ``kind``: the kind expected (ValueError for another); records written before this codec
     load through the kind's migration."""
     jpath, npath, ppath = _paths(path)
-    try:
-        doc = read_json(jpath)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{exc.msg}; the file is truncated or corrupt; {_redo(kind)}") from None
+    doc = read_sealed_json(jpath, _redo(kind))
     s, _ = _identify(doc, kind, str(jpath), None)
     if doc.get("format") == FORMAT:
-        files = doc.get("files") or {}
+        files, sums = doc.get("files") or {}, doc.pop("checksums", None) or {}
         npz = jpath.with_name(files["arrays"]) if files.get("arrays") else None
-        try:
-            arrays = load_arrays(npz) if npz is not None and npz.exists() else {}  # else: readable copies
+        try:  # (no npz: the readable copies in the JSON)
+            arrays = load_arrays(npz, sums.get("arrays"), s.redo) if npz is not None and npz.exists() else {}
+        except CorruptedFileError:
+            raise
         except ValueError as exc:
             raise ValueError(f"{exc}; {s.redo}") from None
         try:
@@ -503,7 +604,8 @@ def load(path: str | os.PathLike, kind: str | None = None) -> Any:
             raise ValueError(f"{jpath}: the arrays do not match the record{missing}: {exc}; {s.redo}") from None
         d.pop("files", None)
         if s.params:
-            d[s.params] = _load_params(jpath.with_name(files["params"]), s.redo) if files.get("params") else None
+            d[s.params] = (_load_params(jpath.with_name(files["params"]), s.redo, sums.get("params"))
+                           if files.get("params") else None)
     else:  # written before this codec: arrays by name, parameters named by "params"
         legacy_npz = jpath.with_name(doc["arrays"]) if isinstance(doc.get("arrays"), str) else npath
         d = {**doc, **(load_arrays(legacy_npz) if legacy_npz.exists() else {})}

@@ -239,7 +239,8 @@ def test_analyse_bad_input():
 
 def test_report_save_load_table_plot(hd_like_report, tmp_path):
     _, _, rep = hd_like_report
-    path, npz = rep.save(tmp_path / "report")
+    path = rep.save(tmp_path / "report")
+    npz = path.with_suffix(".npz")
     assert path == tmp_path / "report.json" and npz == tmp_path / "report.npz" and npz.exists()
     back = ApproximationReport.load(path)
     for k in ("lrs", "estimates", "one_step", "constant_lr", "full_horizon", "val_losses"):

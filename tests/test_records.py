@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import hgtoolkit
 from hgtoolkit import analysis, baselines, hdm, lrsopt, online, problems, records, sweep, towers
 
 LEGACY = Path(__file__).parent / "data" / "legacy_records"
@@ -76,7 +77,11 @@ def make_towers():
     return towers.run(problems.get("beale"), "sgd(lr=1e-4, momentum=0.5) / sgd(lr=1e-9)", 4)
 
 
-MAKERS = {"online": make_online, "peer": make_peer, "hdm": make_hdm, "lrsopt": make_lrsopt,
+def make_hypergradient():
+    return hgtoolkit.hypergradient(problems.get("beale"), torch.full((5,), 1e-3, dtype=torch.float64))
+
+
+MAKERS = {"hypergradient": make_hypergradient, "online": make_online, "peer": make_peer, "hdm": make_hdm, "lrsopt": make_lrsopt,
           "approximation": make_approximation, "towers": make_towers}
 
 
@@ -147,7 +152,8 @@ def test_parameters_that_weights_only_loading_refuses_are_rejected(tmp_path):
 
 def test_readable_arrays_load_from_the_json_alone(tmp_path):
     rep = make_approximation()
-    js, npz = rep.save(tmp_path / "rep")
+    js = rep.save(tmp_path / "rep")
+    npz = js.with_suffix(".npz")
     npz.unlink()
     assert_same(records.to_dict(rep), records.to_dict(records.load(js)))
     r = make_online()  # its arrays are not copied into the JSON: the npz is needed
@@ -168,9 +174,10 @@ def test_wrong_kind_names_both_kinds_and_how_to_redo(tmp_path):
 
 
 def _edit(path, **changes):
+    """A record written with other values (sealed again: its checksum matches)."""
     doc = json.loads(path.read_text())
     doc.update(changes)
-    path.write_text(json.dumps(doc))
+    path.write_text(json.dumps(records.seal(doc)))
 
 
 def test_unknown_kind_and_unreadable_versions(tmp_path):
@@ -200,11 +207,11 @@ def test_corrupt_npz_params_or_fields_are_clear_value_errors(tmp_path):
     js = make_online().save(tmp_path / "o")
     full = (tmp_path / "o.npz").read_bytes()
     (tmp_path / "o.npz").write_bytes(full[: len(full) // 2])
-    with pytest.raises(ValueError, match=r"o\.npz.*truncated.*hgtoolkit online"):
+    with pytest.raises(records.CorruptedFileError, match=r"o\.npz: corrupted.*hgtoolkit online"):
         records.load(js)
     (tmp_path / "o.npz").write_bytes(full)
     (tmp_path / "o.params.pt").write_bytes(b"PK\x03\x04 not a tensor file")
-    with pytest.raises(ValueError, match=r"o\.params\.pt.*truncated.*hgtoolkit online"):
+    with pytest.raises(records.CorruptedFileError, match=r"o\.params\.pt: corrupted.*hgtoolkit online"):
         records.load(js)
     (tmp_path / "o.params.pt").unlink()
     with pytest.raises(ValueError, match=r"parameter file is missing"):
@@ -212,7 +219,7 @@ def test_corrupt_npz_params_or_fields_are_clear_value_errors(tmp_path):
     js = make_peer().save(tmp_path / "p")
     doc = json.loads(js.read_text())
     del doc["config"]
-    js.write_text(json.dumps(doc))
+    js.write_text(json.dumps(records.seal(doc)))
     with pytest.raises(ValueError, match=r"cannot read this 'peer' record \(PeerResult\) of version 2 .*'config'"):
         records.load(js)
 

@@ -106,7 +106,7 @@ def run_analyse(args) -> int:
             print(f"note: {tag} diverged at step {res.diverged_at}; analysing the steps before it")
         report = analyse_online(res, problem, checkpoint_every=args.checkpoint_every,
                                 progress=args.progress)
-        json_path, _ = report.save(out / f"analyse_{tag}")
+        json_path = report.save(out / f"analyse_{tag}")
         fig = plotting.plot_approximation(report)
         pngs = plotting.savefig(fig, out / f"analyse_{tag}", close=True)
         tables.append(report.table())

@@ -152,7 +152,8 @@ def run_lrsopt(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     result.config["cli"] = cli_args.settings(args)
-    json_path, npz_path = result.save(out / "lrsopt")
+    json_path = result.save(out / "lrsopt")
+    npz_path = json_path.with_suffix(".npz")
 
     fig, (a, b) = plotting.figure(ncols=2)
     mid = [(int(k), s) for k, s in zip(result.snapshot_steps, result.snapshots)

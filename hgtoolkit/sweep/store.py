@@ -34,7 +34,7 @@ def _read_json_named(path: Path, what: str) -> Any:
     try:
         data = records.read_json(path)
     except json.JSONDecodeError as exc:  # its message names the file
-        raise ValueError(f"{exc.msg}: {what} is corrupt; delete the file to recompute it") from None
+        raise ValueError(f"{exc.msg}: {what} is corrupted; delete the file to recompute it") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: {what} must be a JSON object, got {type(data).__name__}")
     return data
@@ -72,9 +72,10 @@ class Store:
         """The arrays first, then the JSON record (its presence marks the cell finished)."""
         cid = record["id"]
         all_arrays = {**arrays, **{f"meta.{k}": v for k, v in timing_arrays.items()}}
-        if all_arrays:
-            records.save_arrays(self.cells_dir / f"{cid}.npz", **all_arrays)
-        path = records.atomic_write_json(self.record_path(cid), record)
+        if all_arrays:  # the record holds the npz's checksum, and its own
+            record = {**record, "checksums": {"arrays": records.save_sealed_arrays(self.cells_dir / f"{cid}.npz",
+                                                                                  **all_arrays)}}
+        path = records.write_sealed_json(self.record_path(cid), record)
         with contextlib.suppress(FileNotFoundError):
             (self.errors_dir / f"{cid}.json").unlink()
         return path
@@ -83,6 +84,9 @@ class Store:
         """A record; with ``arrays`` its arrays as ``record["arrays"]`` (name → ndarray) and
         timing arrays in ``record["meta"]["timing"]``."""
         rec = _read_json_named(self.record_path(cell_id), f"the record of cell {cell_id}")
+        redo = f"delete it to recompute the cell {cell_id}"
+        rec = records.unseal(rec, self.record_path(cell_id), redo)
+        sums = rec.pop("checksums", None) or {}
         if rec.get("format") != _RECORD_FORMAT or not isinstance(rec.get("meta"), dict):
             raise ValueError(f"{self.record_path(cell_id)}: not a sweep cell record (format "
                              f"{rec.get('format')!r}, expected {_RECORD_FORMAT!r}); delete it to "
@@ -92,9 +96,11 @@ class Store:
             return rec
         npz = self.cells_dir / f"{cell_id}.npz"
         try:
-            data = records.load_arrays(npz) if names or tnames else {}
+            data = records.load_arrays(npz, sums.get("arrays"), redo) if names or tnames else {}
             rec["arrays"] = {k: data[k] for k in names}
             timing_arrays = {k: data[f"meta.{k}"] for k in tnames}
+        except records.CorruptedFileError:
+            raise
         except (OSError, ValueError, KeyError, EOFError) as exc:
             if isinstance(exc, FileNotFoundError):
                 raise ValueError(f"{npz}: missing; the arrays of cell {cell_id} are gone "
