@@ -71,7 +71,7 @@ class HypergradResult:
     mode: str
     optimizer: dict = field(default_factory=dict)
 
-    def save(self, path) -> "Path":
+    def save(self, path) -> "records.Path":
         """:func:`hgtoolkit.save` (JSON + npz + the parameters, checksummed); returns the JSON path."""
         return records.save(self, path)
 
