@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from hgtoolkit import sweep
 
     grids = sweep.load_grids(args.grid)
-    n_cells = len(sweep._unique_cells(grids))
+    n_cells = len(sweep.unique_cells(grids))
     trivial = sweep.Grid("overhead", {"name": "beale"}, "train",
                          axes={"lr": [1e-5 * (1 + i) for i in range(args.overhead_cells)]},
                          fixed={"steps": 1})

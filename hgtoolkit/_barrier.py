@@ -51,4 +51,4 @@ def release(directory) -> None:
 
 KIND = sweep.register_cell_kind(sweep.CellKind(
     "barrier", run_barrier_cell, required=("dir",), summary=("value",),
-    params={"dir": _path, "seed": sweep._SEED, "gate": sweep._flag}))
+    params={"dir": _path, "seed": sweep.SEED_SPEC, "gate": sweep.FLAG_SPEC}))

@@ -173,7 +173,7 @@ def _as_vector(x: Any, argname: str, allow_nonfinite: bool = False) -> np.ndarra
     return arr
 
 
-def _pair(estimate: Any, reference: Any, names=("estimate", "reference")) -> tuple[np.ndarray, np.ndarray]:
+def paired_arrays(estimate: Any, reference: Any, names=("estimate", "reference")) -> tuple[np.ndarray, np.ndarray]:
     h, d = _as_vector(estimate, names[0]), _as_vector(reference, names[1])
     if h.shape != d.shape:
         raise ValueError(f"{names[0]} has shape {h.shape} but {names[1]} has shape {d.shape}; "
@@ -183,7 +183,7 @@ def _pair(estimate: Any, reference: Any, names=("estimate", "reference")) -> tup
 
 def cosine_similarity(a: Any, b: Any) -> float:
     """a·b / (‖a‖‖b‖) over steps; NaN when either vector is zero."""
-    a, b = _pair(a, b, ("a", "b"))
+    a, b = paired_arrays(a, b, ("a", "b"))
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
         return math.nan
@@ -192,13 +192,13 @@ def cosine_similarity(a: Any, b: Any) -> float:
 
 def sign_agreement(estimate: Any, reference: Any) -> np.ndarray:
     """Per step: sign(h) == sign(d) (bool); an exact zero agrees only with zero."""
-    h, d = _pair(estimate, reference)
+    h, d = paired_arrays(estimate, reference)
     return np.sign(h) == np.sign(d)
 
 
 def relative_error(estimate: Any, reference: Any) -> np.ndarray:
     """Per step |h − d| / |d|; 0 where h = d = 0, +inf where d = 0 ≠ h."""
-    h, d = _pair(estimate, reference)
+    h, d = paired_arrays(estimate, reference)
     err = np.abs(h - d)
     out = np.full_like(err, np.inf)
     nz = d != 0
@@ -209,7 +209,7 @@ def relative_error(estimate: Any, reference: Any) -> np.ndarray:
 
 def ratio(estimate: Any, reference: Any) -> np.ndarray:
     """Per step h / d; NaN where d = 0."""
-    h, d = _pair(estimate, reference)
+    h, d = paired_arrays(estimate, reference)
     out = np.full_like(h, np.nan)
     nz = d != 0
     out[nz] = h[nz] / d[nz]
@@ -218,7 +218,7 @@ def ratio(estimate: Any, reference: Any) -> np.ndarray:
 
 def pearson(a: Any, b: Any) -> float:
     """Pearson correlation over steps; NaN when either vector is constant or has < 2 entries."""
-    a, b = _pair(a, b, ("a", "b"))
+    a, b = paired_arrays(a, b, ("a", "b"))
     if a.size < 2:
         return math.nan
     a, b = a - a.mean(), b - b.mean()
@@ -243,7 +243,7 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
 
 def spearman(a: Any, b: Any) -> float:
     """Spearman rank correlation (Pearson of average ranks); NaN when either is constant."""
-    a, b = _pair(a, b, ("a", "b"))
+    a, b = paired_arrays(a, b, ("a", "b"))
     return pearson(average_ranks(a), average_ranks(b))
 
 
@@ -257,7 +257,7 @@ def compare(estimate: Any, reference: Any) -> dict[str, np.ndarray]:
 def summarise(estimate: Any, reference: Any) -> dict[str, float]:
     """Summary over steps: cosine, pearson, spearman, sign_agreement (fraction),
     median_rel_err, median_ratio (over steps with d ≠ 0), norm_ratio ‖h‖/‖d‖, n_steps."""
-    h, d = _pair(estimate, reference)
+    h, d = paired_arrays(estimate, reference)
     r = ratio(h, d)
     nd = np.linalg.norm(d)
     return {

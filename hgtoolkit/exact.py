@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,7 @@ class HypergradResult:
     mode: str
     optimizer: dict = field(default_factory=dict)
 
-    def save(self, path) -> "records.Path":
+    def save(self, path) -> Path:
         """:func:`hgtoolkit.save` (JSON + npz + the parameters, checksummed); returns the JSON path."""
         return records.save(self, path)
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import (REFERENCES, ApproximationReport, _pair, cosine_similarity,
+from .analysis import (REFERENCES, ApproximationReport, paired_arrays, cosine_similarity,
                        sign_agreement)
 
 __all__ = ["assert_hypergrad_close", "assert_approximation"]
@@ -51,7 +51,7 @@ def assert_hypergrad_close(estimate: Any, exact: Any, *, rtol: float | None = 1e
     >>> assert_hypergrad_close([1.0, -2.0], [1.0, -2.0])
     >>> assert_hypergrad_close([1.1, -2.0], [1.0, -2.0], rtol=None, cos_min=0.99, sign_min=1.0)
     """
-    h, d = _pair(estimate, exact, ("estimate", "exact"))
+    h, d = paired_arrays(estimate, exact, ("estimate", "exact"))
     rtol = _check_bound(rtol, "rtol", 0.0, math.inf)
     atol = _check_bound(atol, "atol", 0.0, math.inf)
     cos_min = _check_bound(cos_min, "cos_min", -1.0, 1.0)

@@ -281,16 +281,16 @@ def test_a_second_driver_is_told_who_holds_the_directory(tmp_path):
 
 def test_tasks_of_a_lost_lease_store_nothing_and_blind_workers_send_records_back(tmp_path):
     cells = train_grid(axes={"lr": [0.1]}).cells()
-    status, payloads, info = sweep._ray_chunk([[c.to_dict()] for c in cells[:2]], str(tmp_path), 1,
+    status, payloads, info = sweep.ray_chunk([[c.to_dict()] for c in cells[:2]], str(tmp_path), 1,
                                               True, "no-such-lease", [])
     assert info["sees_store"] is False and status == {c.id: "computed" for c in cells[:2]}
     assert [p[0]["id"] for p in payloads] == [c.id for c in cells[:2]]
     assert not (tmp_path / "cells").exists()           # nothing written where it cannot see
     store = Store(tmp_path)
     store.acquire("mine")
-    runner = sweep._Runner(store, "ray", 1, True, "mine")
+    runner = sweep.Runner(store, "ray", 1, True, "mine")
     store.release("mine")                              # the driver cancelled
-    with pytest.raises(sweep._LeaseLost):
+    with pytest.raises(sweep.LeaseLost):
         runner.run_groups([[cells[0]]])
     assert not store.done()
 

@@ -58,7 +58,7 @@ def _main(args) -> int:
 
     grids = sweep.load_grids(args.grid)  # validation: nothing runs on a malformed grid
     results_dir = Path(args.results_dir) if args.results_dir else _default_dir(args.out, grids)
-    cells = sweep._unique_cells(grids)
+    cells = sweep.unique_cells(grids)
     done = sweep.Store(results_dir).done()
     if args.dry_run or args.summary_only:
         if args.dry_run:

@@ -293,7 +293,7 @@ def _register_kinds() -> None:
         summary=("final_value", "best_value"),
         params={"lr0": _number(0, open_lo=True), "steps": _number(1, integer=True),
                 "constants": _number(1, integer=True), "outer_steps": _number(0, integer=True),
-                "lr_rel": _number(0, open_lo=True), "seed": sweep._SEED}))
+                "lr_rel": _number(0, open_lo=True), "seed": sweep.SEED_SPEC}))
 
 
 _register_kinds()

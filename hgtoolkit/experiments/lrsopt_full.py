@@ -169,8 +169,8 @@ def _register_kinds() -> None:
                 "outer_steps": _number(0, integer=True), "init": _number(0, open_lo=True),
                 "lr_max": _number(0, open_lo=True), "adam_lr": _number(0, open_lo=True),
                 "plateau_steps": _number(0, integer=True), "plateau_tol": _number(0),
-                "checkpoint_every": lrsopt.params["checkpoint_every"], "base_seed": sweep._SEED,
-                "seed": sweep._SEED}))
+                "checkpoint_every": lrsopt.params["checkpoint_every"], "base_seed": sweep.SEED_SPEC,
+                "seed": sweep.SEED_SPEC}))
 
 
 _register_kinds()

@@ -388,12 +388,12 @@ def _register_kinds() -> None:
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.lrsopt", run_lrsopt_cell, required=lrsopt.required + ("base_seed",), check=lrsopt.check,
         cost=lrsopt.cost, summary=lrsopt.summary, to_result=lrsopt.to_result,
-        params={**lrsopt.params, "base_seed": sweep._SEED}))
+        params={**lrsopt.params, "base_seed": sweep.SEED_SPEC}))
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.peer", run_peer_cell, required=("name", "steps", "eval_every"),
         cost=lambda p: float(p.get("steps", 1)), to_result=sweep.record_result("peer"),
         params={"name": lambda v: _peer_name(v), "lr": _number(0, open_lo=True, none=True),
-                "steps": _number(1, integer=True), "eval_every": _number(1, integer=True), "seed": sweep._SEED}))
+                "steps": _number(1, integer=True), "eval_every": _number(1, integer=True), "seed": sweep.SEED_SPEC}))
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.analysis", run_analysis_cell, required=online.required, check=online.check,
         cost=lambda p: 10.0 * online.cost(p), to_result=sweep.record_result("approximation"),

@@ -163,7 +163,7 @@ def _register_kinds() -> None:
     sweep.register_cell_kind(sweep.CellKind(
         "towers_demo.tower", run_tower_cell, required=("spec", "epochs"), to_result=sweep.record_result("towers"),
         cost=lambda p: (1 + p["spec"].count("/")) * p["epochs"],
-        params={"spec": spec, "epochs": _number(1, integer=True), "seed": sweep._SEED}))
+        params={"spec": spec, "epochs": _number(1, integer=True), "seed": sweep.SEED_SPEC}))
 
 
 _register_kinds()

@@ -105,11 +105,11 @@ versions may differ in the last bits. Batched runs (the hook above) are equal to
 runs only up to rounding, which is why the batch groups are fixed by the grid.
 """
 from .grid import (CELL_KINDS, EXECUTORS, Cell, CellContext, CellKind, CellOutput, Grid,  # noqa: F401
-                   _SEED, _flag, build_problem, canonical_json, load_grids, problem_kwargs,
+                   SEED_SPEC, FLAG_SPEC, build_problem, canonical_json, load_grids, problem_kwargs,
                    register_cell_kind)
 from .store import Store, StoreLockedError  # noqa: F401
-from .executors import (BATCH_MAX, SweepReport, _LeaseLost, _ray_chunk, _Runner,  # noqa: F401
-                        _unique_cells, batch_groups, run)
+from .executors import (BATCH_MAX, SweepReport, LeaseLost, ray_chunk, Runner,  # noqa: F401
+                        unique_cells, batch_groups, run)
 from .results import load_results, records_equal, summary_table, to_result  # noqa: F401
 from . import kinds as _kinds  # noqa: F401,E402 - registers the built-in cell kinds
 from .kinds import lrsopt_output, online_output, record_output, record_result  # noqa: F401,E402

@@ -21,8 +21,8 @@ import torch
 
 from .. import records
 from ..errors import DivergenceError
-from .grid import CELL_KINDS, Cell, CellContext, CellKind, CellOutput, EXECUTORS, Grid, _OUTPUT_CONVERTERS, _RECORD_FORMAT, _as_grids, build_problem
-from .store import Store, _HEARTBEAT_S, _now, _read_json_named
+from .grid import CELL_KINDS, Cell, CellContext, CellKind, CellOutput, EXECUTORS, Grid, OUTPUT_CONVERTERS, RECORD_FORMAT, as_grids, build_problem
+from .store import Store, HEARTBEAT_S, utc_now, read_json_named
 
 
 # ============================================================================ running cells
@@ -57,7 +57,7 @@ def _record(cell: Cell, out: CellOutput, meta: dict) -> tuple[dict, dict, dict]:
             timing_arrays[k] = np.asarray(v)
         else:
             timing_scalars[k] = v
-    rec = {"format": _RECORD_FORMAT, "id": cell.id, **cell.to_dict(), "status": out.status,
+    rec = {"format": RECORD_FORMAT, "id": cell.id, **cell.to_dict(), "status": out.status,
            "result": records.to_jsonable(out.result), "arrays": sorted(arrays),
            "meta": {**meta, "timing": timing_scalars, "timing_arrays": sorted(timing_arrays)}}
     return rec, arrays, timing_arrays
@@ -79,17 +79,17 @@ def _divergence_output(exc: DivergenceError) -> CellOutput:
 def _as_output(kind: CellKind, obj: Any) -> CellOutput:
     if isinstance(obj, CellOutput):
         return obj
-    convert = _OUTPUT_CONVERTERS.get(kind.name)
+    convert = OUTPUT_CONVERTERS.get(kind.name)
     if convert is None:
         raise TypeError(f"the {kind.name!r} runner returned {type(obj).__name__}, not a CellOutput")
     return convert(obj)
 
 
-class _LeaseLost(RuntimeError):
+class LeaseLost(RuntimeError):
     """The driver that started this task no longer holds the results directory."""
 
 
-class _Runner:
+class Runner:
     """Runs cells into a store: one process's worth of the sweep (local executor or a Ray task).
 
     ``token``: the driver's lease; with ``write`` the runner checks it before each cell and
@@ -104,12 +104,12 @@ class _Runner:
 
     def _check_lease(self) -> None:
         if self.write and self.token is not None and not self.store.holds(self.token):
-            raise _LeaseLost(f"the driver's lease on {self.store.root} is gone (cancelled, or "
+            raise LeaseLost(f"the driver's lease on {self.store.root} is gone (cancelled, or "
                              "another driver took over): stopping without storing anything")
 
     def _meta(self, t0: float, caught, problem=None) -> dict:
         meta = {"executor": self.executor, "host": socket.gethostname(), "pid": os.getpid(),
-                "run": self.token, "finished": _now(), "wall_time": time.perf_counter() - t0,
+                "run": self.token, "finished": utc_now(), "wall_time": time.perf_counter() - t0,
                 "warnings": _warning_texts(caught), "versions": _versions()}
         info = getattr(problem, "info", None) or {}
         if "data" in info:  # where the data came from (the MNIST fallback says so)
@@ -231,7 +231,7 @@ def batch_groups(cells: Sequence[Cell], batch: bool | int = True) -> list[list[C
     return [g[i:i + size] for g in keyed.values() for i in range(0, len(g), size)]
 
 
-def _ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, token: str,
+def ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, token: str,
                kind_modules: list[str], executor: str = "ray") -> list:
     """One Ray (or process-pool) task: run a chunk of batch groups, storing each record as it finishes.
     Returns [status, payloads, info]: when this node cannot see the driver's lease in
@@ -241,7 +241,7 @@ def _ray_chunk(groups: list[list[dict]], root: str, threads: int, write: bool, t
         importlib.import_module(m)
     store = Store(root)
     sees = store.holds(token)
-    runner = _Runner(store, executor, threads, write and sees, token if sees else None)
+    runner = Runner(store, executor, threads, write and sees, token if sees else None)
     status = runner.run_groups([[Cell.from_dict(c) for c in g] for g in groups])
     return [status, runner.payloads, {"host": socket.gethostname(), "sees_store": sees}]
 
@@ -281,7 +281,7 @@ class SweepReport:
         return "\n".join([text] + [f"  note: {n}" for n in self.notes])
 
 
-def _unique_cells(grids: Sequence[Grid]) -> list[Cell]:
+def unique_cells(grids: Sequence[Grid]) -> list[Cell]:
     seen, cells = set(), []
     for g in grids:
         for c in g.cells():
@@ -323,7 +323,7 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
     (an exception raised there interrupts the sweep like Ctrl-C does). Errors inside a cell
     do not stop the sweep: they are stored in ``errors/`` and reported in ``report.failed``.
     """
-    grids = _as_grids(grids)
+    grids = as_grids(grids)
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {EXECUTORS}")
     _check_int("threads_per_cell", threads_per_cell, 1)
@@ -354,7 +354,7 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
     threading.Thread(target=_heartbeat, args=(store, token, beat), daemon=True).start()
     try:
         store.add_grids(grids)
-        cells = _unique_cells(grids)
+        cells = unique_cells(grids)
         groups = batch_groups(cells, batch)
         done = store.done()
         report = SweepReport(store.root, executor, len(cells),
@@ -385,7 +385,7 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
 
 
 def _heartbeat(store: Store, token: str, stop: threading.Event) -> None:
-    while not stop.wait(_HEARTBEAT_S):
+    while not stop.wait(HEARTBEAT_S):
         store.heartbeat(token)
 
 
@@ -394,7 +394,7 @@ def _data_notes(store: Store, cells: Sequence[Cell]) -> list[str]:
     sources: Counter = Counter()
     for c in cells:
         with contextlib.suppress(FileNotFoundError, ValueError):
-            meta = _read_json_named(store.record_path(c.id), "a record").get("meta", {})
+            meta = read_json_named(store.record_path(c.id), "a record").get("meta", {})
             if meta.get("fallback_data"):
                 sources[str(meta.get("data"))] += 1
     return [f"{n} of {len(cells)} cells ran on fallback data: {src} — not comparable with "
@@ -402,7 +402,7 @@ def _data_notes(store: Store, cells: Sequence[Cell]) -> list[str]:
 
 
 def _run_local(pending, store, report, bar, threads, callback, token) -> None:
-    runner = _Runner(store, "local", threads, True, token)
+    runner = Runner(store, "local", threads, True, token)
     total, done0 = report.total, len(report.existing)
 
     def on_done(cell: Cell, status: str) -> None:
@@ -423,7 +423,7 @@ def _run_local(pending, store, report, bar, threads, callback, token) -> None:
 def _run_processes(pending, store, report, bar, threads, callback, workers, token) -> None:
     """``executor="processes"``: the batch groups as tasks of a pool of ``workers`` processes
     (default: the CPU cores of this process; started with "spawn", safe with torch), the most
-    expensive first; each task runs :func:`_ray_chunk` on one group, which writes its records
+    expensive first; each task runs :func:`ray_chunk` on one group, which writes its records
     into the store as Ray tasks do. One process, or one pending group: in-process."""
     if workers is None:
         try:
@@ -439,7 +439,7 @@ def _run_processes(pending, store, report, bar, threads, callback, workers, toke
     root, total, done0 = str(store.root.resolve()), report.total, len(report.existing)
     ordered = sorted(pending, key=_cost, reverse=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_ray_chunk, [[c.to_dict() for c in g]], root, threads, True, token,
+        futures = {pool.submit(ray_chunk, [[c.to_dict() for c in g]], root, threads, True, token,
                                modules, "processes"): g for g in ordered}
         try:
             for fut in as_completed(futures):
@@ -449,7 +449,7 @@ def _run_processes(pending, store, report, bar, threads, callback, workers, toke
                 except Exception as exc:  # the worker process died or the task could not start
                     status = {c.id: "error" for c in group if not store.has(c.id)}
                     meta = {"executor": "processes", "host": socket.gethostname(), "pid": os.getpid(),
-                            "run": token, "finished": _now(), "task_failed": True}
+                            "run": token, "finished": utc_now(), "task_failed": True}
                     for c in group:
                         if c.id in status:
                             store.write_error(c, f"{type(exc).__name__}: {exc}", meta)
@@ -497,7 +497,7 @@ def _remote_chunk():
     global _REMOTE
     if _REMOTE is None:
         import ray
-        _REMOTE = ray.remote(max_retries=3, retry_exceptions=False, num_cpus=1)(_ray_chunk)
+        _REMOTE = ray.remote(max_retries=3, retry_exceptions=False, num_cpus=1)(ray_chunk)
     return _REMOTE
 
 
@@ -507,7 +507,7 @@ def _own_records(store: Store, ids: Iterable[str], token: str) -> list[str]:
     for cid in ids:
         if cid in done:
             with contextlib.suppress(FileNotFoundError, ValueError):
-                if _read_json_named(store.record_path(cid), "a record").get("meta", {}).get("run") == token:
+                if read_json_named(store.record_path(cid), "a record").get("meta", {}).get("run") == token:
                     out.append(cid)
     return out
 
@@ -564,7 +564,7 @@ def _run_ray(pending, store, report, bar, threads, callback, address, num_cpus, 
                         msg = f"{type(exc).__name__}: {exc}".strip()
                         status, payloads, info = {c.id: "error" for c in chunk if not store.has(c.id)}, [], {}
                         meta = {"executor": "ray", "host": socket.gethostname(), "pid": os.getpid(),
-                                "run": token, "finished": _now(), "task_failed": True}
+                                "run": token, "finished": utc_now(), "task_failed": True}
                         for c in chunk:
                             if c.id in status:
                                 store.write_error(c, msg, meta)  # where the CLI says it is

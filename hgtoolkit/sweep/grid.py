@@ -20,7 +20,7 @@ from ..settings import Spec
 
 
 EXECUTORS = ("local", "processes", "ray")
-_RECORD_FORMAT = "hgtoolkit.sweep.cell/1"
+RECORD_FORMAT = "hgtoolkit.sweep.cell/1"
 _ID_SALT = "hgtoolkit.sweep/1"
 
 
@@ -34,8 +34,8 @@ def canonical_json(obj: Any) -> str:
 # A validator maps a written value to its normalised form or raises ValueError("must be …"); the
 # built-in kinds' validators come from hgtoolkit.settings (settings.validators).
 
-_SEED = Spec("seed", kind="int", lo=0).check
-_flag = Spec("flag", kind="flag").check
+SEED_SPEC = Spec("seed", kind="int", lo=0).check
+FLAG_SPEC = Spec("flag", kind="flag").check
 
 
 # ============================================================================ cells and kinds
@@ -94,7 +94,7 @@ def register_cell_kind(kind: CellKind) -> CellKind:
     return kind
 
 
-def _get_kind(name: Any, where: str = "kind") -> CellKind:
+def get_kind(name: Any, where: str = "kind") -> CellKind:
     if not isinstance(name, str) or name not in CELL_KINDS:
         raise ValueError(f"{where}: unknown cell kind {name!r}; choose one of {tuple(CELL_KINDS)}")
     return CELL_KINDS[name]
@@ -241,7 +241,7 @@ class Grid:
             problem = _validate_problem(self.problem)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
-        kind = _get_kind(self.kind, f"{where}: kind")
+        kind = get_kind(self.kind, f"{where}: kind")
         if not isinstance(self.axes, dict):
             raise ValueError(f"{where}: axes must be a mapping key → list of values, got {self.axes!r}")
         if not isinstance(self.fixed, dict):
@@ -391,7 +391,7 @@ def load_grids(path_or_dict: str | os.PathLike | dict) -> list[Grid]:
     return grids
 
 
-def _as_grids(grids: Any) -> list[Grid]:
+def as_grids(grids: Any) -> list[Grid]:
     if isinstance(grids, Grid):
         return [grids]
     if isinstance(grids, (str, os.PathLike, dict)):
@@ -402,4 +402,4 @@ def _as_grids(grids: Any) -> list[Grid]:
 
 
 # kind name -> converter of what its runner returns into a CellOutput (filled by .kinds)
-_OUTPUT_CONVERTERS: dict[str, Callable[[Any], CellOutput]] = {}
+OUTPUT_CONVERTERS: dict[str, Callable[[Any], CellOutput]] = {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import records, settings
-from .grid import CellContext, CellKind, CellOutput, _OUTPUT_CONVERTERS, _SEED, register_cell_kind
+from .grid import CellContext, CellKind, CellOutput, OUTPUT_CONVERTERS, SEED_SPEC, register_cell_kind
 
 
 # ============================================================================ the cell kinds
@@ -137,7 +137,7 @@ register_cell_kind(CellKind(
     "online", run_online_cell, required=("lr0", "steps"), check=_online_check, cost=_online_cost,
     summary=("final_val_loss", "best_val_loss", "final_val_accuracy", "final_lr"),
     to_result=record_result("online"), run_batch=_online_batch,
-    params=settings.validators(settings.OnlineSettings, seed=_SEED)))
+    params=settings.validators(settings.OnlineSettings, seed=SEED_SPEC)))
 
 register_cell_kind(CellKind(
     "lrsopt", run_lrsopt_cell, required=("lr0", "steps", "outer_steps"), check=_lrsopt_check,
@@ -157,4 +157,4 @@ register_cell_kind(CellKind(
     cost=lambda p: 3.0 * p.get("steps", 1), summary=("value", "grad_norm"),
     params=settings.validators(settings.HypergradSettings)))
 
-_OUTPUT_CONVERTERS["online"] = online_output
+OUTPUT_CONVERTERS["online"] = online_output

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .executors import _unique_cells
-from .grid import CELL_KINDS, Grid, _as_grids, _get_kind, canonical_json
+from .executors import unique_cells
+from .grid import CELL_KINDS, Grid, as_grids, get_kind, canonical_json
 from .store import Store
 
 
@@ -29,7 +29,7 @@ def load_results(results_dir: str | os.PathLike, *, kind: str | None = None,
         raise FileNotFoundError(f"results directory {store.root} does not exist")
     done = store.done()
     if grid is not None:
-        order = [c.id for c in _unique_cells(_as_grids(grid))]
+        order = [c.id for c in unique_cells(as_grids(grid))]
         ids = [i for i in order if i in done]
     else:
         order = []
@@ -64,7 +64,7 @@ def records_equal(a: dict, b: dict) -> bool:
 def to_result(record: dict) -> Any:
     """The module's own result object for a loaded record (online: ``OnlineResult``; lrsopt:
     ``ScheduleResult``), for the plotting code that takes those."""
-    kind = _get_kind(record.get("kind"), "record.kind")
+    kind = get_kind(record.get("kind"), "record.kind")
     if kind.to_result is None:
         raise ValueError(f"cell kind {kind.name!r} has no result object; use the record itself")
     return kind.to_result(record)

@@ -12,24 +12,24 @@ from typing import Any, Sequence
 
 
 from .. import records
-from .grid import Cell, Grid, _RECORD_FORMAT, canonical_json
+from .grid import Cell, Grid, RECORD_FORMAT, canonical_json
 
 
 # ============================================================================ the store
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 LEASE_STALE_S = 60.0  # a lease on another host without a heartbeat for this long is stale
-_HEARTBEAT_S = 10.0
+HEARTBEAT_S = 10.0
 
 
 class StoreLockedError(RuntimeError):
     """Another driver holds the results directory."""
 
 
-def _read_json_named(path: Path, what: str) -> Any:
+def read_json_named(path: Path, what: str) -> Any:
     """``json.load`` whose errors name the file (a corrupt record says which one, and what to do)."""
     try:
         data = records.read_json(path)
@@ -83,13 +83,13 @@ class Store:
     def read(self, cell_id: str, arrays: bool = True) -> dict:
         """A record; with ``arrays`` its arrays as ``record["arrays"]`` (name → ndarray) and
         timing arrays in ``record["meta"]["timing"]``."""
-        rec = _read_json_named(self.record_path(cell_id), f"the record of cell {cell_id}")
+        rec = read_json_named(self.record_path(cell_id), f"the record of cell {cell_id}")
         redo = f"delete it to recompute the cell {cell_id}"
         rec = records.unseal(rec, self.record_path(cell_id), redo)
         sums = rec.pop("checksums", None) or {}
-        if rec.get("format") != _RECORD_FORMAT or not isinstance(rec.get("meta"), dict):
+        if rec.get("format") != RECORD_FORMAT or not isinstance(rec.get("meta"), dict):
             raise ValueError(f"{self.record_path(cell_id)}: not a sweep cell record (format "
-                             f"{rec.get('format')!r}, expected {_RECORD_FORMAT!r}); delete it to "
+                             f"{rec.get('format')!r}, expected {RECORD_FORMAT!r}); delete it to "
                              "recompute the cell")
         names, tnames = rec.get("arrays", []), rec["meta"].get("timing_arrays", [])
         if not arrays:
@@ -142,7 +142,7 @@ class Store:
     def log(self, event: str, cell_id: str, **info: Any) -> None:
         """Append one JSON line (a single ``write`` with O_APPEND: lines from concurrent
         processes on a local filesystem do not interleave; on NFS the log is best-effort)."""
-        line = json.dumps({"event": event, "id": cell_id, "time": _now(), "host": socket.gethostname(),
+        line = json.dumps({"event": event, "id": cell_id, "time": utc_now(), "host": socket.gethostname(),
                            "pid": os.getpid(), **records.to_jsonable(info)}) + "\n"
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
@@ -165,7 +165,7 @@ class Store:
     def manifest(self) -> dict | None:
         if not self.manifest_path.exists():
             return None
-        return _read_json_named(self.manifest_path, "the sweep's manifest")
+        return read_json_named(self.manifest_path, "the sweep's manifest")
 
     def add_grids(self, grids: Sequence[Grid]) -> None:
         """Record the grids in ``manifest.json`` (a re-run with an extended grid adds it).
@@ -184,7 +184,7 @@ class Store:
                         known.append(g.to_dict())
                 records.atomic_write_json(self.manifest_path, {
                     "format": "hgtoolkit.sweep.manifest/1", "grids": known,
-                    "created": old.get("created", _now()), "updated": _now()})
+                    "created": old.get("created", utc_now()), "updated": utc_now()})
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -229,7 +229,7 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + wait
         body = json.dumps({"token": token, "host": socket.gethostname(), "pid": os.getpid(),
-                           "started": _now()}).encode()
+                           "started": utc_now()}).encode()
         while True:
             try:
                 fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
