@@ -1,8 +1,8 @@
 r"""The peers hgtoolkit is checked against (docs/peers.md), as test code shared by the tests and
 ``benchmarks/bench_towers.py``.
 
-- Packages from the registry, test-only extras in pyproject.toml's ``dev``: torchopt 0.7.3 and
-  higher 0.2.1 (differentiable unrolled optimizers: f(η) = E(w_T) and ∇f(η) by autograd
+- Packages from the registry, test-only extras in pyproject.toml's ``dev``: torchopt 0.7.3
+  (functional and Meta* optimizers) and higher 0.2.1 (differentiable unrolled optimizers: f(η) = E(w_T) and ∇f(η) by autograd
   through their own update formulas), gradient-descent-the-ultimate-optimizer 1.0 (gdtuo,
   Chandra et al.'s hyperoptimizer stacks). :func:`require` imports one and fails, never skips,
   when it is missing.
@@ -51,9 +51,10 @@ def default_dtype(dtype: torch.dtype):
 
 
 def leaf_copies(problem):
-    """Fresh leaf copies of w_0 (requires_grad) and the pytree spec to rebuild w."""
+    """Fresh leaf copies of w_0 (``nn.Parameter``: a module can hold them) and the pytree spec
+    to rebuild w."""
     leaves, spec = tree_flatten(problem.params0)
-    return [x.detach().clone().requires_grad_(True) for x in leaves], spec
+    return [torch.nn.Parameter(x.detach().clone()) for x in leaves], spec
 
 
 # ----------------------------------------------------------------------------- exact: torchopt, higher
@@ -73,25 +74,43 @@ def _unrolled(problem, lrs: torch.Tensor, init, advance) -> tuple[torch.Tensor, 
     return value.detach(), grad
 
 
-def torchopt_hypergradient(problem, lrs: torch.Tensor, optimizer: str = "sgd", **options):
-    """(f(η), ∇f(η)) through torchopt's functional optimizer ``torchopt.sgd`` / ``torchopt.adam``
-    (``options``: momentum, nesterov, weight_decay, eps, …), η as its schedule (η_t read at
-    torchopt's own step count t), ``update(..., inplace=False)`` + ``apply_updates``.
+def torchopt_hypergradient(problem, lrs: torch.Tensor, optimizer: str = "sgd", meta: bool = False,
+                           **options):
+    """(f(η), ∇f(η)) through torchopt, η as its schedule (η_t read at torchopt's own step count
+    t); ``options``: momentum, nesterov, weight_decay, eps, ….
+
+    ``meta=False``: the functional optimizer ``torchopt.sgd`` / ``torchopt.adam``,
+    ``update(..., inplace=False)`` + ``apply_updates``; ``meta=True``: ``torchopt.MetaSGD`` /
+    ``MetaAdam`` on a module holding w, ``step(loss)`` (torchopt's own differentiable loop).
 
     Run in the problem's dtype as torch's default: torchopt's Adam forms the bias correction
     1 − β^t as a tensor of the default dtype (float32 would cost ~1e-5 relative in float64)."""
     torchopt = require("torchopt")
-    make = {"sgd": torchopt.sgd, "adam": torchopt.adam}[optimizer]
+    if meta:
+        cls = {"sgd": torchopt.MetaSGD, "adam": torchopt.MetaAdam}[optimizer]
 
-    def init(params, eta):
-        opt = make(lambda count: eta[count], **options)
-        return [opt, opt.init(tuple(params))]
+        def init(params, eta):
+            module = torch.nn.Module()
+            for i, x in enumerate(params):
+                module.register_parameter(f"p{i}", x)
+            return module, cls(module, lr=lambda count: eta[count], **options)
 
-    def advance(box, params, loss, t):
-        opt, state = box
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        updates, box[1] = opt.update(grads, state, params=tuple(params), inplace=False)
-        return torchopt.apply_updates(tuple(params), updates, inplace=False)
+        def advance(box, params, loss, t):
+            module, opt = box
+            opt.step(loss)
+            return [getattr(module, f"p{i}") for i in range(len(params))]
+    else:
+        make = {"sgd": torchopt.sgd, "adam": torchopt.adam}[optimizer]
+
+        def init(params, eta):
+            opt = make(lambda count: eta[count], **options)
+            return [opt, opt.init(tuple(params))]
+
+        def advance(box, params, loss, t):
+            opt, state = box
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            updates, box[1] = opt.update(grads, state, params=tuple(params), inplace=False)
+            return torchopt.apply_updates(tuple(params), updates, inplace=False)
 
     with default_dtype(problem.dtype):
         return _unrolled(problem, lrs, init, advance)

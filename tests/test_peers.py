@@ -1,7 +1,8 @@
 """hgtoolkit against its peers (docs/peers.md), in float64, to ≤ 1e-12 relative:
 
 - exact hypergradients (``hgtoolkit.hypergradient``, modes reverse / forward / autograd) ==
-  autograd through torchopt's and higher's differentiable unrolled SGD, momentum, Nesterov, Adam;
+  autograd through torchopt's (functional and MetaSGD / MetaAdam) and higher's differentiable
+  unrolled SGD, momentum, Nesterov, Adam;
 - towers (``towers.run`` and the drop-in ``tower.optimizer``) == gdtuo's stacks (Chandra et
   al.'s package): SGD/SGD and Adam/SGD of heights 2 and 3;
 - HD (``online.run(method="hd")`` and the drop-ins ``SGDHD`` / ``AdamHD``) == Baydin et al.'s
@@ -10,6 +11,8 @@
 The peer packages are test-only extras (pyproject.toml, ``dev``): a missing one makes its tests
 fail with the install command (``peers.require``), never skip.
 """
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -46,31 +49,41 @@ def test_the_peer_packages_import(peer_package):
 
 # name → (hgtoolkit dynamics, peer optimizer, its options, the peers that implement this update)
 EXACT = {
-    "sgd": (dynamics.sgd(), "sgd", {}, ("torchopt", "higher")),
+    "sgd": (dynamics.sgd(), "sgd", {}, ("torchopt", "torchopt.Meta", "higher")),
     "momentum+wd": (dynamics.momentum(0.9, weight_decay=1e-2), "sgd",
-                    dict(momentum=0.9, weight_decay=1e-2), ("torchopt", "higher")),
-    "nesterov": (dynamics.nesterov(0.9), "sgd", dict(momentum=0.9, nesterov=True), ("torchopt", "higher")),
+                    dict(momentum=0.9, weight_decay=1e-2), ("torchopt", "torchopt.Meta", "higher")),
+    "nesterov": (dynamics.nesterov(0.9), "sgd", dict(momentum=0.9, nesterov=True), ("torchopt", "torchopt.Meta", "higher")),
     # torch.optim's Adam, ε after the bias correction: torchopt's Adam is that update
-    "adam": (dynamics.adam(), "adam", {}, ("torchopt",)),
+    "adam": (dynamics.adam(), "adam", {}, ("torchopt", "torchopt.Meta")),
     # higher's Adam adds ε before the bias correction: the same update only for ε = 0
-    "adam(eps=0)": (dynamics.adam(eps=0.0), "adam", dict(eps=0.0), ("torchopt", "higher")),
+    "adam(eps=0)": (dynamics.adam(eps=0.0), "adam", dict(eps=0.0), ("torchopt", "torchopt.Meta", "higher")),
 }
 LR = {("mlp", "sgd"): 0.2, ("mlp", "adam"): 0.02, ("beale", "sgd"): 2e-3, ("beale", "adam"): 1e-2}
-DRIVERS = {"torchopt": peers.torchopt_hypergradient, "higher": peers.higher_hypergradient}
+DRIVERS = {"torchopt": peers.torchopt_hypergradient, "higher": peers.higher_hypergradient,
+           "torchopt.Meta": functools.partial(peers.torchopt_hypergradient, meta=True)}
 EXACT_CASES = [(peer, opt) for opt, spec in EXACT.items() for peer in spec[3]]
 
 
-@pytest.mark.parametrize("T", [1, 4, 12])
+def _schedule(problem: str, kind: str, T: int) -> torch.Tensor:
+    return LR[problem, kind] * torch.linspace(1.0, 0.5, T, dtype=F64)  # a schedule, not a constant
+
+
+@functools.lru_cache(maxsize=None)
+def _exact(opt: str, problem: str, T: int) -> dict:
+    """hgtoolkit's (f(η), ∇f(η)) in each mode, computed once for all the peers."""
+    dyn, kind = EXACT[opt][:2]
+    return {mode: hypergradient(PROBLEMS[problem], _schedule(problem, kind, T), dyn, mode=mode)
+            for mode in ("reverse", "forward", "autograd")}
+
+
+@pytest.mark.parametrize("T", [1, 4, 10])
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 @pytest.mark.parametrize("peer,opt", EXACT_CASES)
 def test_exact_hypergradient_is_the_peers_unrolled_autograd(peer, opt, problem, T):
-    dyn, kind, options, _ = EXACT[opt]
-    p = PROBLEMS[problem]
-    lrs = LR[problem, kind] * torch.linspace(1.0, 0.5, T, dtype=F64)  # a schedule, not a constant
-    value, grad = DRIVERS[peer](p, lrs, kind, **options)
+    _, kind, options, _ = EXACT[opt]
+    value, grad = DRIVERS[peer](PROBLEMS[problem], _schedule(problem, kind, T), kind, **options)
     assert bool(torch.isfinite(grad).all()) and float(grad.abs().min()) > 0
-    for mode in ("reverse", "forward", "autograd"):
-        r = hypergradient(p, lrs, dyn, mode=mode)
+    for mode, r in _exact(opt, problem, T).items():
         _close(r.value, value, f"f(η), mode={mode} vs {peer}")
         _close(r.grad, grad, f"∇f(η), mode={mode} vs {peer}")
 
