@@ -108,7 +108,7 @@ class ExactReferences:
 
 
 def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
-                     checkpoint_every: int | None = None, progress: bool = False) -> ExactReferences:
+                     memory: "int | str | None" = None, progress: bool = False) -> ExactReferences:
     r"""d⁽¹⁾_t, d⁽ᶜ⁾_t and g_t for every t along the trajectory of the fixed schedule ``lrs``.
 
     Forward pass: the online engine (:class:`hgtoolkit.online.Engine`, μ = 1, η_t prescribed by
@@ -144,7 +144,7 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
     if not bool(torch.isfinite(one_step).all() and torch.isfinite(constant_lr).all()):
         raise FloatingPointError("the one-step/constant-LR derivatives have non-finite entries "
                                  "although training stayed finite")
-    full = hypergradient(problem, lrs, dyn, mode="reverse", checkpoint_every=checkpoint_every,
+    full = hypergradient(problem, lrs, dyn, mode="reverse", memory=memory,
                          progress=progress)
     return ExactReferences(lrs, one_step.detach(), constant_lr.detach(), full.grad, val_losses,
                            train_losses, full.value, dyn.config())
@@ -439,7 +439,7 @@ def _build_report(refs: ExactReferences, estimates: np.ndarray, info: dict) -> A
 
 def analyse(problem, lrs: Any, estimates: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
             alignment: str = "after_step", label: str | None = None, info: dict | None = None,
-            checkpoint_every: int | None = None, progress: bool = False) -> ApproximationReport:
+            memory: "int | str | None" = None, progress: bool = False) -> ApproximationReport:
     r"""Compare ``estimates`` (an online method's h) with d⁽¹⁾, d⁽ᶜ⁾ and g along ``lrs``.
 
     ``lrs`` (T,) is the schedule actually used (η_t at step t); ``estimates`` (T,) follows
@@ -458,7 +458,7 @@ def analyse(problem, lrs: Any, estimates: Any, optimizer: "str | _dynamics.Dynam
     lrs = check_lrs(lrs, problem)
     est = _as_vector(estimates, "estimates", allow_nonfinite=True)
     est = _align(est, len(lrs), alignment)
-    refs = exact_references(problem, lrs, optimizer, checkpoint_every=checkpoint_every,
+    refs = exact_references(problem, lrs, optimizer, memory=memory,
                             progress=progress)
     meta = {"label": label, "alignment": alignment, "problem": problem.describe(), **(info or {})}
     return _build_report(refs, est, meta)
@@ -499,7 +499,7 @@ def _online_inputs(result: Any, problem):
 
 
 def analyse_online(result: Any, problem, *, label: str | None = None, check_trajectory: bool = True,
-                   checkpoint_every: int | None = None, progress: bool = False) -> ApproximationReport:
+                   memory: "int | str | None" = None, progress: bool = False) -> ApproximationReport:
     r"""Compare an :class:`hgtoolkit.online.OnlineResult` with the exact references.
 
     ``result.hypergrads[t]`` is h_{t+1} (the estimate formed after step t), so the alignment is
@@ -520,7 +520,7 @@ def analyse_online(result: Any, problem, *, label: str | None = None, check_traj
             "steps_analysed": n, "steps_run": len(lrs), "diverged_at": result.diverged_at}
     report = analyse(problem, lrs[:n], h[:n], optimizer, alignment="after_step",
                      label=label or _online_label(config), info=info,
-                     checkpoint_every=checkpoint_every, progress=progress)
+                     memory=memory, progress=progress)
     if check_trajectory:
         ran = np.asarray(result.train_losses[:n], dtype=np.float64)
         tol = 1e-8 if problem.dtype == torch.float64 else 1e-4

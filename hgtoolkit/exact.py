@@ -14,11 +14,14 @@ compute it (``mode=``):
   (s̄, ḡ, η̄) = ``dyn.cotangent(s_t, g_t, η_t, t, λ_{t+1})``, λ_t = s̄ + H_t ḡ, ∂f/∂η_t = η̄:
   one HVP per step. The forward pass builds each step's gradient g_t with plain autograd
   (``create_graph=True``) and keeps that graph, so H_t ḡ is a second backward through it
-  (no activation is recomputed). ``checkpoint_every=None`` keeps every step's graph (fastest,
-  memory O(T)); ``checkpoint_every=k`` keeps every k-th state and rebuilds the graphs of one
-  segment of k steps at a time (memory O(T/k + k), one extra training pass less its last
-  segment, whose graphs the forward pass keeps);
-  ``checkpoint_every="auto"`` takes k = round(√T). Both give bit-identical numbers.
+  (no activation is recomputed). What is kept is a schedule (:mod:`hgtoolkit.checkpointing`):
+  ``checkpoint=None`` keeps every step's graph (fastest, memory T·(state + graph));
+  ``checkpoint=k`` keeps every k-th state and rebuilds one segment's graphs at a time;
+  ``checkpoint="binomial"`` (``snapshots=c``) is revolve; the default ``"auto"`` takes the
+  fastest that fits ``memory=``. All give bit-identical numbers.
+- ``"reversible"``: heavy-ball momentum run backwards exactly in fixed point
+  (:mod:`hgtoolkit.reversible`, Maclaurin, Duvenaud & Adams 2015): no state stored but
+  ≈ T·d·log₂(1/γ) bits, the gradient of each step recomputed in the reverse pass.
 - ``"forward"``: the tangent system column by column, z ← ``dyn.tangent(s_t, g_t, η_t, t, z,
   H_t z_w, δ_{jt})``, ``chunk_size`` columns at a time (column j is zero until step j); the
   HVPs of a step share its gradient graph.
@@ -43,18 +46,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
+from . import checkpointing as _ckpt
 from . import dynamics as _dynamics
 from . import records
+from ._step import Step as _Step, add_w as _add_w, objective as _objective, probe as _probe
 from ._tree import tree_map
 from .divergence import VALIDATION_LOSS, check_finite
-from .trajectory import autograd_gradient, closed_form, check_lrs, progress_bar, scalar_loss, train
+from .reversible import reversible_reverse
+from .trajectory import check_lrs, progress_bar, train
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES"]
 
-MODES = ("reverse", "forward", "autograd")
+MODES = ("reverse", "reversible", "forward", "autograd")
 
 
 @records.register("hypergradient", version=1, params="params",
@@ -71,6 +77,20 @@ class HypergradResult:
     train_losses: torch.Tensor
     mode: str
     optimizer: dict = field(default_factory=dict)
+    #: reverse modes: the schedule run ("stored", "every k", "binomial", "reversible")
+    schedule: str | None = None
+    #: training states (snapshots, s_0 included) held at once by the schedule
+    snapshots: int | None = None
+    #: forward steps run beyond one training pass (0 when every step is stored)
+    recomputed_steps: int | None = None
+    #: bytes the schedule was predicted to hold (docs/memory.md), and the budget it was chosen for
+    memory_estimate: int | None = None
+    memory_budget: int | None = None
+    #: largest growth of the process's memory over its start (CPU: resident set size, CUDA:
+    #: bytes allocated), sampled after every step of the schedule, in bytes
+    peak_memory: int | None = None
+    #: mode="reversible": bytes of the information buffer at the end of the forward pass
+    buffer_bytes: int | None = None
 
     def save(self, path) -> Path:
         """:func:`hgtoolkit.save` (JSON + npz + the parameters, checksummed); returns the JSON path."""
@@ -86,140 +106,58 @@ class HypergradResult:
                 f"|grad|={float(self.grad.norm()):.6g})")
 
 
-# ----------------------------------------------------------------------------- one step
-
-class _Step:
-    """Step t's gradient g_t = ∇L_t(w_t) built with plain autograd, its graph kept (or not).
-
-    ``hvp(v)`` = H_t v = ∇_w⟨g_t, v⟩, a backward through the kept graph (``retain`` keeps it
-    for another product). ``grad`` is g_t detached, as the pytree the dynamics take. A loss
-    with closed-form derivatives (:func:`hgtoolkit.trajectory.closed_form`) keeps
-    the Hessian ∇²L_t(w_t) instead of a graph and gives g_t and H_t v by its formulas.
-    """
-
-    __slots__ = ("state", "loss", "grad", "_w", "_g", "_spec")
-
-    def __init__(self, problem, dyn, state: dict, t: int, graph: bool):
-        w = dyn.params(state)
-        fn = closed_form(problem.train_loss, w)
-        if fn is not None:  # _w holds the Hessian (when an HVP will be asked for)
-            if graph:
-                self.loss, self.grad, hessian = fn.value_grad_hessian(w.detach())
-                self._w, self._g = hessian, fn
-            else:
-                (self.loss, self.grad), self._w, self._g = fn.value_and_grad(w.detach()), None, None
-            self.state, self._spec = state, None
-            return
-        leaves, spec = tree_flatten(w)
-        with torch.enable_grad():
-            w = [x.detach().requires_grad_(True) for x in leaves]
-            loss = scalar_loss(problem.train_loss, "train_loss")(tree_unflatten(w, spec), t)
-            g = torch.autograd.grad(loss, w, create_graph=graph, allow_unused=True,
-                                    materialize_grads=True)
-        self.state, self.loss, self._spec = state, loss.detach(), spec
-        self.grad = tree_unflatten([x.detach() for x in g], spec)
-        self._w, self._g = (w, g) if graph else (None, None)
-
-    def advance(self, dyn, lr: torch.Tensor, t: int) -> dict:
-        """s_{t+1} = D(s_t, g_t, η_t) (no graph)."""
-        with torch.no_grad():
-            return dyn.step(self.state, self.grad, lr, t)
-
-    def hvp(self, v: Any, retain: bool = False) -> Any:
-        """H_t v for a parameter-shaped ``v`` (None: zero)."""
-        if v is None:
-            return None
-        if self._spec is None:  # closed form: H_t v from the Hessian kept
-            out = self._g.hvp(self._w, v)
-            if not retain:
-                self._w = self._g = None
-            return out
-        vs = tree_flatten(v)[0]
-        live = [i for i, g in enumerate(self._g) if g.requires_grad]
-        if live:  # a loss linear in some leaves has a constant gradient there: H = 0
-            out = torch.autograd.grad([self._g[i] for i in live], self._w, [vs[i] for i in live],
-                                      retain_graph=retain, allow_unused=True, materialize_grads=True)
-        else:
-            out = [torch.zeros_like(x) for x in self._w]
-        if not retain:
-            self._w = self._g = None
-        return tree_unflatten(list(out), self._spec)
-
-
-def _add_w(state_tree: dict, hv: Any) -> dict:
-    """``state_tree`` with hv added to its "w" entry."""
-    if hv is None:
-        return state_tree
-    out = dict(state_tree)
-    out["w"] = tree_map(torch.add, state_tree["w"], hv)
-    return out
-
-
-def _objective(problem, dyn, state):
-    """(∇_s E(params(s)) as a state-shaped cotangent with only "w", E): λ_T and the value."""
-    g, value = autograd_gradient(scalar_loss(problem.val_loss, "val_loss"), dyn.params(state))
-    return {"w": g}, value
-
-
-def _checkpoint_interval(checkpoint_every, T: int):
-    if checkpoint_every == "auto":
-        return max(1, round(math.sqrt(T)))
-    return checkpoint_every
-
-
-def _reverse(problem, dyn, lrs, checkpoint_every, progress):
+def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
     T = len(lrs)
     s0 = dyn.init(problem.params0)
-    losses = torch.empty(T, dtype=lrs.dtype, device=lrs.device)
-
-    def run(state, a, b, graph, keep, bar=None):
-        """Steps a … b−1 from ``state``; returns (s_b, kept _Steps, states at checkpoints)."""
-        kept = []
-        for t in range(a, b):
-            st = _Step(problem, dyn, state, t, graph)
-            check_finite(st.loss, t)
-            losses[t] = st.loss
-            state = st.advance(dyn, lrs[t], t)
-            if keep(t):
-                kept.append(st if graph else state)
-            if bar is not None:
-                bar.update()
-        return state, kept
-
-    k = _checkpoint_interval(checkpoint_every, T)
+    device = lrs.device
+    sampler = _ckpt.MemorySampler(device)
+    losses = torch.empty(T, dtype=lrs.dtype, device=device)
+    first, fp = _probe(problem, dyn, s0)
+    limit, how = _ckpt.budget(memory, device)
+    plan = _ckpt.plan(T, fp, checkpoint, snapshots, limit)
     fbar = progress_bar(None, progress, desc="forward", total=T, leave=False)
-    if k is None:  # keep every step's gradient graph: nothing is recomputed
-        final, steps = run(s0, 0, T, True, lambda t: True, fbar)
-        segments = [(0, T, steps)]
-    else:  # keep s_k, s_2k, …; rebuild one segment's graphs at a time in the backward pass
-        last = (T - 1) // k * k  # the last segment keeps its graphs from the forward pass
-        state, kept = run(s0, 0, last, False, lambda t: (t + 1) % k == 0, fbar)
-        final, steps = run(state, last, T, True, lambda t: True, fbar)
-        starts = {0: s0, **dict(zip(range(k, last, k), kept))}
-        segments = [(a, min(a + k, T), None) for a in range(0, last, k)] + [(last, T, steps)]
-    if hasattr(fbar, "close"):
-        fbar.close()
+    bar = progress_bar(None, progress, desc="backward", total=T, leave=False)
 
-    lam, value = _objective(problem, dyn, final)
-    check_finite(value, T - 1, dyn.params(final), VALIDATION_LOSS)
-    grads = torch.empty(T, dtype=lrs.dtype, device=lrs.device)
-    bar = progress_bar(range(T), progress, desc="backward", leave=False)
-    for a, b, steps in reversed(segments):
-        if steps is None:
-            steps = run(starts.pop(a), a, b, True, lambda t: True)[1]
-        for t in range(b - 1, a - 1, -1):
-            st = steps[t - a]
-            steps[t - a] = None  # free step t's graph once used
-            sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
-            lam = _add_w(sbar, st.hvp(gbar))
-            grads[t] = lbar
-            if hasattr(bar, "update"):
-                bar.update()
-    if hasattr(bar, "close"):
-        bar.close()
+    def advance(state, t, graph):
+        nonlocal first
+        if t == 0 and first is not None and state is s0:  # the probe is step 0
+            st, first = first, None
+        else:
+            st = _Step(problem, dyn, state, t, graph)
+        check_finite(st.loss, t)
+        losses[t] = st.loss
+        new = st.advance(dyn, lrs[t], t)
+        if hasattr(fbar, "update"):
+            fbar.update()
+        return new, (st if graph else None)
+
+    out = {}
+
+    def begin(final):
+        lam, value = _objective(problem, dyn, final)
+        check_finite(value, T - 1, dyn.params(final), VALIDATION_LOSS)
+        out.update(lam=lam, value=value, final=final)
+
+    grads = torch.empty(T, dtype=lrs.dtype, device=device)
+
+    def adjoint(st, t):
+        sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, out["lam"])
+        out["lam"] = _add_w(sbar, st.hvp(gbar))
+        grads[t] = lbar
+        if hasattr(bar, "update"):
+            bar.update()
+
+    stats = _ckpt.run(plan.actions(), s0, advance, begin, adjoint, sampler)
+    first = None
+    for b in (fbar, bar):
+        if hasattr(b, "close"):
+            b.close()
     if not bool(torch.isfinite(grads).all()):
         raise FloatingPointError("the hypergradient has non-finite entries although training stayed finite")
-    return value, grads, dyn.params(final), losses
+    info = {"schedule": plan.kind if plan.kind != "every" else f"every {plan.k}",
+            "snapshots": stats.snapshots, "recomputed_steps": stats.forward_steps - T,
+            "memory_estimate": plan.estimate, "memory_budget": limit, "peak_memory": sampler.peak}
+    return out["value"], grads, dyn.params(out["final"]), losses, info
 
 
 def _tangent_pass(problem, dyn, state, lrs, cols, t0=0, progress=False):
@@ -295,9 +233,18 @@ def _autograd(problem, dyn, lrs, progress):
 
 
 def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd",
-                  mode: str = "reverse", *, checkpoint_every: "int | str | None" = None,
-                  chunk_size: int | None = None, progress: bool = False) -> HypergradResult:
+                  mode: str = "reverse", *, checkpoint: "int | str | None" = "auto",
+                  snapshots: int | None = None, memory: "int | str | None" = None,
+                  chunk_size: int | None = None, progress: bool = False, **removed: Any) -> HypergradResult:
     """Exact ∇f(η) for the whole schedule ``lrs`` (η_0 … η_{T−1}), f(η) = E(w_T).
+
+    Reverse mode's memory (:mod:`hgtoolkit.checkpointing`, docs/memory.md): ``checkpoint=None``
+    stores every step, an int k keeps every k-th state, ``"binomial"`` runs revolve with
+    ``snapshots`` states; ``"auto"`` (default) picks the fastest of them that fits ``memory``
+    (bytes, "2GB", or "auto" = half the device's free memory, cgroup limit included; None =
+    "auto"). A schedule that does not fit is refused (:class:`~hgtoolkit.checkpointing.
+    MemoryBudgetError`) before any step beyond the first. ``mode="reversible"`` (heavy-ball
+    momentum only, :mod:`hgtoolkit.reversible`) runs training backwards instead.
 
     >>> import hgtoolkit, torch
     >>> p = hgtoolkit.problems.from_function("beale")
@@ -305,27 +252,34 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
     >>> r.grad.shape
     torch.Size([50])
     """
+    _ckpt.reject_removed(removed, "hypergradient")
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES} "
                          "(or use hgtoolkit.finite_difference)")
-    for name, val in (("checkpoint_every", checkpoint_every), ("chunk_size", chunk_size)):
-        if name == "checkpoint_every" and val == "auto":
-            continue
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
-            extra = " or 'auto'" if name == "checkpoint_every" else ""
-            raise TypeError(f"{name} must be a positive int or None{extra}, got {val!r}")
-        if val is not None and val < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {val}")
+    if mode != "reverse" and (checkpoint != "auto" or snapshots is not None):
+        raise ValueError(f"checkpoint=/snapshots= schedule the reverse pass of mode='reverse'; "
+                         f"mode={mode!r} has none")
+    if mode in ("forward", "autograd") and memory is not None:
+        raise ValueError(f"memory= applies to mode='reverse' or 'reversible', not {mode!r}")
+    _ckpt.check_checkpoint(checkpoint, snapshots)
+    if memory is not None:
+        _ckpt.parse_memory(memory)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
+    info = {}
     if mode == "reverse":
-        out = _reverse(problem, dyn, lrs, checkpoint_every, progress)
+        value, grads, params, losses, info = _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress)
+    elif mode == "reversible":
+        value, grads, params, losses, info = reversible_reverse(problem, dyn, lrs, memory, progress)
     elif mode == "forward":
-        out = _forward(problem, dyn, lrs, chunk_size, progress)
+        value, grads, params, losses = _forward(problem, dyn, lrs, chunk_size, progress)
     else:
-        out = _autograd(problem, dyn, lrs, progress)
-    value, grads, params, losses = out
-    return HypergradResult(value, grads.detach(), params, lrs, losses, mode, dyn.config())
+        value, grads, params, losses = _autograd(problem, dyn, lrs, progress)
+    return HypergradResult(value, grads.detach(), params, lrs, losses, mode, dyn.config(), **info)
 
 
 def directional_derivative(problem, lrs: Any, direction: Any,

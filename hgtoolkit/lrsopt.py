@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from . import checkpointing as _checkpointing
 from . import dynamics as _dynamics
 from . import records
 from .divergence import DivergenceWarning
@@ -190,9 +191,9 @@ def _batch_seed(seed: int, k: int) -> int:
 class _Evaluator:
     """(η, k) ↦ (f(η), ∇f(η), metrics, minibatch seed) on the problem of evaluation k."""
 
-    def __init__(self, problem, dyn, mode, checkpoint_every, chunk_size, resample, seed, objective=None):
+    def __init__(self, problem, dyn, mode, reverse_kw, chunk_size, resample, seed, objective=None):
         self.problem, self.dyn, self.mode, self.objective = problem, dyn, mode, objective
-        self.kw = {"checkpoint_every": checkpoint_every, "chunk_size": chunk_size}
+        self.kw = {**reverse_kw, "chunk_size": chunk_size}
         self.resample, self.seed = resample, seed
 
     def __call__(self, eta: torch.Tensor, k: int):
@@ -364,18 +365,22 @@ class _Run:
 def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | None = None,
                       outer_optimizer: str = "adam", *,
                       optimizer: "str | _dynamics.Dynamics" = "sgd", mode: str = "reverse",
-                      checkpoint_every: int | None = None, chunk_size: int | None = None,
+                      checkpoint: "int | str | None" = "auto", snapshots: int | None = None,
+                      memory: "int | str | None" = None, chunk_size: int | None = None,
                       resample_batches: bool = False, seed: int = 0, lr_max: float | None = None,
                       outer_options: dict | None = None, max_backtracks: int = 10,
                       snapshot_every: int | None = None,
                       checkpoint_path: str | Path | None = None, checkpoint_interval: int = 10,
                       resume: bool = False, progress: bool = True,
                       callback: Callable[..., Any] | None = None,
-                      objective: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None) -> ScheduleResult:
+                      objective: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
+                      **removed: Any) -> ScheduleResult:
     r"""LRS-OPT: K = ``outer_steps`` projected steps η^(k) = Π(U(η^(k−1), ∇f(η^(k−1)))) from η^(0) = ``lrs0``.
 
     ``optimizer`` is the inner dynamics Φ_t (``"sgd"``, ``"adam"``, … or a Dynamics);
-    ``mode``/``checkpoint_every``/``chunk_size`` are passed to :func:`hgtoolkit.hypergradient`.
+    ``mode``/``checkpoint``/``snapshots``/``memory``/``chunk_size`` are passed to
+    :func:`hgtoolkit.hypergradient`: ``memory="1GB"`` bounds every evaluation's reverse pass
+    (docs/memory.md), so long horizons (T = 10⁴) run within a laptop's memory.
     ``outer_lr`` = α (unused by ``"lbfgsb"``; required by ``"sgd"``, whose step scale depends on
     the problem; Adam's default: 0.1 × max η^(0), Adam's steps being ≈ α per entry);
     ``outer_options`` = Adam's ``beta1``, ``beta2``,
@@ -399,8 +404,12 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     >>> bool(r.history[-1] < r.history[0]), r.outer_steps_done, len(r.history)
     (True, 5, 6)
     """
+    _checkpointing.reject_removed(removed, "optimize_schedule")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an int ≥ 0, got {seed!r}")
+    _checkpointing.check_checkpoint(checkpoint, snapshots)
+    if memory is not None:
+        _checkpointing.parse_memory(memory)
     outer_optimizer, opts, eta0 = _validate(
         problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,
         outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
@@ -412,7 +421,10 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
               "outer_options": opts, "optimizer": dyn.config(), "mode": mode,
               "resample_batches": bool(resample_batches), "seed": seed, "lr_max": lr_max,
               "max_backtracks": max_backtracks, "problem": problem.describe()}
-    evaluate = _Evaluator(problem, dyn, mode, checkpoint_every, chunk_size, resample_batches, seed,
+    # only what was asked for: a mode without a reverse pass refuses checkpoint=/memory=
+    reverse_kw = {"checkpoint": checkpoint} if checkpoint != "auto" else {}
+    reverse_kw.update({k: v for k, v in (("snapshots", snapshots), ("memory", memory)) if v is not None})
+    evaluate = _Evaluator(problem, dyn, mode, reverse_kw, chunk_size, resample_batches, seed,
                           objective)
     path = None if checkpoint_path is None else Path(checkpoint_path)
     started = time.perf_counter()

@@ -33,7 +33,7 @@ from . import dynamics
 __all__ = ["Spec", "setting", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
            "HypergradSettings", "specs", "validators", "add_arguments", "defaults"]
 
-_KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping")
+_KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes")
 _NO_CLI_DEFAULT = "<none>"  # Spec.cli_default of a setting that has an API default
 
 
@@ -41,7 +41,8 @@ _NO_CLI_DEFAULT = "<none>"  # Spec.cli_default of a setting that has an API defa
 class Spec:
     """What one setting accepts. ``kind``: ``"number"`` | ``"int"`` | ``"choice"`` (one of
     ``choices``) | ``"optimizer"`` (a :mod:`hgtoolkit.dynamics` name) | ``"flag"`` (bool) |
-    ``"mapping"``; numbers lie in [``lo``, ``hi``] (``open_lo``: lo excluded); ``words``: strings
+    ``"mapping"`` | ``"bytes"`` (a memory size: bytes or a string like ``"2GB"``, kept as
+    given); numbers lie in [``lo``, ``hi``] (``open_lo``: lo excluded); ``words``: strings
     accepted besides numbers (``"auto"``); ``none``: None accepted (written ``none`` on the
     command line); ``cli``: whether the command line has a flag for it; ``cli_default``: the
     flag's default for a setting the API requires."""
@@ -73,6 +74,8 @@ class Spec:
             what = "true or false"
         elif self.kind == "mapping":
             what = "a mapping"
+        elif self.kind == "bytes":
+            what = "a memory size (bytes, or like '200MB', '1.5GiB')"
         else:
             what = "an integer" if self.kind == "int" else "a number"
             if self.lo is not None and self.hi is not None:
@@ -103,6 +106,13 @@ class Spec:
             if not isinstance(value, dict):
                 raise bad
             return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
+        if self.kind == "bytes":
+            from .checkpointing import parse_memory
+            try:
+                parse_memory(value)
+            except (TypeError, ValueError):
+                raise bad from None
+            return value
         import numpy as np
         integer = self.kind == "int"
         ok = (int, np.integer) if integer else (int, float, np.integer, np.floating)
@@ -118,8 +128,8 @@ class Spec:
         """A command-line word → the value (``argparse.ArgumentTypeError`` saying what is expected)."""
         if self.none and text.lower() in ("none", "null"):
             return None
-        if text in self.words or self.kind in ("choice", "optimizer"):
-            value = text
+        if text in self.words or self.kind in ("choice", "optimizer", "bytes"):
+            value = int(text) if self.kind == "bytes" and text.isdigit() else text
         else:
             try:
                 value = int(text) if self.kind == "int" else float(text)
@@ -198,12 +208,25 @@ _METHOD_HELP = "hd (μ = 0), rtho (μ = 1) or marthe (μ and β fixed or adaptiv
 
 
 def _mode(help: str):
-    return setting("reverse", help, kind="choice", choices=("reverse", "forward", "autograd"))
+    return setting("reverse", help, kind="choice", choices=("reverse", "reversible", "forward", "autograd"))
 
 
-def _checkpoint_every():
-    return setting(None, "reverse mode: store every k-th state and recompute (memory O(T/k + k)); "
-                         "'auto': k ≈ √T", kind="int", lo=1, words=("auto",), none=True)
+def _checkpoint(cli: bool = True):
+    return setting("auto", "reverse mode's schedule: none (store every step), k (every k-th state "
+                           "kept, the rest recomputed), 'binomial' (revolve with --snapshots), "
+                           "'auto' (the fastest that fits --memory)", kind="int", lo=1,
+                   words=("auto", "binomial"), none=True, cli=cli)
+
+
+def _snapshots(cli: bool = True):
+    return setting(None, "checkpoint 'binomial': training states kept (w0 included; none: as many "
+                         "as fit --memory)", kind="int", lo=1, none=True, cli=cli)
+
+
+def _memory():
+    return setting(None, "memory budget of the reverse pass: bytes, '200MB', '2GiB', or 'auto' "
+                         "(half the free memory, cgroup limit included; none = auto)",
+                   kind="bytes", words=("auto",), none=True)
 
 
 def _chunk_size():
@@ -259,7 +282,9 @@ class LrsoptSettings(RunSettings):
                                    choices=("adam", "sgd", "lbfgsb"))
     optimizer: str = setting("sgd", "inner dynamics Φ_t", kind="optimizer")
     mode: str = _mode("hypergradient mode")
-    checkpoint_every: Any = _checkpoint_every()
+    checkpoint: Any = _checkpoint(cli=False)  # lrsopt's --checkpoint is its checkpoint file
+    snapshots: Any = _snapshots(cli=False)
+    memory: Any = _memory()
     chunk_size: Any = _chunk_size()
     resample_batches: bool = setting(False, "new minibatch order at every outer step (MARTHE's "
                                             "LRS-OPT)", kind="flag")
@@ -290,5 +315,7 @@ class HypergradSettings(TrainSettings):
     """:class:`TrainSettings` plus how :func:`hgtoolkit.hypergradient` computes ∇f(η)."""
 
     mode: str = _mode("how to compute it")
-    checkpoint_every: Any = _checkpoint_every()
+    checkpoint: Any = _checkpoint()
+    snapshots: Any = _snapshots()
+    memory: Any = _memory()
     chunk_size: Any = _chunk_size()

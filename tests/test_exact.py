@@ -88,7 +88,7 @@ def test_checkpointed_reverse_equals_stored_exactly(opt):
     lrs = _schedule(17, 0.05)
     stored = hypergradient(problem, lrs, opt, mode="reverse")
     for k in (1, 4, 17, 100):
-        ck = hypergradient(problem, lrs, opt, mode="reverse", checkpoint_every=k)
+        ck = hypergradient(problem, lrs, opt, mode="reverse", checkpoint=k)
         assert torch.equal(ck.grad, stored.grad), k
         assert torch.equal(ck.value, stored.value)
 
@@ -145,8 +145,8 @@ def test_pytree_params_and_custom_problem():
 def test_long_schedule_checkpointing_runs():
     problem = problems.from_function("rosenbrock")
     lrs = torch.full((3000,), 1e-4, dtype=torch.float64)
-    a = hypergradient(problem, lrs, checkpoint_every=50)
-    b = hypergradient(problem, lrs)
+    a = hypergradient(problem, lrs, checkpoint=50)
+    b = hypergradient(problem, lrs, checkpoint=None)
     assert torch.equal(a.grad, b.grad)
     # more steps at this small LR lower the loss: the tail of ∂f/∂η is negative
     assert float(a.grad[-1]) < 0
@@ -181,8 +181,10 @@ def test_bad_mode_optimizer_and_options(beale):
         hypergradient(beale, lrs, optimizer="adamw2")
     with pytest.raises(TypeError, match="optimizer"):
         hypergradient(beale, lrs, optimizer=3)
-    with pytest.raises(ValueError, match="checkpoint_every"):
-        hypergradient(beale, lrs, checkpoint_every=0)
+    with pytest.raises(ValueError, match="checkpoint"):
+        hypergradient(beale, lrs, checkpoint=0)
+    with pytest.raises(TypeError, match="checkpoint="):
+        hypergradient(beale, lrs, checkpoint_every=3)
     with pytest.raises(TypeError, match="chunk_size"):
         hypergradient(beale, lrs, mode="forward", chunk_size=2.5)
     with pytest.raises(ValueError, match="direction"):
@@ -214,14 +216,15 @@ def test_divergence_reported_with_step(mode):
     hgtoolkit.train(problem, lrs[: info.value.step - 1])
 
 
-def test_checkpoint_every_auto_is_sqrt_T_and_exact():
+def test_checkpoint_choices_are_exact_and_bad_ones_named():
     problem = problems.synthetic_classification()
     lrs = _schedule(16, 0.05)
-    stored = hypergradient(problem, lrs, "nesterov")
-    auto = hypergradient(problem, lrs, "nesterov", checkpoint_every="auto")
-    assert torch.equal(auto.grad, stored.grad) and torch.equal(auto.value, stored.value)
-    with pytest.raises(TypeError, match="checkpoint_every"):
-        hypergradient(problem, lrs, checkpoint_every="sqrt")
+    stored = hypergradient(problem, lrs, "nesterov", checkpoint=None)
+    for kw in ({}, {"checkpoint": 4}, {"checkpoint": "binomial", "snapshots": 3}, {"memory": "1GB"}):
+        r = hypergradient(problem, lrs, "nesterov", **kw)
+        assert torch.equal(r.grad, stored.grad) and torch.equal(r.value, stored.value), kw
+    with pytest.raises(TypeError, match="checkpoint"):
+        hypergradient(problem, lrs, checkpoint="sqrt")
 
 
 def test_leaves_with_constant_gradient_have_zero_hessian():

@@ -21,7 +21,7 @@ from hgtoolkit.sweep import CELL_KINDS
 NOT_SETTINGS = {
     online.run: {"problem", "mu_rule", "progress", "raise_on_divergence", "keep_params"},
     lrsopt.optimize_schedule: {"problem", "lrs0", "checkpoint_path", "resume", "progress",
-                               "callback", "objective"},
+                               "callback", "objective", "removed"},  # removed: checkpoint_every → TypeError
 }
 SCHEMA = {online.run: OnlineSettings, lrsopt.optimize_schedule: LrsoptSettings}
 
@@ -72,7 +72,7 @@ def test_sweep_kinds_take_the_settings():
     ("online", OnlineSettings, None, {}),
     ("lrsopt", LrsoptSettings, None, {}),
     ("lrsopt", TrainSettings, ["lr", "steps", "optimizer"], {}),
-    ("hypergrad", HypergradSettings, ["lr", "steps", "optimizer", "mode", "checkpoint_every", "chunk_size"], {}),
+    ("hypergrad", HypergradSettings, ["lr", "steps", "optimizer", "mode", "checkpoint", "snapshots", "memory", "chunk_size"], {}),
     ("analyse", OnlineSettings, ["mu", "kappa", "objective", "lr0", "optimizer", "seed"], {}),
 ])
 def test_cli_flags_are_the_settings_with_the_same_defaults(command, schema, names, cli_defaults):

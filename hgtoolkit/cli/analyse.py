@@ -46,9 +46,9 @@ def register(sub) -> None:
     g = p.add_argument_group("problem")
     cli_args.add_problem(g, default=None, dtype_help="floating-point type (default: the problem's, "
                                                      "or the saved run's)")
-    add_arguments(p, HypergradSettings, ["checkpoint_every"],
-                  checkpoint_every={"help": "checkpoint interval of the reverse pass for g (memory "
-                                            "O(T/k + k)); 'auto': k ≈ √T"})
+    add_arguments(p, HypergradSettings, ["memory"],
+                  memory={"help": "memory budget of the reverse pass for g: bytes, '200MB', "
+                                  "or 'auto' (default: half the free memory)"})
     cli_args.add_out(p, "analyse")
     cli_args.add_progress(p)
     p.set_defaults(func=run_analyse)
@@ -104,7 +104,7 @@ def run_analyse(args) -> int:
     for tag, res, problem in runs:
         if res.diverged:
             print(f"note: {tag} diverged at step {res.diverged_at}; analysing the steps before it")
-        report = analyse_online(res, problem, checkpoint_every=args.checkpoint_every,
+        report = analyse_online(res, problem, memory=args.memory,
                                 progress=args.progress)
         json_path = report.save(out / f"analyse_{tag}")
         fig = plotting.plot_approximation(report)

@@ -39,7 +39,7 @@ def register(sub) -> None:
         help="exact hypergradient ∇f(η) of a schedule",
         description="Exact hypergradient ∂f/∂η_t, f(η) = E(w_T), of one schedule; writes "
                     "<out>/hypergrad.json and a figure of η_t and ∂f/∂η_t against t.")
-    add_arguments(hg, HypergradSettings, ["mode", "checkpoint_every", "chunk_size"])
+    add_arguments(hg, HypergradSettings, ["mode", "checkpoint", "snapshots", "memory", "chunk_size"])
     hg.set_defaults(func=run_hypergrad)
 
     lo = sub.add_parser(
@@ -48,8 +48,8 @@ def register(sub) -> None:
         description="LRS-OPT: projected gradient descent η ← max(η − α·U(∇f(η)), 0) on the whole "
                     "schedule. Writes <out>/lrsopt.json/.npz, a figure (initial vs optimised "
                     "schedule, objective per outer step) and a checkpoint for --resume.")
-    add_arguments(lo, LrsoptSettings, [n for n in LrsoptSettings.__dataclass_fields__
-                                       if n != "optimizer" and n != "outer_options"],
+    add_arguments(lo, LrsoptSettings, [n for n, (_, spec) in specs(LrsoptSettings).items()
+                                       if spec.cli and n != "optimizer"],
                   snapshot_every={"help": "keep the schedule every k outer steps (default: about 5 snapshots)"})
     lo.add_argument("--checkpoint", default=None,
                     help="checkpoint file (default <out>/lrsopt.ckpt.pt)")
@@ -102,7 +102,8 @@ def run_hypergrad(args) -> int:
     lrs = _schedule(args, problem)
     start = time.perf_counter()
     try:
-        r = hypergradient(problem, lrs, args.optimizer, args.mode, checkpoint_every=args.checkpoint_every,
+        reverse = {"checkpoint": args.checkpoint, "snapshots": args.snapshots} if args.mode == "reverse" else {}
+        r = hypergradient(problem, lrs, args.optimizer, args.mode, memory=args.memory, **reverse,
                           chunk_size=args.chunk_size, progress=True)
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -143,7 +144,9 @@ def run_lrsopt(args) -> int:
     if ckpt.exists() and not (args.resume or args.overwrite):
         raise ValueError(f"checkpoint {ckpt} exists: pass --resume to continue that run, or "
                          "--overwrite to start afresh and replace it (or another --checkpoint)")
-    kw = {name: getattr(args, name) for name in specs(LrsoptSettings) if hasattr(args, name)}
+    # the settings with a flag (lrsopt's --checkpoint is the checkpoint file, not checkpoint=)
+    kw = {name: getattr(args, name) for name, (_, spec) in specs(LrsoptSettings).items()
+          if spec.cli and hasattr(args, name)}
     kw["snapshot_every"] = args.snapshot_every or max(1, args.outer_steps // 5)
     try:
         result = optimize_schedule(problem, lrs0, checkpoint_path=ckpt, resume=args.resume,

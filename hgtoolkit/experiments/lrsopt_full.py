@@ -56,7 +56,7 @@ class Config:
     adam_lr: float = 0.01
     plateau_steps: int = 20
     plateau_tol: float = 1e-3
-    checkpoint_every: "int | str | None" = None
+    memory: "int | str | None" = None  # reverse pass's memory budget (hgtoolkit.hypergradient)
     threads: int = 1
     device: str = "cpu"
 
@@ -144,7 +144,7 @@ def run_schedule_cell(problem, params: dict, ctx):
         res = lrsopt.optimize_schedule(
             problem, lrs0, steps, None if kind == "lbfgsb" else params["adam_lr"], kind,
             resample_batches=kind == "adam", seed=common.derive_seed(params["base_seed"], "lrsopt_full", params["seed"]),
-            lr_max=params["lr_max"], checkpoint_every=params.get("checkpoint_every"),
+            lr_max=params["lr_max"], memory=params.get("memory"),
             outer_options={"maxfun": 2 * steps + 10} if kind == "lbfgsb" else None,
             snapshot_every=max(1, steps // 10), progress=False,
             callback=_Plateau(params["plateau_steps"], params["plateau_tol"]), **kw)
@@ -169,7 +169,7 @@ def _register_kinds() -> None:
                 "outer_steps": _number(0, integer=True), "init": _number(0, open_lo=True),
                 "lr_max": _number(0, open_lo=True), "adam_lr": _number(0, open_lo=True),
                 "plateau_steps": _number(0, integer=True), "plateau_tol": _number(0),
-                "checkpoint_every": lrsopt.params["checkpoint_every"], "base_seed": sweep.SEED_SPEC,
+                "memory": lrsopt.params["memory"], "base_seed": sweep.SEED_SPEC,
                 "seed": sweep.SEED_SPEC}))
 
 
@@ -183,7 +183,7 @@ def grids(config: Config) -> list:
          "hidden": list(config.hidden), "data_seed": config.data_seed, "device": config.device}
     base = {"steps": config.steps, "init": config.init, "lr_max": config.lr_max, "base_seed": config.seed,
             "plateau_steps": config.plateau_steps, "plateau_tol": config.plateau_tol,
-            "checkpoint_every": config.checkpoint_every}
+            "memory": config.memory}
     out = []
     for kind, n, steps in (("lbfgsb", config.lbfgsb_seeds, config.lbfgsb_steps),
                            ("adam", config.adam_seeds, config.adam_steps)):

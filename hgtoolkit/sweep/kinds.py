@@ -123,8 +123,10 @@ def run_hypergrad_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     """The exact hypergradient ∇f(η) of the constant schedule η_t = lr."""
     from ..exact import hypergradient
     r = hypergradient(problem, _schedule(problem, params), params.get("optimizer", "sgd"),
-                      params.get("mode", "reverse"), checkpoint_every=params.get("checkpoint_every"),
-                      chunk_size=params.get("chunk_size"))
+                      params.get("mode", "reverse"), memory=params.get("memory"),
+                      chunk_size=params.get("chunk_size"),
+                      **({} if params.get("mode", "reverse") != "reverse" else
+                         {"checkpoint": params.get("checkpoint", "auto"), "snapshots": params.get("snapshots")}))
     result = {"value": float(r.value), "grad_norm": float(r.grad.norm()), **_metrics(problem, r.params)}
     return CellOutput(result, {"grad": r.grad.numpy(force=True),
                                "train_losses": r.train_losses.numpy(force=True)})

@@ -1,0 +1,114 @@
+"""One step of the exact reverse pass: step t's gradient with its graph kept, and the memory it
+holds (shared by :mod:`hgtoolkit.exact` and :mod:`hgtoolkit.reversible`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import checkpointing as _ckpt
+from ._tree import tree_map
+from .trajectory import autograd_gradient, closed_form, scalar_loss
+
+__all__ = ["Step", "add_w", "objective", "probe"]
+
+
+class Step:
+    """Step t's gradient g_t = ∇L_t(w_t) built with plain autograd, its graph kept (or not).
+
+    ``hvp(v)`` = H_t v = ∇_w⟨g_t, v⟩, a backward through the kept graph (``retain`` keeps it
+    for another product). ``grad`` is g_t detached, as the pytree the dynamics take. A loss
+    with closed-form derivatives (:func:`hgtoolkit.trajectory.closed_form`) keeps
+    the Hessian ∇²L_t(w_t) instead of a graph and gives g_t and H_t v by its formulas.
+    """
+
+    __slots__ = ("state", "loss", "grad", "_w", "_g", "_spec")
+
+    def __init__(self, problem, dyn, state: dict, t: int, graph: bool):
+        w = dyn.params(state)
+        fn = closed_form(problem.train_loss, w)
+        if fn is not None:  # _w holds the Hessian (when an HVP will be asked for)
+            if graph:
+                self.loss, self.grad, hessian = fn.value_grad_hessian(w.detach())
+                self._w, self._g = hessian, fn
+            else:
+                (self.loss, self.grad), self._w, self._g = fn.value_and_grad(w.detach()), None, None
+            self.state, self._spec = state, None
+            return
+        leaves, spec = tree_flatten(w)
+        with torch.enable_grad():
+            w = [x.detach().requires_grad_(True) for x in leaves]
+            loss = scalar_loss(problem.train_loss, "train_loss")(tree_unflatten(w, spec), t)
+            g = torch.autograd.grad(loss, w, create_graph=graph, allow_unused=True,
+                                    materialize_grads=True)
+        self.state, self.loss, self._spec = state, loss.detach(), spec
+        self.grad = tree_unflatten([x.detach() for x in g], spec)
+        self._w, self._g = (w, g) if graph else (None, None)
+
+    def advance(self, dyn, lr: torch.Tensor, t: int) -> dict:
+        """s_{t+1} = D(s_t, g_t, η_t) (no graph)."""
+        with torch.no_grad():
+            return dyn.step(self.state, self.grad, lr, t)
+
+    def hvp(self, v: Any, retain: bool = False) -> Any:
+        """H_t v for a parameter-shaped ``v`` (None: zero)."""
+        if v is None:
+            return None
+        if self._spec is None:  # closed form: H_t v from the Hessian kept
+            out = self._g.hvp(self._w, v)
+            if not retain:
+                self._w = self._g = None
+            return out
+        vs = tree_flatten(v)[0]
+        live = [i for i, g in enumerate(self._g) if g.requires_grad]
+        if live:  # a loss linear in some leaves has a constant gradient there: H = 0
+            out = torch.autograd.grad([self._g[i] for i in live], self._w, [vs[i] for i in live],
+                                      retain_graph=retain, allow_unused=True, materialize_grads=True)
+        else:
+            out = [torch.zeros_like(x) for x in self._w]
+        if not retain:
+            self._w = self._g = None
+        return tree_unflatten(list(out), self._spec)
+
+
+def add_w(state_tree: dict, hv: Any) -> dict:
+    """``state_tree`` with hv added to its "w" entry."""
+    if hv is None:
+        return state_tree
+    out = dict(state_tree)
+    out["w"] = tree_map(torch.add, state_tree["w"], hv)
+    return out
+
+
+def objective(problem, dyn, state):
+    """(∇_s E(params(s)) as a state-shaped cotangent with only "w", E): λ_T and the value."""
+    g, value = autograd_gradient(scalar_loss(problem.val_loss, "val_loss"), dyn.params(state))
+    return {"w": g}, value
+
+
+def state_bytes(state: dict) -> int:
+    return sum(x.numel() * x.element_size() for x in tree_flatten(state)[0] if isinstance(x, torch.Tensor))
+
+
+def probe(problem, dyn, s0: dict) -> tuple["Step", _ckpt.Footprint]:
+    """Step 0 with its graph, and the :class:`~hgtoolkit.checkpointing.Footprint` measured on
+    it: the bytes of the tensors autograd saves for the double backward (each storage once,
+    the state's own excluded) plus g_t; a closed-form loss keeps its Hessian instead."""
+    own = {x.untyped_storage().data_ptr() for x in tree_flatten(s0)[0] if isinstance(x, torch.Tensor)}
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        if isinstance(x, torch.Tensor):
+            st = x.untyped_storage()
+            if st.data_ptr() not in own:
+                seen[st.data_ptr()] = st.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        step = Step(problem, dyn, s0, 0, graph=True)
+    if step._spec is None:  # closed form: the Hessian
+        graph = 0 if step._w is None else step._w.numel() * step._w.element_size()
+    else:
+        graph = sum(seen.values()) + sum(g.numel() * g.element_size() for g in step._g)
+    return step, _ckpt.Footprint(state_bytes(s0), graph)

@@ -1,0 +1,160 @@
+"""Checkpointing schedules of reverse mode: bit-identical to storing every step, the binomial
+count of recomputed steps, and the memory budget that chooses a schedule or refuses one."""
+import dataclasses
+
+import checkpoint_schedules as cs
+import pytest
+import torch
+
+from hgtoolkit import checkpointing, hypergradient, lrsopt, problems
+from hgtoolkit.checkpointing import Footprint, MemoryBudgetError, binomial_recomputations
+
+
+def _schedule(T, base, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return base * (0.5 + torch.rand(T, generator=gen, dtype=torch.float64))
+
+
+def _forward_steps(plan):
+    return sum(a.n1 - a.n0 for a in plan.actions() if isinstance(a, cs.Forward))
+
+
+# ----------------------------------------------------------------------------- the binomial count
+
+@pytest.mark.parametrize("T, c, expected", [(10, 1, 45), (10, 2, 20), (10, 3, 15), (10, 9, 9),
+                                            (100, 3, 490), (1, 1, 0)])
+def test_binomial_count_by_hand(T, c, expected):
+    # c = 1: only s_0 kept, step t replayed t times: T(T−1)/2; c ≥ T−1: one extra pass, T − 1
+    assert binomial_recomputations(T, c) == expected
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 7, 16, 33, 100])
+def test_the_schedule_run_recomputes_what_the_binomial_formula_says(T):
+    fp = Footprint(state=10, graph=30)
+    for c in range(1, min(T, 9) + 1):
+        plan = checkpointing.binomial_plan(T, c, fp)
+        assert _forward_steps(plan) - T == binomial_recomputations(T, c) == plan.recomputed, (T, c)
+
+
+def test_every_k_and_stored_schedules_count_their_steps():
+    fp = Footprint(state=10, graph=30)
+    for T, k in ((17, 4), (16, 4), (5, 1), (9, 20)):
+        plan = checkpointing.every_plan(T, k, fp)
+        assert _forward_steps(plan) - T == plan.recomputed == (T - 1) // min(k, T) * min(k, T)
+    assert _forward_steps(checkpointing.stored_plan(12, fp)) == 12
+
+
+# ----------------------------------------------------------------------------- bit-identical
+
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+def test_binomial_equals_stored_bit_for_bit(opt):
+    problem = problems.synthetic_classification()
+    T = 23
+    lrs = _schedule(T, 0.05)
+    stored = hypergradient(problem, lrs, opt, checkpoint=None)
+    assert stored.schedule == "stored" and stored.recomputed_steps == 0
+    for c in (1, 2, 3, 5, 23):
+        r = hypergradient(problem, lrs, opt, checkpoint="binomial", snapshots=c)
+        assert torch.equal(r.grad, stored.grad), c
+        assert torch.equal(r.value, stored.value) and torch.equal(r.train_losses, stored.train_losses)
+        assert r.schedule == "binomial" and r.recomputed_steps == binomial_recomputations(T, c)
+        assert 1 <= r.snapshots <= c
+
+
+def test_binomial_equals_stored_at_T_500():
+    problem = problems.from_function("beale")
+    lrs = _schedule(500, 1e-3)
+    stored = hypergradient(problem, lrs, "momentum", checkpoint=None)
+    r = hypergradient(problem, lrs, "momentum", checkpoint="binomial", snapshots=6)
+    assert torch.equal(r.grad, stored.grad)
+    assert r.recomputed_steps == binomial_recomputations(500, 6)
+
+
+# ----------------------------------------------------------------------------- the budget
+
+def test_parse_memory():
+    assert checkpointing.parse_memory("200MB") == 200 * 10 ** 6
+    assert checkpointing.parse_memory("1.5 GiB") == int(1.5 * 2 ** 30)
+    assert checkpointing.parse_memory(2e9) == 2 * 10 ** 9 and checkpointing.parse_memory("auto") == "auto"
+    for bad in ("lots", "-1MB", 0, "1XB"):
+        with pytest.raises(ValueError, match="memory"):
+            checkpointing.parse_memory(bad)
+    with pytest.raises(TypeError, match="memory"):
+        checkpointing.parse_memory(True)
+
+
+def test_available_memory_includes_the_cgroup_limit(tmp_path):
+    (tmp_path / "memory.max").write_text("1000000000\n")
+    (tmp_path / "memory.current").write_text("400000000\n")
+    free = checkpointing.available_memory("cpu", cgroup=tmp_path)
+    assert free <= 600_000_000
+    (tmp_path / "memory.max").write_text("max\n")  # no limit: MemAvailable alone
+    assert checkpointing.available_memory("cpu", cgroup=tmp_path) >= free
+
+
+def test_the_budget_chooses_the_fastest_schedule_that_fits():
+    fp = Footprint(state=100, graph=300)
+    T = 100
+    stored = checkpointing.stored_plan(T, fp)
+    assert checkpointing.choose(T, fp, None).kind == "stored"
+    assert checkpointing.choose(T, fp, stored.estimate).kind == "stored"
+    mid = checkpointing.choose(T, fp, stored.estimate // 4)
+    assert mid.kind == "every" and mid.estimate <= stored.estimate // 4
+    # every k that fits recomputes fewer steps than any binomial schedule (≥ T − 1)
+    assert mid.recomputed < T - 1
+    small = 20 * fp.state + fp.step + fp.work
+    low = checkpointing.choose(T, fp, small)
+    assert low.kind == "binomial" and low.snapshots == 20 and low.estimate <= small
+    with pytest.raises(MemoryBudgetError, match="Options"):
+        checkpointing.choose(T, fp, fp.step)
+
+
+def test_a_request_that_cannot_fit_is_refused_before_the_work():
+    calls = []
+    base = problems.synthetic_classification()
+
+    def loss(w, t):
+        calls.append(t)
+        return base.train_loss(w, t)
+
+    problem = dataclasses.replace(base, train_loss=loss)
+    lrs = _schedule(40, 0.05)
+    for kw in ({"memory": "1kB"}, {"memory": 1000, "checkpoint": None},
+               {"memory": "1kB", "checkpoint": "binomial", "snapshots": 3}):
+        calls.clear()
+        with pytest.raises(MemoryBudgetError, match="state") as info:
+            hypergradient(problem, lrs, "momentum", **kw)
+        assert len(calls) <= 1, kw  # the probe of step 0 only
+        assert "checkpoint=" in str(info.value) or "snapshots" in str(info.value)
+    r = hypergradient(problem, lrs, "momentum", memory="100MB")
+    assert r.memory_budget == 100 * 10 ** 6 and r.memory_estimate <= r.memory_budget
+    assert r.peak_memory is not None and r.peak_memory >= 0
+
+
+def test_checkpoint_arguments_are_checked():
+    problem = problems.from_function("beale")
+    lrs = _schedule(8, 1e-3)
+    with pytest.raises(TypeError, match="checkpoint="):
+        hypergradient(problem, lrs, checkpoint_every=2)
+    with pytest.raises(TypeError, match="checkpoint="):
+        lrsopt.optimize_schedule(problem, lrs, 1, 1e-4, progress=False, checkpoint_every=2)
+    for mode in ("forward", "autograd", "reversible"):
+        with pytest.raises(ValueError, match="checkpoint"):
+            hypergradient(problem, lrs, "momentum", mode=mode, checkpoint=2)
+    with pytest.raises(ValueError, match="memory"):
+        hypergradient(problem, lrs, mode="forward", memory="1GB")
+    with pytest.raises(ValueError, match="snapshots"):
+        hypergradient(problem, lrs, checkpoint=2, snapshots=3)
+    with pytest.raises(TypeError, match="checkpoint"):
+        hypergradient(problem, lrs, checkpoint="sqrt")
+    with pytest.raises(ValueError, match="snapshots"):
+        hypergradient(problem, lrs, checkpoint="binomial", snapshots=0)
+
+
+def test_lrsopt_takes_a_memory_budget():
+    problem = problems.synthetic_classification()
+    lrs = _schedule(12, 0.05)
+    a = lrsopt.optimize_schedule(problem, lrs, 2, 0.01, progress=False)
+    b = lrsopt.optimize_schedule(problem, lrs, 2, 0.01, progress=False, memory="200MB",
+                                 checkpoint="binomial", snapshots=2)
+    assert torch.equal(torch.as_tensor(a.final_lrs), torch.as_tensor(b.final_lrs))

@@ -1,0 +1,84 @@
+"""mode="reversible": heavy-ball training run backwards exactly in fixed point; equal to stored
+reverse mode of the float trajectory to 1e-12 in float64; the other optimizers refused."""
+import math
+
+import pytest
+import torch
+
+from hgtoolkit import dynamics, hypergradient, problems
+from hgtoolkit.checkpointing import MemoryBudgetError
+from hgtoolkit.reversible import InformationBuffer, ratio
+
+
+def _schedule(T, base, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return base * (0.5 + torch.rand(T, generator=gen, dtype=dtype))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# γ = 0.99: b grows to g/(1 − γ), 6.6 bits of the int64 range: 1e-11 (reversible.py docstring)
+CASES = [
+    ("classification, γ = 0.9", problems.synthetic_classification, 100, 0.05, dynamics.momentum(), 1e-12),
+    ("classification, γ = 0.5, weight decay", problems.synthetic_classification, 40, 0.05,
+     dynamics.momentum(0.5, weight_decay=1e-3), 1e-12),
+    ("beale, γ = 0.9", lambda: problems.from_function("beale"), 100, 1e-3, "momentum", 1e-12),
+    ("rosenbrock, γ = 0.9", lambda: problems.from_function("rosenbrock"), 100, 1e-4, "momentum", 1e-12),
+    ("beale, γ = 0.99", lambda: problems.from_function("beale"), 100, 1e-3, dynamics.momentum(0.99), 1e-11),
+]
+
+
+@pytest.mark.parametrize("name, make, T, lr, opt, tol", CASES, ids=[c[0] for c in CASES])
+def test_reversible_equals_stored_reverse(name, make, T, lr, opt, tol):
+    problem = make()
+    lrs = _schedule(T, lr)
+    stored = hypergradient(problem, lrs, opt, checkpoint=None)
+    rev = hypergradient(problem, lrs, opt, mode="reversible")
+    assert _rel(rev.grad, stored.grad) <= tol
+    assert math.isclose(float(rev.value), float(stored.value), rel_tol=tol)
+    assert rev.schedule == "reversible" and rev.snapshots == 0 and rev.recomputed_steps == 0
+    assert rev.buffer_bytes > 0
+
+
+@pytest.mark.parametrize("opt, why", [("sgd", "γ = 0"), ("nesterov", "Nesterov"), ("adam", "Adam"),
+                                      ("rmsprop", "RMSProp"), ("adagrad", "AdaGrad")])
+def test_other_optimizers_are_refused_with_the_reason(opt, why):
+    problem = problems.from_function("beale")
+    with pytest.raises(ValueError, match=why):
+        hypergradient(problem, _schedule(5, 1e-3), opt, mode="reversible")
+
+
+def test_the_buffer_inverts_the_multiplication_and_stores_log2_1_over_gamma_bits():
+    n, d = ratio(0.9)
+    assert (n, d) == (9, 10)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randint(-2 ** 50, 2 ** 50, (20000,), generator=gen, dtype=torch.int64)
+    buf = InformationBuffer(x0, n, d)
+    x, T = x0.clone(), 300
+    for _ in range(T):
+        y = buf.forward(x)
+        assert int((y * d - x * n).abs().max()) < d  # γ ⊙ x within one unit of γ·x
+        x = y + 12345  # as the velocity update adds g
+    bits = 8 * buf.words_bytes
+    ideal = T * x0.numel() * math.log2(d / n)
+    assert ideal <= bits + 32 * x0.numel() and bits <= 1.1 * ideal + 16 * x0.numel()
+    for _ in range(T):
+        x = buf.reverse(x - 12345)
+    assert torch.equal(x, x0) and buf.exhausted()
+
+
+def test_float32_reversible_is_close_to_stored():
+    problem = problems.synthetic_classification(dtype=torch.float32)
+    lrs = _schedule(30, 0.05, dtype=torch.float32)
+    stored = hypergradient(problem, lrs, "momentum", checkpoint=None)
+    rev = hypergradient(problem, lrs, "momentum", mode="reversible")
+    assert rev.grad.dtype == torch.float32
+    assert _rel(rev.grad, stored.grad) <= 1e-4  # float32 training's own rounding
+
+
+def test_reversible_respects_the_memory_budget():
+    problem = problems.synthetic_classification()
+    with pytest.raises(MemoryBudgetError, match="reversible"):
+        hypergradient(problem, _schedule(30, 0.05), "momentum", mode="reversible", memory=1000)
