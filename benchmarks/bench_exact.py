@@ -5,7 +5,7 @@ of the minibatch loss, then ``p -= η_t g`` under ``no_grad``), on ``--device`` 
 Measured (``python benchmarks/bench_exact.py``; ``--quick`` for a smoke run):
 
 - time ratios to that loop, T = 100: ``hypergradient(mode="reverse")`` (target ≤ 2.0),
-  reverse with ``checkpoint_every=10`` (target ≤ 2.5) and ``"auto"`` (k ≈ √T),
+  reverse with ``checkpoint=10`` (target ≤ 2.5) and ``"auto"`` (k ≈ √T),
   ``directional_derivative`` (target ≤ 2.5), and forward mode for the full gradient
   (``mode="forward"``, chunked) at a smaller T. Every candidate is timed right after a training
   run, round-robin, after a warm-up round; the ratio reported is the median over rounds of the
@@ -13,11 +13,11 @@ Measured (``python benchmarks/bench_exact.py``; ``--quick`` for a smoke run):
 - the alternatives the implementation was chosen from, timed in the same rounds: per-step
   ``torch.func.vjp`` closures (the previous implementation), forward-over-reverse HVPs
   (``torch.func.jvp`` of the gradient: stores states only and recomputes each step),
-  ``checkpoint_every=1`` (states only, the step's graph rebuilt in the backward pass),
+  ``checkpoint=1`` (states only, the step's graph rebuilt in the backward pass),
   ``mode="autograd"``, and for the directional derivative forward-over-reverse; plus the
   matmul-FLOP lower bound of "one training pass + one HVP per step" for this network, the
   share of the time spent in matrix products (``torch.profiler``) and the top operators;
-- peak memory of reverse mode storing every step vs ``checkpoint_every=k`` at T = 2000, next to
+- peak memory of reverse mode storing every step vs ``checkpoint=k`` at T = 2000, next to
   plain training: on CPU the peak RSS of a fresh subprocess per measurement, on CUDA
   ``torch.cuda.max_memory_allocated``. If storing every step would not fit, a smaller hidden
   size is used and the JSON says so (with the per-step cost measured at both sizes).
@@ -197,8 +197,8 @@ def timing(threads: int, args, rows: list, details: dict) -> None:
 
     res = interleaved(S(lambda: hand_sgd(problem, lrs)), {
         "reverse": S(lambda: hypergradient(problem, lrs, mode="reverse")),
-        "reverse_ckpt10": S(lambda: hypergradient(problem, lrs, mode="reverse", checkpoint_every=10)),
-        "reverse_ckpt_auto": S(lambda: hypergradient(problem, lrs, mode="reverse", checkpoint_every="auto")),
+        "reverse_ckpt10": S(lambda: hypergradient(problem, lrs, mode="reverse", checkpoint=10)),
+        "reverse_ckpt_auto": S(lambda: hypergradient(problem, lrs, mode="reverse", checkpoint=max(1, round(math.sqrt(T))))),
         "directional": S(lambda: directional_derivative(problem, lrs, direction)),
         "train_toolkit": S(lambda: train(problem, lrs)),
     }, repeats=args.repeats)
@@ -213,8 +213,8 @@ def timing(threads: int, args, rows: list, details: dict) -> None:
     k_auto = max(1, round(math.sqrt(T)))
     for key, label, target, lb in (
             ("reverse", "reverse / train", 2.0, bound["reverse_bound"]),
-            ("reverse_ckpt10", "reverse, checkpoint_every=10 / train", 2.5, bound["checkpointed_bound"]),
-            ("reverse_ckpt_auto", f"reverse, checkpoint_every='auto' (k={k_auto}) / train", None,
+            ("reverse_ckpt10", "reverse, checkpoint=10 / train", 2.5, bound["checkpointed_bound"]),
+            ("reverse_ckpt_auto", f"reverse, checkpoint={k_auto} (k = √T) / train", None,
              bound["checkpointed_bound"]),
             ("directional", "directional_derivative / train", 2.5, bound["directional_bound"]),
             ("train_toolkit", "hgtoolkit.train / train", None, 1.0)):
@@ -233,7 +233,7 @@ def timing(threads: int, args, rows: list, details: dict) -> None:
         "reverse": S(lambda: hypergradient(problem, lrs)),
         "alt_func_vjp": S(lambda: reverse_func_vjp(problem, lrs)),
         "alt_fwd_over_rev": S(lambda: reverse_fwd_over_rev(problem, lrs)),
-        "alt_states_recompute": S(lambda: hypergradient(problem, lrs, checkpoint_every=1)),
+        "alt_states_recompute": S(lambda: hypergradient(problem, lrs, checkpoint=1)),
         "mode_autograd": S(lambda: hypergradient(problem, lrs, mode="autograd")),
         "directional": S(lambda: directional_derivative(problem, lrs, direction)),
         "alt_directional_fwd_over_rev": S(lambda: directional_fwd_over_rev(problem, lrs, direction)),
@@ -248,7 +248,7 @@ def timing(threads: int, args, rows: list, details: dict) -> None:
     labels = {"reverse": "reverse (default: kept autograd graph, double-backward HVP)",
               "alt_func_vjp": "alt: torch.func.vjp closure per step (previous)",
               "alt_fwd_over_rev": "alt: states only + forward-over-reverse HVP",
-              "alt_states_recompute": "alt: states only + rebuilt graph (checkpoint_every=1)",
+              "alt_states_recompute": "alt: states only + rebuilt graph (checkpoint=1)",
               "mode_autograd": "mode='autograd' (unrolled loop, reference)",
               "directional": "directional_derivative (default: double-backward HVP)",
               "alt_directional_fwd_over_rev": "alt: directional, forward-over-reverse"}
@@ -292,9 +292,9 @@ def memory_child(spec: str, T: int, hidden: int, threads: int, device: str = "cp
     if spec == "train":
         hgtoolkit.train(problem, lrs)
     elif spec == "stored":
-        hgtoolkit.hypergradient(problem, lrs)
+        hgtoolkit.hypergradient(problem, lrs, checkpoint=None, memory="1TB")  # what it costs, even past the budget
     elif spec.startswith("ckpt"):
-        hgtoolkit.hypergradient(problem, lrs, checkpoint_every=int(spec[4:]))
+        hgtoolkit.hypergradient(problem, lrs, checkpoint=int(spec[4:]))
     else:
         raise ValueError(spec)
     if cuda:
@@ -367,7 +367,7 @@ def memory(args, rows: list, details: dict) -> None:
             break
         hidden //= 2
     shrunk = hidden != args.hidden
-    details["memory"] = {"T": T, "checkpoint_every": k, "hidden": hidden, "requested_hidden": args.hidden,
+    details["memory"] = {"T": T, "checkpoint": k, "hidden": hidden, "requested_hidden": args.hidden,
                          "hidden_reduced": shrunk, "budget_mb": budget, "probes": probes,
                          "note": (f"storing all {T} steps of the {args.hidden}-unit MLP was predicted to need "
                                   f"{probes[args.hidden]['predicted_T_mb']:.0f} MB > budget {budget:.0f} MB "
@@ -380,8 +380,8 @@ def memory(args, rows: list, details: dict) -> None:
     arch = f"3×{hidden}"
     extra = {}  # MB the computation adds to the process after loading the data
     what = "peak RSS" if dev == "cpu" else f"peak {dev} memory allocated"
-    labels = {"train": "train", "stored": "reverse, all steps stored", "ckpt10": "reverse, checkpoint_every=10",
-              f"ckpt{k}": f"reverse, checkpoint_every={k} ('auto')"}
+    labels = {"train": "train", "stored": "reverse, all steps stored", "ckpt10": "reverse, checkpoint=10",
+              f"ckpt{k}": f"reverse, checkpoint={k} (√T)"}
     for spec in specs:
         label = labels[spec]
         r = m[spec]
