@@ -51,7 +51,7 @@ import torch
 
 __all__ = ["MemoryBudgetError", "Footprint", "Plan", "parse_memory", "available_memory", "budget",
            "binomial_recomputations", "stored_plan", "every_plan", "binomial_plan", "choose", "plan",
-           "run", "AUTO_FRACTION", "reject_removed", "check_checkpoint"]
+           "run", "AUTO_FRACTION", "reject_removed", "check_checkpoint", "fmt_bytes", "MemorySampler"]
 
 #: ``memory="auto"``: this fraction of the device's free memory (cgroup limit included).
 AUTO_FRACTION = 0.5
@@ -132,10 +132,11 @@ def budget(memory: Any, device: Any = "cpu") -> tuple[int | None, str]:
     free = available_memory(device)
     if free is None:
         return None, "free memory unknown"
-    return int(AUTO_FRACTION * free), f"{AUTO_FRACTION:.0%} of the {_fmt(free)} free on {torch.device(device)}"
+    return int(AUTO_FRACTION * free), f"{AUTO_FRACTION:.0%} of the {fmt_bytes(free)} free on {torch.device(device)}"
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
+    """A byte count for messages: 1.5 GB, 200 MB, 3 kB."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= size:
             return f"{n / size:.3g} {unit}"
@@ -198,7 +199,7 @@ class Plan:
     def describe(self) -> str:
         what = {"stored": "store every step", "every": f"checkpoint={self.k}",
                 "binomial": f"checkpoint='binomial', snapshots={self.snapshots}"}[self.kind]
-        return f"{what}: ≈ {_fmt(self.estimate)}, {self.recomputed} steps recomputed"
+        return f"{what}: ≈ {fmt_bytes(self.estimate)}, {self.recomputed} steps recomputed"
 
 
 def _until_end(schedule) -> Iterable:
@@ -260,15 +261,15 @@ def choose(T: int, fp: Footprint, limit: int | None) -> Plan:
 
 def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None) -> str:
     head = (f"{asked.describe()} does not fit" if asked is not None else
-            "no checkpointing schedule fits") + f" the memory budget of {_fmt(limit)}"
+            "no checkpointing schedule fits") + f" the memory budget of {fmt_bytes(limit)}"
     options = [stored_plan(T, fp), every_plan(T, max(1, round(math.sqrt(T))), fp), binomial_plan(T, 1, fp)]
     fitting = None
     try:
         fitting = choose(T, fp, limit) if asked is not None else None
     except MemoryBudgetError:
         pass
-    lines = [f"{head} (T={T}; one training state {_fmt(fp.state)}, one step's gradient graph "
-             f"{_fmt(fp.graph)}). Options:"]
+    lines = [f"{head} (T={T}; one training state {fmt_bytes(fp.state)}, one step's gradient graph "
+             f"{fmt_bytes(fp.graph)}). Options:"]
     lines += [f"  {p.describe()}" for p in options]
     if fitting is not None:
         lines.append(f"  within the budget: {fitting.describe()} (memory=... chooses it)")

@@ -223,8 +223,8 @@ def reversible_reverse(problem, dyn, lrs, memory, progress):
     limit, _ = _ckpt.budget(memory, device)
     if limit is not None and estimate > limit:
         raise _ckpt.MemoryBudgetError(
-            f"mode='reversible' needs ≈ {_ckpt._fmt(estimate)} (T={T}, {numel} weights, "
-            f"{math.log2(d / n):.3g} bits per weight and step) > the budget of {_ckpt._fmt(limit)}; "
+            f"mode='reversible' needs ≈ {_ckpt.fmt_bytes(estimate)} (T={T}, {numel} weights, "
+            f"{math.log2(d / n):.3g} bits per weight and step) > the budget of {_ckpt.fmt_bytes(limit)}; "
             "raise memory= or use mode='reverse' (binomial checkpointing)")
 
     def grad_of(w_leaves, t, graph):
