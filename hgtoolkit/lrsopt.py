@@ -36,6 +36,7 @@ schedule with an empty curvature memory, so it does not reproduce an uninterrupt
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -232,6 +233,11 @@ def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resam
     if resample_batches and outer_optimizer == "lbfgsb":
         raise ValueError("resample_batches=True is not supported with outer_optimizer='lbfgsb': "
                          "L-BFGS-B needs the same objective at every evaluation")
+    if isinstance(lrs0, torch.Tensor) and lrs0.is_floating_point() and problem.dtype.is_floating_point \
+            and torch.finfo(lrs0.dtype).bits > torch.finfo(problem.dtype).bits:
+        warnings.warn(f"lrs0 is {lrs0.dtype} but the problem is {problem.dtype}: the schedule is cast to "
+                      f"{problem.dtype} (each η_t rounded to its precision) and optimised there; pass lrs0 "
+                      f"as {problem.dtype} to make the cast yours", UserWarning, stacklevel=3)
     eta0 = check_lrs(lrs0, problem, argname="lrs0")
     if isinstance(lr_max, torch.Tensor):
         if lr_max.shape != eta0.shape or not bool((lr_max > 0).all()):
@@ -252,8 +258,20 @@ def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resam
     if snapshot_every is not None and (isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int)
                                        or snapshot_every < 1):
         raise ValueError(f"snapshot_every must be None or an int ≥ 1, got {snapshot_every!r}")
+    if resume is not None and not isinstance(resume, bool):
+        raise TypeError(f"resume must be True, False or None, got {resume!r}")
     if resume and checkpoint_path is None:
         raise ValueError("resume=True needs checkpoint_path")
+    if checkpoint_path is not None:
+        if not isinstance(checkpoint_path, (str, os.PathLike)):
+            raise TypeError(f"checkpoint_path must be a path (str or os.PathLike), got {type(checkpoint_path).__name__}")
+        ckpt = Path(checkpoint_path)
+        if ckpt.is_dir():
+            raise ValueError(f"checkpoint_path {str(ckpt)!r} is a directory; expected a file path, "
+                             f"e.g. {str(ckpt / 'lrsopt.ckpt.pt')!r}")
+        if ckpt.exists() and resume is None:
+            raise ValueError(f"checkpoint_path {str(ckpt)!r} exists: pass resume=True to continue that run, "
+                             "or resume=False to start afresh and replace it (or another checkpoint_path)")
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(step, lrs, value, grad)")
     if lr_max is not None and bool((eta0 > lr_max).any()):
@@ -267,15 +285,13 @@ def _config_mismatch(saved: dict, current: dict) -> list[str]:
 
 
 def _load_checkpoint(path: Path, config: dict, eta0: torch.Tensor, device) -> dict | None:
+    """The run state of the checkpoint at ``path`` (None: no file), verified first: a file whose
+    bytes do not match its checksum, or that is not a torch file, is corrupted
+    (:class:`hgtoolkit.records.CorruptedFileError`) and nothing of it is used."""
     if not path.exists():
         return None
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # empty, truncated, garbage, or a pickle that is not plain tensors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"checkpoint_path {str(path)!r} cannot be read as an LRS-OPT checkpoint "
-                         f"(empty, truncated or not a torch file: {first[:200]}); delete it or pass "
-                         "resume=False to start afresh") from None
+    ckpt = records.load_torch(path, f"checkpoint_path {str(path)!r}", "delete it, or pass resume=False to "
+                              "start afresh (it is replaced)", map_location=device)
     if (not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT
             or not all(k in ckpt for k in ("config", "lrs0", "state"))):
         raise ValueError(f"checkpoint_path {str(path)!r} is not an LRS-OPT checkpoint")
@@ -371,7 +387,7 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
                       outer_options: dict | None = None, max_backtracks: int = 10,
                       snapshot_every: int | None = None,
                       checkpoint_path: str | Path | None = None, checkpoint_interval: int = 10,
-                      resume: bool = False, progress: bool = True,
+                      resume: bool | None = None, progress: bool = True,
                       callback: Callable[..., Any] | None = None,
                       objective: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
                       **removed: Any) -> ScheduleResult:
@@ -394,9 +410,17 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     then only supplies device, dtype and ``describe()``, and ``optimizer``/``mode`` are unused.
 
     ``callback(step, lrs, value, grad)`` runs after every accepted outer step; returning True
-    stops the run (``status="stopped by callback"``). ``checkpoint_path`` + ``resume=True``:
-    continue a run from its checkpoint (a missing file starts afresh; a checkpoint written with
-    other arguments raises ValueError naming them; ``outer_steps`` may be raised to run longer).
+    stops the run (``status="stopped by callback"``). ``checkpoint_path`` (a file; a directory is
+    refused before any work): the run state every ``checkpoint_interval`` outer steps, with the
+    sha256 of its bytes. ``resume=True``: continue a run from its checkpoint (a missing file
+    starts afresh; a checkpoint written with other arguments raises ValueError naming them; one
+    whose bytes do not match its checksum is refused as corrupted, nothing of it used;
+    ``outer_steps`` may be raised to run longer). ``resume=False``: start afresh, replacing the
+    file. ``resume=None`` (default) with an existing ``checkpoint_path``: ValueError, as the CLI
+    (its ``--resume`` / ``--overwrite``).
+
+    Dtype: the schedule is optimised in the problem's dtype; a ``lrs0`` of a wider floating dtype
+    (float64 on a float32 problem) is cast, with a ``UserWarning`` saying so.
 
     >>> import hgtoolkit, torch
     >>> p = hgtoolkit.problems.from_function("beale")

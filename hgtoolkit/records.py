@@ -61,7 +61,8 @@ import numpy as np
 import torch
 
 __all__ = ["FORMAT", "NoChecksumWarning", "CorruptedFileError", "digest", "seal", "unseal", "corrupted",
-           "write_sealed_json", "read_sealed_json", "read_verified_bytes", "save_sealed_arrays", "RecordType", "register", "kinds", "spec", "to_dict", "from_dict", "split_arrays",
+           "write_sealed_json", "read_sealed_json", "read_verified_bytes", "save_sealed_arrays", "seal_bytes",
+           "unseal_bytes", "load_torch", "RecordType", "register", "kinds", "spec", "to_dict", "from_dict", "split_arrays",
            "join_arrays", "save", "load", "RunRecord", "register_run", "to_jsonable", "atomic_write_json",
            "atomic_write_bytes", "atomic_torch_save", "read_json", "save_arrays", "load_arrays"]
 
@@ -127,10 +128,25 @@ def read_json(path: str | os.PathLike) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` of ``obj``, atomically, sealed with the sha256 of its bytes (a checkpoint:
+    :func:`load_torch` verifies it)."""
     import io
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
+    return atomic_write_bytes(path, seal_bytes(buf.getvalue()))
+
+
+def load_torch(path: str | os.PathLike, what: str, redo: str = "", map_location: Any = None) -> Any:
+    """The object of a file written by :func:`atomic_torch_save`, verified first
+    (:class:`CorruptedFileError` naming ``what``); read with ``torch.load(weights_only=True)``.
+    A file written before checksums loads with a :class:`NoChecksumWarning`."""
+    import io
+    payload = unseal_bytes(Path(path).read_bytes(), what, redo)
+    try:
+        return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - empty, truncated, garbage or not plain tensors: all one
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise corrupted(what, f"not a torch file of tensors: {first[:200]}", redo) from None
 
 
 def save_arrays(path: str | os.PathLike, **arrays: Any) -> Path:
@@ -209,7 +225,7 @@ def read_sealed_json(path: str | os.PathLike, redo: str = "") -> Any:
     try:
         doc = read_json(path)
     except json.JSONDecodeError as exc:
-        raise corrupted(path, f"not valid JSON: {exc.msg.split(': ', 1)[-1]}", redo) from None
+        raise corrupted(path, exc.msg.removeprefix(f"{path}: "), redo) from None
     return unseal(doc, path, redo)
 
 
@@ -218,6 +234,31 @@ def read_verified_bytes(path: str | os.PathLike, expected: str | None, redo: str
     data = Path(path).read_bytes()
     if expected is not None and digest(data) != expected:
         raise corrupted(path, "its bytes do not match the sha256 checksum its record holds", redo)
+    return data
+
+
+_SEAL = b"\nhgtoolkit-checksum "  # + digest: the trailer of a sealed binary file
+
+
+def seal_bytes(payload: bytes) -> bytes:
+    """``payload`` + a trailer holding its :func:`digest` (read back by :func:`unseal_bytes`)."""
+    return payload + _SEAL + digest(payload).encode()
+
+
+def unseal_bytes(data: bytes, what: Any, redo: str = "") -> bytes:
+    """The payload of :func:`seal_bytes` output, verified (:class:`CorruptedFileError` naming
+    ``what``); data without a trailer (written before checksums) is returned as it is, with a
+    :class:`NoChecksumWarning`."""
+    n = len(_SEAL) + len(digest(b""))
+    if len(data) >= n and data[-n:-n + len(_SEAL)] == _SEAL:
+        payload, expected = data[:-n], data[-n + len(_SEAL):].decode("ascii", "replace")
+        if digest(payload) != expected:
+            raise corrupted(what, "its bytes do not match their sha256 checksum", redo)
+        return payload
+    if _SEAL[1:] in data[-2 * n:]:  # a trailer that was itself damaged
+        raise corrupted(what, "its checksum trailer is damaged", redo)
+    warnings.warn(f"{what}: written before checkpoints carried checksums; read without verification",
+                  NoChecksumWarning, stacklevel=3)
     return data
 
 

@@ -106,3 +106,87 @@ def test_seal_and_unseal():
     assert records.unseal(doc, "x") == {"a": 1.5, "b": [1, None], "c": [0, 1, 2]}
     with pytest.raises(records.CorruptedFileError, match="x: corrupted"):
         records.unseal({**doc, "a": 2.5}, "x")
+
+
+# ----------------------------------------------------------------------------- LRS-OPT checkpoints
+
+def _lrsopt(path, resume=None, steps=3, **kw):
+    return lrsopt.optimize_schedule(BEALE, ETA(5), steps, 1e-4, checkpoint_path=path, resume=resume,
+                                    checkpoint_interval=1, progress=False, **kw)
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_refused_not_called_different(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    _lrsopt(ckpt, steps=2)
+    assert _lrsopt(ckpt, resume=True, steps=3).outer_steps_done == 3  # intact: resumes
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 3] ^= 0x10  # one bit, inside a tensor or the pickled config
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(records.CorruptedFileError, match=r"c\.pt.*corrupted.*nothing of it was used") as exc:
+        _lrsopt(ckpt, resume=True, steps=4)
+    assert "different arguments" not in str(exc.value)
+    assert _lrsopt(ckpt, resume=False, steps=2).outer_steps_done == 2  # resume=False: afresh, replaced
+
+
+def test_a_checkpoint_written_before_checksums_resumes_with_a_warning(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    full = _lrsopt(tmp_path / "full.pt", steps=3)
+    _lrsopt(ckpt, steps=2)
+    payload = records.unseal_bytes(ckpt.read_bytes(), "c")
+    ckpt.write_bytes(payload)  # the old format: the torch file alone
+    with pytest.warns(records.NoChecksumWarning, match="written before checkpoints carried checksums"):
+        resumed = _lrsopt(ckpt, resume=True, steps=3)
+    np.testing.assert_array_equal(resumed.final_lrs, full.final_lrs)
+
+
+def test_an_existing_checkpoint_needs_resume_and_a_directory_is_refused_before_any_work(tmp_path):
+    ckpt = tmp_path / "c.pt"
+    _lrsopt(ckpt, steps=1)
+    with pytest.raises(ValueError, match=r"c\.pt' exists: pass resume=True.*resume=False"):
+        _lrsopt(ckpt, steps=1)
+    calls = []
+
+    def objective(eta):
+        calls.append(1)
+        return (eta ** 2).sum(), 2 * eta
+    with pytest.raises(ValueError, match="is a directory; expected a file path"):
+        lrsopt.optimize_schedule(BEALE, ETA(5), 2, 1e-4, checkpoint_path=tmp_path, objective=objective,
+                                 progress=False)
+    assert not calls  # refused before the first evaluation
+
+
+def test_a_float64_schedule_on_a_float32_problem_is_cast_with_a_warning():
+    p32 = problems.from_function("beale", dtype=torch.float32)
+    with pytest.warns(UserWarning, match="lrs0 is torch.float64 but the problem is torch.float32: the schedule is cast"):
+        r = lrsopt.optimize_schedule(p32, ETA(5), 1, 1e-4, progress=False)
+    assert r.final_lrs.dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- CLI values
+
+def test_problem_arg_values_are_parsed_by_the_parameter_type(tmp_path, monkeypatch, capsys):
+    from hgtoolkit.cli import main
+    (tmp_path / "myproblems.py").write_text(
+        "import hgtoolkit, torch\n"
+        "def make(batch: bool = False, n: int = 3, scale: float = 1.0):\n"
+        "    assert isinstance(batch, bool) and isinstance(n, int) and isinstance(scale, float)\n"
+        "    return hgtoolkit.problems.from_function(lambda w: scale * (w ** 2).sum(), torch.ones(n, dtype=torch.float64))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    base = ["hypergrad", "--problem", "myproblems:make", "--steps", "3", "--lr", "0.01", "--out", str(out)]
+    assert main(base + ["--problem-arg", "batch=true", "--problem-arg", "n=4", "--problem-arg", "scale=2"]) == 0
+    for arg, says in (("batch=maybe", "batch takes a bool (true or false), got 'maybe'"),
+                      ("n=2.5", "n takes an int, got 2.5"), ("scale=big", "scale takes a number, got 'big'")):
+        capsys.readouterr()
+        assert main(base + ["--problem-arg", arg]) == 2
+        err = capsys.readouterr().err
+        assert f"--problem-arg {arg}: {says}" in err and err.count("\n") == 1
+
+
+def test_a_non_schedule_file_for_schedule_names_the_flag(tmp_path, capsys):
+    from hgtoolkit.cli import main
+    for name, content in (("x.npy", b"not numpy at all"), ("x.npz", b"PK\x03\x04broken"), ("x.json", b'{"a": 1}')):
+        (tmp_path / name).write_bytes(content)
+        assert main(["hypergrad", "--schedule", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert f"--schedule '{tmp_path / name}' is not a schedule file" in err and "pickle" not in err

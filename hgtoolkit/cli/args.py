@@ -69,6 +69,49 @@ def add_progress(parser) -> None:
                         help="progress bars (default on; --no-progress turns them off)")
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _declared_type(param) -> str | None:
+    """"bool", "int" or "float": the type a constructor parameter declares (its annotation, else
+    the type of its default), None when it declares none of these."""
+    import inspect
+    ann = param.annotation
+    ann = getattr(ann, "__name__", ann) if ann is not inspect.Parameter.empty else None
+    if isinstance(ann, str) and ann.replace(" ", "") in ("bool", "int", "float"):
+        return ann.replace(" ", "")
+    default = param.default
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, int) and ann is None:
+        return "int"
+    if isinstance(default, float) and ann is None:
+        return "float"
+    return None
+
+
+def typed_value(key: str, value: object, param) -> object:
+    """A ``--problem-arg`` value converted to the type its parameter declares (bool: true/false,
+    yes/no, on/off, 1/0; int; float); ValueError naming the flag and the type otherwise."""
+    kind = _declared_type(param) if param is not None else None
+    if kind is None:
+        return value
+    text = str(value).strip().lower()
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise ValueError(f"--problem-arg {key}={value}: {key} takes a bool (true or false), got {value!r}")
+    if kind == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"--problem-arg {key}={value}: {key} takes an int, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(f"--problem-arg {key}={value}: {key} takes a number, got {value!r}")
+
+
 def make_problem(args, recorded: dict | None = None, **extra):
     """The problem of ``--problem``/``--problem-arg``/``--dtype``/``--device`` (``recorded``: a
     saved run's ``problem.describe()``, for its name and dtype when the flags leave them out;
@@ -77,7 +120,11 @@ def make_problem(args, recorded: dict | None = None, **extra):
 
     from .. import problems
     name = args.problem or (recorded or {}).get("name") or "beale"
-    kwargs = {**extra, **dict(getattr(args, "problem_arg", []))}
+    given = dict(getattr(args, "problem_arg", []))
+    if given:
+        params = problems.parameters(name)
+        given = {k: typed_value(k, v, params.get(k)) for k, v in given.items()}
+    kwargs = {**extra, **given}
     dtype = args.dtype or ((recorded or {}).get("dtype", "").replace("torch.", "") or None)
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)

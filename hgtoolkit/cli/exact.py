@@ -63,6 +63,8 @@ def register(sub) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 def _schedule(args, problem):
+    import zipfile
+
     import numpy as np
     import torch
     if args.schedule is None:
@@ -70,20 +72,32 @@ def _schedule(args, problem):
     path = Path(args.schedule)
     if not path.exists():
         raise FileNotFoundError(f"--schedule file {str(path)!r} does not exist")
-    if path.suffix == ".npy":
-        lrs = np.load(path)
-    elif path.suffix == ".npz":
-        with np.load(path) as data:
-            if "best_lrs" not in data.files:
-                raise ValueError(f"--schedule {str(path)!r} has no 'best_lrs' array")
-            lrs = data["best_lrs"]
-    else:
-        from ..records import read_json
-        obj = read_json(path)
-        lrs = obj.get("best_lrs", obj.get("lrs")) if isinstance(obj, dict) else obj
-        if lrs is None:
-            raise ValueError(f"--schedule {str(path)!r} holds neither a list nor 'best_lrs'/'lrs'")
-    return torch.as_tensor(np.asarray(lrs, dtype=np.float64), dtype=problem.dtype, device=problem.device)
+    expected = ("expected a .npy array of learning rates, an .npz or JSON LRS-OPT record (its 'best_lrs'), "
+                "or a JSON list")
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as fh:
+                if fh.read(6) != b"\x93NUMPY":
+                    raise ValueError("it is not a .npy file")
+            lrs = np.load(path, allow_pickle=False)
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                if "best_lrs" not in data.files:
+                    raise ValueError(f"it has no 'best_lrs' array (arrays: {sorted(data.files)[:5]})")
+                lrs = data["best_lrs"]
+        else:
+            from ..records import read_json
+            obj = read_json(path)
+            lrs = obj.get("best_lrs", obj.get("lrs")) if isinstance(obj, dict) else obj
+            if lrs is None:
+                raise ValueError("it holds neither a list nor 'best_lrs'/'lrs'")
+        lrs = np.asarray(lrs, dtype=np.float64)
+    except (ValueError, TypeError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--schedule {str(path)!r} is not a schedule file ({reason[:160]}); {expected}") from None
+    if lrs.ndim != 1:
+        raise ValueError(f"--schedule {str(path)!r} holds an array of shape {lrs.shape}, not a 1-D schedule; {expected}")
+    return torch.as_tensor(lrs, dtype=problem.dtype, device=problem.device)
 
 
 def _title(info: dict, args, T: int) -> str:
@@ -149,7 +163,8 @@ def run_lrsopt(args) -> int:
           if spec.cli and hasattr(args, name)}
     kw["snapshot_every"] = args.snapshot_every or max(1, args.outer_steps // 5)
     try:
-        result = optimize_schedule(problem, lrs0, checkpoint_path=ckpt, resume=args.resume,
+        result = optimize_schedule(problem, lrs0, checkpoint_path=ckpt,
+                                   resume=True if args.resume else (False if args.overwrite else None),
                                    progress=args.progress, **kw)
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
