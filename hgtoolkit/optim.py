@@ -92,7 +92,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import _guards
+from . import _flat, _guards
 from . import dynamics as _dynamics
 from . import online
 from . import divergence as _divergence
@@ -337,7 +337,7 @@ class OnlineOptimizer(DropIn):
                 g = p.grad
                 if g is None:
                     continue
-                mine = written.get(p)
+                mine = written.get(id(p))
                 if mine is None or mine[0] is not g:
                     user = True
                 elif g._version != mine[1]:
@@ -381,7 +381,7 @@ class OnlineOptimizer(DropIn):
             try:
                 if differentiate:
                     grads = torch.autograd.grad(loss, flat, create_graph=bool(hvp_groups), allow_unused=True)
-                    by_param = dict(zip(flat, grads))
+                    by_param = {id(p): g for p, g in zip(flat, grads)}
                 for i, k in enumerate(hvp_groups):
                     hz[k] = self._hvp(groups[k], by_param, retain=i < len(hvp_groups) - 1)
             except RuntimeError as exc:
@@ -397,22 +397,26 @@ class OnlineOptimizer(DropIn):
         elif write:
             written = self.__dict__.setdefault("_written", {})
             written.clear()
-            for p, g in by_param.items():
+            for p in flat:
+                g = by_param[id(p)]
                 p.grad = None if g is None else g.detach()
                 if g is not None:
-                    written[p] = (p.grad, p.grad._version)
+                    written[id(p)] = (p.grad, p.grad._version)
         return loss.detach(), hz
 
     def _hvp(self, group: dict, by_param: dict, retain: bool) -> dict:
-        """{p: H z_w} over the group's trainable parameters (zero where nothing depends on p)."""
-        ps = [p for p in self._trainable(group) if by_param[p] is not None]
-        pairs = [(by_param[p], self.state[p]["z_w"]) for p in ps
-                 if by_param[p].requires_grad and "z_w" in self.state[p]]
-        out = [None] * len(ps)
-        if pairs:
-            out = torch.autograd.grad([g for g, _ in pairs], ps, grad_outputs=[z for _, z in pairs],
-                                      retain_graph=retain, allow_unused=True)
-        return {p: (torch.zeros_like(p) if h is None else h.detach()) for p, h in zip(ps, out)}
+        """{id(p): H z_w} over the group's trainable parameters whose gradient depends on the
+        parameters (zero where nothing depends on p), by one backward along z_w."""
+        ps, gs, zs = [], [], []
+        for p in self._trainable(group):
+            g = by_param[id(p)]
+            z = self.state[p].get("z_w") if g is not None and g.requires_grad else None
+            if z is not None:
+                ps.append(p), gs.append(g), zs.append(z)
+        if not ps:
+            return {}
+        out = torch.autograd.grad(gs, ps, grad_outputs=zs, retain_graph=retain, allow_unused=True)
+        return {id(p): h for p, h in zip(ps, out) if h is not None}
 
     def _val_grads(self, val_closure: Callable | None) -> dict:
         if val_closure is None:
@@ -486,29 +490,43 @@ class OnlineOptimizer(DropIn):
         keys = [k for k in sts[0] if not k.startswith("z_") and k not in ("g_prev", "n_updates")]
         # the tangent: of w only for HD (A_t never applied), of the whole state otherwise
         zkeys = ["w", *keys] if engine.needs_hvp else ["w"]
-        for p, st in zip(params, sts):
+        counts = [st["n_updates"] for st in sts]
+        fg = self._flat_group(group, params, engine, counts)
+        for p, st in zip(params, sts if fg is None else ()):  # (the flat buffers start at zero)
             for k in zkeys:
                 if "z_" + k not in st:
                     st["z_" + k] = torch.zeros_like(p)
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
+        grads = [p.grad for p in params]
+        if fg is not None:  # the fast path: one flat leaf per key (hgtoolkit._flat), same engine
+            fg.adopt(sts, [*keys, *("z_" + k for k in zkeys), *(["g_prev"] if engine.mu_rule else [])])
+            opt = {"w": [fg.gather("in:w", params)], **{k: [fg.buffer(k)] for k in keys}}
+            z = {k: [fg.buffer("z_" + k)] for k in zkeys}
+            g_prev = [fg.buffer("g_prev")] if engine.mu_rule is not None else None
+            grads = [fg.gather("in:g", grads)]
+        else:
+            opt = {"w": [p.detach() for p in params], **{k: [st[k] for st in sts] for k in keys}}
+            z = {k: [st["z_" + k] for st in sts] for k in zkeys}
+            g_prev = ([st["g_prev"] if "g_prev" in st else torch.zeros_like(p) for p, st in zip(params, sts)]
+                      if engine.mu_rule is not None else None)
         state = online.OnlineState(
-            opt={"w": [p.detach() for p in params], **{k: [st[k] for st in sts] for k in keys}},
-            z={k: [st["z_" + k] for st in sts] for k in zkeys},
+            opt=opt, z=z,
             # a constant β or μ is the group's option as it is now; an adaptive one its value
             lr=f("lr", prev_lr), beta=f("beta_t", group["beta_t"] if cfg.beta_adaptive else cfg.beta0),
             mu=f("mu_t", group["mu_t"] if cfg.mu_rule is not None else cfg.mu0),
             counter=f("mu_counter", group["mu_counter"]), h=f("hypergrad", group["hypergrad"]),
-            g_prev=([st["g_prev"] if "g_prev" in st else torch.zeros_like(p) for p, st in zip(params, sts)]
-                    if engine.mu_rule is not None else None),
-            ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
-        grads = [p.grad for p in params]
+            g_prev=g_prev, ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
         kept_z = engine.direction_as_z  # z = d_t, which may be a kept p.grad
         if kept_z:
             self._check_kept(params, [st["z_w"] for st in sts])
         base = group["lr"]
         scale = group["lr_scale"]
         if t > 0:
-            v = [vgrads[p] for p in params] if vgrads is not None else engine.objective_gradient(state, grads)
+            if vgrads is None:
+                v = engine.objective_gradient(state, grads)
+            else:
+                v = [vgrads[p] for p in params]
+                v = v if fg is None else [fg.gather("in:v", v)]
             state = engine.hyper_update(state, v, t)
             learnt = float(state.lr)
             # the scheduler contract: m_t = η_t / (base LR of step t−1); η_t = base_t · m_t
@@ -527,13 +545,23 @@ class OnlineOptimizer(DropIn):
             return
         hvp = None
         if engine.needs_hvp and t > 0:
-            hvp = [hz[p] if hz is not None and p in hz else torch.zeros_like(p) for p in params]
-        counts = [st["n_updates"] for st in sts]
-        new = _optimizer_step(engine, state, grads, counts, hvp)  # in place: p, moments, z
+            hz = hz or {}
+            hvp = [hz.get(id(p)) for p in params]
+            hvp = [torch.zeros_like(p) if h is None else h for p, h in zip(params, hvp)]
+            hvp = hvp if fg is None else [fg.gather("in:hvp", hvp)]
+        # in place: p (the flat path: its buffer), moments, z
+        new = (_optimizer_step(engine, state, grads, counts, hvp) if fg is None else
+               engine.optimizer_step(state, grads, counts[0], hvp))
+        if fg is not None:
+            fg.scatter("in:w", params)
+            if engine.mu_rule is not None:  # the μ rule's ∇L_{t−1}
+                fg.buffer("g_prev").copy_(grads[0])
+            for st in sts:
+                st["n_updates"] += 1
         if kept_z:
             for st, z in zip(sts, self._keep(params, new.z["w"], [st["z_w"] for st in sts])):
                 st["z_w"] = z
-        for i, st in enumerate(sts):
+        for i, st in enumerate(sts if fg is None else ()):
             if engine.mu_rule is not None:  # the μ rule's ∇L_{t−1}, copied (p.grad is yours)
                 prev = st.get("g_prev")
                 if prev is not None and prev.shape == grads[i].shape and prev.dtype == grads[i].dtype:
@@ -555,6 +583,28 @@ class OnlineOptimizer(DropIn):
         group.update({k: x for k, (x, _) in numbers.items()}, lr_scale=scale, effective_lr=lr,
                      prev_lr=lr, prev_base=base, t=t + 1,
                      beta_capped=group["beta_capped"] + int(new.beta_capped))
+
+    # the flat-buffer fast path (hgtoolkit._flat): None = where it pays, True = wherever it
+    # applies, False = never (the reference path)
+    _flat_buffers: bool | None = None
+
+    def _flat_group(self, group: dict, params: list, engine: online.Engine, counts: list) -> "_flat.FlatGroup | None":
+        """The group's flat buffers (over the parameters taking part; rebuilt when they change)
+        when this step takes the fast path: μ ≠ 0 (a tangent of the whole state), all parameters
+        at the same update count, one dtype and device, and (unless forced) many small tensors."""
+        mode = self._flat_buffers
+        if mode is False or not engine.needs_hvp or engine.direction_as_z or len(set(counts)) > 1:
+            return None
+        groups = self.__dict__.setdefault("_flat_groups", {})
+        fg = groups.get(id(group))
+        if fg is not None and fg.matches(params):  # (it paid, or was asked for, when it was built)
+            return fg
+        p0 = params[0]
+        if (not (mode or _flat.pays(params))
+                or any(p.dtype != p0.dtype or p.device != p0.device for p in params)):
+            return None
+        fg = groups[id(group)] = _flat.FlatGroup(params)
+        return fg
 
     def _engine_diverged(self, group: dict, state: online.OnlineState, loss, t: int) -> None:
         why = int(state.why)
