@@ -88,3 +88,19 @@ class FlatGroup:
     def scatter(self, key: str, tensors: list) -> None:
         """``tensors[i]`` ← parameter i's piece of the flat buffer of ``key``."""
         torch._foreach_copy_(tensors, self.views[key])
+
+    def leaves(self, states: list, grads: list, keys: list, zkeys: list, g_prev: bool) -> tuple:
+        """The engine state's leaves as one flat leaf per key: (opt, z, g_prev, grads) for
+        :class:`hgtoolkit.online.OnlineState` and the step, the parameters' state entries made
+        views of the buffers (``keys``: the optimizer's moments, ``zkeys``: the tangent's keys)."""
+        self.adopt(states, [*keys, *("z_" + k for k in zkeys), *(["g_prev"] if g_prev else [])])
+        opt = {"w": [self.gather("in:w", self.params)], **{k: [self.buffer(k)] for k in keys}}
+        z = {k: [self.buffer("z_" + k)] for k in zkeys}
+        return opt, z, [self.buffer("g_prev")] if g_prev else None, [self.gather("in:g", grads)]
+
+    def write_back(self, grad: torch.Tensor | None) -> None:
+        """After the engine's in-place update of the flat w: the parameters ← their pieces; and
+        g_{t−1} ← ``grad`` (the flat gradient of this step) for the μ rule, when given."""
+        self.scatter("in:w", self.params)
+        if grad is not None:
+            self.buffer("g_prev").copy_(grad)

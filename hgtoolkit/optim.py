@@ -499,11 +499,7 @@ class OnlineOptimizer(DropIn):
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
         grads = [p.grad for p in params]
         if fg is not None:  # the fast path: one flat leaf per key (hgtoolkit._flat), same engine
-            fg.adopt(sts, [*keys, *("z_" + k for k in zkeys), *(["g_prev"] if engine.mu_rule else [])])
-            opt = {"w": [fg.gather("in:w", params)], **{k: [fg.buffer(k)] for k in keys}}
-            z = {k: [fg.buffer("z_" + k)] for k in zkeys}
-            g_prev = [fg.buffer("g_prev")] if engine.mu_rule is not None else None
-            grads = [fg.gather("in:g", grads)]
+            opt, z, g_prev, grads = fg.leaves(sts, grads, keys, zkeys, engine.mu_rule is not None)
         else:
             opt = {"w": [p.detach() for p in params], **{k: [st[k] for st in sts] for k in keys}}
             z = {k: [st["z_" + k] for st in sts] for k in zkeys}
@@ -553,9 +549,7 @@ class OnlineOptimizer(DropIn):
         new = (_optimizer_step(engine, state, grads, counts, hvp) if fg is None else
                engine.optimizer_step(state, grads, counts[0], hvp))
         if fg is not None:
-            fg.scatter("in:w", params)
-            if engine.mu_rule is not None:  # the μ rule's ∇L_{t−1}
-                fg.buffer("g_prev").copy_(grads[0])
+            fg.write_back(grads[0] if engine.mu_rule is not None else None)
             for st in sts:
                 st["n_updates"] += 1
         if kept_z:
