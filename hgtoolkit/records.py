@@ -64,7 +64,7 @@ __all__ = ["FORMAT", "NoChecksumWarning", "CorruptedFileError", "digest", "seal"
            "write_sealed_json", "read_sealed_json", "read_verified_bytes", "save_sealed_arrays", "seal_bytes",
            "unseal_bytes", "load_torch", "RecordType", "register", "kinds", "spec", "to_dict", "from_dict", "split_arrays",
            "join_arrays", "save", "load", "RunRecord", "register_run", "to_jsonable", "atomic_write_json",
-           "atomic_write_bytes", "atomic_torch_save", "read_json", "save_arrays", "load_arrays"]
+           "atomic_write_bytes", "atomic_torch_save", "read_json", "save_arrays", "load_arrays", "DataRecord"]
 
 
 def to_jsonable(x: Any) -> Any:
@@ -740,3 +740,27 @@ def register_run(*, redo: str) -> Callable[[type], type]:
                         readable=cls.ARRAYS if cls.ARRAYS_IN_JSON else (),
                         migrations={1: RunRecord.migrate_v1})(cls)
     return deco
+
+
+# ============================================================================ experiment data
+
+@register("data", version=1, readable=("meta",),
+          redo="rerun the experiment that wrote it (`python -m hgtoolkit reproduce ...`)")
+@dataclass
+class DataRecord:
+    """An experiment's raw data in the one codec: ``meta`` (settings and numbers; arrays in it are
+    also written as readable JSON lists) and ``data`` (name → ndarray, in the npz, bit-exact).
+    ``save(DataRecord(meta, data), path)`` writes ``<stem>.json`` (+ ``<stem>.npz``),
+    checksummed; ``load(path, kind="data")`` gives it back."""
+
+    meta: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """:func:`save`; returns the JSON path."""
+        return save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DataRecord":
+        """:func:`load` of a ``data`` record."""
+        return load(path, kind="data")

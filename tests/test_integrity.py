@@ -26,6 +26,7 @@ RESULTS = {
     "PeerResult": lambda: baselines.run_peer(BEALE, "constant", 5, lr=1e-3),
     "HDMResult": lambda: hdm.run(lambda x: (x ** 2).sum(), torch.ones(3, dtype=torch.float64),
                                  hdm.HDMConfig(L=2.0), max_iter=3),
+    "DataRecord": lambda: records.DataRecord({"function": "beale", "steps": 3}, {"lrs": np.ones((2, 3))}),
     "ApproximationReport": lambda: analysis.analyse_online(
         online.run(BEALE, "hd", lr0=1e-3, beta=1e-7, steps=5, keep_params=False), BEALE),
 }

@@ -81,7 +81,12 @@ def make_hypergradient():
     return hgtoolkit.hypergradient(problems.get("beale"), torch.full((5,), 1e-3, dtype=torch.float64))
 
 
-MAKERS = {"hypergradient": make_hypergradient, "online": make_online, "peer": make_peer, "hdm": make_hdm, "lrsopt": make_lrsopt,
+def make_data():
+    return records.DataRecord({"function": "beale", "best": np.array([1.0, nan]), "n": 3},
+                              {"lrs": np.arange(6.0).reshape(2, 3), "labels": np.array(["HD", "RTHO"])})
+
+
+MAKERS = {"data": make_data, "hypergradient": make_hypergradient, "online": make_online, "peer": make_peer, "hdm": make_hdm, "lrsopt": make_lrsopt,
           "approximation": make_approximation, "towers": make_towers}
 
 

@@ -130,9 +130,9 @@ def test_fig1_tiny_outputs_are_complete_and_sane(fig1_tiny):
     cfg = fig1.Config.tiny()
     (fn,) = cfg.functions
     s = _check_outputs(fig1_tiny, [f"fig1_{fn}"],
-                       [f"{fn}_grid.npz", f"{fn}_grid.json", f"{fn}_paths.npz", f"{fn}_constant.json",
+                       [f"{fn}_grid.npz", f"{fn}_grid.json", f"{fn}_paths.npz", f"{fn}_paths.json", f"{fn}_constant.json",
                         f"{fn}_lrsopt.json", f"{fn}_lrsopt.npz"])
-    g = records.load_arrays(fig1_tiny / "data" / f"{fn}_grid.npz")
+    g = records.load(fig1_tiny / "data" / f"{fn}_grid.json").data
     M, B, T = len(fig1.method_specs(cfg)), len(cfg.betas), cfg.steps
     assert g["lrs"].shape == (M, B, T) and g["values"].shape == (M, B, T + 1) and g["best"].shape == (M, B)
     ok = g["diverged_at"] < 0
@@ -147,7 +147,7 @@ def test_fig1_tiny_outputs_are_complete_and_sane(fig1_tiny):
     np.testing.assert_array_equal(g["lrs"][1, 0], r.lrs)
     assert g["best"][1, 0] == r.best_val_loss
     # the paths start at the default start and stay finite; the summary has the verdict
-    pz = records.load_arrays(fig1_tiny / "data" / f"{fn}_paths.npz")
+    pz = records.load(fig1_tiny / "data" / f"{fn}_paths.json").data
     assert "HD" in list(pz["labels"]) and pz["path_0"].shape == (T + 1, 2)
     assert np.all(np.isfinite(pz["path_0"]))
     v = s["functions"][fn]["hd_vs_rtho"]
@@ -202,7 +202,7 @@ def test_hd_tiny_outputs_shapes_and_baseline(hd_tiny):
     cfg = hd_grid.Config.tiny()
     _check_outputs(root, ["hd_logreg_grid", "hd_logreg_curves"],
                    [f"logreg_{o}.{e}" for o in cfg.optimizers for e in ("npz", "json")])
-    a = records.load_arrays(root / "data" / "logreg_sgd.npz")
+    a = records.load(root / "data" / "logreg_sgd.json").data
     A, B = len(cfg.alpha0s), len(cfg.beta_grid("sgd"))
     T = a["lrs"].shape[-1]
     assert a["lrs"].shape == (A, B, T) and a["final_val_loss"].shape == (A, B) and B >= 2
@@ -248,7 +248,7 @@ def test_towers_tiny_outputs_and_height_one_is_the_plain_optimizer(towers_tiny):
     _check_outputs(root, ["towers_logreg_sensitivity"] + [f"towers_logreg_{f}_levels" for f in fams],
                    ["sensitivity_logreg.npz", "sensitivity_logreg.json"]
                    + [f"showcase_logreg_{f}.json" for f in fams])
-    a = records.load_arrays(root / "data" / "sensitivity_logreg.npz")
+    a = records.load(root / "data" / "sensitivity_logreg.json").data
     F, H, A = len(fams), len(cfg.heights), len(cfg.alpha0s)
     assert a["final_val_loss"].shape == (F, H, A) and np.all(np.isfinite(a["final_val_loss"]))
     assert np.all(a["lrs"] > 0)

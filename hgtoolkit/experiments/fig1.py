@@ -367,13 +367,12 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             "diverged_at": np.array([[c["diverged_at"] for c in row] for row in cells], dtype=np.int64),
             "labels": np.array([s[0] for s in specs]),
         }
-        records.save_arrays(out.data(f"{fn}_grid.npz"), **grid)
-        records.atomic_write_json(out.data(f"{fn}_grid.json"), {
+        records.save(records.DataRecord({
             "function": fn, "problem": problem.describe(), "lr0": config.lr0, "steps": T,
             "methods": [{"label": l, "method": m, "mu": mu} for l, m, mu in specs],
             "betas": list(config.betas), "best": grid["best"], "final": grid["final"],
-            "diverged_at": grid["diverged_at"], "objective": "val (= f: deterministic)",
-            "arrays": f"{fn}_grid.npz"})
+            "diverged_at": grid["diverged_at"], "objective": "val (= f: deterministic)"}, grid),
+            out.data(f"{fn}_grid"))
 
         # the best β per method, and the runs whose paths are drawn
         diverged = grid["diverged_at"] >= 0
@@ -397,9 +396,9 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                                  mu_zero_fraction=float(np.mean(auto.mus == 0)),
                                  mu_mean=float(np.mean(auto.mus)))
         constants, lrs_res = by_job[("lrsopt", fn)]
-        records.atomic_write_json(out.data(f"{fn}_constant.json"), {
+        records.save(records.DataRecord({
             "function": fn, "steps": T, "what": "plain GD with a constant learning rate c",
-            **constants})
+            **constants}), out.data(f"{fn}_constant"))
         lrs_info: dict[str, Any] = {"ran": bool(config.lrsopt_steps), "start_lr": constants["best_lr"]}
         if lrs_res is not None:
             lrs_res.save(out.data(f"{fn}_lrsopt"))
@@ -412,9 +411,9 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
         drawn = [l for l in ("HD", "RTHO", "MARTHE μ adaptive", LRSOPT_LABEL) if l in schedules]
         paths = {l: common.replay_iterates(problem, schedules[l]) for l in drawn}
         fvals = {l: problem.val_loss(torch.as_tensor(p)).numpy() for l, p in paths.items()}
-        records.save_arrays(out.data(f"{fn}_paths.npz"), labels=np.array(drawn),
-                            **{f"path_{k}": paths[l] for k, l in enumerate(drawn)},
-                            **{f"f_{k}": fvals[l] for k, l in enumerate(drawn)})
+        records.save(records.DataRecord({"function": fn}, {
+            "labels": np.array(drawn), **{f"path_{k}": paths[l] for k, l in enumerate(drawn)},
+            **{f"f_{k}": fvals[l] for k, l in enumerate(drawn)}}), out.data(f"{fn}_paths"))
         if LRSOPT_LABEL in fvals:
             lrs_info["best_min_t"] = float(np.min(fvals[LRSOPT_LABEL]))
 
@@ -598,9 +597,9 @@ def make_figures(out_dir, functions) -> list:
     written = []
     for fn in functions:
         f = testfunctions.get(fn)
-        grid = records.load_arrays(out.data(f"{fn}_grid.npz"))
-        meta = records.read_json(out.data(f"{fn}_grid.json"))
-        constants = records.read_json(out.data(f"{fn}_constant.json"))
+        stored = records.load(out.data(f"{fn}_grid"), kind="data")
+        grid, meta = stored.data, stored.meta
+        constants = records.load(out.data(f"{fn}_constant"), kind="data").meta
         labels = [str(l) for l in grid["labels"]]
         styles = _styles(labels + [AUTO_LABEL, LRSOPT_LABEL])
         diverged = grid["diverged_at"] >= 0
@@ -647,7 +646,7 @@ def make_figures(out_dir, functions) -> list:
         _legend_below(ax)
 
         # (c) trajectories over the contour plot
-        pz = records.load_arrays(out.data(f"{fn}_paths.npz"))
+        pz = records.load(out.data(f"{fn}_paths"), kind="data").data
         plabels = [str(x) for x in pz["labels"]]
         order = sorted(range(len(plabels)), key=lambda k: _PATH_ORDER.index(plabels[k])
                        if plabels[k] in _PATH_ORDER else -1)  # HD drawn last, on top

