@@ -73,7 +73,7 @@ from .dynamics import SGD, Dynamics
 from .divergence import VALIDATION_LOSS, check_finite
 from .trajectory import progress_bar
 
-__all__ = ["check_reversible", "ratio", "InformationBuffer", "reversible_reverse", "estimate_bytes"]
+__all__ = ["check_reversible", "ratio", "FixedPointState", "reversible_reverse", "estimate_bytes"]
 
 _WORD = 1 << 16  # the buffer spills 16-bit words
 _K = 1 << 16  # L = d·K
@@ -111,57 +111,154 @@ def ratio(gamma: float) -> tuple[int, int]:
     return f.numerator, f.denominator
 
 
-class InformationBuffer:
-    r"""The bits that x ↦ γ ⊙ x destroys, for one int64 tensor x, per entry: see the module
-    docstring. ``forward(x)`` returns γ ⊙ x and stores; ``reverse(y)`` returns x with
-    γ ⊙ x = y and forgets. ``nbytes``: the words stored plus the coder states."""
+_F64, _I64 = torch.float64, torch.int64
 
-    def __init__(self, like: torch.Tensor, n: int, d: int):
-        self.n, self.d = n, d
-        self.L = d * _K
-        self.spill = _WORD * n * _K  # states ≥ this spill a word before the step
-        self.state = torch.full_like(like, self.L, dtype=torch.int64)
+
+def _floor_div(x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(⌊x/m⌋, x mod m) of int64 x (|x| < 2⁶¹) for a small m > 0, without integer division (slow
+    on CPUs): the float64 quotient x·(1/m) is off by at most 2⁹/m + 1, corrected exactly from
+    the remainder, which float64 holds exactly. The remainder comes back as float64."""
+    q = torch.floor(x.to(_F64) * (1.0 / m)).to(_I64)
+    r = (x - q * m).to(_F64)
+    c = torch.floor(r / m)
+    return q + c.to(_I64), r - c * m
+
+
+def _forward_kernel(s, b, w, g, c, sg, sw, n: int, d: int, dtype: torch.dtype):
+    r"""One exact step on one flat leaf. ``s``: coder states (float64 holding integers < 2⁵³),
+    ``b``, ``w``: int64; ``g``: the gradient (float); c = η·2^{R_w−R_b}, sg = 2^{R_b},
+    sw = 2^{−R_w}. Returns (s', spilled mask, the low words (int32; kept where the mask is
+    set), b', w', w' as floats, max |b'|, max |w'|). γ ⊙ b pops base n, pushes base d."""
+    full = s >= float(_WORD * n * _K)
+    hi = torch.floor(s * (1.0 / _WORD))
+    word = (s - hi * _WORD).to(torch.int32)
+    s = torch.where(full, hi, s)
+    q, r0 = _floor_div(b, d)  # b = q d + r0
+    sn = torch.floor(s / n)
+    z = r0 * n + (s - sn * n)  # r0 n + (popped r): z ∈ [0, dn)
+    zq = torch.floor(z / d)
+    s = sn * d + (z - zq * d)  # push z mod d
+    b = q * n + zq.to(_I64) + (g.to(_F64) * sg).to(_I64)  # γ ⊙ b + [g 2^R]
+    w = w - (b.to(_F64) * c).to(_I64)
+    return s, full, word, b, w, (w.to(_F64) * sw).to(dtype), b.abs().max(), w.abs().max()
+
+
+def _reverse_w_kernel(w, b, c, sw, dtype: torch.dtype):
+    """w_t = w_{t+1} + [η_t b_{t+1} 2^{R_w−R_b}] (the forward's very function), and as floats."""
+    w = w + (b.to(_F64) * c).to(_I64)
+    return w, (w.to(_F64) * sw).to(dtype)
+
+
+def _reverse_b_kernel(s, b, g, sg, n: int, d: int):
+    """b_t from b_{t+1} and g_t: undo the push (base d) and the pop (base n). Returns (b_t, the
+    coder states before their refill, the refill mask)."""
+    y = b - (g.to(_F64) * sg).to(_I64)  # = q n + ⌊z/d⌋
+    q, zq = _floor_div(y, n)
+    sd = torch.floor(s / d)
+    z = zq * d + (s - sd * d)
+    r0 = torch.floor(z / n)
+    s = sd * n + (z - r0 * n)  # push r (base n)
+    return q * d + r0.to(_I64), s, s < float(d * _K)
+
+
+_COMPILED: dict = {}
+_COMPILE_FROM = 1 << 16  # leaves at least this large use the compiled kernels (CPU)
+
+
+def _kernel(fn, device: torch.device, size: int):
+    """``fn`` compiled by torch.compile (one fused loop per leaf instead of ≈ 25 passes over
+    memory) on the CPU for leaves of ≥ 2¹⁶ entries, else ``fn`` itself; both give the same bits
+    (integer arithmetic and float64 arithmetic on integers < 2⁵³; tested)."""
+    if device.type != "cpu" or size < _COMPILE_FROM:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+class FixedPointState:
+    r"""w and b of heavy-ball SGD as flat int64 leaves with their information buffer (per
+    weight a coder state, per step the spilled 16-bit words of all leaves): one exact step
+    forward (:meth:`forward`) and back (:meth:`reverse_w`, then :meth:`reverse_b` once g_t is
+    known)."""
+
+    def __init__(self, w_leaves: list, Rw: list, Rb: list, n: int, d: int):
+        self.n, self.d, self.Rw, self.Rb = n, d, Rw, Rb
+        self.shapes = [x.shape for x in w_leaves]
+        self.dtypes = [x.dtype for x in w_leaves]
+        self.w = [torch.round(x.detach().reshape(-1).to(_F64) * 2.0 ** R).to(_I64) for x, R in zip(w_leaves, Rw)]
+        self.b = [torch.zeros_like(x) for x in self.w]
+        self.s = [torch.full(x.shape, float(d * _K), dtype=_F64, device=x.device) for x in self.w]
         self.words: list[torch.Tensor] = []
         self.words_bytes = 0
+        self.dev = self.w[0].device
+        self.sg = [torch.tensor(2.0 ** R, dtype=_F64, device=self.dev) for R in Rb]
+        self.sw = [torch.tensor(2.0 ** -R, dtype=_F64, device=self.dev) for R in Rw]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, d = self.n, self.d
-        s = self.state
-        full = s >= self.spill
-        low = s[full]
-        word = (low.remainder(_WORD) - (_WORD // 2)).to(torch.int16)
-        self.words.append(word)
-        self.words_bytes += word.numel() * 2
-        s[full] = torch.div(low, _WORD, rounding_mode="floor")
-        q = torch.div(x, d, rounding_mode="floor")  # x = q d + r0
-        z = (x - q * d).mul_(n).add_(s.remainder(n))  # r0 n + r, r popped (base n): z ∈ [0, dn)
-        zq = torch.div(z, d, rounding_mode="floor")
-        self.state = torch.div(s, n, rounding_mode="floor").mul_(d).add_(z.sub_(zq * d))  # push z mod d
-        return q.mul_(n).add_(zq)  # q n + ⌊z/d⌋: within one unit of x n/d
+    def _c(self, eta: float, i: int) -> torch.Tensor:
+        return torch.tensor(eta * 2.0 ** (self.Rw[i] - self.Rb[i]), dtype=_F64, device=self.dev)
 
-    def reverse(self, y: torch.Tensor) -> torch.Tensor:
-        n, d = self.n, self.d
-        s = self.state
-        q = torch.div(y, n, rounding_mode="floor")
-        z = (y - q * n).mul_(d).add_(s.remainder(d))  # pop z mod d (base d)
-        r0 = torch.div(z, n, rounding_mode="floor")
-        s = torch.div(s, d, rounding_mode="floor").mul_(n).add_(z.sub_(r0 * n))  # push r (base n)
-        short = s < self.L
-        word = self.words.pop()
-        self.words_bytes -= word.numel() * 2
-        if int(short.sum()) != word.numel():
-            raise RuntimeError("reversible mode: the information buffer is out of step (a bug)")
-        s[short] = s[short] * _WORD + (word.to(torch.int64) + _WORD // 2)
-        self.state = s
-        return q.mul_(d).add_(r0)
+    def floats_w(self) -> list:
+        return [(x.to(_F64) * sw).to(dt).reshape(sh) for x, sw, dt, sh in zip(self.w, self.sw, self.dtypes, self.shapes)]
+
+    def floats_b(self) -> list:
+        return [(x.to(_F64) * (1 / sg)).to(dt).reshape(sh)
+                for x, sg, dt, sh in zip(self.b, self.sg, self.dtypes, self.shapes)]
+
+    def forward(self, g: list, eta: float, t: int) -> list:
+        """One step with the gradient leaves ``g``; returns w_{t+1} as float leaves."""
+        out, words, peaks = [], [], []
+        for i, gi in enumerate(g):
+            k = _kernel(_forward_kernel, self.dev, gi.numel())
+            s, full, word, b, w, wf, mb, mw = k(self.s[i], self.b[i], self.w[i], gi.reshape(-1), self._c(eta, i),
+                                                self.sg[i], self.sw[i], self.n, self.d, self.dtypes[i])
+            self.s[i], self.b[i], self.w[i] = s, b, w
+            words.append((word[full] - _WORD // 2).to(torch.int16))
+            peaks += [mb, mw]
+            out.append(wf.reshape(self.shapes[i]))
+        step = torch.cat(words)
+        self.words.append(step)
+        self.words_bytes += step.numel() * 2
+        if float(torch.stack(peaks).max()) >= _LIMIT:
+            raise OverflowError(f"mode='reversible': the weights or velocities outgrew their fixed-point "
+                                f"range at step {t} (more than 2^{_HEADROOM}× their initial magnitude); use "
+                                "mode='reverse' with memory=... (binomial checkpointing)")
+        return out
+
+    def reverse_w(self, eta: float) -> list:
+        """w_{t+1} → w_t; returns w_t as float leaves."""
+        out = []
+        for i, x in enumerate(self.w):
+            k = _kernel(_reverse_w_kernel, self.dev, x.numel())
+            self.w[i], wf = k(x, self.b[i], self._c(eta, i), self.sw[i], self.dtypes[i])
+            out.append(wf.reshape(self.shapes[i]))
+        return out
+
+    def reverse_b(self, g: list) -> None:
+        """b_{t+1} → b_t given g_t (the gradient at w_t), refilling the spilled words."""
+        step = self.words.pop()
+        self.words_bytes -= step.numel() * 2
+        at = 0
+        for i, gi in enumerate(g):
+            k = _kernel(_reverse_b_kernel, self.dev, gi.numel())
+            self.b[i], s, short = k(self.s[i], self.b[i], gi.reshape(-1), self.sg[i], self.n, self.d)
+            m = int(short.sum())
+            s[short] = s[short] * _WORD + (step[at:at + m].to(_F64) + _WORD // 2)
+            at += m
+            self.s[i] = s
+        if at != step.numel():
+            raise RuntimeError("mode='reversible': the information buffer is out of step (a bug)")
 
     @property
     def nbytes(self) -> int:
-        return self.words_bytes + self.state.numel() * 8
+        """Bytes of the buffer: the words stored and the coder states."""
+        return self.words_bytes + sum(x.numel() * 8 for x in self.s)
 
-    def exhausted(self) -> bool:
-        """True when every coder state is back at its start (after a full reverse pass)."""
-        return not self.words and bool((self.state == self.L).all())
+    def back_at_start(self) -> bool:
+        """True when every coder state is at its start and b = 0 (after the reverse pass)."""
+        L = float(self.d * _K)
+        return (not self.words and all(bool((s == L).all()) for s in self.s)
+                and not any(bool(x.any()) for x in self.b))
 
 
 def _bits(values: list[torch.Tensor], limit: int, floor: float = 1e-30) -> list[int]:
@@ -172,27 +269,6 @@ def _bits(values: list[torch.Tensor], limit: int, floor: float = 1e-30) -> list[
         m = m if m > floor and math.isfinite(m) else 1.0
         out.append(limit.bit_length() - 1 - _HEADROOM - math.ceil(math.log2(m)))
     return out
-
-
-def _to_int(x: torch.Tensor, R: int, what: str = "", t: int = 0) -> torch.Tensor:
-    y = torch.round(x.double() * 2.0 ** R)
-    if what and y.numel() and not float(y.abs().max()) < _LIMIT:  # NaN fails too
-        raise OverflowError(f"mode='reversible': {what} outgrew its fixed-point range at step {t} "
-                            f"(more than 2^{_HEADROOM}× the initial magnitude); use mode='reverse' "
-                            "with memory=... (binomial checkpointing)")
-    return y.to(torch.int64)
-
-
-def _to_float(x: torch.Tensor, R: int, dtype: torch.dtype) -> torch.Tensor:
-    return (x.double() * 2.0 ** -R).to(dtype)
-
-
-def _check_range(ints: list[torch.Tensor], limit: int, what: str, t: int) -> None:
-    for x in ints:
-        if x.numel() and int(x.abs().max()) >= limit:
-            raise OverflowError(f"mode='reversible': {what} outgrew its fixed-point range at step {t} "
-                                f"(more than 2^{_HEADROOM}× its initial magnitude); use mode='reverse' "
-                                "with memory=... (binomial checkpointing)")
 
 
 def estimate_bytes(T: int, numel: int, gamma: float, fp: "_ckpt.Footprint") -> int:
@@ -216,7 +292,6 @@ def reversible_reverse(problem, dyn, lrs, memory, progress):
     sampler = _ckpt.MemorySampler(device)
     s0 = dyn.init(problem.params0)
     leaves0, spec = tree_flatten(s0["w"])
-    dtypes = [x.dtype for x in leaves0]
     first, fp = _probe(problem, dyn, s0)
     numel = sum(x.numel() for x in leaves0)
     estimate = estimate_bytes(T, numel, gamma, fp)
@@ -238,57 +313,38 @@ def reversible_reverse(problem, dyn, lrs, memory, progress):
     g0 = tree_flatten(first.grad)[0]
     if wd:
         g0 = [gg + wd * ww for gg, ww in zip(g0, leaves0)]
-    limit_b = _LIMIT
     Rw = _bits(leaves0, _LIMIT)
-    Rb = _bits([gg / (1 - gamma) for gg in g0], limit_b)
-    w = [_to_int(x, R) for x, R in zip(leaves0, Rw)]
-    b = [torch.zeros_like(x) for x in w]
-    bufs = [InformationBuffer(x, n, d) for x in w]
+    Rb = _bits([gg / (1 - gamma) for gg in g0], _LIMIT)
+    fx = FixedPointState(leaves0, Rw, Rb, n, d)
     losses = torch.empty(T, dtype=lrs.dtype, device=device)
-
     eta = lrs.double().tolist()
-
-    def lr_step(t, bi, i):  # [η_t b 2^{R_w − R_b}]: a deterministic function of the integers b
-        return torch.round(bi.double() * (eta[t] * 2.0 ** (Rw[i] - Rb[i]))).to(torch.int64)
-
-    def floats(ints, Rs):
-        return [_to_float(x, R, dt) for x, R, dt in zip(ints, Rs, dtypes)]
-
+    wf = fx.floats_w()
+    exact0 = all(torch.equal(a, c) for a, c in zip(wf, leaves0))  # w_0 in fixed point is w_0
     for t in progress_bar(range(T), progress, desc="reversible forward", leave=False):
-        wf = floats(w, Rw)
-        if t == 0 and all(torch.equal(a, c) for a, c in zip(wf, leaves0)):  # w_0 is exact: the probe is step 0
+        if t == 0 and exact0:  # the probe is step 0
             losses[0], g = first.loss, g0
         else:
             st, g = grad_of(wf, t, graph=False)
             losses[t] = st.loss
         first = None
-        for i in range(len(w)):
-            b[i] = bufs[i].forward(b[i]).add_(_to_int(g[i], Rb[i], "the gradient", t))
-            w[i] = w[i] - lr_step(t, b[i], i)
-        _check_range(w, _LIMIT, "the weights", t)
-        _check_range(b, limit_b, "the velocities", t)
+        wf = fx.forward(g, eta[t], t)
         sampler.sample()
-    final_w = floats(w, Rw)
-    final = {"w": tree_unflatten(final_w, spec), "b": tree_unflatten(floats(b, Rb), spec)}
+    final = {"w": tree_unflatten(wf, spec), "b": tree_unflatten(fx.floats_b(), spec)}
     lam, value = _objective(problem, dyn, final)
     check_finite(value, T - 1, final["w"], VALIDATION_LOSS)
-    buffer_bytes = sum(x.nbytes for x in bufs)
+    buffer_bytes = fx.nbytes
     grads = torch.empty(T, dtype=lrs.dtype, device=device)
     for t in progress_bar(range(T - 1, -1, -1), progress, desc="reversible backward", leave=False):
-        for i in range(len(w)):
-            w[i] = w[i] + lr_step(t, b[i], i)
-        wf = floats(w, Rw)
+        wf = fx.reverse_w(eta[t])
         st, g = grad_of(wf, t, graph=True)
-        for i in range(len(w)):
-            b[i] = bufs[i].reverse(b[i] - _to_int(g[i], Rb[i]))
-        st.state = {"w": tree_unflatten(wf, spec), "b": tree_unflatten(floats(b, Rb), spec)}
+        fx.reverse_b(g)
+        st.state = {"w": tree_unflatten(wf, spec), "b": tree_unflatten(fx.floats_b(), spec)}
         sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
         lam = _add_w(sbar, st.hvp(gbar))
         grads[t] = lbar
         sampler.sample()
-    if not all(buf.exhausted() for buf in bufs) or any(bool(x.any()) for x in b):
-        raise RuntimeError("mode='reversible': the reverse pass did not return to w_0, b_0 = 0 "
-                           "exactly (a bug)")
+    if not fx.back_at_start():
+        raise RuntimeError("mode='reversible': the reverse pass did not return to the start exactly (a bug)")
     if not bool(torch.isfinite(grads).all()):
         raise FloatingPointError("the hypergradient has non-finite entries although training stayed finite")
     info = {"schedule": "reversible", "snapshots": 0, "recomputed_steps": 0, "memory_estimate": estimate,
