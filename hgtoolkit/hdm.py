@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch.func import grad_and_value
 
+from . import divergence as _divergence
 from . import records
 
 __all__ = ["HDMConfig", "HDMState", "HDMResult", "init", "step", "run", "surrogate",
@@ -280,6 +281,8 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDM
     r"""Run HDM from ``x0`` until ‖∇f(x_k)‖∞ ≤ ``tol`` or ``max_iter`` iterations; ``f`` is a
     differentiable scalar function of a 1-D tensor (its gradient by ``torch.func``), or give
     ``oracle(x) -> (f(x), ∇f(x))`` (e.g. a closed-form gradient; then ``f`` is not called).
+    A non-finite f(x_k) or x_k stops the run: ``result.diverged_at`` = k and a
+    :class:`~hgtoolkit.divergence.DivergenceWarning` (:mod:`hgtoolkit.divergence`).
 
     >>> import torch
     >>> A = torch.tensor([1.0, 10.0], dtype=torch.float64)
@@ -317,7 +320,10 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDM
         nge.append(int(st.n_grad))
         times.append(time.perf_counter() - start)
         if not (math.isfinite(fs[-1]) and bool(torch.isfinite(st.x).all())):
-            diverged_at, divergence = k, "f or x not finite"
+            bad = (_divergence.Divergence(k, "objective f(x_k)", fs[-1]) if not math.isfinite(fs[-1])
+                   else _divergence.Divergence(k, "iterate x_k", None, "is not finite"))
+            diverged_at, divergence = k, bad.message
+            bad.warn("HDM stopped: ", f" (result.diverged_at={k})")
             break
         if ginf[-1] <= tol:
             solved_at = nge[-1]

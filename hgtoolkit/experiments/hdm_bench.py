@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .. import analysis, hdm, plotting, problems, records
+from .. import analysis, divergence, hdm, plotting, problems, records
 from . import common
 
 __all__ = ["Config", "run", "PAPER", "BenchProblem", "make_problems", "first_order", "scipy_method"]
@@ -215,7 +215,10 @@ def _best(values) -> tuple[float, object]:
 def _table_row(prob: BenchProblem, config: Config) -> dict:
     f, oracle, x0, L = prob
     kw = {"tol": config.tol, "max_iter": config.max_iter}
-    hdm_run = lambda cfg: hdm.run(f, x0, cfg, oracle=oracle, **kw).solved_at
+
+    def hdm_run(cfg):
+        with divergence.recorded():  # expected on a grid: a run that diverged is unsolved (NaN)
+            return hdm.run(f, x0, cfg, oracle=oracle, **kw).solved_at
     out = {}
     out["HDM"] = (hdm_run(hdm.HDMConfig(L=L, momentum=False)), None)
     out["HDM-Best"] = _best((hdm_run(hdm.HDMConfig(L=L, eta_p=ep / L, eta_b=eb)), (ep, eb))
