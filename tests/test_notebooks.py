@@ -56,6 +56,12 @@ CHECKS = {
                  "ladders['hd']['best'] == 1", "res.solved"],
         "printed": ["best K ="],
     },
+    "06_explore": {
+        "true": ["ex.settings['method'] == 'rtho' and ex.settings['beta'] == 1e-6",
+                 "ex.widgets is not None and ex.widgets['beta'].value == 1e-6",
+                 "bk.settings['method'] == 'hd'"],
+        "printed": ["move:"],
+    },
 }
 
 

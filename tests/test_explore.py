@@ -1,0 +1,97 @@
+"""hgtoolkit.explore: the sliders' callbacks redraw the figure with the numbers of
+online.run / exact.hypergradient / a replay at the same settings; without ipywidgets the
+explorer falls back to a static figure."""
+from __future__ import annotations
+
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import hgtoolkit  # noqa: E402
+from hgtoolkit import divergence, exact, online, plotting, problems  # noqa: E402
+from hgtoolkit.experiments.common import replay_iterates  # noqa: E402
+from hgtoolkit.explore import RUNS, Explorer  # noqa: E402
+
+GRIDS = {"lr0": (1e-3, 3e-3), "beta": (1e-7, 1e-6), "mu": (0.9, "auto"), "kappa": (1e-7, 1e-6),
+         "steps": (30, 60)}
+
+
+def _check_figure(e: Explorer) -> None:
+    """Every run's schedule and path, and the selected run's h and exact g, as drawn, against
+    online.run, a replay and exact.hypergradient at the explorer's setting."""
+    s, T = e.settings, e.settings["steps"]
+    P = problems.from_function(e.fn.name)
+    for key in RUNS:
+        cell = {**e._cell(key, s), "steps": T}
+        with divergence.recorded():
+            ref = online.run(P, **cell)
+        path_line, _, lr_line = e._lines[key]
+        n = ref.steps_run
+        np.testing.assert_allclose(lr_line.get_ydata(), ref.lrs, rtol=1e-12, atol=0)
+        assert len(lr_line.get_xdata()) == n
+        replay = replay_iterates(P, ref.lrs)
+        np.testing.assert_allclose(np.column_stack([path_line.get_xdata(), path_line.get_ydata()]),
+                                   replay[:len(path_line.get_xdata())], rtol=1e-10, atol=1e-12)
+        if key == s["method"]:
+            if ref.diverged:
+                assert len(e._g_line.get_ydata()) == 0 and "diverged" in e._err_text.get_text()
+            else:
+                g = exact.hypergradient(P, torch.as_tensor(ref.lrs), mode="reverse").grad.numpy()
+                np.testing.assert_allclose(e._g_line.get_ydata(), g, rtol=1e-12, atol=1e-300)
+                np.testing.assert_allclose(e._h_line.get_ydata(), ref.hypergrads, rtol=1e-10, atol=1e-300)
+    assert f"T = {T}" in e.figure.get_suptitle() and f"η₀ = " in e.figure.get_suptitle()
+    assert plotting.layout_problems(e.figure) == []
+
+
+def test_every_slider_redraws_with_the_numbers_of_online_run():
+    e = hgtoolkit.explore("beale", lr0=1e-3, beta=1e-7, mu=0.9, kappa=1e-7, method="marthe", steps=30,
+                          grids=GRIDS, widgets=True)
+    assert set(e.widgets) == {"lr0", "beta", "mu", "kappa", "method", "steps"}
+    n_cached = len(e._runs)
+    assert n_cached == 2 * (2 * 3 + 2 + 2 * 2)  # lr0 × (β × (HD, RTHO, MARTHE μ=0.9), β × μ=auto, κ × μ)
+    _check_figure(e)
+    png = e._image.value
+    moves = [("beta", 1e-6), ("mu", "auto"), ("kappa", 1e-6), ("method", "adaptive_beta"),
+             ("lr0", 3e-3), ("steps", 60), ("method", "hd"), ("method", "rtho")]
+    for name, value in moves:
+        e.widgets[name].value = value  # the slider's callback
+        assert e.settings[name] == value
+        assert e.last_move["wall_s"] >= 0 and e._image.value != png
+        png = e._image.value
+        _check_figure(e)
+    assert len(e._runs) == n_cached  # every move was on the grid: looked up, not recomputed
+
+
+def test_update_validates_and_computes_off_grid_settings():
+    e = Explorer("bukin_smooth", steps=30, grids=GRIDS, precompute=False, widgets=False)
+    before = dict(e.settings)
+    for bad, exc in [({"beta": -1.0}, ValueError), ({"lr0": 0.0}, ValueError), ({"mu": 2.0}, ValueError),
+                     ({"steps": 61}, ValueError), ({"method": "adam"}, ValueError),
+                     ({"eta": 1.0}, TypeError), ({"kappa": "x"}, TypeError)]:
+        with pytest.raises(exc):
+            e.update(**bad)
+        assert e.settings == before
+    e.update(beta=3.3e-7, steps=45)  # off the grid: computed on demand
+    _check_figure(e)
+    with pytest.raises(ValueError, match="problem"):
+        Explorer("no_such_function")
+    with pytest.raises(ValueError, match="grids"):
+        Explorer("beale", grids={"eta": (1.0,)})
+
+
+def test_without_ipywidgets_the_figure_is_static(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # import ipywidgets → ImportError
+    e = hgtoolkit.explore("beale", steps=30, grids=GRIDS, precompute=False)
+    assert e.widgets is None
+    e._ipython_display_()
+    assert "ipywidgets is not installed" in capsys.readouterr().out
+    _check_figure(e)
+    e.update(method="hd", steps=60)
+    _check_figure(e)
+    with pytest.raises(ImportError, match="ipywidgets"):
+        Explorer("beale", steps=30, grids=GRIDS, precompute=False, widgets=True)
