@@ -67,7 +67,8 @@ from ._tree import tree_dot
 from .errors import moved
 from .exact import hypergradient
 from .divergence import VALIDATION_LOSS, check_finite
-from .trajectory import autograd_gradient, autograd_gradient_hvp, check_lrs, progress_bar
+from .drive import drive
+from .trajectory import autograd_gradient, autograd_gradient_hvp, check_lrs
 
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
            "analyse_online", "compare", "summarise", "cosine_similarity", "sign_agreement",
@@ -107,6 +108,48 @@ class ExactReferences:
         return {k: getattr(self, k) for k in REFERENCES}
 
 
+class _Replay:
+    """The fixed schedule ``lrs`` replayed by :func:`hgtoolkit.drive.drive` (μ = 1, η_t forced):
+    per step the one-step column B_t and d_t = ∇E(w_{t+1})·(column)_w."""
+
+    def __init__(self, problem, engine, lrs: torch.Tensor):
+        self.problem, self.engine, self.lrs = problem, engine, lrs
+        self.one_step, self.constant_lr = torch.empty_like(lrs), torch.empty_like(lrs)
+        self.val_losses, self.train_losses = torch.empty_like(lrs), torch.empty_like(lrs)
+
+    def gradient(self, w, z_w, t):
+        if z_w is None:
+            (g, loss), hz = autograd_gradient(self.problem.train_loss, w, t), None
+        else:
+            g, loss, hz = autograd_gradient_hvp(self.problem.train_loss, w, z_w, t)
+        check_finite(loss, t)
+        return g, loss, hz
+
+    def objective(self, w, t, g, loss):
+        return None, None
+
+    def evaluate(self, t, w, value):
+        return None
+
+    def step(self, state, t, g, loss, hvp, v, value):
+        dyn = self.engine.dynamics
+        state = state._replace(lr=self.lrs[t])
+        _, b_t = dyn.tangent(state.opt, g, self.lrs[t], t)
+        return self.engine.optimizer_step(state, g, t, hvp), {"b": dyn.params(b_t), "loss": loss}
+
+    def record(self, t, state, aux, pending):
+        w = self.engine.dynamics.params(state.opt)
+        gE, E = autograd_gradient(self.problem.val_loss, w)
+        check_finite(E, t, w, VALIDATION_LOSS)
+        self.one_step[t] = tree_dot(gE, aux["b"])
+        self.constant_lr[t] = tree_dot(gE, self.engine.dynamics.params(state.z))
+        self.val_losses[t], self.train_losses[t] = E.detach(), aux["loss"].detach()
+        return state
+
+    def close(self, state, steps):
+        return state
+
+
 def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
                      memory: "int | str | None" = None, progress: bool = False) -> ExactReferences:
     r"""d⁽¹⁾_t, d⁽ᶜ⁾_t and g_t for every t along the trajectory of the fixed schedule ``lrs``.
@@ -124,23 +167,10 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
     T = len(lrs)
     engine = online.Engine(dyn, objective="val", needs_hvp=True)
     state = engine.init(problem.params0, online.hyper_config("rtho", lr0=0.0, beta=0.0))
-    one_step, constant_lr = torch.empty_like(lrs), torch.empty_like(lrs)
-    val_losses, train_losses = torch.empty_like(lrs), torch.empty_like(lrs)
-    for t in progress_bar(range(T), progress, desc="exact references", leave=False):
-        w = dyn.params(state.opt)
-        if t == 0:
-            (g, loss), hz = autograd_gradient(problem.train_loss, w, t), None
-        else:
-            g, loss, hz = autograd_gradient_hvp(problem.train_loss, w, dyn.params(state.z), t)
-        check_finite(loss, t)
-        state = state._replace(lr=lrs[t])
-        _, b_t = dyn.tangent(state.opt, g, lrs[t], t)
-        state = engine.optimizer_step(state, g, t, hz)
-        gE, E = autograd_gradient(problem.val_loss, dyn.params(state.opt))
-        check_finite(E, t, dyn.params(state.opt), VALIDATION_LOSS)
-        one_step[t] = tree_dot(gE, dyn.params(b_t))
-        constant_lr[t] = tree_dot(gE, dyn.params(state.z))
-        val_losses[t], train_losses[t] = E.detach(), loss.detach()
+    replay = _Replay(problem, engine, lrs)
+    drive(engine, replay, state, T, progress=progress, desc="exact references")
+    one_step, constant_lr, val_losses, train_losses = (replay.one_step, replay.constant_lr,
+                                                       replay.val_losses, replay.train_losses)
     if not bool(torch.isfinite(one_step).all() and torch.isfinite(constant_lr).all()):
         raise FloatingPointError("the one-step/constant-LR derivatives have non-finite entries "
                                  "although training stayed finite")

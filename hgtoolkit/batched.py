@@ -43,8 +43,9 @@ from torch.func import grad_and_value, vmap
 
 from . import marthe as _marthe
 from . import online as _online
+from .drive import closing_update, drive
 from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_flatten, tree_map
-from .trajectory import progress_bar, rowwise_gradient_hvp
+from .trajectory import rowwise_gradient_hvp
 
 __all__ = ["run_online_batch", "RUN_KEYS", "default_max_batch"]
 
@@ -305,6 +306,101 @@ def _vmap_flat(fn, *args):
 
 # ----------------------------------------------------------------------------- the engine, vmapped
 
+class _Stack:
+    """A chunk of runs as :func:`hgtoolkit.drive.drive` drives it: the state of the active runs
+    stacked along a leading axis, the engine's step mapped over it (``step_map``: ``vmap``, or
+    a plain call for row-wise problems), a run that diverged taken out of the stack at once."""
+
+    def __init__(self, engine, runs, segs, keep_params, val_bs, minibatch, objective_grad,
+                 evaluation, v_grad, v_grad_hvp, batch_map, step_map):
+        self.engine, self.segs, self.keep_params, self.val_bs = engine, segs, keep_params, val_bs
+        self.minibatch, self.objective_grad, self.evaluation = minibatch, objective_grad, evaluation
+        self.v_grad, self.v_grad_hvp, self.batch_map, self.step_map = v_grad, v_grad_hvp, batch_map, step_map
+        self.problem, self.data = runs[0].problem, runs[0].problem.batch_loss is not None
+        self.active, self.R, self.times = list(runs), len(runs), []
+        self.segs[:] = _segments(self.active)
+        self.start = time.perf_counter()
+
+    def clock(self) -> float:
+        """Seconds since the start, divided by the number of runs (the amortised cost)."""
+        return (time.perf_counter() - self.start) / self.R
+
+    def gradient(self, W, Z, t):
+        x = self.minibatch(t, self.active)
+        if Z is None:
+            return (*self.v_grad(W, x), None)
+        return self.v_grad_hvp(W, Z, x)
+
+    def objective(self, W, t, g, L):
+        if self.engine.objective != "val":
+            return None, None
+        if self.problem.val_is_train and not self.data and g is not None:
+            return g, L  # E = L_t: ∇E(w_t) is the gradient already computed
+        if t > 0 or self.val_bs is None:
+            return self.objective_grad(W, t, self.active)
+        return None, None
+
+    def evaluate(self, k, W, E):
+        return self.evaluation(k, W, E, self.active)
+
+    def step(self, S, t, g, L, hz, v, E):
+        engine = self.engine
+
+        def fn(state, g, L, hz_, v_, value_):
+            return engine.step(state, g, t, loss=L, hvp=None if hz is None else hz_,
+                               v=None if v is None else v_, value=None if E is None else value_)
+
+        dummy = torch.zeros(len(self.active), dtype=L.dtype, device=L.device)
+        return self.step_map(fn, S, g, L, *(dummy if x is None else x for x in (hz, v, E)))
+
+    def _keep(self, pending, mask) -> None:
+        k, values, accs = pending
+        for i, run in enumerate(self.active):
+            if mask[i]:
+                run.evals.append((k, values[i], accs[i]))
+
+    def _leave(self, S, idx) -> None:
+        for i in idx:
+            self.active[i].state = _row(S, i)
+
+    def record(self, t, S, aux, pending):
+        self.times.append(self.clock())
+        rows = _rows({**aux, "diverged_at": S.diverged_at})
+        for run, row in zip(self.active, rows):
+            run.auxes.append(row)
+        fine = [row["diverged_at"] < 0 for row in rows]
+        if pending is not None:
+            self._keep(pending, fine)
+        if not all(fine):  # drop the diverged runs from the stacked state
+            self._leave(S, [i for i, ok in enumerate(fine) if not ok])
+            alive = [i for i, ok in enumerate(fine) if ok]
+            S = _take(S, torch.tensor(alive, dtype=torch.long, device=self.problem.device))
+            self.active = [self.active[i] for i in alive]
+            self.segs[:] = _segments(self.active)
+            if not self.active:
+                return None
+        return S
+
+    def close(self, S, T):
+        """The last hyper-update (h_T, η_T), and E(w_T)."""
+        engine, batch_map = self.engine, self.batch_map
+        W = engine.dynamics.params(S.opt)
+        S, v, E = closing_update(engine, self, S, T, mapped=batch_map)
+        before = S.diverged_at.tolist()
+        S = batch_map(lambda s, vv: engine.finish(s, vv, T))(S, v)
+        after = S.diverged_at.tolist()
+        hs = S.h.tolist()
+        for i, run in enumerate(self.active):
+            if before[i] < 0:
+                run.auxes.append({"h": hs[i]})
+        self._keep(self.evaluate(T, W, E), [d < 0 for d in after])
+        if self.keep_params:
+            for i, run in enumerate(self.active):
+                run.final_params = tree_clone(_row(W, i))
+        self._leave(S, range(len(self.active)))
+        return S
+
+
 def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | None,
                keep_params: bool, progress: bool) -> list[_online.OnlineResult]:
     P = runs[0].problem
@@ -322,7 +418,6 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     engine = _online.Engine(dyn, cfgs[0].objective, any(c.needs_hvp for c in cfgs),
                             next(iter(rules.values()), None), cfgs[0].hd_gradient == "regularised",
                             adaptive_beta=any(c.beta_adaptive for c in cfgs), rows=rows)
-    objective = engine.objective
     loss = P.batch_loss if data else P.train_loss
     x_dim = 0 if data else None
     segs: list = []  # the row segments of the active runs (rows), kept up to date below
@@ -359,26 +454,15 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
         return [float(r.problem.metrics(_row(W, i)).get("val_accuracy", math.nan))
                 for i, r in enumerate(active)]
 
-    def evaluate(k, W, E, active, mask):
+    def evaluate(k, W, E, active):
         with torch.no_grad():
             values = (v_val(W) if E is None else E).tolist()
-        accs = accuracy(W, active)
-        for i, run in enumerate(active):
-            if mask[i]:
-                run.evals.append((k, values[i], accs[i]))
-
-    def step_fn(t, with_hvp, with_v, with_value):
-        def fn(state, g, L, hz, v, value):
-            return engine.step(state, g, t, loss=L, hvp=hz if with_hvp else None,
-                               v=v if with_v else None, value=value if with_value else None)
-        return fn
+        return k, values, accuracy(W, active)
 
     R = len(runs)
-    active = list(runs)
-    start = time.perf_counter()
-    clock = lambda: (time.perf_counter() - start) / R
     S = _stack([engine.init(r.problem.params0, r.cfg) for r in runs])
-    segs[:] = _segments(active)
+    stack = _Stack(engine, runs, segs, keep_params, val_bs, minibatch, objective_grad, evaluate,
+                   v_grad, v_grad_hvp, batch_map, step_map)
 
     # the shared functions must give every run its own E(w_0) and L_0(w_0)
     W = dyn.params(S.opt)
@@ -391,76 +475,10 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
             # validation set): they cannot share one function, so each runs on its own
             return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
 
-    def leave(idx: list[int]) -> None:
-        for i in idx:
-            active[i].state = _row(S, i)
-
-    bar = progress_bar(range(T), progress, desc=f"online ×{R} (batched)", leave=False)
-    times: list[float] = []
-    try:
-        for t in bar:
-            n = len(active)
-            W = dyn.params(S.opt)
-            x = minibatch(t, active)
-            hz = None
-            if engine.needs_hvp and t > 0:
-                g, L, hz = v_grad_hvp(W, dyn.params(S.z), x)
-            else:
-                g, L = v_grad(W, x)
-            v = E = None
-            if objective == "val" and P.val_is_train and not data:
-                v, E = g, L  # E = L_t: ∇E(w_t) is the gradient already computed
-            elif objective == "val" and (t > 0 or val_bs is None):
-                v, E = objective_grad(W, t, active)
-            fn = step_fn(t, hz is not None, v is not None, E is not None)
-            dummy = torch.zeros(n, dtype=L.dtype, device=L.device)
-            S, aux = step_map(fn, S, g, L, dummy if hz is None else hz, dummy if v is None else v,
-                              dummy if E is None else E)
-            now = clock()
-            times.append(now)
-            rows = _rows({**aux, "diverged_at": S.diverged_at})
-            for run, row in zip(active, rows):
-                run.auxes.append(row)
-            fine = [row["diverged_at"] < 0 for row in rows]
-            if t % eval_every == 0:
-                evaluate(t, W, E, active, fine)
-            if not all(fine):  # drop the diverged runs from the stacked state
-                leave([i for i, ok in enumerate(fine) if not ok])
-                alive = [i for i, ok in enumerate(fine) if ok]
-                S = _take(S, torch.tensor(alive, dtype=torch.long, device=P.device))
-                active = [active[i] for i in alive]
-                segs[:] = _segments(active)
-                if not active:
-                    break
-            if progress and t % 10 == 0:
-                bar.set_postfix(runs=len(active), refresh=False)
-        else:  # the last hyper-update (h_T, η_T), and E(w_T)
-            W = dyn.params(S.opt)
-            if objective == "train":
-                g_T, L_T = v_grad(W, minibatch(T, active))
-                S = batch_map(lambda s, l: engine.check_loss(s, l, None, T))(S, L_T)
-                v = batch_map(engine.objective_gradient)(S, g_T)
-                E = None
-            else:
-                v, E = objective_grad(W, T, active)
-                if E is not None:
-                    S = batch_map(lambda s, e: engine.check_loss(s, e, e, T))(S, E)
-            before = S.diverged_at.tolist()
-            S = batch_map(lambda s, vv: engine.finish(s, vv, T))(S, v)
-            after = S.diverged_at.tolist()
-            hs = S.h.tolist()
-            for i, run in enumerate(active):
-                if before[i] < 0:
-                    run.auxes.append({"h": hs[i]})
-            evaluate(T, W, E, active, [d < 0 for d in after])
-            if keep_params:
-                for i, run in enumerate(active):
-                    run.final_params = tree_clone(_row(W, i))
-            leave(list(range(len(active))))
-    finally:
-        if hasattr(bar, "close"):
-            bar.close()
-    wall = clock()
+    drive(engine, stack, S, T, eval_every=eval_every, progress=progress,
+          desc=f"online ×{R} (batched)", postfix=lambda aux, S: {"runs": len(stack.active)})
+    wall = stack.clock()
+    times = stack.times
 
     results = []
     for run in given:

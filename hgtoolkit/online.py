@@ -73,8 +73,9 @@ from . import marthe as _marthe
 from . import records
 from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
 from . import divergence as _divergence
+from .drive import closing_update, drive
 from .divergence import DivergenceWarning
-from .trajectory import autograd_gradient, autograd_gradient_hvp, progress_bar
+from .trajectory import autograd_gradient, autograd_gradient_hvp
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
@@ -670,6 +671,83 @@ def report_divergence(div: "_divergence.Divergence | None", method: str, raise_o
     div.warn(f"online {method} run stopped: ", f" (result.diverged_at={div.step})", stacklevel=stacklevel + 1)
 
 
+class _SingleRun:
+    """One run of :func:`run` as :func:`hgtoolkit.drive.drive` drives it: autograd gradients
+    and HVPs of the problem's losses, the per-step ``aux`` kept as tensors (one sync per step:
+    the divergence test) and the evaluations (k, E(w_k), validation accuracy)."""
+
+    def __init__(self, problem, engine: Engine, cfg: HyperConfig, val_bs: int | None):
+        self.problem, self.engine, self.cfg, self.val_bs = problem, engine, cfg, val_bs
+        self.auxes: list[dict] = []
+        self.times: list[float] = []
+        self.evals: list[tuple[int, float, float]] = []
+        self.state = None
+        self.start = time.perf_counter()
+
+    def gradient(self, w, z_w, t):
+        if z_w is None:
+            (g, loss), hz = autograd_gradient(self.problem.train_loss, w, t), None
+        else:
+            g, loss, hz = autograd_gradient_hvp(self.problem.train_loss, w, z_w, t)
+        return g, _check_scalar(loss, "train_loss"), hz
+
+    def objective(self, w, t, g, loss):
+        """(v_t, E(w_t) or None) for the val objective: E = L_t's gradient already computed
+        where the problem's validation loss is its training loss, else the full validation
+        set or a minibatch of it (none at t = 0 with a minibatch: h_0 is not formed)."""
+        problem = self.problem
+        if self.cfg.objective != "val":
+            return None, None
+        if problem.val_is_train:
+            return (g, loss) if g is not None else self.gradient(w, None, t)[:2]
+        if self.val_bs is not None:
+            if t == 0:
+                return None, None
+            return autograd_gradient(problem.batch_loss, w, problem.val_batch(t, self.val_bs))[0], None
+        g, value = autograd_gradient(problem.val_loss, w)
+        return g, _check_scalar(value, "val_loss")
+
+    def evaluate(self, k, w, value=None) -> tuple[int, float, float]:
+        """(k, E(w_k), validation accuracy): one forward pass when the metrics give E too; at
+        k = 0 (w_0 = params0) the problem's cached evaluation."""
+        problem, acc, metrics = self.problem, math.nan, None
+        if k == 0:
+            metrics = problem.initial_metrics()
+            acc = float(metrics.get("val_accuracy", math.nan))
+        elif problem.metrics is not None:
+            metrics = problem.metrics(w)
+            acc = float(metrics.get("val_accuracy", math.nan))
+        if value is None:
+            value = metrics.get("val_loss") if metrics is not None else None
+        if value is None:
+            with torch.no_grad():
+                value = problem.val_loss(w)
+        return k, float(value), acc
+
+    def step(self, state, t, g, loss, hvp, v, value):
+        return self.engine.step(state, g, t, loss=loss, hvp=hvp, v=v, value=value)
+
+    def record(self, t, state, aux, pending):
+        self.auxes.append(aux)
+        self.times.append(time.perf_counter() - self.start)
+        if int(state.diverged_at) >= 0:
+            self.state = state
+            return None
+        if pending is not None:
+            self.evals.append(pending)
+        return state
+
+    def close(self, state, steps):
+        engine = self.engine
+        state, v, value = closing_update(engine, self, state, steps)
+        if int(state.diverged_at) < 0:
+            state = engine.finish(state, v, steps)
+            self.auxes.append({"h": state.h})
+        if int(state.diverged_at) < 0:
+            self.evals.append(self.evaluate(steps, engine.dynamics.params(state.opt), value))
+        return state
+
+
 def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" = "sgd", *,
         lr0: float, steps: int, beta: Any = None, mu: Any = None, kappa: float = 1e-6,
         beta0: float = 0.0, beta_rule: str = "hh", mu_rule: Callable | None = None,
@@ -729,85 +807,13 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         hd_gradient=hd_gradient, eval_every=eval_every, val_batch_size=val_batch_size,
         seed=seed)
     engine = engine_for(cfg, dyn, donate=True)
-    grad_train = lambda w, t: autograd_gradient(problem.train_loss, w, t)
-    grad_hvp = lambda w, z_w, t: autograd_gradient_hvp(problem.train_loss, w, z_w, t)
-
-    def objective_grad(w, t):
-        """(v_t, E(w_t) or None) for the val objective: the full validation set or a minibatch."""
-        if val_bs is not None:
-            return autograd_gradient(problem.batch_loss, w, problem.val_batch(t, val_bs))[0], None
-        g, value = autograd_gradient(problem.val_loss, w)
-        return g, _check_scalar(value, "val_loss")
-
-    evals: list[tuple[int, float, float]] = []
-
-    def evaluate(k, w, value=None) -> tuple[int, float, float]:
-        """(k, E(w_k), validation accuracy): one forward pass when the metrics give E too; at
-        k = 0 (w_0 = params0) the problem's cached evaluation."""
-        acc, metrics = math.nan, None
-        if k == 0:
-            metrics = problem.initial_metrics()
-            acc = float(metrics.get("val_accuracy", math.nan))
-        elif problem.metrics is not None:
-            metrics = problem.metrics(w)
-            acc = float(metrics.get("val_accuracy", math.nan))
-        if value is None:
-            value = metrics.get("val_loss") if metrics is not None else None
-        if value is None:
-            with torch.no_grad():
-                value = problem.val_loss(w)
-        return k, float(value), acc
-
     state = engine.init(problem.params0, cfg)
-    auxes, times = [], []
-    start = time.perf_counter()
-    bar = progress_bar(range(T), progress, desc=f"online {cfg.method}", leave=False)
-    try:
-        for t in bar:
-            w = dyn.params(state.opt)
-            if engine.needs_hvp and t > 0:
-                g, loss, hz = grad_hvp(w, dyn.params(state.z), t)
-            else:
-                (g, loss), hz = grad_train(w, t), None
-            loss = _check_scalar(loss, "train_loss")
-            v = value = None
-            if cfg.objective == "val" and problem.val_is_train:
-                v, value = g, loss  # E = L_t: ∇E(w_t) is the gradient already computed
-            elif cfg.objective == "val" and (t > 0 or val_bs is None):
-                v, value = objective_grad(w, t)
-            # evaluated before the step, which writes w_{t+1} over w_t (the engine donates buffers)
-            evaluation = evaluate(t, w, value) if t % eval_every == 0 else None
-            state, aux = engine.step(state, g, t, loss=loss, hvp=hz, v=v, value=value)
-            auxes.append(aux)
-            times.append(time.perf_counter() - start)
-            if int(state.diverged_at) >= 0:
-                break
-            if evaluation is not None:
-                evals.append(evaluation)
-            if progress and t % 10 == 0:
-                bar.set_postfix(lr=f"{float(aux['lr']):.3g}", loss=f"{float(loss):.4g}", refresh=False)
-        else:  # the last hyper-update (h_T, η_T); for "train" the run's one extra gradient
-            w = dyn.params(state.opt)
-            value = None
-            if cfg.objective == "train":
-                g_T, loss_T = grad_train(w, T)
-                state = engine.check_loss(state, _check_scalar(loss_T, "train_loss"), None, T)
-                v = engine.objective_gradient(state, g_T)
-            else:
-                if problem.val_is_train:
-                    v, value = grad_train(w, T)
-                else:
-                    v, value = objective_grad(w, T)
-                if value is not None:
-                    state = engine.check_loss(state, value, value, T)
-            if int(state.diverged_at) < 0:
-                state = engine.finish(state, v, T)
-                auxes.append({"h": state.h})
-            if int(state.diverged_at) < 0:
-                evals.append(evaluate(T, w, value))
-    finally:
-        if hasattr(bar, "close"):
-            bar.close()
+    runs = _SingleRun(problem, engine, cfg, val_bs)
+    state = drive(engine, runs, state, T, eval_every=eval_every,
+                  progress=progress, desc=f"online {cfg.method}",
+                  postfix=lambda aux, _: {"lr": f"{float(aux['lr']):.3g}", "loss": f"{float(aux['loss']):.4g}"})
+    state = runs.state if state is None else state
+    auxes, times, evals, start = runs.auxes, runs.times, runs.evals, runs.start
     wall = time.perf_counter() - start
     final = tree_clone(dyn.params(state.opt)) if keep_params else None
     result = build_result(config, auxes, times, evals, state, wall, problem.metrics is not None, final)
