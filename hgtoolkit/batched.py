@@ -30,7 +30,6 @@ in it (the amortised cost).
 """
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import time
@@ -43,16 +42,13 @@ from torch.func import grad_and_value, vmap
 
 from . import marthe as _marthe
 from . import online as _online
+from . import settings
 from .drive import closing_update, drive
+from .settings import OnlineSettings
 from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_flatten, tree_map
 from .trajectory import rowwise_gradient_hvp
 
-__all__ = ["run_online_batch", "RUN_KEYS", "default_max_batch"]
-
-#: The keyword arguments of :func:`hgtoolkit.online.run` a cell may set.
-RUN_KEYS = ("method", "optimizer", "lr0", "steps", "beta", "mu", "kappa", "beta0", "beta_rule",
-            "mu_rule", "objective", "lr_floor", "lr_max", "beta_bound", "divergence_factor",
-            "hd_gradient", "eval_every", "val_batch_size", "seed")
+__all__ = ["run_online_batch", "default_max_batch"]
 
 _MEMORY_BUDGET = 2 * 1024 ** 3  # bytes of stacked state a chunk may hold (default max_batch)
 
@@ -66,10 +62,6 @@ def default_max_batch(problem) -> int:
 
 
 # ----------------------------------------------------------------------------- cells
-
-_DEFAULTS = {k: p.default for k, p in inspect.signature(_online.run).parameters.items()
-             if k in RUN_KEYS and p.default is not inspect.Parameter.empty}
-
 
 def _cell_kwargs(cell: Any, i: int) -> tuple[dict, Any]:
     """``online.run`` keyword arguments of ``cells[i]`` (a mapping or an object with ``.params``,
@@ -85,13 +77,9 @@ def _cell_kwargs(cell: Any, i: int) -> tuple[dict, Any]:
     if not isinstance(params, Mapping):
         raise TypeError(f"cells[{i}] must be a mapping of online.run arguments (or have a .params "
                         f"mapping), got {type(cell).__name__}")
-    unknown = sorted(set(params) - set(RUN_KEYS))
-    if unknown:
-        raise TypeError(f"cells[{i}] has unknown key(s) {unknown}; a cell may set {list(RUN_KEYS)}")
-    for key in ("lr0", "steps"):
-        if key not in params:
-            raise TypeError(f"cells[{i}] is missing {key!r} (required by online.run)")
-    return {**_DEFAULTS, "seed": 0, **params}, own
+    mu_rule = params.get("mu_rule")
+    kw = {"seed": 0, **{k: v for k, v in params.items() if k != "mu_rule"}}
+    return {**settings.bind(OnlineSettings, kw, f"cells[{i}]: online.run"), "mu_rule": mu_rule}, own
 
 
 @dataclass
@@ -117,8 +105,7 @@ def _setup(problem_factory: Callable | None, kw: dict, own=None):
         raise TypeError("problem_factory is None, so every cell must name its problem (\"problem\": a Problem)")
     else:
         base = problem_factory(0 if kw["seed"] is None else kw["seed"])
-    args = {k: v for k, v in kw.items() if k not in ("method", "optimizer")}
-    return (base, *_online.setup(base, kw["method"], kw["optimizer"], **args))
+    return (base, *_online.setup(base, {k: v for k, v in kw.items() if k != "mu_rule"}, kw["mu_rule"]))
 
 
 def _group_key(problem, cfg, dyn, T, eval_every, val_bs) -> str:
@@ -145,7 +132,8 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     r"""Run every cell as :func:`hgtoolkit.online.run` would, as vmapped batches.
 
     ``cells[i]`` is a mapping of ``online.run`` keyword arguments (``method``, ``lr0``,
-    ``steps``, ``beta``, ``mu``, ``kappa``, ``objective``, ``seed``, … — :data:`RUN_KEYS`) or an
+    ``steps``, ``beta``, ``mu``, ``kappa``, ``objective``, ``seed``, … — the settings of
+    :class:`~hgtoolkit.settings.OnlineSettings`, and ``mu_rule``) or an
     object with such a ``.params`` mapping (a :class:`hgtoolkit.sweep.Cell`). Result i is that
     of ``online.run(problem_factory(s), **{"seed": 0, **cells[i]})`` with s the cell's seed (0
     when unset): ``problem_factory(seed)`` builds the problem of a seed (initial weights), and

@@ -71,10 +71,12 @@ from torch.func import grad_and_value
 from . import dynamics as _dynamics
 from . import marthe as _marthe
 from . import records
+from . import settings as _settings
 from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
 from . import divergence as _divergence
 from .drive import closing_update, drive
 from .divergence import DivergenceWarning
+from .settings import OnlineSettings
 from .trajectory import autograd_gradient, autograd_gradient_hvp
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
@@ -232,18 +234,22 @@ def _optional_positive(x: Any, name: str, minimum: float) -> float | None:
     return x
 
 
-def hyper_config(method: str = "marthe", *, lr0: float, beta: Any = None, mu: Any = None,
-                 kappa: float = 1e-6, beta0: float = 0.0, beta_rule: str = "hh",
-                 mu_rule: Callable | None = None, objective: str = "val",
-                 lr_floor: float | None = 0.0, lr_max: float | None = None,
-                 beta_bound: float | None = 1.0, divergence_factor: float | None = 2.0,
-                 hd_gradient: str = "regularised") -> HyperConfig:
+@_settings.takes(OnlineSettings)
+def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **settings: Any) -> HyperConfig:
     """Validate the hyper-hyperparameters of an online run (arguments as :func:`run`).
 
     Raises ``ValueError``/``TypeError`` naming the argument for an unknown method/objective/rule,
     a negative β/κ/η_0, μ outside [0, 1], a μ or ``mu_rule`` that contradicts the method, a
-    ``mu_rule`` that is not a tensor function, …
+    ``mu_rule`` that is not a tensor function, …  The settings are those of
+    :class:`~hgtoolkit.settings.OnlineSettings`; the ones that are not hyper-settings (``steps``,
+    ``seed``, …) are ignored.
     """
+    c = _settings.bind(OnlineSettings, {"method": method, **settings}, "hyper_config", required=False)
+    if "lr0" not in c:
+        raise TypeError("hyper_config() missing required keyword argument 'lr0'")
+    lr0, beta, mu, kappa, beta0 = c["lr0"], c["beta"], c["mu"], c["kappa"], c["beta0"]
+    beta_rule, objective, lr_floor, lr_max = c["beta_rule"], c["objective"], c["lr_floor"], c["lr_max"]
+    beta_bound, divergence_factor, hd_gradient = c["beta_bound"], c["divergence_factor"], c["hd_gradient"]
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if not isinstance(objective, str) or objective not in OBJECTIVES:
@@ -597,22 +603,15 @@ def _check_int(x: Any, name: str, minimum: int = 1) -> int:
     return int(x)
 
 
-def setup(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" = "sgd", *,
-          lr0: float, steps: int, beta: Any = None, mu: Any = None, kappa: float = 1e-6,
-          beta0: float = 0.0, beta_rule: str = "hh", mu_rule: Callable | None = None,
-          objective: str = "val", lr_floor: float | None = 0.0, lr_max: float | None = None,
-          beta_bound: float | None = 1.0, divergence_factor: float | None = 2.0,
-          hd_gradient: str = "regularised", eval_every: int | None = None,
-          val_batch_size: int | None = None, seed: int | None = None):
+def setup(problem, settings: dict, mu_rule: Callable | None = None):
     """Validate :func:`run`'s arguments: (problem (resampled for ``seed``), HyperConfig,
     dynamics, T, eval_every, val_batch_size, the record's config). Shared with
-    :mod:`hgtoolkit.batched`."""
-    cfg = hyper_config(method, lr0=lr0, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
-                       beta_rule=beta_rule, mu_rule=mu_rule, objective=objective,
-                       lr_floor=lr_floor, lr_max=lr_max, beta_bound=beta_bound,
-                       divergence_factor=divergence_factor, hd_gradient=hd_gradient)
-    dyn = _dynamics.get(optimizer)
-    T = _check_int(steps, "steps")
+    :mod:`hgtoolkit.batched`. ``settings``: :func:`run`'s settings (those of
+    :class:`~hgtoolkit.settings.OnlineSettings`, bound by :func:`hgtoolkit.settings.bind`)."""
+    cfg = hyper_config(mu_rule=mu_rule, **settings)
+    dyn = _dynamics.get(settings["optimizer"])
+    T = _check_int(settings["steps"], "steps")
+    eval_every, val_batch_size, seed = settings["eval_every"], settings["val_batch_size"], settings["seed"]
     if eval_every is None:  # E(w_t) is free every step with the val objective
         eval_every = 1 if cfg.objective == "val" and val_batch_size is None else T
     eval_every = _check_int(eval_every, "eval_every")
@@ -748,14 +747,10 @@ class _SingleRun:
         return state
 
 
+@_settings.takes(OnlineSettings)
 def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" = "sgd", *,
-        lr0: float, steps: int, beta: Any = None, mu: Any = None, kappa: float = 1e-6,
-        beta0: float = 0.0, beta_rule: str = "hh", mu_rule: Callable | None = None,
-        objective: str = "val", lr_floor: float | None = 0.0, lr_max: float | None = None,
-        beta_bound: float | None = 1.0, divergence_factor: float | None = 2.0,
-        hd_gradient: str = "regularised", eval_every: int | None = None,
-        val_batch_size: int | None = None, seed: int | None = None, progress: bool = False,
-        raise_on_divergence: bool = False, keep_params: bool = True) -> OnlineResult:
+        mu_rule: Callable | None = None, progress: bool = False, raise_on_divergence: bool = False,
+        keep_params: bool = True, **settings: Any) -> OnlineResult:
     r"""Train ``problem`` for ``steps`` steps while adapting η online (module docstring): a loop
     over :meth:`Engine.step`.
 
@@ -800,12 +795,8 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     >>> r.lrs.shape, r.hypergrads.shape
     ((100,), (100,))
     """
-    problem, cfg, dyn, T, eval_every, val_bs, config = setup(
-        problem, method, optimizer, lr0=lr0, steps=steps, beta=beta, mu=mu, kappa=kappa,
-        beta0=beta0, beta_rule=beta_rule, mu_rule=mu_rule, objective=objective, lr_floor=lr_floor,
-        lr_max=lr_max, beta_bound=beta_bound, divergence_factor=divergence_factor,
-        hd_gradient=hd_gradient, eval_every=eval_every, val_batch_size=val_batch_size,
-        seed=seed)
+    settings = _settings.bind(OnlineSettings, {"method": method, "optimizer": optimizer, **settings}, "run")
+    problem, cfg, dyn, T, eval_every, val_bs, config = setup(problem, settings, mu_rule)
     engine = engine_for(cfg, dyn, donate=True)
     state = engine.init(problem.params0, cfg)
     runs = _SingleRun(problem, engine, cfg, val_bs)

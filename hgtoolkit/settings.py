@@ -23,6 +23,7 @@ of the functions.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -31,7 +32,8 @@ from typing import Any, Callable, Sequence
 from . import dynamics
 
 __all__ = ["Spec", "setting", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
-           "HypergradSettings", "specs", "validators", "add_arguments", "defaults"]
+           "HypergradSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
+           "signature", "takes"]
 
 _KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes")
 _NO_CLI_DEFAULT = "<none>"  # Spec.cli_default of a setting that has an API default
@@ -157,6 +159,55 @@ def specs(schema: type) -> dict[str, tuple[Any, Spec]]:
 def defaults(schema: type) -> dict[str, Any]:
     """The defaults of the settings that have one (the API's keyword defaults)."""
     return {k: d for k, (d, _) in specs(schema).items() if d is not MISSING}
+
+
+def bind(schema: type, given: dict, owner: str, *, required: bool = True) -> dict:
+    """Keyword settings ``given`` to ``owner`` (a function's name, for the messages) completed
+    with ``schema``'s defaults: every setting of the schema, in declaration order.
+    ``TypeError`` for a name the schema does not declare (listing those it does) and, with
+    ``required``, for a required setting that is missing (as Python says it for a signature).
+    Values are not checked here: the function checks them (cross-setting rules included)."""
+    table = specs(schema)
+    unknown = [k for k in given if k not in table]
+    if unknown:
+        raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}; its settings "
+                        f"are {list(table)} ({schema.__name__})")
+    missing = [k for k, (d, _) in table.items() if d is MISSING and k not in given]
+    if required and missing:
+        raise TypeError(f"{owner}() missing required keyword argument {missing[0]!r}")
+    return {k: given[k] if k in given else d for k, (d, _) in table.items() if k in given or d is not MISSING}
+
+
+def signature(fn: Callable, schema: type) -> inspect.Signature:
+    """``fn``'s signature with its ``**settings`` replaced by ``schema``'s settings as
+    keyword-only parameters (default: the schema's; required ones without), so that ``help``,
+    ``inspect`` and editors show the one declaration. A parameter of ``fn`` that is a setting
+    keeps its place and takes the schema's default."""
+    table = specs(schema)
+    own = list(inspect.signature(fn).parameters.values())
+    empty = inspect.Parameter.empty
+    default = lambda name: empty if table[name][0] is MISSING else table[name][0]
+    head = [p.replace(default=default(p.name)) if p.name in table else p for p in own
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    tail = [p for p in own if p.kind == p.KEYWORD_ONLY]
+    named = {p.name for p in own}
+    settings = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=default(k))
+                for k in table if k not in named]
+    return inspect.Signature(head + settings + tail, return_annotation=inspect.signature(fn).return_annotation)
+
+
+def takes(schema: type) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn(…, **settings)`` shows the settings of ``schema`` as its keywords
+    (:func:`signature`); the function binds them with :func:`bind`."""
+    def mark(fn: Callable) -> Callable:
+        fn.__signature__ = signature(fn, schema)
+        return fn
+    return mark
+
+
+def required(schema: type) -> tuple[str, ...]:
+    """The settings without a default (the API requires them)."""
+    return tuple(k for k, (d, _) in specs(schema).items() if d is MISSING)
 
 
 def validators(schema: type, **overrides: Callable) -> dict[str, Callable]:

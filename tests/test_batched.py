@@ -154,8 +154,9 @@ def test_problems_with_seed_dependent_data_run_one_by_one():
 
 
 @pytest.mark.parametrize("cells, exc, match", [
-    ([{"method": "hd", "lr0": 0.1, "steps": 3, "beta": 1e-3, "momentum": 0.9}], TypeError, "unknown key"),
-    ([{"method": "hd", "steps": 3, "beta": 1e-3}], TypeError, "missing 'lr0'"),
+    ([{"method": "hd", "lr0": 0.1, "steps": 3, "beta": 1e-3, "momentum": 0.9}], TypeError,
+     r"cells\[0\]: online.run\(\) got an unexpected keyword argument 'momentum'"),
+    ([{"method": "hd", "steps": 3, "beta": 1e-3}], TypeError, "missing required keyword argument 'lr0'"),
     ([{"method": "hd", "lr0": 0.1, "steps": 3, "beta": -1.0}], ValueError, "beta must be ≥ 0"),
     ([["not", "a", "cell"]], TypeError, r"cells\[0\] must be a mapping"),
     ({"method": "hd"}, TypeError, "cells must be a sequence"),

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hgtoolkit import exact, lrsopt, marthe, online, problems, settings
-from hgtoolkit.batched import RUN_KEYS
+from hgtoolkit import batched
 from hgtoolkit.cli import build_parser
 from hgtoolkit.settings import HypergradSettings, LrsoptSettings, OnlineSettings, TrainSettings
 from hgtoolkit.sweep import CELL_KINDS
@@ -35,6 +35,24 @@ def _flags(command: str) -> dict[str, argparse.Action]:
     return {opt: a for a in _subparser(command)._actions for opt in a.option_strings}
 
 
+def test_online_takes_the_settings_and_their_defaults():
+    """online.run, its validator and a batch's cells are derived from OnlineSettings: what they
+    accept, what they require and the defaults they fill in."""
+    beale = problems.get("beale")
+    for call in (lambda **kw: online.run(beale, **kw),
+                 lambda **kw: batched.run_online_batch(None, [{"problem": beale, **kw}])):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'.*OnlineSettings"):
+            call(lr0=0.01, steps=2, beta=0.0, momentum=0.9)
+        with pytest.raises(TypeError, match="missing required keyword argument 'lr0'"):
+            call(steps=2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
+        online.hyper_config("hd", lr0=0.1, beta=0.0, momentum=0.9)
+    r = online.run(beale, "marthe", lr0=0.01, steps=2)  # every default from the declaration
+    for name in ("beta_rule", "lr_floor", "divergence_factor", "objective", "method"):
+        assert r.config[name] == settings.defaults(OnlineSettings)[name], name
+    assert r.config["beta"] == "auto" and r.config["kappa"] == settings.defaults(OnlineSettings)["kappa"]
+
+
 @pytest.mark.parametrize("function", list(SCHEMA), ids=lambda f: f.__name__)
 def test_function_keywords_are_the_settings_with_the_same_defaults(function):
     params = inspect.signature(function).parameters
@@ -46,9 +64,6 @@ def test_function_keywords_are_the_settings_with_the_same_defaults(function):
 
 
 def test_other_declarations_agree_with_the_settings():
-    assert set(RUN_KEYS) == set(settings.specs(OnlineSettings)) | {"mu_rule"}  # batched's cells
-    assert set(inspect.signature(online.setup).parameters) == (
-        set(settings.specs(OnlineSettings)) | {"problem", "mu_rule"})
     spec = lambda schema, name: settings.specs(schema)[name][1]
     assert spec(OnlineSettings, "method").choices == online.METHODS
     assert spec(OnlineSettings, "objective").choices == online.OBJECTIVES
@@ -110,7 +125,7 @@ def test_online_rejects_what_the_settings_reject(name, value):
     with pytest.raises(ValueError, match=name):
         OnlineSettings(**{**base, name: value})
     with pytest.raises((ValueError, TypeError), match=name):
-        online.setup(problems.get("beale"), **{**base, name: value})
+        online.run(problems.get("beale"), **{**base, name: value})
 
 
 @pytest.mark.parametrize("name, value", _cases(LrsoptSettings))

@@ -20,10 +20,8 @@ def _online_batch(problem_factory, cells) -> list:
 
 
 def _online_check(params: dict) -> None:
-    online = _online_module()
-    kw = {k: params[k] for k in ("beta", "mu", "kappa", "beta0", "beta_rule", "objective",
-                                  "lr_floor", "lr_max") if k in params}
-    online.hyper_config(params.get("method", "marthe"), lr0=params["lr0"], **kw)
+    """The cross-setting rules of a cell's settings (each setting is checked by its Spec)."""
+    _online_module().hyper_config(**params)
 
 
 def run_online_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
@@ -136,7 +134,7 @@ def run_hypergrad_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
 _SCHEDULE = settings.specs(settings.TrainSettings)
 
 register_cell_kind(CellKind(
-    "online", run_online_cell, required=("lr0", "steps"), check=_online_check, cost=_online_cost,
+    "online", run_online_cell, required=settings.required(settings.OnlineSettings), check=_online_check, cost=_online_cost,
     summary=("final_val_loss", "best_val_loss", "final_val_accuracy", "final_lr"),
     to_result=record_result("online"), run_batch=_online_batch,
     params=settings.validators(settings.OnlineSettings, seed=SEED_SPEC)))
