@@ -9,10 +9,11 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import checkpointing as _ckpt
 from ._tree import tree_map
-from .trajectory import autograd_gradient, closed_form, scalar_loss
+from .trajectory import (BUFFERS, autograd_gradient, closed_form, float_leaves, initial_state, opt_part, scalar_loss,
+                         stateful_loss, with_buffers)
 
-__all__ = ["Step", "add_w", "objective", "probe"]
-
+__all__ = ["Step", "add_w", "objective", "probe", "BUFFERS", "initial_state", "opt_part", "with_buffers",
+           "float_leaves"]
 
 class Step:
     """Step t's gradient g_t = ∇L_t(w_t) built with plain autograd, its graph kept (or not).
@@ -21,11 +22,20 @@ class Step:
     for another product). ``grad`` is g_t detached, as the pytree the dynamics take. A loss
     with closed-form derivatives (:func:`hgtoolkit.trajectory.closed_form`) keeps
     the Hessian ∇²L_t(w_t) instead of a graph and gives g_t and H_t v by its formulas.
+
+    A stateful problem (``problem.buffers0`` set): (L_t, β_{t+1}) = ``train_loss(w_t, t, β_t)``;
+    ``buffers`` is β_{t+1} detached, ``state`` the optimizer's part of s_t, and the graph is
+    that of (g_t, β_{t+1}) over (w_t, β_t): :meth:`pullback` and :meth:`pushforward` are its
+    vjp and jvp (``hvp`` is for stateless problems).
     """
 
-    __slots__ = ("state", "loss", "grad", "_w", "_g", "_spec")
+    __slots__ = ("state", "loss", "grad", "buffers", "_w", "_g", "_spec", "_nw")
 
     def __init__(self, problem, dyn, state: dict, t: int, graph: bool):
+        self.buffers = None
+        if BUFFERS in state:
+            self._stateful(problem, dyn, state, t, graph)
+            return
         w = dyn.params(state)
         fn = closed_form(problem.train_loss, w)
         if fn is not None:  # _w holds the Hessian (when an HVP will be asked for)
@@ -46,10 +56,66 @@ class Step:
         self.grad = tree_unflatten([x.detach() for x in g], spec)
         self._w, self._g = (w, g) if graph else (None, None)
 
+    def _stateful(self, problem, dyn, state: dict, t: int, graph: bool) -> None:
+        w, spec = tree_flatten(dyn.params(state))
+        b, bspec, fl = float_leaves(state[BUFFERS])
+        with torch.enable_grad():
+            w = [x.detach().requires_grad_(True) for x in w]
+            b = [x.detach().requires_grad_(graph) if i in fl else x for i, x in enumerate(b)]
+            loss, new = stateful_loss(problem.train_loss)(tree_unflatten(w, spec), t, tree_unflatten(b, bspec))
+            g = torch.autograd.grad(loss, w, create_graph=graph, allow_unused=True, materialize_grads=True)
+        new = tree_flatten(new)[0]
+        self.state, self.loss, self._spec, self._nw = opt_part(state), loss.detach(), spec, len(w)
+        self.grad = tree_unflatten([x.detach() for x in g], spec)
+        self.buffers = tree_unflatten([x.detach() for x in new], bspec)
+        self._w = self._g = None
+        if graph:  # inputs (w, float β) and outputs (g, float β')
+            self._w = w + [b[i] for i in fl]
+            self._g = list(g) + [new[i] for i in fl]
+
+    def pullback(self, gbar: Any, bbar: list | None, retain: bool = False) -> tuple[Any, list]:
+        r"""(w̄, β̄) = the vjp of (g_t, β_{t+1}) at (ḡ, β̄_{t+1}): H_t ḡ + (∂β'/∂w)ᵀβ̄' and
+        (∂g/∂β)ᵀḡ + (∂β'/∂β)ᵀβ̄' (β̄ lists over the float leaves; None: zero)."""
+        cots = tree_flatten(gbar)[0] + (list(bbar) if bbar is not None else [None] * (len(self._g) - self._nw))
+        out = self._product(cots, retain)
+        return tree_unflatten(out[:self._nw], self._spec), out[self._nw:]
+
+    def pushforward(self, z_w: Any, z_b: list | None, retain: bool = False) -> tuple[Any, list]:
+        r"""(dg, dβ') = the jvp of (g_t, β_{t+1}) along (z_w, z_β): H_t z_w + (∂g/∂β) z_β and
+        (∂β'/∂w) z_w + (∂β'/∂β) z_β, as the vjp of the vjp (the kept graph, twice backwards)."""
+        tans = tree_flatten(z_w)[0] if z_w is not None else [None] * self._nw
+        tans = tans + (list(z_b) if z_b is not None else [None] * (len(self._w) - self._nw))
+        live = [i for i, g in enumerate(self._g) if g.requires_grad]
+        with torch.enable_grad():
+            u = [torch.zeros_like(self._g[i]).requires_grad_(True) for i in live]
+            vj = torch.autograd.grad([self._g[i] for i in live], self._w, u, create_graph=True,
+                                     allow_unused=True, materialize_grads=True)
+            pairs = [(v, z) for v, z in zip(vj, tans) if z is not None and v.requires_grad]
+            jz = torch.autograd.grad([v for v, _ in pairs], u, [z for _, z in pairs], retain_graph=retain,
+                                     allow_unused=True, materialize_grads=True) if pairs else [None] * len(u)
+        out = [torch.zeros_like(g) for g in self._g]
+        for i, x in zip(live, jz):
+            if x is not None:
+                out[i] = x
+        if not retain:
+            self._w = self._g = None
+        return tree_unflatten(out[:self._nw], self._spec), out[self._nw:]
+
+    def _product(self, cots: list, retain: bool) -> list:
+        live = [i for i, (g, c) in enumerate(zip(self._g, cots)) if g.requires_grad and c is not None]
+        if live:
+            out = torch.autograd.grad([self._g[i] for i in live], self._w, [cots[i] for i in live],
+                                      retain_graph=retain, allow_unused=True, materialize_grads=True)
+        else:
+            out = [torch.zeros_like(x) for x in self._w]
+        if not retain:
+            self._w = self._g = None
+        return list(out)
+
     def advance(self, dyn, lr: torch.Tensor, t: int) -> dict:
-        """s_{t+1} = D(s_t, g_t, η_t) (no graph)."""
+        """s_{t+1} = D(s_t, g_t, η_t) (no graph), β_{t+1} carried for a stateful problem."""
         with torch.no_grad():
-            return dyn.step(self.state, self.grad, lr, t)
+            return with_buffers(dyn.step(self.state, self.grad, lr, t), self.buffers)
 
     def hvp(self, v: Any, retain: bool = False) -> Any:
         """H_t v for a parameter-shaped ``v`` (None: zero)."""
@@ -82,9 +148,19 @@ def add_w(state_tree: dict, hv: Any) -> dict:
 
 
 def objective(problem, dyn, state):
-    """(∇_s E(params(s)) as a state-shaped cotangent with only "w", E): λ_T and the value."""
-    g, value = autograd_gradient(scalar_loss(problem.val_loss, "val_loss"), dyn.params(state))
-    return {"w": g}, value
+    """(∇_s E(params(s)) as a state-shaped cotangent with only "w", E): λ_T and the value; for
+    a stateful problem E = ``val_loss(w, β)`` and λ_T also holds ∇_β E (float leaves)."""
+    if BUFFERS not in state:
+        g, value = autograd_gradient(scalar_loss(problem.val_loss, "val_loss"), dyn.params(state))
+        return {"w": g}, value
+    w, spec = tree_flatten(dyn.params(state))
+    b, bspec, fl = float_leaves(state[BUFFERS])
+    with torch.enable_grad():
+        w = [x.detach().requires_grad_(True) for x in w]
+        b = [x.detach().requires_grad_(True) if i in fl else x for i, x in enumerate(b)]
+        value = scalar_loss(problem.val_loss, "val_loss")(tree_unflatten(w, spec), tree_unflatten(b, bspec))
+        gs = torch.autograd.grad(value, w + [b[i] for i in fl], allow_unused=True, materialize_grads=True)
+    return {"w": tree_unflatten(list(gs[:len(w)]), spec), BUFFERS: list(gs[len(w):])}, value.detach()
 
 
 def state_bytes(state: dict) -> int:

@@ -55,7 +55,8 @@ from ._step import Step as _Step, add_w as _add_w, objective as _objective, prob
 from ._tree import tree_map
 from .divergence import VALIDATION_LOSS, check_finite
 from .reversible import reversible_reverse
-from .trajectory import check_lrs, progress_bar, train
+from .trajectory import (BUFFERS, check_lrs, float_leaves, initial_state, opt_part, progress_bar, stateful_loss,
+                         train, with_buffers)
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES"]
@@ -108,7 +109,7 @@ class HypergradResult:
 
 def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
     T = len(lrs)
-    s0 = dyn.init(problem.params0)
+    s0 = initial_state(problem, dyn)
     device = lrs.device
     sampler = _ckpt.MemorySampler(device)
     losses = torch.empty(T, dtype=lrs.dtype, device=device)
@@ -141,8 +142,14 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
     grads = torch.empty(T, dtype=lrs.dtype, device=device)
 
     def adjoint(st, t):
-        sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, out["lam"])
-        out["lam"] = _add_w(sbar, st.hvp(gbar))
+        lam = out["lam"]
+        if st.buffers is None:
+            sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
+            out["lam"] = _add_w(sbar, st.hvp(gbar))
+        else:  # λ_t = (s̄ + H_t ḡ + (∂β'/∂w)ᵀβ̄', (∂g/∂β)ᵀḡ + (∂β'/∂β)ᵀβ̄')
+            sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, opt_part(lam))
+            hw, bbar = st.pullback(gbar, lam[BUFFERS])
+            out["lam"] = with_buffers(_add_w(sbar, hw), bbar)
         grads[t] = lbar
         if hasattr(bar, "update"):
             bar.update()
@@ -175,17 +182,28 @@ def _tangent_pass(problem, dyn, state, lrs, cols, t0=0, progress=False):
         losses[t - t0] = st.loss
         new = None
         for n, i in enumerate(live):
-            hz = st.hvp(z[i]["w"] if z[i] is not None else None, retain=n + 1 < len(live))
             dlr = cols[i](t) if callable(cols[i]) else (1.0 if cols[i] == t else None)
-            new, z[i] = dyn.tangent(st.state, st.grad, lrs[t], t, z[i], hz, dlr)
+            if st.buffers is None:
+                hz = st.hvp(z[i]["w"] if z[i] is not None else None, retain=n + 1 < len(live))
+                new, z[i] = dyn.tangent(st.state, st.grad, lrs[t], t, z[i], hz, dlr)
+                continue
+            if z[i] is None:  # (dg, dβ') = 0 along a zero tangent
+                dg, db = None, None
+            else:
+                dg, db = st.pushforward(z[i]["w"], z[i][BUFFERS], retain=n + 1 < len(live))
+            new, zi = dyn.tangent(st.state, st.grad, lrs[t], t, None if z[i] is None else opt_part(z[i]), dg, dlr)
+            new, z[i] = with_buffers(new, st.buffers), with_buffers(zi, db if db is not None else
+                                                                    [None] * len(float_leaves(st.buffers)[2]))
         state = new if new is not None else st.advance(dyn, lrs[t], t)
     return state, z, losses
 
 
 def _dot_w(lam: dict, z: dict) -> torch.Tensor:
-    """⟨∇_s E, z⟩ = ⟨∇_w E, z_w⟩ (E depends on w only)."""
+    """⟨∇_s E, z⟩ = ⟨∇_w E, z_w⟩ (E depends on w only), + ⟨∇_β E, z_β⟩ for a stateful problem."""
     a, b = tree_flatten(lam["w"])[0], tree_flatten(z["w"])[0]
-    return sum((x * y.to(x.dtype)).sum() for x, y in zip(a, b))
+    if BUFFERS in lam:
+        a, b = a + lam[BUFFERS], b + z[BUFFERS]
+    return sum((x * y.to(x.dtype)).sum() for x, y in zip(a, b) if y is not None)
 
 
 def _forward(problem, dyn, lrs, chunk_size, progress):
@@ -194,7 +212,7 @@ def _forward(problem, dyn, lrs, chunk_size, progress):
     grads = torch.empty(T, dtype=lrs.dtype, device=lrs.device)
     # One plain pass stores the states where chunks start (replaying only what is needed).
     starts = list(range(0, T, C))
-    state, start_states, losses = dyn.init(problem.params0), {}, torch.empty_like(lrs)
+    state, start_states, losses = initial_state(problem, dyn), {}, torch.empty_like(lrs)
     for t in range(T):
         if t in starts:
             start_states[t] = state
@@ -217,16 +235,20 @@ def _autograd(problem, dyn, lrs, progress):
     T = len(lrs)
     eta = lrs.clone().requires_grad_(True)
     state = dyn.init(tree_map(lambda p: p.clone().requires_grad_(True), problem.params0))
+    buffers = getattr(problem, "buffers0", None)
     losses = []
     for t in progress_bar(range(T), progress, desc="autograd", leave=False):
         w = dyn.params(state)
-        loss = problem.train_loss(w, t)
+        if buffers is None:
+            loss = problem.train_loss(w, t)
+        else:  # β_{t+1} keeps its graph: E(w_T, β_T) is differentiated through it
+            loss, buffers = stateful_loss(problem.train_loss)(w, t, buffers)
         check_finite(loss, t)
         leaves, spec = torch.utils._pytree.tree_flatten(w)
         g = torch.autograd.grad(loss, leaves, create_graph=True)
         state = dyn.step(state, torch.utils._pytree.tree_unflatten(list(g), spec), eta[t], t)
         losses.append(loss.detach())
-    value = problem.val_loss(dyn.params(state))
+    value = problem.val_loss(dyn.params(state), *(() if buffers is None else (buffers,)))
     check_finite(value, T - 1, dyn.params(state), VALIDATION_LOSS)
     (grads,) = torch.autograd.grad(value, eta)
     return value.detach(), grads, tree_map(lambda p: p.detach(), dyn.params(state)), torch.stack(losses)
@@ -291,7 +313,7 @@ def directional_derivative(problem, lrs: Any, direction: Any,
     v = check_lrs(direction, problem, argname="direction", allow_negative=True)
     if v.shape != lrs.shape:
         raise ValueError(f"direction must have the schedule's shape {tuple(lrs.shape)}, got {tuple(v.shape)}")
-    state, (z,), _ = _tangent_pass(problem, dyn, dyn.init(problem.params0), lrs, [lambda t: v[t]])
+    state, (z,), _ = _tangent_pass(problem, dyn, initial_state(problem, dyn), lrs, [lambda t: v[t]])
     lam, value = _objective(problem, dyn, state)
     check_finite(value, len(lrs) - 1, dyn.params(state), VALIDATION_LOSS)
     return value, _dot_w(lam, z).detach()

@@ -17,11 +17,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from ._tree import tree_leaves, tree_numel
+from ._module import from_module
 
-__all__ = ["Problem", "ClosedFormLoss", "from_function", "quadratic", "noisy_quadratic", "classification_mlp",
+__all__ = ["Problem", "ClosedFormLoss", "from_function", "from_module", "quadratic", "noisy_quadratic", "classification_mlp",
            "mnist_mlp", "synthetic_classification", "constructor", "parameters", "get"]
 
 
@@ -50,6 +50,14 @@ class Problem:
     analytic test functions); a batch of runs is then differentiated in one autograd call
     instead of a ``vmap``.
 
+    ``buffers0`` (optional): the model's buffers β_0 (a pytree of tensors, e.g. BatchNorm's
+    running statistics), part of the training state. A problem with buffers is *stateful*:
+    ``train_loss(w, t, β) -> (L_t, β')`` is the forward pass of minibatch t, returning the
+    buffers it updated (a differentiable function of w and β), and ``val_loss(w, β)``,
+    ``metrics(w, β)`` read them; the exact modes, :func:`hgtoolkit.train` and
+    :func:`hgtoolkit.finite_difference` carry β through the trajectory (docs/models.md).
+    :func:`from_module` builds one from a ``torch.nn.Module``.
+
     A loss may bring its derivatives in closed form: a callable with ``value_and_grad(w)``,
     ``value_grad_hessian(w)`` and ``hvp(hessian, v)`` (:class:`ClosedFormLoss`, what
     :func:`from_function` gives the test functions) is differentiated by those instead of
@@ -69,6 +77,7 @@ class Problem:
     val_batch: Callable[[int, int], Any] | None = None
     val_is_train: bool = False
     rowwise: bool = False
+    buffers0: Any = None
     _initial: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -92,7 +101,23 @@ class Problem:
         if len(devices) > 1 or len(dtypes) > 1:
             raise ValueError(f"params0 leaves must share one device and dtype, got {devices}, {dtypes}")
         self.params0 = torch.utils._pytree.tree_map(lambda x: x.detach(), self.params0)
+        if self.buffers0 is not None:
+            bufs = tree_leaves(self.buffers0)
+            if not bufs or not all(isinstance(x, torch.Tensor) for x in bufs):
+                raise TypeError("buffers0 must be None or a non-empty pytree (dict/list/tuple) of tensors")
+            if {x.device for x in bufs} != devices:
+                raise ValueError(f"buffers0 must be on the parameters' device {devices.pop()}")
+            if any(x.is_floating_point() and x.dtype not in dtypes for x in bufs):
+                raise ValueError(f"buffers0's floating-point tensors must have the parameters' dtype {dtypes.pop()}")
+            if self.rowwise or self.val_is_train or self.batch is not None:
+                raise ValueError("a stateful problem (buffers0 set) cannot be rowwise, val_is_train "
+                                 "or carry batch/batch_loss: those take no buffers")
+            self.buffers0 = torch.utils._pytree.tree_map(lambda x: x.detach(), self.buffers0)
 
+    @property
+    def stateful(self) -> bool:
+        """True when the problem carries buffers (``buffers0``): see the class docstring."""
+        return self.buffers0 is not None
     @property
     def device(self) -> torch.device:
         return tree_leaves(self.params0)[0].device
@@ -109,13 +134,14 @@ class Problem:
         """``metrics(params0)`` (with ``val_loss`` = E(w_0) added when the metrics lack it),
         computed once: every run of a grid starts from w_0, and E(w_0) on the whole validation
         set costs a few gradients. Recomputed if ``params0`` is changed in place."""
-        leaves = tree_leaves(self.params0)
+        leaves = tree_leaves(self.params0) + (tree_leaves(self.buffers0) if self.stateful else [])
         key = tuple((id(x), x._version) for x in leaves)
         if self._initial.get("key") != key:
-            out = dict(self.metrics(self.params0)) if self.metrics is not None else {}
+            args = (self.params0, self.buffers0) if self.stateful else (self.params0,)
+            out = dict(self.metrics(*args)) if self.metrics is not None else {}
             if "val_loss" not in out:
                 with torch.no_grad():
-                    out["val_loss"] = float(self.val_loss(self.params0))
+                    out["val_loss"] = float(self.val_loss(*args))
             self._initial.clear()
             self._initial.update(key=key, metrics=out)
         return dict(self._initial["metrics"])
@@ -267,8 +293,8 @@ def classification_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
                        y_val: torch.Tensor, *, hidden: Sequence[int] = (500, 500, 500),
                        batch_size: int = 100, seed: int = 0, batch_seed: int | None = None,
                        name: str = "mlp", info: dict | None = None) -> Problem:
-    r"""Cross-entropy MLP (ReLU hidden layers, PyTorch's default init seeded by ``seed``) run
-    through ``torch.func.functional_call``. L_t is the mean loss on minibatch t (order fixed by
+    r"""Cross-entropy MLP (ReLU hidden layers, PyTorch's default init seeded by ``seed``): a
+    :func:`from_module` problem. L_t is the mean loss on minibatch t (order fixed by
     ``batch_seed``, default ``seed``); E the mean loss on the whole validation set; ``metrics``
     gives validation accuracy."""
     if batch_size <= 0 or batch_size > len(x_train):
@@ -280,58 +306,14 @@ def classification_mlp(x_train: torch.Tensor, y_train: torch.Tensor, x_val: torc
     torch.manual_seed(seed)
     model = _mlp([x_train.shape[1], *hidden, n_classes]).to(device=x_train.device, dtype=x_train.dtype)
     torch.random.set_rng_state(torch_state)
-    params0 = {k: v.detach().clone() for k, v in model.named_parameters()}
-    model = model.to("meta")  # the module is only a template for functional_call
-    ce = nn.functional.cross_entropy
 
-    def logits(params, x):
-        return functional_call(model, params, (x,))
+    def accuracy(out, y) -> dict:
+        return {"val_accuracy": (out.argmax(-1) == y).to(torch.float64).mean()}
 
-    def val_loss(params):
-        return ce(logits(params, x_val), y_val)
-
-    def metric_tensors(params) -> dict:
-        with torch.no_grad():
-            out = logits(params, x_val)
-            return {"val_loss": ce(out, y_val),
-                    "val_accuracy": (out.argmax(-1) == y_val).to(torch.float64).mean()}
-
-    def metrics(params) -> dict:
-        return {k: float(v) for k, v in metric_tensors(params).items()}
-
-    def batch_loss(params, batch):
-        x, y = batch
-        return ce(logits(params, x), y)
-
-    def make(bseed: int) -> Problem:
-        order = _BatchOrder(len(x_train), batch_size, bseed, x_train.device)
-        val_orders: dict[int, _BatchOrder] = {}
-
-        def batch(t):
-            idx = order(t)
-            return x_train[idx], y_train[idx]
-
-        def val_batch(t, size):
-            """Validation minibatch t of ``size`` examples (its own order, fixed by the seed)."""
-            if size not in val_orders:
-                if not 1 <= size <= len(x_val):
-                    raise ValueError(f"val_batch_size must be in [1, {len(x_val)}], got {size}")
-                val_orders[size] = _BatchOrder(len(x_val), size, bseed + 7919, x_val.device)
-            idx = val_orders[size](t)
-            return x_val[idx], y_val[idx]
-
-        def train_loss(params, t):
-            return batch_loss(params, batch(t))
-
-        return Problem({k: v.clone() for k, v in params0.items()}, train_loss, val_loss, name=name,
-                       metrics=metrics, resample=make,
-                       info={**(info or {}), "hidden": list(hidden), "batch_size": batch_size,
-                             "init_seed": seed, "batch_seed": bseed,
-                             "steps_per_epoch": order.per_epoch},
-                       batch=batch, batch_loss=batch_loss, metric_tensors=metric_tensors,
-                       val_batch=val_batch)
-
-    return make(seed if batch_seed is None else batch_seed)
+    return from_module(model, nn.functional.cross_entropy, (x_train, y_train), (x_val, y_val),
+                       batch_size=batch_size, seed=seed if batch_seed is None else batch_seed,
+                       metrics=accuracy, name=name,
+                       info={**(info or {}), "hidden": list(hidden), "batch_size": batch_size, "init_seed": seed})
 
 
 def mnist_mlp(n_train: int = 7000, n_val: int = 700, batch_size: int = 100,

@@ -284,6 +284,10 @@ def reversible_reverse(problem, dyn, lrs, memory, progress):
     """Reverse mode for heavy-ball momentum by running training backwards (module docstring).
     Returns (value, grads, w_T, train losses, info for HypergradResult)."""
 
+    if getattr(problem, "buffers0", None) is not None:
+        raise ValueError(f"mode='reversible' cannot run problem {problem.name!r} backwards: it carries "
+                         "buffers (e.g. BatchNorm running statistics), which training overwrites "
+                         "(no exact inverse); use mode='reverse' with memory=... (checkpointing)")
     gamma = check_reversible(dyn)
     n, d = ratio(gamma)
     T = len(lrs)

@@ -6,6 +6,12 @@ output). Every exact and online method differentiates this one function:
 
 - ``torch.func.vjp`` of it gives (λ_t, ∂f/∂η_t) from λ_{t+1} (reverse mode);
 - ``torch.func.jvp`` of it with tangent (z, ζ) gives A_t z + B_t ζ (forward mode, online).
+
+A stateful problem (``Problem.buffers0``, e.g. BatchNorm's running statistics) carries its
+buffers β in the state: s_t = (optimizer state, β_t), and
+(L_t, β_{t+1}) = ``train_loss(w_t, t, β_t)`` is the forward pass of minibatch t, so
+Φ_t(s_t, η_t) = (D(s_t, ∇_w L_t, η_t), β_{t+1}) with β_{t+1} a differentiable function of
+(w_t, β_t); E = ``val_loss(w_T, β_T)`` (docs/models.md).
 """
 from __future__ import annotations
 
@@ -13,13 +19,14 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from torch.func import grad_and_value, jvp
+from torch.func import grad, grad_and_value, jvp
 
 from . import dynamics as _dynamics
 from ._tree import tree_flatten, tree_unflatten
 from .divergence import VALIDATION_LOSS, check_finite
 
-__all__ = ["make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
+__all__ = ["BUFFERS", "initial_state", "opt_part", "with_buffers", "float_leaves", "stateful_loss",
+           "make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
            "rowwise_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite", "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
@@ -40,15 +47,71 @@ def scalar_loss(fn: Callable, name: str) -> Callable:
     return checked
 
 
+#: The key of a stateful problem's buffers β (``Problem.buffers0``) in a training state: the
+#: state is the optimizer's dict plus, for a stateful problem only, ``state[BUFFERS]`` = β_t.
+#: The exact engine's tangents and cotangents of β are lists over its floating-point leaves
+#: (integer leaves such as ``num_batches_tracked`` have none).
+BUFFERS = "buffers"
+
+
+def initial_state(problem, dyn) -> dict:
+    """s_0: ``dyn.init(params0)``, with β_0 = ``problem.buffers0`` for a stateful problem."""
+    s0 = dyn.init(problem.params0)
+    if getattr(problem, "buffers0", None) is None:
+        return s0
+    return with_buffers(s0, problem.buffers0)
+
+
+def opt_part(state: dict) -> dict:
+    """The optimizer's part of a training state (``state`` itself when it holds no buffers)."""
+    if BUFFERS not in state:
+        return state
+    return {k: v for k, v in state.items() if k != BUFFERS}
+
+
+def with_buffers(state: dict, buffers: Any) -> dict:
+    """``state`` with β = ``buffers`` (``state`` itself for None)."""
+    if buffers is None:
+        return state
+    return {**state, BUFFERS: buffers}
+
+
+def float_leaves(buffers: Any) -> tuple[list, Any, list]:
+    """(leaves, spec, indices of the floating-point leaves) of a buffers pytree."""
+    leaves, spec = tree_flatten(buffers)
+    return leaves, spec, [i for i, x in enumerate(leaves) if x.is_floating_point()]
+
+
+def stateful_loss(fn: Callable) -> Callable:
+    """A stateful problem's ``train_loss(w, t, β) -> (L_t, β')`` with its output checked."""
+    def checked(w, t, buffers):
+        out = fn(w, t, buffers)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ValueError("problem.train_loss of a stateful problem (buffers0 set) must return "
+                             f"(loss, new_buffers), got {type(out).__name__}")
+        scalar_loss(lambda: out[0], "train_loss")()
+        return out
+    return checked
+
+
 def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
     """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)`` (the gradient in closed form for a
     :func:`closed_form` loss: its formulas are torch functions too, so ``torch.func.jvp`` of the
-    step differentiates them)."""
+    step differentiates them); β_{t+1} carried in the state of a stateful problem."""
+    params = dynamics.params
+    if getattr(problem, "buffers0", None) is not None:
+        loss_fn = stateful_loss(problem.train_loss)
+        grad_loss = grad(lambda w, t, b: (lambda out: (out[0], out))(loss_fn(w, t, b)), has_aux=True)
+
+        def stateful_step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
+            g, (loss, buffers) = grad_loss(params(state), t, state[BUFFERS])
+            return with_buffers(dynamics.step(opt_part(state), g, lr, t), buffers), loss
+
+        return stateful_step
     if closed_form(problem.train_loss, problem.params0) is not None:
         grad_loss = lambda w, t: problem.train_loss.value_and_grad(w)[::-1]
     else:
         grad_loss = grad_and_value(scalar_loss(problem.train_loss, "train_loss"))
-    params = dynamics.params
 
     def step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
         g, loss = grad_loss(params(state), t)
@@ -165,9 +228,15 @@ def check_lrs(lrs: Any, problem, argname: str = "lrs", allow_negative: bool = Fa
     return out
 
 
+def _buffers_of(state: dict) -> tuple:
+    """(β,) of a stateful training state, () otherwise: ``val_loss``'s extra argument."""
+    return (state[BUFFERS],) if BUFFERS in state else ()
+
+
 @dataclass
 class TrainResult:
-    """A training run: final state and parameters, per-step minibatch losses, final value E(w_T)."""
+    """A training run: final state (β_T in ``state["buffers"]`` for a stateful problem) and
+    parameters, per-step minibatch losses, final value E(w_T)."""
 
     state: dict
     params: Any
@@ -181,13 +250,13 @@ def train(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem) if validate else lrs
     step = make_step(problem, dyn)
-    state = dyn.init(problem.params0)
+    state = initial_state(problem, dyn)
     losses = []
     with torch.no_grad():
         for t in progress_bar(range(len(lrs)), progress, desc="train", leave=False):
             state, loss = step(state, lrs[t], t)
             check_finite(loss, t)
             losses.append(loss)
-        value = scalar_loss(problem.val_loss, "val_loss")(dyn.params(state))
+        value = scalar_loss(problem.val_loss, "val_loss")(dyn.params(state), *_buffers_of(state))
     check_finite(value, len(lrs) - 1, dyn.params(state), VALIDATION_LOSS)
     return TrainResult(state, dyn.params(state), torch.stack(losses), value)

@@ -1,0 +1,240 @@
+"""from_module: any torch.nn.Module as a Problem, its buffers part of the training state and its
+randomness a pure function of (seed, t) (docs/models.md)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hgtoolkit import exact, online, problems, trajectory
+
+F64 = torch.float64
+CE = nn.functional.cross_entropy
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def cnn(dropout=0.3, seed=0):
+    """Conv → BatchNorm2d → ReLU → Dropout → Linear → BatchNorm1d(momentum=None) → Tanh → Linear."""
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU()]
+    layers += [nn.Dropout(dropout)] if dropout else []
+    layers += [nn.Flatten(), nn.Linear(18, 4), nn.BatchNorm1d(4, momentum=None), nn.Tanh(), nn.Linear(4, 3)]
+    return nn.Sequential(*layers).to(F64)
+
+
+def data(n_train=24, n_val=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n_train + n_val, 1, 5, 5, generator=g, dtype=F64)
+    Y = torch.randint(3, (n_train + n_val,), generator=g)
+    return (X[:n_train], Y[:n_train]), (X[n_train:], Y[n_train:])
+
+
+LRS = torch.tensor([0.3, 0.2, 0.25, 0.15, 0.3, 0.2, 0.1, 0.2], dtype=F64)  # T = 8, 3 minibatches per epoch
+
+
+@pytest.fixture(scope="module")
+def bn_dropout():
+    model = cnn()
+    before = copy.deepcopy(model.state_dict())
+    train_data, val_data = data()
+    problem = problems.from_module(model, CE, train_data, val_data, batch_size=8, seed=3)
+    return model, before, problem, train_data, val_data
+
+
+def test_bn_dropout_cnn_every_mode_agrees(bn_dropout):
+    model, before, problem, train_data, val_data = bn_dropout
+    assert problem.stateful and problem.info["random"]
+    assert sorted(problem.buffers0) == ["1.num_batches_tracked", "1.running_mean", "1.running_var",
+                                        "6.num_batches_tracked", "6.running_mean", "6.running_var"]
+    rev = exact.hypergradient(problem, LRS, "momentum")
+    again = exact.hypergradient(problem, LRS, "momentum")
+    assert torch.equal(rev.grad, again.grad) and torch.equal(rev.value, again.value)
+    for kw in ({"checkpoint": 3}, {"checkpoint": "binomial", "snapshots": 2}):
+        r = exact.hypergradient(problem, LRS, "momentum", **kw)
+        assert r.recomputed_steps > 0
+        assert rel(r.grad, rev.grad) < 1e-10, kw
+    for mode in ("forward", "autograd"):
+        r = exact.hypergradient(problem, LRS, "momentum", mode=mode)
+        assert rel(r.grad, rev.grad) < 1e-10, mode
+        assert abs(float(r.value - rev.value)) < 1e-12
+    fd = exact.finite_difference(problem, LRS, "momentum")
+    assert rel(fd, rev.grad) < 1e-6
+    v = torch.linspace(-1, 1, len(LRS), dtype=F64)
+    _, dd = exact.directional_derivative(problem, LRS, v, "momentum")
+    assert abs(float(dd - rev.grad @ v)) < 1e-10 * float(rev.grad.norm())
+    # the user's module: parameters and buffers untouched, in its own mode
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and model.training
+    # the running statistics really are differentiated: detached, the hypergradient moves
+    detached = problems.from_module(model, CE, train_data, val_data, batch_size=8, seed=3,
+                                    differentiate_buffers=False)
+    d = exact.hypergradient(detached, LRS, "momentum")
+    assert torch.equal(d.value, rev.value)
+    assert rel(d.grad, rev.grad) > 1e-3
+    assert rel(exact.hypergradient(detached, LRS, "momentum", mode="autograd").grad, d.grad) < 1e-10
+
+
+def test_train_carries_buffers_and_leaves_the_rng_alone(bn_dropout):
+    _, _, problem, _, _ = bn_dropout
+    rng = torch.random.get_rng_state()
+    r = trajectory.train(problem, LRS, "momentum")
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    b = r.state[trajectory.BUFFERS]
+    assert b["1.num_batches_tracked"].dtype == torch.int64 and int(b["1.num_batches_tracked"]) == len(LRS)
+    assert not torch.equal(b["1.running_mean"], problem.buffers0["1.running_mean"])
+    assert torch.equal(r.value, exact.hypergradient(problem, LRS, "momentum").value)
+    m = problem.metrics(r.params, b)
+    assert m["val_loss"] == float(r.value)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_full_batch_value_is_a_plain_torch_loop(optimizer):
+    """No dropout, full batches: f(η) = E(w_T) of torch's own loop on a copy of the module (train
+    mode, torch's BatchNorm kernel updating the running statistics, validation in eval mode)."""
+    model = cnn(dropout=0)
+    train_data, val_data = data()
+    problem = problems.from_module(model, CE, train_data, val_data, batch_size=24)
+    value = exact.hypergradient(problem, LRS, optimizer).value
+    twin = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(twin.parameters(), lr=1.0, momentum=0.9 if optimizer == "momentum" else 0)
+    for lr in LRS:
+        opt.param_groups[0]["lr"] = float(lr)
+        opt.zero_grad()
+        CE(twin(train_data[0]), train_data[1]).backward()
+        opt.step()
+    twin.eval()
+    with torch.no_grad():
+        ref = CE(twin(val_data[0]), val_data[1])
+    assert abs(float(value - ref)) < 1e-10 * abs(float(ref))
+    r = trajectory.train(problem, LRS, optimizer)
+    for k, buf in twin.named_buffers():
+        got = r.state[trajectory.BUFFERS][k]
+        assert torch.equal(got, buf) if not buf.is_floating_point() else torch.allclose(got, buf, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.BatchNorm1d(3), (6, 3)), (nn.BatchNorm1d(3, momentum=None), (6, 3, 4)),
+    (nn.BatchNorm2d(3, affine=False), (5, 3, 2, 2)), (nn.BatchNorm3d(3, momentum=0.3), (4, 3, 2, 2, 2)),
+    (nn.BatchNorm2d(3, track_running_stats=False), (5, 3, 2, 2)),
+])
+def test_batchnorm_family_matches_torch(layer, shape):
+    """Three training steps of one layer: the loss, its gradient and the running statistics are
+    torch's (to rounding), and eval mode reads the statistics carried."""
+    layer = layer.to(F64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(*shape, generator=g, dtype=F64) * 2 + 1
+    target = torch.randn(*shape, generator=g, dtype=F64)
+    mse = nn.functional.mse_loss
+    model = nn.Sequential(nn.Identity(), layer) if layer.affine else nn.Sequential(nn.Linear(shape[-1], shape[-1]).to(F64), layer)
+    problem = problems.from_module(model, mse, (x, target), (x, target), batch_size=shape[0])
+    assert problem.stateful == layer.track_running_stats
+    lrs = torch.tensor([0.1, 0.2, 0.05], dtype=F64)
+    r = trajectory.train(problem, lrs)
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for lr in lrs:
+        opt.param_groups[0]["lr"] = float(lr)
+        opt.zero_grad()
+        mse(twin(x), target).backward()
+        opt.step()
+    for k, p in twin.named_parameters():
+        assert torch.allclose(r.params[k], p, rtol=1e-12, atol=1e-14), k
+    if problem.stateful:
+        for k, buf in twin.named_buffers():
+            got = r.state[trajectory.BUFFERS][k]
+            assert torch.allclose(got.to(F64), buf.to(F64), rtol=1e-12, atol=1e-14), k
+    with torch.no_grad():
+        ref = mse(twin.eval()(x), target)
+    assert abs(float(r.value - ref)) < 1e-12 * max(1.0, abs(float(ref)))
+
+
+class Counter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.lin(x)
+
+
+class Reassign(nn.Linear):
+    def __init__(self):
+        super().__init__(3, 2)
+        self.register_buffer("last", torch.zeros(3))
+
+    def forward(self, x):
+        self.last = x.mean(0).detach()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("layer,name", [(Counter(), "calls"), (Reassign(), "last")])
+def test_buffer_written_in_forward_is_refused(layer, name):
+    model = nn.Sequential(nn.Linear(3, 3), layer)
+    x, y = torch.randn(8, 3), torch.randint(2, (8,))
+    with pytest.raises(ValueError, match=rf"layer '1' \({type(layer).__name__}\) writes its buffer '{name}'"):
+        problems.from_module(model, CE, (x, y), (x, y), batch_size=4)
+
+
+def test_constant_buffers_and_datasets():
+    """A buffer never written is a constant (the problem stays plain, batched-ready); a map-style
+    dataset gives the problem of its tensors."""
+    class Shift(nn.Linear):
+        def __init__(self):
+            super().__init__(3, 2)
+            self.register_buffer("offset", torch.ones(3))
+
+        def forward(self, x):
+            return super().forward(x - self.offset)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Shift()).to(F64)
+    x, y = torch.randn(12, 3, dtype=F64), torch.randint(2, (12,))
+    p = problems.from_module(model, CE, (x, y), (x, y), batch_size=4)
+    ds = torch.utils.data.TensorDataset(x, y)
+    q = problems.from_module(model, CE, ds, ds, batch_size=4)
+    assert not p.stateful and p.batch is not None
+    lrs = torch.full((5,), 0.1, dtype=F64)
+    assert torch.equal(exact.hypergradient(p, lrs).grad, exact.hypergradient(q, lrs).grad)
+
+
+def test_dropout_only_model_replays_its_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2)).to(F64)
+    x, y = torch.randn(16, 4, dtype=F64), torch.randint(2, (16,))
+    p = problems.from_module(model, CE, (x, y), (x, y), batch_size=4, seed=5)
+    assert not p.stateful and p.info["random"] and p.batch is None
+    lrs = torch.full((9,), 0.3, dtype=F64)
+    ref = exact.hypergradient(p, lrs).grad
+    assert rel(exact.hypergradient(p, lrs, checkpoint=2).grad, ref) < 1e-12
+    assert rel(exact.hypergradient(p, lrs, mode="forward").grad, ref) < 1e-10
+    assert rel(exact.finite_difference(p, lrs), ref) < 1e-6
+    assert not torch.equal(p.train_loss(p.params0, 0), p.train_loss(p.params0, 3 * 4))  # epochs differ
+    assert torch.equal(p.train_loss(p.params0, 2), p.train_loss(p.params0, 2))
+
+
+def test_stateful_problem_refused_where_buffers_are_not_carried(bn_dropout):
+    _, _, problem, _, _ = bn_dropout
+    with pytest.raises(ValueError, match="is stateful"):
+        online.run(problem, "marthe", steps=3, lr0=0.1)
+    with pytest.raises(ValueError, match="carries buffers"):
+        exact.hypergradient(problem, LRS, "momentum", mode="reversible")
+
+
+def test_bad_arguments():
+    model = cnn()
+    tr, va = data()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        problems.from_module(lambda x: x, CE, tr, va, batch_size=4)
+    with pytest.raises(ValueError, match="batch_size must be an int in"):
+        problems.from_module(model, CE, tr, va, batch_size=100)
+    with pytest.raises(ValueError, match="val_mode must be"):
+        problems.from_module(model, CE, tr, va, batch_size=4, val_mode="test")
+    with pytest.raises(ValueError, match="same number of examples"):
+        problems.from_module(model, CE, (tr[0], tr[1][:3]), va, batch_size=4)
+    with pytest.raises(TypeError, match="train_data must be"):
+        problems.from_module(model, CE, 3, va, batch_size=4)
