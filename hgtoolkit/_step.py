@@ -102,6 +102,9 @@ class Step:
         return tree_unflatten(out[:self._nw], self._spec), out[self._nw:]
 
     def _product(self, cots: list, retain: bool) -> list:
+        """The backward of the kept outputs with cotangents ``cots`` (None: zero) to the inputs;
+        an output that does not require grad (a loss linear in some leaves has a constant
+        gradient there: H = 0) contributes nothing."""
         live = [i for i, (g, c) in enumerate(zip(self._g, cots)) if g.requires_grad and c is not None]
         if live:
             out = torch.autograd.grad([self._g[i] for i in live], self._w, [cots[i] for i in live],
@@ -126,16 +129,7 @@ class Step:
             if not retain:
                 self._w = self._g = None
             return out
-        vs = tree_flatten(v)[0]
-        live = [i for i, g in enumerate(self._g) if g.requires_grad]
-        if live:  # a loss linear in some leaves has a constant gradient there: H = 0
-            out = torch.autograd.grad([self._g[i] for i in live], self._w, [vs[i] for i in live],
-                                      retain_graph=retain, allow_unused=True, materialize_grads=True)
-        else:
-            out = [torch.zeros_like(x) for x in self._w]
-        if not retain:
-            self._w = self._g = None
-        return tree_unflatten(list(out), self._spec)
+        return tree_unflatten(self._product(tree_flatten(v)[0], retain), self._spec)
 
 
 def add_w(state_tree: dict, hv: Any) -> dict:

@@ -104,6 +104,11 @@ def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
         grad_loss = grad(lambda w, t, b: (lambda out: (out[0], out))(loss_fn(w, t, b)), has_aux=True)
 
         def stateful_step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
+            if BUFFERS not in state:
+                raise ValueError(f"problem {problem.name!r} is stateful (buffers0 set) but the state "
+                                 "given to its step holds no buffers: start from "
+                                 "trajectory.initial_state(problem, dynamics); this caller does not "
+                                 "carry buffers yet (docs/models.md)")
             g, (loss, buffers) = grad_loss(params(state), t, state[BUFFERS])
             return with_buffers(dynamics.step(opt_part(state), g, lr, t), buffers), loss
 

@@ -88,6 +88,7 @@ def test_train_carries_buffers_and_leaves_the_rng_alone(bn_dropout):
     assert torch.equal(r.value, exact.hypergradient(problem, LRS, "momentum").value)
     m = problem.metrics(r.params, b)
     assert m["val_loss"] == float(r.value)
+    assert problem.initial_metrics()["val_loss"] == float(problem.val_loss(problem.params0, problem.buffers0))
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
