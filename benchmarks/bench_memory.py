@@ -95,7 +95,7 @@ def child(spec: dict) -> dict:
         if mode == "stored":
             kw.setdefault("memory", "1TB")  # what storing costs, whatever the budget says
         return hgtoolkit.hypergradient(problem, lrs, "momentum", mode="reversible" if mode == "reversible" else "reverse",
-                                       **kw)
+                                       progress=n >= 1000, **kw)
 
     run(3)
     cal = {}
@@ -124,12 +124,15 @@ def child(spec: dict) -> dict:
     return out
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, log: Path) -> dict:
+    """One measurement in a fresh process; its stderr (tqdm progress of long runs) goes to ``log``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE.parent)
     if out.returncode != 0:
-        tail = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
-        return {**spec, "error": tail}
+        lines = [x for x in log.read_text().replace("\r", "\n").splitlines() if x.strip()]
+        return {**spec, "error": lines[-1] if lines else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
                 continue
             spec = {"mode": mode, "T": T, "kw": kw, "hidden": args.hidden, "threads": args.threads,
                     "calibrate": args.calibrate}
-            m = run_child(spec)
+            m = run_child(spec, RESULTS / f"{name}_{mode}_T{T}.log")
             m["label"] = label
             results.append(m)
             print(f"{label}, T={T}: " + (m.get("error") or f"{m['wall_s']:.1f} s, +{m['growth_mb']:.0f} MB"), flush=True)

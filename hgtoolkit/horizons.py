@@ -340,10 +340,12 @@ def _check_K(K: Any, argname: str = "K") -> int:
 
 
 def truncated_ladder(problem, lrs: Any, Ks: Sequence[int], optimizer: "str | _dynamics.Dynamics" = "sgd", *,
-                     progress: bool = False) -> dict[int, torch.Tensor]:
+                     memory: "int | str | None" = None, progress: bool = False) -> dict[int, torch.Tensor]:
     r"""{K: d⁽ᴷ⁾} for every K in ``Ks``, d⁽ᴷ⁾_t = ∂E(w_{min(t+K, T)})/∂η_t: one reverse pass for
     g (K ≥ T and every tail t ≥ T − K) and one forward pass with W = max{K < T} tangent columns
-    in a ring buffer for the heads (module docstring)."""
+    in a ring buffer for the heads (module docstring). ``memory``: the reverse pass's budget
+    (:func:`hgtoolkit.hypergradient`: it checkpoints long T to fit; the ring buffer adds W
+    training states)."""
     if isinstance(Ks, (int, str, bytes)) or not hasattr(Ks, "__iter__"):
         raise TypeError(f"Ks must be a sequence of ints, got {Ks!r}")
     Ks = [_check_K(k, "Ks") for k in Ks]
@@ -352,7 +354,7 @@ def truncated_ladder(problem, lrs: Any, Ks: Sequence[int], optimizer: "str | _dy
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
     T = len(lrs)
-    g = hypergradient(problem, lrs, dyn, mode="reverse").grad
+    g = hypergradient(problem, lrs, dyn, mode="reverse", memory=memory).grad
     out = {k: g.clone() for k in Ks}  # the tail t ≥ T − K (all of it for K ≥ T) is g
     short = [k for k in Ks if k < T]
     if short:
@@ -385,9 +387,9 @@ def truncated_ladder(problem, lrs: Any, Ks: Sequence[int], optimizer: "str | _dy
 
 
 def truncated(problem, lrs: Any, K: int, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
-              progress: bool = False) -> torch.Tensor:
+              memory: "int | str | None" = None, progress: bool = False) -> torch.Tensor:
     r"""d⁽ᴷ⁾_t = ∂E(w_{min(t+K, T)})/∂η_t for t = 0 … T−1 (the hypergradient seen through a
     horizon of K steps; K = 1: one-step reference, K ≥ T: ``hypergradient(...).grad``), by
     :func:`truncated_ladder` (one reverse pass plus, for K < T, T − 1 jvps of width K)."""
     K = _check_K(K)
-    return truncated_ladder(problem, lrs, [K], optimizer, progress=progress)[K]
+    return truncated_ladder(problem, lrs, [K], optimizer, memory=memory, progress=progress)[K]

@@ -158,3 +158,19 @@ def test_lrsopt_takes_a_memory_budget():
     b = lrsopt.optimize_schedule(problem, lrs, 2, 0.01, progress=False, memory="200MB",
                                  checkpoint="binomial", snapshots=2)
     assert torch.equal(torch.as_tensor(a.final_lrs), torch.as_tensor(b.final_lrs))
+
+
+def test_command_line_takes_the_schedule_and_the_budget(tmp_path):
+    import json
+    from hgtoolkit.cli import main
+    out = tmp_path / "hg"
+    assert main(["hypergrad", "--problem", "beale", "--steps", "30", "--lr", "1e-3", "--optimizer", "momentum",
+                 "--checkpoint", "binomial", "--snapshots", "3", "--memory", "200MB", "--out", str(out)]) == 0
+    rec = json.loads((out / "hypergrad.json").read_text())
+    assert rec["memory"]["schedule"] == "binomial" and rec["memory"]["recomputed_steps"] == binomial_recomputations(30, 3)
+    assert rec["memory"]["memory_budget"] == 200 * 10 ** 6
+    lo = tmp_path / "lo"
+    assert main(["lrsopt", "--problem", "beale", "--steps", "20", "--lr", "1e-3", "--outer-lr", "3e-4",
+                 "--outer-steps", "1", "--memory", "1GB", "--no-progress", "--out", str(lo)]) == 0
+    with pytest.raises(SystemExit):
+        main(["hypergrad", "--problem", "beale", "--memory", "lots", "--out", str(out)])

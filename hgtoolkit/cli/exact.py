@@ -129,7 +129,9 @@ def run_hypergrad(args) -> int:
               "train_losses": r.train_losses, "mode": r.mode, "optimizer": r.optimizer,
               "grad_norm": float(r.grad.norm()), "wall_time": elapsed, "settings": cli_args.settings(args),
               "problem": info,
-              "metrics": problem.metrics(r.params) if problem.metrics is not None else None}
+              "metrics": problem.metrics(r.params) if problem.metrics is not None else None,
+              "memory": {k: getattr(r, k) for k in ("schedule", "snapshots", "recomputed_steps", "memory_estimate",
+                                                    "memory_budget", "peak_memory", "buffer_bytes")}}
     json_path = atomic_write_json(out / "hypergrad.json", record)
 
     fig, (a, b) = plotting.figure(ncols=2)
