@@ -37,7 +37,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import RESULTS, env_info, format_table, row, write_results  # noqa: E402
+from common import RESULTS, env_info, format_table, interleaved, row, write_results  # noqa: E402
 
 LR, GAMMA = 0.05, 0.9
 FIGURE = HERE.parent / "docs" / "figures" / "memory_tradeoff.png"
@@ -190,14 +190,70 @@ def rows_of(results: list[dict]) -> list[dict]:
     return rows
 
 
+def timing(T: int, hidden: int, threads: int, repeats: int) -> tuple[list[dict], dict]:
+    """Time ratios in one process, round-robin (``common.interleaved``): every mode right after
+    the floor loop (gradient graph + HVP per step) of the same T; the floor itself = that loop
+    + a plain training pass, so ratio ÷ floor = (mode ÷ loop) / (1 + train ÷ loop)."""
+    import hgtoolkit
+    torch.set_num_threads(threads)
+    problem = build(hidden)
+    lrs = torch.full((T,), LR)
+    k = max(1, round(T ** 0.5))
+    hg = lambda **kw: (lambda: hgtoolkit.hypergradient(problem, lrs, "momentum", **kw))
+    cands = {"train": lambda: hand_loop(problem, T, hvp=False),
+             "stored": hg(checkpoint=None), f"every {k}": hg(checkpoint=k),
+             f"binomial c={k}": hg(checkpoint="binomial", snapshots=k), "reversible": hg(mode="reversible")}
+    res = interleaved(lambda: hand_loop(problem, T, hvp=True), cands, repeats=repeats)
+    plans = {f"every {k}": hgtoolkit.checkpointing.every_plan(T, k, hgtoolkit.checkpointing.Footprint(1, 1)),
+             f"binomial c={k}": hgtoolkit.checkpointing.binomial_plan(T, k, hgtoolkit.checkpointing.Footprint(1, 1))}
+    tr = res["train"]["ratio_wall"]
+    rows = [row(f"[timing T={T}] train pass / floor loop", tr, "×", note="floor loop = gradient graph + HVP per step")]
+    for name in cands:
+        if name == "train":
+            continue
+        r = res[name]["ratio_wall"] / (1 + tr)
+        target, met, note = None, None, f"{res[name]['wall_s']:.1f} s; ÷ floor loop {res[name]['ratio_wall']:.2f}"
+        if name == "reversible":
+            target, met = "≤ 1.25", r <= 1.25
+        rows.append(row(f"[timing T={T}] {name} / floor (training pass + one HVP per step)", r, "×", target, met, note))
+        if name in plans:
+            pred = 1 + plans[name].recomputed / T * tr  # in floor-loop units: T graph+HVP steps + recomputed plain steps
+            rr = res[name]["ratio_wall"] / pred
+            rows.append(row(f"[timing T={T}] {name} / (its floor + recomputation)", rr, "×", "≤ 1.1", rr <= 1.1,
+                            f"{plans[name].recomputed} recomputed steps"))
+    return rows, res
+
+
+def _saved() -> list[dict]:
+    out = []
+    for path in sorted(RESULTS.glob("memory*.json")):
+        if "quick" not in path.name:
+            out += [m for m in json.loads(path.read_text())["measurements"] if "error" not in m]
+    return sorted(out, key=lambda m: (m["T"], m["mode"]))
+
+
+def markdown() -> str:
+    """The docs table (docs/memory.md) from the saved measurements."""
+    lines = ["| T | mode | schedule (snapshots, recomputed) | peak growth | × S | estimate | time ÷ floor | ÷ prediction |",
+             "|--:|---|---|--:|--:|--:|--:|--:|"]
+    for m in _saved():
+        T, floor = m["T"], m["T"] * (m["t_train"] + m["t_floor_step"])
+        sched, pred = "", ""
+        if m.get("schedule"):
+            sched = f"{m['schedule']} ({m['snapshots']}, {m['recomputed_steps']})"
+            if m["mode"] != "reversible":
+                pred = f"{m['wall_s'] / (T * m['t_floor_step'] + m['recomputed_steps'] * m['t_train']):.2f}"
+        est = f"{m['memory_estimate'] / 1e6:.0f} MB" if m.get("memory_estimate") else ""
+        lines.append(f"| {T} | {m['label']} | {sched} | {m['growth_mb']:.0f} MB | {m['growth_mb'] / m['state_mb']:.1f} | "
+                     f"{est} | {m['wall_s'] / floor:.2f} | {pred} |")
+    return "\n".join(lines)
+
+
 def plot() -> Path | None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    data = []
-    for path in sorted(RESULTS.glob("memory*.json")):
-        if "quick" not in path.name:
-            data += [m for m in json.loads(path.read_text())["measurements"] if "error" not in m]
+    data = _saved()
     if not data:
         return None
     groups = {}
@@ -231,7 +287,10 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--calibrate", type=int, default=20)
-    ap.add_argument("--plot", action="store_true", help="only draw the figure from the saved results")
+    ap.add_argument("--T-time", dest="T_time", type=int, default=50, help="T of the interleaved timing (0: none)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--plot", action="store_true", help="only print the docs table and draw the figure "
+                                                        "from the saved results")
     ap.add_argument("--name", default=None, help="results file name (default memory / memory_long)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -240,6 +299,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(json.loads(args._child)), default=str))
         return 0
     if args.plot:
+        print(markdown())
         print(f"wrote {plot()}")
         return 0
     if args.quick:
@@ -261,10 +321,15 @@ def main(argv=None) -> int:
             print(f"{label}, T={T}: " + (m.get("error") or f"{m['wall_s']:.1f} s, +{m['growth_mb']:.0f} MB"), flush=True)
             write_results(name, {"benchmark": name, "rows": rows_of(results), "env": env, "measurements": results,
                                  "settings": vars(args), "partial": True})
-    env["loadavg_after"] = list(os.getloadavg())
     rows = rows_of(results)
+    timing_raw = None
+    if args.T_time and not args.long:
+        trows, timing_raw = timing(args.T_time if not args.quick else 10, args.hidden, args.threads,
+                                   1 if args.quick else args.repeats)
+        rows = trows + rows
+    env["loadavg_after"] = list(os.getloadavg())
     path = write_results(name, {"benchmark": name, "rows": rows, "env": env, "measurements": results,
-                                "settings": vars(args), "total_s": time.perf_counter() - started})
+                                "timing": timing_raw, "settings": vars(args), "total_s": time.perf_counter() - started})
     print(format_table(rows))
     print(f"\nwrote {path}")
     if not args.quick:

@@ -168,12 +168,31 @@ _COMPILE_FROM = 1 << 16  # leaves at least this large use the compiled kernels (
 def _kernel(fn, device: torch.device, size: int):
     """``fn`` compiled by torch.compile (one fused loop per leaf instead of ≈ 25 passes over
     memory) on the CPU for leaves of ≥ 2¹⁶ entries, else ``fn`` itself; both give the same bits
-    (integer arithmetic and float64 arithmetic on integers < 2⁵³; tested)."""
+    (integer arithmetic and float64 arithmetic on integers < 2⁵³; tested), so a machine where
+    compiling fails (no C++ compiler) falls back to ``fn`` with a warning, mid-run if need be."""
     if device.type != "cpu" or size < _COMPILE_FROM:
         return fn
     if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+        _COMPILED[fn] = _Compiled(fn)
     return _COMPILED[fn]
+
+
+class _Compiled:
+    """torch.compile of a pure kernel, eager where compiling or running it fails."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # a missing compiler shows up at the first call
+                import warnings
+                warnings.warn(f"mode='reversible': torch.compile failed ({type(exc).__name__}); the "
+                              "kernels run eagerly (the same numbers, slower)", RuntimeWarning, stacklevel=2)
+                self.compiled = None
+        return self.fn(*args)
 
 
 class FixedPointState:
