@@ -328,10 +328,11 @@ class OnlineOptimizer(DropIn):
         user's ``backward()``, then clipping, hooks, unscaling); the step then uses ``p.grad`` and
         the closure gives the loss and H_t z only. False when every ``p.grad`` is None or the
         closure gradient this optimizer wrote at its last step, unchanged: the closure's new
-        gradient replaces it. A gradient this optimizer wrote and that was changed in place since
-        (clipped after the step, or ``backward()`` accumulated into it) raises: it would be neither."""
+        gradient replaces it (also when zeroed in place since). A gradient this optimizer wrote and
+        that was changed in place since (clipped after the step, or ``backward()`` accumulated into
+        it) raises: it would be neither."""
         written = self.__dict__.setdefault("_written", {})
-        user, stale = False, []
+        user, stale, changed = False, [], []
         for group in self.param_groups:
             for p in group["params"]:
                 g = p.grad
@@ -341,15 +342,19 @@ class OnlineOptimizer(DropIn):
                 if mine is None or mine[0] is not g:
                     user = True
                 elif g._version != mine[1]:
-                    raise RuntimeError(
-                        f"{type(self).__name__}.step(closure): p.grad holds the gradient this optimizer "
-                        f"computed from the closure at its last step, changed in place since (by "
-                        f"clipping or a hook after step(), or backward() accumulating into it without "
-                        f"zero_grad()), so it is neither that gradient nor one of yours: call "
-                        f"opt.zero_grad() before loss.backward() (the step then uses your p.grad, "
-                        f"clipped or not), or leave p.grad alone and let the closure compute it")
+                    changed.append(p)
                 else:
                     stale.append(p)
+        # zeroed in place (a module's zero_grad(set_to_none=False)) is "no gradient", not a change
+        if changed and any(bool(p.grad.any()) for p in changed):
+            raise RuntimeError(
+                f"{type(self).__name__}.step(closure): p.grad holds the gradient this optimizer "
+                f"computed from the closure at its last step, changed in place since (by "
+                f"clipping or a hook after step(), or backward() accumulating into it without "
+                f"zero_grad()), so it is neither that gradient nor one of yours: call "
+                f"opt.zero_grad() before loss.backward() (the step then uses your p.grad, "
+                f"clipped or not), or leave p.grad alone and let the closure compute it")
+        stale += changed
         if user:  # the closure gradients of the last step belong to no backward of this one
             for p in stale:
                 p.grad = None

@@ -203,3 +203,26 @@ def test_torch_compile_with_a_hessian_vector_product_is_refused_with_the_reason(
         F.cross_entropy(compiled(x), y).backward()
         hd.step()
     assert hd.param_groups[0]["t"] == 2
+
+
+ZEROINGS = {"opt.zero_grad()": lambda model, opt: opt.zero_grad(),
+            "opt.zero_grad(set_to_none=False)": lambda model, opt: opt.zero_grad(set_to_none=False),
+            "model.zero_grad(set_to_none=False)": lambda model, opt: model.zero_grad(set_to_none=False),
+            "none": lambda model, opt: None}
+
+
+def test_a_closure_only_loop_may_zero_its_gradients_any_way():
+    """Gradients the optimizer wrote and that were zeroed in place are no gradient: the closure's
+    replaces them (the same run whatever the loop's zeroing)."""
+    runs = []
+    for zero in ZEROINGS.values():
+        model = _mlp()
+        opt = optim.MARTHE(model.parameters(), lr=0.1, beta=1e-2, mu=0.5, objective="train")
+        for t in range(T):
+            x, y = _data(t)
+            zero(model, opt)
+            opt.step(lambda: F.cross_entropy(model(x), y))
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert opt.param_groups[0]["effective_lr"] != 0.1
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
