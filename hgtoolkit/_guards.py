@@ -13,16 +13,22 @@ random stream:
 - the random state of the user's forward is replayed: the guard records the RNG state (CPU, and
   each CUDA device the module lives on) when the module's forward starts, and the extra pass's
   k-th call of the module starts from the k-th state recorded since the last step, so dropout
-  draws the user's masks; afterwards the RNG is put back where the user's loop left it.
+  draws the user's masks (the first 16 forwards between two steps are recorded); afterwards the
+  RNG is put back where the user's loop left it.
+
+The guard's hook on the module holds it weakly: it goes with the optimizer.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Iterator
 
 import torch
 
 __all__ = ["ModuleGuard", "extra_forward", "refuse_compiled", "explain_double_backward"]
+
+MAX_RECORDED = 16  # RNG states kept between two steps (the closure replays the first ones)
 
 
 def _devices(module: torch.nn.Module) -> list[int]:
@@ -54,11 +60,21 @@ class ModuleGuard:
         self.active = False  # inside an extra pass
         self.replay = False
         self.calls = 0
-        module.register_forward_pre_hook(self._pre_forward)
+        # the module holds the hook, the hook only a weak reference: the hook goes with the guard
+        # (with the optimizer); a copy of the module (copy.deepcopy keeps its hooks) is ignored
+        ref = weakref.ref(self)
 
-    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
+        def hook(mod: torch.nn.Module, args: Any) -> None:
+            guard = ref()
+            if guard is not None and mod is guard.module:
+                guard._pre_forward()
+
+        weakref.finalize(self, module.register_forward_pre_hook(hook).remove)
+
+    def _pre_forward(self) -> None:
         if not self.active:
-            self.recorded.append(_rng_state(self.devices))
+            if len(self.recorded) < MAX_RECORDED:  # forwards without a step (evaluation) in between
+                self.recorded.append(_rng_state(self.devices))
         elif self.replay and self.calls < len(self.recorded):
             _set_rng_state(self.recorded[self.calls], self.devices)
             self.calls += 1

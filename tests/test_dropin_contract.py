@@ -226,3 +226,18 @@ def test_a_closure_only_loop_may_zero_its_gradients_any_way():
     assert opt.param_groups[0]["effective_lr"] != 0.1
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(runs[0], run))
+
+
+def test_the_module_guard_goes_with_its_optimizer():
+    import gc
+    model = BNDropNet()
+    opt = _marthe(model, guarded=True)
+    twin = copy.deepcopy(model)  # keeps the hook, which ignores it
+    for _ in range(40):
+        twin(_data(0)[0])
+        model(_data(0)[0])
+    assert len(opt._guard.recorded) == 16  # bounded between two steps
+    del opt
+    gc.collect()
+    assert not model._forward_pre_hooks  # removed with the optimizer
+    twin(_data(0)[0])  # the copy's hook (a dead weak reference) does nothing
