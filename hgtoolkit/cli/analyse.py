@@ -67,7 +67,7 @@ def _tags(names: list[str]) -> list[str]:
 def run_analyse(args) -> int:
     from .. import online, plotting
     from ..analysis import analyse_online
-    from ..records import atomic_write_bytes, atomic_write_json
+    from ..records import atomic_write_bytes, write_sealed_json
 
     out = Path(args.out)
     runs = []  # (tag, OnlineResult, problem)
@@ -113,7 +113,7 @@ def run_analyse(args) -> int:
         summaries[tag] = {"label": report.label, "summary": report.summary, "info": report.info}
         written += [json_path, pngs[0]]
     md = atomic_write_bytes(out / "analyse.md", ("\n\n".join(tables) + "\n").encode())
-    js = atomic_write_json(out / "analyse.json", {"command": "analyse", "runs": summaries,
+    js = write_sealed_json(out / "analyse.json", {"command": "analyse", "runs": summaries,  # + its checksum
                                                   "settings": cli_args.settings(args)})
     print("\n\n".join(tables))
     print(f"\nwrote {md}, {js}, " + ", ".join(str(w) for w in written))

@@ -110,7 +110,7 @@ def _title(info: dict, args, T: int) -> str:
 def run_hypergrad(args) -> int:
     from .. import plotting
     from ..exact import hypergradient
-    from ..records import atomic_write_json
+    from ..records import write_sealed_json
 
     problem = cli_args.make_problem(args)
     lrs = _schedule(args, problem)
@@ -132,7 +132,7 @@ def run_hypergrad(args) -> int:
               "metrics": problem.metrics(r.params) if problem.metrics is not None else None,
               "memory": {k: getattr(r, k) for k in ("schedule", "snapshots", "recomputed_steps", "memory_estimate",
                                                     "memory_budget", "peak_memory", "buffer_bytes")}}
-    json_path = atomic_write_json(out / "hypergrad.json", record)
+    json_path = write_sealed_json(out / "hypergrad.json", record)  # with its checksum
 
     fig, (a, b) = plotting.figure(ncols=2)
     plotting.plot_schedules({"$\\eta$": r.lrs}, ax=a, title="schedule")
