@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ._problem import BatchOrder, Problem, resolve_device
+
 __all__ = ["from_module", "FunctionalBatchNorm"]
 
 #: where FunctionalBatchNorm leaves the running statistics it computed (the innermost dict)
@@ -214,7 +216,6 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
     running statistics and randomness gives a plain problem with ``batch``/``batch_loss``/
     ``val_batch`` (batched runs); the others have none. The module itself is never modified
     (docs/models.md)."""
-    from .problems import Problem, _BatchOrder, _resolve_device
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(loss_fn):
@@ -229,7 +230,7 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
     if not named:
         raise ValueError("model has no parameters: nothing to train")
     first = next(iter(named.values()))
-    device = first.device if device is None else _resolve_device(device)
+    device = first.device if device is None else resolve_device(device)
     dtype = first.dtype
     train_data = _as_data(train_data, "train_data", dtype, device)
     val_data = _as_data(val_data, "val_data", dtype, device)
@@ -242,7 +243,7 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
     twin_buffers = dict(twin.named_buffers())
     buffers0 = {k: twin_buffers[k].detach().clone() for k in state_names} or None
     consts = {k: v.detach() for k, v in twin_buffers.items() if k not in state_names}
-    first_batch = _BatchOrder(n_train, batch_size, int(seed), device)(0)
+    first_batch = BatchOrder(n_train, batch_size, int(seed), device)(0)
     random = _inspect(twin, tuple(x[first_batch] for x in train_data[:-1]), device)
     train_t = twin.to("meta").train()
     eval_t = copy.deepcopy(train_t).train(val_mode == "train")
@@ -284,8 +285,8 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
         return loss_fn(call(train_t, params, None, batch[:-1]), batch[-1])
 
     def make(bseed: int):
-        order = _BatchOrder(n_train, batch_size, bseed, device)
-        val_orders: dict[int, _BatchOrder] = {}
+        order = BatchOrder(n_train, batch_size, bseed, device)
+        val_orders: dict[int, BatchOrder] = {}
         n_val = len(val_data[0])
 
         def batch(t):
@@ -297,7 +298,7 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
             if size not in val_orders:
                 if not 1 <= size <= n_val:
                     raise ValueError(f"val_batch_size must be in [1, {n_val}], got {size}")
-                val_orders[size] = _BatchOrder(n_val, size, bseed + 7919, device)
+                val_orders[size] = BatchOrder(n_val, size, bseed + 7919, device)
             idx = val_orders[size](t)
             return tuple(x[idx] for x in val_data)
 
