@@ -58,6 +58,7 @@ saves to JSON + npz and loads back.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -77,7 +78,7 @@ from . import divergence as _divergence
 from .drive import closing_update, drive
 from .divergence import DivergenceWarning
 from .settings import OnlineSettings
-from .trajectory import autograd_gradient, autograd_gradient_hvp
+from .trajectory import autograd_gradient, autograd_gradient_hvp, stateful_loss
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
@@ -747,6 +748,30 @@ class _SingleRun:
         return state
 
 
+class _StatefulRun(_SingleRun):
+    """:class:`_SingleRun` for a stateful problem (``Problem.buffers0``, docs/models.md): β_t
+    carried along the run as in :func:`hgtoolkit.train` — step t's forward pass gives
+    (L_t, β_{t+1}) = ``train_loss(w_t, t, β_t)``; E, the metrics and the HVP at step t read
+    β_t. The online tangent treats β_t as a constant (z_β = 0)."""
+
+    def __init__(self, problem, engine: Engine, cfg: HyperConfig, val_bs: int | None):
+        super().__init__(problem, engine, cfg, val_bs)
+        self.buffers, self.next, loss = problem.buffers0, problem.buffers0, stateful_loss(problem.train_loss)
+
+        def train_loss(w, t):
+            out, new = loss(w, t, self.buffers)
+            self.next = tree_map(lambda x: x.detach(), new)
+            return out
+
+        self.problem = dataclasses.replace(
+            problem, train_loss=train_loss, val_loss=lambda w: problem.val_loss(w, self.buffers), buffers0=None,
+            metrics=None if problem.metrics is None else (lambda w: problem.metrics(w, self.buffers)))
+
+    def record(self, t, state, aux, pending):
+        self.buffers = self.next
+        return super().record(t, state, aux, pending)
+
+
 @_settings.takes(OnlineSettings)
 def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" = "sgd", *,
         mu_rule: Callable | None = None, progress: bool = False, raise_on_divergence: bool = False,
@@ -799,7 +824,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     problem, cfg, dyn, T, eval_every, val_bs, config = setup(problem, settings, mu_rule)
     engine = engine_for(cfg, dyn, donate=True)
     state = engine.init(problem.params0, cfg)
-    runs = _SingleRun(problem, engine, cfg, val_bs)
+    runs = (_StatefulRun if problem.stateful else _SingleRun)(problem, engine, cfg, val_bs)
     state = drive(engine, runs, state, T, eval_every=eval_every,
                   progress=progress, desc=f"online {cfg.method}",
                   postfix=lambda aux, _: {"lr": f"{float(aux['lr']):.3g}", "loss": f"{float(aux['loss']):.4g}"})

@@ -2,11 +2,12 @@
 randomness a pure function of (seed, t) (docs/models.md)."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from hgtoolkit import exact, online, problems, trajectory
+from hgtoolkit import dynamics, exact, online, problems, towers, trajectory
 
 F64 = torch.float64
 CE = nn.functional.cross_entropy
@@ -218,10 +219,32 @@ def test_dropout_only_model_replays_its_masks():
     assert torch.equal(p.train_loss(p.params0, 2), p.train_loss(p.params0, 2))
 
 
+def test_online_methods_and_towers_carry_the_buffers(bn_dropout):
+    """HD/RTHO/MARTHE and a tower with hypergradient LR 0 are the training run with buffers and
+    masks of :func:`trajectory.train`, value for value; learning, they stay finite."""
+    model, before, problem, _, _ = bn_dropout
+    lrs = torch.full((8,), 0.2, dtype=F64)
+    ref = trajectory.train(problem, lrs, "momentum")
+    for method in ("hd", "rtho", "marthe"):
+        r = online.run(problem, method, "momentum", steps=8, lr0=0.2, beta=0.0)
+        assert r.final_val_loss == float(ref.value), method
+        assert np.array_equal(r.train_losses, ref.train_losses.numpy()), method
+        learnt = online.run(problem, method, "momentum", steps=8, lr0=0.2, beta=1e-3)
+        assert np.isfinite(learnt.final_val_loss) and not np.all(learnt.lrs == 0.2)
+    sgd = trajectory.train(problem, lrs)
+    assert towers.run(problem, "sgd(lr=0.2) / sgd(lr=0)", steps=8).value == float(sgd.value)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_stateful_problem_refused_where_buffers_are_not_carried(bn_dropout):
     _, _, problem, _, _ = bn_dropout
     with pytest.raises(ValueError, match="is stateful"):
-        online.run(problem, "marthe", steps=3, lr0=0.1)
+        problem.train_loss(problem.params0, 0)
+    with pytest.raises(ValueError, match="is stateful"):
+        problem.val_loss(problem.params0)
+    with pytest.raises(ValueError, match="holds no buffers"):
+        trajectory.make_step(problem, dynamics.sgd())({"w": problem.params0}, LRS[0], 0)
     with pytest.raises(ValueError, match="carries buffers"):
         exact.hypergradient(problem, LRS, "momentum", mode="reversible")
 

@@ -106,7 +106,7 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
     >>> len(r.history.lrs)
     20
     """
-    from ..trajectory import make_step, progress_bar
+    from ..trajectory import BUFFERS, initial_state, make_step, opt_part, progress_bar
     tower = parse(tower)
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
@@ -116,7 +116,7 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
         raise ValueError(f"divergence_factor must be > 1 (or None), got {divergence_factor}")
     dyn = tower.dynamics()
     one_step = make_step(problem, dyn)
-    state = dyn.init(problem.params0)
+    state = initial_state(problem, dyn)  # with β_0 for a stateful problem (docs/models.md)
     history = History(tower)
     one = torch.ones((), dtype=problem.dtype, device=problem.device)
     losses, diverged_at, divergence, ref = [], None, None, math.nan
@@ -126,7 +126,7 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
             value = float(loss)
             ref = value if t == 0 else ref
             bad = (_divergence.check_loss(t, value, ref, divergence_factor)
-                   or state_divergence(tower, new, t))
+                   or state_divergence(tower, opt_part(new), t))
             if bad:
                 if raise_on_divergence:
                     raise bad.error(prefix=f"tower {tower}: ")
@@ -134,12 +134,13 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
                 diverged_at, divergence = t, f"tower {tower}: {bad.message}"
                 break
             state = new
-            history.append(state)
+            history.append(opt_part(state))
             losses.append(loss)
         params = dyn.params(state)
-        value = problem.val_loss(params)
+        buffers = (state[BUFFERS],) if BUFFERS in state else ()
+        value = problem.val_loss(params, *buffers)
     check_finite(value, max(len(losses) - 1, 0), params, VALIDATION_LOSS)
-    metrics = problem.metrics(params) if problem.metrics is not None else None
+    metrics = problem.metrics(params, *buffers) if problem.metrics is not None else None
     losses = torch.stack(losses).detach().cpu().double().numpy() if losses else np.zeros(0)
     return TowerResult(tower, history, losses, float(value), params, metrics, problem.describe(),
                        diverged_at, divergence)
