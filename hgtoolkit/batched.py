@@ -239,8 +239,8 @@ def _by_segments(segs: list, fn: Callable, *stacks):
 
 def batching_pays(problem) -> bool:
     """Does a vmapped (or native) batch beat a loop of single runs for this problem (measured:
-    :func:`run_online_batch`)?"""
-    return bool(problem.rowwise) or problem.device.type != "cpu"
+    :func:`run_online_batch`)? Never for a stateful problem (its buffers are carried run by run)."""
+    return not problem.stateful and (bool(problem.rowwise) or problem.device.type != "cpu")
 
 
 # ----------------------------------------------------------------------------- stacked pytrees

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hgtoolkit import dynamics, exact, online, problems, towers, trajectory
+from hgtoolkit import batched, dynamics, exact, online, problems, towers, trajectory
 
 F64 = torch.float64
 CE = nn.functional.cross_entropy
@@ -231,6 +231,9 @@ def test_online_methods_and_towers_carry_the_buffers(bn_dropout):
         assert np.array_equal(r.train_losses, ref.train_losses.numpy()), method
         learnt = online.run(problem, method, "momentum", steps=8, lr0=0.2, beta=1e-3)
         assert np.isfinite(learnt.final_val_loss) and not np.all(learnt.lrs == 0.2)
+    cells = [{"method": "marthe", "lr0": 0.2, "beta": 0.0, "steps": 8, "optimizer": "momentum"}]
+    (b,) = batched.run_online_batch(problem.resample, cells)  # seed 0: run one by one
+    assert b.final_val_loss == online.run(problem.resample(0), **cells[0]).final_val_loss
     sgd = trajectory.train(problem, lrs)
     assert towers.run(problem, "sgd(lr=0.2) / sgd(lr=0)", steps=8).value == float(sgd.value)
     after = model.state_dict()
