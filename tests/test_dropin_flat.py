@@ -27,7 +27,8 @@ def _data(t):
     return torch.randn(16, 4, generator=gen, dtype=torch.float64), torch.randint(3, (16,), generator=gen)
 
 
-def _run(make, flat, steps=range(T), net=None, opt=None, val=False):
+def _run(make, flat, steps=range(T), net=None, opt=None, val=False, clip=None):
+    """``clip``: the user's loop (backward, clip_grad_norm_, step(closure)); else the closure's."""
     net = net or _net()
     opt = opt or make(list(net.parameters()))
     opt._flat_buffers = flat
@@ -35,6 +36,10 @@ def _run(make, flat, steps=range(T), net=None, opt=None, val=False):
     for t in steps:
         x, y = _data(t)
         kw = {"val_closure": lambda: F.cross_entropy(net(xv), yv)} if val else {}
+        if clip is not None:
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            nn.utils.clip_grad_norm_(net.parameters(), clip)
         opt.step(lambda: F.cross_entropy(net(x), y), **kw)
     return net, opt
 
@@ -42,11 +47,12 @@ def _run(make, flat, steps=range(T), net=None, opt=None, val=False):
 OPTIMIZERS = {"sgd": "sgd", "nesterov": "nesterov", "adam": "adam"}
 
 
+@pytest.mark.parametrize("clip", [None, 0.1], ids=["closure's gradient", "user's clipped gradient"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_flat_path_is_the_reference_bit_for_bit_for_the_same_lr(name):
+def test_flat_path_is_the_reference_bit_for_bit_for_the_same_lr(name, clip):
     make = lambda ps: optim.MARTHE(ps, lr=0.05, beta=0.0, mu=0.5, objective="train", optimizer=name)
-    n_ref, o_ref = _run(make, False)
-    n_flat, o_flat = _run(make, True)
+    n_ref, o_ref = _run(make, False, clip=clip)
+    n_flat, o_flat = _run(make, True, clip=clip)
     assert o_flat._flat_groups and not o_ref.__dict__.get("_flat_groups")
     for a, b in zip(n_ref.parameters(), n_flat.parameters()):
         assert torch.equal(a, b)
