@@ -225,6 +225,13 @@ class DropIn(torch.optim.Optimizer):
                         if x is not None and _same_memory(x, p.grad):
                             st[k] = x.clone()
         super().zero_grad(set_to_none)
+        written = self.__dict__.get("_written")
+        if written and not set_to_none:  # gradients a closure wrote, zeroed by us: still ours
+            for group in self.param_groups:
+                for p in group["params"]:
+                    mine = written.get(id(p))
+                    if mine is not None and mine[0] is p.grad:
+                        written[id(p)] = (p.grad, p.grad._version)
 
     def _diverged(self, group: dict, div: "_divergence.Divergence") -> None:
         """Report divergence of ``group`` (nothing of the step was applied)."""
