@@ -1,5 +1,7 @@
 """The package's layout: every module imports on its own, and no two modules import each other
-(directly or through others), at module level or inside functions.
+(directly or through others), at module level or inside functions; no module ``__getattr__``, no
+private name of another module used, no module over 900 lines, and nothing inside the library
+silences DivergenceWarning (docs/architecture.md).
 
 A moved public name (``marthe.find_beta``, ``towers.plot_history``, ``analysis.plot_approximation``)
 is a stand-in that raises an error naming its new place (``hgtoolkit.errors.moved``), not a module
@@ -136,3 +138,61 @@ def test_every_module_imports_on_its_own():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          cwd=PACKAGE.parent)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _trees():
+    return {m: (p, ast.parse(p.read_text(encoding="utf-8"))) for m, p in _modules().items()}
+
+
+def test_no_module_getattr_and_no_module_over_900_lines():
+    for module, (path, tree) in _trees().items():
+        assert not [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "__getattr__"], (
+            f"{module}: a module __getattr__ (a moved name raises through hgtoolkit.errors.moved instead)")
+        assert len(path.read_text(encoding="utf-8").splitlines()) <= 900, f"{module}: over 900 lines"
+
+
+def test_no_private_name_of_another_module_is_used():
+    modules = _modules()
+    found = []
+    for module, (path, tree) in _trees().items():
+        aliases = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+                    base = base[:len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                if not target.startswith("hgtoolkit"):
+                    continue
+                for a in node.names:
+                    if f"{target}.{a.name}" in modules:
+                        aliases[a.asname or a.name] = f"{target}.{a.name}"
+                    elif a.name.startswith("_") and not a.name.startswith("__") and target != module:
+                        found.append(f"{path.name}: {a.name} from {target}")
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name in modules and a.asname:
+                        aliases[a.asname] = a.name
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                    and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and aliases[node.value.id] != module):
+                found.append(f"{path.name}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not found, found
+
+
+def test_the_library_never_silences_divergence():
+    """Callers that expect divergence collect it (hgtoolkit.divergence.recorded); nothing filters it."""
+    found = []
+    for module, (path, tree) in _trees().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.attr if isinstance(fn, ast.Attribute) else getattr(fn, "id", "")
+                src = ast.unparse(node)
+                if name in ("simplefilter", "filterwarnings") and "ignore" in src and (
+                        "Divergence" in src or "RuntimeWarning" in src):
+                    found.append(f"{path.name}:{node.lineno}")
+    assert not found, found
