@@ -92,6 +92,8 @@ class HypergradResult:
     peak_memory: int | None = None
     #: mode="reversible": bytes of the information buffer at the end of the forward pass
     buffer_bytes: int | None = None
+    #: a stateful problem's buffers β_T (docs/models.md), None otherwise
+    buffers: Any = None
 
     def save(self, path) -> Path:
         """:func:`hgtoolkit.save` (JSON + npz + the parameters, checksummed); returns the JSON path."""
@@ -163,7 +165,8 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
         raise FloatingPointError("the hypergradient has non-finite entries although training stayed finite")
     info = {"schedule": plan.kind if plan.kind != "every" else f"every {plan.k}",
             "snapshots": stats.snapshots, "recomputed_steps": stats.forward_steps - T,
-            "memory_estimate": plan.estimate, "memory_budget": limit, "peak_memory": sampler.peak}
+            "memory_estimate": plan.estimate, "memory_budget": limit, "peak_memory": sampler.peak,
+            "buffers": out["final"].get(BUFFERS)}
     return out["value"], grads, dyn.params(out["final"]), losses, info
 
 
@@ -228,7 +231,7 @@ def _forward(problem, dyn, lrs, chunk_size, progress):
         _, Z, _ = _tangent_pass(problem, dyn, start_states.pop(c0), lrs, cols, t0=c0)
         for j, z in zip(cols, Z):
             grads[j] = _dot_w(lam, z)
-    return value, grads, dyn.params(final), losses
+    return value, grads, dyn.params(final), losses, {"buffers": final.get(BUFFERS)}
 
 
 def _autograd(problem, dyn, lrs, progress):
@@ -251,7 +254,8 @@ def _autograd(problem, dyn, lrs, progress):
     value = problem.val_loss(dyn.params(state), *(() if buffers is None else (buffers,)))
     check_finite(value, T - 1, dyn.params(state), VALIDATION_LOSS)
     (grads,) = torch.autograd.grad(value, eta)
-    return value.detach(), grads, tree_map(lambda p: p.detach(), dyn.params(state)), torch.stack(losses)
+    info = {} if buffers is None else {"buffers": tree_map(lambda b: b.detach(), buffers)}
+    return value.detach(), grads, tree_map(lambda p: p.detach(), dyn.params(state)), torch.stack(losses), info
 
 
 def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd",
@@ -298,9 +302,9 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
     elif mode == "reversible":
         value, grads, params, losses, info = reversible_reverse(problem, dyn, lrs, memory, progress)
     elif mode == "forward":
-        value, grads, params, losses = _forward(problem, dyn, lrs, chunk_size, progress)
+        value, grads, params, losses, info = _forward(problem, dyn, lrs, chunk_size, progress)
     else:
-        value, grads, params, losses = _autograd(problem, dyn, lrs, progress)
+        value, grads, params, losses, info = _autograd(problem, dyn, lrs, progress)
     return HypergradResult(value, grads.detach(), params, lrs, losses, mode, dyn.config(), **info)
 
 

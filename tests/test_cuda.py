@@ -64,3 +64,19 @@ def test_lrsopt_on_cuda_matches_cpu_and_resumes(outer, tmp_path):
     c = lrsopt.optimize_schedule(gpu, lrs0.cuda(), 3, lr, outer, progress=False,
                                  checkpoint_path=tmp_path / "ck.pt", resume=True)
     assert c.outer_steps_done == 3 and np.array_equal(c.final_lrs, b.final_lrs)
+
+
+def test_from_module_batchnorm_dropout_on_cuda():
+    """A BatchNorm + dropout CNN on CUDA: every exact mode agrees, the caller's CUDA RNG state is
+    untouched; without dropout the numbers are the CPU's."""
+    from test_models import CE, LRS, cnn, data
+    tr, va = data()
+    for dropout in (0.3, 0.0):
+        gpu = problems.from_module(cnn(dropout), CE, tr, va, batch_size=8, seed=3, device="cuda")
+        state = torch.cuda.get_rng_state()
+        ref = hypergradient(gpu, LRS.cuda(), "momentum")
+        assert torch.equal(torch.cuda.get_rng_state(), state)
+        for mode, kw in (("reverse", {"checkpoint": 3}), ("forward", {}), ("autograd", {})):
+            assert _rel(hypergradient(gpu, LRS.cuda(), "momentum", mode, **kw).grad, ref.grad) < 1e-10, mode
+    cpu = problems.from_module(cnn(0.0), CE, tr, va, batch_size=8, seed=3)
+    assert _rel(ref.grad, hypergradient(cpu, LRS, "momentum").grad) < 1e-9

@@ -78,6 +78,19 @@ def test_bn_dropout_cnn_every_mode_agrees(bn_dropout):
     assert rel(exact.hypergradient(detached, LRS, "momentum", mode="autograd").grad, d.grad) < 1e-10
 
 
+def test_result_buffers_record_and_lrsopt(bn_dropout, tmp_path):
+    """β_T comes with the hypergradient (and its record); LRS-OPT reads the metrics with it."""
+    import hgtoolkit
+    _, _, problem, _, _ = bn_dropout
+    r = exact.hypergradient(problem, LRS, "momentum", checkpoint=3)
+    ref = trajectory.train(problem, LRS, "momentum").state[trajectory.BUFFERS]
+    assert all(torch.equal(r.buffers[k], ref[k]) for k in ref)
+    back = hgtoolkit.load(r.save(tmp_path / "r"))
+    assert all(torch.equal(back.buffers[k], ref[k]) for k in ref)
+    s = hgtoolkit.optimize_schedule(problem, LRS, optimizer="momentum", outer_steps=2)
+    assert s.status == "completed" and s.metrics[0]["val_loss"] == float(r.value)
+
+
 def test_train_carries_buffers_and_leaves_the_rng_alone(bn_dropout):
     _, _, problem, _, _ = bn_dropout
     rng = torch.random.get_rng_state()
