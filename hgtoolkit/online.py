@@ -58,7 +58,6 @@ saves to JSON + npz and loads back.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 import time
@@ -78,7 +77,7 @@ from . import divergence as _divergence
 from .drive import closing_update, drive
 from .divergence import DivergenceWarning
 from .settings import OnlineSettings
-from .trajectory import autograd_gradient, autograd_gradient_hvp, stateful_loss
+from .trajectory import CarriedBuffers, autograd_gradient, autograd_gradient_hvp
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
@@ -681,7 +680,7 @@ class _SingleRun:
         self.auxes: list[dict] = []
         self.times: list[float] = []
         self.evals: list[tuple[int, float, float]] = []
-        self.state = None
+        self.state, self.after_step = None, None
         self.start = time.perf_counter()
 
     def gradient(self, w, z_w, t):
@@ -728,6 +727,8 @@ class _SingleRun:
         return self.engine.step(state, g, t, loss=loss, hvp=hvp, v=v, value=value)
 
     def record(self, t, state, aux, pending):
+        if self.after_step is not None:
+            self.after_step()
         self.auxes.append(aux)
         self.times.append(time.perf_counter() - self.start)
         if int(state.diverged_at) >= 0:
@@ -746,30 +747,6 @@ class _SingleRun:
         if int(state.diverged_at) < 0:
             self.evals.append(self.evaluate(steps, engine.dynamics.params(state.opt), value))
         return state
-
-
-class _StatefulRun(_SingleRun):
-    """:class:`_SingleRun` for a stateful problem (``Problem.buffers0``, docs/models.md): β_t
-    carried along the run as in :func:`hgtoolkit.train` — step t's forward pass gives
-    (L_t, β_{t+1}) = ``train_loss(w_t, t, β_t)``; E, the metrics and the HVP at step t read
-    β_t. The online tangent treats β_t as a constant (z_β = 0)."""
-
-    def __init__(self, problem, engine: Engine, cfg: HyperConfig, val_bs: int | None):
-        super().__init__(problem, engine, cfg, val_bs)
-        self.buffers, self.next, loss = problem.buffers0, problem.buffers0, stateful_loss(problem.train_loss)
-
-        def train_loss(w, t):
-            out, new = loss(w, t, self.buffers)
-            self.next = tree_map(lambda x: x.detach(), new)
-            return out
-
-        self.problem = dataclasses.replace(
-            problem, train_loss=train_loss, val_loss=lambda w: problem.val_loss(w, self.buffers), buffers0=None,
-            metrics=None if problem.metrics is None else (lambda w: problem.metrics(w, self.buffers)))
-
-    def record(self, t, state, aux, pending):
-        self.buffers = self.next
-        return super().record(t, state, aux, pending)
 
 
 @_settings.takes(OnlineSettings)
@@ -824,7 +801,9 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     problem, cfg, dyn, T, eval_every, val_bs, config = setup(problem, settings, mu_rule)
     engine = engine_for(cfg, dyn, donate=True)
     state = engine.init(problem.params0, cfg)
-    runs = (_StatefulRun if problem.stateful else _SingleRun)(problem, engine, cfg, val_bs)
+    carried = CarriedBuffers(problem) if problem.stateful else None  # β_t along the run (docs/models.md)
+    runs = _SingleRun(problem if carried is None else carried.problem, engine, cfg, val_bs)
+    runs.after_step = None if carried is None else carried.advance
     state = drive(engine, runs, state, T, eval_every=eval_every,
                   progress=progress, desc=f"online {cfg.method}",
                   postfix=lambda aux, _: {"lr": f"{float(aux['lr']):.3g}", "loss": f"{float(aux['loss']):.4g}"})
