@@ -344,6 +344,12 @@ def run_peer_cell(problem, params: dict, ctx):
     return sweep.record_output(r, "diverged" if r.diverged else "ok")
 
 
+def _analysis_check(params: dict) -> None:
+    """An analysis cell's settings are an online cell's plus the id of that stored cell."""
+    from .. import sweep
+    sweep.CELL_KINDS["online"].check({k: v for k, v in params.items() if k != "online_cell"})
+
+
 def run_analysis_cell(problem, params: dict, ctx):
     """Kind ``mnist.analysis``: the online run's estimates compared with the exact hypergradients
     along its trajectory (:func:`hgtoolkit.analysis.analyse_online`). The run is the stored
@@ -395,7 +401,7 @@ def _register_kinds() -> None:
         params={"name": lambda v: _peer_name(v), "lr": _number(0, open_lo=True, none=True),
                 "steps": _number(1, integer=True), "eval_every": _number(1, integer=True), "seed": sweep.SEED_SPEC}))
     sweep.register_cell_kind(sweep.CellKind(
-        "mnist.analysis", run_analysis_cell, required=online.required, check=online.check,
+        "mnist.analysis", run_analysis_cell, required=online.required, check=_analysis_check,
         cost=lambda p: 10.0 * online.cost(p), to_result=sweep.record_result("approximation"),
         params={**online.params, "online_cell": _cell_id}))
 
