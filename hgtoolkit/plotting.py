@@ -567,14 +567,14 @@ def plot_contour_paths(fn, paths: Mapping[str, Any], ax=None, title: str | None 
         lo = max(float(pos.min()), float(pos.max()) * 1e-8)
         levels = np.geomspace(lo, float(pos.max()), n_levels)
         cs = ax.contourf(gx, gy, np.maximum(gap, lo), levels=levels, norm=colors.LogNorm(),
-                         cmap="Greys_r", alpha=0.55)
+                         cmap="Greys_r", alpha=0.55, rasterized=True)  # PDF: one image, not 25 fills
         ax.contour(gx, gy, np.maximum(gap, lo), levels=levels[::2], norm=colors.LogNorm(),
                    colors="0.45", linewidths=0.35, alpha=0.8)
         cbar = fig.colorbar(cs, ax=ax, shrink=0.85, pad=0.02, format=ticker.LogFormatterSciNotation())
         cbar.locator = ticker.LogLocator()
         cbar.update_ticks()
     else:
-        cs = ax.contourf(gx, gy, gap, levels=n_levels, cmap="Greys_r", alpha=0.55)
+        cs = ax.contourf(gx, gy, gap, levels=n_levels, cmap="Greys_r", alpha=0.55, rasterized=True)
         ax.contour(gx, gy, gap, levels=cs.levels[::2], colors="0.45", linewidths=0.35, alpha=0.8)
         cbar = fig.colorbar(cs, ax=ax, shrink=0.85, pad=0.02)
     cbar.set_label(r"$f(x, y) - f^\star$" + (" (log)" if log_levels else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -298,3 +299,33 @@ def test_composite_parts_run_side_by_side(tmp_path):
     assert (tmp_path / "hd" / "summary.md").exists()
     with pytest.raises(RuntimeError, match=r"'nope' failed.*run\.log"):
         _run_parts(("nope", "fig1"), "tiny", tmp_path / "bad", 0, False)
+
+
+def test_cuts_say_what_a_setting_leaves_out_and_reproduce_prints_them():
+    from hgtoolkit.cli.reproduce import _report
+    from hgtoolkit.experiments import mnist
+    cut = common.cuts(mnist.Config, "quick")
+    assert "lrsopt_steps: 10 (full: 5000)" in cut and "n_seeds: 2 (full: 20)" in cut
+    assert not any(c.startswith(("workers", "seed")) for c in cut)
+    assert common.cuts(mnist.Config, "full") == []
+    lines = _report({"setting": "quick", "wall_time": 1.0, "seed": 0}, Path("/tmp/x"), "fig1")
+    assert "  cut from the papers' scale (--full) in the quick setting:" in lines
+    assert any(l.strip().startswith("lrsopt_steps: 20 (full: 200)") for l in lines)
+    assert not any("cut from" in l for l in _report({"setting": "full"}, Path("/tmp/x"), "fig1"))
+
+
+def test_fig1_draws_each_function_right_after_its_lrsopt_cell(tmp_path, monkeypatch):
+    """The first figure does not wait for the other functions' LRS-OPT: cells and figures alternate."""
+    from hgtoolkit.experiments import fig1
+    calls = []
+    real_cells, real_figures = common.run_cells, fig1.make_figures
+    monkeypatch.setattr(common, "run_cells", lambda out, grids, **kw: (
+        calls.append(("cells", [g.name for g in grids])), real_cells(out, grids, **kw))[1])
+    monkeypatch.setattr(fig1, "make_figures", lambda out, fns, **kw: (
+        calls.append(("figures", list(fns))), real_figures(out, fns, **kw))[1])
+    run_experiment("fig1", setting="tiny", out=tmp_path, progress=False, functions=("bukin_sharp", "beale"),
+                   steps=10, lrsopt_steps=1, kappa_tries=1)
+    assert calls == [("cells", ["fig1/lrsopt/bukin_sharp"]), ("figures", ["bukin_sharp"]),
+                     ("cells", ["fig1/lrsopt/beale"]), ("figures", ["beale"])]
+    assert sorted(p.name for p in (tmp_path / "fig1" / "figures").glob("*.png")) == \
+        ["fig1_beale.png", "fig1_bukin_sharp.png"]

@@ -64,6 +64,13 @@ def _report(summary: dict, out: Path, name: str) -> list[str]:
         lines.append(f"  summary: {summary['summary_md']}")
     if summary.get("wall_time") is not None:
         lines.append(f"  ({summary['wall_time']:.0f} s, setting {summary.get('setting')}, seed {summary.get('seed')})")
+    setting = summary.get("setting")
+    if setting and setting != "full":
+        from ..experiments import EXPERIMENTS, common
+        cut = common.cuts(EXPERIMENTS[name].load().Config, setting)
+        if cut:
+            lines.append(f"  cut from the papers' scale (--full) in the {setting} setting:")
+            lines += [f"    {c}" for c in cut]
     return lines
 
 

@@ -50,7 +50,7 @@ __all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_settin
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
            "default_workers", "limited_threads", "run_cells", "cell_records",
-           "cells_summary", "note_old_layout", "number", "choice"]
+           "cells_summary", "note_old_layout", "number", "choice", "cuts"]
 
 SETTINGS = ("tiny", "quick", "full")
 
@@ -156,6 +156,27 @@ def make_config(config_cls: type, setting: str = "quick", seed: int | None = Non
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown} for {config_cls.__name__}; fields: {sorted(names)}")
     return dataclasses.replace(config, **overrides)
+
+
+def cuts(config_cls: type, setting: str) -> list[str]:
+    """What ``setting`` cuts from the papers' scale: one line ``field: value (full: value)`` per
+    field of ``config_cls.<setting>()`` that differs from ``config_cls.full()`` (``workers`` and
+    ``seed`` left out); [] for "full". What ``reproduce`` prints under its report."""
+    import dataclasses
+    check_setting(setting)
+    if setting == "full":
+        return []
+    ours, full = getattr(config_cls, setting)(), config_cls.full()
+
+    def short(v: Any) -> str:
+        if isinstance(v, (tuple, list)):
+            items = [short(x) for x in v]
+            return "(" + ", ".join(items if len(items) <= 6 else items[:3] + ["…"] + items[-2:]) + f"; {len(items)})"
+        return fmt(v) if isinstance(v, float) else str(v)
+
+    return [f"{f.name}: {short(getattr(ours, f.name))} (full: {short(getattr(full, f.name))})"
+            for f in dataclasses.fields(config_cls) if f.name not in ("workers", "seed")
+            and getattr(ours, f.name) != getattr(full, f.name)]
 
 
 def config_dict(config: Any) -> dict:

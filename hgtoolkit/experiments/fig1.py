@@ -85,8 +85,9 @@ class Config:
     ``constants``: plain GD with constant η on a log grid of this many values in
     [η_0, 100 η_0]; the best (smallest f(w_T)) is the baseline row and LRS-OPT's start.
     ``lrsopt_steps`` (0: skip): projected Adam steps on η, step size α = ``lrsopt_lr_rel``·η_c
-    (η_c the best constant). ``workers``: processes for the independent runs (results do not
-    depend on it).
+    (η_c the best constant). ``workers``: kept for the command line; the three LRS-OPT cells run
+    one after another in this process, each followed by its function's figure (written by a
+    forked process beside the next cell), so that the first figure is on disk early.
     """
 
     functions: tuple[str, ...] = ("beale", "bukin_smooth", "bukin_sharp")
@@ -308,13 +309,13 @@ def lrsopt_grid(config: Config):
             for fn in config.functions]
 
 
-def _lrsopt_records(out, config: Config) -> dict:
-    """{fn: (constants, ScheduleResult | None)} read from the store."""
+def _lrsopt_records(out, config: Config, functions=None) -> dict:
+    """{fn: (constants, ScheduleResult | None)} read from the store (``functions``: those only)."""
     from .. import sweep
-    grids = lrsopt_grid(config)
-    recs = common.cell_records(out, grids)
+    pairs = [(fn, g) for fn, g in zip(config.functions, lrsopt_grid(config)) if functions is None or fn in functions]
+    recs = common.cell_records(out, [g for _, g in pairs])
     res = {}
-    for fn, g in zip(config.functions, grids):
+    for fn, g in pairs:
         rec = recs[g.cells()[0].id]
         constants = {"lrs": None, "final": None, "best": None, **rec["result"]["extra"]["constants"],
                      **{k.split(".", 2)[2]: v for k, v in rec["arrays"].items() if k.startswith("extra.constants.")}}
@@ -342,8 +343,10 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     specs = method_specs(config)
     T = config.steps
 
-    report = common.run_cells(out, lrsopt_grid(config), workers=config.workers, progress=progress)
-    by_job = {("lrsopt", fn): r for fn, r in _lrsopt_records(out, config).items()}
+    # the online runs of every function first (one batch: seconds); then, function by function,
+    # its LRS-OPT cell, its records and its figure, written by a forked process while the next
+    # function's LRS-OPT runs: the first figure is on disk after one function's LRS-OPT
+    by_job: dict = {}
     for fn, (cells, auto) in _online_runs(config, specs, progress).items():
         by_job[("auto", fn)] = auto if config.auto_beta else None
         for (_, method, mu), row in zip(specs, [cells[i:i + len(config.betas)]
@@ -352,8 +355,14 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                 by_job[("grid", (fn, method, mu, beta))] = cell
 
     summary: dict[str, Any] = {"functions": {}, "lr0": config.lr0, "steps": T,
-                               "betas": list(config.betas), "cells": common.cells_summary(report)}
-    for fn in config.functions:
+                               "betas": list(config.betas),
+                               "cells": {"cells": 0, "existing": 0, "computed": []}}
+    figures = []
+    for fn, lgrid in zip(config.functions, lrsopt_grid(config)):
+        done = common.cells_summary(common.run_cells(out, [lgrid], progress=progress))
+        for k in ("cells", "existing", "computed"):
+            summary["cells"][k] += done[k]
+        by_job[("lrsopt", fn)] = _lrsopt_records(out, config, [fn])[fn]
         problem = _problem(fn)
         cells = [[by_job[("grid", (fn, method, mu, beta))] for beta in config.betas]
                  for _, method, mu in specs]
@@ -419,8 +428,8 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
 
         summary["functions"][fn] = _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info,
                                                      constants, config)
-
-    figures = make_figures(out, config.functions)
+        figures += make_figures(out, [fn], wait=False)
+    plotting.wait_for_figures()
     sections, notes = _markdown(summary, config)
     summary["figure_files"] = [str(p) for p in figures]
     return common.write_summary(out, "MARTHE Fig. 1 — HD vs RTHO vs MARTHE on 2-D test functions",
@@ -587,8 +596,10 @@ def _legend_below(ax, ncol: int = 2) -> None:
               fontsize=6.5, frameon=False)
 
 
-def make_figures(out_dir, functions) -> list:
-    """Draw ``figures/fig1_<fn>`` for each function from the records in ``data/`` (no training)."""
+def make_figures(out_dir, functions, wait: bool = True) -> list:
+    """Draw ``figures/fig1_<fn>`` for each function from the records in ``data/`` (no training);
+    ``wait=False``: return while forked processes still write the files
+    (:func:`plotting.wait_for_figures` waits for them)."""
     import testfunctions
     from ..lrsopt import ScheduleResult
     from ..online import OnlineResult
@@ -686,5 +697,6 @@ def make_figures(out_dir, functions) -> list:
         written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True, background=True,
                                     caption=f"data: analytic function `{fn}` (testfunctions), float64; "
                                             f"records in {out.data_dir.name}/{fn}_*")
-    plotting.wait_for_figures()
+    if wait:
+        plotting.wait_for_figures()
     return written
