@@ -13,7 +13,7 @@ For each: the 4 seeds × 4 β sweep (R = 16) timed both ways, round-robin (``com
 median of per-round ratios, 1 torch thread unless ``--threads``); the batched sweep at R = 160
 (20 seeds × 8 β) measured directly on ``tiny`` and projected (per-run cost × 160) for the
 others; and the largest difference between the two ways' numbers (η_t and E). The
-hyper-update is part of the vmapped ``Engine.step`` (no per-run Python work).
+hyper-update is part of the vmapped ``Engine.update`` (no per-run Python work).
 
     .venv/bin/python benchmarks/bench_batched.py [--quick] [--threads 1] [--steps 20]
 

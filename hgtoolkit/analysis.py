@@ -131,7 +131,8 @@ class _Replay:
     def evaluate(self, t, w, value):
         return None
 
-    def step(self, state, t, g, loss, hvp, v, value):
+    def update(self, state, oracle, t):
+        g, loss, hvp = oracle.grad, oracle.loss, oracle.hvp
         dyn = self.engine.dynamics
         state = state._replace(lr=self.lrs[t])
         _, b_t = dyn.tangent(state.opt, g, self.lrs[t], t)

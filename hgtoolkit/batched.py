@@ -1,5 +1,5 @@
 r"""Many online runs (seeds × η_0 × β × κ × μ × method) as ONE computation: ``torch.func.vmap``
-of :meth:`hgtoolkit.online.Engine.step` over a leading run axis.
+of :meth:`hgtoolkit.online.Engine.update` over a leading run axis.
 
 R independent runs of the online recursion (:mod:`hgtoolkit.online`) on copies of one problem
 that differ in their initial weights w_0 and minibatch order (the seed) and in every
@@ -9,7 +9,7 @@ runs is the single-run step, vmapped:
 
     (g^r_t, L^r_t, H^r_t z^r_w) = vmap(∇ℓ and its jvp along z_w)(w^r_t, z^r_w, x^r_t)
     v^r_t = ∇E(w^r_t) (vmap; objective "val")  or  g^r_t ("train")
-    (state^r, aux^r) = vmap(Engine.step)(state^r, g^r_t, L^r_t, H^r_t z^r_w, v^r_t)
+    (state^r, aux^r) = vmap(Engine.update)(state^r, Oracle(g^r_t, L^r_t, H^r_t z^r_w, v^r_t), t)
 
 where x^r_t = ``problem_r.batch(t)`` is run r's own minibatch, gathered outside vmap and stacked
 (R, B, …), and ℓ = ``problem.batch_loss`` is shared, so that ℓ(w, x^r_t) = L^r_t(w)
@@ -43,7 +43,7 @@ from torch.func import grad_and_value, vmap
 from . import marthe as _marthe
 from . import online as _online
 from . import settings
-from .drive import closing_update, drive
+from .drive import Oracle, closing_update, drive
 from .settings import OnlineSettings
 from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_flatten, tree_map
 from .trajectory import rowwise_gradient_hvp
@@ -331,15 +331,14 @@ class _Stack:
     def evaluate(self, k, W, E):
         return self.evaluation(k, W, E, self.active)
 
-    def step(self, S, t, g, L, hz, v, E):
-        engine = self.engine
+    def update(self, S, oracle, t):
+        engine, given = self.engine, [x is not None for x in oracle]
 
-        def fn(state, g, L, hz_, v_, value_):
-            return engine.step(state, g, t, loss=L, hvp=None if hz is None else hz_,
-                               v=None if v is None else v_, value=None if E is None else value_)
+        def fn(state, *fields):  # a field that is None is a placeholder under vmap
+            return engine.update(state, Oracle(*(x if ok else None for x, ok in zip(fields, given))), t)
 
-        dummy = torch.zeros(len(self.active), dtype=L.dtype, device=L.device)
-        return self.step_map(fn, S, g, L, *(dummy if x is None else x for x in (hz, v, E)))
+        dummy = torch.zeros(len(self.active), dtype=oracle.loss.dtype, device=oracle.loss.device)
+        return self.step_map(fn, S, *(dummy if x is None else x for x in oracle))
 
     def _keep(self, pending, mask) -> None:
         k, values, accs = pending

@@ -9,20 +9,36 @@ row-wise problems) and a prescribed schedule replayed to read its derivatives
     (g_t, L_t, H_t z_{t,w}) = runs.gradient(w_t, z_{t,w} if μ may be ≠ 0 and t > 0, t)
     (v_t, E(w_t))           = runs.objective(w_t, t, g_t, L_t)      # (None, None) when not needed
     pending                 = runs.evaluate(t, w_t, E(w_t))          # every ``eval_every`` steps
-    state, aux              = runs.step(state, t, g_t, L_t, H_t z, v_t, E(w_t))
+    state, aux              = runs.update(state, Oracle(g_t, L_t, H_t z, v_t, E(w_t)), t)
     state                   = runs.record(t, state, aux, pending)    # None: every run stopped
 
 and after step T−1, ``runs.close(state, T)`` — for the online runs :func:`closing_update`, the
 last hyper-update (h_T, η_T) from v_T. The drop-in optimizers (:mod:`hgtoolkit.optim`) live
-in the user's loop: they share :meth:`Engine.step`, not this loop.
+in the user's loop: they share the engine's update (its pieces ``hyper_update``,
+``check_loss``, ``optimizer_step``), not this loop. The method is the engine: ``init(params,
+settings) -> state`` and ``update(state, oracle, t) -> (state, aux)`` (the optax shape).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 from .trajectory import progress_bar
 
-__all__ = ["Runs", "drive", "closing_update"]
+__all__ = ["Oracle", "Runs", "drive", "closing_update"]
+
+
+class Oracle(NamedTuple):
+    """What the problem says of w_t to step t of :meth:`hgtoolkit.online.Engine.update`: ``grad`` = g_t =
+    ∇L_t(w_t), ``loss`` = L_t(w_t), ``hvp`` = H_t z_{t,w} (needed when μ may be ≠ 0 and t > 0,
+    else None), ``v`` = v_t, the objective's gradient at w_t (``objective="val"``, t > 0; None
+    for "train": the training gradient), ``value`` = E(w_t) where it comes with v_t (else None)."""
+
+    grad: Any
+    loss: torch.Tensor
+    hvp: Any = None
+    v: Any = None
+    value: Any = None
+
 
 
 class Runs(Protocol):
@@ -39,8 +55,8 @@ class Runs(Protocol):
     def evaluate(self, t: int, w: Any, value: Any) -> Any:
         """What an evaluation at w_t records (kept by :meth:`record` for runs still fine)."""
 
-    def step(self, state: Any, t: int, g: Any, loss: Any, hvp: Any, v: Any, value: Any) -> tuple[Any, dict]:
-        """:meth:`Engine.step` (mapped over the runs)."""
+    def update(self, state: Any, oracle: Any, t: int) -> tuple[Any, dict]:
+        """:meth:`Engine.update` (mapped over the runs)."""
 
     def record(self, t: int, state: Any, aux: dict, pending: Any) -> Any:
         """Keep step t's ``aux`` (and ``pending``); the state to go on with, None to stop."""
@@ -66,7 +82,7 @@ def drive(engine: Any, runs: Runs, state: Any, steps: int, *, eval_every: int | 
             v, value = runs.objective(w, t, g, loss)
             # evaluated before the step, which may write w_{t+1} over w_t (a donating engine)
             pending = runs.evaluate(t, w, value) if eval_every and t % eval_every == 0 else None
-            state, aux = runs.step(state, t, g, loss, hvp, v, value)
+            state, aux = runs.update(state, Oracle(g, loss, hvp, v, value), t)
             state = runs.record(t, state, aux, pending)
             if state is None:
                 return None

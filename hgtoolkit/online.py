@@ -27,14 +27,16 @@ run (docs/methods.md, "Online methods: one recursion"):
 The engine
 ----------
 :class:`Engine` is the recursion as two pure functions over an :class:`OnlineState` whose
-fields are all tensors (optax style): ``init(params) -> state`` and
-``step(state, grad, t, hvp=, v=, loss=, value=) -> (state, aux)``. Clipping, the μ and β rules
-and divergence detection are tensor operations (``torch.where``), so ``step`` runs unchanged
+fields are all tensors (the optax shape): ``init(params, settings) -> state`` and
+``update(state, oracle, t) -> (state, aux)``, the :class:`~hgtoolkit.drive.Oracle` holding what
+the problem says of w_t (g_t, L_t, H_t z_{t,w}, v_t, E(w_t)). Clipping, the μ and β rules
+and divergence detection are tensor operations (``torch.where``), so ``update`` runs unchanged
 under ``torch.func.vmap`` over a leading run axis: seeds × η_0 × β × κ × μ × method are one
 computation (:mod:`hgtoolkit.batched`). Every per-run setting lives in the state
 (:class:`Settings`); what must be shared by a batch (the dynamics, the objective, whether an HVP
-is needed, the μ rule's function) lives in the Engine. :func:`run`, the drop-in optimizers of
-:mod:`hgtoolkit.optim`, :mod:`hgtoolkit.batched` and the analysis references are loops over it.
+is needed, the μ rule's function) lives in the Engine. :func:`run`, :mod:`hgtoolkit.batched`
+and the analysis references drive it through the one loop :func:`hgtoolkit.drive.drive`; the
+drop-in optimizers of :mod:`hgtoolkit.optim` call its pieces from the user's loop.
 
 One step t: the hyper-update of iteration t−1 (t > 0) from v_t = objective gradient at w_t
 (h_t = v_t·z_t, η_t, β_t, μ_t), then s_{t+1}, z_{t+1} = ``dynamics.tangent(s_t, g_t, η_t, t,
@@ -73,13 +75,13 @@ from . import marthe as _marthe
 from . import settings as _settings
 from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
 from . import divergence as _divergence
-from .drive import closing_update, drive
+from .drive import Oracle, closing_update, drive
 from .online_record import OnlineResult
 from .divergence import DivergenceWarning
 from .settings import OnlineSettings
 from .trajectory import CarriedBuffers, autograd_gradient, autograd_gradient_hvp
 
-__all__ = ["OnlineResult", "run", "find_beta", "Engine", "OnlineState", "Settings", "HyperConfig",
+__all__ = ["OnlineResult", "run", "find_beta", "Engine", "Oracle", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
            "DivergenceWarning"]
 
@@ -468,14 +470,13 @@ class Engine:
                                  keys=tuple(state.z), **outs)
         return state._replace(opt=opt, z=z, g_prev=grad)
 
-    def step(self, state: OnlineState, grad: Any, t: int, *, loss: torch.Tensor, hvp: Any = None,
-             v: Any = None, value: Any = None) -> tuple[OnlineState, dict]:
-        r"""Step t: the hyper-update of iteration t−1 (t > 0) from v_t (``v``: ∇E(w_t) for
+    def update(self, state: OnlineState, oracle: "Oracle", t: int) -> tuple[OnlineState, dict]:
+        r"""Step t: the hyper-update of iteration t−1 (t > 0) from v_t (``oracle.v``: ∇E(w_t) for
         ``objective="val"``; default for "train": the training gradient of this step), then
-        s_{t+1}, z_{t+1}. ``grad`` = g_t = ∇L_t(w_t), ``loss`` = L_t, ``hvp`` = H_t z_{t,w}
-        (required when ``needs_hvp`` and t > 0), ``value`` = E(w_t) if known.
-        Returns (state, aux) with aux = {"lr": η_t, "beta": β_t, "mu": μ_t, "h": h_t (NaN at t = 0),
-        "loss": L_t} — the values step t used."""
+        s_{t+1}, z_{t+1}, from what the :class:`Oracle` says of w_t (``hvp`` required when
+        ``needs_hvp`` and t > 0). Returns (state, aux) with aux = {"lr": η_t, "beta": β_t,
+        "mu": μ_t, "h": h_t (NaN at t = 0), "loss": L_t} — the values step t used."""
+        grad, loss, hvp, v, value = oracle
         if t > 0:
             if v is None:
                 if self.objective == "val":
@@ -495,6 +496,11 @@ class Engine:
         else:
             hvp = None
         return self.optimizer_step(state, grad, t, hvp), aux
+
+    def step(self, *args: Any, **kwargs: Any):
+        """Renamed: ``Engine.update(state, Oracle(grad, loss, hvp, v, value), t)``."""
+        raise TypeError("Engine.step(state, grad, t, loss=, hvp=, v=, value=) is now "
+                        "Engine.update(state, Oracle(grad, loss, hvp, v, value), t)")
 
     def finish(self, state: OnlineState, v: Any, t: int) -> OnlineState:
         """The last hyper-update (h_T, η_T) after the loop, t = T."""
@@ -660,8 +666,8 @@ class _SingleRun:
                 value = problem.val_loss(w)
         return k, float(value), acc
 
-    def step(self, state, t, g, loss, hvp, v, value):
-        return self.engine.step(state, g, t, loss=loss, hvp=hvp, v=v, value=value)
+    def update(self, state, oracle, t):
+        return self.engine.update(state, oracle, t)
 
     def record(self, t, state, aux, pending):
         if self.after_step is not None:
@@ -691,7 +697,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         mu_rule: Callable | None = None, progress: bool = False, raise_on_divergence: bool = False,
         keep_params: bool = True, **settings: Any) -> OnlineResult:
     r"""Train ``problem`` for ``steps`` steps while adapting η online (module docstring): a loop
-    over :meth:`Engine.step`.
+    driven by :func:`hgtoolkit.drive.drive` (:meth:`Engine.update` at every step).
 
     Arguments:
         method: ``"hd"`` (μ ≡ 0), ``"rtho"`` (μ ≡ 1) or ``"marthe"`` (μ and β fixed or adaptive).
@@ -755,7 +761,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
 
 def build_result(config: dict, auxes: list[dict], times: list[float], evals: list, state: OnlineState,
                  wall: float, has_metrics: bool, final_params: Any) -> OnlineResult:
-    """The record of one run from the per-step ``aux`` of :meth:`Engine.step` (plus a last
+    """The record of one run from the per-step ``aux`` of :meth:`Engine.update` (plus a last
     ``{"h": h_T}``), the evaluations (k, E(w_k), accuracy) and the final state. Arrays are cut
     to the n = ``diverged_at`` steps that ran (NaN-padded where a value was not formed)."""
     diverged_at = int(state.diverged_at)

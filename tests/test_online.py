@@ -470,3 +470,20 @@ def test_plot_online_run_draws_a_record(tmp_path):
         plotting.savefig(fig, tmp_path / "bad", formats=("no-such-format",), close=True, background=True)
         plotting.wait_for_figures()
     assert not plotting._WRITERS
+
+
+def test_a_hand_driven_engine_gives_online_runs_numbers():
+    """init(params, settings) / update(state, Oracle(...), t) driven by a user's loop (the
+    README's) is online.run's recursion; Engine.step names its successor."""
+    p = problems.get("beale")
+    ref = online.run(p, "rtho", lr0=1e-3, beta=1e-7, objective="train", steps=6)
+    cfg = online.hyper_config("rtho", lr0=1e-3, beta=1e-7, objective="train")
+    engine = online.engine_for(cfg, dynamics.get("sgd"))
+    state, lrs = engine.init(p.params0, cfg), []
+    for t in range(6):
+        g, loss, hz = online.gradient_and_hvp(p.train_loss)(state.opt["w"], state.z["w"], t)
+        state, aux = engine.update(state, online.Oracle(g, loss, hz if t else None), t)
+        lrs.append(float(aux["lr"]))
+    np.testing.assert_allclose(lrs, ref.lrs, rtol=1e-12, atol=0)
+    with pytest.raises(TypeError, match=r"Engine\.update\(state, Oracle"):
+        engine.step(state, g, 6, loss=loss)
