@@ -3,7 +3,8 @@
 One frozen dataclass per kind of run — :class:`OnlineSettings` (the keywords of
 :func:`hgtoolkit.online.run`), :class:`LrsoptSettings` (:func:`hgtoolkit.lrsopt.optimize_schedule`),
 :class:`TrainSettings` and :class:`HypergradSettings` (a constant schedule η_t = lr, t < steps,
-trained or differentiated by :func:`hgtoolkit.hypergradient`). Each field carries a :class:`Spec`
+trained or differentiated by :func:`hgtoolkit.hypergradient`), :class:`TowerSettings`
+(:func:`hgtoolkit.towers.run`). Each field carries a :class:`Spec`
 in its metadata, and from that one declaration come
 
 - the command line's flags (``--lr-floor`` for ``lr_floor``, with the type, range, choices, help
@@ -32,10 +33,10 @@ from typing import Any, Callable, Sequence
 from . import dynamics
 
 __all__ = ["Spec", "setting", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
-           "HypergradSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
+           "HypergradSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
            "signature", "takes"]
 
-_KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes")
+_KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes", "text")
 _NO_CLI_DEFAULT = "<none>"  # Spec.cli_default of a setting that has an API default
 
 
@@ -44,7 +45,7 @@ class Spec:
     """What one setting accepts. ``kind``: ``"number"`` | ``"int"`` | ``"choice"`` (one of
     ``choices``) | ``"optimizer"`` (a :mod:`hgtoolkit.dynamics` name) | ``"flag"`` (bool) |
     ``"mapping"`` | ``"bytes"`` (a memory size: bytes or a string like ``"2GB"``, kept as
-    given); numbers lie in [``lo``, ``hi``] (``open_lo``: lo excluded); ``words``: strings
+    given) | ``"text"`` (a string, e.g. a tower's specification); numbers lie in [``lo``, ``hi``] (``open_lo``: lo excluded); ``words``: strings
     accepted besides numbers (``"auto"``); ``none``: None accepted (written ``none`` on the
     command line); ``cli``: whether the command line has a flag for it; ``cli_default``: the
     flag's default for a setting the API requires."""
@@ -76,6 +77,8 @@ class Spec:
             what = "true or false"
         elif self.kind == "mapping":
             what = "a mapping"
+        elif self.kind == "text":
+            what = "a string"
         elif self.kind == "bytes":
             what = "a memory size (bytes, or like '200MB', '1.5GiB')"
         else:
@@ -104,6 +107,10 @@ class Spec:
             if not isinstance(value, bool):
                 raise bad
             return value
+        if self.kind == "text":
+            if not isinstance(value, str):
+                raise bad
+            return value
         if self.kind == "mapping":
             if not isinstance(value, dict):
                 raise bad
@@ -130,7 +137,7 @@ class Spec:
         """A command-line word → the value (``argparse.ArgumentTypeError`` saying what is expected)."""
         if self.none and text.lower() in ("none", "null"):
             return None
-        if text in self.words or self.kind in ("choice", "optimizer", "bytes"):
+        if text in self.words or self.kind in ("choice", "optimizer", "bytes", "text"):
             value = int(text) if self.kind == "bytes" and text.isdigit() else text
         else:
             try:
@@ -370,3 +377,17 @@ class HypergradSettings(TrainSettings):
     snapshots: Any = _snapshots()
     memory: Any = _memory()
     chunk_size: Any = _chunk_size()
+
+
+@dataclass(frozen=True, kw_only=True)
+class TowerSettings(RunSettings):
+    """The settings of a hyperoptimizer tower's run: the keywords of :func:`hgtoolkit.towers.run`
+    (the tower may also be given as a :class:`hgtoolkit.towers.Level`)."""
+
+    tower: str = setting(help="levels from the base up, e.g. 'sgd(lr=0.01, momentum=0.9) / adam(lr=1e-3) / "
+                              "sgd(lr=1e-4)'; optimizers sgd, adam, adagrad, rmsprop; tune=lr+momentum "
+                              "restricts what the next level learns", kind="text",
+                         cli_default="sgd(lr=0.01) / sgd(lr=1e-4)")
+    steps: int = setting(help="T, the number of training steps", kind="int", lo=1, cli_default=500)
+    divergence_factor: Any = setting(2.0, "the run diverges when its minibatch loss exceeds this × "
+                                          "its initial value; none: off", lo=1, open_lo=True, none=True)

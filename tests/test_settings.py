@@ -89,6 +89,7 @@ def test_sweep_kinds_take_the_settings():
     ("lrsopt", TrainSettings, ["lr", "steps", "optimizer"], {}),
     ("hypergrad", HypergradSettings, ["lr", "steps", "optimizer", "mode", "checkpoint", "snapshots", "memory", "chunk_size"], {}),
     ("analyse", OnlineSettings, ["mu", "kappa", "objective", "lr0", "optimizer", "seed"], {}),
+    ("towers", settings.TowerSettings, None, {}),
 ])
 def test_cli_flags_are_the_settings_with_the_same_defaults(command, schema, names, cli_defaults):
     flags = _flags(command)
@@ -156,3 +157,14 @@ def test_spec_parse_is_the_command_line_face_of_check():
     with pytest.raises(argparse.ArgumentTypeError, match="positive integer"):
         steps.parse("0")
     assert math.isclose(settings.specs(OnlineSettings)["kappa"][1].parse("1e-3"), 1e-3)
+
+
+def test_towers_take_the_tower_settings():
+    from hgtoolkit import towers
+    beale = problems.get("beale")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'lr'.*TowerSettings"):
+        towers.run(beale, "sgd(lr=1e-4) / sgd(lr=1e-9)", 2, lr=0.1)
+    params = inspect.signature(towers.run).parameters
+    assert params["divergence_factor"].default == settings.defaults(settings.TowerSettings)["divergence_factor"]
+    with pytest.raises(ValueError, match="divergence_factor"):
+        towers.run(beale, "sgd(lr=1e-4) / sgd(lr=1e-9)", 2, divergence_factor=0.5)

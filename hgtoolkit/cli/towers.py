@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 from .. import divergence
+from ..settings import TowerSettings, add_arguments
 from . import args as cli_args
-
-DEFAULT_TOWER = "sgd(lr=0.01) / sgd(lr=1e-4)"
 
 
 def register(subparsers) -> None:
@@ -24,11 +23,7 @@ def register(subparsers) -> None:
                     "of the level below by one-step hypergradients. Writes JSON + PNG.")
     cli_args.add_problem(p, "mnist_mlp", problem_args=False, device=False,
                          dtype_help="default: float64 for test functions, float32 for mnist_mlp")
-    p.add_argument("--tower", default=DEFAULT_TOWER,
-                   help="levels from the base up, e.g. 'sgd(lr=0.01, momentum=0.9) / adam(lr=1e-3) / "
-                        "sgd(lr=1e-4)'; optimizers sgd, adam, adagrad, rmsprop; tune=lr+momentum "
-                        f"restricts what the next level learns (default {DEFAULT_TOWER!r})")
-    p.add_argument("--steps", type=cli_args.positive_int, default=500, help="training steps T (default 500)")
+    add_arguments(p, TowerSettings)
     p.add_argument("--seed", type=int, default=0,
                    help="initial weights / minibatch order, for problems that take a seed (default 0)")
     cli_args.add_out(p, "towers")
@@ -48,7 +43,8 @@ def main(args: argparse.Namespace) -> int:
     takes_seed = "seed" in problems.parameters(args.problem)
     problem = cli_args.make_problem(args, **({"seed": args.seed} if takes_seed else {}))
     with divergence.recorded() as seen:  # reported below, and in the record
-        result = towers.run(problem, tower, args.steps, progress=args.progress)
+        result = towers.run(problem, tower, args.steps, progress=args.progress,
+                            divergence_factor=args.divergence_factor)
     name = args.name or f"towers_{re.sub(r'[^A-Za-z0-9_.-]', '_', args.problem)}_h{tower.height}"
     out = Path(args.out)
     json_path = result.save(out / f"{name}.json")

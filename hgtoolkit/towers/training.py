@@ -14,7 +14,9 @@ import torch
 from .. import divergence as _divergence
 from .. import dynamics as _dynamics
 from .. import records
+from .. import settings as _settings
 from ..divergence import VALIDATION_LOSS, check_finite
+from ..settings import TowerSettings
 from .core import state_divergence
 from .levels import History, Level, Scheduled, check_real, parse
 
@@ -90,12 +92,14 @@ class TowerResult:
                 f"final lr={self.history.lrs[-1] if len(self.history) else float('nan'):.4g})")
 
 
+@_settings.takes(TowerSettings)
 def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
-        divergence_factor: float | None = 2.0, raise_on_divergence: bool = False) -> TowerResult:
+        raise_on_divergence: bool = False, **settings: Any) -> TowerResult:
     """Train ``problem`` for ``steps`` steps with ``tower`` (through ``trajectory.make_step`` of
     ``tower.dynamics()``), recording every hyperparameter at every level.
 
-    Divergence, with the criterion of :class:`hgtoolkit.online.Engine`: the minibatch loss L_t
+    The settings are those of :class:`~hgtoolkit.settings.TowerSettings`. Divergence, with
+    the criterion of :class:`hgtoolkit.online.Engine`: the minibatch loss L_t
     not finite or above ``divergence_factor`` × L_0 (None: off), a non-finite hyperparameter,
     hypergradient or parameter after step t. The run stops before applying step t, warns
     (:class:`DivergenceWarning`, naming t) and returns the record of steps 0 … t−1 with
@@ -107,6 +111,8 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
     20
     """
     from ..trajectory import BUFFERS, initial_state, make_step, opt_part, progress_bar
+    divergence_factor = _settings.bind(TowerSettings, {"tower": tower, "steps": steps, **settings},
+                                       "towers.run")["divergence_factor"]
     tower = parse(tower)
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
