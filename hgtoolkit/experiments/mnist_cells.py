@@ -345,12 +345,6 @@ def run_peer_cell(problem, params: dict, ctx):
     return sweep.record_output(r, "diverged" if r.diverged else "ok")
 
 
-def _analysis_check(params: dict) -> None:
-    """An analysis cell's settings are an online cell's plus the id of that stored cell."""
-    from .. import sweep
-    sweep.CELL_KINDS["online"].check({k: v for k, v in params.items() if k != "online_cell"})
-
-
 def run_analysis_cell(problem, params: dict, ctx):
     """Kind ``mnist.analysis``: the online run's estimates compared with the exact hypergradients
     along its trajectory (:func:`hgtoolkit.analysis.analyse_online`). The run is the stored
@@ -388,7 +382,7 @@ def _register_kinds() -> None:
     online, lrsopt = sweep.CELL_KINDS["online"], sweep.CELL_KINDS["lrsopt"]
     optional_int = _number(1, integer=True, none=True)
     sweep.register_cell_kind(sweep.CellKind(
-        "mnist.online", run_online_cell, required=online.required, check=online.check, cost=online.cost,
+        "mnist.online", run_online_cell, required=online.required, check=_online_check("max_batch"), cost=online.cost,
         summary=online.summary, to_result=online.to_result, run_batch=run_online_cells,
         batch_axes=("beta", "kappa"),
         params={**online.params, "max_batch": optional_int}))
@@ -402,9 +396,18 @@ def _register_kinds() -> None:
         params={"name": lambda v: _peer_name(v), "lr": _number(0, open_lo=True, none=True),
                 "steps": _number(1, integer=True), "eval_every": _number(1, integer=True), "seed": sweep.SEED_SPEC}))
     sweep.register_cell_kind(sweep.CellKind(
-        "mnist.analysis", run_analysis_cell, required=online.required, check=_analysis_check,
+        "mnist.analysis", run_analysis_cell, required=online.required, check=_online_check("online_cell"),
         cost=lambda p: 10.0 * online.cost(p), to_result=sweep.record_result("approximation"),
         params={**online.params, "online_cell": _cell_id}))
+
+
+def _online_check(own: str):
+    """The ``online`` kind's cross-setting check of a cell, without this kind's own key ``own``
+    (an analysis cell's settings are an online cell's plus the id of that stored cell; an online
+    cell's may add ``max_batch``)."""
+    from .. import sweep
+    check = sweep.CELL_KINDS["online"].check
+    return lambda params: check({k: v for k, v in params.items() if k != own})
 
 
 def _cell_id(v):
