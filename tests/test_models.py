@@ -278,3 +278,18 @@ def test_bad_arguments():
         problems.from_module(model, CE, (tr[0], tr[1][:3]), va, batch_size=4)
     with pytest.raises(TypeError, match="train_data must be"):
         problems.from_module(model, CE, 3, va, batch_size=4)
+
+
+def test_val_mode_train_reads_no_running_statistics():
+    """val_mode="train": E uses the validation batch's statistics (and dropout from its own fixed
+    seed), so the hypergradient has no path through the running statistics."""
+    model = cnn()
+    tr, va = data()
+    kw = dict(batch_size=8, seed=3, val_mode="train")
+    p = problems.from_module(model, CE, tr, va, **kw)
+    q = problems.from_module(model, CE, tr, va, differentiate_buffers=False, **kw)
+    lrs = LRS[:5]
+    a, b = exact.hypergradient(p, lrs, "momentum"), exact.hypergradient(q, lrs, "momentum")
+    assert torch.equal(a.value, b.value) and rel(a.grad, b.grad) < 1e-14
+    assert torch.equal(p.val_loss(p.params0, p.buffers0), p.val_loss(p.params0, p.buffers0))
+    assert rel(exact.hypergradient(p, lrs, "momentum", mode="forward").grad, a.grad) < 1e-10
