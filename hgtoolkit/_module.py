@@ -259,8 +259,8 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
         raise ValueError(
             f"problem {name!r} is stateful (running statistics {sorted(buffers0)[:3]}…): {what} needs "
             "the buffers, and this caller passes none. hgtoolkit.hypergradient (every mode but "
-            "'reversible'), directional_derivative, finite_difference and train carry them; the "
-            "online methods and batched runs do not yet (docs/models.md)")
+            "'reversible'), directional_derivative, finite_difference, train, optimize_schedule, "
+            "online.run and towers.run carry them (docs/models.md)")
 
     def val_forward(params, buffers):
         with _seeded(_step_seed(seed, -1) if random and val_mode == "train" else None, device):
