@@ -167,10 +167,8 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     ``batch``: batch the runs (True) or run them one by one with :func:`online.run` (False).
     Default (None): batched where batching pays — a row-wise problem (the analytic test
     functions: one native computation for all runs, no vmap) or a GPU — and one by one for a
-    model on the CPU, where ``online.run``'s in-place step beats the vmapped pure step: for the
-    3×500 MNIST MLP a batch of 4 runs took 1.3–1.5× the time of the 4 runs one after the other
-    (matrix products are no cheaper stacked on a CPU core; the batch pays vmap's per-op cost and
-    the pure step's extra passes). The numbers are the same either way (to rounding; tested).
+    model on the CPU, where ``online.run``'s in-place step beats the vmapped pure step
+    (measurements: docs/performance.md). The numbers are the same either way (to rounding; tested).
     """
     if problem_factory is not None and not callable(problem_factory):
         raise TypeError(f"problem_factory must be callable as problem_factory(seed) (or None when "

@@ -156,8 +156,8 @@ def nqm_expected_loss(nqm, lrs: Any, momentum: Any = None) -> torch.Tensor:
 
 def nqm_value_and_grad(nqm, lrs: Any, momentum: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     r"""(E L(w_T), ∂E L/∂η, ∂E L/∂μ) — the value of :func:`nqm_expected_loss` with its gradient
-    by a hand-written adjoint of the module docstring's recursion (no autograd graph; 5–25×
-    faster than autograd at d = 1000 … 100; what LRS-OPT calls). With a = η_t h, b = 1 − a,
+    by a hand-written adjoint of the module docstring's recursion (no autograd graph; what
+    LRS-OPT calls; its speed: docs/performance.md). With a = η_t h, b = 1 − a,
     μ = μ_t, per coordinate:
 
         means       (E w, E v)' = M_t (E w, E v),                M_t = [[b, μ], [−a, μ]]

@@ -513,10 +513,8 @@ def gradient_and_hvp(loss: Callable) -> Callable:
     """``fn(w, z_w, x) -> (∇ℓ(w, x), ℓ(w, x), H z_w)`` with ``torch.func`` (vmappable), the
     Hessian-vector product as ∇_w(∇ℓ(w)·z_w) (reverse over reverse: H is symmetric). ``loss``
     is ``problem.train_loss`` (x = t; a Problem stands for it) or ``problem.batch_loss`` (x = a
-    minibatch). Reverse-over-reverse was measured against forward-over-reverse (``jvp`` of the
-    gradient): 2× faster on the 2-D test functions under ``vmap`` (whose forward-mode formulas
-    fall back to Python decompositions), within ~15 % on the MNIST MLP, and it rounds like
-    :func:`run`'s plain-autograd double backward, so a batched run equals the single one."""
+    minibatch). Reverse over reverse rounds like :func:`run`'s plain-autograd double backward,
+    so a batched run equals the single one (why not forward over reverse: docs/performance.md)."""
     grad_loss = grad_and_value(loss.train_loss if hasattr(loss, "train_loss") else loss)
 
     def fn(w, z_w, x):

@@ -30,8 +30,8 @@ class ClosedFormLoss:
     rows (R, 2); ``hvp(H, v)`` = H v.
 
     The gradient helpers of :mod:`hgtoolkit.trajectory` (single runs, row-wise batches, the
-    exact reverse pass) use these instead of autograd: a double backward through the formula
-    costs ~1 ms per step on Beale, the closed form a few dozen element-wise kernels. Calling
+    exact reverse pass) use these instead of autograd (a few dozen element-wise kernels instead
+    of a double backward through the formula: docs/performance.md). Calling
     it is calling f, so torch.autograd and torch.func still see the formula itself (the
     ``"autograd"`` reference mode of :func:`hgtoolkit.hypergradient` differentiates it)."""
 

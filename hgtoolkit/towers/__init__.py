@@ -36,8 +36,8 @@ One training step t, given g_t = ∇L_t(w_t):
 
 Only the previous update's inputs are kept (level 0: its gradient and moments; w too when
 weight decay is on): no autograd graph outlives a step, and memory does not grow with the
-number of steps. (Reverse mode over a recomputed step: forward-mode jvps were ~10× slower
-than the step itself here.)
+number of steps (reverse mode over a recomputed step; why not forward mode:
+docs/performance.md).
 
 Three ways to use a tower:
 
