@@ -30,17 +30,21 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _source(module: str, path: Path, node: ast.ImportFrom) -> str:
+    """The module a ``from … import`` statement of ``module`` (file ``path``) imports from."""
+    if not node.level:
+        return node.module or ""
+    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def _imported(module: str, path: Path, node: ast.AST, modules: dict) -> set[str]:
     """hgtoolkit modules named by one import statement (``from . import x`` names module x)."""
     if isinstance(node, ast.Import):
         names = [a.name for a in node.names]
     else:
-        if node.level:
-            base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-            base = base[:len(base) - node.level + 1]
-            prefix = ".".join(base + ([node.module] if node.module else []))
-        else:
-            prefix = node.module or ""
+        prefix = _source(module, path, node)
         names = [f"{prefix}.{a.name}" if f"{prefix}.{a.name}" in modules else prefix for a in node.names]
     found = set()
     for name in names:
@@ -158,12 +162,7 @@ def test_no_private_name_of_another_module_is_used():
         aliases = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-                    base = base[:len(base) - node.level + 1]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
+                target = _source(module, path, node)
                 if not target.startswith("hgtoolkit"):
                     continue
                 for a in node.names:
