@@ -257,6 +257,8 @@ def unseal_bytes(data: bytes, what: Any, redo: str = "") -> bytes:
         return payload
     if _SEAL[1:] in data[-2 * n:]:  # a trailer that was itself damaged
         raise corrupted(what, "its checksum trailer is damaged", redo)
+    if not data.startswith(b"PK\x03\x04"):  # not even the zip archive torch.save writes
+        raise corrupted(what, "empty, or neither a sealed file nor a torch file", redo)
     warnings.warn(f"{what}: written before checkpoints carried checksums; read without verification",
                   NoChecksumWarning, stacklevel=3)
     return data

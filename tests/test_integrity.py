@@ -191,3 +191,11 @@ def test_a_non_schedule_file_for_schedule_names_the_flag(tmp_path, capsys):
         assert main(["hypergrad", "--schedule", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err
         assert f"--schedule '{tmp_path / name}' is not a schedule file" in err and "pickle" not in err
+
+
+def test_an_empty_or_garbage_checkpoint_is_corrupted_not_old(tmp_path, recwarn):
+    for content in (b"", b"garbage" * 10):
+        (tmp_path / "c.pt").write_bytes(content)
+        with pytest.raises(records.CorruptedFileError, match=r"c\.pt.*corrupted \(empty, or neither"):
+            _lrsopt(tmp_path / "c.pt", resume=True)
+    assert not [w for w in recwarn if issubclass(w.category, records.NoChecksumWarning)]
