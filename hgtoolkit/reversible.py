@@ -163,6 +163,7 @@ def _reverse_b_kernel(s, b, g, sg, n: int, d: int):
 
 _COMPILED: dict = {}
 _COMPILE_FROM = 1 << 16  # leaves at least this large use the compiled kernels (CPU)
+_CHUNK = 1 << 22  # words per chunk of the buffer (8 MB)
 
 
 def _kernel(fn, device: torch.device, size: int):
@@ -208,7 +209,8 @@ class FixedPointState:
         self.w = [torch.round(x.detach().reshape(-1).to(_F64) * 2.0 ** R).to(_I64) for x, R in zip(w_leaves, Rw)]
         self.b = [torch.zeros_like(x) for x in self.w]
         self.s = [torch.full(x.shape, float(d * _K), dtype=_F64, device=x.device) for x in self.w]
-        self.words: list[torch.Tensor] = []
+        self.words: list[tuple[int, int, int]] = []  # per step: (chunk, start, count)
+        self.chunks: list[torch.Tensor] = []  # the words, in int16 chunks of 2²² (no per-step allocation)
         self.words_bytes = 0
         self.dev = self.w[0].device
         self.sg = [torch.tensor(2.0 ** R, dtype=_F64, device=self.dev) for R in Rb]
@@ -235,9 +237,14 @@ class FixedPointState:
             words.append((word[full] - _WORD // 2).to(torch.int16))
             peaks += [mb, mw]
             out.append(wf.reshape(self.shapes[i]))
-        step = torch.cat(words)
-        self.words.append(step)
-        self.words_bytes += step.numel() * 2
+        count = sum(x.numel() for x in words)
+        end = self.words[-1][1] + self.words[-1][2] if self.words else 0
+        if not self.chunks or end + count > self.chunks[-1].numel():
+            self.chunks.append(torch.empty(max(_CHUNK, count), dtype=torch.int16, device=self.dev))
+            end = 0
+        torch.cat(words, out=self.chunks[-1][end:end + count])
+        self.words.append((len(self.chunks) - 1, end, count))
+        self.words_bytes += count * 2
         if float(torch.stack(peaks).max()) >= _LIMIT:
             raise OverflowError(f"mode='reversible': the weights or velocities outgrew their fixed-point "
                                 f"range at step {t} (more than 2^{_HEADROOM}× their initial magnitude); use "
@@ -255,8 +262,9 @@ class FixedPointState:
 
     def reverse_b(self, g: list) -> None:
         """b_{t+1} → b_t given g_t (the gradient at w_t), refilling the spilled words."""
-        step = self.words.pop()
-        self.words_bytes -= step.numel() * 2
+        ci, start, count = self.words.pop()
+        step = self.chunks[ci][start:start + count]
+        self.words_bytes -= count * 2
         at = 0
         for i, gi in enumerate(g):
             k = _kernel(_reverse_b_kernel, self.dev, gi.numel())
@@ -265,13 +273,15 @@ class FixedPointState:
             s[short] = s[short] * _WORD + (step[at:at + m].to(_F64) + _WORD // 2)
             at += m
             self.s[i] = s
-        if at != step.numel():
+        if at != count:
             raise RuntimeError("mode='reversible': the information buffer is out of step (a bug)")
+        if not self.words or self.words[-1][0] != ci:  # no earlier step's words are in this chunk
+            self.chunks.pop()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the buffer: the words stored and the coder states."""
-        return self.words_bytes + sum(x.numel() * 8 for x in self.s)
+        """Bytes of the buffer: its word chunks and the coder states."""
+        return sum(c.numel() * 2 for c in self.chunks) + sum(x.numel() * 8 for x in self.s)
 
     def back_at_start(self) -> bool:
         """True when every coder state is at its start and b = 0 (after the reverse pass)."""
@@ -292,10 +302,10 @@ def _bits(values: list[torch.Tensor], limit: int, floor: float = 1e-30) -> list[
 
 def estimate_bytes(T: int, numel: int, gamma: float, fp: "_ckpt.Footprint") -> int:
     """Bytes of reversible mode: integers of w, b and the coder states (24 per weight), the
-    buffer's T·d·log₂(d/n)/8 bytes (+ 1/16 for the word granularity), one step's graph and the
+    buffer's T·d·log₂(d/n)/8 bytes (+ 1/16 for the word granularity, + one 8 MB chunk), one step's graph and the
     reverse pass's work space."""
     n, d = ratio(gamma)
-    buffer = T * numel * math.log2(d / n) / 8 * (1 + 1 / 16)
+    buffer = T * numel * math.log2(d / n) / 8 * (1 + 1 / 16) + 2 * _CHUNK
     return int(24 * numel + buffer + fp.step + fp.work)
 
 
