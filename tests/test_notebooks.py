@@ -9,12 +9,15 @@ The committed notebooks are stored without outputs (``notebooks/build.py`` strip
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+import hgtoolkit
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -69,7 +72,8 @@ def _check_cell(name: str) -> str:
     exprs = CHECKS.get(name, {}).get("true", [])
     lines = ["import json as _json, sys as _sys",
              "_failed = [e for e in %r if not eval(e)]" % (exprs,),
-             "print('__CHECKS__' + _json.dumps({'failed': _failed, 'prefix': _sys.prefix}))"]
+             "import hgtoolkit as _hg",
+             "print('__CHECKS__' + _json.dumps({'failed': _failed, 'prefix': _sys.prefix, 'package': _hg.__file__}))"]
     return "\n".join(lines)
 
 
@@ -94,18 +98,28 @@ def test_every_notebook_has_checks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_small(path, monkeypatch):
+def test_notebook_runs_small(path, monkeypatch, tmp_path):
+    """Executed from a copy in a temporary folder outside the repository (the kernel's working
+    directory): a notebook finds its data and results through the installed package."""
     monkeypatch.setenv("HGTOOLKIT_NOTEBOOK_SMALL", "1")
-    nb = nbformat.read(path, as_version=4)
+    # the kernel imports the hgtoolkit under test (a worktree's, not another editable install's)
+    package_parent = str(Path(hgtoolkit.__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")])))
+    repo = NOTEBOOK_DIR.parent
+    assert repo not in tmp_path.resolve().parents, "the copy must lie outside the repository"
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    nb = nbformat.read(copy, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(_check_cell(path.stem)))
     # a failing cell raises CellExecutionError, with the cell's source and traceback
     NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
     printed = _printed(nb)
     assert "SMALL=True" in printed, "the notebook must print its size switch"
     report = json.loads(printed.split("__CHECKS__")[1].splitlines()[0])
     assert report["failed"] == [], f"{path.name}: checks failed: {report['failed']}"
     assert report["prefix"] == sys.prefix, "the kernel must run the interpreter of the test suite"
+    assert Path(report["package"]).resolve() == Path(hgtoolkit.__file__).resolve(), "the kernel's hgtoolkit"
     for text in CHECKS[path.stem].get("printed", []):
         assert text in printed, f"{path.name} does not print {text!r}"
     figures = sum("image/png" in out.get("data", {}) for c in nb.cells for out in c.get("outputs", []))
@@ -124,12 +138,39 @@ def test_committed_notebook_has_no_outputs(path):
     assert not [c for c in nb.cells if "execution" in c.get("metadata", {})]
 
 
-def test_build_script_strips_outputs(tmp_path):
+def _build_module():
     sys.path.insert(0, str(NOTEBOOK_DIR))
     try:
         import build
     finally:
         sys.path.remove(str(NOTEBOOK_DIR))
+    return build
+
+
+def test_readme_lists_every_notebook():
+    """notebooks/README.md is generated from the notebooks (``build.py --readme``): up to date,
+    and one entry per notebook with its title."""
+    build = _build_module()
+    text = (NOTEBOOK_DIR / "README.md").read_text(encoding="utf-8")
+    assert text == build.readme(), "notebooks/README.md is stale: run `python notebooks/build.py --readme`"
+    for path in NOTEBOOKS:
+        title, paragraph = build.summary(path)
+        assert f"[`{path.name}`]({path.name})" in text and title in text and paragraph
+
+
+def test_results_root_follows_env_then_checkout(monkeypatch, tmp_path):
+    from hgtoolkit.experiments import common
+    monkeypatch.setenv(common.RESULTS_ENV_VAR, str(tmp_path / "mine"))
+    assert common.results_root() == tmp_path / "mine"
+    monkeypatch.delenv(common.RESULTS_ENV_VAR)
+    monkeypatch.chdir(tmp_path)
+    here = Path(common.__file__).resolve().parents[2]
+    expected = here / "results" if (here / "pyproject.toml").is_file() else tmp_path / "results"
+    assert common.results_root() == expected
+
+
+def test_build_script_strips_outputs(tmp_path):
+    build = _build_module()
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
     nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="1\n")]
     nb.cells[0].execution_count = 3

@@ -2,7 +2,7 @@ r"""Shared plumbing of the named experiments (``python -m hgtoolkit reproduce <n
 
 An experiment is a config dataclass with ``tiny()`` / ``quick()`` / ``full()`` constructors
 (and a ``seed`` field) plus ONE function ``run(config, out_dir, progress=True) -> summary``.
-This module gives every experiment the same output layout, summary format and seeding:
+This module gives every experiment the same output layout, summary format and seeding::
 
     results/<name>/
         config.json          the config the run used (+ setting, seed, versions)
@@ -50,7 +50,7 @@ __all__ = ["SETTINGS", "OutputDir", "output_dir", "as_output_dir", "check_settin
            "save_config", "seed_everything", "derive_seed", "fmt", "markdown_table",
            "write_summary", "read_summary", "replay_iterates", "progress_bar", "Stopwatch",
            "default_workers", "limited_threads", "run_cells", "cell_records",
-           "cells_summary", "note_old_layout", "number", "choice", "cuts"]
+           "cells_summary", "note_old_layout", "number", "choice", "cuts", "results_root", "RESULTS_ENV_VAR"]
 
 SETTINGS = ("tiny", "quick", "full")
 
@@ -116,6 +116,26 @@ def output_dir(out: str | Path, name: str) -> OutputDir:
     o.figures.mkdir(parents=True, exist_ok=True)
     o.data_dir.mkdir(parents=True, exist_ok=True)
     return o
+
+
+RESULTS_ENV_VAR = "HGTOOLKIT_RESULTS"
+
+
+def results_root() -> Path:
+    """The folder of ``reproduce``'s results that notebooks read (and write when it is missing).
+
+    ``$HGTOOLKIT_RESULTS`` when set; else, when hgtoolkit is imported from a source checkout (an
+    editable install: the package's parent folder holds ``pyproject.toml``), that checkout's
+    ``results/``, where ``make demo`` writes; else ``results/`` in the working directory. Found
+    through the imported package, so a notebook copied anywhere reads the same results.
+    """
+    env = os.environ.get(RESULTS_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "hgtoolkit").is_dir():
+        return checkout / "results"
+    return Path.cwd() / "results"
 
 
 def as_output_dir(out: OutputDir | str | Path) -> OutputDir:
@@ -206,8 +226,8 @@ def seed_everything(seed: int) -> None:
 
 
 def derive_seed(seed: int, *keys: Any) -> int:
-    """A stable seed in [0, 2**31) for the sub-task named by ``keys`` (e.g. ("sgd", 3)),
-    independent of Python's hash randomisation: crc32 of the text of (seed, *keys)."""
+    """A stable seed in [0, 2³¹) for the sub-task named by ``keys`` (e.g. ("sgd", 3)),
+    independent of Python's hash randomisation: crc32 of the text of ``(seed, *keys)``."""
     return zlib.crc32(repr((int(seed),) + tuple(keys)).encode()) & 0x7FFFFFFF
 
 
