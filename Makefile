@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lab bench clean-venv
+.PHONY: demo test lab bench docs clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ test: $(STAMP)
 lab: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[notebooks]"
 	$(VENV)/bin/jupyter lab notebooks/
+
+# the documentation site in docs/_build/html: notebooks executed (myst-nb cache: only changed ones
+# re-run; HGTOOLKIT_NOTEBOOK_SMALL=1 for their tiny settings), warnings are errors
+DOCS_STAMP := $(VENV)/.docs-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[docs]"
+	rm -f $(VENV)/.docs-* && touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(PY) docs/generate.py
+	$(PY) -m sphinx -b html -W --keep-going docs docs/_build/html
+	@echo "open docs/_build/html/index.html"
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -34,7 +34,7 @@ class Problem:
     ``val_is_train``: E(w) == L_t(w) for every t (deterministic problems such as the test
     functions); the online engine then takes ∇E(w_t) to be the training gradient it already has.
     ``rowwise``: ``params0`` is one tensor and ``train_loss``/``val_loss`` map a stack W of
-    parameter rows (shape (R, *params0.shape)) to the R losses, row r from W[r] alone (the
+    parameter rows (shape ``(R, *params0.shape)``) to the R losses, row r from W[r] alone (the
     analytic test functions); a batch of runs is then differentiated in one autograd call
     instead of a ``vmap``.
 

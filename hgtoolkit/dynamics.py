@@ -247,7 +247,7 @@ class Dynamics:
     def hyper_vjp(self, state: dict, grad: Any, lr: Any, t: int, bar_w: Any,
                   names: tuple[str, ...], kept: dict | None = None, **hyper: Any) -> dict[str, torch.Tensor]:
         r"""⟨w̄, ∂w'/∂θ⟩ for each θ in ``names`` (``"lr"`` = η, or one of :attr:`hyperparameters`)
-        of the update w' = step(state, grad, η, t, **hyper)["w"]: what a hyper-optimizer needs
+        of the update w' = ``step(state, grad, η, t, **hyper)["w"]``: what a hyper-optimizer needs
         (the towers' G¹; for η alone it is HD's hypergradient −⟨w̄, d⟩). Closed form for SGD
         (η, momentum) and Adam (η, β1, β2); ``torch.func.vjp`` of :meth:`step` otherwise.
         ``kept``: what :meth:`update` left of this very update (``keep=``), reused."""

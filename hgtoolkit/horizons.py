@@ -158,7 +158,7 @@ def nqm_value_and_grad(nqm, lrs: Any, momentum: Any = None) -> tuple[torch.Tenso
     r"""(E L(w_T), ∂E L/∂η, ∂E L/∂μ) — the value of :func:`nqm_expected_loss` with its gradient
     by a hand-written adjoint of the module docstring's recursion (no autograd graph; what
     LRS-OPT calls; its speed: docs/performance.md). With a = η_t h, b = 1 − a,
-    μ = μ_t, per coordinate:
+    μ = μ_t, per coordinate::
 
         means       (E w, E v)' = M_t (E w, E v),                M_t = [[b, μ], [−a, μ]]
         covariances (V w, V v, Σ)' = C_t (V w, V v, Σ) + η_t² c·(1, 1, 1),

@@ -2,7 +2,7 @@ r"""Online learning-rate adaptation: HD, RTHO and MARTHE as ONE pure, tensor-val
 
 All three methods keep one tangent vector z (the derivative of the optimizer state w.r.t. a
 learning rate shared by the past steps, discounted by μ) and update η during a single training
-run (docs/methods.md, "Online methods: one recursion"):
+run (docs/methods.md, "Online methods: one recursion")::
 
     z_0 = 0
     for t = 0 … T−1:

@@ -166,7 +166,7 @@ def closed_form(fn: Callable, w: Any):
 
 
 def autograd_gradient(fn: Callable, w: Any, *args: Any) -> tuple[Any, torch.Tensor]:
-    """(∇_w fn(w, *args), fn(w, *args)) with plain autograd: the numbers of torch.func's
+    """(∇_w ``fn(w, *args)``, ``fn(w, *args)``) with plain autograd: the numbers of torch.func's
     ``grad_and_value``, cheaper per call in a single run (no functional transforms); in
     closed form for a :func:`closed_form` loss."""
     if closed_form(fn, w) is not None:
@@ -206,7 +206,7 @@ def autograd_gradient_hvp(fn: Callable, w: Any, z_w: Any, *args: Any):
 
 def rowwise_gradient_hvp(fn: Callable, W: torch.Tensor, Z: torch.Tensor | None, *args: Any):
     """(G, L, HZ) of a row-wise ``fn`` (``Problem.rowwise``) for a stack W of parameter rows at
-    once: L = fn(W, *args) (one value per row), G = ∇ΣL and HZ = ∇(G·Z) (None without Z) — row
+    once: L = ``fn(W, *args)`` (one value per row), G = ∇ΣL and HZ = ∇(G·Z) (None without Z) — row
     r's gradient and Hessian-vector product, as the rows do not interact; the kernels of a single
     run (:func:`autograd_gradient_hvp`), on R rows; in closed form for a :func:`closed_form`
     loss."""

@@ -1,5 +1,7 @@
 """Command ``analyse``: how far an online method's hypergradient estimate is from the exact ones.
 
+Usage::
+
     # run HD and RTHO on Beale, then compare each estimate with d⁽¹⁾, d⁽ᶜ⁾ and g
     python -m hgtoolkit analyse --problem beale --method hd rtho --beta 1e-6 1e-8 \\
         --lr0 1e-3 --steps 200 --out results/analyse

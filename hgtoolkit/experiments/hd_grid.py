@@ -135,7 +135,7 @@ class Config:
             raise ValueError(f"epochs and batch_size must be ≥ 1, got {self.epochs}, {self.batch_size}")
 
     def beta_grid(self, optimizer: str) -> tuple[float, ...]:
-        """(0, *betas[optimizer]) sorted, and the curve β added if missing: 0 is the baseline."""
+        """``(0, *betas[optimizer])`` sorted, and the curve β added if missing: 0 is the baseline."""
         return tuple(sorted({0.0, *map(float, self.betas[optimizer]), float(self.curve_betas[optimizer])}))
 
 
