@@ -57,6 +57,52 @@ def _copy_notebooks() -> None:
 
 _copy_notebooks()
 
+# Pages other parts of the project write (each listed once it exists, in this order); any other
+# page of docs/ is still listed, under "Other pages".
+UNDER_THE_HOOD = ["architecture", "reliability", "memory", "performance", "results", "peers"]
+
+
+def _write_toc() -> None:
+    present = [name for name in UNDER_THE_HOOD if (HERE / f"{name}.md").is_file()]
+    text = "\n".join(["```{toctree}", ":maxdepth: 2", ":caption: Under the hood", "", *present, "```", ""])
+    out = HERE / "_generated" / "under_the_hood.md"
+    out.parent.mkdir(exist_ok=True)
+    if not out.exists() or out.read_text(encoding="utf-8") != text:
+        out.write_text(text, encoding="utf-8")
+
+
+_write_toc()
+
+
+def _write_guide() -> None:
+    """The guide page is the README (one source), its links made site links: ``docs/X.md`` → the
+    page X, ``notebooks/README.md`` → the gallery, images under ``docs/``; a link to any other file
+    of the repository becomes its path in code font (the site does not carry those files)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+
+    def link(match: re.Match) -> str:
+        label, target = match.group(1), match.group(2)
+        if target.startswith(("http://", "https://", "#")):
+            return match.group(0)
+        if target == "notebooks/README.md":
+            return f"[{label}](notebooks/index.md)"
+        if target.startswith("docs/") and target.endswith(".md"):
+            return f"[{label}]({target[len('docs/'):]})"
+        return label if label.startswith("`") else f"{label} (`{target}`)"
+
+    text = re.sub(r"(?<!!)\[([^\]]+)\]\(([^)]+)\)", link, text)
+    text = re.sub(r"!\[([^\]]*)\]\(docs/([^)]+)\)", r"![\1](\2)", text)
+    out = HERE / "_generated" / "guide.md"
+    if not out.exists() or out.read_text(encoding="utf-8") != text:
+        out.write_text(text, encoding="utf-8")
+
+
+_write_guide()
+
+import generate  # noqa: E402
+
+generate.write()  # docs/_generated/{benchmarks,results}.md from the measurements' own files
+
 project = "hgtoolkit"
 author = "the hgtoolkit developers"
 copyright = "the hgtoolkit developers (MIT licence)"
@@ -72,7 +118,7 @@ extensions = [
 ]
 
 root_doc = "index"
-exclude_patterns = ["_build", "README.md", "**.ipynb_checkpoints", "jupyter_execute"]
+exclude_patterns = ["_build", "_generated", "README.md", "**.ipynb_checkpoints", "jupyter_execute"]
 templates_path = ["_templates"]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 
@@ -98,6 +144,9 @@ napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 python_display_short_literal_types = True
 nitpicky = False
+# A name re-exported by a package (hgtoolkit.towers.Level is hgtoolkit.towers.levels.Level) is
+# documented at both places; a type hint naming it then finds two targets for the same object.
+suppress_warnings = ["ref.python"]
 
 # -- HTML ---------------------------------------------------------------------------------------
 html_theme = "furo"

@@ -1,0 +1,125 @@
+"""Generates the measured parts of the documentation from the files the measurements wrote.
+
+    python docs/generate.py              # docs/_generated/{benchmarks,results}.md (make docs runs it;
+                                         # conf.py too, so every build shows the same numbers)
+    python docs/generate.py --snapshot   # also copy benchmarks/results/*.json to docs/data/benchmarks/
+                                         # (commit them: the numbers a fresh clone's site shows)
+
+- ``benchmarks.md`` (included by ``docs/performance.md``): one table per benchmark, from
+  ``benchmarks/results/<name>.json`` (``make bench``) where present, else from the committed
+  snapshot ``docs/data/benchmarks/<name>.json``; rows as ``benchmarks/run_all.py`` prints them,
+  with the machine each ran on.
+- ``results.md`` (included by ``docs/results.md``): the ``summary.md`` of every experiment under
+  the results folder (``make demo``, ``python -m hgtoolkit reproduce NAME``; the folder is
+  ``hgtoolkit.experiments.common.results_root()``), headings moved one level down and figures
+  given as paths.
+Nothing is retyped: a number on those pages is one a script wrote.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "_generated"
+SNAPSHOT = HERE / "data" / "benchmarks"
+
+
+def _bench_modules():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+        import run_all
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return common, run_all
+
+
+def benchmark_files() -> dict[str, Path]:
+    """``{name: json}``: this machine's ``benchmarks/results`` first, else the committed snapshot."""
+    files = {p.stem: p for p in sorted(SNAPSHOT.glob("*.json"))}
+    files.update({p.stem: p for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))})
+    return dict(sorted(files.items()))
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def benchmarks_page() -> str:
+    common, run_all = _bench_modules()
+    files = benchmark_files()
+    if not files:
+        return ("No benchmark results yet on this machine, and no snapshot in `docs/data/benchmarks/`:\n"
+                "run `make bench` (or `python benchmarks/run_all.py --only NAME`), then `make docs`.\n")
+    parts = []
+    for name, path in files.items():
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        rows = run_all.rows_of(payload)
+        env = payload.get("env", {}) if isinstance(payload.get("env"), dict) else {}
+        when = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+        where = ", ".join(f"{k} {env[k]}" for k in ("cpu", "torch", "torch_threads", "loadavg") if k in env)
+        source = path.relative_to(ROOT)
+        lines = [f"### {name}", "", f"`{source}` ({when}{'; ' + where if where else ''})", "",
+                 "| metric | value | unit | target | met | note |", "| --- | --: | --- | --- | --- | --- |"]
+        for r in rows:
+            lines.append("| " + " | ".join(_cell(c) for c in (
+                r.get("metric", ""), common._fmt(r.get("value")), r.get("unit", ""), r.get("target") or "",
+                common._fmt(r.get("met")), r.get("note", ""))) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def results_page() -> str:
+    sys.path.insert(0, str(ROOT))
+    from hgtoolkit.experiments import common
+
+    root = common.results_root()
+    summaries = sorted(root.glob("*/summary.md")) if root.is_dir() else []
+    if not summaries:
+        return (f"No experiment results in `{root}` yet: run `make demo` (or `python -m hgtoolkit reproduce "
+                "NAME`), then `make docs`.\n")
+    parts = []
+    for path in summaries:
+        text = path.read_text(encoding="utf-8")
+        text = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 2, 6) + " ", text, flags=re.M)
+        text = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", lambda m: f"(figure `{path.parent.name}/{m.group(2)}`)", text)
+        text = re.sub(r"(?<!!)\[([^\]]+)\]\((?!https?://)([^)]+)\)", r"\1 (`\2`)", text)
+        when = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+        parts.append(f"### {path.parent.name}\n\n`{path}` ({when})\n\n{text.strip()}\n")
+    return "\n\n".join(parts)
+
+
+def write(snapshot: bool = False) -> list[Path]:
+    if snapshot:
+        SNAPSHOT.mkdir(parents=True, exist_ok=True)
+        for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+            shutil.copyfile(path, SNAPSHOT / path.name)
+    OUT.mkdir(exist_ok=True)
+    written = []
+    for name, text in (("benchmarks.md", benchmarks_page()), ("results.md", results_page())):
+        path = OUT / name
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--snapshot", action="store_true",
+                    help="copy benchmarks/results/*.json into docs/data/benchmarks/ first")
+    args = ap.parse_args(argv)
+    for path in write(snapshot=args.snapshot):
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
