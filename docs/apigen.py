@@ -34,6 +34,17 @@ def public_modules() -> list[str]:
     return sorted(set(names))
 
 
+def shadowed(modname: str) -> bool:
+    """True when the parent package exports another object under the module's name
+    (``hgtoolkit.explore`` is the function; the module of the same name is documented without
+    its own index entry, its members under ``hgtoolkit.explore.``)."""
+    parent, _, last = modname.rpartition(".")
+    if not parent:
+        return False
+    value = getattr(importlib.import_module(parent), last, None)
+    return value is not None and value is not importlib.import_module(modname)
+
+
 def public_names() -> dict[str, list[str]]:
     """``{module: its __all__}`` for every public module that defines ``__all__``."""
     out = {}
@@ -59,6 +70,8 @@ def page(modname: str) -> str:
     module = importlib.import_module(modname)
     title = modname
     lines = [title, "=" * len(title), "", f".. automodule:: {modname}"]
+    if shadowed(modname):
+        lines.append("   :no-index:")
     exported = getattr(module, "__all__", None)
     if exported is None:
         lines += ["   :members:", ""]
@@ -75,7 +88,7 @@ def page(modname: str) -> str:
         lines += ["Modules", "-------", "", ".. autosummary::", ""]
         lines += [f"   {n}" for n in submodules] + [""]
     # the table: classes and functions (a constant's summary would be its type's docstring)
-    tabled = [n for n in others if _directive(getattr(module, n)) != "data"]
+    tabled = [n for n in others if _directive(getattr(module, n)) != "data"] if not shadowed(modname) else []
     if tabled:
         lines += ["Summary", "-------", "", ".. autosummary::", "   :nosignatures:", ""]
         lines += [f"   {n}" for n in tabled] + [""]

@@ -57,18 +57,21 @@ def _copy_notebooks() -> None:
 
 _copy_notebooks()
 
-# Pages other parts of the project write (each listed once it exists, in this order); any other
-# page of docs/ is still listed, under "Other pages".
-UNDER_THE_HOOD = ["architecture", "reliability", "memory", "performance", "results", "peers"]
+# The index's tables of contents: pages in this order, each listed once it exists (other parts of
+# the project write some of them); any other page of docs/ is still listed, under "Other pages".
+TOCS = {"guide_toc": ("Guide", ["guide", "using", "methods", "glossary", "notebooks/index", "dropins", "models"]),
+        "under_the_hood": ("Under the hood", ["architecture", "reliability", "memory", "performance",
+                                              "results", "peers"])}
 
 
 def _write_toc() -> None:
-    present = [name for name in UNDER_THE_HOOD if (HERE / f"{name}.md").is_file()]
-    text = "\n".join(["```{toctree}", ":maxdepth: 2", ":caption: Under the hood", "", *present, "```", ""])
-    out = HERE / "_generated" / "under_the_hood.md"
-    out.parent.mkdir(exist_ok=True)
-    if not out.exists() or out.read_text(encoding="utf-8") != text:
-        out.write_text(text, encoding="utf-8")
+    for name, (caption, pages) in TOCS.items():
+        present = [p for p in pages if (HERE / f"{p}.md").is_file()]
+        text = "\n".join(["```{toctree}", ":maxdepth: 2", f":caption: {caption}", "", *present, "```", ""])
+        out = HERE / "_generated" / f"{name}.md"
+        out.parent.mkdir(exist_ok=True)
+        if not out.exists() or out.read_text(encoding="utf-8") != text:
+            out.write_text(text, encoding="utf-8")
 
 
 _write_toc()
@@ -138,7 +141,7 @@ autosummary_generate = False            # apigen writes the pages; autosummary o
 autodoc_default_options = {"members": True, "show-inheritance": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
-autodoc_preserve_defaults = True
+autodoc_preserve_defaults = False   # some signatures are built from settings (online.run), not the source
 add_module_names = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -167,5 +170,26 @@ def _escape_bars(app, what, name, obj, options, lines):
             lines[i] = "".join(p if p.startswith("``") else p.replace("|", r"\|") for p in parts)
 
 
+def _public_canonical_names() -> None:
+    """A class defined in a private module (``hgtoolkit._problem.Problem``) and documented where
+    it is exported (``hgtoolkit.Problem``, ``hgtoolkit.problems.Problem``) would get a
+    ``:canonical:`` name in the private module at each place, i.e. two descriptions of one name.
+    Private modules are not documented: no canonical name there."""
+    try:
+        from sphinx.ext.autodoc._property_types import _ClassDefProperties
+    except ImportError:  # another Sphinx layout: keep its behaviour
+        return
+    original = _ClassDefProperties.canonical_full_name
+
+    def canonical_full_name(self):
+        name = original.fget(self)
+        if name and any(part.startswith("_") for part in name.split(".")[:-1]):
+            return None
+        return name
+
+    _ClassDefProperties.canonical_full_name = property(canonical_full_name)
+
+
 def setup(app):
+    _public_canonical_names()
     app.connect("autodoc-process-docstring", _escape_bars)

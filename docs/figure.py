@@ -20,7 +20,7 @@ sys.path.insert(0, str(HERE.parent))
 from hgtoolkit import data, lrsopt, online, plotting, problems  # noqa: E402
 
 T, LR0, OUTER = 100, 0.1, 60
-BETA_HD, BETA_MARTHE = 1e-3, 1e-4
+BETA_HD, BETA_MARTHE = 1e-2, 3e-3
 
 
 def main() -> Path:
@@ -35,12 +35,13 @@ def main() -> Path:
     runs = {f"HD (β = {BETA_HD:g})": online.run(problem, "hd", lr0=LR0, beta=BETA_HD, steps=T),
             f"MARTHE (μ adaptive, β = {BETA_MARTHE:g})": online.run(problem, "marthe", lr0=LR0, beta=BETA_MARTHE,
                                                                    mu="auto", steps=T)}
-    fig, ax = plotting.figure(ncols=1, width=6.4, height=3.4)
+    fig, ax = plotting.figure(ncols=1, width=6.4, height=4.0)
     schedules = {f"exact optimum, LRS-OPT: E(w_T) = {best.best_value:.3f}": best.best_lrs,
                  f"constant η₀: E(w_T) = {best.history[0]:.3f}": lrs0.numpy()}
     schedules.update({f"{name}: E(w_T) = {r.final_val_loss:.3f}": r.lrs for name, r in runs.items()})
     plotting.plot_schedules(schedules, ax=ax, title="learning rate η_t: online rules vs the exact optimum")
     ax.set_xlabel("step t")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
     out = HERE / "figures" / "online_vs_exact.png"
     out.parent.mkdir(exist_ok=True)
     plotting.savefig(fig, out.with_suffix(""), close=True, formats=("png",))
