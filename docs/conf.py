@@ -170,26 +170,19 @@ def _escape_bars(app, what, name, obj, options, lines):
             lines[i] = "".join(p if p.startswith("``") else p.replace("|", r"\|") for p in parts)
 
 
-def _public_canonical_names() -> None:
-    """A class defined in a private module (``hgtoolkit._problem.Problem``) and documented where
-    it is exported (``hgtoolkit.Problem``, ``hgtoolkit.problems.Problem``) would get a
-    ``:canonical:`` name in the private module at each place, i.e. two descriptions of one name.
-    Private modules are not documented: no canonical name there."""
+def _no_canonical_names() -> None:
+    """A class documented where it is defined and again where it is re-exported
+    (``hgtoolkit.OnlineResult``, ``hgtoolkit.online.OnlineResult`` and
+    ``hgtoolkit.online_record.OnlineResult``; ``hgtoolkit.Problem`` from the private
+    ``hgtoolkit._problem``) would get the same ``:canonical:`` name at every place: duplicate
+    descriptions of one name. Each place documents its own name, without a canonical one."""
     try:
         from sphinx.ext.autodoc._property_types import _ClassDefProperties
     except ImportError:  # another Sphinx layout: keep its behaviour
         return
-    original = _ClassDefProperties.canonical_full_name
-
-    def canonical_full_name(self):
-        name = original.fget(self)
-        if name and any(part.startswith("_") for part in name.split(".")[:-1]):
-            return None
-        return name
-
-    _ClassDefProperties.canonical_full_name = property(canonical_full_name)
+    _ClassDefProperties.canonical_full_name = property(lambda self: None)
 
 
 def setup(app):
-    _public_canonical_names()
+    _no_canonical_names()
     app.connect("autodoc-process-docstring", _escape_bars)
