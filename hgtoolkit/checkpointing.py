@@ -51,10 +51,14 @@ import torch
 
 __all__ = ["MemoryBudgetError", "Footprint", "Plan", "parse_memory", "available_memory", "budget",
            "binomial_recomputations", "stored_plan", "every_plan", "binomial_plan", "choose", "plan",
-           "run", "AUTO_FRACTION", "reject_removed", "check_checkpoint", "fmt_bytes", "MemorySampler"]
+           "run", "AUTO_FRACTION", "ALLOCATOR_SLACK", "reject_removed", "check_checkpoint", "fmt_bytes", "MemorySampler"]
 
 #: ``memory="auto"``: this fraction of the device's free memory (cgroup limit included).
 AUTO_FRACTION = 0.5
+#: a schedule fits a budget B when its estimate is ≤ B / ALLOCATOR_SLACK: the resident set holds
+#: more than the tensors counted (the allocator's freed-but-kept memory): measured +2.5 % at
+#: T = 1000 (200 MB) and +10 % at T = 10⁴ (800 MB) on the 3×500 MNIST MLP.
+ALLOCATOR_SLACK = 1.1
 
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
@@ -238,7 +242,7 @@ def binomial_plan(T: int, c: int, fp: Footprint) -> Plan:
     return Plan("binomial", T, None, c, binomial_recomputations(T, c), c * fp.state + fp.step + fp.work)
 
 
-def choose(T: int, fp: Footprint, limit: int | None) -> Plan:
+def choose(T: int, fp: Footprint, limit: int | None, shown: int | None = None) -> Plan:
     """The schedule with the fewest recomputed steps whose estimate fits ``limit`` bytes (None:
     no limit): store everything if it fits; else every k steps with the largest k that fits
     (it recomputes T − k·… < T − 1 steps, fewer than any binomial schedule can); else binomial
@@ -256,12 +260,14 @@ def choose(T: int, fp: Footprint, limit: int | None) -> Plan:
     c = (limit - fp.step - fp.work) // max(fp.state, 1)
     if c >= 1:
         return binomial_plan(T, int(c), fp)
-    raise MemoryBudgetError(_refusal(T, fp, limit, None))
+    raise MemoryBudgetError(_refusal(T, fp, limit, None, shown))
 
 
-def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None) -> str:
+def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None, shown: int | None = None) -> str:
+    """The message of a refusal: ``limit`` = the bytes estimates must fit, ``shown`` = the budget
+    as the user gave it (default ``limit``)."""
     head = (f"{asked.describe()} does not fit" if asked is not None else
-            "no checkpointing schedule fits") + f" the memory budget of {fmt_bytes(limit)}"
+            "no checkpointing schedule fits") + f" the memory budget of {fmt_bytes(shown or limit)}"
     options = [stored_plan(T, fp), every_plan(T, max(1, round(math.sqrt(T))), fp), binomial_plan(T, 1, fp)]
     fitting = None
     try:
@@ -279,24 +285,26 @@ def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None) -> str:
 
 def plan(T: int, fp: Footprint, checkpoint: Any, snapshots: Any, limit: int | None) -> Plan:
     """The schedule asked for (``checkpoint``: "auto" = chosen by the budget, None = store
-    all, int k, "binomial" with ``snapshots``), checked against ``limit``."""
+    all, int k, "binomial" with ``snapshots``), checked against ``limit`` (bytes; the estimate
+    must be ≤ limit / ALLOCATOR_SLACK)."""
+    shown, limit = limit, None if limit is None else int(limit / ALLOCATOR_SLACK)
     if checkpoint == "auto":
         if snapshots is not None:
             raise ValueError("snapshots= needs checkpoint='binomial'")
-        return choose(T, fp, limit)
+        return choose(T, fp, limit, shown)
     if checkpoint is None:
         asked = stored_plan(T, fp)
     elif checkpoint == "binomial":
         if snapshots is None:
             c = T if limit is None else (limit - fp.step - fp.work) // max(fp.state, 1)
             if c < 1:
-                raise MemoryBudgetError(_refusal(T, fp, limit, binomial_plan(T, 1, fp)))
+                raise MemoryBudgetError(_refusal(T, fp, limit, binomial_plan(T, 1, fp), shown))
             return binomial_plan(T, int(c), fp)
         asked = binomial_plan(T, snapshots, fp)
     else:
         asked = every_plan(T, checkpoint, fp)
     if limit is not None and asked.estimate > limit:
-        raise MemoryBudgetError(_refusal(T, fp, limit, asked))
+        raise MemoryBudgetError(_refusal(T, fp, limit, asked, shown))
     return asked
 
 

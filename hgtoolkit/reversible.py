@@ -329,7 +329,7 @@ def reversible_reverse(problem, dyn, lrs, memory, progress):
     numel = sum(x.numel() for x in leaves0)
     estimate = estimate_bytes(T, numel, gamma, fp)
     limit, _ = _ckpt.budget(memory, device)
-    if limit is not None and estimate > limit:
+    if limit is not None and estimate * _ckpt.ALLOCATOR_SLACK > limit:
         raise _ckpt.MemoryBudgetError(
             f"mode='reversible' needs ≈ {_ckpt.fmt_bytes(estimate)} (T={T}, {numel} weights, "
             f"{math.log2(d / n):.3g} bits per weight and step) > the budget of {_ckpt.fmt_bytes(limit)}; "
