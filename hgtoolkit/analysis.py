@@ -168,7 +168,7 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
     lrs = check_lrs(lrs, problem)
     T = len(lrs)
     engine = online.Engine(dyn, objective="val", needs_hvp=True)
-    state = engine.init(problem.params0, online.hyper_config("rtho", lr0=0.0, beta=0.0))
+    state = engine.init(problem.params0, online.hyper_config("rtho", lr=0.0, beta=0.0))
     replay = _Replay(problem, engine, lrs)
     drive(engine, replay, state, T, progress=progress, desc="exact references")
     one_step, constant_lr, val_losses, train_losses = (replay.one_step, replay.constant_lr,

@@ -66,6 +66,7 @@ from . import records
 from ._tree import tree_clone, tree_flatten, tree_unflatten
 from .divergence import VALIDATION_LOSS, Divergence, DivergenceError, check_finite
 from .problems import Problem
+from .errors import renamed
 from .trajectory import check_lrs, make_step, progress_bar
 
 __all__ = ["constant", "exponential_decay", "step_decay", "cosine_warm_restarts", "PeerResult",
@@ -100,25 +101,28 @@ def constant(lr: float, T: int, *, dtype: torch.dtype = torch.float64, device: A
     return torch.full((T,), lr, dtype=dtype, device=device)
 
 
-def exponential_decay(lr0: float, gamma: float, T: int, *, dtype: torch.dtype = torch.float64,
+@renamed(lr0="lr")
+def exponential_decay(lr: float, gamma: float, T: int, *, dtype: torch.dtype = torch.float64,
                       device: Any = "cpu") -> torch.Tensor:
     r"""η_t = η_0 γ^t for t = 0 … T−1 (``torch.optim.lr_scheduler.ExponentialLR``)."""
-    lr0, gamma, T = _check_float(lr0, "lr0"), _check_float(gamma, "gamma", positive=True), _check_int(T, "T")
+    lr, gamma, T = _check_float(lr, "lr"), _check_float(gamma, "gamma", positive=True), _check_int(T, "T")
     t = torch.arange(T, dtype=torch.float64)
-    return (lr0 * gamma ** t).to(dtype=dtype, device=device)
+    return (lr * gamma ** t).to(dtype=dtype, device=device)
 
 
-def step_decay(lr0: float, drop: float, every: int, T: int, *, dtype: torch.dtype = torch.float64,
+@renamed(lr0="lr")
+def step_decay(lr: float, drop: float, every: int, T: int, *, dtype: torch.dtype = torch.float64,
                device: Any = "cpu") -> torch.Tensor:
     r"""η_t = η_0 δ^⌊t/k⌋ for t = 0 … T−1, δ = ``drop``, k = ``every``
     (``torch.optim.lr_scheduler.StepLR(step_size=k, gamma=δ)``)."""
-    lr0, drop = _check_float(lr0, "lr0"), _check_float(drop, "drop", positive=True)
+    lr, drop = _check_float(lr, "lr"), _check_float(drop, "drop", positive=True)
     every, T = _check_int(every, "every"), _check_int(T, "T")
     n_drops = torch.div(torch.arange(T), every, rounding_mode="floor").to(torch.float64)
-    return (lr0 * drop ** n_drops).to(dtype=dtype, device=device)
+    return (lr * drop ** n_drops).to(dtype=dtype, device=device)
 
 
-def cosine_warm_restarts(lr0: float, T: int, T0: int, T_mult: int = 1, eta_min: float = 0.0, *,
+@renamed(lr0="lr")
+def cosine_warm_restarts(lr: float, T: int, T0: int, T_mult: int = 1, eta_min: float = 0.0, *,
                          dtype: torch.dtype = torch.float64, device: Any = "cpu") -> torch.Tensor:
     r"""SGDR (Loshchilov & Hutter 2017): η_t = η_min + ½(η_0 − η_min)(1 + cos(π T_cur/T_i)).
 
@@ -127,7 +131,7 @@ def cosine_warm_restarts(lr0: float, T: int, T0: int, T_mult: int = 1, eta_min: 
     ``torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`` for
     t = 0 … T−1.
     """
-    lr0, T = _check_float(lr0, "lr0"), _check_int(T, "T")
+    lr, T = _check_float(lr, "lr"), _check_int(T, "T")
     T0, T_mult = _check_int(T0, "T0"), _check_int(T_mult, "T_mult")
     eta_min = _check_float(eta_min, "eta_min")
     t_cur = torch.empty(T, dtype=torch.float64)
@@ -138,7 +142,7 @@ def cosine_warm_restarts(lr0: float, T: int, T0: int, T_mult: int = 1, eta_min: 
         t_cur[start:stop] = torch.arange(stop - start, dtype=torch.float64)
         t_i[start:stop] = length
         start, length = start + length, length * T_mult
-    lrs = eta_min + 0.5 * (lr0 - eta_min) * (1 + torch.cos(math.pi * t_cur / t_i))
+    lrs = eta_min + 0.5 * (lr - eta_min) * (1 + torch.cos(math.pi * t_cur / t_i))
     return lrs.to(dtype=dtype, device=device)
 
 

@@ -4,7 +4,7 @@ hypergradient, redrawn as you move the sliders.
     import hgtoolkit
     hgtoolkit.explore(problem="beale")          # in JupyterLab: sliders + figure
 
-Sliders: η₀ (``lr0``), the hyper-learning rate β, MARTHE's μ (a number or "auto"), the step
+Sliders: η₀ (``lr``), the hyper-learning rate β, MARTHE's μ (a number or "auto"), the step
 size κ of the adaptive β, the method whose hypergradient is analysed, and the horizon T. Four
 online runs (:func:`hgtoolkit.online.run` settings, objective E = f, plain gradient descent)
 are drawn at every setting:
@@ -40,6 +40,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .errors import renamed
+
 __all__ = ["explore", "Explorer", "RUNS", "GRIDS"]
 
 #: The four runs drawn at every setting: key → (label, colour).
@@ -48,28 +50,29 @@ RUNS = {"hd": ("HD", "tab:blue"), "rtho": ("RTHO", "tab:red"), "marthe": ("MARTH
 
 #: The sliders' default values: η₀, β, μ, κ and the horizons T.
 GRIDS = {
-    "lr0": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    "lr": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     "beta": tuple(float(10.0 ** e) for e in np.arange(-10.0, -3.9, 0.5)),
     "mu": (0.5, 0.9, 0.99, 0.999, "auto"),
     "kappa": tuple(float(10.0 ** e) for e in range(-10, -3)),
     "steps": (100, 200, 500, 1000),
 }
 
-_SETTINGS = ("lr0", "beta", "mu", "kappa", "method", "steps")
+_SETTINGS = ("lr", "beta", "mu", "kappa", "method", "steps")
 _DPI = 90  # a screen figure: fewer pixels to draw and encode per move than the saved figures' 150
 
 
-def explore(problem: str = "beale", *, lr0: float = 1e-3, beta: float = 1e-6, mu: Any = 0.9,
+@renamed(lr0="lr")
+def explore(problem: str = "beale", *, lr: float = 1e-3, beta: float = 1e-6, mu: Any = 0.9,
             kappa: float = 1e-6, method: str = "marthe", steps: int = 500,
             grids: Mapping[str, Sequence] | None = None, precompute: bool = True,
             widgets: bool | None = None) -> "Explorer":
     """Open the explorer on the 2-D test function ``problem`` (a :mod:`testfunctions` name:
     "beale", "bukin_smooth", "bukin_sharp", "bukin6", "rosenbrock") at the given setting
-    (module docstring). ``grids`` replaces slider grids of :data:`GRIDS` (keys "lr0", "beta",
+    (module docstring). ``grids`` replaces slider grids of :data:`GRIDS` (keys "lr", "beta",
     "mu", "kappa", "steps"); ``precompute``: run every grid setting when it opens (else each
     setting when first shown); ``widgets``: None — sliders where ipywidgets is installed, False
     — the static figure. In Jupyter the returned :class:`Explorer` displays itself."""
-    return Explorer(problem, lr0=lr0, beta=beta, mu=mu, kappa=kappa, method=method, steps=steps,
+    return Explorer(problem, lr=lr, beta=beta, mu=mu, kappa=kappa, method=method, steps=steps,
                     grids=grids, precompute=precompute, widgets=widgets)
 
 
@@ -91,8 +94,8 @@ def _check_setting(name: str, value: Any, max_steps: int) -> Any:
         return int(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (name in ("lr0", "kappa") and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if name in ('lr0', 'kappa') else '≥ 0'}, got {value!r}")
+    if value < 0 or (name in ("lr", "kappa") and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if name in ('lr', 'kappa') else '≥ 0'}, got {value!r}")
     return float(value)
 
 
@@ -103,7 +106,7 @@ def _fmt(v: Any) -> str:
 class Explorer:
     """The explorer's state, its figure and (where ipywidgets is installed) its sliders.
 
-    ``settings``: the current ``{lr0, beta, mu, kappa, method, steps}``; :meth:`update` changes
+    ``settings``: the current ``{lr, beta, mu, kappa, method, steps}``; :meth:`update` changes
     some of them and redraws (what every slider calls); :meth:`runs` gives the four
     :class:`~hgtoolkit.online.OnlineResult` at the current setting (over the largest horizon;
     the first ``steps`` steps are drawn); :attr:`figure` is the matplotlib figure, :attr:`widgets`
@@ -112,7 +115,8 @@ class Explorer:
     to the PNG the image widget shows.
     """
 
-    def __init__(self, problem: str = "beale", *, lr0: float = 1e-3, beta: float = 1e-6, mu: Any = 0.9,
+    @renamed(lr0="lr")
+    def __init__(self, problem: str = "beale", *, lr: float = 1e-3, beta: float = 1e-6, mu: Any = 0.9,
                  kappa: float = 1e-6, method: str = "marthe", steps: int = 500,
                  grids: Mapping[str, Sequence] | None = None, precompute: bool = True,
                  widgets: bool | None = None):
@@ -129,13 +133,13 @@ class Explorer:
             if not values:
                 raise ValueError(f"grids[{k!r}] must hold at least one value")
         self.max_steps = max(int(v) for v in self.grids["steps"])
-        for k in ("lr0", "beta", "mu", "kappa", "steps"):
+        for k in ("lr", "beta", "mu", "kappa", "steps"):
             for v in self.grids[k]:
                 _check_setting(k, v, self.max_steps)
         self.fn = testfunctions.get(problem)
         self.problem = problems.from_function(problem)
         self.settings: dict[str, Any] = {}
-        for name, value in zip(_SETTINGS, (lr0, beta, mu, kappa, method, steps)):
+        for name, value in zip(_SETTINGS, (lr, beta, mu, kappa, method, steps)):
             self.settings[name] = _check_setting(name, value, self.max_steps)
         self._syncing = False
         self._runs: dict[tuple, tuple] = {}    # cell key → (OnlineResult over max_steps, path)
@@ -162,7 +166,7 @@ class Explorer:
 
     def _cell(self, key: str, s: Mapping[str, Any]) -> dict:
         """``online.run`` arguments of run ``key`` at setting ``s`` (over the largest horizon)."""
-        cell = {"method": "marthe" if key in ("marthe", "adaptive_beta") else key, "lr0": s["lr0"],
+        cell = {"method": "marthe" if key in ("marthe", "adaptive_beta") else key, "lr": s["lr"],
                 "steps": self.max_steps}
         if key == "adaptive_beta":
             cell.update(beta="auto", mu=s["mu"], kappa=s["kappa"])
@@ -178,13 +182,13 @@ class Explorer:
 
     def _grid_cells(self):
         g = self.grids
-        for lr0 in g["lr0"]:
+        for lr in g["lr"]:
             for mu in g["mu"]:
                 for beta in g["beta"]:
                     for key in (("hd", "rtho", "marthe") if mu == g["mu"][0] else ("marthe",)):
-                        yield self._cell(key, {"lr0": lr0, "beta": beta, "mu": mu})
+                        yield self._cell(key, {"lr": lr, "beta": beta, "mu": mu})
                 for kappa in g["kappa"]:
-                    yield self._cell("adaptive_beta", {"lr0": lr0, "mu": mu, "kappa": kappa})
+                    yield self._cell("adaptive_beta", {"lr": lr, "mu": mu, "kappa": kappa})
 
     @staticmethod
     def _key(cell: Mapping[str, Any]) -> tuple:
@@ -231,8 +235,9 @@ class Explorer:
 
     # ------------------------------------------------------------------ moves
 
+    @renamed(lr0="lr")
     def update(self, **changes: Any) -> None:
-        """Change some of the settings (``lr0``, ``beta``, ``mu``, ``kappa``, ``method``,
+        """Change some of the settings (``lr``, ``beta``, ``mu``, ``kappa``, ``method``,
         ``steps``) and redraw: what each slider calls. ValueError/TypeError for a bad value;
         nothing changes then."""
         unknown = sorted(set(changes) - set(_SETTINGS))
@@ -381,7 +386,7 @@ class Explorer:
             ax.set_xlim(0, T)
         mu = s["mu"]
         self.figure.suptitle(f"{self.fn.name}: gradient descent from {tuple(self.fn.default_start)}, "
-                             f"η₀ = {_fmt(s['lr0'])}, β = {_fmt(s['beta'])}, μ = {_fmt(mu)}, "
+                             f"η₀ = {_fmt(s['lr'])}, β = {_fmt(s['beta'])}, μ = {_fmt(mu)}, "
                              f"κ = {_fmt(s['kappa'])}, T = {T}", fontsize=9, y=0.995, va="top")
 
     # ------------------------------------------------------------------ widgets and display
@@ -401,7 +406,7 @@ class Explorer:
                                      continuous_update=False, layout=w.Layout(width="320px"))
 
         widgets = {
-            "lr0": slider("lr0", "η₀", self.grids["lr0"]),
+            "lr": slider("lr", "η₀", self.grids["lr"]),
             "beta": slider("beta", "β", self.grids["beta"]),
             "mu": slider("mu", "μ", self.grids["mu"]),
             "kappa": slider("kappa", "κ", self.grids["kappa"]),
@@ -412,7 +417,7 @@ class Explorer:
         for name, widget in widgets.items():
             widget.observe(lambda change, name=name: self._on_change(name, change["new"]), names="value")
         self._image = w.Image(format="png", value=self.png())
-        self._box = w.VBox([w.HBox([widgets["lr0"], widgets["beta"], widgets["steps"]]),
+        self._box = w.VBox([w.HBox([widgets["lr"], widgets["beta"], widgets["steps"]]),
                             w.HBox([widgets["mu"], widgets["kappa"]]), widgets["method"], self._image])
         return widgets
 

@@ -52,6 +52,7 @@ from torch.func import grad_and_value
 
 from . import divergence as _divergence
 from . import records
+from .errors import renamed
 
 __all__ = ["HDMConfig", "HDMState", "HDMResult", "init", "step", "run", "surrogate",
            "surrogate_grad", "MODES"]
@@ -71,8 +72,8 @@ class HDMConfig:
     eta_p: float | None = None
     eta_b: float = 10.0
     p0: float = 0.0
-    beta0: float = 0.95
-    beta_max: float = 0.9995
+    momentum_init: float = 0.95
+    momentum_max: float = 0.9995
     p_max: float | None = None
     null_steps: bool = True
     adagrad: bool = True
@@ -91,8 +92,8 @@ class HDMConfig:
             v = getattr(self, name)
             if v is not None and not (isinstance(v, (int, float)) and v > 0):
                 raise ValueError(f"{name} must be None or > 0, got {v!r}")
-        if not (0 <= self.beta0 <= self.beta_max < 1):
-            raise ValueError(f"beta0 and beta_max need 0 ≤ beta0 ≤ beta_max < 1, got {self.beta0}, {self.beta_max}")
+        if not (0 <= self.momentum_init <= self.momentum_max < 1):
+            raise ValueError(f"momentum_init and momentum_max need 0 ≤ momentum_init ≤ momentum_max < 1, got {self.momentum_init}, {self.momentum_max}")
         if not self.eta_b > 0 or not self.p0 >= 0:
             raise ValueError(f"eta_b must be > 0 and p0 ≥ 0, got eta_b={self.eta_b}, p0={self.p0}")
         for name in ("decay_every", "restart_after"):
@@ -107,6 +108,9 @@ class HDMConfig:
     @property
     def p_upper(self) -> float:
         return 1e10 / self.L if self.p_max is None else float(self.p_max)
+
+
+HDMConfig.__init__ = renamed(beta0="momentum_init", beta_max="momentum_max")(HDMConfig.__init__)
 
 
 class HDMState(NamedTuple):
@@ -160,7 +164,7 @@ def init(config: HDMConfig, x0: torch.Tensor, oracle: Oracle) -> HDMState:
     fx, gx = oracle(x0)
     s = lambda v: torch.tensor(v, dtype=x0.dtype, device=x0.device)
     P = s(config.p0) if config.mode == "scalar" else torch.full_like(x0, config.p0)
-    beta = s(config.beta0 if config.momentum else 0.0)
+    beta = s(config.momentum_init if config.momentum else 0.0)
     z = s(0.0)
     return HDMState(x0, x0, fx.detach(), gx.detach(), P, torch.zeros_like(P), beta, z, s(config.eta_p0), z,
                     z, z, z, s(0), s(1), s(1), torch.tensor(True), z, torch.zeros_like(P))
@@ -191,7 +195,7 @@ def step(config: HDMConfig, state: HDMState, oracle: Oracle, max_iter: int = 100
     scale_P = 1 / (U.sqrt() + c.eps) if c.adagrad else torch.ones_like(U)
     scale_b = 1 / (v.sqrt() + c.eps) if c.adagrad else torch.ones_like(v)
     P = (st.P - st.eta_p * gP * scale_P).clamp(0.0, c.p_upper)
-    beta = (st.beta - c.eta_b * gb * scale_b).clamp(0.0, c.beta_max) if c.momentum else st.beta
+    beta = (st.beta - c.eta_b * gb * scale_b).clamp(0.0, c.momentum_max) if c.momentum else st.beta
     # curvature record and counter (A.4.5)
     step_len = (x_trial - x).norm()
     record = accept & (step_len > 1e-3)

@@ -60,6 +60,7 @@ from .exact import hypergradient
 from .lrsopt import ScheduleResult, optimize_schedule
 from .problems import Problem
 from .divergence import VALIDATION_LOSS, check_finite
+from .errors import renamed
 from .trajectory import check_lrs, make_step, progress_bar, tangent_step
 
 __all__ = ["NQMMoments", "GreedySchedule", "nqm_moments", "nqm_expected_loss", "nqm_value_and_grad",
@@ -286,7 +287,8 @@ def _nqm_problem(nqm) -> Problem:
                    info={"d": nqm.dim, "objective": "exact expected loss (Wu et al. Thm 1)"})
 
 
-def optimal_schedule(nqm, T: int, momentum: bool = False, *, lrs0: Any = None, momentum0: Any = 0.9,
+@renamed(lrs0="lrs")
+def optimal_schedule(nqm, T: int, momentum: bool = False, *, lrs: Any = None, momentum0: Any = 0.9,
                      outer_steps: int = 500, outer_lr: float | None = None,
                      outer_optimizer: str = "lbfgsb", lr_max: float | None = None,
                      momentum_max: float = 1.0, outer_options: dict | None = None,
@@ -298,7 +300,7 @@ def optimal_schedule(nqm, T: int, momentum: bool = False, *, lrs0: Any = None, m
 
     With momentum the optimised vector is the concatenation (η_0 … η_{T−1}, μ_0 … μ_{T−1}):
     ``result.best_lrs[:T]`` is the LR schedule, ``result.best_lrs[T:]`` the momentum schedule.
-    ``lrs0`` defaults to the constant 1/max(h) (halved with momentum); ``lr_max`` caps η (Wu
+    ``lrs`` defaults to the constant 1/max(h) (halved with momentum); ``lr_max`` caps η (Wu
     et al. cap it so that no coordinate's loss blows up; 2/max(h) keeps plain SGD stable);
     ``momentum_max`` may be ``math.inf``. ``outer_options``: extra L-BFGS-B options, e.g.
     ``{"ftol": 0, "gtol": 0}`` when the loss is tiny (σ = 0), where scipy's absolute
@@ -310,7 +312,7 @@ def optimal_schedule(nqm, T: int, momentum: bool = False, *, lrs0: Any = None, m
     if not isinstance(momentum, bool):
         raise TypeError(f"momentum must be True or False, got {momentum!r}")
     hmax = float(nqm.h.max())
-    eta0 = _as_schedule((0.5 if momentum else 1.0) / hmax if lrs0 is None else lrs0, T, nqm, "lrs0")
+    eta0 = _as_schedule((0.5 if momentum else 1.0) / hmax if lrs is None else lrs, T, nqm, "lrs")
     if momentum:
         x0 = torch.cat([eta0, _as_schedule(momentum0, T, nqm, "momentum0")])
         inf = float("inf") if lr_max is None else float(lr_max)

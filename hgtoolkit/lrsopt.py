@@ -51,6 +51,7 @@ from . import dynamics as _dynamics
 from . import records
 from .divergence import DivergenceWarning
 from .exact import MODES, hypergradient
+from .errors import renamed
 from .trajectory import check_lrs, progress_bar
 
 __all__ = ["ScheduleResult", "optimize_schedule", "OUTER_OPTIMIZERS", "adam_update", "sgd_update",
@@ -211,7 +212,7 @@ class _Evaluator:
         return float(r.value), r.grad, metrics, bseed
 
 
-def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches,
+def _validate(problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resample_batches,
               lr_max, outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
               snapshot_every, callback):
     if not isinstance(outer_optimizer, str) or outer_optimizer.lower() not in OUTER_OPTIMIZERS:
@@ -234,15 +235,15 @@ def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resam
     if resample_batches and outer_optimizer == "lbfgsb":
         raise ValueError("resample_batches=True is not supported with outer_optimizer='lbfgsb': "
                          "L-BFGS-B needs the same objective at every evaluation")
-    if isinstance(lrs0, torch.Tensor) and lrs0.is_floating_point() and problem.dtype.is_floating_point \
-            and torch.finfo(lrs0.dtype).bits > torch.finfo(problem.dtype).bits:
-        warnings.warn(f"lrs0 is {lrs0.dtype} but the problem is {problem.dtype}: the schedule is cast to "
-                      f"{problem.dtype} (each η_t rounded to its precision) and optimised there; pass lrs0 "
+    if isinstance(lrs, torch.Tensor) and lrs.is_floating_point() and problem.dtype.is_floating_point \
+            and torch.finfo(lrs.dtype).bits > torch.finfo(problem.dtype).bits:
+        warnings.warn(f"lrs is {lrs.dtype} but the problem is {problem.dtype}: the schedule is cast to "
+                      f"{problem.dtype} (each η_t rounded to its precision) and optimised there; pass lrs "
                       f"as {problem.dtype} to make the cast yours", UserWarning, stacklevel=3)
-    eta0 = check_lrs(lrs0, problem, argname="lrs0")
+    eta0 = check_lrs(lrs, problem, argname="lrs")
     if isinstance(lr_max, torch.Tensor):
         if lr_max.shape != eta0.shape or not bool((lr_max > 0).all()):
-            raise ValueError(f"lr_max as a tensor must have the shape of lrs0 {tuple(eta0.shape)} and "
+            raise ValueError(f"lr_max as a tensor must have the shape of lrs {tuple(eta0.shape)} and "
                              f"entries > 0, got shape {tuple(lr_max.shape)}")
     elif lr_max is not None and not (isinstance(lr_max, (int, float)) and lr_max > 0):
         raise ValueError(f"lr_max must be None, > 0 or a tensor of bounds, got {lr_max!r}")
@@ -276,7 +277,7 @@ def _validate(problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resam
     if callback is not None and not callable(callback):
         raise TypeError("callback must be callable as callback(step, lrs, value, grad)")
     if lr_max is not None and bool((eta0 > lr_max).any()):
-        raise ValueError(f"lrs0 exceeds lr_max={lr_max} (max {float(eta0.max())})")
+        raise ValueError(f"lrs exceeds lr_max={lr_max} (max {float(eta0.max())})")
     return outer_optimizer, opts, eta0
 
 
@@ -298,10 +299,10 @@ def _load_checkpoint(path: Path, config: dict, eta0: torch.Tensor, device) -> di
         raise ValueError(f"checkpoint_path {str(path)!r} is not an LRS-OPT checkpoint")
     diff = _config_mismatch(ckpt["config"], config)
     if not torch.equal(ckpt["lrs0"], eta0):
-        diff.insert(0, "lrs0")
+        diff.insert(0, "lrs")
     if diff:
         first = diff[0]
-        detail = ("" if first == "lrs0" else
+        detail = ("" if first == "lrs" else
                   f" (checkpoint: {ckpt['config'].get(first)!r}, this call: {config.get(first)!r})")
         raise ValueError(f"checkpoint {str(path)!r} was written with different arguments: "
                          f"{', '.join(diff)} differ{detail}; pass the same arguments, resume=False "
@@ -379,7 +380,8 @@ class _Run:
             evaluations=np.asarray(s.get("evaluations", []), dtype=np.float64).reshape(-1, 2))
 
 
-def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | None = None,
+@renamed(lrs0="lrs")
+def optimize_schedule(problem, lrs: Any, outer_steps: int, outer_lr: float | None = None,
                       outer_optimizer: str = "adam", *,
                       optimizer: "str | _dynamics.Dynamics" = "sgd", mode: str = "reverse",
                       checkpoint: "int | str | None" = "auto", snapshots: int | None = None,
@@ -392,7 +394,7 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
                       callback: Callable[..., Any] | None = None,
                       objective: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
                       **removed: Any) -> ScheduleResult:
-    r"""LRS-OPT: K = ``outer_steps`` projected steps η^(k) = Π(U(η^(k−1), ∇f(η^(k−1)))) from η^(0) = ``lrs0``.
+    r"""LRS-OPT: K = ``outer_steps`` projected steps η^(k) = Π(U(η^(k−1), ∇f(η^(k−1)))) from η^(0) = ``lrs``.
 
     ``optimizer`` is the inner dynamics Φ_t (``"sgd"``, ``"adam"``, … or a Dynamics);
     ``mode``/``checkpoint``/``snapshots``/``memory``/``chunk_size`` are passed to
@@ -420,7 +422,7 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     file. ``resume=None`` (default) with an existing ``checkpoint_path``: ValueError, as the CLI
     (its ``--resume`` / ``--overwrite``).
 
-    Dtype: the schedule is optimised in the problem's dtype; a ``lrs0`` of a wider floating dtype
+    Dtype: the schedule is optimised in the problem's dtype; a ``lrs`` of a wider floating dtype
     (float64 on a float32 problem) is cast, with a ``UserWarning`` saying so.
 
     >>> import hgtoolkit, torch
@@ -436,7 +438,7 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
     if memory is not None:
         _checkpointing.parse_memory(memory)
     outer_optimizer, opts, eta0 = _validate(
-        problem, lrs0, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,
+        problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,
         outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
         snapshot_every, callback)
     if outer_lr is None and outer_optimizer == "adam":
@@ -467,7 +469,7 @@ def optimize_schedule(problem, lrs0: Any, outer_steps: int, outer_lr: float | No
         try:
             run = _Run.fresh(eta0, *evaluate(eta0, 0))
         except FloatingPointError as exc:
-            raise FloatingPointError(f"LRS-OPT cannot start: training with lrs0 diverges ({exc}); "
+            raise FloatingPointError(f"LRS-OPT cannot start: training with lrs diverges ({exc}); "
                                      "start from smaller learning rates") from exc
         run.s["evaluations"] = evaluate.log
     run.s["status"] = "running"

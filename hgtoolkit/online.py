@@ -102,7 +102,7 @@ class Settings(NamedTuple):
     vmapped computation). ``lr_floor`` = −inf for no clipping; ``beta_bound`` and
     ``divergence_factor`` = inf to switch them off; booleans select the adaptive rules."""
 
-    lr0: torch.Tensor
+    lr: torch.Tensor
     mu_adaptive: torch.Tensor
     beta_adaptive: torch.Tensor
     beta_rule_eta: torch.Tensor
@@ -121,7 +121,7 @@ class HyperConfig:
 
     method: str
     objective: str
-    lr0: float
+    lr: float
     beta0: float
     beta_adaptive: bool
     kappa: float
@@ -143,7 +143,7 @@ class HyperConfig:
     def settings(self, dtype: torch.dtype, device: Any) -> Settings:
         f = lambda x: torch.tensor(x, dtype=dtype, device=device)
         b = lambda x: torch.tensor(bool(x), device=device)
-        return Settings(lr0=f(self.lr0), mu_adaptive=b(self.mu_rule is not None), beta_adaptive=b(self.beta_adaptive),
+        return Settings(lr=f(self.lr), mu_adaptive=b(self.mu_rule is not None), beta_adaptive=b(self.beta_adaptive),
                         beta_rule_eta=b(self.beta_rule == "h_eta"), kappa=f(self.kappa),
                         lr_floor=f(-math.inf if self.lr_floor is None else self.lr_floor),
                         lr_max=f(min(self.lr_max, sys.float_info.max)),  # finite: |η| ≤ it fails for inf
@@ -184,9 +184,9 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
     ``seed``, …) are ignored.
     """
     c = _settings.bind(OnlineSettings, {"method": method, **settings}, "hyper_config", required=False)
-    if "lr0" not in c:
-        raise TypeError("hyper_config() missing required keyword argument 'lr0'")
-    lr0, beta, mu, kappa, beta0 = c["lr0"], c["beta"], c["mu"], c["kappa"], c["beta0"]
+    if "lr" not in c:
+        raise TypeError("hyper_config() missing required keyword argument 'lr'")
+    lr, beta, mu, kappa, beta0 = c["lr"], c["beta"], c["mu"], c["kappa"], c["beta0"]
     beta_rule, objective, lr_floor, lr_max = c["beta_rule"], c["objective"], c["lr_floor"], c["lr_max"]
     beta_bound, divergence_factor, hd_gradient = c["beta_bound"], c["divergence_factor"], c["hd_gradient"]
     if not isinstance(method, str) or method not in METHODS:
@@ -195,19 +195,19 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
         raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
     if hd_gradient not in ("regularised", "raw"):
         raise ValueError(f"unknown hd_gradient {hd_gradient!r}; choose 'regularised' or 'raw'")
-    lr0 = _number(lr0, "lr0")
-    if lr0 < 0:
-        raise ValueError(f"lr0 must be ≥ 0, got {lr0}")
+    lr = _number(lr, "lr")
+    if lr < 0:
+        raise ValueError(f"lr must be ≥ 0, got {lr}")
     if lr_floor is not None:
         lr_floor = _number(lr_floor, "lr_floor")
-        if lr_floor < 0 or lr_floor > lr0:
-            raise ValueError(f"lr_floor must be in [0, lr0={lr0}] (or None for no clipping), got {lr_floor}")
+        if lr_floor < 0 or lr_floor > lr:
+            raise ValueError(f"lr_floor must be in [0, lr={lr}] (or None for no clipping), got {lr_floor}")
     if lr_max is None:
-        lr_max = 1e6 * lr0 if lr0 > 0 else math.inf
+        lr_max = 1e6 * lr if lr > 0 else math.inf
     else:
         lr_max = _number(lr_max, "lr_max")
-        if not lr_max > lr0:
-            raise ValueError(f"lr_max must be > lr0={lr0}, got {lr_max}")
+        if not lr_max > lr:
+            raise ValueError(f"lr_max must be > lr={lr}, got {lr_max}")
     beta_bound = _optional_positive(beta_bound, "beta_bound", 0.0)
     divergence_factor = _optional_positive(divergence_factor, "divergence_factor", 1.0)
 
@@ -259,7 +259,7 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
         if beta_value < 0:
             raise ValueError(f"beta must be ≥ 0, got {beta_value}")
 
-    desc = {"method": method, "lr0": lr0, "objective": objective, "lr_floor": lr_floor,
+    desc = {"method": method, "lr": lr, "objective": objective, "lr_floor": lr_floor,
             "lr_max": lr_max if math.isfinite(lr_max) else None,
             "beta": "auto" if adaptive else beta_value,
             "beta0": beta_value if adaptive else None,
@@ -271,7 +271,7 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
                    getattr(rule, "__name__", repr(rule)) if rule is not None else mu_value)}
     if hd_gradient != "regularised":
         desc["hd_gradient"] = hd_gradient
-    return HyperConfig(method, objective, lr0, beta_value, adaptive, kappa, beta_rule, mu_value,
+    return HyperConfig(method, objective, lr, beta_value, adaptive, kappa, beta_rule, mu_value,
                        rule, lr_floor, lr_max, beta_bound if adaptive else None,
                        divergence_factor, hd_gradient, desc)
 
@@ -387,7 +387,7 @@ class Engine:
         f = lambda x: torch.tensor(x, dtype=HYPER_DTYPE, device=leaf.device)
         opt = self.dynamics.init(tree_clone(params) if self.donate else params)
         z = tree_zeros_like(opt if self.needs_hvp else {"w": self.dynamics.params(opt)})
-        return OnlineState(opt=opt, z=z, lr=f(cfg.lr0), beta=f(cfg.beta0),
+        return OnlineState(opt=opt, z=z, lr=f(cfg.lr), beta=f(cfg.beta0),
                            mu=f(cfg.mu0), counter=f(0.0), h=f(0.0), g_prev=tree_zeros_like(params),
                            ref_loss=f(math.nan),
                            diverged_at=torch.tensor(-1, device=leaf.device),
@@ -417,7 +417,7 @@ class Engine:
         if self.adaptive_beta:
             # one hypergradient step on β (hh or the authors' h·η), ≥ 0, ≤ bound·max(η_t, η_0)/|h_t|
             beta = (state.beta + s.kappa * h * torch.where(s.beta_rule_eta, lr, state.h)).clamp_min(0.0)
-            cap = s.beta_bound * torch.maximum(lr, s.lr0) / h.abs()
+            cap = s.beta_bound * torch.maximum(lr, s.lr) / h.abs()
             cap = torch.nan_to_num(cap, nan=math.inf, posinf=math.inf)  # no cap for h = 0, no bound
             capped = s.beta_adaptive & (beta > cap)
             beta = torch.where(s.beta_adaptive, torch.minimum(beta, cap), state.beta)
@@ -701,7 +701,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         method: ``"hd"`` (μ ≡ 0), ``"rtho"`` (μ ≡ 1) or ``"marthe"`` (μ and β fixed or adaptive).
         optimizer: the dynamics Φ (``"sgd"``, ``"nesterov"``, ``"adam"``, … or a
             :mod:`hgtoolkit.dynamics` object).
-        lr0: η_0 ≥ 0.
+        lr: η_0 ≥ 0.
         beta: β ≥ 0, or ``"auto"`` (MARTHE; the default there): β_0 = ``beta0`` and
             β_{t+1} = max(β_t + κ h_{t+1} h_t, 0) (``beta_rule="hh"``) or the authors'-code
             variant max(β_t + κ h_{t+1} η_{t+1}, 0) (``beta_rule="h_eta"``); κ = ``kappa``;
@@ -715,8 +715,8 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
             regularised loss when the optimizer has weight decay (``hd_gradient="raw"``: without).
         lr_floor: η is clipped to ≥ lr_floor (default 0); None allows η < 0 ("unlearning", as
             Baydin et al.).
-        lr_max: the run is declared divergent when |η| exceeds it (default 1e6·lr0; no bound
-            when lr0 = 0). ``divergence_factor``: also when the run's loss (E(w_t) for "val",
+        lr_max: the run is declared divergent when |η| exceeds it (default 1e6·lr; no bound
+            when lr = 0). ``divergence_factor``: also when the run's loss (E(w_t) for "val",
             L_t for "train") exceeds this multiple of its initial value (default 2; None: off).
             Non-finite losses, h or β always count as divergence (non-finite parameters
             make the next loss non-finite).
@@ -734,7 +734,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
 
     >>> import hgtoolkit
     >>> from hgtoolkit import online, problems
-    >>> r = online.run(problems.from_function("beale"), "rtho", lr0=1e-3, beta=1e-7, steps=100)
+    >>> r = online.run(problems.from_function("beale"), "rtho", lr=1e-3, beta=1e-7, steps=100)
     >>> r.lrs.shape, r.hypergrads.shape
     ((100,), (100,))
     """
@@ -794,13 +794,13 @@ def find_beta(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: i
     The searched value is κ when ``beta="auto"`` (MARTHE's default) and β otherwise (so
     ``method="hd"``/``"rtho"``, or MARTHE with a fixed β: pass ``beta=<anything numeric>``).
     ``start`` is the first value tried. Other keyword arguments go to :func:`run` (``method``,
-    ``lr0``, ``steps``, …). Returns the first run that did not diverge; its
+    ``lr``, ``steps``, …). Returns the first run that did not diverge; its
     ``config["beta_search"]`` lists every value tried with the step it diverged at.
     Raises :class:`hgtoolkit.errors.DivergenceError` if all ``max_tries`` values diverge.
 
     >>> from hgtoolkit import online, problems
     >>> r = online.find_beta(problems.from_function("beale"), start=1.0, method="rtho",
-    ...                      lr0=1e-3, steps=50)
+    ...                      lr=1e-3, steps=50)
     >>> r.diverged_at is None
     True
     """

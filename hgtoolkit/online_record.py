@@ -43,7 +43,7 @@ class OnlineResult(records.RunRecord):
     T means only the final update η_T failed); so n = ``diverged_at``; ``divergence``: what
     diverged; ``beta_capped``: how many updates the adaptive-β bound clipped; ``wall_time``:
     seconds for the whole run; ``final_params``: w_n (a detached pytree) or None; ``config``:
-    everything needed to rerun it (method, optimizer, lr0, beta, mu, kappa, …, ``problem`` =
+    everything needed to rerun it (method, optimizer, lr, beta, mu, kappa, …, ``problem`` =
     ``problem.describe()``).
     """
 

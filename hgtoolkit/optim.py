@@ -269,7 +269,7 @@ class OnlineOptimizer(DropIn):
         raise NotImplementedError
 
     def _hyper_kwargs(self, group: dict) -> dict:
-        """Keyword arguments of :func:`online.hyper_config` for this group (besides lr0…)."""
+        """Keyword arguments of :func:`online.hyper_config` for this group (besides lr…)."""
         raise NotImplementedError
 
     # -- groups ---------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class OnlineOptimizer(DropIn):
         return setup
 
     def _make_config(self, group: dict) -> online.HyperConfig:
-        return online.hyper_config(lr0=group["initial_lr_for_hyper"], objective=self.objective,
+        return online.hyper_config(lr=group["initial_lr_for_hyper"], objective=self.objective,
                                    lr_floor=group["lr_floor"], lr_max=group["lr_max"],
                                    divergence_factor=group["divergence_factor"],
                                    mu_rule=self.mu_rule, **self._hyper_kwargs(group))

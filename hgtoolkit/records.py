@@ -60,6 +60,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .errors import RENAMED
+
 __all__ = ["FORMAT", "NoChecksumWarning", "CorruptedFileError", "digest", "seal", "unseal", "corrupted",
            "write_sealed_json", "read_sealed_json", "read_verified_bytes", "save_sealed_arrays", "seal_bytes",
            "unseal_bytes", "load_torch", "RecordType", "register", "kinds", "spec", "to_dict", "from_dict", "split_arrays",
@@ -728,19 +730,31 @@ class RunRecord:
                 out[f.name] = d[f.name]
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise KeyError(f.name)
+        return RunRecord.migrate_v2(cls, out)
+
+    @staticmethod
+    def migrate_v2(cls: type, d: dict) -> dict:
+        """The fields of a record written before the 0.2 vocabulary: the config's old keys
+        (``lr0``: :data:`hgtoolkit.errors.RENAMED`) under their new names."""
+        out = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        config = out.get("config")
+        if isinstance(config, dict):
+            out["config"] = {(RENAMED[k] if k in RENAMED and RENAMED[k] not in config else k): v
+                             for k, v in config.items()}
         return out
 
 
 def register_run(*, redo: str) -> Callable[[type], type]:
     """:func:`register` for a :class:`RunRecord` subclass under its ``KIND`` (version 2):
     parameters in ``final_params``, wall times as timing, the derived values in the JSON, and
-    the migration of the files and sweep cells written before the codec (version 1)."""
+    the migrations of the files and sweep cells written before the codec (version 1) and before
+    the 0.2 vocabulary (version 2: the config's old key names)."""
     def deco(cls: type) -> type:
         names = {f.name for f in dataclasses.fields(cls)}
-        return register(cls.KIND, version=2, redo=redo, params="final_params",
+        return register(cls.KIND, version=3, redo=redo, params="final_params",
                         timing=tuple(t for t in RunRecord.TIMING if t in names), derived=RunRecord.DERIVED,
                         readable=cls.ARRAYS if cls.ARRAYS_IN_JSON else (),
-                        migrations={1: RunRecord.migrate_v1})(cls)
+                        migrations={1: RunRecord.migrate_v1, 2: RunRecord.migrate_v2})(cls)
     return deco
 
 

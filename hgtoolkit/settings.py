@@ -11,7 +11,7 @@ in its metadata, and from that one declaration come
   and default): :func:`add_arguments`, used by :mod:`hgtoolkit.cli`;
 - the sweep grids' validators (``params=`` of the cell kinds in :mod:`hgtoolkit.sweep.kinds`):
   :func:`validators`;
-- a checked set of keyword arguments for the Python API: ``OnlineSettings(lr0=1e-3, steps=100,
+- a checked set of keyword arguments for the Python API: ``OnlineSettings(lr=1e-3, steps=100,
   beta=1e-7)`` raises ``ValueError`` naming a setting that is out of range, and
   :meth:`RunSettings.kwargs` gives the keywords to pass on. The functions keep their own checks
   (cross-setting ones included); the tests check that flags, sweep keys and signatures list the
@@ -31,6 +31,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 from . import dynamics
+from .errors import RENAMED, check_renamed
 
 __all__ = ["Spec", "setting", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
            "HypergradSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
@@ -175,6 +176,7 @@ def bind(schema: type, given: dict, owner: str, *, required: bool = True) -> dic
     ``required``, for a required setting that is missing (as Python says it for a signature).
     Values are not checked here: the function checks them (cross-setting rules included)."""
     table = specs(schema)
+    check_renamed(owner, given, takes=table)
     unknown = [k for k in given if k not in table]
     if unknown:
         raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}; its settings "
@@ -244,6 +246,19 @@ def add_arguments(parser: Any, schema: type, names: Sequence[str] | None = None,
                 kw["choices"], kw["type"] = spec.options(), str
         kw.update(overrides.get(name, {}))
         parser.add_argument(flag, **kw)
+    added = set(names if names is not None else [k for k, (_, s) in table.items() if s.cli])
+    for old, new in RENAMED.items():
+        if new in added and old not in table:  # the old flag says the new one (no silent alias)
+            parser.add_argument("--" + old.replace("_", "-"), nargs="*", action=_RenamedFlag,
+                                help=argparse.SUPPRESS, dest="_renamed_" + old)
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag of the old vocabulary: the parser's error names the new flag."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = RENAMED[option_string.lstrip("-").replace("-", "_")]
+        parser.error(f"{option_string} was renamed --{new.replace('_', '-')} (docs/glossary.md)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -297,7 +312,7 @@ class OnlineSettings(RunSettings):
 
     method: str = setting("marthe", _METHOD_HELP, kind="choice", choices=("hd", "rtho", "marthe"))
     optimizer: str = setting("sgd", "dynamics Φ", kind="optimizer")
-    lr0: float = setting(help="initial learning rate η_0", lo=0, cli_default=1e-3)
+    lr: float = setting(help="initial learning rate η_0", lo=0, cli_default=1e-3)
     steps: int = setting(help="T, the number of training steps", kind="int", lo=1, cli_default=500)
     beta: Any = setting(None, "hyper-learning rate β ≥ 0, or 'auto' (MARTHE's adaptive β, its "
                               "default; required for hd and rtho)", lo=0, words=("auto",), none=True)
@@ -310,7 +325,7 @@ class OnlineSettings(RunSettings):
     objective: str = setting("val", "val: h uses ∇E(w_{t+1}); train: the next minibatch's "
                                     "gradient (HD)", kind="choice", choices=("val", "train"))
     lr_floor: Any = setting(0.0, "η is clipped at this value; none allows η < 0", lo=0, none=True)
-    lr_max: Any = setting(None, "|η| above this counts as divergence (none: 1e6·lr0)", lo=0,
+    lr_max: Any = setting(None, "|η| above this counts as divergence (none: 1e6·lr)", lo=0,
                           open_lo=True, none=True)
     beta_bound: Any = setting(1.0, "adaptive β: one update moves η by at most this × max(η, η_0); "
                                    "none: unbounded", lo=0, open_lo=True, none=True)

@@ -275,7 +275,7 @@ def test_report_save_load_table_plot(hd_like_report, tmp_path):
 # ----------------------------------------------------------------------------- online runs
 
 ONLINE_CASES = [
-    # (problem, optimizer, lr0, method, beta)
+    # (problem, optimizer, lr, method, beta)
     ("beale", "sgd", 1e-3, "hd", 0.0),
     ("beale", "sgd", 1e-3, "hd", 1e-6),
     ("beale", "sgd", 1e-3, "rtho", 0.0),
@@ -287,14 +287,14 @@ ONLINE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, opt, lr0, method, beta", ONLINE_CASES)
-def test_online_estimate_equals_its_horizon_reference(name, opt, lr0, method, beta):
+@pytest.mark.parametrize("name, opt, lr, method, beta", ONLINE_CASES)
+def test_online_estimate_equals_its_horizon_reference(name, opt, lr, method, beta):
     """HD (μ = 0, objective "val") estimates d⁽¹⁾ and RTHO (μ = 1) estimates d⁽ᶜ⁾ exactly, for any β:
     both recursions run along the run's own schedule. This pins down the alignment
     hypergrads[t] = h_{t+1} ↔ references[t]."""
     from hgtoolkit import online
     problem = _PROBLEMS[name]
-    result = online.run(problem, method, opt, lr0=lr0, beta=beta, steps=15, seed=2)
+    result = online.run(problem, method, opt, lr=lr, beta=beta, steps=15, seed=2)
     assert not result.diverged
     if beta > 0:
         assert np.ptp(result.lrs) > 0  # the schedule really moved
@@ -313,7 +313,7 @@ def test_online_estimate_equals_its_horizon_reference(name, opt, lr0, method, be
 def test_analyse_online_checks_problem_and_truncates_divergence():
     from hgtoolkit import online
     mlp = _PROBLEMS["mlp"]
-    result = online.run(mlp, "hd", lr0=0.05, beta=1e-3, steps=10)
+    result = online.run(mlp, "hd", lr=0.05, beta=1e-3, steps=10)
     with pytest.raises(ValueError, match="beale"):
         analysis.analyse_online(result, _PROBLEMS["beale"])
     with pytest.raises(ValueError, match="replayed trajectory"):
@@ -324,7 +324,7 @@ def test_analyse_online_checks_problem_and_truncates_divergence():
     # a run that diverges: analysed up to its last finite estimate
     beale = _PROBLEMS["beale"]
     with pytest.warns(online.DivergenceWarning):
-        bad = online.run(beale, "rtho", lr0=1e-3, beta=1e-3, steps=60)
+        bad = online.run(beale, "rtho", lr=1e-3, beta=1e-3, steps=60)
     assert bad.diverged
     rep = analysis.analyse_online(bad, beale)
     n = rep.info["steps_analysed"]
@@ -370,6 +370,6 @@ def test_replayed_trajectory_is_the_online_run_bit_for_bit_in_float32():
         p = problems.mnist_mlp(n_train=200, n_val=50, batch_size=20, hidden=(8,))
     assert p.dtype == torch.float32
     for method in ("hd", "rtho"):
-        r = online.run(p, method, lr0=0.1, beta=1e-3, steps=90, keep_params=False)
+        r = online.run(p, method, lr=0.1, beta=1e-3, steps=90, keep_params=False)
         report = analysis.analyse_online(r, p, check_trajectory=True)
         np.testing.assert_array_equal(report.train_losses, r.train_losses)

@@ -62,10 +62,10 @@ API_CASES = {  # id: (call, exception, message naming the argument)
     "finite_difference steps=[T]": (lambda tmp: exact.finite_difference(BEALE, LRS, steps=[T]), ValueError,
                                     r"steps\[0\]=4 is out of range"),
     "finite_difference eps<0": (lambda tmp: exact.finite_difference(BEALE, LRS, eps=-1.0), ValueError, r"eps must be"),
-    "online hd with mu": (lambda tmp: online.run(BEALE, "hd", lr0=1e-3, beta=1e-7, mu=0.5, steps=3), ValueError,
+    "online hd with mu": (lambda tmp: online.run(BEALE, "hd", lr=1e-3, beta=1e-7, mu=0.5, steps=3), ValueError,
                           r"mu=0\.5 contradicts method='hd'"),
-    "online negative beta": (lambda tmp: online.run(BEALE, "rtho", lr0=1e-3, beta=-1.0, steps=3), ValueError, r"beta"),
-    "online unknown method": (lambda tmp: online.run(BEALE, "sgdr", lr0=1e-3, beta=1e-7, steps=3), ValueError,
+    "online negative beta": (lambda tmp: online.run(BEALE, "rtho", lr=1e-3, beta=-1.0, steps=3), ValueError, r"beta"),
+    "online unknown method": (lambda tmp: online.run(BEALE, "sgdr", lr=1e-3, beta=1e-7, steps=3), ValueError,
                               r"unknown method 'sgdr'"),
     "tower spec": (lambda tmp: towers.parse("sgd(lr=-1)"), ValueError, r"lr"),
     "tower divergence_factor": (lambda tmp: towers.run(BEALE, "sgd(lr=1e-4)", 2, divergence_factor=0.5), ValueError,
@@ -271,7 +271,7 @@ def test_a_tower_that_blows_up_is_flagged_in_the_record_and_on_the_terminal(tmp_
     spec, rosen = "adam(lr=1e-2) / sgd(lr=1e-3) / sgd(lr=1e-4)", problems.get("rosenbrock")
     with pytest.warns(DivergenceWarning, match="divergence_factor"):
         r = towers.run(rosen, spec, 30)
-    assert r.blew_up and r.diverged_at is not None and f"step {r.diverged_at}" in r.divergence
+    assert r.diverged and r.diverged_at is not None and f"step {r.diverged_at}" in r.divergence
     back = towers.TowerResult.load(r.save(tmp_path / "t.json"))
     assert back.divergence == r.divergence and back.diverged_at == r.diverged_at
     assert cli_main(["towers", "--problem", "rosenbrock", "--tower", spec, "--steps", "30",
@@ -280,7 +280,7 @@ def test_a_tower_that_blows_up_is_flagged_in_the_record_and_on_the_terminal(tmp_
     assert "divergence_factor" in json.loads((tmp_path / "t.json").read_text())["divergence"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert not towers.run(BEALE, "sgd(lr=1e-4) / sgd(lr=1e-9)", 30).blew_up  # a sane tower
+        assert not towers.run(BEALE, "sgd(lr=1e-4) / sgd(lr=1e-9)", 30).diverged  # a sane tower
 
 
 def test_sweep_summary_says_fallback_data_were_used(tmp_path, monkeypatch):

@@ -38,8 +38,8 @@ def minibatch():
 
 # ----------------------------------------------------------------------------- schedule formulas
 
-def _torch_lrs(make_scheduler, lr0, T):
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr0)
+def _torch_lrs(make_scheduler, lr, T):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     sched = make_scheduler(opt)
     out = []
     for _ in range(T):

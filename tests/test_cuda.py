@@ -45,7 +45,7 @@ def test_exact_modes_on_cuda_match_cpu(opt):
 
 def test_online_on_cuda_matches_cpu():
     cpu, gpu, _ = _pair()
-    kw = dict(lr0=0.1, beta=1e-3, steps=T, eval_every=T)
+    kw = dict(lr=0.1, beta=1e-3, steps=T, eval_every=T)
     a = online.run(cpu, "marthe", mu=0.5, **kw)
     b = online.run(gpu, "marthe", mu=0.5, **kw)
     np.testing.assert_allclose(np.asarray(b.lrs), np.asarray(a.lrs), rtol=1e-9, atol=1e-12)
@@ -54,14 +54,14 @@ def test_online_on_cuda_matches_cpu():
 @pytest.mark.parametrize("outer", ["adam", "lbfgsb"])
 def test_lrsopt_on_cuda_matches_cpu_and_resumes(outer, tmp_path):
     cpu, gpu, _ = _pair()
-    lrs0 = torch.full((T,), 0.1, dtype=torch.float64)
+    lrs = torch.full((T,), 0.1, dtype=torch.float64)
     lr = None if outer == "lbfgsb" else 0.01
-    a = lrsopt.optimize_schedule(cpu, lrs0, 3, lr, outer, progress=False)
-    b = lrsopt.optimize_schedule(gpu, lrs0.cuda(), 3, lr, outer, progress=False,
+    a = lrsopt.optimize_schedule(cpu, lrs, 3, lr, outer, progress=False)
+    b = lrsopt.optimize_schedule(gpu, lrs.cuda(), 3, lr, outer, progress=False,
                                  checkpoint_path=tmp_path / "ck.pt", checkpoint_interval=1)
     np.testing.assert_allclose(b.history, a.history, rtol=1e-9)
     np.testing.assert_allclose(b.final_lrs, a.final_lrs, rtol=1e-8, atol=1e-12)
-    c = lrsopt.optimize_schedule(gpu, lrs0.cuda(), 3, lr, outer, progress=False,
+    c = lrsopt.optimize_schedule(gpu, lrs.cuda(), 3, lr, outer, progress=False,
                                  checkpoint_path=tmp_path / "ck.pt", resume=True)
     assert c.outer_steps_done == 3 and np.array_equal(c.final_lrs, b.final_lrs)
 

@@ -72,11 +72,11 @@ def test_counts_gradient_evaluations_exactly_and_converges(mode, momentum):
 
 
 def test_baydin_hd_is_the_unnormalised_constant_rate_special_case():
-    beta_hd, lr0 = 0.01, 0.5
-    cfg = hdm.HDMConfig(L=1.0, mode="scalar", momentum=False, eta_p=beta_hd, p0=lr0, null_steps=False,
+    beta_hd, lr = 0.01, 0.5
+    cfg = hdm.HDMConfig(L=1.0, mode="scalar", momentum=False, eta_p=beta_hd, p0=lr, null_steps=False,
                         adagrad=False, normalise=False, schedule_hyper_lr=False)
     r = hdm.run(quad, torch.ones(6, dtype=f64), cfg, max_iter=20)
-    x, alpha = torch.ones(6, dtype=f64), lr0
+    x, alpha = torch.ones(6, dtype=f64), lr
     g = A * x
     for k in range(20):
         assert r.lrs[k] == pytest.approx(alpha, rel=1e-12)
@@ -101,8 +101,8 @@ def test_bad_inputs_name_the_argument():
         hdm.HDMConfig(L=0.0)
     with pytest.raises(ValueError, match="mode"):
         hdm.HDMConfig(L=1.0, mode="full")
-    with pytest.raises(ValueError, match="beta"):
-        hdm.HDMConfig(L=1.0, beta0=1.5)
+    with pytest.raises(ValueError, match="momentum_init"):
+        hdm.HDMConfig(L=1.0, momentum_init=1.5)
     with pytest.raises(TypeError, match="config"):
         hdm.run(quad, torch.ones(6, dtype=f64), {"L": 1.0})
     with pytest.raises(ValueError, match="max_iter"):

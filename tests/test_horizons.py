@@ -48,7 +48,7 @@ def test_sigma0_with_momentum_greedy_is_optimal_without_momentum_not():
     eta = g.lrs.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(horizons.nqm_expected_loss(nqm, eta), eta)
     assert float(grad.abs().max()) > 1e-4 * float(g.losses[-1])
-    opt = horizons.optimal_schedule(nqm, T, lrs0=g.lrs)
+    opt = horizons.optimal_schedule(nqm, T, lrs=g.lrs)
     assert opt.best_value < float(g.losses[-1]) * (1 - 1e-3)
 
 
@@ -108,7 +108,7 @@ def test_truncated_on_the_noisy_quadratic():
 def test_optimal_schedule_beats_greedy_under_noise():
     nqm = _nqm(horizons.nqm_spectrum(20, 100.0), horizons.nqm_spectrum(20, 100.0) ** 0)  # c = 1
     g = horizons.greedy_schedule(nqm, 30)
-    r = horizons.optimal_schedule(nqm, 30, lrs0=g.lrs, outer_steps=100, lr_max=2.0)
+    r = horizons.optimal_schedule(nqm, 30, lrs=g.lrs, outer_steps=100, lr_max=2.0)
     assert r.best_value < float(g.losses[-1])
     assert len(r.best_lrs) == 30 and (r.best_lrs >= 0).all() and (r.best_lrs <= 2.0).all()
 
@@ -140,7 +140,7 @@ def test_bad_inputs_name_the_argument():
 
 def test_horizon_ladder_finds_the_horizon_of_each_online_rule():
     p = problems.synthetic_classification()
-    hd = online.run(p, "hd", lr0=0.5, steps=20, beta=1e-3)
+    hd = online.run(p, "hd", lr=0.5, steps=20, beta=1e-3)
     lad = analysis.horizon_ladder_online(hd, p, Ks=(1, 5, None))
     assert lad["best"] == 1 and lad["rows"][1]["cosine"] == pytest.approx(1.0, abs=1e-12)
     assert lad["rows"][1]["median_rel_err"] < 1e-10 and lad["Ks"] == [1, 5, 20]

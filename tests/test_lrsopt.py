@@ -26,18 +26,18 @@ def _const(T, lr, dtype=torch.float64):
     return torch.full((T,), lr, dtype=dtype)
 
 
-def _run(problem, lrs0, K, alpha, outer="adam", **kw):
+def _run(problem, lrs, K, alpha, outer="adam", **kw):
     kw.setdefault("progress", False)
-    return optimize_schedule(problem, lrs0, K, alpha, outer, **kw)
+    return optimize_schedule(problem, lrs, K, alpha, outer, **kw)
 
 
 # ----------------------------------------------------------------------------- it optimises
 
 @pytest.mark.parametrize("outer, alpha", [("adam", 3e-4), ("sgd", 1e-6), ("lbfgsb", None)])
 def test_lowers_final_loss_on_beale(beale, outer, alpha):
-    lrs0 = _const(T_BEALE, LR_BEALE)
-    f_const = float(train(beale, lrs0).value)
-    r = _run(beale, lrs0, 8, alpha, outer)
+    lrs = _const(T_BEALE, LR_BEALE)
+    f_const = float(train(beale, lrs).value)
+    r = _run(beale, lrs, 8, alpha, outer)
     assert r.history[0] == pytest.approx(f_const, rel=1e-12)
     assert r.best_value < 0.9 * f_const
     assert float(train(beale, r.best_lrs).value) == pytest.approx(r.best_value, rel=1e-12)
@@ -46,8 +46,8 @@ def test_lowers_final_loss_on_beale(beale, outer, alpha):
 
 
 def test_lowers_validation_loss_of_small_mlp(mlp):
-    lrs0 = _const(20, 0.05)
-    r = _run(mlp, lrs0, 10, 0.02)
+    lrs = _const(20, 0.05)
+    r = _run(mlp, lrs, 10, 0.02)
     assert r.status == "completed"
     assert r.history[-1] < 0.8 * r.history[0]
     assert r.best_value == min(r.history)
@@ -56,31 +56,31 @@ def test_lowers_validation_loss_of_small_mlp(mlp):
 
 
 def test_resampled_minibatches_still_lower_the_loss(mlp):
-    lrs0 = _const(20, 0.05)
-    r = _run(mlp, lrs0, 10, 0.02, resample_batches=True, seed=3)
+    lrs = _const(20, 0.05)
+    r = _run(mlp, lrs, 10, 0.02, resample_batches=True, seed=3)
     assert len(set(r.batch_seeds.tolist())) == 11  # a new order per evaluation
     # judged on the problem's own minibatch order, which LRS-OPT never trained on here
-    assert float(train(mlp, r.final_lrs).value) < 0.8 * float(train(mlp, lrs0).value)
+    assert float(train(mlp, r.final_lrs).value) < 0.8 * float(train(mlp, lrs).value)
 
 
 # ----------------------------------------------------------------------------- the update rules
 
 def test_sgd_outer_step_is_projected_gradient_step(beale):
-    lrs0 = _const(T_BEALE, LR_BEALE)
-    g0 = hypergradient(beale, lrs0).grad
+    lrs = _const(T_BEALE, LR_BEALE)
+    g0 = hypergradient(beale, lrs).grad
     alpha = 1e-6
-    r = _run(beale, lrs0, 1, alpha, "sgd")
+    r = _run(beale, lrs, 1, alpha, "sgd")
     # (dynamics.SGD applied to η: one fused multiply-add, so equal up to the last bit)
-    np.testing.assert_allclose(r.final_lrs, (lrs0 - alpha * g0).clamp(min=0).numpy(), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(r.final_lrs, (lrs - alpha * g0).clamp(min=0).numpy(), rtol=1e-14, atol=0)
 
 
 def test_adam_outer_step_matches_the_formula(beale):
-    lrs0 = _const(T_BEALE, LR_BEALE)
-    g0 = hypergradient(beale, lrs0).grad
+    lrs = _const(T_BEALE, LR_BEALE)
+    g0 = hypergradient(beale, lrs).grad
     alpha = 1e-4
-    r = _run(beale, lrs0, 1, alpha, "adam")
+    r = _run(beale, lrs, 1, alpha, "adam")
     m, v = (1 - 0.9) * g0, (1 - 0.999) * g0 * g0
-    expected = lrs0 - alpha * (m / (1 - 0.9)) / ((v / (1 - 0.999)).sqrt() + 1e-8)
+    expected = lrs - alpha * (m / (1 - 0.9)) / ((v / (1 - 0.999)).sqrt() + 1e-8)
     assert np.allclose(r.final_lrs, expected.clamp(min=0).numpy(), rtol=1e-14, atol=0)
     assert r.outer_state["n"] == 1 and np.array_equal(r.outer_state["m"], m.numpy())
     # the pure rule does not mutate its input state
@@ -90,21 +90,21 @@ def test_adam_outer_step_matches_the_formula(beale):
 
 
 def test_projection_clips_at_zero_and_lr_max(beale):
-    lrs0 = _const(T_BEALE, LR_BEALE)
-    g0 = hypergradient(beale, lrs0).grad
+    lrs = _const(T_BEALE, LR_BEALE)
+    g0 = hypergradient(beale, lrs).grad
     assert (g0 < 0).all()  # every η_t wants to grow: use −g to push them below zero
-    r = _run(beale, lrs0, 1, 1e-3, "adam", lr_max=1.5e-3)
+    r = _run(beale, lrs, 1, 1e-3, "adam", lr_max=1.5e-3)
     assert np.array_equal(r.final_lrs, np.full(T_BEALE, 1.5e-3))
     flipped = problems.Problem(beale.params0, beale.train_loss, lambda w: -beale.val_loss(w))
-    r = _run(flipped, lrs0, 1, 1e-2, "adam")  # f ↦ −f: the step goes the other way
+    r = _run(flipped, lrs, 1, 1e-2, "adam")  # f ↦ −f: the step goes the other way
     assert np.array_equal(r.final_lrs, np.zeros(T_BEALE))
 
 
 # ----------------------------------------------------------------------------- divergence
 
 def test_divergence_halves_the_outer_step_and_continues(beale):
-    lrs0 = _const(T_BEALE, LR_BEALE)
-    r = _run(beale, lrs0, 3, 0.01, "sgd")  # η ≈ 0.18 diverges (η = 0.05 already does)
+    lrs = _const(T_BEALE, LR_BEALE)
+    r = _run(beale, lrs, 3, 0.01, "sgd")  # η ≈ 0.18 diverges (η = 0.05 already does)
     assert r.status == "completed" and r.outer_steps_done == 3
     assert r.events and all("diverged" in e["error"] for e in r.events)
     assert r.outer_state["lr_scale"] == 0.5 ** len(r.events) < 1
@@ -113,15 +113,15 @@ def test_divergence_halves_the_outer_step_and_continues(beale):
 
 
 def test_divergence_without_backtracking_stops_with_a_warning(beale):
-    lrs0 = _const(T_BEALE, LR_BEALE)
+    lrs = _const(T_BEALE, LR_BEALE)
     with pytest.warns(RuntimeWarning, match="diverged"):
-        r = _run(beale, lrs0, 3, 0.01, "sgd", max_backtracks=0)
+        r = _run(beale, lrs, 3, 0.01, "sgd", max_backtracks=0)
     assert r.status.startswith("diverged") and r.outer_steps_done == 0
-    assert np.array_equal(r.final_lrs, lrs0.numpy())
+    assert np.array_equal(r.final_lrs, lrs.numpy())
 
 
 def test_diverging_initial_schedule_is_reported(beale):
-    with pytest.raises(FloatingPointError, match="lrs0 diverges"):
+    with pytest.raises(FloatingPointError, match="lrs diverges"):
         _run(beale, _const(T_BEALE, 1.0), 2, 1e-4)
 
 
@@ -139,9 +139,9 @@ def _assert_same_run(a: ScheduleResult, b: ScheduleResult):
 
 
 def test_resume_after_interrupt_is_bitwise_identical(mlp, tmp_path):
-    lrs0 = _const(16, 0.05)
+    lrs = _const(16, 0.05)
     kw = dict(resample_batches=True, seed=1, snapshot_every=2, checkpoint_interval=5)
-    full = _run(mlp, lrs0, 12, 0.02, **kw)
+    full = _run(mlp, lrs, 12, 0.02, **kw)
 
     ckpt, killed = tmp_path / "run.pt", tmp_path / "killed_at_5.pt"
 
@@ -152,55 +152,55 @@ def test_resume_after_interrupt_is_bitwise_identical(mlp, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _run(mlp, lrs0, 12, 0.02, checkpoint_path=ckpt, callback=interrupt, **kw)
+        _run(mlp, lrs, 12, 0.02, checkpoint_path=ckpt, callback=interrupt, **kw)
     assert torch.load(ckpt, weights_only=True)["state"]["k"] == 7  # saved on the way out
     assert torch.load(killed, weights_only=True)["state"]["k"] == 5
 
     for path in (ckpt, killed):  # resume from the interrupt, and from the older periodic checkpoint
-        resumed = _run(mlp, lrs0, 12, 0.02, checkpoint_path=path, resume=True, **kw)
+        resumed = _run(mlp, lrs, 12, 0.02, checkpoint_path=path, resume=True, **kw)
         _assert_same_run(full, resumed)
         assert resumed.outer_state["n"] == 12 and resumed.status == "completed"
 
 
 def test_resume_to_more_outer_steps_equals_one_long_run(beale, tmp_path):
-    lrs0 = _const(T_BEALE, LR_BEALE)
-    full = _run(beale, lrs0, 6, 3e-4)
+    lrs = _const(T_BEALE, LR_BEALE)
+    full = _run(beale, lrs, 6, 3e-4)
     ckpt = tmp_path / "c.pt"
-    part = _run(beale, lrs0, 4, 3e-4, checkpoint_path=ckpt)
+    part = _run(beale, lrs, 4, 3e-4, checkpoint_path=ckpt)
     assert part.outer_steps_done == 4
-    resumed = _run(beale, lrs0, 6, 3e-4, checkpoint_path=ckpt, resume=True)
+    resumed = _run(beale, lrs, 6, 3e-4, checkpoint_path=ckpt, resume=True)
     _assert_same_run(full, resumed)
-    again = _run(beale, lrs0, 6, 3e-4, checkpoint_path=ckpt, resume=True)  # nothing left to do
+    again = _run(beale, lrs, 6, 3e-4, checkpoint_path=ckpt, resume=True)  # nothing left to do
     assert again.n_evaluations == full.n_evaluations and np.array_equal(again.final_lrs, full.final_lrs)
     with pytest.raises(ValueError, match="outer_steps"):
-        _run(beale, lrs0, 3, 3e-4, checkpoint_path=ckpt, resume=True)
+        _run(beale, lrs, 3, 3e-4, checkpoint_path=ckpt, resume=True)
 
 
 def test_resume_rejects_a_checkpoint_of_another_run(beale, tmp_path):
-    lrs0 = _const(T_BEALE, LR_BEALE)
+    lrs = _const(T_BEALE, LR_BEALE)
     ckpt = tmp_path / "c.pt"
-    _run(beale, lrs0, 2, 3e-4, checkpoint_path=ckpt)
+    _run(beale, lrs, 2, 3e-4, checkpoint_path=ckpt)
     with pytest.raises(ValueError, match="outer_lr"):
-        _run(beale, lrs0, 3, 1e-4, checkpoint_path=ckpt, resume=True)
+        _run(beale, lrs, 3, 1e-4, checkpoint_path=ckpt, resume=True)
     with pytest.raises(ValueError, match="optimizer"):
-        _run(beale, lrs0, 3, 3e-4, checkpoint_path=ckpt, resume=True, optimizer="momentum")
-    with pytest.raises(ValueError, match="lrs0"):
-        _run(beale, lrs0 * 2, 3, 3e-4, checkpoint_path=ckpt, resume=True)
+        _run(beale, lrs, 3, 3e-4, checkpoint_path=ckpt, resume=True, optimizer="momentum")
+    with pytest.raises(ValueError, match="lrs"):
+        _run(beale, lrs * 2, 3, 3e-4, checkpoint_path=ckpt, resume=True)
 
 
 def test_resume_without_a_checkpoint_starts_fresh(beale, tmp_path):
-    lrs0 = _const(T_BEALE, LR_BEALE)
+    lrs = _const(T_BEALE, LR_BEALE)
     ckpt = tmp_path / "sub" / "none_yet.pt"
-    r = _run(beale, lrs0, 2, 3e-4, checkpoint_path=ckpt, resume=True)
+    r = _run(beale, lrs, 2, 3e-4, checkpoint_path=ckpt, resume=True)
     assert r.outer_steps_done == 2 and ckpt.exists()
 
 
 def test_lbfgsb_resume_is_best_effort(beale, tmp_path):
-    lrs0 = _const(T_BEALE, LR_BEALE)
+    lrs = _const(T_BEALE, LR_BEALE)
     ckpt = tmp_path / "l.pt"
-    first = _run(beale, lrs0, 3, None, "lbfgsb", checkpoint_path=ckpt)
+    first = _run(beale, lrs, 3, None, "lbfgsb", checkpoint_path=ckpt)
     assert first.outer_steps_done == 3
-    resumed = _run(beale, lrs0, 6, None, "lbfgsb", checkpoint_path=ckpt, resume=True)
+    resumed = _run(beale, lrs, 6, None, "lbfgsb", checkpoint_path=ckpt, resume=True)
     assert resumed.outer_steps_done == 6 and np.array_equal(resumed.history[:4], first.history)
     assert resumed.history[-1] <= first.history[-1]
 

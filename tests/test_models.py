@@ -239,12 +239,12 @@ def test_online_methods_and_towers_carry_the_buffers(bn_dropout):
     lrs = torch.full((8,), 0.2, dtype=F64)
     ref = trajectory.train(problem, lrs, "momentum")
     for method in ("hd", "rtho", "marthe"):
-        r = online.run(problem, method, "momentum", steps=8, lr0=0.2, beta=0.0)
+        r = online.run(problem, method, "momentum", steps=8, lr=0.2, beta=0.0)
         assert r.final_val_loss == float(ref.value), method
         assert np.array_equal(r.train_losses, ref.train_losses.numpy()), method
-        learnt = online.run(problem, method, "momentum", steps=8, lr0=0.2, beta=1e-3)
+        learnt = online.run(problem, method, "momentum", steps=8, lr=0.2, beta=1e-3)
         assert np.isfinite(learnt.final_val_loss) and not np.all(learnt.lrs == 0.2)
-    cells = [{"method": "marthe", "lr0": 0.2, "beta": 0.0, "steps": 8, "optimizer": "momentum"}]
+    cells = [{"method": "marthe", "lr": 0.2, "beta": 0.0, "steps": 8, "optimizer": "momentum"}]
     (b,) = batched.run_online_batch(problem.resample, cells)  # seed 0: run one by one
     assert b.final_val_loss == online.run(problem.resample(0), **cells[0]).final_val_loss
     sgd = trajectory.train(problem, lrs)

@@ -72,7 +72,7 @@ def test_hd_with_weight_decay_uses_the_regularised_gradient_as_baydin(opt):
     alphas, _, theta = peers.baydin_hd(MLP, opt, MLP_LR[opt], beta, T, wd=wd)
     dyn = {"sgd": dynamics.sgd(weight_decay=wd), "nesterov": dynamics.nesterov(0.9, weight_decay=wd),
            "adam": dynamics.adam(weight_decay=wd)}[opt]
-    kw = dict(lr0=MLP_LR[opt], beta=beta, steps=T, objective="train", lr_floor=None)
+    kw = dict(lr=MLP_LR[opt], beta=beta, steps=T, objective="train", lr_floor=None)
     r = online.run(MLP, "hd", dyn, **kw)
     assert np.allclose(r.lrs, alphas, rtol=1e-12, atol=0)
     for k in theta:
@@ -92,10 +92,10 @@ def test_train_mode_evaluates_one_gradient_per_step():
 
     p = problems.Problem(MLP.params0, counted(MLP.train_loss, "train"), counted(MLP.val_loss, "val"))
     T = 10
-    online.run(p, "hd", lr0=0.1, beta=1e-3, steps=T, objective="train", eval_every=T)
+    online.run(p, "hd", lr=0.1, beta=1e-3, steps=T, objective="train", eval_every=T)
     assert calls["train"] == T + 1  # one per step + the final h_T of the record
     calls.update(train=0, val=0)
-    online.run(p, "rtho", lr0=0.1, beta=1e-3, steps=T, objective="val", eval_every=T)
+    online.run(p, "rtho", lr=0.1, beta=1e-3, steps=T, objective="val", eval_every=T)
     assert calls["train"] == T and calls["val"] == T + 1  # ∇E(w_1) … ∇E(w_T), E(w_0)
 
 
@@ -103,7 +103,7 @@ def test_train_mode_evaluates_one_gradient_per_step():
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_marthe_mu0_is_hd_and_mu1_is_rtho(opt):
-    kw = dict(optimizer=OPTIMIZERS[opt], lr0=MLP_LR[opt], beta=1e-3, steps=6)
+    kw = dict(optimizer=OPTIMIZERS[opt], lr=MLP_LR[opt], beta=1e-3, steps=6)
     hd, rtho = online.run(MLP, "hd", **kw), online.run(MLP, "rtho", **kw)
     assert not np.allclose(hd.hypergrads, rtho.hypergrads)  # the comparison can fail
     _same_run(online.run(MLP, "marthe", mu=0.0, **kw), hd)
@@ -122,7 +122,7 @@ def test_rtho_hypergradient_is_the_exact_constant_lr_derivative(name, opt):
     problem, lr = (BEALE, BEALE_LR[opt]) if name == "beale" else (MLP, MLP_LR[opt])
     T = 10
     for method, extra in (("rtho", {}), ("marthe", {"mu": 1.0})):
-        r = online.run(problem, method, OPTIMIZERS[opt], lr0=lr, beta=0.0, steps=T, **extra)
+        r = online.run(problem, method, OPTIMIZERS[opt], lr=lr, beta=0.0, steps=T, **extra)
         assert np.all(r.lrs == lr)
         for t in (1, 5, T):
             _, exact = directional_derivative(problem, torch.full((t,), lr, dtype=torch.float64),
@@ -131,7 +131,7 @@ def test_rtho_hypergradient_is_the_exact_constant_lr_derivative(name, opt):
 
 
 def test_val_and_train_objectives_agree_when_train_is_val():
-    kw = dict(lr0=1e-3, beta=1e-6, steps=30, eval_every=1)
+    kw = dict(lr=1e-3, beta=1e-6, steps=30, eval_every=1)
     _same_run(online.run(BEALE, "rtho", objective="val", **kw),
               online.run(BEALE, "rtho", objective="train", **kw), tol=1e-13)
 
@@ -140,18 +140,18 @@ def test_val_and_train_objectives_agree_when_train_is_val():
 
 def test_beale_rtho_beats_hd_where_neither_diverges():
     """MARTHE paper, Fig. 1 (left): Beale, 500 GD steps from a fixed point. Measured grid
-    (lr0 = 1e-3, β = 1e-9 … 3e-6): RTHO's best value is ~10× lower than HD's at every β
+    (lr = 1e-3, β = 1e-9 … 3e-6): RTHO's best value is ~10× lower than HD's at every β
     where neither diverges; both diverge from β = 1e-5."""
     for beta in (1e-8, 1e-6):
         best = {}
         for method in ("hd", "rtho"):
-            r = online.run(BEALE, method, lr0=1e-3, beta=beta, steps=500, objective="train",
+            r = online.run(BEALE, method, lr=1e-3, beta=beta, steps=500, objective="train",
                            eval_every=1, keep_params=False)
             assert r.diverged_at is None
             best[method] = r.best_val_loss
         assert best["rtho"] < 0.5 * best["hd"], (beta, best)
     with pytest.warns(DivergenceWarning):
-        assert online.run(BEALE, "rtho", lr0=1e-3, beta=1e-5, steps=500).diverged_at is not None
+        assert online.run(BEALE, "rtho", lr=1e-3, beta=1e-5, steps=500).diverged_at is not None
 
 
 def _sharp_bukin(eps=1e-4):
@@ -174,7 +174,7 @@ def test_sharp_bukin_hd_beats_rtho_and_rtho_lr_collapses():
     gap is 0.03–0.15 against RTHO's 4.1–5.1. (Not at every β: at β = 1e-6 and 1e-5 RTHO
     ends closer, gap 1.2 and 0.1 against HD's 2.9 and 2.3; from 1e-4 on HD is ahead again.)"""
     p = _sharp_bukin()
-    kw = dict(lr0=1e-3, beta=1e-8, steps=500, objective="train", eval_every=1, keep_params=False)
+    kw = dict(lr=1e-3, beta=1e-8, steps=500, objective="train", eval_every=1, keep_params=False)
     hd, rtho = online.run(p, "hd", **kw), online.run(p, "rtho", **kw)
     assert hd.diverged_at is None and rtho.diverged_at is None
     floor = 100 * 1e-4 ** 0.25  # f at the minimiser (-10, 1) is 10 + 1e-4
@@ -214,7 +214,7 @@ def test_beta_rules():
 
 
 def test_marthe_adaptive_run_records_its_mu_and_beta():
-    r = online.run(MLP, "marthe", lr0=0.05, beta="auto", beta0=1e-3, kappa=1e-3, mu="auto", steps=20)
+    r = online.run(MLP, "marthe", lr=0.05, beta="auto", beta0=1e-3, kappa=1e-3, mu="auto", steps=20)
     assert r.config["mu"] == "auto" and r.config["beta"] == "auto" and r.config["kappa"] == 1e-3
     assert r.mus[0] == 0.0 and np.all((r.mus >= 0) & (r.mus <= 1)) and np.ptp(r.mus) > 0
     assert r.betas[0] == 1e-3 and np.all(r.betas >= 0) and np.ptp(r.betas) > 0
@@ -227,18 +227,18 @@ def test_marthe_adaptive_run_records_its_mu_and_beta():
 
 def test_divergence_is_detected_recorded_and_warned():
     with pytest.warns(DivergenceWarning, match="diverged_at"):
-        r = online.run(BEALE, "hd", lr0=1e-3, beta=1e-3, steps=500)
+        r = online.run(BEALE, "hd", lr=1e-3, beta=1e-3, steps=500)
     assert r.diverged and 0 < r.diverged_at < 20
     assert r.steps_run == r.diverged_at == len(r.hypergrads) == len(r.train_losses)
     assert np.all(np.isfinite(r.lrs)) and r.final_params is None and "step" in r.divergence
     with pytest.raises(DivergenceError) as exc:
-        online.run(BEALE, "hd", lr0=1e-3, beta=1e-3, steps=500, raise_on_divergence=True)
+        online.run(BEALE, "hd", lr=1e-3, beta=1e-3, steps=500, raise_on_divergence=True)
     assert exc.value.step == r.diverged_at
 
 
 def test_exploding_lr_counts_as_divergence():
     with pytest.warns(DivergenceWarning, match="lr_max"):
-        r = online.run(BEALE, "hd", lr0=1e-3, beta=1e-6, steps=200, lr_max=2e-3)
+        r = online.run(BEALE, "hd", lr=1e-3, beta=1e-6, steps=200, lr_max=2e-3)
     assert r.diverged and np.all(r.lrs <= 2e-3)
     assert r.lrs[-1] - r.betas[-1] * r.hypergrads[-1] > 2e-3  # the recorded h pushed η over
 
@@ -246,16 +246,16 @@ def test_exploding_lr_counts_as_divergence():
 def test_find_beta_divides_until_the_run_does_not_diverge():
     with warnings.catch_warnings():
         warnings.simplefilter("error", DivergenceWarning)  # find_beta must not leak warnings
-        r = online.find_beta(BEALE, start=1e-2, method="rtho", lr0=1e-3, steps=100)
+        r = online.find_beta(BEALE, start=1e-2, method="rtho", lr=1e-3, steps=100)
     tried = r.config["beta_search"]
     assert [t["beta"] for t in tried] == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5, 1e-6][:len(tried)])
     assert all(t["diverged_at"] is not None for t in tried[:-1]) and tried[-1]["diverged_at"] is None
     assert len(tried) >= 2 and not r.diverged and r.config["beta"] == tried[-1]["beta"]
     # with beta="auto" it searches κ
-    r = online.find_beta(BEALE, start=1e-6, lr0=1e-3, steps=50)
+    r = online.find_beta(BEALE, start=1e-6, lr=1e-3, steps=50)
     assert "kappa" in r.config["beta_search"][0] and r.config["kappa"] == r.config["beta_search"][-1]["kappa"]
     with pytest.raises(DivergenceError, match="find_beta: all 2 values of beta .* diverged; the last: training"):
-        online.find_beta(BEALE, start=1.0, max_tries=2, method="hd", lr0=1e-3, steps=100)
+        online.find_beta(BEALE, start=1.0, max_tries=2, method="hd", lr=1e-3, steps=100)
     with pytest.raises(AttributeError, match="moved to hgtoolkit.online.find_beta"):
         marthe.find_beta(BEALE, start=1.0)
 
@@ -274,15 +274,15 @@ def test_find_beta_divides_until_the_run_does_not_diverge():
     (dict(method="marthe", beta="auto", kappa=-1.0), "kappa"),
     (dict(method="marthe", beta="auto", beta_rule="hx"), "beta_rule"),
     (dict(objective="test"), "objective"),
-    (dict(lr0=-0.1), "lr0"),
-    (dict(lr0=float("nan")), "lr0"),
+    (dict(lr=-0.1), "lr"),
+    (dict(lr=float("nan")), "lr"),
     (dict(lr_floor=-1.0), "lr_floor"),
     (dict(steps=0), "steps"),
     (dict(eval_every=0), "eval_every"),
     (dict(optimizer="lion"), "optimizer"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
-    args = dict(method="rtho", lr0=1e-3, beta=1e-3, steps=5)
+    args = dict(method="rtho", lr=1e-3, beta=1e-3, steps=5)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         online.run(BEALE, **args)
@@ -291,7 +291,7 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
 # ----------------------------------------------------------------------------- the record
 
 def test_record_fields_and_save_load_round_trip(tmp_path):
-    r = online.run(MLP, "marthe", lr0=0.05, beta=1e-3, mu="auto", steps=9, eval_every=4, seed=3)
+    r = online.run(MLP, "marthe", lr=0.05, beta=1e-3, mu="auto", steps=9, eval_every=4, seed=3)
     assert r.lrs.shape == r.betas.shape == r.mus.shape == r.hypergrads.shape == (9,)
     assert r.train_losses.shape == r.step_times.shape == (9,) and np.all(np.diff(r.step_times) >= 0)
     assert list(r.eval_steps) == [0, 4, 8, 9] and r.val_accuracy.shape == (4,)
@@ -309,25 +309,25 @@ def test_record_fields_and_save_load_round_trip(tmp_path):
         assert torch.equal(back.final_params[k], r.final_params[k])
     # a diverged run (no params, NaN final LR) round-trips too
     with pytest.warns(DivergenceWarning):
-        d = online.run(BEALE, "hd", lr0=1e-3, beta=1e-3, steps=50)
+        d = online.run(BEALE, "hd", lr=1e-3, beta=1e-3, steps=50)
     back = OnlineResult.load(d.save(tmp_path / "div"))
     assert back.diverged_at == d.diverged_at and back.final_params is None and math.isnan(back.final_lr)
     assert back.val_accuracy is None and back.divergence == d.divergence
 
 
 def test_seed_resamples_the_minibatch_order():
-    kw = dict(lr0=0.1, beta=1e-3, steps=6)
+    kw = dict(lr=0.1, beta=1e-3, steps=6)
     a, b = online.run(MLP, "hd", seed=1, **kw), online.run(MLP, "hd", seed=1, **kw)
     c = online.run(MLP, "hd", seed=2, **kw)
     assert np.array_equal(a.train_losses, b.train_losses)
     assert not np.array_equal(a.train_losses, c.train_losses)
-    assert np.array_equal(online.run(BEALE, "hd", seed=5, lr0=1e-3, beta=1e-6, steps=5).lrs,
-                          online.run(BEALE, "hd", lr0=1e-3, beta=1e-6, steps=5).lrs)
+    assert np.array_equal(online.run(BEALE, "hd", seed=5, lr=1e-3, beta=1e-6, steps=5).lrs,
+                          online.run(BEALE, "hd", lr=1e-3, beta=1e-6, steps=5).lrs)
 
 
 def test_float32_problem_runs_in_float32():
     p = problems.synthetic_classification(dtype=torch.float32)
-    r = online.run(p, "marthe", "adam", lr0=0.01, beta=1e-4, steps=5)
+    r = online.run(p, "marthe", "adam", lr=0.01, beta=1e-4, steps=5)
     assert not r.diverged and r.final_params["0.weight"].dtype == torch.float32
 
 
@@ -364,7 +364,7 @@ def test_loss_above_divergence_factor_is_divergence_and_adaptive_beta_is_bounded
     (the old ~1e35), with it every update stays within beta_bound·max(η, η_0)/|h|; a run whose
     loss climbs above divergence_factor × its start is stopped and says so."""
     p = _small_mnist()
-    kw = dict(method="marthe", lr0=0.05, beta="auto", beta0=1e-3, kappa=10.0, mu="auto", steps=40,
+    kw = dict(method="marthe", lr=0.05, beta="auto", beta0=1e-3, kappa=10.0, mu="auto", steps=40,
               objective="train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)
@@ -378,17 +378,17 @@ def test_loss_above_divergence_factor_is_divergence_and_adaptive_beta_is_bounded
     assert np.all(betas * np.abs(h) <= np.maximum(lrs, 0.05) * (1 + 1e-12))
     # a run pushed up the loss surface: stopped at the first step above 2× the initial loss
     with pytest.warns(DivergenceWarning, match="divergence_factor"):
-        r = online.run(p, "hd", lr0=3.0, beta=0.0, steps=30, objective="train")
+        r = online.run(p, "hd", lr=3.0, beta=0.0, steps=30, objective="train")
     assert r.diverged and "divergence_factor" in r.divergence
     t = r.diverged_at
-    loss_t = online.run(p, "hd", lr0=3.0, beta=0.0, steps=t + 1, objective="train",
+    loss_t = online.run(p, "hd", lr=3.0, beta=0.0, steps=t + 1, objective="train",
                         divergence_factor=None).train_losses
     assert loss_t[t] > 2 * loss_t[0] and np.all(loss_t[:t] <= 2 * loss_t[0])
 
 
 def test_val_batch_size_draws_a_fresh_validation_minibatch_each_step():
     p = _small_mnist()
-    kw = dict(method="marthe", lr0=0.05, beta=1e-3, mu=0.5, steps=6)
+    kw = dict(method="marthe", lr=0.05, beta=1e-3, mu=0.5, steps=6)
     r = online.run(p, val_batch_size=20, **kw)
     assert r.config["val_batch_size"] == 20 and list(r.eval_steps) == [0, 6]
     # by hand: h_t = ∇E_{B_t}(w_t)·z_t with B_t = problem.val_batch(t, 20)
@@ -397,16 +397,16 @@ def test_val_batch_size_draws_a_fresh_validation_minibatch_each_step():
     with pytest.raises(ValueError, match="val_batch_size"):
         online.run(p, val_batch_size=20, objective="train", **{**kw, "method": "hd", "mu": None})
     with pytest.raises(ValueError, match="val_batch"):
-        online.run(BEALE, "hd", lr0=1e-3, beta=1e-6, steps=3, val_batch_size=2)
+        online.run(BEALE, "hd", lr=1e-3, beta=1e-6, steps=3, val_batch_size=2)
 
 
 def test_mu_rule_must_be_a_tensor_function():
     def python_rule(mu, c, stats):
         return (1.0 if float(stats.grad_dot) > 0 else 0.0), c
     with pytest.raises(TypeError, match="tensor function"):
-        online.run(MLP, "marthe", lr0=0.05, beta=1e-3, mu_rule=python_rule, steps=3)
+        online.run(MLP, "marthe", lr=0.05, beta=1e-3, mu_rule=python_rule, steps=3)
     tensor_rule = lambda mu, c, stats: (torch.where(stats.grad_dot > 0, 1.0, 0.0), c)
-    r = online.run(MLP, "marthe", lr0=0.05, beta=1e-3, mu_rule=tensor_rule, steps=5)
+    r = online.run(MLP, "marthe", lr=0.05, beta=1e-3, mu_rule=tensor_rule, steps=5)
     assert set(np.unique(r.mus)) <= {0.0, 1.0}
 
 
@@ -417,8 +417,8 @@ def test_val_is_train_reuses_the_training_gradient_bit_for_bit():
     twin = problems.Problem(BEALE.params0, BEALE.train_loss, BEALE.val_loss, name="beale")
     assert not twin.val_is_train
     for method in ("hd", "rtho", "marthe"):
-        a = online.run(BEALE, method, lr0=1e-3, beta=1e-7, steps=60)
-        b = online.run(twin, method, lr0=1e-3, beta=1e-7, steps=60)
+        a = online.run(BEALE, method, lr=1e-3, beta=1e-7, steps=60)
+        b = online.run(twin, method, lr=1e-3, beta=1e-7, steps=60)
         for key in ("lrs", "hypergrads", "val_losses", "mus"):
             np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=f"{method} {key}")
 
@@ -445,8 +445,8 @@ def test_closed_form_derivatives_equal_autograd(name):
         close(got, ref)
     # the online run agrees with one on the same function without the closed form
     twin = problems.Problem(p.params0, plain, p.train_loss.f, name=name, val_is_train=True)
-    a = online.run(p, "rtho", lr0=1e-4, beta=1e-9, steps=30)
-    b = online.run(twin, "rtho", lr0=1e-4, beta=1e-9, steps=30)
+    a = online.run(p, "rtho", lr=1e-4, beta=1e-9, steps=30)
+    b = online.run(twin, "rtho", lr=1e-4, beta=1e-9, steps=30)
     np.testing.assert_allclose(a.hypergrads, b.hypergrads, rtol=1e-10)
     np.testing.assert_allclose(a.lrs, b.lrs, rtol=1e-12)
 
@@ -455,7 +455,7 @@ def test_plot_online_run_draws_a_record(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     from hgtoolkit import plotting
-    r = online.run(BEALE, "marthe", lr0=1e-3, beta=1e-7, steps=20)
+    r = online.run(BEALE, "marthe", lr=1e-3, beta=1e-7, steps=20)
     fig = plotting.plot_online_run(r, "beale")
     assert len(fig.axes) == 4  # η, losses, μ and its twin β axis
     paths = plotting.savefig(fig, tmp_path / "run", close=True)
@@ -476,8 +476,8 @@ def test_a_hand_driven_engine_gives_online_runs_numbers():
     """init(params, settings) / update(state, Oracle(...), t) driven by a user's loop (the
     README's) is online.run's recursion; Engine.step names its successor."""
     p = problems.get("beale")
-    ref = online.run(p, "rtho", lr0=1e-3, beta=1e-7, objective="train", steps=6)
-    cfg = online.hyper_config("rtho", lr0=1e-3, beta=1e-7, objective="train")
+    ref = online.run(p, "rtho", lr=1e-3, beta=1e-7, objective="train", steps=6)
+    cfg = online.hyper_config("rtho", lr=1e-3, beta=1e-7, objective="train")
     engine = online.engine_for(cfg, dynamics.get("sgd"))
     state, lrs = engine.init(p.params0, cfg), []
     for t in range(6):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hgtoolkit
-from hgtoolkit import analysis, baselines, hdm, lrsopt, online, problems, records, sweep, towers
+from hgtoolkit import analysis, baselines, errors, hdm, lrsopt, online, problems, records, sweep, towers
 
 LEGACY = Path(__file__).parent / "data" / "legacy_records"
 nan, inf = math.nan, math.inf
@@ -28,7 +28,7 @@ def _run_arrays(n):
 
 def make_online():
     a = _run_arrays(5)
-    return online.OnlineResult(config={"method": "hd", "lr0": 0.1, "problem": {"name": "x"}}, **a,
+    return online.OnlineResult(config={"method": "hd", "lr": 0.1, "problem": {"name": "x"}}, **a,
                                betas=np.full(5, 1e-3), mus=np.zeros(5), hypergrads=np.r_[np.ones(4), nan],
                                val_accuracy=np.linspace(0, 1, 6), step_times=np.cumsum(np.ones(5)),
                                final_lr=nan, diverged_at=4, divergence="loss is not finite", wall_time=1.25,
@@ -190,8 +190,9 @@ def test_unknown_kind_and_unreadable_versions(tmp_path):
     _edit(js, kind="bogus")
     with pytest.raises(ValueError, match=r"unknown kind 'bogus'"):
         records.load(js)
-    _edit(js, kind="online", version=records.spec("online").version + 1)
-    with pytest.raises(ValueError, match=r"version 3, written by a newer hgtoolkit.*reads version 2.*upgrade"):
+    v = records.spec("online").version
+    _edit(js, kind="online", version=v + 1)
+    with pytest.raises(ValueError, match=rf"version {v + 1}, written by a newer hgtoolkit.*reads version {v}.*upgrade"):
         online.OnlineResult.load(js)
     _edit(js, version=0)  # older than any migration
     with pytest.raises(ValueError, match=r"version 0, which this hgtoolkit cannot read.*hgtoolkit online"):
@@ -225,7 +226,7 @@ def test_corrupt_npz_params_or_fields_are_clear_value_errors(tmp_path):
     doc = json.loads(js.read_text())
     del doc["config"]
     js.write_text(json.dumps(records.seal(doc)))
-    with pytest.raises(ValueError, match=r"cannot read this 'peer' record \(PeerResult\) of version 2 .*'config'"):
+    with pytest.raises(ValueError, match=rf"cannot read this 'peer' record \(PeerResult\) of version {records.spec('peer').version} .*'config'"):
         records.load(js)
 
 
@@ -306,7 +307,8 @@ def test_old_sweep_cells_still_give_their_result_objects(kind, tmp_path):
     for k, v in rec["arrays"].items():
         obj, attr = (r.outer_state, k.split(".", 1)[1]) if k.startswith("outer_state.") else (r, k)
         np.testing.assert_array_equal(obj[attr] if isinstance(obj, dict) else getattr(obj, attr), v)
-    assert r.wall_time == old["meta"]["timing"]["wall_time"] and r.config == old["result"]["config"]
+    renamed = {errors.RENAMED.get(k, k): v for k, v in old["result"]["config"].items()}  # lr0 → lr
+    assert r.wall_time == old["meta"]["timing"]["wall_time"] and r.config == renamed
 
 
 @pytest.mark.parametrize("kind", ["online", "lrsopt"])
@@ -316,7 +318,7 @@ def test_sweep_cells_store_the_codecs_dict(kind, tmp_path):
     obj = MAKERS[kind]()
     out = kinds.record_output(obj)
     assert out.result["kind"] == kind and "wall_time" not in out.result and "wall_time" in out.timing
-    fixed = {"lr0": 1e-3, "steps": 5, **({"outer_steps": 1, "outer_lr": 1e-4} if kind == "lrsopt" else {})}
+    fixed = {"lr": 1e-3, "steps": 5, **({"outer_steps": 1, "outer_lr": 1e-4} if kind == "lrsopt" else {})}
     cell = sweep.Grid("g", {"name": "beale"}, kind, fixed=fixed).cells()[0]
     store = sweep.Store(tmp_path)
     store.write(*_record(cell, out, {}))

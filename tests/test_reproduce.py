@@ -89,7 +89,7 @@ def test_write_summary_and_config(tmp_path):
 
 def test_replay_iterates_reproduces_an_online_run():
     p = problems.from_function("beale")
-    r = online.run(p, "rtho", lr0=1e-3, beta=1e-7, steps=40)
+    r = online.run(p, "rtho", lr=1e-3, beta=1e-7, steps=40)
     path = common.replay_iterates(p, r.lrs)
     assert path.shape == (41, 2)
     np.testing.assert_array_equal(path[0], np.asarray(p.params0))
@@ -143,7 +143,7 @@ def test_fig1_tiny_outputs_are_complete_and_sane(fig1_tiny):
     assert np.all(g["best"] <= g["values"][..., 0] + 1e-12)  # the best is never worse than the start
     # a grid cell is exactly an independent online run with the same settings
     label, method, mu = fig1.method_specs(cfg)[1]
-    r = online.run(problems.from_function(fn), method, lr0=cfg.lr0, beta=cfg.betas[0], steps=T,
+    r = online.run(problems.from_function(fn), method, lr=cfg.lr, beta=cfg.betas[0], steps=T,
                    lr_max=cfg.lr_max, keep_params=False)
     np.testing.assert_array_equal(g["lrs"][1, 0], r.lrs)
     assert g["best"][1, 0] == r.best_val_loss
@@ -278,10 +278,10 @@ def test_fig1_constant_search_as_rows_equals_the_loop_of_train_runs():
     """The row-wise batch of constant-η GD runs gives the numbers of trajectory.train run by run."""
     import dataclasses
     from hgtoolkit.experiments import fig1
-    for fn, lr0 in (("bukin_sharp", 1e-3), ("beale", 5e-3)):
+    for fn, lr in (("bukin_sharp", 1e-3), ("beale", 5e-3)):
         rows = problems.from_function(fn)
         loop = dataclasses.replace(rows, rowwise=False)
-        a, b = fig1._constant_search(rows, lr0, 200, 5), fig1._constant_search(loop, lr0, 200, 5)
+        a, b = fig1._constant_search(rows, lr, 200, 5), fig1._constant_search(loop, lr, 200, 5)
         for key in ("final", "best"):
             np.testing.assert_array_equal(a[key], b[key])
         assert a["best_lr"] == b["best_lr"]

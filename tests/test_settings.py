@@ -20,7 +20,7 @@ from hgtoolkit.sweep import CELL_KINDS
 # what the functions take besides the settings: the problem, callables, tensors and run control
 NOT_SETTINGS = {
     online.run: {"problem", "mu_rule", "progress", "raise_on_divergence", "keep_params"},
-    lrsopt.optimize_schedule: {"problem", "lrs0", "checkpoint_path", "resume", "progress",
+    lrsopt.optimize_schedule: {"problem", "lrs", "checkpoint_path", "resume", "progress",
                                "callback", "objective", "removed"},  # removed: checkpoint_every → TypeError
 }
 SCHEMA = {online.run: OnlineSettings, lrsopt.optimize_schedule: LrsoptSettings}
@@ -42,12 +42,12 @@ def test_online_takes_the_settings_and_their_defaults():
     for call in (lambda **kw: online.run(beale, **kw),
                  lambda **kw: batched.run_online_batch(None, [{"problem": beale, **kw}])):
         with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'.*OnlineSettings"):
-            call(lr0=0.01, steps=2, beta=0.0, momentum=0.9)
-        with pytest.raises(TypeError, match="missing required keyword argument 'lr0'"):
+            call(lr=0.01, steps=2, beta=0.0, momentum=0.9)
+        with pytest.raises(TypeError, match="missing required keyword argument 'lr'"):
             call(steps=2)
     with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
-        online.hyper_config("hd", lr0=0.1, beta=0.0, momentum=0.9)
-    r = online.run(beale, "marthe", lr0=0.01, steps=2)  # every default from the declaration
+        online.hyper_config("hd", lr=0.1, beta=0.0, momentum=0.9)
+    r = online.run(beale, "marthe", lr=0.01, steps=2)  # every default from the declaration
     for name in ("beta_rule", "lr_floor", "divergence_factor", "objective", "method"):
         assert r.config[name] == settings.defaults(OnlineSettings)[name], name
     assert r.config["beta"] == "auto" and r.config["kappa"] == settings.defaults(OnlineSettings)["kappa"]
@@ -78,7 +78,7 @@ def test_other_declarations_agree_with_the_settings():
 
 def test_sweep_kinds_take_the_settings():
     assert set(CELL_KINDS["online"].params) == set(settings.specs(OnlineSettings))
-    assert set(CELL_KINDS["lrsopt"].params) == set(settings.specs(LrsoptSettings)) | {"lr0", "steps"}
+    assert set(CELL_KINDS["lrsopt"].params) == set(settings.specs(LrsoptSettings)) | {"lr", "steps"}
     assert set(CELL_KINDS["train"].params) == set(settings.specs(TrainSettings))
     assert set(CELL_KINDS["hypergrad"].params) == set(settings.specs(HypergradSettings))
 
@@ -88,7 +88,7 @@ def test_sweep_kinds_take_the_settings():
     ("lrsopt", LrsoptSettings, None, {}),
     ("lrsopt", TrainSettings, ["lr", "steps", "optimizer"], {}),
     ("hypergrad", HypergradSettings, ["lr", "steps", "optimizer", "mode", "checkpoint", "snapshots", "memory", "chunk_size"], {}),
-    ("analyse", OnlineSettings, ["mu", "kappa", "objective", "lr0", "optimizer", "seed"], {}),
+    ("analyse", OnlineSettings, ["mu", "kappa", "objective", "lr", "optimizer", "seed"], {}),
     ("towers", settings.TowerSettings, None, {}),
 ])
 def test_cli_flags_are_the_settings_with_the_same_defaults(command, schema, names, cli_defaults):
@@ -122,7 +122,7 @@ def _cases(schema):
 
 @pytest.mark.parametrize("name, value", _cases(OnlineSettings))
 def test_online_rejects_what_the_settings_reject(name, value):
-    base = {"lr0": 0.01, "steps": 3}
+    base = {"lr": 0.01, "steps": 3}
     with pytest.raises(ValueError, match=name):
         OnlineSettings(**{**base, name: value})
     with pytest.raises((ValueError, TypeError), match=name):
@@ -139,12 +139,12 @@ def test_lrsopt_rejects_what_the_settings_reject(name, value):
 
 
 def test_settings_normalise_and_give_keywords():
-    s = OnlineSettings(lr0=0, steps=5, beta="auto", optimizer="SGD")
-    assert s.lr0 == 0.0 and isinstance(s.lr0, float) and s.optimizer == "sgd"
+    s = OnlineSettings(lr=0, steps=5, beta="auto", optimizer="SGD")
+    assert s.lr == 0.0 and isinstance(s.lr, float) and s.optimizer == "sgd"
     assert online.run(problems.get("beale"), **s.kwargs()).config["beta"] == "auto"
     with pytest.raises(TypeError):
-        OnlineSettings(steps=5)  # lr0 is required, as in online.run
-    assert OnlineSettings(lr0=0.1, steps=1, lr_floor=None).lr_floor is None
+        OnlineSettings(steps=5)  # lr is required, as in online.run
+    assert OnlineSettings(lr=0.1, steps=1, lr_floor=None).lr_floor is None
 
 
 def test_spec_parse_is_the_command_line_face_of_check():
@@ -168,3 +168,38 @@ def test_towers_take_the_tower_settings():
     assert params["divergence_factor"].default == settings.defaults(settings.TowerSettings)["divergence_factor"]
     with pytest.raises(ValueError, match="divergence_factor"):
         towers.run(beale, "sgd(lr=1e-4) / sgd(lr=1e-9)", 2, divergence_factor=0.5)
+
+
+def test_old_names_raise_naming_the_new_ones(capsys):
+    """The 0.2 vocabulary (docs/glossary.md): an old keyword, flag or record key is never taken
+    silently; calls and flags say the new name, old records load under the new keys."""
+    from hgtoolkit import baselines, hdm, records, towers
+    beale = problems.get("beale")
+    renamed_lr = "'lr0' was renamed 'lr'"
+    with pytest.raises(TypeError, match=renamed_lr):
+        online.run(beale, "hd", lr0=1e-3, beta=0.0, steps=2)
+    with pytest.raises(TypeError, match=renamed_lr):
+        online.hyper_config("hd", lr0=1e-3, beta=0.0)
+    with pytest.raises(TypeError, match=renamed_lr):
+        batched.run_online_batch(None, [{"problem": beale, "lr0": 1e-3, "steps": 2, "beta": 0.0}])
+    with pytest.raises(TypeError, match=renamed_lr):
+        baselines.exponential_decay(lr0=0.1, gamma=0.9, T=3)
+    with pytest.raises(TypeError, match="'lrs0' was renamed 'lrs'"):
+        lrsopt.optimize_schedule(beale, lrs0=torch.full((2,), 1e-3), outer_steps=1)
+    with pytest.raises(TypeError, match="'beta0' was renamed 'momentum_init'"):
+        hdm.HDMConfig(L=1.0, beta0=0.9)
+    assert hdm.HDMConfig(L=1.0, momentum_init=0.9).momentum_init == 0.9
+    r = towers.run(beale, "sgd(lr=1e-4) / sgd(lr=1e-9)", 2)
+    assert r.diverged is False
+    with pytest.raises(AttributeError, match=r"renamed \.diverged"):
+        r.blew_up
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["online", "--lr0", "1e-3"])
+    assert "--lr0 was renamed --lr" in capsys.readouterr().err
+    # a record of the previous version: its config's lr0 reads back as lr
+    run = online.run(beale, "hd", lr=1e-3, beta=0.0, steps=2)
+    d = records.to_dict(run)
+    d["version"], d["config"] = 2, {("lr0" if k == "lr" else k): v for k, v in d["config"].items()}
+    old = records.from_dict(d, "online")
+    assert old.config["lr"] == 1e-3 and "lr0" not in old.config
+

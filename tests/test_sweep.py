@@ -31,7 +31,7 @@ def train_grid(**over):
 
 def beale_online_grid():
     return Grid("beale", {"name": "beale"}, "online",
-                axes={"method": ["hd", "rtho"], "beta": [1e-7, 1e-3]}, fixed={"lr0": 1e-3, "steps": 60})
+                axes={"method": ["hd", "rtho"], "beta": [1e-7, 1e-3]}, fixed={"lr": 1e-3, "steps": 60})
 
 
 def finishes(store):
@@ -77,20 +77,20 @@ def test_id_is_the_same_in_another_process():
 def test_grid_files_yaml_and_json(tmp_path):
     (tmp_path / "g.yaml").write_text(
         "name: study\nproblem: {name: beale}\ngrids:\n"
-        "  - name: a\n    kind: online\n    fixed: {lr0: 1e-3, steps: 10}\n"
+        "  - name: a\n    kind: online\n    fixed: {lr: 1e-3, steps: 10}\n"
         "    axes: {method: [hd, rtho], beta: [1e-7, 2e-7]}\n"
         "  - kind: train\n    fixed: {lr: 1e-3, steps: 5}\n    axes: {seed: [0]}\n")
     grids = sweep.load_grids(tmp_path / "g.yaml")
     assert [g.name for g in grids] == ["study/a", "study[1]"]
     assert grids[0].axes["beta"] == [1e-7, 2e-7]  # YAML 1.1 would read "1e-7" as a string
-    assert isinstance(grids[0].fixed["lr0"], float)
+    assert isinstance(grids[0].fixed["lr"], float)
     (tmp_path / "g.json").write_text(json.dumps(grids[0].to_dict()))
     assert Grid.from_file(tmp_path / "g.json") == grids[0]
     with pytest.raises(ValueError, match="2 grids"):
         Grid.from_file(tmp_path / "g.yaml")
 
 
-FIXED = {"lr0": 0.1, "steps": 10}
+FIXED = {"lr": 0.1, "steps": 10}
 BAD_GRIDS = [  # (changes to a valid grid, the error naming the offending key)
     ({"axes": {"method": ["hd", "sgdr"]}}, r"axes\.method\[1\].*'sgdr'"),
     ({"fixed": FIXED, "axes": {"method": ["hd"], "beta": [1e-3, -1e-3]}},
@@ -100,10 +100,11 @@ BAD_GRIDS = [  # (changes to a valid grid, the error naming the offending key)
     ({"axes": {"method": "hd"}}, r"axes\.method must be a list"),
     ({"fixed": FIXED, "axes": {"beta": [1e-3, 1e-3]}}, r"axes\.beta repeats"),
     ({"axes": {"methd": ["hd"]}}, r"axes\.methd\[0\]: unknown key 'methd'"),
+    ({"axes": {"lr0": [1e-3]}}, r"axes\.lr0\[0\]: unknown key 'lr0' for kind 'online' \('lr0' was renamed 'lr'"),
     ({"kind": "online2"}, r"kind: unknown cell kind 'online2'"),
     ({"problem": {"name": "bael"}}, r"problem\.name: unknown problem 'bael'"),
     ({"problem": {"name": "beale", "n_train": 10}}, r"problem\.n_train: unknown argument"),
-    ({"fixed": {"steps": 10}}, r"'lr0' is required"),
+    ({"fixed": {"steps": 10}}, r"'lr' is required"),
     ({"axes": {"method": ["hd", "rtho"], "mu": [0.5]}},
      r"cell \{'method': 'hd', 'mu': 0\.5\}: mu=0\.5 contradicts method='hd'"),
     ({"fixed": {**FIXED, "steps": 0}}, r"fixed\.steps: steps must be an integer ≥ 1"),
@@ -193,7 +194,7 @@ def test_online_cells_match_online_run(tmp_path):
     report = sweep.run(g, tmp_path, progress=False)
     assert report.ok
     recs = {(r["params"]["method"], r["params"]["beta"]): r for r in sweep.load_results(tmp_path)}
-    direct = online.run(problems.get("beale"), "rtho", lr0=1e-3, beta=1e-7, steps=60, seed=0,
+    direct = online.run(problems.get("beale"), "rtho", lr=1e-3, beta=1e-7, steps=60, seed=0,
                         keep_params=False)
     r = sweep.to_result(recs[("rtho", 1e-7)])
     assert isinstance(r, online.OnlineResult) and r.config == direct.config
@@ -205,7 +206,7 @@ def test_online_cells_match_online_run(tmp_path):
 
 def test_lrsopt_cell_matches_optimize_schedule_and_cleans_its_checkpoint(tmp_path):
     g = Grid("lrs", {"name": "beale"}, "lrsopt",
-             fixed={"lr0": 1e-3, "steps": 15, "outer_steps": 3, "outer_lr": 1e-4})
+             fixed={"lr": 1e-3, "steps": 15, "outer_steps": 3, "outer_lr": 1e-4})
     assert sweep.run(g, tmp_path, progress=False).ok
     rec = sweep.load_results(tmp_path)[0]
     direct = optimize_schedule(problems.get("beale"), torch.full((15,), 1e-3, dtype=torch.float64),
@@ -227,7 +228,7 @@ def test_batched_hook_gets_groups_that_differ_in_seed_and_beta(tmp_path, monkeyp
     online_kind = sweep.CELL_KINDS["online"]
     monkeypatch.setitem(sweep.CELL_KINDS, "online", dataclasses.replace(online_kind, run_batch=run_online_batch))
     g = Grid("b", {"name": "beale"}, "online",
-             axes={"method": ["hd", "rtho"], "beta": [1e-7, 2e-7]}, fixed={"lr0": 1e-3, "steps": 20})
+             axes={"method": ["hd", "rtho"], "beta": [1e-7, 2e-7]}, fixed={"lr": 1e-3, "steps": 20})
     assert sweep.run(g, tmp_path / "batched", progress=False).ok
     assert calls == [[(1e-7, None), (2e-7, None)]] * 2  # one call per method
     monkeypatch.setitem(sweep.CELL_KINDS, "online", dataclasses.replace(online_kind, run_batch=None))

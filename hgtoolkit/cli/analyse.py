@@ -4,7 +4,7 @@ Usage::
 
     # run HD and RTHO on Beale, then compare each estimate with d⁽¹⁾, d⁽ᶜ⁾ and g
     python -m hgtoolkit analyse --problem beale --method hd rtho --beta 1e-6 1e-8 \\
-        --lr0 1e-3 --steps 200 --out results/analyse
+        --lr 1e-3 --steps 200 --out results/analyse
     # or analyse a saved online run (its problem rebuilt from --problem/--problem-arg)
     python -m hgtoolkit analyse --run results/online/hd.json --out results/analyse
 
@@ -41,7 +41,7 @@ def register(sub) -> None:
                   beta={"nargs": "+", "help": "hyper-learning rate β, one value for all methods or one "
                                               "per method (default: 1e-6 for hd, 1e-8 for rtho, auto "
                                               "for marthe)"})
-    add_arguments(src, OnlineSettings, ["mu", "kappa", "objective", "lr0", "steps", "optimizer", "seed"],
+    add_arguments(src, OnlineSettings, ["mu", "kappa", "objective", "lr", "steps", "optimizer", "seed"],
                   defaults={"steps": 200},
                   objective={"help": "the online estimate's objective (default val; the references "
                                      "always use the validation loss E)"})
@@ -95,7 +95,7 @@ def run_analyse(args) -> int:
             kw = {"mu": mu, "kappa": args.kappa} if method == "marthe" else {}
             with warnings.catch_warnings():
                 warnings.simplefilter("always", online.DivergenceWarning)
-                res = online.run(problem, method, args.optimizer, lr0=args.lr0, steps=args.steps,
+                res = online.run(problem, method, args.optimizer, lr=args.lr, steps=args.steps,
                                  beta=beta, objective=args.objective, seed=args.seed,
                                  progress=args.progress, **kw)
             res.config["cli"] = cli_args.settings(args)

@@ -149,7 +149,7 @@ def run_lrsopt(args) -> int:
     from ..lrsopt import optimize_schedule
 
     problem = cli_args.make_problem(args)
-    lrs0 = _schedule(args, problem)
+    lrs = _schedule(args, problem)
     if args.outer_lr is None and args.outer_optimizer == "sgd":  # Adam's default: 0.1 × max η^(0)
         raise ValueError("--outer-lr is required with --outer-optimizer sgd (its scale depends on "
                          "the size of ∇f(η); try a hypergrad run first)")
@@ -165,7 +165,7 @@ def run_lrsopt(args) -> int:
           if spec.cli and hasattr(args, name)}
     kw["snapshot_every"] = args.snapshot_every or max(1, args.outer_steps // 5)
     try:
-        result = optimize_schedule(problem, lrs0, checkpoint_path=ckpt,
+        result = optimize_schedule(problem, lrs, checkpoint_path=ckpt,
                                    resume=True if args.resume else (False if args.overwrite else None),
                                    progress=args.progress, **kw)
     except FloatingPointError as exc:

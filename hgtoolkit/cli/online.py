@@ -1,9 +1,9 @@
 """Command ``online``: one HD / RTHO / MARTHE run (``hgtoolkit.online.run``); also hooks in ``analyse``.
 
-    python -m hgtoolkit online --problem beale --method rtho --beta 1e-7 --lr0 1e-3 --steps 500 \\
+    python -m hgtoolkit online --problem beale --method rtho --beta 1e-7 --lr 1e-3 --steps 500 \\
         --objective train --out results/online
     python -m hgtoolkit online --problem beale --method marthe --beta auto --kappa 1e-10 \\
-        --find-beta --lr0 1e-3 --steps 500 --out results/online
+        --find-beta --lr 1e-3 --steps 500 --out results/online
 
 Writes ``<out>/<name>.json`` + ``.npz`` (the :class:`~hgtoolkit.online.OnlineResult`; name
 defaults to ``online_<problem>_<method>``) and ``<out>/<name>.png`` + ``.pdf``: the schedule
@@ -82,7 +82,7 @@ def run_online(args) -> int:
     beta = result.config["beta"]
     beta_txt = f"β auto (κ={result.config['kappa']:.1e})" if beta == "auto" else f"β={beta:.1e}"
     title = (f"{plotting.describe_source(result.config['problem'])} — {args.method.upper()}, "
-             f"{args.optimizer.upper()}, η₀={args.lr0:g}, {beta_txt}, objective {args.objective}")
+             f"{args.optimizer.upper()}, η₀={args.lr:g}, {beta_txt}, objective {args.objective}")
     pngs = plotting.savefig(plotting.plot_online_run(result, title), out / name, close=True)
     seen = [] if args.find_beta else seen
     status = (f"DIVERGED at step {result.diverged_at} ({seen[0].message if seen else result.divergence})"

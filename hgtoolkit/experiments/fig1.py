@@ -7,7 +7,7 @@ rate β on a log grid. Reported: on Beale RTHO beats HD for every β that does n
 smoothed Bukin RTHO's LR first grows exponentially and then collapses to 0 once the trajectory
 reaches the valley, while HD stays close to the valley (HD wins).
 
-What this experiment runs, for each function in ``config.functions`` (η_0 = ``lr0``,
+What this experiment runs, for each function in ``config.functions`` (η_0 = ``lr``,
 T = ``steps``, SGD, deterministic, so E = L_t = f and ``objective="val"``):
 
 - every method on the β grid: HD, RTHO, MARTHE with fixed μ ∈ ``mus`` and MARTHE with the
@@ -92,7 +92,7 @@ class Config:
 
     functions: tuple[str, ...] = ("beale", "bukin_smooth", "bukin_sharp")
     steps: int = 500
-    lr0: float = 1e-3
+    lr: float = 1e-3
     betas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-11.0, -3.9, 0.5))
     mus: tuple[float, ...] = (0.9, 0.99, 0.999)
     adaptive_mu: bool = True
@@ -135,8 +135,8 @@ class Config:
             raise ValueError(f"betas must be positive and finite, got {self.betas}")
         if any(not 0 <= m <= 1 for m in self.mus):
             raise ValueError(f"mus must be in [0, 1], got {self.mus}")
-        if self.steps < 1 or self.lr0 <= 0:
-            raise ValueError(f"steps must be ≥ 1 and lr0 > 0, got steps={self.steps}, lr0={self.lr0}")
+        if self.steps < 1 or self.lr <= 0:
+            raise ValueError(f"steps must be ≥ 1 and lr > 0, got steps={self.steps}, lr={self.lr}")
         if self.lrsopt_steps < 0:
             raise ValueError(f"lrsopt_steps must be ≥ 0, got {self.lrsopt_steps}")
         if self.constants < 1 or not self.lr_max_factor > 1 or not self.lrsopt_lr_rel > 0:
@@ -146,7 +146,7 @@ class Config:
     @property
     def lr_max(self) -> float:
         """|η_t| above this counts as divergence (``lr_max_factor``·η_0)."""
-        return self.lr_max_factor * self.lr0
+        return self.lr_max_factor * self.lr
 
 
 def method_specs(config: Config) -> list[tuple[str, str, Any]]:
@@ -170,7 +170,7 @@ def _grid_cells(config: Config, specs) -> list[dict]:
     cells = []
     for _, method, mu in specs:
         for beta in config.betas:
-            cell = dict(method=method, lr0=config.lr0, steps=config.steps, beta=beta,
+            cell = dict(method=method, lr=config.lr, steps=config.steps, beta=beta,
                         objective="val", lr_max=config.lr_max)
             if method == "marthe":
                 cell["mu"] = mu
@@ -180,7 +180,7 @@ def _grid_cells(config: Config, specs) -> list[dict]:
 
 def _auto_cells(config: Config) -> list[dict]:
     """MARTHE with μ and β adaptive at κ = kappa_start, kappa_start/10, … (the ÷10 wrapper)."""
-    return [dict(method="marthe", beta="auto", mu="auto", lr0=config.lr0, steps=config.steps,
+    return [dict(method="marthe", beta="auto", mu="auto", lr=config.lr, steps=config.steps,
                  objective="val", lr_max=config.lr_max, kappa=config.kappa_start / 10.0 ** i)
             for i in range(config.kappa_tries if config.auto_beta else 0)]
 
@@ -222,11 +222,11 @@ def _one_function(grid: list, auto: list, results: list) -> tuple[list[dict], An
     return cells, best
 
 
-def _constant_search(problem, lr0: float, steps: int, n: int) -> dict:
+def _constant_search(problem, lr: float, steps: int, n: int) -> dict:
     """Plain GD with η_t = c for c on a log grid in [η_0, 100 η_0]: f(w_T) and min_t f(w_t)
     per c (inf when the run diverged), and the c with the smallest f(w_T)."""
     from ..trajectory import train
-    grid = np.geomspace(lr0, 100 * lr0, n) if n > 1 else np.array([lr0])
+    grid = np.geomspace(lr, 100 * lr, n) if n > 1 else np.array([lr])
     if problem.rowwise:  # all constants at once (the same numbers as the loop below)
         final, best = _constant_rows(problem, grid, steps)
     else:
@@ -270,7 +270,7 @@ def run_lrsopt_cell(problem, params: dict, ctx):
     it (the sweep's ``lrsopt`` cell: projected Adam, α = ``lr_rel``·η_c, checkpointed in the
     store). The constants go beside the record (``result["extra"]``, arrays ``extra.constants.*``)."""
     from .. import sweep
-    constants = _constant_search(problem, params["lr0"], params["steps"], params["constants"])
+    constants = _constant_search(problem, params["lr"], params["steps"], params["constants"])
     arrays = {f"extra.constants.{k}": v for k, v in constants.items() if isinstance(v, np.ndarray)}
     scalars = {k: v for k, v in constants.items() if not isinstance(v, np.ndarray)}
     if not params["outer_steps"]:
@@ -278,7 +278,7 @@ def run_lrsopt_cell(problem, params: dict, ctx):
     c = constants["best_lr"]
     with divergence.recorded():  # expected here: a stopped run says so in its status
         out = sweep.CELL_KINDS["lrsopt"].run(problem, {
-            "lr0": c, "steps": params["steps"], "outer_steps": params["outer_steps"],
+            "lr": c, "steps": params["steps"], "outer_steps": params["outer_steps"],
             "outer_lr": params["lr_rel"] * c, "outer_optimizer": "adam"}, ctx)
     out.result["extra"] = {"constants": scalars}  # beside the ScheduleResult
     out.arrays.update(arrays)
@@ -289,10 +289,10 @@ def _register_kinds() -> None:
     from .. import sweep
     _number = common.number
     sweep.register_cell_kind(sweep.CellKind(
-        "fig1.lrsopt", run_lrsopt_cell, required=("lr0", "steps", "constants", "outer_steps", "lr_rel"),
+        "fig1.lrsopt", run_lrsopt_cell, required=("lr", "steps", "constants", "outer_steps", "lr_rel"),
         cost=lambda p: p.get("steps", 1) * (p.get("constants", 1) + 3.0 * p.get("outer_steps", 0)),
         summary=("final_value", "best_value"),
-        params={"lr0": _number(0, open_lo=True), "steps": _number(1, integer=True),
+        params={"lr": _number(0, open_lo=True), "steps": _number(1, integer=True),
                 "constants": _number(1, integer=True), "outer_steps": _number(0, integer=True),
                 "lr_rel": _number(0, open_lo=True), "seed": sweep.SEED_SPEC}))
 
@@ -304,7 +304,7 @@ def lrsopt_grid(config: Config):
     """The sweep grid of the LRS-OPT cells: one per function (constant search + LRS-OPT)."""
     from .. import sweep
     return [sweep.Grid(f"fig1/lrsopt/{fn}", {"name": fn}, "fig1.lrsopt",
-                       fixed={"lr0": config.lr0, "steps": config.steps, "constants": config.constants,
+                       fixed={"lr": config.lr, "steps": config.steps, "constants": config.constants,
                               "outer_steps": config.lrsopt_steps, "lr_rel": config.lrsopt_lr_rel})
             for fn in config.functions]
 
@@ -354,7 +354,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             for beta, cell in zip(config.betas, row):
                 by_job[("grid", (fn, method, mu, beta))] = cell
 
-    summary: dict[str, Any] = {"functions": {}, "lr0": config.lr0, "steps": T,
+    summary: dict[str, Any] = {"functions": {}, "lr": config.lr, "steps": T,
                                "betas": list(config.betas),
                                "cells": {"cells": 0, "existing": 0, "computed": []}}
     figures = []
@@ -377,7 +377,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             "labels": np.array([s[0] for s in specs]),
         }
         records.save(records.DataRecord({
-            "function": fn, "problem": problem.describe(), "lr0": config.lr0, "steps": T,
+            "function": fn, "problem": problem.describe(), "lr": config.lr, "steps": T,
             "methods": [{"label": l, "method": m, "mu": mu} for l, m, mu in specs],
             "betas": list(config.betas), "best": grid["best"], "final": grid["final"],
             "diverged_at": grid["diverged_at"], "objective": "val (= f: deterministic)"}, grid),
@@ -438,10 +438,10 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
 
 # ----------------------------------------------------------------------------- summary
 
-def _rtho_collapse(lrs: np.ndarray, lr0: float) -> dict:
+def _rtho_collapse(lrs: np.ndarray, lr: float) -> dict:
     lrs = lrs[np.isfinite(lrs)]
     peak = int(np.argmax(lrs))
-    return {"peak_lr_over_lr0": float(lrs[peak] / lr0), "peak_step": peak,
+    return {"peak_lr_over_lr0": float(lrs[peak] / lr), "peak_step": peak,
             "zero_fraction": float(np.mean(lrs == 0)),
             "zero_after_peak_fraction": float(np.mean(lrs[peak:] == 0))}
 
@@ -462,7 +462,7 @@ def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, constants,
         entry["zero_fraction_range"] = [min(zero), max(zero)] if zero else None
         if j is not None:
             lrs = grid["lrs"][i, j]
-            entry["lr_behaviour"] = _rtho_collapse(lrs, config.lr0)
+            entry["lr_behaviour"] = _rtho_collapse(lrs, config.lr)
             if mu == "auto":
                 mus = grid["mus"][i, j]
                 mus = mus[np.isfinite(mus)]
@@ -511,7 +511,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
         elif "error" in a:
             rows.append([AUTO_LABEL, None, None, None, None, None, "all diverged", a["error"]])
         c = s["best_constant"]
-        rows.append([CONST_LABEL, c["best"], "—", c["final"], c["lr"] / config.lr0, 0, "—",
+        rows.append([CONST_LABEL, c["best"], "—", c["final"], c["lr"] / config.lr, 0, "—",
                      f"η_t = {common.fmt(c['lr'])} for all t (best of {config.constants} constants by f(w_T))"])
         l = s["lrsopt"]
         if "best_final_value" in l:
@@ -539,7 +539,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
         ["function", "paper (Donini et al. 2020, Fig. 1)", "measured (best over the β grid)",
          "RTHO's η at its best β"], verdict_rows, align="llll")))
     notes = [
-        f"All runs: plain gradient descent, T = {config.steps} steps, η_0 = {config.lr0:g}, from the "
+        f"All runs: plain gradient descent, T = {config.steps} steps, η_0 = {config.lr:g}, from the "
         "function's default start; E = f (deterministic), hypergradient objective 'val'; η clipped at 0; "
         f"a run counts as diverged when f or w is not finite, η_t > {config.lr_max:g} "
         f"(= {config.lr_max_factor:g} η_0) or f(w_t) > 2 f(w_0) (the online engine's divergence_factor); "
@@ -576,18 +576,18 @@ def _styles(labels) -> dict:
     return out
 
 
-def _lr_axis(ax, lr0: float, schedules) -> None:
+def _lr_axis(ax, lr: float, schedules) -> None:
     """η on a log axis; symlog (linear below η_0/10) when some η_t = 0, so that those stay
     visible just above the spine. A dotted line marks η_0."""
     if any(np.any(np.asarray(s) <= 0) for s in schedules):
-        ax.set_yscale("symlog", linthresh=lr0 / 10)
-        ax.set_ylim(bottom=-lr0 / 40)
+        ax.set_yscale("symlog", linthresh=lr / 10)
+        ax.set_ylim(bottom=-lr / 40)
         ax.set_ylabel(r"learning rate $\eta_t$ (symlog; linear below $\eta_0/10$)")
     else:
         ax.set_yscale("log")
         ax.set_ylabel(r"learning rate $\eta_t$")
         plotting.tidy_log_axis(ax)
-    ax.axhline(lr0, color="0.5", lw=0.7, ls=":")
+    ax.axhline(lr, color="0.5", lw=0.7, ls=":")
 
 
 def _legend_below(ax, ncol: int = 2) -> None:
@@ -615,7 +615,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
         styles = _styles(labels + [AUTO_LABEL, LRSOPT_LABEL])
         diverged = grid["diverged_at"] >= 0
         betas = grid["betas"]
-        lr0 = float(meta["lr0"])
+        lr = float(meta["lr"])
         auto_path, lrsopt_path = out.data(f"{fn}_marthe_auto.json"), out.data(f"{fn}_lrsopt.json")
         auto = OnlineResult.load(auto_path) if auto_path.exists() else None
         lrs_res = ScheduleResult.load(lrsopt_path) if lrsopt_path.exists() else None
@@ -653,7 +653,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
         ax = axes[1]
         plotting.plot_schedules(schedules, ax=ax, styles=sty,
                                 title=r"(b) $\eta_t$ of each method's best-$\beta$ run")
-        _lr_axis(ax, lr0, schedules.values())
+        _lr_axis(ax, lr, schedules.values())
         _legend_below(ax)
 
         # (c) trajectories over the contour plot
@@ -686,14 +686,14 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
                                   f"$f(w_T)$ = {grid['final'][i, j]:.3g}")
                 ax.set_xlabel(plotting.STEP_LABEL)
                 ax.set_title(f"(d) HD vs RTHO at one β = {betas[j]:.0e}\n(the largest where neither diverged)")
-            _lr_axis(ax, lr0, pair)
+            _lr_axis(ax, lr, pair)
             _legend_below(ax, ncol=1)
         else:
             ax.set_axis_off()
             ax.text(0.5, 0.5, "(d) HD and RTHO never both converged on the β grid", ha="center",
                     transform=ax.transAxes)
         fig.suptitle(f"MARTHE Fig. 1 reproduction — {_TITLES.get(fn, fn)}: gradient descent, "
-                     f"T = {meta['steps']}, η₀ = {lr0:g}, start {tuple(f.default_start)}", fontsize=9)
+                     f"T = {meta['steps']}, η₀ = {lr:g}, start {tuple(f.default_start)}", fontsize=9)
         written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True, background=True,
                                     caption=f"data: analytic function `{fn}` (testfunctions), float64; "
                                             f"records in {out.data_dir.name}/{fn}_*")

@@ -190,7 +190,7 @@ def _register_kinds() -> None:
     sweep.register_cell_kind(sweep.CellKind(
         "hd.online", run_hd_cell, required=online.required, check=online.check, cost=online.cost,
         summary=online.summary, to_result=online.to_result, run_batch=run_hd_cells,
-        batch_axes=("lr0", "beta"), params={**online.params, "nesterov_momentum": _number(0, 1)}))
+        batch_axes=("lr", "beta"), params={**online.params, "nesterov_momentum": _number(0, 1)}))
 
 
 _register_kinds()
@@ -208,7 +208,7 @@ def grid(config: Config, model: str, opt: str):
     if opt == "nesterov":
         fixed["nesterov_momentum"] = config.momentum
     return sweep.Grid(f"hd/{model}_{opt}", P, "hd.online", fixed=fixed,
-                      axes={"lr0": [float(a) for a in config.alpha0s], "beta": [float(b) for b in config.beta_grid(opt)]})
+                      axes={"lr": [float(a) for a in config.alpha0s], "beta": [float(b) for b in config.beta_grid(opt)]})
 
 
 def _grid_runs(config: Config, out, model: str, opt: str) -> dict:
@@ -219,7 +219,7 @@ def _grid_runs(config: Config, out, model: str, opt: str) -> dict:
     out_ = {}
     for c in g.cells():
         r = sweep.to_result(recs[c.id])
-        out_[(model, opt, c.params["lr0"], c.params["beta"])] = {
+        out_[(model, opt, c.params["lr"], c.params["beta"])] = {
             "lrs": r.lrs, "train_losses": r.train_losses, "eval_steps": r.eval_steps,
             "val_losses": r.val_losses, "val_accuracy": r.val_accuracy,
             "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),

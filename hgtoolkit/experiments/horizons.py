@@ -47,7 +47,7 @@ class Config:
     n_train: int = 1000
     n_val: int = 200
     hidden: tuple = (50, 50)
-    lr0: float = 0.05
+    lr: float = 0.05
     betas: tuple = (("hd", 1e-3), ("rtho", 1e-5), ("marthe", 1e-4))
     Ks: tuple = (1, 10)
     threads: int = 1
@@ -110,7 +110,7 @@ def _nqm_case(config: Config, noisy: bool, momentum: bool) -> dict:
     if noisy:
         g_eta, g_mu = g_eta.clamp(max=lr_max), None if g_mu is None else g_mu.clamp(0.0, mu_max)
     starts = {"fixed": (x0_eta, mu_c), "greedy": (g_eta, 0.0 if g_mu is None else g_mu)}
-    runs = {k: horizons.optimal_schedule(nqm, T, momentum, lrs0=e0, momentum0=m0, lr_max=lr_max,
+    runs = {k: horizons.optimal_schedule(nqm, T, momentum, lrs=e0, momentum0=m0, lr_max=lr_max,
                                          momentum_max=mu_max, outer_steps=config.outer_steps,
                                          outer_options={"ftol": 0.0, "gtol": 0.0})
             for k, (e0, m0) in starts.items()}  # LRS-OPT from both starts; keep the better
@@ -143,7 +143,7 @@ def _ladder(config: Config, progress: bool) -> list[dict]:
     out = []
     for method, beta in config.betas:
         kw = {"mu": "auto"} if method == "marthe" else {}
-        r = online.run(p, method, lr0=config.lr0, steps=config.mnist_T, beta=beta, progress=progress, **kw)
+        r = online.run(p, method, lr=config.lr, steps=config.mnist_T, beta=beta, progress=progress, **kw)
         lad = analysis.horizon_ladder_online(r, p, Ks=tuple(config.Ks) + (None,))
         out.append({"method": method, "beta": beta, "best": lad["best"], "Ks": lad["Ks"], "rows": lad["rows"],
                     "final_lr": r.final_lr, "final_val_loss": r.final_val_loss, "diverged_at": r.diverged_at})

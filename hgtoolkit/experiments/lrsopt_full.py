@@ -135,14 +135,14 @@ def run_schedule_cell(problem, params: dict, ctx):
     from .. import lrsopt, sweep
     from ..trajectory import train
     kind, steps = params["outer"], params["outer_steps"]
-    lrs0 = torch.full((params["steps"],), params["init"], dtype=problem.dtype, device=problem.device)
+    lrs = torch.full((params["steps"],), params["init"], dtype=problem.dtype, device=problem.device)
     kw = {}
     if ctx.checkpoint is not None:
         ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".ckpt.pt"), checkpoint_interval=1, resume=True)
     with divergence.recorded():  # expected here: a stopped run says so in its status
         res = lrsopt.optimize_schedule(
-            problem, lrs0, steps, None if kind == "lbfgsb" else params["adam_lr"], kind,
+            problem, lrs, steps, None if kind == "lbfgsb" else params["adam_lr"], kind,
             resample_batches=kind == "adam", seed=common.derive_seed(params["base_seed"], "lrsopt_full", params["seed"]),
             lr_max=params["lr_max"], memory=params.get("memory"),
             outer_options={"maxfun": 2 * steps + 10} if kind == "lbfgsb" else None,

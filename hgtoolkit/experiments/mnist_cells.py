@@ -42,7 +42,7 @@ class Config:
     """Settings (module docstring). The paper's values are in :meth:`full`.
 
     Data and model: ``hidden``, ``n_train``, ``n_val``, ``batch_size``, ``data_seed``
-    (the split), ``steps`` = T. Online: ``lr0`` = η_0, ``betas`` (β grid of HD, RTHO and MARTHE
+    (the split), ``steps`` = T. Online: ``lr`` = η_0, ``betas`` (β grid of HD, RTHO and MARTHE
     with fixed β), ``mus`` (MARTHE's fixed μ values), ``adaptive_mu`` (MARTHE with adaptive μ
     on the β grid), ``kappas`` (κ grid of MARTHE with μ and β adaptive; empty: skip),
     ``n_seeds`` seeds from ``seed``. LRS-OPT: ``lrsopt_seeds`` (the first seeds; 0: skip),
@@ -64,7 +64,7 @@ class Config:
     batch_size: int = 100
     data_seed: int = 0
     steps: int = 500
-    lr0: float = 0.1
+    lr: float = 0.1
     betas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-4.0, 0.01, 0.5))
     mus: tuple[float, ...] = (0.9, 0.99)
     adaptive_mu: bool = True
@@ -132,8 +132,8 @@ class Config:
         for name in ("steps", "n_seeds", "batch_size", "eval_every", "n_train", "n_val"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if not self.lr0 >= 0 or not math.isfinite(self.lr0):
-            raise ValueError(f"lr0 must be ≥ 0, got {self.lr0}")
+        if not self.lr >= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be ≥ 0, got {self.lr}")
         for name in ("betas", "kappas"):
             if any(not (v > 0 and math.isfinite(v)) for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
@@ -203,7 +203,7 @@ def _slug(text: str) -> str:
 
 def cell_params(config: Config, spec: dict, value: float, seed: int) -> dict:
     """``online.run`` arguments of one run of ``spec`` at grid value β (or κ) on ``seed``."""
-    cell = {"method": spec["method"], "lr0": config.lr0, "steps": config.steps, "seed": seed,
+    cell = {"method": spec["method"], "lr": config.lr, "steps": config.steps, "seed": seed,
             "eval_every": config.eval_every, "objective": "val", "val_batch_size": config.val_batch_size}
     if spec["method"] == "marthe":
         cell["mu"] = spec["mu"]
@@ -259,7 +259,7 @@ def grids(config: Config) -> dict:
     if config.lrsopt_steps and config.lrsopt_seeds:
         lrsopt.append(sweep.Grid(
             "mnist/lrsopt", P, "mnist.lrsopt", axes={"seed": config.seeds[:config.lrsopt_seeds]},
-            fixed={"lr0": config.lrsopt_init, "steps": config.steps, "outer_steps": config.lrsopt_steps,
+            fixed={"lr": config.lrsopt_init, "steps": config.steps, "outer_steps": config.lrsopt_steps,
                    "outer_lr": config.lrsopt_lr, "outer_optimizer": config.lrsopt_optimizer,
                    "resample_batches": True, "lr_max": config.lrsopt_lr_max, "base_seed": config.seed,
                    "snapshot_every": max(1, config.lrsopt_steps // 10),

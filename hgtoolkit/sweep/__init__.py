@@ -6,7 +6,7 @@ A study in this field is a grid — methods × β × μ × η₀ × seeds, plus 
 
     grid = Grid("beale_fig1", problem={"name": "beale"}, kind="online",
                 axes={"method": ["hd", "rtho"], "beta": [1e-7, 1e-6, 1e-5]},
-                fixed={"lr0": 1e-3, "steps": 500})
+                fixed={"lr": 1e-3, "steps": 500})
     report = sweep.run(grid, "results/beale_fig1")                  # in-process
     report = sweep.run(grid, "results/beale_fig1", executor="ray")  # local Ray, or address=…
     print(sweep.summary_table("results/beale_fig1"))
@@ -22,7 +22,7 @@ stored sweeps); each record keeps the full configuration the run resolved to. A 
 Cell kinds (:data:`CELL_KINDS`; add your own with :func:`register_cell_kind`):
 
 - ``"online"``: ``hgtoolkit.online.run(problem, **params)`` (HD / RTHO / MARTHE);
-- ``"lrsopt"``: ``hgtoolkit.lrsopt.optimize_schedule`` from the constant schedule η_t = ``lr0``,
+- ``"lrsopt"``: ``hgtoolkit.lrsopt.optimize_schedule`` from the constant schedule η_t = ``lr``,
   checkpointed in the store so that a killed LRS-OPT cell resumes mid-run;
 - ``"train"``: constant-LR training (``hgtoolkit.trajectory.train``), final value E(w_T);
 - ``"hypergrad"``: the exact ∇f(η) of a constant schedule (``hgtoolkit.exact.hypergradient``).

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .. import records
+from ..errors import RENAMED
 from ..settings import Spec
 
 
@@ -249,7 +250,9 @@ class Grid:
 
         def norm(key: str, value: Any, loc: str) -> Any:
             if key not in kind.params:
-                raise ValueError(f"{where}: {loc}: unknown key {key!r} for kind {kind.name!r}; "
+                new = RENAMED.get(key)
+                hint = f" ({key!r} was renamed {new!r}, docs/glossary.md)" if new in kind.params else ""
+                raise ValueError(f"{where}: {loc}: unknown key {key!r} for kind {kind.name!r}{hint}; "
                                  f"it takes {sorted(kind.params)}")
             try:
                 return kind.params[key](value)

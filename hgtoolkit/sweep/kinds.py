@@ -87,15 +87,15 @@ def _lrsopt_check(params: dict) -> None:
 
 
 def run_lrsopt_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
-    """LRS-OPT from η_t = lr0 (t < steps), checkpointed in the store and resumed after a crash."""
+    """LRS-OPT from η_t = lr (t < steps), checkpointed in the store and resumed after a crash."""
     from .. import lrsopt
     p = dict(params)
-    lrs0 = torch.full((p.pop("steps"),), p.pop("lr0"), dtype=problem.dtype, device=problem.device)
+    lrs = torch.full((p.pop("steps"),), p.pop("lr"), dtype=problem.dtype, device=problem.device)
     kw = {"seed": 0, **p}
     if ctx.checkpoint is not None:
         ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".pt"), resume=True)
-    r = lrsopt.optimize_schedule(problem, lrs0, kw.pop("outer_steps"), kw.pop("outer_lr", None),
+    r = lrsopt.optimize_schedule(problem, lrs, kw.pop("outer_steps"), kw.pop("outer_lr", None),
                                  kw.pop("outer_optimizer", "adam"), progress=False, **kw)
     return lrsopt_output(r)
 
@@ -140,11 +140,11 @@ register_cell_kind(CellKind(
     params=settings.validators(settings.OnlineSettings, seed=SEED_SPEC)))
 
 register_cell_kind(CellKind(
-    "lrsopt", run_lrsopt_cell, required=("lr0", "steps", "outer_steps"), check=_lrsopt_check,
+    "lrsopt", run_lrsopt_cell, required=("lr", "steps", "outer_steps"), check=_lrsopt_check,
     cost=lambda p: 30.0 * p.get("steps", 1) * p.get("outer_steps", 1),
     summary=("initial_value", "best_value", "final_value", "final_val_accuracy"),
     to_result=record_result("lrsopt"),
-    params={"lr0": _SCHEDULE["lr"][1].check, "steps": _SCHEDULE["steps"][1].check,
+    params={"lr": _SCHEDULE["lr"][1].check, "steps": _SCHEDULE["steps"][1].check,
             **settings.validators(settings.LrsoptSettings)}))
 
 register_cell_kind(CellKind(

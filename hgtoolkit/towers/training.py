@@ -43,7 +43,12 @@ class TowerResult:
     divergence: str | None = None
 
     @property
-    def blew_up(self) -> bool:
+    def blew_up(self):
+        raise AttributeError("TowerResult.blew_up was renamed .diverged (one divergence field: "
+                             "diverged / diverged_at / divergence, docs/glossary.md)")
+
+    @property
+    def diverged(self) -> bool:
         """True when the run stopped because it diverged (``divergence`` says how, ``diverged_at`` when)."""
         return self.diverged_at is not None
 
