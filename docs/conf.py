@@ -41,8 +41,9 @@ def _copy_notebooks() -> None:
     for stale in set(out.glob("*.ipynb")) - {out / p.name for p in sources}:
         stale.unlink()
     lines = ["# Notebook gallery", "",
-             "The notebooks of `notebooks/`, executed by `make docs` (tiny settings with",
-             "`HGTOOLKIT_NOTEBOOK_SMALL=1`). Run them yourself with `make lab`; each one runs from any folder.", ""]
+             "The notebooks of `notebooks/`, executed by `make docs` (at their default settings; with",
+             "`HGTOOLKIT_NOTEBOOK_SMALL=1` at their tiny ones, in a minute or two). Run them yourself with",
+             "`make lab`; each one runs from any folder.", ""]
     for path in sources:
         target = out / path.name
         if not target.exists() or target.read_bytes() != path.read_bytes():

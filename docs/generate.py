@@ -29,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "_generated"
 SNAPSHOT = HERE / "data" / "benchmarks"
+BENCH_RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _bench_modules():
@@ -44,7 +45,7 @@ def _bench_modules():
 def benchmark_files() -> dict[str, Path]:
     """``{name: json}``: this machine's ``benchmarks/results`` first, else the committed snapshot."""
     files = {p.stem: p for p in sorted(SNAPSHOT.glob("*.json"))}
-    files.update({p.stem: p for p in sorted((ROOT / "benchmarks" / "results").glob("*.json"))})
+    files.update({p.stem: p for p in sorted(BENCH_RESULTS.glob("*.json"))})
     return dict(sorted(files.items()))
 
 
@@ -65,7 +66,7 @@ def benchmarks_page() -> str:
         env = payload.get("env", {}) if isinstance(payload.get("env"), dict) else {}
         when = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
         where = ", ".join(f"{k} {env[k]}" for k in ("cpu", "torch", "torch_threads", "loadavg") if k in env)
-        source = path.relative_to(ROOT)
+        source = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         lines = [f"### {name}", "", f"`{source}` ({when}{'; ' + where if where else ''})", "",
                  "| metric | value | unit | target | met | note |", "| --- | --: | --- | --- | --- | --- |"]
         for r in rows:
@@ -99,7 +100,7 @@ def results_page() -> str:
 def write(snapshot: bool = False) -> list[Path]:
     if snapshot:
         SNAPSHOT.mkdir(parents=True, exist_ok=True)
-        for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        for path in sorted(BENCH_RESULTS.glob("*.json")):
             shutil.copyfile(path, SNAPSHOT / path.name)
     OUT.mkdir(exist_ok=True)
     written = []

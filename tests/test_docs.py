@@ -73,3 +73,38 @@ def test_pages_and_gallery(site):
         assert f"{path.stem}.html" in gallery, f"{path.name} not in the gallery"
     reference = (site / "reference" / "hgtoolkit.exact.html").read_text(encoding="utf-8")
     assert "Z_{t+1} = A_t Z_t + B_t" in reference or "A_t Z_t + B_t" in reference, "docstrings rendered"
+
+
+def _generate():
+    sys.path.insert(0, str(DOCS))
+    try:
+        return importlib.import_module("generate")
+    finally:
+        sys.path.remove(str(DOCS))
+
+
+def test_generated_pages_come_from_the_measurements(tmp_path, monkeypatch):
+    """docs/generate.py: a benchmark's rows and an experiment's summary.md reach the pages as
+    written (this machine's results before the committed snapshot; headings moved down, figures
+    as paths), and a machine without any says how to produce them."""
+    import json
+    generate = _generate()
+    snapshot, fresh = tmp_path / "snapshot", tmp_path / "fresh"
+    snapshot.mkdir(), fresh.mkdir()
+    monkeypatch.setattr(generate, "SNAPSHOT", snapshot)
+    monkeypatch.setattr(generate, "BENCH_RESULTS", fresh)
+    assert "make bench" in generate.benchmarks_page()
+    row = {"metric": "HD ÷ SGD | T=30", "value": 1.2345, "unit": "×", "target": "≤ 1.1", "met": False, "note": "n"}
+    (snapshot / "online.json").write_text(json.dumps({"rows": [dict(row, value=9.0)], "env": {"cpu": "old"}}))
+    (fresh / "online.json").write_text(json.dumps({"rows": [row], "env": {"cpu": "X1", "torch_threads": 1}}))
+    page = generate.benchmarks_page()
+    assert "| HD ÷ SGD \\| T=30 | 1.23 | × | ≤ 1.1 | NO | n |" in page and "cpu X1" in page
+    assert "| 9 |" not in page, "this machine's results win over the snapshot"
+    results = tmp_path / "results"
+    (results / "fig1").mkdir(parents=True)
+    (results / "fig1" / "summary.md").write_text("# Fig. 1\n\n## table\n\n![best](figures/best.png)\n")
+    monkeypatch.setenv("HGTOOLKIT_RESULTS", str(results))
+    text = generate.results_page()
+    assert "### Fig. 1" in text and "#### table" in text and "(figure `fig1/figures/best.png`)" in text
+    monkeypatch.setenv("HGTOOLKIT_RESULTS", str(tmp_path / "none"))
+    assert "make demo" in generate.results_page()
