@@ -34,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from common import env_info, format_table, interleaved, row, write_results  # noqa: E402
+from common import interleaved, report, row  # noqa: E402
 
 from hgtoolkit import batched, online, problems  # noqa: E402
 from hgtoolkit.errors import DivergenceWarning  # noqa: E402
@@ -136,13 +136,7 @@ def main(argv=None) -> int:
                               f"batched {d['batched_160_s']:.1f} s vs loop {d['loop_160_s']:.1f} s "
                               "(loop projected from R=16)")))
         print(f"{name}: {d}", flush=True)
-    payload = {"rows": rows, "details": details, "env": env_info(args.threads),
-               "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    path = write_results("batched", payload)
-    print()
-    print(format_table(rows))
-    print(f"\nload average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; wrote {path}")
-    return 0
+    return report("batched", rows, {"details": details}, load_before, args.threads)
 
 
 if __name__ == "__main__":

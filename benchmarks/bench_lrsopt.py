@@ -40,7 +40,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from common import env_info, format_table, row, write_results  # noqa: E402
+from common import env_info, format_table, report, row, write_results  # noqa: E402
 
 from hgtoolkit import exact, lrsopt, online  # noqa: E402
 from hgtoolkit.experiments import mnist, mnist_cells  # noqa: E402
@@ -194,15 +194,9 @@ def main(argv=None) -> int:
         row(f"projected online sweep of the full setting ({n_online} runs)", n_online * online_500 / 3600, "h",
             note="batching does not reduce this for the 3×500 MLP (compute-bound; see bench_batched)"),
     ]
-    payload = {"rows": rows, "runs": runs, "best_value": best, "target": target, "T": T,
-               "init": quick.lrsopt_init, "env": env_info(args.threads), "loadavg_before": load_before,
-               "loadavg_after": os.getloadavg(),
+    payload = {"runs": runs, "best_value": best, "target": target, "T": T, "init": quick.lrsopt_init,
                "problem": problem.describe()}
-    path = write_results("lrsopt", payload)
-    print()
-    print(format_table(rows))
-    print(f"\nload average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; wrote {path}")
-    return 0
+    return report("lrsopt", rows, payload, load_before, args.threads)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,18 @@ def write_results(name: str, payload: dict) -> Path:
     return path
 
 
+def report(name: str, rows: list[dict], payload: dict, load_before: tuple, threads: int | None) -> int:
+    """Save ``payload`` (with ``rows``, the environment and the load averages before and after)
+    as ``results/<name>.json``, print the table and the load; the exit status 0."""
+    payload = {"rows": rows, **payload, "env": env_info(threads), "loadavg_before": load_before,
+               "loadavg_after": os.getloadavg()}
+    path = write_results(name, payload)
+    print()
+    print(format_table(rows))
+    print(f"\nload average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; wrote {path}")
+    return 0
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, bool) or v is None:
         return {True: "yes", False: "NO", None: ""}[v]

@@ -303,21 +303,29 @@ def test_dropin_with_hyper_lr_zero_matches_torch_optim(spec, make_torch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+def _functional_run(model, batches, init, step):
+    """``state = step(state, g_t, t)`` from ``init(w_0)`` on ``model``'s parameters, the gradients
+    taken by autograd at w_t (written into the model); returns the final state."""
+    ps = list(model.parameters())
+    state = init([p.detach().clone() for p in ps])
+    for t, (x, y) in enumerate(batches):
+        for p, w in zip(ps, state["w"]):
+            p.data.copy_(w)
+            p.grad = None
+        nn.functional.cross_entropy(model(x), y).backward()
+        with torch.no_grad():
+            state = step(state, [p.grad.clone() for p in ps], t)
+    return state
+
+
 @pytest.mark.parametrize("spec", ["sgd(lr=0.05, momentum=0.9) / sgd(lr=0.0)",
                                   "adam(lr=0.01) / adam(lr=0.0) / sgd(lr=0.0)"])
 def test_dropin_with_hyper_lr_zero_equals_dynamics_bit_for_bit(spec):
     tower = towers.parse(spec)
     m1, m2, batches = _model(dtype=torch.float32), _model(dtype=torch.float32), _batches(dtype=torch.float32)
     _train(m1, tower.optimizer(m1.parameters()), batches)
-    dyn, ps = tower.base, list(m2.parameters())
-    state = dyn.init([p.detach().clone() for p in ps])
-    for t, (x, y) in enumerate(batches):
-        for p, w in zip(ps, state["w"]):
-            p.data.copy_(w)
-            p.grad = None
-        nn.functional.cross_entropy(m2(x), y).backward()
-        with torch.no_grad():
-            state = dyn.step(state, [p.grad for p in ps], tower.lr, t)
+    dyn = tower.base
+    state = _functional_run(m2, batches, dyn.init, lambda s, g, t: dyn.step(s, g, tower.lr, t))
     for a, b in zip(m1.parameters(), state["w"]):
         assert torch.equal(a.detach(), b)
 
@@ -331,15 +339,7 @@ def test_dropin_equals_functional_tower_bit_for_bit(spec):
     m1, m2, batches = _model(), _model(), _batches(12)
     opt = tower.optimizer(m1.parameters())
     _train(m1, opt, batches)
-    ps = list(m2.parameters())
-    state = tower.init([p.detach().clone() for p in ps])
-    for t, (x, y) in enumerate(batches):
-        for p, w in zip(ps, state["w"]):
-            p.data.copy_(w)
-            p.grad = None
-        nn.functional.cross_entropy(m2(x), y).backward()
-        with torch.no_grad():
-            state = tower.step(state, [p.grad.clone() for p in ps], t)
+    state = _functional_run(m2, batches, tower.init, tower.step)
     for a, b in zip(m1.parameters(), state["w"]):
         assert torch.equal(a.detach(), b)
     assert opt.hyperparameters() == towers.hyperparameters(tower, state)
