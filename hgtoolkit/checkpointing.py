@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,17 +347,22 @@ class MemorySampler:
         self.cuda = torch.device(device).type == "cuda"
         self.device = device
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._fd = None  # /proc/self/statm, opened once: a sample per step is one pread
+        if not self.cuda:
+            try:
+                self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+                weakref.finalize(self, os.close, self._fd)
+            except OSError:
+                pass
         self.start = self.now()
         self.peak = 0
 
     def now(self) -> int | None:
         if self.cuda:
             return torch.cuda.memory_allocated(self.device)
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:
+        if self._fd is None:
             return None
+        return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
 
     def sample(self) -> None:
         now = self.now()
