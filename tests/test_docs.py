@@ -30,10 +30,11 @@ def site(tmp_path_factory):
     return out / "html"
 
 
-def _apigen():
+def _docs_script(name: str):
+    """The module ``docs/<name>.py`` (the docs' scripts are no package)."""
     sys.path.insert(0, str(DOCS))
     try:
-        return importlib.import_module("apigen")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(DOCS))
 
@@ -42,7 +43,7 @@ def test_reference_lists_every_public_name(site):
     with open(site / "objects.inv", "rb") as f:
         inventory = InventoryFile.load(f, "", lambda base, uri: uri)
     documented = {name for kind, objects in inventory.items() if kind.startswith("py:") for name in objects}
-    apigen = _apigen()
+    apigen = _docs_script("apigen")
     public = apigen.public_names()
     assert "hgtoolkit" in public and "hgtoolkit.online" in public and "testfunctions" in public
     missing = []
@@ -75,20 +76,12 @@ def test_pages_and_gallery(site):
     assert "Z_{t+1} = A_t Z_t + B_t" in reference or "A_t Z_t + B_t" in reference, "docstrings rendered"
 
 
-def _generate():
-    sys.path.insert(0, str(DOCS))
-    try:
-        return importlib.import_module("generate")
-    finally:
-        sys.path.remove(str(DOCS))
-
-
 def test_generated_pages_come_from_the_measurements(tmp_path, monkeypatch):
     """docs/generate.py: a benchmark's rows and an experiment's summary.md reach the pages as
     written (this machine's results before the committed snapshot; headings moved down, figures
     as paths), and a machine without any says how to produce them."""
     import json
-    generate = _generate()
+    generate = _docs_script("generate")
     snapshot, fresh = tmp_path / "snapshot", tmp_path / "fresh"
     snapshot.mkdir(), fresh.mkdir()
     monkeypatch.setattr(generate, "SNAPSHOT", snapshot)
