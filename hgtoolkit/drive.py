@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 from .trajectory import progress_bar
 
-__all__ = ["Oracle", "Runs", "drive", "closing_update"]
+__all__ = ["Oracle", "BufferShare", "Runs", "drive", "closing_update"]
 
 
 class Oracle(NamedTuple):
@@ -39,6 +39,14 @@ class Oracle(NamedTuple):
     v: Any = None
     value: Any = None
 
+
+class BufferShare(NamedTuple):
+    r"""``Oracle.v`` of a stateful problem's run whose tangent has a buffers part z_{t,b}
+    (docs/models.md): ``grad`` = ∇_w E(w_t, b_t), and ``share`` = ⟨∇_b E(w_t, b_t), z_{t,b}⟩,
+    the running statistics' part of h_t = ⟨∇_s E, z_t⟩ = ⟨∇_w E, z_{t,w}⟩ + ``share``."""
+
+    grad: Any
+    share: Any
 
 
 class Runs(Protocol):

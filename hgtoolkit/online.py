@@ -75,11 +75,12 @@ from . import marthe as _marthe
 from . import settings as _settings
 from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
 from . import divergence as _divergence
-from .drive import Oracle, closing_update, drive
+from .drive import BufferShare, Oracle, closing_update, drive
 from .online_record import OnlineResult
 from .divergence import DivergenceWarning
 from .settings import OnlineSettings
-from .trajectory import CarriedBuffers, autograd_gradient, autograd_gradient_hvp
+from .carried import CarriedBuffers
+from .trajectory import autograd_gradient, autograd_gradient_hvp
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "Oracle", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
@@ -409,7 +410,12 @@ class Engine:
         μ_t, c_t = μ rule or (μ_{t−1}, c_{t−1}).  Divergence (step t): h, η or β bad, |η| > lr_max.
         """
         s = state.settings
+        share = None
+        if isinstance(v, BufferShare):  # a stateful problem: h_t has a buffers part (docs/models.md)
+            v, share = v
         h = self._dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
+        if share is not None:
+            h = h + share.to(h.dtype)
         if self.direction_as_z:
             h = -h
         lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
@@ -621,7 +627,7 @@ class _SingleRun:
         self.auxes: list[dict] = []
         self.times: list[float] = []
         self.evals: list[tuple[int, float, float]] = []
-        self.state, self.after_step = None, None
+        self.state = None
         self.start = time.perf_counter()
 
     def gradient(self, w, z_w, t):
@@ -668,8 +674,6 @@ class _SingleRun:
         return self.engine.update(state, oracle, t)
 
     def record(self, t, state, aux, pending):
-        if self.after_step is not None:
-            self.after_step()
         self.auxes.append(aux)
         self.times.append(time.perf_counter() - self.start)
         if int(state.diverged_at) >= 0:
@@ -688,6 +692,11 @@ class _SingleRun:
         if int(state.diverged_at) < 0:
             self.evals.append(self.evaluate(steps, engine.dynamics.params(state.opt), value))
         return state
+
+
+class _BufferedRun(CarriedBuffers, _SingleRun):
+    """:class:`_SingleRun` of a stateful problem: b_t and its tangent carried
+    (:class:`hgtoolkit.carried.CarriedBuffers`)."""
 
 
 @_settings.takes(OnlineSettings)
@@ -742,9 +751,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     problem, cfg, dyn, T, eval_every, val_bs, config = setup(problem, settings, mu_rule)
     engine = engine_for(cfg, dyn, donate=True)
     state = engine.init(problem.params0, cfg)
-    carried = CarriedBuffers(problem) if problem.stateful else None  # β_t along the run (docs/models.md)
-    runs = _SingleRun(problem if carried is None else carried.problem, engine, cfg, val_bs)
-    runs.after_step = None if carried is None else carried.advance
+    runs = (_BufferedRun if problem.stateful else _SingleRun)(problem, engine, cfg, val_bs)
     state = drive(engine, runs, state, T, eval_every=eval_every,
                   progress=progress, desc=f"online {cfg.method}",
                   postfix=lambda aux, _: {"lr": f"{float(aux['lr']):.3g}", "loss": f"{float(aux['loss']):.4g}"})

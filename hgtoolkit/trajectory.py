@@ -22,10 +22,10 @@ import torch
 from torch.func import grad, grad_and_value, jvp
 
 from . import dynamics as _dynamics
-from ._tree import tree_flatten, tree_map, tree_unflatten
+from ._tree import tree_flatten, tree_unflatten
 from .divergence import VALIDATION_LOSS, check_finite
 
-__all__ = ["CarriedBuffers", "BUFFERS", "initial_state", "opt_part", "with_buffers", "float_leaves", "stateful_loss",
+__all__ = ["BUFFERS", "initial_state", "opt_part", "with_buffers", "float_leaves", "stateful_loss",
            "make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
            "rowwise_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite", "progress_bar"]
 
@@ -92,31 +92,6 @@ def stateful_loss(fn: Callable) -> Callable:
         scalar_loss(lambda: out[0], "train_loss")()
         return out
     return checked
-
-
-class CarriedBuffers:
-    """A stateful problem seen by a loop that calls ``train_loss(w, t)``, ``val_loss(w)`` and
-    ``metrics(w)`` (the online runs): ``problem`` is a stateless copy whose losses read β_t, and
-    whose ``train_loss`` keeps the β_{t+1} of its last forward pass; :meth:`advance` (after step
-    t) makes it β_t. Derivatives treat β_t as a constant."""
-
-    def __init__(self, problem):
-        import dataclasses
-        self.buffers = self.next = problem.buffers0
-        loss = stateful_loss(problem.train_loss)
-
-        def train_loss(w, t):
-            out, new = loss(w, t, self.buffers)
-            self.next = tree_map(lambda x: x.detach(), new)
-            return out
-
-        metrics = problem.metrics
-        self.problem = dataclasses.replace(
-            problem, train_loss=train_loss, val_loss=lambda w: problem.val_loss(w, self.buffers), buffers0=None,
-            metrics=None if metrics is None else (lambda w: metrics(w, self.buffers)))
-
-    def advance(self) -> None:
-        self.buffers = self.next
 
 
 def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:

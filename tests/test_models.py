@@ -253,6 +253,49 @@ def test_online_methods_and_towers_carry_the_buffers(bn_dropout):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def _same_online(a, b, tol=1e-12):
+    assert a.steps_run == b.steps_run and a.diverged_at == b.diverged_at
+    for key in ("lrs", "hypergrads", "train_losses", "val_losses"):
+        x, y = getattr(a, key), getattr(b, key)
+        assert np.allclose(x, y, rtol=tol, atol=tol * np.nanmax(np.abs(y))), key
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_rtho_is_the_exact_derivative_through_the_running_statistics(bn_dropout, optimizer):
+    """β = 0 freezes η: RTHO's tangent z_t = (z_w, z_b) is d(w_t, b_t)/dη for the constant
+    schedule, so h_t = dE(w_t, b_t)/dη, the exact forward-mode directional derivative along 1
+    (= the sum of the exact hypergradient), the path through the running statistics included;
+    with the statistics detached it is the detached problem's, which differs."""
+    model, _, problem, train_data, val_data = bn_dropout
+    lr, T = 0.2, 8
+    for method, extra in (("rtho", {}), ("marthe", {"mu": 1.0})):
+        r = online.run(problem, method, optimizer, lr=lr, beta=0.0, steps=T, **extra)
+        for t in (1, 2, 5, T):
+            _, dd = exact.directional_derivative(problem, torch.full((t,), lr, dtype=F64),
+                                                 torch.ones(t, dtype=F64), optimizer)
+            assert abs(r.hypergrads[t - 1] - float(dd)) <= 1e-10 * abs(float(dd)), (method, t)
+    full = exact.hypergradient(problem, torch.full((T,), lr, dtype=F64), optimizer)
+    assert abs(r.hypergrads[-1] - float(full.grad.sum())) <= 1e-10 * float(full.grad.abs().sum())
+    detached = problems.from_module(model, CE, train_data, val_data, batch_size=8, seed=3,
+                                    differentiate_buffers=False)
+    d = online.run(detached, "rtho", optimizer, lr=lr, beta=0.0, steps=T)
+    ref = exact.hypergradient(detached, torch.full((T,), lr, dtype=F64), optimizer).grad.sum()
+    assert abs(d.hypergrads[-1] - float(ref)) <= 1e-10 * abs(float(ref))
+    assert abs(d.hypergrads[-1] - r.hypergrads[-1]) > 1e-3 * abs(r.hypergrads[-1])
+
+
+def test_marthe_mu0_is_hd_and_mu1_is_rtho_on_a_stateful_problem(bn_dropout):
+    _, _, problem, _, _ = bn_dropout
+    kw = dict(optimizer="momentum", lr=0.2, beta=1e-2, steps=8)
+    hd, rtho = online.run(problem, "hd", **kw), online.run(problem, "rtho", **kw)
+    assert not np.allclose(hd.hypergrads, rtho.hypergrads)
+    _same_online(online.run(problem, "marthe", mu=0.0, **kw), hd)
+    _same_online(online.run(problem, "marthe", mu=1.0, **kw), rtho)
+    # the μ-rule path: the tangent (z_b included) computed and scaled by the rule's μ
+    _same_online(online.run(problem, "marthe", mu_rule=lambda mu, c, s: (0.0, c), **kw), hd)
+    _same_online(online.run(problem, "marthe", mu_rule=lambda mu, c, s: (1.0, c), **kw), rtho)
+
+
 def test_stateful_problem_refused_where_buffers_are_not_carried(bn_dropout):
     _, _, problem, _, _ = bn_dropout
     with pytest.raises(ValueError, match="is stateful"):

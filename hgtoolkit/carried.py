@@ -1,0 +1,89 @@
+r"""A stateful problem's buffers b_t along an online run, with their tangent (docs/models.md).
+
+For a problem with buffers (``Problem.buffers0``, e.g. BatchNorm's running statistics) the
+online state is s_t = (w_t, optimizer moments, b_t) and step t's forward pass is
+(L_t, b_{t+1}) = ``train_loss(w_t, t, b_t)``. The online tangent z_t = (z_{t,opt}, z_{t,b})
+follows the whole state::
+
+    (dg, db') = jvp of (g_t, b_{t+1}) along (z_{t,w}, z_{t,b})     # H_t z_w + ∂g/∂b z_b, ∂b'/∂(w, b) z
+    z_{t+1,opt} = μ_t (∂D/∂s z_{t,opt} + ∂D/∂g dg) + ∂D/∂η          # the engine, with dg as its "H_t z_w"
+    z_{t+1,b}   = μ_t db'                                            # b_{t+1} does not depend on η_t: B_t has no b part
+    h_t = ⟨∇_w E(w_t, b_t), z_{t,w}⟩ + ⟨∇_b E(w_t, b_t), z_{t,b}⟩     # E in eval mode reads b
+
+so RTHO (μ = 1) with a constant schedule is the exact forward-mode derivative, the path through
+the running statistics included. The jvp is the one of the exact forward mode
+(:meth:`hgtoolkit._step.Step.pushforward`: the vjp of the vjp of the kept graph). HD (μ ≡ 0)
+has z_{t,b} = 0 and needs none of it: its run reads b_t and nothing more.
+
+With ``objective="train"`` v_t = ∇_w L_t(w_t, b_t): the buffers' share ⟨∂L_t/∂b_t, z_{t,b}⟩ is
+taken as 0 — exact for BatchNorm, whose training pass reads the batch statistics and never the
+running ones; a Problem of one's own whose training loss reads b leaves that share out.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ._step import Step, objective as step_objective
+from ._tree import tree_dot
+from .drive import BufferShare
+from .trajectory import BUFFERS, stateful_loss
+
+__all__ = ["CarriedBuffers"]
+
+
+class CarriedBuffers:
+    """A mixin over a single online run of :func:`hgtoolkit.drive.drive` (``_SingleRun`` of
+    :mod:`hgtoolkit.online`, constructed as ``(problem, engine, *args)``): it carries b_t (and,
+    when μ may be ≠ 0, z_{t,b}; module docstring) and hands the run a stateless view of the
+    problem whose ``val_loss(w)``/``metrics(w)``/``train_loss(w, t)`` read b_t.
+
+    ``buffers`` = b_t; ``tangent_b`` = z_{t,b} (a list over the floating-point leaves of b, None
+    while it is zero)."""
+
+    def __init__(self, problem, engine, *args: Any) -> None:
+        self.source, self.buffers, self._next, self._db = problem, problem.buffers0, None, None
+        self.tangent_b = None
+        loss, metrics = stateful_loss(problem.train_loss), problem.metrics
+        view = dataclasses.replace(
+            problem, train_loss=lambda w, t: loss(w, t, self.buffers)[0],
+            val_loss=lambda w: problem.val_loss(w, self.buffers), buffers0=None,
+            metrics=None if metrics is None else (lambda w: metrics(w, self.buffers)))
+        super().__init__(view, engine, *args)
+
+    def _state(self, w: Any) -> dict:
+        return {"w": w, BUFFERS: self.buffers}
+
+    def gradient(self, w, z_w, t):
+        """(g_t, L_t, dg) with dg = H_t z_w + ∂g/∂b z_b (for ``z_w`` not None, with db' kept for
+        :meth:`update`); b_{t+1} kept for :meth:`record`."""
+        st = Step(self.source, self.engine.dynamics, self._state(w), t, graph=z_w is not None)
+        self._next, dg = st.buffers, None
+        if z_w is not None:
+            dg, self._db = st.pushforward(z_w, self.tangent_b)
+        return st.grad, st.loss, dg
+
+    def objective(self, w, t, g, loss):
+        """v_t with the buffers' share of h_t (a :class:`~hgtoolkit.drive.BufferShare`) once
+        z_{t,b} ≠ 0; else the run's own v_t (∇_w E(w_t, b_t))."""
+        if self.tangent_b is None or self.cfg.objective != "val":
+            return super().objective(w, t, g, loss)
+        lam, value = step_objective(self.source, self.engine.dynamics, self._state(w))
+        share = tree_dot(lam[BUFFERS], self.tangent_b)
+        return BufferShare(lam["w"], share), value
+
+    def update(self, state, oracle, t):
+        """The engine's step, then z_{t+1,b} = μ_t db' (μ_t: the μ the step used)."""
+        state, aux = super().update(state, oracle, t)
+        if self._db is not None:
+            db, self._db = self._db, None
+            if not self.engine.unit_mu:
+                db = [x * state.mu.to(x.dtype) for x in db]
+            self.tangent_b = db
+        return state, aux
+
+    def record(self, t, state, aux, pending):
+        """b_{t+1} becomes the run's b (after step t), then the run's own record."""
+        self.buffers = self._next
+        return super().record(t, state, aux, pending)
+
