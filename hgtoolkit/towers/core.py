@@ -8,10 +8,9 @@ import math
 from typing import Any, Callable
 
 import torch
-from torch.func import vjp
-
 from .. import divergence as _divergence
 from .._tree import tree_leaves, tree_zeros_like
+from ..hyperstep import hypergradient, level_update
 from ..optim import by_count
 
 __all__ = ["UNIT_INTERVAL", "raw_bound", "hyper_dtype", "check_tower", "init", "step", "hyperparameters",
@@ -90,57 +89,20 @@ def _prev(level: Any, k: int, x: Any, moments: dict, grad: Any, scale: Any) -> d
     return out
 
 
-def _number_or_tensor(v: Any) -> Any:
-    """A plain 0-d tensor that nothing differentiates as a Python number, else ``v`` itself
-    (a tensor inside ``torch.func`` or with ``requires_grad`` stays one)."""
-    if (isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad
-            and not torch._C._functorch.is_functorch_wrapped_tensor(v)):
-        return v.item()
-    return v
-
-
 def _update(level: Any, state: dict, grad: Any, t: "int | list[int]", hp: dict, lr_scale: Any,
             bounds: "tuple[torch.Tensor, torch.Tensor] | None", differentiable: bool = True,
             keep: dict | None = None, out_w: Any = None) -> dict:
     """One step of O_k with hyperparameters ``hp`` (LR scaled by ``lr_scale``; projected onto
-    ``bounds``). ``t``: the step index, or one update count per leaf of a leaf-list state (the
-    drop-in's level 0: Adam's bias correction counts each parameter's own updates, as torch.optim).
-    ``differentiable=False``: the dynamics' closed-form update (same numbers, fewer passes), for
-    an update nothing differentiates (level 0 outside ``torch.func``); ``keep``: with it, a dict
-    that receives the update's intermediates for the next step's G¹ (``Dynamics.update``);
-    ``out_w`` (with ``differentiable=False`` and one ``t``): buffers the new w is written into."""
-    hp = dict(hp)
-    lr = hp.pop("lr", level.lr)
-    if lr_scale is not None:
-        lr = lr * lr_scale
-    base_step = level.base.step if differentiable else level.base.update
-    if not differentiable:  # numbers: the dynamics' fused in-place kernels take them (same values)
-        hp = {k: _number_or_tensor(v) for k, v in hp.items()}
-    keeping = keep is not None and not differentiable
-    if not isinstance(t, list):
-        extra = {"keep": keep} if keeping else {}
-        if out_w is not None and not differentiable:
-            extra["out_state"] = {"w": out_w}
-        out = dict(base_step(state, grad, lr, t, **hp, **extra))
-    else:
-        buckets = by_count(t)
-        out = {k: [None] * len(t) for k in state}
-        for c, idx in buckets.items():
-            sub = {k: [v[i] for i in idx] for k, v in state.items()}
-            part_keep: dict = {}
-            part = base_step(sub, [grad[i] for i in idx], lr, c, **hp,
-                             **({"keep": part_keep} if keeping else {}))
-            for k, leaves in part.items():
-                for i, x in zip(idx, leaves):
-                    out[k][i] = x
-            for k, leaves in part_keep.items():
-                slot = keep.setdefault(k, [None] * len(t))
-                for i, x in zip(idx, leaves):
-                    slot[i] = x
-    if bounds is not None:
-        lo, hi = bounds
-        out["w"] = torch.minimum(torch.maximum(out["w"], lo), hi)
-    return out
+    ``bounds``): :func:`hgtoolkit.hyperstep.level_update` of ``level.base``. ``t``: the step
+    index, or one update count per leaf of a leaf-list state (the drop-in's level 0: Adam's bias
+    correction counts each parameter's own updates, as torch.optim)."""
+    return level_update(level.base, state, grad, _counts(t), {"lr": level.lr, **hp}, lr_scale=lr_scale,
+                        bounds=bounds, differentiable=differentiable, keep=keep, out_w=out_w)
+
+
+def _counts(t: "int | list[int]") -> "int | dict[int, list[int]]":
+    """``t``, or {count: leaves} for per-leaf update counts (:func:`hgtoolkit.optim.by_count`)."""
+    return by_count(t) if isinstance(t, list) else t
 
 
 def _bounds(level: Any, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,56 +121,22 @@ def _dphi(level: Any, v: torch.Tensor) -> torch.Tensor:
 
 def _hypergrad(levels: tuple[Any, ...], k: int, state: dict, cot: Any, t: int,
                counts: "list[int] | None" = None) -> torch.Tensor:
-    r"""G^{k+1}_t = ⟨Gᵏ_t, ∂x_k/∂x_{k+1}⟩: the vjp, w.r.t. level k's hyperparameters, of level k's
-    previous update x_k ← O_k(x_k, Gᵏ_{t−1}; φ(x_{k+1})), recomputed from its stored inputs
-    (everything but the hyperparameters held fixed), applied to the cotangent Gᵏ_t."""
+    r"""G^{k+1}_t = ⟨Gᵏ_t, ∂x_k/∂x_{k+1}⟩: :func:`hgtoolkit.hyperstep.hypergradient` of level k's
+    previous update x_k ← O_k(x_k, Gᵏ_{t−1}; φ(x_{k+1})), from its stored inputs (everything but
+    the hyperparameters held fixed), applied to the cotangent Gᵏ_t, times φ'(x_{k+1}). The same
+    step at every level; level 0's update was not differentiable (numbers, ``kept``)."""
     v = state["values"][k]
     if t == 0:
         return torch.zeros_like(v)
     lvl, prev = levels[k], state["prev"][k]
     x_prev = prev.get("x", state["w"] if k == 0 else None)
-    s_prev = {"w": x_prev, **prev["moments"]}
-    bounds = _bounds(levels[k - 1], x_prev) if k > 0 else None
-    scale = prev.get("scale")
-    if k == 0:
-        tp = [max(c - 1, 0) for c in counts] if counts is not None else t - 1
-        return _level0_hypergrad(lvl, s_prev, prev["grad"], tp, v, scale, cot, prev.get("kept")) * _dphi(lvl, v)
-
-    def update(vv):
-        hp = {name: vv[i] for i, name in enumerate(lvl.tuned)}
-        tp = [max(c - 1, 0) for c in counts] if k == 0 and counts is not None else t - 1
-        return _update(lvl, s_prev, prev["grad"], tp, hp, scale, bounds)["w"]
-
-    _, pullback = vjp(update, v)
-    (dv,) = pullback(cot)
-    return dv.to(v.dtype) * _dphi(lvl, v)
-
-
-def _level0_hypergrad(level: Any, state: dict, grad: Any, t: "int | list[int]", values: torch.Tensor,
-                      scale: Any, cot: Any, kept: dict | None = None) -> torch.Tensor:
-    r"""G¹_t w.r.t. the values θ of level 0's tuned hyperparameters: ⟨G⁰_t, ∂w_t/∂θ⟩ of the
-    update w_t = O_0(w_{t−1}, g_{t−1}; θ) (η = θ_lr·scale), by the dynamics' closed form
-    (:meth:`hgtoolkit.dynamics.Dynamics.hyper_vjp`: a few passes over the model, no autograd);
-    ``t`` may be one update count per leaf (the drop-in), summed over the count buckets;
-    ``kept``: what that update left for this (``Dynamics.update(keep=)``)."""
-    names = level.tuned
-    hp = {n: values[i] for i, n in enumerate(names)}
-    lr = hp.pop("lr", level.lr)
-    hp = {k: _number_or_tensor(v) for k, v in hp.items()}  # plain numbers, as _update
-    if scale is not None:
-        lr = lr * scale
-    if isinstance(t, list):
-        parts = []
-        for c, idx in by_count(t).items():
-            sub = {k: [x[i] for i in idx] for k, x in state.items()}
-            sub_kept = None if kept is None else {k: [x[i] for i in idx] for k, x in kept.items()}
-            parts.append(level.base.hyper_vjp(sub, [grad[i] for i in idx], lr, c, [cot[i] for i in idx],
-                                              names, kept=sub_kept, **hp))
-        out = {n: sum(p[n] for p in parts) for n in names}
-    else:
-        out = level.base.hyper_vjp(state, grad, lr, t, cot, names, kept=kept, **hp)
-    lr_factor = 1.0 if scale is None else scale
-    return torch.stack([(out[n] * (lr_factor if n == "lr" else 1.0)).to(values.dtype) for n in names])
+    hp = {"lr": lvl.lr, **{name: v[i] for i, name in enumerate(lvl.tuned)}}
+    tp = [max(c - 1, 0) for c in counts] if k == 0 and counts is not None else t - 1
+    box = (state["raw"][k - 1], _bounds(levels[k - 1], x_prev)) if k > 0 else (None, None)
+    G = hypergradient(lvl.base, {"w": x_prev, **prev["moments"]}, prev["grad"], _counts(tp), cot, lvl.tuned,
+                      hp, lr_scale=prev.get("scale"), at=box[0], bounds=box[1], kept=prev.get("kept"),
+                      numbers=k == 0, dtype=v.dtype)
+    return G * _dphi(lvl, v)
 
 
 def step(tower: Any, state: dict, grad: Any, t: int, lr_scale: Any = None,
