@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch.func import grad_and_value, vmap
 
+from . import fastpaths
 from . import marthe as _marthe
 from . import online as _online
 from . import settings
@@ -391,7 +392,7 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     P = runs[0].problem
     cfgs = [r.cfg for r in runs]
     data = P.batch_loss is not None
-    # a row-wise problem's batch runs natively (Engine(rows=True)), no vmap at all; its runs
+    # a row-wise problem's batch runs natively (fastpaths.Plan(rows=True)), no vmap at all; its runs
     # may be on different functions (fig1: three of them), each segment of rows on its own
     rows = _rowwise(P)
     given = runs  # the results come back in this order
@@ -400,9 +401,11 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     batch_map = (lambda f: f) if rows else vmap
     step_map = (lambda f, *args: f(*args)) if rows else _vmap_flat
     rules = {id(c.mu_rule): c.mu_rule for c in cfgs if c.mu_rule is not None}
-    engine = _online.Engine(dyn, cfgs[0].objective, any(c.needs_hvp for c in cfgs),
+    needs_hvp = any(c.needs_hvp for c in cfgs)
+    engine = _online.Engine(dyn, cfgs[0].objective, needs_hvp,
                             next(iter(rules.values()), None), cfgs[0].hd_gradient == "regularised",
-                            adaptive_beta=any(c.beta_adaptive for c in cfgs), rows=rows)
+                            adaptive_beta=any(c.beta_adaptive for c in cfgs),
+                            plan=fastpaths.Plan.choose(needs_hvp, rows=rows))
     loss = P.batch_loss if data else P.train_loss
     x_dim = 0 if data else None
     segs: list = []  # the row segments of the active runs (rows), kept up to date below

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 from ._tree import flatten, tree_dot, tree_map, tree_zeros_like, unflatten
 
 __all__ = ["Dynamics", "SGD", "Adam", "AdaGrad", "RMSProp", "sgd", "momentum", "nesterov",
-           "adam", "adagrad", "rmsprop", "get", "NAMES"]
+           "adam", "adagrad", "rmsprop", "get", "NAMES", "Leaves"]
 
 
 def _safe_sqrt(v: torch.Tensor) -> torch.Tensor:
@@ -74,28 +74,30 @@ def _neg(x):
     return None if x is None else -x
 
 
-class _Leaves:
-    """A state (dict of pytrees shaped like w) as per-key leaf lists, and back; optionally with
-    output buffers (``out``: for the new state, ``dout``: for its tangent) that the update
-    writes into with ``out=`` (they may be the input buffers themselves: donated)."""
+class Leaves:
+    """A state (dict of pytrees shaped like w) as per-key leaf lists, and back: the form every
+    update below is written on, once. ``o(key)``/``do(key)`` name where the update writes the
+    new state's and the tangent's leaves of ``key`` (the ``out=`` of its kernels): here nowhere
+    (``[None…]``: new tensors), which is the reference; :class:`hgtoolkit.fastpaths.Buffers`
+    names buffers instead (the same kernels, the same numbers). ``fused``: an update that is
+    never differentiated itself (the closed-form tangent, :meth:`Dynamics.update`) may drop the
+    safe square root's autograd masks and reuse its temporaries; ``keep``: a dict where it may
+    leave intermediates (Adam: u, its denominator, √v') for :meth:`Dynamics.hyper_vjp`."""
 
-    def __init__(self, state: dict, out: dict | None = None, dout: dict | None = None):
+    def __init__(self, state: dict, fused: bool = False, keep: dict | None = None):
         self.keys = list(state)
         flat = {k: flatten(state[k]) for k in self.keys}
         self.spec = flat["w"][1]
         self.leaves = {k: flat[k][0] for k in self.keys}
-        self.differentiable = True  # False: a closed-form tangent, never differentiated itself
-        self.keep: dict | None = None  # where an update may leave intermediates (Dynamics.update)
-        self.out = {} if out is None else {k: flatten(v)[0] for k, v in out.items()}
-        self.dout = {} if dout is None else {k: flatten(v)[0] for k, v in dout.items()}
+        self.fused, self.keep = fused, keep
 
     def o(self, key: str) -> list:
-        """Output buffers of the new state's ``key`` ([None…] = allocate)."""
-        return self.out.get(key) or [None] * len(self.leaves["w"])
+        """Where the new state's ``key`` leaves go ([None…]: new tensors)."""
+        return [None] * len(self.leaves["w"])
 
     def do(self, key: str) -> list:
-        """Output buffers of the tangent's ``key`` ([None…] = allocate)."""
-        return self.dout.get(key) or [None] * len(self.leaves["w"])
+        """Where the tangent's ``key`` leaves go ([None…]: new tensors)."""
+        return [None] * len(self.leaves["w"])
 
     def of(self, tree: Any) -> list | None:
         return None if tree is None else flatten(tree)[0]
@@ -105,25 +107,13 @@ class _Leaves:
             return {k: None for k in self.keys}
         return {k: (None if tree.get(k) is None else flatten(tree[k])[0]) for k in self.keys}
 
-    def build(self, per_key: dict, into: dict | None = None, keys: Any = None) -> dict:
-        """Leaf lists -> state pytree, for ``keys`` (default all). None entries are zeros; with
-        output buffers ``into`` (per-key leaf lists) every leaf ends up in its buffer (written
-        there by the update already, else copied or zeroed)."""
+    def build(self, per_key: dict, keys: Any = None) -> dict:
+        """Leaf lists -> state pytree, for ``keys`` (default all); None entries are zeros."""
         out = {}
         for k in (per_key if keys is None else keys):
             leaves = per_key[k] if per_key[k] is not None else [None] * len(self.leaves[k])
-            bufs = (into or {}).get(k)
-            if bufs:
-                for x, buf in zip(leaves, bufs):
-                    if x is None:
-                        buf.zero_()
-                    elif x is not buf:
-                        buf.copy_(x)
-                leaves = bufs
-            else:
-                leaves = [torch.zeros_like(self.leaves[k][i]) if x is None else x
-                          for i, x in enumerate(leaves)]
-            out[k] = unflatten(leaves, self.spec)
+            out[k] = unflatten([torch.zeros_like(self.leaves[k][i]) if x is None else x
+                                for i, x in enumerate(leaves)], self.spec)
         return out
 
 
@@ -150,9 +140,9 @@ class Dynamics:
         raise NotImplementedError
 
     def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
-        if type(self)._update is Dynamics._update:
+        if not self.closed_form:
             raise NotImplementedError(f"{type(self).__name__} must define step() or _update()")
-        L = _Leaves(state)
+        L = Leaves(state)
         new, _ = self._update(L, self._g_tilde(L, grad), lr, t, self._hyper(hyper))
         return L.build(new)
 
@@ -168,7 +158,7 @@ class Dynamics:
                             f"{sorted(unknown)}; tunable: {list(self.hyperparameters)}")
         return {k: hyper.get(k, getattr(self, k)) for k in self.hyperparameters}
 
-    def _g_tilde(self, L: "_Leaves", grad: Any) -> list:
+    def _g_tilde(self, L: "Leaves", grad: Any) -> list:
         """Leaves of g̃ = g + wd·w (the gradient the update uses), as torch.optim adds weight
         decay (``grad.add(w, alpha=wd)``: one rounding), so the numbers are torch.optim's."""
         g = L.of(grad)
@@ -176,41 +166,41 @@ class Dynamics:
         return g if wd == 0 else [torch.add(gg, w, alpha=wd) for gg, w in zip(g, L.leaves["w"])]
 
     # -- derivatives of one update ----------------------------------------------------------
-    def tangent(self, state: dict, grad: Any, lr: Any, t: int, dstate: dict | None = None,
-                dgrad: Any = None, dlr: Any = 1.0, scale: Any = None, *, keys: Any = None,
-                out_state: dict | None = None, out_tangent: dict | None = None,
-                **hyper: Any) -> tuple[dict, dict]:
-        r"""(D(s, g, η), scale·(∂D/∂s·ds + ∂D/∂g·dg) + ∂D/∂η·dη): the jvp of :meth:`step` along
-        (scale·``dstate``, scale·``dgrad``, ``dlr``), with tensor hyperparameters held fixed;
-        ``None`` tangents are zero (``scale=None``: one). The online engine's z_{t+1} =
-        μ A_t z_t + B_t is ``tangent(s, g, η, t, z, H z_w, 1, scale=μ)``. Closed form (no
-        autograd) unless the subclass only has ``step``.
+    @property
+    def closed_form(self) -> bool:
+        """True when the update is written on leaf lists (``_update``): closed-form tangent and
+        cotangent, and the buffered variants of :mod:`hgtoolkit.fastpaths`; False for a subclass
+        that only has :meth:`step` (``torch.func`` derivatives)."""
+        return type(self)._update is not Dynamics._update
 
-        ``keys``: the state keys of the tangent to return (default all; HD needs only "w").
-        ``out_state``/``out_tangent``: buffers (pytrees shaped like the state/tangent, e.g. the
-        state and ``dstate`` themselves: donated) that the results are written into, leaf by
-        leaf, instead of new tensors — a single run that never reads an old state again saves a
-        memory pass per leaf; the kernels, hence the numbers, are the same either way."""
-        if type(self)._update is Dynamics._update:
+    def tangent(self, state: dict, grad: Any, lr: Any, t: int, dstate: dict | None = None,
+                dgrad: Any = None, dlr: Any = 1.0, scale: Any = None, **hyper: Any) -> tuple[dict, dict]:
+        r"""(D(s, g, η), scale·(∂D/∂s·ds + ∂D/∂g·dg) + ∂D/∂η·dη): the jvp of :meth:`step` along
+        (scale·``dstate``, scale·``dgrad``, ``dlr``), tensor hyperparameters held fixed; ``None``
+        tangents are zero, ``scale=None`` is one. The online recursion z_{t+1} = μ A_t z_t + B_t
+        (A_t z = ∂D/∂s·z + ∂D/∂g·H_t z_w, B_t = ∂D/∂η) is ``tangent(s, g, η, t, z, H z_w, 1,
+        scale=μ)``; B_t alone is ``tangent(s, g, η, t)``. Closed form (no autograd) unless the
+        subclass only has ``step``. This is the reference: new tensors for every key; the
+        engine's variants (buffers, only some keys) are in :mod:`hgtoolkit.fastpaths`."""
+        if not self.closed_form:
             if scale is not None:
                 dstate = None if dstate is None else tree_map(lambda x: scale * x, dstate)
                 dgrad = None if dgrad is None else tree_map(lambda x: scale * x, dgrad)
-            new, dnew = self._jvp_fallback(state, grad, lr, t, dstate, dgrad, dlr, **hyper)
-            if keys is not None:
-                dnew = {k: dnew[k] for k in keys}
-            for src, buf in ((new, out_state), (dnew, out_tangent)):
-                if buf is not None:
-                    tree_map(lambda b, x: b.copy_(x), {k: buf[k] for k in src}, src)
-            return (new, dnew) if out_state is None else (out_state, {k: out_tangent[k] for k in dnew})
-        L = _Leaves(state, out_state, out_tangent)
-        L.differentiable = False
+            return self._jvp_fallback(state, grad, lr, t, dstate, dgrad, dlr, **hyper)
+        L = Leaves(state, fused=True)
+        new, dnew = self.tangent_leaves(L, grad, lr, t, dstate, dgrad, dlr, scale, hyper)
+        return L.build(new), L.build(dnew)
+
+    def tangent_leaves(self, L: Leaves, grad: Any, lr: Any, t: int, dstate: dict | None,
+                       dgrad: Any, dlr: Any, scale: Any, hyper: dict) -> tuple[dict, dict]:
+        """:meth:`tangent` on the leaf view ``L`` (written where ``L`` says): (new leaves per
+        key, tangent leaves per key), before :meth:`Leaves.build`."""
         g = self._g_tilde(L, grad)
         ds, dg = L.of_state(dstate), L.of(dgrad)
         wd = getattr(self, "weight_decay", 0.0)
         if wd and ds["w"] is not None:  # dg̃ = dg + wd·dw
             dg = [_add(_column(dg, i), wd * dw) for i, dw in enumerate(ds["w"])]
-        new, dnew = self._update(L, g, lr, t, self._hyper(hyper), ds, dg, dlr, scale)
-        return L.build(new, L.out), L.build(dnew, L.dout, keys)
+        return self._update(L, g, lr, t, self._hyper(hyper), ds, dg, dlr, scale)
 
     def cotangent(self, state: dict, grad: Any, lr: Any, t: int, bar: dict,
                   **hyper: Any) -> tuple[dict, Any, torch.Tensor]:
@@ -219,7 +209,7 @@ class Dynamics:
         form (no autograd) unless the subclass only has ``step``."""
         if type(self)._adjoint is Dynamics._adjoint:
             return self._vjp_fallback(state, grad, lr, t, bar, **hyper)
-        L = _Leaves(state)
+        L = Leaves(state)
         g = self._g_tilde(L, grad)
         sbar, gbar, lrbar = self._adjoint(L, g, lr, t, self._hyper(hyper), L.of_state(bar))
         wd = getattr(self, "weight_decay", 0.0)
@@ -229,20 +219,20 @@ class Dynamics:
                                    for x, b in zip(L.leaves["w"], gbar)], L.spec)
         return L.build(sbar), grad_bar, lrbar
 
-    def update(self, state: dict, grad: Any, lr: Any, t: int, *, out_state: dict | None = None,
-               keep: dict | None = None, **hyper: Any) -> dict:
-        """:meth:`step` for a caller that never differentiates it (no autograd masks; written
-        into ``out_state`` when given). Same numbers as :meth:`step`. ``keep``: a dict where the
-        dynamics may leave intermediates of this update (Adam: its direction u, denominator
-        and √v') for a later :meth:`hyper_vjp` of the same update (``kept=``), which then
-        does not recompute them."""
-        if type(self)._update is Dynamics._update:
-            return self.step(state, grad, lr, t, **hyper) if out_state is None else \
-                self.tangent(state, grad, lr, t, dlr=None, keys=(), out_state=out_state, **hyper)[0]
-        L = _Leaves(state, out_state)
-        L.differentiable, L.keep = False, keep
-        new, _ = self._update(L, self._g_tilde(L, grad), lr, t, self._hyper(hyper))
-        return L.build(new, L.out)
+    def update(self, state: dict, grad: Any, lr: Any, t: int, *, keep: dict | None = None,
+               **hyper: Any) -> dict:
+        """:meth:`step` for a caller that never differentiates it (no autograd masks): the same
+        numbers. ``keep``: a dict where the dynamics may leave intermediates of this update
+        (Adam: its direction u, denominator and √v') for a later :meth:`hyper_vjp` of the same
+        update (``kept=``), which then does not recompute them."""
+        if not self.closed_form:
+            return self.step(state, grad, lr, t, **hyper)
+        L = Leaves(state, fused=True, keep=keep)
+        return L.build(self.update_leaves(L, grad, lr, t, hyper))
+
+    def update_leaves(self, L: Leaves, grad: Any, lr: Any, t: int, hyper: dict) -> dict:
+        """:meth:`update` on the leaf view ``L`` (written where ``L`` says): new leaves per key."""
+        return self._update(L, self._g_tilde(L, grad), lr, t, self._hyper(hyper))[0]
 
     def hyper_vjp(self, state: dict, grad: Any, lr: Any, t: int, bar_w: Any,
                   names: tuple[str, ...], kept: dict | None = None, **hyper: Any) -> dict[str, torch.Tensor]:
@@ -252,8 +242,7 @@ class Dynamics:
         (η, momentum) and Adam (η, β1, β2); ``torch.func.vjp`` of :meth:`step` otherwise.
         ``kept``: what :meth:`update` left of this very update (``keep=``), reused."""
         h = self._hyper(hyper)
-        L = _Leaves(state)
-        L.keep = kept
+        L = Leaves(state, keep=kept)
         if type(self)._hyper_adjoint is not Dynamics._hyper_adjoint:
             out = self._hyper_adjoint(L, self._g_tilde(L, grad), lr, t, h, L.of(bar_w), tuple(names))
             if out is not None:
@@ -269,19 +258,19 @@ class Dynamics:
         _, pullback = torch.func.vjp(w_of, tensors)
         return pullback(bar_w)[0]
 
-    def _hyper_adjoint(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, bar: list,
+    def _hyper_adjoint(self, L: "Leaves", g: list, lr: Any, t: int, h: dict, bar: list,
                        names: tuple) -> dict | None:
         """Closed-form :meth:`hyper_vjp` on leaf lists, or None (then ``torch.func``)."""
         return None
 
-    def _update(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, ds: dict | None = None,
+    def _update(self, L: "Leaves", g: list, lr: Any, t: int, h: dict, ds: dict | None = None,
                 dg: list | None = None, dlr: Any = None, scale: Any = None) -> tuple[dict, dict]:
         """The update on leaf lists, and its jvp: (new leaves per key, tangent leaves per key)
         = scale·(∂D/∂s ds + ∂D/∂g dg) + ∂D/∂η dlr. ``g`` includes weight decay and ``dg`` its
         tangent; ``None`` tangents (and scale) are zero (one)."""
         raise NotImplementedError
 
-    def _adjoint(self, L: "_Leaves", g: list, lr: Any, t: int, h: dict, bar: dict):
+    def _adjoint(self, L: "Leaves", g: list, lr: Any, t: int, h: dict, bar: dict):
         """The vjp on leaf lists: (state bars per key, bar of g̃, η̄)."""
         raise NotImplementedError
 
@@ -580,7 +569,7 @@ class Adam(Dynamics):
         b1, b2 = h["beta1"], h["beta2"]
         slopes = dg is not None or ds.get("m") is not None or ds.get("v") is not None
         u_in_z = not slopes and ds.get("w") is None and dlr is not None and _is_one(dlr)
-        m, v, u, du_dm, du_dv = self._parts(L, g, t, h, slopes, differentiable=L.differentiable,
+        m, v, u, du_dm, du_dv = self._parts(L, g, t, h, slopes, differentiable=not L.fused,
                                             u_out=L.do("w") if u_in_z else None)
         n = len(m)
         dm = dv = du = [None] * n  # no tangent reaches m', v' or u (the update alone, or B_t)

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from . import dynamics as _dynamics
+from . import fastpaths as _fastpaths
 from ._tree import tree_dot
 
 __all__ = ["level_update", "hypergradient", "lr_hypergradient", "plain_number"]
@@ -81,9 +82,10 @@ def level_update(dynamics: _dynamics.Dynamics, state: dict, grad: Any, t: "int |
     keeping = keep is not None and not differentiable
     if not isinstance(t, dict):
         extra = {"keep": keep} if keeping else {}
-        if out_w is not None and not differentiable:
-            extra["out_state"] = {"w": out_w}
-        out = dict(base_step(state, grad, lr, t, **hp, **extra))
+        if out_w is not None and not differentiable:  # written into the parameters' buffers
+            out = dict(_fastpaths.update(dynamics, state, grad, lr, t, out_state={"w": out_w}, **hp, **extra))
+        else:
+            out = dict(base_step(state, grad, lr, t, **hp, **extra))
     else:
         n = len(grad)
         out = {k: [None] * n for k in state}

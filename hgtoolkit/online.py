@@ -60,6 +60,7 @@ saves to JSON + npz and loads back.
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -71,6 +72,7 @@ import torch
 from torch.func import grad_and_value
 
 from . import dynamics as _dynamics
+from . import fastpaths as _fastpaths
 from . import marthe as _marthe
 from . import settings as _settings
 from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
@@ -331,25 +333,17 @@ def _fail(state: OnlineState, t: int, bad: list, codes: tuple) -> OnlineState:
 class Engine:
     r"""The online recursion as pure tensor functions (module docstring). Static settings
     shared by every run that goes through it: the dynamics, the objective and whether a
-    Hessian-vector product is needed (``needs_hvp``; False only for a batch of HD runs), the
-    μ rule (a tensor function, or None when every run has a constant μ), and whether HD's
-    v includes weight decay (``regularised``).
+    Hessian-vector product is needed (``needs_hvp``; False only for HD runs: z_{t+1} = B_t),
+    the μ rule (a tensor function, or None when every run has a constant μ), and whether HD's
+    v includes weight decay (``regularised``). ``unit_mu``: every run has μ ≡ 1 (RTHO), so
+    z_{t+1} = A_t z_t + B_t skips the product by μ; ``adaptive_beta``: False when no run adapts
+    β (the β rule's ops are then skipped). Without a Hessian-vector product z is carried for w
+    only (A_t is never applied, so the tangents of the optimizer's moments would stay unused).
 
-    ``unit_mu``: every run has μ ≡ 1 (RTHO), so z_{t+1} = A_t z_t + B_t skips the product by μ;
-    ``adaptive_beta``: False when no run adapts β (the β rule's ops are then skipped).
-    ``rows``: the state holds R runs along a leading axis natively (a batch of a
-    ``Problem.rowwise`` problem, whose parameters are one tensor): dots and failures per run,
-    η and μ broadcast per run — a batch without ``vmap`` and its per-op cost.
-    ``donate``: :meth:`optimizer_step` writes s_{t+1} and z_{t+1} into the buffers of s_t and
-    z_t (and :meth:`init` copies the parameters once): for a single run that never reads an
-    old state again (:func:`run`, the drop-in optimizers), it saves a memory pass per leaf and
-    update. The numbers are the same either way (same kernels); keep it False under ``vmap``
-    or whenever an old state is kept (the step is then a pure function).
-    Without a Hessian-vector product (HD) the tangent z is carried for w only (A_t is never
-    applied, so the tangents of the optimizer's moments would stay unused), and when the engine
-    owns the gradients it is given (``owns_grad``: not a user's ``p.grad``, which may be zeroed
-    in place) ``state.z`` holds −z_{t+1} = d_t, the update direction itself, not a copy of it
-    (h_{t+1} = −v·d_t).
+    ``plan``: how the steps run (:class:`hgtoolkit.fastpaths.Plan`: buffer donation, HD's
+    direction kept as z, runs as rows; the default is the reference), made by
+    :meth:`~hgtoolkit.fastpaths.Plan.choose` from what the caller knows of its runs. The
+    numbers are the reference's (tests/test_fastpaths.py).
     """
 
     dynamics: _dynamics.Dynamics
@@ -358,35 +352,20 @@ class Engine:
     mu_rule: Callable | None = None
     regularised: bool = True
     unit_mu: bool = False
-    donate: bool = False
     adaptive_beta: bool = True
-    owns_grad: bool = True
-    rows: bool = False
+    plan: _fastpaths.Plan = _fastpaths.Plan()
 
-    def _dot(self, a: Any, b: Any) -> torch.Tensor:
-        """⟨a, b⟩ (per run with ``rows``: the state then holds the runs along a leading axis)."""
-        if not self.rows:
-            return tree_dot(a, b)
-        la, lb = tree_leaves(a), tree_leaves(b)
-        out = (la[0] * lb[0]).flatten(1).sum(1)
-        for x, y in zip(la[1:], lb[1:]):
-            out = out + (x * y).flatten(1).sum(1)
-        return out
-
-    def _per_row(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """A per-run number (shape () or (R,)) shaped to broadcast against the run's tensors."""
-        return x.view(-1, *[1] * (like.dim() - 1)) if self.rows else x
-
-    @property
-    def direction_as_z(self) -> bool:
-        """HD keeps d_t = −z_{t+1} by reference (class docstring)."""
-        return not self.needs_hvp and self.owns_grad
+    def __post_init__(self) -> None:
+        if not isinstance(self.plan, _fastpaths.Plan):
+            raise TypeError(f"Engine: plan must be a hgtoolkit.fastpaths.Plan, got {type(self.plan).__name__}")
+        if self.plan.direction_as_z and self.needs_hvp:
+            raise ValueError("Engine: plan.direction_as_z is for HD (needs_hvp=False): A_t z needs z itself")
 
     def init(self, params: Any, cfg: HyperConfig) -> OnlineState:
         """s_0 = dynamics.init(params), z_0 = 0, η_0, β_0, μ_0 and the settings of ``cfg``."""
         leaf = tree_leaves(params)[0]
         f = lambda x: torch.tensor(x, dtype=HYPER_DTYPE, device=leaf.device)
-        opt = self.dynamics.init(tree_clone(params) if self.donate else params)
+        opt = self.plan.start(self.dynamics, params)
         z = tree_zeros_like(opt if self.needs_hvp else {"w": self.dynamics.params(opt)})
         return OnlineState(opt=opt, z=z, lr=f(cfg.lr), beta=f(cfg.beta0),
                            mu=f(cfg.mu0), counter=f(0.0), h=f(0.0), g_prev=tree_zeros_like(params),
@@ -413,11 +392,7 @@ class Engine:
         share = None
         if isinstance(v, BufferShare):  # a stateful problem: h_t has a buffers part (docs/models.md)
             v, share = v
-        h = self._dot(v, self.dynamics.params(state.z)).to(state.lr.dtype)
-        if share is not None:
-            h = h + share.to(h.dtype)
-        if self.direction_as_z:
-            h = -h
+        h = self.plan.hypergradient(v, self.dynamics.params(state.z), state.lr.dtype, share)
         lr = torch.maximum(state.lr - state.beta * h, s.lr_floor)
         beta, capped = state.beta, None
         if self.adaptive_beta:
@@ -431,7 +406,7 @@ class Engine:
         if self.mu_rule is not None:
             stats = _marthe.HyperStats(t=t - 1, lr=lr, prev_lr=state.lr, hypergrad=h,
                                        prev_hypergrad=state.h,
-                                       grad_dot=self._dot(v, state.g_prev).to(h.dtype))
+                                       grad_dot=self.plan.dot(v, state.g_prev).to(h.dtype))
             mu_r, c_r = self.mu_rule(state.mu, state.counter, stats)
             mu_r = torch.as_tensor(mu_r, dtype=h.dtype, device=h.device).clamp(0.0, 1.0)
             c_r = torch.as_tensor(c_r, dtype=h.dtype, device=h.device)
@@ -463,17 +438,9 @@ class Engine:
         dyn = self.dynamics
         w0 = tree_leaves(dyn.params(state.opt))[0]
         dtype = w0.dtype
-        lr = self._per_row(state.lr.to(dtype), w0)  # the step runs in the model's dtype (η: float64)
-        outs = {"out_state": state.opt, "out_tangent": state.z} if self.donate else {}
-        if self.direction_as_z:  # z = −B_t = d_t by reference
-            opt, z = dyn.tangent(state.opt, grad, lr, t, dlr=-1.0, keys=("w",),
-                                 out_state=outs.get("out_state"))
-        elif hvp is None:
-            opt, z = dyn.tangent(state.opt, grad, lr, t, keys=tuple(state.z), **outs)
-        else:
-            scale = None if self.unit_mu else self._per_row(state.mu.to(dtype), w0)
-            opt, z = dyn.tangent(state.opt, grad, lr, t, state.z, hvp, 1.0, scale=scale,
-                                 keys=tuple(state.z), **outs)
+        lr = self.plan.per_row(state.lr.to(dtype), w0)  # the step runs in the model's dtype (η: float64)
+        scale = None if hvp is None or self.unit_mu else self.plan.per_row(state.mu.to(dtype), w0)
+        opt, z = self.plan.step(dyn, state.opt, grad, lr, t, state.z, hvp, scale)
         return state._replace(opt=opt, z=z, g_prev=grad)
 
     def update(self, state: OnlineState, oracle: "Oracle", t: int) -> tuple[OnlineState, dict]:
@@ -511,6 +478,22 @@ class Engine:
     def finish(self, state: OnlineState, v: Any, t: int) -> OnlineState:
         """The last hyper-update (h_T, η_T) after the loop, t = T."""
         return self.hyper_update(state, v, t)
+
+
+def _refuse_old_flags(init: Callable) -> Callable:
+    """Engine(donate=, owns_grad=, rows=) became one record: a TypeError naming it."""
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> None:
+        old = sorted({"donate", "owns_grad", "rows"} & set(kwargs))
+        if old:
+            raise TypeError(f"Engine(): {', '.join(old)} are now one record, plan=hgtoolkit.fastpaths."
+                            "Plan.choose(needs_hvp, single_run=…, owns_grad=…, rows=…) (or Plan(donate=…, "
+                            "direction_as_z=…, rows=…))")
+        init(self, *args, **kwargs)
+    return wrapper
+
+
+Engine.__init__ = _refuse_old_flags(Engine.__init__)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -581,13 +564,15 @@ def setup(problem, settings: dict, mu_rule: Callable | None = None):
 
 
 def engine_for(cfg: HyperConfig, dyn: _dynamics.Dynamics, needs_hvp: bool | None = None,
-               donate: bool = False) -> Engine:
+               single_run: bool = False, owns_grad: bool = True) -> Engine:
     """The :class:`Engine` of a run with settings ``cfg`` (``needs_hvp`` may be forced on for a
-    batch that mixes HD with other methods; ``donate`` for a single run, see :class:`Engine`)."""
+    batch that mixes HD with other methods); ``single_run``, ``owns_grad``: what
+    :meth:`hgtoolkit.fastpaths.Plan.choose` picks the engine's fast paths from."""
     needs = cfg.needs_hvp if needs_hvp is None else needs_hvp
     unit_mu = needs_hvp is None and cfg.mu_rule is None and cfg.mu0 == 1.0
+    plan = _fastpaths.Plan.choose(needs, single_run=single_run, owns_grad=owns_grad)
     return Engine(dyn, cfg.objective, needs, cfg.mu_rule, cfg.hd_gradient == "regularised",
-                  unit_mu, donate, cfg.beta_adaptive)
+                  unit_mu, cfg.beta_adaptive, plan)
 
 
 def divergence_of(config: dict, auxes: list[dict], state: OnlineState) -> "_divergence.Divergence | None":
@@ -749,7 +734,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
     """
     settings = _settings.bind(OnlineSettings, {"method": method, "optimizer": optimizer, **settings}, "run")
     problem, cfg, dyn, T, eval_every, val_bs, config = setup(problem, settings, mu_rule)
-    engine = engine_for(cfg, dyn, donate=True)
+    engine = engine_for(cfg, dyn, single_run=True)
     state = engine.init(problem.params0, cfg)
     runs = (_BufferedRun if problem.stateful else _SingleRun)(problem, engine, cfg, val_bs)
     state = drive(engine, runs, state, T, eval_every=eval_every,

@@ -86,13 +86,12 @@ it; later steps leave that group alone. ``raise_on_divergence=True`` raises
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable, Iterable
 
 import torch
 
-from . import _flat, _guards
+from . import _guards, fastpaths
 from . import dynamics as _dynamics
 from . import online
 from . import divergence as _divergence
@@ -246,7 +245,7 @@ class OnlineOptimizer(DropIn):
     """The shared ``torch.optim`` wrapper around :class:`hgtoolkit.online.Engine` (module
     docstring); subclasses say which dynamics and hyper-settings a group has."""
 
-    # The engine's ``owns_grad``: HD keeps z as d_t = −z_{t+1} itself, not a copy of −d_t
+    # The engine's ``owns_grad`` (fastpaths.Plan.choose): HD keeps z as d_t = −z_{t+1} itself, not a copy of −d_t
     # (SGDHD, whose μ is always 0). For plain SGD d_t is p.grad, which ``_keep`` keeps by
     # reference or copies. False: z holds −d_t (AdamHD writes its direction into z's own buffer;
     # MARTHE's groups may switch to μ ≠ 0, whose z has that sign).
@@ -292,9 +291,8 @@ class OnlineOptimizer(DropIn):
             return hit[1]
         cfg = self._make_config(group)
         dyn = self._dynamics(group)
-        # donate: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
-        engine = dataclasses.replace(online.engine_for(cfg, dyn, donate=True),
-                                     owns_grad=self._direction_as_z)
+        # a single run: the engine writes s_{t+1}, z_{t+1} straight into p and this optimizer's state
+        engine = online.engine_for(cfg, dyn, single_run=True, owns_grad=self._direction_as_z)
         setup = (cfg, dyn, engine, cfg.settings(online.HYPER_DTYPE, values[-1]))
         # a mutable option (a dict) is compared with a copy of what it was
         cache[id(group)] = ([dict(v) if isinstance(v, dict) else v for v in values], setup)
@@ -510,7 +508,7 @@ class OnlineOptimizer(DropIn):
                     st["z_" + k] = torch.zeros_like(p)
         prev_lr = group["effective_lr"] if group["prev_lr"] is None else group["prev_lr"]
         grads = [p.grad for p in params]
-        if fg is not None:  # the fast path: one flat leaf per key (hgtoolkit._flat), same engine
+        if fg is not None:  # the fast path: one flat leaf per key (hgtoolkit.fastpaths.FlatGroup), same engine
             opt, z, g_prev, grads = fg.leaves(sts, grads, keys, zkeys, engine.mu_rule is not None)
         else:
             opt = {"w": [p.detach() for p in params], **{k: [st[k] for st in sts] for k in keys}}
@@ -524,7 +522,7 @@ class OnlineOptimizer(DropIn):
             mu=f("mu_t", group["mu_t"] if cfg.mu_rule is not None else cfg.mu0),
             counter=f("mu_counter", group["mu_counter"]), h=f("hypergrad", group["hypergrad"]),
             g_prev=g_prev, ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
-        kept_z = engine.direction_as_z  # z = d_t, which may be a kept p.grad
+        kept_z = engine.plan.direction_as_z  # z = d_t, which may be a kept p.grad
         if kept_z:
             self._check_kept(params, [st["z_w"] for st in sts])
         base = group["lr"]
@@ -590,26 +588,26 @@ class OnlineOptimizer(DropIn):
                      prev_lr=lr, prev_base=base, t=t + 1,
                      beta_capped=group["beta_capped"] + int(new.beta_capped))
 
-    # the flat-buffer fast path (hgtoolkit._flat): None = where it pays, True = wherever it
+    # the flat-buffer fast path (hgtoolkit.fastpaths.FlatGroup): None = where it pays, True = wherever it
     # applies, False = never (the reference path)
     _flat_buffers: bool | None = None
 
-    def _flat_group(self, group: dict, params: list, engine: online.Engine, counts: list) -> "_flat.FlatGroup | None":
+    def _flat_group(self, group: dict, params: list, engine: online.Engine, counts: list) -> "fastpaths.FlatGroup | None":
         """The group's flat buffers (over the parameters taking part; rebuilt when they change)
         when this step takes the fast path: μ ≠ 0 (a tangent of the whole state), all parameters
         at the same update count, one dtype and device, and (unless forced) many small tensors."""
         mode = self._flat_buffers
-        if mode is False or not engine.needs_hvp or engine.direction_as_z or len(set(counts)) > 1:
+        if mode is False or not engine.needs_hvp or engine.plan.direction_as_z or len(set(counts)) > 1:
             return None
         groups = self.__dict__.setdefault("_flat_groups", {})
         fg = groups.get(id(group))
         if fg is not None and fg.matches(params):  # (it paid, or was asked for, when it was built)
             return fg
         p0 = params[0]
-        if (not (mode or _flat.pays(params))
+        if (not (mode or fastpaths.flat_pays(params))
                 or any(p.dtype != p0.dtype or p.device != p0.device for p in params)):
             return None
-        fg = groups[id(group)] = _flat.FlatGroup(params)
+        fg = groups[id(group)] = fastpaths.FlatGroup(params)
         return fg
 
     def _engine_diverged(self, group: dict, state: online.OnlineState, loss, t: int) -> None:

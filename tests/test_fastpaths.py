@@ -1,0 +1,227 @@
+"""Each fast path of hgtoolkit.fastpaths against the reference (Dynamics.tangent / step into new
+tensors, Engine with the default Plan()): bit for bit where the path is elementwise (buffers,
+donation, only the carried keys, HD's direction kept as z, one flat leaf), ≤ 1e-12 relative in
+float64 where it reassociates a sum (runs as rows: the per-run dots; one flat leaf: h)."""
+import dataclasses
+
+import pytest
+import torch
+from torch.utils._pytree import tree_map
+
+from hgtoolkit import dynamics, fastpaths, online
+from hgtoolkit.drive import Oracle
+from hgtoolkit.settings import OnlineSettings
+from test_dynamics import Signed
+
+CASES = [dynamics.sgd(), dynamics.sgd(weight_decay=0.03), dynamics.momentum(0.9),
+         dynamics.nesterov(0.8, weight_decay=0.01), dynamics.adam((0.8, 0.99), eps=1e-6),
+         dynamics.adam(weight_decay=0.02), dynamics.adagrad(weight_decay=0.01), dynamics.rmsprop(0.9)]
+IDS = [f"{d.name}-wd{d.weight_decay}" for d in CASES]
+F64 = dict(dtype=torch.float64)
+# the β keyword under whichever name the settings use (beta / hypergrad_lr)
+BETA = "hypergrad_lr" if "hypergrad_lr" in {f.name for f in dataclasses.fields(OnlineSettings)} else "beta"
+
+
+def _clone(tree):
+    return tree_map(lambda x: x.clone(), tree)
+
+
+def _equal(a, b):
+    tree_map(lambda x, y: torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True), a, b)
+
+
+def _close(a, b, rtol=1e-12):
+    tree_map(lambda x, y: torch.testing.assert_close(x, y, rtol=rtol, atol=1e-300, equal_nan=True), a, b)
+
+
+def _state(dyn, gen, steps=3):
+    """A state with non-trivial moments (a dead entry: √v = 0 there) and a gradient."""
+    w = {"a": torch.randn(3, 4, generator=gen, **F64), "c": torch.randn(2, generator=gen, **F64)}
+    state = dyn.init(w)
+    for t in range(steps):
+        g = tree_map(lambda x: torch.randn(x.shape, generator=gen, **F64), w)
+        g["a"][0, 0] = 0.0
+        state = dyn.step(state, g, 0.05, t)
+    g = tree_map(lambda x: torch.randn(x.shape, generator=gen, **F64), w)
+    g["a"][0, 0] = 0.0
+    return state, g
+
+
+@pytest.mark.parametrize("dyn", CASES, ids=IDS)
+def test_tangent_into_buffers_and_of_some_keys_is_the_reference_bit_for_bit(dyn):
+    """fastpaths.tangent written into (donated) buffers, and of the w key alone: the same bits as
+    Dynamics.tangent into new tensors, for B_t alone and for μ A_t z + B_t."""
+    gen = torch.Generator().manual_seed(4)
+    state, g = _state(dyn, gen)
+    lr, mu = torch.tensor(0.07, **F64), torch.tensor(0.6, **F64)
+    z = tree_map(lambda x: torch.randn(x.shape, generator=gen, **F64), state)
+    hz = tree_map(lambda x: torch.randn(x.shape, generator=gen, **F64), g)
+    for args, kw in (((), {}), ((z, hz, 1.0), {"scale": mu})):
+        ref_s, ref_z = dyn.tangent(_clone(state), g, lr, 4, *[_clone(a) for a in args[:2]], *args[2:], **kw)
+        s_buf, z_buf = _clone(state), _clone(z)
+        got = fastpaths.tangent(dyn, s_buf, g, lr, 4, *([z_buf, _clone(hz), 1.0] if args else []), **kw,
+                                out_state=s_buf, out_tangent=z_buf if args else _clone(z))
+        _equal(got, (ref_s, ref_z))
+        assert all(x is y for x, y in zip(torch.utils._pytree.tree_leaves(got[0]),
+                                          torch.utils._pytree.tree_leaves(s_buf)))  # donated
+        s_w, z_w = fastpaths.tangent(dyn, _clone(state), g, lr, 4, *[_clone(a) for a in args[:2]], *args[2:],
+                                     keys=("w",), **kw)
+        assert set(z_w) == {"w"}
+        _equal((s_w, z_w["w"]), (ref_s, ref_z["w"]))
+
+
+@pytest.mark.parametrize("dyn", CASES, ids=IDS)
+def test_update_into_buffers_is_step_bit_for_bit(dyn):
+    """fastpaths.update (the fused, non-differentiable update written into w's buffers) and
+    Dynamics.update equal the differentiable reference Dynamics.step."""
+    state, g = _state(dyn, torch.Generator().manual_seed(5))
+    lr = torch.tensor(0.07, **F64)
+    ref = dyn.step(_clone(state), g, lr, 2)
+    _equal(dyn.update(_clone(state), g, lr, 2), ref)
+    s = _clone(state)
+    got = fastpaths.update(dyn, s, g, lr, 2, out_state={"w": s["w"]})
+    _equal(got, ref)
+    assert got["w"]["a"] is s["w"]["a"]
+
+
+def test_a_dynamics_without_closed_form_takes_the_same_paths():
+    """A user's dynamics with only step(): the buffered variants copy torch.func's tangent."""
+    dyn, lr = Signed(), torch.tensor(0.1, **F64)
+    s, g, z = {"w": torch.tensor([0.5, -1.0], **F64)}, torch.tensor([0.1, 0.02], **F64), {"w": torch.ones(2, **F64)}
+    ref = dyn.tangent(_clone(s), g, lr, 0, _clone(z), g, 1.0, 0.5)
+    s_buf, z_buf = _clone(s), _clone(z)
+    got = fastpaths.tangent(dyn, s_buf, g, lr, 0, z_buf, g, 1.0, 0.5, out_state=s_buf, out_tangent=z_buf)
+    _equal(got, ref)
+    assert got[0]["w"] is s_buf["w"] and got[1]["w"] is z_buf["w"]
+    _equal(fastpaths.update(dyn, _clone(s), g, lr, 0, out_state=_clone(s)), dyn.step(s, g, lr, 0))
+
+
+# ------------------------------------------------------------------------- the engine's plans
+
+def _quadratic(gen, shapes, T):
+    """L_t(w) = ½ Σ a_t (w − c_t)²: g = a_t (w − c_t), H_t z = a_t z (a_t > 0, per leaf)."""
+    a = [[torch.rand(s, generator=gen, **F64) + 0.5 for s in shapes] for _ in range(T + 1)]
+    c = [[torch.randn(s, generator=gen, **F64) for s in shapes] for _ in range(T + 1)]
+
+    def oracle(w, z_w, t):
+        g = [ai * (wi - ci) for ai, wi, ci in zip(a[t], w, c[t])]
+        loss = sum(0.5 * (ai * (wi - ci) ** 2).sum() for ai, wi, ci in zip(a[t], w, c[t]))
+        hz = None if z_w is None else [ai * zi for ai, zi in zip(a[t], z_w)]
+        return g, loss, hz
+    return oracle
+
+
+def _drive(engine, cfg, w0, oracle, T, sign=1.0):
+    """T steps of the engine on the quadratic (train objective); the per-step (η, h), the final
+    state. ``sign``: how the state holds z (−1 for HD's direction kept as z)."""
+    state = engine.init(w0, cfg)
+    trail = []
+    for t in range(T):
+        w = engine.dynamics.params(state.opt)
+        z_w = None if not engine.needs_hvp or t == 0 else [sign * x for x in state.z["w"]]
+        g, loss, hz = oracle(w, z_w, t)
+        state, aux = engine.update(state, Oracle(g, loss, hz, None, None), t)
+        trail.append((aux["lr"].clone(), aux["h"].clone()))
+    return trail, state
+
+
+METHODS = [("hd", {}), ("rtho", {}), ("marthe", {"mu": "auto"}), ("marthe", {"mu": 0.5})]
+
+
+@pytest.mark.parametrize("dyn", [dynamics.sgd(), dynamics.nesterov(0.8, weight_decay=0.01), dynamics.adam()],
+                         ids=lambda d: d.name)
+@pytest.mark.parametrize("method, kw", METHODS, ids=[f"{m}{kw.get('mu', '')}" for m, kw in METHODS])
+def test_single_run_plan_is_the_reference_engine_bit_for_bit(dyn, method, kw):
+    """Plan.choose(single_run=True) (donation; for HD also the direction kept as z) gives the same
+    η_t, h_t, parameters and tangent (up to its sign) as the reference Plan()."""
+    T, shapes = 6, [(3, 4), (5,)]
+    gen = torch.Generator().manual_seed(7)
+    oracle = _quadratic(gen, shapes, T)
+    w0 = [torch.randn(s, generator=gen, **F64) for s in shapes]
+    cfg = online.hyper_config(method, lr=0.05, objective="train", **{BETA: 1e-3}, **kw)
+    ref = online.engine_for(cfg, dyn)
+    ref = dataclasses.replace(ref, plan=fastpaths.Plan())
+    fast = online.engine_for(cfg, dyn, single_run=True)
+    assert fast.plan.donate and fast.plan.direction_as_z == (method == "hd")
+    sign = -1.0 if fast.plan.direction_as_z else 1.0
+    kept = _clone(w0)
+    ref_trail, ref_state = _drive(ref, cfg, w0, oracle, T)
+    trail, state = _drive(fast, cfg, w0, oracle, T, sign)
+    _equal(w0, kept)  # init copied the parameters it donates
+    _equal(trail, ref_trail)
+    _equal(state.opt, ref_state.opt)
+    _equal(tree_map(lambda x: sign * x, state.z), ref_state.z)
+
+
+@pytest.mark.parametrize("dyn", [dynamics.sgd(), dynamics.momentum(0.9), dynamics.adam()], ids=lambda d: d.name)
+@pytest.mark.parametrize("method, kw", [("hd", {}), ("marthe", {"mu": "auto"})], ids=["hd", "marthe"])
+def test_runs_as_rows_equal_the_single_runs_to_1e12(dyn, method, kw):
+    """Plan(rows=True): R runs (different η_0) along a leading axis equal R reference runs, to
+    1e-12 relative in float64 (each run's dot is one sum over its row: reassociated). The
+    parameters are one tensor, as those of a ``Problem.rowwise`` problem."""
+    T, R, shapes = 6, 3, [(3, 4)]
+    gen = torch.Generator().manual_seed(8)
+    oracles = [_quadratic(gen, shapes, T) for _ in range(R)]
+    w0s = [[torch.randn(s, generator=gen, **F64) for s in shapes] for _ in range(R)]
+    cfgs = [online.hyper_config(method, lr=lr, objective="train", **{BETA: 1e-3}, **kw) for lr in (0.02, 0.05, 0.08)]
+    ref = online.Engine(dyn, "train", method != "hd", cfgs[0].mu_rule, plan=fastpaths.Plan())
+    rows = dataclasses.replace(ref, plan=fastpaths.Plan(rows=True))
+    singles = [_drive(ref, c, w, o, T) for c, w, o in zip(cfgs, w0s, oracles)]
+
+    def stacked_oracle(W, Z, t):
+        outs = [o([x[r] for x in W], None if Z is None else [x[r] for x in Z], t) for r, o in enumerate(oracles)]
+        g = [torch.stack([out[0][i] for out in outs]) for i in range(len(shapes))]
+        hz = None if Z is None else [torch.stack([out[2][i] for out in outs]) for i in range(len(shapes))]
+        return g, torch.stack([out[1] for out in outs]), hz
+
+    state = tree_map(lambda *xs: torch.stack(xs), *[rows.init(w, c) for w, c in zip(w0s, cfgs)])
+    trail = []
+    for t in range(T):
+        W = state.opt["w"]
+        g, loss, hz = stacked_oracle(W, None if not rows.needs_hvp or t == 0 else state.z["w"], t)
+        state, aux = rows.update(state, Oracle(g, loss, hz, None, None), t)
+        trail.append((aux["lr"].clone(), aux["h"].clone()))
+    for r, (ref_trail, ref_state) in enumerate(singles):
+        _close([(lr[r], h[r]) for lr, h in trail[1:]], ref_trail[1:])
+        _close(tree_map(lambda x: x[r], state.opt), ref_state.opt)
+        _close(tree_map(lambda x: x[r], state.z), ref_state.z)
+
+
+@pytest.mark.parametrize("dyn", [dynamics.nesterov(0.8), dynamics.adam()], ids=lambda d: d.name)
+def test_one_flat_leaf_is_the_leaf_list_bit_for_bit_and_h_to_1e12(dyn):
+    """The flat-buffer path's core (FlatGroup hands the engine one flat leaf per key): one step
+    of the engine on the concatenation gives the pieces' numbers bit for bit for the same η
+    (β = 0), and h (one dot instead of a sum of per-leaf dots) to 1e-12."""
+    gen = torch.Generator().manual_seed(9)
+    sizes = [6, 10, 3, 7]
+    cfg = online.hyper_config("rtho", lr=0.05, objective="train", **{BETA: 0.0})
+    engine = online.engine_for(cfg, dyn, single_run=True)
+    leaves = [torch.randn(n, generator=gen, **F64) for n in sizes]
+    g1, g2, hz = ([torch.randn(n, generator=gen, **F64) for n in sizes] for _ in range(3))
+    loss = torch.tensor(1.0, **F64)
+    results = []
+    for flat in (False, True):
+        pack = (lambda xs: [torch.cat(xs)]) if flat else (lambda xs: [x.clone() for x in xs])
+        state = engine.init(pack(leaves), cfg)
+        state, _ = engine.update(state, Oracle(pack(g1), loss, None, None, None), 0)
+        state, _ = engine.update(state, Oracle(pack(g2), loss, pack(hz), None, None), 1)
+        state = engine.hyper_update(state, pack(g1), 2)
+        results.append(({k: torch.cat(v) for k, v in state.opt.items()},
+                        {k: torch.cat(v) for k, v in state.z.items()}, state.h))
+    (ref_opt, ref_z, ref_h), (opt, z, h) = results
+    _equal((opt, z), (ref_opt, ref_z))
+    _close(h, ref_h)
+
+
+def test_the_old_engine_flags_name_the_plan_and_bad_plans_are_refused():
+    dyn = dynamics.sgd()
+    for old in ({"donate": True}, {"owns_grad": False}, {"rows": True}):
+        with pytest.raises(TypeError, match="plan=hgtoolkit.fastpaths.Plan"):
+            online.Engine(dyn, **old)
+    with pytest.raises(ValueError, match="direction_as_z"):
+        online.Engine(dyn, needs_hvp=True, plan=fastpaths.Plan(direction_as_z=True))
+    with pytest.raises(TypeError, match="plan"):
+        online.Engine(dyn, plan="donate")
+    assert fastpaths.Plan.choose(False) == fastpaths.Plan(direction_as_z=True)
+    assert fastpaths.Plan.choose(True, single_run=True) == fastpaths.Plan(donate=True)
+    assert fastpaths.Plan.choose(False, owns_grad=False, rows=True) == fastpaths.Plan(rows=True)
