@@ -68,7 +68,8 @@ from ._tree import tree_dot
 from .errors import moved
 from .exact import hypergradient
 from .divergence import VALIDATION_LOSS, check_finite
-from .drive import drive
+from .carried import CarriedBuffers
+from .drive import BufferShare, drive
 from .trajectory import autograd_gradient, autograd_gradient_hvp, check_lrs
 
 __all__ = ["ExactReferences", "exact_references", "ApproximationReport", "analyse",
@@ -139,17 +140,37 @@ class _Replay:
         _, b_t = dyn.tangent(state.opt, g, self.lrs[t], t)
         return self.engine.optimizer_step(state, g, t, hvp), {"b": dyn.params(b_t), "loss": loss}
 
+    def val_gradient(self, w):
+        """(∇E(w), E(w))."""
+        return autograd_gradient(self.problem.val_loss, w)
+
     def record(self, t, state, aux, pending):
         w = self.engine.dynamics.params(state.opt)
-        gE, E = autograd_gradient(self.problem.val_loss, w)
+        gE, E = self.val_gradient(w)
+        share = None
+        if isinstance(gE, BufferShare):  # ⟨∇_b E, ζ_b⟩: the running statistics' part of d⁽ᶜ⁾
+            gE, share = gE
         check_finite(E, t, w, VALIDATION_LOSS)
-        self.one_step[t] = tree_dot(gE, aux["b"])
+        self.one_step[t] = tree_dot(gE, aux["b"])  # B_t has no buffers part
         self.constant_lr[t] = tree_dot(gE, self.engine.dynamics.params(state.z))
+        if share is not None:
+            self.constant_lr[t] += share
         self.val_losses[t], self.train_losses[t] = E.detach(), aux["loss"].detach()
         return state
 
     def close(self, state, steps):
         return state
+
+
+class _BufferedReplay(CarriedBuffers, _Replay):
+    """:class:`_Replay` of a stateful problem: b_t and ζ_{t,b} carried (docs/models.md)."""
+
+    objective = _Replay.objective  # v is not used: the references are formed in record
+
+    def gradient(self, w, z_w, t):
+        g, loss, dg = super().gradient(w, z_w, t)
+        check_finite(loss, t)
+        return g, loss, dg
 
 
 def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd", *,
@@ -169,7 +190,7 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
     T = len(lrs)
     engine = online.Engine(dyn, objective="val", needs_hvp=True)
     state = engine.init(problem.params0, online.hyper_config("rtho", lr=0.0, beta=0.0))
-    replay = _Replay(problem, engine, lrs)
+    replay = (_BufferedReplay if problem.stateful else _Replay)(problem, engine, lrs)
     drive(engine, replay, state, T, progress=progress, desc="exact references")
     one_step, constant_lr, val_losses, train_losses = (replay.one_step, replay.constant_lr,
                                                        replay.val_losses, replay.train_losses)

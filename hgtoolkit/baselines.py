@@ -63,11 +63,11 @@ from torch import nn
 
 from . import dynamics as _dynamics
 from . import records
-from ._tree import tree_clone, tree_flatten, tree_unflatten
+from ._tree import tree_clone, tree_flatten, tree_map, tree_unflatten
 from .divergence import VALIDATION_LOSS, Divergence, DivergenceError, check_finite
 from .problems import Problem
 from .errors import renamed
-from .trajectory import check_lrs, make_step, progress_bar
+from .trajectory import BUFFERS, check_lrs, initial_state, make_step, progress_bar, stateful_loss
 
 __all__ = ["constant", "exponential_decay", "step_decay", "cosine_warm_restarts", "PeerResult",
            "run_peer", "PEERS", "SchedulePeer", "LRFreePeer"]
@@ -192,7 +192,9 @@ def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dic
     """Step ``runner`` for ``steps`` steps, evaluating every ``eval_every`` steps and at the end.
 
     ``runner.step(t) -> (L_t, η_t)`` raises :class:`DivergenceError` when L_t or the parameters
-    after the step are not finite; ``runner.evaluation()`` yields the parameters to validate.
+    after the step are not finite; ``runner.evaluation()`` yields the parameters to validate,
+    ``runner.buffers()`` the buffers b_k they are validated with ((b_k,) for a stateful problem,
+    else ()).
     """
     lrs: list[float] = []
     losses: list[float] = []
@@ -202,9 +204,10 @@ def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dic
     def evaluate(done: int) -> None:
         nonlocal final_params
         with runner.evaluation() as params, torch.no_grad():
-            value = problem.val_loss(params)
+            args = (params, *runner.buffers())  # b_k of a stateful problem
+            value = problem.val_loss(*args)
             check_finite(value, done - 1, params, VALIDATION_LOSS)  # E(w_k) non-finite: step k−1 made it so
-            metrics = problem.metrics(params) if problem.metrics is not None else {}
+            metrics = problem.metrics(*args) if problem.metrics is not None else {}
             if keep_params and done == steps:
                 final_params = tree_clone(params)
         evals.append((done, float(value), float(metrics.get("val_accuracy", math.nan))))
@@ -239,12 +242,16 @@ def _run(problem: Problem, runner: Any, steps: int, eval_every: int, config: dic
 
 
 class _DynamicsRunner:
-    """Φ_t of ``hgtoolkit.trajectory.make_step`` with the schedule ``lrs``: as :func:`hgtoolkit.train`."""
+    """Φ_t of ``hgtoolkit.trajectory.make_step`` with the schedule ``lrs``: as :func:`hgtoolkit.train`
+    (b_t carried in the state for a stateful problem)."""
 
     def __init__(self, problem: Problem, lrs: torch.Tensor, dyn: _dynamics.Dynamics):
         self.lrs, self.dyn = lrs, dyn
         self.step_fn = make_step(problem, dyn)
-        self.state = dyn.init(problem.params0)
+        self.state = initial_state(problem, dyn)
+
+    def buffers(self) -> tuple:
+        return (self.state[BUFFERS],) if BUFFERS in self.state else ()
 
     def step(self, t: int) -> tuple[float, float]:
         with torch.no_grad():
@@ -259,13 +266,15 @@ class _DynamicsRunner:
 
 
 class _TorchRunner:
-    """A ``torch.optim`` optimizer on the leaves of ``problem.params0`` as ``nn.Parameter``s."""
+    """A ``torch.optim`` optimizer on the leaves of ``problem.params0`` as ``nn.Parameter``s; a
+    stateful problem's buffers b_{t+1} of the forward pass of step t carried (detached: the
+    optimizer differentiates nothing through them), the evaluations reading them."""
 
     def __init__(self, problem: Problem, peer: "LRFreePeer", optimizer_cls: type, lr: float, kw: dict):
         leaves, spec = tree_flatten(problem.params0)
         self.leaves = [nn.Parameter(x.detach().clone()) for x in leaves]
         self.params = tree_unflatten(self.leaves, spec)
-        self.problem, self.peer = problem, peer
+        self.problem, self.peer, self.state_b = problem, peer, problem.buffers0
         self.optimizer = optimizer_cls(self.leaves, lr=lr, **kw)
         if peer.schedule_free:
             self.optimizer.train()
@@ -273,13 +282,20 @@ class _TorchRunner:
     def step(self, t: int) -> tuple[float, float]:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = self.problem.train_loss(self.params, t)
+            if self.state_b is None:
+                loss = self.problem.train_loss(self.params, t)
+            else:
+                loss, new = stateful_loss(self.problem.train_loss)(self.params, t, self.state_b)
+                self.state_b = tree_map(torch.Tensor.detach, new)
         check_finite(loss.detach(), t)
         loss.backward()
         before = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
         self.optimizer.step()
         check_finite(loss.detach(), t, self.leaves)  # a NaN/inf gradient with a finite loss
         return float(loss.detach()), float(self.peer.effective_lr(self.optimizer.param_groups[0], before))
+
+    def buffers(self) -> tuple:
+        return () if self.state_b is None else (self.state_b,)
 
     @contextmanager
     def evaluation(self) -> Iterator[Any]:

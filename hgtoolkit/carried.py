@@ -24,17 +24,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from ._step import Step, objective as step_objective
-from ._tree import tree_dot
+from ._tree import tree_dot, tree_leaves
 from .drive import BufferShare
-from .trajectory import BUFFERS, stateful_loss
+from .trajectory import BUFFERS, autograd_gradient, float_leaves, opt_part, scalar_loss, stateful_loss, with_buffers
 
 __all__ = ["CarriedBuffers"]
 
 
 class CarriedBuffers:
-    """A mixin over a single online run of :func:`hgtoolkit.drive.drive` (``_SingleRun`` of
-    :mod:`hgtoolkit.online`, constructed as ``(problem, engine, *args)``): it carries b_t (and,
+    """A mixin over a runs object of :func:`hgtoolkit.drive.drive` constructed as ``(problem,
+    engine, *args)`` (a single online run of :mod:`hgtoolkit.online`, the replayed schedule of
+    :func:`hgtoolkit.analysis.exact_references`): it carries b_t (and,
     when μ may be ≠ 0, z_{t,b}; module docstring) and hands the run a stateless view of the
     problem whose ``val_loss(w)``/``metrics(w)``/``train_loss(w, t)`` read b_t.
 
@@ -63,14 +66,20 @@ class CarriedBuffers:
             dg, self._db = st.pushforward(z_w, self.tangent_b)
         return st.grad, st.loss, dg
 
-    def objective(self, w, t, g, loss):
-        """v_t with the buffers' share of h_t (a :class:`~hgtoolkit.drive.BufferShare`) once
-        z_{t,b} ≠ 0; else the run's own v_t (∇_w E(w_t, b_t))."""
-        if self.tangent_b is None or self.cfg.objective != "val":
-            return super().objective(w, t, g, loss)
+    def val_gradient(self, w) -> tuple[Any, torch.Tensor]:
+        """(v, E(w, b_t)): v = ∇_w E(w, b_t), or once z_{t,b} ≠ 0 the
+        :class:`~hgtoolkit.drive.BufferShare` (∇_w E, ⟨∇_b E(w, b_t), z_{t,b}⟩)."""
+        if self.tangent_b is None:
+            return autograd_gradient(scalar_loss(self.problem.val_loss, "val_loss"), w)
         lam, value = step_objective(self.source, self.engine.dynamics, self._state(w))
-        share = tree_dot(lam[BUFFERS], self.tangent_b)
-        return BufferShare(lam["w"], share), value
+        return BufferShare(lam["w"], tree_dot(lam[BUFFERS], self.tangent_b)), value
+
+    def objective(self, w, t, g, loss):
+        """v_t with the buffers' share of h_t once z_{t,b} ≠ 0 (:meth:`val_gradient`); else
+        the run's own v_t (∇_w E(w_t, b_t))."""
+        if self.tangent_b is None or self.engine.objective != "val":
+            return super().objective(w, t, g, loss)
+        return self.val_gradient(w)
 
     def update(self, state, oracle, t):
         """The engine's step, then z_{t+1,b} = μ_t db' (μ_t: the μ the step used)."""
@@ -87,3 +96,31 @@ class CarriedBuffers:
         self.buffers = self._next
         return super().record(t, state, aux, pending)
 
+
+
+
+def advance_columns(st: Step, dyn, lr: Any, t: int, columns: list, dlrs: list) -> tuple[dict | None, list]:
+    r"""Step t of a stateful problem with tangent columns: z' = (∂D/∂s z_opt + ∂D/∂g dg + B_t·dlr,
+    db') for each column z = (optimizer tangent, ``z[BUFFERS]`` a list over the float leaves of
+    b, None entries zero) or None (zero), (dg, db') the jvp of (g_t, b_{t+1}) along (z_w, z_b)
+    (:meth:`Step.pushforward` of ``st``, built with its graph when some column is not None), dlr
+    the tangent of η_t (None: no B_t). Returns (s_{t+1} with b_{t+1}, None for no columns; the
+    new columns). Shared by the exact forward mode and the truncated horizons."""
+    new, out = None, []
+    for n, (z, dlr) in enumerate(zip(columns, dlrs)):
+        if z is None:  # (dg, db') = 0 along a zero tangent
+            dg, db = None, [None] * len(float_leaves(st.buffers)[2])
+        else:
+            dg, db = st.pushforward(z["w"], z[BUFFERS], retain=n + 1 < len(columns))
+        new, zo = dyn.tangent(st.state, st.grad, lr, t, None if z is None else opt_part(z), dg, dlr)
+        out.append(with_buffers(zo, db))
+    return (None if new is None else with_buffers(new, st.buffers)), out
+
+
+def state_dot(lam: dict, z: dict) -> torch.Tensor:
+    """⟨∇_s E, z⟩ = ⟨∇_w E, z_w⟩ (E depends on w only), + ⟨∇_b E, z_b⟩ for a stateful problem
+    (``lam`` of :func:`hgtoolkit._step.objective`; None entries of z are zero)."""
+    a, b = tree_leaves(lam["w"]), tree_leaves(z["w"])
+    if BUFFERS in lam:
+        a, b = a + lam[BUFFERS], b + z[BUFFERS]
+    return sum((x * y.to(x.dtype)).sum() for x, y in zip(a, b) if y is not None)

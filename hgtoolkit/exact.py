@@ -46,16 +46,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten
 
 from . import checkpointing as _ckpt
 from . import dynamics as _dynamics
 from . import records
 from ._step import Step as _Step, add_w as _add_w, objective as _objective, probe as _probe
 from ._tree import tree_map
+from .carried import advance_columns, state_dot
 from .divergence import VALIDATION_LOSS, check_finite
 from .reversible import reversible_reverse
-from .trajectory import (BUFFERS, check_lrs, float_leaves, initial_state, opt_part, progress_bar, stateful_loss,
+from .trajectory import (BUFFERS, check_lrs, initial_state, opt_part, progress_bar, stateful_loss,
                          train, with_buffers)
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
@@ -184,29 +184,20 @@ def _tangent_pass(problem, dyn, state, lrs, cols, t0=0, progress=False):
         check_finite(st.loss, t)
         losses[t - t0] = st.loss
         new = None
-        for n, i in enumerate(live):
-            dlr = cols[i](t) if callable(cols[i]) else (1.0 if cols[i] == t else None)
-            if st.buffers is None:
+        dlrs = [cols[i](t) if callable(cols[i]) else (1.0 if cols[i] == t else None) for i in live]
+        if st.buffers is not None:  # the buffers' tangents too (docs/models.md)
+            new, out = advance_columns(st, dyn, lrs[t], t, [z[i] for i in live], dlrs)
+            for i, zi in zip(live, out):
+                z[i] = zi
+        else:
+            for n, (i, dlr) in enumerate(zip(live, dlrs)):
                 hz = st.hvp(z[i]["w"] if z[i] is not None else None, retain=n + 1 < len(live))
                 new, z[i] = dyn.tangent(st.state, st.grad, lrs[t], t, z[i], hz, dlr)
-                continue
-            if z[i] is None:  # (dg, dβ') = 0 along a zero tangent
-                dg, db = None, None
-            else:
-                dg, db = st.pushforward(z[i]["w"], z[i][BUFFERS], retain=n + 1 < len(live))
-            new, zi = dyn.tangent(st.state, st.grad, lrs[t], t, None if z[i] is None else opt_part(z[i]), dg, dlr)
-            new, z[i] = with_buffers(new, st.buffers), with_buffers(zi, db if db is not None else
-                                                                    [None] * len(float_leaves(st.buffers)[2]))
         state = new if new is not None else st.advance(dyn, lrs[t], t)
     return state, z, losses
 
 
-def _dot_w(lam: dict, z: dict) -> torch.Tensor:
-    """⟨∇_s E, z⟩ = ⟨∇_w E, z_w⟩ (E depends on w only), + ⟨∇_β E, z_β⟩ for a stateful problem."""
-    a, b = tree_flatten(lam["w"])[0], tree_flatten(z["w"])[0]
-    if BUFFERS in lam:
-        a, b = a + lam[BUFFERS], b + z[BUFFERS]
-    return sum((x * y.to(x.dtype)).sum() for x, y in zip(a, b) if y is not None)
+_dot_w = state_dot  # ⟨∇_s E, z⟩, the buffers' part included (hgtoolkit.carried)
 
 
 def _forward(problem, dyn, lrs, chunk_size, progress):

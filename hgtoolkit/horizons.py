@@ -61,7 +61,9 @@ from .lrsopt import ScheduleResult, optimize_schedule
 from .problems import Problem
 from .divergence import VALIDATION_LOSS, check_finite
 from .errors import renamed
-from .trajectory import check_lrs, make_step, progress_bar, tangent_step
+from ._step import Step, objective as step_objective
+from .carried import advance_columns, state_dot
+from .trajectory import check_lrs, initial_state, make_step, progress_bar, tangent_step
 
 __all__ = ["NQMMoments", "GreedySchedule", "nqm_moments", "nqm_expected_loss", "nqm_value_and_grad",
            "greedy_schedule",
@@ -359,7 +361,9 @@ def truncated_ladder(problem, lrs: Any, Ks: Sequence[int], optimizer: "str | _dy
     g = hypergradient(problem, lrs, dyn, mode="reverse", memory=memory).grad
     out = {k: g.clone() for k in Ks}  # the tail t ≥ T − K (all of it for K ≥ T) is g
     short = [k for k in Ks if k < T]
-    if short:
+    if short and problem.stateful:
+        _stateful_heads(problem, dyn, lrs, short, out, progress)
+    elif short:
         W = max(short)  # ring-buffer width
         step = make_step(problem, dyn)
         grad_E = grad_and_value(problem.val_loss)
@@ -386,6 +390,27 @@ def truncated_ladder(problem, lrs: Any, Ks: Sequence[int], optimizer: "str | _dy
         if not bool(torch.isfinite(v).all()):
             raise FloatingPointError(f"truncated hypergradient K={k} has non-finite entries")
     return {k: v.detach() for k, v in out.items()}
+
+
+def _stateful_heads(problem, dyn, lrs: torch.Tensor, short: list, out: dict, progress: bool) -> None:
+    r"""The heads t < T − K of the K < T rungs for a stateful problem: the same ring buffer of
+    W = max(short) columns, each a tangent (z_opt, z_b) of the state with its buffers, advanced
+    column by column by the exact forward mode's step (:func:`hgtoolkit.carried.advance_columns`:
+    the jvp of (g_t, b_{t+1}), no ``vmap``), and d⁽ᴷ⁾_t = ⟨∇_w E, z_w⟩ + ⟨∇_b E, z_b⟩."""
+    W, T = max(short), len(lrs)
+    state, Z = initial_state(problem, dyn), [None] * W
+    for s in progress_bar(range(T - 1), progress, desc="truncated horizons", leave=False):
+        j = s % W  # column s starts here; the slot held column s − W, finished at w_s
+        Z[j] = None
+        st = Step(problem, dyn, state, s, graph=any(z is not None for z in Z))
+        check_finite(st.loss, s)
+        state, Z = advance_columns(st, dyn, lrs[s], s, Z, [1.0 if i == j else None for i in range(W)])
+        ends = [k for k in short if k <= s + 1]  # column s + 1 − k is k steps old
+        if ends:
+            lam, E = step_objective(problem, dyn, state)
+            check_finite(E, s, dyn.params(state), VALIDATION_LOSS)
+            for k in ends:
+                out[k][s + 1 - k] = state_dot(lam, Z[(s + 1 - k) % W])
 
 
 def truncated(problem, lrs: Any, K: int, optimizer: "str | _dynamics.Dynamics" = "sgd", *,

@@ -296,6 +296,55 @@ def test_marthe_mu0_is_hd_and_mu1_is_rtho_on_a_stateful_problem(bn_dropout):
     _same_online(online.run(problem, "marthe", mu_rule=lambda mu, c, s: (1.0, c), **kw), rtho)
 
 
+def test_analysis_of_online_estimates_on_a_stateful_problem(bn_dropout):
+    """analyse_online replays the run with the buffers and their tangent: RTHO's h is the exact
+    constant-LR reference d⁽ᶜ⁾ (for any β), HD's (objective "val") the one-step d⁽¹⁾, and the
+    references meet the exact hypergradient where they must (d⁽¹⁾_{T−1} = g_{T−1},
+    d⁽ᶜ⁾_{T−1} = Σ g)."""
+    from hgtoolkit import analysis
+    _, _, problem, _, _ = bn_dropout
+    kw = dict(optimizer="momentum", lr=0.2, beta=1e-2, steps=8)
+    rtho = online.run(problem, "rtho", **kw)
+    rep = analysis.analyse_online(rtho, problem)
+    assert rel(torch.as_tensor(rep.estimates), torch.as_tensor(rep.constant_lr)) < 1e-10
+    g = exact.hypergradient(problem, torch.as_tensor(rtho.lrs), "momentum").grad.numpy()
+    assert np.allclose(rep.full_horizon, g, rtol=1e-12, atol=0)
+    assert abs(rep.one_step[-1] - g[-1]) <= 1e-10 * abs(g[-1])
+    assert abs(rep.constant_lr[-1] - g.sum()) <= 1e-10 * np.abs(g).sum()
+    hd = analysis.analyse_online(online.run(problem, "hd", **kw), problem)
+    assert rel(torch.as_tensor(hd.estimates), torch.as_tensor(hd.one_step)) < 1e-10
+    assert rep.summary["full_horizon"]["n_steps"] == 8
+
+
+def test_truncated_horizons_on_a_stateful_problem(bn_dropout):
+    """d⁽ᴷ⁾_t = ∂E(w_{t+K}, b_{t+K})/∂η_t: the exact hypergradient of the run cut after t + K
+    steps, the running statistics included; K = 1 is d⁽¹⁾ and K = T the hypergradient."""
+    from hgtoolkit import analysis, horizons
+    _, _, problem, _, _ = bn_dropout
+    lad = horizons.truncated_ladder(problem, LRS, [1, 3, len(LRS)], "momentum")
+    assert torch.equal(lad[len(LRS)], exact.hypergradient(problem, LRS, "momentum").grad)
+    refs = analysis.exact_references(problem, LRS, "momentum")
+    assert rel(lad[1], refs.one_step) < 1e-12
+    for t in (0, 2, 4):
+        cut = exact.hypergradient(problem, LRS[:t + 3], "momentum").grad[t]
+        assert abs(float(lad[3][t] - cut)) <= 1e-10 * abs(float(cut)), t
+
+
+def test_baselines_carry_the_buffers(bn_dropout):
+    """A schedule peer is hgtoolkit.train with its buffers; a torch.optim peer carries them too."""
+    from hgtoolkit import baselines
+    _, _, problem, _, _ = bn_dropout
+    r = baselines.run_peer(problem, "constant", 8, lr=0.2, optimizer="momentum", eval_every=4)
+    ref = trajectory.train(problem, torch.full((8,), 0.2, dtype=F64), "momentum")
+    assert r.val_losses[-1] == float(ref.value)
+    assert np.array_equal(r.train_losses, ref.train_losses.numpy())
+    pytest.importorskip("dadaptation")
+    q = baselines.run_peer(problem, "dadapt_sgd", 8, eval_every=8)  # momentum 0: SGD at its LRs
+    ref = trajectory.train(problem, torch.as_tensor(q.lrs), "sgd")
+    assert abs(q.val_losses[-1] - float(ref.value)) < 1e-12
+    assert np.allclose(q.train_losses, ref.train_losses.numpy(), rtol=1e-12, atol=0)
+
+
 def test_stateful_problem_refused_where_buffers_are_not_carried(bn_dropout):
     _, _, problem, _, _ = bn_dropout
     with pytest.raises(ValueError, match="is stateful"):
