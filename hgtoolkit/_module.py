@@ -2,12 +2,12 @@ r"""A :class:`~hgtoolkit.problems.Problem` from any ``torch.nn.Module``: :func:`
 
 The module is a template for ``torch.func.functional_call`` (a private copy on the meta device;
 the user's module is never touched). What the forward pass of minibatch t changes is part of
-the training state s_t = (w_t, β_t):
+the training state s_t = (w_t, b_t):
 
-- **buffers**: BatchNorm's running statistics β are computed out of place by
+- **buffers**: BatchNorm's running statistics b are computed out of place by
   :class:`FunctionalBatchNorm` (torch's own kernel updates them in place, outside autograd), so
-  (L_t, β_{t+1}) = ``train_loss(w_t, t, β_t)`` with β_{t+1} a differentiable function of
-  (w_t, β_t). Any other buffer written in a forward pass is refused up front.
+  (L_t, b_{t+1}) = ``train_loss(w_t, t, b_t)`` with b_{t+1} a differentiable function of
+  (w_t, b_t). Any other buffer written in a forward pass is refused up front.
 - **randomness**: every torch random draw of the forward pass of step t (dropout, …) comes from
   the generator seeded by (seed, t) and the caller's RNG state is restored afterwards, so every
   replay of step t draws the same masks.
@@ -44,7 +44,8 @@ class FunctionalBatchNorm(nn.Module):
     N values per channel), m = ``momentum`` or 1/n_{t+1} for ``momentum=None`` (the cumulative
     average). The new statistics are handed to :func:`from_module`'s ``train_loss`` (never
     written into a tensor). Eval mode with running statistics: y = (x − r_μ)/√(r_σ + ε)·γ + β,
-    differentiable in r_μ and r_σ. Same parameter and buffer names as the layer it replaces."""
+    differentiable in r_μ and r_σ (γ, β: the layer's weight and bias). Same parameter and
+    buffer names as the layer it replaces."""
 
     def __init__(self, bn: nn.Module, prefix: str):
         super().__init__()
@@ -208,8 +209,8 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
     target) -> dict`` of 0-d tensors adds validation metrics (``val_loss`` is always there).
 
     State: a module with BatchNorm layers that track running statistics gives a *stateful*
-    problem (``buffers0`` = the running statistics; (L_t, β_{t+1}) = ``train_loss(w, t, β_t)``,
-    E = ``val_loss(w, β)``): the statistics are part of the training state, differentiated
+    problem (``buffers0`` = the running statistics; (L_t, b_{t+1}) = ``train_loss(w, t, b_t)``,
+    E = ``val_loss(w, b)``): the statistics are part of the training state, differentiated
     (``differentiate_buffers=False`` detaches them, for comparison) and identical in every
     mode. Other buffers must be constants (one written in a forward pass is refused). Random
     draws in the forward pass (dropout) are a pure function of (seed, t). A module without
@@ -318,7 +319,7 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
                     return batch_loss(params, batch(t))
         else:
             def train_loss(params, t, buffers=missing):
-                """(L_t, β_{t+1}): the forward pass of minibatch t from the buffers β_t."""
+                """(L_t, b_{t+1}): the forward pass of minibatch t from the buffers b_t."""
                 if buffers is missing:
                     refuse("train_loss(w, t)")
                 data = batch(t)

@@ -38,12 +38,12 @@ class Problem:
     analytic test functions); a batch of runs is then differentiated in one autograd call
     instead of a ``vmap``.
 
-    ``buffers0`` (optional): the model's buffers β_0 (a pytree of tensors, e.g. BatchNorm's
+    ``buffers0`` (optional): the model's buffers b_0 (a pytree of tensors, e.g. BatchNorm's
     running statistics), part of the training state. A problem with buffers is *stateful*:
-    ``train_loss(w, t, β) -> (L_t, β')`` is the forward pass of minibatch t, returning the
-    buffers it updated (a differentiable function of w and β), and ``val_loss(w, β)``,
-    ``metrics(w, β)`` read them; the exact modes, :func:`hgtoolkit.train` and
-    :func:`hgtoolkit.finite_difference` carry β through the trajectory (docs/models.md).
+    ``train_loss(w, t, b) -> (L_t, b')`` is the forward pass of minibatch t, returning the
+    buffers it updated (a differentiable function of w and b), and ``val_loss(w, b)``,
+    ``metrics(w, b)`` read them; the exact modes, :func:`hgtoolkit.train` and
+    :func:`hgtoolkit.finite_difference` carry b through the trajectory (docs/models.md).
     :func:`~hgtoolkit.problems.from_module` builds one from a ``torch.nn.Module``.
 
     A loss may bring its derivatives in closed form: a callable with ``value_and_grad(w)``,

@@ -23,9 +23,9 @@ class Step:
     with closed-form derivatives (:func:`hgtoolkit.trajectory.closed_form`) keeps
     the Hessian ∇²L_t(w_t) instead of a graph and gives g_t and H_t v by its formulas.
 
-    A stateful problem (``problem.buffers0`` set): (L_t, β_{t+1}) = ``train_loss(w_t, t, β_t)``;
-    ``buffers`` is β_{t+1} detached, ``state`` the optimizer's part of s_t, and the graph is
-    that of (g_t, β_{t+1}) over (w_t, β_t): :meth:`pullback` and :meth:`pushforward` are its
+    A stateful problem (``problem.buffers0`` set): (L_t, b_{t+1}) = ``train_loss(w_t, t, b_t)``;
+    ``buffers`` is b_{t+1} detached, ``state`` the optimizer's part of s_t, and the graph is
+    that of (g_t, b_{t+1}) over (w_t, b_t): :meth:`pullback` and :meth:`pushforward` are its
     vjp and jvp (``hvp`` is for stateless problems).
     """
 
@@ -69,20 +69,20 @@ class Step:
         self.grad = tree_unflatten([x.detach() for x in g], spec)
         self.buffers = tree_unflatten([x.detach() for x in new], bspec)
         self._w = self._g = None
-        if graph:  # inputs (w, float β) and outputs (g, float β')
+        if graph:  # inputs (w, float b) and outputs (g, float b')
             self._w = w + [b[i] for i in fl]
             self._g = list(g) + [new[i] for i in fl]
 
     def pullback(self, gbar: Any, bbar: list | None, retain: bool = False) -> tuple[Any, list]:
-        r"""(w̄, β̄) = the vjp of (g_t, β_{t+1}) at (ḡ, β̄_{t+1}): H_t ḡ + (∂β'/∂w)ᵀβ̄' and
-        (∂g/∂β)ᵀḡ + (∂β'/∂β)ᵀβ̄' (β̄ lists over the float leaves; None: zero)."""
+        r"""(w̄, b̄) = the vjp of (g_t, b_{t+1}) at (ḡ, b̄_{t+1}): H_t ḡ + (∂b'/∂w)ᵀb̄' and
+        (∂g/∂b)ᵀḡ + (∂b'/∂b)ᵀb̄' (b̄ lists over the float leaves; None: zero)."""
         cots = tree_flatten(gbar)[0] + (list(bbar) if bbar is not None else [None] * (len(self._g) - self._nw))
         out = self._product(cots, retain)
         return tree_unflatten(out[:self._nw], self._spec), out[self._nw:]
 
     def pushforward(self, z_w: Any, z_b: list | None, retain: bool = False) -> tuple[Any, list]:
-        r"""(dg, dβ') = the jvp of (g_t, β_{t+1}) along (z_w, z_β): H_t z_w + (∂g/∂β) z_β and
-        (∂β'/∂w) z_w + (∂β'/∂β) z_β, as the vjp of the vjp (the kept graph, twice backwards)."""
+        r"""(dg, db') = the jvp of (g_t, b_{t+1}) along (z_w, z_b): H_t z_w + (∂g/∂b) z_b and
+        (∂b'/∂w) z_w + (∂b'/∂b) z_b, as the vjp of the vjp (the kept graph, twice backwards)."""
         tans = tree_flatten(z_w)[0] if z_w is not None else [None] * self._nw
         tans = tans + (list(z_b) if z_b is not None else [None] * (len(self._w) - self._nw))
         live = [i for i, g in enumerate(self._g) if g.requires_grad]
@@ -116,7 +116,7 @@ class Step:
         return list(out)
 
     def advance(self, dyn, lr: torch.Tensor, t: int) -> dict:
-        """s_{t+1} = D(s_t, g_t, η_t) (no graph), β_{t+1} carried for a stateful problem."""
+        """s_{t+1} = D(s_t, g_t, η_t) (no graph), b_{t+1} carried for a stateful problem."""
         with torch.no_grad():
             return with_buffers(dyn.step(self.state, self.grad, lr, t), self.buffers)
 
@@ -143,7 +143,7 @@ def add_w(state_tree: dict, hv: Any) -> dict:
 
 def objective(problem, dyn, state):
     """(∇_s E(params(s)) as a state-shaped cotangent with only "w", E): λ_T and the value; for
-    a stateful problem E = ``val_loss(w, β)`` and λ_T also holds ∇_β E (float leaves)."""
+    a stateful problem E = ``val_loss(w, b)`` and λ_T also holds ∇_b E (float leaves)."""
     if BUFFERS not in state:
         g, value = autograd_gradient(scalar_loss(problem.val_loss, "val_loss"), dyn.params(state))
         return {"w": g}, value

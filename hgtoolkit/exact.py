@@ -92,7 +92,7 @@ class HypergradResult:
     peak_memory: int | None = None
     #: mode="reversible": bytes of the information buffer at the end of the forward pass
     buffer_bytes: int | None = None
-    #: a stateful problem's buffers β_T (docs/models.md), None otherwise
+    #: a stateful problem's buffers b_T (docs/models.md), None otherwise
     buffers: Any = None
 
     def save(self, path) -> Path:
@@ -148,7 +148,7 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
         if st.buffers is None:
             sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
             out["lam"] = _add_w(sbar, st.hvp(gbar))
-        else:  # λ_t = (s̄ + H_t ḡ + (∂β'/∂w)ᵀβ̄', (∂g/∂β)ᵀḡ + (∂β'/∂β)ᵀβ̄')
+        else:  # λ_t = (s̄ + H_t ḡ + (∂b'/∂w)ᵀb̄', (∂g/∂b)ᵀḡ + (∂b'/∂b)ᵀb̄')
             sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, opt_part(lam))
             hw, bbar = st.pullback(gbar, lam[BUFFERS])
             out["lam"] = with_buffers(_add_w(sbar, hw), bbar)
@@ -235,7 +235,7 @@ def _autograd(problem, dyn, lrs, progress):
         w = dyn.params(state)
         if buffers is None:
             loss = problem.train_loss(w, t)
-        else:  # β_{t+1} keeps its graph: E(w_T, β_T) is differentiated through it
+        else:  # b_{t+1} keeps its graph: E(w_T, b_T) is differentiated through it
             loss, buffers = stateful_loss(problem.train_loss)(w, t, buffers)
         check_finite(loss, t)
         leaves, spec = torch.utils._pytree.tree_flatten(w)

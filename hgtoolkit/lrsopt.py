@@ -207,7 +207,7 @@ class _Evaluator:
         bseed = _batch_seed(self.seed, k) if self.resample else -1
         prob = self.problem.resample(bseed) if self.resample else self.problem
         r = hypergradient(prob, eta, self.dyn, self.mode, **self.kw)
-        buffers = () if r.buffers is None else (r.buffers,)  # β_T of a stateful problem
+        buffers = () if r.buffers is None else (r.buffers,)  # b_T of a stateful problem
         metrics = prob.metrics(r.params, *buffers) if prob.metrics is not None else None
         return float(r.value), r.grad, metrics, bseed
 

@@ -8,10 +8,10 @@ output). Every exact and online method differentiates this one function:
 - ``torch.func.jvp`` of it with tangent (z, ζ) gives A_t z + B_t ζ (forward mode, online).
 
 A stateful problem (``Problem.buffers0``, e.g. BatchNorm's running statistics) carries its
-buffers β in the state: s_t = (optimizer state, β_t), and
-(L_t, β_{t+1}) = ``train_loss(w_t, t, β_t)`` is the forward pass of minibatch t, so
-Φ_t(s_t, η_t) = (D(s_t, ∇_w L_t, η_t), β_{t+1}) with β_{t+1} a differentiable function of
-(w_t, β_t); E = ``val_loss(w_T, β_T)`` (docs/models.md).
+buffers b in the state: s_t = (optimizer state, b_t), and
+(L_t, b_{t+1}) = ``train_loss(w_t, t, b_t)`` is the forward pass of minibatch t, so
+Φ_t(s_t, η_t) = (D(s_t, ∇_w L_t, η_t), b_{t+1}) with b_{t+1} a differentiable function of
+(w_t, b_t); E = ``val_loss(w_T, b_T)`` (docs/models.md).
 """
 from __future__ import annotations
 
@@ -47,15 +47,15 @@ def scalar_loss(fn: Callable, name: str) -> Callable:
     return checked
 
 
-#: The key of a stateful problem's buffers β (``Problem.buffers0``) in a training state: the
-#: state is the optimizer's dict plus, for a stateful problem only, ``state[BUFFERS]`` = β_t.
-#: The exact engine's tangents and cotangents of β are lists over its floating-point leaves
+#: The key of a stateful problem's buffers b (``Problem.buffers0``) in a training state: the
+#: state is the optimizer's dict plus, for a stateful problem only, ``state[BUFFERS]`` = b_t.
+#: The exact engine's tangents and cotangents of b are lists over its floating-point leaves
 #: (integer leaves such as ``num_batches_tracked`` have none).
 BUFFERS = "buffers"
 
 
 def initial_state(problem, dyn) -> dict:
-    """s_0: ``dyn.init(params0)``, with β_0 = ``problem.buffers0`` for a stateful problem."""
+    """s_0: ``dyn.init(params0)``, with b_0 = ``problem.buffers0`` for a stateful problem."""
     s0 = dyn.init(problem.params0)
     if getattr(problem, "buffers0", None) is None:
         return s0
@@ -70,7 +70,7 @@ def opt_part(state: dict) -> dict:
 
 
 def with_buffers(state: dict, buffers: Any) -> dict:
-    """``state`` with β = ``buffers`` (``state`` itself for None)."""
+    """``state`` with b = ``buffers`` (``state`` itself for None)."""
     if buffers is None:
         return state
     return {**state, BUFFERS: buffers}
@@ -83,7 +83,7 @@ def float_leaves(buffers: Any) -> tuple[list, Any, list]:
 
 
 def stateful_loss(fn: Callable) -> Callable:
-    """A stateful problem's ``train_loss(w, t, β) -> (L_t, β')`` with its output checked."""
+    """A stateful problem's ``train_loss(w, t, b) -> (L_t, b')`` with its output checked."""
     def checked(w, t, buffers):
         out = fn(w, t, buffers)
         if not (isinstance(out, tuple) and len(out) == 2):
@@ -97,7 +97,7 @@ def stateful_loss(fn: Callable) -> Callable:
 def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
     """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)`` (the gradient in closed form for a
     :func:`closed_form` loss: its formulas are torch functions too, so ``torch.func.jvp`` of the
-    step differentiates them); β_{t+1} carried in the state of a stateful problem."""
+    step differentiates them); b_{t+1} carried in the state of a stateful problem."""
     params = dynamics.params
     if getattr(problem, "buffers0", None) is not None:
         loss_fn = stateful_loss(problem.train_loss)
@@ -234,13 +234,13 @@ def check_lrs(lrs: Any, problem, argname: str = "lrs", allow_negative: bool = Fa
 
 
 def _buffers_of(state: dict) -> tuple:
-    """(β,) of a stateful training state, () otherwise: ``val_loss``'s extra argument."""
+    """(b,) of a stateful training state, () otherwise: ``val_loss``'s extra argument."""
     return (state[BUFFERS],) if BUFFERS in state else ()
 
 
 @dataclass
 class TrainResult:
-    """A training run: final state (β_T in ``state["buffers"]`` for a stateful problem) and
+    """A training run: final state (b_T in ``state["buffers"]`` for a stateful problem) and
     parameters, per-step minibatch losses, final value E(w_T)."""
 
     state: dict

@@ -127,7 +127,7 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
         raise ValueError(f"divergence_factor must be > 1 (or None), got {divergence_factor}")
     dyn = tower.dynamics()
     one_step = make_step(problem, dyn)
-    state = initial_state(problem, dyn)  # with β_0 for a stateful problem (docs/models.md)
+    state = initial_state(problem, dyn)  # with b_0 for a stateful problem (docs/models.md)
     history = History(tower)
     one = torch.ones((), dtype=problem.dtype, device=problem.device)
     losses, diverged_at, divergence, ref = [], None, None, math.nan
