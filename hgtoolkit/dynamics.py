@@ -23,6 +23,12 @@ Both are written out for every optimizer here (a few elementwise operations, no 
 :class:`Dynamics` falls back to ``torch.func.jvp``/``vjp`` of ``step`` for a user's subclass
 that has none (or when a hyperparameter other than η is passed as a tensor). A tangent or
 cotangent given as ``None`` means zero and is never materialised.
+
+Each update is written once, on the leaf lists of a :class:`Leaves` view of the state: this
+module's methods are the reference (new tensors for every key). The same update written into
+buffers, in place with tensor-list kernels, or for some keys only is
+:mod:`hgtoolkit.fastpaths` (its :class:`~hgtoolkit.fastpaths.Buffers` view says where each
+kernel writes); tested bit for bit against the reference.
 """
 from __future__ import annotations
 
@@ -98,6 +104,21 @@ class Leaves:
     def do(self, key: str) -> list:
         """Where the tangent's ``key`` leaves go ([None…]: new tensors)."""
         return [None] * len(self.leaves["w"])
+
+    def descend(self, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any,
+                scale: Any) -> tuple[list, list]:
+        """The last part of every update: w' = w − η d and its tangent dw' = scale·(dw − η dd)
+        − dη d (``None`` tangents are zero, ``scale=None`` one), leaf by leaf into ``o("w")``
+        and ``do("w")``: (new w leaves, tangent leaves)."""
+        return self.new_w(lr, d), self.new_w_tangent(lr, d, dw, dd, dlr, scale)
+
+    def new_w(self, lr: Any, d: list) -> list:
+        """w' = w − η d, leaf by leaf (one ``addcmul`` each) into ``o("w")``."""
+        return [_axpy(p, lr, x, o) for p, x, o in zip(self.leaves["w"], d, self.o("w"))]
+
+    def new_w_tangent(self, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any) -> list:
+        """dw' = scale·(dw − η dd) − dη d, leaf by leaf into ``do("w")``."""
+        return _step_w_tangent(lr, d, dw, dd, dlr, scale, self.do("w"))
 
     def of(self, tree: Any) -> list | None:
         return None if tree is None else flatten(tree)[0]
@@ -320,21 +341,6 @@ def _axpy(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = N
     return torch.addcmul(y, a, x, value=-1, out=out)
 
 
-def _axpy_in_place(ys: list, a: Any, xs: list) -> list:
-    """y_i ← y_i − a·x_i for every leaf with one ``torch._foreach_*`` call (the per-leaf
-    ``addcmul``/``sub`` of :func:`_axpy`, so the same numbers, without a Python call per leaf);
-    leaf by leaf where the leaves' dtypes or devices differ (a number a takes each leaf's dtype)."""
-    if any(y.dtype != ys[0].dtype or y.device != ys[0].device for y in ys):
-        return [_axpy(y, a, x, y) for y, x in zip(ys, xs)]
-    if _is_one(a):
-        torch._foreach_sub_(ys, xs)
-    else:
-        if not isinstance(a, torch.Tensor):
-            a = torch.tensor(a, dtype=xs[0].dtype, device=xs[0].device)
-        torch._foreach_addcmul_(ys, [a] * len(ys), xs, value=-1)
-    return ys
-
-
 def _axpby(y: torch.Tensor, a: Any, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """y + a·x (``addcmul``; a a number or a 0-d tensor), into ``out`` when given."""
     if not isinstance(a, torch.Tensor):
@@ -360,27 +366,11 @@ def _scale_into(a: Any, x: torch.Tensor | None, out: torch.Tensor | None = None)
     return torch.mul(x, a, out=out)
 
 
-def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any = None,
-            out: list | None = None, dout: list | None = None):
-    """w' = w − η d and its tangent dw' = scale·(dw − η dd) − dη d, leaf by leaf (three
-    passes at most: the scale is applied to dw − η dd, not to the incoming tangents), written
-    into ``out``/``dout`` (buffers, may be w and dw) when given."""
-    out, dout = out or [None] * len(w), dout or [None] * len(w)
-    if len(w) > 1 and all(o is p for o, p in zip(out, w)):  # in place: one tensor-list kernel
-        new = _axpy_in_place(w, lr, d)
-    else:
-        new = [_axpy(p, lr, x, o) for p, x, o in zip(w, d, out)]
-    if dw is None and dd is None and dlr is not None and _is_one(-dlr) and not any(o is not None for o in dout):
-        return new, list(d)  # B_t for dη = −1 is d itself, whatever the scale of the zero tangents
-    if (len(w) > 1 and dw is not None and dd is not None and dlr is not None
-            and all(x is not None and o is x for o, x in zip(dout, dw)) and all(x is not None for x in dd)):
-        # in place into dw (μ A_t z + B_t of a single run): the loop's three kernels as tensor-list ones
-        _axpy_in_place(dw, lr, dd)
-        if scale is not None and not _is_one(scale):
-            torch._foreach_mul_(dw, scale)
-        return new, _axpy_in_place(dw, dlr, d)
+def _step_w_tangent(lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any, dout: list) -> list:
+    """dw' = scale·(dw − η dd) − dη d, leaf by leaf (three passes at most: the scale is applied to
+    dw − η dd, not to the incoming tangents), into ``dout`` (None entries: new tensors)."""
     tan = []
-    for i in range(len(w)):
+    for i in range(len(d)):
         ddi, dwi, o = _column(dd, i), _column(dw, i), dout[i]
         inner = None
         if ddi is not None:
@@ -397,7 +387,7 @@ def _step_w(w: list, lr: Any, d: list, dw: list | None, dd: list | None, dlr: An
                 else:
                     inner = torch.mul(d[i], -dlr, out=o)
         tan.append(inner)
-    return new, tan
+    return tan
 
 
 def _step_w_adjoint(wbar: list | None, lr: Any, d: list):
@@ -445,7 +435,7 @@ class SGD(Dynamics):
         ds = ds or {}
         w, dw = L.leaves["w"], ds.get("w")
         if "b" not in L.leaves:
-            new_w, dnew_w = _step_w(w, lr, g, dw, dg, dlr, scale, L.o("w"), L.do("w"))
+            new_w, dnew_w = L.descend(lr, g, dw, dg, dlr, scale)
             return {"w": new_w}, {"w": dnew_w}
         m, db = h["momentum"], ds.get("b")
         b = [_decay_add(bb, m, gg, o) for bb, gg, o in zip(L.leaves["b"], g, L.o("b"))]
@@ -459,7 +449,7 @@ class SGD(Dynamics):
             dd = [_add(_column(dg, i), _mul(m, dbn[i])) for i in range(len(b))]
         else:
             d, dd = b, dbn
-        new_w, dnew_w = _step_w(w, lr, d, dw, dd, dlr, scale, L.o("w"), L.do("w"))
+        new_w, dnew_w = L.descend(lr, d, dw, dd, dlr, scale)
         return {"w": new_w, "b": b}, {"w": dnew_w, "b": [_scale_into(scale, x, o) for x, o in zip(dbn, L.do("b"))]}
 
     def _hyper_adjoint(self, L, g, lr, t, h, bar, names):
@@ -578,7 +568,7 @@ class Adam(Dynamics):
             dv = [_add(_mul(b2, _column(ds.get("v"), i)), _mul(2 * (1 - b2) * g[i], _column(dg, i)))
                   for i in range(n)]
             du = [_add(_mul(du_dm[i], dm[i]), _mul(du_dv[i], dv[i])) for i in range(n)]
-        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale, L.o("w"), L.do("w"))
+        new_w, dnew_w = L.descend(lr, u, ds.get("w"), du, dlr, scale)
         return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": [_scale_into(scale, x, o) for x, o in zip(dm, L.do("m"))],
                                               "v": [_scale_into(scale, x, o) for x, o in zip(dv, L.do("v"))]}
 
@@ -655,7 +645,7 @@ class _RootScaled(Dynamics):
         da = [_add(_mul(rho, _column(ds.get(self.acc), i)), _mul(2 * c * g[i], _column(dg, i)))
               for i in range(n)]
         du = [_add(_mul(du_dg[i], _column(dg, i)), _mul(du_da[i], da[i])) for i in range(n)]
-        new_w, dnew_w = _step_w(L.leaves["w"], lr, u, ds.get("w"), du, dlr, scale, L.o("w"), L.do("w"))
+        new_w, dnew_w = L.descend(lr, u, ds.get("w"), du, dlr, scale)
         return {"w": new_w, self.acc: a}, {"w": dnew_w, self.acc: [_scale_into(scale, x, o) for x, o
                                                                    in zip(da, L.do(self.acc))]}
 

@@ -58,6 +58,26 @@ class Buffers(_dynamics.Leaves):
     def do(self, key: str) -> list:
         return self.dout.get(key) or super().do(key)
 
+    def new_w(self, lr: Any, d: list) -> list:
+        """w' = w − η d; in place (the buffers are w itself, several leaves of one dtype and
+        device): one tensor-list kernel for all leaves, the per-leaf kernels' numbers."""
+        w = self.leaves["w"]
+        if not (_one_kind(w) and all(o is p for o, p in zip(self.o("w"), w))):
+            return super().new_w(lr, d)
+        return _subtract_in_place(w, lr, d)
+
+    def new_w_tangent(self, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any) -> list:
+        """dw' = scale·(dw − η dd) − dη d; in place into dw (μ A_t z + B_t of a single run: the
+        buffers are dw itself) as three tensor-list kernels, the per-leaf kernels' numbers."""
+        if not (dw is not None and dd is not None and dlr is not None and _one_kind(dw)
+                and all(x is not None and o is x for o, x in zip(self.do("w"), dw))
+                and all(x is not None for x in dd)):
+            return super().new_w_tangent(lr, d, dw, dd, dlr, scale)
+        _subtract_in_place(dw, lr, dd)
+        if scale is not None and not _is_one(scale):
+            torch._foreach_mul_(dw, scale)
+        return _subtract_in_place(dw, dlr, d)
+
     def build_into(self, per_key: dict, into: dict, keys: Any = None) -> dict:
         """:meth:`Leaves.build`, every leaf of a key with buffers ending up in its buffer
         (written there by the update already, else copied or zeroed)."""
@@ -75,6 +95,28 @@ class Buffers(_dynamics.Leaves):
                     buf.copy_(x)
             out[k] = unflatten(bufs, self.spec)
         return out
+
+
+def _is_one(a: Any) -> bool:
+    return not isinstance(a, torch.Tensor) and a == 1
+
+
+def _one_kind(xs: list) -> bool:
+    """Several leaves of one dtype and device (what one tensor-list kernel takes)."""
+    return len(xs) > 1 and all(x.dtype == xs[0].dtype and x.device == xs[0].device for x in xs)
+
+
+def _subtract_in_place(ys: list, a: Any, xs: list) -> list:
+    """y_i ← y_i − a·x_i for every leaf with one ``torch._foreach_*`` call: the per-leaf
+    ``sub`` (a = 1) or ``addcmul(y, a, x, value=−1)`` of the reference, so the same numbers,
+    without a Python call per leaf."""
+    if _is_one(a):
+        torch._foreach_sub_(ys, xs)
+    else:
+        if not isinstance(a, torch.Tensor):
+            a = torch.tensor(a, dtype=xs[0].dtype, device=xs[0].device)
+        torch._foreach_addcmul_(ys, [a] * len(ys), xs, value=-1)
+    return ys
 
 
 def tangent(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, dstate: dict | None = None,
