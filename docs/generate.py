@@ -13,6 +13,9 @@
   the results folder (``make demo``, ``python -m hgtoolkit reproduce NAME``; the folder is
   ``hgtoolkit.experiments.common.results_root()``), headings moved one level down and figures
   given as paths.
+- the table of ``docs/reliability.md`` (between its ``% BEGIN``/``% END`` lines, rewritten in
+  place): one row per case of ``tests/reliability_cases.py``, the list that
+  ``tests/test_reliability.py`` runs, so that every row has its test and every test its row.
 Nothing is retyped: a number on those pages is one a script wrote.
 """
 from __future__ import annotations
@@ -30,6 +33,9 @@ ROOT = HERE.parent
 OUT = HERE / "_generated"
 SNAPSHOT = HERE / "data" / "benchmarks"
 BENCH_RESULTS = ROOT / "benchmarks" / "results"
+RELIABILITY = HERE / "reliability.md"
+TABLE_BEGIN = "% BEGIN the table: written by docs/generate.py from tests/reliability_cases.py (do not edit)"
+TABLE_END = "% END the table"
 
 
 def _bench_modules():
@@ -97,6 +103,58 @@ def results_page() -> str:
     return "\n\n".join(parts)
 
 
+def reliability_cases():
+    """The module ``tests/reliability_cases.py`` (tests/ is no package)."""
+    import importlib.util
+    if "reliability_cases" in sys.modules:
+        return sys.modules["reliability_cases"]
+    spec = importlib.util.spec_from_file_location("reliability_cases", ROOT / "tests" / "reliability_cases.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reliability_cases"] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["reliability_cases"]
+        raise
+    finally:
+        sys.path.remove(str(ROOT))
+    return module
+
+
+def _expected(case) -> str:
+    return "exit 2" if case.surface == "CLI" else case.expect.__name__
+
+
+def _says(case) -> str:
+    """The pattern the case's message must match, as words: escapes dropped, ``.*`` as "…"."""
+    text = re.sub(r"\.\*|\.\+", "…", case.match)
+    text = re.sub(r"\\b", "", text)
+    text = re.sub(r"\\(.)", r"\1", text)
+    return f"`{text}`" if text.strip() else ""
+
+
+def reliability_table(cases=None) -> str:
+    """The rows of docs/reliability.md: one table per surface (API, CLI), in the list's order."""
+    cases = reliability_cases().CASES if cases is None else cases
+    n_api = sum(c.surface == "API" for c in cases)
+    lines = [f"{len(cases)} cases ({n_api} API, {len(cases) - n_api} CLI). Each row is "
+             "`tests/test_reliability.py::test_case[<id>]`; the last column is the regular expression "
+             "its message (API) or its one stderr line (CLI) must match, written as words (… for any text)."]
+    for surface in ("API", "CLI"):
+        lines += ["", f"### {surface}", "", "| id | entry point | class of input | gets | its message matches |",
+                  "| --- | --- | --- | --- | --- |"]
+        lines += ["| " + " | ".join(_cell(x) for x in (f"`{c.id}`", f"`{c.entry}`", c.klass, _expected(c), _says(c)))
+                  + " |" for c in cases if c.surface == surface]
+    return "\n".join(lines) + "\n"
+
+
+def reliability_page(text: str, table: str) -> str:
+    """``text`` (docs/reliability.md) with its generated table replaced by ``table``."""
+    begin, end = text.index(TABLE_BEGIN) + len(TABLE_BEGIN), text.index(TABLE_END)
+    return text[:begin] + "\n\n" + table + "\n" + text[end:]
+
+
 def write(snapshot: bool = False) -> list[Path]:
     if snapshot:
         SNAPSHOT.mkdir(parents=True, exist_ok=True)
@@ -109,6 +167,12 @@ def write(snapshot: bool = False) -> list[Path]:
         if not path.exists() or path.read_text(encoding="utf-8") != text:
             path.write_text(text, encoding="utf-8")
         written.append(path)
+    if RELIABILITY.exists():
+        text = RELIABILITY.read_text(encoding="utf-8")
+        page = reliability_page(text, reliability_table())
+        if page != text:
+            RELIABILITY.write_text(page, encoding="utf-8")
+        written.append(RELIABILITY)
     return written
 
 

@@ -182,7 +182,12 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     groups: "OrderedDict[str, list]" = OrderedDict()
     for i, cell in enumerate(cells):
         kw, own = _cell_kwargs(cell, i)
-        base, problem, cfg, dyn, T, eval_every, val_bs, config = _setup(problem_factory, kw, own)
+        try:
+            base, problem, cfg, dyn, T, eval_every, val_bs, config = _setup(problem_factory, kw, own)
+        except (ValueError, TypeError) as exc:  # a bad setting: say which cell holds it
+            if type(exc) not in (ValueError, TypeError):
+                raise
+            raise type(exc)(f"cells[{i}]: {exc}") from exc
         key = _group_key(problem, cfg, dyn, T, eval_every, val_bs)
         groups.setdefault(key, []).append((_Run(i, kw, base, problem, cfg, config), dyn, T, eval_every, val_bs))
 

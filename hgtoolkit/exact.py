@@ -55,7 +55,7 @@ from ._tree import tree_map
 from .carried import advance_columns, state_dot
 from .divergence import VALIDATION_LOSS, check_finite
 from .reversible import reversible_reverse
-from .trajectory import (BUFFERS, check_lrs, initial_state, opt_part, progress_bar, stateful_loss,
+from .trajectory import (BUFFERS, check_lrs, initial_state, opt_part, progress_bar, scalar_loss, stateful_loss,
                          train, with_buffers)
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
@@ -234,7 +234,7 @@ def _autograd(problem, dyn, lrs, progress):
     for t in progress_bar(range(T), progress, desc="autograd", leave=False):
         w = dyn.params(state)
         if buffers is None:
-            loss = problem.train_loss(w, t)
+            loss = scalar_loss(problem.train_loss, "train_loss")(w, t)
         else:  # b_{t+1} keeps its graph: E(w_T, b_T) is differentiated through it
             loss, buffers = stateful_loss(problem.train_loss)(w, t, buffers)
         check_finite(loss, t)
@@ -242,7 +242,7 @@ def _autograd(problem, dyn, lrs, progress):
         g = torch.autograd.grad(loss, leaves, create_graph=True)
         state = dyn.step(state, torch.utils._pytree.tree_unflatten(list(g), spec), eta[t], t)
         losses.append(loss.detach())
-    value = problem.val_loss(dyn.params(state), *(() if buffers is None else (buffers,)))
+    value = scalar_loss(problem.val_loss, "val_loss")(dyn.params(state), *(() if buffers is None else (buffers,)))
     check_finite(value, T - 1, dyn.params(state), VALIDATION_LOSS)
     (grads,) = torch.autograd.grad(value, eta)
     info = {} if buffers is None else {"buffers": tree_map(lambda b: b.detach(), buffers)}

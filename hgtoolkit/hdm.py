@@ -160,7 +160,8 @@ def surrogate_grad(g_trial: torch.Tensor, g: torch.Tensor, d: torch.Tensor, D: t
 def init(config: HDMConfig, x0: torch.Tensor, oracle: Oracle) -> HDMState:
     """State at x_0 (one f and ∇f evaluation)."""
     if not isinstance(x0, torch.Tensor) or x0.ndim != 1 or not x0.is_floating_point():
-        raise TypeError("x0 must be a 1-D floating-point tensor")
+        got = (f"{x0.dtype} of shape {tuple(x0.shape)}" if isinstance(x0, torch.Tensor) else type(x0).__name__)
+        raise TypeError(f"x0 must be a 1-D floating-point tensor, got {got}")
     fx, gx = oracle(x0)
     s = lambda v: torch.tensor(v, dtype=x0.dtype, device=x0.device)
     P = s(config.p0) if config.mode == "scalar" else torch.full_like(x0, config.p0)
@@ -270,7 +271,13 @@ class HDMResult(records.RunRecord):
 
 
 def _oracle(f: Callable) -> Oracle:
-    gv = grad_and_value(f)
+    def scalar_f(x):
+        out = f(x)
+        if not isinstance(out, torch.Tensor) or out.dim() != 0:
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"f must return a scalar (0-d) tensor, got {got}; reduce it, e.g. with .sum()")
+        return out
+    gv = grad_and_value(scalar_f)
 
     def oracle(x):
         g, fx = gv(x)

@@ -292,8 +292,8 @@ def _load_checkpoint(path: Path, config: dict, eta0: torch.Tensor, device) -> di
     (:class:`hgtoolkit.records.CorruptedFileError`) and nothing of it is used."""
     if not path.exists():
         return None
-    ckpt = records.load_torch(path, f"checkpoint_path {str(path)!r}", "delete it, or pass resume=False to "
-                              "start afresh (it is replaced)", map_location=device)
+    ckpt = records.load_torch(path, f"checkpoint_path {str(path)!r}", "delete it, or pass resume=False "
+                              "(CLI: --overwrite) to start afresh (it is replaced)", map_location=device)
     if (not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT
             or not all(k in ckpt for k in ("config", "lrs0", "state"))):
         raise ValueError(f"checkpoint_path {str(path)!r} is not an LRS-OPT checkpoint")

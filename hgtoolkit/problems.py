@@ -70,10 +70,14 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
     function's ``default_start``.
     """
     import testfunctions
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float64), got {dtype!r}")
+    start = None
     if isinstance(f, str):
         fn = testfunctions.get(f)
         name = name or fn.name
-        x0 = fn.default_start if x0 is None else x0
+        start = torch.as_tensor(fn.default_start)
+        x0 = start if x0 is None else x0
         f = fn
     if not callable(f):
         raise TypeError(f"f must be callable or a test-function name, got {type(f).__name__}")
@@ -81,6 +85,9 @@ def from_function(f: Any, x0: Any = None, *, dtype: torch.dtype = torch.float64,
         raise ValueError("x0 is required when f is a callable")
     device = resolve_device(device)
     x0 = torch.as_tensor(x0, dtype=dtype, device=device).clone()
+    if start is not None and x0.shape[-1:] != start.shape[-1:]:
+        raise ValueError(f"x0 must have shape {tuple(start.shape)} (or (..., {start.shape[-1]})) for "
+                         f"{name!r}, a function of {start.shape[-1]} variables; got {tuple(x0.shape)}")
     analytic = isinstance(f, testfunctions.TestFunction)
     if analytic:
         train_loss = val_loss = ClosedFormLoss(f)

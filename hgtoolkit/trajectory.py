@@ -94,6 +94,20 @@ def stateful_loss(fn: Callable) -> Callable:
     return checked
 
 
+def explain_in_place(exc: RuntimeError) -> Exception:
+    """torch.func's refusal of an in-place write to a captured tensor, said in the problem's terms
+    (the usual cause: a BatchNorm module's running statistics); ``exc`` itself otherwise."""
+    if "mutate a captured Tensor" not in str(exc):
+        return exc
+    return ValueError("problem.train_loss writes in place to a tensor it does not take as an argument "
+                      "(torch.func refuses it), typically a BatchNorm layer's running statistics when a "
+                      "module is called through torch.func.functional_call in training mode: its buffers "
+                      "would change behind the training state. Build the problem with "
+                      "hgtoolkit.problems.from_module(model, loss_fn, train_data, val_data, batch_size=...), "
+                      "which carries the buffers as training state (docs/models.md), or give the Problem "
+                      "buffers0 and train_loss(w, t, buffers) -> (loss, new_buffers)")
+
+
 def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
     """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)`` (the gradient in closed form for a
     :func:`closed_form` loss: its formulas are torch functions too, so ``torch.func.jvp`` of the
@@ -119,7 +133,10 @@ def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
         grad_loss = grad_and_value(scalar_loss(problem.train_loss, "train_loss"))
 
     def step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
-        g, loss = grad_loss(params(state), t)
+        try:
+            g, loss = grad_loss(params(state), t)
+        except RuntimeError as exc:
+            raise explain_in_place(exc) from exc
         return dynamics.step(state, g, lr, t), loss
 
     return step

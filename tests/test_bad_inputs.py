@@ -1,7 +1,9 @@
 """Every bad input is answered: the API raises ValueError/TypeError (FileNotFoundError for a
 missing file) naming the argument or the file; the CLI prints one line on stderr and exits with
 status 2; nothing half-written is left on disk. Also the runs that used to blow up or go wrong
-silently: they are flagged (record + terminal) or refused."""
+silently: they are flagged (record + terminal) or refused. The single bad inputs (one call, one
+message) are rows of the reliability table: tests/reliability_cases.py, run by
+tests/test_reliability.py; this file keeps the sequences (write, break, resume) and the runs."""
 import json
 import os
 import subprocess
@@ -12,16 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from hgtoolkit import DivergenceWarning, exact, lrsopt, online, problems, records, sweep, towers
+from hgtoolkit import DivergenceWarning, exact, problems, sweep, towers
 from hgtoolkit.cli import main as cli_main
 
 BEALE = problems.get("beale")
 T = 4
-LRS = torch.full((T,), 1e-3, dtype=torch.float64)
-
-
-def _vector_loss_problem():
-    return problems.Problem(torch.zeros(3, dtype=torch.float64), lambda w, t: w ** 2, lambda w: (w ** 2).sum())
 
 
 def _write(path, data: bytes):
@@ -30,103 +27,7 @@ def _write(path, data: bytes):
     return path
 
 
-# ----------------------------------------------------------------------------- the API
-
-API_CASES = {  # id: (call, exception, message naming the argument)
-    "lrs NaN": (lambda tmp: exact.hypergradient(BEALE, [1e-3, float("nan")]), ValueError, r"lrs contains NaN"),
-    "lrs inf": (lambda tmp: exact.hypergradient(BEALE, [1e-3, float("inf")]), ValueError, r"lrs contains NaN or inf"),
-    "lrs negative": (lambda tmp: exact.hypergradient(BEALE, [1e-3, -1e-3]), ValueError, r"lrs must be ≥ 0"),
-    "lrs empty": (lambda tmp: exact.hypergradient(BEALE, []), ValueError, r"lrs is empty"),
-    "lrs 2-D": (lambda tmp: exact.hypergradient(BEALE, torch.ones(2, 2) * 1e-3), ValueError, r"lrs must be 1-D"),
-    "lrs a string": (lambda tmp: exact.hypergradient(BEALE, "1e-3"), TypeError, r"lrs must be a 1-D"),
-    "lrs complex": (lambda tmp: exact.hypergradient(BEALE, torch.ones(3, dtype=torch.complex64)), TypeError,
-                    r"lrs must be real"),
-    "lrs on another device": (lambda tmp: exact.hypergradient(BEALE, torch.ones(3, device="meta")), ValueError,
-                              r"lrs is on meta"),
-    "direction NaN": (lambda tmp: exact.directional_derivative(BEALE, LRS, [float("nan")] * T), ValueError,
-                      r"direction contains NaN"),
-    "direction wrong length": (lambda tmp: exact.directional_derivative(BEALE, LRS, [1.0] * (T + 1)), ValueError,
-                               r"direction must have the schedule's shape"),
-    "direction 2-D": (lambda tmp: exact.directional_derivative(BEALE, LRS, torch.ones(T, 1)), ValueError,
-                      r"direction must be 1-D"),
-    "unknown optimizer": (lambda tmp: exact.hypergradient(BEALE, LRS, "adamw2"), ValueError, r"adamw2"),
-    "unknown mode": (lambda tmp: exact.hypergradient(BEALE, LRS, "sgd", "sideways"), ValueError, r"mode"),
-    "unknown problem": (lambda tmp: problems.get("bael"), ValueError, r"unknown problem 'bael'"),
-    "unknown problem keyword": (lambda tmp: problems.get("beale", n_train=10), TypeError,
-                                r"problem 'beale' takes no argument 'n_train'"),
-    "dtype not a float type": (lambda tmp: problems.get("synthetic_mlp", dtype="int8"), TypeError, r"dtype must be"),
-    "hidden malformed": (lambda tmp: problems.get("synthetic_mlp", hidden="[64"), ValueError, r"hidden must be"),
-    "hidden zero width": (lambda tmp: problems.get("synthetic_mlp", hidden=[0]), ValueError, r"hidden must be"),
-    "non-scalar loss": (lambda tmp: exact.hypergradient(_vector_loss_problem(), LRS), ValueError,
-                        r"problem\.train_loss must return a scalar"),
-    "finite_difference steps=[T]": (lambda tmp: exact.finite_difference(BEALE, LRS, steps=[T]), ValueError,
-                                    r"steps\[0\]=4 is out of range"),
-    "finite_difference eps<0": (lambda tmp: exact.finite_difference(BEALE, LRS, eps=-1.0), ValueError, r"eps must be"),
-    "online hd with mu": (lambda tmp: online.run(BEALE, "hd", lr=1e-3, beta=1e-7, mu=0.5, steps=3), ValueError,
-                          r"mu=0\.5 contradicts method='hd'"),
-    "online negative beta": (lambda tmp: online.run(BEALE, "rtho", lr=1e-3, beta=-1.0, steps=3), ValueError, r"beta"),
-    "online unknown method": (lambda tmp: online.run(BEALE, "sgdr", lr=1e-3, beta=1e-7, steps=3), ValueError,
-                              r"unknown method 'sgdr'"),
-    "tower spec": (lambda tmp: towers.parse("sgd(lr=-1)"), ValueError, r"lr"),
-    "tower divergence_factor": (lambda tmp: towers.run(BEALE, "sgd(lr=1e-4)", 2, divergence_factor=0.5), ValueError,
-                                r"divergence_factor"),
-    "grid YAML malformed": (lambda tmp: sweep.load_grids(_write(tmp / "g.yaml", b"name: [x\nproblem: {")),
-                            ValueError, r"g\.yaml: not valid YAML"),
-    "grid unknown top-level key": (lambda tmp: sweep.load_grids(_write(tmp / "g.yaml", b"name: x\nproblem: "
-                                   b"{name: beale}\nkind: train\nfixed: {lr: 1e-3, steps: 3}\nfixd: {}\n")),
-                                   ValueError, r"unknown top-level key 'fixd'"),
-    "grid file missing": (lambda tmp: sweep.load_grids(tmp / "nope.yaml"), FileNotFoundError, r"nope\.yaml"),
-    "sweep lock_timeout": (lambda tmp: sweep.run({"name": "g", "problem": {"name": "beale"}, "kind": "train",
-                                                  "fixed": {"lr": 1e-3, "steps": 2}}, tmp / "s", lock_timeout=-1),
-                           ValueError, r"lock_timeout"),
-    "lrsopt resume without a path": (lambda tmp: lrsopt.optimize_schedule(BEALE, LRS, 1, 1e-4, resume=True,
-                                                                          progress=False),
-                                     ValueError, r"resume=True needs checkpoint_path"),
-    "online record corrupt": (lambda tmp: online.OnlineResult.load(_write(tmp / "r.json", b'{"kind": "onl')),
-                              ValueError, r"r\.json: corrupted \(not a valid JSON record"),
-    "tower record not JSON": (lambda tmp: towers.TowerResult.load(_write(tmp / "t.json", b"\x80\x81garbage")),
-                              ValueError, r"t\.json: corrupted \(not a text"),
-    "npz truncated": (lambda tmp: records.load_arrays(_write(tmp / "a.npz", b"PK\x03\x04trunc")), ValueError,
-                      r"a\.npz: cannot read the arrays"),
-}
-
-
-@pytest.mark.parametrize("case", list(API_CASES))
-def test_api_rejects_bad_input_naming_it(case, tmp_path):
-    call, exc, message = API_CASES[case]
-    before = set(tmp_path.rglob("*"))
-    with pytest.raises(exc, match=message):
-        call(tmp_path)
-    assert {p for p in tmp_path.rglob("*") if p.suffix not in (".json", ".yaml", ".npz")} <= before
-
-
 # ----------------------------------------------------------------------------- LRS-OPT checkpoints
-
-def _ckpt_bytes(kind, tmp_path):
-    if kind == "empty":
-        return b""
-    if kind == "garbage":
-        return b"this is not a checkpoint\n" * 4
-    if kind == "foreign":  # a valid torch file of something else
-        path = tmp_path / "foreign.pt"
-        torch.save({"weights": torch.zeros(2)}, path)
-        return path.read_bytes()
-    good = tmp_path / "good"
-    lrsopt.optimize_schedule(BEALE, LRS, 1, 1e-4, checkpoint_path=good / "c.pt", progress=False)
-    data = (good / "c.pt").read_bytes()
-    return data[: len(data) // 2]  # truncated
-
-
-@pytest.mark.parametrize("kind", ["empty", "garbage", "truncated", "foreign"])
-def test_lrsopt_resume_from_a_broken_checkpoint(kind, tmp_path, capsys):
-    ckpt = _write(tmp_path / "out" / "lrsopt.ckpt.pt", _ckpt_bytes(kind, tmp_path))
-    with pytest.raises(ValueError, match=r"checkpoint_path .*lrsopt\.ckpt\.pt.*(corrupted|not an LRS-OPT)"):
-        lrsopt.optimize_schedule(BEALE, LRS, 2, 1e-4, checkpoint_path=ckpt, resume=True, progress=False)
-    code, err = run_cli(["lrsopt", "--steps", str(T), "--outer-steps", "2", "--resume", "--no-progress",
-                         "--out", str(tmp_path / "out")], capsys)
-    assert code == 2 and "lrsopt.ckpt.pt" in err
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lrsopt.ckpt.pt"]  # nothing else written
-
 
 def test_lrsopt_resume_with_a_changed_config_and_refusal_to_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
@@ -191,53 +92,6 @@ def run_cli(argv, capsys):
     if code == 2:
         assert len(err.strip().splitlines()) == 1, err
     return code, err
-
-
-CLI_CASES = {  # id: (argv, text the one stderr line must contain)
-    "online hd with --mu": (["online", "--method", "hd", "--beta", "1e-7", "--mu", "0.5"], "--mu"),
-    "online rtho with --kappa": (["online", "--method", "rtho", "--beta", "1e-7", "--kappa", "1e-3"], "--kappa"),
-    "online negative --beta": (["online", "--beta", "-1"], "--beta"),
-    "online --mu above 1": (["online", "--mu", "1.5"], "--mu"),
-    "online --steps 0": (["online", "--steps", "0"], "--steps"),
-    "online --lr-floor word": (["online", "--lr-floor", "low"], "--lr-floor"),
-    "--problem-arg hidden=[64": (["hypergrad", "--problem", "synthetic_mlp", "--problem-arg", "hidden=[64"],
-                                 "hidden=[64"),
-    "--problem-arg unknown key": (["hypergrad", "--problem-arg", "n_train=3"], "n_train"),
-    "--problem-arg dtype=int8": (["hypergrad", "--problem", "synthetic_mlp", "--problem-arg", "dtype=int8"], "dtype"),
-    "--problem-arg not a keyword": (["hypergrad", "--problem-arg", "1x=3"], "KEY=VALUE"),
-    "unknown problem": (["hypergrad", "--problem", "nonesuch"], "unknown problem"),
-    "unknown optimizer": (["hypergrad", "--optimizer", "adamw2"], "--optimizer"),
-    "--schedule missing": (["hypergrad", "--schedule", "missing.npy"], "does not exist"),
-    "lrsopt --resume --overwrite": (["lrsopt", "--resume", "--overwrite"], "contradict"),
-    "towers bad spec": (["towers", "--tower", "sgd(lr=oops)"], "lr"),
-    "sweep grid missing": (["sweep", "no-such-grid.yaml"], "no-such-grid.yaml"),
-    "sweep --threads 0": (["sweep", "no-such-grid.yaml", "--threads", "x"], "--threads"),
-}
-
-
-@pytest.mark.parametrize("case", list(CLI_CASES))
-def test_cli_rejects_bad_input_with_one_line_and_status_2(case, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    argv, text = CLI_CASES[case]
-    out = tmp_path / "out"
-    if argv[0] != "sweep":
-        argv = argv + ["--out", str(out)]
-    code, err = run_cli(argv, capsys)
-    assert code == 2 and text in err, err
-    assert not out.exists()  # nothing written
-
-
-@pytest.mark.parametrize("body, message", [
-    (b"name: g\nproblem: {name: beale}\nkind: train\naxes: {lr: [1e-3, ]\n", "not valid YAML"),
-    (b"name: g\nproblem: {name: beale}\nkind: train\nfixed: {lr: 1e-3, steps: 3, momentum: 0.9}\n",
-     "unknown key 'momentum'"),
-    (b"- just\n- a list\n", "expected a mapping"),
-])
-def test_cli_sweep_rejects_malformed_grids(body, message, tmp_path, capsys):
-    grid = _write(tmp_path / "g.yaml", body)
-    code, err = run_cli(["sweep", str(grid), "--out", str(tmp_path / "out")], capsys)
-    assert code == 2 and message in err
-    assert not (tmp_path / "out").exists()
 
 
 def test_cli_problem_arg_dtype_word_is_understood(tmp_path, capsys):

@@ -184,15 +184,6 @@ def test_problem_arg_values_are_parsed_by_the_parameter_type(tmp_path, monkeypat
         assert f"--problem-arg {arg}: {says}" in err and err.count("\n") == 1
 
 
-def test_a_non_schedule_file_for_schedule_names_the_flag(tmp_path, capsys):
-    from hgtoolkit.cli import main
-    for name, content in (("x.npy", b"not numpy at all"), ("x.npz", b"PK\x03\x04broken"), ("x.json", b'{"a": 1}')):
-        (tmp_path / name).write_bytes(content)
-        assert main(["hypergrad", "--schedule", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
-        err = capsys.readouterr().err
-        assert f"--schedule '{tmp_path / name}' is not a schedule file" in err and "pickle" not in err
-
-
 def test_an_empty_or_garbage_checkpoint_is_corrupted_not_old(tmp_path, recwarn):
     for content in (b"", b"garbage" * 10):
         (tmp_path / "c.pt").write_bytes(content)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hgtoolkit import batched, dynamics, exact, online, problems, towers, trajectory
+from hgtoolkit import batched, exact, online, problems, towers, trajectory
 
 F64 = torch.float64
 CE = nn.functional.cross_entropy
@@ -343,33 +343,6 @@ def test_baselines_carry_the_buffers(bn_dropout):
     ref = trajectory.train(problem, torch.as_tensor(q.lrs), "sgd")
     assert abs(q.val_losses[-1] - float(ref.value)) < 1e-12
     assert np.allclose(q.train_losses, ref.train_losses.numpy(), rtol=1e-12, atol=0)
-
-
-def test_stateful_problem_refused_where_buffers_are_not_carried(bn_dropout):
-    _, _, problem, _, _ = bn_dropout
-    with pytest.raises(ValueError, match="is stateful"):
-        problem.train_loss(problem.params0, 0)
-    with pytest.raises(ValueError, match="is stateful"):
-        problem.val_loss(problem.params0)
-    with pytest.raises(ValueError, match="holds no buffers"):
-        trajectory.make_step(problem, dynamics.sgd())({"w": problem.params0}, LRS[0], 0)
-    with pytest.raises(ValueError, match="carries buffers"):
-        exact.hypergradient(problem, LRS, "momentum", mode="reversible")
-
-
-def test_bad_arguments():
-    model = cnn()
-    tr, va = data()
-    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
-        problems.from_module(lambda x: x, CE, tr, va, batch_size=4)
-    with pytest.raises(ValueError, match="batch_size must be an int in"):
-        problems.from_module(model, CE, tr, va, batch_size=100)
-    with pytest.raises(ValueError, match="val_mode must be"):
-        problems.from_module(model, CE, tr, va, batch_size=4, val_mode="test")
-    with pytest.raises(ValueError, match="same number of examples"):
-        problems.from_module(model, CE, (tr[0], tr[1][:3]), va, batch_size=4)
-    with pytest.raises(TypeError, match="train_data must be"):
-        problems.from_module(model, CE, 3, va, batch_size=4)
 
 
 def test_val_mode_train_reads_no_running_statistics():

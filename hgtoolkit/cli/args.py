@@ -11,13 +11,15 @@ import ast
 
 from ..settings import Spec
 
-__all__ = ["DTYPES", "key_value", "positive_int", "positive_float", "add_problem", "add_out",
+__all__ = ["DTYPES", "key_value", "positive_int", "non_negative_int", "positive_float", "add_problem", "add_out",
            "add_progress", "make_problem", "settings"]
 
 DTYPES = ("float32", "float64")
 
 #: ``"3"`` → 3 (ArgumentTypeError "expected a positive integer" otherwise)
 positive_int = Spec("", kind="int", lo=1).parse
+#: ``"0"`` → 0 (ArgumentTypeError "expected an integer ≥ 0" otherwise)
+non_negative_int = Spec("", kind="int", lo=0).parse
 #: ``"1e-3"`` → 0.001 (ArgumentTypeError "expected a number > 0" otherwise)
 positive_float = Spec("", lo=0, open_lo=True).parse
 

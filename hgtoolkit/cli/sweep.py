@@ -25,14 +25,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="results", help="parent directory (default: results/)")
     p.add_argument("--results-dir", default=None,
                    help="the sweep's directory (default: <out>/<grid name>)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray (default: all)")
+    p.add_argument("--num-cpus", type=cli_args.positive_int, default=None, help="CPUs of a local Ray (default: all)")
     p.add_argument("--num-gpus", type=float, default=None,
                    help="GPUs per Ray task (default: 1 if the problem asks for cuda and the cluster has GPUs)")
-    p.add_argument("--chunk-size", type=int, default=None,
+    p.add_argument("--chunk-size", type=cli_args.positive_int, default=None,
                    help="cells per Ray task (default: about cells / (4 × CPUs))")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=cli_args.positive_int, default=1,
                    help="torch threads inside a cell (default 1: identical numbers on every executor)")
-    p.add_argument("--max-retries", type=int, default=3, help="Ray retries of a task whose worker died")
+    p.add_argument("--max-retries", type=cli_args.non_negative_int, default=3, help="Ray retries of a task whose worker died")
     p.add_argument("--ship-code", action="store_true",
                    help="upload this hgtoolkit to the Ray workers (runtime_env py_modules)")
     p.add_argument("--driver-writes", action="store_true", default=None,

@@ -347,6 +347,9 @@ def run(grids: "Grid | Sequence[Grid] | str | os.PathLike | dict", results_dir: 
             raise ModuleNotFoundError("executor='ray' needs Ray: pip install 'hgtoolkit[ray]'")
     if worker_writes is None:
         worker_writes = not (isinstance(address, str) and address.startswith("ray://"))
+    if os.path.exists(results_dir) and not os.path.isdir(results_dir):
+        raise ValueError(f"results_dir {os.fspath(results_dir)!r} is a file; expected a directory (new or "
+                         "holding earlier results of these grids)")
     store = Store(results_dir)
     token = uuid.uuid4().hex
     store.acquire(token, lock_timeout)
