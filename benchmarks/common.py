@@ -25,13 +25,15 @@ def cpu_model() -> str:
 
 
 def env_info(threads: int | None = None) -> dict:
-    """Versions, CPU, torch threads and the load average (this machine may be shared)."""
+    """Versions, CPU, torch threads, the load average (this machine may be shared) and the
+    date of the measurement (UTC; what docs/generate.py shows with the numbers)."""
     import numpy
     import torch
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": threads if threads is not None else torch.get_num_threads(),
-            "loadavg": list(os.getloadavg())}
+            "loadavg": list(os.getloadavg()),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:

@@ -15,7 +15,7 @@ are drawn at every setting:
 
 Panels: (a) the paths w_0 … w_T over the contours of f, (b) the schedules η_t, (c) the selected
 run's online estimates h_{t+1} against the exact hypergradient g_t = ∂f(w_T)/∂η_t of its own
-schedule over the horizon T (:func:`hgtoolkit.exact.hypergradient`, reverse mode), (d) their
+schedule over the horizon T (reverse mode, as :func:`hgtoolkit.exact.hypergradient`), (d) their
 relative error |h_{t+1} − g_t| / |g_t| (:func:`hgtoolkit.analysis.relative_error`), with the
 cosine and the sign agreement.
 
@@ -23,10 +23,14 @@ How a move stays fast: the online runs of every slider setting (η₀ × β × �
 the largest horizon) are ONE batched computation (:func:`hgtoolkit.batched.run_online_batch`:
 the rows of a row-wise test function side by side) when the explorer opens, and their paths
 one row-wise replay; the runs at horizon T < T_max are the first T steps of those (the online
-recursion is causal: the arrays are the same numbers as ``online.run(..., steps=T)``). A move
-then looks its four runs up, computes the exact hypergradient of the selected run over T, and
-redraws. A setting off the sliders' grids (``update(beta=3.3e-7)``) is computed on demand, as
-one batch of its four runs. ``benchmarks/bench_explore.py`` measures the time per move.
+recursion is causal: the arrays are the same numbers as ``online.run(..., steps=T)``). The
+exact reference of every run at every horizon of the grid is one row-wise reverse pass along
+those paths (:func:`exact_rows`: the adjoint of gradient descent, λ_T = ∇f(w_T),
+g_t = −λ_{t+1}·∇f(w_t), λ_t = λ_{t+1} − η_t ∇²f(w_t) λ_{t+1}, one row per run and horizon).
+A move then only looks its four runs and the reference up and redraws the figure on a canvas
+kept between moves (the text layouts it caches are reused). A setting off the sliders' grids
+(``update(beta=3.3e-7)``, ``update(steps=45)``) is computed on demand, as one batch of its four
+runs and their references. ``benchmarks/bench_explore.py`` measures the time per move.
 
 Without ipywidgets (``pip install "hgtoolkit[notebooks]"``) the explorer shows the figure of
 its current setting, static; :meth:`Explorer.update` redraws it.
@@ -42,7 +46,7 @@ import torch
 
 from .errors import renamed
 
-__all__ = ["explore", "Explorer", "RUNS", "GRIDS"]
+__all__ = ["explore", "Explorer", "RUNS", "GRIDS", "exact_rows"]
 
 #: The four runs drawn at every setting: key → (label, colour).
 RUNS = {"hd": ("HD", "tab:blue"), "rtho": ("RTHO", "tab:red"), "marthe": ("MARTHE", "tab:green"),
@@ -143,13 +147,15 @@ class Explorer:
             self.settings[name] = _check_setting(name, value, self.max_steps)
         self._syncing = False
         self._runs: dict[tuple, tuple] = {}    # cell key → (OnlineResult over max_steps, path)
-        self._exact: dict[tuple, Any] = {}     # (cell key, T) → HypergradResult
+        self._refs: dict[tuple, Any] = {}      # (cell key, T) → (g_0 … g_{T−1}, f(w_T)) or None
+        self._exact: dict[tuple, Any] = {}     # (cell key, T) → HypergradResult (exact())
         self.open_seconds = None
         self.last_move = None
+        self._background = None  # ((size, dpi), the static part's pixels): render()
         start = time.perf_counter()
         if precompute:
             self._ensure([c for c in self._grid_cells()])
-        self._ensure(list(self._cells().values()))
+        self._ensure(list(self._cells().values()), horizons=(self.settings["steps"],))
         self.open_seconds = time.perf_counter() - start
         self.figure = self._build_figure()
         self._draw()
@@ -194,9 +200,11 @@ class Explorer:
     def _key(cell: Mapping[str, Any]) -> tuple:
         return tuple(sorted(cell.items()))
 
-    def _ensure(self, cells: list[dict]) -> None:
+    def _ensure(self, cells: list[dict], horizons: Sequence[int] = ()) -> None:
         """Compute the cells not yet cached: one batch (:func:`batched.run_online_batch`) and
-        one row-wise replay of their schedules (the paths)."""
+        one row-wise replay of their schedules (the paths); then the exact references of the
+        cells at the ``horizons`` (and the grid's, for new cells) not yet cached: one
+        :func:`exact_rows` pass."""
         from . import batched
         from .divergence import recorded
         todo, seen = [], set()
@@ -205,22 +213,38 @@ class Explorer:
             if k not in self._runs and k not in seen:
                 seen.add(k)
                 todo.append(c)
-        if not todo:
-            return
-        with recorded():  # a diverged run is drawn up to where it stopped, and says so
-            results = batched.run_online_batch(None, [dict(c, problem=self.problem) for c in todo])
-        paths = _replay_rows(self.problem, [r.lrs for r in results])
-        for c, r, p in zip(todo, results, paths):
-            self._runs[self._key(c)] = (r, p)
+        if todo:
+            with recorded():  # a diverged run is drawn up to where it stopped, and says so
+                results = batched.run_online_batch(None, [dict(c, problem=self.problem) for c in todo])
+            paths = _replay_rows(self.problem, [r.lrs for r in results])
+            for c, r, p in zip(todo, results, paths):
+                self._runs[self._key(c)] = (r, p)
+        pairs = [(c, T) for c in cells for T in horizons] + [(c, T) for c in todo for T in self.grids["steps"]]
+        wanted = [k for k in dict.fromkeys((self._key(c), int(T)) for c, T in pairs) if k not in self._refs]
+        computable = [k for k in wanted if self._runs[k[0]][0].steps_run >= k[1]]
+        for k in wanted:  # a run that diverged before T has no reference
+            self._refs[k] = None
+        if computable:
+            refs = exact_rows(self.problem, [self._runs[k][1] for k, _ in computable],
+                              [self._runs[k][0].lrs for k, _ in computable], [T for _, T in computable])
+            self._refs.update(zip(computable, refs))
 
     def runs(self) -> dict[str, Any]:
         """``{run key: OnlineResult}`` at the current setting (over the largest horizon)."""
         return {key: self._runs[self._key(c)][0] for key, c in self._cells().items()}
 
+    def reference(self) -> "tuple[np.ndarray, float] | None":
+        """(g_0 … g_{T−1}, f(w_T)): the exact hypergradient drawn for the selected run over the
+        current horizon T (:func:`exact_rows`, cached), or None when that run diverged before T
+        (or its hypergradient is not finite)."""
+        cell = self._cells()[self.settings["method"]]
+        return self._refs.get((self._key(cell), self.settings["steps"]))
+
     def exact(self):
         """The exact hypergradient (:class:`~hgtoolkit.exact.HypergradResult`) of the selected
-        run's schedule η_0 … η_{T−1} (reverse mode; cached), or None when that run diverged
-        before T."""
+        run's schedule η_0 … η_{T−1} from :func:`hgtoolkit.exact.hypergradient` (reverse mode;
+        cached; the numbers of :meth:`reference`, which the figure draws), or None when that
+        run diverged before T."""
         from .exact import hypergradient
         cell = self._cells()[self.settings["method"]]
         T = self.settings["steps"]
@@ -247,7 +271,7 @@ class Explorer:
         for name, value in changes.items():
             new[name] = _check_setting(name, value, self.max_steps)
         w0, c0 = time.perf_counter(), time.process_time()
-        self._ensure(list(self._cells(new).values()))
+        self._ensure(list(self._cells(new).values()), horizons=(new["steps"],))
         self.settings = new
         self._draw()
         self._show()
@@ -277,8 +301,10 @@ class Explorer:
         import matplotlib.pyplot as plt
         from matplotlib import ticker
         from . import plotting
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         fig, axes = plotting.figure(ncols=2, nrows=2, width=5.2, height=3.7)
         plt.close(fig)  # shown by the explorer (Output widget / display), not by pyplot
+        FigureCanvasAgg(fig)  # its own canvas, kept: each move reuses its renderer and the text layouts it cached
         fig.set_dpi(_DPI)
         self._axes = ax_path, ax_lr, ax_h, ax_err = list(np.ravel(axes))
         # a fixed window around the start, the minimiser and the paths of the grid's runs
@@ -357,14 +383,16 @@ class Explorer:
         ax_lr.set_xlim(0, T)
 
         r = self.runs()[selected]
-        ref = self.exact()
+        ref = self.reference()
         label = RUNS[selected][0]
         if ref is None:
             for line in (self._h_line, self._g_line, self._err_line):
                 line.set_data([], [])
-            self._err_text.set_text(f"{label} diverged at t = {r.diverged_at} < T = {T}:\nno exact reference")
+            why = (f"diverged at t = {r.diverged_at} < T = {T}" if r.steps_run < T else
+                   "has a non-finite exact hypergradient")
+            self._err_text.set_text(f"{label} {why}:\nno exact reference")
         else:
-            h, g = r.hypergrads[:T], ref.grad.detach().cpu().numpy()
+            (g, value), h = ref, r.hypergrads[:T]
             t = np.arange(T)
             self._h_line.set_data(t, h)
             self._g_line.set_data(t, g)
@@ -373,7 +401,7 @@ class Explorer:
             agree = float(np.mean(analysis.sign_agreement(h, g)))
             self._err_text.set_text(f"{label}: cos(h, g) = {analysis.cosine_similarity(h, g):.3f}, "
                                     f"sign agreement {100 * agree:.0f} %\n"
-                                    f"f(w_T) = {float(ref.value):.4g}")
+                                    f"f(w_T) = {value:.4g}")
             peak = float(np.nanmax(np.abs(np.concatenate([h, g])))) if T else 0.0
             ax_h.set_yscale("symlog", linthresh=max(1e-3 * peak, 1e-300) if peak > 0 else 1.0)
             ax_h.yaxis.set_major_formatter(self._plain)  # set_yscale put the default ones back
@@ -385,7 +413,7 @@ class Explorer:
             ax.autoscale_view()
             ax.set_xlim(0, T)
         mu = s["mu"]
-        self.figure.suptitle(f"{self.fn.name}: gradient descent from {tuple(self.fn.default_start)}, "
+        self._title = self.figure.suptitle(f"{self.fn.name}: gradient descent from {tuple(self.fn.default_start)}, "
                              f"η₀ = {_fmt(s['lr'])}, β = {_fmt(s['beta'])}, μ = {_fmt(mu)}, "
                              f"κ = {_fmt(s['kappa'])}, T = {T}", fontsize=9, y=0.995, va="top")
 
@@ -421,12 +449,48 @@ class Explorer:
                             w.HBox([widgets["mu"], widgets["kappa"]]), widgets["method"], self._image])
         return widgets
 
+    def _dynamic_artists(self) -> list:
+        """What a move changes, in the order a full draw paints it: panel (a) from its first
+        run line on (the lines, the spines, the titles, the legend over them), panels (b)–(d)
+        and the figure's title. The rest (the contours, panel (a)'s axes, the colour bar) is
+        the same at every setting."""
+        ax_path = self._axes[0]
+        order = sorted((a for a in ax_path.get_children() if a is not ax_path.patch), key=lambda a: a.get_zorder())
+        first = min(order.index(line) for line, _, _ in self._lines.values())
+        return order[first:] + self._axes[1:] + [self._title]
+
+    def render(self) -> np.ndarray:
+        """Paint the current setting on the figure's own Agg canvas and return its pixels
+        (height × width × RGBA, a view of the canvas): the static part of the figure is drawn
+        once and kept as pixels (its layout is fixed when the explorer opens), a move restores
+        it and paints only :meth:`_dynamic_artists` over it — the same pixels as a full
+        ``canvas.draw()``, with a third less to draw."""
+        canvas = self.figure.canvas
+        dynamic = self._dynamic_artists()
+        key = (canvas.get_width_height(), self.figure.dpi)
+        if self._background is None or self._background[0] != key:
+            for a in dynamic:
+                a.set_animated(True)  # Figure.draw and Axes.draw skip animated artists
+            try:
+                canvas.draw()
+            finally:
+                for a in dynamic:
+                    a.set_animated(False)
+            self._background = (key, canvas.copy_from_bbox(self.figure.bbox))
+        else:
+            canvas.restore_region(self._background[1])
+        renderer = canvas.get_renderer()
+        for a in dynamic:
+            a.draw(renderer)
+        return np.asarray(canvas.buffer_rgba())
+
     def png(self) -> bytes:
-        """The figure as PNG bytes, as the sliders show it (its layout is fixed when the explorer
-        opens, so no tight-bounding-box pass is needed)."""
+        """The figure as PNG bytes, as the sliders show it (:meth:`render`), encoded with zlib
+        level 1 (a few % larger than the default level, a fraction of its time)."""
         import io
+        from matplotlib import image
         buf = io.BytesIO()
-        self.figure.savefig(buf, format="png", dpi=_DPI)
+        image.imsave(buf, self.render(), format="png", pil_kwargs={"compress_level": 1})
         return buf.getvalue()
 
     def _show(self) -> None:
@@ -442,6 +506,54 @@ class Explorer:
             display(self.figure)
             return
         display(self._box)
+
+
+def exact_rows(problem, paths: Sequence[np.ndarray], schedules: Sequence[np.ndarray],
+               horizons: Sequence[int]) -> list["tuple[np.ndarray, float] | None"]:
+    r"""The exact hypergradients g_t = ∂f(w_T)/∂η_t (t < T) of plain gradient descent
+    w_{t+1} = w_t − η_t ∇L_t(w_t) on a row-wise problem (``Problem.rowwise``), for many
+    (path, schedule, horizon T) at once: reverse mode as :func:`hgtoolkit.exact.hypergradient`
+    computes it for SGD, with every (path, T) a row of one row-wise computation:
+
+        λ_T = ∇E(w_T);  for t = T−1 … 0:  g_t = −λ_{t+1}·∇L_t(w_t),
+        λ_t = λ_{t+1} + H_t (−η_t λ_{t+1})
+
+    (H_t = ∇²L_t(w_t), in closed form for the test functions). ``paths[i]``: w_0 … w_n of
+    ``schedules[i]`` (η_0 … η_{n−1}; the explorer's replay), ``horizons[i]`` ≤ n. The same
+    kernels as the single run's reverse pass, on rows: the numbers agree with it to rounding
+    (``tests/test_explore.py``). Returns ``(g_0 … g_{T−1}, E(w_T))`` per row, None where g or
+    E is not finite."""
+    from .trajectory import rowwise_gradient_hvp
+    R = len(paths)
+    if not R:
+        return []
+    T = np.asarray(horizons, dtype=int)
+    order = np.argsort(-T, kind="stable")  # by horizon, longest first: the rows alive at t are a prefix
+    Tmax = int(T.max())
+    W = np.full((Tmax + 1, R, 2), np.nan)
+    eta = np.zeros((R, Tmax))
+    for j, i in enumerate(order):
+        W[:T[i] + 1, j] = paths[i][:T[i] + 1]
+        eta[j, :T[i]] = schedules[i][:T[i]]
+    W = torch.as_tensor(W, dtype=problem.dtype, device=problem.device)
+    eta = torch.as_tensor(eta, dtype=problem.dtype, device=problem.device)
+    Ts = torch.as_tensor(T[order], device=problem.device)
+    lam, value = rowwise_gradient_hvp(problem.val_loss, W[Ts, torch.arange(R)], None)[:2]
+    grads = torch.zeros((R, Tmax), dtype=problem.dtype, device=problem.device)
+    alive = np.searchsorted(-T[order], -np.arange(Tmax), side="left")  # rows with T > t
+    for t in range(Tmax - 1, -1, -1):
+        n = int(alive[t])
+        lam_t = lam[:n]
+        G, _, HV = rowwise_gradient_hvp(problem.train_loss, W[t, :n], -eta[:n, t:t + 1] * lam_t, t)
+        grads[:n, t] = -(lam_t * G).sum(-1)
+        lam[:n] = lam_t + HV
+    grads, value = grads.numpy(force=True), value.numpy(force=True)
+    out: list = [None] * R
+    for j, i in enumerate(order):
+        g = grads[j, :T[i]].copy()
+        if np.all(np.isfinite(g)) and np.isfinite(value[j]):
+            out[i] = (g, float(value[j]))
+    return out
 
 
 def _replay_rows(problem, schedules: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -78,6 +78,11 @@ def test_update_validates_and_computes_off_grid_settings():
         assert e.settings == before
     e.update(beta=3.3e-7, steps=45)  # off the grid: computed on demand
     _check_figure(e)
+    assert e.reference() is None and e.exact() is None  # MARTHE diverges there: no reference
+    e.update(method="adaptive_beta")
+    g, value = e.reference()  # what the figure draws: exact_rows, the numbers of exact.hypergradient
+    np.testing.assert_allclose(g, e.exact().grad.numpy(), rtol=1e-12, atol=1e-300)
+    assert value == pytest.approx(float(e.exact().value), rel=1e-12)
     with pytest.raises(ValueError, match="problem"):
         Explorer("no_such_function")
     with pytest.raises(ValueError, match="grids"):
@@ -95,3 +100,14 @@ def test_without_ipywidgets_the_figure_is_static(monkeypatch, capsys):
     _check_figure(e)
     with pytest.raises(ImportError, match="ipywidgets"):
         Explorer("beale", steps=30, grids=GRIDS, precompute=False, widgets=True)
+
+
+def test_a_move_paints_the_pixels_of_a_full_draw():
+    """Explorer.render keeps the static part as pixels and repaints only what a move changes:
+    the same image as drawing the whole figure."""
+    e = hgtoolkit.explore("beale", steps=30, grids=GRIDS, widgets=False)
+    for changes in ({}, {"mu": "auto", "method": "adaptive_beta"}, {"steps": 60, "lr": 3e-3}):
+        e.update(**changes)
+        fast = e.render().copy()
+        e.figure.canvas.draw()
+        np.testing.assert_array_equal(fast, np.asarray(e.figure.canvas.buffer_rgba()))
