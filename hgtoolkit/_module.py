@@ -215,7 +215,9 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
     mode. Other buffers must be constants (one written in a forward pass is refused). Random
     draws in the forward pass (dropout) are a pure function of (seed, t). A module without
     running statistics and randomness gives a plain problem with ``batch``/``batch_loss``/
-    ``val_batch`` (batched runs); the others have none. The module itself is never modified
+    ``val_batch`` (batched runs); a stateful one without randomness has ``batch`` and
+    ``batch_loss(w, x, b) -> (loss, b')`` (batched runs carry b per row); a model that draws
+    has none. The module itself is never modified
     (docs/models.md)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -285,6 +287,18 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
     def batch_loss(params, batch):
         return loss_fn(call(train_t, params, None, batch[:-1]), batch[-1])
 
+    def stateful_batch_loss(params, batch, buffers):
+        """(loss, b'): the forward pass on ``batch`` from the buffers b, in training mode."""
+        new: dict = {}
+        _COLLECT.append(new)
+        try:
+            out = call(train_t, params, buffers, batch[:-1])
+        finally:
+            _COLLECT.pop()
+        if not differentiate_buffers:
+            new = {k: v.detach() for k, v in new.items()}
+        return loss_fn(out, batch[-1]), {k: new.get(k, v) for k, v in buffers.items()}
+
     def make(bseed: int):
         order = BatchOrder(n_train, batch_size, bseed, device)
         val_orders: dict[int, BatchOrder] = {}
@@ -322,25 +336,18 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
                 """(L_t, b_{t+1}): the forward pass of minibatch t from the buffers b_t."""
                 if buffers is missing:
                     refuse("train_loss(w, t)")
-                data = batch(t)
-                new: dict = {}
-                _COLLECT.append(new)
-                try:
-                    with _seeded(check_draws(t) if random else None, device):
-                        out = call(train_t, params, buffers, data[:-1])
-                finally:
-                    _COLLECT.pop()
-                if not differentiate_buffers:
-                    new = {k: v.detach() for k, v in new.items()}
-                return loss_fn(out, data[-1]), {k: new.get(k, v) for k, v in buffers.items()}
+                with _seeded(check_draws(t) if random else None, device):
+                    return stateful_batch_loss(params, batch(t), buffers)
 
         plain = buffers0 is None and not random
+        batched = not random  # a vmap over runs needs the same draws per row: none at all
         extra = {} if plain else {"buffers": sorted(buffers0 or {}), "random": random, "val_mode": val_mode}
         return Problem({k: v.clone() for k, v in params0.items()}, train_loss, val_loss, name=name,
                        metrics=metric_values, resample=make,
                        info={**(info or {}), "batch_size": batch_size, "batch_seed": bseed,
                              "steps_per_epoch": order.per_epoch, **extra},
-                       batch=batch if plain else None, batch_loss=batch_loss if plain else None,
+                       batch=batch if batched else None,
+                       batch_loss=(batch_loss if plain else stateful_batch_loss) if batched else None,
                        metric_tensors=metric_tensors, val_batch=val_batch if plain else None,
                        buffers0=None if buffers0 is None else {k: v.clone() for k, v in buffers0.items()})
 

@@ -43,7 +43,10 @@ class Problem:
     ``train_loss(w, t, b) -> (L_t, b')`` is the forward pass of minibatch t, returning the
     buffers it updated (a differentiable function of w and b), and ``val_loss(w, b)``,
     ``metrics(w, b)`` read them; the exact modes, :func:`hgtoolkit.train` and
-    :func:`hgtoolkit.finite_difference` carry b through the trajectory (docs/models.md).
+    :func:`hgtoolkit.finite_difference` carry b through the trajectory (docs/models.md). Its
+    ``batch_loss`` (optional, for batched online runs) is ``batch_loss(w, batch, b) -> (loss,
+    b')`` with ``train_loss(w, t, b) == batch_loss(w, batch(t), b)``, and its ``metric_tensors``
+    take b too; it has no ``val_batch``.
     :func:`~hgtoolkit.problems.from_module` builds one from a ``torch.nn.Module``.
 
     A loss may bring its derivatives in closed form: a callable with ``value_and_grad(w)``,
@@ -97,9 +100,9 @@ class Problem:
                 raise ValueError(f"buffers0 must be on the parameters' device {devices.pop()}")
             if any(x.is_floating_point() and x.dtype not in dtypes for x in bufs):
                 raise ValueError(f"buffers0's floating-point tensors must have the parameters' dtype {dtypes.pop()}")
-            if self.rowwise or self.val_is_train or self.batch is not None:
+            if self.rowwise or self.val_is_train or self.val_batch is not None:
                 raise ValueError("a stateful problem (buffers0 set) cannot be rowwise, val_is_train "
-                                 "or carry batch/batch_loss: those take no buffers")
+                                 "or carry val_batch: those take no buffers")
             self.buffers0 = torch.utils._pytree.tree_map(lambda x: x.detach(), self.buffers0)
 
     @property

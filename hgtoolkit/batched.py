@@ -16,7 +16,9 @@ where x^r_t = ``problem_r.batch(t)`` is run r's own minibatch, gathered outside 
 (:class:`hgtoolkit.problems.Problem`); for a problem without ``batch_loss`` (the analytic test
 functions, any deterministic problem) the loss ``train_loss(w, t)`` itself is shared and only
 w is vmapped. The hyper-update (clipping, the μ and β rules, divergence) is part of the
-vmapped step: nothing runs run by run.
+vmapped step: nothing runs run by run. A stateful problem (``buffers0``) with
+``batch_loss(w, x, b) -> (loss, b')`` carries its buffers b^r_t and their tangent per row
+(:class:`_BufferedStack`, docs/models.md).
 
 Divergence is per run: a run whose loss, h, η, β or parameters go bad is recorded as diverged
 at the same step, with the same arrays, as :func:`online.run` would record, and is removed
@@ -44,10 +46,10 @@ from . import fastpaths
 from . import marthe as _marthe
 from . import online as _online
 from . import settings
-from .drive import Oracle, closing_update, drive
+from .drive import BufferShare, Oracle, closing_update, drive
 from .settings import OnlineSettings
-from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_flatten, tree_map
-from .trajectory import rowwise_gradient_hvp
+from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_dot, tree_flatten, tree_map, tree_unflatten
+from .trajectory import float_leaves, rowwise_gradient_hvp
 
 __all__ = ["run_online_batch", "default_max_batch"]
 
@@ -121,8 +123,12 @@ def _group_key(problem, cfg, dyn, T, eval_every, val_bs) -> str:
         shared = f"rows:{problem.val_is_train}"
     else:
         shared = f"fn:{problem.name}"
+    buffers = None
+    if problem.stateful:
+        bl, bspec = tree_flatten(problem.buffers0)
+        buffers = [str(bspec), [(tuple(x.shape), str(x.dtype)) for x in bl]]
     return json.dumps([dyn.config(), T, eval_every, val_bs, cfg.objective, cfg.hd_gradient, rule,
-                       shared, str(spec), shapes, problem.metrics is not None], default=str)
+                       shared, str(spec), shapes, problem.metrics is not None, buffers], default=str)
 
 
 # ----------------------------------------------------------------------------- the public entry
@@ -243,8 +249,11 @@ def _by_segments(segs: list, fn: Callable, *stacks):
 
 def batching_pays(problem) -> bool:
     """Does a vmapped (or native) batch beat a loop of single runs for this problem (measured:
-    :func:`run_online_batch`)? Never for a stateful problem (its buffers are carried run by run)."""
-    return not problem.stateful and (bool(problem.rowwise) or problem.device.type != "cpu")
+    :func:`run_online_batch`)? A row-wise problem, or a model on a GPU that has ``batch_loss``
+    (a stateful one too: its buffers b and their tangent are carried per row)."""
+    if problem.stateful and problem.batch_loss is None:
+        return False
+    return bool(problem.rowwise) or problem.device.type != "cpu"
 
 
 # ----------------------------------------------------------------------------- stacked pytrees
@@ -350,6 +359,10 @@ class _Stack:
             if mask[i]:
                 run.evals.append((k, values[i], accs[i]))
 
+    def keep_rows(self, S, idx: torch.Tensor):
+        """The stacked state of the runs ``idx`` (the others diverged)."""
+        return _take(S, idx)
+
     def _leave(self, S, idx) -> None:
         for i in idx:
             self.active[i].state = _row(S, i)
@@ -365,7 +378,7 @@ class _Stack:
         if not all(fine):  # drop the diverged runs from the stacked state
             self._leave(S, [i for i, ok in enumerate(fine) if not ok])
             alive = [i for i, ok in enumerate(fine) if ok]
-            S = _take(S, torch.tensor(alive, dtype=torch.long, device=self.problem.device))
+            S = self.keep_rows(S, torch.tensor(alive, dtype=torch.long, device=self.problem.device))
             self.active = [self.active[i] for i in alive]
             self.segs[:] = _segments(self.active)
             if not self.active:
@@ -390,6 +403,110 @@ class _Stack:
                 run.final_params = tree_clone(_row(W, i))
         self._leave(S, range(len(self.active)))
         return S
+
+
+class _BufferedStack(_Stack):
+    r"""A :class:`_Stack` of a stateful problem (``batch_loss(w, x, b) -> (loss, b')``): the
+    buffers b^r_t and their tangent z^r_{t,b} per row, the step of :mod:`hgtoolkit.carried`
+    under ``vmap``: (g, L, dg, b', db') = the jvp of (g_t, b_{t+1}) along (z_w, z_b) (forward
+    over reverse), z_{t+1,b} = μ_t db', h_t with ⟨∇_b E, z_b⟩ (a
+    :class:`~hgtoolkit.drive.BufferShare`). Integer buffers (``num_batches_tracked``) ride
+    along without a tangent. The vmapped functions need no draw inside: a model that draws
+    random numbers has no ``batch_loss``."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        P = self.problem
+        leaves, self._bspec, fl = float_leaves(P.buffers0)
+        self._fl = fl
+        per_run = [tree_flatten(r.problem.buffers0)[0] for r in self.active]
+        self.BF = [torch.stack([b[i] for b in per_run]) for i in fl]
+        self.BI = [torch.stack([b[i] for b in per_run]) for i in range(len(leaves)) if i not in fl]
+        self.ZB, self._next, self._dzb = None, None, None
+        loss_fn, val_fn, metric_fn = P.batch_loss, P.val_loss, P.metric_tensors
+
+        def split(b):
+            ls = tree_flatten(b)[0]
+            return [ls[i] for i in fl], [x for i, x in enumerate(ls) if i not in fl]
+
+        def join(bf, bi):
+            fi, ii = iter(bf), iter(bi)
+            return tree_unflatten([next(fi) if i in fl else next(ii) for i in range(len(leaves))], self._bspec)
+
+        def forward(w, x, bf, bi):  # (g, (L, b'_float, b'_int))
+            def L(w_):
+                value, new = loss_fn(w_, x, join(bf, bi))
+                return value, (value, *split(new))
+            return torch.func.grad(L, has_aux=True)(w)
+
+        def tangent(w, z, x, bf, zb, bi):
+            def F(w_, bf_):
+                g, (value, nf, ni) = forward(w_, x, bf_, bi)
+                return (g, nf), (value, ni)
+            (g, nf), (dg, dnf), (value, ni) = torch.func.jvp(F, (w, bf), (z, zb), has_aux=True)
+            return g, value, dg, nf, dnf, ni
+
+        self.v_forward = vmap(lambda w, x, bf, bi: (lambda g, a: (g, *a))(*forward(w, x, bf, bi)))
+        self.v_tangent = vmap(tangent)
+        self.v_val_grad = vmap(grad_and_value(lambda w, bf, bi: val_fn(w, join(bf, bi)), argnums=(0, 1)))
+        self.v_val = vmap(lambda w, bf, bi: val_fn(w, join(bf, bi)))
+        self.v_metrics = None if metric_fn is None else vmap(lambda w, bf, bi: metric_fn(w, join(bf, bi)))
+        self.v_share = vmap(tree_dot)
+        self.v_loss = vmap(lambda w, x, bf, bi: loss_fn(w, x, join(bf, bi))[0])
+
+    def shares_functions(self, W) -> bool:
+        """Every run's own E(w_0, b_0) and L_0(w_0, b_0) equal the shared functions' (as :func:`_run_batch`)."""
+        with torch.no_grad():
+            E0 = [float(r.problem.val_loss(r.problem.params0, r.problem.buffers0)) for r in self.active]
+            L0 = [float(r.problem.train_loss(r.problem.params0, 0, r.problem.buffers0)[0]) for r in self.active]
+            return (_same(E0, self.v_val(W, self.BF, self.BI).tolist(), self.problem.dtype)
+                    and _same(L0, self.v_loss(W, self.minibatch(0, self.active), self.BF, self.BI).tolist(),
+                              self.problem.dtype))
+
+    def gradient(self, W, Z, t):
+        x = self.minibatch(t, self.active)
+        if Z is None:
+            g, value, nf, ni = self.v_forward(W, x, self.BF, self.BI)
+            self._next = (nf, ni)
+            return g, value, None
+        zb = self.ZB if self.ZB is not None else [torch.zeros_like(b) for b in self.BF]
+        g, value, dg, nf, dnf, ni = self.v_tangent(W, Z, x, self.BF, zb, self.BI)
+        self._next, self._dzb = (nf, ni), dnf
+        return g, value, dg
+
+    def objective(self, W, t, g, L):
+        if self.engine.objective != "val":
+            return None, None
+        (gw, gb), value = self.v_val_grad(W, self.BF, self.BI)
+        if self.ZB is None:
+            return gw, value
+        return BufferShare(gw, self.v_share(gb, self.ZB)), value
+
+    def evaluate(self, k, W, E):
+        with torch.no_grad():
+            values = (self.v_val(W, self.BF, self.BI) if E is None else E).tolist()
+            acc = [math.nan] * len(self.active)
+            if self.v_metrics is not None:
+                a = self.v_metrics(W, self.BF, self.BI).get("val_accuracy")
+                acc = acc if a is None else a.tolist()
+        return k, values, acc
+
+    def update(self, S, oracle, t):
+        S, aux = super().update(S, oracle, t)
+        if self._dzb is not None:
+            mu = S.mu
+            self.ZB = [x * mu.to(x.dtype).view(-1, *[1] * (x.dim() - 1)) for x in self._dzb]
+            self._dzb = None
+        return S, aux
+
+    def record(self, t, S, aux, pending):
+        self.BF, self.BI = map(list, self._next)
+        return super().record(t, S, aux, pending)
+
+    def keep_rows(self, S, idx):
+        pick = lambda xs: None if xs is None else [x.index_select(0, idx) for x in xs]
+        self.BF, self.BI, self.ZB = pick(self.BF), pick(self.BI), pick(self.ZB)
+        return super().keep_rows(S, idx)
 
 
 def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | None,
@@ -454,6 +571,16 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
 
     R = len(runs)
     S = _stack([engine.init(r.problem.params0, r.cfg) for r in runs])
+    if P.stateful:
+        if not data:
+            raise ValueError(f"problem {P.name!r} is stateful (buffers0 set) and has no batch/batch_loss "
+                             "(e.g. a model that draws random numbers): its runs cannot share one vmapped "
+                             "step; run them with batch=False (one by one)")
+        stack = _BufferedStack(engine, runs, segs, keep_params, val_bs, minibatch, None, None,
+                               None, None, batch_map, step_map)
+        if not stack.shares_functions(dyn.params(S.opt)):
+            return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
+        return _results(given, stack, S, T, eval_every, progress, P, R)
     stack = _Stack(engine, runs, segs, keep_params, val_bs, minibatch, objective_grad, evaluate,
                    v_grad, v_grad_hvp, batch_map, step_map)
 
@@ -468,7 +595,12 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
             # validation set): they cannot share one function, so each runs on its own
             return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
 
-    drive(engine, stack, S, T, eval_every=eval_every, progress=progress,
+    return _results(given, stack, S, T, eval_every, progress, P, R)
+
+
+def _results(given: list, stack: "_Stack", S, T: int, eval_every: int, progress: bool, P, R: int) -> list:
+    """Drive the stack through the T steps and build every run's record (in ``given``'s order)."""
+    drive(stack.engine, stack, S, T, eval_every=eval_every, progress=progress,
           desc=f"online ×{R} (batched)", postfix=lambda aux, S: {"runs": len(stack.active)})
     wall = stack.clock()
     times = stack.times

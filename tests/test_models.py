@@ -345,6 +345,34 @@ def test_baselines_carry_the_buffers(bn_dropout):
     assert np.allclose(q.train_losses, ref.train_losses.numpy(), rtol=1e-12, atol=0)
 
 
+def test_batched_stateful_runs_equal_single_runs(monkeypatch):
+    """A BatchNorm model without dropout has batch/batch_loss(w, x, b): its cells run as one
+    vmapped step with b and z_b per row, equal to online.run per cell (seeds, HD/RTHO/MARTHE,
+    the train objective, a run that diverges and leaves the batch); a model that draws has no
+    batch_loss, and batch=True says so."""
+    model = cnn(dropout=0)
+    tr, va = data()
+    p = problems.from_module(model, CE, tr, va, batch_size=8, seed=3)
+    assert p.stateful and p.batch is not None and p.val_batch is None
+    kw = dict(lr=0.2, steps=8, optimizer="momentum")
+    cells = [dict(method="hd", beta=1e-2, seed=1, **kw), dict(method="rtho", beta=1e-2, seed=0, **kw),
+             dict(method="rtho", beta=30.0, seed=1, **kw), dict(method="marthe", beta=1e-2, seed=2, **kw),
+             dict(method="marthe", mu=0.5, beta=1e-2, seed=0, **kw),
+             dict(method="rtho", beta=1e-2, objective="train", **kw)]
+    with pytest.warns(online.DivergenceWarning):
+        single = [online.run(p.resample(c.get("seed", 0)), **c) for c in cells]
+    assert single[2].diverged_at is not None and all(r.diverged_at is None for r in single[:2])
+    monkeypatch.setattr(online, "run", lambda *a, **k: pytest.fail("a cell ran one by one"))
+    with pytest.warns(online.DivergenceWarning):
+        res = batched.run_online_batch(p.resample, cells, batch=True)
+    for r, s in zip(res, single):
+        _same_online(r, s)
+    monkeypatch.undo()
+    q = problems.from_module(cnn(), CE, tr, va, batch_size=8)  # dropout: draws
+    with pytest.raises(ValueError, match="no batch/batch_loss"):
+        batched.run_online_batch(q.resample, cells[:1], batch=True)
+
+
 def test_val_mode_train_reads_no_running_statistics():
     """val_mode="train": E uses the validation batch's statistics (and dropout from its own fixed
     seed), so the hypergradient has no path through the running statistics."""
