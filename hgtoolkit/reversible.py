@@ -67,7 +67,7 @@ from fractions import Fraction
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import checkpointing as _ckpt
+from . import _fixedpoint as _native, checkpointing as _ckpt
 from ._step import Step as _Step, add_w as _add_w, objective as _objective, probe as _probe
 from .dynamics import SGD, Dynamics
 from .divergence import VALIDATION_LOSS, check_finite
@@ -161,48 +161,18 @@ def _reverse_b_kernel(s, b, g, sg, n: int, d: int):
     return q * d + r0.to(_I64), s, s < float(d * _K)
 
 
-_COMPILED: dict = {}
-_COMPILE_FROM = 1 << 16  # leaves at least this large use the compiled kernels (CPU)
 _CHUNK = 1 << 22  # words per chunk of the buffer (8 MB)
-
-
-def _kernel(fn, device: torch.device, size: int):
-    """``fn`` compiled by torch.compile (one fused loop per leaf instead of ≈ 25 passes over
-    memory) on the CPU for leaves of ≥ 2¹⁶ entries, else ``fn`` itself; both give the same bits
-    (integer arithmetic and float64 arithmetic on integers < 2⁵³; tested), so a machine where
-    compiling fails (no C++ compiler) falls back to ``fn`` with a warning, mid-run if need be."""
-    if device.type != "cpu" or size < _COMPILE_FROM:
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = _Compiled(fn)
-    return _COMPILED[fn]
-
-
-class _Compiled:
-    """torch.compile of a pure kernel, eager where compiling or running it fails."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, torch.compile(fn, dynamic=True)
-
-    def __call__(self, *args):
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args)
-            except Exception as exc:  # a missing compiler shows up at the first call
-                import warnings
-                warnings.warn(f"mode='reversible': torch.compile failed ({type(exc).__name__}); the "
-                              "kernels run eagerly (the same numbers, slower)", RuntimeWarning, stacklevel=2)
-                self.compiled = None
-        return self.fn(*args)
 
 
 class FixedPointState:
     r"""w and b of heavy-ball SGD as flat int64 leaves with their information buffer (per
     weight a coder state, per step the spilled 16-bit words of all leaves): one exact step
     forward (:meth:`forward`) and back (:meth:`reverse_w`, then :meth:`reverse_b` once g_t is
-    known)."""
+    known). On the CPU the steps run as the C kernels of :mod:`hgtoolkit._fixedpoint` (one pass
+    over memory per leaf, in place), elsewhere — or without a C compiler, or with
+    ``native=False`` — as the torch kernels above; both give the same bits."""
 
-    def __init__(self, w_leaves: list, Rw: list, Rb: list, n: int, d: int):
+    def __init__(self, w_leaves: list, Rw: list, Rb: list, n: int, d: int, native: bool = True):
         self.n, self.d, self.Rw, self.Rb = n, d, Rw, Rb
         self.shapes = [x.shape for x in w_leaves]
         self.dtypes = [x.dtype for x in w_leaves]
@@ -215,6 +185,17 @@ class FixedPointState:
         self.dev = self.w[0].device
         self.sg = [torch.tensor(2.0 ** R, dtype=_F64, device=self.dev) for R in Rb]
         self.sw = [torch.tensor(2.0 ** -R, dtype=_F64, device=self.dev) for R in Rw]
+        self.lib = None
+        if native and self.dev.type == "cpu" and all(dt in _native.SUFFIX for dt in self.dtypes):
+            self.lib = _native.library()
+        if self.lib is not None:  # scratch of the C kernels: spilled words, their mask, one step's words
+            big = max(x.numel() for x in self.w)
+            self._word = torch.empty(big, dtype=torch.int16)
+            self._mask = torch.empty(big, dtype=torch.int8)
+            self._stage = torch.empty(sum(x.numel() for x in self.w), dtype=torch.int16)
+            self._peak = torch.zeros(2 * len(self.w), dtype=_I64)
+            self._fn = [{k: getattr(self.lib, f"{k}_{_native.SUFFIX[dt]}") for k in ("fwd", "rev_w", "rev_b")}
+                        for dt in self.dtypes]
 
     def _c(self, eta: float, i: int) -> torch.Tensor:
         return torch.tensor(eta * 2.0 ** (self.Rw[i] - self.Rb[i]), dtype=_F64, device=self.dev)
@@ -226,57 +207,91 @@ class FixedPointState:
         return [(x.to(_F64) * (1 / sg)).to(dt).reshape(sh)
                 for x, sg, dt, sh in zip(self.b, self.sg, self.dtypes, self.shapes)]
 
+    def _flat_g(self, g: list) -> list:
+        return [gi.detach().reshape(-1).to(dt).contiguous() for gi, dt in zip(g, self.dtypes)]
+
     def forward(self, g: list, eta: float, t: int) -> list:
         """One step with the gradient leaves ``g``; returns w_{t+1} as float leaves."""
-        out, words, peaks = [], [], []
-        for i, gi in enumerate(g):
-            k = _kernel(_forward_kernel, self.dev, gi.numel())
-            s, full, word, b, w, wf, mb, mw = k(self.s[i], self.b[i], self.w[i], gi.reshape(-1), self._c(eta, i),
-                                                self.sg[i], self.sw[i], self.n, self.d, self.dtypes[i])
-            self.s[i], self.b[i], self.w[i] = s, b, w
-            words.append((word[full] - _WORD // 2).to(torch.int16))
-            peaks += [mb, mw]
-            out.append(wf.reshape(self.shapes[i]))
-        count = sum(x.numel() for x in words)
-        end = self.words[-1][1] + self.words[-1][2] if self.words else 0
-        if not self.chunks or end + count > self.chunks[-1].numel():
-            self.chunks.append(torch.empty(max(_CHUNK, count), dtype=torch.int16, device=self.dev))
-            end = 0
-        torch.cat(words, out=self.chunks[-1][end:end + count])
-        self.words.append((len(self.chunks) - 1, end, count))
-        self.words_bytes += count * 2
-        if float(torch.stack(peaks).max()) >= _LIMIT:
+        out, g = [], self._flat_g(g)
+        if self.lib is not None:
+            at, p = 0, self._peak.data_ptr()
+            for i, gi in enumerate(g):
+                wf = torch.empty(gi.numel(), dtype=self.dtypes[i])
+                at += self._fn[i]["fwd"](
+                    gi.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), self.w[i].data_ptr(), gi.data_ptr(),
+                    eta * 2.0 ** (self.Rw[i] - self.Rb[i]), 2.0 ** self.Rb[i], 2.0 ** -self.Rw[i], self.n, self.d,
+                    wf.data_ptr(), self._word.data_ptr(), self._mask.data_ptr(), self._stage[at:].data_ptr(),
+                    p + 16 * i)
+                out.append(wf.reshape(self.shapes[i]))
+            words, peak = self._stage[:at], int(self._peak.max())
+        else:
+            words, peaks = [], []
+            for i, gi in enumerate(g):
+                s, full, word, b, w, wf, mb, mw = _forward_kernel(
+                    self.s[i], self.b[i], self.w[i], gi, self._c(eta, i), self.sg[i], self.sw[i], self.n, self.d,
+                    self.dtypes[i])
+                self.s[i], self.b[i], self.w[i] = s, b, w
+                words.append((word[full] - _WORD // 2).to(torch.int16))
+                peaks += [mb, mw]
+                out.append(wf.reshape(self.shapes[i]))
+            words, peak = torch.cat(words), float(torch.stack(peaks).max())
+        self._push(words)
+        if peak >= _LIMIT:
             raise OverflowError(f"mode='reversible': the weights or velocities outgrew their fixed-point "
                                 f"range at step {t} (more than 2^{_HEADROOM}× their initial magnitude); use "
                                 "mode='reverse' with memory=... (binomial checkpointing)")
         return out
 
+    def _push(self, words: torch.Tensor) -> None:
+        """One step's spilled words onto the buffer's stack of chunks."""
+        count = words.numel()
+        end = self.words[-1][1] + self.words[-1][2] if self.words else 0
+        if not self.chunks or end + count > self.chunks[-1].numel():
+            self.chunks.append(torch.empty(max(_CHUNK, count), dtype=torch.int16, device=self.dev))
+            end = 0
+        self.chunks[-1][end:end + count].copy_(words)
+        self.words.append((len(self.chunks) - 1, end, count))
+        self.words_bytes += count * 2
+
     def reverse_w(self, eta: float) -> list:
         """w_{t+1} → w_t; returns w_t as float leaves."""
         out = []
         for i, x in enumerate(self.w):
-            k = _kernel(_reverse_w_kernel, self.dev, x.numel())
-            self.w[i], wf = k(x, self.b[i], self._c(eta, i), self.sw[i], self.dtypes[i])
+            if self.lib is not None:
+                wf = torch.empty(x.numel(), dtype=self.dtypes[i])
+                self._fn[i]["rev_w"](x.numel(), x.data_ptr(), self.b[i].data_ptr(),
+                                     eta * 2.0 ** (self.Rw[i] - self.Rb[i]), 2.0 ** -self.Rw[i], wf.data_ptr())
+            else:
+                self.w[i], wf = _reverse_w_kernel(x, self.b[i], self._c(eta, i), self.sw[i], self.dtypes[i])
             out.append(wf.reshape(self.shapes[i]))
         return out
 
-    def reverse_b(self, g: list) -> None:
-        """b_{t+1} → b_t given g_t (the gradient at w_t), refilling the spilled words."""
+    def reverse_b(self, g: list) -> list:
+        """b_{t+1} → b_t given g_t (the gradient at w_t), refilling the spilled words; returns
+        b_t as float leaves."""
         ci, start, count = self.words.pop()
         step = self.chunks[ci][start:start + count]
         self.words_bytes -= count * 2
-        at = 0
-        for i, gi in enumerate(g):
-            k = _kernel(_reverse_b_kernel, self.dev, gi.numel())
-            self.b[i], s, short = k(self.s[i], self.b[i], gi.reshape(-1), self.sg[i], self.n, self.d)
-            m = int(short.sum())
-            s[short] = s[short] * _WORD + (step[at:at + m].to(_F64) + _WORD // 2)
-            at += m
-            self.s[i] = s
+        at, out = 0, []
+        for i, gi in enumerate(self._flat_g(g)):
+            if self.lib is not None:
+                bf = torch.empty(gi.numel(), dtype=self.dtypes[i])
+                at += self._fn[i]["rev_b"](gi.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), gi.data_ptr(),
+                                           2.0 ** self.Rb[i], self.n, self.d, bf.data_ptr(),
+                                           step[at:].data_ptr(), count - at, self._mask.data_ptr())
+            else:
+                self.b[i], s, short = _reverse_b_kernel(self.s[i], self.b[i], gi, self.sg[i], self.n, self.d)
+                m = int(short.sum())
+                s[short] = s[short] * _WORD + (step[at:at + m].to(_F64) + _WORD // 2)
+                at += m
+                self.s[i] = s
+                bf = (self.b[i].to(_F64) * (1 / self.sg[i])).to(self.dtypes[i])
+            out.append(bf.reshape(self.shapes[i]))
         if at != count:
             raise RuntimeError("mode='reversible': the information buffer is out of step (a bug)")
         if not self.words or self.words[-1][0] != ci:  # no earlier step's words are in this chunk
             self.chunks.pop()
+        return out
 
     @property
     def nbytes(self) -> int:
@@ -370,8 +385,8 @@ def reversible_reverse(problem, dyn, lrs, memory, progress):
     for t in progress_bar(range(T - 1, -1, -1), progress, desc="reversible backward", leave=False):
         wf = fx.reverse_w(eta[t])
         st, g = grad_of(wf, t, graph=True)
-        fx.reverse_b(g)
-        st.state = {"w": tree_unflatten(wf, spec), "b": tree_unflatten(fx.floats_b(), spec)}
+        bf = fx.reverse_b(g)
+        st.state = {"w": tree_unflatten(wf, spec), "b": tree_unflatten(bf, spec)}
         sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
         lam = _add_w(sbar, st.hvp(gbar))
         grads[t] = lbar

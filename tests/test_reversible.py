@@ -74,22 +74,28 @@ def test_the_buffer_inverts_the_steps_and_stores_log2_1_over_gamma_bits():
     assert ideal - 16 * 20000 <= bits <= ideal + 16 * 20000  # arithmetic coding: not a byte per step
 
 
-def test_compiled_kernels_give_the_eager_bits():
-    """Leaves of ≥ 2¹⁶ weights use torch.compile'd kernels: the same integers as eager."""
-    from hgtoolkit import reversible
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_native_kernels_give_the_torch_kernels_bits(dtype):
+    """The C kernels (hgtoolkit._fixedpoint) and the torch kernels: the same integers, coder
+    states, words and floats, forward and back."""
+    from hgtoolkit import _fixedpoint
+    if _fixedpoint.library() is None:
+        pytest.skip("no C compiler: only the torch kernels run here")
     gen = torch.Generator().manual_seed(2)
-    w = [torch.randn(reversible._COMPILE_FROM, generator=gen, dtype=torch.float32)]
+    w = [torch.randn(5000, generator=gen, dtype=dtype), torch.randn(7, 3, generator=gen, dtype=dtype)]
+    g = [[torch.randn(x.shape, generator=gen, dtype=dtype) for x in w] for _ in range(40)]
     runs = []
-    for size in (reversible._COMPILE_FROM, 10 ** 9):  # compiled, eager
-        old, reversible._COMPILE_FROM = reversible._COMPILE_FROM, size
-        try:
-            fx = FixedPointState(w, [50], [44], 9, 10)
-            g = [torch.randn(w[0].numel(), generator=torch.Generator().manual_seed(t)) for t in range(3)]
-            for t in range(3):
-                fx.forward([g[t]], 0.05, t)
-            runs.append((fx.w[0].clone(), fx.b[0].clone(), fx.s[0].clone(), fx.chunks[0][:fx.words_bytes // 2].clone()))
-        finally:
-            reversible._COMPILE_FROM = old
+    for native in (True, False):
+        fx = FixedPointState(w, [50, 52], [44, 45], 9, 10, native=native)
+        assert (fx.lib is not None) == native
+        ws = [fx.forward(g[t], 0.05 + 0.001 * t, t) for t in range(40)]
+        mid = [x.clone() for x in fx.w + fx.b + fx.s] + [fx.chunks[0][:fx.words_bytes // 2].clone()]
+        back = []
+        for t in reversed(range(40)):
+            back += fx.reverse_w(0.05 + 0.001 * t)
+            back += fx.reverse_b(g[t])
+        assert fx.back_at_start()
+        runs.append([x for step in ws for x in step] + mid + back)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
