@@ -316,12 +316,13 @@ def _bits(values: list[torch.Tensor], limit: int, floor: float = 1e-30) -> list[
 
 
 def estimate_bytes(T: int, numel: int, gamma: float, fp: "_ckpt.Footprint") -> int:
-    """Bytes of reversible mode: integers of w, b and the coder states (24 per weight), the
+    """Bytes of reversible mode: integers of w, b and the coder states (24 per weight), the C
+    kernels' scratch (≤ 5 per weight: one step's words, and a leaf's words and mask), the
     buffer's T·d·log₂(d/n)/8 bytes (+ 1/16 for the word granularity, + one 8 MB chunk), one step's graph and the
     reverse pass's work space."""
     n, d = ratio(gamma)
     buffer = T * numel * math.log2(d / n) / 8 * (1 + 1 / 16) + 2 * _CHUNK
-    return int(24 * numel + buffer + fp.step + fp.work)
+    return int(29 * numel + buffer + fp.step + fp.work)
 
 
 def reversible_reverse(problem, dyn, lrs, memory, progress):
