@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 import re
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -52,10 +54,15 @@ import torch
 
 __all__ = ["MemoryBudgetError", "Footprint", "Plan", "parse_memory", "available_memory", "budget",
            "binomial_recomputations", "stored_plan", "every_plan", "binomial_plan", "choose", "plan",
-           "run", "AUTO_FRACTION", "ALLOCATOR_SLACK", "reject_removed", "check_checkpoint", "fmt_bytes", "MemorySampler"]
+           "run", "AUTO_FRACTION", "ALLOCATOR_SLACK", "reject_removed", "check_checkpoint", "fmt_bytes", "MemorySampler",
+           "DISK_REPEATS", "disk_target", "DiskBudget", "disk_budget", "DiskSnapshots"]
 
-#: ``memory="auto"``: this fraction of the device's free memory (cgroup limit included).
+#: ``memory="auto"``: this fraction of the device's free memory (cgroup limit included); the
+#: disk tier may use this fraction of its directory's free space.
 AUTO_FRACTION = 0.5
+#: with a disk tier and too little memory, the binomial schedule gets as many snapshots as make
+#: it run no step more than this many times forward beyond the first pass (:func:`disk_target`).
+DISK_REPEATS = 2
 #: a schedule fits a budget B when its estimate is ≤ B / ALLOCATOR_SLACK: the resident set holds
 #: more than the tensors counted (the allocator's freed-but-kept memory): measured −6 … +3 % at
 #: T ≤ 1000 and +22 % at T = 10⁴ (104 snapshots, 0.97 GB for an estimate of 0.79 GB) on the
@@ -183,12 +190,19 @@ class Plan:
     snapshots: int
     recomputed: int
     estimate: int
+    disk: int = 0  #: binomial: snapshots on disk besides the ``snapshots`` in memory
+    state_bytes: int = 0  #: one snapshot (S)
+
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes the disk snapshots take at most (S each)."""
+        return self.disk * self.state_bytes
 
     def actions(self) -> Iterable:
         import checkpoint_schedules as cs
         T = self.T
-        if self.kind == "binomial":
-            yield from _until_end(cs.MultistageCheckpointSchedule(T, self.snapshots, 0))
+        if self.kind == "binomial":  # the multistage allocation puts the least used snapshots on disk
+            yield from _until_end(cs.MultistageCheckpointSchedule(T, self.snapshots, self.disk))
             return
         W, RAM = cs.StorageType.WORK, cs.StorageType.RAM
         if self.kind == "stored":
@@ -204,8 +218,9 @@ class Plan:
 
     def describe(self) -> str:
         what = {"stored": "store every step", "every": f"checkpoint={self.k}",
-                "binomial": f"checkpoint='binomial', snapshots={self.snapshots}"}[self.kind]
-        return f"{what}: ≈ {fmt_bytes(self.estimate)}, {self.recomputed} steps recomputed"
+                "binomial": f"checkpoint='binomial', snapshots={self.snapshots + self.disk}"}[self.kind]
+        disk = f" ({self.disk} of them on disk, ≈ {fmt_bytes(self.disk_bytes)})" if self.disk else ""
+        return f"{what}{disk}: ≈ {fmt_bytes(self.estimate)}, {self.recomputed} steps recomputed"
 
 
 def _until_end(schedule) -> Iterable:
@@ -239,16 +254,52 @@ def every_plan(T: int, k: int, fp: Footprint) -> Plan:
     return Plan("every", T, k, n_snap, last, n_snap * fp.state + max(k, T - last) * fp.step + fp.work)
 
 
-def binomial_plan(T: int, c: int, fp: Footprint) -> Plan:
-    c = max(1, min(c, T))
-    return Plan("binomial", T, None, c, binomial_recomputations(T, c), c * fp.state + fp.step + fp.work)
+def binomial_plan(T: int, c: int, fp: Footprint, disk: int = 0) -> Plan:
+    """Revolve with c snapshots in memory and ``disk`` more on disk (recomputation: that of
+    c + disk snapshots; memory: c of them)."""
+    disk = max(0, min(disk, T))
+    c = max(0 if disk else 1, min(c, T))
+    total = min(c + disk, T)
+    return Plan("binomial", T, None, c, binomial_recomputations(T, total), c * fp.state + fp.step + fp.work,
+                disk, fp.state)
 
 
-def choose(T: int, fp: Footprint, limit: int | None, shown: int | None = None) -> Plan:
+def disk_target(T: int) -> int:
+    r"""Snapshots that a disk tier brings the binomial schedule to (``DISK_REPEATS``): the fewest
+    c whose schedule runs no step more than twice forward beyond the first pass, i.e. the least
+    c with C(c + 2, 2) ≥ T (≈ √(2T): 44 at T = 1000, 140 at T = 10⁴)."""
+    c = 1
+    while math.comb(c + DISK_REPEATS, DISK_REPEATS) < T:
+        c += 1
+    return min(c, T)
+
+
+def _with_disk(T: int, fp: Footprint, c_ram: int, disk: "DiskBudget | None", asked: int | None) -> Plan | None:
+    """The binomial plan with c_ram snapshots in memory and the rest of ``asked`` (None: of
+    :func:`disk_target`) on disk; None if no disk tier or nothing needs to go there."""
+    want = disk_target(T) if asked is None else asked
+    if disk is None or c_ram >= want:
+        return None
+    n_disk = want - max(c_ram, 0)
+    if asked is None:  # automatic: as many as the disk holds
+        n_disk = min(n_disk, disk.free // max(fp.state, 1))
+    p = binomial_plan(T, max(c_ram, 0), fp, n_disk)
+    if p.disk_bytes > disk.free:
+        raise MemoryBudgetError(f"{p.describe()}: the disk snapshots need ≈ {fmt_bytes(p.disk_bytes)} in "
+                                f"{disk.where}, where {fmt_bytes(disk.free)} may be used "
+                                f"({AUTO_FRACTION:.0%} of the free space); free disk space, name another "
+                                "directory (disk=...) or ask for fewer snapshots")
+    return p if p.snapshots + p.disk >= 1 else None
+
+
+def choose(T: int, fp: Footprint, limit: int | None, shown: int | None = None,
+           disk: "DiskBudget | None" = None) -> Plan:
     """The schedule with the fewest recomputed steps whose estimate fits ``limit`` bytes (None:
     no limit): store everything if it fits; else every k steps with the largest k that fits
     (it recomputes T − k·… < T − 1 steps, fewer than any binomial schedule can); else binomial
-    with as many snapshots as fit. :class:`MemoryBudgetError` if not even one snapshot fits."""
+    with as many snapshots as fit — with a disk tier (``disk``), topped up with snapshots on
+    disk to :func:`disk_target`. :class:`MemoryBudgetError` if not even one snapshot fits (with
+    a disk tier: not even the working step)."""
     stored = stored_plan(T, fp)
     if limit is None or stored.estimate <= limit:
         return stored
@@ -259,9 +310,13 @@ def choose(T: int, fp: Footprint, limit: int | None, shown: int | None = None) -
             best = p
     if best is not None:
         return best
-    c = (limit - fp.step - fp.work) // max(fp.state, 1)
+    c = int((limit - fp.step - fp.work) // max(fp.state, 1))
+    if c >= 0:
+        tiered = _with_disk(T, fp, c, disk, None)
+        if tiered is not None:
+            return tiered
     if c >= 1:
-        return binomial_plan(T, int(c), fp)
+        return binomial_plan(T, c, fp)
     raise MemoryBudgetError(_refusal(T, fp, limit, None, shown))
 
 
@@ -281,27 +336,34 @@ def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None, shown: int |
     lines += [f"  {p.describe()}" for p in options]
     if fitting is not None:
         lines.append(f"  within the budget: {fitting.describe()} (memory=... chooses it)")
-    lines.append("  or raise the budget (memory='4GB'), or use mode='reversible' (SGD with momentum)")
+    lines.append("  or raise the budget (memory='4GB'), put snapshots on disk (disk=True), or use "
+                 "mode='reversible' (SGD with momentum)")
     return "\n".join(lines)
 
 
-def plan(T: int, fp: Footprint, checkpoint: Any, snapshots: Any, limit: int | None) -> Plan:
+def plan(T: int, fp: Footprint, checkpoint: Any, snapshots: Any, limit: int | None,
+         disk: "DiskBudget | None" = None) -> Plan:
     """The schedule asked for (``checkpoint``: "auto" = chosen by the budget, None = store
     all, int k, "binomial" with ``snapshots``), checked against ``limit`` (bytes; the estimate
-    must be ≤ limit / ALLOCATOR_SLACK)."""
+    must be ≤ limit / ALLOCATOR_SLACK). With a disk tier (``disk``) the binomial snapshots
+    that do not fit in memory go to disk."""
     shown, limit = limit, None if limit is None else int(limit / ALLOCATOR_SLACK)
     if checkpoint == "auto":
         if snapshots is not None:
             raise ValueError("snapshots= needs checkpoint='binomial'")
-        return choose(T, fp, limit, shown)
+        return choose(T, fp, limit, shown, disk)
     if checkpoint is None:
         asked = stored_plan(T, fp)
     elif checkpoint == "binomial":
+        c = T if limit is None else int((limit - fp.step - fp.work) // max(fp.state, 1))
+        if c >= 0:
+            tiered = _with_disk(T, fp, c, disk, snapshots)
+            if tiered is not None:
+                return tiered
         if snapshots is None:
-            c = T if limit is None else (limit - fp.step - fp.work) // max(fp.state, 1)
             if c < 1:
                 raise MemoryBudgetError(_refusal(T, fp, limit, binomial_plan(T, 1, fp), shown))
-            return binomial_plan(T, int(c), fp)
+            return binomial_plan(T, c, fp)
         asked = binomial_plan(T, snapshots, fp)
     else:
         asked = every_plan(T, checkpoint, fp)
@@ -320,8 +382,15 @@ def reject_removed(removed: dict, function: str) -> None:
         raise TypeError(f"{function}() got unexpected keyword argument(s) {sorted(removed)}")
 
 
-def check_checkpoint(checkpoint: Any, snapshots: Any) -> None:
-    """TypeError/ValueError for a bad ``checkpoint=``/``snapshots=``."""
+def check_checkpoint(checkpoint: Any, snapshots: Any, disk: Any = None) -> None:
+    """TypeError/ValueError for a bad ``checkpoint=``/``snapshots=``/``disk=``."""
+    if disk is not None and disk is not False:
+        if not isinstance(disk, (bool, str, os.PathLike)) or disk == "":
+            raise TypeError(f"disk must be None (no disk tier), True or 'tmp' (a temporary directory) or a "
+                            f"directory, got {disk!r}")
+        if checkpoint not in ("auto", "binomial"):
+            raise ValueError(f"disk= holds binomial snapshots: it needs checkpoint='binomial' or 'auto', got "
+                             f"checkpoint={checkpoint!r}")
     if checkpoint not in ("auto", None, "binomial"):
         if isinstance(checkpoint, bool) or not isinstance(checkpoint, int):
             raise TypeError(f"checkpoint must be None (store every step), a positive int k (every k "
@@ -335,6 +404,76 @@ def check_checkpoint(checkpoint: Any, snapshots: Any) -> None:
             raise ValueError(f"snapshots must be ≥ 1, got {snapshots}")
         if checkpoint != "binomial":
             raise ValueError(f"snapshots= needs checkpoint='binomial', got checkpoint={checkpoint!r}")
+
+
+# ----------------------------------------------------------------------------- the disk tier
+
+@dataclass(frozen=True)
+class DiskBudget:
+    """Where disk snapshots go (``where``: the directory; ``directory``: None = a temporary one)
+    and the bytes they may take (``free``: AUTO_FRACTION of the free space there)."""
+
+    directory: Path | None
+    where: str
+    free: int
+
+
+def disk_budget(disk: Any) -> DiskBudget | None:
+    """The disk tier ``disk=`` asks for: None/False = none; True or "tmp" = a temporary
+    directory (``tempfile.gettempdir()``), removed afterwards; a path = that directory (created
+    if need be; the run's files, in a subdirectory of their own, are removed afterwards)."""
+    if disk is None or disk is False:
+        return None
+    directory = None if disk is True or disk == "tmp" else Path(disk)
+    probe = Path(tempfile.gettempdir()) if directory is None else directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = int(AUTO_FRACTION * shutil.disk_usage(probe).free)
+    return DiskBudget(directory, str(directory or tempfile.gettempdir()), free)
+
+
+class DiskSnapshots:
+    """Snapshots on disk, one file per snapshot: ``records.atomic_torch_save`` (sha256-sealed)
+    in a fresh subdirectory of the budget's directory, read back with ``records.load_torch``
+    (verified; ``map_location`` = the run's device), so a restored state is the saved one bit for
+    bit. :meth:`close` removes the subdirectory; a context manager."""
+
+    def __init__(self, disk: DiskBudget, device: Any = None):
+        base = disk.directory
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+        self.root = Path(tempfile.mkdtemp(prefix="hgtoolkit-snapshots-", dir=base))
+        self.device = device
+        self.files: dict[int, tuple[Path, int]] = {}
+        self.peak = self.peak_bytes = self.writes = self.reads = 0
+
+    def put(self, n: int, state: dict) -> None:
+        from . import records
+        path = records.atomic_torch_save(state, self.root / f"state_{n}.pt")
+        self.files[n] = (path, path.stat().st_size)
+        self.writes += 1
+        self.peak = max(self.peak, len(self.files))
+        self.peak_bytes = max(self.peak_bytes, sum(size for _, size in self.files.values()))
+
+    def get(self, n: int, drop: bool) -> dict:
+        from . import records
+        path, _ = self.files[n]
+        state = records.load_torch(path, f"the disk snapshot of step {n}", map_location=self.device)
+        self.reads += 1
+        if drop:
+            del self.files[n]
+            path.unlink()
+        return state
+
+    def close(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.files.clear()
+
+    def __enter__(self) -> "DiskSnapshots":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------- the interpreter
@@ -375,16 +514,21 @@ class RunStats:
     forward_steps: int = 0
     snapshots: int = 0
     kept_graphs: int = 0
+    disk_snapshots: int = 0  #: held on disk at once
+    disk_writes: int = 0
+    disk_bytes: int = 0  #: the most bytes on disk at once
 
 
 def run(actions: Iterable, s0: dict, advance: Callable, begin_adjoint: Callable, adjoint_step: Callable,
-        sampler: MemorySampler | None = None) -> RunStats:
+        sampler: MemorySampler | None = None, disk: DiskSnapshots | None = None) -> RunStats:
     """Interpret a schedule's actions. ``advance(state, t, graph) -> (s_{t+1}, step)`` (step
     kept when ``graph``), ``begin_adjoint(s_T)`` at EndForward, ``adjoint_step(step, t)`` for
-    t in each Reverse. Snapshots are references to the (immutable) states."""
+    t in each Reverse. Snapshots in memory are references to the (immutable) states; those of
+    ``DISK`` storage go to ``disk``."""
     import checkpoint_schedules as cs
     n, state = 0, s0
     snaps: dict[int, dict] = {}
+    DISK = cs.StorageType.DISK
     deps: dict[int, Any] = {}
     stats = RunStats()
     for a in actions:
@@ -392,10 +536,13 @@ def run(actions: Iterable, s0: dict, advance: Callable, begin_adjoint: Callable,
             if a.n0 != n:
                 raise RuntimeError(f"schedule: Forward from step {a.n0} while the state is at step {n}")
             if a.write_ics:
-                if a.storage != cs.StorageType.RAM:
-                    raise NotImplementedError(f"snapshot storage {a.storage!r}")
-                snaps[a.n0] = state
-                stats.snapshots = max(stats.snapshots, len(snaps))
+                if a.storage == DISK and disk is not None:
+                    disk.put(a.n0, state)
+                elif a.storage == cs.StorageType.RAM:
+                    snaps[a.n0] = state
+                    stats.snapshots = max(stats.snapshots, len(snaps))
+                else:
+                    raise NotImplementedError(f"snapshot storage {a.storage!r} (disk snapshots need disk=...)")
             for t in range(a.n0, a.n1):
                 state, step = advance(state, t, a.write_adj_deps)
                 if a.write_adj_deps:
@@ -413,11 +560,19 @@ def run(actions: Iterable, s0: dict, advance: Callable, begin_adjoint: Callable,
                 if sampler is not None:
                     sampler.sample()
         elif isinstance(a, (cs.Copy, cs.Move)):
-            if a.to_storage != cs.StorageType.WORK or a.from_storage != cs.StorageType.RAM:
-                raise NotImplementedError(f"{a!r}: only RAM snapshots are supported")
-            n, state = a.n, (snaps.pop(a.n) if isinstance(a, cs.Move) else snaps[a.n])
+            if a.to_storage != cs.StorageType.WORK or a.from_storage not in (cs.StorageType.RAM, DISK):
+                raise NotImplementedError(f"{a!r}: snapshots are restored from RAM or disk into the work state")
+            move = isinstance(a, cs.Move)
+            if a.from_storage == DISK:
+                if disk is None:
+                    raise NotImplementedError(f"{a!r}: disk snapshots need disk=...")
+                n, state = a.n, disk.get(a.n, drop=move)
+            else:
+                n, state = a.n, (snaps.pop(a.n) if move else snaps[a.n])
         elif isinstance(a, cs.EndReverse):
             break
         else:
             raise NotImplementedError(f"schedule action {a!r}")
+    if disk is not None:
+        stats.disk_snapshots, stats.disk_writes, stats.disk_bytes = disk.peak, disk.writes, disk.peak_bytes
     return stats

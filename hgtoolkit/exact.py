@@ -80,8 +80,10 @@ class HypergradResult:
     optimizer: dict = field(default_factory=dict)
     #: reverse modes: the schedule run ("stored", "every k", "binomial", "reversible")
     schedule: str | None = None
-    #: training states (snapshots, s_0 included) held at once by the schedule
+    #: training states (snapshots, s_0 included) held at once by the schedule in memory
     snapshots: int | None = None
+    #: binomial with ``disk=``: snapshots held on disk at once (0: the disk tier was not needed)
+    disk_snapshots: int | None = None
     #: forward steps run beyond one training pass (0 when every step is stored)
     recomputed_steps: int | None = None
     #: bytes the schedule was predicted to hold (docs/memory.md), and the budget it was chosen for
@@ -109,7 +111,7 @@ class HypergradResult:
                 f"|grad|={float(self.grad.norm()):.6g})")
 
 
-def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
+def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress, disk=None):
     T = len(lrs)
     s0 = initial_state(problem, dyn)
     device = lrs.device
@@ -117,7 +119,8 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
     losses = torch.empty(T, dtype=lrs.dtype, device=device)
     first, fp = _probe(problem, dyn, s0)
     limit, how = _ckpt.budget(memory, device)
-    plan = _ckpt.plan(T, fp, checkpoint, snapshots, limit)
+    tier = _ckpt.disk_budget(disk)
+    plan = _ckpt.plan(T, fp, checkpoint, snapshots, limit, tier)
     fbar = progress_bar(None, progress, desc="forward", total=T, leave=False)
     bar = progress_bar(None, progress, desc="backward", total=T, leave=False)
 
@@ -156,7 +159,11 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
         if hasattr(bar, "update"):
             bar.update()
 
-    stats = _ckpt.run(plan.actions(), s0, advance, begin, adjoint, sampler)
+    if plan.disk:
+        with _ckpt.DiskSnapshots(tier, device) as store:
+            stats = _ckpt.run(plan.actions(), s0, advance, begin, adjoint, sampler, store)
+    else:
+        stats = _ckpt.run(plan.actions(), s0, advance, begin, adjoint, sampler)
     first = None
     for b in (fbar, bar):
         if hasattr(b, "close"):
@@ -165,6 +172,7 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress):
         raise FloatingPointError("the hypergradient has non-finite entries although training stayed finite")
     info = {"schedule": plan.kind if plan.kind != "every" else f"every {plan.k}",
             "snapshots": stats.snapshots, "recomputed_steps": stats.forward_steps - T,
+            "disk_snapshots": stats.disk_snapshots if tier is not None else None,
             "memory_estimate": plan.estimate, "memory_budget": limit, "peak_memory": sampler.peak,
             "buffers": out["final"].get(BUFFERS)}
     return out["value"], grads, dyn.params(out["final"]), losses, info
@@ -252,7 +260,8 @@ def _autograd(problem, dyn, lrs, progress):
 def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd",
                   mode: str = "reverse", *, checkpoint: "int | str | None" = "auto",
                   snapshots: int | None = None, memory: "int | str | None" = None,
-                  chunk_size: int | None = None, progress: bool = False, **removed: Any) -> HypergradResult:
+                  chunk_size: int | None = None, progress: bool = False, disk: Any = None,
+                  **removed: Any) -> HypergradResult:
     """Exact ∇f(η) for the whole schedule ``lrs`` (η_0 … η_{T−1}), f(η) = E(w_T).
 
     Reverse mode's memory (:mod:`hgtoolkit.checkpointing`, docs/memory.md): ``checkpoint=None``
@@ -260,7 +269,9 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
     ``snapshots`` states; ``"auto"`` (default) picks the fastest of them that fits ``memory``
     (bytes, "2GB", or "auto" = half the device's free memory, cgroup limit included; None =
     "auto"). A schedule that does not fit is refused (:class:`~hgtoolkit.checkpointing.
-    MemoryBudgetError`) before any step beyond the first. ``mode="reversible"`` (heavy-ball
+    MemoryBudgetError`) before any step beyond the first. ``disk=True`` (a temporary directory)
+    or ``disk="dir"`` adds a disk tier: binomial snapshots that do not fit in memory are written
+    there (checksummed ``torch.save`` files, removed afterwards). ``mode="reversible"`` (heavy-ball
     momentum only, :mod:`hgtoolkit.reversible`) runs training backwards instead.
 
     >>> import hgtoolkit, torch
@@ -280,7 +291,9 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
                          f"mode={mode!r} has none")
     if mode in ("forward", "autograd") and memory is not None:
         raise ValueError(f"memory= applies to mode='reverse' or 'reversible', not {mode!r}")
-    _ckpt.check_checkpoint(checkpoint, snapshots)
+    if mode != "reverse" and disk is not None and disk is not False:
+        raise ValueError(f"disk= holds the snapshots of mode='reverse'; mode={mode!r} has none")
+    _ckpt.check_checkpoint(checkpoint, snapshots, disk)
     if memory is not None:
         _ckpt.parse_memory(memory)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
@@ -289,7 +302,8 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     info = {}
     if mode == "reverse":
-        value, grads, params, losses, info = _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress)
+        value, grads, params, losses, info = _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress,
+                                                      disk)
     elif mode == "reversible":
         value, grads, params, losses, info = reversible_reverse(problem, dyn, lrs, memory, progress)
     elif mode == "forward":

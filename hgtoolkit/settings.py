@@ -302,6 +302,12 @@ def _memory():
                    kind="bytes", words=("auto",), none=True)
 
 
+def _disk():
+    return setting(None, "reverse mode's disk tier: binomial snapshots that do not fit --memory go to "
+                         "this directory ('tmp': a temporary one; removed afterwards; none: no disk)",
+                   kind="text", words=("tmp",), none=True)
+
+
 def _chunk_size():
     return setting(None, "forward mode: columns of Z_t propagated at once", kind="int", lo=1, none=True)
 
@@ -391,6 +397,7 @@ class HypergradSettings(TrainSettings):
     checkpoint: Any = _checkpoint()
     snapshots: Any = _snapshots()
     memory: Any = _memory()
+    disk: Any = _disk()
     chunk_size: Any = _chunk_size()
 
 

@@ -70,6 +70,66 @@ def test_binomial_equals_stored_at_T_500():
     assert r.recomputed_steps == binomial_recomputations(500, 6)
 
 
+# ----------------------------------------------------------------------------- the disk tier
+
+def _ram_for(result, c):
+    """A budget that holds c binomial snapshots in memory and not c + 1 (``result``: a binomial
+    run that reports its estimate and snapshots)."""
+    fixed = result.memory_estimate - result.snapshots * _state_bytes(result)
+    return int(checkpointing.ALLOCATOR_SLACK * (fixed + (c + 0.5) * _state_bytes(result)))
+
+
+def _state_bytes(result):
+    return sum(x.numel() * x.element_size() for x in result.params.values()) * 2  # w and b
+
+
+def test_disk_snapshots_are_bit_identical_to_stored_and_removed_afterwards(tmp_path):
+    problem = problems.synthetic_classification()
+    T = 60
+    lrs = _schedule(T, 0.05)
+    stored = hypergradient(problem, lrs, "momentum", checkpoint=None)
+    ram = hypergradient(problem, lrs, "momentum", checkpoint="binomial", snapshots=6)
+    assert ram.disk_snapshots is None  # no disk tier asked for
+    budget = _ram_for(ram, 2)
+    r = hypergradient(problem, lrs, "momentum", checkpoint="binomial", snapshots=6, memory=budget, disk=tmp_path)
+    assert torch.equal(r.grad, stored.grad) and torch.equal(r.value, stored.value)
+    assert r.snapshots <= 2 and r.disk_snapshots >= 1 and r.snapshots + r.disk_snapshots <= 6
+    assert r.recomputed_steps == binomial_recomputations(T, 6) == ram.recomputed_steps  # same schedule
+    assert list(tmp_path.iterdir()) == []  # the run's snapshot files are gone
+    auto = hypergradient(problem, lrs, "momentum", memory=budget, disk=True)  # chosen by the budget
+    assert torch.equal(auto.grad, stored.grad)
+    assert auto.schedule == "binomial" and auto.snapshots <= 2
+    assert auto.recomputed_steps == binomial_recomputations(T, checkpointing.disk_target(T))
+    fits = hypergradient(problem, lrs, "momentum", checkpoint="binomial", snapshots=6, disk=True)
+    assert fits.disk_snapshots == 0  # memory was not short: nothing went to disk
+
+
+def test_disk_target_is_the_fewest_snapshots_that_replay_each_step_at_most_twice():
+    import math
+    for T in (2, 10, 60, 1000, 10 ** 4):
+        c = checkpointing.disk_target(T)
+        assert math.comb(c + 2, 2) >= T and (c == 1 or math.comb(c + 1, 2) < T)
+        assert binomial_recomputations(T, c) <= 2 * T
+    assert checkpointing.disk_target(10 ** 4) == 140
+
+
+def test_the_disk_tier_is_checked_and_refused_when_the_disk_is_short():
+    problem = problems.synthetic_classification()
+    lrs = _schedule(10, 0.05)
+    with pytest.raises(ValueError, match="disk"):
+        hypergradient(problem, lrs, checkpoint=4, disk=True)
+    with pytest.raises(ValueError, match="disk"):
+        hypergradient(problem, lrs, "momentum", mode="reversible", disk=True)
+    with pytest.raises(TypeError, match="disk"):
+        hypergradient(problem, lrs, disk=3)
+    fp = Footprint(state=1000, graph=3000)
+    short = checkpointing.DiskBudget(None, "/somewhere", free=2500)
+    with pytest.raises(MemoryBudgetError, match="disk snapshots need"):
+        checkpointing.plan(100, fp, "binomial", 5, 15625, short)  # 1 snapshot in memory, 4 kB to disk
+    p = checkpointing.plan(100, fp, "auto", None, 15625, short)  # automatic: as many as the disk holds
+    assert p.kind == "binomial" and p.disk == 2 and p.snapshots == 1
+
+
 # ----------------------------------------------------------------------------- the budget
 
 def test_parse_memory():
@@ -165,9 +225,11 @@ def test_command_line_takes_the_schedule_and_the_budget(tmp_path):
     from hgtoolkit.cli import main
     out = tmp_path / "hg"
     assert main(["hypergrad", "--problem", "beale", "--steps", "30", "--lr", "1e-3", "--optimizer", "momentum",
-                 "--checkpoint", "binomial", "--snapshots", "3", "--memory", "200MB", "--out", str(out)]) == 0
+                 "--checkpoint", "binomial", "--snapshots", "3", "--memory", "200MB", "--disk", "tmp",
+                 "--out", str(out)]) == 0
     rec = json.loads((out / "hypergrad.json").read_text())
     assert rec["memory"]["schedule"] == "binomial" and rec["memory"]["recomputed_steps"] == binomial_recomputations(30, 3)
+    assert rec["memory"]["disk_snapshots"] == 0  # the disk tier was there, and not needed
     assert rec["memory"]["memory_budget"] == 200 * 10 ** 6
     lo = tmp_path / "lo"
     assert main(["lrsopt", "--problem", "beale", "--steps", "20", "--lr", "1e-3", "--outer-lr", "3e-4",

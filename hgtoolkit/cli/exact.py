@@ -39,7 +39,7 @@ def register(sub) -> None:
         help="exact hypergradient ∇f(η) of a schedule",
         description="Exact hypergradient ∂f/∂η_t, f(η) = E(w_T), of one schedule; writes "
                     "<out>/hypergrad.json and a figure of η_t and ∂f/∂η_t against t.")
-    add_arguments(hg, HypergradSettings, ["mode", "checkpoint", "snapshots", "memory", "chunk_size"])
+    add_arguments(hg, HypergradSettings, ["mode", "checkpoint", "snapshots", "memory", "disk", "chunk_size"])
     hg.set_defaults(func=run_hypergrad)
 
     lo = sub.add_parser(
@@ -116,7 +116,8 @@ def run_hypergrad(args) -> int:
     lrs = _schedule(args, problem)
     start = time.perf_counter()
     try:
-        reverse = {"checkpoint": args.checkpoint, "snapshots": args.snapshots} if args.mode == "reverse" else {}
+        reverse = ({"checkpoint": args.checkpoint, "snapshots": args.snapshots, "disk": args.disk}
+                   if args.mode == "reverse" else {})
         r = hypergradient(problem, lrs, args.optimizer, args.mode, memory=args.memory, **reverse,
                           chunk_size=args.chunk_size, progress=True)
     except FloatingPointError as exc:
@@ -130,8 +131,8 @@ def run_hypergrad(args) -> int:
               "grad_norm": float(r.grad.norm()), "wall_time": elapsed, "settings": cli_args.settings(args),
               "problem": info,
               "metrics": problem.metrics(r.params) if problem.metrics is not None else None,
-              "memory": {k: getattr(r, k) for k in ("schedule", "snapshots", "recomputed_steps", "memory_estimate",
-                                                    "memory_budget", "peak_memory", "buffer_bytes")}}
+              "memory": {k: getattr(r, k) for k in ("schedule", "snapshots", "disk_snapshots", "recomputed_steps",
+                                                    "memory_estimate", "memory_budget", "peak_memory", "buffer_bytes")}}
     json_path = write_sealed_json(out / "hypergrad.json", record)  # with its checksum
 
     fig, (a, b) = plotting.figure(ncols=2)
