@@ -1,14 +1,13 @@
 """Generates the measured parts of the documentation from the files the measurements wrote.
 
-    python docs/generate.py              # docs/_generated/{benchmarks,results}.md (make docs runs it;
-                                         # conf.py too, so every build shows the same numbers)
-    python docs/generate.py --snapshot   # also copy benchmarks/results/*.json to docs/data/benchmarks/
-                                         # (commit them: the numbers a fresh clone's site shows)
+    python docs/generate.py   # docs/_generated/{benchmarks,results}.md (make docs runs it; conf.py
+                              # too, so every build shows the same numbers)
 
 - ``benchmarks.md`` (included by ``docs/performance.md``): one table per benchmark, from
-  ``benchmarks/results/<name>.json`` (``make bench``) where present, else from the committed
-  snapshot ``docs/data/benchmarks/<name>.json``; rows as ``benchmarks/run_all.py`` prints them,
-  with the machine each ran on.
+  ``benchmarks/results/<name>.json``: the latest measurement of each, committed (so a fresh
+  clone's site shows real numbers) and overwritten by ``make bench`` / ``python
+  benchmarks/bench_NAME.py``; rows as ``benchmarks/run_all.py`` prints them, with the date
+  and the machine each file records (``benchmarks/common.py``'s ``env_info``).
 - ``results.md`` (included by ``docs/results.md``): the ``summary.md`` of every experiment under
   the results folder (``make demo``, ``python -m hgtoolkit reproduce NAME``; the folder is
   ``hgtoolkit.experiments.common.results_root()``), headings moved one level down and figures
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 OUT = HERE / "_generated"
-SNAPSHOT = HERE / "data" / "benchmarks"
 BENCH_RESULTS = ROOT / "benchmarks" / "results"
 RELIABILITY = HERE / "reliability.md"
 TABLE_BEGIN = "% BEGIN the table: written by docs/generate.py from tests/reliability_cases.py (do not edit)"
@@ -49,10 +46,24 @@ def _bench_modules():
 
 
 def benchmark_files() -> dict[str, Path]:
-    """``{name: json}``: this machine's ``benchmarks/results`` first, else the committed snapshot."""
-    files = {p.stem: p for p in sorted(SNAPSHOT.glob("*.json"))}
-    files.update({p.stem: p for p in sorted(BENCH_RESULTS.glob("*.json"))})
-    return dict(sorted(files.items()))
+    """``{name: json}`` of ``benchmarks/results`` (committed; ``make bench`` rewrites them)."""
+    return {p.stem: p for p in sorted(BENCH_RESULTS.glob("*.json"))}
+
+
+def _measured(payload: dict) -> str:
+    """When and where a result file was measured, from what it records (a checkout's file
+    dates are those of the clone, not of the measurement)."""
+    env = payload.get("env", {}) if isinstance(payload.get("env"), dict) else {}
+    parts = [env.get("date", "date not recorded")]
+    if "cpu" in env:
+        parts.append(f"{env['cpu']}" + (f" ({env['cpu_count']} CPUs)" if "cpu_count" in env else ""))
+    parts += [f"{k} {env[k]}" for k in ("torch", "torch_threads") if k in env]
+    load = env.get("loadavg_before", payload.get("loadavg_before", env.get("loadavg")))
+    if isinstance(load, (list, tuple)) and load:
+        parts.append(f"load average {float(load[0]):.2f}")
+    if payload.get("quick"):
+        parts.append("a --quick run")
+    return "; ".join(str(p) for p in parts)
 
 
 def _cell(text: str) -> str:
@@ -63,17 +74,14 @@ def benchmarks_page() -> str:
     common, run_all = _bench_modules()
     files = benchmark_files()
     if not files:
-        return ("No benchmark results yet on this machine, and no snapshot in `docs/data/benchmarks/`:\n"
-                "run `make bench` (or `python benchmarks/run_all.py --only NAME`), then `make docs`.\n")
+        return ("No benchmark results in `benchmarks/results/`: run `make bench` (or `python "
+                "benchmarks/run_all.py --only NAME`), then `make docs`.\n")
     parts = []
     for name, path in files.items():
         payload = json.loads(path.read_text(encoding="utf-8"))
         rows = run_all.rows_of(payload)
-        env = payload.get("env", {}) if isinstance(payload.get("env"), dict) else {}
-        when = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
-        where = ", ".join(f"{k} {env[k]}" for k in ("cpu", "torch", "torch_threads", "loadavg") if k in env)
         source = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-        lines = [f"### {name}", "", f"`{source}` ({when}{'; ' + where if where else ''})", "",
+        lines = [f"### {name}", "", f"`{source}` ({_measured(payload)})", "",
                  "| metric | value | unit | target | met | note |", "| --- | --: | --- | --- | --- | --- |"]
         for r in rows:
             lines.append("| " + " | ".join(_cell(c) for c in (
@@ -155,11 +163,7 @@ def reliability_page(text: str, table: str) -> str:
     return text[:begin] + "\n\n" + table + "\n" + text[end:]
 
 
-def write(snapshot: bool = False) -> list[Path]:
-    if snapshot:
-        SNAPSHOT.mkdir(parents=True, exist_ok=True)
-        for path in sorted(BENCH_RESULTS.glob("*.json")):
-            shutil.copyfile(path, SNAPSHOT / path.name)
+def write() -> list[Path]:
     OUT.mkdir(exist_ok=True)
     written = []
     for name, text in (("benchmarks.md", benchmarks_page()), ("results.md", results_page())):
@@ -178,10 +182,8 @@ def write(snapshot: bool = False) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--snapshot", action="store_true",
-                    help="copy benchmarks/results/*.json into docs/data/benchmarks/ first")
-    args = ap.parse_args(argv)
-    for path in write(snapshot=args.snapshot):
+    ap.parse_args(argv)
+    for path in write():
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
 

@@ -78,21 +78,20 @@ def test_pages_and_gallery(site):
 
 def test_generated_pages_come_from_the_measurements(tmp_path, monkeypatch):
     """docs/generate.py: a benchmark's rows and an experiment's summary.md reach the pages as
-    written (this machine's results before the committed snapshot; headings moved down, figures
+    written (with the date and machine the benchmark file records; headings moved down, figures
     as paths), and a machine without any says how to produce them."""
     import json
     generate = _docs_script("generate")
-    snapshot, fresh = tmp_path / "snapshot", tmp_path / "fresh"
-    snapshot.mkdir(), fresh.mkdir()
-    monkeypatch.setattr(generate, "SNAPSHOT", snapshot)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
     monkeypatch.setattr(generate, "BENCH_RESULTS", fresh)
     assert "make bench" in generate.benchmarks_page()
     row = {"metric": "HD ÷ SGD | T=30", "value": 1.2345, "unit": "×", "target": "≤ 1.1", "met": False, "note": "n"}
-    (snapshot / "online.json").write_text(json.dumps({"rows": [dict(row, value=9.0)], "env": {"cpu": "old"}}))
-    (fresh / "online.json").write_text(json.dumps({"rows": [row], "env": {"cpu": "X1", "torch_threads": 1}}))
+    (fresh / "online.json").write_text(json.dumps({"rows": [row], "quick": True, "env": {
+        "cpu": "X1", "cpu_count": 2, "torch_threads": 1, "date": "2026-12-04 02:30 UTC", "loadavg_before": [3.5]}}))
     page = generate.benchmarks_page()
-    assert "| HD ÷ SGD \\| T=30 | 1.23 | × | ≤ 1.1 | NO | n |" in page and "cpu X1" in page
-    assert "| 9 |" not in page, "this machine's results win over the snapshot"
+    assert "| HD ÷ SGD \\| T=30 | 1.23 | × | ≤ 1.1 | NO | n |" in page
+    assert "2026-12-04 02:30 UTC; X1 (2 CPUs)" in page and "load average 3.50" in page and "--quick" in page
     results = tmp_path / "results"
     (results / "fig1").mkdir(parents=True)
     (results / "fig1" / "summary.md").write_text("# Fig. 1\n\n## table\n\n![best](figures/best.png)\n")
