@@ -2,6 +2,7 @@
 result rows, the results file and the printed table (see README.md for the row schema)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -34,6 +35,20 @@ def env_info(threads: int | None = None) -> dict:
             "torch_threads": threads if threads is not None else torch.get_num_threads(),
             "loadavg": list(os.getloadavg()),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
+def arguments(argv, doc: str, steps: int, repeats: int) -> argparse.Namespace:
+    """The flags most benchmarks take, parsed: ``--steps``, ``--repeats``, ``--threads`` (torch's
+    thread count, set here) and ``--quick`` (a smoke run)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="smoke run: a small model, few steps")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, float]:

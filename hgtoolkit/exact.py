@@ -31,11 +31,9 @@ compute it (``mode=``):
 
 :func:`directional_derivative` gives ∇f(η)·v in one forward pass (one HVP per step).
 
-Why a double backward through the kept graph (measured in ``benchmarks/bench_exact.py``): it
-reuses the forward activations and the backward's intermediates of the training pass; the
-alternatives measured — ``torch.func.vjp`` closures per step, forward-over-reverse
-``torch.func.jvp`` of the gradient (recomputes the training pass) — were 10–60 % slower on the
-3×500 MNIST MLP.
+Why a double backward through the kept graph: it reuses the forward activations and the
+backward's intermediates of the training pass (the alternatives and their measurements:
+docs/performance.md, "Measurements behind the design choices").
 """
 from __future__ import annotations
 
