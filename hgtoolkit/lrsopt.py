@@ -52,7 +52,7 @@ from . import records
 from .divergence import DivergenceWarning
 from .exact import MODES, hypergradient
 from .errors import renamed
-from .trajectory import check_lrs, progress_bar
+from .trajectory import check_lrs, check_problem, progress_bar
 
 __all__ = ["ScheduleResult", "optimize_schedule", "OUTER_OPTIMIZERS", "adam_update", "sgd_update",
            "project"]
@@ -215,6 +215,7 @@ class _Evaluator:
 def _validate(problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resample_batches,
               lr_max, outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
               snapshot_every, callback):
+    check_problem(problem)
     if not isinstance(outer_optimizer, str) or outer_optimizer.lower() not in OUTER_OPTIMIZERS:
         raise ValueError(f"unknown outer_optimizer {outer_optimizer!r}; choose one of {OUTER_OPTIMIZERS}")
     outer_optimizer = outer_optimizer.lower()

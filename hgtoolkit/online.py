@@ -82,7 +82,7 @@ from .online_record import OnlineResult
 from .divergence import DivergenceWarning
 from .settings import OnlineSettings
 from .carried import CarriedBuffers
-from .trajectory import autograd_gradient, autograd_gradient_hvp
+from .trajectory import autograd_gradient, autograd_gradient_hvp, check_problem
 
 __all__ = ["OnlineResult", "run", "find_beta", "Engine", "Oracle", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
@@ -538,6 +538,7 @@ def setup(problem, settings: dict, mu_rule: Callable | None = None):
     dynamics, T, eval_every, val_batch_size, the record's config). Shared with
     :mod:`hgtoolkit.batched`. ``settings``: :func:`run`'s settings (those of
     :class:`~hgtoolkit.settings.OnlineSettings`, bound by :func:`hgtoolkit.settings.bind`)."""
+    check_problem(problem)
     cfg = hyper_config(mu_rule=mu_rule, **settings)
     dyn = _dynamics.get(settings["optimizer"])
     T = _check_int(settings["steps"], "steps")

@@ -27,7 +27,7 @@ from .divergence import VALIDATION_LOSS, check_finite
 
 __all__ = ["BUFFERS", "initial_state", "opt_part", "with_buffers", "float_leaves", "stateful_loss",
            "make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
-           "rowwise_gradient_hvp", "train", "TrainResult", "check_lrs", "check_finite", "progress_bar"]
+           "rowwise_gradient_hvp", "train", "TrainResult", "check_problem", "check_lrs", "check_finite", "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
 
@@ -220,8 +220,19 @@ def progress_bar(iterable, enabled: bool, **kwargs):
     return tqdm(iterable, **kwargs)
 
 
+def check_problem(problem) -> None:
+    """``TypeError`` unless ``problem`` is a Problem (params0, train_loss, val_loss)."""
+    if not all(hasattr(problem, k) for k in ("params0", "train_loss", "val_loss")):
+        raise TypeError(f"problem must be a hgtoolkit.Problem (e.g. problems.get({problem!r}) for a name, "
+                        f"problems.from_function or problems.from_module), got {type(problem).__name__}"
+                        if isinstance(problem, str) else
+                        f"problem must be a hgtoolkit.Problem (problems.get, from_function, from_module), "
+                        f"got {type(problem).__name__}")
+
+
 def check_lrs(lrs: Any, problem, argname: str = "lrs", allow_negative: bool = False) -> torch.Tensor:
     """Validate a schedule and return it as a 1-D tensor on the problem's device and dtype."""
+    check_problem(problem)
     if isinstance(lrs, torch.Tensor):
         if lrs.device != problem.device:
             raise ValueError(f"{argname} is on {lrs.device} but the problem's parameters are on "

@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from hgtoolkit import (DivergenceError, DivergenceWarning, analysis, baselines, batched, dynamics, exact, hdm, lrsopt,
-                       online, optim, problems, records, sweep, towers, trajectory)
+from hgtoolkit import (DivergenceError, DivergenceWarning, analysis, baselines, batched, dynamics, exact, hdm, horizons,
+                       lrsopt, online, optim, problems, records, sweep, towers, trajectory)
 import hgtoolkit
 
 F64 = torch.float64
@@ -163,6 +163,17 @@ def dropin_step(opt_factory: Callable, closure: bool = True, val: bool = False, 
 GRID_YAML = b"name: g\nproblem: {name: beale}\nkind: train\nfixed: {lr: 1e-3, steps: 2}\n"
 
 
+def user_problem(tmp: Path, arg: str | None = None) -> list:
+    """argv of hypergrad on a problem of the user's module (typed parameters), on sys.path."""
+    (tmp / "rel_userproblem.py").write_text(
+        "import hgtoolkit, torch\n"
+        "def make(batch: bool = False, n: int = 3, scale: float = 1.0):\n"
+        "    assert isinstance(batch, bool) and isinstance(n, int) and isinstance(scale, float)\n"
+        "    return hgtoolkit.problems.from_function(lambda w: scale * (w ** 2).sum(),"
+        " torch.ones(n, dtype=torch.float64))\n")
+    return ["hypergrad", "--problem", "rel_userproblem:make"] + (["--problem-arg", arg] if arg else [])
+
+
 def schedule_file(tmp: Path, name: str, content: bytes) -> list:
     return ["hypergrad", "--schedule", str(write(tmp / name, content))]
 
@@ -247,6 +258,11 @@ api("val-nan-forward", H, "validation loss NaN (forward mode)",
 api("stateful-reversible", H, "stateful problem (BatchNorm) in reversible mode",
     lambda tmp: exact.hypergradient(bn_problem(), LRS, "momentum", mode="reversible"), ValueError,
     r"mode='reversible' cannot run problem 'module' backwards: it carries")
+
+api("problem-a-name", H, "a problem name instead of a Problem", lambda tmp: exact.hypergradient("beale", LRS),
+    TypeError, r"problem must be a hgtoolkit\.Problem \(e\.g\. problems\.get\('beale'\) for a name")
+api("problem-a-number", H, "a number instead of a Problem", lambda tmp: exact.hypergradient(3, LRS), TypeError,
+    r"problem must be a hgtoolkit\.Problem .*got int")
 
 # ---- directional_derivative
 D = "directional_derivative"
@@ -434,6 +450,20 @@ api("online-removed-keyword", R, "an old keyword (lr0)", run(lr0=1e-3), TypeErro
 api("online-optimizer", R, "unknown inner optimizer", run(optimizer="lion"), ValueError,
     r"unknown optimizer 'lion'; choose one of \['adagrad', 'adam',")
 
+api("online-problem-name", R, "a problem name instead of a Problem",
+    lambda tmp: online.run("beale", "hd", lr=1e-3, beta=1e-7, steps=3), TypeError,
+    r"problem must be a hgtoolkit\.Problem \(e\.g\. problems\.get\('beale'\)")
+api("online-lr-max", R, "lr_max below lr", run(lr_max=-1.0), ValueError, r"lr_max must be > lr=0\.001, got -1\.0")
+api("online-seed", R, "negative seed", run(seed=-1), ValueError, r"seed must be ≥ 0, got -1")
+api("online-beta-word", R, "a word for beta", run(beta="big"), ValueError,
+    r"beta must be a number ≥ 0 or 'auto', got 'big'")
+api("online-mu-word", R, "a word for mu", run(mu="sometimes"), ValueError,
+    r"mu must be a number in \[0, 1\] or 'auto', got 'sometimes'")
+api("online-beta-auto-hd", R, "beta='auto' with method='hd'", run(method="hd", beta="auto"), ValueError,
+    r"beta='auto' is MARTHE's adaptive rule; method='hd' needs a number")
+api("online-mu-rule", R, "mu_rule not callable", run(mu_rule=3), TypeError,
+    r"mu_rule must be callable as mu_rule\(mu, counter, stats\) -> \(mu, counter\), got int")
+
 # ---- find_beta
 api("find-beta-factor", "online.find_beta", "factor ≤ 1",
     lambda tmp: online.find_beta(BEALE, 1.0, factor=1.0, method="hd", lr=1e-3, steps=3), ValueError,
@@ -610,6 +640,37 @@ api("tower-optimizer-spec", "towers.TowerOptimizer", "bad tower spec",
     lambda tmp: towers.TowerOptimizer(tensors(), "sgd(lr=-1) / sgd(lr=1e-3)"), ValueError,
     r"towers\.SGD: lr must be ≥ 0, got -1\.0")
 
+# ---- dynamics (the inner optimizers)
+DY = "dynamics"
+api("dyn-momentum-range", DY, "momentum(γ ≥ 1)", lambda tmp: dynamics.momentum(1.5), ValueError,
+    r"SGD: momentum must be in \[0, 1\), got 1\.5")
+api("dyn-momentum-negative", DY, "momentum(γ < 0)", lambda tmp: dynamics.momentum(-0.1), ValueError,
+    r"SGD: momentum must be ≥ 0, got -0\.1")
+api("dyn-adam-beta2", DY, "adam(beta2 = 1)", lambda tmp: dynamics.adam(betas=(0.9, 1.0)), ValueError,
+    r"Adam: beta2 must be in \[0, 1\), got 1\.0")
+api("dyn-adam-eps", DY, "adam(eps < 0)", lambda tmp: dynamics.adam(eps=-1),
+    ValueError, r"Adam: eps must be ≥ 0, got -1")
+api("dyn-sgd-weight-decay", DY, "sgd(weight_decay < 0)", lambda tmp: dynamics.sgd(weight_decay=-1), ValueError,
+    r"SGD: weight_decay must be ≥ 0, got -1")
+api("dyn-nesterov", DY, "sgd(nesterov=True) without momentum", lambda tmp: dynamics.sgd(nesterov=True), ValueError,
+    r"SGD: nesterov=True needs momentum > 0")
+
+# ---- horizons
+HZ = "horizons"
+api("horizon-K-zero", HZ, "truncated(K=0)", lambda tmp: horizons.truncated(BEALE, LRS, 0), ValueError,
+    r"K must be ≥ 1, got 0")
+api("horizon-Ks-empty", HZ, "truncated_ladder(Ks=[])", lambda tmp: horizons.truncated_ladder(BEALE, LRS, []),
+    ValueError, r"Ks is empty")
+api("horizon-d-zero", HZ, "nqm_spectrum(d=0)", lambda tmp: horizons.nqm_spectrum(0), ValueError,
+    r"d must be an int ≥ 1, got 0")
+api("horizon-kind", HZ, "nqm_spectrum(kind unknown)", lambda tmp: horizons.nqm_spectrum(10, kind="x"), ValueError,
+    r"unknown kind='x'; choose 'chebyshev' or 'geometric'")
+api("horizon-kappa", HZ, "nqm_spectrum(kappa < 1)", lambda tmp: horizons.nqm_spectrum(10, kappa=0.5), ValueError,
+    r"kappa must be ≥ 1, got 0\.5")
+api("horizon-nqm-type", HZ, "greedy_schedule of something not a noisy quadratic",
+    lambda tmp: horizons.greedy_schedule(None, 3),
+    TypeError, r"nqm must be a testfunctions\.NoisyQuadratic, got NoneType")
+
 # ---- problems
 FM, FF, P, G = "problems.from_module", "problems.from_function", "Problem", "problems.get"
 TRD = bn_data()
@@ -718,6 +779,25 @@ api("explore-method", "explore", "unknown method",
 api("explore-steps", "explore",
     "steps 0", lambda tmp: hgtoolkit.explore("beale", steps=0, precompute=False, widgets=False),
     ValueError, r"steps must be an int in \[1, 1000\] \(the largest horizon of the grid\),")
+
+api("compare-shapes", "analysis.compare", "estimate and reference of different lengths",
+    lambda tmp: analysis.compare([1.0, 2.0], [1.0]), ValueError,
+    r"estimate has shape \(2,\) but reference has shape \(1,\); they must hold one value per step")
+api("references-negative", "analysis.exact_references", "negative schedule",
+    lambda tmp: analysis.exact_references(BEALE, -LRS), ValueError, r"lrs must be ≥ 0; negative at steps")
+api("towers-problem-name", TRUN, "a problem name instead of a Problem",
+    lambda tmp: towers.run("beale", "sgd(lr=1e-3)", 3), TypeError, r"problem must be a hgtoolkit\.Problem")
+api("lrsopt-problem-name", O, "a problem name instead of a Problem",
+    lambda tmp: lrsopt.optimize_schedule("beale", LRS, 1, 1e-4, progress=False), TypeError,
+    r"problem must be a hgtoolkit\.Problem")
+api("fd-steps-float", FD, "a float step index", lambda tmp: exact.finite_difference(BEALE, LRS, steps=[0.5]), TypeError,
+    r"steps\[0\] must be an int, got 0\.5")
+api("fd-eps-string", FD, "eps a string", lambda tmp: exact.finite_difference(BEALE, LRS, eps="1e-5"), TypeError,
+    r"eps must be a number or None, got str")
+api("get-batch-size", G, "batch_size 0", lambda tmp: problems.get("mnist_mlp", batch_size=0), ValueError,
+    r"batch_size must be a positive int, got 0")
+api("get-n-train", G, "n_train 0", lambda tmp: problems.get("synthetic_mlp", n_train=0), ValueError,
+    r"n_train must be a positive int, got 0")
 
 # ---- sweep
 SG, SR, SL = "sweep.Grid", "sweep.run", "sweep.load_grids"
@@ -879,5 +959,26 @@ cli("cli-sweep-executor", "sweep", "unknown --executor", ["sweep", "no-such-grid
 cli("cli-sweep-retries", "sweep",
     "negative --max-retries", lambda tmp: ["sweep", str(write(tmp / "g.yaml", GRID_YAML)), "--max-retries", "-1"],
     r"argument --max-retries: expected an integer ≥ 0, got '-1'")
+cli("cli-problem-arg-bool", "hypergrad", "--problem-arg word for a bool parameter",
+    lambda tmp: user_problem(tmp, "batch=maybe"),
+    r"--problem-arg batch=maybe: batch takes a bool \(true or false\), got 'maybe'")
+cli("cli-problem-arg-int", "hypergrad", "--problem-arg fraction for an int parameter",
+    lambda tmp: user_problem(tmp, "n=2.5"), r"--problem-arg n=2\.5: n takes an int, got 2\.5")
+cli("cli-problem-arg-float", "hypergrad", "--problem-arg word for a float parameter",
+    lambda tmp: user_problem(tmp, "scale=big"), r"--problem-arg scale=big: scale takes a number, got 'big'")
+cli("cli-problem-function-missing", "hypergrad", "--problem module:function, the function missing",
+    lambda tmp: [x.replace(":make", ":nope") for x in user_problem(tmp)],
+    r"problem 'rel_userproblem:nope': module 'rel_userproblem' has no 'nope'")
+cli("cli-device-unknown", "hypergrad", "unknown --device", ["hypergrad", "--device", "tpu"],
+    r"argument --device: invalid choice: 'tpu'")
+cli("cli-sgd-outer-lr", "lrsopt", "--outer-optimizer sgd without --outer-lr", ["lrsopt", "--outer-optimizer", "sgd"],
+    r"--outer-lr is required with --outer-optimizer sgd")
+cli("cli-val-batch-size", "online", "--val-batch-size on a problem without batches",
+    ["online", "--val-batch-size", "4"],
+    r"val_batch_size needs a problem with val_batch\(t, size\) and batch_loss")
+cli("cli-analyse-method", "analyse", "unknown --method", ["analyse", "--method", "sgdr"],
+    r"argument --method: invalid choice: 'sgdr'")
+cli("cli-reproduce-settings", "reproduce", "--tiny with --full", ["reproduce", "demo", "--tiny", "--full"],
+    r"argument --full: not allowed with argument --tiny")
 cli("cli-command-unknown", "", "unknown subcommand", ["trian"],
     r"python -m hgtoolkit: error: argument command: invalid choice: 'trian'")

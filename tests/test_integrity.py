@@ -165,23 +165,19 @@ def test_a_float64_schedule_on_a_float32_problem_is_cast_with_a_warning():
 
 # ----------------------------------------------------------------------------- CLI values
 
-def test_problem_arg_values_are_parsed_by_the_parameter_type(tmp_path, monkeypatch, capsys):
+def test_problem_arg_values_are_parsed_by_the_parameter_type(tmp_path, monkeypatch):
+    """The user's make(batch: bool, n: int, scale: float) gets a bool, an int and a float (it
+    asserts so); the refusals (batch=maybe, n=2.5, scale=big) are rows of the reliability table."""
+    import sys
     from hgtoolkit.cli import main
-    (tmp_path / "myproblems.py").write_text(
-        "import hgtoolkit, torch\n"
-        "def make(batch: bool = False, n: int = 3, scale: float = 1.0):\n"
-        "    assert isinstance(batch, bool) and isinstance(n, int) and isinstance(scale, float)\n"
-        "    return hgtoolkit.problems.from_function(lambda w: scale * (w ** 2).sum(), torch.ones(n, dtype=torch.float64))\n")
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from reliability_cases import user_problem
+    finally:
+        sys.path.remove(str(Path(__file__).parent))
     monkeypatch.syspath_prepend(str(tmp_path))
-    out = tmp_path / "out"
-    base = ["hypergrad", "--problem", "myproblems:make", "--steps", "3", "--lr", "0.01", "--out", str(out)]
-    assert main(base + ["--problem-arg", "batch=true", "--problem-arg", "n=4", "--problem-arg", "scale=2"]) == 0
-    for arg, says in (("batch=maybe", "batch takes a bool (true or false), got 'maybe'"),
-                      ("n=2.5", "n takes an int, got 2.5"), ("scale=big", "scale takes a number, got 'big'")):
-        capsys.readouterr()
-        assert main(base + ["--problem-arg", arg]) == 2
-        err = capsys.readouterr().err
-        assert f"--problem-arg {arg}: {says}" in err and err.count("\n") == 1
+    argv = user_problem(tmp_path) + ["--steps", "3", "--lr", "0.01", "--out", str(tmp_path / "out")]
+    assert main(argv + ["--problem-arg", "batch=true", "--problem-arg", "n=4", "--problem-arg", "scale=2"]) == 0
 
 
 def test_an_empty_or_garbage_checkpoint_is_corrupted_not_old(tmp_path, recwarn):

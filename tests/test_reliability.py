@@ -33,6 +33,7 @@ def run_cli(argv, capsys):
 def test_case(case, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     if case.surface == "CLI":
+        monkeypatch.syspath_prepend(str(tmp_path))  # a user's problem module written there (module:function)
         argv = case.call(tmp_path) if callable(case.call) else list(case.call)
         out = tmp_path / "out"
         if argv[0] in OUT_COMMANDS:

@@ -115,7 +115,8 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
     >>> len(r.history.lrs)
     20
     """
-    from ..trajectory import BUFFERS, initial_state, make_step, opt_part, progress_bar
+    from ..trajectory import BUFFERS, check_problem, initial_state, make_step, opt_part, progress_bar
+    check_problem(problem)
     divergence_factor = _settings.bind(TowerSettings, {"tower": tower, "steps": steps, **settings},
                                        "towers.run")["divergence_factor"]
     tower = parse(tower)
