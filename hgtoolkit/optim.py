@@ -86,6 +86,7 @@ it; later steps leave that group alone. ``raise_on_divergence=True`` raises
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Iterable
 
@@ -233,7 +234,11 @@ class DropIn(torch.optim.Optimizer):
                         written[id(p)] = (p.grad, p.grad._version)
 
     def _diverged(self, group: dict, div: "_divergence.Divergence") -> None:
-        """Report divergence of ``group`` (nothing of the step was applied)."""
+        """Report divergence of ``group`` (nothing of the step was applied). A hypergradient that
+        is not finite because the gradient is not is reported as the gradient's."""
+        if div.quantity == "hypergradient h" and any(
+                p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in group["params"]):
+            div = dataclasses.replace(div, quantity="the gradient p.grad (so the training loss or its backward)")
         if self.raise_on_divergence:
             raise div.error(note=" (nothing was changed)")
         group["diverged_at"] = div.step

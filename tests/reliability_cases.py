@@ -595,6 +595,28 @@ api("dropin-grad-changed", M, "p.grad changed in place after the step (clipping 
     lambda tmp: _grad_changed_behind(), RuntimeError, r"changed in place since")
 
 
+api("sgdhd-nan-gradient", S, "a NaN loss at step t in the user's loop",
+    lambda tmp: _nan_loop(lambda ps: optim.SGDHD(ps, lr=0.1)), DivergenceWarning,
+    r"SGDHD: training diverged at step 1: the gradient p\.grad \(so the training loss or its backward\) is not "
+    r"finite; the step was not applied")
+api("adamhd-nan-raise", A, "a NaN loss at step t with raise_on_divergence=True",
+    lambda tmp: _nan_loop(lambda ps: optim.AdamHD(ps, lr=0.1, raise_on_divergence=True)), DivergenceError,
+    r"step 1: the gradient p\.grad .* is not finite \(nothing was changed\)")
+api("tower-optimizer-nan", "towers.TowerOptimizer", "a NaN loss at step t in the user's loop",
+    lambda tmp: _nan_loop(lambda ps: towers.TowerOptimizer(ps, "sgd(lr=0.1) / sgd(lr=1e-3)")), DivergenceWarning,
+    r"TowerOptimizer: training diverged at step 1: level-0 hyperparameter 'lr' \(sgd\) is not finite")
+
+
+def _nan_loop(make):
+    """Three steps of a user's loop (backward, step) whose loss is NaN at step 1."""
+    model, X = _linear()
+    o = make(model.parameters())
+    for k in range(3):
+        o.zero_grad()
+        ((model(X) ** 2).mean() * (math.nan if k == 1 else 1.0)).backward()
+        o.step()
+
+
 def _linear():
     torch.manual_seed(0)
     return nn.Linear(3, 1).to(F64), torch.randn(8, 3, dtype=F64)
@@ -725,6 +747,18 @@ api("get-hidden-malformed", G, "hidden malformed", lambda tmp: problems.get("syn
 api("get-hidden-zero", G, "hidden with a zero width", lambda tmp: problems.get("synthetic_mlp", hidden=[0]), ValueError,
     r"hidden must be a list of positive layer widths such as \[64, 64\], got")
 
+api("module-device", FM, "an unknown device",
+    lambda tmp: problems.from_module(bn_model(), CE, TRD, TRD, batch_size=4, device="tpu"),
+    ValueError, r"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'tpu'")
+api("module-seed", FM, "negative seed",
+    lambda tmp: problems.from_module(bn_model(), CE, TRD, TRD, batch_size=4, seed=-1),
+    ValueError, r"seed must be an int ≥ 0, got -1")
+api("function-device", FF, "an unknown device", lambda tmp: problems.from_function("beale", device="tpu"), ValueError,
+    r"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got 'tpu'")
+api("problem-val-loss", P, "val_loss not callable",
+    lambda tmp: problems.Problem(torch.ones(2), lambda w, t: w.sum(), 3),
+    TypeError, r"val_loss must be callable as val_loss\(params\)")
+
 # ---- save / load / records
 SV, LD = "save", "load"
 api("save-not-result", SV, "something that is not a result", lambda tmp: hgtoolkit.save({"a": 1}, tmp / "x"), TypeError,
@@ -799,6 +833,13 @@ api("get-batch-size", G, "batch_size 0", lambda tmp: problems.get("mnist_mlp", b
 api("get-n-train", G, "n_train 0", lambda tmp: problems.get("synthetic_mlp", n_train=0), ValueError,
     r"n_train must be a positive int, got 0")
 
+api("explore-grid-empty", "explore", "an empty slider grid",
+    lambda tmp: hgtoolkit.explore("beale", grids={"lr": []}, precompute=False, widgets=False), ValueError,
+    r"grids\['lr'\] must hold at least one value")
+api("explore-lr", "explore", "negative lr",
+    lambda tmp: hgtoolkit.explore("beale", lr=-1, precompute=False, widgets=False),
+    ValueError, r"lr must be > 0, got -1")
+
 # ---- sweep
 SG, SR, SL = "sweep.Grid", "sweep.run", "sweep.load_grids"
 api("grid-kind", SG, "unknown kind", lambda tmp: grid(kind="magic"), ValueError,
@@ -821,6 +862,13 @@ api("grid-missing", SL, "missing file", lambda tmp: sweep.load_grids(tmp / "nope
 api("grid-list", SL, "a YAML list instead of a mapping",
     lambda tmp: sweep.load_grids(write(tmp / "g.yaml", b"- a\n- b\n")),
     ValueError, r"expected a mapping")
+api("grid-axis-empty", SG, "an empty axis", lambda tmp: grid(axes={"lr": []}, fixed={"steps": 2}), ValueError,
+    r"grid 'g': axes\.lr is empty: an axis needs at least one value")
+api("grid-problem-unknown", SG, "an unknown problem", lambda tmp: grid(problem={"name": "bael"}), ValueError,
+    r"grid 'g': problem\.name: unknown problem 'bael'")
+api("grid-required-missing", SR, "a grid without a required setting (steps)",
+    lambda tmp: sweep.run(grid(fixed={"lr": 1e-3}), tmp / "s", progress=False), ValueError,
+    r"grid 'g': 'steps' is required for kind 'train' \(set it in fixed or axes\)")
 api("sweep-lock-timeout", SR, "negative lock_timeout",
     lambda tmp: sweep.run(grid(), tmp / "s", lock_timeout=-1), ValueError,
     r"lock_timeout must be a number of seconds ≥ 0, got -1")
