@@ -15,8 +15,10 @@ __all__ = [
 
 def flatten(tree: Any) -> tuple[list, Any]:
     """(leaves, spec) like ``tree_flatten``, without the pytree machinery for the two shapes a
-    step sees thousands of times (a list or a dict of tensors); ``unflatten`` inverts it."""
+    step sees thousands of times (a tensor, a list or a dict of tensors); ``unflatten`` inverts it."""
     t = type(tree)
+    if t is torch.Tensor or t is torch.nn.Parameter:
+        return [tree], torch.Tensor
     if t is list and all(isinstance(x, torch.Tensor) for x in tree):
         return tree, list
     if t is dict and all(isinstance(x, torch.Tensor) for x in tree.values()):
@@ -26,6 +28,8 @@ def flatten(tree: Any) -> tuple[list, Any]:
 
 def unflatten(leaves: list, spec: Any) -> Any:
     """The tree of ``leaves`` with the structure ``spec`` from :func:`flatten`."""
+    if spec is torch.Tensor:
+        return leaves[0]
     if spec is list:
         return list(leaves)
     if type(spec) is tuple:

@@ -628,9 +628,15 @@ class _RootScaled(Dynamics):
         """(ρ, c) of a' = ρ a + c g²."""
         raise NotImplementedError
 
-    def _parts(self, L, g, h):
+    def _parts(self, L, g, h, slopes: bool = True):
+        """ρ, c, a', u and (when ``slopes``) ∂u/∂g, ∂u/∂a'; without them (the update alone, or
+        B_t) the same u from the same square root (fused: without the safe square root's masks)."""
         rho, c = self._decay(h)
-        a = [rho * aa + c * gg * gg for aa, gg in zip(L.leaves[self.acc], g)]
+        # (AdaGrad: ρ = c = 1, multiplications by one skipped: the same numbers)
+        a = [_mul(rho, aa) + _mul(c, gg) * gg for aa, gg in zip(L.leaves[self.acc], g)]
+        if not slopes:
+            den = [(torch.sqrt(x) if L.fused else _safe_sqrt(x)) + self.eps for x in a]
+            return rho, c, a, [gg / dd for gg, dd in zip(g, den)], None, None
         roots = [_sqrt_and_inverse_slope(x) for x in a]
         den = [r + self.eps for r, _ in roots]
         u = [gg / dd for gg, dd in zip(g, den)]
@@ -640,11 +646,14 @@ class _RootScaled(Dynamics):
 
     def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):
         ds = ds or {}
-        rho, c, a, u, du_dg, du_da = self._parts(L, g, h)
+        slopes = dg is not None or ds.get(self.acc) is not None
+        rho, c, a, u, du_dg, du_da = self._parts(L, g, h, slopes)
         n = len(a)
-        da = [_add(_mul(rho, _column(ds.get(self.acc), i)), _mul(2 * c * g[i], _column(dg, i)))
-              for i in range(n)]
-        du = [_add(_mul(du_dg[i], _column(dg, i)), _mul(du_da[i], da[i])) for i in range(n)]
+        da = du = [None] * n  # no tangent reaches a' or u (the update alone, or B_t)
+        if slopes:
+            da = [_add(_mul(rho, _column(ds.get(self.acc), i)), _mul(2 * c * g[i], _column(dg, i)))
+                  for i in range(n)]
+            du = [_add(_mul(du_dg[i], _column(dg, i)), _mul(du_da[i], da[i])) for i in range(n)]
         new_w, dnew_w = L.descend(lr, u, ds.get("w"), du, dlr, scale)
         return {"w": new_w, self.acc: a}, {"w": dnew_w, self.acc: [_scale_into(scale, x, o) for x, o
                                                                    in zip(da, L.do(self.acc))]}

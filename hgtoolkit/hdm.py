@@ -41,20 +41,23 @@ biased toward small steps under noise.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torch.func import grad_and_value
 
 from . import divergence as _divergence
+from . import dynamics as _dynamics
 from . import records
 from .errors import renamed
+from .hyperstep import hypergradient, level_update
 
-__all__ = ["HDMConfig", "HDMState", "HDMResult", "init", "step", "run", "surrogate",
+__all__ = ["HDMConfig", "HDMState", "HDMResult", "TrialStep", "init", "step", "run", "surrogate",
            "surrogate_grad", "MODES"]
 
 MODES = ("scalar", "diag")
@@ -114,31 +117,96 @@ HDMConfig.__init__ = renamed(beta0="momentum_init", beta_max="momentum_max")(HDM
 
 
 class HDMState(NamedTuple):
-    """All tensors. ``x``, ``x_prev``, ``fx``, ``gx`` = f and ∇f at x; ``P``, ``U`` (AdaGrad
-    accumulator of P), ``beta``, ``v`` (of β); ``eta_p``; ``tau_half`` (0 until curvature is
-    estimated); ``curv_sum``/``curv_count`` (records of ‖Δg‖/‖Δx‖); ``counter``; ``k``
-    (iterations); ``n_grad``/``n_f`` (evaluations); ``accepted`` (last trial moved x);
-    ``feedback`` = h(P, β) and ``grad_P`` = ∂h/∂P of the last iteration."""
+    """Tensors for what has the shape of x or θ, Python numbers for the counters. ``x``,
+    ``x_prev``, ``fx``, ``gx`` = f and ∇f at x; ``theta`` = θ = (P, β): the stepsize (one entry,
+    or one per coordinate) then β when it is learnt (``momentum=True``), ``acc`` (the AdaGrad
+    accumulators of θ: U, v), ``eta`` (the hyper-LR of each entry: η_p for P, η_b for β),
+    ``upper`` (the box [0, upper]: P_max, β_max); ``beta`` (β: the last entry of θ, or a constant
+    0); ``tau_half`` (0 until curvature is estimated); ``curv_sum``/``curv_count`` (records of
+    ‖Δg‖/‖Δx‖ until then); ``counter``; ``k`` (iterations); ``n_grad``/``n_f`` (evaluations);
+    ``accepted`` (last trial moved x); ``feedback`` = h(P, β) and ``grad_P`` = ∂h/∂P of the last
+    iteration. ``P``, ``U``, ``v`` and ``eta_p`` read their parts of θ, ``acc`` and ``eta``."""
 
     x: torch.Tensor
     x_prev: torch.Tensor
     fx: torch.Tensor
     gx: torch.Tensor
-    P: torch.Tensor
-    U: torch.Tensor
+    theta: torch.Tensor
+    acc: torch.Tensor
+    eta: torch.Tensor
+    upper: torch.Tensor
     beta: torch.Tensor
-    v: torch.Tensor
-    eta_p: torch.Tensor
-    tau_half: torch.Tensor
-    curv_sum: torch.Tensor
-    curv_count: torch.Tensor
-    counter: torch.Tensor
-    k: torch.Tensor
-    n_grad: torch.Tensor
-    n_f: torch.Tensor
-    accepted: torch.Tensor
+    tau_half: float
+    curv_sum: float
+    curv_count: int
+    counter: int
+    k: int
+    n_grad: int
+    n_f: int
+    accepted: bool
     feedback: torch.Tensor
     grad_P: torch.Tensor
+
+    @property
+    def n_p(self) -> int:
+        """Entries of P in θ (1: a scalar stepsize)."""
+        return self.grad_P.numel()
+
+    def _part(self, vec: torch.Tensor) -> torch.Tensor:
+        return vec[:self.n_p].reshape(self.grad_P.shape)
+
+    @property
+    def P(self) -> torch.Tensor:
+        return self._part(self.theta)
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self._part(self.acc)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.acc[self.n_p] if self.acc.numel() > self.n_p else torch.zeros_like(self.acc[0])
+
+    @property
+    def eta_p(self) -> torch.Tensor:
+        return self.eta[0]
+
+
+@dataclass(frozen=True)
+class TrialStep(_dynamics.Dynamics):
+    r"""HDM's trial update as a :mod:`hgtoolkit.dynamics` step, the level whose hyperparameters
+    HDM learns: heavy ball x̃ = x − P⊙g + β d on the state {"w": x, "d": d = x − x⁻} (without
+    "d": no momentum term), ``lr`` = P (a number or one per coordinate), ``momentum`` = β; the
+    new state is {"w": x̃, "d": x̃ − x}. Its :meth:`hyper_vjp` in closed form:
+    ⟨v, ∂x̃/∂P⟩ = −v⊙g (summed for a scalar P), ⟨v, ∂x̃/∂β⟩ = ⟨v, d⟩."""
+
+    momentum: float = 0.0
+    hyperparameters: ClassVar[tuple[str, ...]] = ("momentum",)
+    name: ClassVar[str] = "hdm-trial"
+
+    def init(self, params: Any) -> dict:
+        return {"w": params, "d": torch.zeros_like(params)}
+
+    def step(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
+        x = state["w"]
+        new = x - lr * grad
+        if "d" not in state:
+            return {"w": new}
+        new = new + hyper.get("momentum", self.momentum) * state["d"]
+        return {"w": new, "d": new - x}
+
+    def hyper_vjp(self, state: dict, grad: Any, lr: Any, t: int, bar_w: Any, names: tuple[str, ...],
+                  kept: dict | None = None, **hyper: Any) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in names:
+            if n == "lr":
+                gP = -(bar_w * grad)
+                out[n] = gP if isinstance(lr, torch.Tensor) and lr.ndim else gP.sum()
+            elif n == "momentum":
+                out[n] = (bar_w * state["d"]).sum()
+            else:
+                raise TypeError(f"TrialStep has no hyperparameter {n!r}")
+        return out
 
 
 def surrogate(f: Callable, x: torch.Tensor, P: Any, beta: Any = 0.0, x_prev: torch.Tensor | None = None,
@@ -150,11 +218,35 @@ def surrogate(f: Callable, x: torch.Tensor, P: Any, beta: Any = 0.0, x_prev: tor
     return (f(x - P * g + beta * d) - fx) / D
 
 
+def _names(momentum: bool) -> tuple[str, ...]:
+    return ("lr", "momentum") if momentum else ("lr",)
+
+
+def _hypergrad(trial: dict, g: torch.Tensor, P: torch.Tensor, beta: torch.Tensor, g_trial: torch.Tensor,
+               D: torch.Tensor) -> torch.Tensor:
+    """(∂h/∂P, ∂h/∂β) as one vector: the hypergradient of the trial update (the one hyper-level
+    step, :func:`hgtoolkit.hyperstep.hypergradient`) with cotangent ∇f(x̃)/D."""
+    return hypergradient(_TRIAL, trial, g, 0, g_trial / D, _names("d" in trial),
+                         {"lr": P, "momentum": beta})
+
+
 def surrogate_grad(g_trial: torch.Tensor, g: torch.Tensor, d: torch.Tensor, D: torch.Tensor,
                    mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(∂h/∂P, ∂h/∂β) from ∇f(x̃), ∇f(x), d and D (module docstring)."""
-    gP = -(g_trial * g) / D
-    return (gP.sum() if mode == "scalar" else gP), (g_trial * d).sum() / D
+    """(∂h/∂P, ∂h/∂β) from ∇f(x̃), ∇f(x), d and D (module docstring): the hypergradient of the
+    trial update x̃ = x − P⊙g + β d, the one hyper-level step of :mod:`hgtoolkit.hyperstep`."""
+    zero = torch.zeros((), dtype=g.dtype, device=g.device)
+    P = zero if mode == "scalar" else torch.zeros_like(g)
+    G = _hypergrad({"w": torch.zeros_like(d), "d": d}, g, P, zero, g_trial, D)
+    return (G[0] if mode == "scalar" else G[:-1]), G[-1]
+
+
+_TRIAL = TrialStep()
+
+
+@functools.lru_cache(maxsize=None)
+def _level(adagrad: bool, eps: float) -> _dynamics.Dynamics:
+    """The dynamics of θ's level: AdaGrad (ε) or, with a constant hyper-LR, SGD."""
+    return _dynamics.AdaGrad(eps=eps) if adagrad else _dynamics.SGD()
 
 
 def init(config: HDMConfig, x0: torch.Tensor, oracle: Oracle) -> HDMState:
@@ -164,59 +256,71 @@ def init(config: HDMConfig, x0: torch.Tensor, oracle: Oracle) -> HDMState:
         raise TypeError(f"x0 must be a 1-D floating-point tensor, got {got}")
     fx, gx = oracle(x0)
     s = lambda v: torch.tensor(v, dtype=x0.dtype, device=x0.device)
-    P = s(config.p0) if config.mode == "scalar" else torch.full_like(x0, config.p0)
-    beta = s(config.momentum_init if config.momentum else 0.0)
+    n_p = 1 if config.mode == "scalar" else x0.numel()
+    full = lambda p, b: torch.cat([torch.full((n_p,), p, dtype=x0.dtype, device=x0.device),
+                                   *([s(b).reshape(1)] if config.momentum else [])])
+    theta = full(config.p0, config.momentum_init)
     z = s(0.0)
-    return HDMState(x0, x0, fx.detach(), gx.detach(), P, torch.zeros_like(P), beta, z, s(config.eta_p0), z,
-                    z, z, z, s(0), s(1), s(1), torch.tensor(True), z, torch.zeros_like(P))
+    grad_P = z if config.mode == "scalar" else torch.zeros_like(x0)
+    beta = theta[-1] if config.momentum else z
+    return HDMState(x0, x0, fx.detach(), gx.detach(), theta, torch.zeros_like(theta),
+                    full(config.eta_p0, config.eta_b), full(config.p_upper, config.momentum_max), beta,
+                    0.0, 0.0, 0, 0, 0, 1, 1, True, z, grad_P)
 
 
 def step(config: HDMConfig, state: HDMState, oracle: Oracle, max_iter: int = 1000) -> HDMState:
-    """One HDM/HDM-HB iteration (module docstring); ``max_iter`` sets the restart threshold."""
+    """One HDM/HDM-HB iteration (module docstring); ``max_iter`` sets the restart threshold.
+
+    Two levels of the one hyper-level step (:mod:`hgtoolkit.hyperstep`): the trial update
+    x̃ = :class:`TrialStep` (stepsize P, momentum β), then θ = (P, β) ←
+    Π_[0, upper](AdaGrad(θ, G; η)) (SGD with ``adagrad=False``) with G = its hypergradient at
+    cotangent ∇f(x̃)/D; HDM's own parts around them: the normalisation D, the null step, the
+    curvature record and the η_p schedule."""
     c, st = config, state
     x, g = st.x, st.gx
-    d = x - st.x_prev if c.momentum else torch.zeros_like(x)
-    tau = torch.where(st.tau_half > 0, st.tau_half, torch.zeros_like(st.tau_half))
-    dd = (d * d).sum()
-    D = (g * g).sum() + torch.where(st.tau_half > 0, tau * dd, torch.full_like(dd, 1e-12 if c.momentum else 0.0))
-    if not c.normalise:
-        D = torch.ones_like(D)
-    x_trial = x - st.P * g + st.beta * d
+    n_p, P = st.n_p, st.P
+    estimated = st.tau_half > 0 or not c.schedule_hyper_lr
+    trial = {"w": x, "d": x - st.x_prev} if c.momentum else {"w": x}
+    if c.normalise:
+        D = (g * g).sum()
+        if c.momentum:  # + τ/2‖d‖², ≡ 1e-12 until curvature is estimated
+            D = D + (st.tau_half * (trial["d"] * trial["d"]).sum() if st.tau_half > 0 else 1e-12)
+    else:
+        D = torch.ones((), dtype=x.dtype, device=x.device)
+    x_trial = _TRIAL.step(trial, g, P, 0, momentum=st.beta)["w"]
     f_t, g_t = oracle(x_trial)
     f_t, g_t = f_t.detach(), g_t.detach()
     feedback = (f_t - st.fx) / D
-    gP, gb = surrogate_grad(g_t, g, d, D, c.mode)
-    finite = bool(torch.isfinite(f_t)) and bool(torch.isfinite(g_t).all())
-    accept = torch.tensor(finite and (not c.null_steps or bool(f_t < st.fx)))
-    # AdaGrad (or constant hyper-LR) with projection
-    gP = torch.nan_to_num(gP, nan=0.0, posinf=0.0, neginf=0.0)
-    gb = torch.nan_to_num(gb, nan=0.0, posinf=0.0, neginf=0.0)
-    U = st.U + gP * gP
-    v = st.v + gb * gb
-    scale_P = 1 / (U.sqrt() + c.eps) if c.adagrad else torch.ones_like(U)
-    scale_b = 1 / (v.sqrt() + c.eps) if c.adagrad else torch.ones_like(v)
-    P = (st.P - st.eta_p * gP * scale_P).clamp(0.0, c.p_upper)
-    beta = (st.beta - c.eta_b * gb * scale_b).clamp(0.0, c.momentum_max) if c.momentum else st.beta
-    # curvature record and counter (A.4.5)
-    step_len = (x_trial - x).norm()
-    record = accept & (step_len > 1e-3)
-    curv = torch.where(record, (g_t - g).norm() / torch.where(record, step_len, torch.ones_like(step_len)),
-                       torch.zeros_like(step_len))
-    curv_sum, curv_count = st.curv_sum + curv, st.curv_count + record.to(x.dtype)
-    counter = torch.where(accept, st.counter + 1, (st.counter - 2).clamp(min=0))
+    G = _hypergrad(trial, g, P, st.beta, g_t, D)
+    ok = torch.isfinite(f_t) & torch.isfinite(g_t).all()
+    accept = bool(ok & (f_t < st.fx) if c.null_steps else ok)
+    # θ's level: AdaGrad (or a constant hyper-LR) with projection onto [0, upper]
+    G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+    level = {"w": st.theta, "G": st.acc} if c.adagrad else {"w": st.theta}
+    new = level_update(_level(c.adagrad, c.eps), level, G, 0, {"lr": st.eta},
+                       bounds=(torch.zeros_like(st.upper), st.upper), differentiable=False)
+    theta, acc = new["w"], new.get("G", st.acc)
+    # curvature record and counter (A.4.5), until curvature is estimated
+    curv_sum, curv_count = st.curv_sum, st.curv_count
+    counter = st.counter + 1 if accept else max(st.counter - 2, 0)
+    if accept and not estimated:
+        step_len, dg = torch.stack([(x_trial - x).norm(), (g_t - g).norm()]).tolist()
+        if step_len > 1e-3:
+            curv_sum, curv_count = curv_sum + dg / step_len, curv_count + 1
     k = st.k + 1
-    eta_p, tau_half = st.eta_p, st.tau_half
-    estimated = bool(st.tau_half > 0) or not c.schedule_hyper_lr
-    if not estimated and int(k) % c.decay_every == 0:
-        eta_p = torch.maximum(0.8 * eta_p, torch.full_like(eta_p, 1e-3 * c.eta_p0))
+    eta, tau_half = st.eta, st.tau_half
+    if not estimated and k % c.decay_every == 0:
+        eta_p = torch.maximum(0.8 * st.eta_p, torch.full_like(st.eta_p, 1e-3 * c.eta_p0))
+        eta = torch.cat([eta_p.expand(n_p), eta[n_p:]])
     threshold = max(min(max_iter // 4, c.restart_after), 20)
-    if not estimated and float(counter) > threshold and float(curv_count) > 0:
+    if not estimated and counter > threshold and curv_count > 0:
         L_hat = curv_sum / curv_count
-        eta_p, U, tau_half = 1.0 / L_hat, torch.zeros_like(U), L_hat * L_hat / 4
-    x_new = torch.where(accept, x_trial, x)
-    return HDMState(x_new, x, torch.where(accept, f_t, st.fx), torch.where(accept, g_t, g), P, U, beta, v,
-                    eta_p, tau_half, curv_sum, curv_count, counter, k, st.n_grad + 1, st.n_f + 1, accept,
-                    feedback, gP)
+        eta = torch.cat([torch.full_like(eta[:n_p], 1.0 / L_hat), eta[n_p:]])
+        acc, tau_half = torch.cat([torch.zeros_like(acc[:n_p]), acc[n_p:]]), L_hat * L_hat / 4
+    x_new, fx, gx = (x_trial, f_t, g_t) if accept else (x, st.fx, g)
+    return HDMState(x_new, x, fx, gx, theta, acc, eta, st.upper, theta[-1] if c.momentum else st.beta, tau_half,
+                    curv_sum, curv_count, counter, k, st.n_grad + 1, st.n_f + 1, accept, feedback,
+                    G[:n_p].reshape(st.grad_P.shape))
 
 
 # ----------------------------------------------------------------------------- the record
@@ -314,30 +418,32 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDM
     oracle = _oracle(f) if oracle is None else oracle
     start = time.perf_counter()
     st = init(config, x0, oracle)
-    fs, ginf, nge = [float(st.fx)], [float(st.gx.abs().max())], [int(st.n_grad)]
+    fs, ginf, nge = [float(st.fx)], [float(st.gx.abs().max())], [st.n_grad]
     lrs, betas, acc, fb, times = [], [], [], [], []
     solved_at = nge[0] if ginf[0] <= tol else math.nan
     diverged_at, divergence = None, None
     for k in range(max_iter):
         if math.isfinite(solved_at):
             break
-        lrs.append(float(st.P.mean()))
-        betas.append(float(st.beta))
+        lrs.append(st.P.mean())  # tensors, read once at the end: one sync per iteration
+        betas.append(st.beta)
         st = step(config, st, oracle, max_iter)
         acc.append(int(st.accepted))
-        fb.append(float(st.feedback))
-        fs.append(float(st.fx))
-        ginf.append(float(st.gx.abs().max()))
-        nge.append(int(st.n_grad))
+        fb.append(st.feedback)
+        fx, gi, x_ok = torch.stack([st.fx, st.gx.abs().max(), torch.isfinite(st.x).all().to(st.fx.dtype)]).tolist()
+        fs.append(fx)
+        ginf.append(gi)
+        nge.append(st.n_grad)
         times.append(time.perf_counter() - start)
-        if not (math.isfinite(fs[-1]) and bool(torch.isfinite(st.x).all())):
-            bad = (_divergence.Divergence(k, "objective f(x_k)", fs[-1]) if not math.isfinite(fs[-1])
+        if not (math.isfinite(fx) and x_ok):
+            bad = (_divergence.Divergence(k, "objective f(x_k)", fx) if not math.isfinite(fx)
                    else _divergence.Divergence(k, "iterate x_k", None, "is not finite"))
             diverged_at, divergence = k, bad.message
             bad.warn("HDM stopped: ", f" (result.diverged_at={k})")
             break
-        if ginf[-1] <= tol:
+        if gi <= tol:
             solved_at = nge[-1]
+    lrs, betas, fb = (torch.stack(v).tolist() if v else [] for v in (lrs, betas, fb))
     arr = lambda v, dt=np.float64: np.asarray(v, dtype=dt)
     cfg = {"method": label or ("hdm-hb" if config.momentum else "hdm"), **records.to_jsonable(config.__dict__),
            "max_iter": max_iter, "tol": tol}

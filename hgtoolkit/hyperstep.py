@@ -112,8 +112,9 @@ def hypergradient(dynamics: _dynamics.Dynamics, state: dict, grad: Any, t: "int 
                   numbers: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     r"""G_θ = ⟨v, ∂x'/∂θ⟩ for each θ in ``names``, of the update x' = :func:`level_update`
     (``dynamics``, ``state``, ``grad``, ``t``, ``hyper``, ``lr_scale``, ``bounds``) — the
-    arguments that update was given — with v = ``cotangent`` (shaped like x). A tensor of
-    ``len(names)`` entries in ``dtype`` (default the dynamics'); for "lr" the derivative is
+    arguments that update was given — with v = ``cotangent`` (shaped like x). A vector of the
+    entries of every name in turn (one each for scalar hyperparameters), in ``dtype`` (default
+    the dynamics'); for "lr" the derivative is
     w.r.t. θ_lr (times c = ``lr_scale``). With ``bounds``, ``at`` is that update's result x':
     coordinates on a bound pass nothing (the projection's derivative). ``kept``: what that
     update left in ``keep=`` (reused, not recomputed); ``numbers``: pass the hyperparameters
@@ -131,9 +132,12 @@ def hypergradient(dynamics: _dynamics.Dynamics, state: dict, grad: Any, t: "int 
         out = {n: sum(p[n] for p in parts) for n in names}
     else:
         out = dynamics.hyper_vjp(state, grad, lr, t, cotangent, names, kept=kept, **hp)
-    factor = 1.0 if lr_scale is None else lr_scale
-    vals = [out[n] * (factor if n == "lr" else 1.0) for n in names]
-    return torch.stack([v.to(dtype) for v in vals] if dtype is not None else vals)
+    vals = [out[n] * lr_scale if n == "lr" and lr_scale is not None else out[n] for n in names]
+    if dtype is not None:
+        vals = [v.to(dtype) for v in vals]
+    # one entry per name (a hyperparameter with one value per coordinate, HDM's diagonal
+    # stepsize, gives as many entries, in order)
+    return torch.stack(vals) if all(v.ndim == 0 for v in vals) else torch.cat([v.reshape(-1) for v in vals])
 
 
 def lr_hypergradient(cotangent: Any, direction: Any, dot=tree_dot) -> torch.Tensor:
