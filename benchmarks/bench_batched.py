@@ -62,7 +62,7 @@ def factory(name: str):
 
 
 def cells(n_seeds: int, betas, steps: int) -> list[dict]:
-    return [dict(method="marthe", mu="auto", lr=0.05, beta=b, steps=steps, seed=s, eval_every=10)
+    return [dict(method="marthe", mu="auto", lr=0.05, hypergrad_lr=b, steps=steps, seed=s, eval_every=10)
             for s in range(n_seeds) for b in betas]
 
 

@@ -57,7 +57,7 @@ CANDIDATES = {
     "optim.AdamHD": ("Adam", lambda ps: optim.AdamHD(ps, lr=1e-3, hypergrad_lr=1e-8), False,
                      {"3×500": 1.15}),
     "optim.MARTHE (objective=train)": (
-        "SGD", lambda ps: optim.MARTHE(ps, lr=0.05, beta=1e-4, mu="auto", objective="train"), True,
+        "SGD", lambda ps: optim.MARTHE(ps, lr=0.05, hypergrad_lr=1e-4, mu="auto", objective="train"), True,
         {"3×500": 2.5, "64-128-10": 4.0}),
     "tower sgd/sgd": ("SGD", lambda ps: towers.parse("sgd(lr=0.05) / sgd(lr=1e-4)").optimizer(ps),
                       False, {"3×500": 1.3}),

@@ -42,7 +42,7 @@ import common  # noqa: E402
 
 MOVES = {
     "lr": [3e-4, 1e-3, 3e-3, 1e-3],
-    "beta": [1e-7, 1e-6, 1e-8, 1e-7],
+    "hypergrad_lr": [1e-7, 1e-6, 1e-8, 1e-7],
     "mu": [0.99, "auto", 0.9],
     "kappa": [1e-7, 1e-8, 1e-6],
     "method": ["hd", "rtho", "adaptive_beta", "marthe"],
@@ -70,7 +70,7 @@ def load_baseline(rev: str):
 
 def _open(module, fn: str):
     w0, c0 = time.perf_counter(), time.process_time()
-    e = module.explore(fn, lr=1e-3, beta=1e-7, mu=0.9, kappa=1e-7, method="marthe", steps=1000, widgets=True)
+    e = module.explore(fn, lr=1e-3, hypergrad_lr=1e-7, mu=0.9, kappa=1e-7, method="marthe", steps=1000, widgets=True)
     return e, {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0, "runs": len(e._runs)}
 
 
@@ -95,7 +95,7 @@ def measure(fn: str, quick: bool, baseline=None) -> dict:
     for _ in range(1 if quick else 3):
         t0 = time.perf_counter()
         with divergence.recorded():
-            online.run(P, "marthe", lr=1e-3, beta=1e-7, mu=0.9, steps=1000)
+            online.run(P, "marthe", lr=1e-3, hypergrad_lr=1e-7, mu=0.9, steps=1000)
         single.append(time.perf_counter() - t0)
     out = {"open": opened, "moves": per, "online_run_T1000_s": statistics.median(single)}
     if b is not None:

@@ -91,7 +91,7 @@ def fig1_cells(steps):
     cells = []
     for method, mu in (("hd", None), ("rtho", None), ("marthe", 0.99), ("marthe", "auto"), ("marthe", 0.9)):
         for b in betas:
-            c = dict(method=method, lr=1e-3, beta=b, steps=steps, lr_max=0.1)
+            c = dict(method=method, lr=1e-3, hypergrad_lr=b, steps=steps, lr_max=0.1)
             if mu is not None:
                 c["mu"] = mu
             cells.append(c)
@@ -126,12 +126,12 @@ def main(argv=None) -> int:
 
     label = f"T={steps}, {'×'.join(map(str, hidden))} MLP, float32"
     engine = common.interleaved(lambda: plain_sgd(p, lr, steps), {
-        "HD (objective=train)": run(method="hd", beta=1e-4, objective="train", lr_floor=None),
-        "RTHO (objective=train)": run(method="rtho", beta=1e-4, objective="train"),
-        "MARTHE μ auto (objective=train)": run(method="marthe", mu="auto", beta=1e-4, objective="train"),
-        "MARTHE μ, β auto (val_batch_size=100)": run(method="marthe", mu="auto", beta="auto",
+        "HD (objective=train)": run(method="hd", hypergrad_lr=1e-4, objective="train", lr_floor=None),
+        "RTHO (objective=train)": run(method="rtho", hypergrad_lr=1e-4, objective="train"),
+        "MARTHE μ auto (objective=train)": run(method="marthe", mu="auto", hypergrad_lr=1e-4, objective="train"),
+        "MARTHE μ, β auto (val_batch_size=100)": run(method="marthe", mu="auto", hypergrad_lr="auto",
                                                      kappa=1e-6, val_batch_size=100),
-        "MARTHE μ, β auto (full validation set)": run(method="marthe", mu="auto", beta="auto", kappa=1e-6),
+        "MARTHE μ, β auto (full validation set)": run(method="marthe", mu="auto", hypergrad_lr="auto", kappa=1e-6),
         "floor: gradient + HVP loop (no hyper-update)": lambda: hvp_floor(p, lr, steps),
         "floor: gradient + HVP + validation-minibatch gradient loop": lambda: hvp_floor(p, lr, steps, 100),
     }, repeats=args.repeats)
@@ -144,10 +144,10 @@ def main(argv=None) -> int:
         y = problems.mnist_mlp(n_train=1000, n_val=200, batch_size=100, seed=0)
         yrun = lambda **kw: (lambda: online.run(y, lr=lr, steps=20, keep_params=False, **kw))
         yard = common.interleaved(lambda: functional_sgd(y, lr, 20), {
-            "HD (objective=train)": yrun(method="hd", beta=1e-4, objective="train", lr_floor=None),
-            "RTHO (objective=train)": yrun(method="rtho", beta=1e-4, objective="train"),
-            "MARTHE μ auto (objective=train)": yrun(method="marthe", mu="auto", beta=1e-4, objective="train"),
-            "MARTHE μ, β auto (val_batch_size=100)": yrun(method="marthe", mu="auto", beta="auto",
+            "HD (objective=train)": yrun(method="hd", hypergrad_lr=1e-4, objective="train", lr_floor=None),
+            "RTHO (objective=train)": yrun(method="rtho", hypergrad_lr=1e-4, objective="train"),
+            "MARTHE μ auto (objective=train)": yrun(method="marthe", mu="auto", hypergrad_lr=1e-4, objective="train"),
+            "MARTHE μ, β auto (val_batch_size=100)": yrun(method="marthe", mu="auto", hypergrad_lr="auto",
                                                           kappa=1e-6, val_batch_size=100),
         }, repeats=args.repeats)
         add(yard, "the yardstick's plain SGD loop (torch.func.grad + tree_map)",
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     dropin = common.interleaved(lambda: module_loop(p, lambda ps: torch.optim.SGD(ps, lr=lr), steps), {
         "optim.SGDHD": lambda: module_loop(p, lambda ps: optim.SGDHD(ps, lr=lr, hypergrad_lr=1e-4), steps),
         "optim.MARTHE (objective=train)": lambda: module_loop(
-            p, lambda ps: optim.MARTHE(ps, lr=lr, beta=1e-4, mu="auto", objective="train"), steps, closure=True),
+            p, lambda ps: optim.MARTHE(ps, lr=lr, hypergrad_lr=1e-4, mu="auto", objective="train"), steps, closure=True),
     }, repeats=args.repeats)
     add(dropin, "torch.optim.SGD loop", {"optim.SGDHD": 1.1, "optim.MARTHE (objective=train)": 2.5}, label)
 
@@ -165,8 +165,8 @@ def main(argv=None) -> int:
     beale = problems.from_function("beale")
     T = 100 if args.quick else 500
     b = common.interleaved(lambda: plain_sgd(beale, 1e-3, T), {
-        "RTHO on Beale": lambda: online.run(beale, "rtho", lr=1e-3, beta=1e-7, steps=T, keep_params=False),
-        "HD on Beale": lambda: online.run(beale, "hd", lr=1e-3, beta=1e-7, steps=T, keep_params=False),
+        "RTHO on Beale": lambda: online.run(beale, "rtho", lr=1e-3, hypergrad_lr=1e-7, steps=T, keep_params=False),
+        "HD on Beale": lambda: online.run(beale, "hd", lr=1e-3, hypergrad_lr=1e-7, steps=T, keep_params=False),
     }, repeats=args.repeats)
     add(b, "hand-written GD loop", {"RTHO on Beale": 4.0}, f"T={T}, float64")
 

@@ -64,15 +64,15 @@ def main(argv=None) -> int:
         return fn
 
     res = common.interleaved(plain_sgd, {
-        "HD": run(method="hd", beta=1e-4, lr_floor=None),
-        "RTHO": run(method="rtho", beta=1e-4),
-        "MARTHE μ auto": run(method="marthe", mu="auto", beta=1e-4),
+        "HD": run(method="hd", hypergrad_lr=1e-4, lr_floor=None),
+        "RTHO": run(method="rtho", hypergrad_lr=1e-4),
+        "MARTHE μ auto": run(method="marthe", mu="auto", hypergrad_lr=1e-4),
     }, repeats=args.repeats)
     rows = [common.row(f"{name} ÷ plain SGD loop, T={T}, 3×500 MLP, {dev.type}", r["ratio_wall"], "×", None, None,
                        f"{r['wall_s'] / T * 1e3:.2f} ms/step")
             for name, r in res.items() if name != "baseline"]
 
-    cells = [dict(method="marthe", mu="auto", lr=lr, beta=b, steps=T, objective="train", seed=s)
+    cells = [dict(method="marthe", mu="auto", lr=lr, hypergrad_lr=b, steps=T, objective="train", seed=s)
              for s in range(args.runs // 4) for b in (1e-5, 1e-4, 1e-3, 1e-2)]
     factory = lambda seed: synthetic_mnist_mlp(dev, torch.float32, seed=seed)
     batched.run_online_batch(factory, cells[:2])

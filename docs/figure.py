@@ -32,8 +32,8 @@ def main() -> Path:
     # the paper's LRS-OPT: projected Adam on η ≥ 0, a new minibatch order at every outer step
     best = lrsopt.optimize_schedule(problem, lrs, outer_steps=OUTER, outer_lr=0.02, resample_batches=True,
                                     progress=False)
-    runs = {f"HD (β = {BETA_HD:g})": online.run(problem, "hd", lr=LR0, beta=BETA_HD, steps=T),
-            f"MARTHE (μ adaptive, β = {BETA_MARTHE:g})": online.run(problem, "marthe", lr=LR0, beta=BETA_MARTHE,
+    runs = {f"HD (β = {BETA_HD:g})": online.run(problem, "hd", lr=LR0, hypergrad_lr=BETA_HD, steps=T),
+            f"MARTHE (μ adaptive, β = {BETA_MARTHE:g})": online.run(problem, "marthe", lr=LR0, hypergrad_lr=BETA_MARTHE,
                                                                    mu="auto", steps=T)}
     fig, ax = plotting.figure(ncols=1, width=6.4, height=4.0)
     schedules = {f"exact optimum, LRS-OPT: E(w_T) = {best.best_value:.3f}": best.best_lrs,

@@ -189,7 +189,7 @@ def exact_references(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = 
     lrs = check_lrs(lrs, problem)
     T = len(lrs)
     engine = online.Engine(dyn, objective="val", needs_hvp=True)
-    state = engine.init(problem.params0, online.hyper_config("rtho", lr=0.0, beta=0.0))
+    state = engine.init(problem.params0, online.hyper_config("rtho", lr=0.0, hypergrad_lr=0.0))
     replay = (_BufferedReplay if problem.stateful else _Replay)(problem, engine, lrs)
     drive(engine, replay, state, T, progress=progress, desc="exact references")
     one_step, constant_lr, val_losses, train_losses = (replay.one_step, replay.constant_lr,
@@ -522,7 +522,7 @@ def _online_label(config: dict) -> str:
     bits = [method.upper()]
     if method == "marthe":
         bits.append(f"μ={config.get('mu')}")
-    beta = config.get("beta")
+    beta = config.get("hypergrad_lr", config.get("beta"))  # (records written before 0.2: "beta")
     bits.append(f"β={beta:g}" if isinstance(beta, (int, float)) else f"β={beta}")
     bits.append(f"objective={config.get('objective', 'val')}")
     return " ".join(bits)

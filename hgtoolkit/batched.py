@@ -139,7 +139,7 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     r"""Run every cell as :func:`hgtoolkit.online.run` would, as vmapped batches.
 
     ``cells[i]`` is a mapping of ``online.run`` keyword arguments (``method``, ``lr``,
-    ``steps``, ``beta``, ``mu``, ``kappa``, ``objective``, ``seed``, … — the settings of
+    ``steps``, ``hypergrad_lr``, ``mu``, ``kappa``, ``objective``, ``seed``, … — the settings of
     :class:`~hgtoolkit.settings.OnlineSettings`, and ``mu_rule``) or an
     object with such a ``.params`` mapping (a :class:`hgtoolkit.sweep.Cell`). Result i is that
     of ``online.run(problem_factory(s), **{"seed": 0, **cells[i]})`` with s the cell's seed (0
@@ -152,7 +152,7 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     function evaluated once per step on its rows — Fig. 1's three functions × methods × β as
     ONE computation::
 
-        cells = [dict(problem=problems.get(fn), method=m, lr=1e-3, beta=b, steps=500)
+        cells = [dict(problem=problems.get(fn), method=m, lr=1e-3, hypergrad_lr=b, steps=500)
                  for fn in ("beale", "bukin_smooth", "bukin_sharp") for m in ("hd", "rtho")
                  for b in (1e-7, 1e-6)]
         results = run_online_batch(None, cells)

@@ -168,7 +168,7 @@ def recorded() -> Iterator[list]:
 
     >>> from hgtoolkit import online, problems, divergence
     >>> with divergence.recorded() as seen:
-    ...     r = online.run(problems.from_function("beale"), "hd", lr=1e-3, beta=1e-3, steps=500)
+    ...     r = online.run(problems.from_function("beale"), "hd", lr=1e-3, hypergrad_lr=1e-3, steps=500)
     >>> seen[0].step == r.diverged_at
     True
     """

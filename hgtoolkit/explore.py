@@ -29,7 +29,7 @@ those paths (:func:`exact_rows`: the adjoint of gradient descent, λ_T = ∇f(w_
 g_t = −λ_{t+1}·∇f(w_t), λ_t = λ_{t+1} − η_t ∇²f(w_t) λ_{t+1}, one row per run and horizon).
 A move then only looks its four runs and the reference up and redraws the figure on a canvas
 kept between moves (the text layouts it caches are reused). A setting off the sliders' grids
-(``update(beta=3.3e-7)``, ``update(steps=45)``) is computed on demand, as one batch of its four
+(``update(hypergrad_lr=3.3e-7)``, ``update(steps=45)``) is computed on demand, as one batch of its four
 runs and their references. ``benchmarks/bench_explore.py`` measures the time per move.
 
 Without ipywidgets (``pip install "hgtoolkit[notebooks]"``) the explorer shows the figure of
@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import renamed
+from .errors import accepts_deprecated, check_renamed, renamed
 
 __all__ = ["explore", "Explorer", "RUNS", "GRIDS", "exact_rows"]
 
@@ -52,31 +52,31 @@ __all__ = ["explore", "Explorer", "RUNS", "GRIDS", "exact_rows"]
 RUNS = {"hd": ("HD", "tab:blue"), "rtho": ("RTHO", "tab:red"), "marthe": ("MARTHE", "tab:green"),
         "adaptive_beta": ("MARTHE, adaptive β", "tab:olive")}
 
-#: The sliders' default values: η₀, β, μ, κ and the horizons T.
+#: The sliders' default values: η₀ (``lr``), β (``hypergrad_lr``), μ, κ and the horizons T.
 GRIDS = {
     "lr": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
-    "beta": tuple(float(10.0 ** e) for e in np.arange(-10.0, -3.9, 0.5)),
+    "hypergrad_lr": tuple(float(10.0 ** e) for e in np.arange(-10.0, -3.9, 0.5)),
     "mu": (0.5, 0.9, 0.99, 0.999, "auto"),
     "kappa": tuple(float(10.0 ** e) for e in range(-10, -3)),
     "steps": (100, 200, 500, 1000),
 }
 
-_SETTINGS = ("lr", "beta", "mu", "kappa", "method", "steps")
+_SETTINGS = ("lr", "hypergrad_lr", "mu", "kappa", "method", "steps")
 _DPI = 90  # a screen figure: fewer pixels to draw and encode per move than the saved figures' 150
 
 
-@renamed(lr0="lr")
-def explore(problem: str = "beale", *, lr: float = 1e-3, beta: float = 1e-6, mu: Any = 0.9,
+@accepts_deprecated
+def explore(problem: str = "beale", *, lr: float = 1e-3, hypergrad_lr: float = 1e-6, mu: Any = 0.9,
             kappa: float = 1e-6, method: str = "marthe", steps: int = 500,
             grids: Mapping[str, Sequence] | None = None, precompute: bool = True,
             widgets: bool | None = None) -> "Explorer":
     """Open the explorer on the 2-D test function ``problem`` (a :mod:`testfunctions` name:
     "beale", "bukin_smooth", "bukin_sharp", "bukin6", "rosenbrock") at the given setting
-    (module docstring). ``grids`` replaces slider grids of :data:`GRIDS` (keys "lr", "beta",
+    (module docstring). ``grids`` replaces slider grids of :data:`GRIDS` (keys "lr", "hypergrad_lr",
     "mu", "kappa", "steps"); ``precompute``: run every grid setting when it opens (else each
     setting when first shown); ``widgets``: None — sliders where ipywidgets is installed, False
     — the static figure. In Jupyter the returned :class:`Explorer` displays itself."""
-    return Explorer(problem, lr=lr, beta=beta, mu=mu, kappa=kappa, method=method, steps=steps,
+    return Explorer(problem, lr=lr, hypergrad_lr=hypergrad_lr, mu=mu, kappa=kappa, method=method, steps=steps,
                     grids=grids, precompute=precompute, widgets=widgets)
 
 
@@ -110,7 +110,7 @@ def _fmt(v: Any) -> str:
 class Explorer:
     """The explorer's state, its figure and (where ipywidgets is installed) its sliders.
 
-    ``settings``: the current ``{lr, beta, mu, kappa, method, steps}``; :meth:`update` changes
+    ``settings``: the current ``{lr, hypergrad_lr, mu, kappa, method, steps}``; :meth:`update` changes
     some of them and redraws (what every slider calls); :meth:`runs` gives the four
     :class:`~hgtoolkit.online.OnlineResult` at the current setting (over the largest horizon;
     the first ``steps`` steps are drawn); :attr:`figure` is the matplotlib figure, :attr:`widgets`
@@ -119,8 +119,8 @@ class Explorer:
     to the PNG the image widget shows.
     """
 
-    @renamed(lr0="lr")
-    def __init__(self, problem: str = "beale", *, lr: float = 1e-3, beta: float = 1e-6, mu: Any = 0.9,
+    @accepts_deprecated
+    def __init__(self, problem: str = "beale", *, lr: float = 1e-3, hypergrad_lr: float = 1e-6, mu: Any = 0.9,
                  kappa: float = 1e-6, method: str = "marthe", steps: int = 500,
                  grids: Mapping[str, Sequence] | None = None, precompute: bool = True,
                  widgets: bool | None = None):
@@ -129,6 +129,7 @@ class Explorer:
         if not isinstance(problem, str) or problem not in testfunctions.FUNCTIONS:
             raise ValueError(f"problem must name a 2-D test function, one of {sorted(testfunctions.FUNCTIONS)}, "
                              f"got {problem!r}")
+        grids = check_renamed("Explorer", grids, takes=GRIDS) if grids else grids
         unknown = sorted(set(grids or {}) - set(GRIDS))
         if unknown:
             raise ValueError(f"grids has unknown key(s) {unknown}; choose from {list(GRIDS)}")
@@ -137,13 +138,13 @@ class Explorer:
             if not values:
                 raise ValueError(f"grids[{k!r}] must hold at least one value")
         self.max_steps = max(int(v) for v in self.grids["steps"])
-        for k in ("lr", "beta", "mu", "kappa", "steps"):
+        for k in ("lr", "hypergrad_lr", "mu", "kappa", "steps"):
             for v in self.grids[k]:
                 _check_setting(k, v, self.max_steps)
         self.fn = testfunctions.get(problem)
         self.problem = problems.from_function(problem)
         self.settings: dict[str, Any] = {}
-        for name, value in zip(_SETTINGS, (lr, beta, mu, kappa, method, steps)):
+        for name, value in zip(_SETTINGS, (lr, hypergrad_lr, mu, kappa, method, steps)):
             self.settings[name] = _check_setting(name, value, self.max_steps)
         self._syncing = False
         self._runs: dict[tuple, tuple] = {}    # cell key → (OnlineResult over max_steps, path)
@@ -175,9 +176,9 @@ class Explorer:
         cell = {"method": "marthe" if key in ("marthe", "adaptive_beta") else key, "lr": s["lr"],
                 "steps": self.max_steps}
         if key == "adaptive_beta":
-            cell.update(beta="auto", mu=s["mu"], kappa=s["kappa"])
+            cell.update(hypergrad_lr="auto", mu=s["mu"], kappa=s["kappa"])
         else:
-            cell["beta"] = s["beta"]
+            cell["hypergrad_lr"] = s["hypergrad_lr"]
             if key == "marthe":
                 cell["mu"] = s["mu"]
         return cell
@@ -190,9 +191,9 @@ class Explorer:
         g = self.grids
         for lr in g["lr"]:
             for mu in g["mu"]:
-                for beta in g["beta"]:
+                for beta in g["hypergrad_lr"]:
                     for key in (("hd", "rtho", "marthe") if mu == g["mu"][0] else ("marthe",)):
-                        yield self._cell(key, {"lr": lr, "beta": beta, "mu": mu})
+                        yield self._cell(key, {"lr": lr, "hypergrad_lr": beta, "mu": mu})
                 for kappa in g["kappa"]:
                     yield self._cell("adaptive_beta", {"lr": lr, "mu": mu, "kappa": kappa})
 
@@ -261,9 +262,10 @@ class Explorer:
 
     @renamed(lr0="lr")
     def update(self, **changes: Any) -> None:
-        """Change some of the settings (``lr``, ``beta``, ``mu``, ``kappa``, ``method``,
+        """Change some of the settings (``lr``, ``hypergrad_lr``, ``mu``, ``kappa``, ``method``,
         ``steps``) and redraw: what each slider calls. ValueError/TypeError for a bad value;
         nothing changes then."""
+        changes = check_renamed("Explorer.update", changes, takes=_SETTINGS)
         unknown = sorted(set(changes) - set(_SETTINGS))
         if unknown:
             raise TypeError(f"unknown setting(s) {unknown}; the explorer's settings are {list(_SETTINGS)}")
@@ -414,7 +416,7 @@ class Explorer:
             ax.set_xlim(0, T)
         mu = s["mu"]
         self._title = self.figure.suptitle(f"{self.fn.name}: gradient descent from {tuple(self.fn.default_start)}, "
-                             f"η₀ = {_fmt(s['lr'])}, β = {_fmt(s['beta'])}, μ = {_fmt(mu)}, "
+                             f"η₀ = {_fmt(s['lr'])}, β = {_fmt(s['hypergrad_lr'])}, μ = {_fmt(mu)}, "
                              f"κ = {_fmt(s['kappa'])}, T = {T}", fontsize=9, y=0.995, va="top")
 
     # ------------------------------------------------------------------ widgets and display
@@ -435,7 +437,7 @@ class Explorer:
 
         widgets = {
             "lr": slider("lr", "η₀", self.grids["lr"]),
-            "beta": slider("beta", "β", self.grids["beta"]),
+            "hypergrad_lr": slider("hypergrad_lr", "β", self.grids["hypergrad_lr"]),
             "mu": slider("mu", "μ", self.grids["mu"]),
             "kappa": slider("kappa", "κ", self.grids["kappa"]),
             "steps": slider("steps", "T", self.grids["steps"]),
@@ -445,7 +447,7 @@ class Explorer:
         for name, widget in widgets.items():
             widget.observe(lambda change, name=name: self._on_change(name, change["new"]), names="value")
         self._image = w.Image(format="png", value=self.png())
-        self._box = w.VBox([w.HBox([widgets["lr"], widgets["beta"], widgets["steps"]]),
+        self._box = w.VBox([w.HBox([widgets["lr"], widgets["hypergrad_lr"], widgets["steps"]]),
                             w.HBox([widgets["mu"], widgets["kappa"]]), widgets["method"], self._image])
         return widgets
 
@@ -502,7 +504,7 @@ class Explorer:
         from IPython.display import display
         if self.widgets is None:
             print("ipywidgets is not installed (pip install 'hgtoolkit[notebooks]'): a static figure; "
-                  "Explorer.update(beta=...) redraws it")
+                  "Explorer.update(hypergrad_lr=...) redraws it")
             display(self.figure)
             return
         display(self._box)

@@ -1,5 +1,5 @@
 r"""MARTHE's own rules (Donini et al. 2020): adaptive μ and adaptive β (the β search wrapper is
-:func:`hgtoolkit.online.find_beta`).
+:func:`hgtoolkit.online.find_hypergrad_lr`).
 
 MARTHE is the online recursion of :mod:`hgtoolkit.online` with the discount μ and the
 hyper-learning rate β adapted during the run. The rules here are tensor functions (they run
@@ -110,4 +110,4 @@ def check_mu_rule(rule: Any) -> None:
                         f"calling it under torch.func.vmap failed: {exc}") from None
 
 
-find_beta = moved("hgtoolkit.marthe.find_beta", "hgtoolkit.online.find_beta")
+find_beta = moved("hgtoolkit.marthe.find_beta", "hgtoolkit.online.find_hypergrad_lr")

@@ -22,7 +22,7 @@ run (docs/methods.md, "Online methods: one recursion")::
   held constant — the real-time forward-mode hypergradient.
 - ``method="marthe"`` (Donini et al. 2020): μ fixed in [0, 1] or adaptive (``mu="auto"``, the
   rule of :func:`hgtoolkit.marthe.adaptive_mu`, replaceable with ``mu_rule=``), β fixed or
-  adaptive (``beta="auto"``: β_{t+1} = max(β_t + κ h_{t+1} h_t, 0), bounded, see below).
+  adaptive (``hypergrad_lr="auto"``: β_{t+1} = max(β_t + κ h_{t+1} h_t, 0), bounded, see below).
 
 The engine
 ----------
@@ -50,10 +50,10 @@ next loss and h: the step itself is never checked, so that it can run in place);
 loss that defines the run — E(w_t) for ``objective="val"`` (full validation set), else the
 minibatch loss L_t — above ``divergence_factor`` × its initial value (for a loss that may be
 negative: above ref + (factor − 1)·|ref|). With adaptive β, β is also bounded: after each
-update β_{t+1} ≤ ``beta_bound``·max(η_{t+1}, η_0)/|h_{t+1}|, i.e. with the latest hypergradient
-one LR update moves η by at most ``beta_bound``·max(η, η_0) (the record counts the steps where
+update β_{t+1} ≤ ``hypergrad_lr_bound``·max(η_{t+1}, η_0)/|h_{t+1}|, i.e. with the latest hypergradient
+one LR update moves η by at most ``hypergrad_lr_bound``·max(η, η_0) (the record counts the steps where
 the bound bit);
-the MARTHE paper's other remedy, decimating κ until the run does not diverge, is :func:`find_beta`.
+the MARTHE paper's other remedy, decimating κ until the run does not diverge, is :func:`find_hypergrad_lr`.
 
 The record, :class:`OnlineResult`, is a plain data record (numpy arrays + a config dict) that
 saves to JSON + npz and loads back.
@@ -77,6 +77,7 @@ from . import marthe as _marthe
 from . import settings as _settings
 from ._tree import tree_clone, tree_dot, tree_leaves, tree_map, tree_zeros_like
 from . import divergence as _divergence
+from . import errors as _errors
 from .drive import BufferShare, Oracle, closing_update, drive
 from .online_record import OnlineResult
 from .divergence import DivergenceWarning
@@ -84,7 +85,7 @@ from .settings import OnlineSettings
 from .carried import CarriedBuffers
 from .trajectory import autograd_gradient, autograd_gradient_hvp, check_problem
 
-__all__ = ["OnlineResult", "run", "find_beta", "Engine", "Oracle", "OnlineState", "Settings", "HyperConfig",
+__all__ = ["OnlineResult", "run", "find_hypergrad_lr", "Engine", "Oracle", "OnlineState", "Settings", "HyperConfig",
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
            "DivergenceWarning"]
 
@@ -189,9 +190,10 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
     c = _settings.bind(OnlineSettings, {"method": method, **settings}, "hyper_config", required=False)
     if "lr" not in c:
         raise TypeError("hyper_config() missing required keyword argument 'lr'")
-    lr, beta, mu, kappa, beta0 = c["lr"], c["beta"], c["mu"], c["kappa"], c["beta0"]
-    beta_rule, objective, lr_floor, lr_max = c["beta_rule"], c["objective"], c["lr_floor"], c["lr_max"]
-    beta_bound, divergence_factor, hd_gradient = c["beta_bound"], c["divergence_factor"], c["hd_gradient"]
+    lr, beta, mu, kappa, beta0 = c["lr"], c["hypergrad_lr"], c["mu"], c["kappa"], c["hypergrad_lr_init"]
+    beta_rule, objective, lr_floor, lr_max = c["hypergrad_lr_rule"], c["objective"], c["lr_floor"], c["lr_max"]
+    beta_bound, divergence_factor = c["hypergrad_lr_bound"], c["divergence_factor"]
+    hd_gradient = c["hd_gradient"]
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     if not isinstance(objective, str) or objective not in OBJECTIVES:
@@ -211,7 +213,7 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
         lr_max = _number(lr_max, "lr_max")
         if not lr_max > lr:
             raise ValueError(f"lr_max must be > lr={lr}, got {lr_max}")
-    beta_bound = _optional_positive(beta_bound, "beta_bound", 0.0)
+    beta_bound = _optional_positive(beta_bound, "hypergrad_lr_bound", 0.0)
     divergence_factor = _optional_positive(divergence_factor, "divergence_factor", 1.0)
 
     # μ: fixed by the method (hd: 0, rtho: 1), a constant in [0, 1], or a rule.
@@ -238,37 +240,37 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
         if not 0.0 <= mu_value <= 1.0:
             raise ValueError(f"mu must be in [0, 1], got {mu_value}")
 
-    # β: a constant ≥ 0, or "auto" (MARTHE only) starting from beta0 with step size κ.
+    # β = hypergrad_lr: a constant ≥ 0, or "auto" (MARTHE only) from hypergrad_lr_init, step size κ.
     if not isinstance(beta_rule, str) or beta_rule not in _marthe.BETA_RULES:
-        raise ValueError(f"unknown beta_rule {beta_rule!r}; choose one of {tuple(_marthe.BETA_RULES)}")
+        raise ValueError(f"unknown hypergrad_lr_rule {beta_rule!r}; choose one of {tuple(_marthe.BETA_RULES)}")
     kappa = _number(kappa, "kappa")
     if kappa < 0:
         raise ValueError(f"kappa must be ≥ 0, got {kappa}")
     if beta is None:
         if method != "marthe":
-            raise ValueError(f"beta (the hyper-learning rate) is required for method={method!r}")
+            raise ValueError(f"hypergrad_lr (the hyper-learning rate β) is required for method={method!r}")
         beta = "auto"
     adaptive = isinstance(beta, str)
     if adaptive:
         if beta != "auto":
-            raise ValueError(f"beta must be a number ≥ 0 or 'auto', got {beta!r}")
+            raise ValueError(f"hypergrad_lr must be a number ≥ 0 or 'auto', got {beta!r}")
         if method != "marthe":
-            raise ValueError(f"beta='auto' is MARTHE's adaptive rule; method={method!r} needs a number")
-        beta_value = _number(beta0, "beta0")
+            raise ValueError(f"hypergrad_lr='auto' is MARTHE's adaptive rule; method={method!r} needs a number")
+        beta_value = _number(beta0, "hypergrad_lr_init")
         if beta_value < 0:
-            raise ValueError(f"beta0 must be ≥ 0, got {beta_value}")
+            raise ValueError(f"hypergrad_lr_init must be ≥ 0, got {beta_value}")
     else:
-        beta_value = _number(beta, "beta")
+        beta_value = _number(beta, "hypergrad_lr")
         if beta_value < 0:
-            raise ValueError(f"beta must be ≥ 0, got {beta_value}")
+            raise ValueError(f"hypergrad_lr must be ≥ 0, got {beta_value}")
 
     desc = {"method": method, "lr": lr, "objective": objective, "lr_floor": lr_floor,
             "lr_max": lr_max if math.isfinite(lr_max) else None,
-            "beta": "auto" if adaptive else beta_value,
-            "beta0": beta_value if adaptive else None,
+            "hypergrad_lr": "auto" if adaptive else beta_value,
+            "hypergrad_lr_init": beta_value if adaptive else None,
             "kappa": kappa if adaptive else None,
-            "beta_rule": beta_rule if adaptive else None,
-            "beta_bound": beta_bound if adaptive else None,
+            "hypergrad_lr_rule": beta_rule if adaptive else None,
+            "hypergrad_lr_bound": beta_bound if adaptive else None,
             "divergence_factor": divergence_factor,
             "mu": ("auto" if rule is _marthe.adaptive_mu else
                    getattr(rule, "__name__", repr(rule)) if rule is not None else mu_value)}
@@ -697,10 +699,13 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
         optimizer: the dynamics Φ (``"sgd"``, ``"nesterov"``, ``"adam"``, … or a
             :mod:`hgtoolkit.dynamics` object).
         lr: η_0 ≥ 0.
-        beta: β ≥ 0, or ``"auto"`` (MARTHE; the default there): β_0 = ``beta0`` and
-            β_{t+1} = max(β_t + κ h_{t+1} h_t, 0) (``beta_rule="hh"``) or the authors'-code
-            variant max(β_t + κ h_{t+1} η_{t+1}, 0) (``beta_rule="h_eta"``); κ = ``kappa``;
-            bounded by β_{t+1} ≤ ``beta_bound``·max(η_{t+1}, η_0)/|h_{t+1}| (None: unbounded).
+        hypergrad_lr: β ≥ 0, or ``"auto"`` (MARTHE; the default there): β_0 =
+            ``hypergrad_lr_init`` and β_{t+1} = max(β_t + κ h_{t+1} h_t, 0)
+            (``hypergrad_lr_rule="hh"``) or the authors'-code variant max(β_t + κ h_{t+1} η_{t+1}, 0)
+            (``hypergrad_lr_rule="h_eta"``); κ = ``kappa``; bounded by
+            β_{t+1} ≤ ``hypergrad_lr_bound``·max(η_{t+1}, η_0)/|h_{t+1}| (None: unbounded).
+            (``beta``, ``beta0``, ``beta_rule``, ``beta_bound``: the old names, accepted
+            with a ``FutureWarning`` until 0.2.)
         mu: MARTHE's μ: a number in [0, 1] or ``"auto"`` (the default: the heuristic of
             :func:`hgtoolkit.marthe.adaptive_mu`, starting from μ_0 = 0). ``mu_rule``:
             a tensor function ``(mu, counter, stats) -> (mu, counter)`` replacing it.
@@ -729,7 +734,7 @@ def run(problem, method: str = "marthe", optimizer: "str | _dynamics.Dynamics" =
 
     >>> import hgtoolkit
     >>> from hgtoolkit import online, problems
-    >>> r = online.run(problems.from_function("beale"), "rtho", lr=1e-3, beta=1e-7, steps=100)
+    >>> r = online.run(problems.from_function("beale"), "rtho", lr=1e-3, hypergrad_lr=1e-7, steps=100)
     >>> r.lrs.shape, r.hypergrads.shape
     ((100,), (100,))
     """
@@ -767,7 +772,7 @@ def build_result(config: dict, auxes: list[dict], times: list[float], evals: lis
     div = divergence_of(config, auxes, state)
     divergence = None if div is None else div.message
     return OnlineResult(
-        config=config, lrs=column("lr"), betas=column("beta"), mus=column("mu"),
+        config=config, lrs=column("lr"), hypergrad_lrs=column("beta"), mus=column("mu"),
         hypergrads=column("h", shift=1), train_losses=column("loss"), step_times=step_times,
         eval_steps=np.asarray([e[0] for e in keep], dtype=np.int64),
         val_losses=np.asarray([e[1] for e in keep], dtype=np.float64),
@@ -775,34 +780,36 @@ def build_result(config: dict, auxes: list[dict], times: list[float], evals: lis
         final_lr=float(state.lr) if diverged_at < 0 else math.nan,
         diverged_at=None if diverged_at < 0 else diverged_at, divergence=divergence,
         wall_time=wall, final_params=final_params if diverged_at < 0 else None,
-        beta_capped=int(state.beta_capped))
+        hypergrad_lr_capped=int(state.beta_capped))
 
 
-def find_beta(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: int = 12,
-              verbose: bool = False, **run_kwargs: Any) -> OnlineResult:
+def find_hypergrad_lr(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: int = 12,
+                      verbose: bool = False, **run_kwargs: Any) -> OnlineResult:
     r"""The MARTHE paper's wrapper: start from a large hyper-learning rate and decimate it (divide
     by ``factor``) until the run does not diverge (by any criterion of :func:`run`, the loss
     rising above ``divergence_factor`` × its initial value included).
 
-    The searched value is κ when ``beta="auto"`` (MARTHE's default) and β otherwise (so
-    ``method="hd"``/``"rtho"``, or MARTHE with a fixed β: pass ``beta=<anything numeric>``).
-    ``start`` is the first value tried. Other keyword arguments go to :func:`run` (``method``,
-    ``lr``, ``steps``, …). Returns the first run that did not diverge; its
-    ``config["beta_search"]`` lists every value tried with the step it diverged at.
-    Raises :class:`hgtoolkit.errors.DivergenceError` if all ``max_tries`` values diverge.
+    The searched value is κ when ``hypergrad_lr="auto"`` (MARTHE's default) and β =
+    ``hypergrad_lr`` otherwise (so ``method="hd"``/``"rtho"``, or MARTHE with a fixed β: pass
+    ``hypergrad_lr=<anything numeric>``). ``start`` is the first value tried. Other keyword
+    arguments go to :func:`run` (``method``, ``lr``, ``steps``, …). Returns the first run that
+    did not diverge; its ``config["hypergrad_lr_search"]`` lists every value tried with the step
+    it diverged at. Raises :class:`hgtoolkit.errors.DivergenceError` if all ``max_tries``
+    values diverge.
 
     >>> from hgtoolkit import online, problems
-    >>> r = online.find_beta(problems.from_function("beale"), start=1.0, method="rtho",
-    ...                      lr=1e-3, steps=50)
+    >>> r = online.find_hypergrad_lr(problems.from_function("beale"), start=1.0, method="rtho",
+    ...                              lr=1e-3, steps=50)
     >>> r.diverged_at is None
     True
     """
+    run_kwargs = _errors.check_renamed("find_hypergrad_lr", run_kwargs, takes=_settings.specs(OnlineSettings))
     method = run_kwargs.get("method", "marthe")
-    beta = run_kwargs.get("beta", "auto" if method == "marthe" else None)
-    name = "kappa" if beta == "auto" else "beta"
+    beta = run_kwargs.get("hypergrad_lr", "auto" if method == "marthe" else None)
+    name = "kappa" if beta == "auto" else "hypergrad_lr"
     run_kwargs.pop(name, None)
     if name == "kappa":
-        run_kwargs["beta"] = "auto"
+        run_kwargs["hypergrad_lr"] = "auto"
     for arg, val in (("start", start), ("factor", factor)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) or val <= 0:
             raise ValueError(f"{arg} must be a positive number, got {val!r}")
@@ -818,11 +825,15 @@ def find_beta(problem, start: float = 1.0, *, factor: float = 10.0, max_tries: i
             result = run(problem, **{**run_kwargs, name: value})
         tried.append({name: value, "diverged_at": result.diverged_at, "divergence": result.divergence})
         if verbose:
-            print(f"find_beta: {name}={value:.3g} -> "
+            print(f"find_hypergrad_lr: {name}={value:.3g} -> "
                   f"{'diverged at step %d' % result.diverged_at if result.diverged else 'ok'}")
         if not result.diverged:
-            result.config["beta_search"] = tried
+            result.config["hypergrad_lr_search"] = tried
             return result
         value /= factor
-    raise seen[-1].error(prefix=f"find_beta: all {max_tries} values of {name} from {start:g} down to "
+    raise seen[-1].error(prefix=f"find_hypergrad_lr: all {max_tries} values of {name} from {start:g} down to "
                             f"{value * factor:g} diverged; the last: ")
+
+
+#: Its old name (docs/glossary.md): calling it raises, naming :func:`find_hypergrad_lr`.
+find_beta = _errors.moved("hgtoolkit.online.find_beta", "hgtoolkit.online.find_hypergrad_lr")

@@ -13,7 +13,7 @@ from . import records
 
 __all__ = ["OnlineResult"]
 
-_ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "step_times", "eval_steps",
+_ARRAYS = ("lrs", "hypergrad_lrs", "mus", "hypergrads", "train_losses", "step_times", "eval_steps",
            "val_losses", "val_accuracy")
 
 
@@ -28,7 +28,7 @@ class OnlineResult(records.RunRecord):
     - ``hypergrads[t]`` = h_{t+1} = v_{t+1}·z_{t+1}, the estimate formed after step t (the one
       that sets η_{t+1}; ``analysis`` calls this alignment "after_step"); NaN if it could not
       be formed because the run diverged;
-    - ``betas[t]`` = β_t, the hyper-LR in η_{t+1} = max(η_t − β_t h_{t+1}, floor);
+    - ``hypergrad_lrs[t]`` = β_t, the hyper-LR in η_{t+1} = max(η_t − β_t h_{t+1}, floor);
     - ``train_losses[t]`` = L_t(w_t), the minibatch loss of step t;
     - ``step_times[t]``: seconds since the start of the run when step t had finished.
 
@@ -41,15 +41,16 @@ class OnlineResult(records.RunRecord):
     finite, or the loss above ``divergence_factor`` × its initial value), t+1 when h_{t+1},
     η_{t+1} (|η| > ``lr_max``) or β_{t+1} is bad (then ``hypergrads[t]`` holds the offending h;
     T means only the final update η_T failed); so n = ``diverged_at``; ``divergence``: what
-    diverged; ``beta_capped``: how many updates the adaptive-β bound clipped; ``wall_time``:
+    diverged; ``hypergrad_lr_capped``: how many updates the adaptive-β bound
+    (``hypergrad_lr_bound``) clipped; ``wall_time``:
     seconds for the whole run; ``final_params``: w_n (a detached pytree) or None; ``config``:
-    everything needed to rerun it (method, optimizer, lr, beta, mu, kappa, …, ``problem`` =
+    everything needed to rerun it (method, optimizer, lr, hypergrad_lr, mu, kappa, …, ``problem`` =
     ``problem.describe()``).
     """
 
     config: dict
     lrs: np.ndarray
-    betas: np.ndarray
+    hypergrad_lrs: np.ndarray
     mus: np.ndarray
     hypergrads: np.ndarray
     train_losses: np.ndarray
@@ -62,11 +63,13 @@ class OnlineResult(records.RunRecord):
     divergence: str | None = None
     wall_time: float = 0.0
     final_params: Any = None
-    beta_capped: int = 0
+    hypergrad_lr_capped: int = 0
 
     KIND = "online"
     ARRAYS = _ARRAYS
-    SCALARS = ("final_lr", "beta_capped")
+    SCALARS = ("final_lr", "hypergrad_lr_capped")
+    #: fields of the records written before 0.2 (docs/glossary.md), renamed on load
+    RENAMED_FIELDS = {"betas": "hypergrad_lrs", "beta_capped": "hypergrad_lr_capped"}
 
     def __repr__(self) -> str:
         div = f", diverged_at={self.diverged_at}" if self.diverged else ""

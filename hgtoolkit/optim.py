@@ -44,7 +44,7 @@ hypergradient learns a multiplier m_t ≥ 0 (``group["lr_scale"]``, m_0 = 1) and
 uses is η_t = ``group["lr"]`` × m_t, reported as ``group["effective_lr"]``. The hyper-update
 acts on η (η_t = η_{t−1} − β h_t, in units of the base LR step t−1 used), so a scheduler that
 multiplies the base LR by r multiplies the learnt LR by r, and with a constant base the
-optimizer is exactly the online method. ``group["hypergrad"]`` = h_t, ``"beta_t"``,
+optimizer is exactly the online method. ``group["hypergrad"]`` = h_t, ``"hypergrad_lr_t"``,
 ``"mu_t"`` (β, μ for the next update) and ``"t"`` are updated after each step.
 
 Usage
@@ -63,7 +63,7 @@ backward()**: the optimizer differentiates it itself (H_t z by a second backward
 gradient; and g_t, written into ``p.grad``, unless ``p.grad`` already holds yours). With ``objective="val"`` pass
 ``val_closure`` returning the validation loss E at the current parameters::
 
-    opt = MARTHE(model.parameters(), lr=1e-3, beta="auto", mu="auto", kappa=1e-6)
+    opt = MARTHE(model.parameters(), lr=1e-3, hypergrad_lr="auto", mu="auto", kappa=1e-6)
     for x, y in loader:
         opt.step(lambda: F.cross_entropy(model(x), y),
                  val_closure=lambda: F.cross_entropy(model(x_val), y_val))
@@ -96,12 +96,14 @@ from . import _guards, fastpaths
 from . import dynamics as _dynamics
 from . import online
 from . import divergence as _divergence
+from . import errors as _errors
+from . import settings as _settings
 
 __all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer", "DropIn"]
 
 # per-group online state kept in the param group (plain numbers: state_dict-safe)
-_GROUP_STATE = {"beta_t": None, "mu_t": None, "mu_counter": 0.0, "hypergrad": 0.0,
-                "ref_loss": math.nan, "beta_capped": 0, "prev_lr": None, "prev_base": None}
+_GROUP_STATE = {"hypergrad_lr_t": None, "mu_t": None, "mu_counter": 0.0, "hypergrad": 0.0,
+                "ref_loss": math.nan, "hypergrad_lr_capped": 0, "prev_lr": None, "prev_base": None}
 
 
 def _nonneg(value: Any, name: str) -> float:
@@ -273,13 +275,16 @@ class OnlineOptimizer(DropIn):
         raise NotImplementedError
 
     def _hyper_kwargs(self, group: dict) -> dict:
-        """Keyword arguments of :func:`online.hyper_config` for this group (besides lr…)."""
-        raise NotImplementedError
+        """Keyword arguments of :func:`online.hyper_config` for this group besides its options
+        that are settings of :class:`~hgtoolkit.settings.OnlineSettings` (which go as they are)."""
+        return {}
 
     # -- groups ---------------------------------------------------------------------------
-    _OPTIONS = ("initial_lr_for_hyper", "lr_floor", "lr_max", "divergence_factor", "method", "beta",
-                "mu", "kappa", "beta0", "beta_rule", "beta_bound", "hypergrad_lr", "optimizer",
-                "momentum", "nesterov", "weight_decay", "betas", "eps")
+    @property
+    def _options(self) -> tuple:
+        """The group options a setup depends on: every option the constructor declares (its
+        ``defaults``) but the base LR, which schedulers move, and η_0 of the hyper-update."""
+        return ("initial_lr_for_hyper", *(k for k in self.defaults if k != "lr"))
 
     def _config(self, group: dict) -> online.HyperConfig:
         """The group's validated hyper-settings (rebuilt when its options change)."""
@@ -288,7 +293,7 @@ class OnlineOptimizer(DropIn):
     def _setup(self, group: dict) -> tuple:
         """(HyperConfig, dynamics, Engine, Settings tensors) of a group, kept while its options
         (and device) stay the same: compared by value at each step, without building anything."""
-        values = [group.get(k) for k in self._OPTIONS]
+        values = [group.get(k) for k in self._options]
         values.append(group["params"][0].device)
         cache = self.__dict__.setdefault("_setups", {})
         hit = cache.get(id(group))
@@ -304,10 +309,12 @@ class OnlineOptimizer(DropIn):
         return setup
 
     def _make_config(self, group: dict) -> online.HyperConfig:
+        """:func:`online.hyper_config` of the group's options that are online settings (``lr``:
+        η_0 of the hyper-update; ``optimizer``: the dynamics, built by :meth:`_dynamics`)."""
+        schema = _settings.specs(_settings.OnlineSettings)
+        given = {k: group[k] for k in self.defaults if k in schema and k not in ("lr", "optimizer")}
         return online.hyper_config(lr=group["initial_lr_for_hyper"], objective=self.objective,
-                                   lr_floor=group["lr_floor"], lr_max=group["lr_max"],
-                                   divergence_factor=group["divergence_factor"],
-                                   mu_rule=self.mu_rule, **self._hyper_kwargs(group))
+                                   mu_rule=self.mu_rule, **{**given, **self._hyper_kwargs(group)})
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -317,8 +324,8 @@ class OnlineOptimizer(DropIn):
         cfg = self._config(group)
         for key, value in _GROUP_STATE.items():
             group.setdefault(key, value)
-        if group["beta_t"] is None:
-            group["beta_t"] = cfg.beta0
+        if group["hypergrad_lr_t"] is None:
+            group["hypergrad_lr_t"] = cfg.beta0
         if group["mu_t"] is None:
             group["mu_t"] = cfg.mu0
 
@@ -523,7 +530,7 @@ class OnlineOptimizer(DropIn):
         state = online.OnlineState(
             opt=opt, z=z,
             # a constant β or μ is the group's option as it is now; an adaptive one its value
-            lr=f("lr", prev_lr), beta=f("beta_t", group["beta_t"] if cfg.beta_adaptive else cfg.beta0),
+            lr=f("lr", prev_lr), beta=f("hypergrad_lr_t", group["hypergrad_lr_t"] if cfg.beta_adaptive else cfg.beta0),
             mu=f("mu_t", group["mu_t"] if cfg.mu_rule is not None else cfg.mu0),
             counter=f("mu_counter", group["mu_counter"]), h=f("hypergrad", group["hypergrad"]),
             g_prev=g_prev, ref_loss=f("ref_loss", group["ref_loss"]), settings=settings, **memo["_fresh"])
@@ -585,13 +592,13 @@ class OnlineOptimizer(DropIn):
                 st = self.state.get(p)
                 if st and id(p) not in taking_part:
                     st.update({k: v * new.mu.to(v.dtype) for k, v in st.items() if k.startswith("z_")})
-        numbers = {"beta_t": new.beta, "mu_t": new.mu, "mu_counter": new.counter,
+        numbers = {"hypergrad_lr_t": new.beta, "mu_t": new.mu, "mu_counter": new.counter,
                    "hypergrad": new.h, "ref_loss": new.ref_loss}
         numbers = {k: (float(v), v) for k, v in numbers.items()}
         memo.update(numbers)
         group.update({k: x for k, (x, _) in numbers.items()}, lr_scale=scale, effective_lr=lr,
                      prev_lr=lr, prev_base=base, t=t + 1,
-                     beta_capped=group["beta_capped"] + int(new.beta_capped))
+                     hypergrad_lr_capped=group["hypergrad_lr_capped"] + int(new.beta_capped))
 
     # the flat-buffer fast path (hgtoolkit.fastpaths.FlatGroup): None = where it pays, True = wherever it
     # applies, False = never (the reference path)
@@ -682,7 +689,7 @@ class SGDHD(OnlineOptimizer):
                              weight_decay=group["weight_decay"])
 
     def _hyper_kwargs(self, group):
-        return {"method": "hd", "beta": _nonneg(group["hypergrad_lr"], "hypergrad_lr")}
+        return {"method": "hd", "hypergrad_lr": _nonneg(group["hypergrad_lr"], "hypergrad_lr")}
 
 
 class AdamHD(OnlineOptimizer):
@@ -708,7 +715,7 @@ class AdamHD(OnlineOptimizer):
         return _dynamics.Adam(beta1=b1, beta2=b2, eps=group["eps"], weight_decay=group["weight_decay"])
 
     def _hyper_kwargs(self, group):
-        return {"method": "hd", "beta": _nonneg(group["hypergrad_lr"], "hypergrad_lr")}
+        return {"method": "hd", "hypergrad_lr": _nonneg(group["hypergrad_lr"], "hypergrad_lr")}
 
 
 class MARTHE(OnlineOptimizer):
@@ -716,8 +723,10 @@ class MARTHE(OnlineOptimizer):
     ``torch.optim`` optimizer over any :mod:`hgtoolkit.dynamics` (``optimizer="sgd"``,
     ``"nesterov"``, ``"adam"``, or a Dynamics object).
 
-    Arguments mirror :func:`hgtoolkit.online.run`: ``beta`` (number or ``"auto"``), ``mu``
-    (number in [0, 1] or ``"auto"``), ``kappa``, ``beta0``, ``beta_rule``, ``beta_bound``,
+    Arguments mirror :func:`hgtoolkit.online.run`: ``hypergrad_lr`` = β (number or ``"auto"``),
+    ``mu`` (number in [0, 1] or ``"auto"``), ``kappa``, ``hypergrad_lr_init``,
+    ``hypergrad_lr_rule``, ``hypergrad_lr_bound`` (the old ``beta``, ``beta0``, … are accepted
+    with a ``FutureWarning`` until 0.2),
     ``mu_rule`` (a tensor function), ``objective`` (``"val"`` needs ``val_closure``),
     ``lr_floor`` (default 0), ``lr_max``, ``divergence_factor``.
     ``step(closure, val_closure=None)``: ``closure`` returns the training loss on the current
@@ -725,16 +734,19 @@ class MARTHE(OnlineOptimizer):
     validation loss (required for ``objective="val"``). Returns the training loss (detached).
     """
 
+    @_errors.accepts_deprecated
     def __init__(self, params: Iterable, lr: float = 1e-3, *, method: str = "marthe",
-                 beta: Any = None, mu: Any = None, kappa: float = 1e-6, beta0: float = 0.0,
-                 beta_rule: str = "hh", beta_bound: float | None = 1.0,
+                 hypergrad_lr: Any = None, mu: Any = None, kappa: float = 1e-6,
+                 hypergrad_lr_init: float = 0.0, hypergrad_lr_rule: str = "hh",
+                 hypergrad_lr_bound: float | None = 1.0,
                  mu_rule: Callable | None = None, objective: str = "val",
                  optimizer: "str | _dynamics.Dynamics" = "sgd", lr_floor: float | None = 0.0,
                  lr_max: float | None = None, divergence_factor: float | None = 2.0,
                  raise_on_divergence: bool = False, module: torch.nn.Module | None = None):
         dyn = _dynamics.get(optimizer)
-        defaults = dict(lr=lr, method=method, beta=beta, mu=mu, kappa=kappa, beta0=beta0,
-                        beta_rule=beta_rule, beta_bound=beta_bound, optimizer=dyn.config(),
+        defaults = dict(lr=lr, method=method, hypergrad_lr=hypergrad_lr, mu=mu, kappa=kappa,
+                        hypergrad_lr_init=hypergrad_lr_init, hypergrad_lr_rule=hypergrad_lr_rule,
+                        hypergrad_lr_bound=hypergrad_lr_bound, optimizer=dyn.config(),
                         lr_floor=lr_floor, lr_max=lr_max, divergence_factor=divergence_factor)
         super().__init__(params, defaults, objective=objective, mu_rule=mu_rule,
                          raise_on_divergence=raise_on_divergence, module=module)
@@ -743,5 +755,4 @@ class MARTHE(OnlineOptimizer):
         cfg = group["optimizer"]
         return cfg if isinstance(cfg, _dynamics.Dynamics) else _dynamics.from_config(cfg)
 
-    def _hyper_kwargs(self, group):
-        return {k: group[k] for k in ("method", "beta", "mu", "kappa", "beta0", "beta_rule", "beta_bound")}
+

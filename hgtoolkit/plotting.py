@@ -189,7 +189,7 @@ def plot_online_run(result, title: str | None = None):
             ax.set_ylabel(r"$\mu_t$")
             ax.set_ylim(-0.05, 1.05)
             twin = ax.twinx()
-            twin.plot(result.betas, color="C1", label=r"$\beta_t$")
+            twin.plot(result.hypergrad_lrs, color="C1", label=r"$\beta_t$")
             twin.set_ylabel(r"$\beta_t$")
             ax.set_title(r"MARTHE: $\mu_t$ (left), $\beta_t$ (right)")
     if title:

@@ -60,7 +60,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import RENAMED
+from .errors import OLD_NAMES
 
 __all__ = ["FORMAT", "NoChecksumWarning", "CorruptedFileError", "digest", "seal", "unseal", "corrupted",
            "write_sealed_json", "read_sealed_json", "read_verified_bytes", "save_sealed_arrays", "seal_bytes",
@@ -661,6 +661,10 @@ def load(path: str | os.PathLike, kind: str | None = None) -> Any:
 
 # ============================================================================ training-run records
 
+#: a run's config keys written before 0.2 → their names now (docs/glossary.md)
+_CONFIG_RENAMED = {**OLD_NAMES, "beta_search": "hypergrad_lr_search"}
+
+
 class RunRecord:
     """What every training-run record shares: derived values and the codec's save/load.
 
@@ -668,12 +672,14 @@ class RunRecord:
     the fields ``config``, the per-step/evaluation arrays named in ``ARRAYS`` (``lrs``,
     ``train_losses``, ``eval_steps``, ``val_losses``, ``val_accuracy``, …), the float scalars
     named in ``SCALARS``, and ``diverged_at``, ``divergence``, ``wall_time``, ``final_params``;
-    ``ARRAYS_IN_JSON`` also copies the arrays into the JSON for readers without numpy.
+    ``ARRAYS_IN_JSON`` also copies the arrays into the JSON for readers without numpy;
+    ``RENAMED_FIELDS``: old field name → new, for the records written before.
     """
 
     KIND: str = "run"
     ARRAYS: tuple[str, ...] = ()
     SCALARS: tuple[str, ...] = ()
+    RENAMED_FIELDS: dict = {}
     ARRAYS_IN_JSON: bool = False
     TIMING = ("wall_time", "step_times")
     DERIVED = ("steps_run", "best_val_loss", "final_val_loss", "final_val_accuracy")
@@ -719,10 +725,16 @@ class RunRecord:
         return load(path, kind=spec(cls).kind)
 
     @staticmethod
+    def _renamed_fields(cls: type, d: dict) -> dict:
+        renames = getattr(cls, "RENAMED_FIELDS", {})
+        return {(renames[k] if k in renames and renames[k] not in d else k): v for k, v in d.items()}
+
+    @staticmethod
     def migrate_v1(cls: type, d: dict) -> dict:
         """The fields of a record written before the codec: the old ``RunRecord.save`` files
         (arrays by name, parameters in ``"$params"``) and the sweep's old ``online`` cells."""
         out = {}
+        d = RunRecord._renamed_fields(cls, d)
         for f in dataclasses.fields(cls):
             if f.name == "final_params":
                 out[f.name] = d.get("$params")
@@ -734,27 +746,31 @@ class RunRecord:
 
     @staticmethod
     def migrate_v2(cls: type, d: dict) -> dict:
-        """The fields of a record written before the 0.2 vocabulary: the config's old keys
-        (``lr0``: :data:`hgtoolkit.errors.RENAMED`) under their new names."""
+        """The fields of a record written before the 0.2 vocabulary (versions 2 and 3): the
+        class's ``RENAMED_FIELDS`` (``betas`` → ``hypergrad_lrs``) and the config's old keys
+        (``lr0``, ``beta``: :data:`hgtoolkit.errors.OLD_NAMES`, ``beta_search``) under their new
+        names."""
+        d = RunRecord._renamed_fields(cls, d)
         out = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         config = out.get("config")
         if isinstance(config, dict):
-            out["config"] = {(RENAMED[k] if k in RENAMED and RENAMED[k] not in config else k): v
-                             for k, v in config.items()}
+            out["config"] = {(_CONFIG_RENAMED[k] if k in _CONFIG_RENAMED and _CONFIG_RENAMED[k] not in config
+                              else k): v for k, v in config.items()}
         return out
 
 
 def register_run(*, redo: str) -> Callable[[type], type]:
-    """:func:`register` for a :class:`RunRecord` subclass under its ``KIND`` (version 2):
+    """:func:`register` for a :class:`RunRecord` subclass under its ``KIND`` (version 4):
     parameters in ``final_params``, wall times as timing, the derived values in the JSON, and
     the migrations of the files and sweep cells written before the codec (version 1) and before
-    the 0.2 vocabulary (version 2: the config's old key names)."""
+    the 0.2 vocabulary (version 2: ``lr0``; version 3: ``beta``, ``betas``: the old key names)."""
     def deco(cls: type) -> type:
         names = {f.name for f in dataclasses.fields(cls)}
-        return register(cls.KIND, version=3, redo=redo, params="final_params",
+        return register(cls.KIND, version=4, redo=redo, params="final_params",
                         timing=tuple(t for t in RunRecord.TIMING if t in names), derived=RunRecord.DERIVED,
                         readable=cls.ARRAYS if cls.ARRAYS_IN_JSON else (),
-                        migrations={1: RunRecord.migrate_v1, 2: RunRecord.migrate_v2})(cls)
+                        migrations={1: RunRecord.migrate_v1, 2: RunRecord.migrate_v2,
+                                    3: RunRecord.migrate_v2})(cls)
     return deco
 
 

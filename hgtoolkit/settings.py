@@ -12,7 +12,7 @@ in its metadata, and from that one declaration come
 - the sweep grids' validators (``params=`` of the cell kinds in :mod:`hgtoolkit.sweep.kinds`):
   :func:`validators`;
 - a checked set of keyword arguments for the Python API: ``OnlineSettings(lr=1e-3, steps=100,
-  beta=1e-7)`` raises ``ValueError`` naming a setting that is out of range, and
+  hypergrad_lr=1e-7)`` raises ``ValueError`` naming a setting that is out of range, and
   :meth:`RunSettings.kwargs` gives the keywords to pass on. The functions keep their own checks
   (cross-setting ones included); the tests check that flags, sweep keys and signatures list the
   same settings with the same defaults.
@@ -31,11 +31,11 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 from . import dynamics
-from .errors import RENAMED, check_renamed
+from .errors import OLD_NAMES, check_renamed
 
 __all__ = ["Spec", "setting", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
            "HypergradSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
-           "signature", "takes"]
+           "signature", "takes", "add_renamed_flag"]
 
 _KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes", "text")
 _NO_CLI_DEFAULT = "<none>"  # Spec.cli_default of a setting that has an API default
@@ -172,11 +172,13 @@ def defaults(schema: type) -> dict[str, Any]:
 def bind(schema: type, given: dict, owner: str, *, required: bool = True) -> dict:
     """Keyword settings ``given`` to ``owner`` (a function's name, for the messages) completed
     with ``schema``'s defaults: every setting of the schema, in declaration order.
+    An old name of a setting raises ``TypeError`` naming the new one, or (a deprecated one,
+    :data:`hgtoolkit.errors.DEPRECATED`) is forwarded to it with a ``FutureWarning``.
     ``TypeError`` for a name the schema does not declare (listing those it does) and, with
     ``required``, for a required setting that is missing (as Python says it for a signature).
     Values are not checked here: the function checks them (cross-setting rules included)."""
     table = specs(schema)
-    check_renamed(owner, given, takes=table)
+    given = check_renamed(owner, given, takes=table, stacklevel=4)
     unknown = [k for k in given if k not in table]
     if unknown:
         raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}; its settings "
@@ -247,18 +249,26 @@ def add_arguments(parser: Any, schema: type, names: Sequence[str] | None = None,
         kw.update(overrides.get(name, {}))
         parser.add_argument(flag, **kw)
     added = set(names if names is not None else [k for k, (_, s) in table.items() if s.cli])
-    for old, new in RENAMED.items():
+    for old, new in OLD_NAMES.items():
         if new in added and old not in table:  # the old flag says the new one (no silent alias)
-            parser.add_argument("--" + old.replace("_", "-"), nargs="*", action=_RenamedFlag,
-                                help=argparse.SUPPRESS, dest="_renamed_" + old)
+            add_renamed_flag(parser, "--" + old.replace("_", "-"), "--" + new.replace("_", "-"))
+
+
+def add_renamed_flag(parser: Any, old: str, new: str) -> None:
+    """A hidden flag ``old`` of the old vocabulary: giving it is a usage error naming ``new``."""
+    parser.add_argument(old, nargs="*", action=_RenamedFlag, new=new, help=argparse.SUPPRESS,
+                        dest="_renamed_" + old.lstrip("-").replace("-", "_"))
 
 
 class _RenamedFlag(argparse.Action):
     """A flag of the old vocabulary: the parser's error names the new flag."""
 
+    def __init__(self, *args: Any, new: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.new = new
+
     def __call__(self, parser, namespace, values, option_string=None):
-        new = RENAMED[option_string.lstrip("-").replace("-", "_")]
-        parser.error(f"{option_string} was renamed --{new.replace('_', '-')} (docs/glossary.md)")
+        parser.error(f"{option_string} was renamed {self.new} (docs/glossary.md)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,7 +287,7 @@ class RunSettings:
         return asdict(self)
 
 
-_METHOD_HELP = "hd (μ = 0), rtho (μ = 1) or marthe (μ and β fixed or adaptive)"
+_METHOD_HELP = "hd (μ = 0), rtho (μ = 1) or marthe (μ and β = hypergrad_lr fixed or adaptive)"
 
 
 def _mode(help: str):
@@ -320,21 +330,24 @@ class OnlineSettings(RunSettings):
     optimizer: str = setting("sgd", "dynamics Φ", kind="optimizer")
     lr: float = setting(help="initial learning rate η_0", lo=0, cli_default=1e-3)
     steps: int = setting(help="T, the number of training steps", kind="int", lo=1, cli_default=500)
-    beta: Any = setting(None, "hyper-learning rate β ≥ 0, or 'auto' (MARTHE's adaptive β, its "
-                              "default; required for hd and rtho)", lo=0, words=("auto",), none=True)
+    hypergrad_lr: Any = setting(None, "hyper-learning rate β ≥ 0, or 'auto' (MARTHE's adaptive β, "
+                                      "its default; required for hd and rtho)", lo=0, words=("auto",),
+                                none=True)
     mu: Any = setting(None, "MARTHE's μ in [0, 1] or 'auto' (its default)", lo=0, hi=1,
                       words=("auto",), none=True)
     kappa: float = setting(1e-6, "step size κ of MARTHE's adaptive β", lo=0)
-    beta0: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0)
-    beta_rule: str = setting("hh", "adaptive-β rule: κ h_{t+1} h_t (hh) or the authors' code's "
-                                   "κ h_{t+1} η_{t+1} (h_eta)", kind="choice", choices=("hh", "h_eta"))
+    hypergrad_lr_init: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0)
+    hypergrad_lr_rule: str = setting("hh", "adaptive-β rule: κ h_{t+1} h_t (hh) or the authors' "
+                                           "code's κ h_{t+1} η_{t+1} (h_eta)", kind="choice",
+                                     choices=("hh", "h_eta"))
     objective: str = setting("val", "val: h uses ∇E(w_{t+1}); train: the next minibatch's "
                                     "gradient (HD)", kind="choice", choices=("val", "train"))
     lr_floor: Any = setting(0.0, "η is clipped at this value; none allows η < 0", lo=0, none=True)
     lr_max: Any = setting(None, "|η| above this counts as divergence (none: 1e6·lr)", lo=0,
                           open_lo=True, none=True)
-    beta_bound: Any = setting(1.0, "adaptive β: one update moves η by at most this × max(η, η_0); "
-                                   "none: unbounded", lo=0, open_lo=True, none=True)
+    hypergrad_lr_bound: Any = setting(1.0, "adaptive β: one update moves η by at most this × "
+                                           "max(η, η_0); none: unbounded", lo=0, open_lo=True,
+                                      none=True)
     divergence_factor: Any = setting(2.0, "the run diverges when its loss exceeds this × its "
                                           "initial value; none: off", lo=1, open_lo=True, none=True)
     hd_gradient: str = setting("regularised", "objective train with weight decay: v includes it "

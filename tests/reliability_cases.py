@@ -133,7 +133,7 @@ def flip_digit(path: Path) -> Path:
 
 
 def saved_online(tmp: Path) -> Path:
-    return hgtoolkit.save(online.run(BEALE, "hd", lr=1e-3, beta=1e-7, steps=T), tmp / "run")
+    return hgtoolkit.save(online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-7, steps=T), tmp / "run")
 
 
 def tensors(n=3):
@@ -390,7 +390,7 @@ R = "online.run"
 
 
 def run(**kw):
-    args = dict(method="marthe", lr=1e-3, beta=1e-7, steps=3)
+    args = dict(method="marthe", lr=1e-3, hypergrad_lr=1e-7, steps=3)
     args.update(kw)
     return lambda tmp: online.run(BEALE, **args)
 
@@ -399,10 +399,10 @@ api("online-hd-mu", R, "mu given with method='hd'", run(method="hd", mu=0.5), Va
     r"mu=0\.5 contradicts method='hd'")
 api("online-rtho-mu", R, "mu ≠ 1 given with method='rtho'", run(method="rtho", mu=0.5), ValueError,
     r"mu=0\.5 contradicts method='rtho', which fixes μ=1\.0; use")
-api("online-beta-negative", R, "negative beta", run(method="rtho", beta=-1.0), ValueError,
-    r"beta must be ≥ 0, got -1\.0")
-api("online-beta-nan", R, "NaN beta", run(method="hd", beta=math.nan), ValueError,
-    r"beta must be finite, got nan")
+api("online-hypergrad-lr-negative", R, "negative hypergrad_lr", run(method="rtho", hypergrad_lr=-1.0), ValueError,
+    r"hypergrad_lr must be ≥ 0, got -1\.0")
+api("online-hypergrad-lr-nan", R, "NaN hypergrad_lr", run(method="hd", hypergrad_lr=math.nan), ValueError,
+    r"hypergrad_lr must be finite, got nan")
 api("online-method-unknown", R, "unknown method", run(method="sgdr"), ValueError, r"unknown method 'sgdr'")
 api("online-lr-negative", R, "negative lr", run(lr=-1e-3), ValueError,
     r"lr must be ≥ 0, got -0\.001")
@@ -417,8 +417,8 @@ api("online-mu-range", R, "mu above 1", run(mu=1.5), ValueError,
     r"mu must be in \[0, 1\], got 1\.5")
 api("online-kappa-negative", R, "negative kappa", run(kappa=-1.0), ValueError,
     r"kappa must be ≥ 0, got -1\.0")
-api("online-beta-rule", R, "unknown beta_rule", run(beta_rule="magic"), ValueError,
-    r"unknown beta_rule 'magic'; choose one of \('hh', 'h_eta'\)")
+api("online-hypergrad-lr-rule", R, "unknown hypergrad_lr_rule", run(hypergrad_lr_rule="magic"), ValueError,
+    r"unknown hypergrad_lr_rule 'magic'; choose one of \('hh', 'h_eta'\)")
 api("online-objective", R, "unknown objective", run(objective="test"), ValueError,
     r"unknown objective 'test'; choose one of \('val', 'train'\)")
 api("online-floor-above-max", R, "lr_floor above lr_max", run(lr_floor=1.0, lr_max=0.1), ValueError,
@@ -431,19 +431,19 @@ api("online-eval-every", R, "eval_every 0", run(eval_every=0), ValueError,
     r"eval_every must be ≥ 1, got 0")
 api("online-val-batch-size", R, "val_batch_size on a problem without batches", run(val_batch_size=4), ValueError,
     r"val_batch_size needs a problem with val_batch\(t, size\) and batch_loss")
-api("online-beta-bound", R, "negative beta_bound", run(beta_bound=-1.0), ValueError,
-    r"beta_bound must be > 0\.0 \(or None to switch it off\), got -1\.0")
+api("online-hypergrad-lr-bound", R, "negative hypergrad_lr_bound", run(hypergrad_lr_bound=-1.0), ValueError,
+    r"hypergrad_lr_bound must be > 0\.0 \(or None to switch it off\), got -1\.0")
 api("online-train-nan", R, "training loss NaN at step t",
-    lambda tmp: online.run(quadratic(nan_at=2), "hd", lr=0.1, beta=1e-3, steps=5), DivergenceWarning,
+    lambda tmp: online.run(quadratic(nan_at=2), "hd", lr=0.1, hypergrad_lr=1e-3, steps=5), DivergenceWarning,
     r"step 2: training loss is not finite")
 api("online-val-nan", R, "validation loss NaN",
-    lambda tmp: online.run(quadratic(val_nan=True), "hd", lr=0.1, beta=1e-3, steps=5), DivergenceWarning,
+    lambda tmp: online.run(quadratic(val_nan=True), "hd", lr=0.1, hypergrad_lr=1e-3, steps=5), DivergenceWarning,
     r"validation loss is not finite")
 api("online-raise", R, "divergence with raise_on_divergence=True",
-    lambda tmp: online.run(quadratic(nan_at=1), "hd", lr=0.1, beta=1e-3, steps=5, raise_on_divergence=True),
+    lambda tmp: online.run(quadratic(nan_at=1), "hd", lr=0.1, hypergrad_lr=1e-3, steps=5, raise_on_divergence=True),
     DivergenceError, r"step 1: training loss")
 api("online-blowup", R, "loss climbing above divergence_factor × L_0",
-    lambda tmp: online.run(problems.from_function("rosenbrock"), "hd", lr=1e-2, beta=1e-2, steps=20),
+    lambda tmp: online.run(problems.from_function("rosenbrock"), "hd", lr=1e-2, hypergrad_lr=1e-2, steps=20),
     DivergenceWarning,
     r"online hd run stopped: training diverged at step 1: validation loss")
 api("online-removed-keyword", R, "an old keyword (lr0)", run(lr0=1e-3), TypeError, r"'lr0' was renamed 'lr'")
@@ -451,34 +451,34 @@ api("online-optimizer", R, "unknown inner optimizer", run(optimizer="lion"), Val
     r"unknown optimizer 'lion'; choose one of \['adagrad', 'adam',")
 
 api("online-problem-name", R, "a problem name instead of a Problem",
-    lambda tmp: online.run("beale", "hd", lr=1e-3, beta=1e-7, steps=3), TypeError,
+    lambda tmp: online.run("beale", "hd", lr=1e-3, hypergrad_lr=1e-7, steps=3), TypeError,
     r"problem must be a hgtoolkit\.Problem \(e\.g\. problems\.get\('beale'\)")
 api("online-lr-max", R, "lr_max below lr", run(lr_max=-1.0), ValueError, r"lr_max must be > lr=0\.001, got -1\.0")
 api("online-seed", R, "negative seed", run(seed=-1), ValueError, r"seed must be ≥ 0, got -1")
-api("online-beta-word", R, "a word for beta", run(beta="big"), ValueError,
-    r"beta must be a number ≥ 0 or 'auto', got 'big'")
+api("online-hypergrad-lr-word", R, "a word for hypergrad_lr", run(hypergrad_lr="big"), ValueError,
+    r"hypergrad_lr must be a number ≥ 0 or 'auto', got 'big'")
 api("online-mu-word", R, "a word for mu", run(mu="sometimes"), ValueError,
     r"mu must be a number in \[0, 1\] or 'auto', got 'sometimes'")
-api("online-beta-auto-hd", R, "beta='auto' with method='hd'", run(method="hd", beta="auto"), ValueError,
-    r"beta='auto' is MARTHE's adaptive rule; method='hd' needs a number")
+api("online-hypergrad-lr-auto-hd", R, "hypergrad_lr='auto' with method='hd'", run(method="hd", hypergrad_lr="auto"), ValueError,
+    r"hypergrad_lr='auto' is MARTHE's adaptive rule; method='hd' needs a number")
 api("online-mu-rule", R, "mu_rule not callable", run(mu_rule=3), TypeError,
     r"mu_rule must be callable as mu_rule\(mu, counter, stats\) -> \(mu, counter\), got int")
 
-# ---- find_beta
-api("find-beta-factor", "online.find_beta", "factor ≤ 1",
-    lambda tmp: online.find_beta(BEALE, 1.0, factor=1.0, method="hd", lr=1e-3, steps=3), ValueError,
+# ---- find_hypergrad_lr
+api("find-hypergrad-lr-factor", "online.find_hypergrad_lr", "factor ≤ 1",
+    lambda tmp: online.find_hypergrad_lr(BEALE, 1.0, factor=1.0, method="hd", lr=1e-3, steps=3), ValueError,
     r"factor must be > 1, got 1\.0")
-api("find-beta-all-diverge", "online.find_beta", "every value tried diverges",
-    lambda tmp: online.find_beta(quadratic(nan_at=1), 1.0, max_tries=2, method="hd", lr=0.1, steps=3),
-    DivergenceError, r"find_beta: all 2 values of beta from 1 down to 0\.1 diverged; the last: .*step 1")
+api("find-hypergrad-lr-all-diverge", "online.find_hypergrad_lr", "every value tried diverges",
+    lambda tmp: online.find_hypergrad_lr(quadratic(nan_at=1), 1.0, max_tries=2, method="hd", lr=0.1, steps=3),
+    DivergenceError, r"find_hypergrad_lr: all 2 values of hypergrad_lr from 1 down to 0\.1 diverged; the last: .*step 1")
 
 # ---- run_online_batch
 api("batch-unknown-key", "batched.run_online_batch", "a cell with a key online.run does not take",
     lambda tmp: batched.run_online_batch(lambda s: BEALE,
-                                         [dict(method="hd", lr=1e-3, beta=1e-7, steps=3, momentum=0.9)]),
+                                         [dict(method="hd", lr=1e-3, hypergrad_lr=1e-7, steps=3, momentum=0.9)]),
     TypeError, r"cells\[0\]: online\.run\(\) got an unexpected keyword argument 'momentum';")
 api("batch-bad-value", "batched.run_online_batch", "a cell with a negative lr",
-    lambda tmp: batched.run_online_batch(lambda s: BEALE, [dict(method="hd", lr=-1e-3, beta=1e-7, steps=3)]),
+    lambda tmp: batched.run_online_batch(lambda s: BEALE, [dict(method="hd", lr=-1e-3, hypergrad_lr=1e-7, steps=3)]),
     ValueError, r"cells\[0\]: lr must be ≥ 0")
 
 # ---- towers
@@ -578,11 +578,11 @@ api("marthe-objective", M, "unknown objective", lambda tmp: optim.MARTHE(tensors
 api("marthe-optimizer", M, "unknown inner optimizer", lambda tmp: optim.MARTHE(tensors(), optimizer="lion"), ValueError,
     r"unknown optimizer 'lion'; choose one of \['adagrad', 'adam',")
 api("marthe-no-closure", M, "step() without closure when μ ≠ 0",
-    lambda tmp: dropin_step(lambda ps: optim.MARTHE(ps, lr=1e-2, beta=1e-3, objective="train"), closure=False,
+    lambda tmp: dropin_step(lambda ps: optim.MARTHE(ps, lr=1e-2, hypergrad_lr=1e-3, objective="train"), closure=False,
                             before=lambda m, o, f: f().backward()),
     ValueError, r"closure is required")
 api("marthe-no-val-closure", M, "objective='val' without val_closure",
-    lambda tmp: dropin_step(lambda ps: optim.MARTHE(ps, lr=1e-2, beta=1e-3)), ValueError,
+    lambda tmp: dropin_step(lambda ps: optim.MARTHE(ps, lr=1e-2, hypergrad_lr=1e-3)), ValueError,
     r"val_closure is required")
 api("marthe-closure-backward", M, "closure that calls backward() itself",
     lambda tmp: _closure_backward(), RuntimeError,
@@ -624,7 +624,7 @@ def _linear():
 
 def _closure_backward():
     model, X = _linear()
-    o = optim.MARTHE(model.parameters(), lr=1e-2, beta=1e-3, objective="train")
+    o = optim.MARTHE(model.parameters(), lr=1e-2, hypergrad_lr=1e-3, objective="train")
 
     def closure():
         loss = (model(X) ** 2).mean()
@@ -636,7 +636,7 @@ def _closure_backward():
 
 def _closure_vector():
     model, X = _linear()
-    optim.MARTHE(model.parameters(), lr=1e-2, beta=1e-3, objective="train").step(lambda: model(X).squeeze())
+    optim.MARTHE(model.parameters(), lr=1e-2, hypergrad_lr=1e-3, objective="train").step(lambda: model(X).squeeze())
 
 
 def _closure_no_grad():
@@ -645,12 +645,12 @@ def _closure_no_grad():
     def closure():
         with torch.no_grad():
             return (model(X) ** 2).mean()
-    optim.MARTHE(model.parameters(), lr=1e-2, beta=1e-3, objective="train").step(closure)
+    optim.MARTHE(model.parameters(), lr=1e-2, hypergrad_lr=1e-3, objective="train").step(closure)
 
 
 def _grad_changed_behind():
     model, X = _linear()
-    o = optim.MARTHE(model.parameters(), lr=1e-2, beta=1e-3, objective="train")
+    o = optim.MARTHE(model.parameters(), lr=1e-2, hypergrad_lr=1e-3, objective="train")
     closure = lambda: (model(X) ** 2).mean()  # noqa: E731
     o.step(closure)
     for p in model.parameters():
@@ -892,13 +892,13 @@ api("sweep-cell-foreign", "sweep.load_results", "a cell record of something else
 
 # ============================================================================= CLI
 
-cli("cli-hd-mu", "online", "--mu with --method hd", ["online", "--method", "hd", "--beta", "1e-7", "--mu", "0.5"],
+cli("cli-hd-mu", "online", "--mu with --method hd", ["online", "--method", "hd", "--hypergrad-lr", "1e-7", "--mu", "0.5"],
     r"--mu is a MARTHE setting; --method hd fixes μ = 0 and uses a constant")
-cli("cli-rtho-kappa", "online", "--kappa with --method rtho", ["online", "--method", "rtho", "--beta", "1e-7",
+cli("cli-rtho-kappa", "online", "--kappa with --method rtho", ["online", "--method", "rtho", "--hypergrad-lr", "1e-7",
     "--kappa", "1e-3"],
     r"--kappa is a MARTHE setting; --method rtho fixes μ = 1 and uses a")
-cli("cli-beta-negative", "online", "negative --beta", ["online", "--beta", "-1"],
-    r"argument --beta: expected a number ≥ 0 or 'auto' or 'none', got '-1'")
+cli("cli-hypergrad-lr-negative", "online", "negative --hypergrad-lr", ["online", "--hypergrad-lr", "-1"],
+    r"argument --hypergrad-lr: expected a number ≥ 0 or 'auto' or 'none', got '-1'")
 cli("cli-mu-range", "online", "--mu above 1", ["online", "--mu", "1.5"],
     r"argument --mu: expected a number in \[0, 1\] or 'auto' or 'none', got")
 cli("cli-online-steps", "online", "--steps 0", ["online", "--steps", "0"],

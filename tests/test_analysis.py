@@ -294,7 +294,7 @@ def test_online_estimate_equals_its_horizon_reference(name, opt, lr, method, bet
     hypergrads[t] = h_{t+1} ↔ references[t]."""
     from hgtoolkit import online
     problem = _PROBLEMS[name]
-    result = online.run(problem, method, opt, lr=lr, beta=beta, steps=15, seed=2)
+    result = online.run(problem, method, opt, lr=lr, hypergrad_lr=beta, steps=15, seed=2)
     assert not result.diverged
     if beta > 0:
         assert np.ptp(result.lrs) > 0  # the schedule really moved
@@ -313,7 +313,7 @@ def test_online_estimate_equals_its_horizon_reference(name, opt, lr, method, bet
 def test_analyse_online_checks_problem_and_truncates_divergence():
     from hgtoolkit import online
     mlp = _PROBLEMS["mlp"]
-    result = online.run(mlp, "hd", lr=0.05, beta=1e-3, steps=10)
+    result = online.run(mlp, "hd", lr=0.05, hypergrad_lr=1e-3, steps=10)
     with pytest.raises(ValueError, match="beale"):
         analysis.analyse_online(result, _PROBLEMS["beale"])
     with pytest.raises(ValueError, match="replayed trajectory"):
@@ -324,7 +324,7 @@ def test_analyse_online_checks_problem_and_truncates_divergence():
     # a run that diverges: analysed up to its last finite estimate
     beale = _PROBLEMS["beale"]
     with pytest.warns(online.DivergenceWarning):
-        bad = online.run(beale, "rtho", lr=1e-3, beta=1e-3, steps=60)
+        bad = online.run(beale, "rtho", lr=1e-3, hypergrad_lr=1e-3, steps=60)
     assert bad.diverged
     rep = analysis.analyse_online(bad, beale)
     n = rep.info["steps_analysed"]
@@ -340,7 +340,7 @@ def test_analyse_command_writes_reports(tmp_path):
     parser = argparse.ArgumentParser()
     register_analyse(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["analyse", "--problem", "beale", "--method", "hd", "rtho",
-                              "--beta", "1e-6", "1e-8", "--steps", "20", "--out", str(tmp_path),
+                              "--hypergrad-lr", "1e-6", "1e-8", "--steps", "20", "--out", str(tmp_path),
                               "--no-progress"])
     assert args.func(args) == 0
     for tag in ("hd", "rtho"):
@@ -370,6 +370,6 @@ def test_replayed_trajectory_is_the_online_run_bit_for_bit_in_float32():
         p = problems.mnist_mlp(n_train=200, n_val=50, batch_size=20, hidden=(8,))
     assert p.dtype == torch.float32
     for method in ("hd", "rtho"):
-        r = online.run(p, method, lr=0.1, beta=1e-3, steps=90, keep_params=False)
+        r = online.run(p, method, lr=0.1, hypergrad_lr=1e-3, steps=90, keep_params=False)
         report = analysis.analyse_online(r, p, check_trajectory=True)
         np.testing.assert_array_equal(report.train_losses, r.train_losses)

@@ -101,7 +101,7 @@ def test_cli_problem_arg_dtype_word_is_understood(tmp_path, capsys):
 
 
 def test_cli_bad_input_in_a_subprocess():  # the real entry point: status 2 and one line
-    out = subprocess.run([sys.executable, "-m", "hgtoolkit", "online", "--method", "hd", "--beta", "1e-7",
+    out = subprocess.run([sys.executable, "-m", "hgtoolkit", "online", "--method", "hd", "--hypergrad-lr", "1e-7",
                           "--mu", "0.5"], capture_output=True, text=True, env={**os.environ})
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "--mu" in out.stderr
 

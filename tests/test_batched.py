@@ -20,7 +20,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-ARRAYS = ("lrs", "betas", "mus", "hypergrads", "train_losses", "eval_steps", "val_losses", "val_accuracy")
+ARRAYS = ("lrs", "hypergrad_lrs", "mus", "hypergrads", "train_losses", "eval_steps", "val_losses", "val_accuracy")
 
 
 def _data(n=96, dim=5, seed=0):
@@ -76,13 +76,13 @@ def test_problem_batch_loss_is_the_training_loss():
 
 def test_batched_runs_equal_separate_runs_float64():
     # seeds × β × methods (RTHO, MARTHE fixed μ, MARTHE adaptive μ and β, HD), both objectives
-    cells = [dict(method=m, lr=0.05, beta=b, steps=20, seed=s, **kw)
+    cells = [dict(method=m, lr=0.05, hypergrad_lr=b, steps=20, seed=s, **kw)
              for m, kw in (("rtho", {}), ("marthe", {"mu": 0.7}), ("hd", {}))
              for b in (1e-3, 3e-2) for s in (0, 1)]
-    cells += [dict(method="marthe", lr=0.05, beta="auto", kappa=1e-3, steps=20, seed=2, eval_every=3),
-              dict(method="marthe", lr=0.02, beta=1e-2, mu="auto", steps=20, seed=1),
-              dict(method="hd", lr=0.05, beta=1e-2, steps=20, seed=1, objective="train", lr_floor=None),
-              dict(method="hd", lr=0.05, beta=3e-2, steps=20, seed=3, objective="train", lr_floor=None)]
+    cells += [dict(method="marthe", lr=0.05, hypergrad_lr="auto", kappa=1e-3, steps=20, seed=2, eval_every=3),
+              dict(method="marthe", lr=0.02, hypergrad_lr=1e-2, mu="auto", steps=20, seed=1),
+              dict(method="hd", lr=0.05, hypergrad_lr=1e-2, steps=20, seed=1, objective="train", lr_floor=None),
+              dict(method="hd", lr=0.05, hypergrad_lr=3e-2, steps=20, seed=3, objective="train", lr_floor=None)]
     results = batch(cells)
     assert len(results) == len(cells)
     for cell, r in zip(cells, results):
@@ -93,9 +93,9 @@ def test_batched_runs_equal_separate_runs_float64():
 
 
 def test_a_diverging_run_is_recorded_alone_and_the_others_continue():
-    cells = [dict(method="rtho", lr=0.05, beta=b, steps=25, seed=s)
+    cells = [dict(method="rtho", lr=0.05, hypergrad_lr=b, steps=25, seed=s)
              for b, s in ((1e-3, 0), (1e4, 0), (1e-2, 1), (1e8, 1))]
-    cells.append(dict(method="rtho", lr=0.05, beta=1e-3, steps=25, seed=0, lr_max=0.0501))
+    cells.append(dict(method="rtho", lr=0.05, hypergrad_lr=1e-3, steps=25, seed=0, lr_max=0.0501))
     with pytest.warns(DivergenceWarning, match="online rtho run stopped"):
         results = batched.run_online_batch(factory, cells, batch=True)
     assert [r.diverged for r in results] == [False, True, False, True, True]
@@ -112,7 +112,7 @@ def test_a_diverging_run_is_recorded_alone_and_the_others_continue():
 
 def test_test_functions_are_batched_bit_for_bit():
     beale = problems.get("beale")
-    cells = [dict(method=m, lr=1e-3, beta=b, steps=60, **kw)
+    cells = [dict(method=m, lr=1e-3, hypergrad_lr=b, steps=60, **kw)
              for m, kw in (("hd", {}), ("rtho", {}), ("marthe", {"mu": "auto"}))
              for b in (1e-7, 1e-5, 1e-3)]
     with warnings.catch_warnings():
@@ -125,7 +125,7 @@ def test_test_functions_are_batched_bit_for_bit():
 
 
 def test_chunks_keep_params_and_cell_objects():
-    cells = [dict(method="marthe", lr=0.05, beta=1e-2, mu=0.5, steps=8, seed=s) for s in range(5)]
+    cells = [dict(method="marthe", lr=0.05, hypergrad_lr=1e-2, mu=0.5, steps=8, seed=s) for s in range(5)]
     whole = batch(cells)
     chunked = batch(cells, max_batch=2, keep_params=True)
     for a, b, cell in zip(whole, chunked, cells):
@@ -146,7 +146,7 @@ def test_chunks_keep_params_and_cell_objects():
 def test_problems_with_seed_dependent_data_run_one_by_one():
     # synthetic_classification draws its data from the seed: no shared validation set
     fac = lambda seed: problems.synthetic_classification(seed=seed, hidden=(4,))
-    cells = [dict(method="rtho", lr=0.05, beta=1e-3, steps=5, seed=s) for s in (0, 1)]
+    cells = [dict(method="rtho", lr=0.05, hypergrad_lr=1e-3, steps=5, seed=s) for s in (0, 1)]
     results = batched.run_online_batch(fac, cells, batch=True)
     for cell, r in zip(cells, results):
         ref = online.run(fac(cell["seed"]), **cell, keep_params=False)
@@ -154,10 +154,10 @@ def test_problems_with_seed_dependent_data_run_one_by_one():
 
 
 @pytest.mark.parametrize("cells, exc, match", [
-    ([{"method": "hd", "lr": 0.1, "steps": 3, "beta": 1e-3, "momentum": 0.9}], TypeError,
+    ([{"method": "hd", "lr": 0.1, "steps": 3, "hypergrad_lr": 1e-3, "momentum": 0.9}], TypeError,
      r"cells\[0\]: online.run\(\) got an unexpected keyword argument 'momentum'"),
-    ([{"method": "hd", "steps": 3, "beta": 1e-3}], TypeError, "missing required keyword argument 'lr'"),
-    ([{"method": "hd", "lr": 0.1, "steps": 3, "beta": -1.0}], ValueError, "beta must be ≥ 0"),
+    ([{"method": "hd", "steps": 3, "hypergrad_lr": 1e-3}], TypeError, "missing required keyword argument 'lr'"),
+    ([{"method": "hd", "lr": 0.1, "steps": 3, "hypergrad_lr": -1.0}], ValueError, "hypergrad_lr must be ≥ 0"),
     ([["not", "a", "cell"]], TypeError, r"cells\[0\] must be a mapping"),
     ({"method": "hd"}, TypeError, "cells must be a sequence"),
 ])
@@ -177,7 +177,7 @@ def test_bad_factory_and_max_batch():
 def test_on_the_cpu_a_model_batch_is_a_loop_of_single_runs_by_default():
     """batch=None picks the faster path: for a model on the CPU, online.run run by run (the same
     results as the vmapped batch, to rounding); row-wise problems stay batched natively."""
-    cells = [dict(method=m, lr=0.05, beta=1e-3, steps=6, seed=s) for m in ("hd", "rtho") for s in (0, 1)]
+    cells = [dict(method=m, lr=0.05, hypergrad_lr=1e-3, steps=6, seed=s) for m in ("hd", "rtho") for s in (0, 1)]
     auto, forced = batched.run_online_batch(factory, cells), batch(cells)
     for cell, a, b in zip(cells, auto, forced):
         assert_same_run(a, single(cell), atol=0.0)
@@ -191,7 +191,7 @@ def test_functions_side_by_side_in_one_batch_equal_single_runs():
     diverge at different steps included, and results come back in the cells' order."""
     fns = ("bukin_sharp", "beale", "bukin_smooth")
     probs = {fn: problems.get(fn) for fn in fns}
-    cells = [dict(problem=probs[fn], method=m, lr=1e-3, beta=b, steps=40, lr_max=0.1, **kw)
+    cells = [dict(problem=probs[fn], method=m, lr=1e-3, hypergrad_lr=b, steps=40, lr_max=0.1, **kw)
              for b in (1e-6, 1e-3) for fn in fns  # interleaved: the batch sorts its rows by function
              for m, kw in (("hd", {}), ("rtho", {}), ("marthe", {"mu": "auto"}))]
     with warnings.catch_warnings():

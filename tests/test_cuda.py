@@ -45,7 +45,7 @@ def test_exact_modes_on_cuda_match_cpu(opt):
 
 def test_online_on_cuda_matches_cpu():
     cpu, gpu, _ = _pair()
-    kw = dict(lr=0.1, beta=1e-3, steps=T, eval_every=T)
+    kw = dict(lr=0.1, hypergrad_lr=1e-3, steps=T, eval_every=T)
     a = online.run(cpu, "marthe", mu=0.5, **kw)
     b = online.run(gpu, "marthe", mu=0.5, **kw)
     np.testing.assert_allclose(np.asarray(b.lrs), np.asarray(a.lrs), rtol=1e-9, atol=1e-12)

@@ -57,7 +57,7 @@ def test_a_nan_validation_loss_is_reported_as_the_validation_loss():
         hgtoolkit.hypergradient(_problem(val_nan=True), torch.full((4,), 0.1, dtype=torch.float64))
     assert exc.value.quantity == "validation loss"
     with pytest.warns(DivergenceWarning, match="validation loss is not finite") as seen:
-        r = online.run(_problem(val_nan=True), "hd", lr=0.1, beta=1e-3, steps=5)
+        r = online.run(_problem(val_nan=True), "hd", lr=0.1, hypergrad_lr=1e-3, steps=5)
     assert "validation loss" in r.divergence and r.diverged_at == 0
     assert seen[0].message.divergence.quantity == "validation loss"
 
@@ -69,7 +69,7 @@ def test_every_runner_warns_with_the_record():
             fn()
         return [w.message for w in ws if isinstance(w.message, DivergenceWarning)]
 
-    for fn in (lambda: online.run(_problem(train_nan_at=3), "hd", lr=0.1, beta=1e-3, steps=10),
+    for fn in (lambda: online.run(_problem(train_nan_at=3), "hd", lr=0.1, hypergrad_lr=1e-3, steps=10),
                lambda: towers.run(_problem(train_nan_at=3), "sgd(lr=0.1) / sgd(lr=1e-3)", 10),
                lambda: baselines.run_peer(_problem(train_nan_at=3), "constant", 10, lr=0.1)):
         (w,) = caught(fn)
@@ -80,7 +80,7 @@ def test_every_runner_warns_with_the_record():
 def test_recorded_collects_divergence_and_passes_other_warnings_on():
     with pytest.warns(UserWarning, match="other"):
         with divergence.recorded() as seen:
-            r = online.run(_problem(train_nan_at=2), "hd", lr=0.1, beta=1e-3, steps=10)
+            r = online.run(_problem(train_nan_at=2), "hd", lr=0.1, hypergrad_lr=1e-3, steps=10)
             warnings.warn("other", UserWarning)
     assert [d.step for d in seen] == [r.diverged_at] == [2]
     assert seen[0].quantity == "training loss"

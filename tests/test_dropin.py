@@ -75,7 +75,7 @@ CASES = {
                 lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, nesterov=True), SGD_OPTS, False),
     "AdamHD": (lambda g: optim.AdamHD(g, lr=0.01, hypergrad_lr=0.0), ADAM_OPTS,
                lambda g: torch.optim.Adam(g, lr=0.01), ADAM_OPTS, False),
-    "MARTHE": (lambda g: optim.MARTHE(g, lr=0.1, beta=0.0, mu=0.5, objective="train"),
+    "MARTHE": (lambda g: optim.MARTHE(g, lr=0.1, hypergrad_lr=0.0, mu=0.5, objective="train"),
                ({"optimizer": dynamics.sgd(weight_decay=0.01).config()}, {"lr": 0.05}),
                lambda g: torch.optim.SGD(g, lr=0.1), ({"weight_decay": 0.01}, {"lr": 0.05}), True),
     "tower sgd": (lambda g: towers.parse("sgd(lr=0.1, momentum=0.9) / sgd(lr=0.0)").optimizer(g), TOWER_OPTS,
@@ -132,7 +132,7 @@ def test_sgd_based_drop_ins_are_torch_optim_sgd_bit_for_bit_in_float32(case):
 LEARNING = {
     "SGDHD": (lambda g: optim.SGDHD(g, lr=0.1, momentum=0.9, hypergrad_lr=1e-2), SGD_OPTS, False),
     "AdamHD": (lambda g: optim.AdamHD(g, lr=0.01, hypergrad_lr=1e-4), ADAM_OPTS, False),
-    "MARTHE": (lambda g: optim.MARTHE(g, lr=0.1, beta=1e-2, mu="auto", objective="train"),
+    "MARTHE": (lambda g: optim.MARTHE(g, lr=0.1, hypergrad_lr=1e-2, mu="auto", objective="train"),
                ({}, {"lr": 0.05}), True),
     "tower": (lambda g: towers.parse("sgd(lr=0.1, momentum=0.5) / adam(lr=1e-3)").optimizer(g),
               TOWER_OPTS, False),
@@ -211,7 +211,7 @@ def test_scheduler_contract_effective_lr_is_base_times_learnt_multiplier(case, s
 
 def test_marthe_with_frozen_parameters_and_unused_branch():
     net = Net()
-    opt = optim.MARTHE(net.parameters(), lr=0.1, beta=1e-2, mu="auto", objective="train")
+    opt = optim.MARTHE(net.parameters(), lr=0.1, hypergrad_lr=1e-2, mu="auto", objective="train")
     before = net.frozen.weight.detach().clone()
     _steps(net, opt, range(T), closure=True)
     assert torch.equal(net.frozen.weight, before)
@@ -322,7 +322,7 @@ def test_constant_hyper_options_changed_mid_run_take_effect():
         _zeroing_run(make, zero)
         assert lrs[1] != lrs[2] != lrs[3] and lrs[4] == lrs[5]  # β = 0 from step 3: η stays
     net = Net()
-    opt = optim.MARTHE(net.parameters(), lr=0.1, beta=1e-2, mu=0.5, objective="train")
+    opt = optim.MARTHE(net.parameters(), lr=0.1, hypergrad_lr=1e-2, mu=0.5, objective="train")
     _steps(net, opt, range(3), closure=True)
     opt.param_groups[0]["mu"] = 0.25
     _steps(net, opt, range(3, 5), closure=True)

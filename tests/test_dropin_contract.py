@@ -32,7 +32,7 @@ CLIPPED = {
               lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), False, 0.0),
     "AdamHD": (lambda ps: optim.AdamHD(ps, lr=0.01, hypergrad_lr=0.0),
                lambda ps: torch.optim.Adam(ps, lr=0.01), False, 1e-6),
-    "MARTHE": (lambda ps: optim.MARTHE(ps, lr=0.1, beta=0.0, mu=0.5, objective="train"),
+    "MARTHE": (lambda ps: optim.MARTHE(ps, lr=0.1, hypergrad_lr=0.0, mu=0.5, objective="train"),
                lambda ps: torch.optim.SGD(ps, lr=0.1), True, 0.0),
     "tower": (lambda ps: towers.parse("sgd(lr=0.1, momentum=0.9) / sgd(lr=0.0)").optimizer(ps),
               lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), False, 0.0),
@@ -68,7 +68,7 @@ def test_the_update_uses_the_clipped_gradient_in_p_grad(case):
 
 
 @pytest.mark.parametrize("make", [lambda ps: optim.SGDHD(ps, lr=0.1, hypergrad_lr=1e-2),
-                                  lambda ps: optim.MARTHE(ps, lr=0.1, beta=1e-2, mu=0.0, objective="train")],
+                                  lambda ps: optim.MARTHE(ps, lr=0.1, hypergrad_lr=1e-2, mu=0.0, objective="train")],
                          ids=["SGDHD", "MARTHE-mu0"])
 def test_the_hypergradient_uses_the_clipped_gradient(make):
     """HD's h_t = −g̃_t·g̃_{t−1} of the clipped gradients (the closure's are larger here)."""
@@ -90,7 +90,7 @@ def test_the_hypergradient_uses_the_clipped_gradient(make):
 
 def test_a_gradient_changed_behind_the_optimizer_raises():
     model = _mlp()
-    opt = optim.MARTHE(model.parameters(), lr=0.1, beta=1e-2, mu=0.5, objective="train")
+    opt = optim.MARTHE(model.parameters(), lr=0.1, hypergrad_lr=1e-2, mu=0.5, objective="train")
     x, y = _data(0)
     closure = lambda: F.cross_entropy(model(x), y)
     opt.step(closure)  # no backward: the closure's gradient, written into p.grad
@@ -146,7 +146,7 @@ def _bn_run(make, guarded):
 
 
 def _marthe(model, guarded):
-    return optim.MARTHE(model.parameters(), lr=0.1, beta=0.0, mu=0.5, objective="train",
+    return optim.MARTHE(model.parameters(), lr=0.1, hypergrad_lr=0.0, mu=0.5, objective="train",
                         module=model if guarded else None)
 
 
@@ -177,7 +177,7 @@ def test_batchnorm_and_dropout_see_the_extra_forward_neither_in_statistics_nor_m
 
 def test_val_closure_leaves_buffers_and_the_random_stream_alone():
     model = BNDropNet()
-    opt = optim.MARTHE(model.parameters(), lr=0.1, beta=1e-3, mu=0.5, module=model)
+    opt = optim.MARTHE(model.parameters(), lr=0.1, hypergrad_lr=1e-3, mu=0.5, module=model)
     xv, yv = _data(99)
     for t in range(3):
         x, y = _data(t)
@@ -194,7 +194,7 @@ def test_torch_compile_with_a_hessian_vector_product_is_refused_with_the_reason(
     model = _mlp()
     compiled = torch.compile(model, backend="aot_eager")
     x, y = _data(0)
-    opt = optim.MARTHE(model.parameters(), lr=0.1, beta=1e-2, mu=0.5, objective="train")
+    opt = optim.MARTHE(model.parameters(), lr=0.1, hypergrad_lr=1e-2, mu=0.5, objective="train")
     with pytest.raises(RuntimeError, match="torch.compile.*second backward.*_orig_mod"):
         opt.step(lambda: F.cross_entropy(compiled(x), y))
     hd = optim.SGDHD(model.parameters(), lr=0.1, hypergrad_lr=1e-2)  # first derivatives: fine
@@ -217,7 +217,7 @@ def test_a_closure_only_loop_may_zero_its_gradients_any_way():
     runs = []
     for zero in ZEROINGS.values():
         model = _mlp()
-        opt = optim.MARTHE(model.parameters(), lr=0.1, beta=1e-2, mu=0.5, objective="train")
+        opt = optim.MARTHE(model.parameters(), lr=0.1, hypergrad_lr=1e-2, mu=0.5, objective="train")
         for t in range(T):
             x, y = _data(t)
             zero(model, opt)

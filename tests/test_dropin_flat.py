@@ -50,7 +50,7 @@ OPTIMIZERS = {"sgd": "sgd", "nesterov": "nesterov", "adam": "adam"}
 @pytest.mark.parametrize("clip", [None, 0.1], ids=["closure's gradient", "user's clipped gradient"])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_flat_path_is_the_reference_bit_for_bit_for_the_same_lr(name, clip):
-    make = lambda ps: optim.MARTHE(ps, lr=0.05, beta=0.0, mu=0.5, objective="train", optimizer=name)
+    make = lambda ps: optim.MARTHE(ps, lr=0.05, hypergrad_lr=0.0, mu=0.5, objective="train", optimizer=name)
     n_ref, o_ref = _run(make, False, clip=clip)
     n_flat, o_flat = _run(make, True, clip=clip)
     assert o_flat._flat_groups and not o_ref.__dict__.get("_flat_groups")
@@ -66,7 +66,7 @@ def test_flat_path_is_the_reference_bit_for_bit_for_the_same_lr(name, clip):
 def test_flat_path_agrees_with_the_reference_to_1e12_when_the_lr_learns(case):
     val = "val" in case
     adam = "adam" in case
-    make = lambda ps: optim.MARTHE(ps, lr=0.01 if adam else 0.05, beta=1e-4 if adam else 1e-2, mu="auto",
+    make = lambda ps: optim.MARTHE(ps, lr=0.01 if adam else 0.05, hypergrad_lr=1e-4 if adam else 1e-2, mu="auto",
                                    objective="val" if val else "train", optimizer="adam" if adam else "sgd")
     n_ref, o_ref = _run(make, False, val=val)
     n_flat, o_flat = _run(make, True, val=val)
@@ -79,7 +79,7 @@ def test_flat_path_agrees_with_the_reference_to_1e12_when_the_lr_learns(case):
 
 
 def test_state_dict_round_trip_through_the_flat_buffers():
-    make = lambda ps: optim.MARTHE(ps, lr=0.05, beta=1e-2, mu="auto", objective="train", optimizer="nesterov")
+    make = lambda ps: optim.MARTHE(ps, lr=0.05, hypergrad_lr=1e-2, mu="auto", objective="train", optimizer="nesterov")
     net, opt = _run(make, True)
     buf = io.BytesIO()
     torch.save({"net": net.state_dict(), "opt": opt.state_dict()}, buf)
@@ -97,7 +97,7 @@ def test_state_dict_round_trip_through_the_flat_buffers():
 
 
 def test_the_fast_path_is_picked_where_it_pays():
-    make = lambda ps: optim.MARTHE(ps, lr=0.05, beta=1e-3, mu=0.5, objective="train")
+    make = lambda ps: optim.MARTHE(ps, lr=0.05, hypergrad_lr=1e-3, mu=0.5, objective="train")
     _, many = _run(make, None, range(2), net=_net(layers=10))  # 22 tensors
     _, few = _run(make, None, range(2), net=_net(layers=2))  # 6 tensors
     assert many.__dict__.get("_flat_groups") and not few.__dict__.get("_flat_groups")

@@ -17,7 +17,7 @@ from hgtoolkit import divergence, exact, online, plotting, problems  # noqa: E40
 from hgtoolkit.experiments.common import replay_iterates  # noqa: E402
 from hgtoolkit.explore import RUNS, Explorer  # noqa: E402
 
-GRIDS = {"lr": (1e-3, 3e-3), "beta": (1e-7, 1e-6), "mu": (0.9, "auto"), "kappa": (1e-7, 1e-6),
+GRIDS = {"lr": (1e-3, 3e-3), "hypergrad_lr": (1e-7, 1e-6), "mu": (0.9, "auto"), "kappa": (1e-7, 1e-6),
          "steps": (30, 60)}
 
 
@@ -49,14 +49,14 @@ def _check_figure(e: Explorer) -> None:
 
 
 def test_every_slider_redraws_with_the_numbers_of_online_run():
-    e = hgtoolkit.explore("beale", lr=1e-3, beta=1e-7, mu=0.9, kappa=1e-7, method="marthe", steps=30,
+    e = hgtoolkit.explore("beale", lr=1e-3, hypergrad_lr=1e-7, mu=0.9, kappa=1e-7, method="marthe", steps=30,
                           grids=GRIDS, widgets=True)
-    assert set(e.widgets) == {"lr", "beta", "mu", "kappa", "method", "steps"}
+    assert set(e.widgets) == {"lr", "hypergrad_lr", "mu", "kappa", "method", "steps"}
     n_cached = len(e._runs)
     assert n_cached == 2 * (2 * 3 + 2 + 2 * 2)  # lr × (β × (HD, RTHO, MARTHE μ=0.9), β × μ=auto, κ × μ)
     _check_figure(e)
     png = e._image.value
-    moves = [("beta", 1e-6), ("mu", "auto"), ("kappa", 1e-6), ("method", "adaptive_beta"),
+    moves = [("hypergrad_lr", 1e-6), ("mu", "auto"), ("kappa", 1e-6), ("method", "adaptive_beta"),
              ("lr", 3e-3), ("steps", 60), ("method", "hd"), ("method", "rtho")]
     for name, value in moves:
         e.widgets[name].value = value  # the slider's callback
@@ -70,13 +70,13 @@ def test_every_slider_redraws_with_the_numbers_of_online_run():
 def test_update_validates_and_computes_off_grid_settings():
     e = Explorer("bukin_smooth", steps=30, grids=GRIDS, precompute=False, widgets=False)
     before = dict(e.settings)
-    for bad, exc in [({"beta": -1.0}, ValueError), ({"lr": 0.0}, ValueError), ({"mu": 2.0}, ValueError),
+    for bad, exc in [({"hypergrad_lr": -1.0}, ValueError), ({"lr": 0.0}, ValueError), ({"mu": 2.0}, ValueError),
                      ({"steps": 61}, ValueError), ({"method": "adam"}, ValueError),
                      ({"eta": 1.0}, TypeError), ({"kappa": "x"}, TypeError)]:
         with pytest.raises(exc):
             e.update(**bad)
         assert e.settings == before
-    e.update(beta=3.3e-7, steps=45)  # off the grid: computed on demand
+    e.update(hypergrad_lr=3.3e-7, steps=45)  # off the grid: computed on demand
     _check_figure(e)
     assert e.reference() is None and e.exact() is None  # MARTHE diverges there: no reference
     e.update(method="adaptive_beta")

@@ -140,7 +140,7 @@ def test_bad_inputs_name_the_argument():
 
 def test_horizon_ladder_finds_the_horizon_of_each_online_rule():
     p = problems.synthetic_classification()
-    hd = online.run(p, "hd", lr=0.5, steps=20, beta=1e-3)
+    hd = online.run(p, "hd", lr=0.5, steps=20, hypergrad_lr=1e-3)
     lad = analysis.horizon_ladder_online(hd, p, Ks=(1, 5, None))
     assert lad["best"] == 1 and lad["rows"][1]["cosine"] == pytest.approx(1.0, abs=1e-12)
     assert lad["rows"][1]["median_rel_err"] < 1e-10 and lad["Ks"] == [1, 5, 20]

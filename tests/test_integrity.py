@@ -20,7 +20,7 @@ ETA = lambda T: torch.full((T,), 1e-3, dtype=torch.float64)  # noqa: E731
 
 RESULTS = {
     "HypergradResult": lambda: hgtoolkit.hypergradient(BEALE, ETA(6)),
-    "OnlineResult": lambda: online.run(BEALE, "marthe", lr=1e-3, beta=1e-7, steps=6),
+    "OnlineResult": lambda: online.run(BEALE, "marthe", lr=1e-3, hypergrad_lr=1e-7, steps=6),
     "ScheduleResult": lambda: hgtoolkit.optimize_schedule(BEALE, ETA(5), 2, 1e-4),
     "TowerResult": lambda: towers.run(BEALE, "sgd(lr=1e-4) / sgd(lr=1e-9)", 5),
     "PeerResult": lambda: baselines.run_peer(BEALE, "constant", 5, lr=1e-3),
@@ -28,7 +28,7 @@ RESULTS = {
                                  hdm.HDMConfig(L=2.0), max_iter=3),
     "DataRecord": lambda: records.DataRecord({"function": "beale", "steps": 3}, {"lrs": np.ones((2, 3))}),
     "ApproximationReport": lambda: analysis.analyse_online(
-        online.run(BEALE, "hd", lr=1e-3, beta=1e-7, steps=5, keep_params=False), BEALE),
+        online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-7, steps=5, keep_params=False), BEALE),
 }
 
 
@@ -64,7 +64,7 @@ def test_every_result_round_trips_through_hgtoolkit_save_and_load(name, tmp_path
 
 @pytest.mark.parametrize("part", ["json", "npz", "params.pt"])
 def test_a_record_with_one_byte_changed_is_refused(part, tmp_path):
-    r = online.run(BEALE, "marthe", lr=1e-3, beta=1e-7, steps=6)
+    r = online.run(BEALE, "marthe", lr=1e-3, hypergrad_lr=1e-7, steps=6)
     path = hgtoolkit.save(r, tmp_path / "run")
     target = tmp_path / f"run.{part}"
     _flip_digit(target) if part == "json" else _flip_byte(target)
@@ -74,7 +74,7 @@ def test_a_record_with_one_byte_changed_is_refused(part, tmp_path):
 
 def test_a_sweep_cell_with_one_byte_changed_is_refused(tmp_path):
     g = sweep.Grid("o", {"name": "beale"}, "online", axes={"method": ["hd"]},
-                   fixed={"lr": 1e-3, "steps": 5, "beta": 1e-7})
+                   fixed={"lr": 1e-3, "steps": 5, "hypergrad_lr": 1e-7})
     sweep.run([g], tmp_path, progress=False)
     (cell,) = g.cells()
     store = sweep.Store(tmp_path)

@@ -52,7 +52,7 @@ def test_tiny_run_writes_records_figures_and_summary(tiny):
     assert sorted(summary["cells"]["computed"]) == sorted(p.stem for p in (root / "data" / "sweep" / "cells").glob("*.json"))
     # batched: one vmapped call per (method, seed) over its β values (the event log says so)
     batched = [e["batched"] for e in mnist_events(root) if e["event"] == "start" and "batched" in e]
-    assert batched == [len(config.betas)] * (len(config.betas) * config.n_seeds * sum(s["grid"] == "beta" for s in specs))
+    assert batched == [len(config.hypergrad_lrs)] * (len(config.hypergrad_lrs) * config.n_seeds * sum(s["grid"] == "hypergrad_lr" for s in specs))
     md = (root / "summary.md").read_text()
     assert "LRS-OPT" in md and "Approximation error" in md and "peer: fixed η=0.1" in md
     if summary["dataset"]["is_fallback"]:
@@ -66,7 +66,7 @@ def test_tiny_run_writes_records_figures_and_summary(tiny):
             assert p["accuracy"]["n"] + p["accuracy"]["n_failed"] == config.n_seeds
             assert p["accuracy"]["mean"] is None or 0.0 <= p["accuracy"]["mean"] <= 1.0
     arr = rec["online"]["HD"][0][1]
-    assert arr["lrs"].shape == (len(config.betas), config.steps)
+    assert arr["lrs"].shape == (len(config.hypergrad_lrs), config.steps)
     assert np.array_equal(arr["eval_steps"], np.arange(0, config.steps + 1, config.eval_every))
 
     # LRS-OPT ran, improved its objective on the resampled minibatches, and was replayed
@@ -160,7 +160,7 @@ def _without_timing(x):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("betas", (1e-2, -1.0), "betas must be positive"),
+    ("hypergrad_lrs", (1e-2, -1.0), "hypergrad_lrs must be positive"),
     ("lrsopt_seeds", 5, "lrsopt_seeds must be in"),
     ("lrsopt_optimizer", "newton", "lrsopt_optimizer must be one of"),
     ("peers", (("cosine", 0.1),), "peers entries"),

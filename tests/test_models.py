@@ -239,12 +239,12 @@ def test_online_methods_and_towers_carry_the_buffers(bn_dropout):
     lrs = torch.full((8,), 0.2, dtype=F64)
     ref = trajectory.train(problem, lrs, "momentum")
     for method in ("hd", "rtho", "marthe"):
-        r = online.run(problem, method, "momentum", steps=8, lr=0.2, beta=0.0)
+        r = online.run(problem, method, "momentum", steps=8, lr=0.2, hypergrad_lr=0.0)
         assert r.final_val_loss == float(ref.value), method
         assert np.array_equal(r.train_losses, ref.train_losses.numpy()), method
-        learnt = online.run(problem, method, "momentum", steps=8, lr=0.2, beta=1e-3)
+        learnt = online.run(problem, method, "momentum", steps=8, lr=0.2, hypergrad_lr=1e-3)
         assert np.isfinite(learnt.final_val_loss) and not np.all(learnt.lrs == 0.2)
-    cells = [{"method": "marthe", "lr": 0.2, "beta": 0.0, "steps": 8, "optimizer": "momentum"}]
+    cells = [{"method": "marthe", "lr": 0.2, "hypergrad_lr": 0.0, "steps": 8, "optimizer": "momentum"}]
     (b,) = batched.run_online_batch(problem.resample, cells)  # seed 0: run one by one
     assert b.final_val_loss == online.run(problem.resample(0), **cells[0]).final_val_loss
     sgd = trajectory.train(problem, lrs)
@@ -269,7 +269,7 @@ def test_rtho_is_the_exact_derivative_through_the_running_statistics(bn_dropout,
     model, _, problem, train_data, val_data = bn_dropout
     lr, T = 0.2, 8
     for method, extra in (("rtho", {}), ("marthe", {"mu": 1.0})):
-        r = online.run(problem, method, optimizer, lr=lr, beta=0.0, steps=T, **extra)
+        r = online.run(problem, method, optimizer, lr=lr, hypergrad_lr=0.0, steps=T, **extra)
         for t in (1, 2, 5, T):
             _, dd = exact.directional_derivative(problem, torch.full((t,), lr, dtype=F64),
                                                  torch.ones(t, dtype=F64), optimizer)
@@ -278,7 +278,7 @@ def test_rtho_is_the_exact_derivative_through_the_running_statistics(bn_dropout,
     assert abs(r.hypergrads[-1] - float(full.grad.sum())) <= 1e-10 * float(full.grad.abs().sum())
     detached = problems.from_module(model, CE, train_data, val_data, batch_size=8, seed=3,
                                     differentiate_buffers=False)
-    d = online.run(detached, "rtho", optimizer, lr=lr, beta=0.0, steps=T)
+    d = online.run(detached, "rtho", optimizer, lr=lr, hypergrad_lr=0.0, steps=T)
     ref = exact.hypergradient(detached, torch.full((T,), lr, dtype=F64), optimizer).grad.sum()
     assert abs(d.hypergrads[-1] - float(ref)) <= 1e-10 * abs(float(ref))
     assert abs(d.hypergrads[-1] - r.hypergrads[-1]) > 1e-3 * abs(r.hypergrads[-1])
@@ -286,7 +286,7 @@ def test_rtho_is_the_exact_derivative_through_the_running_statistics(bn_dropout,
 
 def test_marthe_mu0_is_hd_and_mu1_is_rtho_on_a_stateful_problem(bn_dropout):
     _, _, problem, _, _ = bn_dropout
-    kw = dict(optimizer="momentum", lr=0.2, beta=1e-2, steps=8)
+    kw = dict(optimizer="momentum", lr=0.2, hypergrad_lr=1e-2, steps=8)
     hd, rtho = online.run(problem, "hd", **kw), online.run(problem, "rtho", **kw)
     assert not np.allclose(hd.hypergrads, rtho.hypergrads)
     _same_online(online.run(problem, "marthe", mu=0.0, **kw), hd)
@@ -303,7 +303,7 @@ def test_analysis_of_online_estimates_on_a_stateful_problem(bn_dropout):
     d⁽ᶜ⁾_{T−1} = Σ g)."""
     from hgtoolkit import analysis
     _, _, problem, _, _ = bn_dropout
-    kw = dict(optimizer="momentum", lr=0.2, beta=1e-2, steps=8)
+    kw = dict(optimizer="momentum", lr=0.2, hypergrad_lr=1e-2, steps=8)
     rtho = online.run(problem, "rtho", **kw)
     rep = analysis.analyse_online(rtho, problem)
     assert rel(torch.as_tensor(rep.estimates), torch.as_tensor(rep.constant_lr)) < 1e-10

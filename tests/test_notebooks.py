@@ -60,8 +60,8 @@ CHECKS = {
         "printed": ["best K ="],
     },
     "06_explore": {
-        "true": ["ex.settings['method'] == 'rtho' and ex.settings['beta'] == 1e-6",
-                 "ex.widgets is not None and ex.widgets['beta'].value == 1e-6",
+        "true": ["ex.settings['method'] == 'rtho' and ex.settings['hypergrad_lr'] == 1e-6",
+                 "ex.widgets is not None and ex.widgets['hypergrad_lr'].value == 1e-6",
                  "bk.settings['method'] == 'hd'"],
         "printed": ["move:"],
     },

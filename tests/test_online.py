@@ -72,7 +72,7 @@ def test_hd_with_weight_decay_uses_the_regularised_gradient_as_baydin(opt):
     alphas, _, theta = peers.baydin_hd(MLP, opt, MLP_LR[opt], beta, T, wd=wd)
     dyn = {"sgd": dynamics.sgd(weight_decay=wd), "nesterov": dynamics.nesterov(0.9, weight_decay=wd),
            "adam": dynamics.adam(weight_decay=wd)}[opt]
-    kw = dict(lr=MLP_LR[opt], beta=beta, steps=T, objective="train", lr_floor=None)
+    kw = dict(lr=MLP_LR[opt], hypergrad_lr=beta, steps=T, objective="train", lr_floor=None)
     r = online.run(MLP, "hd", dyn, **kw)
     assert np.allclose(r.lrs, alphas, rtol=1e-12, atol=0)
     for k in theta:
@@ -92,10 +92,10 @@ def test_train_mode_evaluates_one_gradient_per_step():
 
     p = problems.Problem(MLP.params0, counted(MLP.train_loss, "train"), counted(MLP.val_loss, "val"))
     T = 10
-    online.run(p, "hd", lr=0.1, beta=1e-3, steps=T, objective="train", eval_every=T)
+    online.run(p, "hd", lr=0.1, hypergrad_lr=1e-3, steps=T, objective="train", eval_every=T)
     assert calls["train"] == T + 1  # one per step + the final h_T of the record
     calls.update(train=0, val=0)
-    online.run(p, "rtho", lr=0.1, beta=1e-3, steps=T, objective="val", eval_every=T)
+    online.run(p, "rtho", lr=0.1, hypergrad_lr=1e-3, steps=T, objective="val", eval_every=T)
     assert calls["train"] == T and calls["val"] == T + 1  # ∇E(w_1) … ∇E(w_T), E(w_0)
 
 
@@ -103,7 +103,7 @@ def test_train_mode_evaluates_one_gradient_per_step():
 
 @pytest.mark.parametrize("opt", list(OPTIMIZERS))
 def test_marthe_mu0_is_hd_and_mu1_is_rtho(opt):
-    kw = dict(optimizer=OPTIMIZERS[opt], lr=MLP_LR[opt], beta=1e-3, steps=6)
+    kw = dict(optimizer=OPTIMIZERS[opt], lr=MLP_LR[opt], hypergrad_lr=1e-3, steps=6)
     hd, rtho = online.run(MLP, "hd", **kw), online.run(MLP, "rtho", **kw)
     assert not np.allclose(hd.hypergrads, rtho.hypergrads)  # the comparison can fail
     _same_run(online.run(MLP, "marthe", mu=0.0, **kw), hd)
@@ -122,7 +122,7 @@ def test_rtho_hypergradient_is_the_exact_constant_lr_derivative(name, opt):
     problem, lr = (BEALE, BEALE_LR[opt]) if name == "beale" else (MLP, MLP_LR[opt])
     T = 10
     for method, extra in (("rtho", {}), ("marthe", {"mu": 1.0})):
-        r = online.run(problem, method, OPTIMIZERS[opt], lr=lr, beta=0.0, steps=T, **extra)
+        r = online.run(problem, method, OPTIMIZERS[opt], lr=lr, hypergrad_lr=0.0, steps=T, **extra)
         assert np.all(r.lrs == lr)
         for t in (1, 5, T):
             _, exact = directional_derivative(problem, torch.full((t,), lr, dtype=torch.float64),
@@ -131,7 +131,7 @@ def test_rtho_hypergradient_is_the_exact_constant_lr_derivative(name, opt):
 
 
 def test_val_and_train_objectives_agree_when_train_is_val():
-    kw = dict(lr=1e-3, beta=1e-6, steps=30, eval_every=1)
+    kw = dict(lr=1e-3, hypergrad_lr=1e-6, steps=30, eval_every=1)
     _same_run(online.run(BEALE, "rtho", objective="val", **kw),
               online.run(BEALE, "rtho", objective="train", **kw), tol=1e-13)
 
@@ -145,13 +145,13 @@ def test_beale_rtho_beats_hd_where_neither_diverges():
     for beta in (1e-8, 1e-6):
         best = {}
         for method in ("hd", "rtho"):
-            r = online.run(BEALE, method, lr=1e-3, beta=beta, steps=500, objective="train",
+            r = online.run(BEALE, method, lr=1e-3, hypergrad_lr=beta, steps=500, objective="train",
                            eval_every=1, keep_params=False)
             assert r.diverged_at is None
             best[method] = r.best_val_loss
         assert best["rtho"] < 0.5 * best["hd"], (beta, best)
     with pytest.warns(DivergenceWarning):
-        assert online.run(BEALE, "rtho", lr=1e-3, beta=1e-5, steps=500).diverged_at is not None
+        assert online.run(BEALE, "rtho", lr=1e-3, hypergrad_lr=1e-5, steps=500).diverged_at is not None
 
 
 def _sharp_bukin(eps=1e-4):
@@ -174,7 +174,7 @@ def test_sharp_bukin_hd_beats_rtho_and_rtho_lr_collapses():
     gap is 0.03–0.15 against RTHO's 4.1–5.1. (Not at every β: at β = 1e-6 and 1e-5 RTHO
     ends closer, gap 1.2 and 0.1 against HD's 2.9 and 2.3; from 1e-4 on HD is ahead again.)"""
     p = _sharp_bukin()
-    kw = dict(lr=1e-3, beta=1e-8, steps=500, objective="train", eval_every=1, keep_params=False)
+    kw = dict(lr=1e-3, hypergrad_lr=1e-8, steps=500, objective="train", eval_every=1, keep_params=False)
     hd, rtho = online.run(p, "hd", **kw), online.run(p, "rtho", **kw)
     assert hd.diverged_at is None and rtho.diverged_at is None
     floor = 100 * 1e-4 ** 0.25  # f at the minimiser (-10, 1) is 10 + 1e-4
@@ -214,12 +214,12 @@ def test_beta_rules():
 
 
 def test_marthe_adaptive_run_records_its_mu_and_beta():
-    r = online.run(MLP, "marthe", lr=0.05, beta="auto", beta0=1e-3, kappa=1e-3, mu="auto", steps=20)
-    assert r.config["mu"] == "auto" and r.config["beta"] == "auto" and r.config["kappa"] == 1e-3
+    r = online.run(MLP, "marthe", lr=0.05, hypergrad_lr="auto", hypergrad_lr_init=1e-3, kappa=1e-3, mu="auto", steps=20)
+    assert r.config["mu"] == "auto" and r.config["hypergrad_lr"] == "auto" and r.config["kappa"] == 1e-3
     assert r.mus[0] == 0.0 and np.all((r.mus >= 0) & (r.mus <= 1)) and np.ptp(r.mus) > 0
-    assert r.betas[0] == 1e-3 and np.all(r.betas >= 0) and np.ptp(r.betas) > 0
+    assert r.hypergrad_lrs[0] == 1e-3 and np.all(r.hypergrad_lrs >= 0) and np.ptp(r.hypergrad_lrs) > 0
     # η_{t+1} = max(η_t − β_t h_{t+1}, 0)
-    expected = np.maximum(r.lrs[:-1] - r.betas[:-1] * r.hypergrads[:-1], 0)
+    expected = np.maximum(r.lrs[:-1] - r.hypergrad_lrs[:-1] * r.hypergrads[:-1], 0)
     assert np.allclose(r.lrs[1:], expected, rtol=1e-14, atol=0)
 
 
@@ -227,36 +227,36 @@ def test_marthe_adaptive_run_records_its_mu_and_beta():
 
 def test_divergence_is_detected_recorded_and_warned():
     with pytest.warns(DivergenceWarning, match="diverged_at"):
-        r = online.run(BEALE, "hd", lr=1e-3, beta=1e-3, steps=500)
+        r = online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-3, steps=500)
     assert r.diverged and 0 < r.diverged_at < 20
     assert r.steps_run == r.diverged_at == len(r.hypergrads) == len(r.train_losses)
     assert np.all(np.isfinite(r.lrs)) and r.final_params is None and "step" in r.divergence
     with pytest.raises(DivergenceError) as exc:
-        online.run(BEALE, "hd", lr=1e-3, beta=1e-3, steps=500, raise_on_divergence=True)
+        online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-3, steps=500, raise_on_divergence=True)
     assert exc.value.step == r.diverged_at
 
 
 def test_exploding_lr_counts_as_divergence():
     with pytest.warns(DivergenceWarning, match="lr_max"):
-        r = online.run(BEALE, "hd", lr=1e-3, beta=1e-6, steps=200, lr_max=2e-3)
+        r = online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-6, steps=200, lr_max=2e-3)
     assert r.diverged and np.all(r.lrs <= 2e-3)
-    assert r.lrs[-1] - r.betas[-1] * r.hypergrads[-1] > 2e-3  # the recorded h pushed η over
+    assert r.lrs[-1] - r.hypergrad_lrs[-1] * r.hypergrads[-1] > 2e-3  # the recorded h pushed η over
 
 
-def test_find_beta_divides_until_the_run_does_not_diverge():
+def test_find_hypergrad_lr_divides_until_the_run_does_not_diverge():
     with warnings.catch_warnings():
-        warnings.simplefilter("error", DivergenceWarning)  # find_beta must not leak warnings
-        r = online.find_beta(BEALE, start=1e-2, method="rtho", lr=1e-3, steps=100)
-    tried = r.config["beta_search"]
-    assert [t["beta"] for t in tried] == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5, 1e-6][:len(tried)])
+        warnings.simplefilter("error", DivergenceWarning)  # find_hypergrad_lr must not leak warnings
+        r = online.find_hypergrad_lr(BEALE, start=1e-2, method="rtho", lr=1e-3, steps=100)
+    tried = r.config["hypergrad_lr_search"]
+    assert [t["hypergrad_lr"] for t in tried] == pytest.approx([1e-2, 1e-3, 1e-4, 1e-5, 1e-6][:len(tried)])
     assert all(t["diverged_at"] is not None for t in tried[:-1]) and tried[-1]["diverged_at"] is None
-    assert len(tried) >= 2 and not r.diverged and r.config["beta"] == tried[-1]["beta"]
-    # with beta="auto" it searches κ
-    r = online.find_beta(BEALE, start=1e-6, lr=1e-3, steps=50)
-    assert "kappa" in r.config["beta_search"][0] and r.config["kappa"] == r.config["beta_search"][-1]["kappa"]
-    with pytest.raises(DivergenceError, match="find_beta: all 2 values of beta .* diverged; the last: training"):
-        online.find_beta(BEALE, start=1.0, max_tries=2, method="hd", lr=1e-3, steps=100)
-    with pytest.raises(AttributeError, match="moved to hgtoolkit.online.find_beta"):
+    assert len(tried) >= 2 and not r.diverged and r.config["hypergrad_lr"] == tried[-1]["hypergrad_lr"]
+    # with hypergrad_lr="auto" it searches κ
+    r = online.find_hypergrad_lr(BEALE, start=1e-6, lr=1e-3, steps=50)
+    assert "kappa" in r.config["hypergrad_lr_search"][0] and r.config["kappa"] == r.config["hypergrad_lr_search"][-1]["kappa"]
+    with pytest.raises(DivergenceError, match="find_hypergrad_lr: all 2 values of hypergrad_lr .* diverged; the last: training"):
+        online.find_hypergrad_lr(BEALE, start=1.0, max_tries=2, method="hd", lr=1e-3, steps=100)
+    with pytest.raises(AttributeError, match="moved to hgtoolkit.online.find_hypergrad_lr"):
         marthe.find_beta(BEALE, start=1.0)
 
 
@@ -264,15 +264,15 @@ def test_find_beta_divides_until_the_run_does_not_diverge():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(method="adam-hd"), "method"),
-    (dict(beta=-1e-3), "beta"),
+    (dict(hypergrad_lr=-1e-3), "hypergrad_lr"),
     (dict(method="marthe", mu=1.5), "mu"),
     (dict(method="marthe", mu=-0.1), "mu"),
     (dict(method="marthe", mu="often"), "mu"),
     (dict(method="hd", mu=0.5), "mu"),
-    (dict(method="hd", beta=None), "beta"),
-    (dict(method="hd", beta="auto"), "beta"),
-    (dict(method="marthe", beta="auto", kappa=-1.0), "kappa"),
-    (dict(method="marthe", beta="auto", beta_rule="hx"), "beta_rule"),
+    (dict(method="hd", hypergrad_lr=None), "hypergrad_lr"),
+    (dict(method="hd", hypergrad_lr="auto"), "hypergrad_lr"),
+    (dict(method="marthe", hypergrad_lr="auto", kappa=-1.0), "kappa"),
+    (dict(method="marthe", hypergrad_lr="auto", hypergrad_lr_rule="hx"), "hypergrad_lr_rule"),
     (dict(objective="test"), "objective"),
     (dict(lr=-0.1), "lr"),
     (dict(lr=float("nan")), "lr"),
@@ -282,7 +282,7 @@ def test_find_beta_divides_until_the_run_does_not_diverge():
     (dict(optimizer="lion"), "optimizer"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
-    args = dict(method="rtho", lr=1e-3, beta=1e-3, steps=5)
+    args = dict(method="rtho", lr=1e-3, hypergrad_lr=1e-3, steps=5)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         online.run(BEALE, **args)
@@ -291,8 +291,8 @@ def test_bad_arguments_raise_value_error_naming_them(kwargs, match):
 # ----------------------------------------------------------------------------- the record
 
 def test_record_fields_and_save_load_round_trip(tmp_path):
-    r = online.run(MLP, "marthe", lr=0.05, beta=1e-3, mu="auto", steps=9, eval_every=4, seed=3)
-    assert r.lrs.shape == r.betas.shape == r.mus.shape == r.hypergrads.shape == (9,)
+    r = online.run(MLP, "marthe", lr=0.05, hypergrad_lr=1e-3, mu="auto", steps=9, eval_every=4, seed=3)
+    assert r.lrs.shape == r.hypergrad_lrs.shape == r.mus.shape == r.hypergrads.shape == (9,)
     assert r.train_losses.shape == r.step_times.shape == (9,) and np.all(np.diff(r.step_times) >= 0)
     assert list(r.eval_steps) == [0, 4, 8, 9] and r.val_accuracy.shape == (4,)
     assert r.final_val_loss == r.val_losses[-1] and r.best_val_loss == r.val_losses.min()
@@ -302,53 +302,53 @@ def test_record_fields_and_save_load_round_trip(tmp_path):
     assert path.exists() and (tmp_path / "run.npz").exists()
     back = OnlineResult.load(tmp_path / "run")
     assert back.config == r.config and back.diverged_at is None and back.final_lr == r.final_lr
-    for key in ("lrs", "betas", "mus", "hypergrads", "train_losses", "eval_steps", "val_losses",
+    for key in ("lrs", "hypergrad_lrs", "mus", "hypergrads", "train_losses", "eval_steps", "val_losses",
                 "val_accuracy", "step_times"):
         assert np.array_equal(getattr(back, key), getattr(r, key)), key
     for k in r.final_params:
         assert torch.equal(back.final_params[k], r.final_params[k])
     # a diverged run (no params, NaN final LR) round-trips too
     with pytest.warns(DivergenceWarning):
-        d = online.run(BEALE, "hd", lr=1e-3, beta=1e-3, steps=50)
+        d = online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-3, steps=50)
     back = OnlineResult.load(d.save(tmp_path / "div"))
     assert back.diverged_at == d.diverged_at and back.final_params is None and math.isnan(back.final_lr)
     assert back.val_accuracy is None and back.divergence == d.divergence
 
 
 def test_seed_resamples_the_minibatch_order():
-    kw = dict(lr=0.1, beta=1e-3, steps=6)
+    kw = dict(lr=0.1, hypergrad_lr=1e-3, steps=6)
     a, b = online.run(MLP, "hd", seed=1, **kw), online.run(MLP, "hd", seed=1, **kw)
     c = online.run(MLP, "hd", seed=2, **kw)
     assert np.array_equal(a.train_losses, b.train_losses)
     assert not np.array_equal(a.train_losses, c.train_losses)
-    assert np.array_equal(online.run(BEALE, "hd", seed=5, lr=1e-3, beta=1e-6, steps=5).lrs,
-                          online.run(BEALE, "hd", lr=1e-3, beta=1e-6, steps=5).lrs)
+    assert np.array_equal(online.run(BEALE, "hd", seed=5, lr=1e-3, hypergrad_lr=1e-6, steps=5).lrs,
+                          online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-6, steps=5).lrs)
 
 
 def test_float32_problem_runs_in_float32():
     p = problems.synthetic_classification(dtype=torch.float32)
-    r = online.run(p, "marthe", "adam", lr=0.01, beta=1e-4, steps=5)
+    r = online.run(p, "marthe", "adam", lr=0.01, hypergrad_lr=1e-4, steps=5)
     assert not r.diverged and r.final_params["0.weight"].dtype == torch.float32
 
 
 def test_cli_online_writes_record_and_figure(tmp_path, capsys):
     from hgtoolkit.cli import main
-    rc = main(["online", "--problem", "beale", "--method", "marthe", "--beta", "1e-7", "--mu", "auto",
+    rc = main(["online", "--problem", "beale", "--method", "marthe", "--hypergrad-lr", "1e-7", "--mu", "auto",
                "--steps", "20", "--out", str(tmp_path), "--no-progress"])
     assert rc == 0
     r = OnlineResult.load(tmp_path / "online_beale_marthe.json")
-    assert r.steps_run == 20 and r.config["mu"] == "auto" and r.config["beta"] == 1e-7
+    assert r.steps_run == 20 and r.config["mu"] == "auto" and r.config["hypergrad_lr"] == 1e-7
     assert (tmp_path / "online_beale_marthe.png").stat().st_size > 0
     # divergence: the record is written and the exit status says so
-    rc = main(["online", "--problem", "beale", "--method", "hd", "--beta", "1e-3", "--steps", "50",
+    rc = main(["online", "--problem", "beale", "--method", "hd", "--hypergrad-lr", "1e-3", "--steps", "50",
                "--out", str(tmp_path), "--name", "div", "--no-progress"])
     assert rc == 1 and OnlineResult.load(tmp_path / "div").diverged
-    # --find-beta searches κ for MARTHE's adaptive β
-    rc = main(["online", "--problem", "beale", "--method", "marthe", "--beta", "auto", "--kappa", "1e-8",
-               "--find-beta", "--steps", "20", "--out", str(tmp_path), "--name", "fb", "--no-progress"])
-    assert rc == 0 and OnlineResult.load(tmp_path / "fb").config["beta_search"][0]["kappa"] == 1e-8
+    # --find-hypergrad-lr searches κ for MARTHE's adaptive β
+    rc = main(["online", "--problem", "beale", "--method", "marthe", "--hypergrad-lr", "auto", "--kappa", "1e-8",
+               "--find-hypergrad-lr", "--steps", "20", "--out", str(tmp_path), "--name", "fb", "--no-progress"])
+    assert rc == 0 and OnlineResult.load(tmp_path / "fb").config["hypergrad_lr_search"][0]["kappa"] == 1e-8
     assert main(["online", "--method", "hd", "--steps", "5", "--out", str(tmp_path)]) == 2  # β missing
-    assert "beta" in capsys.readouterr().err
+    assert "hypergrad_lr" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- no silent blow-ups
@@ -361,34 +361,34 @@ def _small_mnist():
 
 def test_loss_above_divergence_factor_is_divergence_and_adaptive_beta_is_bounded():
     """MNIST MLP, MARTHE with μ and β adaptive and a large κ: without the β bound β explodes
-    (the old ~1e35), with it every update stays within beta_bound·max(η, η_0)/|h|; a run whose
+    (the old ~1e35), with it every update stays within hypergrad_lr_bound·max(η, η_0)/|h|; a run whose
     loss climbs above divergence_factor × its start is stopped and says so."""
     p = _small_mnist()
-    kw = dict(method="marthe", lr=0.05, beta="auto", beta0=1e-3, kappa=10.0, mu="auto", steps=40,
+    kw = dict(method="marthe", lr=0.05, hypergrad_lr="auto", hypergrad_lr_init=1e-3, kappa=10.0, mu="auto", steps=40,
               objective="train")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DivergenceWarning)
-        free = online.run(p, beta_bound=None, divergence_factor=None, **kw)
+        free = online.run(p, hypergrad_lr_bound=None, divergence_factor=None, **kw)
         bounded = online.run(p, divergence_factor=None, **kw)
-    assert np.nanmax(free.betas) > 1e3 * np.nanmax(bounded.betas) or free.diverged
-    assert bounded.beta_capped > 0 and bounded.config["beta_bound"] == 1.0
+    assert np.nanmax(free.hypergrad_lrs) > 1e3 * np.nanmax(bounded.hypergrad_lrs) or free.diverged
+    assert bounded.hypergrad_lr_capped > 0 and bounded.config["hypergrad_lr_bound"] == 1.0
     n = bounded.steps_run - 1
-    # β_{t+1}·|h_{t+1}| ≤ beta_bound·max(η_{t+1}, η_0): hypergrads[t] = h_{t+1}, lrs/betas[t+1]
-    h, lrs, betas = bounded.hypergrads[:n], bounded.lrs[1:n + 1], bounded.betas[1:n + 1]
+    # β_{t+1}·|h_{t+1}| ≤ hypergrad_lr_bound·max(η_{t+1}, η_0): hypergrads[t] = h_{t+1}, lrs/betas[t+1]
+    h, lrs, betas = bounded.hypergrads[:n], bounded.lrs[1:n + 1], bounded.hypergrad_lrs[1:n + 1]
     assert np.all(betas * np.abs(h) <= np.maximum(lrs, 0.05) * (1 + 1e-12))
     # a run pushed up the loss surface: stopped at the first step above 2× the initial loss
     with pytest.warns(DivergenceWarning, match="divergence_factor"):
-        r = online.run(p, "hd", lr=3.0, beta=0.0, steps=30, objective="train")
+        r = online.run(p, "hd", lr=3.0, hypergrad_lr=0.0, steps=30, objective="train")
     assert r.diverged and "divergence_factor" in r.divergence
     t = r.diverged_at
-    loss_t = online.run(p, "hd", lr=3.0, beta=0.0, steps=t + 1, objective="train",
+    loss_t = online.run(p, "hd", lr=3.0, hypergrad_lr=0.0, steps=t + 1, objective="train",
                         divergence_factor=None).train_losses
     assert loss_t[t] > 2 * loss_t[0] and np.all(loss_t[:t] <= 2 * loss_t[0])
 
 
 def test_val_batch_size_draws_a_fresh_validation_minibatch_each_step():
     p = _small_mnist()
-    kw = dict(method="marthe", lr=0.05, beta=1e-3, mu=0.5, steps=6)
+    kw = dict(method="marthe", lr=0.05, hypergrad_lr=1e-3, mu=0.5, steps=6)
     r = online.run(p, val_batch_size=20, **kw)
     assert r.config["val_batch_size"] == 20 and list(r.eval_steps) == [0, 6]
     # by hand: h_t = ∇E_{B_t}(w_t)·z_t with B_t = problem.val_batch(t, 20)
@@ -397,16 +397,16 @@ def test_val_batch_size_draws_a_fresh_validation_minibatch_each_step():
     with pytest.raises(ValueError, match="val_batch_size"):
         online.run(p, val_batch_size=20, objective="train", **{**kw, "method": "hd", "mu": None})
     with pytest.raises(ValueError, match="val_batch"):
-        online.run(BEALE, "hd", lr=1e-3, beta=1e-6, steps=3, val_batch_size=2)
+        online.run(BEALE, "hd", lr=1e-3, hypergrad_lr=1e-6, steps=3, val_batch_size=2)
 
 
 def test_mu_rule_must_be_a_tensor_function():
     def python_rule(mu, c, stats):
         return (1.0 if float(stats.grad_dot) > 0 else 0.0), c
     with pytest.raises(TypeError, match="tensor function"):
-        online.run(MLP, "marthe", lr=0.05, beta=1e-3, mu_rule=python_rule, steps=3)
+        online.run(MLP, "marthe", lr=0.05, hypergrad_lr=1e-3, mu_rule=python_rule, steps=3)
     tensor_rule = lambda mu, c, stats: (torch.where(stats.grad_dot > 0, 1.0, 0.0), c)
-    r = online.run(MLP, "marthe", lr=0.05, beta=1e-3, mu_rule=tensor_rule, steps=5)
+    r = online.run(MLP, "marthe", lr=0.05, hypergrad_lr=1e-3, mu_rule=tensor_rule, steps=5)
     assert set(np.unique(r.mus)) <= {0.0, 1.0}
 
 
@@ -417,8 +417,8 @@ def test_val_is_train_reuses_the_training_gradient_bit_for_bit():
     twin = problems.Problem(BEALE.params0, BEALE.train_loss, BEALE.val_loss, name="beale")
     assert not twin.val_is_train
     for method in ("hd", "rtho", "marthe"):
-        a = online.run(BEALE, method, lr=1e-3, beta=1e-7, steps=60)
-        b = online.run(twin, method, lr=1e-3, beta=1e-7, steps=60)
+        a = online.run(BEALE, method, lr=1e-3, hypergrad_lr=1e-7, steps=60)
+        b = online.run(twin, method, lr=1e-3, hypergrad_lr=1e-7, steps=60)
         for key in ("lrs", "hypergrads", "val_losses", "mus"):
             np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=f"{method} {key}")
 
@@ -445,8 +445,8 @@ def test_closed_form_derivatives_equal_autograd(name):
         close(got, ref)
     # the online run agrees with one on the same function without the closed form
     twin = problems.Problem(p.params0, plain, p.train_loss.f, name=name, val_is_train=True)
-    a = online.run(p, "rtho", lr=1e-4, beta=1e-9, steps=30)
-    b = online.run(twin, "rtho", lr=1e-4, beta=1e-9, steps=30)
+    a = online.run(p, "rtho", lr=1e-4, hypergrad_lr=1e-9, steps=30)
+    b = online.run(twin, "rtho", lr=1e-4, hypergrad_lr=1e-9, steps=30)
     np.testing.assert_allclose(a.hypergrads, b.hypergrads, rtol=1e-10)
     np.testing.assert_allclose(a.lrs, b.lrs, rtol=1e-12)
 
@@ -455,7 +455,7 @@ def test_plot_online_run_draws_a_record(tmp_path):
     import matplotlib
     matplotlib.use("Agg")
     from hgtoolkit import plotting
-    r = online.run(BEALE, "marthe", lr=1e-3, beta=1e-7, steps=20)
+    r = online.run(BEALE, "marthe", lr=1e-3, hypergrad_lr=1e-7, steps=20)
     fig = plotting.plot_online_run(r, "beale")
     assert len(fig.axes) == 4  # η, losses, μ and its twin β axis
     paths = plotting.savefig(fig, tmp_path / "run", close=True)
@@ -476,8 +476,8 @@ def test_a_hand_driven_engine_gives_online_runs_numbers():
     """init(params, settings) / update(state, Oracle(...), t) driven by a user's loop (the
     README's) is online.run's recursion; Engine.step names its successor."""
     p = problems.get("beale")
-    ref = online.run(p, "rtho", lr=1e-3, beta=1e-7, objective="train", steps=6)
-    cfg = online.hyper_config("rtho", lr=1e-3, beta=1e-7, objective="train")
+    ref = online.run(p, "rtho", lr=1e-3, hypergrad_lr=1e-7, objective="train", steps=6)
+    cfg = online.hyper_config("rtho", lr=1e-3, hypergrad_lr=1e-7, objective="train")
     engine = online.engine_for(cfg, dynamics.get("sgd"))
     state, lrs = engine.init(p.params0, cfg), []
     for t in range(6):

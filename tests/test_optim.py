@@ -39,21 +39,21 @@ def _assert_matches_engine(lrs, params, run, tol=1e-12):
 
 CASES = {
     "SGDHD": (lambda ps: optim.SGDHD(ps, lr=0.2, hypergrad_lr=1e-2), "none", False,
-              dict(method="hd", optimizer="sgd", lr=0.2, beta=1e-2, objective="train", lr_floor=None)),
+              dict(method="hd", optimizer="sgd", lr=0.2, hypergrad_lr=1e-2, objective="train", lr_floor=None)),
     "SGDN-HD+wd": (lambda ps: optim.SGDHD(ps, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2,
                                           hypergrad_lr=1e-3, lr_floor=0.0), "none", False,
                    dict(method="hd", optimizer=dynamics.nesterov(0.9, weight_decay=1e-2), lr=0.05,
-                        beta=1e-3, objective="train")),
+                        hypergrad_lr=1e-3, objective="train")),
     "AdamHD": (lambda ps: optim.AdamHD(ps, lr=0.02, hypergrad_lr=1e-4), "none", False,
-               dict(method="hd", optimizer="adam", lr=0.02, beta=1e-4, objective="train", lr_floor=None)),
-    "RTHO-nesterov-val": (lambda ps: optim.MARTHE(ps, lr=0.05, method="rtho", beta=1e-2, optimizer="nesterov"),
-                          "closure", True, dict(method="rtho", optimizer="nesterov", lr=0.05, beta=1e-2)),
-    "MARTHE-auto-adam-val": (lambda ps: optim.MARTHE(ps, lr=0.02, beta="auto", beta0=1e-4, kappa=1e-2,
+               dict(method="hd", optimizer="adam", lr=0.02, hypergrad_lr=1e-4, objective="train", lr_floor=None)),
+    "RTHO-nesterov-val": (lambda ps: optim.MARTHE(ps, lr=0.05, method="rtho", hypergrad_lr=1e-2, optimizer="nesterov"),
+                          "closure", True, dict(method="rtho", optimizer="nesterov", lr=0.05, hypergrad_lr=1e-2)),
+    "MARTHE-auto-adam-val": (lambda ps: optim.MARTHE(ps, lr=0.02, hypergrad_lr="auto", hypergrad_lr_init=1e-4, kappa=1e-2,
                                                      optimizer="adam"),
-                             "closure", True, dict(method="marthe", optimizer="adam", lr=0.02, beta="auto",
-                                                   beta0=1e-4, kappa=1e-2)),
-    "MARTHE-mu-sgd-train": (lambda ps: optim.MARTHE(ps, lr=0.2, beta=1e-2, mu=0.7, objective="train"),
-                            "closure", False, dict(method="marthe", lr=0.2, beta=1e-2, mu=0.7, objective="train")),
+                             "closure", True, dict(method="marthe", optimizer="adam", lr=0.02, hypergrad_lr="auto",
+                                                   hypergrad_lr_init=1e-4, kappa=1e-2)),
+    "MARTHE-mu-sgd-train": (lambda ps: optim.MARTHE(ps, lr=0.2, hypergrad_lr=1e-2, mu=0.7, objective="train"),
+                            "closure", False, dict(method="marthe", lr=0.2, hypergrad_lr=1e-2, mu=0.7, objective="train")),
 }
 
 
@@ -108,7 +108,7 @@ def test_ordinary_nn_module_loop():
     # MARTHE in the same loop, with closures
     xv, yv = torch.randn(32, 4), None
     yv = xv @ torch.tensor([[1.0], [-2.0], [0.5], [0.0]])
-    opt = optim.MARTHE(model.parameters(), lr=0.01, beta="auto", kappa=1e-3, beta0=1e-3)
+    opt = optim.MARTHE(model.parameters(), lr=0.01, hypergrad_lr="auto", kappa=1e-3, hypergrad_lr_init=1e-3)
     for _ in range(10):
         loss = opt.step(lambda: nn.functional.mse_loss(model(x), y),
                         val_closure=lambda: nn.functional.mse_loss(model(xv), yv))
@@ -123,7 +123,7 @@ def test_param_groups_have_their_own_lr_and_settings():
     names = list(params)
     groups = [{"params": [params[k] for k in names[:2]]}, {"params": [params[k] for k in names[2:]]}]
     opt = optim.SGDHD(groups, lr=0.2, hypergrad_lr=0.0)
-    run = online.run(MLP, "hd", lr=0.2, beta=0.0, steps=T + 1, objective="train", lr_floor=None)
+    run = online.run(MLP, "hd", lr=0.2, hypergrad_lr=0.0, steps=T + 1, objective="train", lr_floor=None)
     for t in range(T + 1):
         opt.zero_grad()
         MLP.train_loss(params, t).backward()
@@ -156,7 +156,7 @@ def test_errors():
     with pytest.raises(ValueError, match="momentum"):
         optim.SGDHD(ps, lr=0.1, momentum=1.5)
 
-    opt = optim.MARTHE(ps, lr=0.1, method="rtho", beta=1e-3)
+    opt = optim.MARTHE(ps, lr=0.1, method="rtho", hypergrad_lr=1e-3)
     opt.step(lambda: MLP.train_loss(params, 0))  # step 0 needs neither HVP nor ∇E
     with pytest.raises(ValueError, match="val_closure"):
         opt.step(lambda: MLP.train_loss(params, 1))

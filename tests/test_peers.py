@@ -185,7 +185,7 @@ def test_hd_is_baydin(name, opt, wd, api):
     if api == "online.run":
         dyn = {"sgd": dynamics.sgd(weight_decay=wd), "nesterov": dynamics.nesterov(0.9, weight_decay=wd),
                "adam": dynamics.adam(weight_decay=wd)}[opt]
-        r = online.run(p, "hd", dyn, lr=lr, beta=beta, steps=T, objective="train", lr_floor=None)
+        r = online.run(p, "hd", dyn, lr=lr, hypergrad_lr=beta, steps=T, objective="train", lr_floor=None)
         lrs, w = r.lrs, tree_leaves(r.final_params)
     else:
         lrs, w = _dropin(p, opt, lr, beta, wd, T)

@@ -29,10 +29,10 @@ def _run_arrays(n):
 def make_online():
     a = _run_arrays(5)
     return online.OnlineResult(config={"method": "hd", "lr": 0.1, "problem": {"name": "x"}}, **a,
-                               betas=np.full(5, 1e-3), mus=np.zeros(5), hypergrads=np.r_[np.ones(4), nan],
+                               hypergrad_lrs=np.full(5, 1e-3), mus=np.zeros(5), hypergrads=np.r_[np.ones(4), nan],
                                val_accuracy=np.linspace(0, 1, 6), step_times=np.cumsum(np.ones(5)),
                                final_lr=nan, diverged_at=4, divergence="loss is not finite", wall_time=1.25,
-                               final_params=_params(), beta_capped=2)
+                               final_params=_params(), hypergrad_lr_capped=2)
 
 
 def make_peer():
@@ -265,6 +265,7 @@ def test_records_written_before_the_codec_load_through_a_migration(name, tmp_pat
         with np.load(LEGACY / f"{name}.npz", allow_pickle=False) as z:
             for key in z.files:
                 obj, attr = (r.outer_state, key.split(".", 1)[1]) if key.startswith("outer_state.") else (r, key)
+                attr = getattr(cls, "RENAMED_FIELDS", {}).get(attr, attr)  # betas → hypergrad_lrs
                 if key.startswith("per_step."):
                     _, ref, metric = key.split(".")
                     got = r.per_step[ref][metric]
@@ -306,8 +307,9 @@ def test_old_sweep_cells_still_give_their_result_objects(kind, tmp_path):
     assert type(r) is records.spec(kind).cls
     for k, v in rec["arrays"].items():
         obj, attr = (r.outer_state, k.split(".", 1)[1]) if k.startswith("outer_state.") else (r, k)
+        attr = getattr(type(r), "RENAMED_FIELDS", {}).get(attr, attr)  # betas → hypergrad_lrs
         np.testing.assert_array_equal(obj[attr] if isinstance(obj, dict) else getattr(obj, attr), v)
-    renamed = {errors.RENAMED.get(k, k): v for k, v in old["result"]["config"].items()}  # lr0 → lr
+    renamed = {errors.OLD_NAMES.get(k, k): v for k, v in old["result"]["config"].items()}  # lr0 → lr, beta → …
     assert r.wall_time == old["meta"]["timing"]["wall_time"] and r.config == renamed
 
 

@@ -89,7 +89,7 @@ def test_write_summary_and_config(tmp_path):
 
 def test_replay_iterates_reproduces_an_online_run():
     p = problems.from_function("beale")
-    r = online.run(p, "rtho", lr=1e-3, beta=1e-7, steps=40)
+    r = online.run(p, "rtho", lr=1e-3, hypergrad_lr=1e-7, steps=40)
     path = common.replay_iterates(p, r.lrs)
     assert path.shape == (41, 2)
     np.testing.assert_array_equal(path[0], np.asarray(p.params0))
@@ -134,7 +134,7 @@ def test_fig1_tiny_outputs_are_complete_and_sane(fig1_tiny):
                        [f"{fn}_grid.npz", f"{fn}_grid.json", f"{fn}_paths.npz", f"{fn}_paths.json", f"{fn}_constant.json",
                         f"{fn}_lrsopt.json", f"{fn}_lrsopt.npz"])
     g = records.load(fig1_tiny / "data" / f"{fn}_grid.json").data
-    M, B, T = len(fig1.method_specs(cfg)), len(cfg.betas), cfg.steps
+    M, B, T = len(fig1.method_specs(cfg)), len(cfg.hypergrad_lrs), cfg.steps
     assert g["lrs"].shape == (M, B, T) and g["values"].shape == (M, B, T + 1) and g["best"].shape == (M, B)
     ok = g["diverged_at"] < 0
     assert ok.any()
@@ -143,7 +143,7 @@ def test_fig1_tiny_outputs_are_complete_and_sane(fig1_tiny):
     assert np.all(g["best"] <= g["values"][..., 0] + 1e-12)  # the best is never worse than the start
     # a grid cell is exactly an independent online run with the same settings
     label, method, mu = fig1.method_specs(cfg)[1]
-    r = online.run(problems.from_function(fn), method, lr=cfg.lr, beta=cfg.betas[0], steps=T,
+    r = online.run(problems.from_function(fn), method, lr=cfg.lr, hypergrad_lr=cfg.hypergrad_lrs[0], steps=T,
                    lr_max=cfg.lr_max, keep_params=False)
     np.testing.assert_array_equal(g["lrs"][1, 0], r.lrs)
     assert g["best"][1, 0] == r.best_val_loss
@@ -204,12 +204,12 @@ def test_hd_tiny_outputs_shapes_and_baseline(hd_tiny):
     _check_outputs(root, ["hd_logreg_grid", "hd_logreg_curves"],
                    [f"logreg_{o}.{e}" for o in cfg.optimizers for e in ("npz", "json")])
     a = records.load(root / "data" / "logreg_sgd.json").data
-    A, B = len(cfg.alpha0s), len(cfg.beta_grid("sgd"))
+    A, B = len(cfg.alpha0s), len(cfg.hypergrad_lr_grid("sgd"))
     T = a["lrs"].shape[-1]
     assert a["lrs"].shape == (A, B, T) and a["final_val_loss"].shape == (A, B) and B >= 2
     assert np.all(np.isfinite(a["final_val_loss"])) and np.all((a["final_val_accuracy"] >= 0)
                                                                  & (a["final_val_accuracy"] <= 1))
-    assert a["betas"][0] == 0.0 and np.all(a["lrs"][:, 0] == a["alpha0s"][:, None])  # β = 0: constant α_0
+    assert a["hypergrad_lrs"][0] == 0.0 and np.all(a["lrs"][:, 0] == a["alpha0s"][:, None])  # β = 0: constant α_0
     assert np.all(a["lrs"][:, 1:, -1] != a["alpha0s"][:, None])                        # β > 0: α_t moves
     # the β = 0 column is the plain optimizer: plain SGD with the constant α_0 on the same minibatches
     problem = hd_grid._problem_for(cfg, "logreg")

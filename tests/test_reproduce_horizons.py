@@ -58,7 +58,7 @@ def test_horizons_tiny_ladder_best_K_per_method(horizons_tiny):
     _, summary = horizons_tiny
     cfg = horizons.Config.tiny()
     ladder = {r["method"]: r for r in summary["ladder"]}
-    assert set(ladder) == {m for m, _ in cfg.betas}
+    assert set(ladder) == {m for m, _ in cfg.hypergrad_lrs}
     for r in ladder.values():
         assert r["Ks"] == list(cfg.Ks) + [cfg.mnist_T]
         cos = {int(k): v["cosine"] for k, v in r["rows"].items()}

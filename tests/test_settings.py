@@ -8,6 +8,7 @@ import inspect
 import math
 from dataclasses import MISSING
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,15 +43,15 @@ def test_online_takes_the_settings_and_their_defaults():
     for call in (lambda **kw: online.run(beale, **kw),
                  lambda **kw: batched.run_online_batch(None, [{"problem": beale, **kw}])):
         with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'.*OnlineSettings"):
-            call(lr=0.01, steps=2, beta=0.0, momentum=0.9)
+            call(lr=0.01, steps=2, hypergrad_lr=0.0, momentum=0.9)
         with pytest.raises(TypeError, match="missing required keyword argument 'lr'"):
             call(steps=2)
     with pytest.raises(TypeError, match="unexpected keyword argument 'momentum'"):
-        online.hyper_config("hd", lr=0.1, beta=0.0, momentum=0.9)
+        online.hyper_config("hd", lr=0.1, hypergrad_lr=0.0, momentum=0.9)
     r = online.run(beale, "marthe", lr=0.01, steps=2)  # every default from the declaration
-    for name in ("beta_rule", "lr_floor", "divergence_factor", "objective", "method"):
+    for name in ("hypergrad_lr_rule", "lr_floor", "divergence_factor", "objective", "method"):
         assert r.config[name] == settings.defaults(OnlineSettings)[name], name
-    assert r.config["beta"] == "auto" and r.config["kappa"] == settings.defaults(OnlineSettings)["kappa"]
+    assert r.config["hypergrad_lr"] == "auto" and r.config["kappa"] == settings.defaults(OnlineSettings)["kappa"]
 
 
 @pytest.mark.parametrize("function", list(SCHEMA), ids=lambda f: f.__name__)
@@ -67,7 +68,7 @@ def test_other_declarations_agree_with_the_settings():
     spec = lambda schema, name: settings.specs(schema)[name][1]
     assert spec(OnlineSettings, "method").choices == online.METHODS
     assert spec(OnlineSettings, "objective").choices == online.OBJECTIVES
-    assert spec(OnlineSettings, "beta_rule").choices == tuple(marthe.BETA_RULES)
+    assert spec(OnlineSettings, "hypergrad_lr_rule").choices == tuple(marthe.BETA_RULES)
     assert spec(LrsoptSettings, "outer_optimizer").choices == lrsopt.OUTER_OPTIMIZERS
     assert spec(LrsoptSettings, "mode").choices == spec(HypergradSettings, "mode").choices == exact.MODES
     hg = inspect.signature(exact.hypergradient).parameters
@@ -139,9 +140,9 @@ def test_lrsopt_rejects_what_the_settings_reject(name, value):
 
 
 def test_settings_normalise_and_give_keywords():
-    s = OnlineSettings(lr=0, steps=5, beta="auto", optimizer="SGD")
+    s = OnlineSettings(lr=0, steps=5, hypergrad_lr="auto", optimizer="SGD")
     assert s.lr == 0.0 and isinstance(s.lr, float) and s.optimizer == "sgd"
-    assert online.run(problems.get("beale"), **s.kwargs()).config["beta"] == "auto"
+    assert online.run(problems.get("beale"), **s.kwargs()).config["hypergrad_lr"] == "auto"
     with pytest.raises(TypeError):
         OnlineSettings(steps=5)  # lr is required, as in online.run
     assert OnlineSettings(lr=0.1, steps=1, lr_floor=None).lr_floor is None
@@ -177,11 +178,11 @@ def test_old_names_raise_naming_the_new_ones(capsys):
     beale = problems.get("beale")
     renamed_lr = "'lr0' was renamed 'lr'"
     with pytest.raises(TypeError, match=renamed_lr):
-        online.run(beale, "hd", lr0=1e-3, beta=0.0, steps=2)
+        online.run(beale, "hd", lr0=1e-3, hypergrad_lr=0.0, steps=2)
     with pytest.raises(TypeError, match=renamed_lr):
-        online.hyper_config("hd", lr0=1e-3, beta=0.0)
+        online.hyper_config("hd", lr0=1e-3, hypergrad_lr=0.0)
     with pytest.raises(TypeError, match=renamed_lr):
-        batched.run_online_batch(None, [{"problem": beale, "lr0": 1e-3, "steps": 2, "beta": 0.0}])
+        batched.run_online_batch(None, [{"problem": beale, "lr0": 1e-3, "steps": 2, "hypergrad_lr": 0.0}])
     with pytest.raises(TypeError, match=renamed_lr):
         baselines.exponential_decay(lr0=0.1, gamma=0.9, T=3)
     with pytest.raises(TypeError, match="'lrs0' was renamed 'lrs'"):
@@ -197,9 +198,58 @@ def test_old_names_raise_naming_the_new_ones(capsys):
         build_parser().parse_args(["online", "--lr0", "1e-3"])
     assert "--lr0 was renamed --lr" in capsys.readouterr().err
     # a record of the previous version: its config's lr0 reads back as lr
-    run = online.run(beale, "hd", lr=1e-3, beta=0.0, steps=2)
+    run = online.run(beale, "hd", lr=1e-3, hypergrad_lr=0.0, steps=2)
     d = records.to_dict(run)
     d["version"], d["config"] = 2, {("lr0" if k == "lr" else k): v for k, v in d["config"].items()}
     old = records.from_dict(d, "online")
     assert old.config["lr"] == 1e-3 and "lr0" not in old.config
 
+
+
+def test_beta_is_hypergrad_lr_with_a_future_warning_for_one_release(capsys):
+    """``beta`` (and ``beta0``, ``beta_rule``, ``beta_bound``) became ``hypergrad_lr`` (…): the
+    Python keyword is still taken until 0.2, forwarded with a FutureWarning naming the new one
+    (errors.DEPRECATED); both names at once are a TypeError; the flag is a usage error; records
+    written with the old names load under the new ones."""
+    from hgtoolkit import errors, optim, records
+    beale = problems.get("beale")
+    new = online.run(beale, "marthe", lr=1e-3, hypergrad_lr="auto", hypergrad_lr_init=1e-7, steps=3)
+    with pytest.warns(FutureWarning) as seen:
+        old = online.run(beale, "marthe", lr=1e-3, beta="auto", beta0=1e-7, steps=3)
+    assert sorted(str(w.message) for w in seen) == [
+        "run(): 'beta' is now 'hypergrad_lr' (docs/glossary.md); 'beta' will raise in 0.2",
+        "run(): 'beta0' is now 'hypergrad_lr_init' (docs/glossary.md); 'beta0' will raise in 0.2"]
+    assert all(w.filename == __file__ for w in seen)  # the warning points at the caller's line
+    np.testing.assert_array_equal(old.lrs, new.lrs)
+    assert old.config == new.config and old.config["hypergrad_lr_init"] == 1e-7
+    for call in (lambda **kw: online.run(beale, "hd", lr=1e-3, steps=2, **kw),
+                 lambda **kw: online.hyper_config("hd", lr=1e-3, **kw),
+                 lambda **kw: batched.run_online_batch(None, [{"problem": beale, "lr": 1e-3, "steps": 2, **kw}]),
+                 lambda **kw: online.find_hypergrad_lr(beale, start=1e-9, method="hd", lr=1e-3, steps=2, **kw),
+                 lambda **kw: optim.MARTHE([torch.zeros(2, requires_grad=True)], method="hd", **kw)):
+        with pytest.warns(FutureWarning, match="'beta' is now 'hypergrad_lr'"):
+            call(beta=1e-9)
+        with pytest.raises(TypeError, match="got both 'beta' and 'hypergrad_lr'"):
+            call(beta=1e-9, hypergrad_lr=1e-9)
+    with pytest.warns(FutureWarning, match="'beta_rule' is now 'hypergrad_lr_rule'"):
+        assert online.hyper_config(lr=1e-3, beta_rule="h_eta").beta_rule == "h_eta"
+    with pytest.warns(FutureWarning, match="Explorer.update\\(\\): 'beta' is now"):
+        assert errors.check_renamed("Explorer.update", {"beta": 1.0}, takes=("hypergrad_lr",)) == {"hypergrad_lr": 1.0}
+    with pytest.raises(AttributeError, match="find_beta moved to hgtoolkit.online.find_hypergrad_lr"):
+        online.find_beta(beale)
+    # the command line: the old flags are errors naming the new ones
+    for argv, flag in ((["online", "--beta", "1e-7"], "--beta was renamed --hypergrad-lr"),
+                       (["online", "--beta-bound", "2"], "--beta-bound was renamed --hypergrad-lr-bound"),
+                       (["online", "--find-beta"], "--find-beta was renamed --find-hypergrad-lr"),
+                       (["analyse", "--beta", "1e-7"], "--beta was renamed --hypergrad-lr")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        assert flag in capsys.readouterr().err
+    # a record of the previous version (3): config keys beta…, fields betas, beta_capped
+    d = records.to_dict(new)
+    old_keys = {v: k for k, v in errors.DEPRECATED.items()}
+    d["version"], d["config"] = 3, {old_keys.get(k, k): v for k, v in d["config"].items()}
+    d["betas"], d["beta_capped"] = d.pop("hypergrad_lrs"), d.pop("hypergrad_lr_capped")
+    back = records.from_dict(d, "online")
+    assert back.config == new.config and back.hypergrad_lr_capped == new.hypergrad_lr_capped
+    np.testing.assert_array_equal(back.hypergrad_lrs, new.hypergrad_lrs)

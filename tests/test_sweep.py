@@ -31,7 +31,7 @@ def train_grid(**over):
 
 def beale_online_grid():
     return Grid("beale", {"name": "beale"}, "online",
-                axes={"method": ["hd", "rtho"], "beta": [1e-7, 1e-3]}, fixed={"lr": 1e-3, "steps": 60})
+                axes={"method": ["hd", "rtho"], "hypergrad_lr": [1e-7, 1e-3]}, fixed={"lr": 1e-3, "steps": 60})
 
 
 def finishes(store):
@@ -78,11 +78,11 @@ def test_grid_files_yaml_and_json(tmp_path):
     (tmp_path / "g.yaml").write_text(
         "name: study\nproblem: {name: beale}\ngrids:\n"
         "  - name: a\n    kind: online\n    fixed: {lr: 1e-3, steps: 10}\n"
-        "    axes: {method: [hd, rtho], beta: [1e-7, 2e-7]}\n"
+        "    axes: {method: [hd, rtho], hypergrad_lr: [1e-7, 2e-7]}\n"
         "  - kind: train\n    fixed: {lr: 1e-3, steps: 5}\n    axes: {seed: [0]}\n")
     grids = sweep.load_grids(tmp_path / "g.yaml")
     assert [g.name for g in grids] == ["study/a", "study[1]"]
-    assert grids[0].axes["beta"] == [1e-7, 2e-7]  # YAML 1.1 would read "1e-7" as a string
+    assert grids[0].axes["hypergrad_lr"] == [1e-7, 2e-7]  # YAML 1.1 would read "1e-7" as a string
     assert isinstance(grids[0].fixed["lr"], float)
     (tmp_path / "g.json").write_text(json.dumps(grids[0].to_dict()))
     assert Grid.from_file(tmp_path / "g.json") == grids[0]
@@ -93,12 +93,12 @@ def test_grid_files_yaml_and_json(tmp_path):
 FIXED = {"lr": 0.1, "steps": 10}
 BAD_GRIDS = [  # (changes to a valid grid, the error naming the offending key)
     ({"axes": {"method": ["hd", "sgdr"]}}, r"axes\.method\[1\].*'sgdr'"),
-    ({"fixed": FIXED, "axes": {"method": ["hd"], "beta": [1e-3, -1e-3]}},
-     r"axes\.beta\[1\]: beta must be a number ≥ 0"),
+    ({"fixed": FIXED, "axes": {"method": ["hd"], "hypergrad_lr": [1e-3, -1e-3]}},
+     r"axes\.hypergrad_lr\[1\]: hypergrad_lr must be a number ≥ 0"),
     ({"fixed": {**FIXED, "method": "marthe", "mu": 1.5}, "axes": {}}, r"fixed\.mu: mu must be a number in \[0, 1\]"),
     ({"axes": {"method": ["hd"], "seed": []}}, r"axes\.seed is empty"),
     ({"axes": {"method": "hd"}}, r"axes\.method must be a list"),
-    ({"fixed": FIXED, "axes": {"beta": [1e-3, 1e-3]}}, r"axes\.beta repeats"),
+    ({"fixed": FIXED, "axes": {"hypergrad_lr": [1e-3, 1e-3]}}, r"axes\.hypergrad_lr repeats"),
     ({"axes": {"methd": ["hd"]}}, r"axes\.methd\[0\]: unknown key 'methd'"),
     ({"axes": {"lr0": [1e-3]}}, r"axes\.lr0\[0\]: unknown key 'lr0' for kind 'online' \('lr0' was renamed 'lr'"),
     ({"kind": "online2"}, r"kind: unknown cell kind 'online2'"),
@@ -114,7 +114,7 @@ BAD_GRIDS = [  # (changes to a valid grid, the error naming the offending key)
 @pytest.mark.parametrize("change, message", BAD_GRIDS)
 def test_malformed_grid_is_rejected_before_any_work(tmp_path, change, message):
     d = {"name": "bad", "problem": {"name": "beale"}, "kind": "online",
-         "fixed": {**FIXED, "beta": 1e-3}, "axes": {"method": ["hd"]}, **change}
+         "fixed": {**FIXED, "hypergrad_lr": 1e-3}, "axes": {"method": ["hd"]}, **change}
     with pytest.raises(ValueError, match=message):
         sweep.run(d, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()  # nothing was started, not even the directory
@@ -193,12 +193,12 @@ def test_online_cells_match_online_run(tmp_path):
     g = beale_online_grid()
     report = sweep.run(g, tmp_path, progress=False)
     assert report.ok
-    recs = {(r["params"]["method"], r["params"]["beta"]): r for r in sweep.load_results(tmp_path)}
-    direct = online.run(problems.get("beale"), "rtho", lr=1e-3, beta=1e-7, steps=60, seed=0,
+    recs = {(r["params"]["method"], r["params"]["hypergrad_lr"]): r for r in sweep.load_results(tmp_path)}
+    direct = online.run(problems.get("beale"), "rtho", lr=1e-3, hypergrad_lr=1e-7, steps=60, seed=0,
                         keep_params=False)
     r = sweep.to_result(recs[("rtho", 1e-7)])
     assert isinstance(r, online.OnlineResult) and r.config == direct.config
-    for k in ("lrs", "hypergrads", "val_losses", "mus", "betas"):
+    for k in ("lrs", "hypergrads", "val_losses", "mus", "hypergrad_lrs"):
         np.testing.assert_array_equal(getattr(r, k), getattr(direct, k))
     assert recs[("hd", 1e-3)]["status"] == "diverged"  # β = 1e-3 blows up on Beale
     assert recs[("hd", 1e-7)]["meta"]["timing"]["step_times"].shape == (60,)
@@ -221,14 +221,14 @@ def test_batched_hook_gets_groups_that_differ_in_seed_and_beta(tmp_path, monkeyp
     calls = []
 
     def run_online_batch(problem_factory, cells):
-        calls.append([(c.params["beta"], c.params.get("seed")) for c in cells])
+        calls.append([(c.params["hypergrad_lr"], c.params.get("seed")) for c in cells])
         return [online.run(problem_factory(c.seed), **{"seed": 0, **c.params}, keep_params=False)
                 for c in cells]
 
     online_kind = sweep.CELL_KINDS["online"]
     monkeypatch.setitem(sweep.CELL_KINDS, "online", dataclasses.replace(online_kind, run_batch=run_online_batch))
     g = Grid("b", {"name": "beale"}, "online",
-             axes={"method": ["hd", "rtho"], "beta": [1e-7, 2e-7]}, fixed={"lr": 1e-3, "steps": 20})
+             axes={"method": ["hd", "rtho"], "hypergrad_lr": [1e-7, 2e-7]}, fixed={"lr": 1e-3, "steps": 20})
     assert sweep.run(g, tmp_path / "batched", progress=False).ok
     assert calls == [[(1e-7, None), (2e-7, None)]] * 2  # one call per method
     monkeypatch.setitem(sweep.CELL_KINDS, "online", dataclasses.replace(online_kind, run_batch=None))

@@ -50,7 +50,7 @@ def test_height2_sgd_sgd_equals_online_hd(mlp64):
     from hgtoolkit import online
     T, alpha0, beta = 30, 0.05, 0.02
     res = towers.run(mlp64, towers.SGD(lr=alpha0, hyper=towers.SGD(lr=beta)), T)
-    ref = online.run(mlp64, method="hd", optimizer="sgd", lr=alpha0, beta=beta, steps=T,
+    ref = online.run(mlp64, method="hd", optimizer="sgd", lr=alpha0, hypergrad_lr=beta, steps=T,
                      objective="train", lr_floor=None)
     assert res.history.lrs.min() > 0
     np.testing.assert_allclose(res.history.lrs, np.asarray(torch.as_tensor(ref.lrs).cpu()),

@@ -61,7 +61,7 @@ def test_unknown_keyword_of_a_user_problem_is_named(user_module):
 
 @pytest.mark.parametrize("argv", [
     ["hypergrad", "--problem-arg", "scale=0.5"], ["lrsopt", "--problem-arg", "scale=0.5"],
-    ["online", "--method", "hd", "--beta", "1e-3", "--problem-arg", "scale=0.5"],
+    ["online", "--method", "hd", "--hypergrad-lr", "1e-3", "--problem-arg", "scale=0.5"],
     ["analyse", "--problem-arg", "scale=0.5"], ["towers", "--seed", "1"]], ids=lambda a: a[0])
 def test_every_problem_command_builds_a_user_problem(user_module, tmp_path, monkeypatch, capsys, argv):
     """Each command builds its problem with cli.args.make_problem (stopped right after it)."""
@@ -81,7 +81,7 @@ def test_every_problem_command_builds_a_user_problem(user_module, tmp_path, monk
 
 
 def test_cli_names_a_bad_user_problem_on_one_line(user_module, tmp_path, capsys):
-    assert main(["online", "--problem", f"{user_module}:not_a_problem", "--method", "hd", "--beta", "1e-3",
+    assert main(["online", "--problem", f"{user_module}:not_a_problem", "--method", "hd", "--hypergrad-lr", "1e-3",
                  "--steps", "2", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not_a_problem" in err[0] and "Problem" in err[0]

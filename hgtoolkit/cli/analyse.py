@@ -3,7 +3,7 @@
 Usage::
 
     # run HD and RTHO on Beale, then compare each estimate with d⁽¹⁾, d⁽ᶜ⁾ and g
-    python -m hgtoolkit analyse --problem beale --method hd rtho --beta 1e-6 1e-8 \\
+    python -m hgtoolkit analyse --problem beale --method hd rtho --hypergrad-lr 1e-6 1e-8 \\
         --lr 1e-3 --steps 200 --out results/analyse
     # or analyse a saved online run (its problem rebuilt from --problem/--problem-arg)
     python -m hgtoolkit analyse --run results/online/hd.json --out results/analyse
@@ -36,9 +36,9 @@ def register(sub) -> None:
     src.add_argument("--run", metavar="FILE", action="append", default=[],
                      help="a saved OnlineResult (.json written by OnlineResult.save), repeatable; "
                           "replaces running --method")
-    add_arguments(src, OnlineSettings, ["method", "beta"], defaults={"method": ["hd", "rtho"]},
+    add_arguments(src, OnlineSettings, ["method", "hypergrad_lr"], defaults={"method": ["hd", "rtho"]},
                   method={"nargs": "+", "help": "online methods to run and analyse (default: hd rtho)"},
-                  beta={"nargs": "+", "help": "hyper-learning rate β, one value for all methods or one "
+                  hypergrad_lr={"nargs": "+", "help": "hyper-learning rate β, one value for all methods or one "
                                               "per method (default: 1e-6 for hd, 1e-8 for rtho, auto "
                                               "for marthe)"})
     add_arguments(src, OnlineSettings, ["mu", "kappa", "objective", "lr", "steps", "optimizer", "seed"],
@@ -82,21 +82,21 @@ def run_analyse(args) -> int:
         for tag, res in zip(_tags([r.method for r in results]), results):
             runs.append((tag, res, cli_args.make_problem(args, res.config.get("problem"))))
     else:
-        betas = args.beta or [_DEFAULT_BETA[m] for m in args.method]
+        betas = args.hypergrad_lr or [_DEFAULT_BETA[m] for m in args.method]
         if len(betas) == 1:
             betas = betas * len(args.method)
         if len(betas) != len(args.method):
-            raise ValueError(f"--beta takes one value or one per method ({len(args.method)}), got {len(betas)}")
+            raise ValueError(f"--hypergrad-lr takes one value or one per method ({len(args.method)}), got {len(betas)}")
         problem = cli_args.make_problem(args, None)
         mu = args.mu
         for tag, method, beta in zip(_tags(args.method), args.method, betas):
             if method != "marthe" and beta == "auto":
-                raise ValueError(f"--beta auto is MARTHE's rule; give a number for {method}")
+                raise ValueError(f"--hypergrad-lr auto is MARTHE's rule; give a number for {method}")
             kw = {"mu": mu, "kappa": args.kappa} if method == "marthe" else {}
             with warnings.catch_warnings():
                 warnings.simplefilter("always", online.DivergenceWarning)
                 res = online.run(problem, method, args.optimizer, lr=args.lr, steps=args.steps,
-                                 beta=beta, objective=args.objective, seed=args.seed,
+                                 hypergrad_lr=beta, objective=args.objective, seed=args.seed,
                                  progress=args.progress, **kw)
             res.config["cli"] = cli_args.settings(args)
             res.save(out / f"online_{tag}")

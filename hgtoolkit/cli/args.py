@@ -1,7 +1,7 @@
 """The command line's shared arguments: the problem (``--problem``, ``--problem-arg``, ``--dtype``,
 ``--device``), ``--out``, ``--progress/--no-progress`` and the argument types they use.
 
-Run settings (``--lr``, ``--beta``, ``--outer-steps``, …) are not declared here: their flags are
+Run settings (``--lr``, ``--hypergrad-lr``, ``--outer-steps``, …) are not declared here: their flags are
 generated from :mod:`hgtoolkit.settings` by :func:`hgtoolkit.settings.add_arguments`.
 """
 from __future__ import annotations

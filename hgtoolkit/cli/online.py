@@ -1,9 +1,9 @@
 """Command ``online``: one HD / RTHO / MARTHE run (``hgtoolkit.online.run``); also hooks in ``analyse``.
 
-    python -m hgtoolkit online --problem beale --method rtho --beta 1e-7 --lr 1e-3 --steps 500 \\
-        --objective train --out results/online
-    python -m hgtoolkit online --problem beale --method marthe --beta auto --kappa 1e-10 \\
-        --find-beta --lr 1e-3 --steps 500 --out results/online
+    python -m hgtoolkit online --problem beale --method rtho --hypergrad-lr 1e-7 --lr 1e-3 \\
+        --steps 500 --objective train --out results/online
+    python -m hgtoolkit online --problem beale --method marthe --hypergrad-lr auto --kappa 1e-10 \\
+        --find-hypergrad-lr --lr 1e-3 --steps 500 --out results/online
 
 Writes ``<out>/<name>.json`` + ``.npz`` (the :class:`~hgtoolkit.online.OnlineResult`; name
 defaults to ``online_<problem>_<method>``) and ``<out>/<name>.png`` + ``.pdf``: the schedule
@@ -16,28 +16,29 @@ import inspect
 from pathlib import Path
 
 from .. import divergence
-from ..settings import OnlineSettings, add_arguments, specs
+from ..settings import OnlineSettings, add_arguments, add_renamed_flag, specs
 from . import args as cli_args
 
 __all__ = ["register"]
 
-_MARTHE_ONLY = ("mu", "kappa", "beta0", "beta_rule", "beta_bound")
+_MARTHE_ONLY = ("mu", "kappa", "hypergrad_lr_init", "hypergrad_lr_rule", "hypergrad_lr_bound")
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "online", help="adapt the learning rate online with HD, RTHO or MARTHE",
-        description="One training run whose LR follows eta_{t+1} = max(eta_t - beta h_{t+1}, floor), "
-                    "h_{t+1} = grad E(w_{t+1}) . z_{t+1}, z_{t+1} = mu A_t z_t + B_t (HD: mu = 0, RTHO: "
-                    "mu = 1, MARTHE: mu and beta fixed or adaptive). Writes the record (JSON + npz) "
-                    "and a figure (PNG + PDF).")
+        description="One training run whose LR follows eta_{t+1} = max(eta_t - beta h_{t+1}, floor) "
+                    "(beta = --hypergrad-lr), h_{t+1} = grad E(w_{t+1}) . z_{t+1}, z_{t+1} = "
+                    "mu A_t z_t + B_t (HD: mu = 0, RTHO: mu = 1, MARTHE: mu and beta fixed or "
+                    "adaptive). Writes the record (JSON + npz) and a figure (PNG + PDF).")
     g = p.add_argument_group("problem")
     cli_args.add_problem(g, dtype_help="default: the problem's")
     m = p.add_argument_group("method")
     add_arguments(m, OnlineSettings, [n for n in specs(OnlineSettings) if n not in ("steps", "eval_every", "seed")])
-    m.add_argument("--find-beta", action="store_true",
-                   help="start from --beta (or --kappa with --beta auto) and divide by 10 until the "
-                        "run does not diverge (MARTHE's wrapper)")
+    m.add_argument("--find-hypergrad-lr", action="store_true",
+                   help="start from --hypergrad-lr (or --kappa with --hypergrad-lr auto) and divide "
+                        "by 10 until the run does not diverge (MARTHE's wrapper)")
+    add_renamed_flag(m, "--find-beta", "--find-hypergrad-lr")
     r = p.add_argument_group("run and output")
     add_arguments(r, OnlineSettings, ["steps", "eval_every", "seed"])
     cli_args.add_out(r, "online")
@@ -52,25 +53,26 @@ def run_online(args) -> int:
     table = specs(OnlineSettings)
     if args.method != "marthe":
         given = [k for k in _MARTHE_ONLY if getattr(args, k) != table[k][0]]
-        if given:  # the API raises for mu; kappa/beta0/beta_rule would be silently unused
+        if given:  # the API raises for mu; kappa/hypergrad_lr_init/… would be silently unused
             raise ValueError(f"--{given[0].replace('_', '-')} is a MARTHE setting; --method "
                              f"{args.method} fixes μ = {0 if args.method == 'hd' else 1} and uses a "
-                             "constant --beta (use --method marthe)")
+                             "constant --hypergrad-lr (use --method marthe)")
     kwargs = {k: getattr(args, k) for k in table}
     kwargs["progress"] = args.progress
-    if not args.find_beta:  # every setting checked before the problem (and its data) is built
+    if not args.find_hypergrad_lr:  # every setting checked before the problem (and its data) is built
         takes = inspect.signature(online.hyper_config).parameters
         online.hyper_config(**{k: v for k, v in kwargs.items() if k in takes})
     problem = cli_args.make_problem(args)
-    if args.find_beta:
-        searched = "kappa" if kwargs.get("beta", "auto" if args.method == "marthe" else None) == "auto" else "beta"
-        if searched == "beta" and args.beta is None:
-            raise ValueError("--find-beta needs --beta: the first (large) value to try")
-        start = kwargs.pop(searched) if searched == "beta" else kwargs.pop("kappa", 1e-6)
-        result = online.find_beta(problem, start, **kwargs)
+    if args.find_hypergrad_lr:
+        auto = kwargs.get("hypergrad_lr", "auto" if args.method == "marthe" else None) == "auto"
+        searched = "kappa" if auto else "hypergrad_lr"
+        if searched == "hypergrad_lr" and args.hypergrad_lr is None:
+            raise ValueError("--find-hypergrad-lr needs --hypergrad-lr: the first (large) value to try")
+        start = kwargs.pop(searched) if searched == "hypergrad_lr" else kwargs.pop("kappa", 1e-6)
+        result = online.find_hypergrad_lr(problem, start, **kwargs)
         tried = ", ".join(f"{t[searched]:.0e}" + ("✗" if t["diverged_at"] is not None else "✓")
-                          for t in result.config["beta_search"])
-        print(f"find_beta: {searched} tried {tried}")
+                          for t in result.config["hypergrad_lr_search"])
+        print(f"find_hypergrad_lr: {searched} tried {tried}")
     else:
         with divergence.recorded() as seen:  # reported below, and in the record
             result = online.run(problem, **kwargs)
@@ -79,12 +81,12 @@ def run_online(args) -> int:
     out = Path(args.out)
     name = args.name or f"online_{problem.name}_{args.method}"
     json_path = result.save(out / name)
-    beta = result.config["beta"]
+    beta = result.config["hypergrad_lr"]
     beta_txt = f"β auto (κ={result.config['kappa']:.1e})" if beta == "auto" else f"β={beta:.1e}"
     title = (f"{plotting.describe_source(result.config['problem'])} — {args.method.upper()}, "
              f"{args.optimizer.upper()}, η₀={args.lr:g}, {beta_txt}, objective {args.objective}")
     pngs = plotting.savefig(plotting.plot_online_run(result, title), out / name, close=True)
-    seen = [] if args.find_beta else seen
+    seen = [] if args.find_hypergrad_lr else seen
     status = (f"DIVERGED at step {result.diverged_at} ({seen[0].message if seen else result.divergence})"
               if result.diverged else "ok")
     print(f"online {args.method}: {status}; best E = {result.best_val_loss:.6g}, final E = "

@@ -12,8 +12,8 @@ T = ``steps``, SGD, deterministic, so E = L_t = f and ``objective="val"``):
 
 - every method on the β grid: HD, RTHO, MARTHE with fixed μ ∈ ``mus`` and MARTHE with the
   adaptive μ (``online.run(..., mu="auto")``);
-- MARTHE fully adaptive (μ and β adaptive, ``beta="auto"``), its step size κ found by the
-  paper's wrapper (:func:`hgtoolkit.online.find_beta`, run as one batch: start at ``kappa_start``, ÷10 until the
+- MARTHE fully adaptive (μ and β adaptive, ``hypergrad_lr="auto"``), its step size κ found by the
+  paper's wrapper (:func:`hgtoolkit.online.find_hypergrad_lr`, run as one batch: start at ``kappa_start``, ÷10 until the
   run does not diverge);
 - LRS-OPT (:func:`hgtoolkit.lrsopt.optimize_schedule`): the whole schedule η ∈ R^T optimised
   for f(w_T) from the constant schedule η_t = η_0, ``lrsopt_steps`` projected Adam steps;
@@ -76,8 +76,8 @@ LRSOPT_LABEL = "LRS-OPT"
 class Config:
     """Settings of the Fig. 1 experiment (see the module docstring).
 
-    ``betas``: the β grid; ``mus``: MARTHE's fixed μ values; ``adaptive_mu``: add MARTHE with
-    the adaptive μ on the grid; ``auto_beta``: add MARTHE with μ and β adaptive (κ searched from
+    ``hypergrad_lrs``: the β grid; ``mus``: MARTHE's fixed μ values; ``adaptive_mu``: add MARTHE with
+    the adaptive μ on the grid; ``auto_hypergrad_lr``: add MARTHE with μ and β adaptive (κ searched from
     ``kappa_start`` down by ÷10, at most ``kappa_tries`` values). An online run counts as
     diverged when f or w stops being finite or η_t exceeds ``lr_max_factor``·η_0 (on
     ``bukin_sharp`` the gradient is bounded, so f never overflows: without the η bound a run
@@ -93,10 +93,10 @@ class Config:
     functions: tuple[str, ...] = ("beale", "bukin_smooth", "bukin_sharp")
     steps: int = 500
     lr: float = 1e-3
-    betas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-11.0, -3.9, 0.5))
+    hypergrad_lrs: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-11.0, -3.9, 0.5))
     mus: tuple[float, ...] = (0.9, 0.99, 0.999)
     adaptive_mu: bool = True
-    auto_beta: bool = True
+    auto_hypergrad_lr: bool = True
     kappa_start: float = 1e-6
     kappa_tries: int = 14
     lr_max_factor: float = 100.0
@@ -116,13 +116,13 @@ class Config:
     def quick(cls) -> "Config":
         """500 steps, β ∈ {1e-10 … 1e-4} (decades), μ = 0.99 and adaptive, 20 LRS-OPT steps
         (about 2–3 min on 2 idle cores)."""
-        return cls(betas=tuple(float(10.0 ** e) for e in range(-10, -3)), mus=(0.99,),
+        return cls(hypergrad_lrs=tuple(float(10.0 ** e) for e in range(-10, -3)), mus=(0.99,),
                    lrsopt_steps=20, workers=common.default_workers())
 
     @classmethod
     def tiny(cls) -> "Config":
         """Seconds, for the tests: one function, 30 steps, two β, μ = 0.9 and adaptive."""
-        return cls(functions=("bukin_sharp",), steps=30, betas=(1e-8, 1e-6), mus=(0.9,),
+        return cls(functions=("bukin_sharp",), steps=30, hypergrad_lrs=(1e-8, 1e-6), mus=(0.9,),
                    kappa_start=1e-8, kappa_tries=3, constants=3, lrsopt_steps=2, workers=1)
 
     def __post_init__(self):
@@ -131,8 +131,8 @@ class Config:
             testfunctions.get(name)  # ValueError naming the function
         if not self.functions:
             raise ValueError("functions must name at least one test function")
-        if not self.betas or any(not (b > 0 and math.isfinite(b)) for b in self.betas):
-            raise ValueError(f"betas must be positive and finite, got {self.betas}")
+        if not self.hypergrad_lrs or any(not (b > 0 and math.isfinite(b)) for b in self.hypergrad_lrs):
+            raise ValueError(f"hypergrad_lrs must be positive and finite, got {self.hypergrad_lrs}")
         if any(not 0 <= m <= 1 for m in self.mus):
             raise ValueError(f"mus must be in [0, 1], got {self.mus}")
         if self.steps < 1 or self.lr <= 0:
@@ -169,8 +169,8 @@ def _grid_cells(config: Config, specs) -> list[dict]:
     """The β grid of every method as ``online.run`` cells (of every function: one batch)."""
     cells = []
     for _, method, mu in specs:
-        for beta in config.betas:
-            cell = dict(method=method, lr=config.lr, steps=config.steps, beta=beta,
+        for beta in config.hypergrad_lrs:
+            cell = dict(method=method, lr=config.lr, steps=config.steps, hypergrad_lr=beta,
                         objective="val", lr_max=config.lr_max)
             if method == "marthe":
                 cell["mu"] = mu
@@ -180,16 +180,16 @@ def _grid_cells(config: Config, specs) -> list[dict]:
 
 def _auto_cells(config: Config) -> list[dict]:
     """MARTHE with μ and β adaptive at κ = kappa_start, kappa_start/10, … (the ÷10 wrapper)."""
-    return [dict(method="marthe", beta="auto", mu="auto", lr=config.lr, steps=config.steps,
+    return [dict(method="marthe", hypergrad_lr="auto", mu="auto", lr=config.lr, steps=config.steps,
                  objective="val", lr_max=config.lr_max, kappa=config.kappa_start / 10.0 ** i)
-            for i in range(config.kappa_tries if config.auto_beta else 0)]
+            for i in range(config.kappa_tries if config.auto_hypergrad_lr else 0)]
 
 
 def _online_runs(config: Config, specs, progress: bool) -> dict[str, tuple[list[dict], Any]]:
     """Every online run of every function — the β grid of each method and the κ search of the
     fully adaptive MARTHE — as ONE batch (:func:`hgtoolkit.batched.run_online_batch`: the
     functions' rows side by side). ``{fn: (the grid cells' arrays, the κ search's first
-    non-diverging run — the result of ``online.find_beta``, which tries the same κ in the same
+    non-diverging run — the result of ``online.find_hypergrad_lr``, which tries the same κ in the same
     order — or a message)}``."""
     from .. import batched
     grid, auto = _grid_cells(config, specs), _auto_cells(config)
@@ -215,9 +215,9 @@ def _one_function(grid: list, auto: list, results: list) -> tuple[list[dict], An
             best = r
             break
     if best is not None:
-        best.config["beta_search"] = tried
+        best.config["hypergrad_lr_search"] = tried
     elif auto:
-        best = (f"find_beta: all {len(auto)} values of kappa from {auto[0]['kappa']:g} down to "
+        best = (f"find_hypergrad_lr: all {len(auto)} values of kappa from {auto[0]['kappa']:g} down to "
                 f"{auto[-1]['kappa']:g} diverged")
     return cells, best
 
@@ -348,14 +348,14 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
     # function's LRS-OPT runs: the first figure is on disk after one function's LRS-OPT
     by_job: dict = {}
     for fn, (cells, auto) in _online_runs(config, specs, progress).items():
-        by_job[("auto", fn)] = auto if config.auto_beta else None
-        for (_, method, mu), row in zip(specs, [cells[i:i + len(config.betas)]
-                                                for i in range(0, len(cells), len(config.betas))]):
-            for beta, cell in zip(config.betas, row):
+        by_job[("auto", fn)] = auto if config.auto_hypergrad_lr else None
+        for (_, method, mu), row in zip(specs, [cells[i:i + len(config.hypergrad_lrs)]
+                                                for i in range(0, len(cells), len(config.hypergrad_lrs))]):
+            for beta, cell in zip(config.hypergrad_lrs, row):
                 by_job[("grid", (fn, method, mu, beta))] = cell
 
     summary: dict[str, Any] = {"functions": {}, "lr": config.lr, "steps": T,
-                               "betas": list(config.betas),
+                               "hypergrad_lrs": list(config.hypergrad_lrs),
                                "cells": {"cells": 0, "existing": 0, "computed": []}}
     figures = []
     for fn, lgrid in zip(config.functions, lrsopt_grid(config)):
@@ -364,10 +364,10 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             summary["cells"][k] += done[k]
         by_job[("lrsopt", fn)] = _lrsopt_records(out, config, [fn])[fn]
         problem = _problem(fn)
-        cells = [[by_job[("grid", (fn, method, mu, beta))] for beta in config.betas]
+        cells = [[by_job[("grid", (fn, method, mu, beta))] for beta in config.hypergrad_lrs]
                  for _, method, mu in specs]
         grid = {
-            "betas": np.asarray(config.betas),
+            "hypergrad_lrs": np.asarray(config.hypergrad_lrs),
             "lrs": np.stack([_pad([c["lrs"] for c in row], T) for row in cells]),
             "mus": np.stack([_pad([c["mus"] for c in row], T) for row in cells]),
             "values": np.stack([_pad([c["values"] for c in row], T + 1) for row in cells]),
@@ -379,7 +379,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
         records.save(records.DataRecord({
             "function": fn, "problem": problem.describe(), "lr": config.lr, "steps": T,
             "methods": [{"label": l, "method": m, "mu": mu} for l, m, mu in specs],
-            "betas": list(config.betas), "best": grid["best"], "final": grid["final"],
+            "hypergrad_lrs": list(config.hypergrad_lrs), "best": grid["best"], "final": grid["final"],
             "diverged_at": grid["diverged_at"], "objective": "val (= f: deterministic)"}, grid),
             out.data(f"{fn}_grid"))
 
@@ -393,7 +393,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                 schedules[label] = grid["lrs"][i, j]
 
         auto = by_job.get(("auto", fn))
-        auto_info: dict[str, Any] = {"ran": config.auto_beta}
+        auto_info: dict[str, Any] = {"ran": config.auto_hypergrad_lr}
         if auto is not None:
             if isinstance(auto, str):
                 auto_info.update(error=auto)
@@ -401,7 +401,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                 auto.save(out.data(f"{fn}_marthe_auto"))
                 schedules[AUTO_LABEL] = auto.lrs
                 auto_info.update(best=auto.best_val_loss, final=auto.final_val_loss,
-                                 kappa=auto.config["kappa"], search=auto.config.get("beta_search"),
+                                 kappa=auto.config["kappa"], search=auto.config.get("hypergrad_lr_search"),
                                  mu_zero_fraction=float(np.mean(auto.mus == 0)),
                                  mu_mean=float(np.mean(auto.mus)))
         constants, lrs_res = by_job[("lrsopt", fn)]
@@ -447,18 +447,18 @@ def _rtho_collapse(lrs: np.ndarray, lr: float) -> dict:
 
 
 def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, constants, config) -> dict:
-    betas = np.asarray(config.betas)
+    hypergrad_lrs = np.asarray(config.hypergrad_lrs)
     diverged = grid["diverged_at"] >= 0
     methods = {}
     for i, (label, method, mu) in enumerate(specs):
         j = best_idx[label]
         entry = {"method": method, "mu": mu, "n_diverged": int(diverged[i].sum()),
                  "best": None if j is None else float(grid["best"][i, j]),
-                 "beta": None if j is None else float(betas[j]),
+                 "hypergrad_lr": None if j is None else float(hypergrad_lrs[j]),
                  "final": None if j is None else float(grid["final"][i, j]),
-                 "largest_stable_beta": (float(betas[~diverged[i]].max()) if (~diverged[i]).any() else None)}
+                 "largest_stable_hypergrad_lr": (float(hypergrad_lrs[~diverged[i]].max()) if (~diverged[i]).any() else None)}
         zero = [float(np.mean(grid["lrs"][i, k][np.isfinite(grid["lrs"][i, k])] == 0))
-                for k in range(len(betas)) if not diverged[i, k]]
+                for k in range(len(hypergrad_lrs)) if not diverged[i, k]]
         entry["zero_fraction_range"] = [min(zero), max(zero)] if zero else None
         if j is not None:
             lrs = grid["lrs"][i, j]
@@ -479,7 +479,7 @@ def _function_summary(fn, specs, grid, best_idx, auto_info, lrs_info, constants,
         winner = "undecided (a method diverged at every β)"
     else:
         winner = "RTHO" if rt_best < hd_best else "HD"
-    verdict = {"common_betas": int(both.sum()), "rtho_better_at": rtho_wins,
+    verdict = {"common_hypergrad_lrs": int(both.sum()), "rtho_better_at": rtho_wins,
                "hd_better_at": int(both.sum()) - rtho_wins, "best_hd": hd_best, "best_rtho": rt_best,
                "winner_best_vs_best": winner,
                "ratio_best_hd_over_rtho": (hd_best / rt_best if hd_best and rt_best else None)}
@@ -500,9 +500,9 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
             if "mu_stats" in m:
                 extra = (f"μ: mean {m['mu_stats']['mean']:.2f}, = 0 for {100 * m['mu_stats']['zero_fraction']:.0f}%"
                          f" of steps, > 0.99 for {100 * m['mu_stats']['above_0.99_fraction']:.0f}%")
-            rows.append([label, m["best"], m["beta"], m["final"],
+            rows.append([label, m["best"], m["hypergrad_lr"], m["final"],
                          behaviour.get("peak_lr_over_lr0"), behaviour.get("zero_fraction"),
-                         f"{m['n_diverged']}/{len(config.betas)}", extra])
+                         f"{m['n_diverged']}/{len(config.hypergrad_lrs)}", extra])
         a = s["marthe_auto"]
         if "best" in a:
             rows.append([AUTO_LABEL, a["best"], f"κ={common.fmt(a['kappa'])}", a["final"], None, None,
@@ -525,7 +525,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
         v = s["hd_vs_rtho"]
         measured = (f"{v['winner_best_vs_best']} (best {common.fmt(v['best_hd'])} HD vs "
                     f"{common.fmt(v['best_rtho'])} RTHO); RTHO better at {v['rtho_better_at']}"
-                    f"/{v['common_betas']} β where neither diverged")
+                    f"/{v['common_hypergrad_lrs']} β where neither diverged")
         rt = s["methods"]["RTHO"].get("lr_behaviour")
         collapse = (f"RTHO η peaks at {rt['peak_lr_over_lr0']:.1f}·η_0 (step {rt['peak_step']}), "
                     f"= 0 for {100 * rt['zero_fraction']:.0f}% of steps" if rt else "—")
@@ -544,7 +544,7 @@ def _markdown(summary: dict, config: Config) -> tuple[list[tuple[str, str]], lis
         f"a run counts as diverged when f or w is not finite, η_t > {config.lr_max:g} "
         f"(= {config.lr_max_factor:g} η_0) or f(w_t) > 2 f(w_0) (the online engine's divergence_factor); "
         "with β adaptive, β is bounded so that one LR update moves η by at most max(η, η_0).",
-        f"β grid: {', '.join(common.fmt(b, 2) for b in config.betas)}. 'best' = min_t f(w_t) over the "
+        f"β grid: {', '.join(common.fmt(b, 2) for b in config.hypergrad_lrs)}. 'best' = min_t f(w_t) over the "
         "run, as in the paper's Fig. 1 (center); diverged runs are excluded from it and drawn as × in the figures.",
         "`bukin_smooth` squares the valley residual (100 u²): it is the project's stand-in for the paper's "
         "smoothed Bukin, whose formula was lost; `bukin_sharp` keeps the sharp √|u| valley ((u² + 1e-4)^{1/4}). "
@@ -614,7 +614,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
         labels = [str(l) for l in grid["labels"]]
         styles = _styles(labels + [AUTO_LABEL, LRSOPT_LABEL])
         diverged = grid["diverged_at"] >= 0
-        betas = grid["betas"]
+        hypergrad_lrs = grid["hypergrad_lrs"]
         lr = float(meta["lr"])
         auto_path, lrsopt_path = out.data(f"{fn}_marthe_auto.json"), out.data(f"{fn}_lrsopt.json")
         auto = OnlineResult.load(auto_path) if auto_path.exists() else None
@@ -627,7 +627,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
         if auto is not None:
             refs[f"{AUTO_LABEL} (κ={auto.config['kappa']:.0e})"] = auto.best_val_loss
         refs[f"{CONST_LABEL} (η={constants['best_lr']:.2g})"] = constants["best_min_t"]
-        plotting.plot_best_vs_beta(betas, {l: grid["best"][i] for i, l in enumerate(labels)}, ax=axes[0],
+        plotting.plot_best_vs_beta(hypergrad_lrs, {l: grid["best"][i] for i, l in enumerate(labels)}, ax=axes[0],
                                    diverged={l: diverged[i] for i, l in enumerate(labels)},
                                    references=refs, styles={l: styles[l] for l in labels}, legend=False,
                                    title=r"(a) best $f$ within $T$ steps vs $\beta$")
@@ -644,7 +644,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
             if len(ok):
                 j = int(ok[np.argmin(grid["best"][i][ok])])
                 lrs = grid["lrs"][i, j]
-                key = f"{label} (β={betas[j]:.0e})"
+                key = f"{label} (β={hypergrad_lrs[j]:.0e})"
                 schedules[key] = lrs[np.isfinite(lrs)]
                 sty[key] = styles[label]
         if auto is not None:
@@ -674,7 +674,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
         hd, rt = labels.index("HD"), labels.index("RTHO")
         common_ok = np.where(~diverged[hd] & ~diverged[rt])[0]
         if len(common_ok):
-            j = int(common_ok[np.argmax(betas[common_ok])])
+            j = int(common_ok[np.argmax(hypergrad_lrs[common_ok])])
             pair = []
             with plotting.style():
                 for i in (hd, rt):
@@ -685,7 +685,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
                             label=f"{labels[i]}: min$_t f$ = {grid['best'][i, j]:.3g}, "
                                   f"$f(w_T)$ = {grid['final'][i, j]:.3g}")
                 ax.set_xlabel(plotting.STEP_LABEL)
-                ax.set_title(f"(d) HD vs RTHO at one β = {betas[j]:.0e}\n(the largest where neither diverged)")
+                ax.set_title(f"(d) HD vs RTHO at one β = {hypergrad_lrs[j]:.0e}\n(the largest where neither diverged)")
             _lr_axis(ax, lr, pair)
             _legend_below(ax, ncol=1)
         else:

@@ -12,7 +12,7 @@ momentum 0.9) or ``"adam"`` (Adam-HD). β = 0 is the plain optimizer with the co
 α_0 (HD with β = 0 *is* the baseline, bit for bit), so the baseline is the β = 0 column of
 the grid.
 
-The grid: α_0 ∈ ``alpha0s`` (Baydin: 1e-1 … 1e-6) × β ∈ {0} ∪ ``betas[optimizer]`` (around
+The grid: α_0 ∈ ``alpha0s`` (Baydin: 1e-1 … 1e-6) × β ∈ {0} ∪ ``hypergrad_lrs[optimizer]`` (around
 1e-4 for SGD/SGDN, around 1e-8 for Adam), on each model in ``models``:
 
 - ``"logreg"``: multinomial logistic regression (``problems.mnist_mlp(hidden=())``);
@@ -33,7 +33,7 @@ Writes, under ``<out>/hd/``:
   (α_0, β) — β = 0 is the baseline column — and of its ratio to the baseline at the same α_0;
 - ``figures/hd_<model>_curves``: the poster's figure: α_t, training loss (epoch moving
   average) and validation loss against the step, one colour per α_0, dashed = plain
-  optimizer, solid = HD at β = ``curve_betas[optimizer]``;
+  optimizer, solid = HD at β = ``curve_hypergrad_lrs[optimizer]``;
 - ``summary.md``/``summary.json``: per model and optimizer, the best baseline and HD cells and
   how often HD is at least as good as the baseline at the same α_0, next to the paper's claims.
 """
@@ -65,7 +65,7 @@ PAPER = [
 ]
 
 
-def _default_betas() -> dict:
+def _default_hypergrad_lrs() -> dict:
     sgd = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
     return {"sgd": sgd, "nesterov": sgd, "adam": (1e-10, 1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)}
 
@@ -76,14 +76,14 @@ class Config:
 
     ``epochs`` of ``batch_size`` minibatches over ``n_train`` examples (the fallback data
     cap it at 4300); ``eval_every`` steps between validation evaluations (0: once per epoch);
-    ``momentum`` of SGDN; ``curve_betas``: the β of the HD curves in the ``_curves`` figure.
+    ``momentum`` of SGDN; ``curve_hypergrad_lrs``: the β of the HD curves in the ``_curves`` figure.
     """
 
     models: tuple[str, ...] = ("logreg", "mlp")
     optimizers: tuple[str, ...] = ("sgd", "nesterov", "adam")
     alpha0s: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
-    betas: dict = field(default_factory=_default_betas)
-    curve_betas: dict = field(default_factory=lambda: {"sgd": 1e-4, "nesterov": 1e-4, "adam": 1e-8})
+    hypergrad_lrs: dict = field(default_factory=_default_hypergrad_lrs)
+    curve_hypergrad_lrs: dict = field(default_factory=lambda: {"sgd": 1e-4, "nesterov": 1e-4, "adam": 1e-8})
     epochs: int = 10
     n_train: int = 7000
     n_val: int = 700
@@ -104,7 +104,7 @@ class Config:
     def quick(cls) -> "Config":
         """Logistic regression only, 5 epochs, six β per optimizer (about 2 min on 2 idle cores)."""
         return cls(models=("logreg",), epochs=5,
-                   betas={"sgd": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+                   hypergrad_lrs={"sgd": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
                           "nesterov": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
                           "adam": (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4)},
                    workers=common.default_workers())
@@ -113,7 +113,7 @@ class Config:
     def tiny(cls) -> "Config":
         """Seconds, for the tests: logistic regression on 500 digits, SGD and Adam, 2 × 2 cells."""
         return cls(models=("logreg",), optimizers=("sgd", "adam"), alpha0s=(1e-2, 1e-4),
-                   betas={"sgd": (1e-3,), "adam": (1e-7,)}, curve_betas={"sgd": 1e-3, "adam": 1e-7},
+                   hypergrad_lrs={"sgd": (1e-3,), "adam": (1e-7,)}, curve_hypergrad_lrs={"sgd": 1e-3, "adam": 1e-7},
                    epochs=2, n_train=500, n_val=200, batch_size=50, workers=1)
 
     def __post_init__(self):
@@ -123,20 +123,20 @@ class Config:
         for o in self.optimizers:
             if o not in OPTIMIZER_LABELS:
                 raise ValueError(f"unknown optimizer {o!r} in optimizers; choose from {tuple(OPTIMIZER_LABELS)}")
-            if o not in self.betas or not self.betas[o]:
-                raise ValueError(f"betas must give a non-empty β grid for optimizer {o!r}")
-            if any(not (b > 0 and math.isfinite(b)) for b in self.betas[o]):
-                raise ValueError(f"betas[{o!r}] must be positive and finite, got {self.betas[o]}")
-            if o not in self.curve_betas:
-                raise ValueError(f"curve_betas must give the β of the {o!r} curves")
+            if o not in self.hypergrad_lrs or not self.hypergrad_lrs[o]:
+                raise ValueError(f"hypergrad_lrs must give a non-empty β grid for optimizer {o!r}")
+            if any(not (b > 0 and math.isfinite(b)) for b in self.hypergrad_lrs[o]):
+                raise ValueError(f"hypergrad_lrs[{o!r}] must be positive and finite, got {self.hypergrad_lrs[o]}")
+            if o not in self.curve_hypergrad_lrs:
+                raise ValueError(f"curve_hypergrad_lrs must give the β of the {o!r} curves")
         if not self.alpha0s or any(not a > 0 for a in self.alpha0s):
             raise ValueError(f"alpha0s must be positive, got {self.alpha0s}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError(f"epochs and batch_size must be ≥ 1, got {self.epochs}, {self.batch_size}")
 
-    def beta_grid(self, optimizer: str) -> tuple[float, ...]:
-        """``(0, *betas[optimizer])`` sorted, and the curve β added if missing: 0 is the baseline."""
-        return tuple(sorted({0.0, *map(float, self.betas[optimizer]), float(self.curve_betas[optimizer])}))
+    def hypergrad_lr_grid(self, optimizer: str) -> tuple[float, ...]:
+        """``(0, *hypergrad_lrs[optimizer])`` sorted, and the curve β added if missing: 0 is the baseline."""
+        return tuple(sorted({0.0, *map(float, self.hypergrad_lrs[optimizer]), float(self.curve_hypergrad_lrs[optimizer])}))
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -190,7 +190,7 @@ def _register_kinds() -> None:
     sweep.register_cell_kind(sweep.CellKind(
         "hd.online", run_hd_cell, required=online.required, check=online.check, cost=online.cost,
         summary=online.summary, to_result=online.to_result, run_batch=run_hd_cells,
-        batch_axes=("lr", "beta"), params={**online.params, "nesterov_momentum": _number(0, 1)}))
+        batch_axes=("lr", "hypergrad_lr"), params={**online.params, "nesterov_momentum": _number(0, 1)}))
 
 
 _register_kinds()
@@ -208,7 +208,7 @@ def grid(config: Config, model: str, opt: str):
     if opt == "nesterov":
         fixed["nesterov_momentum"] = config.momentum
     return sweep.Grid(f"hd/{model}_{opt}", P, "hd.online", fixed=fixed,
-                      axes={"lr": [float(a) for a in config.alpha0s], "beta": [float(b) for b in config.beta_grid(opt)]})
+                      axes={"lr": [float(a) for a in config.alpha0s], "hypergrad_lr": [float(b) for b in config.hypergrad_lr_grid(opt)]})
 
 
 def _grid_runs(config: Config, out, model: str, opt: str) -> dict:
@@ -219,7 +219,7 @@ def _grid_runs(config: Config, out, model: str, opt: str) -> dict:
     out_ = {}
     for c in g.cells():
         r = sweep.to_result(recs[c.id])
-        out_[(model, opt, c.params["lr"], c.params["beta"])] = {
+        out_[(model, opt, c.params["lr"], c.params["hypergrad_lr"])] = {
             "lrs": r.lrs, "train_losses": r.train_losses, "eval_steps": r.eval_steps,
             "val_losses": r.val_losses, "val_accuracy": r.val_accuracy,
             "diverged_at": -1 if r.diverged_at is None else int(r.diverged_at),
@@ -259,12 +259,12 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
                 "num_params": problem.num_params, "steps": T, "steps_per_epoch": per_epoch}
         model_summary: dict[str, Any] = {"problem": info, "optimizers": {}}
         for opt in config.optimizers:
-            betas = config.beta_grid(opt)
-            cells = [[by_key[(model, opt, float(a), b)] for b in betas] for a in config.alpha0s]
-            A, B = len(config.alpha0s), len(betas)
+            hypergrad_lrs = config.hypergrad_lr_grid(opt)
+            cells = [[by_key[(model, opt, float(a), b)] for b in hypergrad_lrs] for a in config.alpha0s]
+            A, B = len(config.alpha0s), len(hypergrad_lrs)
             n_eval = max(len(c["eval_steps"]) for row in cells for c in row)
             arrays = {
-                "alpha0s": np.asarray(config.alpha0s, dtype=np.float64), "betas": np.asarray(betas),
+                "alpha0s": np.asarray(config.alpha0s, dtype=np.float64), "hypergrad_lrs": np.asarray(hypergrad_lrs),
                 "lrs": np.stack([_pad([c["lrs"] for c in row], T) for row in cells]),
                 "train_losses": np.stack([_pad([c["train_losses"] for c in row], T) for row in cells]),
                 "eval_steps": np.stack([_pad([c["eval_steps"] for c in row], n_eval) for row in cells]),
@@ -278,8 +278,8 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
             stem = f"{model}_{opt}"
             records.save(records.DataRecord({
                 "model": model, "optimizer": opt, "labels": OPTIMIZER_LABELS[opt],
-                "problem": problem.describe(), **info, "alpha0s": list(config.alpha0s), "betas": list(betas),
-                "curve_beta": config.curve_betas[opt], "objective": "train (Baydin et al.)",
+                "problem": problem.describe(), **info, "alpha0s": list(config.alpha0s), "hypergrad_lrs": list(hypergrad_lrs),
+                "curve_hypergrad_lr": config.curve_hypergrad_lrs[opt], "objective": "train (Baydin et al.)",
                 "lr_floor": None, "lr_max": config.lr_max, "momentum": config.momentum if opt == "nesterov" else None,
                 "final_val_loss": arrays["final_val_loss"], "final_val_accuracy": arrays["final_val_accuracy"],
                 "diverged_at": arrays["diverged_at"]}, arrays), out.data(stem))
@@ -294,7 +294,7 @@ def run(config: Config, out_dir, progress: bool = True) -> dict:
 
 
 def _optimizer_summary(a: dict, config: Config, opt: str) -> dict:
-    alpha0s, betas = a["alpha0s"], a["betas"]
+    alpha0s, hypergrad_lrs = a["alpha0s"], a["hypergrad_lrs"]
     E = a["final_val_loss"].copy()
     E[a["diverged_at"] >= 0] = np.nan
     base = E[:, 0]
@@ -315,14 +315,14 @@ def _optimizer_summary(a: dict, config: Config, opt: str) -> dict:
     # β that gave the lowest final loss from that α_0
     i = int(np.argmin(np.abs(np.log10(alpha0s) + 3)))
     behaviour = []
-    js = [list(betas).index(float(config.curve_betas[opt]))]
+    js = [list(hypergrad_lrs).index(float(config.curve_hypergrad_lrs[opt]))]
     if np.isfinite(hd[i]).any():
         js.append(1 + int(np.nanargmin(hd[i])))
     for j in dict.fromkeys(js):
         lrs = a["lrs"][i, j]
         lrs = lrs[np.isfinite(lrs)]
         peak = int(np.argmax(lrs))
-        behaviour.append({"alpha0": float(alpha0s[i]), "beta": float(betas[j]),
+        behaviour.append({"alpha0": float(alpha0s[i]), "hypergrad_lr": float(hypergrad_lrs[j]),
                           "which": "paper's β" if j == js[0] else "best β from this α_0",
                           "max_over_alpha0": float(lrs[peak] / alpha0s[i]), "peak_step": peak,
                           "final_over_alpha0": float(lrs[-1] / alpha0s[i]),
@@ -330,14 +330,14 @@ def _optimizer_summary(a: dict, config: Config, opt: str) -> dict:
     return {
         "lr_behaviour": behaviour,
         "best_baseline": None if ib is None else {"alpha0": float(alpha0s[ib[0]]), "val_loss": float(base[ib])},
-        "best_hd": None if ih is None else {"alpha0": float(alpha0s[ih[0]]), "beta": float(betas[1:][ih[1]]),
+        "best_hd": None if ih is None else {"alpha0": float(alpha0s[ih[0]]), "hypergrad_lr": float(hypergrad_lrs[1:][ih[1]]),
                                             "val_loss": float(hd[ih])},
         "hd_at_least_as_good": int(at_least_as_good.sum()), "cells_compared": int(cmp.sum()),
         "hd_diverged": int((a["diverged_at"][:, 1:] >= 0).sum()),
         "baseline_diverged": int((a["diverged_at"][:, 0] >= 0).sum()),
-        "smallest_beta": float(betas[1]),
-        "smallest_beta_improves": int(np.sum(smallest_beta[ok_small] < base[ok_small])),
-        "smallest_beta_compared": int(ok_small.sum()),
+        "smallest_hypergrad_lr": float(hypergrad_lrs[1]),
+        "smallest_hypergrad_lr_improves": int(np.sum(smallest_beta[ok_small] < base[ok_small])),
+        "smallest_hypergrad_lr_compared": int(ok_small.sum()),
         "hd_over_baseline_per_alpha0": {f"{alpha0s[i]:g}": (float(np.nanmin(hd[i]) / base[i])
                                                             if np.isfinite(base[i]) and np.isfinite(hd[i]).any()
                                                             else None) for i in range(len(alpha0s))},
@@ -356,9 +356,9 @@ def _markdown(summary: dict, config: Config):
                 f"{plain} / {hd_label}",
                 None if bb is None else bb["val_loss"], None if bb is None else bb["alpha0"],
                 None if bh is None else bh["val_loss"], None if bh is None else bh["alpha0"],
-                None if bh is None else bh["beta"],
+                None if bh is None else bh["hypergrad_lr"],
                 f"{s['hd_at_least_as_good']}/{s['cells_compared']}",
-                f"{s['smallest_beta_improves']}/{s['smallest_beta_compared']} (β={common.fmt(s['smallest_beta'], 2)})",
+                f"{s['smallest_hypergrad_lr_improves']}/{s['smallest_hypergrad_lr_compared']} (β={common.fmt(s['smallest_hypergrad_lr'], 2)})",
                 f"{s['baseline_diverged']} / {s['hd_diverged']}"])
         table = common.markdown_table(
             ["optimizer", "best plain E(w_T)", "at α_0", "best HD E(w_T)", "at α_0", "at β",
@@ -376,7 +376,7 @@ def _markdown(summary: dict, config: Config):
         lr_rows = []
         for opt, s in ms["optimizers"].items():
             for b in s["lr_behaviour"]:
-                lr_rows.append([OPTIMIZER_LABELS[opt][1], b["alpha0"], f"{common.fmt(b['beta'], 2)} ({b['which']})",
+                lr_rows.append([OPTIMIZER_LABELS[opt][1], b["alpha0"], f"{common.fmt(b['hypergrad_lr'], 2)} ({b['which']})",
                                 b["max_over_alpha0"], b["peak_step"], b["final_over_alpha0"], b["negative_fraction"]])
         lr_table = common.markdown_table(["α_t of", "α_0", "β", "max α_t / α_0", "at step", "α_T / α_0",
                                           "share α_t < 0"], lr_rows, align="lrlrrrr")
@@ -447,7 +447,7 @@ def make_figures(out_dir, models, optimizers) -> list:
             a, meta = arrs[opt], metas[opt]
             E = a["final_val_loss"].copy()
             E[a["diverged_at"] >= 0] = np.nan
-            xt = [_beta_label(b) for b in a["betas"]]
+            xt = [_beta_label(b) for b in a["hypergrad_lrs"]]
             yt = [_alpha_label(x) for x in a["alpha0s"]]
             plain, hd = OPTIMIZER_LABELS[opt]
             plotting.plot_heatmap(E, xt, yt, ax=axes[r, 0], xlabel=r"hyper-learning rate $\beta$",
@@ -470,8 +470,8 @@ def make_figures(out_dir, models, optimizers) -> list:
         cmap = plt.get_cmap("viridis")
         for c, opt in enumerate(optimizers):
             a, meta = arrs[opt], metas[opt]
-            betas = list(a["betas"])
-            jb = betas.index(float(meta["curve_beta"]))
+            hypergrad_lrs = list(a["hypergrad_lrs"])
+            jb = hypergrad_lrs.index(float(meta["curve_hypergrad_lr"]))
             plain, hd = OPTIMIZER_LABELS[opt]
             per_epoch = int(meta["steps_per_epoch"])
             with plotting.style():
@@ -489,7 +489,7 @@ def make_figures(out_dir, models, optimizers) -> list:
                         axes[2, c].plot(ev[ok], vl[ok], ls, color=colour, lw=1.0, marker=".", ms=3)
                 axes[0, c].set_yscale("symlog", linthresh=1e-6)
                 axes[0, c].set_ylabel(r"learning rate $\alpha_t$ (symlog)")
-                axes[0, c].set_title(f"{hd} (solid, $\\beta$ = {meta['curve_beta']:g}) vs {plain} (dashed)")
+                axes[0, c].set_title(f"{hd} (solid, $\\beta$ = {meta['curve_hypergrad_lr']:g}) vs {plain} (dashed)")
                 axes[1, c].set_yscale("log")
                 axes[1, c].set_ylabel("training loss (1-epoch avg.)")
                 axes[2, c].set_yscale("log")

@@ -48,7 +48,7 @@ class Config:
     n_val: int = 200
     hidden: tuple = (50, 50)
     lr: float = 0.05
-    betas: tuple = (("hd", 1e-3), ("rtho", 1e-5), ("marthe", 1e-4))
+    hypergrad_lrs: tuple = (("hd", 1e-3), ("rtho", 1e-5), ("marthe", 1e-4))
     Ks: tuple = (1, 10)
     threads: int = 1
 
@@ -141,11 +141,11 @@ def _ladder(config: Config, progress: bool) -> list[dict]:
     p = problems.mnist_mlp(n_train=config.n_train, n_val=config.n_val, hidden=config.hidden, seed=config.seed,
                            dtype=torch.float64)
     out = []
-    for method, beta in config.betas:
+    for method, beta in config.hypergrad_lrs:
         kw = {"mu": "auto"} if method == "marthe" else {}
-        r = online.run(p, method, lr=config.lr, steps=config.mnist_T, beta=beta, progress=progress, **kw)
+        r = online.run(p, method, lr=config.lr, steps=config.mnist_T, hypergrad_lr=beta, progress=progress, **kw)
         lad = analysis.horizon_ladder_online(r, p, Ks=tuple(config.Ks) + (None,))
-        out.append({"method": method, "beta": beta, "best": lad["best"], "Ks": lad["Ks"], "rows": lad["rows"],
+        out.append({"method": method, "hypergrad_lr": beta, "best": lad["best"], "Ks": lad["Ks"], "rows": lad["rows"],
                     "final_lr": r.final_lr, "final_val_loss": r.final_val_loss, "diverged_at": r.diverged_at})
     return out
 
@@ -174,7 +174,7 @@ def _run(config: Config, out_dir, progress: bool) -> dict:
                  None, None, PAPER["greedy"] / PAPER["optimal"], None])
     nqm_table = common.markdown_table(["case", "E L(w_0)", "greedy", "fixed", "optimal", "LRS-OPT from fixed",
                                        "LRS-OPT from greedy", "greedy/optimal", "greedy stationarity"], rows)
-    lrows = [[f"{r['method']} (β={r['beta']:g})"] + [r["rows"][k]["cosine"] for k in r["Ks"]] + [r["best"]] for r in ladder]
+    lrows = [[f"{r['method']} (β={r['hypergrad_lr']:g})"] + [r["rows"][k]["cosine"] for k in r["Ks"]] + [r["best"]] for r in ladder]
     Ks = ladder[0]["Ks"] if ladder else []
     ladder_table = common.markdown_table(["run"] + [f"cos K={k}" for k in Ks] + ["best K"], lrows)
     hl = cases["noisy_momentum"]["high_low_curvature_loss"]
@@ -201,7 +201,7 @@ def _run(config: Config, out_dir, progress: bool) -> dict:
                                                  "fixed_momentum", "lrsopt_status", "lrsopt_evaluations")}
                        for k, c in cases.items()},
                "checks": checks, "paper": PAPER,
-               "ladder": [{k: r[k] for k in ("method", "beta", "best", "Ks", "rows", "final_val_loss")} for r in ladder]}
+               "ladder": [{k: r[k] for k in ("method", "hypergrad_lr", "best", "Ks", "rows", "final_val_loss")} for r in ladder]}
     return common.write_summary(out, "Horizons: short-horizon bias on the NQM, and the horizon of online rules",
                                 [("Noisy quadratic model: final expected loss", nqm_table),
                                  ("Horizon ladder on MNIST (cosine with d⁽ᴷ⁾)", ladder_table)], summary, notes=notes)

@@ -18,7 +18,7 @@ What this experiment runs (``Config``; seeds s = ``seed``, ``seed`` + 1, …):
   :func:`hgtoolkit.batched.run_online_batch` per (seed, method): vmapped on a GPU, run by run
   on the CPU, where that is faster):
   HD (μ = 0), RTHO (μ = 1), MARTHE with fixed μ ∈ ``mus``, MARTHE with the adaptive μ — each on
-  the β grid ``betas`` — and MARTHE with μ and β adaptive (β_0 = 0) on the κ grid ``kappas``;
+  the β grid ``hypergrad_lrs`` — and MARTHE with μ and β adaptive (β_0 = 0) on the κ grid ``kappas``;
 - LRS-OPT on the first ``lrsopt_seeds`` seeds (:func:`hgtoolkit.lrsopt.optimize_schedule`, from
   the constant schedule η_t = ``lrsopt_init``, ``lrsopt_steps`` outer steps of
   ``lrsopt_optimizer``, minibatches resampled at every outer step, checkpointed: an interrupted
@@ -203,7 +203,7 @@ def _measured(summary: dict, specs: list[dict], config: Config) -> dict:
         n_div = sum(p["diverged"] > 0 for p in m["per_value"])
         if ok:
             spread.append(f"{label} {100 * (max(ok) - min(ok)):.1f} points over {len(ok)} non-diverging "
-                          f"{'β' if m['grid'] == 'beta' else 'κ'} ({n_div} with divergence)")
+                          f"{'β' if m['grid'] == 'hypergrad_lr' else 'κ'} ({n_div} with divergence)")
     lr = summary["lrsopt"]
     lr_txt = (f"; LRS-OPT {100 * lr['accuracy']['mean']:.1f} %" if lr.get("ran") and lr["accuracy"]["mean"]
               is not None else "")
@@ -238,7 +238,7 @@ def _markdown(summary: dict, config: Config, specs: list[dict]) -> tuple[list, l
     for spec in specs:
         m = summary["methods"][spec["label"]]
         b = m["best"]
-        rows.append([spec["label"], "—" if b is None else f"{'β' if spec['grid'] == 'beta' else 'κ'}="
+        rows.append([spec["label"], "—" if b is None else f"{'β' if spec['grid'] == 'hypergrad_lr' else 'κ'}="
                      f"{common.fmt(m['best_value'])}", _pm(b and b["accuracy"]),
                      _pm(b and b["val_loss"], pct=False),
                      f"{sum(p['diverged'] for p in m['per_value'])}/{len(seeds) * len(m['per_value'])}",
@@ -255,11 +255,11 @@ def _markdown(summary: dict, config: Config, specs: list[dict]) -> tuple[list, l
                      common.markdown_table(["method", "best", "val. accuracy (%)", "val. loss",
                                             "diverged runs (all β)", "s / run"], rows, align="llrrrr")))
 
-    heads = ["method"] + [common.fmt(v) for v in config.betas]
+    heads = ["method"] + [common.fmt(v) for v in config.hypergrad_lrs]
     grid_rows = [[s["label"]] + [_cell_text(p) for p in summary["methods"][s["label"]]["per_value"]]
-                 for s in specs if s["grid"] == "beta"]
+                 for s in specs if s["grid"] == "hypergrad_lr"]
     sections.append(("Validation accuracy (%) vs β (mean ± std over seeds; † = some seeds diverged)",
-                     common.markdown_table(heads, grid_rows, align="l" + "r" * len(config.betas))))
+                     common.markdown_table(heads, grid_rows, align="l" + "r" * len(config.hypergrad_lrs))))
     auto = [s for s in specs if s["grid"] == "kappa"]
     if auto:
         m = summary["methods"][AUTO_LABEL]
@@ -280,7 +280,7 @@ def _markdown(summary: dict, config: Config, specs: list[dict]) -> tuple[list, l
         arows = []
         for label, a in summary["analysis"].items():
             s = a["summary"]
-            arows.append([label, f"{'β' if a['grid'] == 'beta' else 'κ'}={common.fmt(a['value'])}",
+            arows.append([label, f"{'β' if a['grid'] == 'hypergrad_lr' else 'κ'}={common.fmt(a['value'])}",
                           s["one_step"]["cosine"], s["constant_lr"]["cosine"], s["full_horizon"]["cosine"],
                           s["full_horizon"]["sign_agreement"], s["lr_update"]["cosine"],
                           s["lr_update"]["sign_agreement"], a["replay_gap"]])
@@ -379,7 +379,7 @@ def make_figures(out_dir, config: Config | None = None) -> list:
                             ax=axes[0], title=f"(a) LRS-OPT schedules ({_outer(lrsopt)} outer steps)")
     s0 = seeds[0] if seeds else None
     _schedules_panel(axes[1], online, labels, best, lrsopt.get(s0), s0)
-    _accuracy_panel(axes[2], online, [l for l in labels if _grid(online[l]) == "beta"], rec, "beta")
+    _accuracy_panel(axes[2], online, [l for l in labels if _grid(online[l]) == "hypergrad_lr"], rec, "hypergrad_lr")
     fig.suptitle(f"MARTHE Sec. 5 reproduction: {_arch(meta0.get('problem', {}).get('hidden', []))} MLP, "
                  "SGD on MNIST, "
                  f"T = {len(next(iter(lrsopt.values())).final_lrs) if lrsopt else '?'} — optimised vs online "
@@ -473,7 +473,7 @@ def _schedules_panel(ax, online, labels, best, lrs_res, seed) -> None:
         if j is None or seed not in online[label]:
             continue
         meta, arr = online[label][seed]
-        sym = "β" if meta["grid"] == "beta" else "κ"
+        sym = "β" if meta["grid"] == "hypergrad_lr" else "κ"
         key = f"{label} ({sym}={meta['values'][j]:.0e})"
         lrs = arr["lrs"][j]
         schedules[key] = lrs[np.isfinite(lrs)]
@@ -509,9 +509,9 @@ def _accuracy_panel(ax, online, labels, rec, grid) -> None:
         if meta["name"] == "constant" and meta["final_val_accuracy"] is not None:
             refs.setdefault(meta["label"], []).append(meta["final_val_accuracy"])
     refs = {k: float(np.mean(v)) if isinstance(v, list) else v for k, v in refs.items()}
-    sym = r"\beta" if grid == "beta" else r"\kappa"
+    sym = r"\beta" if grid == "hypergrad_lr" else r"\kappa"
     plotting.plot_mean_vs_beta(values, curves, ax=ax, styles=styles, references=refs,
-                               xlabel=("hyper-learning rate $\\beta$" if grid == "beta"
+                               xlabel=("hyper-learning rate $\\beta$" if grid == "hypergrad_lr"
                                        else "step size $\\kappa$ of the adaptive $\\beta$"),
                                ylabel="final validation accuracy",
                                legend_top=True,

@@ -42,7 +42,7 @@ class Config:
     """Settings (module docstring). The paper's values are in :meth:`full`.
 
     Data and model: ``hidden``, ``n_train``, ``n_val``, ``batch_size``, ``data_seed``
-    (the split), ``steps`` = T. Online: ``lr`` = η_0, ``betas`` (β grid of HD, RTHO and MARTHE
+    (the split), ``steps`` = T. Online: ``lr`` = η_0, ``hypergrad_lrs`` (β grid of HD, RTHO and MARTHE
     with fixed β), ``mus`` (MARTHE's fixed μ values), ``adaptive_mu`` (MARTHE with adaptive μ
     on the β grid), ``kappas`` (κ grid of MARTHE with μ and β adaptive; empty: skip),
     ``n_seeds`` seeds from ``seed``. LRS-OPT: ``lrsopt_seeds`` (the first seeds; 0: skip),
@@ -65,7 +65,7 @@ class Config:
     data_seed: int = 0
     steps: int = 500
     lr: float = 0.1
-    betas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-4.0, 0.01, 0.5))
+    hypergrad_lrs: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-4.0, 0.01, 0.5))
     mus: tuple[float, ...] = (0.9, 0.99)
     adaptive_mu: bool = True
     kappas: tuple[float, ...] = tuple(float(10.0 ** e) for e in np.arange(-6.0, -1.99, 1.0))
@@ -109,7 +109,7 @@ class Config:
         seeds × 10 Adam steps (α = 0.02: the schedule moves as far as 20 steps of 0.01 did, at
         half the cost — each outer step is one exact hypergradient); all peers. What it takes
         with ``make demo``: docs/demo.md."""
-        return cls(steps=100, n_seeds=2, betas=(1e-3, 1e-2, 1e-1, 1.0), mus=(0.9,),
+        return cls(steps=100, n_seeds=2, hypergrad_lrs=(1e-3, 1e-2, 1e-1, 1.0), mus=(0.9,),
                    kappas=(1e-5, 1e-4, 1e-3), lrsopt_seeds=2, lrsopt_steps=10, lrsopt_optimizer="adam",
                    lrsopt_lr=0.02, eval_every=10, workers=common.default_workers())
 
@@ -119,7 +119,7 @@ class Config:
         2 β, no fixed μ, 1 κ, LRS-OPT 2 Adam steps on 1 seed, two peers; the online objective on
         the whole validation set, so that HD's and RTHO's estimates ARE the exact one-step and
         constant-LR references (what the tests check the analysis against)."""
-        return cls(hidden=(32,), n_train=800, n_val=200, steps=20, n_seeds=2, betas=(1e-2, 1.0),
+        return cls(hidden=(32,), n_train=800, n_val=200, steps=20, n_seeds=2, hypergrad_lrs=(1e-2, 1.0),
                    mus=(), kappas=(1e-3,), lrsopt_seeds=1, lrsopt_steps=2,
                    lrsopt_optimizer="adam", lrsopt_lr=0.01,
                    peers=(("constant", 0.1), ("exp_decay", 0.1)), eval_every=5, workers=1,
@@ -134,11 +134,11 @@ class Config:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if not self.lr >= 0 or not math.isfinite(self.lr):
             raise ValueError(f"lr must be ≥ 0, got {self.lr}")
-        for name in ("betas", "kappas"):
+        for name in ("hypergrad_lrs", "kappas"):
             if any(not (v > 0 and math.isfinite(v)) for v in getattr(self, name)):
                 raise ValueError(f"{name} must be positive and finite, got {getattr(self, name)}")
-        if not self.betas:
-            raise ValueError("betas must hold at least one β")
+        if not self.hypergrad_lrs:
+            raise ValueError("hypergrad_lrs must hold at least one β")
         if any(not 0 <= m <= 1 for m in self.mus):
             raise ValueError(f"mus must be in [0, 1], got {self.mus}")
         if not 0 <= self.lrsopt_seeds <= self.n_seeds:
@@ -161,14 +161,14 @@ class Config:
 # ----------------------------------------------------------------------------- what runs
 
 def method_specs(config: Config) -> list[dict]:
-    """The online methods: ``{label, slug, method, mu, grid ("beta" | "kappa"), values}``."""
+    """The online methods: ``{label, slug, method, mu, grid ("hypergrad_lr" | "kappa"), values}``."""
     specs = [{"label": "HD", "method": "hd", "mu": None},
              {"label": "RTHO", "method": "rtho", "mu": None}]
     specs += [{"label": f"MARTHE μ={m:g}", "method": "marthe", "mu": float(m)} for m in config.mus]
     if config.adaptive_mu:
         specs.append({"label": "MARTHE μ adaptive", "method": "marthe", "mu": "auto"})
     for s in specs:
-        s.update(grid="beta", values=tuple(config.betas))
+        s.update(grid="hypergrad_lr", values=tuple(config.hypergrad_lrs))
     if config.kappas:
         specs.append({"label": AUTO_LABEL, "method": "marthe", "mu": "auto", "grid": "kappa",
                       "values": tuple(config.kappas)})
@@ -208,9 +208,9 @@ def cell_params(config: Config, spec: dict, value: float, seed: int) -> dict:
     if spec["method"] == "marthe":
         cell["mu"] = spec["mu"]
     if spec["grid"] == "kappa":
-        cell.update(beta="auto", beta0=0.0, kappa=value)
+        cell.update(hypergrad_lr="auto", hypergrad_lr_init=0.0, kappa=value)
     else:
-        cell["beta"] = value
+        cell["hypergrad_lr"] = value
     return cell
 
 
@@ -238,7 +238,7 @@ def _problem_section(config: Config) -> dict:
 
 
 def _value_key(spec: dict) -> str:
-    return "kappa" if spec["grid"] == "kappa" else "beta"
+    return "kappa" if spec["grid"] == "kappa" else "hypergrad_lr"
 
 
 def grids(config: Config) -> dict:
@@ -293,7 +293,7 @@ def _label(params: dict) -> str:
     """The method label (:func:`method_specs`) of an online cell's settings."""
     if params["method"] != "marthe":
         return params["method"].upper()
-    if params.get("beta") == "auto":
+    if params.get("hypergrad_lr") == "auto":
         return AUTO_LABEL
     return "MARTHE μ adaptive" if params.get("mu") == "auto" else f"MARTHE μ={params['mu']:g}"
 
@@ -362,7 +362,7 @@ def run_analysis_cell(problem, params: dict, ctx):
     else:
         with divergence.recorded():  # expected here: the record says it (diverged_at, divergence)
             r, single = online.run(problem, **params, keep_params=False), True
-    sym, value = ("κ", params["kappa"]) if params.get("beta") == "auto" else ("β", params["beta"])
+    sym, value = ("κ", params["kappa"]) if params.get("hypergrad_lr") == "auto" else ("β", params["hypergrad_lr"])
     # float32: the replay (trajectory.make_step) and the online engine (jvp of the step) round
     # differently, and training amplifies it over T steps; the gap is measured and reported
     report = analysis.analyse_online(r, problem, label=f"{_label(params)} ({sym}={value:g})",
@@ -384,7 +384,7 @@ def _register_kinds() -> None:
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.online", run_online_cell, required=online.required, check=_online_check("max_batch"), cost=online.cost,
         summary=online.summary, to_result=online.to_result, run_batch=run_online_cells,
-        batch_axes=("beta", "kappa"),
+        batch_axes=("hypergrad_lr", "kappa"),
         params={**online.params, "max_batch": optional_int}))
     sweep.register_cell_kind(sweep.CellKind(
         "mnist.lrsopt", run_lrsopt_cell, required=lrsopt.required + ("base_seed",), check=lrsopt.check,
@@ -451,7 +451,7 @@ def _stacked(config: Config, spec: dict, seed: int, results: list) -> tuple[dict
         "values": np.asarray(spec["values"], np.float64),
         "lrs": np.stack([pad(r.lrs, T) for r in results]),
         "mus": np.stack([pad(r.mus, T) for r in results]),
-        "betas": np.stack([pad(r.betas, T) for r in results]),
+        "hypergrad_lrs": np.stack([pad(r.hypergrad_lrs, T) for r in results]),
         "hypergrads": np.stack([pad(r.hypergrads, T) for r in results]),
         "train_losses": np.stack([pad(r.train_losses, T) for r in results]),
         "eval_steps": evals,

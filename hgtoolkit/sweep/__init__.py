@@ -5,7 +5,7 @@ A study in this field is a grid — methods × β × μ × η₀ × seeds, plus 
 :class:`Grid` names a problem, a cell *kind* and the values to sweep::
 
     grid = Grid("beale_fig1", problem={"name": "beale"}, kind="online",
-                axes={"method": ["hd", "rtho"], "beta": [1e-7, 1e-6, 1e-5]},
+                axes={"method": ["hd", "rtho"], "hypergrad_lr": [1e-7, 1e-6, 1e-5]},
                 fixed={"lr": 1e-3, "steps": 500})
     report = sweep.run(grid, "results/beale_fig1")                  # in-process
     report = sweep.run(grid, "results/beale_fig1", executor="ray")  # local Ray, or address=…
@@ -36,7 +36,7 @@ not fix it, and is passed on to the run (online: minibatch order; LRS-OPT: the r
 
 Validation happens before any work: an unknown kind, key, method or problem, a negative β, μ
 outside [0, 1], an empty or non-list axis, repeated axis values, … raise ``ValueError`` naming
-the key (``axes.beta[1]``, ``fixed.mu``, ``problem.name``); every expanded cell is also checked
+the key (``axes.hypergrad_lr[1]``, ``fixed.mu``, ``problem.name``); every expanded cell is also checked
 as a whole (e.g. ``mu`` with ``method: hd``) by the kind's ``check``.
 
 The store (:class:`Store`), one directory per sweep::

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .. import records
-from ..errors import RENAMED
+from ..errors import OLD_NAMES
 from ..settings import Spec
 
 
@@ -81,7 +81,7 @@ class CellKind:
     to_result: Callable[[dict], Any] | None = None
     version: str = "1"
     run_batch: Callable[..., list] | None = None
-    batch_axes: tuple = ("seed", "beta")
+    batch_axes: tuple = ("seed", "hypergrad_lr")
 
 
 CELL_KINDS: dict[str, CellKind] = {}
@@ -131,7 +131,7 @@ class Cell:
     def batch_key(self) -> str:
         """Cells with equal keys differ only in their kind's ``batch_axes`` (default: seed and
         β): what a batched runner may vary."""
-        axes = CELL_KINDS[self.kind].batch_axes if self.kind in CELL_KINDS else ("seed", "beta")
+        axes = CELL_KINDS[self.kind].batch_axes if self.kind in CELL_KINDS else ("seed", "hypergrad_lr")
         rest = {k: v for k, v in self.params.items() if k not in axes}
         return canonical_json([self.kind, self.problem, rest])
 
@@ -250,7 +250,7 @@ class Grid:
 
         def norm(key: str, value: Any, loc: str) -> Any:
             if key not in kind.params:
-                new = RENAMED.get(key)
+                new = OLD_NAMES.get(key)
                 hint = f" ({key!r} was renamed {new!r}, docs/glossary.md)" if new in kind.params else ""
                 raise ValueError(f"{where}: {loc}: unknown key {key!r} for kind {kind.name!r}{hint}; "
                                  f"it takes {sorted(kind.params)}")
