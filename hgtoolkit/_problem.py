@@ -47,7 +47,11 @@ class Problem:
     ``batch_loss`` (optional, for batched online runs) is ``batch_loss(w, batch, b) -> (loss,
     b')`` with ``train_loss(w, t, b) == batch_loss(w, batch(t), b)``, and its ``metric_tensors``
     take b too; it has no ``val_batch``.
-    :func:`~hgtoolkit.problems.from_module` builds one from a ``torch.nn.Module``.
+    :func:`~hgtoolkit.problems.from_module` builds one from a ``torch.nn.Module``. A stateless
+    problem whose losses call a BatchNorm module in training mode (``functional_call``) writes its
+    running statistics in place, outside the training state: ``train`` and ``finite_difference``
+    refuse that with a ValueError, the exact modes cannot see it and drift from call to call
+    (docs/reliability.md); build such a model with ``from_module``.
 
     A loss may bring its derivatives in closed form: a callable with ``value_and_grad(w)``,
     ``value_grad_hessian(w)`` and ``hvp(hessian, v)`` (:class:`~hgtoolkit.problems.ClosedFormLoss`, what
