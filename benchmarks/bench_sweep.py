@@ -139,6 +139,9 @@ def main(argv=None) -> int:
           f"Ray no-op task {out['ray_noop_task_ms']:.2f} ms")
     print(f"records identical (local vs ray): {identical}")
     from hgtoolkit import records
+    sys.path.insert(0, str(HERE))
+    import common  # noqa: E402  (benchmarks/common.py: the date and machine, as every benchmark records them)
+    out["env"] = common.env_info(threads=1)
     records.atomic_write_json(args.json, out)
     print(f"wrote {args.json}")
     return 0
