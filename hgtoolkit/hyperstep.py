@@ -16,13 +16,14 @@ hypergradient). Closed form where the dynamics has one (:meth:`Dynamics.hyper_vj
 <hgtoolkit.dynamics.Dynamics.hyper_vjp>`: SGD's η and momentum, Adam's η, β1, β2), ``torch.func``
 otherwise; through Π the derivative is 0 where x' sits on a bound. Every update has the form
 w' = w − η d, so for θ = η it is G_η = −⟨v, d⟩: with SGD −∇L_t(w_t)·∇L_{t−1}(w_{t−1}),
-Baydin et al.'s HD hypergradient h_t (:func:`lr_hypergradient`; the online engine forms the same
-number in forward mode, z_t = ∂w_t/∂η = −d_{t−1}, :mod:`hgtoolkit.online`).
+Baydin et al.'s HD hypergradient h_t. The online engine (:mod:`hgtoolkit.online`) forms that
+number in forward mode (z_t = ∂w_t/∂η = −d_{t−1}, kept from the update; with μ > 0 the same
+tangent runs over many steps: RTHO, MARTHE); tests/test_towers.py holds SGD-, SGDN- and Adam-HD
+equal to the two-level towers built from this step.
 
 Built from this step: every level of a tower (:mod:`hgtoolkit.towers`: level k's hypergradient
-is :func:`hypergradient` of level k−1's last update, its update :func:`level_update`), the
-online engine's HD hypergradient (:func:`lr_hypergradient` of the direction it keeps) and HDM
-(:mod:`hgtoolkit.hdm`: the stepsize and momentum of its trial step, learnt by an AdaGrad level
+is :func:`hypergradient` of level k−1's last update, its update :func:`level_update`) and HDM
+(:mod:`hgtoolkit.hdm`: the stepsize and momentum of its trial step, learnt by one AdaGrad level
 projected onto [0, P_max] × [0, β_max]).
 
 ``t`` is the step index of the update, or ``{t: indices}`` for a state held as a list of
@@ -37,9 +38,8 @@ import torch
 
 from . import dynamics as _dynamics
 from . import fastpaths as _fastpaths
-from ._tree import tree_dot
 
-__all__ = ["level_update", "hypergradient", "lr_hypergradient", "plain_number"]
+__all__ = ["level_update", "hypergradient", "plain_number"]
 
 
 def plain_number(v: Any) -> Any:
@@ -139,8 +139,3 @@ def hypergradient(dynamics: _dynamics.Dynamics, state: dict, grad: Any, t: "int 
     # stepsize, gives as many entries, in order)
     return torch.stack(vals) if all(v.ndim == 0 for v in vals) else torch.cat([v.reshape(-1) for v in vals])
 
-
-def lr_hypergradient(cotangent: Any, direction: Any, dot=tree_dot) -> torch.Tensor:
-    r"""G_η = ⟨v, ∂w'/∂η⟩ = −⟨v, d⟩ of an update w' = w − η d whose direction d was kept (HD's
-    h_t with v = v_t and d = d_{t−1}); ``dot``: the inner product (per run for a batch)."""
-    return -dot(cotangent, direction)

@@ -533,3 +533,26 @@ def test_spec_text_roundtrip_and_structure():
                            "hyper=SGD(lr=0.0001)))")
     assert towers.SGD(lr=0.1, hyper=towers.SGD()).tuned == ("lr",)  # a zero momentum is not a hyperparameter
     json.dumps(tower.config())
+
+
+# ----------------------------------------------------------------------------- one step for HD and towers
+
+@pytest.mark.parametrize("optimizer,level", [
+    ("sgd", "sgd(lr=0.05)"),
+    (dynamics.SGD(momentum=0.9, nesterov=True), "sgd(lr=0.02, momentum=0.9, nesterov=true, tune=lr)"),
+    ("adam", "adam(lr=0.01, tune=lr)"),
+])
+def test_online_hd_is_the_two_level_tower_of_the_same_step(mlp64, optimizer, level):
+    # HD's h_t (online.Engine: forward mode, z_t = −d_{t−1}) is the level hypergradient of the
+    # one hyper-level step (hyperstep.hypergradient of the last update, θ = η): SGD-HD, SGDN-HD, Adam-HD
+    from hgtoolkit import online
+    T, beta = 25, 1e-3 if optimizer != "adam" else 1e-5  # β, the hyper-LR
+    tower = towers.parse(f"{level} / sgd(lr={beta})")
+    res = towers.run(mlp64, tower, T)
+    ref = online.run(mlp64, method="hd", optimizer=optimizer, lr=tower.lr, hypergrad_lr=beta, steps=T,
+                     objective="train", lr_floor=0.0)
+    lrs = res.history.lrs
+    assert abs(lrs[-1] - tower.lr) > 1e-3 * tower.lr  # the LR moved
+    np.testing.assert_allclose(lrs, np.asarray(ref.lrs), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(res.history.hypergrads(0)["lr"][1:], np.asarray(ref.hypergrads)[:T - 1],
+                               rtol=1e-9, atol=1e-300)

@@ -23,13 +23,18 @@ One training step t, given g_t = ∇L_t(w_t):
        Gᵏ_t = ∂L_t(w_t)/∂x_k = ⟨G^{k−1}_t, ∂x_{k−1}/∂x_k⟩   (k ≥ 1),
 
    the derivative of the current loss through exactly ONE previous step of the level below
-   (everything else of that step held fixed): one ``torch.func.vjp`` of level k−1's previous
-   update w.r.t. its hyperparameters, recomputed from that update's stored inputs, applied to
-   G^{k−1}_t (times φ'(x)). For the SGD learning rate ∂w_t/∂η = −g_{t−1}, so
-   G¹_t = −g_t·g_{t−1}: exactly HD (Baydin et al.). At t = 0 every Gᵏ_0 = 0.
+   (everything else of that step held fixed): :func:`hgtoolkit.hyperstep.hypergradient` of
+   level k−1's previous update w.r.t. its hyperparameters, from that update's stored inputs,
+   applied to G^{k−1}_t (times φ'(x); closed form where the dynamics has one). For the SGD
+   learning rate ∂w_t/∂η = −g_{t−1}, so G¹_t = −g_t·g_{t−1}: exactly HD (Baydin et al.).
+   At t = 0 every Gᵏ_0 = 0.
 2. top-down, every level's update, each using the values just produced by the level above:
 
-       x_k ← O_k(x_k, Gᵏ_t; hyperparameters φ(x_{k+1}))   (projected for k ≥ 1).
+       x_k ← O_k(x_k, Gᵏ_t; hyperparameters φ(x_{k+1}))   (projected for k ≥ 1),
+
+   :func:`hgtoolkit.hyperstep.level_update`. Every level is the same step (the one
+   :mod:`hgtoolkit.hdm` and, in forward mode, HD in :mod:`hgtoolkit.online` are built from):
+   a tower is a chain of it, as ``optax.inject_hyperparams`` chains optimizers.
 
    The base update of w comes last, so (as in HD) a learning rate is updated *before* the
    step that uses it.

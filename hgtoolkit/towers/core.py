@@ -1,7 +1,8 @@
 """The towers' functional core (:mod:`hgtoolkit.towers`, equations in its docstring): :func:`init`,
-:func:`step` — Gᵏ_t bottom-up (one vjp of each level's previous update), then every level's update
-top-down — :func:`hyperparameters` and :func:`state_divergence`. Pure functions over pytrees; a
-tower is any :class:`~hgtoolkit.towers.Any` (read through its ``levels``, ``tuned``, ``kind``)."""
+:func:`step` — Gᵏ_t bottom-up (the hypergradient of each level's previous update), then every
+level's update top-down, both the one hyper-level step of :mod:`hgtoolkit.hyperstep` —
+:func:`hyperparameters` and :func:`state_divergence`. Pure functions over pytrees; a tower is
+any :class:`~hgtoolkit.towers.Any` (read through its ``levels``, ``tuned``, ``kind``)."""
 from __future__ import annotations
 
 import math
@@ -142,8 +143,8 @@ def _hypergrad(levels: tuple[Any, ...], k: int, state: dict, cot: Any, t: int,
 def step(tower: Any, state: dict, grad: Any, t: int, lr_scale: Any = None,
          cotangent: Any = None, counts: "list[int] | None" = None, differentiable: bool = True,
          out_w: Any = None, guard: Callable | None = None) -> dict:
-    r"""One tower step (module docstring): Gᵏ_t bottom-up (one vjp of each level's previous
-    update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
+    r"""One tower step (module docstring): Gᵏ_t bottom-up (the hypergradient of each level's
+    previous update), then x_k ← O_k(x_k, Gᵏ_t; φ(x_{k+1})) top-down. Pure: returns a new state.
 
     ``grad`` = g_t = ∇L_t(w_t) (same structure as w); ``t`` = 0-based step index; ``lr_scale``
     (optional) multiplies the base LR used at this step; ``cotangent`` (optional, default

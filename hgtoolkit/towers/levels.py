@@ -317,7 +317,7 @@ class TowerDynamics(_dynamics.Dynamics):
     the schedule c = (1, …, 1) ``trajectory.train`` runs the tower as specified, and
     ``exact.hypergradient(problem, torch.ones(T), tower.dynamics())`` gives
     ∂E(w_T)/∂c_t: the effect of nudging the learnt LR at step t, *including* how the tower
-    reacts afterwards (reverse mode differentiates through the tower's own vjps).
+    reacts afterwards (reverse mode differentiates through the tower's own hypergradients).
     """
 
     tower: Level = None  # type: ignore[assignment]
