@@ -155,27 +155,24 @@ def _cpu_key() -> str:
 
 def _build(cc: str, flags: list[str]) -> Path | None:
     key = hashlib.sha256("\0".join([SOURCE, cc, *flags, platform.machine(), _cpu_key()]).encode()).hexdigest()[:16]
-    try:
-        root = cache_dir()
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        root = Path(tempfile.gettempdir()) / "hgtoolkit-native"
-        root.mkdir(parents=True, exist_ok=True)
-    lib = root / f"fixedpoint-{key}.so"
-    if lib.exists():
-        return lib
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        src, out = Path(tmp) / "fixedpoint.c", Path(tmp) / "fixedpoint.so"
-        src.write_text(SOURCE)
+    for root in (cache_dir(), Path(tempfile.gettempdir()) / "hgtoolkit-native"):
+        lib = root / f"fixedpoint-{key}.so"
+        if lib.exists():
+            return lib
         try:
-            done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
-                                  capture_output=True, timeout=120)
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                src, out = Path(tmp) / "fixedpoint.c", Path(tmp) / "fixedpoint.so"
+                src.write_text(SOURCE)
+                done = subprocess.run([cc, *flags, "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
+                                      capture_output=True, timeout=120)
+                if done.returncode != 0 or not out.exists():
+                    return None  # the compiler refused: another root would not help
+                os.replace(out, lib)  # atomic: a concurrent build of the same key writes the same bytes
+            return lib
         except (OSError, subprocess.SubprocessError):
-            return None
-        if done.returncode != 0 or not out.exists():
-            return None
-        os.replace(out, lib)  # atomic: a concurrent build of the same key writes the same bytes
-    return lib
+            continue  # a directory we cannot write: the next one
+    return None
 
 
 def _bind(path: Path) -> ctypes.CDLL:
@@ -206,6 +203,11 @@ def library() -> ctypes.CDLL | None:
                 break
             except OSError:
                 continue
+    if lib is None and os.environ.get("HGTOOLKIT_NATIVE", "1") != "0":
+        import warnings
+        warnings.warn("mode='reversible': no working C compiler (set CC=...), so the fixed-point kernels run "
+                      "as torch operations: the same numbers, ≈ 10× slower (docs/memory.md)", RuntimeWarning,
+                      stacklevel=3)
     _LIB["lib"] = lib
     return lib
 
