@@ -110,7 +110,8 @@ class Leaves:
         """The last part of every update: w' = w − η d and its tangent dw' = scale·(dw − η dd)
         − dη d (``None`` tangents are zero, ``scale=None`` one), leaf by leaf into ``o("w")``
         and ``do("w")``: (new w leaves, tangent leaves)."""
-        return self.new_w(lr, d), self.new_w_tangent(lr, d, dw, dd, dlr, scale)
+        new = [_axpy(p, lr, x, o) for p, x, o in zip(self.leaves["w"], d, self.o("w"))]
+        return new, _step_w_tangent(lr, d, dw, dd, dlr, scale, self.do("w"))
 
     def new_w(self, lr: Any, d: list) -> list:
         """w' = w − η d, leaf by leaf (one ``addcmul`` each) into ``o("w")``."""

@@ -48,39 +48,42 @@ class Buffers(_dynamics.Leaves):
 
     def __init__(self, state: dict, out: dict | None = None, dout: dict | None = None,
                  keep: dict | None = None):
-        super().__init__(state, fused=True, keep=keep)
+        _dynamics.Leaves.__init__(self, state, True, keep)
         self.out = {} if out is None else {k: flatten(v)[0] for k, v in out.items()}
         self.dout = {} if dout is None else {k: flatten(v)[0] for k, v in dout.items()}
 
     def o(self, key: str) -> list:
-        return self.out.get(key) or super().o(key)
+        return self.out.get(key) or [None] * len(self.leaves["w"])
 
     def do(self, key: str) -> list:
-        return self.dout.get(key) or super().do(key)
+        return self.dout.get(key) or [None] * len(self.leaves["w"])
 
-    def new_w(self, lr: Any, d: list) -> list:
-        """w' = w − η d; in place (the buffers are w itself, several leaves of one dtype and
-        device): one tensor-list kernel for all leaves, the per-leaf kernels' numbers."""
+    def descend(self, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any,
+                scale: Any) -> tuple[list, list]:
+        """w' = w − η d and dw' = scale·(dw − η dd) − dη d (:meth:`Leaves.descend`); in place
+        where the buffers are w (and dw) themselves and the leaves are several of one dtype and
+        device: one tensor-list kernel for all leaves instead of one kernel per leaf (w'), three
+        for the tangent (μ A_t z + B_t of a single run), the per-leaf kernels' numbers."""
         w = self.leaves["w"]
-        if not (_one_kind(w) and all(o is p for o, p in zip(self.o("w"), w))):
-            return super().new_w(lr, d)
-        return _subtract_in_place(w, lr, d)
-
-    def new_w_tangent(self, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any) -> list:
-        """dw' = scale·(dw − η dd) − dη d; in place into dw (μ A_t z + B_t of a single run: the
-        buffers are dw itself) as three tensor-list kernels, the per-leaf kernels' numbers."""
-        if not (dw is not None and dd is not None and dlr is not None and _one_kind(dw)
-                and all(x is not None and o is x for o, x in zip(self.do("w"), dw))
-                and all(x is not None for x in dd)):
-            return super().new_w_tangent(lr, d, dw, dd, dlr, scale)
+        if len(w) < 2:  # nothing to gather into one kernel
+            return _dynamics.Leaves.descend(self, lr, d, dw, dd, dlr, scale)
+        w_here = _one_kind(w) and all(o is p for o, p in zip(self.o("w"), w))
+        z_here = (dw is not None and dd is not None and dlr is not None and _one_kind(dw)
+                  and all(x is not None and o is x for o, x in zip(self.do("w"), dw))
+                  and all(x is not None for x in dd))
+        new = _subtract_in_place(w, lr, d) if w_here else self.new_w(lr, d)
+        if not z_here:
+            return new, self.new_w_tangent(lr, d, dw, dd, dlr, scale)
         _subtract_in_place(dw, lr, dd)
         if scale is not None and not _is_one(scale):
             torch._foreach_mul_(dw, scale)
-        return _subtract_in_place(dw, dlr, d)
+        return new, _subtract_in_place(dw, dlr, d)
 
     def build_into(self, per_key: dict, into: dict, keys: Any = None) -> dict:
         """:meth:`Leaves.build`, every leaf of a key with buffers ending up in its buffer
         (written there by the update already, else copied or zeroed)."""
+        if not into:
+            return self.build(per_key, keys)
         out = {}
         for k in (per_key if keys is None else keys):
             bufs = into.get(k)
@@ -193,7 +196,7 @@ class Plan:
     def hypergradient(self, v: Any, z_w: Any, dtype: torch.dtype, share: Any = None) -> torch.Tensor:
         """h = v·z_w in ``dtype`` (+ ``share``, a stateful model's buffers part, in the same
         convention) for the z the state holds: negated with ``direction_as_z`` (z = d = −z_{t+1})."""
-        h = self.dot(v, z_w).to(dtype)
+        h = (self.dot(v, z_w) if self.rows else tree_dot(v, z_w)).to(dtype)
         if share is not None:
             h = h + share.to(h.dtype)
         return -h if self.direction_as_z else h
