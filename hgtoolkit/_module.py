@@ -115,9 +115,10 @@ def _rng_states(device: torch.device) -> list:
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device):
+def seeded(seed: int | None, device: torch.device):
     """torch's default generators (CPU, and ``device``'s) seeded by ``seed`` inside, the
-    caller's states restored after; nothing for None."""
+    caller's states restored after; nothing for None. What a :class:`~hgtoolkit.problems.Problem`
+    with ``rng_seed`` runs its ``batch_loss`` under (``rng_seed(t)``: the draws of step t)."""
     if seed is None:
         yield
         return
@@ -215,9 +216,10 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
     mode. Other buffers must be constants (one written in a forward pass is refused). Random
     draws in the forward pass (dropout) are a pure function of (seed, t). A module without
     running statistics and randomness gives a plain problem with ``batch``/``batch_loss``/
-    ``val_batch`` (batched runs); a stateful one without randomness has ``batch`` and
-    ``batch_loss(w, x, b) -> (loss, b')`` (batched runs carry b per row); a model that draws
-    has none. The module itself is never modified
+    ``val_batch`` (batched runs); a stateful one has ``batch`` and ``batch_loss(w, x, b) ->
+    (loss, b')`` (batched runs carry b per row); a model that draws has ``rng_seed(t)`` too
+    (its ``batch_loss`` run under ``seeded(rng_seed(t))`` is ``train_loss``) and no
+    ``val_batch``. The module itself is never modified
     (docs/models.md)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -266,7 +268,7 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
             "online.run and towers.run carry them (docs/models.md)")
 
     def val_forward(params, buffers):
-        with _seeded(_step_seed(seed, -1) if random and val_mode == "train" else None, device):
+        with seeded(_step_seed(seed, -1) if random and val_mode == "train" else None, device):
             return call(eval_t, params, buffers, val_data[:-1])
 
     def val_loss(params, buffers=missing):
@@ -320,8 +322,10 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
         def check_draws(t):
             if _in_vmap():
                 raise ValueError(f"problem {name!r} draws random numbers in its forward pass (e.g. "
-                                 "dropout): batched runs (vmap) are not supported for it; run each "
-                                 "schedule on its own")
+                                 "dropout): train_loss(w, t) cannot seed them inside vmap; vmap "
+                                 "batch_loss(w, batch(t)) with randomness='same' under "
+                                 "seeded(rng_seed(t)) instead, rows grouped by seed (as "
+                                 "hgtoolkit.batched does)")
             return _step_seed(bseed, t)
 
         if buffers0 is None and not random:
@@ -329,25 +333,24 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
                 return batch_loss(params, batch(t))
         elif buffers0 is None:
             def train_loss(params, t):
-                with _seeded(check_draws(t), device):
+                with seeded(check_draws(t), device):
                     return batch_loss(params, batch(t))
         else:
             def train_loss(params, t, buffers=missing):
                 """(L_t, b_{t+1}): the forward pass of minibatch t from the buffers b_t."""
                 if buffers is missing:
                     refuse("train_loss(w, t)")
-                with _seeded(check_draws(t) if random else None, device):
+                with seeded(check_draws(t) if random else None, device):
                     return stateful_batch_loss(params, batch(t), buffers)
 
         plain = buffers0 is None and not random
-        batched = not random  # a vmap over runs needs the same draws per row: none at all
         extra = {} if plain else {"buffers": sorted(buffers0 or {}), "random": random, "val_mode": val_mode}
         return Problem({k: v.clone() for k, v in params0.items()}, train_loss, val_loss, name=name,
                        metrics=metric_values, resample=make,
                        info={**(info or {}), "batch_size": batch_size, "batch_seed": bseed,
                              "steps_per_epoch": order.per_epoch, **extra},
-                       batch=batch if batched else None,
-                       batch_loss=(batch_loss if plain else stateful_batch_loss) if batched else None,
+                       batch=batch, batch_loss=stateful_batch_loss if buffers0 is not None else batch_loss,
+                       rng_seed=(lambda t: _step_seed(bseed, t)) if random else None,
                        metric_tensors=metric_tensors, val_batch=val_batch if plain else None,
                        buffers0=None if buffers0 is None else {k: v.clone() for k, v in buffers0.items()})
 

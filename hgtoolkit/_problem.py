@@ -53,6 +53,11 @@ class Problem:
     refuse that with a ValueError, the exact modes cannot see it and drift from call to call
     (docs/reliability.md); build such a model with ``from_module``.
 
+    ``rng_seed(t)`` (optional, with ``batch_loss``): the seed of step t's random draws (a model
+    with dropout): ``train_loss(w, t)`` is ``batch_loss(w, batch(t))`` run with torch's default
+    generators seeded by ``rng_seed(t)``, a pure function of (seed, t); a batched run seeds them
+    so, outside ``vmap``, for the rows that share a seed (docs/models.md).
+
     A loss may bring its derivatives in closed form: a callable with ``value_and_grad(w)``,
     ``value_grad_hessian(w)`` and ``hvp(hessian, v)`` (:class:`~hgtoolkit.problems.ClosedFormLoss`, what
     :func:`~hgtoolkit.problems.from_function` gives the test functions) is differentiated by those instead of
@@ -73,6 +78,7 @@ class Problem:
     val_is_train: bool = False
     rowwise: bool = False
     buffers0: Any = None
+    rng_seed: Callable[[int], int] | None = None
     _initial: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +89,10 @@ class Problem:
         if (self.batch is None) != (self.batch_loss is None):
             raise TypeError("batch and batch_loss go together: give both (train_loss(w, t) == "
                             "batch_loss(w, batch(t))) or neither")
-        for name in ("batch", "batch_loss", "metric_tensors", "val_batch"):
+        if self.rng_seed is not None and self.batch_loss is None:
+            raise TypeError("rng_seed goes with batch/batch_loss: train_loss(w, t) == batch_loss(w, "
+                            "batch(t)) with torch's generators seeded by rng_seed(t)")
+        for name in ("batch", "batch_loss", "metric_tensors", "val_batch", "rng_seed"):
             if getattr(self, name) is not None and not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be callable or None")
         leaves = tree_leaves(self.params0)

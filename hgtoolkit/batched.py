@@ -18,7 +18,10 @@ functions, any deterministic problem) the loss ``train_loss(w, t)`` itself is sh
 w is vmapped. The hyper-update (clipping, the μ and β rules, divergence) is part of the
 vmapped step: nothing runs run by run. A stateful problem (``buffers0``) with
 ``batch_loss(w, x, b) -> (loss, b')`` carries its buffers b^r_t and their tangent per row
-(:class:`_BufferedStack`, docs/models.md).
+(:class:`_BufferedStack`, docs/models.md). A problem that draws random numbers (``rng_seed``:
+dropout) has its rows grouped by the seed of step t's draws: each group's step is one vmapped
+call with ``randomness="same"``, torch's generators seeded by ``rng_seed(t)`` outside the
+``vmap`` (:meth:`_Stack.drawn`), so every row draws the masks of its own single run.
 
 Divergence is per run: a run whose loss, h, η, β or parameters go bad is recorded as diverged
 at the same step, with the same arrays, as :func:`online.run` would record, and is removed
@@ -35,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -47,6 +51,7 @@ from . import marthe as _marthe
 from . import online as _online
 from . import settings
 from .drive import BufferShare, Oracle, closing_update, drive
+from ._module import seeded
 from .settings import OnlineSettings
 from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_dot, tree_flatten, tree_map, tree_unflatten
 from .trajectory import float_leaves, rowwise_gradient_hvp
@@ -123,10 +128,10 @@ def _group_key(problem, cfg, dyn, T, eval_every, val_bs) -> str:
         shared = f"rows:{problem.val_is_train}"
     else:
         shared = f"fn:{problem.name}"
-    buffers = None
+    buffers = None if problem.rng_seed is None else "draws"
     if problem.stateful:
         bl, bspec = tree_flatten(problem.buffers0)
-        buffers = [str(bspec), [(tuple(x.shape), str(x.dtype)) for x in bl]]
+        buffers = [buffers, str(bspec), [(tuple(x.shape), str(x.dtype)) for x in bl]]
     return json.dumps([dyn.config(), T, eval_every, val_bs, cfg.objective, cfg.hd_gradient, rule,
                        shared, str(spec), shapes, problem.metrics is not None, buffers], default=str)
 
@@ -250,7 +255,8 @@ def _by_segments(segs: list, fn: Callable, *stacks):
 def batching_pays(problem) -> bool:
     """Does a vmapped (or native) batch beat a loop of single runs for this problem (measured:
     :func:`run_online_batch`)? A row-wise problem, or a model on a GPU that has ``batch_loss``
-    (a stateful one too: its buffers b and their tangent are carried per row)."""
+    (a stateful one too: its buffers b and their tangent are carried per row; one that draws
+    random numbers as one vmapped call per seed)."""
     if problem.stateful and problem.batch_loss is None:
         return False
     return bool(problem.rowwise) or problem.device.type != "cpu"
@@ -329,8 +335,32 @@ class _Stack:
     def gradient(self, W, Z, t):
         x = self.minibatch(t, self.active)
         if Z is None:
-            return (*self.v_grad(W, x), None)
-        return self.v_grad_hvp(W, Z, x)
+            return (*self.drawn(t, self.v_grad, W, x), None)
+        return self.drawn(t, self.v_grad_hvp, W, Z, x)
+
+    def drawn(self, t: int, fn: Callable, *rows):
+        r"""``fn(*rows)`` (stacked rows of the active runs) with step t's random draws: for a
+        problem with ``rng_seed``, the rows that share s = ``rng_seed(t)`` in one call of ``fn``
+        (vmapped with ``randomness="same"``) with torch's generators seeded by s outside it, so
+        each row draws what its single run draws; the results back in row order
+        (:func:`_run_batch` sorts the runs by seed, so a seed's rows are consecutive). Else
+        ``fn(*rows)``, untouched."""
+        if self.problem.rng_seed is None:
+            return fn(*rows)
+        groups: "OrderedDict[int, list]" = OrderedDict()
+        for i, run in enumerate(self.active):
+            groups.setdefault(run.problem.rng_seed(t), []).append(i)
+        device = self.problem.device
+        if len(groups) == 1:
+            with seeded(next(iter(groups)), device):
+                return fn(*rows)
+        parts, order = [], []
+        for s, idx in groups.items():
+            with seeded(s, device):
+                parts.append(fn(*_take(rows, torch.tensor(idx, device=device))))
+            order += idx
+        back = torch.as_tensor(order, device=device).argsort()  # identity while a seed's rows are consecutive
+        return tree_map(lambda *xs: torch.cat(xs).index_select(0, back), *parts)
 
     def objective(self, W, t, g, L):
         if self.engine.objective != "val":
@@ -411,8 +441,8 @@ class _BufferedStack(_Stack):
     under ``vmap``: (g, L, dg, b', db') = the jvp of (g_t, b_{t+1}) along (z_w, z_b) (forward
     over reverse), z_{t+1,b} = μ_t db', h_t with ⟨∇_b E, z_b⟩ (a
     :class:`~hgtoolkit.drive.BufferShare`). Integer buffers (``num_batches_tracked``) ride
-    along without a tangent. The vmapped functions need no draw inside: a model that draws
-    random numbers has no ``batch_loss``."""
+    along without a tangent. A model that draws random numbers (dropout) runs each step's
+    forward pass per seed group (:meth:`_Stack.drawn`)."""
 
     def __init__(self, *args) -> None:
         super().__init__(*args)
@@ -446,13 +476,16 @@ class _BufferedStack(_Stack):
             (g, nf), (dg, dnf), (value, ni) = torch.func.jvp(F, (w, bf), (z, zb), has_aux=True)
             return g, value, dg, nf, dnf, ni
 
-        self.v_forward = vmap(lambda w, x, bf, bi: (lambda g, a: (g, *a))(*forward(w, x, bf, bi)))
-        self.v_tangent = vmap(tangent)
-        self.v_val_grad = vmap(grad_and_value(lambda w, bf, bi: val_fn(w, join(bf, bi)), argnums=(0, 1)))
-        self.v_val = vmap(lambda w, bf, bi: val_fn(w, join(bf, bi)))
-        self.v_metrics = None if metric_fn is None else vmap(lambda w, bf, bi: metric_fn(w, join(bf, bi)))
+        rv = _randomness(P)
+        self.v_forward = vmap(lambda w, x, bf, bi: (lambda g, a: (g, *a))(*forward(w, x, bf, bi)), randomness=rv)
+        self.v_tangent = vmap(tangent, randomness=rv)
+        self.v_val_grad = vmap(grad_and_value(lambda w, bf, bi: val_fn(w, join(bf, bi)), argnums=(0, 1)),
+                               randomness=rv)
+        self.v_val = vmap(lambda w, bf, bi: val_fn(w, join(bf, bi)), randomness=rv)
+        self.v_metrics = None if metric_fn is None else vmap(lambda w, bf, bi: metric_fn(w, join(bf, bi)),
+                                                             randomness=rv)
         self.v_share = vmap(tree_dot)
-        self.v_loss = vmap(lambda w, x, bf, bi: loss_fn(w, x, join(bf, bi))[0])
+        self.v_loss = vmap(lambda w, x, bf, bi: loss_fn(w, x, join(bf, bi))[0], randomness=rv)
 
     def shares_functions(self, W) -> bool:
         """Every run's own E(w_0, b_0) and L_0(w_0, b_0) equal the shared functions' (as :func:`_run_batch`)."""
@@ -460,17 +493,17 @@ class _BufferedStack(_Stack):
             E0 = [float(r.problem.val_loss(r.problem.params0, r.problem.buffers0)) for r in self.active]
             L0 = [float(r.problem.train_loss(r.problem.params0, 0, r.problem.buffers0)[0]) for r in self.active]
             return (_same(E0, self.v_val(W, self.BF, self.BI).tolist(), self.problem.dtype)
-                    and _same(L0, self.v_loss(W, self.minibatch(0, self.active), self.BF, self.BI).tolist(),
-                              self.problem.dtype))
+                    and _same(L0, self.drawn(0, self.v_loss, W, self.minibatch(0, self.active), self.BF,
+                                             self.BI).tolist(), self.problem.dtype))
 
     def gradient(self, W, Z, t):
         x = self.minibatch(t, self.active)
         if Z is None:
-            g, value, nf, ni = self.v_forward(W, x, self.BF, self.BI)
+            g, value, nf, ni = self.drawn(t, self.v_forward, W, x, self.BF, self.BI)
             self._next = (nf, ni)
             return g, value, None
         zb = self.ZB if self.ZB is not None else [torch.zeros_like(b) for b in self.BF]
-        g, value, dg, nf, dnf, ni = self.v_tangent(W, Z, x, self.BF, zb, self.BI)
+        g, value, dg, nf, dnf, ni = self.drawn(t, self.v_tangent, W, Z, x, self.BF, zb, self.BI)
         self._next, self._dzb = (nf, ni), dnf
         return g, value, dg
 
@@ -520,6 +553,8 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     given = runs  # the results come back in this order
     if rows:
         runs = sorted(runs, key=lambda r: (hash(r.problem.train_loss), r.index))
+    elif P.rng_seed is not None:  # a seed's rows consecutive (_Stack.drawn)
+        runs = sorted(runs, key=lambda r: (r.problem.rng_seed(0), r.index))
     batch_map = (lambda f: f) if rows else vmap
     step_map = (lambda f, *args: f(*args)) if rows else _vmap_flat
     rules = {id(c.mu_rule): c.mu_rule for c in cfgs if c.mu_rule is not None}
@@ -539,13 +574,14 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
         v_val = lambda W: _by_segments(segs, lambda p, W: p.val_loss(W), W)
         v_loss = lambda W, x: _by_segments(segs, lambda p, W: p.train_loss(W, x), W)
     else:
-        v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim))
-        v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim))
-        v_grad_val = vmap(grad_and_value(P.val_loss))
-        v_val = vmap(P.val_loss)
-        v_loss = vmap(loss, in_dims=(0, x_dim))
+        rv = _randomness(P)
+        v_grad = vmap(grad_and_value(loss), in_dims=(0, x_dim), randomness=rv)
+        v_grad_hvp = vmap(_online.gradient_and_hvp(loss), in_dims=(0, 0, x_dim), randomness=rv)
+        v_grad_val = vmap(grad_and_value(P.val_loss), randomness=rv)
+        v_val = vmap(P.val_loss, randomness=rv)
+        v_loss = vmap(loss, in_dims=(0, x_dim), randomness=rv)
     v_grad_val_batch = vmap(grad_and_value(P.batch_loss)) if val_bs is not None else None
-    v_metrics = vmap(P.metric_tensors) if P.metric_tensors is not None else None
+    v_metrics = vmap(P.metric_tensors, randomness=_randomness(P)) if P.metric_tensors is not None else None
 
     def minibatch(t: int, active: list[_Run]):
         return _stack([r.problem.batch(t) for r in active]) if data else t
@@ -574,12 +610,12 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
     if P.stateful:
         if not data:
             raise ValueError(f"problem {P.name!r} is stateful (buffers0 set) and has no batch/batch_loss "
-                             "(e.g. a model that draws random numbers): its runs cannot share one vmapped "
-                             "step; run them with batch=False (one by one)")
+                             "(batch_loss(w, x, b) -> (loss, b')): its runs cannot share one vmapped "
+                             "step; give them, or run the cells with batch=False (one by one)")
         stack = _BufferedStack(engine, runs, segs, keep_params, val_bs, minibatch, None, None,
                                None, None, batch_map, step_map)
         if not stack.shares_functions(dyn.params(S.opt)):
-            return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
+            return _one_by_one(given, keep_params)
         return _results(given, stack, S, T, eval_every, progress, P, R)
     stack = _Stack(engine, runs, segs, keep_params, val_bs, minibatch, objective_grad, evaluate,
                    v_grad, v_grad_hvp, batch_map, step_map)
@@ -590,12 +626,32 @@ def _run_batch(runs: list[_Run], dyn, T: int, eval_every: int, val_bs: int | Non
         E0 = [float(r.problem.val_loss(r.problem.params0)) for r in runs]
         L0 = [float(r.problem.train_loss(r.problem.params0, 0)) for r in runs]
         if not (_same(E0, v_val(W).tolist(), P.dtype)
-                and _same(L0, v_loss(W, minibatch(0, runs)).tolist(), P.dtype)):
+                and _same(L0, stack.drawn(0, v_loss, W, minibatch(0, runs)).tolist(), P.dtype)):
             # the runs' problems differ beyond what batch(t) carries (e.g. a seed-dependent
             # validation set): they cannot share one function, so each runs on its own
-            return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
+            return _one_by_one(given, keep_params)
 
     return _results(given, stack, S, T, eval_every, progress, P, R)
+
+
+def _randomness(problem) -> str:
+    """``vmap``'s ``randomness``: "same" for a problem that draws (``rng_seed``: every row of a
+    call draws what one single run draws, the generators seeded outside), else "error"."""
+    return "error" if problem.rng_seed is None else "same"
+
+
+def _one_by_one(given: list, keep_params: bool) -> list:
+    """The runs of a chunk whose problems do not share the vmapped functions, each with
+    :func:`online.run` (exact); said with a warning for a problem that draws random numbers,
+    whose cells were meant to be batched."""
+    P = given[0].problem
+    if P.rng_seed is not None:
+        warnings.warn(f"run_online_batch: problem {P.name!r} draws random numbers and the vmapped step "
+                      "does not give every run its own E(w_0) and L_0(w_0) (its draws under vmap are not "
+                      "the single run's, e.g. a fused CUDA kernel, or the problems differ beyond their "
+                      "minibatches): its cells run one by one with online.run (docs/models.md)",
+                      RuntimeWarning, stacklevel=4)
+    return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
 
 
 def _results(given: list, stack: "_Stack", S, T: int, eval_every: int, progress: bool, P, R: int) -> list:

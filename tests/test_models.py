@@ -222,7 +222,8 @@ def test_dropout_only_model_replays_its_masks():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2)).to(F64)
     x, y = torch.randn(16, 4, dtype=F64), torch.randint(2, (16,))
     p = problems.from_module(model, CE, (x, y), (x, y), batch_size=4, seed=5)
-    assert not p.stateful and p.info["random"] and p.batch is None
+    assert not p.stateful and p.info["random"] and p.batch is not None and p.val_batch is None
+    assert p.rng_seed(2) == p.rng_seed(2) != p.resample(6).rng_seed(2) and p.rng_seed(2) != p.rng_seed(3)
     lrs = torch.full((9,), 0.3, dtype=F64)
     ref = exact.hypergradient(p, lrs).grad
     assert rel(exact.hypergradient(p, lrs, checkpoint=2).grad, ref) < 1e-12
@@ -257,7 +258,7 @@ def _same_online(a, b, tol=1e-12):
     assert a.steps_run == b.steps_run and a.diverged_at == b.diverged_at
     for key in ("lrs", "hypergrads", "train_losses", "val_losses"):
         x, y = getattr(a, key), getattr(b, key)
-        assert np.allclose(x, y, rtol=tol, atol=tol * np.nanmax(np.abs(y))), key
+        assert np.allclose(x, y, rtol=tol, atol=tol * np.nanmax(np.abs(y)), equal_nan=True), key
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
@@ -345,32 +346,51 @@ def test_baselines_carry_the_buffers(bn_dropout):
     assert np.allclose(q.train_losses, ref.train_losses.numpy(), rtol=1e-12, atol=0)
 
 
-def test_batched_stateful_runs_equal_single_runs(monkeypatch):
-    """A BatchNorm model without dropout has batch/batch_loss(w, x, b): its cells run as one
-    vmapped step with b and z_b per row, equal to online.run per cell (seeds, HD/RTHO/MARTHE,
-    the train objective, a run that diverges and leaves the batch); a model that draws has no
-    batch_loss, and batch=True says so."""
-    model = cnn(dropout=0)
+def dropout_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(25, 6), nn.Tanh(), nn.Dropout(0.4), nn.Linear(6, 3)).to(F64)
+
+
+@pytest.mark.parametrize("model,val_mode,diverging", [
+    (lambda: cnn(dropout=0), "eval", dict(lr=0.2, beta=30.0)),
+    (cnn, "eval", dict(lr=2.0, beta=30.0)),
+    (dropout_mlp, "train", dict(lr=0.2, beta=300.0)),
+], ids=["batchnorm", "batchnorm+dropout", "dropout,val-train"])
+def test_batched_stateful_and_random_runs_equal_single_runs(monkeypatch, model, val_mode, diverging):
+    """A BatchNorm model has batch/batch_loss(w, x, b), a model with dropout rng_seed(t) too: the
+    cells run as one vmapped step (b and z_b per row; the rows of a seed drawing its masks in one
+    call, randomness="same"), equal to online.run per cell (seeds 0, 1, 2 in one batch,
+    HD/RTHO/MARTHE, the train objective, a run that diverges and leaves the batch); with
+    val_mode="train" E draws its own masks inside the vmap."""
     tr, va = data()
-    p = problems.from_module(model, CE, tr, va, batch_size=8, seed=3)
-    assert p.stateful and p.batch is not None and p.val_batch is None
+    p = problems.from_module(model(), CE, tr, va, batch_size=8, seed=3, val_mode=val_mode)
+    assert p.batch is not None and p.val_batch is None
+    assert (p.rng_seed is not None) == p.info.get("random", False)
     kw = dict(lr=0.2, steps=8, optimizer="momentum")
     cells = [dict(method="hd", beta=1e-2, seed=1, **kw), dict(method="rtho", beta=1e-2, seed=0, **kw),
-             dict(method="rtho", beta=30.0, seed=1, **kw), dict(method="marthe", beta=1e-2, seed=2, **kw),
+             dict(method="rtho", seed=1, **{**kw, **diverging}), dict(method="marthe", beta=1e-2, seed=2, **kw),
              dict(method="marthe", mu=0.5, beta=1e-2, seed=0, **kw),
              dict(method="rtho", beta=1e-2, objective="train", **kw)]
     with pytest.warns(online.DivergenceWarning):
         single = [online.run(p.resample(c.get("seed", 0)), **c) for c in cells]
-    assert single[2].diverged_at is not None and all(r.diverged_at is None for r in single[:2])
+    assert 1 < single[2].diverged_at < 8 and all(r.diverged_at is None for r in single[:2])
     monkeypatch.setattr(online, "run", lambda *a, **k: pytest.fail("a cell ran one by one"))
     with pytest.warns(online.DivergenceWarning):
         res = batched.run_online_batch(p.resample, cells, batch=True)
     for r, s in zip(res, single):
         _same_online(r, s)
-    monkeypatch.undo()
-    q = problems.from_module(cnn(), CE, tr, va, batch_size=8)  # dropout: draws
-    with pytest.raises(ValueError, match="no batch/batch_loss"):
-        batched.run_online_batch(q.resample, cells[:1], batch=True)
+
+
+def test_batched_random_runs_fall_back_when_the_draws_differ():
+    """Problems whose draws the shared vmapped step cannot give (here E's masks: val_mode="train"
+    with each problem's own seed) run one by one, with a warning that says so, exactly."""
+    tr, va = data()
+    cells = [dict(problem=problems.from_module(dropout_mlp(), CE, tr, va, batch_size=8, seed=s, val_mode="train"),
+                  method="rtho", lr=0.2, beta=1e-2, steps=4, seed=0) for s in (0, 1)]
+    with pytest.warns(RuntimeWarning, match="draws random numbers.*one by one"):
+        res = batched.run_online_batch(None, cells, batch=True)
+    for r, c in zip(res, cells):
+        _same_online(r, online.run(**c), tol=0)
 
 
 def test_val_mode_train_reads_no_running_statistics():
