@@ -352,9 +352,9 @@ def dropout_mlp():
 
 
 @pytest.mark.parametrize("model,val_mode,diverging", [
-    (lambda: cnn(dropout=0), "eval", dict(lr=0.2, beta=30.0)),
-    (cnn, "eval", dict(lr=2.0, beta=30.0)),
-    (dropout_mlp, "train", dict(lr=0.2, beta=300.0)),
+    (lambda: cnn(dropout=0), "eval", dict(lr=0.2, hypergrad_lr=30.0)),
+    (cnn, "eval", dict(lr=2.0, hypergrad_lr=30.0)),
+    (dropout_mlp, "train", dict(lr=0.2, hypergrad_lr=300.0)),
 ], ids=["batchnorm", "batchnorm+dropout", "dropout,val-train"])
 def test_batched_stateful_and_random_runs_equal_single_runs(monkeypatch, model, val_mode, diverging):
     """A BatchNorm model has batch/batch_loss(w, x, b), a model with dropout rng_seed(t) too: the
@@ -367,10 +367,10 @@ def test_batched_stateful_and_random_runs_equal_single_runs(monkeypatch, model, 
     assert p.batch is not None and p.val_batch is None
     assert (p.rng_seed is not None) == p.info.get("random", False)
     kw = dict(lr=0.2, steps=8, optimizer="momentum")
-    cells = [dict(method="hd", beta=1e-2, seed=1, **kw), dict(method="rtho", beta=1e-2, seed=0, **kw),
-             dict(method="rtho", seed=1, **{**kw, **diverging}), dict(method="marthe", beta=1e-2, seed=2, **kw),
-             dict(method="marthe", mu=0.5, beta=1e-2, seed=0, **kw),
-             dict(method="rtho", beta=1e-2, objective="train", **kw)]
+    cells = [dict(method="hd", hypergrad_lr=1e-2, seed=1, **kw), dict(method="rtho", hypergrad_lr=1e-2, seed=0, **kw),
+             dict(method="rtho", seed=1, **{**kw, **diverging}), dict(method="marthe", hypergrad_lr=1e-2, seed=2, **kw),
+             dict(method="marthe", mu=0.5, hypergrad_lr=1e-2, seed=0, **kw),
+             dict(method="rtho", hypergrad_lr=1e-2, objective="train", **kw)]
     with pytest.warns(online.DivergenceWarning):
         single = [online.run(p.resample(c.get("seed", 0)), **c) for c in cells]
     assert 1 < single[2].diverged_at < 8 and all(r.diverged_at is None for r in single[:2])
@@ -386,7 +386,7 @@ def test_batched_random_runs_fall_back_when_the_draws_differ():
     with each problem's own seed) run one by one, with a warning that says so, exactly."""
     tr, va = data()
     cells = [dict(problem=problems.from_module(dropout_mlp(), CE, tr, va, batch_size=8, seed=s, val_mode="train"),
-                  method="rtho", lr=0.2, beta=1e-2, steps=4, seed=0) for s in (0, 1)]
+                  method="rtho", lr=0.2, hypergrad_lr=1e-2, steps=4, seed=0) for s in (0, 1)]
     with pytest.warns(RuntimeWarning, match="draws random numbers.*one by one"):
         res = batched.run_online_batch(None, cells, batch=True)
     for r, c in zip(res, cells):
