@@ -150,6 +150,7 @@ def cases(T: int, long: bool) -> list[tuple[str, str, dict]]:
             (f"binomial, snapshots={k}", "binomial", {"checkpoint": "binomial", "snapshots": k}),
             ("memory=200MB", "budget", {"memory": "200MB"}),
             ("memory=60MB, disk='tmp'", "disk", {"memory": "60MB", "disk": "tmp"}),
+            ("memory=200MB, disk='tmp'", "topup", {"memory": "200MB", "disk": "tmp"}),
             ("reversible (γ = 0.9)", "reversible", {})]
     return out
 
@@ -182,7 +183,7 @@ def rows_of(results: list[dict]) -> list[dict]:
             target, met = "≤ 1.25", ratio <= 1.25
             note += f"; buffer {m['buffer_bytes'] / 1e6:.1f} MB"
         rows.append(row(f"{label}, T={T}: time / floor", ratio, "×", target, met, note))
-        if m.get("recomputed_steps") is not None and m["mode"] in ("binomial", "every", "budget", "stored", "disk"):
+        if m.get("recomputed_steps") is not None and m["mode"] in ("binomial", "every", "budget", "stored", "disk", "topup"):
             # T steps with their graph + HVP, and the recomputed plain steps
             predicted = T * m["t_floor_step"] + m["recomputed_steps"] * m["t_train"]
             r = m["wall_s"] / predicted
@@ -298,7 +299,7 @@ def plot() -> Path | None:
     groups = {}
     for m in data:
         key = {"train": "training pass", "floor": "floor loop", "stored": "stored", "every": "every √T",
-               "binomial": "binomial", "budget": "memory=200MB", "disk": "memory=60MB + disk",
+               "binomial": "binomial", "budget": "memory=200MB", "disk": "memory=60MB + disk", "topup": "memory=200MB + disk",
                "reversible": "reversible"}[m["mode"]]
         groups.setdefault(key, []).append(m)
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--T", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--long", action="store_true", help="T = 10⁴: binomial and reversible only")
-    ap.add_argument("--only", nargs="+", default=None, help="modes to run (train floor stored every binomial budget disk "
+    ap.add_argument("--only", nargs="+", default=None, help="modes to run (train floor stored every binomial budget disk topup "
                                                                 "reversible)")
     ap.add_argument("--hidden", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)

@@ -46,6 +46,7 @@ import re
 import shutil
 import tempfile
 import weakref
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -55,7 +56,7 @@ import torch
 __all__ = ["MemoryBudgetError", "Footprint", "Plan", "parse_memory", "available_memory", "budget",
            "binomial_recomputations", "stored_plan", "every_plan", "binomial_plan", "choose", "plan",
            "run", "AUTO_FRACTION", "ALLOCATOR_SLACK", "reject_removed", "check_checkpoint", "fmt_bytes", "MemorySampler",
-           "DISK_REPEATS", "disk_target", "DiskBudget", "disk_budget", "DiskSnapshots"]
+           "DISK_REPEATS", "disk_target", "DiskBudget", "disk_budget", "DiskSnapshots", "disk_traffic", "measure_io"]
 
 #: ``memory="auto"``: this fraction of the device's free memory (cgroup limit included); the
 #: disk tier may use this fraction of its directory's free space.
@@ -280,16 +281,45 @@ def _with_disk(T: int, fp: Footprint, c_ram: int, disk: "DiskBudget | None", ask
     want = disk_target(T) if asked is None else asked
     if disk is None or c_ram >= want:
         return None
-    n_disk = want - max(c_ram, 0)
-    if asked is None:  # automatic: as many as the disk holds
-        n_disk = min(n_disk, disk.free // max(fp.state, 1))
-    p = binomial_plan(T, max(c_ram, 0), fp, n_disk)
+    c_ram = max(c_ram, 0)
+    n_disk = want - c_ram
+    if asked is None:  # automatic: as many as the disk holds, as few as the disk's cost favours
+        n_disk = _cheapest_disk(T, fp, c_ram, min(n_disk, disk.free // max(fp.state, 1)), disk)
+    p = binomial_plan(T, c_ram, fp, n_disk)
     if p.disk_bytes > disk.free:
         raise MemoryBudgetError(f"{p.describe()}: the disk snapshots need ≈ {fmt_bytes(p.disk_bytes)} in "
                                 f"{disk.where}, where {fmt_bytes(disk.free)} may be used "
                                 f"({AUTO_FRACTION:.0%} of the free space); free disk space, name another "
                                 "directory (disk=...) or ask for fewer snapshots")
     return p if p.snapshots + p.disk >= 1 else None
+
+
+def disk_traffic(p: Plan) -> tuple[int, int]:
+    """(snapshots written to disk, snapshots read back) by the actions of plan ``p``."""
+    import checkpoint_schedules as cs
+    writes = reads = 0
+    for a in p.actions():
+        if isinstance(a, cs.Forward) and a.write_ics and a.storage == cs.StorageType.DISK:
+            writes += 1
+        elif isinstance(a, (cs.Copy, cs.Move)) and a.from_storage == cs.StorageType.DISK:
+            reads += 1
+    return writes, reads
+
+
+def _cheapest_disk(T: int, fp: Footprint, c_ram: int, most: int, disk: "DiskBudget") -> int:
+    """Of 0 (if c_ram ≥ 1) or 1 … ``most`` disk snapshots (a geometric sample of them and
+    ``most``), the count whose schedule is predicted fastest: recomputed steps +
+    io_steps·(disk writes + reads), io_steps = one disk transfer in training steps
+    (``disk.io_steps()``; 0 or unknown: ``most``)."""
+    cost = disk.io_steps() if disk.io_steps is not None and most >= 1 else 0.0
+    if not cost:
+        return max(most, 0)
+    tried = sorted({most, *(max(1, round(most / 2 ** (k / 2))) for k in range(1, 16))} | ({0} if c_ram else set()))
+    scored = []
+    for n in tried:
+        p = binomial_plan(T, c_ram, fp, n)
+        scored.append((p.recomputed + cost * sum(disk_traffic(p)), -n, n))
+    return min(scored)[2]
 
 
 def choose(T: int, fp: Footprint, limit: int | None, shown: int | None = None,
@@ -410,12 +440,36 @@ def check_checkpoint(checkpoint: Any, snapshots: Any, disk: Any = None) -> None:
 
 @dataclass(frozen=True)
 class DiskBudget:
-    """Where disk snapshots go (``where``: the directory; ``directory``: None = a temporary one)
-    and the bytes they may take (``free``: AUTO_FRACTION of the free space there)."""
+    """Where disk snapshots go (``where``: the directory; ``directory``: None = a temporary one),
+    the bytes they may take (``free``: AUTO_FRACTION of the free space there), and ``io_steps``:
+    None, or a function giving the time of one snapshot's transfer (a write or a read, their
+    mean) in training steps, called only when the automatic choice weighs disk snapshots
+    against recomputation (:func:`measure_io`)."""
 
     directory: Path | None
     where: str
     free: int
+    io_steps: Callable[[], float] | None = None
+
+
+def measure_io(disk: DiskBudget, state: dict, step_seconds: float, device: Any = None) -> DiskBudget:
+    """``disk`` whose ``io_steps`` writes ``state`` (a training state) to disk once, reads it back
+    (as :class:`DiskSnapshots` does) and divides the mean time by ``step_seconds`` (one training
+    step's time); measured once, on first call."""
+    import time
+    seen: list[float] = []
+
+    def io_steps() -> float:
+        if not seen:
+            with DiskSnapshots(disk, device) as store:
+                t0 = time.perf_counter()
+                store.put(0, state)
+                t1 = time.perf_counter()
+                store.get(0, drop=True)
+                t2 = time.perf_counter()
+            seen.append((t2 - t0) / 2 / max(step_seconds, 1e-9))
+        return seen[0]
+    return dataclasses.replace(disk, io_steps=io_steps)
 
 
 def disk_budget(disk: Any) -> DiskBudget | None:

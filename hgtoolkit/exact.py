@@ -38,6 +38,7 @@ docs/performance.md, "Measurements behind the design choices").
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,9 +116,13 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress, disk=No
     device = lrs.device
     sampler = _ckpt.MemorySampler(device)
     losses = torch.empty(T, dtype=lrs.dtype, device=device)
+    started = time.perf_counter()
     first, fp = _probe(problem, dyn, s0)
+    probe_s = time.perf_counter() - started  # one step with its graph: the disk tier's unit of time
     limit, how = _ckpt.budget(memory, device)
     tier = _ckpt.disk_budget(disk)
+    if tier is not None:
+        tier = _ckpt.measure_io(tier, s0, probe_s, device)
     plan = _ckpt.plan(T, fp, checkpoint, snapshots, limit, tier)
     fbar = progress_bar(None, progress, desc="forward", total=T, leave=False)
     bar = progress_bar(None, progress, desc="backward", total=T, leave=False)

@@ -99,7 +99,7 @@ def test_disk_snapshots_are_bit_identical_to_stored_and_removed_afterwards(tmp_p
     auto = hypergradient(problem, lrs, "momentum", memory=budget, disk=True)  # chosen by the budget
     assert torch.equal(auto.grad, stored.grad)
     assert auto.schedule == "binomial" and auto.snapshots <= 2
-    assert auto.recomputed_steps == binomial_recomputations(T, checkpointing.disk_target(T))
+    assert auto.snapshots + auto.disk_snapshots <= checkpointing.disk_target(T)
     fits = hypergradient(problem, lrs, "momentum", checkpoint="binomial", snapshots=6, disk=True)
     assert fits.disk_snapshots == 0  # memory was not short: nothing went to disk
 
@@ -128,6 +128,27 @@ def test_the_disk_tier_is_checked_and_refused_when_the_disk_is_short():
         checkpointing.plan(100, fp, "binomial", 5, 15625, short)  # 1 snapshot in memory, 4 kB to disk
     p = checkpointing.plan(100, fp, "auto", None, 15625, short)  # automatic: as many as the disk holds
     assert p.kind == "binomial" and p.disk == 2 and p.snapshots == 1
+
+
+def test_the_automatic_disk_tier_weighs_disk_transfers_against_recomputation():
+    T, fp = 200, Footprint(state=1000, graph=3000)
+    limit = int(checkpointing.ALLOCATOR_SLACK * (fp.step + fp.work + 3.5 * fp.state))  # 3 snapshots in memory
+    target = checkpointing.disk_target(T)
+
+    def chosen(io):
+        return checkpointing.plan(T, fp, "auto", None, limit, checkpointing.DiskBudget(None, "x", 10 ** 9, lambda: io))
+
+    free = chosen(0.0)  # transfers cost nothing: the most snapshots, the least recomputation
+    assert (free.snapshots, free.disk) == (3, target - 3)
+    cheap, dear = chosen(0.5), chosen(1e4)
+    assert dear.disk < cheap.disk <= free.disk and dear.snapshots == 3
+
+    def predicted(p, io):
+        return p.recomputed + io * sum(checkpointing.disk_traffic(p))
+    for io, p in ((0.5, cheap), (1e4, dear)):  # no worse than the target or no disk at all
+        assert predicted(p, io) <= min(predicted(free, io), predicted(checkpointing.binomial_plan(T, 3, fp), io))
+    writes, reads = checkpointing.disk_traffic(free)
+    assert writes >= free.disk and reads >= free.disk  # each disk snapshot written and read at least once
 
 
 # ----------------------------------------------------------------------------- the budget
