@@ -10,7 +10,9 @@ the training state s_t = (w_t, b_t):
   (w_t, b_t). Any other buffer written in a forward pass is refused up front.
 - **randomness**: every torch random draw of the forward pass of step t (dropout, …) comes from
   the generator seeded by (seed, t) and the caller's RNG state is restored afterwards, so every
-  replay of step t draws the same masks.
+  replay of step t draws the same masks; ``nn.Dropout`` runs as :class:`FunctionalDropout`
+  (its mask by ``bernoulli_``: the same draw in and outside ``vmap``, on every device), and
+  ``rng_seed(t)`` lets a batched run seed the rows of each seed outside ``vmap``.
 
 The semantics are written out in docs/models.md.
 """
@@ -27,7 +29,7 @@ from torch.func import functional_call
 
 from ._problem import BatchOrder, Problem, resolve_device
 
-__all__ = ["from_module", "FunctionalBatchNorm"]
+__all__ = ["from_module", "FunctionalBatchNorm", "FunctionalDropout"]
 
 #: where FunctionalBatchNorm leaves the running statistics it computed (the innermost dict)
 _COLLECT: list[dict] = []
@@ -84,26 +86,53 @@ class FunctionalBatchNorm(nn.Module):
         return out
 
 
+class FunctionalDropout(nn.Module):
+    r"""``nn.Dropout`` with its mask drawn by ``bernoulli_`` on every device.
+
+    Training mode: y = x ⊙ m/(1 − p), m_i ~ Bernoulli(1 − p) drawn as
+    ``empty_like(x).bernoulli_(1 − p)``; y = x in eval mode or for p = 0 (no draw), 0·x for
+    p = 1. That is torch's own dropout on the CPU, number for number; on CUDA torch's layer is a
+    fused kernel whose draw ``vmap`` (``randomness="same"``) makes differently, while this one
+    draws the same mask in and outside ``vmap``, so batched runs see the single run's masks
+    there too (docs/models.md)."""
+
+    def __init__(self, layer: nn.Dropout):
+        super().__init__()
+        self.p = layer.p
+        self.train(layer.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.numel() == 0:
+            return x
+        if self.p == 1:
+            return x * torch.zeros((), dtype=x.dtype, device=x.device)
+        return x * torch.empty_like(x).bernoulli_(1 - self.p).div_(1 - self.p)
+
+
 def _functional_copy(model: nn.Module, device: torch.device) -> tuple[nn.Module, list[str]]:
     """A deep copy of ``model`` on ``device`` with every BatchNorm layer replaced by a
-    :class:`FunctionalBatchNorm`, and the names of the buffers those layers update."""
+    :class:`FunctionalBatchNorm` and every ``nn.Dropout`` by a :class:`FunctionalDropout`, and
+    the names of the buffers the BatchNorm layers update."""
     twin = copy.deepcopy(model).to(device)
     stateful: list[str] = []
     for name, mod in list(twin.named_modules()):
         if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
             raise ValueError(f"from_module: layer {name or '(root)'!r} ({type(mod).__name__}) is "
                              "lazy and not initialised yet; run one forward pass of the model first")
-        if type(mod) not in _DIMS:
+        if type(mod) is nn.Dropout:
+            new = FunctionalDropout(mod)
+        elif type(mod) in _DIMS:
+            prefix = f"{name}." if name else ""
+            new = FunctionalBatchNorm(mod, prefix)
+            if mod.track_running_stats:
+                stateful += [prefix + k for k in ("running_mean", "running_var", "num_batches_tracked")]
+        else:
             continue
-        prefix = f"{name}." if name else ""
-        fbn = FunctionalBatchNorm(mod, prefix)
-        if mod.track_running_stats:
-            stateful += [prefix + k for k in ("running_mean", "running_var", "num_batches_tracked")]
         if not name:
-            twin = fbn
+            twin = new
         else:
             parent, _, child = name.rpartition(".")
-            setattr(twin.get_submodule(parent), child, fbn)
+            setattr(twin.get_submodule(parent), child, new)
     return twin, stateful
 
 

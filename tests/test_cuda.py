@@ -80,3 +80,23 @@ def test_from_module_batchnorm_dropout_on_cuda():
             assert _rel(hypergradient(gpu, LRS.cuda(), "momentum", mode, **kw).grad, ref.grad) < 1e-10, mode
     cpu = problems.from_module(cnn(0.0), CE, tr, va, batch_size=8, seed=3)
     assert _rel(ref.grad, hypergradient(cpu, LRS, "momentum").grad) < 1e-9
+
+
+def test_batched_dropout_runs_on_cuda_equal_single_runs(monkeypatch):
+    """nn.Dropout drawn by from_module's FunctionalDropout (bernoulli_): on CUDA too the vmapped
+    step of a seed's rows draws the single run's masks, so the cells batch (no fallback) and
+    equal online.run per cell."""
+    import warnings
+    from hgtoolkit import batched
+    from test_models import CE, _same_online, cnn, data
+    tr, va = data()
+    p = problems.from_module(cnn(0.3), CE, tr, va, batch_size=8, seed=3, device="cuda")
+    cells = [dict(method=m, lr=0.2, hypergrad_lr=1e-2, steps=6, seed=s, optimizer="momentum")
+             for m, s in (("hd", 1), ("rtho", 0), ("marthe", 1))]
+    single = [online.run(p.resample(c["seed"]), **c) for c in cells]
+    monkeypatch.setattr(online, "run", lambda *a, **k: pytest.fail("a cell ran one by one"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        res = batched.run_online_batch(p.resample, cells, batch=True)
+    for r, s in zip(res, single):
+        _same_online(r, s)

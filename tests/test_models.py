@@ -166,6 +166,26 @@ def test_batchnorm_family_matches_torch(layer, shape):
     assert abs(float(r.value - ref)) < 1e-12 * max(1.0, abs(float(ref)))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.4, 1.0])
+def test_functional_dropout_is_torchs_on_the_cpu(p):
+    """from_module's copy draws nn.Dropout's mask with bernoulli_ (the same in and outside vmap,
+    on every device): on the CPU that is torch's own layer, output, gradient and RNG use, bit for
+    bit; in eval mode the identity."""
+    from hgtoolkit._module import FunctionalDropout, _functional_copy
+    layer = nn.Dropout(p)
+    twin, _ = _functional_copy(nn.Sequential(nn.Linear(3, 3), layer, nn.Dropout2d(0.5)), torch.device("cpu"))
+    assert type(twin[1]) is FunctionalDropout and type(twin[2]) is nn.Dropout2d
+    x = torch.randn(6, 5, 4, dtype=F64)
+    out = []
+    for f in (layer, twin[1]):
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(7)
+        y = f(xr)
+        out.append((y, torch.autograd.grad((y * x).sum(), xr)[0], torch.random.get_rng_state()))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+    assert torch.equal(twin[1].eval()(x), x)
+
+
 class Counter(nn.Module):
     def __init__(self):
         super().__init__()
