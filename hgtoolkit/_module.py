@@ -165,9 +165,12 @@ def _step_seed(seed: int, t: int) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
-def _in_vmap() -> bool:
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in stack)
+def _vmap_draws_differ() -> bool:
+    """Inside a ``vmap`` whose rows would not all draw the same numbers (``randomness`` other
+    than "same", at any level)?"""
+    C = torch._C._functorch
+    return any(i.key() == C.TransformType.Vmap and C.CVmapInterpreterPtr(i).randomness() != C.RandomnessType.Same
+               for i in C.get_interpreter_stack() or [])
 
 
 def _inspect(twin: nn.Module, sample: tuple, device: torch.device) -> bool:
@@ -349,12 +352,12 @@ def from_module(model: nn.Module, loss_fn: Callable, train_data: Any, val_data: 
             return tuple(x[idx] for x in val_data)
 
         def check_draws(t):
-            if _in_vmap():
+            if _vmap_draws_differ():
                 raise ValueError(f"problem {name!r} draws random numbers in its forward pass (e.g. "
-                                 "dropout): train_loss(w, t) cannot seed them inside vmap; vmap "
-                                 "batch_loss(w, batch(t)) with randomness='same' under "
-                                 "seeded(rng_seed(t)) instead, rows grouped by seed (as "
-                                 "hgtoolkit.batched does)")
+                                 "dropout): its train_loss(w, t) draws the masks of (seed, t), the "
+                                 "same for every row, so vmap it with randomness='same' (rows of one "
+                                 "run); runs of different seeds: vmap batch_loss(w, batch(t)) under "
+                                 "seeded(rng_seed(t)), rows grouped by seed, as hgtoolkit.batched does")
             return _step_seed(bseed, t)
 
         if buffers0 is None and not random:

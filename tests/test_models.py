@@ -237,6 +237,18 @@ def test_constant_buffers_and_datasets():
     assert torch.equal(exact.hypergradient(p, lrs).grad, exact.hypergradient(q, lrs).grad)
 
 
+def test_train_loss_of_a_model_that_draws_under_vmap():
+    """Every row of a vmap over one problem's train_loss draws the masks of (seed, t): allowed with
+    randomness="same", refused (ValueError naming the way out) where rows would draw apart."""
+    tr, va = data()
+    p = problems.from_module(dropout_mlp(), CE, tr, va, batch_size=8, seed=3)
+    W = {k: torch.stack([v, v]) for k, v in p.params0.items()}
+    same = torch.func.vmap(lambda w: p.train_loss(w, 2), randomness="same")(W)
+    assert torch.equal(same, p.train_loss(p.params0, 2).expand(2))
+    with pytest.raises(ValueError, match="randomness='same'.*rng_seed"):
+        torch.func.vmap(lambda w: p.train_loss(w, 2), randomness="different")(W)
+
+
 def test_dropout_only_model_replays_its_masks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(0.5), nn.Linear(6, 2)).to(F64)
@@ -337,11 +349,16 @@ def test_analysis_of_online_estimates_on_a_stateful_problem(bn_dropout):
     assert rep.summary["full_horizon"]["n_steps"] == 8
 
 
-def test_truncated_horizons_on_a_stateful_problem(bn_dropout):
+@pytest.mark.parametrize("stateful", [True, False], ids=["batchnorm+dropout", "dropout"])
+def test_truncated_horizons_on_a_stateful_problem(bn_dropout, stateful):
     """d⁽ᴷ⁾_t = ∂E(w_{t+K}, b_{t+K})/∂η_t: the exact hypergradient of the run cut after t + K
-    steps, the running statistics included; K = 1 is d⁽¹⁾ and K = T the hypergradient."""
+    steps, the running statistics included; K = 1 is d⁽¹⁾ and K = T the hypergradient. Without
+    buffers the columns are one vmap (randomness="same") of train_loss, every column drawing the
+    run's masks of (seed, t)."""
     from hgtoolkit import analysis, horizons
-    _, _, problem, _, _ = bn_dropout
+    _, _, problem, tr, va = bn_dropout
+    if not stateful:
+        problem = problems.from_module(dropout_mlp(), CE, tr, va, batch_size=8, seed=3)
     lad = horizons.truncated_ladder(problem, LRS, [1, 3, len(LRS)], "momentum")
     assert torch.equal(lad[len(LRS)], exact.hypergradient(problem, LRS, "momentum").grad)
     refs = analysis.exact_references(problem, LRS, "momentum")
