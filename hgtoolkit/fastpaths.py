@@ -63,15 +63,18 @@ class Buffers(_dynamics.Leaves):
         """w' = w − η d and dw' = scale·(dw − η dd) − dη d (:meth:`Leaves.descend`); in place
         where the buffers are w (and dw) themselves and the leaves are several of one dtype and
         device: one tensor-list kernel for all leaves instead of one kernel per leaf (w'), three
-        for the tangent (μ A_t z + B_t of a single run), the per-leaf kernels' numbers."""
+        for the tangent (μ A_t z + B_t of a single run), the per-leaf kernels' numbers; for
+        dη = −1 alone (HD's direction kept as z) the tangent is d itself."""
         w = self.leaves["w"]
-        if len(w) < 2:  # nothing to gather into one kernel
+        if len(w) < 2:  # one leaf: one kernel each way already
             return _dynamics.Leaves.descend(self, lr, d, dw, dd, dlr, scale)
         w_here = _one_kind(w) and all(o is p for o, p in zip(self.o("w"), w))
+        new = _subtract_in_place(w, lr, d) if w_here else self.new_w(lr, d)
+        if dw is None and dd is None and dlr is not None and _is_one(-dlr) and not self.dout:
+            return new, list(d)  # HD's direction as z: −B_t = d itself, no copy, no per-leaf loop
         z_here = (dw is not None and dd is not None and dlr is not None and _one_kind(dw)
                   and all(x is not None and o is x for o, x in zip(self.do("w"), dw))
                   and all(x is not None for x in dd))
-        new = _subtract_in_place(w, lr, d) if w_here else self.new_w(lr, d)
         if not z_here:
             return new, self.new_w_tangent(lr, d, dw, dd, dlr, scale)
         _subtract_in_place(dw, lr, dd)
