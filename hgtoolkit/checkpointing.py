@@ -413,7 +413,9 @@ def reject_removed(removed: dict, function: str) -> None:
 
 
 def check_checkpoint(checkpoint: Any, snapshots: Any, disk: Any = None) -> None:
-    """TypeError/ValueError for a bad ``checkpoint=``/``snapshots=``/``disk=``."""
+    """TypeError/ValueError for a bad ``disk=`` and for ``checkpoint=``/``snapshots=``/``disk=``
+    that do not go together (each of ``checkpoint``, ``snapshots`` is checked by its declaration
+    in :mod:`hgtoolkit.settings` before)."""
     if disk is not None and disk is not False:
         if not isinstance(disk, (bool, str, os.PathLike)) or disk == "":
             raise TypeError(f"disk must be None (no disk tier), True or 'tmp' (a temporary directory) or a "
@@ -421,19 +423,8 @@ def check_checkpoint(checkpoint: Any, snapshots: Any, disk: Any = None) -> None:
         if checkpoint not in ("auto", "binomial"):
             raise ValueError(f"disk= holds binomial snapshots: it needs checkpoint='binomial' or 'auto', got "
                              f"checkpoint={checkpoint!r}")
-    if checkpoint not in ("auto", None, "binomial"):
-        if isinstance(checkpoint, bool) or not isinstance(checkpoint, int):
-            raise TypeError(f"checkpoint must be None (store every step), a positive int k (every k "
-                            f"steps) or 'binomial', got {checkpoint!r}")
-        if checkpoint < 1:
-            raise ValueError(f"checkpoint must be ≥ 1, got {checkpoint}")
-    if snapshots is not None:
-        if isinstance(snapshots, bool) or not isinstance(snapshots, int):
-            raise TypeError(f"snapshots must be a positive int, got {snapshots!r}")
-        if snapshots < 1:
-            raise ValueError(f"snapshots must be ≥ 1, got {snapshots}")
-        if checkpoint != "binomial":
-            raise ValueError(f"snapshots= needs checkpoint='binomial', got checkpoint={checkpoint!r}")
+    if snapshots is not None and checkpoint != "binomial":
+        raise ValueError(f"snapshots= needs checkpoint='binomial', got checkpoint={checkpoint!r}")
 
 
 # ----------------------------------------------------------------------------- the disk tier

@@ -49,6 +49,7 @@ import torch
 from . import checkpointing as _ckpt
 from . import dynamics as _dynamics
 from . import records
+from . import settings as _settings
 from ._step import Step as _Step, add_w as _add_w, objective as _objective, probe as _probe
 from ._tree import tree_map
 from .carried import advance_columns, state_dot
@@ -58,9 +59,10 @@ from .trajectory import (BUFFERS, check_lrs, initial_state, opt_part, progress_b
                          train, with_buffers)
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
-           "MODES"]
+           "MODES", "REVERSE_ONLY", "for_mode"]
 
-MODES = ("reverse", "reversible", "forward", "autograd")
+#: The ways to compute ∇f(η) (the choices of :class:`~hgtoolkit.settings.ExactSettings`' ``mode``).
+MODES = _settings.specs(_settings.ExactSettings)["mode"][1].choices
 
 
 @records.register("hypergradient", version=1, params="params",
@@ -260,12 +262,16 @@ def _autograd(problem, dyn, lrs, progress):
     return value.detach(), grads, tree_map(lambda p: p.detach(), dyn.params(state)), torch.stack(losses), info
 
 
+@_settings.takes(_settings.ExactSettings)
 def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sgd",
-                  mode: str = "reverse", *, checkpoint: "int | str | None" = "auto",
-                  snapshots: int | None = None, memory: "int | str | None" = None,
-                  chunk_size: int | None = None, progress: bool = False, disk: Any = None,
-                  **removed: Any) -> HypergradResult:
+                  mode: str = "reverse", *, progress: bool = False, disk: Any = None,
+                  **settings: Any) -> HypergradResult:
     """Exact ∇f(η) for the whole schedule ``lrs`` (η_0 … η_{T−1}), f(η) = E(w_T).
+
+    The settings (``optimizer``, ``mode``, ``checkpoint``, ``snapshots``, ``memory``,
+    ``chunk_size``) are those of :class:`~hgtoolkit.settings.ExactSettings`, each checked by
+    its declaration; ``mode`` is one of :data:`MODES` (a numerical check:
+    :func:`finite_difference`).
 
     Reverse mode's memory (:mod:`hgtoolkit.checkpointing`, docs/memory.md): ``checkpoint=None``
     stores every step, an int k keeps every k-th state, ``"binomial"`` runs revolve with
@@ -283,12 +289,14 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
     >>> r.grad.shape
     torch.Size([50])
     """
-    _ckpt.reject_removed(removed, "hypergradient")
-    dyn = _dynamics.get(optimizer)
+    table = _settings.specs(_settings.ExactSettings)
+    _ckpt.reject_removed({k: v for k, v in settings.items() if k not in table}, "hypergradient")
+    s = _settings.check(_settings.ExactSettings, _settings.bind(
+        _settings.ExactSettings, {"optimizer": optimizer, "mode": mode, **settings}, "hypergradient"))
+    mode, checkpoint, snapshots, memory, chunk_size = (s[k] for k in ("mode", "checkpoint", "snapshots",
+                                                                       "memory", "chunk_size"))
+    dyn = _dynamics.get(s["optimizer"])
     lrs = check_lrs(lrs, problem)
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES} "
-                         "(or use hgtoolkit.finite_difference)")
     if mode != "reverse" and (checkpoint != "auto" or snapshots is not None):
         raise ValueError(f"checkpoint=/snapshots= schedule the reverse pass of mode='reverse'; "
                          f"mode={mode!r} has none")
@@ -297,12 +305,6 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
     if mode != "reverse" and disk is not None and disk is not False:
         raise ValueError(f"disk= holds the snapshots of mode='reverse'; mode={mode!r} has none")
     _ckpt.check_checkpoint(checkpoint, snapshots, disk)
-    if memory is not None:
-        _ckpt.parse_memory(memory)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-        raise TypeError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     info = {}
     if mode == "reverse":
         value, grads, params, losses, info = _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress,
@@ -314,6 +316,19 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
     else:
         value, grads, params, losses, info = _autograd(problem, dyn, lrs, progress)
     return HypergradResult(value, grads.detach(), params, lrs, losses, mode, dyn.config(), **info)
+
+
+#: The settings only reverse mode has (its pass's schedule and disk tier).
+REVERSE_ONLY = ("checkpoint", "snapshots", "disk")
+
+
+def for_mode(given: dict) -> dict:
+    """The settings of ``given`` (those of :class:`~hgtoolkit.settings.HypergradSettings` or
+    more) that :func:`hypergradient` takes for ``given["mode"]``: a grid's or the command line's
+    reverse-pass schedule (:data:`REVERSE_ONLY`) is left out for the other modes, which have none."""
+    takes = {*_settings.specs(_settings.ExactSettings), "disk"}
+    reverse = given.get("mode", "reverse") == "reverse"
+    return {k: v for k, v in given.items() if k in takes and (reverse or k not in REVERSE_ONLY)}
 
 
 def directional_derivative(problem, lrs: Any, direction: Any,

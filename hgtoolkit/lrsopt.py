@@ -49,15 +49,18 @@ import torch
 from . import checkpointing as _checkpointing
 from . import dynamics as _dynamics
 from . import records
+from . import settings as _settings
 from .divergence import DivergenceWarning
-from .exact import MODES, hypergradient
+from .exact import hypergradient
 from .errors import renamed
+from .settings import LrsoptSettings
 from .trajectory import check_lrs, check_problem, progress_bar
 
 __all__ = ["ScheduleResult", "optimize_schedule", "OUTER_OPTIMIZERS", "adam_update", "sgd_update",
            "project"]
 
-OUTER_OPTIMIZERS = ("adam", "sgd", "lbfgsb")
+#: The outer optimizers (the choices of :class:`~hgtoolkit.settings.LrsoptSettings`' ``outer_optimizer``).
+OUTER_OPTIMIZERS = _settings.specs(LrsoptSettings)["outer_optimizer"][1].choices
 _OUTER_DEFAULTS = {"adam": {"beta1": 0.9, "beta2": 0.999, "eps": 1e-8}, "sgd": {}, "lbfgsb": {}}
 _CHECKPOINT_FORMAT = "hgtoolkit.lrsopt/1"
 
@@ -212,24 +215,14 @@ class _Evaluator:
         return float(r.value), r.grad, metrics, bseed
 
 
-def _validate(problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resample_batches,
-              lr_max, outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
-              snapshot_every, callback):
+def _validate(problem, lrs, outer_optimizer, outer_lr, resample_batches, lr_max, outer_options,
+              checkpoint_path, resume, callback):
+    """The rules that tie the settings together (each setting is checked by its declaration,
+    :class:`~hgtoolkit.settings.LrsoptSettings`), the schedule and the run control."""
     check_problem(problem)
-    if not isinstance(outer_optimizer, str) or outer_optimizer.lower() not in OUTER_OPTIMIZERS:
-        raise ValueError(f"unknown outer_optimizer {outer_optimizer!r}; choose one of {OUTER_OPTIMIZERS}")
-    outer_optimizer = outer_optimizer.lower()
-    if isinstance(outer_steps, bool) or not isinstance(outer_steps, (int, np.integer)):
-        raise TypeError(f"outer_steps must be an int, got {outer_steps!r}")
-    if outer_steps < 1:
-        raise ValueError(f"outer_steps must be ≥ 1, got {outer_steps}")
-    if outer_optimizer == "sgd" or outer_lr is not None:
-        if isinstance(outer_lr, bool) or not isinstance(outer_lr, (int, float, np.floating)):
-            raise TypeError(f"outer_lr must be a number > 0, got {outer_lr!r}")
-        if not (math.isfinite(outer_lr) and outer_lr > 0):
-            raise ValueError(f"outer_lr must be > 0 and finite, got {outer_lr}")
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    if outer_optimizer == "sgd" and outer_lr is None:
+        raise TypeError("outer_lr is required for outer_optimizer='sgd' (a number > 0: its step "
+                        "scale depends on the problem)")
     if resample_batches and problem.resample is None:
         raise ValueError("resample_batches=True needs a problem with a resample(seed) method; "
                          f"problem {problem.name!r} has none")
@@ -246,8 +239,6 @@ def _validate(problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resamp
         if lr_max.shape != eta0.shape or not bool((lr_max > 0).all()):
             raise ValueError(f"lr_max as a tensor must have the shape of lrs {tuple(eta0.shape)} and "
                              f"entries > 0, got shape {tuple(lr_max.shape)}")
-    elif lr_max is not None and not (isinstance(lr_max, (int, float)) and lr_max > 0):
-        raise ValueError(f"lr_max must be None, > 0 or a tensor of bounds, got {lr_max!r}")
     opts = dict(outer_options or {})
     if outer_optimizer != "lbfgsb":
         unknown = set(opts) - set(_OUTER_DEFAULTS[outer_optimizer])
@@ -255,12 +246,6 @@ def _validate(problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resamp
             raise ValueError(f"outer_options has unknown key(s) {sorted(unknown)} for outer_optimizer="
                              f"{outer_optimizer!r}; known: {sorted(_OUTER_DEFAULTS[outer_optimizer])}")
         opts = {**_OUTER_DEFAULTS[outer_optimizer], **opts}
-    for name, val, lo in (("max_backtracks", max_backtracks, 0), ("checkpoint_interval", checkpoint_interval, 1)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
-            raise ValueError(f"{name} must be an int ≥ {lo}, got {val!r}")
-    if snapshot_every is not None and (isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int)
-                                       or snapshot_every < 1):
-        raise ValueError(f"snapshot_every must be None or an int ≥ 1, got {snapshot_every!r}")
     if resume is not None and not isinstance(resume, bool):
         raise TypeError(f"resume must be True, False or None, got {resume!r}")
     if resume and checkpoint_path is None:
@@ -279,7 +264,7 @@ def _validate(problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resamp
         raise TypeError("callback must be callable as callback(step, lrs, value, grad)")
     if lr_max is not None and bool((eta0 > lr_max).any()):
         raise ValueError(f"lrs exceeds lr_max={lr_max} (max {float(eta0.max())})")
-    return outer_optimizer, opts, eta0
+    return opts, eta0
 
 
 def _config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -382,20 +367,17 @@ class _Run:
 
 
 @renamed(lrs0="lrs")
+@_settings.takes(LrsoptSettings)
 def optimize_schedule(problem, lrs: Any, outer_steps: int, outer_lr: float | None = None,
                       outer_optimizer: str = "adam", *,
-                      optimizer: "str | _dynamics.Dynamics" = "sgd", mode: str = "reverse",
-                      checkpoint: "int | str | None" = "auto", snapshots: int | None = None,
-                      memory: "int | str | None" = None, chunk_size: int | None = None,
-                      resample_batches: bool = False, seed: int = 0, lr_max: float | None = None,
-                      outer_options: dict | None = None, max_backtracks: int = 10,
-                      snapshot_every: int | None = None,
-                      checkpoint_path: str | Path | None = None, checkpoint_interval: int = 10,
-                      resume: bool | None = None, progress: bool = True,
-                      callback: Callable[..., Any] | None = None,
+                      checkpoint_path: str | Path | None = None, resume: bool | None = None,
+                      progress: bool = True, callback: Callable[..., Any] | None = None,
                       objective: Callable[[torch.Tensor], tuple[Any, torch.Tensor]] | None = None,
-                      **removed: Any) -> ScheduleResult:
+                      **settings: Any) -> ScheduleResult:
     r"""LRS-OPT: K = ``outer_steps`` projected steps η^(k) = Π(U(η^(k−1), ∇f(η^(k−1)))) from η^(0) = ``lrs``.
+
+    The settings are those of :class:`~hgtoolkit.settings.LrsoptSettings` (each checked by its
+    declaration there; the rules that tie them together here).
 
     ``optimizer`` is the inner dynamics Φ_t (``"sgd"``, ``"adam"``, … or a Dynamics);
     ``mode``/``checkpoint``/``snapshots``/``memory``/``chunk_size`` are passed to
@@ -432,16 +414,19 @@ def optimize_schedule(problem, lrs: Any, outer_steps: int, outer_lr: float | Non
     >>> bool(r.history[-1] < r.history[0]), r.outer_steps_done, len(r.history)
     (True, 5, 6)
     """
-    _checkpointing.reject_removed(removed, "optimize_schedule")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int ≥ 0, got {seed!r}")
+    table = _settings.specs(LrsoptSettings)
+    _checkpointing.reject_removed({k: v for k, v in settings.items() if k not in table}, "optimize_schedule")
+    if isinstance(outer_optimizer, str):
+        outer_optimizer = outer_optimizer.lower()
+    s = _settings.check(LrsoptSettings, _settings.bind(LrsoptSettings, {
+        "outer_steps": outer_steps, "outer_lr": outer_lr, "outer_optimizer": outer_optimizer, **settings},
+        "optimize_schedule"))
+    (outer_steps, outer_lr, outer_optimizer, optimizer, mode, checkpoint, snapshots, memory, chunk_size,
+     resample_batches, seed, lr_max, outer_options, max_backtracks, snapshot_every,
+     checkpoint_interval) = s.values()
     _checkpointing.check_checkpoint(checkpoint, snapshots)
-    if memory is not None:
-        _checkpointing.parse_memory(memory)
-    outer_optimizer, opts, eta0 = _validate(
-        problem, lrs, outer_steps, outer_lr, outer_optimizer, mode, resample_batches, lr_max,
-        outer_options, max_backtracks, checkpoint_path, checkpoint_interval, resume,
-        snapshot_every, callback)
+    opts, eta0 = _validate(problem, lrs, outer_optimizer, outer_lr, resample_batches, lr_max,
+                           outer_options, checkpoint_path, resume, callback)
     if outer_lr is None and outer_optimizer == "adam":
         outer_lr = 0.1 * float(eta0.abs().max()) or 1e-3  # Adam's steps are ≈ α: 10 % of the largest η
     dyn = _dynamics.get(optimizer)

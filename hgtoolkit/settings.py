@@ -13,9 +13,11 @@ in its metadata, and from that one declaration come
   :func:`validators`;
 - a checked set of keyword arguments for the Python API: ``OnlineSettings(lr=1e-3, steps=100,
   hypergrad_lr=1e-7)`` raises ``ValueError`` naming a setting that is out of range, and
-  :meth:`RunSettings.kwargs` gives the keywords to pass on. The functions keep their own checks
-  (cross-setting ones included); the tests check that flags, sweep keys and signatures list the
-  same settings with the same defaults.
+  :meth:`RunSettings.kwargs` gives the keywords to pass on;
+- the functions' signatures and their checks of each setting: a function marked
+  :func:`takes` shows its schema's settings as its keywords, binds them (:func:`bind`: unknown
+  names, missing required ones and old names) and checks each value by its Spec
+  (:func:`check`); the function adds only the rules that tie settings together.
 
 Only settings that are plain values are here: callables (``mu_rule``, ``callback``), the problem,
 the schedule tensor and run control (``progress``, ``checkpoint_path``, ``resume``) stay arguments
@@ -33,11 +35,16 @@ from typing import Any, Callable, Sequence
 from . import dynamics
 from .errors import OLD_NAMES, check_renamed
 
-__all__ = ["Spec", "setting", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
-           "HypergradSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
+__all__ = ["Spec", "SettingTypeError", "setting", "check", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
+           "HypergradSettings", "ExactSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
            "signature", "takes", "add_renamed_flag"]
 
 _KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes", "text")
+
+
+class SettingTypeError(TypeError, ValueError):
+    """A setting's value of the wrong type (a ``TypeError``; also a ``ValueError``, as the
+    grids and the command line treat every bad value)."""
 _NO_CLI_DEFAULT = "<none>"  # Spec.cli_default of a setting that has an API default
 
 
@@ -49,7 +56,8 @@ class Spec:
     given) | ``"text"`` (a string, e.g. a tower's specification); numbers lie in [``lo``, ``hi``] (``open_lo``: lo excluded); ``words``: strings
     accepted besides numbers (``"auto"``); ``none``: None accepted (written ``none`` on the
     command line); ``cli``: whether the command line has a flag for it; ``cli_default``: the
-    flag's default for a setting the API requires."""
+    flag's default for a setting the API requires; ``methods``: the online methods the setting
+    is for (empty: all)."""
 
     help: str
     kind: str = "number"
@@ -61,6 +69,7 @@ class Spec:
     choices: tuple = ()
     cli: bool = True
     cli_default: Any = _NO_CLI_DEFAULT
+    methods: tuple = ()
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -91,43 +100,50 @@ class Spec:
         alts = [repr(w) for w in self.words] + ([none] if self.none else [])
         return what + (" or " + " or ".join(alts) if alts else "")
 
-    def check(self, value: Any) -> Any:
+    def check(self, value: Any, none: str = "null") -> Any:
         """The normalised value (ints of a number setting become floats, optimizer names lower
-        case, mappings plain JSON), or ``ValueError("must be …, got …")``."""
+        case, mappings plain JSON), or ``ValueError("must be …, got …")``
+        (:class:`SettingTypeError` for a value of the wrong type); ``none``: how None is
+        written in the message."""
         if value is None and self.none:
             return None
         if isinstance(value, str) and value in self.words:
             return value
-        bad = ValueError(f"must be {self.describe()}, got {value!r}")
+        what = f"must be {self.describe(none)}, got {value!r}"
+        bad, wrong_type = ValueError(what), SettingTypeError(what)
         if self.kind in ("choice", "optimizer"):
             key = value.lower() if self.kind == "optimizer" and isinstance(value, str) else value
-            if not isinstance(value, str) or key not in self.options():
+            if not isinstance(value, str):
+                raise wrong_type
+            if key not in self.options():
                 raise bad
             return key
         if self.kind == "flag":
             if not isinstance(value, bool):
-                raise bad
+                raise wrong_type
             return value
         if self.kind == "text":
             if not isinstance(value, str):
-                raise bad
+                raise wrong_type
             return value
         if self.kind == "mapping":
             if not isinstance(value, dict):
-                raise bad
+                raise wrong_type
             return json.loads(json.dumps(value, sort_keys=True, allow_nan=False))
         if self.kind == "bytes":
             from .checkpointing import parse_memory
             try:
                 parse_memory(value)
-            except (TypeError, ValueError):
+            except TypeError:
+                raise wrong_type from None
+            except ValueError:
                 raise bad from None
             return value
         import numpy as np
         integer = self.kind == "int"
         ok = (int, np.integer) if integer else (int, float, np.integer, np.floating)
         if isinstance(value, bool) or not isinstance(value, ok):
-            raise bad
+            raise wrong_type
         value = int(value) if integer else float(value)
         if (not math.isfinite(value) or (self.lo is not None and value < self.lo)
                 or (self.open_lo and value == self.lo) or (self.hi is not None and value > self.hi)):
@@ -187,6 +203,26 @@ def bind(schema: type, given: dict, owner: str, *, required: bool = True) -> dic
     if required and missing:
         raise TypeError(f"{owner}() missing required keyword argument {missing[0]!r}")
     return {k: given[k] if k in given else d for k, (d, _) in table.items() if k in given or d is not MISSING}
+
+
+def check(schema: type, values: dict) -> dict:
+    """``values`` (settings of ``schema``, e.g. as :func:`bind` gives them) checked each by its
+    :class:`Spec`: the normalised values, or ``ValueError`` (:class:`SettingTypeError` for a
+    value of the wrong type) naming the setting, as ``"outer_steps must be an integer ≥ 1, got
+    0"``. A value that is no plain one (a Dynamics object, a tensor) is the function's to check;
+    names the schema does not declare pass as they are."""
+    import torch
+    table, out = specs(schema), dict(values)
+    for name, value in values.items():
+        if name not in table or isinstance(value, (torch.Tensor, dynamics.Dynamics)):
+            continue
+        if table[name][1].kind == "optimizer":  # a name of hgtoolkit.dynamics, or a Dynamics
+            dynamics.get(value)                  # (its messages name the optimizer)
+        try:
+            out[name] = table[name][1].check(value, none="None")
+        except ValueError as exc:
+            raise type(exc)(f"{name} {exc}") from None
+    return out
 
 
 def signature(fn: Callable, schema: type) -> inspect.Signature:
@@ -280,7 +316,7 @@ class RunSettings:
             try:
                 object.__setattr__(self, name, spec.check(getattr(self, name)))
             except ValueError as exc:
-                raise ValueError(f"{name} {exc}") from None
+                raise type(exc)(f"{name} {exc}") from None
 
     def kwargs(self) -> dict:
         """The settings as keyword arguments of the function they describe."""
@@ -334,12 +370,12 @@ class OnlineSettings(RunSettings):
                                       "its default; required for hd and rtho)", lo=0, words=("auto",),
                                 none=True)
     mu: Any = setting(None, "MARTHE's μ in [0, 1] or 'auto' (its default)", lo=0, hi=1,
-                      words=("auto",), none=True)
-    kappa: float = setting(1e-6, "step size κ of MARTHE's adaptive β", lo=0)
-    hypergrad_lr_init: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0)
+                      words=("auto",), none=True, methods=("marthe",))
+    kappa: float = setting(1e-6, "step size κ of MARTHE's adaptive β", lo=0, methods=("marthe",))
+    hypergrad_lr_init: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0, methods=("marthe",))
     hypergrad_lr_rule: str = setting("hh", "adaptive-β rule: κ h_{t+1} h_t (hh) or the authors' "
                                            "code's κ h_{t+1} η_{t+1} (h_eta)", kind="choice",
-                                     choices=("hh", "h_eta"))
+                                     choices=("hh", "h_eta"), methods=("marthe",))
     objective: str = setting("val", "val: h uses ∇E(w_{t+1}); train: the next minibatch's "
                                     "gradient (HD)", kind="choice", choices=("val", "train"))
     lr_floor: Any = setting(0.0, "η is clipped at this value; none allows η < 0", lo=0, none=True)
@@ -347,7 +383,7 @@ class OnlineSettings(RunSettings):
                           open_lo=True, none=True)
     hypergrad_lr_bound: Any = setting(1.0, "adaptive β: one update moves η by at most this × "
                                            "max(η, η_0); none: unbounded", lo=0, open_lo=True,
-                                      none=True)
+                                      none=True, methods=("marthe",))
     divergence_factor: Any = setting(2.0, "the run diverges when its loss exceeds this × its "
                                           "initial value; none: off", lo=1, open_lo=True, none=True)
     hd_gradient: str = setting("regularised", "objective train with weight decay: v includes it "
@@ -403,15 +439,26 @@ class TrainSettings(RunSettings):
 
 
 @dataclass(frozen=True, kw_only=True)
-class HypergradSettings(TrainSettings):
-    """:class:`TrainSettings` plus how :func:`hgtoolkit.hypergradient` computes ∇f(η)."""
+class ExactSettings(RunSettings):
+    """How :func:`hgtoolkit.hypergradient` computes ∇f(η) of a schedule: its keywords besides
+    the problem, the schedule and run control (``progress``; ``disk``, which also takes True or
+    a path there)."""
 
+    optimizer: str = setting("sgd", "inner dynamics Φ_t", kind="optimizer")
     mode: str = _mode("how to compute it")
     checkpoint: Any = _checkpoint()
     snapshots: Any = _snapshots()
     memory: Any = _memory()
-    disk: Any = _disk()
     chunk_size: Any = _chunk_size()
+
+
+@dataclass(frozen=True, kw_only=True)
+class HypergradSettings(ExactSettings, TrainSettings):
+    """:class:`TrainSettings` (a constant schedule) plus :class:`ExactSettings` (how
+    :func:`hgtoolkit.hypergradient` computes ∇f(η)) and the disk tier: the ``hypergrad``
+    command and sweep cells."""
+
+    disk: Any = _disk()
 
 
 @dataclass(frozen=True, kw_only=True)

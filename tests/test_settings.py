@@ -22,9 +22,11 @@ from hgtoolkit.sweep import CELL_KINDS
 NOT_SETTINGS = {
     online.run: {"problem", "mu_rule", "progress", "raise_on_divergence", "keep_params"},
     lrsopt.optimize_schedule: {"problem", "lrs", "checkpoint_path", "resume", "progress",
-                               "callback", "objective", "removed"},  # removed: checkpoint_every → TypeError
+                               "callback", "objective"},
+    exact.hypergradient: {"problem", "lrs", "progress", "disk"},
 }
-SCHEMA = {online.run: OnlineSettings, lrsopt.optimize_schedule: LrsoptSettings}
+SCHEMA = {online.run: OnlineSettings, lrsopt.optimize_schedule: LrsoptSettings,
+          exact.hypergradient: settings.ExactSettings}
 
 
 def _subparser(command: str) -> argparse.ArgumentParser:
@@ -253,3 +255,30 @@ def test_beta_is_hypergrad_lr_with_a_future_warning_for_one_release(capsys):
     back = records.from_dict(d, "online")
     assert back.config == new.config and back.hypergrad_lr_capped == new.hypergrad_lr_capped
     np.testing.assert_array_equal(back.hypergrad_lrs, new.hypergrad_lrs)
+
+
+def test_lrsopt_and_exact_check_each_setting_by_its_declaration():
+    """optimize_schedule and hypergradient bind their settings through LrsoptSettings /
+    ExactSettings: a bad value's message is its declaration's (a wrong type is a TypeError too)."""
+    import re
+    beale = problems.get("beale")
+    lrs = torch.full((3,), 1e-3, dtype=torch.float64)
+    run = lambda **kw: lrsopt.optimize_schedule(beale, lrs, **{"outer_steps": 1, "outer_lr": 1e-4,
+                                                               "progress": False, **kw})
+    cases = [(run, LrsoptSettings, dict(outer_steps=0, outer_lr=-1.0, outer_optimizer="newton", mode="sideways",
+                                        max_backtracks=-1, snapshot_every=0, checkpoint_interval=0, seed=-1,
+                                        lr_max=0.0, checkpoint=0, outer_options=[1])),
+             (lambda **kw: exact.hypergradient(beale, lrs, **kw), settings.ExactSettings,
+              dict(mode="sideways", checkpoint=0, snapshots=0, chunk_size=0, memory="lots"))]
+    for call, schema, bad in cases:
+        for name, value in bad.items():
+            what = f"{name} must be {settings.specs(schema)[name][1].describe('None')}, got {value!r}"
+            with pytest.raises(ValueError, match=re.escape(what)):
+                call(**{name: value})
+    for call in (lambda: run(outer_steps=True), lambda: run(resample_batches=1),
+                 lambda: exact.hypergradient(beale, lrs, chunk_size=2.0)):
+        with pytest.raises(TypeError, match="must be"):
+            call()
+    with pytest.raises(TypeError, match="outer_lr is required for outer_optimizer='sgd'"):
+        run(outer_optimizer="sgd", outer_lr=None)
+    assert run(outer_optimizer="ADAM").config["outer_optimizer"] == "adam"

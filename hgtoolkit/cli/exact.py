@@ -109,17 +109,14 @@ def _title(info: dict, args, T: int) -> str:
 
 def run_hypergrad(args) -> int:
     from .. import plotting
-    from ..exact import hypergradient
+    from ..exact import for_mode, hypergradient
     from ..records import write_sealed_json
 
     problem = cli_args.make_problem(args)
     lrs = _schedule(args, problem)
     start = time.perf_counter()
     try:
-        reverse = ({"checkpoint": args.checkpoint, "snapshots": args.snapshots, "disk": args.disk}
-                   if args.mode == "reverse" else {})
-        r = hypergradient(problem, lrs, args.optimizer, args.mode, memory=args.memory, **reverse,
-                          chunk_size=args.chunk_size, progress=True)
+        r = hypergradient(problem, lrs, progress=True, **for_mode(vars(args)))
     except FloatingPointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,8 +21,6 @@ from . import args as cli_args
 
 __all__ = ["register"]
 
-_MARTHE_ONLY = ("mu", "kappa", "hypergrad_lr_init", "hypergrad_lr_rule", "hypergrad_lr_bound")
-
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -51,8 +49,9 @@ def run_online(args) -> int:
     from .. import online, plotting
 
     table = specs(OnlineSettings)
-    if args.method != "marthe":
-        given = [k for k in _MARTHE_ONLY if getattr(args, k) != table[k][0]]
+    if args.method != "marthe":  # the settings declared for other methods only (Spec.methods)
+        given = [k for k, (default, spec) in table.items()
+                 if spec.methods and args.method not in spec.methods and getattr(args, k) != default]
         if given:  # the API raises for mu; kappa/hypergrad_lr_init/… would be silently unused
             raise ValueError(f"--{given[0].replace('_', '-')} is a MARTHE setting; --method "
                              f"{args.method} fixes μ = {0 if args.method == 'hd' else 1} and uses a "

@@ -78,10 +78,8 @@ def _online_cost(params: dict) -> float:
 
 
 def _lrsopt_check(params: dict) -> None:
-    from .. import lrsopt
-    outer = params.get("outer_optimizer", "adam")
-    if outer not in lrsopt.OUTER_OPTIMIZERS:
-        raise ValueError(f"outer_optimizer must be one of {lrsopt.OUTER_OPTIMIZERS}, got {outer!r}")
+    """A grid's cross-setting rule (each setting is checked by its Spec): outer_lr given."""
+    outer = params.get("outer_optimizer", settings.defaults(settings.LrsoptSettings)["outer_optimizer"])
     if outer != "lbfgsb" and "outer_lr" not in params:
         raise ValueError(f"outer_lr is required for outer_optimizer={outer!r}")
 
@@ -95,8 +93,7 @@ def run_lrsopt_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     if ctx.checkpoint is not None:
         ctx.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         kw.update(checkpoint_path=ctx.checkpoint.with_suffix(".pt"), resume=True)
-    r = lrsopt.optimize_schedule(problem, lrs, kw.pop("outer_steps"), kw.pop("outer_lr", None),
-                                 kw.pop("outer_optimizer", "adam"), progress=False, **kw)
+    r = lrsopt.optimize_schedule(problem, lrs, progress=False, **kw)
     return lrsopt_output(r)
 
 
@@ -119,12 +116,8 @@ def run_train_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
 
 def run_hypergrad_cell(problem, params: dict, ctx: CellContext) -> CellOutput:
     """The exact hypergradient ∇f(η) of the constant schedule η_t = lr."""
-    from ..exact import hypergradient
-    r = hypergradient(problem, _schedule(problem, params), params.get("optimizer", "sgd"),
-                      params.get("mode", "reverse"), memory=params.get("memory"),
-                      chunk_size=params.get("chunk_size"),
-                      **({} if params.get("mode", "reverse") != "reverse" else
-                         {"checkpoint": params.get("checkpoint", "auto"), "snapshots": params.get("snapshots")}))
+    from ..exact import for_mode, hypergradient
+    r = hypergradient(problem, _schedule(problem, params), **for_mode(params))
     result = {"value": float(r.value), "grad_norm": float(r.grad.norm()), **_metrics(problem, r.params)}
     return CellOutput(result, {"grad": r.grad.numpy(force=True),
                                "train_losses": r.train_losses.numpy(force=True)})
