@@ -40,13 +40,13 @@ evaluation, the convention of the binomial formula); that rebuild is not counted
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import shutil
 import tempfile
 import weakref
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -347,10 +347,11 @@ def choose(T: int, fp: Footprint, limit: int | None, shown: int | None = None,
             return tiered
     if c >= 1:
         return binomial_plan(T, c, fp)
-    raise MemoryBudgetError(_refusal(T, fp, limit, None, shown))
+    raise MemoryBudgetError(_refusal(T, fp, limit, None, shown, disk is not None))
 
 
-def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None, shown: int | None = None) -> str:
+def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None, shown: int | None = None,
+             has_disk: bool = False) -> str:
     """The message of a refusal: ``limit`` = the bytes estimates must fit, ``shown`` = the budget
     as the user gave it (default ``limit``)."""
     head = (f"{asked.describe()} does not fit" if asked is not None else
@@ -366,8 +367,9 @@ def _refusal(T: int, fp: Footprint, limit: int, asked: Plan | None, shown: int |
     lines += [f"  {p.describe()}" for p in options]
     if fitting is not None:
         lines.append(f"  within the budget: {fitting.describe()} (memory=... chooses it)")
-    lines.append("  or raise the budget (memory='4GB'), put snapshots on disk (disk=True), or use "
-                 "mode='reversible' (SGD with momentum)")
+    disk = ("the disk tier holds snapshots, not the working step" if has_disk else
+            "put snapshots on disk (disk=True)")
+    lines.append(f"  or raise the budget (memory='4GB'), {disk}, or use mode='reversible' (SGD with momentum)")
     return "\n".join(lines)
 
 
@@ -392,13 +394,13 @@ def plan(T: int, fp: Footprint, checkpoint: Any, snapshots: Any, limit: int | No
                 return tiered
         if snapshots is None:
             if c < 1:
-                raise MemoryBudgetError(_refusal(T, fp, limit, binomial_plan(T, 1, fp), shown))
+                raise MemoryBudgetError(_refusal(T, fp, limit, binomial_plan(T, 1, fp), shown, disk is not None))
             return binomial_plan(T, c, fp)
         asked = binomial_plan(T, snapshots, fp)
     else:
         asked = every_plan(T, checkpoint, fp)
     if limit is not None and asked.estimate > limit:
-        raise MemoryBudgetError(_refusal(T, fp, limit, asked, shown))
+        raise MemoryBudgetError(_refusal(T, fp, limit, asked, shown, disk is not None))
     return asked
 
 
