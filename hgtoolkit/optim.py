@@ -723,31 +723,26 @@ class MARTHE(OnlineOptimizer):
     ``torch.optim`` optimizer over any :mod:`hgtoolkit.dynamics` (``optimizer="sgd"``,
     ``"nesterov"``, ``"adam"``, or a Dynamics object).
 
-    Arguments mirror :func:`hgtoolkit.online.run`: ``hypergrad_lr`` = β (number or ``"auto"``),
-    ``mu`` (number in [0, 1] or ``"auto"``), ``kappa``, ``hypergrad_lr_init``,
-    ``hypergrad_lr_rule``, ``hypergrad_lr_bound`` (the old ``beta``, ``beta0``, … are accepted
-    with a ``FutureWarning`` until 0.2),
-    ``mu_rule`` (a tensor function), ``objective`` (``"val"`` needs ``val_closure``),
-    ``lr_floor`` (default 0), ``lr_max``, ``divergence_factor``.
+    Arguments mirror :func:`hgtoolkit.online.run`: the param groups' options are the settings
+    of :class:`~hgtoolkit.settings.OnlineSettings` declared ``dropin`` (``method``,
+    ``hypergrad_lr`` = β (number or ``"auto"``), ``mu`` (number in [0, 1] or ``"auto"``),
+    ``kappa``, ``hypergrad_lr_init``, ``hypergrad_lr_rule``, ``hypergrad_lr_bound``,
+    ``lr_floor`` (default 0), ``lr_max``, ``divergence_factor``; the old ``beta``, ``beta0``, …
+    are accepted with a ``FutureWarning`` until 0.2), with their defaults there;
+    ``mu_rule`` (a tensor function), ``objective`` (``"val"`` needs ``val_closure``).
     ``step(closure, val_closure=None)``: ``closure`` returns the training loss on the current
     minibatch without calling backward() (required whenever μ ≠ 0); ``val_closure`` the
     validation loss (required for ``objective="val"``). Returns the training loss (detached).
     """
 
-    @_errors.accepts_deprecated
-    def __init__(self, params: Iterable, lr: float = 1e-3, *, method: str = "marthe",
-                 hypergrad_lr: Any = None, mu: Any = None, kappa: float = 1e-6,
-                 hypergrad_lr_init: float = 0.0, hypergrad_lr_rule: str = "hh",
-                 hypergrad_lr_bound: float | None = 1.0,
-                 mu_rule: Callable | None = None, objective: str = "val",
-                 optimizer: "str | _dynamics.Dynamics" = "sgd", lr_floor: float | None = 0.0,
-                 lr_max: float | None = None, divergence_factor: float | None = 2.0,
-                 raise_on_divergence: bool = False, module: torch.nn.Module | None = None):
+    @_settings.takes(_settings.OnlineSettings, only=_settings.dropin_option)
+    def __init__(self, params: Iterable, lr: float = 1e-3, *, mu_rule: Callable | None = None,
+                 objective: str = "val", optimizer: "str | _dynamics.Dynamics" = "sgd",
+                 raise_on_divergence: bool = False, module: torch.nn.Module | None = None,
+                 **options: Any):
+        options = _settings.bind(_settings.OnlineSettings, options, "MARTHE", only=_settings.dropin_option)
         dyn = _dynamics.get(optimizer)
-        defaults = dict(lr=lr, method=method, hypergrad_lr=hypergrad_lr, mu=mu, kappa=kappa,
-                        hypergrad_lr_init=hypergrad_lr_init, hypergrad_lr_rule=hypergrad_lr_rule,
-                        hypergrad_lr_bound=hypergrad_lr_bound, optimizer=dyn.config(),
-                        lr_floor=lr_floor, lr_max=lr_max, divergence_factor=divergence_factor)
+        defaults = dict(lr=lr, **options, optimizer=dyn.config())
         super().__init__(params, defaults, objective=objective, mu_rule=mu_rule,
                          raise_on_divergence=raise_on_divergence, module=module)
 

@@ -37,7 +37,7 @@ from .errors import OLD_NAMES, check_renamed
 
 __all__ = ["Spec", "SettingTypeError", "setting", "check", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
            "HypergradSettings", "ExactSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
-           "signature", "takes", "add_renamed_flag"]
+           "signature", "takes", "add_renamed_flag", "dropin_option"]
 
 _KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes", "text")
 
@@ -57,7 +57,8 @@ class Spec:
     accepted besides numbers (``"auto"``); ``none``: None accepted (written ``none`` on the
     command line); ``cli``: whether the command line has a flag for it; ``cli_default``: the
     flag's default for a setting the API requires; ``methods``: the online methods the setting
-    is for (empty: all)."""
+    is for (empty: all); ``dropin``: an option of a drop-in optimizer's param groups
+    (:class:`hgtoolkit.optim.MARTHE`'s keywords)."""
 
     help: str
     kind: str = "number"
@@ -70,6 +71,7 @@ class Spec:
     cli: bool = True
     cli_default: Any = _NO_CLI_DEFAULT
     methods: tuple = ()
+    dropin: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
@@ -175,9 +177,16 @@ def setting(default: Any = MISSING, help: str = "", **spec: Any):
     return field(default=default, metadata={"spec": Spec(help, **spec)})
 
 
-def specs(schema: type) -> dict[str, tuple[Any, Spec]]:
-    """name → (default or ``dataclasses.MISSING``, :class:`Spec`), in declaration order."""
-    return {f.name: (f.default, f.metadata["spec"]) for f in fields(schema)}
+def specs(schema: type, only: Callable[[Spec], bool] | None = None) -> dict[str, tuple[Any, Spec]]:
+    """name → (default or ``dataclasses.MISSING``, :class:`Spec`), in declaration order;
+    ``only``: the settings whose Spec it accepts (e.g. :func:`dropin_option`)."""
+    return {f.name: (f.default, f.metadata["spec"]) for f in fields(schema)
+            if only is None or only(f.metadata["spec"])}
+
+
+def dropin_option(spec: Spec) -> bool:
+    """Whether a setting is an option of a drop-in optimizer's param groups (``Spec.dropin``)."""
+    return spec.dropin
 
 
 def defaults(schema: type) -> dict[str, Any]:
@@ -185,15 +194,17 @@ def defaults(schema: type) -> dict[str, Any]:
     return {k: d for k, (d, _) in specs(schema).items() if d is not MISSING}
 
 
-def bind(schema: type, given: dict, owner: str, *, required: bool = True) -> dict:
+def bind(schema: type, given: dict, owner: str, *, required: bool = True,
+         only: Callable[[Spec], bool] | None = None) -> dict:
     """Keyword settings ``given`` to ``owner`` (a function's name, for the messages) completed
     with ``schema``'s defaults: every setting of the schema, in declaration order.
     An old name of a setting raises ``TypeError`` naming the new one, or (a deprecated one,
     :data:`hgtoolkit.errors.DEPRECATED`) is forwarded to it with a ``FutureWarning``.
     ``TypeError`` for a name the schema does not declare (listing those it does) and, with
     ``required``, for a required setting that is missing (as Python says it for a signature).
-    Values are not checked here: the function checks them (cross-setting rules included)."""
-    table = specs(schema)
+    Values are not checked here (:func:`check`). ``only``: the settings of ``schema`` ``owner``
+    takes (:func:`specs`)."""
+    table = specs(schema, only)
     given = check_renamed(owner, given, takes=table, stacklevel=4)
     unknown = [k for k in given if k not in table]
     if unknown:
@@ -225,12 +236,12 @@ def check(schema: type, values: dict) -> dict:
     return out
 
 
-def signature(fn: Callable, schema: type) -> inspect.Signature:
+def signature(fn: Callable, schema: type, only: Callable[[Spec], bool] | None = None) -> inspect.Signature:
     """``fn``'s signature with its ``**settings`` replaced by ``schema``'s settings as
     keyword-only parameters (default: the schema's; required ones without), so that ``help``,
     ``inspect`` and editors show the one declaration. A parameter of ``fn`` that is a setting
-    keeps its place and takes the schema's default."""
-    table = specs(schema)
+    keeps its place and takes the schema's default. ``only``: the settings ``fn`` takes (:func:`specs`)."""
+    table = specs(schema, only)
     own = list(inspect.signature(fn).parameters.values())
     empty = inspect.Parameter.empty
     default = lambda name: empty if table[name][0] is MISSING else table[name][0]
@@ -243,11 +254,11 @@ def signature(fn: Callable, schema: type) -> inspect.Signature:
     return inspect.Signature(head + settings + tail, return_annotation=inspect.signature(fn).return_annotation)
 
 
-def takes(schema: type) -> Callable[[Callable], Callable]:
-    """Decorator: ``fn(…, **settings)`` shows the settings of ``schema`` as its keywords
-    (:func:`signature`); the function binds them with :func:`bind`."""
+def takes(schema: type, only: Callable[[Spec], bool] | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn(…, **settings)`` shows the settings of ``schema`` (those ``only``
+    accepts) as its keywords (:func:`signature`); the function binds them with :func:`bind`."""
     def mark(fn: Callable) -> Callable:
-        fn.__signature__ = signature(fn, schema)
+        fn.__signature__ = signature(fn, schema, only)
         return fn
     return mark
 
@@ -362,30 +373,35 @@ def _chunk_size():
 class OnlineSettings(RunSettings):
     """The settings of one online run: the keywords of :func:`hgtoolkit.online.run`."""
 
-    method: str = setting("marthe", _METHOD_HELP, kind="choice", choices=("hd", "rtho", "marthe"))
+    method: str = setting("marthe", _METHOD_HELP, kind="choice", choices=("hd", "rtho", "marthe"),
+                          dropin=True)
     optimizer: str = setting("sgd", "dynamics Φ", kind="optimizer")
     lr: float = setting(help="initial learning rate η_0", lo=0, cli_default=1e-3)
     steps: int = setting(help="T, the number of training steps", kind="int", lo=1, cli_default=500)
     hypergrad_lr: Any = setting(None, "hyper-learning rate β ≥ 0, or 'auto' (MARTHE's adaptive β, "
                                       "its default; required for hd and rtho)", lo=0, words=("auto",),
-                                none=True)
+                                none=True, dropin=True)
     mu: Any = setting(None, "MARTHE's μ in [0, 1] or 'auto' (its default)", lo=0, hi=1,
-                      words=("auto",), none=True, methods=("marthe",))
-    kappa: float = setting(1e-6, "step size κ of MARTHE's adaptive β", lo=0, methods=("marthe",))
-    hypergrad_lr_init: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0, methods=("marthe",))
+                      words=("auto",), none=True, methods=("marthe",), dropin=True)
+    kappa: float = setting(1e-6, "step size κ of MARTHE's adaptive β", lo=0, methods=("marthe",),
+                           dropin=True)
+    hypergrad_lr_init: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0,
+                                       methods=("marthe",), dropin=True)
     hypergrad_lr_rule: str = setting("hh", "adaptive-β rule: κ h_{t+1} h_t (hh) or the authors' "
                                            "code's κ h_{t+1} η_{t+1} (h_eta)", kind="choice",
-                                     choices=("hh", "h_eta"), methods=("marthe",))
+                                     choices=("hh", "h_eta"), methods=("marthe",), dropin=True)
     objective: str = setting("val", "val: h uses ∇E(w_{t+1}); train: the next minibatch's "
                                     "gradient (HD)", kind="choice", choices=("val", "train"))
-    lr_floor: Any = setting(0.0, "η is clipped at this value; none allows η < 0", lo=0, none=True)
+    lr_floor: Any = setting(0.0, "η is clipped at this value; none allows η < 0", lo=0, none=True,
+                            dropin=True)
     lr_max: Any = setting(None, "|η| above this counts as divergence (none: 1e6·lr)", lo=0,
-                          open_lo=True, none=True)
+                          open_lo=True, none=True, dropin=True)
     hypergrad_lr_bound: Any = setting(1.0, "adaptive β: one update moves η by at most this × "
                                            "max(η, η_0); none: unbounded", lo=0, open_lo=True,
-                                      none=True, methods=("marthe",))
+                                      none=True, methods=("marthe",), dropin=True)
     divergence_factor: Any = setting(2.0, "the run diverges when its loss exceeds this × its "
-                                          "initial value; none: off", lo=1, open_lo=True, none=True)
+                                          "initial value; none: off", lo=1, open_lo=True, none=True,
+                                     dropin=True)
     hd_gradient: str = setting("regularised", "objective train with weight decay: v includes it "
                                               "(regularised) or not (raw)", kind="choice",
                                choices=("regularised", "raw"))

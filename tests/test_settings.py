@@ -282,3 +282,20 @@ def test_lrsopt_and_exact_check_each_setting_by_its_declaration():
     with pytest.raises(TypeError, match="outer_lr is required for outer_optimizer='sgd'"):
         run(outer_optimizer="sgd", outer_lr=None)
     assert run(outer_optimizer="ADAM").config["outer_optimizer"] == "adam"
+
+
+def test_the_marthe_dropin_takes_the_dropin_settings_with_their_defaults():
+    """optim.MARTHE's group options are OnlineSettings' ``dropin`` settings: its signature,
+    its param groups' keys and defaults, and the setup cache's keys (OnlineOptimizer._options)."""
+    from hgtoolkit import optim
+    table = settings.specs(OnlineSettings, only=settings.dropin_option)
+    params = inspect.signature(optim.MARTHE).parameters
+    assert {k: params[k].default for k in table} == {k: d for k, (d, _) in table.items()}
+    assert set(params) - set(table) == {"params", "lr", "mu_rule", "objective", "optimizer",
+                                        "raise_on_divergence", "module"}
+    opt = optim.MARTHE([torch.zeros(2, requires_grad=True)], lr=0.1, hypergrad_lr=1e-3)
+    group = opt.param_groups[0]
+    assert all(group[k] == (1e-3 if k == "hypergrad_lr" else d) for k, (d, _) in table.items())
+    assert set(table) <= set(opt._options) and "lr" not in opt._options
+    with pytest.raises(TypeError, match="MARTHE\\(\\) got an unexpected keyword argument 'steps'"):
+        optim.MARTHE([torch.zeros(2, requires_grad=True)], steps=3)
