@@ -167,7 +167,8 @@ class Plan:
     ``init`` copies the parameters once (never under ``vmap``, nor where an old state is kept).
     ``direction_as_z``: without a Hessian-vector product (HD) the state's z holds
     d_t = −z_{t+1}, the update direction itself. ``rows``: the state holds R runs along a
-    leading axis (a batch of a ``Problem.rowwise`` problem): dots per run, η and μ per run."""
+    leading axis (a batch of a ``Problem.rowwise`` problem, whose parameters are one tensor:
+    η and μ are shaped against it), dots per run, η and μ per run."""
 
     donate: bool = False
     direction_as_z: bool = False
