@@ -89,11 +89,12 @@ __all__ = ["OnlineResult", "run", "find_hypergrad_lr", "Engine", "Oracle", "Onli
            "hyper_config", "gradient_and_hvp", "METHODS", "OBJECTIVES", "DIVERGENCE",
            "DivergenceWarning"]
 
-METHODS = ("hd", "rtho", "marthe")
+#: The online methods and objectives (the choices of :class:`~hgtoolkit.settings.OnlineSettings`).
+METHODS = _settings.specs(OnlineSettings)["method"][1].choices
 #: The hyper-variables (η, β, μ, c, h) are float64 whatever the model's dtype, like the Python
 #: floats they replace: η_0 = 0.01 stays 0.01 for a float32 model.
 HYPER_DTYPE = torch.float64
-OBJECTIVES = ("val", "train")
+OBJECTIVES = _settings.specs(OnlineSettings)["objective"][1].choices
 
 #: ``state.why`` codes: what made a run diverge (:data:`hgtoolkit.divergence.CODES`, as text).
 DIVERGENCE = {code: f"{quantity} {reason}" for code, (quantity, reason) in _divergence.CODES.items()}
@@ -156,65 +157,36 @@ class HyperConfig:
                                             else self.divergence_factor))
 
 
-def _number(x: Any, name: str) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float, np.floating, np.integer)):
-        if isinstance(x, torch.Tensor) and x.numel() == 1:
-            x = float(x)
-        else:
-            raise TypeError(f"{name} must be a number, got {type(x).__name__} ({x!r})")
-    x = float(x)
-    if not math.isfinite(x):
-        raise ValueError(f"{name} must be finite, got {x}")
-    return x
-
-
-def _optional_positive(x: Any, name: str, minimum: float) -> float | None:
-    if x is None:
-        return None
-    x = _number(x, name)
-    if not x > minimum:
-        raise ValueError(f"{name} must be > {minimum} (or None to switch it off), got {x}")
-    return x
+def _plain(settings: dict) -> dict:
+    """A one-element tensor given for a number setting as the Python number it holds."""
+    return {k: (v.item() if isinstance(v, torch.Tensor) and v.numel() == 1 else v) for k, v in settings.items()}
 
 
 @_settings.takes(OnlineSettings)
 def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **settings: Any) -> HyperConfig:
     """Validate the hyper-hyperparameters of an online run (arguments as :func:`run`).
 
-    Raises ``ValueError``/``TypeError`` naming the argument for an unknown method/objective/rule,
-    a negative β/κ/η_0, μ outside [0, 1], a μ or ``mu_rule`` that contradicts the method, a
-    ``mu_rule`` that is not a tensor function, …  The settings are those of
-    :class:`~hgtoolkit.settings.OnlineSettings`; the ones that are not hyper-settings (``steps``,
-    ``seed``, …) are ignored.
+    The settings are those of :class:`~hgtoolkit.settings.OnlineSettings`, each checked by its
+    declaration there (``ValueError``/``TypeError`` naming it: an unknown method, objective or
+    rule, a negative β/κ/η_0, μ outside [0, 1], …); here the rules between them: η_floor ≤ η_0 <
+    η_max, a μ or ``mu_rule`` that contradicts the method, a ``mu_rule`` that is not a tensor
+    function, β required (or ``"auto"`` only) by the method. The ones that are not
+    hyper-settings (``steps``, ``seed``, …) are checked and otherwise ignored.
     """
-    c = _settings.bind(OnlineSettings, {"method": method, **settings}, "hyper_config", required=False)
+    c = _settings.bind(OnlineSettings, _plain({"method": method, **settings}), "hyper_config", required=False)
     if "lr" not in c:
         raise TypeError("hyper_config() missing required keyword argument 'lr'")
-    lr, beta, mu, kappa, beta0 = c["lr"], c["hypergrad_lr"], c["mu"], c["kappa"], c["hypergrad_lr_init"]
+    c = _settings.check(OnlineSettings, c)  # each setting by its declaration; the rules between them here
+    method, lr, beta, mu, kappa, beta0 = c["method"], c["lr"], c["hypergrad_lr"], c["mu"], c["kappa"], c["hypergrad_lr_init"]
     beta_rule, objective, lr_floor, lr_max = c["hypergrad_lr_rule"], c["objective"], c["lr_floor"], c["lr_max"]
     beta_bound, divergence_factor = c["hypergrad_lr_bound"], c["divergence_factor"]
     hd_gradient = c["hd_gradient"]
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if not isinstance(objective, str) or objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    if hd_gradient not in ("regularised", "raw"):
-        raise ValueError(f"unknown hd_gradient {hd_gradient!r}; choose 'regularised' or 'raw'")
-    lr = _number(lr, "lr")
-    if lr < 0:
-        raise ValueError(f"lr must be ≥ 0, got {lr}")
-    if lr_floor is not None:
-        lr_floor = _number(lr_floor, "lr_floor")
-        if lr_floor < 0 or lr_floor > lr:
-            raise ValueError(f"lr_floor must be in [0, lr={lr}] (or None for no clipping), got {lr_floor}")
+    if lr_floor is not None and lr_floor > lr:
+        raise ValueError(f"lr_floor must be in [0, lr={lr}] (or None for no clipping), got {lr_floor}")
     if lr_max is None:
         lr_max = 1e6 * lr if lr > 0 else math.inf
-    else:
-        lr_max = _number(lr_max, "lr_max")
-        if not lr_max > lr:
-            raise ValueError(f"lr_max must be > lr={lr}, got {lr_max}")
-    beta_bound = _optional_positive(beta_bound, "hypergrad_lr_bound", 0.0)
-    divergence_factor = _optional_positive(divergence_factor, "divergence_factor", 1.0)
+    elif not lr_max > lr:
+        raise ValueError(f"lr_max must be > lr={lr}, got {lr_max}")
 
     # μ: fixed by the method (hd: 0, rtho: 1), a constant in [0, 1], or a rule.
     fixed_mu = {"hd": 0.0, "rtho": 1.0}.get(method)
@@ -223,7 +195,7 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
     if fixed_mu is not None:
         if mu_rule is not None:
             raise ValueError(f"mu_rule is only for method='marthe'; method={method!r} fixes μ={fixed_mu}")
-        if mu is not None and (isinstance(mu, str) or _number(mu, "mu") != fixed_mu):
+        if mu is not None and mu != fixed_mu:
             raise ValueError(f"mu={mu!r} contradicts method={method!r}, which fixes μ={fixed_mu}; "
                              "use method='marthe' for another μ")
         mu_value, rule = fixed_mu, None
@@ -233,36 +205,18 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
         mu_value, rule = 0.0, mu_rule
     elif mu is None or mu == "auto":
         mu_value, rule = 0.0, _marthe.adaptive_mu
-    elif isinstance(mu, str):
-        raise ValueError(f"mu must be a number in [0, 1] or 'auto', got {mu!r}")
     else:
-        mu_value, rule = _number(mu, "mu"), None
-        if not 0.0 <= mu_value <= 1.0:
-            raise ValueError(f"mu must be in [0, 1], got {mu_value}")
+        mu_value, rule = mu, None
 
     # β = hypergrad_lr: a constant ≥ 0, or "auto" (MARTHE only) from hypergrad_lr_init, step size κ.
-    if not isinstance(beta_rule, str) or beta_rule not in _marthe.BETA_RULES:
-        raise ValueError(f"unknown hypergrad_lr_rule {beta_rule!r}; choose one of {tuple(_marthe.BETA_RULES)}")
-    kappa = _number(kappa, "kappa")
-    if kappa < 0:
-        raise ValueError(f"kappa must be ≥ 0, got {kappa}")
     if beta is None:
         if method != "marthe":
             raise ValueError(f"hypergrad_lr (the hyper-learning rate β) is required for method={method!r}")
         beta = "auto"
-    adaptive = isinstance(beta, str)
-    if adaptive:
-        if beta != "auto":
-            raise ValueError(f"hypergrad_lr must be a number ≥ 0 or 'auto', got {beta!r}")
-        if method != "marthe":
-            raise ValueError(f"hypergrad_lr='auto' is MARTHE's adaptive rule; method={method!r} needs a number")
-        beta_value = _number(beta0, "hypergrad_lr_init")
-        if beta_value < 0:
-            raise ValueError(f"hypergrad_lr_init must be ≥ 0, got {beta_value}")
-    else:
-        beta_value = _number(beta, "hypergrad_lr")
-        if beta_value < 0:
-            raise ValueError(f"hypergrad_lr must be ≥ 0, got {beta_value}")
+    adaptive = beta == "auto"
+    if adaptive and method != "marthe":
+        raise ValueError(f"hypergrad_lr='auto' is MARTHE's adaptive rule; method={method!r} needs a number")
+    beta_value = beta0 if adaptive else beta
 
     desc = {"method": method, "lr": lr, "objective": objective, "lr_floor": lr_floor,
             "lr_max": lr_max if math.isfinite(lr_max) else None,
@@ -527,14 +481,6 @@ def _check_scalar(value: torch.Tensor, name: str) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the driver
 
-def _check_int(x: Any, name: str, minimum: int = 1) -> int:
-    if isinstance(x, bool) or not isinstance(x, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
-    if x < minimum:
-        raise ValueError(f"{name} must be ≥ {minimum}, got {x}")
-    return int(x)
-
-
 def setup(problem, settings: dict, mu_rule: Callable | None = None):
     """Validate :func:`run`'s arguments: (problem (resampled for ``seed``), HyperConfig,
     dynamics, T, eval_every, val_batch_size, the record's config). Shared with
@@ -542,21 +488,19 @@ def setup(problem, settings: dict, mu_rule: Callable | None = None):
     :class:`~hgtoolkit.settings.OnlineSettings`, bound by :func:`hgtoolkit.settings.bind`)."""
     check_problem(problem)
     cfg = hyper_config(mu_rule=mu_rule, **settings)
+    settings = _settings.check(OnlineSettings, _plain(settings))
     dyn = _dynamics.get(settings["optimizer"])
-    T = _check_int(settings["steps"], "steps")
+    T = settings["steps"]
     eval_every, val_batch_size, seed = settings["eval_every"], settings["val_batch_size"], settings["seed"]
     if eval_every is None:  # E(w_t) is free every step with the val objective
         eval_every = 1 if cfg.objective == "val" and val_batch_size is None else T
-    eval_every = _check_int(eval_every, "eval_every")
     if val_batch_size is not None:
-        val_batch_size = _check_int(val_batch_size, "val_batch_size")
         if cfg.objective != "val":
             raise ValueError("val_batch_size is for objective='val' (a validation minibatch per step)")
         if getattr(problem, "val_batch", None) is None:
             raise ValueError(f"val_batch_size needs a problem with val_batch(t, size) and batch_loss "
                              f"(e.g. problems.mnist_mlp); {problem.name!r} has none")
     if seed is not None:
-        seed = _check_int(seed, "seed", minimum=0)
         if problem.resample is not None:
             problem = problem.resample(seed)
     config = {**cfg.description, "optimizer": dyn.config(), "steps": T, "eval_every": eval_every,

@@ -157,7 +157,7 @@ def test_problems_with_seed_dependent_data_run_one_by_one():
     ([{"method": "hd", "lr": 0.1, "steps": 3, "hypergrad_lr": 1e-3, "momentum": 0.9}], TypeError,
      r"cells\[0\]: online.run\(\) got an unexpected keyword argument 'momentum'"),
     ([{"method": "hd", "steps": 3, "hypergrad_lr": 1e-3}], TypeError, "missing required keyword argument 'lr'"),
-    ([{"method": "hd", "lr": 0.1, "steps": 3, "hypergrad_lr": -1.0}], ValueError, "hypergrad_lr must be ≥ 0"),
+    ([{"method": "hd", "lr": 0.1, "steps": 3, "hypergrad_lr": -1.0}], ValueError, "hypergrad_lr must be a number ≥ 0"),
     ([["not", "a", "cell"]], TypeError, r"cells\[0\] must be a mapping"),
     ({"method": "hd"}, TypeError, "cells must be a sequence"),
 ])
