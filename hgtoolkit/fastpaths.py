@@ -70,7 +70,7 @@ class Buffers(_dynamics.Leaves):
             return _dynamics.Leaves.descend(self, lr, d, dw, dd, dlr, scale)
         w_here = _one_kind(w) and all(o is p for o, p in zip(self.o("w"), w))
         new = _subtract_in_place(w, lr, d) if w_here else self.new_w(lr, d)
-        if dw is None and dd is None and dlr is not None and _is_one(-dlr) and not self.dout:
+        if dw is None and dd is None and dlr is not None and _is_one(-dlr) and not self.dout.get("w"):
             return new, list(d)  # HD's direction as z: −B_t = d itself, no copy, no per-leaf loop
         z_here = (dw is not None and dd is not None and dlr is not None and _one_kind(dw)
                   and all(x is not None and o is x for o, x in zip(self.do("w"), dw))
