@@ -19,9 +19,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .errors import moved as _moved
+
 __all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient", "plot_online_run", "plot_tower_history",
-           "savefig", "wait_for_figures", "describe_source", "to_numpy", "plot_best_vs_beta", "plot_contour_paths",
-           "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_beta",
+           "savefig", "wait_for_figures", "describe_source", "to_numpy", "plot_best_vs_hypergrad_lr", "plot_contour_paths",
+           "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_hypergrad_lr",
            "plot_accuracy_bars", "layout_problems", "legend_on_top"]
 
 # rcParams applied (as a context) to every figure made by :func:`figure`.
@@ -454,19 +456,20 @@ def _positive_finite(y: np.ndarray) -> np.ndarray:
 
 
 @_styled
-def plot_best_vs_beta(betas: Any, best: Mapping[str, Any], ax=None, title: str | None = None, *,
-                      diverged: Mapping[str, Any] | None = None,
-                      references: Mapping[str, float] | None = None,
-                      styles: Mapping[str, dict] | None = None,
-                      ylabel: str = r"best objective $\min_t f(w_t)$", legend: bool = True):
-    """Best objective against the hyper-learning rate β (log–log), one line per ``{label: values}``.
+def plot_best_vs_hypergrad_lr(hypergrad_lrs: Any, best: Mapping[str, Any], ax=None, title: str | None = None, *,
+                              diverged: Mapping[str, Any] | None = None,
+                              references: Mapping[str, float] | None = None,
+                              styles: Mapping[str, dict] | None = None,
+                              ylabel: str = r"best objective $\min_t f(w_t)$", legend: bool = True):
+    """Best objective against the hyper-learning rate β = ``hypergrad_lrs`` (log–log), one line
+    per ``{label: values}``.
 
     ``diverged[label]`` (booleans per β) marks runs that diverged: their values are not drawn
     as part of the line but as "×" at the top of the panel. ``references``: ``{label: value}``
     drawn as horizontal dotted lines (e.g. a β-free method such as MARTHE with adaptive β).
     """
     fig, ax = _axes(ax)
-    betas = to_numpy(betas)
+    betas = to_numpy(hypergrad_lrs)
     any_div = False
     lines = []
     markers = "osD^vP*X"
@@ -687,12 +690,12 @@ def _mean_std(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @_styled
-def plot_mean_vs_beta(values: Any, curves: Mapping[str, Any], ax=None, title: str | None = None, *,
-                      styles: Mapping[str, dict] | None = None,
-                      references: Mapping[str, float] | None = None,
-                      xlabel: str = r"hyper-learning rate $\beta$",
-                      ylabel: str = "final validation accuracy", legend: bool = True,
-                      legend_kw: Mapping[str, Any] | None = None, legend_top: bool = False):
+def plot_mean_vs_hypergrad_lr(values: Any, curves: Mapping[str, Any], ax=None, title: str | None = None, *,
+                              styles: Mapping[str, dict] | None = None,
+                              references: Mapping[str, float] | None = None,
+                              xlabel: str = r"hyper-learning rate $\beta$",
+                              ylabel: str = "final validation accuracy", legend: bool = True,
+                              legend_kw: Mapping[str, Any] | None = None, legend_top: bool = False):
     """Mean ± std over seeds against a log-spaced setting (β, κ, …): ``curves[label]`` is a
     (seeds, len(values)) array. NaN entries (runs that diverged) are left out of the mean; where
     every seed failed the point is drawn as "×" at the bottom of the panel; where only some
@@ -840,3 +843,8 @@ def plot_tower_history(history, ax: Any = None, *, include_fixed: bool = False):
         a.grid(True, which="both", alpha=0.3)
     axes[-1].set_xlabel("step t")
     return axes
+
+
+#: Their old names (docs/glossary.md): calling one raises, naming the new one.
+plot_best_vs_beta = _moved("hgtoolkit.plotting.plot_best_vs_beta", "hgtoolkit.plotting.plot_best_vs_hypergrad_lr")
+plot_mean_vs_beta = _moved("hgtoolkit.plotting.plot_mean_vs_beta", "hgtoolkit.plotting.plot_mean_vs_hypergrad_lr")

@@ -66,13 +66,13 @@ def test_legend_on_top_keeps_the_legend_inside_and_above_the_data():
 def test_mean_vs_beta_explains_only_the_markers_it_draws():
     curves = {"fine": np.array([[0.5, 0.6], [0.55, 0.65]])}
     fig, ax = plotting.figure()
-    plotting.plot_mean_vs_beta([1e-3, 1e-2], curves, ax=ax)
+    plotting.plot_mean_vs_hypergrad_lr([1e-3, 1e-2], curves, ax=ax)
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
     assert texts == ["fine"]
     plt.close(fig)
     partly = {"partly": np.array([[0.5, np.nan], [0.55, 0.65]]), "all": np.array([[np.nan, 0.6], [np.nan, 0.7]])}
     fig, ax = plotting.figure()
-    plotting.plot_mean_vs_beta([1e-3, 1e-2], partly, ax=ax, legend_top=True)
+    plotting.plot_mean_vs_hypergrad_lr([1e-3, 1e-2], partly, ax=ax, legend_top=True)
     texts = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "some seeds diverged (mean of the rest)" in texts and "all seeds diverged" in texts
     plt.close(fig)

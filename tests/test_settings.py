@@ -299,3 +299,11 @@ def test_the_marthe_dropin_takes_the_dropin_settings_with_their_defaults():
     assert set(table) <= set(opt._options) and "lr" not in opt._options
     with pytest.raises(TypeError, match="MARTHE\\(\\) got an unexpected keyword argument 'steps'"):
         optim.MARTHE([torch.zeros(2, requires_grad=True)], steps=3)
+
+
+def test_the_plotting_functions_named_after_beta_say_their_new_names():
+    from hgtoolkit import plotting
+    for old, new in (("plot_best_vs_beta", "plot_best_vs_hypergrad_lr"), ("plot_mean_vs_beta", "plot_mean_vs_hypergrad_lr")):
+        with pytest.raises(AttributeError, match=f"{old} moved to hgtoolkit.plotting.{new}"):
+            getattr(plotting, old)([1e-3], {})
+        assert callable(getattr(plotting, new))

@@ -627,7 +627,7 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
         if auto is not None:
             refs[f"{AUTO_LABEL} (κ={auto.config['kappa']:.0e})"] = auto.best_val_loss
         refs[f"{CONST_LABEL} (η={constants['best_lr']:.2g})"] = constants["best_min_t"]
-        plotting.plot_best_vs_beta(hypergrad_lrs, {l: grid["best"][i] for i, l in enumerate(labels)}, ax=axes[0],
+        plotting.plot_best_vs_hypergrad_lr(hypergrad_lrs, {l: grid["best"][i] for i, l in enumerate(labels)}, ax=axes[0],
                                    diverged={l: diverged[i] for i, l in enumerate(labels)},
                                    references=refs, styles={l: styles[l] for l in labels}, legend=False,
                                    title=r"(a) best $f$ within $T$ steps vs $\beta$")

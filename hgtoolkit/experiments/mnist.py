@@ -510,7 +510,7 @@ def _accuracy_panel(ax, online, labels, rec, grid) -> None:
             refs.setdefault(meta["label"], []).append(meta["final_val_accuracy"])
     refs = {k: float(np.mean(v)) if isinstance(v, list) else v for k, v in refs.items()}
     sym = r"\beta" if grid == "hypergrad_lr" else r"\kappa"
-    plotting.plot_mean_vs_beta(values, curves, ax=ax, styles=styles, references=refs,
+    plotting.plot_mean_vs_hypergrad_lr(values, curves, ax=ax, styles=styles, references=refs,
                                xlabel=("hyper-learning rate $\\beta$" if grid == "hypergrad_lr"
                                        else "step size $\\kappa$ of the adaptive $\\beta$"),
                                ylabel="final validation accuracy",
