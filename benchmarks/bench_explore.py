@@ -45,7 +45,7 @@ MOVES = {
     "hypergrad_lr": [1e-7, 1e-6, 1e-8, 1e-7],
     "mu": [0.99, "auto", 0.9],
     "kappa": [1e-7, 1e-8, 1e-6],
-    "method": ["hd", "rtho", "adaptive_beta", "marthe"],
+    "method": ["hd", "rtho", "adaptive_hypergrad_lr", "marthe"],
     "steps": [200, 1000, 500, 1000],
 }
 

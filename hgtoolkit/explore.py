@@ -50,7 +50,7 @@ __all__ = ["explore", "Explorer", "RUNS", "GRIDS", "exact_rows"]
 
 #: The four runs drawn at every setting: key → (label, colour).
 RUNS = {"hd": ("HD", "tab:blue"), "rtho": ("RTHO", "tab:red"), "marthe": ("MARTHE", "tab:green"),
-        "adaptive_beta": ("MARTHE, adaptive β", "tab:olive")}
+        "adaptive_hypergrad_lr": ("MARTHE, adaptive β", "tab:olive")}
 
 #: The sliders' default values: η₀ (``lr``), β (``hypergrad_lr``), μ, κ and the horizons T.
 GRIDS = {
@@ -82,6 +82,8 @@ def explore(problem: str = "beale", *, lr: float = 1e-3, hypergrad_lr: float = 1
 
 def _check_setting(name: str, value: Any, max_steps: int) -> Any:
     if name == "method":
+        if value == "adaptive_beta":  # its name before 0.2 (docs/glossary.md)
+            raise ValueError("method 'adaptive_beta' was renamed 'adaptive_hypergrad_lr' (docs/glossary.md)")
         if value not in RUNS:
             raise ValueError(f"method must be one of {list(RUNS)}, got {value!r}")
         return value
@@ -173,9 +175,9 @@ class Explorer:
 
     def _cell(self, key: str, s: Mapping[str, Any]) -> dict:
         """``online.run`` arguments of run ``key`` at setting ``s`` (over the largest horizon)."""
-        cell = {"method": "marthe" if key in ("marthe", "adaptive_beta") else key, "lr": s["lr"],
+        cell = {"method": "marthe" if key in ("marthe", "adaptive_hypergrad_lr") else key, "lr": s["lr"],
                 "steps": self.max_steps}
-        if key == "adaptive_beta":
+        if key == "adaptive_hypergrad_lr":
             cell.update(hypergrad_lr="auto", mu=s["mu"], kappa=s["kappa"])
         else:
             cell["hypergrad_lr"] = s["hypergrad_lr"]
@@ -195,7 +197,7 @@ class Explorer:
                     for key in (("hd", "rtho", "marthe") if mu == g["mu"][0] else ("marthe",)):
                         yield self._cell(key, {"lr": lr, "hypergrad_lr": beta, "mu": mu})
                 for kappa in g["kappa"]:
-                    yield self._cell("adaptive_beta", {"lr": lr, "mu": mu, "kappa": kappa})
+                    yield self._cell("adaptive_hypergrad_lr", {"lr": lr, "mu": mu, "kappa": kappa})
 
     @staticmethod
     def _key(cell: Mapping[str, Any]) -> tuple:

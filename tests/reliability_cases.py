@@ -809,7 +809,7 @@ api("explore-problem", "explore",
     ValueError, r"problem must name a 2-D test function, one of \['beale', 'bukin6',")
 api("explore-method", "explore", "unknown method",
     lambda tmp: hgtoolkit.explore("beale", method="sgdr", precompute=False, widgets=False), ValueError,
-    r"method must be one of \['hd', 'rtho', 'marthe', 'adaptive_beta'\], got")
+    r"method must be one of \['hd', 'rtho', 'marthe', 'adaptive_hypergrad_lr'\], got")
 api("explore-steps", "explore",
     "steps 0", lambda tmp: hgtoolkit.explore("beale", steps=0, precompute=False, widgets=False),
     ValueError, r"steps must be an int in \[1, 1000\] \(the largest horizon of the grid\),")

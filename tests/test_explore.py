@@ -56,7 +56,7 @@ def test_every_slider_redraws_with_the_numbers_of_online_run():
     assert n_cached == 2 * (2 * 3 + 2 + 2 * 2)  # lr × (β × (HD, RTHO, MARTHE μ=0.9), β × μ=auto, κ × μ)
     _check_figure(e)
     png = e._image.value
-    moves = [("hypergrad_lr", 1e-6), ("mu", "auto"), ("kappa", 1e-6), ("method", "adaptive_beta"),
+    moves = [("hypergrad_lr", 1e-6), ("mu", "auto"), ("kappa", 1e-6), ("method", "adaptive_hypergrad_lr"),
              ("lr", 3e-3), ("steps", 60), ("method", "hd"), ("method", "rtho")]
     for name, value in moves:
         e.widgets[name].value = value  # the slider's callback
@@ -76,10 +76,14 @@ def test_update_validates_and_computes_off_grid_settings():
         with pytest.raises(exc):
             e.update(**bad)
         assert e.settings == before
+    with pytest.raises(ValueError, match="'adaptive_beta' was renamed 'adaptive_hypergrad_lr'"):
+        e.update(method="adaptive_beta")
+    with pytest.warns(FutureWarning, match="'beta' is now 'hypergrad_lr'"):
+        e.update(beta=e.settings["hypergrad_lr"])
     e.update(hypergrad_lr=3.3e-7, steps=45)  # off the grid: computed on demand
     _check_figure(e)
     assert e.reference() is None and e.exact() is None  # MARTHE diverges there: no reference
-    e.update(method="adaptive_beta")
+    e.update(method="adaptive_hypergrad_lr")
     g, value = e.reference()  # what the figure draws: exact_rows, the numbers of exact.hypergradient
     np.testing.assert_allclose(g, e.exact().grad.numpy(), rtol=1e-12, atol=1e-300)
     assert value == pytest.approx(float(e.exact().value), rel=1e-12)
@@ -106,7 +110,7 @@ def test_a_move_paints_the_pixels_of_a_full_draw():
     """Explorer.render keeps the static part as pixels and repaints only what a move changes:
     the same image as drawing the whole figure."""
     e = hgtoolkit.explore("beale", steps=30, grids=GRIDS, widgets=False)
-    for changes in ({}, {"mu": "auto", "method": "adaptive_beta"}, {"steps": 60, "lr": 3e-3}):
+    for changes in ({}, {"mu": "auto", "method": "adaptive_hypergrad_lr"}, {"steps": 60, "lr": 3e-3}):
         e.update(**changes)
         fast = e.render().copy()
         e.figure.canvas.draw()
