@@ -1,10 +1,14 @@
-r"""The one loop over t of the online recursion (:class:`hgtoolkit.online.Engine`).
+r"""The one loop over t of the online recursion (:class:`hgtoolkit.online.Engine`) and of the
+towers (:class:`hgtoolkit.towers.TowerMethod`).
 
-Every driven use of the engine — a single run (:func:`hgtoolkit.online.run`), R runs stacked
-along a leading axis (:mod:`hgtoolkit.batched`: the same step under ``vmap``, or natively on
-row-wise problems) and a prescribed schedule replayed to read its derivatives
-(:func:`hgtoolkit.analysis.exact_references`) — is :func:`drive` with a different
-:class:`Runs`: what the loop asks of the problem and what it keeps. Step t is
+Every driven use of a method — a single online run (:func:`hgtoolkit.online.run`), R runs
+stacked along a leading axis (:mod:`hgtoolkit.batched`: the same step under ``vmap``, or
+natively on row-wise problems), a prescribed schedule replayed to read its derivatives
+(:func:`hgtoolkit.analysis.exact_references`) and a tower run (:func:`hgtoolkit.towers.run`) —
+is :func:`drive` with a different :class:`Runs`: what the loop asks of the problem and what it
+keeps. The method (``engine``) has ``dynamics`` (w_t = ``dynamics.params(state.opt)``),
+``needs_hvp`` (z_{t,w} = ``dynamics.params(state.z)`` is passed when True) and the update.
+Step t is
 
     (g_t, L_t, H_t z_{t,w}) = runs.gradient(w_t, z_{t,w} if μ may be ≠ 0 and t > 0, t)
     (v_t, E(w_t))           = runs.objective(w_t, t, g_t, L_t)      # (None, None) when not needed
@@ -15,8 +19,11 @@ row-wise problems) and a prescribed schedule replayed to read its derivatives
 and after step T−1, ``runs.close(state, T)`` — for the online runs :func:`closing_update`, the
 last hyper-update (h_T, η_T) from v_T. The drop-in optimizers (:mod:`hgtoolkit.optim`) live
 in the user's loop: they share the engine's update (its pieces ``hyper_update``,
-``check_loss``, ``optimizer_step``), not this loop. The method is the engine: ``init(params,
-settings) -> state`` and ``update(state, oracle, t) -> (state, aux)`` (the optax shape).
+``check_loss``, ``optimizer_step``), not this loop; so does the towers' drop-in
+(:class:`hgtoolkit.towers.TowerOptimizer` calls :meth:`TowerMethod.update`). The method is the
+engine: ``init(params, settings) -> state`` and ``update(state, oracle, t) -> (state, aux)``
+(the optax shape). :func:`hgtoolkit.hdm.run` keeps its own loop (docs/architecture.md: its
+oracle is called at a trial point the step chooses, not at w_t before it).
 """
 from __future__ import annotations
 

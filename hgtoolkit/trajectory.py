@@ -26,7 +26,7 @@ from ._tree import tree_flatten, tree_unflatten
 from .divergence import VALIDATION_LOSS, check_finite
 
 __all__ = ["BUFFERS", "initial_state", "opt_part", "with_buffers", "float_leaves", "stateful_loss",
-           "make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
+           "loss_gradient", "make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
            "rowwise_gradient_hvp", "train", "TrainResult", "check_problem", "check_lrs", "check_finite", "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
@@ -108,35 +108,55 @@ def explain_in_place(exc: RuntimeError) -> Exception:
                       "buffers0 and train_loss(w, t, buffers) -> (loss, new_buffers)")
 
 
-def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
-    """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)`` (the gradient in closed form for a
-    :func:`closed_form` loss: its formulas are torch functions too, so ``torch.func.jvp`` of the
-    step differentiates them); b_{t+1} carried in the state of a stateful problem."""
-    params = dynamics.params
+def loss_gradient(problem) -> Callable:
+    """∇L_t as ``gradient(w, t, b) -> (g_t, L_t, b_{t+1})``: g_t = ∇_w L_t(w, b) (in closed
+    form for a :func:`closed_form` loss), L_t the minibatch loss, and b_{t+1} the buffers the
+    forward pass leaves for a stateful problem (``b`` and b_{t+1} None for a stateless one)."""
     if getattr(problem, "buffers0", None) is not None:
         loss_fn = stateful_loss(problem.train_loss)
         grad_loss = grad(lambda w, t, b: (lambda out: (out[0], out))(loss_fn(w, t, b)), has_aux=True)
 
+        def stateful_gradient(w: Any, t: int, buffers: Any) -> tuple[Any, torch.Tensor, Any]:
+            g, (loss, new_buffers) = grad_loss(w, t, buffers)
+            return g, loss, new_buffers
+
+        return stateful_gradient
+    if closed_form(problem.train_loss, problem.params0) is not None:
+        grad_loss = lambda w, t: problem.train_loss.value_and_grad(w)[::-1]
+    else:
+        grad_loss = grad_and_value(scalar_loss(problem.train_loss, "train_loss"))
+
+    def gradient(w: Any, t: int, buffers: Any = None) -> tuple[Any, torch.Tensor, None]:
+        try:
+            g, loss = grad_loss(w, t)
+        except RuntimeError as exc:
+            raise explain_in_place(exc) from exc
+        return g, loss, None
+
+    return gradient
+
+
+def make_step(problem, dynamics: _dynamics.Dynamics) -> StepFn:
+    """Φ_t as ``step(state, lr, t) -> (state', train_loss_t)``, the gradient of
+    :func:`loss_gradient` (a closed-form loss's formulas are torch functions too, so
+    ``torch.func.jvp`` of the step differentiates them); b_{t+1} carried in the state of a
+    stateful problem."""
+    params = dynamics.params
+    gradient = loss_gradient(problem)
+    if getattr(problem, "buffers0", None) is not None:
         def stateful_step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
             if BUFFERS not in state:
                 raise ValueError(f"problem {problem.name!r} is stateful (buffers0 set) but the state "
                                  "given to its step holds no buffers: start from "
                                  "trajectory.initial_state(problem, dynamics); this caller does not "
                                  "carry buffers yet (docs/models.md)")
-            g, (loss, buffers) = grad_loss(params(state), t, state[BUFFERS])
+            g, loss, buffers = gradient(params(state), t, state[BUFFERS])
             return with_buffers(dynamics.step(opt_part(state), g, lr, t), buffers), loss
 
         return stateful_step
-    if closed_form(problem.train_loss, problem.params0) is not None:
-        grad_loss = lambda w, t: problem.train_loss.value_and_grad(w)[::-1]
-    else:
-        grad_loss = grad_and_value(scalar_loss(problem.train_loss, "train_loss"))
 
     def step(state: dict, lr: torch.Tensor, t: int) -> tuple[dict, torch.Tensor]:
-        try:
-            g, loss = grad_loss(params(state), t)
-        except RuntimeError as exc:
-            raise explain_in_place(exc) from exc
+        g, loss, _ = gradient(params(state), t)
         return dynamics.step(state, g, lr, t), loss
 
     return step

@@ -436,6 +436,37 @@ def test_analyse_hd_tower_matches_one_step_reference():
     assert s["cosine"] > 1 - 1e-12 and s["median_rel_err"] < 1e-10 and s["n_steps"] == 24
 
 
+def test_run_is_the_method_driven_step_by_step():
+    """towers.run is drive.drive of TowerMethod: its learnt hyperparameters and weights are a
+    hand-written loop of towers.step (g_t of trajectory.loss_gradient), bit for bit; the method's update is
+    that step, its guard stops the step with the state unchanged, and a tower takes no settings."""
+    from hgtoolkit.drive import Oracle
+    problem, spec, T = problems.from_function("beale"), "sgd(lr=1e-3, momentum=0.5) / adam(lr=1e-4)", 12
+    res = towers.run(problem, spec, T)
+    tower, one = towers.parse(spec), torch.ones((), dtype=F64)
+    state, values, losses = towers.init(tower, problem.params0), [], []
+    gradient = trajectory.loss_gradient(problem)
+    for t in range(T):
+        g, loss, _ = gradient(state["w"], t)
+        state = towers.step(tower, state, g, t, lr_scale=one)
+        values.append(state["values"][0].tolist())
+        losses.append(float(loss))
+    learnt = res.history.values(0)
+    assert tower.tuned == ("lr", "momentum")
+    assert values == np.stack([learnt[n] for n in tower.tuned], 1).tolist() and losses == res.train_losses.tolist()
+    assert torch.equal(state["w"], res.params)
+    method = towers.TowerMethod(tower)
+    s0 = method.init(problem.params0)
+    g, loss, _ = gradient(problem.params0, 0)
+    new, aux = method.update(s0, Oracle(g, loss), 0)
+    ref = towers.step(tower, towers.init(tower, problem.params0), g, 0)
+    assert all(torch.equal(a, b) for a, b in zip(tree_leaves(new.opt), tree_leaves(ref))) and aux == {"loss": loss}
+    stopped, aux = method.update(s0, Oracle(g, loss), 0, guard=lambda values, hypergrads: "bad")
+    assert stopped is s0 and aux["divergence"] == "bad"
+    with pytest.raises(TypeError, match="settings"):
+        method.init(problem.params0, {"lr": 1.0})
+
+
 # ----------------------------------------------------------------------------- records, plots, CLI
 
 def test_history_json_roundtrip_and_plot(tmp_path, mlp64):

@@ -66,11 +66,12 @@ from __future__ import annotations
 
 from ..errors import moved
 from .core import UNIT_INTERVAL, hyperparameters, init, state_divergence, step
-from .levels import KINDS, SGD, AdaGrad, Adam, History, Level, RMSProp, Scheduled, TowerDynamics, TowerOptimizer, parse
+from .levels import (KINDS, SGD, AdaGrad, Adam, History, Level, RMSProp, Scheduled, TowerDynamics,
+                     TowerMethod, TowerOptimizer, TowerState, parse)
 from .training import TowerResult, analyse, run
 
 __all__ = ["Level", "SGD", "Adam", "AdaGrad", "RMSProp", "parse", "init", "step",
-           "hyperparameters", "TowerDynamics", "Scheduled", "History", "TowerResult", "run",
+           "hyperparameters", "TowerDynamics", "TowerMethod", "TowerState", "Scheduled", "History", "TowerResult", "run",
            "analyse", "TowerOptimizer", "UNIT_INTERVAL", "KINDS", "state_divergence"]
 
 plot_history = moved("hgtoolkit.towers.plot_history", "hgtoolkit.plotting.plot_tower_history")

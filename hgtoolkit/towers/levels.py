@@ -10,18 +10,19 @@ import math
 import numbers
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
 from .. import divergence as _divergence
 from .. import dynamics as _dynamics
+from ..drive import Oracle
 from ..optim import DropIn
 from .core import UNIT_INTERVAL, check_tower, hyperparameters, init, state_divergence, step
 
 __all__ = ["Level", "SGD", "Adam", "AdaGrad", "RMSProp", "KINDS", "parse", "check_real", "TowerDynamics",
-           "Scheduled", "History", "TowerOptimizer"]
+           "TowerState", "TowerMethod", "Scheduled", "History", "TowerOptimizer"]
 
 
 # ----------------------------------------------------------------------------- specification
@@ -339,6 +340,54 @@ class TowerDynamics(_dynamics.Dynamics):
         return {"name": "tower", **self.tower.config()}
 
 
+class TowerState(NamedTuple):
+    """A tower run's state as :func:`hgtoolkit.drive.drive` reads it: ``opt`` = the tower state
+    of :func:`~hgtoolkit.towers.core.init` / :func:`~hgtoolkit.towers.core.step` (w_t, every
+    level's moments, raw coordinates, values, previous update inputs and hypergradients)."""
+
+    opt: dict
+
+
+@dataclass(frozen=True)
+class TowerMethod:
+    r"""A tower as a method in the optax shape, as :class:`hgtoolkit.online.Engine` is for the
+    online methods: ``init(params, settings) -> state`` and ``update(state, oracle, t) ->
+    (state, aux)``, the one tower step :func:`~hgtoolkit.towers.core.step` applied to
+    ``oracle.grad`` = g_t; aux = {"loss": ``oracle.loss``} (and ``"divergence"`` when ``guard``
+    stopped the step: the state is then returned unchanged). :func:`hgtoolkit.towers.run`
+    drives it with :func:`hgtoolkit.drive.drive`; the drop-in :class:`TowerOptimizer` calls
+    the same update from the user's loop. A tower asks no Hessian-vector product of the
+    problem (``needs_hvp = False``): each level's hypergradient is of its own last update."""
+
+    tower: Level = None  # type: ignore[assignment]
+    needs_hvp: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_tower(self.tower)
+
+    @property
+    def dynamics(self) -> TowerDynamics:
+        """The tower as a :class:`hgtoolkit.dynamics.Dynamics` (w = ``dynamics.params(state.opt)``)."""
+        return TowerDynamics(self.tower)
+
+    def init(self, params: Any, settings: Any = None) -> TowerState:
+        """s_0 for ``params``; a tower's settings are its levels (``settings`` must be None)."""
+        if settings is not None:
+            raise TypeError("TowerMethod.init: a tower's settings are its levels, pass settings=None")
+        return TowerState(init(self.tower, params))
+
+    def update(self, state: TowerState, oracle: Oracle, t: "int | list[int]", *, lr_scale: Any = None,
+               cotangent: Any = None, counts: "list[int] | None" = None, differentiable: bool = True,
+               out_w: Any = None, guard: Callable | None = None) -> tuple[TowerState, dict]:
+        """One tower step from ``oracle.grad`` (the keywords: those of
+        :func:`~hgtoolkit.towers.core.step`)."""
+        new = step(self.tower, state.opt, oracle.grad, t, lr_scale, cotangent, counts, differentiable, out_w,
+                   guard)
+        if "diverged" in new:
+            return state, {"loss": oracle.loss, "divergence": new["diverged"]}
+        return TowerState(new), {"loss": oracle.loss}
+
+
 @dataclass(frozen=True, eq=False)
 class Scheduled(_dynamics.Dynamics):
     """``base`` with per-step schedules for its non-LR hyperparameters: step t uses
@@ -622,11 +671,13 @@ class TowerOptimizer(DropIn):
         # the new w straight into the parameters (a diverged step leaves them as they were)
         guard = lambda values, hypergrads: state_divergence(tower, {"values": values, "hypergrads": hypergrads},
                                                             t, lr_max, scale)
-        new = step(tower, state, grads, t, lr_scale=scale, cotangent=cot,
-                   counts=counts if any(c != t for c in counts) else None, differentiable=False,
-                   out_w=[p.detach() for p in params] if keep_w else w, guard=guard)
-        if "diverged" in new:
-            return self._diverged(group, new["diverged"])
+        new, aux = TowerMethod(tower).update(
+            TowerState(state), Oracle(grads, loss), t, lr_scale=scale, cotangent=cot,
+            counts=counts if any(c != t for c in counts) else None, differentiable=False,
+            out_w=[p.detach() for p in params] if keep_w else w, guard=guard)
+        if "divergence" in aux:
+            return self._diverged(group, aux["divergence"])
+        new = new.opt
         for p, nw in zip(params, new["w"]):
             if nw.data_ptr() != p.data_ptr():  # not written in place (per-parameter update counts)
                 p.copy_(nw)

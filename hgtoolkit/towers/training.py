@@ -16,9 +16,11 @@ from .. import dynamics as _dynamics
 from .. import records
 from .. import settings as _settings
 from ..divergence import VALIDATION_LOSS, check_finite
+from ..drive import drive
 from ..settings import TowerSettings
+from ..trajectory import check_problem, loss_gradient
 from .core import state_divergence
-from .levels import History, Level, Scheduled, check_real, parse
+from .levels import History, Level, Scheduled, TowerMethod, TowerState, check_real, parse
 
 __all__ = ["History", "TowerResult", "run", "analyse"]
 
@@ -100,8 +102,9 @@ class TowerResult:
 @_settings.takes(TowerSettings)
 def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
         raise_on_divergence: bool = False, **settings: Any) -> TowerResult:
-    """Train ``problem`` for ``steps`` steps with ``tower`` (through ``trajectory.make_step`` of
-    ``tower.dynamics()``), recording every hyperparameter at every level.
+    """Train ``problem`` for ``steps`` steps with ``tower``, recording every hyperparameter at
+    every level: :func:`hgtoolkit.drive.drive` of :class:`~hgtoolkit.towers.TowerMethod` (g_t
+    and L_t from :func:`hgtoolkit.trajectory.loss_gradient`, the tower's update at every step).
 
     The settings are those of :class:`~hgtoolkit.settings.TowerSettings`. Divergence, with
     the criterion of :class:`hgtoolkit.online.Engine`: the minibatch loss L_t
@@ -115,7 +118,6 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
     >>> len(r.history.lrs)
     20
     """
-    from ..trajectory import BUFFERS, check_problem, initial_state, make_step, opt_part, progress_bar
     check_problem(problem)
     divergence_factor = _settings.bind(TowerSettings, {"tower": tower, "steps": steps, **settings},
                                        "towers.run")["divergence_factor"]
@@ -126,36 +128,70 @@ def run(problem, tower: "Level | str", steps: int, *, progress: bool = False,
         raise ValueError(f"steps must be ≥ 1, got {steps}")
     if divergence_factor is not None and not (check_real("towers.run", "divergence_factor", divergence_factor) > 1):
         raise ValueError(f"divergence_factor must be > 1 (or None), got {divergence_factor}")
-    dyn = tower.dynamics()
-    one_step = make_step(problem, dyn)
-    state = initial_state(problem, dyn)  # with b_0 for a stateful problem (docs/models.md)
-    history = History(tower)
-    one = torch.ones((), dtype=problem.dtype, device=problem.device)
-    losses, diverged_at, divergence, ref = [], None, None, math.nan
+    method = TowerMethod(tower)
+    runs = _TowerRun(problem, method, divergence_factor, raise_on_divergence)
     with torch.no_grad():
-        for t in progress_bar(range(steps), progress, desc=f"tower h={tower.height}", leave=False):
-            new, loss = one_step(state, one, t)
-            value = float(loss)
-            ref = value if t == 0 else ref
-            bad = (_divergence.check_loss(t, value, ref, divergence_factor)
-                   or state_divergence(tower, opt_part(new), t))
-            if bad:
-                if raise_on_divergence:
-                    raise bad.error(prefix=f"tower {tower}: ")
-                bad.warn(f"tower {tower}: ", f"; the run stopped there (result.diverged_at = {t})")
-                diverged_at, divergence = t, f"tower {tower}: {bad.message}"
-                break
-            state = new
-            history.append(opt_part(state))
-            losses.append(loss)
-        params = dyn.params(state)
-        buffers = (state[BUFFERS],) if BUFFERS in state else ()
+        drive(method, runs, runs.state, steps, progress=progress, desc=f"tower h={tower.height}")
+        params = method.dynamics.params(runs.state.opt)
+        buffers = () if runs.buffers is None else (runs.buffers,)
         value = problem.val_loss(params, *buffers)
-    check_finite(value, max(len(losses) - 1, 0), params, VALIDATION_LOSS)
+    check_finite(value, max(len(runs.losses) - 1, 0), params, VALIDATION_LOSS)
     metrics = problem.metrics(params, *buffers) if problem.metrics is not None else None
-    losses = torch.stack(losses).detach().cpu().double().numpy() if losses else np.zeros(0)
-    return TowerResult(tower, history, losses, float(value), params, metrics, problem.describe(),
-                       diverged_at, divergence)
+    losses = torch.stack(runs.losses).detach().cpu().double().numpy() if runs.losses else np.zeros(0)
+    return TowerResult(tower, runs.history, losses, float(value), params, metrics, problem.describe(),
+                       runs.diverged_at, runs.divergence)
+
+
+class _TowerRun:
+    """One tower run as :func:`hgtoolkit.drive.drive` drives it (its :class:`~hgtoolkit.drive.Runs`):
+    g_t and L_t of the problem's training loss (b_t carried for a stateful problem), the
+    :class:`TowerMethod` step with the base LR as specified (c_t = 1), then the divergence rules
+    of :func:`run` — the loss L_t against L_0 and :func:`~hgtoolkit.towers.core.state_divergence`
+    of the new state — before step t is kept; every kept step's hyperparameters recorded
+    (:class:`History`). ``state``: the last kept state (s_0 before any step)."""
+
+    def __init__(self, problem, method: TowerMethod, divergence_factor: float | None,
+                 raise_on_divergence: bool) -> None:
+        self.method, self.divergence_factor, self.raise_on_divergence = method, divergence_factor, raise_on_divergence
+        self.gradient_of = loss_gradient(problem)
+        self.buffers, self.next_buffers = getattr(problem, "buffers0", None), None  # b_t (docs/models.md)
+        self.one = torch.ones((), dtype=problem.dtype, device=problem.device)
+        self.state = method.init(problem.params0)
+        self.history, self.losses, self.ref = History(method.tower), [], math.nan
+        self.diverged_at, self.divergence = None, None
+
+    def gradient(self, w: Any, z_w: Any, t: int) -> tuple[Any, Any, None]:
+        g, loss, self.next_buffers = self.gradient_of(w, t, self.buffers)
+        return g, loss, None
+
+    def objective(self, w: Any, t: int, g: Any, loss: Any) -> tuple[None, None]:
+        return None, None
+
+    def evaluate(self, t: int, w: Any, value: Any) -> None:
+        return None
+
+    def update(self, state: TowerState, oracle: Any, t: int) -> tuple[TowerState, dict]:
+        return self.method.update(state, oracle, t, lr_scale=self.one)
+
+    def record(self, t: int, state: TowerState, aux: dict, pending: Any) -> "TowerState | None":
+        tower, loss = self.method.tower, aux["loss"]
+        value = float(loss)
+        self.ref = value if t == 0 else self.ref
+        bad = (_divergence.check_loss(t, value, self.ref, self.divergence_factor)
+               or state_divergence(tower, state.opt, t))
+        if bad:
+            if self.raise_on_divergence:
+                raise bad.error(prefix=f"tower {tower}: ")
+            bad.warn(f"tower {tower}: ", f"; the run stopped there (result.diverged_at = {t})")
+            self.diverged_at, self.divergence = t, f"tower {tower}: {bad.message}"
+            return None
+        self.state, self.buffers = state, self.next_buffers
+        self.history.append(state.opt)
+        self.losses.append(loss)
+        return state
+
+    def close(self, state: TowerState, steps: int) -> TowerState:
+        return state
 
 
 def analyse(result: TowerResult, problem, **kwargs: Any):
