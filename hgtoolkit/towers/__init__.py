@@ -47,12 +47,15 @@ docs/performance.md).
 Three ways to use a tower:
 
 - functional core: ``state = tower.init(params)``, ``state = tower.step(state, grad, t)``
-  (pure functions over pytrees; :func:`init`, :func:`step`);
+  (pure functions over pytrees; :func:`init`, :func:`step`), and the same step in the optax
+  shape of every method, :class:`TowerMethod`: ``init(params, settings)`` and
+  ``update(state, oracle, t) -> (state, aux)``, which :func:`run` drives through
+  :func:`hgtoolkit.drive.drive` and the drop-in calls;
 - foundation dynamics: ``tower.dynamics()`` is a :class:`hgtoolkit.dynamics.Dynamics`, so
   ``trajectory.train(problem, torch.ones(T), tower.dynamics())`` runs it and
   ``exact.hypergradient(problem, torch.ones(T), tower.dynamics())`` differentiates through
   the whole adaptive run; the schedule entry c_t multiplies the base LR (c_t = 1: the tower
-  as specified). :func:`run` does the same and records every hyperparameter;
+  as specified). :func:`run` computes the same numbers and records every hyperparameter;
   ``result.replay()`` is the base optimizer with the learnt schedules held fixed, for the
   exact analysis of the learnt LR trajectory (:func:`analyse`);
 - drop-in ``torch.optim.Optimizer``: ``opt = tower.optimizer(model.parameters())``, then the

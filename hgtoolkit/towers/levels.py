@@ -569,6 +569,7 @@ class TowerOptimizer(DropIn):
         tower = parse(tower)
         self.record = bool(record)
         self.histories: dict[int, History] = {}
+        self._methods: dict[int, TowerMethod] = {}  # group → its tower's method (the update)
         defaults = {"tower": tower, "lr": tower.lr, "lr_max": lr_max,
                     "divergence_factor": divergence_factor}
         super().__init__(params, defaults, raise_on_divergence=raise_on_divergence)
@@ -671,7 +672,10 @@ class TowerOptimizer(DropIn):
         # the new w straight into the parameters (a diverged step leaves them as they were)
         guard = lambda values, hypergrads: state_divergence(tower, {"values": values, "hypergrads": hypergrads},
                                                             t, lr_max, scale)
-        new, aux = TowerMethod(tower).update(
+        method = self._methods.get(i)
+        if method is None or method.tower is not tower:
+            method = self._methods[i] = TowerMethod(tower)
+        new, aux = method.update(
             TowerState(state), Oracle(grads, loss), t, lr_scale=scale, cotangent=cot,
             counts=counts if any(c != t for c in counts) else None, differentiable=False,
             out_w=[p.detach() for p in params] if keep_w else w, guard=guard)
