@@ -104,6 +104,25 @@ def test_disk_snapshots_are_bit_identical_to_stored_and_removed_afterwards(tmp_p
     assert fits.disk_snapshots == 0  # memory was not short: nothing went to disk
 
 
+def test_a_damaged_disk_snapshot_is_an_error_not_a_wrong_hypergradient(monkeypatch):
+    from hgtoolkit.records import CorruptedFileError
+    problem = problems.synthetic_classification()
+    lrs = _schedule(20, 0.05)
+    ram = hypergradient(problem, lrs, "momentum", checkpoint="binomial", snapshots=4)
+    put = checkpointing.DiskSnapshots.put
+
+    def damaging_put(self, n, state):  # one bit flipped in the middle of every file written
+        put(self, n, state)
+        path = self.files[n][0]
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 1
+        path.write_bytes(bytes(data))
+    monkeypatch.setattr(checkpointing.DiskSnapshots, "put", damaging_put)
+    with pytest.raises(CorruptedFileError, match="disk snapshot"):
+        hypergradient(problem, lrs, "momentum", checkpoint="binomial", snapshots=4, memory=_ram_for(ram, 0),
+                      disk=True)
+
+
 def test_disk_target_is_the_fewest_snapshots_that_replay_each_step_at_most_twice():
     import math
     for T in (2, 10, 60, 1000, 10 ** 4):
