@@ -325,7 +325,7 @@ def step(config: HDMConfig, state: HDMState, oracle: Oracle, max_iter: int = 100
 
 # ----------------------------------------------------------------------------- the record
 
-_ARRAYS = ("lrs", "betas", "val_losses", "eval_steps", "grad_inf", "grad_evals", "accepted",
+_ARRAYS = ("lrs", "momentums", "val_losses", "eval_steps", "grad_inf", "grad_evals", "accepted",
            "feedback", "train_losses", "val_accuracy", "step_times")
 
 
@@ -335,15 +335,16 @@ class HDMResult(records.RunRecord):
     r"""One HDM run; arrays have one entry per iterate k = 0 … n (``eval_steps`` = k):
     ``val_losses[k]`` = f(x_k), ``grad_inf[k]`` = ‖∇f(x_k)‖∞, ``grad_evals[k]`` = gradient
     evaluations spent to reach x_k; and one per iteration k = 0 … n−1: ``lrs[k]`` = the
-    stepsize P used (its mean for a diagonal P), ``betas[k]`` = β, ``accepted[k]`` (1: the
-    trial became x_{k+1}, 0: null step), ``feedback[k]`` = h(P, β). ``solved_at`` = gradient
+    stepsize P used (its mean for a diagonal P), ``momentums[k]`` = β (the learnt heavy-ball
+    coefficient; was ``betas``), ``accepted[k]`` (1: the trial became x_{k+1}, 0: null step),
+    ``feedback[k]`` = h(P, β). ``solved_at`` = gradient
     evaluations when ‖∇f‖∞ ≤ tol was first reached (NaN: not within ``max_iter``).
     ``train_losses`` = ``val_losses[:-1]`` (f before each iteration; the problem has one loss).
     """
 
     config: dict
     lrs: np.ndarray
-    betas: np.ndarray
+    momentums: np.ndarray
     val_losses: np.ndarray
     eval_steps: np.ndarray
     grad_inf: np.ndarray
@@ -364,6 +365,10 @@ class HDMResult(records.RunRecord):
     KIND = "hdm"
     ARRAYS = _ARRAYS
     SCALARS = ("solved_at", "total_grad_evals", "total_f_evals")
+    #: version 5: ``betas`` → ``momentums``; older files load with their fields and config keys renamed
+    VERSION = 5
+    RENAMED_FIELDS = {"betas": "momentums"}
+    CONFIG_RENAMED = {"beta0": "momentum_init", "beta_max": "momentum_max"}
 
     @property
     def solved(self) -> bool:
@@ -419,14 +424,14 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDM
     start = time.perf_counter()
     st = init(config, x0, oracle)
     fs, ginf, nge = [float(st.fx)], [float(st.gx.abs().max())], [st.n_grad]
-    lrs, betas, acc, fb, times = [], [], [], [], []
+    lrs, momentums, acc, fb, times = [], [], [], [], []
     solved_at = nge[0] if ginf[0] <= tol else math.nan
     diverged_at, divergence = None, None
     for k in range(max_iter):
         if math.isfinite(solved_at):
             break
         lrs.append(st.P.mean())  # tensors, read once at the end: one sync per iteration
-        betas.append(st.beta)
+        momentums.append(st.beta)
         st = step(config, st, oracle, max_iter)
         acc.append(int(st.accepted))
         fb.append(st.feedback)
@@ -443,11 +448,11 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDM
             break
         if gi <= tol:
             solved_at = nge[-1]
-    lrs, betas, fb = (torch.stack(v).tolist() if v else [] for v in (lrs, betas, fb))
+    lrs, momentums, fb = (torch.stack(v).tolist() if v else [] for v in (lrs, momentums, fb))
     arr = lambda v, dt=np.float64: np.asarray(v, dtype=dt)
     cfg = {"method": label or ("hdm-hb" if config.momentum else "hdm"), **records.to_jsonable(config.__dict__),
            "max_iter": max_iter, "tol": tol}
-    return HDMResult(config=cfg, lrs=arr(lrs), betas=arr(betas), val_losses=arr(fs),
+    return HDMResult(config=cfg, lrs=arr(lrs), momentums=arr(momentums), val_losses=arr(fs),
                      eval_steps=np.arange(len(fs)), grad_inf=arr(ginf), grad_evals=arr(nge, np.int64),
                      accepted=arr(acc, np.int8), feedback=arr(fb), train_losses=arr(fs[:-1]),
                      step_times=arr(times), solved_at=float(solved_at), total_grad_evals=float(st.n_grad),

@@ -680,6 +680,11 @@ class RunRecord:
     ARRAYS: tuple[str, ...] = ()
     SCALARS: tuple[str, ...] = ()
     RENAMED_FIELDS: dict = {}
+    #: the class's own old config keys → new ones (before the generic ones of :data:`_CONFIG_RENAMED`)
+    CONFIG_RENAMED: dict = {}
+    #: the record's version: 4, or higher for a class whose fields were renamed since (each older
+    #: version ≥ 4 loads through :meth:`migrate_v4`)
+    VERSION: int = 4
     ARRAYS_IN_JSON: bool = False
     TIMING = ("wall_time", "step_times")
     DERIVED = ("steps_run", "best_val_loss", "final_val_loss", "final_val_accuracy")
@@ -730,6 +735,18 @@ class RunRecord:
         return {(renames[k] if k in renames and renames[k] not in d else k): v for k, v in d.items()}
 
     @staticmethod
+    def _renamed(cls: type, d: dict, config_renames: dict) -> dict:
+        """``d`` with the class's ``RENAMED_FIELDS`` and the config's keys in ``config_renames``
+        under their new names (an old name whose new one is also there is left as it is)."""
+        d = RunRecord._renamed_fields(cls, d)
+        out = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
+        config = out.get("config")
+        if isinstance(config, dict):
+            out["config"] = {(config_renames[k] if k in config_renames and config_renames[k] not in config
+                              else k): v for k, v in config.items()}
+        return out
+
+    @staticmethod
     def migrate_v1(cls: type, d: dict) -> dict:
         """The fields of a record written before the codec: the old ``RunRecord.save`` files
         (arrays by name, parameters in ``"$params"``) and the sweep's old ``online`` cells."""
@@ -748,29 +765,32 @@ class RunRecord:
     def migrate_v2(cls: type, d: dict) -> dict:
         """The fields of a record written before the 0.2 vocabulary (versions 2 and 3): the
         class's ``RENAMED_FIELDS`` (``betas`` → ``hypergrad_lrs``) and the config's old keys
-        (``lr0``, ``beta``: :data:`hgtoolkit.errors.OLD_NAMES`, ``beta_search``) under their new
-        names."""
-        d = RunRecord._renamed_fields(cls, d)
-        out = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
-        config = out.get("config")
-        if isinstance(config, dict):
-            out["config"] = {(_CONFIG_RENAMED[k] if k in _CONFIG_RENAMED and _CONFIG_RENAMED[k] not in config
-                              else k): v for k, v in config.items()}
-        return out
+        (``lr0``, ``beta``: :data:`hgtoolkit.errors.OLD_NAMES`, ``beta_search``; the class's
+        ``CONFIG_RENAMED`` first, e.g. HDM's ``beta0`` → ``momentum_init``) under their new names."""
+        return RunRecord._renamed(cls, d, {**_CONFIG_RENAMED, **cls.CONFIG_RENAMED})
+
+    @staticmethod
+    def migrate_v4(cls: type, d: dict) -> dict:
+        """The fields of a record written at version 4 by a class whose ``VERSION`` is higher:
+        only the class's own ``RENAMED_FIELDS`` and ``CONFIG_RENAMED`` (HDM's ``betas`` →
+        ``momentums``, ``beta0``/``beta_max`` → ``momentum_init``/``momentum_max``)."""
+        return RunRecord._renamed(cls, d, cls.CONFIG_RENAMED)
 
 
 def register_run(*, redo: str) -> Callable[[type], type]:
-    """:func:`register` for a :class:`RunRecord` subclass under its ``KIND`` (version 4):
-    parameters in ``final_params``, wall times as timing, the derived values in the JSON, and
-    the migrations of the files and sweep cells written before the codec (version 1) and before
-    the 0.2 vocabulary (version 2: ``lr0``; version 3: ``beta``, ``betas``: the old key names)."""
+    """:func:`register` for a :class:`RunRecord` subclass under its ``KIND`` (version
+    ``cls.VERSION``, 4 unless the class renamed fields since): parameters in ``final_params``,
+    wall times as timing, the derived values in the JSON, and the migrations of the files and
+    sweep cells written before the codec (version 1), before the 0.2 vocabulary (version 2:
+    ``lr0``; version 3: ``beta``, ``betas``: the old key names) and before the class's own
+    renames (versions 4 … ``VERSION`` − 1: :meth:`RunRecord.migrate_v4`)."""
     def deco(cls: type) -> type:
         names = {f.name for f in dataclasses.fields(cls)}
-        return register(cls.KIND, version=4, redo=redo, params="final_params",
+        return register(cls.KIND, version=cls.VERSION, redo=redo, params="final_params",
                         timing=tuple(t for t in RunRecord.TIMING if t in names), derived=RunRecord.DERIVED,
                         readable=cls.ARRAYS if cls.ARRAYS_IN_JSON else (),
-                        migrations={1: RunRecord.migrate_v1, 2: RunRecord.migrate_v2,
-                                    3: RunRecord.migrate_v2})(cls)
+                        migrations={1: RunRecord.migrate_v1, 2: RunRecord.migrate_v2, 3: RunRecord.migrate_v2,
+                                    **{v: RunRecord.migrate_v4 for v in range(4, cls.VERSION)}})(cls)
     return deco
 
 

@@ -42,7 +42,7 @@ def make_peer():
 
 def make_hdm():
     a = _run_arrays(3)
-    return hdm.HDMResult(config={"method": "hdm"}, lrs=a["lrs"], betas=np.ones(3), val_losses=np.ones(4),
+    return hdm.HDMResult(config={"method": "hdm"}, lrs=a["lrs"], momentums=np.ones(3), val_losses=np.ones(4),
                          eval_steps=np.arange(4), grad_inf=np.ones(4), grad_evals=np.arange(4),
                          accepted=np.array([1, 0, 1]), feedback=np.zeros(3), train_losses=np.ones(3),
                          solved_at=nan, total_grad_evals=4.0, total_f_evals=5.0,
@@ -282,6 +282,25 @@ def test_records_written_before_the_codec_load_through_a_migration(name, tmp_pat
     # saved again, it is a current record that reads back the same
     records.save(r, tmp_path / "again")
     assert_same(records.to_dict(r), records.to_dict(cls.load(tmp_path / "again")))
+
+
+def test_old_hdm_records_load_with_betas_renamed_momentums():
+    # the legacy file (before the codec): its array "betas" and config keys beta0/beta_max
+    r = hdm.HDMResult.load(LEGACY / "hdm")
+    with np.load(LEGACY / "hdm.npz", allow_pickle=False) as z:
+        np.testing.assert_array_equal(r.momentums, z["betas"])
+    old = json.loads((LEGACY / "hdm.json").read_text())["config"]
+    assert r.config["momentum_init"] == old["beta0"] and r.config["momentum_max"] == old["beta_max"]
+    assert not {"beta0", "beta_max", "hypergrad_lr_init"} & set(r.config)
+    # a version-4 record (before the rename): field betas, config keys beta0/beta_max
+    d = records.to_dict(make_hdm())
+    assert d["version"] == 5
+    d["version"], d["betas"] = 4, d.pop("momentums")
+    d["config"] = {**d["config"], "beta0": 0.9, "beta_max": 0.99}
+    back = records.from_dict(d, kind="hdm")
+    np.testing.assert_array_equal(back.momentums, np.ones(3))
+    assert back.config == {"method": "hdm", "momentum_init": 0.9, "momentum_max": 0.99}
+    assert not hasattr(back, "betas")
 
 
 def test_an_old_record_of_another_kind_is_refused_with_the_message(tmp_path):
