@@ -380,9 +380,11 @@ def optimize_schedule(problem, lrs: Any, outer_steps: int, outer_lr: float | Non
     declaration there; the rules that tie them together here).
 
     ``optimizer`` is the inner dynamics Φ_t (``"sgd"``, ``"adam"``, … or a Dynamics);
-    ``mode``/``checkpoint``/``snapshots``/``memory``/``chunk_size`` are passed to
+    ``mode``/``checkpoint``/``snapshots``/``memory``/``disk``/``chunk_size`` are passed to
     :func:`hgtoolkit.hypergradient`: ``memory="1GB"`` bounds every evaluation's reverse pass
-    (docs/memory.md), so long horizons (T = 10⁴) run within a laptop's memory.
+    (docs/memory.md), so long horizons (T = 10⁴) run within a laptop's memory; ``disk=True``
+    (``"tmp"``) or a directory puts the binomial snapshots that do not fit there (the schedule is
+    the same bit for bit; not part of a checkpoint's arguments, so a run may resume without it).
     ``outer_lr`` = α (unused by ``"lbfgsb"``; required by ``"sgd"``, whose step scale depends on
     the problem; Adam's default: 0.1 × max η^(0), Adam's steps being ≈ α per entry);
     ``outer_options`` = Adam's ``beta1``, ``beta2``,
@@ -418,13 +420,17 @@ def optimize_schedule(problem, lrs: Any, outer_steps: int, outer_lr: float | Non
     _checkpointing.reject_removed({k: v for k, v in settings.items() if k not in table}, "optimize_schedule")
     if isinstance(outer_optimizer, str):
         outer_optimizer = outer_optimizer.lower()
-    s = _settings.check(LrsoptSettings, _settings.bind(LrsoptSettings, {
+    given = _settings.bind(LrsoptSettings, {
         "outer_steps": outer_steps, "outer_lr": outer_lr, "outer_optimizer": outer_optimizer, **settings},
-        "optimize_schedule"))
-    (outer_steps, outer_lr, outer_optimizer, optimizer, mode, checkpoint, snapshots, memory, chunk_size,
+        "optimize_schedule")
+    disk = given["disk"]  # True/False/a path, as hypergradient takes them, in the schema's words
+    given["disk"] = "tmp" if disk is True else None if disk is False else (
+        os.fspath(disk) if isinstance(disk, os.PathLike) else disk)
+    s = _settings.check(LrsoptSettings, given)
+    (outer_steps, outer_lr, outer_optimizer, optimizer, mode, checkpoint, snapshots, memory, disk, chunk_size,
      resample_batches, seed, lr_max, outer_options, max_backtracks, snapshot_every,
      checkpoint_interval) = s.values()
-    _checkpointing.check_checkpoint(checkpoint, snapshots)
+    _checkpointing.check_checkpoint(checkpoint, snapshots, disk)
     opts, eta0 = _validate(problem, lrs, outer_optimizer, outer_lr, resample_batches, lr_max,
                            outer_options, checkpoint_path, resume, callback)
     if outer_lr is None and outer_optimizer == "adam":
@@ -436,7 +442,8 @@ def optimize_schedule(problem, lrs: Any, outer_steps: int, outer_lr: float | Non
               "max_backtracks": max_backtracks, "problem": problem.describe()}
     # only what was asked for: a mode without a reverse pass refuses checkpoint=/memory=
     reverse_kw = {"checkpoint": checkpoint} if checkpoint != "auto" else {}
-    reverse_kw.update({k: v for k, v in (("snapshots", snapshots), ("memory", memory)) if v is not None})
+    reverse_kw.update({k: v for k, v in (("snapshots", snapshots), ("memory", memory), ("disk", disk))
+                       if v is not None})
     evaluate = _Evaluator(problem, dyn, mode, reverse_kw, chunk_size, resample_batches, seed,
                           objective)
     path = None if checkpoint_path is None else Path(checkpoint_path)

@@ -417,7 +417,8 @@ class OnlineSettings(RunSettings):
 @dataclass(frozen=True, kw_only=True)
 class LrsoptSettings(RunSettings):
     """The settings of LRS-OPT: the keywords of :func:`hgtoolkit.lrsopt.optimize_schedule`
-    besides the problem, the initial schedule and run control."""
+    besides the problem, the initial schedule and run control (``disk`` also takes True or a
+    path there, as :func:`hgtoolkit.hypergradient`'s)."""
 
     outer_steps: int = setting(help="K, outer steps", kind="int", lo=1, cli_default=50)
     outer_lr: Any = setting(None, "outer step size α (adam's default: 0.1 × max η^(0); required "
@@ -429,6 +430,7 @@ class LrsoptSettings(RunSettings):
     checkpoint: Any = _checkpoint(cli=False)  # lrsopt's --checkpoint is its checkpoint file
     snapshots: Any = _snapshots(cli=False)
     memory: Any = _memory()
+    disk: Any = _disk()
     chunk_size: Any = _chunk_size()
     resample_batches: bool = setting(False, "new minibatch order at every outer step (MARTHE's "
                                             "LRS-OPT)", kind="flag")

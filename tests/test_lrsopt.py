@@ -243,6 +243,9 @@ def test_callback_can_stop_the_run(beale):
     (dict(outer_options={"beta3": 0.5}), "beta3"),
     (dict(checkpoint_interval=0), "checkpoint_interval"),
     (dict(outer_optimizer="lbfgsb", resample_batches=True), "resample_batches"),
+    (dict(disk=3), "disk"),
+    (dict(disk=True, checkpoint=4), "disk"),
+    (dict(disk=True, mode="forward"), "disk"),
 ])
 def test_bad_arguments_are_named(mlp, kwargs, match):
     args = dict(outer_steps=2, outer_lr=1e-3, outer_optimizer="adam")
@@ -250,6 +253,26 @@ def test_bad_arguments_are_named(mlp, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         optimize_schedule(mlp, _const(5, 1e-3), args.pop("outer_steps"), args.pop("outer_lr"),
                           args.pop("outer_optimizer"), progress=False, **args)
+
+
+def test_disk_snapshots_give_the_same_schedule_bit_for_bit(beale, tmp_path, monkeypatch):
+    """disk= reaches every evaluation's reverse pass: a budget that holds no binomial snapshot
+    puts them all on disk, and the schedule is the one computed in memory."""
+    from hgtoolkit import checkpointing
+    lrs, kw = _const(20, LR_BEALE), dict(optimizer="momentum", checkpoint="binomial", snapshots=4)
+    ram = hypergradient(beale, lrs, "momentum", checkpoint="binomial", snapshots=4)
+    state = 2 * ram.params.numel() * ram.params.element_size()  # w and the momentum buffer
+    budget = int(checkpointing.ALLOCATOR_SLACK * (ram.memory_estimate - (ram.snapshots - 0.5) * state))
+    alone = hypergradient(beale, lrs, "momentum", checkpoint="binomial", snapshots=4, memory=budget, disk=True)
+    assert (alone.snapshots, alone.disk_snapshots) == (0, 4)  # every snapshot on disk
+    writes, put = [], checkpointing.DiskSnapshots.put
+    monkeypatch.setattr(checkpointing.DiskSnapshots, "put", lambda self, n, s: (writes.append(n), put(self, n, s)))
+    plain = _run(beale, lrs, 2, 1e-4, **kw)
+    assert writes == []
+    on_disk = _run(beale, lrs, 2, 1e-4, memory=budget, disk=tmp_path, **kw)
+    assert len(writes) >= 3 * 3 and list(tmp_path.iterdir()) == []  # 3 evaluations, files removed
+    assert np.array_equal(on_disk.final_lrs, plain.final_lrs) and np.array_equal(on_disk.history, plain.history)
+    assert np.array_equal(_run(beale, lrs, 2, 1e-4, memory=budget, disk=True, **kw).final_lrs, plain.final_lrs)
 
 
 def test_resampling_needs_a_resampling_problem(beale):

@@ -109,7 +109,7 @@ def _outside(spec: settings.Spec) -> list:
     """Values the declaration rejects: just outside the range, a word, an unknown choice."""
     if spec.kind in ("choice", "optimizer"):
         return ["no_such_choice"]
-    if spec.kind in ("flag", "mapping"):
+    if spec.kind in ("flag", "mapping", "text"):  # text: any string (disk: a directory's name)
         return []
     bad = ["a_word"]
     if spec.lo is not None:
