@@ -50,8 +50,10 @@ class Problem:
     :func:`~hgtoolkit.problems.from_module` builds one from a ``torch.nn.Module``. A stateless
     problem whose losses call a BatchNorm module in training mode (``functional_call``) writes its
     running statistics in place, outside the training state: ``train`` and ``finite_difference``
-    refuse that with a ValueError, the exact modes cannot see it and drift from call to call
-    (docs/reliability.md); build such a model with ``from_module``.
+    refuse that with a ValueError, and the exact modes refuse a problem whose validation loss such
+    a write changes, or whose training loss draws anew at every call (dropout), after probing it
+    once (:func:`hgtoolkit.trajectory.check_pure`; docs/reliability.md); build such a model with
+    ``from_module``.
 
     ``rng_seed(t)`` (optional, with ``batch_loss``): the seed of step t's random draws (a model
     with dropout): ``train_loss(w, t)`` is ``batch_loss(w, batch(t))`` run with torch's default

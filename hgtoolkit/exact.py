@@ -55,8 +55,8 @@ from ._tree import tree_map
 from .carried import advance_columns, state_dot
 from .divergence import VALIDATION_LOSS, check_finite
 from .reversible import reversible_reverse
-from .trajectory import (BUFFERS, check_lrs, initial_state, opt_part, progress_bar, scalar_loss, stateful_loss,
-                         train, with_buffers)
+from .trajectory import (BUFFERS, check_lrs, check_pure, initial_state, opt_part, progress_bar, scalar_loss,
+                         stateful_loss, train, with_buffers)
 
 __all__ = ["HypergradResult", "hypergradient", "directional_derivative", "finite_difference",
            "MODES", "REVERSE_ONLY", "for_mode"]
@@ -297,6 +297,7 @@ def hypergradient(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" = "sg
                                                                        "memory", "chunk_size"))
     dyn = _dynamics.get(s["optimizer"])
     lrs = check_lrs(lrs, problem)
+    check_pure(problem)
     if mode != "reverse" and (checkpoint != "auto" or snapshots is not None):
         raise ValueError(f"checkpoint=/snapshots= schedule the reverse pass of mode='reverse'; "
                          f"mode={mode!r} has none")
@@ -338,6 +339,7 @@ def directional_derivative(problem, lrs: Any, direction: Any,
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
     v = check_lrs(direction, problem, argname="direction", allow_negative=True)
+    check_pure(problem)
     if v.shape != lrs.shape:
         raise ValueError(f"direction must have the schedule's shape {tuple(lrs.shape)}, got {tuple(v.shape)}")
     state, (z,), _ = _tangent_pass(problem, dyn, initial_state(problem, dyn), lrs, [lambda t: v[t]])
@@ -361,6 +363,7 @@ def finite_difference(problem, lrs: Any, optimizer: "str | _dynamics.Dynamics" =
     import warnings
     dyn = _dynamics.get(optimizer)
     lrs = check_lrs(lrs, problem)
+    check_pure(problem)
     rel = max(1e-5, torch.finfo(lrs.dtype).eps ** (1 / 3) / 5)
     if eps is None:
         eps = rel * (float(lrs.abs().mean()) or 1e-3)

@@ -15,6 +15,7 @@ buffers b in the state: s_t = (optimizer state, b_t), and
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ from .divergence import VALIDATION_LOSS, check_finite
 
 __all__ = ["BUFFERS", "initial_state", "opt_part", "with_buffers", "float_leaves", "stateful_loss",
            "loss_gradient", "make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
-           "rowwise_gradient_hvp", "train", "TrainResult", "check_problem", "check_lrs", "check_finite", "progress_bar"]
+           "rowwise_gradient_hvp", "train", "TrainResult", "check_problem", "check_pure", "check_lrs", "check_finite", "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
 
@@ -248,6 +249,57 @@ def check_problem(problem) -> None:
                         if isinstance(problem, str) else
                         f"problem must be a hgtoolkit.Problem (problems.get, from_function, from_module), "
                         f"got {type(problem).__name__}")
+
+
+_PURE: set = set()  # ids of the problems check_pure found pure (an id leaves with its problem)
+
+
+def _same(a: Any, b: Any) -> bool:
+    a, b = torch.as_tensor(a).detach(), torch.as_tensor(b).detach()
+    return a.shape == b.shape and bool((a.eq(b) | (a.isnan() & b.isnan())).all())
+
+
+def check_pure(problem) -> None:
+    """``ValueError`` unless a stateless problem's losses are pure functions of (w, t), as every
+    exact mode assumes (a replayed step — reverse mode's recomputation, checkpointing, finite
+    differences — must see the same loss): probed once per problem object at (w_0, t = 0) with
+    E(w_0), L_0(w_0), L_0(w_0), E(w_0). Refused: two training losses that differ (train_loss draws
+    random numbers anew at every call: dropout), or E(w_0) changed by a train_loss call (train_loss
+    writes state that val_loss reads: a BatchNorm module's running statistics in training mode).
+    A problem built by :func:`~hgtoolkit.problems.from_module` passes (its buffers are training
+    state, its draws a function of (seed, t)); a stateful problem (``buffers0``) is not probed.
+    A loss that raises is left to the run, which reports it with its step."""
+    key = id(problem)
+    if key in _PURE or getattr(problem, "buffers0", None) is not None:
+        return
+    w = problem.params0
+    try:
+        with torch.no_grad():
+            e0, l0, l1, e1 = (problem.val_loss(w), problem.train_loss(w, 0), problem.train_loss(w, 0),
+                              problem.val_loss(w))
+    except Exception:  # noqa: BLE001 - the run itself reports it, with its step and quantity
+        return
+    fix = ("build the problem with hgtoolkit.problems.from_module(model, loss_fn, train_data, val_data, "
+           "batch_size=...), which carries buffers as training state and draws dropout masks as a function "
+           "of (seed, t) (docs/models.md)")
+    if not _same(l0, l1):
+        raise ValueError(f"problem.train_loss is not a pure function of (w, t): two calls at (w_0, t=0) gave "
+                         f"{float(torch.as_tensor(l0).sum()):.10g} and {float(torch.as_tensor(l1).sum()):.10g}. It "
+                         "draws random numbers anew at every call (dropout?), so a replayed step would see other "
+                         "draws and the hypergradient would be wrong. Draw them as a function of t (a "
+                         "torch.Generator seeded with seed + t inside train_loss), or " + fix)
+    if not _same(e0, e1):
+        raise ValueError(f"problem.val_loss changed after a call of problem.train_loss (E(w_0) = "
+                         f"{float(torch.as_tensor(e0).sum()):.10g}, then {float(torch.as_tensor(e1).sum()):.10g}): "
+                         "train_loss writes state that val_loss reads — typically a BatchNorm layer's running "
+                         "statistics when a module runs in training mode — which no mode of the toolkit sees, so "
+                         "the hypergradient would be wrong and drift from call to call. Give the Problem "
+                         "buffers0 and train_loss(w, t, buffers) -> (loss, new_buffers), or " + fix)
+    try:
+        weakref.finalize(problem, _PURE.discard, key)
+    except TypeError:  # not weakly referenceable: probed at every call instead
+        return
+    _PURE.add(key)
 
 
 def check_lrs(lrs: Any, problem, argname: str = "lrs", allow_negative: bool = False) -> torch.Tensor:

@@ -88,6 +88,27 @@ def user_bn_problem() -> problems.Problem:
     return problems.Problem({k: v.detach().clone() for k, v in model.named_parameters()}, loss, loss)
 
 
+def user_impure_problem(kind: str) -> problems.Problem:
+    """A user's own Problem whose losses are not pure functions of (w, t): ``"dropout"`` draws its
+    masks anew at every call; ``"bn-eval"`` validates in eval mode the running statistics that the
+    training-mode train_loss keeps writing."""
+    torch.manual_seed(0)
+    if kind == "dropout":
+        model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(F64)
+    else:
+        model = bn_model()
+    X, Y = bn_data()
+
+    def train_loss(w, *_):
+        model.train()
+        return CE(torch.func.functional_call(model, w, (X,)), Y)
+
+    def val_loss(w):
+        model.eval()
+        return CE(torch.func.functional_call(model, w, (X,)), Y)
+    return problems.Problem({k: v.detach().clone() for k, v in model.named_parameters()}, train_loss, val_loss)
+
+
 def bn_problem() -> problems.Problem:
     data = bn_data()
     return problems.from_module(bn_model(), CE, data, data, batch_size=8)
@@ -259,6 +280,12 @@ api("stateful-reversible", H, "stateful problem (BatchNorm) in reversible mode",
     lambda tmp: exact.hypergradient(bn_problem(), LRS, "momentum", mode="reversible"), ValueError,
     r"mode='reversible' cannot run problem 'module' backwards: it carries")
 
+api("user-dropout", H, "own Problem drawing random numbers anew at every call (dropout)",
+    lambda tmp: exact.hypergradient(user_impure_problem("dropout"), LRS), ValueError,
+    r"problem\.train_loss is not a pure function of \(w, t\).*problems\.from_module")
+api("user-batchnorm-eval", H, "own Problem whose train_loss writes BatchNorm statistics val_loss reads",
+    lambda tmp: exact.hypergradient(user_impure_problem("bn-eval"), LRS, mode="forward"), ValueError,
+    r"problem\.val_loss changed after a call of problem\.train_loss.*BatchNorm.*problems\.from_module")
 api("problem-a-name", H, "a problem name instead of a Problem", lambda tmp: exact.hypergradient("beale", LRS),
     TypeError, r"problem must be a hgtoolkit\.Problem \(e\.g\. problems\.get\('beale'\) for a name")
 api("problem-a-number", H, "a number instead of a Problem", lambda tmp: exact.hypergradient(3, LRS), TypeError,
@@ -275,6 +302,9 @@ api("direction-2d", D, "2-D direction", lambda tmp: exact.directional_derivative
     ValueError, r"direction must be 1-D")
 api("direction-string", D, "a string for the direction", lambda tmp: exact.directional_derivative(BEALE, LRS, "up"),
     TypeError, r"direction must be a 1-D tensor, array or sequence of learning rates,")
+api("direction-user-dropout", D, "own Problem drawing random numbers anew at every call (dropout)",
+    lambda tmp: exact.directional_derivative(user_impure_problem("dropout"), LRS, torch.ones(T)), ValueError,
+    r"problem\.train_loss is not a pure function of \(w, t\)")
 api("direction-lrs-negative", D, "negative schedule",
     lambda tmp: exact.directional_derivative(BEALE, -LRS, torch.ones(T)), ValueError,
     r"lrs must be ≥ 0; negative at steps \[0, 1, 2, 3\]")
