@@ -22,7 +22,7 @@ where it is elementwise, to a stated tolerance where it reassociates a sum.
   each run's dot one sum over its flattened row instead of a sum of per-leaf dots: ≤ 1e-12
   relative in float64 (the sum reassociated).
 - **flat buffers** (:class:`FlatGroup`): a drop-in's param group of many small tensors as one
-  flat leaf per state key: elementwise bit for bit, the dots ≤ 1e-12 relative in float64.
+  flat leaf per state key: elementwise bit for bit, the dots ≤ 1e-12 relative in float64. Chosen per group and step by :meth:`Plan.flat_group`.
 
 Measurements of what each path saves: docs/performance.md ("Fast paths").
 """
@@ -161,7 +161,8 @@ def update(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, *, 
 @dataclass(frozen=True)
 class Plan:
     """Which fast paths an :class:`hgtoolkit.online.Engine` takes (module docstring); all False:
-    the reference. Build it with :meth:`choose` from what the caller knows of its runs.
+    the reference. Build it with :meth:`choose` from what the caller knows of its runs; a
+    drop-in asks :meth:`flat_group` at each group's step whether it takes the flat buffers.
 
     ``donate``: s_{t+1}, z_{t+1} are written into the buffers of s_t, z_t, and the engine's
     ``init`` copies the parameters once (never under ``vmap``, nor where an old state is kept).
@@ -182,6 +183,25 @@ class Plan:
         when the engine ``owns_grad`` (the gradients it is given are not a user's ``p.grad``,
         which may be zeroed in place while z still refers to it); ``rows`` as given."""
         return cls(donate=single_run, direction_as_z=owns_grad and not needs_hvp, rows=rows)
+
+    def flat_group(self, needs_hvp: bool, params: list, *, same_count: bool = True, force: bool | None = None,
+                   built: "FlatGroup | None" = None) -> "FlatGroup | None":
+        """The drop-ins' flat-buffer path for one param group's step: the :class:`FlatGroup` to
+        run it on, or None for the reference path. It applies with a tangent of the whole state
+        (``needs_hvp``, so never with ``direction_as_z``) when every parameter is at the same
+        update count (``same_count``); then ``built`` (the group's earlier one) is reused when it
+        is over the same ``params`` (it paid, or was forced, when it was built); otherwise a new
+        one is built when it pays (:func:`flat_pays`), or wherever the tensors share a dtype and
+        device with ``force=True``. ``force=False``: never."""
+        if force is False or not needs_hvp or self.direction_as_z or not same_count:
+            return None
+        if built is not None and built.matches(params):
+            return built
+        p0 = params[0]
+        if (not (force or flat_pays(params))
+                or any(p.dtype != p0.dtype or p.device != p0.device for p in params)):
+            return None
+        return FlatGroup(params)
 
     def dot(self, a: Any, b: Any) -> torch.Tensor:
         """⟨a, b⟩ (per run with ``rows``: shape (R,))."""

@@ -606,20 +606,14 @@ class OnlineOptimizer(DropIn):
 
     def _flat_group(self, group: dict, params: list, engine: online.Engine, counts: list) -> "fastpaths.FlatGroup | None":
         """The group's flat buffers (over the parameters taking part; rebuilt when they change)
-        when this step takes the fast path: μ ≠ 0 (a tangent of the whole state), all parameters
-        at the same update count, one dtype and device, and (unless forced) many small tensors."""
-        mode = self._flat_buffers
-        if mode is False or not engine.needs_hvp or engine.plan.direction_as_z or len(set(counts)) > 1:
-            return None
+        when this step takes the fast path, as the engine's plan chooses it
+        (:meth:`hgtoolkit.fastpaths.Plan.flat_group`: μ ≠ 0, all parameters at the same update
+        count, one dtype and device, and unless forced many small tensors)."""
         groups = self.__dict__.setdefault("_flat_groups", {})
-        fg = groups.get(id(group))
-        if fg is not None and fg.matches(params):  # (it paid, or was asked for, when it was built)
-            return fg
-        p0 = params[0]
-        if (not (mode or fastpaths.flat_pays(params))
-                or any(p.dtype != p0.dtype or p.device != p0.device for p in params)):
-            return None
-        fg = groups[id(group)] = fastpaths.FlatGroup(params)
+        fg = engine.plan.flat_group(engine.needs_hvp, params, same_count=len(set(counts)) == 1,
+                                    force=self._flat_buffers, built=groups.get(id(group)))
+        if fg is not None:
+            groups[id(group)] = fg
         return fg
 
     def _engine_diverged(self, group: dict, state: online.OnlineState, loss, t: int) -> None:

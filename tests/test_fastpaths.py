@@ -225,3 +225,20 @@ def test_the_old_engine_flags_name_the_plan_and_bad_plans_are_refused():
     assert fastpaths.Plan.choose(False) == fastpaths.Plan(direction_as_z=True)
     assert fastpaths.Plan.choose(True, single_run=True) == fastpaths.Plan(donate=True)
     assert fastpaths.Plan.choose(False, owns_grad=False, rows=True) == fastpaths.Plan(rows=True)
+
+
+def test_the_plan_chooses_the_drop_ins_flat_buffers():
+    """Plan.flat_group: none for HD (direction as z), mixed update counts, force=False, few or
+    mixed-dtype tensors (unless forced, and then only one dtype); a built group over the same
+    tensors is reused, another list of tensors gets a new one."""
+    many = [torch.zeros(3) for _ in range(fastpaths.MIN_TENSORS)]
+    few, plan = many[:2], fastpaths.Plan.choose(True, single_run=True)
+    assert fastpaths.Plan.choose(False).flat_group(True, many) is None
+    assert plan.flat_group(False, many) is None and plan.flat_group(True, many, same_count=False) is None
+    assert plan.flat_group(True, many, force=False) is None and plan.flat_group(True, few) is None
+    mixed = [*many[:-1], torch.zeros(3, dtype=torch.float64)]
+    assert plan.flat_group(True, mixed) is None and plan.flat_group(True, mixed, force=True) is None
+    fg = plan.flat_group(True, many)
+    assert isinstance(fg, fastpaths.FlatGroup) and plan.flat_group(True, many, built=fg) is fg
+    forced = plan.flat_group(True, few, force=True, built=fg)
+    assert isinstance(forced, fastpaths.FlatGroup) and forced is not fg and forced.matches(few)
