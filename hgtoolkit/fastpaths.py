@@ -22,7 +22,8 @@ where it is elementwise, to a stated tolerance where it reassociates a sum.
   each run's dot one sum over its flattened row instead of a sum of per-leaf dots: ≤ 1e-12
   relative in float64 (the sum reassociated).
 - **flat buffers** (:class:`FlatGroup`): a drop-in's param group of many small tensors as one
-  flat leaf per state key: elementwise bit for bit, the dots ≤ 1e-12 relative in float64. Chosen per group and step by :meth:`Plan.flat_group`.
+  flat leaf per state key: elementwise bit for bit, the dots ≤ 1e-12 relative in float64;
+  chosen per group and step by :meth:`Plan.flat_group`.
 
 Measurements of what each path saves: docs/performance.md ("Fast paths").
 """
