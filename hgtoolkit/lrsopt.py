@@ -424,6 +424,7 @@ def optimize_schedule(problem, lrs: Any, outer_steps: int, outer_lr: float | Non
         "outer_steps": outer_steps, "outer_lr": outer_lr, "outer_optimizer": outer_optimizer, **settings},
         "optimize_schedule")
     disk = given["disk"]  # True/False/a path, as hypergradient takes them, in the schema's words
+    _checkpointing.check_checkpoint("auto", None, disk)  # its type, in hypergradient's words
     given["disk"] = "tmp" if disk is True else None if disk is False else (
         os.fspath(disk) if isinstance(disk, os.PathLike) else disk)
     s = _settings.check(LrsoptSettings, given)

@@ -114,6 +114,20 @@ def bn_problem() -> problems.Problem:
     return problems.from_module(bn_model(), CE, data, data, batch_size=8)
 
 
+def dropout_problem():
+    """A plain model with dropout: its train_loss draws the masks of (seed, t)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(F64)
+    data = bn_data()
+    return problems.from_module(model, CE, data, data, batch_size=8)
+
+
+def train_loss_in_vmap(problem, randomness: str):
+    """problem.train_loss(w_0, 0) called in a vmap of two rows with this ``randomness``."""
+    return torch.func.vmap(lambda x: problem.train_loss(problem.params0, 0) + x,
+                           randomness=randomness)(torch.zeros(2, dtype=F64))
+
+
 class CountingInForward(nn.Module):
     """A layer that writes a buffer in its forward (not a BatchNorm): refused by from_module."""
 
@@ -408,6 +422,12 @@ api("lrsopt-dtype-cast", O, "float64 schedule on a float32 problem",
     lambda tmp: lrsopt.optimize_schedule(problems.from_function("beale", dtype=torch.float32), LRS, 1, 1e-4,
                                          progress=False),
     UserWarning, r"lrs is torch\.float64 but the problem is torch\.float32: the schedule is cast")
+api("lrsopt-disk-bad", O, "disk neither True/'tmp' nor a directory", opt(disk=3), TypeError,
+    r"disk must be None \(no disk tier\), True or 'tmp' \(a temporary directory\) or a directory, got 3")
+api("lrsopt-disk-not-binomial", O, "disk with a checkpoint that is not binomial", opt(disk=True, checkpoint=4),
+    ValueError, r"disk= holds binomial snapshots: it needs checkpoint='binomial' or 'auto', got checkpoint=4")
+api("lrsopt-disk-forward", O, "disk with mode='forward' (no reverse pass)", opt(disk=True, mode="forward"),
+    ValueError, r"disk= holds the snapshots of mode='reverse'; mode='forward' has none")
 api("lrsopt-removed-keyword", O, "a removed keyword (checkpoint_every)", opt(checkpoint_every=2), TypeError,
     r"optimize_schedule: checkpoint_every was removed; say checkpoint=k")
 api("lrsopt-diverges", O, "outer step that makes training diverge", opt(outer_lr=1e6, outer_optimizer="sgd",
@@ -722,6 +742,12 @@ api("horizon-kappa", HZ, "nqm_spectrum(kappa < 1)", lambda tmp: horizons.nqm_spe
 api("horizon-nqm-type", HZ, "greedy_schedule of something not a noisy quadratic",
     lambda tmp: horizons.greedy_schedule(None, 3),
     TypeError, r"nqm must be a testfunctions\.NoisyQuadratic, got NoneType")
+api("disk-not-a-directory", H, "disk neither True/'tmp' nor a directory",
+    lambda tmp: exact.hypergradient(BEALE, LRS, disk=3), TypeError,
+    r"disk must be None \(no disk tier\), True or 'tmp' \(a temporary directory\) or a directory, got 3")
+api("disk-not-binomial", H, "disk with a checkpoint that is not binomial",
+    lambda tmp: exact.hypergradient(BEALE, LRS, checkpoint=4, disk=True), ValueError,
+    r"disk= holds binomial snapshots: it needs checkpoint='binomial' or 'auto', got checkpoint=4")
 
 # ---- problems
 FM, FF, P, G = "problems.from_module", "problems.from_function", "Problem", "problems.get"
@@ -747,6 +773,9 @@ api("module-buffer-in-forward", FM, "a layer writing a buffer in its forward (no
     lambda tmp: problems.from_module(nn.Sequential(nn.Linear(3, 2), CountingInForward()).to(F64), CE, TRD, TRD,
                                      batch_size=4), ValueError,
     r"layer '1' \(CountingInForward\) writes its buffer 'calls'")
+api("module-dropout-vmap-different", FM, "a dropout model's train_loss under vmap(randomness='different')",
+    lambda tmp: train_loss_in_vmap(dropout_problem(), "different"), ValueError,
+    r"draws random numbers in its forward pass \(e\.g\. dropout\).*vmap it with randomness='same'")
 api("module-loss-vector", FM, "loss_fn returning a vector",
     lambda tmp: exact.hypergradient(problems.from_module(bn_model(), lambda o, y: CE(o, y, reduction="none"), TRD, TRD,
                                                          batch_size=8), LRS), ValueError,
@@ -765,6 +794,9 @@ api("function-dtype-int", FF, "an integer dtype",
     r"dtype must be a floating-point torch\.dtype")
 api("problem-train-loss", P, "train_loss not callable", lambda tmp: problems.Problem(torch.ones(2), 3, QUAD), TypeError,
     r"train_loss must be callable as train_loss\(params, t\)")
+api("problem-rng-seed-alone", P, "rng_seed without batch_loss",
+    lambda tmp: problems.Problem(torch.ones(2), lambda w, t: w.sum(), QUAD, rng_seed=lambda t: t), TypeError,
+    r"rng_seed goes with batch/batch_loss")
 api("problem-params0", P, "params0 not tensors", lambda tmp: problems.Problem("w", lambda w, t: w, QUAD), TypeError,
     r"params0 must be a tensor or a pytree \(dict/list/tuple\) of tensors")
 api("get-unknown", G, "unknown problem", lambda tmp: problems.get("bael"), ValueError, r"unknown problem 'bael'")
