@@ -170,7 +170,9 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
     declaration there (``ValueError``/``TypeError`` naming it: an unknown method, objective or
     rule, a negative β/κ/η_0, μ outside [0, 1], …); here the rules between them: η_floor ≤ η_0 <
     η_max, a μ or ``mu_rule`` that contradicts the method, a ``mu_rule`` that is not a tensor
-    function, β required (or ``"auto"`` only) by the method. The ones that are not
+    function, β required (or ``"auto"`` only) by the method, a setting the method or β mode does
+    not use (``kappa`` with ``method="hd"`` or a numeric ``hypergrad_lr``:
+    :func:`hgtoolkit.settings.check_used`; left at its default it is silent). The ones that are not
     hyper-settings (``steps``, ``seed``, …) are checked and otherwise ignored.
     """
     c = _settings.bind(OnlineSettings, _plain({"method": method, **settings}), "hyper_config", required=False)
@@ -217,6 +219,8 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
     if adaptive and method != "marthe":
         raise ValueError(f"hypergrad_lr='auto' is MARTHE's adaptive rule; method={method!r} needs a number")
     beta_value = beta0 if adaptive else beta
+    # a setting the method (or β mode) does not use, set away from its default (μ: checked above)
+    _settings.check_used(OnlineSettings, {**c, "hypergrad_lr": beta, "mu": None if fixed_mu is not None else mu})
 
     desc = {"method": method, "lr": lr, "objective": objective, "lr_floor": lr_floor,
             "lr_max": lr_max if math.isfinite(lr_max) else None,

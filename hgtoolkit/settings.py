@@ -37,7 +37,7 @@ from .errors import OLD_NAMES, check_renamed
 
 __all__ = ["Spec", "SettingTypeError", "setting", "check", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
            "HypergradSettings", "ExactSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
-           "signature", "takes", "add_renamed_flag", "dropin_option"]
+           "signature", "takes", "unused", "check_used", "add_renamed_flag", "dropin_option"]
 
 _KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes", "text")
 
@@ -57,7 +57,9 @@ class Spec:
     accepted besides numbers (``"auto"``); ``none``: None accepted (written ``none`` on the
     command line); ``cli``: whether the command line has a flag for it; ``cli_default``: the
     flag's default for a setting the API requires; ``methods``: the online methods the setting
-    is for (empty: all); ``dropin``: an option of a drop-in optimizer's param groups
+    is for (empty: all); ``needs``: further ``(setting, values)`` pairs under which alone it is
+    used (e.g. ``(("hypergrad_lr", ("auto",)),)``: MARTHE's adaptive β only), see :func:`unused`;
+    ``dropin``: an option of a drop-in optimizer's param groups
     (:class:`hgtoolkit.optim.MARTHE`'s keywords)."""
 
     help: str
@@ -71,11 +73,17 @@ class Spec:
     cli: bool = True
     cli_default: Any = _NO_CLI_DEFAULT
     methods: tuple = ()
+    needs: tuple = ()
     dropin: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
             raise ValueError(f"kind must be one of {_KINDS}, got {self.kind!r}")
+
+    def conditions(self) -> tuple:
+        """``(setting, values)`` pairs that must all hold for the setting to be used: its
+        ``methods`` (as ``("method", methods)``) and its ``needs``."""
+        return ((("method", self.methods),) if self.methods else ()) + tuple(self.needs)
 
     def options(self) -> tuple:
         return tuple(sorted(dynamics.NAMES)) if self.kind == "optimizer" else tuple(self.choices)
@@ -236,6 +244,35 @@ def check(schema: type, values: dict) -> dict:
     return out
 
 
+def unused(schema: type, values: dict) -> list[str]:
+    """The settings of ``values`` (checked ones, e.g. :func:`check`'s, with the function's own
+    resolution of defaults such as MARTHE's β = ``"auto"`` applied) that are set away from their
+    default while a condition of their :meth:`Spec.conditions` fails: the run would silently
+    ignore them. A setting left at its default, given or not, is never unused: a caller may pass
+    every setting (:meth:`RunSettings.kwargs`, a drop-in optimizer's param groups) whatever the
+    method."""
+    table = specs(schema)
+    return [k for k, v in values.items() if k in table and table[k][1].conditions() and v != table[k][0]
+            and not all(values.get(c) in allowed for c, allowed in table[k][1].conditions())]
+
+
+def check_used(schema: type, values: dict) -> None:
+    """``ValueError`` naming the first setting of :func:`unused` and what it applies to, as
+    ``"kappa=0.001 applies to method='marthe' with hypergrad_lr='auto'; method='hd' does not use
+    it (leave it at its default 1e-06)"``."""
+    names = unused(schema, values)
+    if not names:
+        return
+    name = names[0]
+    default, spec = specs(schema)[name]
+    def say(c, allowed):
+        return f"{c}={allowed[0]!r}" if len(allowed) == 1 else f"{c} in {list(allowed)}"
+    applies = " with ".join(say(c, allowed) for c, allowed in spec.conditions())
+    c = next(c for c, allowed in spec.conditions() if values.get(c) not in allowed)
+    raise ValueError(f"{name}={values[name]!r} applies to {applies}; {c}={values.get(c)!r} does not use it "
+                     f"(leave it at its default {default!r})")
+
+
 def signature(fn: Callable, schema: type, only: Callable[[Spec], bool] | None = None) -> inspect.Signature:
     """``fn``'s signature with its ``**settings`` replaced by ``schema``'s settings as
     keyword-only parameters (default: the schema's; required ones without), so that ``help``,
@@ -369,6 +406,9 @@ def _chunk_size():
     return setting(None, "forward mode: columns of Z_t propagated at once", kind="int", lo=1, none=True)
 
 
+_ADAPTIVE_BETA = (("hypergrad_lr", ("auto",)),)  # Spec.needs of the settings of MARTHE's adaptive β
+
+
 @dataclass(frozen=True, kw_only=True)
 class OnlineSettings(RunSettings):
     """The settings of one online run: the keywords of :func:`hgtoolkit.online.run`."""
@@ -384,12 +424,13 @@ class OnlineSettings(RunSettings):
     mu: Any = setting(None, "MARTHE's μ in [0, 1] or 'auto' (its default)", lo=0, hi=1,
                       words=("auto",), none=True, methods=("marthe",), dropin=True)
     kappa: float = setting(1e-6, "step size κ of MARTHE's adaptive β", lo=0, methods=("marthe",),
-                           dropin=True)
+                           needs=_ADAPTIVE_BETA, dropin=True)
     hypergrad_lr_init: float = setting(0.0, "initial β of MARTHE's adaptive β", lo=0,
-                                       methods=("marthe",), dropin=True)
+                                       methods=("marthe",), needs=_ADAPTIVE_BETA, dropin=True)
     hypergrad_lr_rule: str = setting("hh", "adaptive-β rule: κ h_{t+1} h_t (hh) or the authors' "
                                            "code's κ h_{t+1} η_{t+1} (h_eta)", kind="choice",
-                                     choices=("hh", "h_eta"), methods=("marthe",), dropin=True)
+                                     choices=("hh", "h_eta"), methods=("marthe",),
+                                     needs=_ADAPTIVE_BETA, dropin=True)
     objective: str = setting("val", "val: h uses ∇E(w_{t+1}); train: the next minibatch's "
                                     "gradient (HD)", kind="choice", choices=("val", "train"))
     lr_floor: Any = setting(0.0, "η is clipped at this value; none allows η < 0", lo=0, none=True,
@@ -398,7 +439,7 @@ class OnlineSettings(RunSettings):
                           open_lo=True, none=True, dropin=True)
     hypergrad_lr_bound: Any = setting(1.0, "adaptive β: one update moves η by at most this × "
                                            "max(η, η_0); none: unbounded", lo=0, open_lo=True,
-                                      none=True, methods=("marthe",), dropin=True)
+                                      none=True, methods=("marthe",), needs=_ADAPTIVE_BETA, dropin=True)
     divergence_factor: Any = setting(2.0, "the run diverges when its loss exceeds this × its "
                                           "initial value; none: off", lo=1, open_lo=True, none=True,
                                      dropin=True)

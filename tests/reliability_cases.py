@@ -518,6 +518,15 @@ api("online-mu-rule", R, "mu_rule not callable", run(mu_rule=3), TypeError,
 api("find-hypergrad-lr-factor", "online.find_hypergrad_lr", "factor ≤ 1",
     lambda tmp: online.find_hypergrad_lr(BEALE, 1.0, factor=1.0, method="hd", lr=1e-3, steps=3), ValueError,
     r"factor must be > 1, got 1\.0")
+api("online-hd-kappa", R, "kappa (MARTHE's adaptive β) given with method='hd'",
+    run(method="hd", kappa=1e-3), ValueError,
+    r"kappa=0\.001 applies to method='marthe' with hypergrad_lr='auto'; method='hd' does not use it")
+api("online-fixed-beta-init", R, "hypergrad_lr_init given with a numeric hypergrad_lr (fixed β)",
+    run(hypergrad_lr_init=1e-3), ValueError,
+    r"hypergrad_lr_init=0\.001 applies to .*; hypergrad_lr=1e-07 does not use it \(leave it at its default 0\.0\)")
+api("hyper-config-rtho-rule", "online.hyper_config", "hypergrad_lr_rule given with method='rtho'",
+    lambda tmp: online.hyper_config("rtho", lr=1e-3, hypergrad_lr=1e-7, hypergrad_lr_rule="h_eta"), ValueError,
+    r"hypergrad_lr_rule='h_eta' applies to method='marthe' with hypergrad_lr='auto'; method='rtho' does not")
 api("find-hypergrad-lr-all-diverge", "online.find_hypergrad_lr", "every value tried diverges",
     lambda tmp: online.find_hypergrad_lr(quadratic(nan_at=1), 1.0, max_tries=2, method="hd", lr=0.1, steps=3),
     DivergenceError, r"find_hypergrad_lr: all 2 values of hypergrad_lr from 1 down to 0\.1 diverged; the last: .*step 1")
@@ -530,6 +539,11 @@ api("batch-unknown-key", "batched.run_online_batch", "a cell with a key online.r
 api("batch-bad-value", "batched.run_online_batch", "a cell with a negative lr",
     lambda tmp: batched.run_online_batch(lambda s: BEALE, [dict(method="hd", lr=-1e-3, hypergrad_lr=1e-7, steps=3)]),
     ValueError, r"cells\[0\]:\ lr\ must\ be\ a\ number\ ≥\ 0,\ got\ \-0\.001")
+
+api("batch-unused-setting", "batched.run_online_batch", "a cell with a setting its method does not use",
+    lambda tmp: batched.run_online_batch(lambda s: BEALE, [dict(method="hd", lr=1e-3, hypergrad_lr=1e-7, steps=3,
+                                                                hypergrad_lr_bound=None)]),
+    ValueError, r"cells\[0\]: hypergrad_lr_bound=None applies to .*; method='hd' does not use it")
 
 # ---- towers
 TP, TRUN = "towers.parse", "towers.run"
@@ -623,6 +637,9 @@ api("marthe-hd-mu", M, "mu with method='hd'", lambda tmp: optim.MARTHE(tensors()
     r"mu=0\.5 contradicts method='hd', which fixes μ=0\.0; use")
 api("marthe-kappa", M, "negative kappa", lambda tmp: optim.MARTHE(tensors(), kappa=-1.0), ValueError,
     r"kappa\ must\ be\ a\ number\ ≥\ 0,\ got\ \-1\.0")
+api("marthe-fixed-beta-kappa", M, "kappa with a numeric hypergrad_lr (fixed β)",
+    lambda tmp: optim.MARTHE(tensors(), hypergrad_lr=1e-3, kappa=1e-3), ValueError,
+    r"kappa=0\.001 applies to .*; hypergrad_lr=0\.001 does not use it")
 api("marthe-objective", M, "unknown objective", lambda tmp: optim.MARTHE(tensors(), objective="test"), ValueError,
     r"unknown objective 'test'; choose one of \('val', 'train'\)")
 api("marthe-optimizer", M, "unknown inner optimizer", lambda tmp: optim.MARTHE(tensors(), optimizer="lion"), ValueError,
@@ -912,6 +929,10 @@ api("grid-fixed-unknown", SG, "unknown fixed key", lambda tmp: grid(fixed={"lr":
     ValueError, r"unknown key 'momentum'")
 api("grid-axis-and-fixed", SG, "a key both an axis and fixed", lambda tmp: grid(axes={"lr": [1e-3]}), ValueError,
     r"grid 'g': axes\.lr is also in fixed; set it in one place")
+api("grid-unused-setting", SG, "an axis crossing method with a setting one method does not use",
+    lambda tmp: grid(kind="online", fixed={"lr": 1e-3, "steps": 2, "hypergrad_lr": 1e-7},
+                     axes={"method": ["hd", "marthe"], "kappa": [1e-3]}), ValueError,
+    r"grid 'g': cell \{'method': 'hd', 'kappa': 0\.001\}: kappa=0\.001 applies to .*; method='hd' does not")
 api("grid-yaml", SL, "malformed YAML",
     lambda tmp: sweep.load_grids(write(tmp / "g.yaml", b"name: [x\nproblem: {")), ValueError,
     r"g\.yaml: not valid YAML")
@@ -959,6 +980,9 @@ cli("cli-hd-mu", "online", "--mu with --method hd", ["online", "--method", "hd",
 cli("cli-rtho-kappa", "online", "--kappa with --method rtho", ["online", "--method", "rtho", "--hypergrad-lr", "1e-7",
     "--kappa", "1e-3"],
     r"--kappa is a MARTHE setting; --method rtho fixes μ = 1 and uses a")
+cli("cli-fixed-beta-kappa", "online", "--kappa with a numeric --hypergrad-lr (fixed β)",
+    ["online", "--method", "marthe", "--hypergrad-lr", "1e-7", "--kappa", "1e-3"],
+    r"kappa=0\.001 applies to method='marthe' with hypergrad_lr='auto'; hypergrad_lr=1e-07 does not use it")
 cli("cli-hypergrad-lr-negative", "online", "negative --hypergrad-lr", ["online", "--hypergrad-lr", "-1"],
     r"argument --hypergrad-lr: expected a number ≥ 0 or 'auto' or 'none', got '-1'")
 cli("cli-mu-range", "online", "--mu above 1", ["online", "--mu", "1.5"],
