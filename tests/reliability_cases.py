@@ -982,7 +982,7 @@ cli("cli-rtho-kappa", "online", "--kappa with --method rtho", ["online", "--meth
     r"--kappa is a MARTHE setting; --method rtho fixes μ = 1 and uses a")
 cli("cli-fixed-beta-kappa", "online", "--kappa with a numeric --hypergrad-lr (fixed β)",
     ["online", "--method", "marthe", "--hypergrad-lr", "1e-7", "--kappa", "1e-3"],
-    r"kappa=0\.001 applies to method='marthe' with hypergrad_lr='auto'; hypergrad_lr=1e-07 does not use it")
+    r"--kappa is a setting of MARTHE's adaptive β \(--hypergrad-lr auto\); --hypergrad-lr 1e-07 is a constant β")
 cli("cli-hypergrad-lr-negative", "online", "negative --hypergrad-lr", ["online", "--hypergrad-lr", "-1"],
     r"argument --hypergrad-lr: expected a number ≥ 0 or 'auto' or 'none', got '-1'")
 cli("cli-mu-range", "online", "--mu above 1", ["online", "--mu", "1.5"],

@@ -16,7 +16,7 @@ import inspect
 from pathlib import Path
 
 from .. import divergence
-from ..settings import OnlineSettings, add_arguments, add_renamed_flag, specs
+from ..settings import OnlineSettings, add_arguments, add_renamed_flag, specs, unused
 from . import args as cli_args
 
 __all__ = ["register"]
@@ -49,14 +49,17 @@ def run_online(args) -> int:
     from .. import online, plotting
 
     table = specs(OnlineSettings)
-    if args.method != "marthe":  # the settings declared for other methods only (Spec.methods)
-        given = [k for k, (default, spec) in table.items()
-                 if spec.methods and args.method not in spec.methods and getattr(args, k) != default]
-        if given:  # the API raises for mu; kappa/hypergrad_lr_init/… would be silently unused
-            raise ValueError(f"--{given[0].replace('_', '-')} is a MARTHE setting; --method "
-                             f"{args.method} fixes μ = {0 if args.method == 'hd' else 1} and uses a "
-                             "constant --hypergrad-lr (use --method marthe)")
     kwargs = {k: getattr(args, k) for k in table}
+    beta = "auto" if args.method == "marthe" and args.hypergrad_lr is None else args.hypergrad_lr
+    given = unused(OnlineSettings, {**kwargs, "hypergrad_lr": beta})  # Spec.methods, Spec.needs
+    if given:  # a flag away from its default that the run would not use
+        flag = "--" + given[0].replace("_", "-")
+        if args.method != "marthe":
+            raise ValueError(f"{flag} is a MARTHE setting; --method {args.method} fixes μ = "
+                             f"{0 if args.method == 'hd' else 1} and uses a constant --hypergrad-lr "
+                             "(use --method marthe)")
+        raise ValueError(f"{flag} is a setting of MARTHE's adaptive β (--hypergrad-lr auto); "
+                         f"--hypergrad-lr {beta:g} is a constant β that does not use it")
     kwargs["progress"] = args.progress
     if not args.find_hypergrad_lr:  # every setting checked before the problem (and its data) is built
         takes = inspect.signature(online.hyper_config).parameters
