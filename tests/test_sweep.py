@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,6 +74,15 @@ def test_id_is_the_same_in_another_process():
     out = subprocess.run([sys.executable, "-c", code, json.dumps(cell.to_dict())],
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"})
     assert out.stdout.strip() == cell.id
+
+
+@pytest.mark.parametrize("path", sorted(Path(GRID_FILE).parent.glob("*.yaml")), ids=lambda p: p.name)
+def test_the_committed_grid_files_load_and_use_todays_names(path):
+    """Every grid shipped in benchmarks/grids/ builds its cells (an old key such as ``beta`` is refused)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        grids = sweep.load_grids(path)
+    assert grids and all(len(g.cells()) > 0 for g in grids)
 
 
 def test_grid_files_yaml_and_json(tmp_path):
