@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -99,7 +100,11 @@ def row(metric: str, value: float | None, unit: str = "", target: str | None = N
 
 
 def write_results(name: str, payload: dict) -> Path:
-    """Write ``benchmarks/results/<name>.json`` (``payload`` should hold ``rows`` and ``env``)."""
+    """Write ``benchmarks/results/<name>.json`` (``payload`` should hold ``rows`` and ``env``); a
+    ``--quick`` smoke run writes ``<name>_quick.json`` (untracked), never the committed latest
+    measurement."""
+    if "--quick" in sys.argv[1:] and not name.endswith("_quick"):
+        name += "_quick"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

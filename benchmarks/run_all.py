@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if not args.summary_only:
         for name in names:
             status[name] = run(name, found[name], args.quick)
-    shown = [n if not (args.quick and n == "exact") else "exact_quick" for n in names]
+    shown = [n + "_quick" if args.quick and accepts_quick(found[n]) else n for n in names]
     print("\n\n# Combined results\n")
     print(summarise(shown))
     failed = [n for n, s in status.items() if s["returncode"] != 0]
