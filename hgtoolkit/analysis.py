@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from . import dynamics as _dynamics
+from . import fastpaths as _fastpaths
 from . import records
 from ._tree import tree_dot
 from .errors import moved
@@ -137,7 +138,7 @@ class _Replay:
         g, loss, hvp = oracle.grad, oracle.loss, oracle.hvp
         dyn = self.engine.dynamics
         state = state._replace(lr=self.lrs[t])
-        _, b_t = dyn.tangent(state.opt, g, self.lrs[t], t)
+        _, b_t = _fastpaths.tangent(dyn, state.opt, g, self.lrs[t], t)
         return self.engine.optimizer_step(state, g, t, hvp), {"b": dyn.params(b_t), "loss": loss}
 
     def val_gradient(self, w):

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import fastpaths as _fastpaths
 from ._step import Step, objective as step_objective
 from ._tree import tree_dot, tree_leaves
 from .drive import BufferShare
@@ -112,7 +113,7 @@ def advance_columns(st: Step, dyn, lr: Any, t: int, columns: list, dlrs: list) -
             dg, db = None, [None] * len(float_leaves(st.buffers)[2])
         else:
             dg, db = st.pushforward(z["w"], z[BUFFERS], retain=n + 1 < len(columns))
-        new, zo = dyn.tangent(st.state, st.grad, lr, t, None if z is None else opt_part(z), dg, dlr)
+        new, zo = _fastpaths.tangent(dyn, st.state, st.grad, lr, t, None if z is None else opt_part(z), dg, dlr)
         out.append(with_buffers(zo, db))
     return (None if new is None else with_buffers(new, st.buffers)), out
 

@@ -85,17 +85,15 @@ class Leaves:
     update below is written on, once. ``o(key)``/``do(key)`` name where the update writes the
     new state's and the tangent's leaves of ``key`` (the ``out=`` of its kernels): here nowhere
     (``[None…]``: new tensors), which is the reference; :class:`hgtoolkit.fastpaths.Buffers`
-    names buffers instead (the same kernels, the same numbers). ``fused``: an update that is
-    never differentiated itself (the closed-form tangent, :meth:`Dynamics.update`) may drop the
-    safe square root's autograd masks and reuse its temporaries; ``keep``: a dict where it may
-    leave intermediates (Adam: u, its denominator, √v') for :meth:`Dynamics.hyper_vjp`."""
+    names buffers instead (the same kernels, the same numbers). :meth:`descend` and
+    :meth:`root_quotient` are the two parts of the updates that ``Buffers`` computes its own
+    way (tensor-list kernels, in place, no autograd masks)."""
 
-    def __init__(self, state: dict, fused: bool = False, keep: dict | None = None):
+    def __init__(self, state: dict):
         self.keys = list(state)
         flat = {k: flatten(state[k]) for k in self.keys}
         self.spec = flat["w"][1]
         self.leaves = {k: flat[k][0] for k in self.keys}
-        self.fused, self.keep = fused, keep
 
     def o(self, key: str) -> list:
         """Where the new state's ``key`` leaves go ([None…]: new tensors)."""
@@ -120,6 +118,22 @@ class Leaves:
     def new_w_tangent(self, lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any, scale: Any) -> list:
         """dw' = scale·(dw − η dd) − dη d, leaf by leaf into ``do("w")``."""
         return _step_w_tangent(lr, d, dw, dd, dlr, scale, self.do("w"))
+
+    def roots(self, acc: list, slopes: bool) -> list:
+        """(√a, d√a/da) leaf by leaf (the slope only with ``slopes``, else None), both 0 where
+        a = 0: the safe square root, whose derivative there is 0 (not ∞·0 = NaN) for autograd."""
+        return [_sqrt_and_inverse_slope(a) if slopes else (_safe_sqrt(a), None) for a in acc]
+
+    def root_quotient(self, num: list, acc: list, k: Any, c: Any, slopes: bool = False,
+                      out: list | None = None) -> tuple[list, list | None, list | None]:
+        r"""(u, D, ρ) leaf by leaf: u = num/D with D = k·√acc + c, and (with ``slopes``) D and
+        ρ = d√acc/dacc for the tangent (else None, None). Adam: u = m'/(k√v' + c1ε); AdaGrad,
+        RMSProp: u = g/(√a' + ε) (k = 1). ``out``: where u may go (the tangent of w's buffers
+        when that tangent is −u). Here new tensors and :meth:`roots`' safe square root."""
+        roots = self.roots(acc, slopes)
+        den = [_mul(k, r) + c for r, _ in roots]
+        u = [torch.div(nn, dd, out=o) for nn, dd, o in zip(num, den, out or [None] * len(num))]
+        return (u, den, [rho for _, rho in roots]) if slopes else (u, None, None)
 
     def of(self, tree: Any) -> list | None:
         return None if tree is None else flatten(tree)[0]
@@ -157,6 +171,9 @@ class Dynamics:
 
     hyperparameters: ClassVar[tuple[str, ...]] = ()
     name: ClassVar[str] = "dynamics"
+    #: The intermediates of the update that the closed-form :meth:`hyper_vjp` reads back from
+    #: ``kept=`` when the update left them (:func:`hgtoolkit.fastpaths.update` with ``keep=``).
+    kept: ClassVar[tuple[str, ...]] = ()
 
     def init(self, params: Any) -> dict:
         raise NotImplementedError
@@ -209,7 +226,7 @@ class Dynamics:
                 dstate = None if dstate is None else tree_map(lambda x: scale * x, dstate)
                 dgrad = None if dgrad is None else tree_map(lambda x: scale * x, dgrad)
             return self._jvp_fallback(state, grad, lr, t, dstate, dgrad, dlr, **hyper)
-        L = Leaves(state, fused=True)
+        L = Leaves(state)
         new, dnew = self.tangent_leaves(L, grad, lr, t, dstate, dgrad, dlr, scale, hyper)
         return L.build(new), L.build(dnew)
 
@@ -241,16 +258,14 @@ class Dynamics:
                                    for x, b in zip(L.leaves["w"], gbar)], L.spec)
         return L.build(sbar), grad_bar, lrbar
 
-    def update(self, state: dict, grad: Any, lr: Any, t: int, *, keep: dict | None = None,
-               **hyper: Any) -> dict:
-        """:meth:`step` for a caller that never differentiates it (no autograd masks): the same
-        numbers. ``keep``: a dict where the dynamics may leave intermediates of this update
-        (Adam: its direction u, denominator and √v') for a later :meth:`hyper_vjp` of the same
-        update (``kept=``), which then does not recompute them."""
-        if not self.closed_form:
-            return self.step(state, grad, lr, t, **hyper)
-        L = Leaves(state, fused=True, keep=keep)
-        return L.build(self.update_leaves(L, grad, lr, t, hyper))
+    def update(self, state: dict, grad: Any, lr: Any, t: int, **hyper: Any) -> dict:
+        """:meth:`step` for a caller that never differentiates it: the same numbers (here the
+        reference, :meth:`step` itself; without autograd masks, in place, and leaving the update's
+        intermediates for :meth:`hyper_vjp`: :func:`hgtoolkit.fastpaths.update`)."""
+        if "keep" in hyper:
+            raise TypeError("Dynamics.update(keep=) moved to hgtoolkit.fastpaths.update(dyn, state, "
+                            "grad, lr, t, keep=...)")
+        return self.step(state, grad, lr, t, **hyper)
 
     def update_leaves(self, L: Leaves, grad: Any, lr: Any, t: int, hyper: dict) -> dict:
         """:meth:`update` on the leaf view ``L`` (written where ``L`` says): new leaves per key."""
@@ -262,11 +277,12 @@ class Dynamics:
         of the update w' = ``step(state, grad, η, t, **hyper)["w"]``: what a hyper-optimizer needs
         (the towers' G¹; for η alone it is HD's hypergradient −⟨w̄, d⟩). Closed form for SGD
         (η, momentum) and Adam (η, β1, β2); ``torch.func.vjp`` of :meth:`step` otherwise.
-        ``kept``: what :meth:`update` left of this very update (``keep=``), reused."""
+        ``kept``: what :func:`hgtoolkit.fastpaths.update` left of this very update (``keep=``),
+        reused."""
         h = self._hyper(hyper)
-        L = Leaves(state, keep=kept)
+        L = Leaves(state)
         if type(self)._hyper_adjoint is not Dynamics._hyper_adjoint:
-            out = self._hyper_adjoint(L, self._g_tilde(L, grad), lr, t, h, L.of(bar_w), tuple(names))
+            out = self._hyper_adjoint(L, self._g_tilde(L, grad), lr, t, h, L.of(bar_w), tuple(names), kept)
             if out is not None:
                 return out
         tensors = {n: (lr if n == "lr" else h[n]) for n in names}
@@ -281,8 +297,9 @@ class Dynamics:
         return pullback(bar_w)[0]
 
     def _hyper_adjoint(self, L: "Leaves", g: list, lr: Any, t: int, h: dict, bar: list,
-                       names: tuple) -> dict | None:
-        """Closed-form :meth:`hyper_vjp` on leaf lists, or None (then ``torch.func``)."""
+                       names: tuple, kept: dict | None = None) -> dict | None:
+        """Closed-form :meth:`hyper_vjp` on leaf lists (``kept``: the update's intermediates, or
+        None), or None (then ``torch.func``)."""
         return None
 
     def _update(self, L: "Leaves", g: list, lr: Any, t: int, h: dict, ds: dict | None = None,
@@ -453,7 +470,7 @@ class SGD(Dynamics):
         new_w, dnew_w = L.descend(lr, d, dw, dd, dlr, scale)
         return {"w": new_w, "b": b}, {"w": dnew_w, "b": [_scale_into(scale, x, o) for x, o in zip(dbn, L.do("b"))]}
 
-    def _hyper_adjoint(self, L, g, lr, t, h, bar, names):
+    def _hyper_adjoint(self, L, g, lr, t, h, bar, names, kept=None):
         """⟨w̄, ∂w'/∂η⟩ = −⟨w̄, d⟩; ⟨w̄, ∂w'/∂m⟩ = −η⟨w̄, ∂d/∂m⟩, ∂d/∂m = b (heavy ball) or
         b' + m·b (Nesterov)."""
         m = h.get("momentum", 0.0)
@@ -502,6 +519,7 @@ class Adam(Dynamics):
     weight_decay: float = 0.0
     hyperparameters: ClassVar[tuple[str, ...]] = ("beta1", "beta2")
     name: ClassVar[str] = "adam"
+    kept: ClassVar[tuple[str, ...]] = ("u", "den", "root")  # of Leaves.root_quotient
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -512,17 +530,26 @@ class Adam(Dynamics):
     def init(self, params: Any) -> dict:
         return {"w": params, "m": tree_zeros_like(params), "v": tree_zeros_like(params)}
 
-    def _parts(self, L, g, t, h, slopes: bool = True, differentiable: bool = True, u_out=None):
+    def _parts(self, L, g, t, h, slopes: bool = True, u_out=None):
         r"""m', v', u and (when ``slopes``) ∂u/∂m', ∂u/∂v' elementwise, in the form
 
             u = m' / D,  D = k·√v' + c1·ε,  k = c1/√c2   (= (m'/c1)/(√(v'/c2) + ε)),
             ∂u/∂m' = 1/D,  ∂u/∂v' = −u·k·ρ/D,  ρ = 1/(2√v') (0 where v' = 0),
 
-        with m', v' written into the output buffers of the state when it has them and u into
-        ``u_out`` (HD's z buffer). Without slopes (the update alone, or HD's z = B_t) the same
-        u from the same square root in fewer passes; ``differentiable=False`` (the closed-form
-        tangent, never differentiated) also drops the safe square root's masks and works on
-        its temporaries in place."""
+        with m', v' written where ``L`` puts the new state's leaves and u into ``u_out``
+        (:meth:`Leaves.root_quotient`)."""
+        m, v = self._moments(L, g, h)
+        k, c1 = self._k(h, t)
+        u, den, rho = L.root_quotient(m, v, k, c1 * self.eps, slopes, u_out)
+        if not slopes:
+            return m, v, u, None, None
+        du_dm = [1.0 / dd for dd in den]
+        du_dv = [-uu * r * k / dd for uu, r, dd in zip(u, rho, den)]
+        return m, v, u, du_dm, du_dv
+
+    @staticmethod
+    def _moments(L, g, h) -> tuple[list, list]:
+        """(m', v') = (β1 m + (1−β1) g, β2 v + (1−β2) g²), where ``L`` puts the new state's leaves."""
         b1, b2 = h["beta1"], h["beta2"]
         # the same kernels for numbers and (differentiable) tensor hyperparameters: same bits
         m = [torch.lerp(mm, gg, 1 - b1, out=o) for mm, gg, o in zip(L.leaves["m"], g, L.o("m"))]
@@ -531,37 +558,21 @@ class Adam(Dynamics):
         else:
             v = [torch.mul(vv, b2, out=o).addcmul_(gg, gg, value=1 - b2)
                  for vv, gg, o in zip(L.leaves["v"], g, L.o("v"))]
-        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-        k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
-        u_out = u_out or [None] * len(m)
-        if slopes:
-            roots = [_sqrt_and_inverse_slope(vv) for vv in v]
-        elif differentiable:
-            roots = [(_safe_sqrt(vv), None) for vv in v]
-        else:  # √v', then D, then u in u's own buffer when it has one (and √v' is not kept)
-            roots = [(torch.sqrt(vv, out=None if L.keep is not None else o), None) for vv, o in zip(v, u_out)]
-        if differentiable:
-            den = [r * k + c1 * self.eps for r, _ in roots]
-        elif L.keep is not None:  # √v' kept for a later hyper_vjp: D in one new buffer
-            den = [torch.mul(r, k).add_(c1 * self.eps) for r, _ in roots]
-        else:
-            den = [r.mul_(k).add_(c1 * self.eps) for r, _ in roots]
-        u = [torch.div(mm, dd, out=o) for mm, dd, o in zip(m, den, u_out)]
-        if L.keep is not None:
-            L.keep.update(u=u, den=den, root=[r for r, _ in roots])
-        if not slopes:
-            return m, v, u, None, None
-        du_dm = [1.0 / dd for dd in den]
-        du_dv = [-uu * rho * k / dd for uu, (_, rho), dd in zip(u, roots, den)]
-        return m, v, u, du_dm, du_dv
+        return m, v
+
+    @staticmethod
+    def _k(h: dict, t: int) -> tuple[Any, Any]:
+        """(k = c1/√c2, c1) with c_i = 1 − β_i^{t+1}."""
+        c1, c2 = 1 - h["beta1"] ** (t + 1), 1 - h["beta2"] ** (t + 1)
+        return c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2)), c1
 
     def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):
         ds = ds or {}
         b1, b2 = h["beta1"], h["beta2"]
         slopes = dg is not None or ds.get("m") is not None or ds.get("v") is not None
+        # the tangent of w is −u alone: u may be formed where it goes (L.do("w"): the seam)
         u_in_z = not slopes and ds.get("w") is None and dlr is not None and _is_one(dlr)
-        m, v, u, du_dm, du_dv = self._parts(L, g, t, h, slopes, differentiable=not L.fused,
-                                            u_out=L.do("w") if u_in_z else None)
+        m, v, u, du_dm, du_dv = self._parts(L, g, t, h, slopes, u_out=L.do("w") if u_in_z else None)
         n = len(m)
         dm = dv = du = [None] * n  # no tangent reaches m', v' or u (the update alone, or B_t)
         if slopes:
@@ -573,7 +584,7 @@ class Adam(Dynamics):
         return {"w": new_w, "m": m, "v": v}, {"w": dnew_w, "m": [_scale_into(scale, x, o) for x, o in zip(dm, L.do("m"))],
                                               "v": [_scale_into(scale, x, o) for x, o in zip(dv, L.do("v"))]}
 
-    def _hyper_adjoint(self, L, g, lr, t, h, bar, names):
+    def _hyper_adjoint(self, L, g, lr, t, h, bar, names, kept=None):
         r"""With u = m'/D, D = k r + c1ε, r = √v', k = c1/√c2, c_i' = dc_i/dβ_i = −(t+1)β_i^t and
         b = w̄/D:  ⟨w̄, ∂w'/∂η⟩ = −⟨w̄, u⟩;  ⟨w̄, ∂w'/∂β1⟩ = −η(⟨b, m − g⟩ − (c1'/c1)⟨w̄, u⟩);
         ⟨w̄, ∂w'/∂β2⟩ = η(−½(c2'/c2)(⟨w̄, u⟩ − c1ε⟨b, u⟩) + ½k⟨b·u, (v − g²)/r⟩) (0 where r = 0:
@@ -581,12 +592,14 @@ class Adam(Dynamics):
         b1, b2 = h["beta1"], h["beta2"]
         if any(n not in ("lr", "beta1", "beta2") for n in names):
             return None
-        c1, c2 = 1 - b1 ** (t + 1), 1 - b2 ** (t + 1)
-        k = c1 / (c2.sqrt() if isinstance(c2, torch.Tensor) else math.sqrt(c2))
-        if not all((L.keep or {}).get(x) is not None for x in ("u", "den", "root")):
-            L.keep = {}  # not left by update(): recompute the update's own intermediates
-            self._parts(L, g, t, h, slopes=False, differentiable=False)
-        u, den, r = L.keep["u"], L.keep["den"], L.keep["root"]
+        k, c1 = self._k(h, t)
+        c2 = 1 - b2 ** (t + 1)
+        if kept is None or any(kept.get(x) is None for x in self.kept):
+            m, v = self._moments(L, g, h)  # not left by the update: its intermediates again
+            r = [torch.sqrt(vv) for vv in v]
+            den = [rr * k + c1 * self.eps for rr in r]
+            kept = {"u": [mm / dd for mm, dd in zip(m, den)], "den": den, "root": r}
+        u, den, r = kept["u"], kept["den"], kept["root"]
         bar_u = tree_dot(bar, u)
         b = [bb / dd for bb, dd in zip(bar, den)] if ("beta1" in names or "beta2" in names) else None
         out = {}
@@ -630,19 +643,15 @@ class _RootScaled(Dynamics):
         raise NotImplementedError
 
     def _parts(self, L, g, h, slopes: bool = True):
-        """ρ, c, a', u and (when ``slopes``) ∂u/∂g, ∂u/∂a'; without them (the update alone, or
-        B_t) the same u from the same square root (fused: without the safe square root's masks)."""
+        """ρ, c, a', u and (when ``slopes``) ∂u/∂g, ∂u/∂a' (:meth:`Leaves.root_quotient`)."""
         rho, c = self._decay(h)
         # (AdaGrad: ρ = c = 1, multiplications by one skipped: the same numbers)
         a = [_mul(rho, aa) + _mul(c, gg) * gg for aa, gg in zip(L.leaves[self.acc], g)]
+        u, den, slope = L.root_quotient(g, a, 1, self.eps, slopes)
         if not slopes:
-            den = [(torch.sqrt(x) if L.fused else _safe_sqrt(x)) + self.eps for x in a]
-            return rho, c, a, [gg / dd for gg, dd in zip(g, den)], None, None
-        roots = [_sqrt_and_inverse_slope(x) for x in a]
-        den = [r + self.eps for r, _ in roots]
-        u = [gg / dd for gg, dd in zip(g, den)]
+            return rho, c, a, u, None, None
         du_dg = [1.0 / dd for dd in den]
-        du_da = [-uu * s / dd for uu, (_, s), dd in zip(u, roots, den)]
+        du_da = [-uu * s / dd for uu, s, dd in zip(u, slope, den)]
         return rho, c, a, u, du_dg, du_da
 
     def _update(self, L, g, lr, t, h, ds=None, dg=None, dlr=None, scale=None):

@@ -48,6 +48,7 @@ import torch
 
 from . import checkpointing as _ckpt
 from . import dynamics as _dynamics
+from . import fastpaths as _fastpaths
 from . import records
 from . import settings as _settings
 from ._step import Step as _Step, add_w as _add_w, objective as _objective, probe as _probe
@@ -205,7 +206,7 @@ def _tangent_pass(problem, dyn, state, lrs, cols, t0=0, progress=False):
         else:
             for n, (i, dlr) in enumerate(zip(live, dlrs)):
                 hz = st.hvp(z[i]["w"] if z[i] is not None else None, retain=n + 1 < len(live))
-                new, z[i] = dyn.tangent(st.state, st.grad, lrs[t], t, z[i], hz, dlr)
+                new, z[i] = _fastpaths.tangent(dyn, st.state, st.grad, lrs[t], t, z[i], hz, dlr)
         state = new if new is not None else st.advance(dyn, lrs[t], t)
     return state, z, losses
 

@@ -11,6 +11,10 @@ where it is elementwise, to a stated tolerance where it reassociates a sum.
 - **buffers** (:func:`tangent` with ``out_state``/``out_tangent``, :func:`update`): the leaves
   of s_{t+1} and z_{t+1} are written into given buffers (the ``out=`` of the same kernels; in
   place, one tensor-list kernel for all leaves) instead of new tensors: bit for bit.
+- **in place, no masks** (:meth:`Buffers.root_quotient`): Adam's, AdaGrad's and RMSProp's
+  u = num/(k√acc + c) with the plain square root (never differentiated here), D formed in
+  place on it, Adam's u in z's buffer when z_{t+1} = −u, and (``keep=``) u, D, √v' left for
+  ``hyper_vjp``: bit for bit.
 - **only the carried keys** (``keys``): the tangent of the keys the engine carries (HD: of w
   alone) instead of every key: bit for bit.
 - **donation** (``Plan.donate``): those buffers are the state and the tangent themselves, for a
@@ -45,11 +49,15 @@ __all__ = ["Plan", "Buffers", "tangent", "update", "FlatGroup", "flat_pays"]
 class Buffers(_dynamics.Leaves):
     """The leaf view of a state whose update writes into buffers: ``out`` (for the new state)
     and ``dout`` (for its tangent), pytrees shaped like the state; they may be the state and
-    its tangent themselves (donated). Keys without a buffer get new tensors."""
+    its tangent themselves (donated). Keys without a buffer get new tensors. An update on this
+    view is never differentiated by autograd (the closed-form tangent, the update alone), so
+    it works in place on its own temporaries; ``keep``: a dict where it leaves the update's
+    intermediates that the dynamics' ``hyper_vjp`` reads back (:attr:`Dynamics.kept`)."""
 
     def __init__(self, state: dict, out: dict | None = None, dout: dict | None = None,
                  keep: dict | None = None):
-        _dynamics.Leaves.__init__(self, state, True, keep)
+        _dynamics.Leaves.__init__(self, state)
+        self.keep = keep
         self.out = {} if out is None else {k: flatten(v)[0] for k, v in out.items()}
         self.dout = {} if dout is None else {k: flatten(v)[0] for k, v in dout.items()}
 
@@ -83,6 +91,27 @@ class Buffers(_dynamics.Leaves):
             torch._foreach_mul_(dw, scale)
         return new, _subtract_in_place(dw, dlr, d)
 
+    def root_quotient(self, num: list, acc: list, k: Any, c: Any, slopes: bool = False,
+                      out: list | None = None) -> tuple[list, list | None, list | None]:
+        """:meth:`Leaves.root_quotient` (u = num/D, D = k·√acc + c) with the same kernels leaf by
+        leaf, for an update that autograd never differentiates: without slopes the plain square
+        root (no masks: √0 = 0 already), and D formed in place on √acc; u into ``out`` (then √acc
+        and D too, u's own buffer, unless they are kept: ``keep`` gets u, D and √acc)."""
+        n = len(num)
+        if slopes:
+            roots = self.roots(acc, True)
+            den = _shifted([r for r, _ in roots], k, c)
+            return [torch.div(x, d) for x, d in zip(num, den)], den, [rho for _, rho in roots]
+        out = out or [None] * n
+        keeping = self.keep is not None
+        roots = [torch.sqrt(a, out=None if keeping else o) for a, o in zip(acc, out)]
+        # √acc kept: D in one new tensor, else in place on √acc
+        den = [torch.mul(r, k).add_(c) for r in roots] if keeping else _shifted(roots, k, c)
+        u = [torch.div(x, d, out=o) for x, d, o in zip(num, den, out)]
+        if keeping:
+            self.keep.update(u=u, den=den, root=roots)
+        return u, None, None
+
     def build_into(self, per_key: dict, into: dict, keys: Any = None) -> dict:
         """:meth:`Leaves.build`, every leaf of a key with buffers ending up in its buffer
         (written there by the update already, else copied or zeroed)."""
@@ -106,6 +135,12 @@ class Buffers(_dynamics.Leaves):
 
 def _is_one(a: Any) -> bool:
     return not isinstance(a, torch.Tensor) and a == 1
+
+
+def _shifted(rs: list, k: Any, c: Any) -> list:
+    """r ← k·r + c in place for every r (two roundings, as k·r + c; k = 1 skipped: the same
+    numbers)."""
+    return [r.add_(c) for r in rs] if _is_one(k) else [r.mul_(k).add_(c) for r in rs]
 
 
 def _one_kind(xs: list) -> bool:
@@ -147,13 +182,18 @@ def tangent(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, ds
     return L.build_into(new, L.out), L.build_into(dnew, L.dout, keys)
 
 
-def update(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, *, out_state: dict,
+def update(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, *, out_state: dict | None = None,
            keep: dict | None = None, **hyper: Any) -> dict:
-    """``dyn.update(state, grad, lr, t, keep=keep)`` written into ``out_state`` (a pytree of
-    some of the state's keys, e.g. ``{"w": buffers}``; the others get new tensors)."""
+    """``dyn.update(state, grad, lr, t)`` (the reference) written into ``out_state`` (a pytree of
+    some of the state's keys, e.g. ``{"w": buffers}``; the others, or all with None, get new
+    tensors), in place on its temporaries (:meth:`Buffers.root_quotient`); ``keep``: a dict where
+    it leaves the intermediates :meth:`~hgtoolkit.dynamics.Dynamics.hyper_vjp` of the same update
+    reads back (``kept=``; :attr:`~hgtoolkit.dynamics.Dynamics.kept`, none for most dynamics)."""
     if not dyn.closed_form:
+        if out_state is None:
+            return dyn.step(state, grad, lr, t, **hyper)
         return tangent(dyn, state, grad, lr, t, dlr=None, keys=(), out_state=out_state, **hyper)[0]
-    L = Buffers(state, out_state, keep=keep)
+    L = Buffers(state, out_state, keep=keep if dyn.kept else None)
     return L.build_into(dyn.update_leaves(L, grad, lr, t, hyper), L.out)
 
 

@@ -73,26 +73,27 @@ def level_update(dynamics: _dynamics.Dynamics, state: dict, grad: Any, t: "int |
     r"""x' = Π(Φ(x, G; θ)): one step of ``dynamics`` from ``state`` (its ``"w"`` = x) with
     gradient ``grad`` = G and hyperparameters ``hyper`` ({"lr": θ_lr, name: value}; the others
     are the dynamics' own), the LR times ``lr_scale`` (c, optional), projected onto
-    ``bounds`` = (lo, hi) when given. ``differentiable=False``: the dynamics' closed-form
-    :meth:`~hgtoolkit.dynamics.Dynamics.update` (same numbers, fewer passes) for an update
+    ``bounds`` = (lo, hi) when given. ``differentiable=False``: :func:`hgtoolkit.fastpaths.update` of the
+    dynamics (the same numbers as its step, fewer passes) for an update
     nothing differentiates, which may leave its intermediates in ``keep`` (for the next
     :func:`hypergradient`) and write the new x into the buffers ``out_w`` (one ``t``)."""
     lr, hp = _split(hyper, lr_scale, numbers=not differentiable)
-    base_step = dynamics.step if differentiable else dynamics.update
     keeping = keep is not None and not differentiable
+
+    def one(st: dict, gr: Any, c: int, kp: dict | None, into: Any) -> dict:
+        if differentiable:
+            return dynamics.step(st, gr, lr, c, **hp)
+        return _fastpaths.update(dynamics, st, gr, lr, c, out_state=None if into is None else {"w": into},
+                                 keep=kp, **hp)
+
     if not isinstance(t, dict):
-        extra = {"keep": keep} if keeping else {}
-        if out_w is not None and not differentiable:  # written into the parameters' buffers
-            out = dict(_fastpaths.update(dynamics, state, grad, lr, t, out_state={"w": out_w}, **hp, **extra))
-        else:
-            out = dict(base_step(state, grad, lr, t, **hp, **extra))
+        out = dict(one(state, grad, t, keep if keeping else None, out_w))
     else:
         n = len(grad)
         out = {k: [None] * n for k in state}
         for c, idx in t.items():
             part_keep: dict = {}
-            part = base_step(_sub(state, idx), [grad[i] for i in idx], lr, c, **hp,
-                             **({"keep": part_keep} if keeping else {}))
+            part = one(_sub(state, idx), [grad[i] for i in idx], c, part_keep if keeping else None, None)
             for k, leaves in part.items():
                 for i, x in zip(idx, leaves):
                     out[k][i] = x

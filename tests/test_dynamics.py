@@ -199,25 +199,12 @@ def test_closed_form_hyperparameter_adjoint_equals_autodiff(dyn):
         torch.testing.assert_close(got[n], ref[n], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("dyn", [dynamics.adam((0.8, 0.99), eps=1e-6), dynamics.adam(weight_decay=0.02)],
-                         ids=lambda d: f"adam-wd{d.weight_decay}")
-def test_update_keeps_what_the_hyperparameter_adjoint_reuses(dyn):
-    """update(keep=) leaves u, its denominator and √v' for hyper_vjp(kept=) of the same update:
-    the same numbers as recomputing them, and update() equals step()."""
-    gen = torch.Generator().manual_seed(3)
-    state, g = _random_state(dyn, gen)
-    t, lr = 3, torch.tensor(0.07, dtype=torch.float64)
-    bar = _rand_like(state["w"], gen)
-    keep = {}
-    new = dyn.update(state, g, lr, t, keep=keep)
-    torch.utils._pytree.tree_map(lambda a, b: torch.testing.assert_close(a, b, rtol=0, atol=0),
-                                 new, dyn.step(state, g, lr, t))
-    assert set(keep) == {"u", "den", "root"}
-    names = ("lr", "beta1", "beta2")
-    fresh = dyn.hyper_vjp(state, g, lr, t, bar, names)
-    reused = dyn.hyper_vjp(state, g, lr, t, bar, names, kept=keep)
-    for n in names:
-        assert torch.equal(fresh[n], reused[n])
+def test_update_with_keep_names_its_new_place():
+    """update(keep=) moved with the in-place update to hgtoolkit.fastpaths.update."""
+    dyn = dynamics.adam()
+    state = dyn.init(torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="fastpaths.update"):
+        dyn.update(state, torch.ones(3, dtype=torch.float64), 0.1, 0, keep={})
 
 
 def test_adam_beta2_adjoint_is_finite_where_the_second_moment_underflows():

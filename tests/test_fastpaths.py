@@ -72,7 +72,7 @@ def test_tangent_into_buffers_and_of_some_keys_is_the_reference_bit_for_bit(dyn)
 
 @pytest.mark.parametrize("dyn", CASES, ids=IDS)
 def test_update_into_buffers_is_step_bit_for_bit(dyn):
-    """fastpaths.update (the fused, non-differentiable update written into w's buffers) and
+    """fastpaths.update (the in-place, non-differentiable update written into w's buffers) and
     Dynamics.update equal the differentiable reference Dynamics.step."""
     state, g = _state(dyn, torch.Generator().manual_seed(5))
     lr = torch.tensor(0.07, **F64)
@@ -82,6 +82,61 @@ def test_update_into_buffers_is_step_bit_for_bit(dyn):
     got = fastpaths.update(dyn, s, g, lr, 2, out_state={"w": s["w"]})
     _equal(got, ref)
     assert got["w"]["a"] is s["w"]["a"]
+
+
+ADAMS = [dynamics.adam((0.8, 0.99), eps=1e-6), dynamics.adam(weight_decay=0.02)]
+
+
+def _same(a, b):
+    """torch.equal leaf by leaf (NaN where NaN)."""
+    la, lb = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert torch.equal(x.nan_to_num(), y.nan_to_num()) and torch.equal(x.isnan(), y.isnan())
+
+
+@pytest.mark.parametrize("dyn", ADAMS, ids=lambda d: f"adam-wd{d.weight_decay}")
+def test_adam_in_place_update_and_its_kept_intermediates_are_the_reference_bit_for_bit(dyn):
+    """Buffers.root_quotient (√v' and D in place, u into z's buffer, u/D/√v' kept for hyper_vjp)
+    against Leaves.root_quotient and Dynamics.step/tangent/hyper_vjp: torch.equal, a dead
+    entry (v' = 0) included."""
+    state, g = _state(dyn, torch.Generator().manual_seed(7))
+    lr, t = torch.tensor(0.07, **F64), 3
+    # the part itself, with and without slopes, u into a given buffer
+    m, v = [x.clone() for x in torch.utils._pytree.tree_leaves(state["m"])], \
+        [x.clone().abs() for x in torch.utils._pytree.tree_leaves(state["v"])]
+    v[0][0, 0] = 0.0
+    k, c = 1.7, 3e-7
+    ref = dynamics.Leaves(state).root_quotient(m, v, k, c, slopes=True)
+    _same(fastpaths.Buffers(_clone(state)).root_quotient(m, [x.clone() for x in v], k, c, slopes=True), ref)
+    ref_u = dynamics.Leaves(state).root_quotient(m, v, k, c)[0]
+    bufs = [torch.full_like(x, 9.0) for x in m]
+    got = fastpaths.Buffers(_clone(state)).root_quotient(m, [x.clone() for x in v], k, c, out=bufs)[0]
+    _same(got, ref_u)
+    assert all(x is b for x, b in zip(got, bufs))
+    # the update, its intermediates kept, and the hyperparameter adjoint reusing them
+    keep = {}
+    new = fastpaths.update(dyn, _clone(state), g, lr, t, keep=keep)
+    _same(new, dyn.step(state, g, lr, t))
+    assert set(keep) == set(dyn.kept) == {"u", "den", "root"}
+    names = ("lr", "beta1", "beta2")
+    fresh = dyn.hyper_vjp(state, g, lr, t, _clone(g), names)
+    reused = dyn.hyper_vjp(state, g, lr, t, _clone(g), names, kept=keep)
+    for n in names:
+        assert torch.equal(fresh[n], reused[n])
+    # B_t alone with u computed in z's buffer (z_{t+1} = −u there)
+    z = tree_map(lambda x: torch.full_like(x, 5.0), state)
+    _same(fastpaths.tangent(dyn, _clone(state), g, lr, t, keys=("w",), out_tangent=z),
+          (lambda r: (r[0], {"w": r[1]["w"]}))(dyn.tangent(state, g, lr, t)))
+
+
+def test_keep_is_left_alone_by_dynamics_whose_adjoint_reads_nothing_back():
+    """fastpaths.update(keep=) with RMSProp (no Dynamics.kept): nothing kept, the same numbers."""
+    dyn = dynamics.rmsprop(0.9)
+    state, g = _state(dyn, torch.Generator().manual_seed(8))
+    keep = {}
+    _same(fastpaths.update(dyn, _clone(state), g, 0.05, 2, keep=keep), dyn.step(state, g, 0.05, 2))
+    assert keep == {}
 
 
 def test_a_dynamics_without_closed_form_takes_the_same_paths():
