@@ -380,8 +380,8 @@ def main(argv=None) -> int:
                                 "timing": timing_raw, "settings": vars(args), "total_s": time.perf_counter() - started})
     print(format_table(rows))
     print(f"\nwrote {path}")
-    if not args.quick:
-        print(f"wrote {plot()}")
+    if not args.quick:  # the docs figure is rebuilt only on request: partial JSONs would thin it out
+        print("rebuild docs/figures/memory_tradeoff.png from results/memory*.json with --plot")
     return 0
 
 
