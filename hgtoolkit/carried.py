@@ -32,7 +32,7 @@ from ._tree import tree_dot, tree_leaves
 from .drive import BufferShare
 from .trajectory import BUFFERS, autograd_gradient, float_leaves, opt_part, scalar_loss, stateful_loss, with_buffers
 
-__all__ = ["CarriedBuffers"]
+__all__ = ["CarriedBuffers", "advance_columns", "state_dot"]
 
 
 class CarriedBuffers:
@@ -96,8 +96,6 @@ class CarriedBuffers:
         """b_{t+1} becomes the run's b (after step t), then the run's own record."""
         self.buffers = self._next
         return super().record(t, state, aux, pending)
-
-
 
 
 def advance_columns(st: Step, dyn, lr: Any, t: int, columns: list, dlrs: list) -> tuple[dict | None, list]:
