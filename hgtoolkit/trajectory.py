@@ -28,7 +28,8 @@ from .divergence import VALIDATION_LOSS, check_finite
 
 __all__ = ["BUFFERS", "initial_state", "opt_part", "with_buffers", "float_leaves", "stateful_loss",
            "loss_gradient", "make_step", "tangent_step", "closed_form", "autograd_gradient", "autograd_gradient_hvp",
-           "rowwise_gradient_hvp", "train", "TrainResult", "check_problem", "check_pure", "check_lrs", "check_finite", "progress_bar"]
+           "rowwise_gradient_hvp", "train", "TrainResult", "check_problem", "check_pure", "check_lrs", "check_finite",
+           "progress_bar"]
 
 StepFn = Callable[[dict, torch.Tensor, int], tuple[dict, torch.Tensor]]
 
@@ -259,6 +260,11 @@ def _same(a: Any, b: Any) -> bool:
     return a.shape == b.shape and bool((a.eq(b) | (a.isnan() & b.isnan())).all())
 
 
+def _shown(x: Any) -> str:
+    """A loss (a number, or the sum of a vector of them) as a message shows it."""
+    return f"{float(torch.as_tensor(x).sum()):.10g}"
+
+
 def check_pure(problem) -> None:
     """``ValueError`` unless a stateless problem's losses are pure functions of (w, t), as every
     exact mode assumes (a replayed step — reverse mode's recomputation, checkpointing, finite
@@ -284,13 +290,13 @@ def check_pure(problem) -> None:
            "of (seed, t) (docs/models.md)")
     if not _same(l0, l1):
         raise ValueError(f"problem.train_loss is not a pure function of (w, t): two calls at (w_0, t=0) gave "
-                         f"{float(torch.as_tensor(l0).sum()):.10g} and {float(torch.as_tensor(l1).sum()):.10g}. It "
+                         f"{_shown(l0)} and {_shown(l1)}. It "
                          "draws random numbers anew at every call (dropout?), so a replayed step would see other "
                          "draws and the hypergradient would be wrong. Draw them as a function of t (a "
                          "torch.Generator seeded with seed + t inside train_loss), or " + fix)
     if not _same(e0, e1):
         raise ValueError(f"problem.val_loss changed after a call of problem.train_loss (E(w_0) = "
-                         f"{float(torch.as_tensor(e0).sum()):.10g}, then {float(torch.as_tensor(e1).sum()):.10g}): "
+                         f"{_shown(e0)}, then {_shown(e1)}): "
                          "train_loss writes state that val_loss reads — typically a BatchNorm layer's running "
                          "statistics when a module runs in training mode — which no mode of the toolkit sees, so "
                          "the hypergradient would be wrong and drift from call to call. Give the Problem "
