@@ -95,6 +95,12 @@ class Leaves:
         self.spec = flat["w"][1]
         self.leaves = {k: flat[k][0] for k in self.keys}
 
+    @staticmethod
+    def dot(a: list, b: list) -> torch.Tensor:
+        """⟨a, b⟩ over the leaf lists, the dot of every cotangent's η̄ (one number here;
+        per run for :class:`hgtoolkit.fastpaths.Buffers` with ``rows``)."""
+        return tree_dot(a, b)
+
     def o(self, key: str) -> list:
         """Where the new state's ``key`` leaves go ([None…]: new tensors)."""
         return [None] * len(self.leaves["w"])
@@ -246,9 +252,19 @@ class Dynamics:
         r"""(s̄, ḡ, η̄): the vjp of :meth:`step` applied to the cotangent ``bar`` of the new
         state (missing keys or ``None`` are zero), tensor hyperparameters held fixed. Closed
         form (no autograd) unless the subclass only has ``step``."""
-        if type(self)._adjoint is Dynamics._adjoint:
+        if not self.closed_form_adjoint:
             return self._vjp_fallback(state, grad, lr, t, bar, **hyper)
-        L = Leaves(state)
+        return self.cotangent_leaves(Leaves(state), grad, lr, t, bar, hyper)
+
+    @property
+    def closed_form_adjoint(self) -> bool:
+        """True when the vjp of the update is written on leaf lists (:meth:`cotangent` in closed
+        form, and :func:`hgtoolkit.fastpaths.cotangent`'s rows); False: ``torch.func``."""
+        return type(self)._adjoint is not Dynamics._adjoint
+
+    def cotangent_leaves(self, L: Leaves, grad: Any, lr: Any, t: int, bar: dict,
+                         hyper: dict) -> tuple[dict, Any, torch.Tensor]:
+        """:meth:`cotangent` (closed form) on the leaf view ``L``, η̄ by ``L.dot``."""
         g = self._g_tilde(L, grad)
         sbar, gbar, lrbar = self._adjoint(L, g, lr, t, self._hyper(hyper), L.of_state(bar))
         wd = getattr(self, "weight_decay", 0.0)
@@ -408,13 +424,13 @@ def _step_w_tangent(lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any
     return tan
 
 
-def _step_w_adjoint(wbar: list | None, lr: Any, d: list):
-    """Adjoint of w' = w − η d: (d̄ = −η w̄', η̄ = −⟨w̄', d⟩)."""
+def _step_w_adjoint(wbar: list | None, lr: Any, d: list, dot=tree_dot):
+    """Adjoint of w' = w − η d: (d̄ = −η w̄', η̄ = −⟨w̄', d⟩ by ``dot``, :meth:`Leaves.dot`)."""
     if wbar is None or all(x is None for x in wbar):
         return [None] * len(d), torch.zeros((), dtype=d[0].dtype, device=d[0].device)
     dbar = [None if x is None else -lr * x for x in wbar]
     pairs = [(x, y) for x, y in zip(wbar, d) if x is not None]
-    return dbar, -tree_dot([x for x, _ in pairs], [y for _, y in pairs])
+    return dbar, -dot([x for x, _ in pairs], [y for _, y in pairs])
 
 
 @dataclass(frozen=True)
@@ -491,12 +507,12 @@ class SGD(Dynamics):
     def _adjoint(self, L, g, lr, t, h, bar):
         w = L.leaves["w"]
         if "b" not in L.leaves:
-            gbar, lrbar = _step_w_adjoint(bar["w"], lr, g)
+            gbar, lrbar = _step_w_adjoint(bar["w"], lr, g, L.dot)
             return {"w": bar["w"]}, gbar, lrbar
         m = h["momentum"]
         b = [m * bb + gg for bb, gg in zip(L.leaves["b"], g)]
         d = [gg + m * bb for gg, bb in zip(g, b)] if self.nesterov else b
-        dbar, lrbar = _step_w_adjoint(bar["w"], lr, d)
+        dbar, lrbar = _step_w_adjoint(bar["w"], lr, d, L.dot)
         bb_bar = [_add(_column(bar["b"], i), _mul(m, dbar[i]) if self.nesterov else dbar[i])
                   for i in range(len(w))]
         gbar = [_add(bb_bar[i], dbar[i] if self.nesterov else None) for i in range(len(w))]
@@ -623,7 +639,7 @@ class Adam(Dynamics):
     def _adjoint(self, L, g, lr, t, h, bar):
         b1, b2 = h["beta1"], h["beta2"]
         m, v, u, du_dm, du_dv = self._parts(L, g, t, h)
-        ubar, lrbar = _step_w_adjoint(bar["w"], lr, u)
+        ubar, lrbar = _step_w_adjoint(bar["w"], lr, u, L.dot)
         n = len(m)
         mbar = [_add(_column(bar["m"], i), _mul(du_dm[i], ubar[i])) for i in range(n)]
         vbar = [_add(_column(bar["v"], i), _mul(du_dv[i], ubar[i])) for i in range(n)]
@@ -670,7 +686,7 @@ class _RootScaled(Dynamics):
 
     def _adjoint(self, L, g, lr, t, h, bar):
         rho, c, a, u, du_dg, du_da = self._parts(L, g, h)
-        ubar, lrbar = _step_w_adjoint(bar["w"], lr, u)
+        ubar, lrbar = _step_w_adjoint(bar["w"], lr, u, L.dot)
         n = len(a)
         abar = [_add(_column(bar[self.acc], i), _mul(du_da[i], ubar[i])) for i in range(n)]
         gbar = [_add(_mul(du_dg[i], ubar[i]), _mul(2 * c * g[i], abar[i])) for i in range(n)]

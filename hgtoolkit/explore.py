@@ -25,8 +25,9 @@ the rows of a row-wise test function side by side) when the explorer opens, and 
 one row-wise replay; the runs at horizon T < T_max are the first T steps of those (the online
 recursion is causal: the arrays are the same numbers as ``online.run(..., steps=T)``). The
 exact reference of every run at every horizon of the grid is one row-wise reverse pass along
-those paths (:func:`exact_rows`: the adjoint of gradient descent, λ_T = ∇f(w_T),
-g_t = −λ_{t+1}·∇f(w_t), λ_t = λ_{t+1} − η_t ∇²f(w_t) λ_{t+1}, one row per run and horizon).
+those paths (:func:`hgtoolkit.exact.hypergradient_rows`: the reverse pass of
+:func:`hgtoolkit.exact.hypergradient` on rows, λ_T = ∇f(w_T), g_t = −λ_{t+1}·∇f(w_t),
+λ_t = λ_{t+1} − η_t ∇²f(w_t) λ_{t+1}, one row per run and horizon).
 A move then only looks its four runs and the reference up and redraws the figure on a canvas
 kept between moves (the text layouts it caches are reused). A setting off the sliders' grids
 (``update(hypergrad_lr=3.3e-7)``, ``update(steps=45)``) is computed on demand, as one batch of its four
@@ -44,7 +45,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import accepts_deprecated, check_renamed, renamed
+from .errors import accepts_deprecated, check_renamed, moved, renamed
 
 __all__ = ["explore", "Explorer", "RUNS", "GRIDS", "exact_rows"]
 
@@ -207,9 +208,10 @@ class Explorer:
         """Compute the cells not yet cached: one batch (:func:`batched.run_online_batch`) and
         one row-wise replay of their schedules (the paths); then the exact references of the
         cells at the ``horizons`` (and the grid's, for new cells) not yet cached: one
-        :func:`exact_rows` pass."""
+        :func:`hgtoolkit.exact.hypergradient_rows` pass."""
         from . import batched
         from .divergence import recorded
+        from .exact import hypergradient_rows
         todo, seen = [], set()
         for c in cells:
             k = self._key(c)
@@ -228,8 +230,8 @@ class Explorer:
         for k in wanted:  # a run that diverged before T has no reference
             self._refs[k] = None
         if computable:
-            refs = exact_rows(self.problem, [self._runs[k][1] for k, _ in computable],
-                              [self._runs[k][0].lrs for k, _ in computable], [T for _, T in computable])
+            refs = hypergradient_rows(self.problem, [self._runs[k][1] for k, _ in computable],
+                                      [self._runs[k][0].lrs for k, _ in computable], [T for _, T in computable])
             self._refs.update(zip(computable, refs))
 
     def runs(self) -> dict[str, Any]:
@@ -238,8 +240,8 @@ class Explorer:
 
     def reference(self) -> "tuple[np.ndarray, float] | None":
         """(g_0 … g_{T−1}, f(w_T)): the exact hypergradient drawn for the selected run over the
-        current horizon T (:func:`exact_rows`, cached), or None when that run diverged before T
-        (or its hypergradient is not finite)."""
+        current horizon T (:func:`hgtoolkit.exact.hypergradient_rows`, cached), or None when
+        that run diverged before T (or its hypergradient is not finite)."""
         cell = self._cells()[self.settings["method"]]
         return self._refs.get((self._key(cell), self.settings["steps"]))
 
@@ -512,52 +514,9 @@ class Explorer:
         display(self._box)
 
 
-def exact_rows(problem, paths: Sequence[np.ndarray], schedules: Sequence[np.ndarray],
-               horizons: Sequence[int]) -> list["tuple[np.ndarray, float] | None"]:
-    r"""The exact hypergradients g_t = ∂f(w_T)/∂η_t (t < T) of plain gradient descent
-    w_{t+1} = w_t − η_t ∇L_t(w_t) on a row-wise problem (``Problem.rowwise``), for many
-    (path, schedule, horizon T) at once: reverse mode as :func:`hgtoolkit.exact.hypergradient`
-    computes it for SGD, with every (path, T) a row of one row-wise computation:
-
-        λ_T = ∇E(w_T);  for t = T−1 … 0:  g_t = −λ_{t+1}·∇L_t(w_t),
-        λ_t = λ_{t+1} + H_t (−η_t λ_{t+1})
-
-    (H_t = ∇²L_t(w_t), in closed form for the test functions). ``paths[i]``: w_0 … w_n of
-    ``schedules[i]`` (η_0 … η_{n−1}; the explorer's replay), ``horizons[i]`` ≤ n. The same
-    kernels as the single run's reverse pass, on rows: the numbers agree with it to rounding
-    (``tests/test_explore.py``). Returns ``(g_0 … g_{T−1}, E(w_T))`` per row, None where g or
-    E is not finite."""
-    from .trajectory import rowwise_gradient_hvp
-    R = len(paths)
-    if not R:
-        return []
-    T = np.asarray(horizons, dtype=int)
-    order = np.argsort(-T, kind="stable")  # by horizon, longest first: the rows alive at t are a prefix
-    Tmax = int(T.max())
-    W = np.full((Tmax + 1, R, 2), np.nan)
-    eta = np.zeros((R, Tmax))
-    for j, i in enumerate(order):
-        W[:T[i] + 1, j] = paths[i][:T[i] + 1]
-        eta[j, :T[i]] = schedules[i][:T[i]]
-    W = torch.as_tensor(W, dtype=problem.dtype, device=problem.device)
-    eta = torch.as_tensor(eta, dtype=problem.dtype, device=problem.device)
-    Ts = torch.as_tensor(T[order], device=problem.device)
-    lam, value = rowwise_gradient_hvp(problem.val_loss, W[Ts, torch.arange(R)], None)[:2]
-    grads = torch.zeros((R, Tmax), dtype=problem.dtype, device=problem.device)
-    alive = np.searchsorted(-T[order], -np.arange(Tmax), side="left")  # rows with T > t
-    for t in range(Tmax - 1, -1, -1):
-        n = int(alive[t])
-        lam_t = lam[:n]
-        G, _, HV = rowwise_gradient_hvp(problem.train_loss, W[t, :n], -eta[:n, t:t + 1] * lam_t, t)
-        grads[:n, t] = -(lam_t * G).sum(-1)
-        lam[:n] = lam_t + HV
-    grads, value = grads.numpy(force=True), value.numpy(force=True)
-    out: list = [None] * R
-    for j, i in enumerate(order):
-        g = grads[j, :T[i]].copy()
-        if np.all(np.isfinite(g)) and np.isfinite(value[j]):
-            out[i] = (g, float(value[j]))
-    return out
+#: Moved: the row-wise reverse pass is :func:`hgtoolkit.exact.hypergradient_rows` (the reverse
+#: pass of :func:`hgtoolkit.exact.hypergradient`, its one adjoint step, on rows).
+exact_rows = moved("hgtoolkit.explore.exact_rows", "hgtoolkit.exact.hypergradient_rows")
 
 
 def _replay_rows(problem, schedules: Sequence[np.ndarray]) -> list[np.ndarray]:

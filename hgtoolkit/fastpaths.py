@@ -24,7 +24,8 @@ where it is elementwise, to a stated tolerance where it reassociates a sum.
   exact).
 - **rows** (``Plan.rows``): R runs of a row-wise problem along a leading axis, η and μ per row,
   each run's dot one sum over its flattened row instead of a sum of per-leaf dots: ≤ 1e-12
-  relative in float64 (the sum reassociated).
+  relative in float64 (the sum reassociated). The same for the reverse pass
+  (:func:`cotangent` with ``rows``: η̄ per run; :func:`hgtoolkit.exact.hypergradient_rows`).
 - **flat buffers** (:class:`FlatGroup`): a drop-in's param group of many small tensors as one
   flat leaf per state key: elementwise bit for bit, the dots ≤ 1e-12 relative in float64;
   chosen per group and step by :meth:`Plan.flat_group`.
@@ -41,7 +42,7 @@ import torch
 from . import dynamics as _dynamics
 from ._tree import flatten, tree_clone, tree_dot, tree_leaves, tree_map, unflatten
 
-__all__ = ["Plan", "Buffers", "tangent", "update", "FlatGroup", "flat_pays"]
+__all__ = ["Plan", "Buffers", "tangent", "cotangent", "update", "FlatGroup", "flat_pays"]
 
 
 # ----------------------------------------------------------------------------- buffers
@@ -55,11 +56,20 @@ class Buffers(_dynamics.Leaves):
     intermediates that the dynamics' ``hyper_vjp`` reads back (:attr:`Dynamics.kept`)."""
 
     def __init__(self, state: dict, out: dict | None = None, dout: dict | None = None,
-                 keep: dict | None = None):
+                 keep: dict | None = None, rows: bool = False):
         _dynamics.Leaves.__init__(self, state)
-        self.keep = keep
+        self.keep, self.rows = keep, rows
         self.out = {} if out is None else {k: flatten(v)[0] for k, v in out.items()}
         self.dout = {} if dout is None else {k: flatten(v)[0] for k, v in dout.items()}
+
+    def dot(self, a: list, b: list) -> torch.Tensor:
+        """⟨a, b⟩; with ``rows`` one per run, a sum over its flattened row (:meth:`Plan.dot`)."""
+        if not self.rows:
+            return tree_dot(a, b)
+        out = (a[0] * b[0]).flatten(1).sum(1)
+        for x, y in zip(a[1:], b[1:]):
+            out = out + (x * y).flatten(1).sum(1)
+        return out
 
     def o(self, key: str) -> list:
         return self.out.get(key) or [None] * len(self.leaves["w"])
@@ -180,6 +190,19 @@ def tangent(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, ds
     L = Buffers(state, out_state, out_tangent)
     new, dnew = dyn.tangent_leaves(L, grad, lr, t, dstate, dgrad, dlr, scale, hyper)
     return L.build_into(new, L.out), L.build_into(dnew, L.dout, keys)
+
+
+def cotangent(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, bar: dict, *,
+              rows: bool = False, **hyper: Any) -> tuple[dict, Any, torch.Tensor]:
+    """``dyn.cotangent(state, grad, lr, t, bar)`` (the reference: (s̄, ḡ, η̄), the vjp of one
+    update); ``rows``: the state holds runs along a leading axis (``Plan.rows``), η shaped
+    against them, and η̄ is one number per run (its dot a sum over its row: ≤ 1e-12 relative)."""
+    if not rows:
+        return dyn.cotangent(state, grad, lr, t, bar, **hyper)
+    if not dyn.closed_form_adjoint:
+        raise TypeError(f"fastpaths.cotangent(rows=True) needs a closed-form cotangent; "
+                        f"{type(dyn).__name__} has only step()")
+    return dyn.cotangent_leaves(Buffers(state, rows=True), grad, lr, t, bar, hyper)
 
 
 def update(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, *, out_state: dict | None = None,

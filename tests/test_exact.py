@@ -240,3 +240,33 @@ def test_leaves_with_constant_gradient_have_zero_hessian():
     for mode in ("forward", "autograd"):
         assert _relerr(hypergradient(problem, lrs, "momentum", mode=mode).grad, rev.grad) <= 1e-12
     assert _relerr(finite_difference(problem, lrs, "momentum"), rev.grad) <= 1e-6
+
+
+def test_rows_are_the_reverse_pass_of_each_schedule_to_1e12():
+    """exact.hypergradient_rows (the explorer's reference): many (path, schedule, horizon) as the
+    rows of one reverse pass equal hypergradient(mode="reverse") of each, to 1e-12; a
+    non-finite row is None; the old explore.exact_rows names its new place."""
+    from hgtoolkit import trajectory
+    from hgtoolkit.errors import MovedError
+    from hgtoolkit.exact import hypergradient_rows
+    import hgtoolkit.explore  # noqa: F401  (hgtoolkit.explore is also the function)
+    import sys
+    P = problems.from_function("beale")
+    scheds = [_schedule(12, 2e-3, seed=s).numpy() for s in range(3)]
+    paths = []
+    for s in scheds:  # gradient descent's iterates w_0 … w_12
+        w = [P.params0]
+        for t, lr in enumerate(s):
+            w.append(w[-1] - lr * trajectory.autograd_gradient(P.train_loss, w[-1], t)[0])
+        paths.append(torch.stack(w).numpy())
+    horizons = [12, 7, 12]
+    out = hypergradient_rows(P, paths, scheds, horizons)
+    for (g, value), s, T in zip(out, scheds, horizons):
+        ref = hypergradient(P, torch.as_tensor(s[:T]), mode="reverse")
+        torch.testing.assert_close(torch.as_tensor(g), ref.grad, rtol=1e-12, atol=0)
+        assert value == pytest.approx(float(ref.value), rel=1e-12)
+    bad = paths[0].copy()
+    bad[5] = float("nan")
+    assert hypergradient_rows(P, [bad], scheds[:1], [12]) == [None]
+    with pytest.raises(MovedError, match="hgtoolkit.exact.hypergradient_rows"):
+        sys.modules["hgtoolkit.explore"].exact_rows(P, paths, scheds, horizons)

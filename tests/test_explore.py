@@ -84,7 +84,7 @@ def test_update_validates_and_computes_off_grid_settings():
     _check_figure(e)
     assert e.reference() is None and e.exact() is None  # MARTHE diverges there: no reference
     e.update(method="adaptive_hypergrad_lr")
-    g, value = e.reference()  # what the figure draws: exact_rows, the numbers of exact.hypergradient
+    g, value = e.reference()  # what the figure draws: exact.hypergradient_rows, the numbers of exact.hypergradient
     np.testing.assert_allclose(g, e.exact().grad.numpy(), rtol=1e-12, atol=1e-300)
     assert value == pytest.approx(float(e.exact().value), rel=1e-12)
     with pytest.raises(ValueError, match="problem"):
