@@ -52,6 +52,7 @@ from . import online as _online
 from . import settings
 from .drive import BufferShare, Oracle, closing_update, drive
 from ._module import seeded
+from .carried import buffer_tangent
 from .settings import OnlineSettings
 from ._tree import flatten_fast, unflatten_fast, tree_clone, tree_dot, tree_flatten, tree_map, tree_unflatten
 from .trajectory import float_leaves, rowwise_gradient_hvp
@@ -439,8 +440,8 @@ class _BufferedStack(_Stack):
     r"""A :class:`_Stack` of a stateful problem (``batch_loss(w, x, b) -> (loss, b')``): the
     buffers b^r_t and their tangent z^r_{t,b} per row, the step of :mod:`hgtoolkit.carried`
     under ``vmap``: (g, L, dg, b', db') = the jvp of (g_t, b_{t+1}) along (z_w, z_b) (forward
-    over reverse), z_{t+1,b} = μ_t db', h_t with ⟨∇_b E, z_b⟩ (a
-    :class:`~hgtoolkit.drive.BufferShare`). Integer buffers (``num_batches_tracked``) ride
+    over reverse), z_{t+1,b} = μ_t db' (:func:`hgtoolkit.carried.buffer_tangent`), h_t with
+    ⟨∇_b E, z_b⟩ (a :class:`~hgtoolkit.drive.BufferShare`). Integer buffers (``num_batches_tracked``) ride
     along without a tangent. A model that draws random numbers (dropout) runs each step's
     forward pass per seed group (:meth:`_Stack.drawn`)."""
 
@@ -527,9 +528,7 @@ class _BufferedStack(_Stack):
     def update(self, S, oracle, t):
         S, aux = super().update(S, oracle, t)
         if self._dzb is not None:
-            mu = S.mu
-            self.ZB = [x * mu.to(x.dtype).view(-1, *[1] * (x.dim() - 1)) for x in self._dzb]
-            self._dzb = None
+            self.ZB, self._dzb = buffer_tangent(self._dzb, S.mu, rows=True), None
         return S, aux
 
     def record(self, t, S, aux, pending):

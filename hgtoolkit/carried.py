@@ -32,7 +32,7 @@ from ._tree import tree_dot, tree_leaves
 from .drive import BufferShare
 from .trajectory import BUFFERS, autograd_gradient, float_leaves, opt_part, scalar_loss, stateful_loss, with_buffers
 
-__all__ = ["CarriedBuffers", "advance_columns", "state_dot"]
+__all__ = ["CarriedBuffers", "buffer_tangent", "advance_columns", "state_dot"]
 
 
 class CarriedBuffers:
@@ -83,19 +83,29 @@ class CarriedBuffers:
         return self.val_gradient(w)
 
     def update(self, state, oracle, t):
-        """The engine's step, then z_{t+1,b} = μ_t db' (μ_t: the μ the step used)."""
+        """The engine's step, then z_{t+1,b} = μ_t db' (:func:`buffer_tangent`; μ_t: the μ the
+        step used)."""
         state, aux = super().update(state, oracle, t)
         if self._db is not None:
             db, self._db = self._db, None
-            if not self.engine.unit_mu:
-                db = [x * state.mu.to(x.dtype) for x in db]
-            self.tangent_b = db
+            self.tangent_b = buffer_tangent(db, None if self.engine.unit_mu else state.mu)
         return state, aux
 
     def record(self, t, state, aux, pending):
         """b_{t+1} becomes the run's b (after step t), then the run's own record."""
         self.buffers = self._next
         return super().record(t, state, aux, pending)
+
+
+def buffer_tangent(db: list, mu: Any, rows: bool = False) -> list:
+    r"""z_{t+1,b} = μ_t db' (module docstring): ``db`` the buffers' jvp db' (a list over their
+    floating-point leaves), ``mu`` the μ_t of the step (None: μ ≡ 1, db' itself); ``rows``: runs
+    along a leading axis, μ_t one per run (shape (R,)). Shared by the single run
+    (:class:`CarriedBuffers`) and the batched one (:mod:`hgtoolkit.batched`)."""
+    if mu is None:
+        return list(db)
+    plan = _fastpaths.Plan(rows=rows)
+    return [x * plan.per_row(mu.to(x.dtype), x) for x in db]
 
 
 def advance_columns(st: Step, dyn, lr: Any, t: int, columns: list, dlrs: list) -> tuple[dict | None, list]:
