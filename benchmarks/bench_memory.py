@@ -204,19 +204,28 @@ def rows_of(results: list[dict]) -> list[dict]:
 
 def kernels_only(problem, T: int):
     """Reversible mode's exact arithmetic without the model: T forward steps of
-    ``reversible.FixedPointState`` on the MLP's leaves (one fixed gradient), then T back."""
+    ``reversible.FixedPointState`` on the MLP's leaves (one fixed gradient), then T back with the
+    adjoint fused in, as the mode runs them (the C kernels; else the torch kernels' two halves)."""
     from hgtoolkit.reversible import FixedPointState
     gen = torch.Generator().manual_seed(0)
     w = list(problem.params0.values())
     g = [0.01 * torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in w]
+    lam = [0.01 * torch.randn(x.numel(), generator=gen, dtype=x.dtype) for x in w]
 
     def run():
         fx = FixedPointState(w, [50] * len(w), [44] * len(w), 9, 10)
         for t in range(T):
             fx.forward(g, LR, t)
-        for t in range(T):
-            fx.reverse_w(LR)
-            fx.reverse_b(g)
+        if fx.lib is None:
+            for t in range(T):
+                fx.reverse_w(LR)
+                fx.reverse_b(g)
+            return
+        lw, u = [x.clone() for x in lam], [torch.zeros_like(x) for x in lam]
+        fx.reverse_adjoint(LR, lw, [torch.zeros_like(x) for x in lam], u, 0.0, GAMMA)
+        for t in range(T - 1):
+            fx.reverse_adjoint(LR, lw, lam, u, 0.0, GAMMA, g=g)
+        fx.reverse_b(g, floats=False)
     return run
 
 

@@ -28,17 +28,18 @@ of γ b, and no product larger than b is formed); push z mod d. The buffer grows
 = log₂(1/γ) bits per weight per step — T·d·log₂(1/γ) bits in all (arithmetic coding, as the
 paper's buffer), plus ≤ 16 bits of granularity per weight.
 
-**The buffer** is a streaming (rANS-style) coder per weight: an int64 state x ∈ [L, 2¹⁶ L),
-L = 2¹⁶ d. A step first spills the low 16 bits of the states x ≥ 2¹⁶·n·2¹⁶ (leaving x ∈
-[L n/d, L)), then pops base n and pushes base d: x ← ⌊x/n⌋ d + (z mod d); both cases land in
+**The buffer** is a streaming (rANS-style) coder per weight: an int32 state x ∈ [L, 2¹⁶ L),
+L = 8 d (< 2³¹ for d ≤ 4096). A step first spills the low 16 bits of the states x ≥ 2¹⁶·n·8
+(leaving x ∈ [L n/d, L)), then pops base n and pushes base d: x ← ⌊x/n⌋ d + (z mod d); both cases land in
 [L, 2¹⁶ L) again, and the reverse step tells them apart by x < L after undoing the pop and
 push: so a step stores only the spilled 16-bit words (≈ 1 % of the weights per step at
 γ = 0.9), never a mask. At the end of the reverse pass every state is L again and b = 0
 (checked: the reversal was exact).
 
 **Tolerance against stored reverse of the float trajectory.** Both use the same adjoint
-(:meth:`~hgtoolkit.dynamics.Dynamics.cotangent`, one HVP per step); they differ only in the
-states at which it is evaluated. Per step the fixed-point state differs from the exact-
+(:meth:`~hgtoolkit.dynamics.Dynamics.cotangent`, one HVP per step; on the CPU its heavy-ball
+closed form runs fused into the reverse kernel, :meth:`FixedPointState.reverse_adjoint`,
+equal to it to rounding); they differ only in the states at which it is evaluated. Per step the fixed-point state differs from the exact-
 arithmetic step by at most 1.5 units of b (γ ⊙ and [g 2^R]) and half a unit of w, i.e.
 δ_b ≤ 1.5·2^{−R_b} = 1.5·2^{−54}·2^{⌈log₂ m_b⌉} ≈ 3·2^{−54} m_b, δ_w ≈ 2^{−55} m_w; the float
 trajectory rounds each of its ≈ 4 operations per entry by 2^{−53} of the entry. Both errors
@@ -76,7 +77,7 @@ from .trajectory import progress_bar
 __all__ = ["check_reversible", "ratio", "FixedPointState", "reversible_reverse", "estimate_bytes"]
 
 _WORD = 1 << 16  # the buffer spills 16-bit words
-_K = 1 << 16  # L = d·K
+_K = 8  # L = d·K: the coder states x ∈ [L, 2¹⁶ L) are int32 (< 2³¹ for d ≤ 4096)
 _HEADROOM = 7  # bits of growth allowed over the initial magnitudes
 _LIMIT = 1 << 61  # |integer| range checked after every step
 _MAX_DENOMINATOR = 4096
@@ -166,11 +167,12 @@ _CHUNK = 1 << 22  # words per chunk of the buffer (8 MB)
 
 class FixedPointState:
     r"""w and b of heavy-ball SGD as flat int64 leaves with their information buffer (per
-    weight a coder state, per step the spilled 16-bit words of all leaves): one exact step
-    forward (:meth:`forward`) and back (:meth:`reverse_w`, then :meth:`reverse_b` once g_t is
-    known). On the CPU the steps run as the C kernels of :mod:`hgtoolkit._fixedpoint` (one pass
-    over memory per leaf, in place), elsewhere — or without a C compiler, or with
-    ``native=False`` — as the torch kernels above; both give the same bits."""
+    weight an int32 coder state, per step the spilled 16-bit words of all leaves): one exact
+    step forward (:meth:`forward`) and back (:meth:`reverse_w`, then :meth:`reverse_b` once g_t
+    is known; with the C kernels, :meth:`reverse_adjoint` does step t+1's b half, step t's w half
+    and the adjoint in one pass). On the CPU the steps run as the C kernels of
+    :mod:`hgtoolkit._fixedpoint` (in place, blocked), elsewhere — or without a C compiler, or
+    with ``native=False`` — as the torch kernels above; both give the same bits."""
 
     def __init__(self, w_leaves: list, Rw: list, Rb: list, n: int, d: int, native: bool = True):
         self.n, self.d, self.Rw, self.Rb = n, d, Rw, Rb
@@ -178,7 +180,7 @@ class FixedPointState:
         self.dtypes = [x.dtype for x in w_leaves]
         self.w = [torch.round(x.detach().reshape(-1).to(_F64) * 2.0 ** R).to(_I64) for x, R in zip(w_leaves, Rw)]
         self.b = [torch.zeros_like(x) for x in self.w]
-        self.s = [torch.full(x.shape, float(d * _K), dtype=_F64, device=x.device) for x in self.w]
+        self.s = [torch.full(x.shape, d * _K, dtype=torch.int32, device=x.device) for x in self.w]
         self.words: list[tuple[int, int, int]] = []  # per step: (chunk, start, count)
         self.chunks: list[torch.Tensor] = []  # the words, in int16 chunks of 2²² (no per-step allocation)
         self.words_bytes = 0
@@ -188,13 +190,11 @@ class FixedPointState:
         self.lib = None
         if native and self.dev.type == "cpu" and all(dt in _native.SUFFIX for dt in self.dtypes):
             self.lib = _native.library()
-        if self.lib is not None:  # scratch of the C kernels: spilled words, their mask, one step's words
-            big = max(x.numel() for x in self.w)
-            self._word = torch.empty(big, dtype=torch.int16)
-            self._mask = torch.empty(big, dtype=torch.int8)
+        if self.lib is not None:  # scratch of the C kernels: one step's words, the peaks
             self._stage = torch.empty(sum(x.numel() for x in self.w), dtype=torch.int16)
             self._peak = torch.zeros(2 * len(self.w), dtype=_I64)
-            self._fn = [{k: getattr(self.lib, f"{k}_{_native.SUFFIX[dt]}") for k in ("fwd", "rev_w", "rev_b")}
+            self._used = torch.zeros(1, dtype=_I64)
+            self._fn = [{k: getattr(self.lib, f"{k}_{_native.SUFFIX[dt]}") for k in ("fwd", "rev_w", "rev_wa", "rev_b", "rev_bwa")}
                         for dt in self.dtypes]
 
     def _c(self, eta: float, i: int) -> torch.Tensor:
@@ -220,17 +220,16 @@ class FixedPointState:
                 at += self._fn[i]["fwd"](
                     gi.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), self.w[i].data_ptr(), gi.data_ptr(),
                     eta * 2.0 ** (self.Rw[i] - self.Rb[i]), 2.0 ** self.Rb[i], 2.0 ** -self.Rw[i], self.n, self.d,
-                    wf.data_ptr(), self._word.data_ptr(), self._mask.data_ptr(), self._stage[at:].data_ptr(),
-                    p + 16 * i)
+                    wf.data_ptr(), self._stage[at:].data_ptr(), p + 16 * i)
                 out.append(wf.reshape(self.shapes[i]))
             words, peak = self._stage[:at], int(self._peak.max())
         else:
             words, peaks = [], []
             for i, gi in enumerate(g):
                 s, full, word, b, w, wf, mb, mw = _forward_kernel(
-                    self.s[i], self.b[i], self.w[i], gi, self._c(eta, i), self.sg[i], self.sw[i], self.n, self.d,
+                    self.s[i].to(_F64), self.b[i], self.w[i], gi, self._c(eta, i), self.sg[i], self.sw[i], self.n, self.d,
                     self.dtypes[i])
-                self.s[i], self.b[i], self.w[i] = s, b, w
+                self.s[i], self.b[i], self.w[i] = s.to(torch.int32), b, w
                 words.append((word[full] - _WORD // 2).to(torch.int16))
                 peaks += [mb, mw]
                 out.append(wf.reshape(self.shapes[i]))
@@ -266,41 +265,83 @@ class FixedPointState:
             out.append(wf.reshape(self.shapes[i]))
         return out
 
-    def reverse_b(self, g: list) -> list:
-        """b_{t+1} → b_t given g_t (the gradient at w_t), refilling the spilled words; returns
-        b_t as float leaves."""
-        ci, start, count = self.words.pop()
-        step = self.chunks[ci][start:start + count]
-        self.words_bytes -= count * 2
-        at, out = 0, []
-        for i, gi in enumerate(self._flat_g(g)):
-            if self.lib is not None:
-                bf = torch.empty(gi.numel(), dtype=self.dtypes[i])
-                at += self._fn[i]["rev_b"](gi.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), gi.data_ptr(),
-                                           2.0 ** self.Rb[i], self.n, self.d, bf.data_ptr(),
-                                           step[at:].data_ptr(), count - at, self._mask.data_ptr())
+    def reverse_adjoint(self, eta: float, lw: list, hv: list, u: list, wd: float, gamma: float,
+                        g: list | None = None) -> tuple[list, float]:
+        r"""C kernels only: :meth:`reverse_w` fused with heavy-ball SGD's adjoint, and with ``g``
+        (the gradient g_{t+1} at w_{t+1}) first :meth:`reverse_b` of step t+1, in the same pass
+        over memory. On flat leaves of the float dtype, in place: λ_w ← λ_w + ``hv`` + wd·u
+        (``hv`` = H_{t+1} u: completes w̄_{t+1} = λ_w + H_{t+1} ḡ_{t+1} + wd ḡ_{t+1}), then
+        u ← γ·u − η_t λ_w (on entry u = ḡ_{t+1}, so γ·u = b̄_{t+1}; on exit u = ḡ_t = b̄_{t+1} −
+        η_t w̄_{t+1}, the cotangent of b_{t+1} through both of its uses and the vector of step
+        t's HVP). Returns (w_t as float leaves, η̄_t = −⟨w̄_{t+1}, b_{t+1}⟩, b_{t+1} read from the
+        exact integers). The reference is :meth:`hgtoolkit.dynamics.SGD.cotangent`, which the
+        torch kernels' path calls (tested equal to 1e-12)."""
+        out, dot = [], 0.0
+        if g is not None:
+            step, count, ci = self._pop_words()
+            at, used = 0, self._used
+        for i, x in enumerate(self.w):
+            wf = torch.empty(x.numel(), dtype=self.dtypes[i])
+            c, sw = eta * 2.0 ** (self.Rw[i] - self.Rb[i]), 2.0 ** -self.Rw[i]
+            adj = (wf.data_ptr(), lw[i].data_ptr(), hv[i].data_ptr(), u[i].data_ptr(), eta, wd, gamma)
+            if g is None:
+                dot += self._fn[i]["rev_wa"](x.numel(), x.data_ptr(), self.b[i].data_ptr(), c, sw, *adj) \
+                    * 2.0 ** -self.Rb[i]
             else:
-                self.b[i], s, short = _reverse_b_kernel(self.s[i], self.b[i], gi, self.sg[i], self.n, self.d)
-                m = int(short.sum())
-                s[short] = s[short] * _WORD + (step[at:at + m].to(_F64) + _WORD // 2)
-                at += m
-                self.s[i] = s
-                bf = (self.b[i].to(_F64) * (1 / self.sg[i])).to(self.dtypes[i])
-            out.append(bf.reshape(self.shapes[i]))
+                gi = g[i].detach().reshape(-1).to(self.dtypes[i]).contiguous()
+                dot += self._fn[i]["rev_bwa"](
+                    x.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), gi.data_ptr(), 2.0 ** self.Rb[i],
+                    self.n, self.d, step[at:].data_ptr(), count - at, used.data_ptr(), x.data_ptr(), c, sw,
+                    *adj) * 2.0 ** -self.Rb[i]
+                at += int(used[0])
+            out.append(wf.reshape(self.shapes[i]))
+        if g is not None:
+            self._words_done(at, count, ci)
+        return out, -dot
+
+    def _pop_words(self) -> tuple[torch.Tensor, int, int]:
+        """The last step's spilled words (its words, their count, its chunk), off the buffer."""
+        ci, start, count = self.words.pop()
+        self.words_bytes -= count * 2
+        return self.chunks[ci][start:start + count], count, ci
+
+    def _words_done(self, at: int, count: int, ci: int) -> None:
+        """After a reverse b half: every word of the step refilled; its chunk freed when empty."""
         if at != count:
             raise RuntimeError("mode='reversible': the information buffer is out of step (a bug)")
         if not self.words or self.words[-1][0] != ci:  # no earlier step's words are in this chunk
             self.chunks.pop()
-        return out
+
+    def reverse_b(self, g: list, floats: bool = True) -> list | None:
+        """b_{t+1} → b_t given g_t (the gradient at w_t), refilling the spilled words; returns
+        b_t as float leaves (``floats=False``: None)."""
+        step, count, ci = self._pop_words()
+        at, out = 0, []
+        for i, gi in enumerate(self._flat_g(g)):
+            if self.lib is not None:
+                bf = torch.empty(gi.numel(), dtype=self.dtypes[i]) if floats else None
+                at += self._fn[i]["rev_b"](gi.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), gi.data_ptr(),
+                                           2.0 ** self.Rb[i], self.n, self.d, None if bf is None else bf.data_ptr(),
+                                           step[at:].data_ptr(), count - at)
+            else:
+                self.b[i], s, short = _reverse_b_kernel(self.s[i].to(_F64), self.b[i], gi, self.sg[i], self.n, self.d)
+                m = int(short.sum())
+                s[short] = s[short] * _WORD + (step[at:at + m].to(_F64) + _WORD // 2)
+                at += m
+                self.s[i] = s.to(torch.int32)
+                bf = (self.b[i].to(_F64) * (1 / self.sg[i])).to(self.dtypes[i]) if floats else None
+            out.append(None if bf is None else bf.reshape(self.shapes[i]))
+        self._words_done(at, count, ci)
+        return out if floats else None
 
     @property
     def nbytes(self) -> int:
         """Bytes of the buffer: its word chunks and the coder states."""
-        return sum(c.numel() * 2 for c in self.chunks) + sum(x.numel() * 8 for x in self.s)
+        return sum(c.numel() * 2 for c in self.chunks) + sum(x.numel() * x.element_size() for x in self.s)
 
     def back_at_start(self) -> bool:
         """True when every coder state is at its start and b = 0 (after the reverse pass)."""
-        L = float(self.d * _K)
+        L = self.d * _K
         return (not self.words and all(bool((s == L).all()) for s in self.s)
                 and not any(bool(x.any()) for x in self.b))
 
@@ -316,13 +357,13 @@ def _bits(values: list[torch.Tensor], limit: int, floor: float = 1e-30) -> list[
 
 
 def estimate_bytes(T: int, numel: int, gamma: float, fp: "_ckpt.Footprint") -> int:
-    """Bytes of reversible mode: integers of w, b and the coder states (24 per weight), the C
-    kernels' scratch (≤ 5 per weight: one step's words, and a leaf's words and mask), the
-    buffer's T·d·log₂(d/n)/8 bytes (+ 1/16 for the word granularity, + one 8 MB chunk), one step's graph and the
-    reverse pass's work space."""
+    """Bytes of reversible mode: integers of w and b (16 per weight) and the int32 coder
+    states (4), the C kernels' scratch (≤ 2 per weight: one step's words), the buffer's
+    T·d·log₂(d/n)/8 bytes (+ 1/16 for the word granularity, + one 8 MB chunk), one step's graph
+    and the reverse pass's work space (λ and the adjoint's vectors: ``fp.work``)."""
     n, d = ratio(gamma)
     buffer = T * numel * math.log2(d / n) / 8 * (1 + 1 / 16) + 2 * _CHUNK
-    return int(29 * numel + buffer + fp.step + fp.work)
+    return int(22 * numel + buffer + fp.step + fp.work)
 
 
 def reversible_reverse(problem, dyn, lrs, memory, progress):
@@ -383,15 +424,30 @@ def reversible_reverse(problem, dyn, lrs, memory, progress):
     check_finite(value, T - 1, final["w"], VALIDATION_LOSS)
     buffer_bytes = fx.nbytes
     grads = torch.empty(T, dtype=lrs.dtype, device=device)
-    for t in progress_bar(range(T - 1, -1, -1), progress, desc="reversible backward", leave=False):
-        wf = fx.reverse_w(eta[t])
-        st, g = grad_of(wf, t, graph=True)
-        bf = fx.reverse_b(g)
-        st.state = {"w": tree_unflatten(wf, spec), "b": tree_unflatten(bf, spec)}
-        sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
-        lam = _add_w(sbar, st.hvp(gbar))
-        grads[t] = lbar
-        sampler.sample()
+    steps = progress_bar(range(T - 1, -1, -1), progress, desc="reversible backward", leave=False)
+    if fx.lib is not None:  # the C kernels with the adjoint fused in (FixedPointState.reverse_adjoint)
+        lw = [x.detach().reshape(-1).to(dt).clone() for x, dt in zip(tree_flatten(lam["w"])[0], fx.dtypes)]
+        u = [torch.zeros_like(x) for x in lw]
+        wf, lbar = fx.reverse_adjoint(eta[T - 1], lw, [torch.zeros_like(x) for x in lw], u, wd, gamma)  # no H u yet
+        for t in steps:
+            st, g = grad_of(wf, t, graph=True)
+            hv = tree_flatten(st.hvp(tree_unflatten([x.view(sh) for x, sh in zip(u, fx.shapes)], spec)))[0]
+            grads[t] = lbar
+            if t:
+                wf, lbar = fx.reverse_adjoint(eta[t - 1], lw, [x.reshape(-1) for x in hv], u, wd, gamma, g=g)
+            else:
+                fx.reverse_b(g, floats=False)
+            sampler.sample()
+    else:
+        for t in steps:
+            wf = fx.reverse_w(eta[t])
+            st, g = grad_of(wf, t, graph=True)
+            bf = fx.reverse_b(g)
+            st.state = {"w": tree_unflatten(wf, spec), "b": tree_unflatten(bf, spec)}
+            sbar, gbar, lbar = dyn.cotangent(st.state, st.grad, lrs[t], t, lam)
+            lam = _add_w(sbar, st.hvp(gbar))
+            grads[t] = lbar
+            sampler.sample()
     if not fx.back_at_start():
         raise RuntimeError("mode='reversible': the reverse pass did not return to the start exactly (a bug)")
     if not bool(torch.isfinite(grads).all()):

@@ -77,26 +77,61 @@ def test_the_buffer_inverts_the_steps_and_stores_log2_1_over_gamma_bits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_native_kernels_give_the_torch_kernels_bits(dtype):
     """The C kernels (hgtoolkit._fixedpoint) and the torch kernels: the same integers, coder
-    states, words and floats, forward and back."""
+    states, words and floats, forward and back; the fused reverse step (reverse_adjoint with g)
+    walks back through the same integers and w floats."""
     from hgtoolkit import _fixedpoint
     if _fixedpoint.library() is None:
         pytest.skip("no C compiler: only the torch kernels run here")
     gen = torch.Generator().manual_seed(2)
     w = [torch.randn(5000, generator=gen, dtype=dtype), torch.randn(7, 3, generator=gen, dtype=dtype)]
     g = [[torch.randn(x.shape, generator=gen, dtype=dtype) for x in w] for _ in range(40)]
-    runs = []
-    for native in (True, False):
-        fx = FixedPointState(w, [50, 52], [44, 45], 9, 10, native=native)
-        assert (fx.lib is not None) == native
-        ws = [fx.forward(g[t], 0.05 + 0.001 * t, t) for t in range(40)]
+    lr = [0.05 + 0.001 * t for t in range(40)]
+    runs, walks = [], []
+    for native in (True, False, "fused"):
+        fx = FixedPointState(w, [50, 52], [44, 45], 9, 10, native=bool(native))
+        assert (fx.lib is not None) == bool(native)
+        ws = [fx.forward(g[t], lr[t], t) for t in range(40)]
         mid = [x.clone() for x in fx.w + fx.b + fx.s] + [fx.chunks[0][:fx.words_bytes // 2].clone()]
-        back = []
-        for t in reversed(range(40)):
-            back += fx.reverse_w(0.05 + 0.001 * t)
-            back += fx.reverse_b(g[t])
+        back, walk = [], []
+        if native == "fused":
+            lw = [torch.randn(x.numel(), generator=gen, dtype=dtype) for x in w]
+            u = [torch.zeros_like(x) for x in lw]
+            wf, _ = fx.reverse_adjoint(lr[39], lw, [torch.zeros_like(x) for x in lw], u, 0.0, 0.9)
+            for t in reversed(range(40)):
+                walk += wf + [x.clone() for x in fx.w + fx.b + fx.s]
+                if t:
+                    wf, _ = fx.reverse_adjoint(lr[t - 1], lw, lw, u, 0.0, 0.9, g=g[t])
+                else:
+                    fx.reverse_b(g[0], floats=False)
+        else:
+            for t in reversed(range(40)):
+                back += fx.reverse_w(lr[t])
+                walk += back[-2:] + [x.clone() for x in fx.w + fx.b + fx.s]
+                back += fx.reverse_b(g[t])
         assert fx.back_at_start()
-        runs.append([x for step in ws for x in step] + mid + back)
+        if native != "fused":
+            runs.append([x for step in ws for x in step] + mid + back)
+        walks.append(walk)
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert len(walks[0]) == len(walks[2]) and all(torch.equal(a, b) for a, b in zip(walks[0], walks[2]))
+
+
+@pytest.mark.parametrize("dtype, wd, tol", [(torch.float64, 0.0, 1e-13), (torch.float64, 1e-3, 1e-13),
+                                            (torch.float32, 0.0, 1e-5)])
+def test_fused_adjoint_equals_the_reference(monkeypatch, dtype, wd, tol):
+    """The C kernels' fused heavy-ball adjoint (FixedPointState.reverse_adjoint) against the
+    reference, SGD.cotangent on the torch kernels' states: one hypergradient to rounding."""
+    from hgtoolkit import _fixedpoint
+    if _fixedpoint.library() is None:
+        pytest.skip("no C compiler: only the reference path runs here")
+    problem = problems.synthetic_classification(dtype=dtype)
+    lrs = _schedule(40, 0.05, dtype=dtype)
+    opt = dynamics.momentum(0.9, weight_decay=wd)
+    fused = hypergradient(problem, lrs, opt, mode="reversible")
+    monkeypatch.setattr(_fixedpoint, "library", lambda: None)
+    ref = hypergradient(problem, lrs, opt, mode="reversible")
+    assert _rel(fused.grad, ref.grad) <= tol
+    assert 0 < _rel(fused.grad, ref.grad) or dtype == torch.float64  # two computations, not one twice
 
 
 def test_float32_reversible_is_close_to_stored():
