@@ -88,7 +88,8 @@ def _cell_kwargs(cell: Any, i: int) -> tuple[dict, Any]:
                         f"mapping), got {type(cell).__name__}")
     mu_rule = params.get("mu_rule")
     kw = {"seed": 0, **{k: v for k, v in params.items() if k != "mu_rule"}}
-    return {**settings.bind(OnlineSettings, kw, f"cells[{i}]: online.run"), "mu_rule": mu_rule}, own
+    bound = settings.bind(OnlineSettings, kw, f"cells[{i}]: online.run")
+    return settings.Bound({**bound, "mu_rule": mu_rule}, bound.given), own
 
 
 @dataclass
@@ -107,6 +108,12 @@ class _Run:
     final_params: Any = None
 
 
+def _single(run: _Run, keep_params: bool) -> _online.OnlineResult:
+    """``online.run`` of one cell alone: the settings the cell gave (as it gave them) and its μ rule."""
+    return _online.run(run.base, **settings.given_only(run.kwargs), mu_rule=run.kwargs["mu_rule"],
+                       keep_params=keep_params)
+
+
 def _setup(problem_factory: Callable | None, kw: dict, own=None):
     if own is not None:
         base = own
@@ -114,7 +121,8 @@ def _setup(problem_factory: Callable | None, kw: dict, own=None):
         raise TypeError("problem_factory is None, so every cell must name its problem (\"problem\": a Problem)")
     else:
         base = problem_factory(0 if kw["seed"] is None else kw["seed"])
-    return (base, *_online.setup(base, {k: v for k, v in kw.items() if k != "mu_rule"}, kw["mu_rule"]))
+    given = settings.Bound({k: v for k, v in kw.items() if k != "mu_rule"}, settings.passed(kw))
+    return (base, *_online.setup(base, given, kw["mu_rule"]))
 
 
 def _group_key(problem, cfg, dyn, T, eval_every, val_bs) -> str:
@@ -209,7 +217,7 @@ def run_online_batch(problem_factory: Callable[[int], Any], cells: Sequence[Any]
     if not batch:
         for members in groups.values():
             for run, *_ in members:
-                results[run.index] = _online.run(run.base, **run.kwargs, keep_params=keep_params)
+                results[run.index] = _single(run, keep_params)
         return results
     for members in groups.values():
         size = max_batch or default_max_batch(members[0][0].problem)
@@ -650,7 +658,7 @@ def _one_by_one(given: list, keep_params: bool) -> list:
                       "the single run's, e.g. a fused CUDA kernel, or the problems differ beyond their "
                       "minibatches): its cells run one by one with online.run (docs/models.md)",
                       RuntimeWarning, stacklevel=4)
-    return [_online.run(r.base, **r.kwargs, keep_params=keep_params) for r in given]
+    return [_single(r, keep_params) for r in given]
 
 
 def _results(given: list, stack: "_Stack", S, T: int, eval_every: int, progress: bool, P, R: int) -> list:

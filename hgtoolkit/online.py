@@ -171,13 +171,14 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
     rule, a negative β/κ/η_0, μ outside [0, 1], …); here the rules between them: η_floor ≤ η_0 <
     η_max, a μ or ``mu_rule`` that contradicts the method, a ``mu_rule`` that is not a tensor
     function, β required (or ``"auto"`` only) by the method, a setting the method or β mode does
-    not use (``kappa`` with ``method="hd"`` or a numeric ``hypergrad_lr``:
-    :func:`hgtoolkit.settings.check_used`; left at its default it is silent). The ones that are not
+    not use (``kappa`` with ``method="hd"`` or a numeric ``hypergrad_lr``, even at its default:
+    :func:`hgtoolkit.settings.check_used`; not passed it is silent). The ones that are not
     hyper-settings (``steps``, ``seed``, …) are checked and otherwise ignored.
     """
     c = _settings.bind(OnlineSettings, _plain({"method": method, **settings}), "hyper_config", required=False)
     if "lr" not in c:
         raise TypeError("hyper_config() missing required keyword argument 'lr'")
+    given = _settings.passed(c)
     c = _settings.check(OnlineSettings, c)  # each setting by its declaration; the rules between them here
     method, lr, beta, mu, kappa, beta0 = c["method"], c["lr"], c["hypergrad_lr"], c["mu"], c["kappa"], c["hypergrad_lr_init"]
     beta_rule, objective, lr_floor, lr_max = c["hypergrad_lr_rule"], c["objective"], c["lr_floor"], c["lr_max"]
@@ -219,8 +220,9 @@ def hyper_config(method: str = "marthe", *, mu_rule: Callable | None = None, **s
     if adaptive and method != "marthe":
         raise ValueError(f"hypergrad_lr='auto' is MARTHE's adaptive rule; method={method!r} needs a number")
     beta_value = beta0 if adaptive else beta
-    # a setting the method (or β mode) does not use, set away from its default (μ: checked above)
-    _settings.check_used(OnlineSettings, {**c, "hypergrad_lr": beta, "mu": None if fixed_mu is not None else mu})
+    # a setting the method (or β mode) does not use, passed (at its default or not; μ: checked above)
+    _settings.check_used(OnlineSettings, {**c, "hypergrad_lr": beta},
+                         given - {"mu"} if fixed_mu is not None else given)
 
     desc = {"method": method, "lr": lr, "objective": objective, "lr_floor": lr_floor,
             "lr_max": lr_max if math.isfinite(lr_max) else None,
@@ -491,7 +493,7 @@ def setup(problem, settings: dict, mu_rule: Callable | None = None):
     :mod:`hgtoolkit.batched`. ``settings``: :func:`run`'s settings (those of
     :class:`~hgtoolkit.settings.OnlineSettings`, bound by :func:`hgtoolkit.settings.bind`)."""
     check_problem(problem)
-    cfg = hyper_config(mu_rule=mu_rule, **settings)
+    cfg = hyper_config(mu_rule=mu_rule, **_settings.given_only(settings))  # what was passed, as passed
     settings = _settings.check(OnlineSettings, _plain(settings))
     dyn = _dynamics.get(settings["optimizer"])
     T = settings["steps"]

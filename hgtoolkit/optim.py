@@ -101,6 +101,9 @@ from . import settings as _settings
 
 __all__ = ["SGDHD", "AdamHD", "MARTHE", "OnlineOptimizer", "DropIn"]
 
+#: the param-group key listing the online settings the group was given (OnlineOptimizer.add_param_group)
+_GIVEN = "given_settings"
+
 # per-group online state kept in the param group (plain numbers: state_dict-safe)
 _GROUP_STATE = {"hypergrad_lr_t": None, "mu_t": None, "mu_counter": 0.0, "hypergrad": 0.0,
                 "ref_loss": math.nan, "hypergrad_lr_capped": 0, "prev_lr": None, "prev_base": None}
@@ -312,13 +315,21 @@ class OnlineOptimizer(DropIn):
         """:func:`online.hyper_config` of the group's options that are online settings (``lr``:
         η_0 of the hyper-update; ``optimizer``: the dynamics, built by :meth:`_dynamics`)."""
         schema = _settings.specs(_settings.OnlineSettings)
-        given = {k: group[k] for k in self.defaults if k in schema and k not in ("lr", "optimizer")}
+        named = group.get(_GIVEN) or ()  # none: a state dict saved before groups kept it
+
+        def passed(k):  # a setting with conditions goes when given, or set off its default since
+            return not schema[k][1].conditions() or k in named or group[k] != schema[k][0]
+        given = {k: group[k] for k in self.defaults if k in schema and k not in ("lr", "optimizer") and passed(k)}
         return online.hyper_config(lr=group["initial_lr_for_hyper"], objective=self.objective,
                                    mu_rule=self.mu_rule, **{**given, **self._hyper_kwargs(group)})
 
     def add_param_group(self, param_group: dict) -> None:
+        explicit = {_errors.OLD_NAMES.get(k, k) for k in param_group if k != "params"}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        # the online settings this group was given (the constructor's, its own), state_dict-safe:
+        # a conditional one passed at its default still counts (settings.check_used)
+        group.setdefault(_GIVEN, sorted(set(getattr(self, "_given_options", ())) | explicit))
         group.setdefault("initial_lr_for_hyper", group["lr"])
         self._dynamics(group)  # validates the dynamics' options
         cfg = self._config(group)
@@ -735,6 +746,7 @@ class MARTHE(OnlineOptimizer):
                  raise_on_divergence: bool = False, module: torch.nn.Module | None = None,
                  **options: Any):
         options = _settings.bind(_settings.OnlineSettings, options, "MARTHE", only=_settings.dropin_option)
+        self._given_options = options.given
         dyn = _dynamics.get(optimizer)
         defaults = dict(lr=lr, **options, optimizer=dyn.config())
         super().__init__(params, defaults, objective=objective, mu_rule=mu_rule,

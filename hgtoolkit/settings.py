@@ -37,7 +37,8 @@ from .errors import OLD_NAMES, check_renamed
 
 __all__ = ["Spec", "SettingTypeError", "setting", "check", "RunSettings", "OnlineSettings", "LrsoptSettings", "TrainSettings",
            "HypergradSettings", "ExactSettings", "TowerSettings", "specs", "validators", "add_arguments", "defaults", "required", "bind",
-           "signature", "takes", "unused", "check_used", "add_renamed_flag", "dropin_option"]
+           "signature", "takes", "unused", "check_used", "add_renamed_flag", "dropin_option", "Bound", "passed",
+           "given_only", "given_flags", "GIVEN_FLAGS"]
 
 _KINDS = ("number", "int", "choice", "optimizer", "flag", "mapping", "bytes", "text")
 
@@ -202,8 +203,30 @@ def defaults(schema: type) -> dict[str, Any]:
     return {k: d for k, (d, _) in specs(schema).items() if d is not MISSING}
 
 
+class Bound(dict):
+    """The settings :func:`bind` gives (every setting, defaults filled in) that remember the
+    names the caller passed: ``given`` (a frozenset; the new names of forwarded old ones).
+    ``Bound(items, given)`` for a changed copy that keeps them."""
+
+    def __init__(self, items: Any = (), given: Any = ()):
+        super().__init__(items)
+        self.given = frozenset(given)
+
+
+def passed(values: dict) -> frozenset:
+    """The names of ``values`` that the caller passed: a :class:`Bound`'s ``given``, every key of
+    a plain dict (what a caller writes in a call is what it passed)."""
+    return values.given if isinstance(values, Bound) else frozenset(values)
+
+
+def given_only(values: dict) -> dict:
+    """The settings of ``values`` that the caller passed (:func:`passed`), to pass on."""
+    names = passed(values)
+    return {k: v for k, v in values.items() if k in names}
+
+
 def bind(schema: type, given: dict, owner: str, *, required: bool = True,
-         only: Callable[[Spec], bool] | None = None) -> dict:
+         only: Callable[[Spec], bool] | None = None) -> Bound:
     """Keyword settings ``given`` to ``owner`` (a function's name, for the messages) completed
     with ``schema``'s defaults: every setting of the schema, in declaration order.
     An old name of a setting raises ``TypeError`` naming the new one, or (a deprecated one,
@@ -211,7 +234,7 @@ def bind(schema: type, given: dict, owner: str, *, required: bool = True,
     ``TypeError`` for a name the schema does not declare (listing those it does) and, with
     ``required``, for a required setting that is missing (as Python says it for a signature).
     Values are not checked here (:func:`check`). ``only``: the settings of ``schema`` ``owner``
-    takes (:func:`specs`)."""
+    takes (:func:`specs`). The result is a :class:`Bound`: its ``given`` names what was passed."""
     table = specs(schema, only)
     given = check_renamed(owner, given, takes=table, stacklevel=4)
     unknown = [k for k in given if k not in table]
@@ -221,7 +244,8 @@ def bind(schema: type, given: dict, owner: str, *, required: bool = True,
     missing = [k for k, (d, _) in table.items() if d is MISSING and k not in given]
     if required and missing:
         raise TypeError(f"{owner}() missing required keyword argument {missing[0]!r}")
-    return {k: given[k] if k in given else d for k, (d, _) in table.items() if k in given or d is not MISSING}
+    return Bound({k: given[k] if k in given else d for k, (d, _) in table.items() if k in given or d is not MISSING},
+                 given)
 
 
 def check(schema: type, values: dict) -> dict:
@@ -244,33 +268,34 @@ def check(schema: type, values: dict) -> dict:
     return out
 
 
-def unused(schema: type, values: dict) -> list[str]:
-    """The settings of ``values`` (checked ones, e.g. :func:`check`'s, with the function's own
-    resolution of defaults such as MARTHE's β = ``"auto"`` applied) that are set away from their
-    default while a condition of their :meth:`Spec.conditions` fails: the run would silently
-    ignore them. A setting left at its default, given or not, is never unused: a caller may pass
-    every setting (:meth:`RunSettings.kwargs`, a drop-in optimizer's param groups) whatever the
-    method."""
-    table = specs(schema)
-    return [k for k, v in values.items() if k in table and table[k][1].conditions() and v != table[k][0]
+def unused(schema: type, values: dict, given: Any = None) -> list[str]:
+    """The settings the caller passed (``given``: their names; None: :func:`passed`, every key of
+    a plain dict) whose :meth:`Spec.conditions` fail in ``values`` (checked ones, e.g.
+    :func:`check`'s, with the function's own resolution of defaults such as MARTHE's β =
+    ``"auto"`` applied): the run would silently ignore them. What was passed counts, not how it
+    compares with the default: ``kappa=1e-6`` (its default) with ``method="hd"`` is unused; a
+    setting not passed never is (a caller passing settings on passes only those it was given:
+    :meth:`RunSettings.kwargs`, the drop-in's param groups, the command line's given flags)."""
+    table, given = specs(schema), passed(values) if given is None else frozenset(given)
+    return [k for k in values if k in given and k in table and table[k][1].conditions()
             and not all(values.get(c) in allowed for c, allowed in table[k][1].conditions())]
 
 
-def check_used(schema: type, values: dict) -> None:
-    """``ValueError`` naming the first setting of :func:`unused` and what it applies to, as
-    ``"kappa=0.001 applies to method='marthe' with hypergrad_lr='auto'; method='hd' does not use
-    it (leave it at its default 1e-06)"``."""
-    names = unused(schema, values)
+def check_used(schema: type, values: dict, given: Any = None) -> None:
+    """``ValueError`` naming the first setting of :func:`unused` (``given`` as there) and what it
+    applies to, as ``"kappa=0.001 applies to method='marthe' with hypergrad_lr='auto';
+    method='hd' does not use it (leave it out)"``."""
+    names = unused(schema, values, given)
     if not names:
         return
     name = names[0]
-    default, spec = specs(schema)[name]
+    spec = specs(schema)[name][1]
     def say(c, allowed):
         return f"{c}={allowed[0]!r}" if len(allowed) == 1 else f"{c} in {list(allowed)}"
     applies = " with ".join(say(c, allowed) for c, allowed in spec.conditions())
     c = next(c for c, allowed in spec.conditions() if values.get(c) not in allowed)
     raise ValueError(f"{name}={values[name]!r} applies to {applies}; {c}={values.get(c)!r} does not use it "
-                     f"(leave it at its default {default!r})")
+                     "(leave it out)")
 
 
 def signature(fn: Callable, schema: type, only: Callable[[Spec], bool] | None = None) -> inspect.Signature:
@@ -325,9 +350,9 @@ def add_arguments(parser: Any, schema: type, names: Sequence[str] | None = None,
         help_text = spec.help + ("" if default is None else f" (default {default})")  # None: said in help
         kw: dict[str, Any] = {"default": default, "help": help_text.replace("%", "%%")}
         if spec.kind == "flag":
-            kw["action"] = argparse.BooleanOptionalAction
+            kw["action"] = _GivenFlag
         else:
-            kw["type"] = spec.parse
+            kw["type"], kw["action"] = spec.parse, _Given
             if spec.kind in ("choice", "optimizer"):
                 kw["choices"], kw["type"] = spec.options(), str
         kw.update(overrides.get(name, {}))
@@ -336,6 +361,41 @@ def add_arguments(parser: Any, schema: type, names: Sequence[str] | None = None,
     for old, new in OLD_NAMES.items():
         if new in added and old not in table:  # the old flag says the new one (no silent alias)
             add_renamed_flag(parser, "--" + old.replace("_", "-"), "--" + new.replace("_", "-"))
+
+
+#: The parsed namespace's attribute listing the settings whose flags were given (:func:`given_flags`).
+GIVEN_FLAGS = "given_settings"
+
+
+def given_flags(args: Any) -> frozenset:
+    """The settings whose flags :func:`add_arguments` added and the command line gave (at their
+    default or not): what :func:`check_used` counts for a command."""
+    return frozenset(getattr(args, GIVEN_FLAGS, ()))
+
+
+def _note_given(namespace: Any, dest: str) -> None:
+    seen = getattr(namespace, GIVEN_FLAGS, None)
+    if seen is None:
+        seen = []
+        setattr(namespace, GIVEN_FLAGS, seen)
+    if dest not in seen:
+        seen.append(dest)
+
+
+class _Given(argparse.Action):
+    """A setting's flag: stores its value and notes that it was given (:func:`given_flags`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _note_given(namespace, self.dest)
+
+
+class _GivenFlag(argparse.BooleanOptionalAction):
+    """A boolean setting's ``--x``/``--no-x``, noted as given (:func:`given_flags`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        _note_given(namespace, self.dest)
 
 
 def add_renamed_flag(parser: Any, old: str, new: str) -> None:
@@ -357,7 +417,13 @@ class _RenamedFlag(argparse.Action):
 
 @dataclass(frozen=True, kw_only=True)
 class RunSettings:
-    """Base of the schemas: every field is checked against its :class:`Spec` on construction."""
+    """Base of the schemas: every field is checked against its :class:`Spec` on construction;
+    the names passed to the constructor are remembered (:meth:`kwargs`)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        self = super().__new__(cls)
+        object.__setattr__(self, "_given", frozenset(kwargs))
+        return self
 
     def __post_init__(self) -> None:
         for name, (_, spec) in specs(type(self)).items():
@@ -367,7 +433,15 @@ class RunSettings:
                 raise type(exc)(f"{name} {exc}") from None
 
     def kwargs(self) -> dict:
-        """The settings as keyword arguments of the function they describe."""
+        """The settings passed to the constructor (normalised) as keyword arguments of the
+        function they describe: what was passed is passed on, the rest keeps the function's
+        defaults, which are the schema's (so a setting the run would not use raises there as
+        it would have, :func:`check_used`). :meth:`all_settings`: every one."""
+        given = getattr(self, "_given", None)
+        return {k: v for k, v in asdict(self).items() if given is None or k in given}
+
+    def all_settings(self) -> dict:
+        """Every setting, defaults included."""
         return asdict(self)
 
 

@@ -521,9 +521,16 @@ api("find-hypergrad-lr-factor", "online.find_hypergrad_lr", "factor ≤ 1",
 api("online-hd-kappa", R, "kappa (MARTHE's adaptive β) given with method='hd'",
     run(method="hd", kappa=1e-3), ValueError,
     r"kappa=0\.001 applies to method='marthe' with hypergrad_lr='auto'; method='hd' does not use it")
+api("online-hd-kappa-default", R, "kappa passed at its default with method='hd' (what is passed counts)",
+    run(method="hd", kappa=1e-6), ValueError,
+    r"kappa=1e-06 applies to method='marthe' with hypergrad_lr='auto'; method='hd' does not use it")
+api("hyper-config-fixed-beta-bound-default", "online.hyper_config",
+    "hypergrad_lr_bound passed at its default with a numeric hypergrad_lr",
+    lambda tmp: online.hyper_config("marthe", lr=1e-3, hypergrad_lr=1e-7, hypergrad_lr_bound=1.0), ValueError,
+    r"hypergrad_lr_bound=1\.0 applies to method='marthe' with hypergrad_lr='auto'; hypergrad_lr=1e-07 does not")
 api("online-fixed-beta-init", R, "hypergrad_lr_init given with a numeric hypergrad_lr (fixed β)",
     run(hypergrad_lr_init=1e-3), ValueError,
-    r"hypergrad_lr_init=0\.001 applies to .*; hypergrad_lr=1e-07 does not use it \(leave it at its default 0\.0\)")
+    r"hypergrad_lr_init=0\.001 applies to .*; hypergrad_lr=1e-07 does not use it \(leave it out\)")
 api("hyper-config-rtho-rule", "online.hyper_config", "hypergrad_lr_rule given with method='rtho'",
     lambda tmp: online.hyper_config("rtho", lr=1e-3, hypergrad_lr=1e-7, hypergrad_lr_rule="h_eta"), ValueError,
     r"hypergrad_lr_rule='h_eta' applies to method='marthe' with hypergrad_lr='auto'; method='rtho' does not")
@@ -544,6 +551,11 @@ api("batch-unused-setting", "batched.run_online_batch", "a cell with a setting i
     lambda tmp: batched.run_online_batch(lambda s: BEALE, [dict(method="hd", lr=1e-3, hypergrad_lr=1e-7, steps=3,
                                                                 hypergrad_lr_bound=None)]),
     ValueError, r"cells\[0\]: hypergrad_lr_bound=None applies to .*; method='hd' does not use it")
+
+api("batch-unused-setting-default", "batched.run_online_batch", "a cell passing a MARTHE setting at its default, method hd",
+    lambda tmp: batched.run_online_batch(lambda s: BEALE, [dict(method="hd", lr=1e-3, hypergrad_lr=1e-7, steps=3,
+                                                                kappa=1e-6)]),
+    ValueError, r"cells\[0\]: kappa=1e-06 applies to .*; method='hd' does not use it")
 
 # ---- towers
 TP, TRUN = "towers.parse", "towers.run"
@@ -640,6 +652,12 @@ api("marthe-kappa", M, "negative kappa", lambda tmp: optim.MARTHE(tensors(), kap
 api("marthe-fixed-beta-kappa", M, "kappa with a numeric hypergrad_lr (fixed β)",
     lambda tmp: optim.MARTHE(tensors(), hypergrad_lr=1e-3, kappa=1e-3), ValueError,
     r"kappa=0\.001 applies to .*; hypergrad_lr=0\.001 does not use it")
+api("marthe-fixed-beta-kappa-default", M, "kappa at its default with a numeric hypergrad_lr",
+    lambda tmp: optim.MARTHE(tensors(), hypergrad_lr=1e-3, kappa=1e-6), ValueError,
+    r"kappa=1e-06 applies to .*; hypergrad_lr=0\.001 does not use it")
+api("marthe-group-kappa-default", M, "a param group's own kappa (its default) with method='hd'",
+    lambda tmp: optim.MARTHE([{"params": tensors(), "kappa": 1e-6}], method="hd", hypergrad_lr=1e-3), ValueError,
+    r"kappa=1e-06 applies to .*; method='hd' does not use it")
 api("marthe-objective", M, "unknown objective", lambda tmp: optim.MARTHE(tensors(), objective="test"), ValueError,
     r"unknown objective 'test'; choose one of \('val', 'train'\)")
 api("marthe-optimizer", M, "unknown inner optimizer", lambda tmp: optim.MARTHE(tensors(), optimizer="lion"), ValueError,
@@ -933,6 +951,10 @@ api("grid-unused-setting", SG, "an axis crossing method with a setting one metho
     lambda tmp: grid(kind="online", fixed={"lr": 1e-3, "steps": 2, "hypergrad_lr": 1e-7},
                      axes={"method": ["hd", "marthe"], "kappa": [1e-3]}), ValueError,
     r"grid 'g': cell \{'method': 'hd', 'kappa': 0\.001\}: kappa=0\.001 applies to .*; method='hd' does not")
+api("grid-unused-setting-default", SG, "a fixed MARTHE setting at its default with method hd",
+    lambda tmp: grid(kind="online", fixed={"lr": 1e-3, "steps": 2, "hypergrad_lr": 1e-7, "hypergrad_lr_rule": "hh"},
+                     axes={"method": ["hd"]}), ValueError,
+    r"grid 'g': cell \{'method': 'hd'\}: hypergrad_lr_rule='hh' applies to .*; method='hd' does not")
 api("grid-yaml", SL, "malformed YAML",
     lambda tmp: sweep.load_grids(write(tmp / "g.yaml", b"name: [x\nproblem: {")), ValueError,
     r"g\.yaml: not valid YAML")
@@ -983,6 +1005,9 @@ cli("cli-rtho-kappa", "online", "--kappa with --method rtho", ["online", "--meth
 cli("cli-fixed-beta-kappa", "online", "--kappa with a numeric --hypergrad-lr (fixed β)",
     ["online", "--method", "marthe", "--hypergrad-lr", "1e-7", "--kappa", "1e-3"],
     r"--kappa is a setting of MARTHE's adaptive β \(--hypergrad-lr auto\); --hypergrad-lr 1e-07 is a constant β")
+cli("cli-hd-kappa-default", "online", "--kappa given at its default with --method hd",
+    ["online", "--method", "hd", "--hypergrad-lr", "1e-7", "--kappa", "1e-6"],
+    r"--kappa is a MARTHE setting; --method hd fixes μ = 0 and uses a constant")
 cli("cli-hypergrad-lr-negative", "online", "negative --hypergrad-lr", ["online", "--hypergrad-lr", "-1"],
     r"argument --hypergrad-lr: expected a number ≥ 0 or 'auto' or 'none', got '-1'")
 cli("cli-mu-range", "online", "--mu above 1", ["online", "--mu", "1.5"],
@@ -1110,6 +1135,9 @@ cli("cli-sgd-outer-lr", "lrsopt", "--outer-optimizer sgd without --outer-lr", ["
 cli("cli-val-batch-size", "online", "--val-batch-size on a problem without batches",
     ["online", "--val-batch-size", "4"],
     r"val_batch_size needs a problem with val_batch\(t, size\) and batch_loss")
+cli("cli-analyse-kappa-unused", "analyse", "--kappa when no run uses it (hd, rtho)",
+    ["analyse", "--method", "hd", "rtho", "--kappa", "1e-6"],
+    r"--kappa is a setting of MARTHE's adaptive β \(--hypergrad-lr auto\); none of the runs")
 cli("cli-analyse-method", "analyse", "unknown --method", ["analyse", "--method", "sgdr"],
     r"argument --method: invalid choice: 'sgdr'")
 cli("cli-reproduce-settings", "reproduce", "--tiny with --full", ["reproduce", "demo", "--tiny", "--full"],

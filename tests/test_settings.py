@@ -56,25 +56,34 @@ def test_online_takes_the_settings_and_their_defaults():
     assert r.config["hypergrad_lr"] == "auto" and r.config["kappa"] == settings.defaults(OnlineSettings)["kappa"]
 
 
-def test_a_setting_the_method_does_not_use_is_refused_unless_left_at_its_default():
+def test_a_setting_the_method_does_not_use_is_refused_when_passed_even_at_its_default():
     """kappa, hypergrad_lr_init/_rule/_bound are MARTHE's adaptive β's (Spec.methods and
-    Spec.needs): set away from their defaults with hd/rtho or a numeric β they raise, naming the
-    setting and what does not use it; at their defaults (given, as RunSettings.kwargs gives every
-    setting, or not) they are silent, and MARTHE's adaptive β takes them."""
+    Spec.needs): passed with hd/rtho or a numeric β they raise, naming the setting and what does
+    not use it — at their defaults too (what the caller passed counts, not how it compares with
+    the default); not passed they are silent, and MARTHE's adaptive β takes them.
+    RunSettings.kwargs passes on what the settings were given."""
     adaptive = {k: d for k, (d, s) in settings.specs(OnlineSettings).items() if s.needs}
     assert set(adaptive) == {"kappa", "hypergrad_lr_init", "hypergrad_lr_rule", "hypergrad_lr_bound"}
     given = dict(kappa=1e-3, hypergrad_lr_init=1e-4, hypergrad_lr_rule="h_eta", hypergrad_lr_bound=None)
     assert online.hyper_config("marthe", lr=1e-3, **given).kappa == 1e-3  # β "auto": all used
+    assert online.hyper_config("marthe", lr=1e-3, **adaptive).kappa == adaptive["kappa"]
     for method, beta, what in (("hd", 1e-7, "method='hd'"), ("rtho", 1e-7, "method='rtho'"),
                                ("marthe", 1e-7, "hypergrad_lr=1e-07")):
-        online.hyper_config(method, lr=1e-3, hypergrad_lr=beta, **adaptive)  # the defaults: silent
-        for name, value in given.items():
-            with pytest.raises(ValueError, match=rf"^{name}=.* applies to method='marthe' with "
-                                                 rf"hypergrad_lr='auto'; {what} does not use it"):
-                online.hyper_config(method, lr=1e-3, hypergrad_lr=beta, **{name: value})
-    kw = OnlineSettings(method="hd", lr=1e-3, steps=2, hypergrad_lr=1e-7).kwargs()  # every setting
-    assert online.run(problems.get("beale"), **kw).config["method"] == "hd"
-    assert settings.unused(OnlineSettings, {"method": "hd", "hypergrad_lr": 1e-7, "kappa": 1e-3}) == ["kappa"]
+        online.hyper_config(method, lr=1e-3, hypergrad_lr=beta)  # not passed: silent
+        for name in given:
+            for value in (given[name], adaptive[name]):  # off its default, and at it
+                with pytest.raises(ValueError, match=rf"^{name}=.* applies to method='marthe' with "
+                                                     rf"hypergrad_lr='auto'; {what} does not use it"):
+                    online.hyper_config(method, lr=1e-3, hypergrad_lr=beta, **{name: value})
+    s = OnlineSettings(method="hd", lr=1e-3, steps=2, hypergrad_lr=1e-7)
+    assert s.kwargs() == {"method": "hd", "lr": 1e-3, "steps": 2, "hypergrad_lr": 1e-7}
+    assert s.all_settings()["kappa"] == adaptive["kappa"]
+    assert online.run(problems.get("beale"), **s.kwargs()).config["method"] == "hd"
+    with pytest.raises(ValueError, match="kappa=1e-06 applies to"):
+        online.run(problems.get("beale"), **OnlineSettings(method="hd", lr=1e-3, steps=2, hypergrad_lr=1e-7,
+                                                           kappa=1e-6).kwargs())
+    assert settings.unused(OnlineSettings, {"method": "hd", "hypergrad_lr": 1e-7, "kappa": 1e-6}) == ["kappa"]
+    assert settings.unused(OnlineSettings, {"method": "hd", "hypergrad_lr": 1e-7, "kappa": 1e-3}, given=()) == []
 
 
 @pytest.mark.parametrize("function", list(SCHEMA), ids=lambda f: f.__name__)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..settings import HypergradSettings, OnlineSettings, add_arguments
+from ..settings import HypergradSettings, OnlineSettings, add_arguments, given_flags
 from . import args as cli_args
 
 __all__ = ["register", "register_analyse"]
@@ -87,12 +87,20 @@ def run_analyse(args) -> int:
             betas = betas * len(args.method)
         if len(betas) != len(args.method):
             raise ValueError(f"--hypergrad-lr takes one value or one per method ({len(args.method)}), got {len(betas)}")
-        problem = cli_args.make_problem(args, None)
-        mu = args.mu
-        for tag, method, beta in zip(_tags(args.method), args.method, betas):
+        for method, beta in zip(args.method, betas):
             if method != "marthe" and beta == "auto":
                 raise ValueError(f"--hypergrad-lr auto is MARTHE's rule; give a number for {method}")
-            kw = {"mu": mu, "kappa": args.kappa} if method == "marthe" else {}
+        # --mu and --kappa go to the runs that use them (MARTHE; κ: with β auto); given, some run must
+        uses = {"mu": [m == "marthe" for m in args.method],
+                "kappa": [m == "marthe" and b == "auto" for m, b in zip(args.method, betas)]}
+        for name in sorted(given_flags(args) & set(uses)):
+            if not any(uses[name]):
+                what = "MARTHE's adaptive β (--hypergrad-lr auto)" if name == "kappa" else "--method marthe"
+                raise ValueError(f"--{name} is a setting of {what}; none of the runs (--method "
+                                 f"{' '.join(args.method)}, --hypergrad-lr {' '.join(map(str, betas))}) uses it")
+        problem = cli_args.make_problem(args, None)
+        for i, (tag, method, beta) in enumerate(zip(_tags(args.method), args.method, betas)):
+            kw = {name: getattr(args, name) for name in uses if uses[name][i]}
             with warnings.catch_warnings():
                 warnings.simplefilter("always", online.DivergenceWarning)
                 res = online.run(problem, method, args.optimizer, lr=args.lr, steps=args.steps,

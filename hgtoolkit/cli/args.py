@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import ast
 
-from ..settings import Spec
+from ..settings import GIVEN_FLAGS, Spec
 
 __all__ = ["DTYPES", "key_value", "positive_int", "non_negative_int", "positive_float", "add_problem", "add_out",
            "add_progress", "make_problem", "settings"]
@@ -138,4 +138,4 @@ def make_problem(args, recorded: dict | None = None, **extra):
 
 def settings(args) -> dict:
     """The parsed command line, for the record (``config["cli"]``)."""
-    return {k: v for k, v in vars(args).items() if k != "func"}
+    return {k: v for k, v in vars(args).items() if k != "func" and k != GIVEN_FLAGS}

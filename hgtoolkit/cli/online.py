@@ -16,7 +16,7 @@ import inspect
 from pathlib import Path
 
 from .. import divergence
-from ..settings import OnlineSettings, add_arguments, add_renamed_flag, specs, unused
+from ..settings import OnlineSettings, add_arguments, add_renamed_flag, defaults, given_flags, specs, unused
 from . import args as cli_args
 
 __all__ = ["register"]
@@ -48,11 +48,11 @@ def register(sub) -> None:
 def run_online(args) -> int:
     from .. import online, plotting
 
-    table = specs(OnlineSettings)
+    table, flags = specs(OnlineSettings), given_flags(args)
     kwargs = {k: getattr(args, k) for k in table}
     beta = "auto" if args.method == "marthe" and args.hypergrad_lr is None else args.hypergrad_lr
-    given = unused(OnlineSettings, {**kwargs, "hypergrad_lr": beta})  # Spec.methods, Spec.needs
-    if given:  # a flag away from its default that the run would not use
+    given = unused(OnlineSettings, {**kwargs, "hypergrad_lr": beta}, flags)  # Spec.methods, Spec.needs
+    if given:  # a flag given (at its default or not) that the run would not use
         flag = "--" + given[0].replace("_", "-")
         if args.method != "marthe":
             raise ValueError(f"{flag} is a MARTHE setting; --method {args.method} fixes μ = "
@@ -60,6 +60,9 @@ def run_online(args) -> int:
                              "(use --method marthe)")
         raise ValueError(f"{flag} is a setting of MARTHE's adaptive β (--hypergrad-lr auto); "
                          f"--hypergrad-lr {beta:g} is a constant β that does not use it")
+    # what the run is passed: the flags given, and where the command's default is not the API's
+    api = defaults(OnlineSettings)
+    kwargs = {k: v for k, v in kwargs.items() if k in flags or k not in api or v != api[k]}
     kwargs["progress"] = args.progress
     if not args.find_hypergrad_lr:  # every setting checked before the problem (and its data) is built
         takes = inspect.signature(online.hyper_config).parameters
