@@ -85,7 +85,7 @@ def renamed(**renames: str) -> Callable[[Callable], Callable]:
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any):
-            check_renamed(fn.__qualname__.replace(".__init__", ""), kwargs, renames)
+            check_renamed(fn.__qualname__.replace(".__init__", "").replace(".__new__", ""), kwargs, renames)
             return fn(*args, **kwargs)
         return wrapper
     return deco

@@ -121,8 +121,8 @@ class HDMState(NamedTuple):
     ``x_prev``, ``fx``, ``gx`` = f and ∇f at x; ``theta`` = θ = (P, β): the stepsize (one entry,
     or one per coordinate) then β when it is learnt (``momentum=True``), ``acc`` (the AdaGrad
     accumulators of θ: U, v), ``eta`` (the hyper-LR of each entry: η_p for P, η_b for β),
-    ``upper`` (the box [0, upper]: P_max, β_max); ``beta`` (β: the last entry of θ, or a constant
-    0); ``tau_half`` (0 until curvature is estimated); ``curv_sum``/``curv_count`` (records of
+    ``upper`` (the box [0, upper]: P_max, β_max); ``momentum`` (β, the heavy-ball coefficient:
+    the last entry of θ, or a constant 0; was ``beta``); ``tau_half`` (0 until curvature is estimated); ``curv_sum``/``curv_count`` (records of
     ‖Δg‖/‖Δx‖ until then); ``counter``; ``k`` (iterations); ``n_grad``/``n_f`` (evaluations);
     ``accepted`` (last trial moved x); ``feedback`` = h(P, β) and ``grad_P`` = ∂h/∂P of the last
     iteration. ``P``, ``U``, ``v`` and ``eta_p`` read their parts of θ, ``acc`` and ``eta``."""
@@ -135,7 +135,7 @@ class HDMState(NamedTuple):
     acc: torch.Tensor
     eta: torch.Tensor
     upper: torch.Tensor
-    beta: torch.Tensor
+    momentum: torch.Tensor
     tau_half: float
     curv_sum: float
     curv_count: int
@@ -146,6 +146,12 @@ class HDMState(NamedTuple):
     accepted: bool
     feedback: torch.Tensor
     grad_P: torch.Tensor
+
+    @property
+    def beta(self):
+        """The old name of :attr:`momentum`: raises, naming it."""
+        raise AttributeError("HDMState.beta was renamed HDMState.momentum (the heavy-ball coefficient β; "
+                             "docs/glossary.md)")
 
     @property
     def n_p(self) -> int:
@@ -209,13 +215,15 @@ class TrialStep(_dynamics.Dynamics):
         return out
 
 
-def surrogate(f: Callable, x: torch.Tensor, P: Any, beta: Any = 0.0, x_prev: torch.Tensor | None = None,
+@renamed(beta="momentum")
+def surrogate(f: Callable, x: torch.Tensor, P: Any, momentum: Any = 0.0, x_prev: torch.Tensor | None = None,
               tau_half: float = 0.0) -> torch.Tensor:
-    """h(P, β) = [f(x − P∇f(x) + β(x − x⁻)) − f(x)] / (‖∇f(x)‖² + τ/2‖x − x⁻‖²) (differentiable in P, β)."""
+    """h(P, β) = [f(x − P∇f(x) + β(x − x⁻)) − f(x)] / (‖∇f(x)‖² + τ/2‖x − x⁻‖²) (differentiable in P, β;
+    β = ``momentum``, the heavy-ball coefficient, was ``beta=``)."""
     g, fx = grad_and_value(f)(x)
     d = torch.zeros_like(x) if x_prev is None else x - x_prev
     D = (g * g).sum() + tau_half * (d * d).sum()
-    return (f(x - P * g + beta * d) - fx) / D
+    return (f(x - P * g + momentum * d) - fx) / D
 
 
 def _names(momentum: bool) -> tuple[str, ...]:
@@ -249,6 +257,9 @@ def _level(adagrad: bool, eps: float) -> _dynamics.Dynamics:
     return _dynamics.AdaGrad(eps=eps) if adagrad else _dynamics.SGD()
 
 
+HDMState.__new__ = renamed(beta="momentum")(HDMState.__new__)  # HDMState(beta=…): a TypeError naming it
+
+
 def init(config: HDMConfig, x0: torch.Tensor, oracle: Oracle) -> HDMState:
     """State at x_0 (one f and ∇f evaluation)."""
     if not isinstance(x0, torch.Tensor) or x0.ndim != 1 or not x0.is_floating_point():
@@ -262,9 +273,9 @@ def init(config: HDMConfig, x0: torch.Tensor, oracle: Oracle) -> HDMState:
     theta = full(config.p0, config.momentum_init)
     z = s(0.0)
     grad_P = z if config.mode == "scalar" else torch.zeros_like(x0)
-    beta = theta[-1] if config.momentum else z
+    momentum = theta[-1] if config.momentum else z
     return HDMState(x0, x0, fx.detach(), gx.detach(), theta, torch.zeros_like(theta),
-                    full(config.eta_p0, config.eta_b), full(config.p_upper, config.momentum_max), beta,
+                    full(config.eta_p0, config.eta_b), full(config.p_upper, config.momentum_max), momentum,
                     0.0, 0.0, 0, 0, 0, 1, 1, True, z, grad_P)
 
 
@@ -287,11 +298,11 @@ def step(config: HDMConfig, state: HDMState, oracle: Oracle, max_iter: int = 100
             D = D + (st.tau_half * (trial["d"] * trial["d"]).sum() if st.tau_half > 0 else 1e-12)
     else:
         D = torch.ones((), dtype=x.dtype, device=x.device)
-    x_trial = _TRIAL.step(trial, g, P, 0, momentum=st.beta)["w"]
+    x_trial = _TRIAL.step(trial, g, P, 0, momentum=st.momentum)["w"]
     f_t, g_t = oracle(x_trial)
     f_t, g_t = f_t.detach(), g_t.detach()
     feedback = (f_t - st.fx) / D
-    G = _hypergrad(trial, g, P, st.beta, g_t, D)
+    G = _hypergrad(trial, g, P, st.momentum, g_t, D)
     ok = torch.isfinite(f_t) & torch.isfinite(g_t).all()
     accept = bool(ok & (f_t < st.fx) if c.null_steps else ok)
     # θ's level: AdaGrad (or a constant hyper-LR) with projection onto [0, upper]
@@ -318,7 +329,7 @@ def step(config: HDMConfig, state: HDMState, oracle: Oracle, max_iter: int = 100
         eta = torch.cat([torch.full_like(eta[:n_p], 1.0 / L_hat), eta[n_p:]])
         acc, tau_half = torch.cat([torch.zeros_like(acc[:n_p]), acc[n_p:]]), L_hat * L_hat / 4
     x_new, fx, gx = (x_trial, f_t, g_t) if accept else (x, st.fx, g)
-    return HDMState(x_new, x, fx, gx, theta, acc, eta, st.upper, theta[-1] if c.momentum else st.beta, tau_half,
+    return HDMState(x_new, x, fx, gx, theta, acc, eta, st.upper, theta[-1] if c.momentum else st.momentum, tau_half,
                     curv_sum, curv_count, counter, k, st.n_grad + 1, st.n_f + 1, accept, feedback,
                     G[:n_p].reshape(st.grad_P.shape))
 
@@ -431,7 +442,7 @@ def run(f: Callable[[torch.Tensor], torch.Tensor], x0: torch.Tensor, config: HDM
         if math.isfinite(solved_at):
             break
         lrs.append(st.P.mean())  # tensors, read once at the end: one sync per iteration
-        momentums.append(st.beta)
+        momentums.append(st.momentum)
         st = step(config, st, oracle, max_iter)
         acc.append(int(st.accepted))
         fb.append(st.feedback)

@@ -63,7 +63,7 @@ def test_legend_on_top_keeps_the_legend_inside_and_above_the_data():
     plt.close(fig)
 
 
-def test_mean_vs_beta_explains_only_the_markers_it_draws():
+def test_mean_vs_hypergrad_lr_explains_only_the_markers_it_draws():
     curves = {"fine": np.array([[0.5, 0.6], [0.55, 0.65]])}
     fig, ax = plotting.figure()
     plotting.plot_mean_vs_hypergrad_lr([1e-3, 1e-2], curves, ax=ax)

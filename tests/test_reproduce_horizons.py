@@ -105,3 +105,27 @@ def test_hdm_bench_closed_form_gradients_match_autograd():
         value, g = p.oracle(x)
         assert float(value) == pytest.approx(float(p.f(x)), rel=1e-12), name
         assert torch.allclose(g, torch.func.grad(p.f)(x), rtol=1e-10, atol=1e-10), name
+
+
+def test_hdm_momentum_names():
+    """HDMState.momentum (was beta) and hdm_bench.first_order(momentum=) (was beta=): the old
+    names raise, naming the new ones (docs/glossary.md)."""
+    import torch
+    from hgtoolkit import hdm
+    from hgtoolkit.experiments import hdm_bench
+    f = lambda x: ((x ** 2).sum(), 2 * x)
+    st = hdm.init(hdm.HDMConfig(L=2.0), torch.ones(3, dtype=torch.float64), f)
+    assert float(st.momentum) == float(st.theta[-1]) and "momentum" in hdm.HDMState._fields and "beta" not in hdm.HDMState._fields
+    with pytest.raises(AttributeError, match="HDMState.beta was renamed HDMState.momentum"):
+        st.beta
+    with pytest.raises(TypeError, match="HDMState\\(\\): 'beta' was renamed 'momentum'"):
+        hdm.HDMState(*st[:8], beta=st.momentum, **{k: getattr(st, k) for k in st._fields[9:]})
+    x0 = torch.ones(3, dtype=torch.float64)
+    kw = dict(tol=1e-8, max_iter=200)
+    assert hdm_bench.first_order(f, x0, "heavy_ball", 0.25, momentum=0.5, **kw) < 200
+    with pytest.raises(TypeError, match="'beta' was renamed 'momentum'"):
+        hdm_bench.first_order(f, x0, "heavy_ball", 0.25, beta=0.5, **kw)
+    q = lambda x: (x ** 2).sum()
+    assert float(hdm.surrogate(q, x0, 0.1, momentum=0.5, x_prev=0.5 * x0)) == float(hdm.surrogate(q, x0, 0.1, 0.5, 0.5 * x0))
+    with pytest.raises(TypeError, match="surrogate\\(\\): 'beta' was renamed 'momentum'"):
+        hdm.surrogate(q, x0, 0.1, beta=0.5)

@@ -16,7 +16,7 @@ This module gives every experiment the same output layout, summary format and se
     out = output_dir("results", "fig1")          # creates the folders
     save_config(out, config, setting="quick")
     records.save_arrays(out.data("beale_grid.npz"), ...)
-    plotting.savefig(fig, out.figure("beale_best_vs_beta"), close=True)
+    plotting.savefig(fig, out.figure("beale_best_vs_hypergrad_lr"), close=True)
     table = markdown_table(["method", "best f"], [["HD", 1.2e-3], ["RTHO", 4e-5]])
     summary = write_summary(out, "Fig. 1 …", [("Beale", table)], {"best": {...}})
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import analysis, divergence, hdm, plotting, problems, records
+from ..errors import renamed
 from . import common
 
 __all__ = ["Config", "run", "PAPER", "BenchProblem", "make_problems", "first_order", "scipy_method"]
@@ -148,9 +149,10 @@ def _all_problems(config: Config) -> dict:
     return out
 
 
-def first_order(oracle, x0, method: str, lr: float, *, beta: float = 0.0, tol: float, max_iter: int) -> float:
-    """Gradient evaluations of GD / heavy ball / Adam / AdaGrad to ‖∇f‖∞ ≤ tol (NaN: not reached);
-    ``oracle(x) -> (f(x), ∇f(x))``."""
+@renamed(beta="momentum")
+def first_order(oracle, x0, method: str, lr: float, *, momentum: float = 0.0, tol: float, max_iter: int) -> float:
+    """Gradient evaluations of GD / heavy ball (x' = x − η∇f(x) + m(x − x_prev), m = ``momentum``;
+    was ``beta``) / Adam / AdaGrad to ‖∇f‖∞ ≤ tol (NaN: not reached); ``oracle(x) -> (f(x), ∇f(x))``."""
     gv = lambda x: oracle(x)[1]
     x, x_prev = x0.clone(), x0.clone()
     m, v = torch.zeros_like(x0), torch.zeros_like(x0)
@@ -163,7 +165,7 @@ def first_order(oracle, x0, method: str, lr: float, *, beta: float = 0.0, tol: f
         if k == max_iter:
             break
         if method in ("gd", "heavy_ball"):
-            x, x_prev = x - lr * g + beta * (x - x_prev), x
+            x, x_prev = x - lr * g + momentum * (x - x_prev), x
         elif method == "adam":
             m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
             x = x - lr * (m / (1 - 0.9 ** (k + 1))) / ((v / (1 - 0.999 ** (k + 1))).sqrt() + 1e-8)
@@ -228,7 +230,8 @@ def _table_row(prob: BenchProblem, config: Config) -> dict:
                                       null_steps=False, adagrad=False, normalise=False, schedule_hyper_lr=False)
     out["HD (Baydin)"] = _best((hdm_run(hd_cfg(bh)), bh) for bh in config.hd_grid)
     out["GD 1/L"] = (first_order(oracle, x0, "gd", 1.0 / L, **kw), None)
-    out["heavy ball"] = _best((first_order(oracle, x0, "heavy_ball", 1.0 / L, beta=b, **kw), b) for b in (0.1, 0.5, 0.9, 0.99))
+    out["heavy ball"] = _best((first_order(oracle, x0, "heavy_ball", 1.0 / L, momentum=m, **kw), m)
+                               for m in (0.1, 0.5, 0.9, 0.99))
     lrs = (1e-3, 1e-2, 0.1, 1.0, 10.0, 1.0 / L)
     out["Adam"] = _best((first_order(oracle, x0, "adam", lr, **kw), lr) for lr in lrs)
     out["AdaGrad"] = _best((first_order(oracle, x0, "adagrad", lr, **kw), lr) for lr in lrs)
