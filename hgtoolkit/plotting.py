@@ -24,7 +24,7 @@ from .errors import moved as _moved
 __all__ = ["STYLE", "style", "figure", "plot_schedules", "plot_objective", "plot_hypergradient", "plot_online_run", "plot_tower_history",
            "savefig", "wait_for_figures", "describe_source", "to_numpy", "plot_best_vs_hypergrad_lr", "plot_contour_paths",
            "contour_window", "plot_heatmap", "tidy_log_axis", "plot_mean_vs_hypergrad_lr",
-           "plot_accuracy_bars", "layout_problems", "legend_on_top"]
+           "plot_accuracy_bars", "layout_problems", "layout_renderer", "legend_on_top"]
 
 # rcParams applied (as a context) to every figure made by :func:`figure`.
 STYLE = {
@@ -276,6 +276,20 @@ def _wrap(text: str, width_in: float, fontsize: float) -> str:
 CHECK_LAYOUT = False
 
 
+def layout_renderer(fig):
+    """The Agg renderer ``fig`` is laid out with (public API: ``fig.canvas.get_renderer()``, the
+    renderer the figure's own layout uses); a figure whose canvas has none (a ``Figure()`` made
+    without pyplot: ``FigureCanvasBase``) gets one of an Agg canvas, as :func:`savefig` draws it,
+    its canvas left as it was."""
+    canvas = fig.canvas
+    if not hasattr(canvas, "get_renderer"):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        agg = FigureCanvasAgg(fig)  # it becomes fig.canvas: the old one is put back
+        fig.set_canvas(canvas)
+        canvas = agg
+    return canvas.get_renderer()
+
+
 def layout_problems(fig, *, tolerance: float = 1.0) -> list[str]:
     """What sticks out of ``fig``'s canvas: each legend, title, axis label, tick label, text and
     caption whose window extent (laid out by the Agg renderer, as :func:`savefig` draws it) is
@@ -288,7 +302,7 @@ def layout_problems(fig, *, tolerance: float = 1.0) -> list[str]:
     from matplotlib.legend import Legend
     from matplotlib.text import Text
     fig.draw_without_rendering()
-    renderer = fig._get_renderer()
+    renderer = layout_renderer(fig)
     box = fig.bbox
     problems: list[str] = []
 
@@ -345,7 +359,7 @@ def legend_on_top(ax, handles=None, labels=None, *, ncol: int = 2, **kwargs):
     legend = ax.legend(handles, labels, loc="upper center", ncol=ncol, **kwargs)
     fig = ax.figure
     fig.draw_without_rendering()  # the layout as it stands, for the sizes below
-    renderer = fig._get_renderer()
+    renderer = layout_renderer(fig)
     share = legend.get_window_extent(renderer).height / max(ax.get_window_extent(renderer).height, 1.0)
     share = min(share + 0.06, 0.7)  # a margin for what the layout adds later (suptitle, caption)
     lo, hi = ax.get_ylim()

@@ -54,7 +54,7 @@ def test_legend_on_top_keeps_the_legend_inside_and_above_the_data():
         ax.plot(x, 0.5 + 0.5 * x ** (k + 1), label=f"curve {k}")
     legend = plotting.legend_on_top(ax, ncol=2)
     fig.draw_without_rendering()
-    r = fig._get_renderer()
+    r = plotting.layout_renderer(fig)
     lb, box = legend.get_window_extent(r), ax.get_window_extent(r)
     assert box.y0 <= lb.y0 and lb.y1 <= box.y1 + 1 and box.x0 <= lb.x0 and lb.x1 <= box.x1
     top_of_data = ax.transData.transform((1.0, 1.0))[1]  # the highest point drawn
@@ -82,3 +82,19 @@ def test_describe_source_limit():
     info = {"name": "p", "data": "x" * 100, "dtype": "torch.float32"}
     assert "…" in plotting.describe_source(info) and len(plotting.describe_source(info)) < 90
     assert plotting.describe_source(info, limit=None) == f"p · {'x' * 100} · float32"
+
+
+def test_a_figure_without_pyplot_is_laid_out_by_agg_and_keeps_its_canvas():
+    """layout_renderer: the canvas's own renderer (public API); a Figure() made without pyplot
+    (FigureCanvasBase, no get_renderer) is checked with an Agg one, as savefig draws it, and finds
+    the same problems as the pyplot figure; its canvas stays."""
+    from matplotlib.figure import Figure
+    found = []
+    for fig in (plt.figure(figsize=(3.0, 2.0)), Figure(figsize=(3.0, 2.0))):
+        canvas = fig.canvas
+        ax = fig.add_subplot()
+        ax.text(1.5, 0.5, "outside", transform=ax.transAxes)
+        found.append(plotting.layout_problems(fig))
+        assert fig.canvas is canvas
+    assert found[0] == found[1] and any("outside" in p and "right" in p for p in found[0]), found
+    plt.close("all")

@@ -210,7 +210,7 @@ def test_fig2_legend_inside_caption_whole_no_phantom_marker(tiny, monkeypatch):
     fig = seen["mnist_fig2"]
     assert plotting.layout_problems(fig) == []
     ax = fig.axes[2]
-    renderer = fig._get_renderer()
+    renderer = plotting.layout_renderer(fig)
     legend = ax.get_legend().get_window_extent(renderer)
     box = ax.get_window_extent(renderer)
     assert box.x0 <= legend.x0 and legend.x1 <= box.x1 and box.y0 <= legend.y0 and legend.y1 <= box.y1
