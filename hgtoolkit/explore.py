@@ -17,7 +17,10 @@ Panels: (a) the paths w_0 … w_T over the contours of f, (b) the schedules η_t
 run's online estimates h_{t+1} against the exact hypergradient g_t = ∂f(w_T)/∂η_t of its own
 schedule over the horizon T (reverse mode, as :func:`hgtoolkit.exact.hypergradient`), (d) their
 relative error |h_{t+1} − g_t| / |g_t| (:func:`hgtoolkit.analysis.relative_error`), with the
-cosine and the sign agreement.
+cosine and the sign agreement. A selected run that diverged at t_d ≤ T: (c) draws its estimates
+up to t_d and a dotted line "diverged at t = t_d"; for t_d < T there is no exact g (w_T is never
+reached): the legend and (d) say so, and (d) shows an empty fixed range (every panel is rescaled
+to what it draws at each move).
 
 How a move stays fast: the online runs of every slider setting (η₀ × β × μ × κ × method, at
 the largest horizon) are ONE batched computation (:func:`hgtoolkit.batched.run_online_batch`:
@@ -63,6 +66,7 @@ GRIDS = {
 }
 
 _SETTINGS = ("lr", "hypergrad_lr", "mu", "kappa", "method", "steps")
+_G_LABEL = "exact g(t) = ∂f(w_T)/∂η_t"
 _DPI = 90  # a screen figure: fewer pixels to draw and encode per move than the saved figures' 150
 
 
@@ -335,12 +339,17 @@ class Explorer:
             ax_lr.set_title(r"(b) schedules $\eta_t$ (log; $\eta_t = 0$ not drawn)")
             self._lr_legend = ax_lr.legend(loc="best", fontsize=6.5)
             self._h_line, = ax_h.plot([], [], "k--", lw=1.0, label="online estimate h(t+1)")
-            self._g_line, = ax_h.plot([], [], color="tab:purple", lw=1.2,
-                                      label="exact g(t) = ∂f(w_T)/∂η_t")
+            self._g_line, = ax_h.plot([], [], color="tab:purple", lw=1.2, label=_G_LABEL)
             ax_h.axhline(0.0, color="0.5", lw=0.8)
+            # where the selected run diverged: a vertical line (x in steps, y across the axes)
+            self._div_line, = ax_h.plot([], [], color="tab:red", ls=":", lw=1.2,
+                                        transform=ax_h.get_xaxis_transform())
+            self._div_text = ax_h.annotate("", (0.0, 0.97), (3.0, 0.0), xycoords=ax_h.get_xaxis_transform(),
+                                           textcoords="offset points", rotation=90, va="top", fontsize=7,
+                                           color="tab:red")
             ax_h.set_xlabel(plotting.STEP_LABEL)
             ax_h.set_ylabel("hypergradient")
-            ax_h.legend(loc="best", fontsize=6.5)
+            self._h_legend = ax_h.legend(loc="best", fontsize=6.5)
             self._err_line, = ax_err.plot([], [], color="tab:purple", lw=1.0)
             ax_err.set_yscale("log", nonpositive="mask")
             ax_err.set_xlabel(plotting.STEP_LABEL)
@@ -391,33 +400,47 @@ class Explorer:
         r = self.runs()[selected]
         ref = self.reference()
         label = RUNS[selected][0]
+        n = min(T, r.steps_run)  # the steps the selected run made within the horizon
+        h = r.hypergrads[:n]
+        t = np.arange(n)
+        self._h_line.set_data(t, np.where(np.isfinite(h), h, np.nan))
+        shown = [h]
+        d = r.diverged_at if r.diverged_at is not None and r.diverged_at <= T else None
+        self._div_line.set_data([d, d] if d is not None else [], [0.0, 1.0] if d is not None else [])
+        self._div_text.set_text("" if d is None else f"diverged at t = {d}")
+        if d is not None:  # beside the line, on the side with room
+            room = d < 0.8 * T
+            self._div_text.xy = (d, 0.97)
+            self._div_text.set(ha="left" if room else "right", position=(3.0 if room else -3.0, 0.0))
+        g_label = self._h_legend.get_texts()[1]
         if ref is None:
-            for line in (self._h_line, self._g_line, self._err_line):
-                line.set_data([], [])
+            self._g_line.set_data([], [])
+            self._err_line.set_data([], [])
             why = (f"diverged at t = {r.diverged_at} < T = {T}" if r.steps_run < T else
                    "has a non-finite exact hypergradient")
             self._err_text.set_text(f"{label} {why}:\nno exact reference")
+            g_label.set_text("exact g(t): none, w_T not reached" if r.steps_run < T else "exact g(t): not finite")
         else:
-            (g, value), h = ref, r.hypergrads[:T]
-            t = np.arange(T)
-            self._h_line.set_data(t, h)
+            g, value = ref
             self._g_line.set_data(t, g)
+            shown.append(g)
             err = analysis.relative_error(h, g)
             self._err_line.set_data(t, np.where(np.isfinite(err) & (err > 0), err, np.nan))
             agree = float(np.mean(analysis.sign_agreement(h, g)))
             self._err_text.set_text(f"{label}: cos(h, g) = {analysis.cosine_similarity(h, g):.3f}, "
                                     f"sign agreement {100 * agree:.0f} %\n"
                                     f"f(w_T) = {value:.4g}")
-            peak = float(np.nanmax(np.abs(np.concatenate([h, g])))) if T else 0.0
-            ax_h.set_yscale("symlog", linthresh=max(1e-3 * peak, 1e-300) if peak > 0 else 1.0)
-            ax_h.yaxis.set_major_formatter(self._plain)  # set_yscale put the default ones back
-            ax_h.yaxis.set_minor_locator(self._no_ticks)
+            g_label.set_text(_G_LABEL)
+        finite = np.abs(np.concatenate(shown))
+        finite = finite[np.isfinite(finite)]
+        peak = float(finite.max()) if finite.size else 0.0
+        ax_h.set_yscale("symlog", linthresh=max(1e-3 * peak, 1e-300) if peak > 0 else 1.0)
+        ax_h.yaxis.set_major_formatter(self._plain)  # set_yscale put the default ones back
+        ax_h.yaxis.set_minor_locator(self._no_ticks)
         ax_h.set_title(f"(c) {label}: online h(t+1) vs exact g(t), horizon T = {T}")
         ax_err.set_title(f"(d) {label}: relative error of h(t+1) against g(t)")
-        for ax in (ax_h, ax_err):
-            ax.relim()
-            ax.autoscale_view()
-            ax.set_xlim(0, T)
+        for ax, empty in ((ax_h, (-1.0, 1.0)), (ax_err, (1e-3, 1.0))):
+            _rescale(ax, T, empty)
         mu = s["mu"]
         self._title = self.figure.suptitle(f"{self.fn.name}: gradient descent from {tuple(self.fn.default_start)}, "
                              f"η₀ = {_fmt(s['lr'])}, β = {_fmt(s['hypergrad_lr'])}, μ = {_fmt(mu)}, "
@@ -517,6 +540,17 @@ class Explorer:
 #: Moved: the row-wise reverse pass is :func:`hgtoolkit.exact.hypergradient_rows` (the reverse
 #: pass of :func:`hgtoolkit.exact.hypergradient`, its one adjoint step, on rows).
 exact_rows = moved("hgtoolkit.explore.exact_rows", "hgtoolkit.exact.hypergradient_rows")
+
+
+def _rescale(ax, T: int, empty: tuple[float, float]) -> None:
+    """Fit ``ax``'s y-range to the data it draws now (x: 0 … T); with no finite data, the
+    range ``empty`` (``autoscale_view`` would keep the previous selection's limits)."""
+    ax.relim()
+    if np.all(np.isfinite(ax.dataLim.intervaly)):
+        ax.autoscale_view(scalex=False)
+    else:
+        ax.set_ylim(*empty, auto=True)  # (autoscaling stays on for the next move)
+    ax.set_xlim(0, T)
 
 
 def _replay_rows(problem, schedules: Sequence[np.ndarray]) -> list[np.ndarray]:

@@ -38,14 +38,36 @@ def _check_figure(e: Explorer) -> None:
         np.testing.assert_allclose(np.column_stack([path_line.get_xdata(), path_line.get_ydata()]),
                                    replay[:len(path_line.get_xdata())], rtol=1e-10, atol=1e-12)
         if key == s["method"]:
-            if ref.diverged:
+            np.testing.assert_allclose(e._h_line.get_ydata(), ref.hypergrads, rtol=1e-10, atol=1e-300)
+            if ref.diverged:  # h up to the divergence, marked; no exact reference, and the panel says so
                 assert len(e._g_line.get_ydata()) == 0 and "diverged" in e._err_text.get_text()
+                assert list(e._div_line.get_xdata()) == [ref.diverged_at] * 2
+                assert f"diverged at t = {ref.diverged_at}" in e._div_text.get_text()
+                assert "exact g(t): none" in e._h_legend.get_texts()[1].get_text()
+                assert e._axes[3].get_ylim() == pytest.approx((1e-3, 1.0))  # nothing to draw: not stale limits
             else:
                 g = exact.hypergradient(P, torch.as_tensor(ref.lrs), mode="reverse").grad.numpy()
                 np.testing.assert_allclose(e._g_line.get_ydata(), g, rtol=1e-12, atol=1e-300)
-                np.testing.assert_allclose(e._h_line.get_ydata(), ref.hypergrads, rtol=1e-10, atol=1e-300)
+                assert len(e._div_line.get_xdata()) == 0 and e._div_text.get_text() == ""
+    for ax in e._axes[2:]:
+        _check_fits(ax)
     assert f"T = {T}" in e.figure.get_suptitle() and f"η₀ = " in e.figure.get_suptitle()
     assert plotting.layout_problems(e.figure) == []
+
+
+def _check_fits(ax) -> None:
+    """``ax``'s y-range is fitted to the data it draws now (autoscaled, not a previous move's)."""
+    ys = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()
+          if line.get_transform().contains_branch_seperately(ax.transData)[1]]
+    ys = np.concatenate(ys) if ys else np.array([])
+    ys = ys[np.isfinite(ys) & ((ys > 0) if ax.get_yscale() == "log" else True)]
+    if ys.size == 0:
+        return
+    scale = ax.yaxis.get_transform()
+    lo, hi = scale.transform(np.array([ys.min(), ys.max()]))
+    a, b = scale.transform(np.array(ax.get_ylim()))
+    assert a <= lo + 1e-9 * abs(lo) and b >= hi - 1e-9 * abs(hi), ax.get_title()
+    assert b - a <= 1.25 * (hi - lo) + 2.0, ax.get_title()  # the margins (and a decade or two on empty data)
 
 
 def test_every_slider_redraws_with_the_numbers_of_online_run():
@@ -110,8 +132,12 @@ def test_a_move_paints_the_pixels_of_a_full_draw():
     """Explorer.render keeps the static part as pixels and repaints only what a move changes:
     the same image as drawing the whole figure."""
     e = hgtoolkit.explore("beale", steps=30, grids=GRIDS, widgets=False)
-    for changes in ({}, {"mu": "auto", "method": "adaptive_hypergrad_lr"}, {"steps": 60, "lr": 3e-3}):
+    # the adaptive β with μ = 0.9 diverges (at t = 18 and 17 < T): drawn up to there, marked
+    for changes in ({}, {"method": "adaptive_hypergrad_lr"}, {"mu": "auto"}, {"steps": 60, "lr": 3e-3},
+                    {"mu": 0.9}, {"method": "marthe"}):
         e.update(**changes)
+        assert e.runs()["adaptive_hypergrad_lr"].diverged == (e.settings["mu"] == 0.9)
         fast = e.render().copy()
         e.figure.canvas.draw()
         np.testing.assert_array_equal(fast, np.asarray(e.figure.canvas.buffer_rgba()))
+        _check_figure(e)
