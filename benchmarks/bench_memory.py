@@ -185,12 +185,15 @@ def rows_of(results: list[dict]) -> list[dict]:
             target, met = "≤ 1.25", ratio <= 1.25
             note += f"; buffer {m['buffer_bytes'] / 1e6:.1f} MB"
         rows.append(row(f"{label}, T={T}: time / floor", ratio, "×", target, met, note))
-        if m.get("recomputed_steps") is not None and m["mode"] in ("binomial", "every", "budget", "stored", "disk", "topup"):
-            # T steps with their graph + HVP, and the recomputed plain steps
+        if m.get("recomputed_steps") is not None and m["mode"] in ("binomial", "every", "budget", "disk", "topup"):
+            # T steps with their graph + HVP, and the recomputed plain steps: no bar here (the
+            # prediction leaves out the adjoint's own work; the bar is the interleaved timing's
+            # ÷ (stored + its recomputation), measured in one process)
             predicted = T * m["t_floor_step"] + m["recomputed_steps"] * m["t_train"]
             r = m["wall_s"] / predicted
-            rows.append(row(f"{label}, T={T}: time / (floor + recomputation)", r, "×", "≤ 1.1", r <= 1.1,
-                            f"predicted {predicted:.1f} s for {m['recomputed_steps']} recomputed steps"))
+            rows.append(row(f"{label}, T={T}: time / (floor + recomputation)", r, "×", note=(
+                f"predicted {predicted:.1f} s for {m['recomputed_steps']} recomputed steps; per-process "
+                "calibration, and the prediction leaves out the adjoint's own work (see the interleaved timing)")))
         limit = {"budget": 260, "binomial": 1000 if T >= 10 ** 4 else None,
                  "reversible": 1000 if T >= 10 ** 4 else None}.get(m["mode"])
         if m["mode"] == "budget" and T != 1000:
@@ -263,7 +266,8 @@ def timing(T: int, hidden: int, threads: int, repeats: int) -> tuple[list[dict],
         if name == "reversible":
             target, met = "≤ 1.25", r <= 1.25
             kern = res["reversible's integer kernels alone"]["ratio_wall"] / (1 + tr)
-            note += f"; = the floor + its integer kernels ({kern:.2f}) + the adjoint's own work and the rest"
+            note += (f"; = its model work (the floor less the training pass's float update, which the kernels "
+                     f"replace) + its integer kernels ({kern:.2f})")
         rows.append(row(f"[timing T={T}] {name} / floor (training pass + one HVP per step)", r, "×", target, met, note))
         if name in plans:
             rec = plans[name].recomputed / T * tr  # the recomputed plain steps, in floor-loop units
@@ -282,11 +286,18 @@ def timing(T: int, hidden: int, threads: int, repeats: int) -> tuple[list[dict],
 
 
 def _saved() -> list[dict]:
-    out = []
+    """The saved measurements, the newest of each (mode, T, label) (by the date of its file's run)."""
+    newest = {}
     for path in sorted(RESULTS.glob("memory*.json")):
-        if "quick" not in path.name:
-            out += [m for m in json.loads(path.read_text())["measurements"] if "error" not in m]
-    return sorted(out, key=lambda m: (m["T"], m["mode"]))
+        if "quick" in path.name:
+            continue
+        data = json.loads(path.read_text())
+        date = data.get("env", {}).get("date", "")
+        for m in data.get("measurements") or []:
+            key = (m["mode"], m["T"], m["label"])
+            if "error" not in m and (key not in newest or newest[key][0] <= date):
+                newest[key] = (date, m)
+    return sorted((m for _, m in newest.values()), key=lambda m: (m["T"], m["mode"]))
 
 
 def markdown() -> str:
@@ -319,7 +330,7 @@ def plot() -> Path | None:
                "binomial": "binomial", "budget": "memory=200MB", "disk": "memory=60MB + disk", "topup": "memory=200MB + disk",
                "reversible": "reversible"}[m["mode"]]
         groups.setdefault(key, []).append(m)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.8))
     for key, ms in groups.items():
         ms = sorted(ms, key=lambda m: m["T"])
         Ts = [m["T"] for m in ms]
@@ -334,10 +345,10 @@ def plot() -> Path | None:
           title="time (one process per point; shared machine: noisy)")
     b.set(xscale="log", yscale="log", xlabel="T (steps)", ylabel="peak memory growth (MB)", title="memory")
     b.axhline(1000, color="0.6", ls=":", lw=1)
-    a.legend(fontsize=8)
-    b.legend(fontsize=8)
+    handles, labels = b.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("exact hypergradients, MNIST MLP 3×500, float32, CPU, heavy-ball γ = 0.9", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     FIGURE.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(FIGURE, dpi=120)
     return FIGURE
