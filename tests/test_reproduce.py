@@ -166,6 +166,36 @@ def test_fig1_figures_are_drawn_from_the_records_alone(fig1_tiny):
     assert png.stat().st_size > 20_000
 
 
+def test_fig1_coinciding_paths_stay_visible_and_are_named():
+    """Panel (c): paths drawn widest first with staggered markers; a pair within _SAME_PT on
+    the page is named in the legend ("≈"), a pair further apart is not."""
+    import matplotlib.pyplot as plt
+    import testfunctions
+    from hgtoolkit import plotting
+    from hgtoolkit.experiments import fig1
+    base = np.column_stack([np.linspace(1.0, 2.5, 60), np.full(60, 1.0)])
+    paths = {"MARTHE μ adaptive": base, "RTHO": base + [0.0, 0.2], "HD": base + [0.0, 0.001]}
+    styles = fig1._path_styles(list(paths), fig1._styles(list(paths)))
+    assert [styles[k]["lw"] for k in paths] == sorted((styles[k]["lw"] for k in paths), reverse=True)
+    fig, ax = plotting.figure()
+    plotting.plot_contour_paths(testfunctions.get("beale"), paths, ax=ax, styles=styles, legend=False,
+                                resolution=30, window=((0.5, 3.0), (0.0, 2.0)))
+    y_pt = np.diff(ax.transData.transform([[0.0, 0.0], [0.0, 1.0]])[:, 1])[0] * 72.0 / fig.dpi
+    assert fig1.paths_apart_pt(ax, base, base) == 0.0
+    assert fig1.paths_apart_pt(ax, base, paths["RTHO"]) == pytest.approx(0.2 * y_pt, rel=1e-9)
+    x_pt = np.diff(ax.transData.transform([[0.0, 0.0], [1.0, 0.0]])[:, 0])[0] * 72.0 / fig.dpi
+    # both ways: base's far end is (2.5 − x_1) from the start of the path, which lies on base
+    assert fig1.paths_apart_pt(ax, base[:2], base) == pytest.approx((2.5 - base[1, 0]) * x_pt, rel=1e-9)
+    fig1._stagger_markers(ax, paths)
+    same = fig1._label_coinciding(ax, paths)
+    labels = {line.get_label() for line in ax.get_lines()}
+    assert {"MARTHE μ adaptive (≈ HD)", "RTHO", "HD"} <= labels
+    assert same.startswith("MARTHE μ adaptive and HD: ") and "RTHO" not in same
+    marks = [tuple(line.get_markevery()) for line in ax.get_lines() if line.get_label().split(" (")[0] in paths]
+    assert len(marks) == 3 and len(set(marks)) == 3 and all(len(m) == 7 for m in marks)
+    plt.close(fig)
+
+
 def _no_figures(monkeypatch, module):
     """A re-run compares data only: its figures (most of a tiny run's time) are not drawn again."""
     monkeypatch.setattr(module, "make_figures", lambda *args, **kwargs: [])

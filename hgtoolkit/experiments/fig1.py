@@ -36,7 +36,10 @@ Writes, under ``<out>/fig1/``:
   ``data/<fn>_lrsopt.{json,npz}`` (:class:`~hgtoolkit.lrsopt.ScheduleResult`),
   ``data/<fn>_paths.npz`` (iterates and f along them);
 - ``figures/fig1_<fn>.png``/``.pdf``: (a) best objective vs β, (b) η_t of the best-β run of
-  each method and LRS-OPT's schedule, (c) the trajectories over the contour plot;
+  each method and LRS-OPT's schedule, (c) the trajectories over the contour plot (each method's
+  line narrower than the one under it, markers staggered, so that every path stays visible where
+  they coincide; a pair within 1 pt everywhere on the page is marked "≈" in the legend and named
+  in the caption), (d) HD vs RTHO at one common β;
 - ``summary.md``/``summary.json``: best objective per method (+ its β), the HD-vs-RTHO verdict
   per function next to the paper's statement.
 
@@ -590,6 +593,78 @@ def _lr_axis(ax, lr: float, schedules) -> None:
     ax.axhline(lr, color="0.5", lw=0.7, ls=":")
 
 
+_SAME_PT = 1.0  # two paths closer than this (points on the page) everywhere look like one line
+
+
+def _path_styles(labels, styles) -> dict:
+    """Panel (c)'s line styles, for paths drawn in the order of ``labels``: each method's line
+    narrower than the one drawn before it, with its own markers (:func:`_stagger_markers`), so
+    that paths that coincide stay visible as nested lines; LRS-OPT thin and faint, underneath."""
+    methods = [l for l in labels if l != LRSOPT_LABEL]
+    out = {}
+    for k, label in enumerate(methods):
+        lw = 0.9 * (len(methods) - k)
+        out[label] = {**styles[label], "lw": lw, "alpha": 0.85, "marker": "osD^v"[k % 5], "ms": lw + 2.2,
+                      "markevery": [0]}  # placed by _stagger_markers once the axes are laid out
+    if LRSOPT_LABEL in labels:
+        out[LRSOPT_LABEL] = {**styles[LRSOPT_LABEL], "lw": 0.6, "alpha": 0.35}
+    return out
+
+
+def _stagger_markers(ax, paths: dict, per_line: int = 7) -> None:
+    """Put ``per_line`` markers on each method's path, evenly spaced along its length on the
+    page, the k-th of n methods shifted by k/n of a spacing: on paths that coincide the
+    markers of each stay apart."""
+    methods = [l for l in paths if l != LRSOPT_LABEL]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    for k, label in enumerate(methods):
+        p = paths[label]
+        p = ax.transData.transform(p[np.all(np.isfinite(p), axis=1)])
+        arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(p, axis=0), axis=1))])
+        if len(arc) < 2 or arc[-1] <= 0:
+            continue
+        at = (np.arange(per_line) + (k + 0.5) / len(methods)) / per_line * arc[-1]
+        lines[label].set_markevery(sorted({int(i) for i in np.searchsorted(arc, at).clip(0, len(arc) - 1)}))
+
+
+def _to_polyline(points: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """The distance of each of ``points`` (n, 2) to the polyline through ``line`` (m, 2)."""
+    if len(line) == 1:
+        return np.linalg.norm(points - line[0], axis=1)
+    a, d = line[:-1], np.diff(line, axis=0)
+    length2 = np.einsum("ij,ij->i", d, d)
+    u = np.einsum("kij,ij->ki", points[:, None] - a, d) / np.where(length2 > 0, length2, 1.0)
+    nearest = a + np.clip(u, 0.0, 1.0)[..., None] * d
+    return np.linalg.norm(points[:, None] - nearest, axis=2).min(axis=1)
+
+
+def paths_apart_pt(ax, p: np.ndarray, q: np.ndarray) -> float:
+    """How far apart the paths p and q (iterates, (n, 2)) are drawn on ``ax``, in points on
+    the page: the Hausdorff distance of the two polylines, max(max_{a ∈ p} d(a, q), max_{b ∈ q}
+    d(b, p)), in display coordinates as ``ax`` is laid out now (non-finite iterates left out)."""
+    scale = 72.0 / ax.figure.dpi
+    a, b = (ax.transData.transform(x[np.all(np.isfinite(x), axis=1)]) * scale for x in (p, q))
+    if not len(a) or not len(b):
+        return math.inf
+    return float(max(_to_polyline(a, b).max(), _to_polyline(b, a).max()))
+
+
+def _label_coinciding(ax, paths: dict) -> str:
+    """Append "≈ X" to the legend label of each path that lies within :data:`_SAME_PT` of the
+    path of X (drawn after it, on top; :func:`paths_apart_pt`); returns the pairs with their
+    distances, for the caption ("" when none coincide)."""
+    labels = [l for l in paths if l != LRSOPT_LABEL]
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    pairs = []
+    for i, lo in enumerate(labels):
+        near = [(hi, paths_apart_pt(ax, paths[lo], paths[hi])) for hi in labels[i + 1:]]
+        near = [(hi, d) for hi, d in near if d < _SAME_PT]
+        if near:
+            lines[lo].set_label(f"{lo} (≈ {', '.join(hi for hi, _ in near)})")
+            pairs += [f"{lo} and {hi}: {d:.2g} pt" for hi, d in near]
+    return "; ".join(pairs)
+
+
 def _legend_below(ax, ncol: int = 2) -> None:
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=ncol,
@@ -662,11 +737,11 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
         order = sorted(range(len(plabels)), key=lambda k: _PATH_ORDER.index(plabels[k])
                        if plabels[k] in _PATH_ORDER else -1)  # HD drawn last, on top
         paths = {plabels[k]: pz[f"path_{k}"] for k in order}
-        pst = {l: {**styles[l], "lw": 0.9, "alpha": 0.85} for l in plabels}
-        if LRSOPT_LABEL in pst:
-            pst[LRSOPT_LABEL].update(lw=0.6, alpha=0.35)
+        pst = _path_styles(list(paths), styles)
         plotting.plot_contour_paths(f, paths, ax=axes[2], styles=pst, legend=False,
                                     title=r"(c) paths $w_0 \ldots w_T$ (best $\beta$) over $f$")
+        _stagger_markers(axes[2], paths)
+        same = _label_coinciding(axes[2], paths)
         _legend_below(axes[2])
 
         # (d) HD vs RTHO at one common β: the largest β at which neither diverged
@@ -696,7 +771,11 @@ def make_figures(out_dir, functions, wait: bool = True) -> list:
                      f"T = {meta['steps']}, η₀ = {lr:g}, start {tuple(f.default_start)}", fontsize=9)
         written += plotting.savefig(fig, out.figure(f"fig1_{fn}"), close=True, background=True,
                                     caption=f"data: analytic function `{fn}` (testfunctions), float64; "
-                                            f"records in {out.data_dir.name}/{fn}_*")
+                                            f"records in {out.data_dir.name}/{fn}_*"
+                                            + (f". (c): paths drawn widest first, markers staggered; 'A (≈ B)': "
+                                               f"the paths of A and B are everywhere within {_SAME_PT:g} pt of each "
+                                               f"other on the page (Hausdorff distance; {same}), one line to the eye"
+                                               if same else ""))
     if wait:
         plotting.wait_for_figures()
     return written
