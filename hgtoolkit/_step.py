@@ -137,7 +137,9 @@ def add_w(state_tree: dict, hv: Any) -> dict:
     if hv is None:
         return state_tree
     out = dict(state_tree)
-    out["w"] = tree_map(torch.add, state_tree["w"], hv)
+    w = state_tree["w"]
+    # one tensor (a test function's rows, a one-tensor model): no pytree walk per reverse step
+    out["w"] = torch.add(w, hv) if type(w) is torch.Tensor and type(hv) is torch.Tensor else tree_map(torch.add, w, hv)
     return out
 
 

@@ -197,6 +197,8 @@ class Dynamics:
         return state["w"]
 
     def _hyper(self, hyper: dict) -> dict:
+        if not hyper:  # the fields (every step of a reverse pass: no set arithmetic)
+            return {k: getattr(self, k) for k in self.hyperparameters}
         unknown = set(hyper) - set(self.hyperparameters)
         if unknown:
             raise TypeError(f"{type(self).__name__}.step got unknown hyperparameter(s) "
@@ -426,11 +428,13 @@ def _step_w_tangent(lr: Any, d: list, dw: list | None, dd: list | None, dlr: Any
 
 def _step_w_adjoint(wbar: list | None, lr: Any, d: list, dot=tree_dot):
     """Adjoint of w' = w − η d: (d̄ = −η w̄', η̄ = −⟨w̄', d⟩ by ``dot``, :meth:`Leaves.dot`)."""
-    if wbar is None or all(x is None for x in wbar):
+    live = [] if wbar is None else [i for i, x in enumerate(wbar) if x is not None]
+    if not live:
         return [None] * len(d), torch.zeros((), dtype=d[0].dtype, device=d[0].device)
     dbar = [None if x is None else -lr * x for x in wbar]
-    pairs = [(x, y) for x, y in zip(wbar, d) if x is not None]
-    return dbar, -dot([x for x, _ in pairs], [y for _, y in pairs])
+    if len(live) == len(wbar) == len(d):  # every leaf (the usual case): the lists as they are
+        return dbar, -dot(wbar, d)
+    return dbar, -dot([wbar[i] for i in live], [d[i] for i in live])
 
 
 @dataclass(frozen=True)

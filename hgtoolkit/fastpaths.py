@@ -66,9 +66,9 @@ class Buffers(_dynamics.Leaves):
         """⟨a, b⟩; with ``rows`` one per run, a sum over its flattened row (:meth:`Plan.dot`)."""
         if not self.rows:
             return tree_dot(a, b)
-        out = (a[0] * b[0]).flatten(1).sum(1)
+        out = _row_sum(a[0] * b[0])
         for x, y in zip(a[1:], b[1:]):
-            out = out + (x * y).flatten(1).sum(1)
+            out = out + _row_sum(x * y)
         return out
 
     def o(self, key: str) -> list:
@@ -141,6 +141,12 @@ class Buffers(_dynamics.Leaves):
                     buf.copy_(x)
             out[k] = unflatten(bufs, self.spec)
         return out
+
+
+def _row_sum(x: torch.Tensor) -> torch.Tensor:
+    """Σ over each run's row of ``x`` (runs along axis 0): the flattened row's sum (a (runs, n)
+    stack is its own flattening: no view to make)."""
+    return x.sum(1) if x.dim() == 2 else x.flatten(1).sum(1)
 
 
 def _is_one(a: Any) -> bool:
