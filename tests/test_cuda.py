@@ -1,4 +1,4 @@
-"""The exact, online and LRS-OPT paths on a CUDA device give the CPU's numbers (float64).
+"""The exact (reversible mode included), online and LRS-OPT paths on a CUDA device give the CPU's numbers (float64).
 
 Skipped where no CUDA device is available (the only skip in this file)."""
 import math
@@ -41,6 +41,18 @@ def test_exact_modes_on_cuda_match_cpu(opt):
     v = torch.linspace(-1, 1, T, dtype=torch.float64)
     _, dd = directional_derivative(gpu, lrs_g, v.cuda(), opt)
     assert math.isclose(float(dd), float(ref.grad @ v), rel_tol=1e-9)
+
+
+def test_reversible_on_cuda_matches_cpu():
+    """mode="reversible" on CUDA runs the torch fixed-point kernels (the C kernels are CPU-only):
+    the same integers as the CPU's torch kernels, so the CPU's hypergradient to rounding, and
+    stored reverse on the GPU to the mode's 1e-12."""
+    cpu, gpu, lrs = _pair()
+    ref = hypergradient(cpu, lrs, "momentum", mode="reversible")
+    r = hypergradient(gpu, lrs.cuda(), "momentum", mode="reversible")
+    assert r.grad.device.type == "cuda" and r.schedule == "reversible" and r.buffer_bytes > 0
+    assert _rel(r.grad, ref.grad) <= 1e-12
+    assert _rel(r.grad, hypergradient(gpu, lrs.cuda(), "momentum").grad) <= 1e-12
 
 
 def test_online_on_cuda_matches_cpu():
