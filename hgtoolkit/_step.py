@@ -26,15 +26,17 @@ class Step:
     A stateful problem (``problem.buffers0`` set): (L_t, b_{t+1}) = ``train_loss(w_t, t, b_t)``;
     ``buffers`` is b_{t+1} detached, ``state`` the optimizer's part of s_t, and the graph is
     that of (g_t, b_{t+1}) over (w_t, b_t): :meth:`pullback` and :meth:`pushforward` are its
-    vjp and jvp (``hvp`` is for stateless problems).
+    vjp and jvp (``hvp`` is for stateless problems). With ``loss_b`` (stateful problems)
+    ``loss_b`` is also ∂L_t/∂b_t over the float leaves of b (the same backward pass; else None):
+    the training objective's share through the buffers.
     """
 
-    __slots__ = ("state", "loss", "grad", "buffers", "_w", "_g", "_spec", "_nw")
+    __slots__ = ("state", "loss", "grad", "buffers", "loss_b", "_w", "_g", "_spec", "_nw")
 
-    def __init__(self, problem, dyn, state: dict, t: int, graph: bool):
-        self.buffers = None
+    def __init__(self, problem, dyn, state: dict, t: int, graph: bool, loss_b: bool = False):
+        self.buffers = self.loss_b = None
         if BUFFERS in state:
-            self._stateful(problem, dyn, state, t, graph)
+            self._stateful(problem, dyn, state, t, graph, loss_b)
             return
         w = dyn.params(state)
         fn = closed_form(problem.train_loss, w)
@@ -56,14 +58,18 @@ class Step:
         self.grad = tree_unflatten([x.detach() for x in g], spec)
         self._w, self._g = (w, g) if graph else (None, None)
 
-    def _stateful(self, problem, dyn, state: dict, t: int, graph: bool) -> None:
+    def _stateful(self, problem, dyn, state: dict, t: int, graph: bool, loss_b: bool) -> None:
         w, spec = tree_flatten(dyn.params(state))
         b, bspec, fl = float_leaves(state[BUFFERS])
         with torch.enable_grad():
             w = [x.detach().requires_grad_(True) for x in w]
-            b = [x.detach().requires_grad_(graph) if i in fl else x for i, x in enumerate(b)]
+            b = [x.detach().requires_grad_(graph or loss_b) if i in fl else x for i, x in enumerate(b)]
             loss, new = stateful_loss(problem.train_loss)(tree_unflatten(w, spec), t, tree_unflatten(b, bspec))
-            g = torch.autograd.grad(loss, w, create_graph=graph, allow_unused=True, materialize_grads=True)
+            outs = torch.autograd.grad(loss, w + ([b[i] for i in fl] if loss_b else []), create_graph=graph,
+                                       allow_unused=True, materialize_grads=True)
+        g = outs[:len(w)]
+        if loss_b:
+            self.loss_b = [x.detach() for x in outs[len(w):]]
         new = tree_flatten(new)[0]
         self.state, self.loss, self._spec, self._nw = opt_part(state), loss.detach(), spec, len(w)
         self.grad = tree_unflatten([x.detach() for x in g], spec)

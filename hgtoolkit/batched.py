@@ -449,7 +449,8 @@ class _BufferedStack(_Stack):
     buffers b^r_t and their tangent z^r_{t,b} per row, the step of :mod:`hgtoolkit.carried`
     under ``vmap``: (g, L, dg, b', db') = the jvp of (g_t, b_{t+1}) along (z_w, z_b) (forward
     over reverse), z_{t+1,b} = μ_t db' (:func:`hgtoolkit.carried.buffer_tangent`), h_t with
-    ⟨∇_b E, z_b⟩ (a :class:`~hgtoolkit.drive.BufferShare`). Integer buffers (``num_batches_tracked``) ride
+    ⟨∇_b E, z_b⟩ (a :class:`~hgtoolkit.drive.BufferShare`; for ``objective="train"`` ⟨∂L_t/∂b_t,
+    z_b⟩, one more vmapped backward of step t's loss). Integer buffers (``num_batches_tracked``) ride
     along without a tangent. A model that draws random numbers (dropout) runs each step's
     forward pass per seed group (:meth:`_Stack.drawn`)."""
 
@@ -495,6 +496,7 @@ class _BufferedStack(_Stack):
                                                              randomness=rv)
         self.v_share = vmap(tree_dot)
         self.v_loss = vmap(lambda w, x, bf, bi: loss_fn(w, x, join(bf, bi))[0], randomness=rv)
+        self.v_loss_b = vmap(torch.func.grad(lambda bf, w, x, bi: loss_fn(w, x, join(bf, bi))[0]), randomness=rv)
 
     def shares_functions(self, W) -> bool:
         """Every run's own E(w_0, b_0) and L_0(w_0, b_0) equal the shared functions' (as :func:`_run_batch`)."""
@@ -517,8 +519,11 @@ class _BufferedStack(_Stack):
         return g, value, dg
 
     def objective(self, W, t, g, L):
-        if self.engine.objective != "val":
-            return None, None
+        if self.engine.objective != "val":  # "train": ⟨∂L_t/∂b_t, z_{t,b}⟩ with step t's draws (carried.py)
+            if self.ZB is None:
+                return None, None
+            gb = self.drawn(t, self.v_loss_b, self.BF, W, self.minibatch(t, self.active), self.BI)
+            return BufferShare(None, self.v_share(gb, self.ZB)), None
         (gw, gb), value = self.v_val_grad(W, self.BF, self.BI)
         if self.ZB is None:
             return gw, value

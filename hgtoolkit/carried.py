@@ -15,9 +15,10 @@ the running statistics included. The jvp is the one of the exact forward mode
 (:meth:`hgtoolkit._step.Step.pushforward`: the vjp of the vjp of the kept graph). HD (μ ≡ 0)
 has z_{t,b} = 0 and needs none of it: its run reads b_t and nothing more.
 
-With ``objective="train"`` v_t = ∇_w L_t(w_t, b_t): the buffers' share ⟨∂L_t/∂b_t, z_{t,b}⟩ is
-taken as 0 — exact for BatchNorm, whose training pass reads the batch statistics and never the
-running ones; a Problem of one's own whose training loss reads b leaves that share out.
+With ``objective="train"`` h_t = ⟨v_t, z_{t,w}⟩ + ⟨∂L_t/∂b_t, z_{t,b}⟩ with v_t = ∇_w L_t(w_t, b_t)
+(+ wd·w_t, regularised): the buffers' share comes from the same backward pass as g_t (zero for
+BatchNorm, whose training pass reads the batch statistics, not the running ones; not zero for a
+training loss that reads its buffers).
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ class CarriedBuffers:
     while it is zero)."""
 
     def __init__(self, problem, engine, *args: Any) -> None:
-        self.source, self.buffers, self._next, self._db = problem, problem.buffers0, None, None
+        self.source, self.buffers, self._next, self._db, self._share = problem, problem.buffers0, None, None, None
         self.tangent_b = None
         loss, metrics = stateful_loss(problem.train_loss), problem.metrics
         view = dataclasses.replace(
@@ -61,8 +62,10 @@ class CarriedBuffers:
     def gradient(self, w, z_w, t):
         """(g_t, L_t, dg) with dg = H_t z_w + ∂g/∂b z_b (for ``z_w`` not None, with db' kept for
         :meth:`update`); b_{t+1} kept for :meth:`record`."""
-        st = Step(self.source, self.engine.dynamics, self._state(w), t, graph=z_w is not None)
+        train_share = self.tangent_b is not None and self.engine.objective != "val"
+        st = Step(self.source, self.engine.dynamics, self._state(w), t, graph=z_w is not None, loss_b=train_share)
         self._next, dg = st.buffers, None
+        self._share = tree_dot(st.loss_b, self.tangent_b) if train_share else None
         if z_w is not None:
             dg, self._db = st.pushforward(z_w, self.tangent_b)
         return st.grad, st.loss, dg
@@ -76,10 +79,13 @@ class CarriedBuffers:
         return BufferShare(lam["w"], tree_dot(lam[BUFFERS], self.tangent_b)), value
 
     def objective(self, w, t, g, loss):
-        """v_t with the buffers' share of h_t once z_{t,b} ≠ 0 (:meth:`val_gradient`); else
-        the run's own v_t (∇_w E(w_t, b_t))."""
-        if self.tangent_b is None or self.engine.objective != "val":
+        """v_t with the buffers' share of h_t once z_{t,b} ≠ 0 (:meth:`val_gradient`; for
+        ``objective="train"`` ``BufferShare(None, ⟨∂L_t/∂b_t, z_{t,b}⟩)``, the share of step t's
+        :meth:`gradient`: the engine's training v_t goes with it); else the run's own v_t."""
+        if self.tangent_b is None:
             return super().objective(w, t, g, loss)
+        if self.engine.objective != "val":
+            return BufferShare(None, self._share), None
         return self.val_gradient(w)
 
     def update(self, state, oracle, t):

@@ -50,7 +50,9 @@ class Oracle(NamedTuple):
 class BufferShare(NamedTuple):
     r"""``Oracle.v`` of a stateful problem's run whose tangent has a buffers part z_{t,b}
     (docs/models.md): ``grad`` = ∇_w E(w_t, b_t), and ``share`` = ⟨∇_b E(w_t, b_t), z_{t,b}⟩,
-    the running statistics' part of h_t = ⟨∇_s E, z_t⟩ = ⟨∇_w E, z_{t,w}⟩ + ``share``."""
+    the running statistics' part of h_t = ⟨∇_s E, z_t⟩ = ⟨∇_w E, z_{t,w}⟩ + ``share``. For
+    ``objective="train"`` E is L_t and ``grad`` is None: the engine's own training v_t
+    (:meth:`hgtoolkit.online.Engine.objective_gradient`) goes with the share."""
 
     grad: Any
     share: Any
@@ -121,7 +123,9 @@ def closing_update(engine: Any, runs: Runs, state: Any, steps: int,
     if engine.objective == "train":
         g, loss, _ = runs.gradient(w, None, steps)
         state = mapped(lambda s, l: engine.check_loss(s, l, None, steps))(state, loss)
-        return state, mapped(engine.objective_gradient)(state, g), None
+        v = mapped(engine.objective_gradient)(state, g)
+        extra, _ = runs.objective(w, steps, g, loss)  # a stateful run's share through its buffers
+        return state, (BufferShare(v, extra.share) if isinstance(extra, BufferShare) else v), None
     v, value = runs.objective(w, steps, None, None)
     if value is not None:
         state = mapped(lambda s, e: engine.check_loss(s, e, e, steps))(state, value)

@@ -417,6 +417,8 @@ class Engine:
                 if self.objective == "val":
                     raise ValueError("objective='val' needs v = ∇E(w_t) at every step t > 0")
                 v = self.objective_gradient(state, grad)
+            elif isinstance(v, BufferShare) and v.grad is None:  # objective="train" with the buffers' share
+                v = BufferShare(self.objective_gradient(state, grad), v.share)
             state = self.hyper_update(state, v, t)
             h = state.h
         else:

@@ -443,3 +443,53 @@ def test_val_mode_train_reads_no_running_statistics():
     assert torch.equal(a.value, b.value) and rel(a.grad, b.grad) < 1e-14
     assert torch.equal(p.val_loss(p.params0, p.buffers0), p.val_loss(p.params0, p.buffers0))
     assert rel(exact.hypergradient(p, lrs, "momentum", mode="forward").grad, a.grad) < 1e-10
+
+
+_XS = torch.randn(12, 3, generator=torch.Generator().manual_seed(0), dtype=F64).abs() + 0.5
+
+
+def _ema_problem(val_at=None):
+    """A stateful problem whose *training* loss reads its buffer (unlike BatchNorm's training
+    pass): L_t = Σ x_t (w − m)² + Σ sin w with m' = 0.7 m + 0.3 w ⊙ x_t; E(w, m) = ‖w − ½‖² + ‖m‖²,
+    or (``val_at=t``) step t's training loss, whose derivative is then objective="train"'s h_t.
+    ``batch``/``batch_loss``: for batched runs."""
+    def batch_loss(w, batch, b):
+        x, m = batch[0], b["m"]
+        return (x * (w["w"] - m) ** 2).sum() + torch.sin(w["w"]).sum(), {"m": 0.7 * m + 0.3 * w["w"] * x}
+
+    def val(w, b):
+        if val_at is not None:
+            return batch_loss(w, (_XS[val_at % 12],), b)[0]
+        return ((w["w"] - 0.5) ** 2).sum() + (b["m"] ** 2).sum()
+    p = problems.Problem({"w": torch.tensor([0.3, -0.2, 0.8], dtype=F64)},
+                         lambda w, t, b: batch_loss(w, (_XS[t % 12],), b), val,
+                         buffers0={"m": torch.tensor([0.1, 0.0, -0.1], dtype=F64)})
+    p.batch, p.batch_loss = (lambda t: (_XS[t % 12],)), batch_loss
+    return p
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum"])
+def test_train_objective_includes_the_buffers_share(optimizer):
+    """objective="train" with a training loss that reads its buffers: RTHO's h_t (β = 0) is
+    dL_t(w_t, b_t)/dη for the constant schedule, ⟨∂L_t/∂b_t, z_{t,b}⟩ included — the exact
+    directional derivative of the problem whose E is step t's training loss."""
+    lr, T = 0.05, 6
+    r = online.run(_ema_problem(), "rtho", optimizer, lr=lr, hypergrad_lr=0.0, steps=T, objective="train")
+    for t in (1, 2, 4, T):
+        _, dd = exact.directional_derivative(_ema_problem(val_at=t), torch.full((t,), lr, dtype=F64),
+                                             torch.ones(t, dtype=F64), optimizer)
+        assert abs(r.hypergrads[t - 1] - float(dd)) <= 1e-12 * abs(float(dd)), t
+    kw = dict(optimizer=optimizer, lr=lr, hypergrad_lr=1e-3, steps=T, objective="train")
+    hd, rtho = online.run(_ema_problem(), "hd", **kw), online.run(_ema_problem(), "rtho", **kw)
+    _same_online(online.run(_ema_problem(), "marthe", mu=0.0, **kw), hd)
+    _same_online(online.run(_ema_problem(), "marthe", mu=1.0, **kw), rtho)
+
+
+def test_batched_train_objective_with_the_buffers_share_equals_single_runs(monkeypatch):
+    cells = [dict(method=m, lr=0.05, hypergrad_lr=h, steps=6, objective="train", optimizer="momentum")
+             for m, h in (("rtho", 0.0), ("marthe", 1e-3), ("hd", 1e-3))]
+    single = [online.run(_ema_problem(), **c) for c in cells]
+    monkeypatch.setattr(online, "run", lambda *a, **k: pytest.fail("a cell ran one by one"))
+    res = batched.run_online_batch(lambda seed: _ema_problem(), cells, batch=True)
+    for a, b in zip(res, single):
+        _same_online(a, b)
