@@ -186,8 +186,13 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress, disk=No
 def _adjoint_step(dyn, st: _Step, lr, t: int, lam: dict, rows: bool = False):
     r"""One step of the reverse pass, the one adjoint recursion of :func:`hypergradient` and
     :func:`hypergradient_rows`: (λ_t, ∂f/∂η_t) = (s̄ + H_t ḡ, η̄) with (s̄, ḡ, η̄) =
-    ``dyn.cotangent(s_t, g_t, η_t, t, λ_{t+1})``, H_t ḡ = ``st.hvp(ḡ)``. ``rows``: the state
+    ``dyn.cotangent(s_t, g_t, η_t, t, λ_{t+1})``, H_t ḡ = ``st.hvp(ḡ)`` (for SGD in place on
+    λ_{t+1}: :func:`hgtoolkit.fastpaths.adjoint_in_place`). ``rows``: the state
     holds runs as rows, η_t per row, η̄ per row (:func:`hgtoolkit.fastpaths.cotangent`)."""
+    if not rows:  # SGD: in place on λ_{t+1}, which the reverse pass owns
+        fast = _fastpaths.adjoint_in_place(dyn, st.state, st.grad, lr, lam, st.hvp)
+        if fast is not None:
+            return fast
     sbar, gbar, lbar = _fastpaths.cotangent(dyn, st.state, st.grad, lr, t, lam, rows=rows)
     return _add_w(sbar, st.hvp(gbar)), lbar
 

@@ -26,6 +26,11 @@ where it is elementwise, to a stated tolerance where it reassociates a sum.
   each run's dot one sum over its flattened row instead of a sum of per-leaf dots: ≤ 1e-12
   relative in float64 (the sum reassociated). The same for the reverse pass
   (:func:`cotangent` with ``rows``: η̄ per run; :func:`hgtoolkit.exact.hypergradient_rows`).
+- **the reverse step in place** (:func:`adjoint_in_place`): SGD's (heavy ball or plain)
+  adjoint step of the exact reverse pass on the cotangent λ_{t+1} it owns — three in-place
+  kernels and per-leaf dots instead of a new tensor per intermediate (b_{t+1} is never formed:
+  η̄ = −(γ⟨λ_w, b_t⟩ + ⟨λ_w, g̃_t⟩)): ≤ 1e-12 relative in float64 (the sums reassociated,
+  −η·λ_w fused into one rounding).
 - **flat buffers** (:class:`FlatGroup`): a drop-in's param group of many small tensors as one
   flat leaf per state key: elementwise bit for bit, the dots ≤ 1e-12 relative in float64;
   chosen per group and step by :meth:`Plan.flat_group`.
@@ -42,7 +47,7 @@ import torch
 from . import dynamics as _dynamics
 from ._tree import flatten, tree_clone, tree_dot, tree_leaves, tree_map, unflatten
 
-__all__ = ["Plan", "Buffers", "tangent", "cotangent", "update", "FlatGroup", "flat_pays"]
+__all__ = ["Plan", "Buffers", "tangent", "cotangent", "adjoint_in_place", "update", "FlatGroup", "flat_pays"]
 
 
 # ----------------------------------------------------------------------------- buffers
@@ -209,6 +214,46 @@ def cotangent(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, 
         raise TypeError(f"fastpaths.cotangent(rows=True) needs a closed-form cotangent; "
                         f"{type(dyn).__name__} has only step()")
     return dyn.cotangent_leaves(Buffers(state, rows=True), grad, lr, t, bar, hyper)
+
+
+def adjoint_in_place(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, lam: dict,
+                     hvp: Any) -> tuple[dict, torch.Tensor] | None:
+    r"""One step of the exact reverse pass for SGD (heavy ball, or plain), in place on ``lam`` =
+    λ_{t+1} (a cotangent the caller owns and never reads again): (λ_t, η̄_t) = the reference's
+    ``(s̄ + H_t ḡ, η̄)`` of ``dyn.cotangent(state, grad, lr, t, lam)`` with ``hvp(v)`` = H_t v.
+    With g̃ = g + wd·w and u = ḡ_t = λ_b − η_t λ_w (λ_b = 0 for plain SGD):
+
+        η̄_t = −⟨λ_w, b_{t+1}⟩ = −(γ⟨λ_w, b_t⟩ + ⟨λ_w, g̃_t⟩),   λ_w ← λ_w + H_t u + wd·u,   λ_b ← γ·u.
+
+    None (take the reference) for other dynamics, Nesterov, or a state or cotangent with other
+    keys."""
+    if (type(dyn) is not _dynamics.SGD or dyn.nesterov or not set(state) <= {"w", "b"}
+            or not set(lam) <= {"w", "b"} or ("b" in state) != bool(dyn.momentum)):
+        return None
+    lw, spec = flatten(lam["w"])
+    if any(x is None for x in lw):
+        return None
+    m, wd, g, w = float(dyn.momentum), float(dyn.weight_decay), tree_leaves(grad), tree_leaves(state["w"])
+    dot = tree_dot(lw, g)
+    if wd:
+        dot = dot + wd * tree_dot(lw, w)
+    lb = tree_leaves(lam["b"]) if lam.get("b") is not None else None
+    if "b" in state:
+        dot = dot + m * tree_dot(lw, tree_leaves(state["b"]))
+    lr = torch.as_tensor(lr, dtype=lw[0].dtype, device=lw[0].device)
+    if lb is None or any(x is None for x in lb):
+        u = [torch.mul(x, -lr) for x in lw]
+    else:
+        u = [torch.addcmul(y, lr, x, value=-1, out=y) for x, y in zip(lw, lb)]
+    hv = tree_leaves(hvp(unflatten(u, spec)))
+    torch._foreach_add_(lw, hv)
+    if wd:
+        torch._foreach_add_(lw, u, alpha=wd)
+    out = {"w": unflatten(lw, spec)}
+    if "b" in state:
+        torch._foreach_mul_(u, m)
+        out["b"] = unflatten(u, spec)
+    return out, -dot
 
 
 def update(dyn: _dynamics.Dynamics, state: dict, grad: Any, lr: Any, t: int, *, out_state: dict | None = None,

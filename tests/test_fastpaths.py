@@ -320,3 +320,32 @@ def test_the_plan_chooses_the_drop_ins_flat_buffers():
     assert isinstance(fg, fastpaths.FlatGroup) and plan.flat_group(True, many, built=fg) is fg
     forced = plan.flat_group(True, few, force=True, built=fg)
     assert isinstance(forced, fastpaths.FlatGroup) and forced is not fg and forced.matches(few)
+
+
+@pytest.mark.parametrize("dyn", CASES, ids=IDS)
+@pytest.mark.parametrize("first", [True, False], ids=["lambda_T", "lambda_t"])
+def test_the_reverse_step_in_place_is_the_reference_to_1e12(dyn, first):
+    """fastpaths.adjoint_in_place (the exact reverse pass's SGD step, in place on λ_{t+1}):
+    λ_t = s̄ + H ḡ and η̄ of dyn.cotangent to 1e-12 (the dots reassociated, −η λ_w fused), for
+    heavy ball and plain SGD with and without weight decay, from λ_T (w only) and from a λ_t with
+    its b part; None for every other dynamics (Nesterov, Adam, …), which keep the reference."""
+    gen = torch.Generator().manual_seed(11)
+    state, g = _state(dyn, gen)
+    H = torch.randn(14, 14, generator=gen, **F64)
+    H = H @ H.T  # H v on the flattened (a, c)
+
+    def hvp(v):
+        flat = torch.cat([v["a"].reshape(-1), v["c"]]) @ H
+        return {"a": flat[:12].reshape(3, 4), "c": flat[12:]}
+    lam = {k: tree_map(lambda x: torch.randn(x.shape, generator=gen, **F64), state["w"])
+           for k in (("w",) if first else tuple(state))}
+    lr = torch.tensor(0.07, **F64)
+    fast = fastpaths.adjoint_in_place(dyn, state, g, lr, _clone(lam), hvp)
+    if type(dyn) is not dynamics.SGD or dyn.nesterov:
+        assert fast is None
+        return
+    sbar, gbar, lbar = dyn.cotangent(state, g, lr, 3, lam)
+    ref = dict(sbar, w=tree_map(torch.add, sbar["w"], hvp(gbar)))
+    _close(fast[0], {k: v for k, v in ref.items() if v is not None and k in fast[0]})
+    torch.testing.assert_close(fast[1], lbar, rtol=1e-12, atol=0)
+    assert set(fast[0]) == set(state)
