@@ -10,7 +10,9 @@ path timed right before the reference):
   direction kept as z);
 - the same on Beale (float64, 500 steps: the per-step overhead);
 - the drop-in ``optim.MARTHE`` (RTHO) on the 50×32 MLP (102 parameter tensors): the per-tensor
-  reference step ÷ the flat buffers (``FlatGroup``).
+  reference step ÷ the flat buffers (``FlatGroup``);
+- the exact reverse pass (``hypergradient``, stored and binomial) on the MNIST MLP, heavy ball:
+  the reference adjoint (``SGD.cotangent``) ÷ the step in place (``adjoint_in_place``).
 
 Runs as a batch (``Plan.rows``) are measured by ``bench_batched.py``.
 
@@ -101,6 +103,25 @@ def main(argv=None) -> int:
     payload[f"dropin flat, {size}"] = r
     rows.append(common.row(f"drop-in MARTHE (RTHO): per-tensor reference ÷ flat buffers, {size} MLP, T={steps}",
                            r["ratio_wall"], "×", note=f"CPU-time ratio {r['ratio_cpu']:.2f}"))
+    from hgtoolkit import exact
+    lrs = torch.full((steps,), 0.05)
+
+    def reverse(in_place, **kw):
+        def call():
+            if in_place:
+                return exact.hypergradient(mnist, lrs, "momentum", **kw)
+            picked, fastpaths.adjoint_in_place = fastpaths.adjoint_in_place, lambda *a, **k: None
+            try:
+                return exact.hypergradient(mnist, lrs, "momentum", **kw)
+            finally:
+                fastpaths.adjoint_in_place = picked
+        return call
+    for label, kw in (("stored", {"checkpoint": None}), ("binomial c=4", {"checkpoint": "binomial", "snapshots": 4})):
+        r = common.interleaved(reverse(True, **kw), {"reference": reverse(False, **kw)}, repeats=args.repeats)["reference"]
+        payload[f"reverse {label}"] = r
+        rows.append(common.row(f"exact reverse ({label}): reference adjoint ÷ in place, "
+                               f"{'×'.join(map(str, hidden))} MNIST MLP, momentum, T={steps}",
+                               r["ratio_wall"], "×", note=f"CPU-time ratio {r['ratio_cpu']:.2f}"))
     return common.report("fastpaths", rows, {"steps": steps, "repeats": args.repeats,
                                              "timings": {k: {x: v[x] for x in ("wall_s", "cpu_s", "ratio_wall",
                                                                               "ratio_cpu")}

@@ -566,12 +566,20 @@ class RunStats:
     disk_bytes: int = 0  #: the most bytes on disk at once
 
 
+def materialised(state: Any) -> dict:
+    """A state ``advance`` may have left as a callable (:func:`run`), computed."""
+    return state() if callable(state) else state
+
+
 def run(actions: Iterable, s0: dict, advance: Callable, begin_adjoint: Callable, adjoint_step: Callable,
         sampler: MemorySampler | None = None, disk: DiskSnapshots | None = None) -> RunStats:
     """Interpret a schedule's actions. ``advance(state, t, graph) -> (s_{t+1}, step)`` (step
-    kept when ``graph``), ``begin_adjoint(s_T)`` at EndForward, ``adjoint_step(step, t)`` for
-    t in each Reverse. Snapshots in memory are references to the (immutable) states; those of
-    ``DISK`` storage go to ``disk``."""
+    kept when ``graph``; s_{t+1} may be a callable that computes it: a Forward's last step
+    with its graph kept, whose state a schedule mostly replaces by a restored snapshot right
+    after its Reverse, is then never updated — see :func:`materialised`),
+    ``begin_adjoint(s_T)`` at EndForward, ``adjoint_step(step, t)`` for t in each Reverse.
+    Snapshots in memory are references to the (immutable) states; those of ``DISK`` storage go
+    to ``disk``."""
     import checkpoint_schedules as cs
     n, state = 0, s0
     snaps: dict[int, dict] = {}
@@ -582,6 +590,7 @@ def run(actions: Iterable, s0: dict, advance: Callable, begin_adjoint: Callable,
         if isinstance(a, cs.Forward):
             if a.n0 != n:
                 raise RuntimeError(f"schedule: Forward from step {a.n0} while the state is at step {n}")
+            state = materialised(state)
             if a.write_ics:
                 if a.storage == DISK and disk is not None:
                     disk.put(a.n0, state)
@@ -591,7 +600,7 @@ def run(actions: Iterable, s0: dict, advance: Callable, begin_adjoint: Callable,
                 else:
                     raise NotImplementedError(f"snapshot storage {a.storage!r} (disk snapshots need disk=...)")
             for t in range(a.n0, a.n1):
-                state, step = advance(state, t, a.write_adj_deps)
+                state, step = advance(materialised(state), t, a.write_adj_deps)
                 if a.write_adj_deps:
                     deps[t] = step
                 if sampler is not None:
@@ -600,6 +609,7 @@ def run(actions: Iterable, s0: dict, advance: Callable, begin_adjoint: Callable,
             stats.kept_graphs = max(stats.kept_graphs, len(deps))
             n = a.n1
         elif isinstance(a, cs.EndForward):
+            state = materialised(state)
             begin_adjoint(state)
         elif isinstance(a, cs.Reverse):
             for t in range(a.n1 - 1, a.n0 - 1, -1):

@@ -138,7 +138,9 @@ def _reverse(problem, dyn, lrs, checkpoint, snapshots, memory, progress, disk=No
             st = _Step(problem, dyn, state, t, graph)
         check_finite(st.loss, t)
         losses[t] = st.loss
-        new = st.advance(dyn, lrs[t], t)
+        # a step kept for the reverse pass: s_{t+1} on demand (checkpointing.run), as the
+        # schedule mostly restores a snapshot next
+        new = (lambda: st.advance(dyn, lrs[t], t)) if graph else st.advance(dyn, lrs[t], t)
         if hasattr(fbar, "update"):
             fbar.update()
         return new, (st if graph else None)
