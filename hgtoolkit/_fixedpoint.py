@@ -21,12 +21,11 @@ Per leaf (N weights; ``T`` is float or double, the leaf's dtype; coder states ``
 - ``fwd_T(N, s, b, w, g, c, sg, sw, n, d, wf, out, peak) -> count``: one forward step in
   place; the spilled words go, compacted, to ``out``; ``wf`` = w as T; ``peak`` = (max |b|,
   max |w|);
-- ``rev_w_T(N, w, b, c, sw, wf)``: w += [η b 2^{R_w−R_b}], ``wf`` = w as T;
 - ``rev_b_T(N, s, b, g, sg, n, d, bf, words, avail) -> count``: b_t from b_{t+1} and g_t, the
   coder states refilled from ``words`` (at most ``avail``, in order); ``bf`` = b_t as T (NULL:
   not written);
-- ``rev_wa_T(N, w, b, c, sw, wf, lw, hv, u, eta, wd, gam) -> ⟨λ_w, b⟩·2^{R_b}``: ``rev_w``
-  with heavy-ball SGD's adjoint (:meth:`hgtoolkit.reversible.FixedPointState.reverse_adjoint`):
+- ``rev_wa_T(N, w, b, c, sw, wf, lw, hv, u, eta, wd, gam) -> ⟨λ_w, b⟩·2^{R_b}``: the reverse
+  step's w half, w += [η b 2^{R_w−R_b}] and ``wf`` = w as T, with heavy-ball SGD's adjoint (:meth:`hgtoolkit.reversible.FixedPointState.reverse_adjoint`):
   λ_w += hv + wd·u, u = gam·u − eta·λ_w, in place;
 - ``rev_bwa_T(N, s, b, g, sg, n, d, words, avail, used, w, c, sw, wf, lw, hv, u, eta, wd,
   gam)``: ``rev_b`` of step t+1 then ``rev_wa`` of step t in the same pass; ``used[0]`` = the
@@ -143,14 +142,6 @@ int64_t fwd_##SUF(int64_t N, int32_t *restrict s, int64_t *restrict b, int64_t *
     peak[0] = mb; peak[1] = mw; \
     return k; \
 } \
-void rev_w_##SUF(int64_t N, int64_t *restrict w, const int64_t *restrict b, double c, double sw, \
-        T *restrict wf) { \
-    for (int64_t i = 0; i < N; i++) { \
-        int64_t wi = w[i] + (int64_t)((double)b[i] * c); \
-        w[i] = wi; \
-        wf[i] = (T)((double)wi * sw); \
-    } \
-} \
 int64_t rev_b_##SUF(int64_t N, int32_t *restrict s, int64_t *restrict b, const T *restrict g, \
         double sg, int64_t n, int64_t d, T *restrict bf, const int16_t *restrict words, int64_t avail) { \
     const double invn = 1.0 / (double)n, invd = 1.0 / (double)d, dn = (double)n, dd = (double)d; \
@@ -260,8 +251,6 @@ def _bind(path: Path) -> ctypes.CDLL:
     for suf in ("f32", "f64"):
         f = getattr(lib, f"fwd_{suf}")
         f.argtypes, f.restype = [L, P, P, P, P, D, D, D, L, L, P, P, P], L
-        f = getattr(lib, f"rev_w_{suf}")
-        f.argtypes, f.restype = [L, P, P, D, D, P], None
         f = getattr(lib, f"rev_wa_{suf}")
         f.argtypes, f.restype = [L, P, P, D, D, P, P, P, P, D, D, D], D
         f = getattr(lib, f"rev_b_{suf}")

@@ -170,7 +170,7 @@ class FixedPointState:
     weight an int32 coder state, per step the spilled 16-bit words of all leaves): one exact
     step forward (:meth:`forward`) and back (:meth:`reverse_w`, then :meth:`reverse_b` once g_t
     is known; with the C kernels, :meth:`reverse_adjoint` does step t+1's b half, step t's w half
-    and the adjoint in one pass). On the CPU the steps run as the C kernels of
+    and the adjoint in one pass, and the lone w half runs as the torch kernel). On the CPU the steps run as the C kernels of
     :mod:`hgtoolkit._fixedpoint` (in place, blocked), elsewhere — or without a C compiler, or
     with ``native=False`` — as the torch kernels above; both give the same bits."""
 
@@ -194,7 +194,7 @@ class FixedPointState:
             self._stage = torch.empty(sum(x.numel() for x in self.w), dtype=torch.int16)
             self._peak = torch.zeros(2 * len(self.w), dtype=_I64)
             self._used = torch.zeros(1, dtype=_I64)
-            self._fn = [{k: getattr(self.lib, f"{k}_{_native.SUFFIX[dt]}") for k in ("fwd", "rev_w", "rev_wa", "rev_b", "rev_bwa")}
+            self._fn = [{k: getattr(self.lib, f"{k}_{_native.SUFFIX[dt]}") for k in ("fwd", "rev_wa", "rev_b", "rev_bwa")}
                         for dt in self.dtypes]
 
     def _c(self, eta: float, i: int) -> torch.Tensor:
@@ -253,15 +253,11 @@ class FixedPointState:
         self.words_bytes += count * 2
 
     def reverse_w(self, eta: float) -> list:
-        """w_{t+1} → w_t; returns w_t as float leaves."""
+        """w_{t+1} → w_t; returns w_t as float leaves (the torch kernel: with the C kernels the
+        reverse pass takes :meth:`reverse_adjoint`, which does this half fused)."""
         out = []
         for i, x in enumerate(self.w):
-            if self.lib is not None:
-                wf = torch.empty(x.numel(), dtype=self.dtypes[i])
-                self._fn[i]["rev_w"](x.numel(), x.data_ptr(), self.b[i].data_ptr(),
-                                     eta * 2.0 ** (self.Rw[i] - self.Rb[i]), 2.0 ** -self.Rw[i], wf.data_ptr())
-            else:
-                self.w[i], wf = _reverse_w_kernel(x, self.b[i], self._c(eta, i), self.sw[i], self.dtypes[i])
+            self.w[i], wf = _reverse_w_kernel(x, self.b[i], self._c(eta, i), self.sw[i], self.dtypes[i])
             out.append(wf.reshape(self.shapes[i]))
         return out
 
@@ -279,7 +275,7 @@ class FixedPointState:
         out, dot = [], 0.0
         if g is not None:
             step, count, ci = self._pop_words()
-            at, used = 0, self._used
+            at, used, g = 0, self._used, self._flat_g(g)
         for i, x in enumerate(self.w):
             wf = torch.empty(x.numel(), dtype=self.dtypes[i])
             c, sw = eta * 2.0 ** (self.Rw[i] - self.Rb[i]), 2.0 ** -self.Rw[i]
@@ -288,9 +284,8 @@ class FixedPointState:
                 dot += self._fn[i]["rev_wa"](x.numel(), x.data_ptr(), self.b[i].data_ptr(), c, sw, *adj) \
                     * 2.0 ** -self.Rb[i]
             else:
-                gi = g[i].detach().reshape(-1).to(self.dtypes[i]).contiguous()
                 dot += self._fn[i]["rev_bwa"](
-                    x.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), gi.data_ptr(), 2.0 ** self.Rb[i],
+                    x.numel(), self.s[i].data_ptr(), self.b[i].data_ptr(), g[i].data_ptr(), 2.0 ** self.Rb[i],
                     self.n, self.d, step[at:].data_ptr(), count - at, used.data_ptr(), x.data_ptr(), c, sw,
                     *adj) * 2.0 ** -self.Rb[i]
                 at += int(used[0])
