@@ -123,9 +123,9 @@ def closing_update(engine: Any, runs: Runs, state: Any, steps: int,
     if engine.objective == "train":
         g, loss, _ = runs.gradient(w, None, steps)
         state = mapped(lambda s, l: engine.check_loss(s, l, None, steps))(state, loss)
-        v = mapped(engine.objective_gradient)(state, g)
         extra, _ = runs.objective(w, steps, g, loss)  # a stateful run's share through its buffers
-        return state, (BufferShare(v, extra.share) if isinstance(extra, BufferShare) else v), None
+        share = (extra.share,) if isinstance(extra, BufferShare) else ()
+        return state, mapped(engine.objective_gradient)(state, g, *share), None
     v, value = runs.objective(w, steps, None, None)
     if value is not None:
         state = mapped(lambda s, e: engine.check_loss(s, e, e, steps))(state, value)

@@ -337,12 +337,14 @@ class Engine:
                            beta_capped=torch.tensor(0, device=leaf.device),
                            settings=cfg.settings(HYPER_DTYPE, leaf.device))
 
-    def objective_gradient(self, state: OnlineState, grad: Any) -> Any:
-        """v for ``objective="train"``: the gradient the optimizer uses, g + wd·w (regularised)."""
+    def objective_gradient(self, state: OnlineState, grad: Any, share: Any = None) -> Any:
+        """v for ``objective="train"``: the gradient the optimizer uses, g + wd·w (regularised);
+        with ``share`` (a stateful run's ⟨∂L_t/∂b_t, z_{t,b}⟩) the :class:`~hgtoolkit.drive.BufferShare`
+        of the two."""
         wd = getattr(self.dynamics, "weight_decay", 0.0)
-        if not self.regularised or not wd:
-            return grad
-        return tree_map(lambda g, w: torch.add(g, w, alpha=wd), grad, self.dynamics.params(state.opt))
+        if self.regularised and wd:
+            grad = tree_map(lambda g, w: torch.add(g, w, alpha=wd), grad, self.dynamics.params(state.opt))
+        return grad if share is None else BufferShare(grad, share)
 
     def hyper_update(self, state: OnlineState, v: Any, t: int) -> OnlineState:
         r"""The hyper-update of iteration t−1 at the start of step t, from v = v_t:
@@ -413,12 +415,10 @@ class Engine:
         "mu": μ_t, "h": h_t (NaN at t = 0), "loss": L_t} — the values step t used."""
         grad, loss, hvp, v, value = oracle
         if t > 0:
-            if v is None:
+            if v is None or (isinstance(v, BufferShare) and v.grad is None):  # the training v (+ the buffers' share)
                 if self.objective == "val":
                     raise ValueError("objective='val' needs v = ∇E(w_t) at every step t > 0")
-                v = self.objective_gradient(state, grad)
-            elif isinstance(v, BufferShare) and v.grad is None:  # objective="train" with the buffers' share
-                v = BufferShare(self.objective_gradient(state, grad), v.share)
+                v = self.objective_gradient(state, grad, None if v is None else v.share)
             state = self.hyper_update(state, v, t)
             h = state.h
         else:
